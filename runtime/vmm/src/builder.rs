@@ -1,0 +1,216 @@
+//! Builds a VM from a [`VmConfig`] and runs it until it ends.
+//!
+//! Threads: the calling thread becomes the `vmm` thread (event loop: device
+//! queues and the exit signal); each vCPU runs on its own `vcpu<N>` thread.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use linux_loader::cmdline::Cmdline;
+
+use crate::arch::x86_64::boot::{self, BootError};
+use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
+use crate::arch::x86_64::mptable::{self, MptableError};
+use crate::arch::x86_64::regs::BootEntry;
+use crate::config::{ConfigError, CpuMode, DeviceConfig, VmConfig};
+use crate::device_manager::{DeviceManager, DeviceManagerError};
+use crate::devices::virtio::rng::{Rng, RngError};
+use crate::devices::virtio::VirtioDevice;
+use crate::vstate::memory::{create_guest_memory, MemoryError};
+use crate::vstate::vcpu::{ExitSignal, Vcpu, VcpuError, VcpuHandle};
+use crate::vstate::vm::{Vm, VmError};
+
+pub use crate::vstate::vcpu::ExitReason;
+
+/// The kernel command line the VMM always passes, before the config's extras.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.dumbkbd";
+
+/// Top-level VMM error: one variant per module.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("Invalid configuration")]
+    Config(#[from] ConfigError),
+    #[error("Guest memory setup failed")]
+    Memory(#[from] MemoryError),
+    #[error("KVM VM setup failed")]
+    Vm(#[from] VmError),
+    #[error("vCPU setup failed")]
+    Vcpu(#[from] VcpuError),
+    #[error("Loading the guest failed")]
+    Boot(#[from] BootError),
+    #[error("MP table setup failed")]
+    Mptable(#[from] MptableError),
+    #[error("Device setup failed")]
+    Devices(#[from] DeviceManagerError),
+    #[error("virtio-rng setup failed")]
+    Rng(#[from] RngError),
+    #[error("Kernel command line error")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    #[error("Failed to open the console log {0}")]
+    Console(std::path::PathBuf, #[source] std::io::Error),
+    #[error("Failed to read the raw image {0}")]
+    RawImage(std::path::PathBuf, #[source] std::io::Error),
+    #[error("Event loop failed")]
+    EventLoop(#[source] event_manager::Error),
+    #[error("Failed to create the exit eventfd")]
+    ExitEvent(#[source] std::io::Error),
+    #[error("vCPU {0} did not start")]
+    VcpuStart(u8),
+}
+
+impl VmmError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            VmmError::Config(_) => crate::exit_code::CONFIG_ERROR,
+            _ => crate::exit_code::VMM_ERROR,
+        }
+    }
+}
+
+/// Wakes the event loop when the exit signal is set.
+struct ExitWatcher {
+    exit: Arc<ExitSignal>,
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.exit.eventfd(), EventSet::IN)) {
+            tracing::error!(error = ?e, "failed to watch the exit eventfd");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.exit.eventfd().read();
+    }
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+fn build_cmdline() -> Result<Cmdline, VmmError> {
+    let mut c = Cmdline::new(CMDLINE_MAX_SIZE).map_err(VmmError::Cmdline)?;
+    c.insert_str(DEFAULT_CMDLINE).map_err(VmmError::Cmdline)?;
+    Ok(c)
+}
+
+/// Builds the VM described by `cfg` and runs it until it ends.
+pub fn run_vm(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
+    cfg.validate()?;
+    let start = std::time::Instant::now();
+    let ram = create_guest_memory(cfg.memory_bytes())?;
+    let mem = ram.mem.clone();
+    let vm = Vm::new(cfg.irqchip)?;
+    vm.register_memory(&mem)?;
+    let exit = Arc::new(ExitSignal::new().map_err(VmmError::ExitEvent)?);
+
+    let console: Box<dyn Write + Send> = match &cfg.console_log {
+        Some(p) => Box::new(File::create(p).map_err(|e| VmmError::Console(p.clone(), e))?),
+        None => Box::new(std::io::sink()),
+    };
+    let mut devices = DeviceManager::new();
+    devices.attach_legacy(&vm, console, exit.clone())?;
+
+    let mut cmdline = build_cmdline()?;
+    for (i, d) in cfg.devices.iter().enumerate() {
+        let (name, dev): (&str, Arc<Mutex<dyn VirtioDevice>>) = match d {
+            DeviceConfig::Rng(r) => ("rng", Arc::new(Mutex::new(Rng::new(r.source.as_deref())?))),
+        };
+        devices.attach_virtio(&vm, &mem, &format!("{name}{i}"), dev, Some(&mut cmdline))?;
+    }
+    if !cfg.cmdline.is_empty() {
+        cmdline
+            .insert_str(&cfg.cmdline)
+            .map_err(VmmError::Cmdline)?;
+    }
+
+    let entry = match (&cfg.kernel, &cfg.raw_image) {
+        (Some(kernel), _) => {
+            let e = boot::load_linux(
+                &mem,
+                cfg.memory_bytes(),
+                kernel,
+                cfg.initramfs.as_deref(),
+                &cmdline,
+            )?;
+            mptable::setup_mptable(&mem, cfg.vcpus)?;
+            e
+        }
+        (None, Some(raw)) => {
+            let code =
+                std::fs::read(&raw.path).map_err(|e| VmmError::RawImage(raw.path.clone(), e))?;
+            boot::load_raw_image(&mem, &code, raw.load_addr)?;
+            match raw.mode {
+                CpuMode::Real => BootEntry::RawReal {
+                    entry: raw.load_addr,
+                },
+                CpuMode::Long => BootEntry::RawLong {
+                    entry: raw.load_addr,
+                },
+            }
+        }
+        (None, None) => unreachable!("validate() requires a boot source"),
+    };
+    let raw = cfg.raw_image.is_some();
+
+    let pio = Arc::new(std::mem::take(&mut devices.pio));
+    let mmio = Arc::new(std::mem::take(&mut devices.mmio));
+    let cpuid = vm.supported_cpuid()?;
+    let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
+    for id in 0..cfg.vcpus {
+        let fd = vm.create_vcpu(id)?;
+        let vcpu = Vcpu::new(id, fd, pio.clone(), mmio.clone(), exit.clone());
+        // Linux: only the boot vCPU gets registers; the others wait for
+        // INIT/SIPI in the in-kernel LAPIC. Raw images: every vCPU starts at
+        // the entry point (there is no LAPIC to start them).
+        let e = (id == 0 || raw).then_some(entry);
+        vcpu.configure(&mem, &cpuid, cfg.vcpus, cfg.irqchip, e)?;
+        vcpus.push(vcpu);
+    }
+
+    let mut em: EventManager<Subscriber> = EventManager::new().map_err(VmmError::EventLoop)?;
+    em.add_subscriber(Arc::new(Mutex::new(ExitWatcher { exit: exit.clone() })));
+    for h in devices.handlers.drain(..) {
+        em.add_subscriber(Arc::new(Mutex::new(h)));
+    }
+
+    let mut handles = Vec::with_capacity(vcpus.len());
+    for v in vcpus {
+        handles.push(VcpuHandle::spawn(v)?);
+    }
+    for h in &handles {
+        if !h.resume() {
+            let id = h.id();
+            for h in handles {
+                h.finish();
+            }
+            return Err(VmmError::VcpuStart(id));
+        }
+    }
+    tracing::info!(
+        vcpus = cfg.vcpus,
+        memory_mib = cfg.memory_mib,
+        setup_us = start.elapsed().as_micros() as u64,
+        "guest running"
+    );
+
+    let reason = loop {
+        if let Some(r) = exit.get() {
+            break r;
+        }
+        if let Err(e) = em.run_with_timeout(100) {
+            tracing::error!(error = ?e, "event loop failed");
+            exit.set(ExitReason::Stopped);
+        }
+    };
+    for h in handles {
+        h.finish();
+    }
+    // Keep the VM and memory alive until every vCPU is gone.
+    drop(vm);
+    drop(ram);
+    tracing::info!(?reason, code = reason.exit_code(), "VM ended");
+    Ok(reason)
+}

@@ -1,0 +1,165 @@
+//! Device wiring: legacy devices on the PIO bus, virtio-mmio slots on the
+//! MMIO bus (address, IRQ, ioeventfds, irqfd, kernel command line), and the
+//! event-loop subscribers of the virtio devices.
+
+pub mod bus;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::IoEventAddress;
+use linux_loader::cmdline::Cmdline;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::x86_64::layout::*;
+use crate::devices::legacy::i8042::I8042;
+use crate::devices::legacy::serial::SerialDevice;
+use crate::devices::legacy::EventFdTrigger;
+use crate::devices::virtio::event_handler::VirtioEventHandler;
+use crate::devices::virtio::mmio::{reg, MmioTransport, MMIO_WINDOW_SIZE};
+use crate::devices::virtio::{Interrupt, VirtioDevice, VirtioError};
+use crate::vstate::vcpu::ExitSignal;
+use crate::vstate::vm::Vm;
+use bus::{Bus, BusError};
+
+/// Device manager errors.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceManagerError {
+    #[error("Failed to create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("Failed to register irqfd for IRQ {0}")]
+    Irqfd(u32, #[source] kvm_ioctls::Error),
+    #[error("Bus setup failed")]
+    Bus(#[from] BusError),
+    #[error("Virtio transport setup failed")]
+    Virtio(#[from] VirtioError),
+    #[error("No virtio-mmio slot left (limit {0})")]
+    NoSlot(usize),
+    #[error("Failed to add the device to the kernel command line")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+}
+
+/// Where one virtio device ended up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioSlot {
+    /// MMIO base address.
+    pub addr: u64,
+    /// GSI.
+    pub irq: u32,
+    /// Whether queue notifications are KVM ioeventfds (else MMIO exits).
+    pub ioeventfd: bool,
+}
+
+/// Buses and device subscribers of one VM.
+#[derive(Default)]
+pub struct DeviceManager {
+    /// Port I/O bus.
+    pub pio: Bus,
+    /// MMIO bus.
+    pub mmio: Bus,
+    /// Virtio slots in attach order.
+    pub slots: Vec<VirtioSlot>,
+    /// Event-loop subscribers, handed to the event manager.
+    pub handlers: Vec<VirtioEventHandler>,
+}
+
+impl DeviceManager {
+    /// An empty manager.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn irq_evt(vm: &Vm, irq: u32) -> Result<EventFd, DeviceManagerError> {
+        let evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceManagerError::EventFd)?;
+        if vm.has_irqchip() {
+            vm.fd()
+                .register_irqfd(&evt, irq)
+                .map_err(|e| DeviceManagerError::Irqfd(irq, e))?;
+        }
+        Ok(evt)
+    }
+
+    /// COM1 (writing to `console`) and the i8042 (ending the VM through `exit`).
+    pub fn attach_legacy(
+        &mut self,
+        vm: &Vm,
+        console: Box<dyn Write + Send>,
+        exit: Arc<ExitSignal>,
+    ) -> Result<(), DeviceManagerError> {
+        let serial_irq = Self::irq_evt(vm, SERIAL_IRQ)?;
+        let serial = SerialDevice::new(EventFdTrigger(serial_irq), console);
+        self.pio.insert(
+            Arc::new(Mutex::new(serial)),
+            u64::from(SERIAL_PORT_BASE),
+            u64::from(SERIAL_PORT_SIZE),
+        )?;
+        self.pio.insert(
+            Arc::new(Mutex::new(I8042::new(exit))),
+            u64::from(I8042_PORT_BASE),
+            u64::from(I8042_PORT_SIZE),
+        )?;
+        Ok(())
+    }
+
+    /// Puts `device` in the next virtio-mmio slot and announces it on `cmdline`.
+    pub fn attach_virtio(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        name: &str,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        cmdline: Option<&mut Cmdline>,
+    ) -> Result<VirtioSlot, DeviceManagerError> {
+        let index = self.slots.len();
+        if index >= crate::config::MAX_VIRTIO_DEVICES {
+            return Err(DeviceManagerError::NoSlot(
+                crate::config::MAX_VIRTIO_DEVICES,
+            ));
+        }
+        let addr = VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SLOT_SIZE;
+        let irq = VIRTIO_IRQ_BASE + index as u32;
+        let interrupt = Arc::new(Interrupt::new(Self::irq_evt(vm, irq)?));
+        let transport = MmioTransport::new(device.clone(), mem.clone(), interrupt.clone())?;
+
+        let mut ioeventfd = true;
+        for (i, evt) in transport.queue_evts().iter().enumerate() {
+            let at = IoEventAddress::Mmio(addr + reg::QUEUE_NOTIFY);
+            if let Err(e) = vm.fd().register_ioevent(evt, &at, i as u32) {
+                tracing::warn!(device = name, error = %e, "KVM refused an ioeventfd; queue notifications use MMIO exits");
+                ioeventfd = false;
+            }
+        }
+        let evts = transport
+            .queue_evts()
+            .iter()
+            .map(|e| e.try_clone().map_err(DeviceManagerError::EventFd))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.handlers.push(VirtioEventHandler::new(
+            format!("{name}@{addr:#x}"),
+            device,
+            interrupt,
+            evts,
+        ));
+        self.mmio
+            .insert(Arc::new(Mutex::new(transport)), addr, MMIO_WINDOW_SIZE)?;
+        if let Some(c) = cmdline {
+            c.add_virtio_mmio_device(MMIO_WINDOW_SIZE, GuestAddress(addr), irq, None)
+                .map_err(DeviceManagerError::Cmdline)?;
+        }
+        let slot = VirtioSlot {
+            addr,
+            irq,
+            ioeventfd,
+        };
+        tracing::info!(
+            device = name,
+            addr = format_args!("{addr:#x}"),
+            irq,
+            ioeventfd,
+            "virtio device attached"
+        );
+        self.slots.push(slot);
+        Ok(slot)
+    }
+}

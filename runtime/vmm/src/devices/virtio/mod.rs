@@ -1,0 +1,170 @@
+//! Virtio devices and their MMIO transport.
+//!
+//! A device implements [`VirtioDevice`]; [`mmio::MmioTransport`] puts it on
+//! the MMIO bus (vCPU threads) and [`event_handler::VirtioEventHandler`]
+//! runs its queues on the VMM event loop thread. Each device has its own
+//! folder (`rng/` today; `vsock/`, `blk/`, `net/`, `fs/` next) with
+//! `mod.rs` (constants + error enum) and `device.rs` (pure queue logic).
+
+pub mod event_handler;
+pub mod mmio;
+pub mod rng;
+#[cfg(any(test, fuzzing))]
+pub mod test_utils;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Virtio device type ids (virtio 1.2 §5).
+pub mod device_type {
+    pub const NET: u32 = 1;
+    pub const BLOCK: u32 = 2;
+    pub const RNG: u32 = 4;
+    pub const VSOCK: u32 = 19;
+    pub const FS: u32 = 26;
+}
+
+/// VIRTIO_F_VERSION_1: every device we offer is a modern device.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Device status bits (virtio 1.2 §2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 64;
+    pub const FAILED: u32 = 128;
+}
+
+/// Interrupt status bits of virtio-mmio.
+pub const INT_VRING: u32 = 1;
+/// Configuration change (also used to announce DEVICE_NEEDS_RESET).
+pub const INT_CONFIG: u32 = 2;
+
+/// Errors of virtio devices and the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioError {
+    #[error("Queue {0} does not exist")]
+    BadQueueIndex(u16),
+    #[error("Queue error")]
+    Queue(#[source] virtio_queue::Error),
+    #[error("Guest memory access failed")]
+    GuestMemory(#[source] vm_memory::GuestMemoryError),
+    #[error("Config space write of {len} bytes at offset {offset:#x} refused: the config space is read-only")]
+    ReadOnlyConfig { offset: u64, len: usize },
+    #[error("Device backend failed")]
+    Backend(#[source] std::io::Error),
+    #[error("Device activation failed: {0}")]
+    Activate(String),
+    #[error("Failed to signal the guest")]
+    Interrupt(#[source] std::io::Error),
+}
+
+/// The interrupt line of one virtio-mmio device: the interrupt status the
+/// driver reads and acknowledges, plus the irqfd that raises the GSI.
+pub struct Interrupt {
+    status: AtomicU32,
+    needs_reset: AtomicBool,
+    evt: EventFd,
+}
+
+impl Interrupt {
+    /// An interrupt line signalling `evt` (registered as irqfd by the caller).
+    pub fn new(evt: EventFd) -> Self {
+        Interrupt {
+            status: AtomicU32::new(0),
+            needs_reset: AtomicBool::new(false),
+            evt,
+        }
+    }
+
+    /// The eventfd written on each interrupt.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+
+    fn raise(&self, bit: u32) -> Result<(), VirtioError> {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        self.evt.write(1).map_err(VirtioError::Interrupt)
+    }
+
+    /// Tells the driver that used buffers are available.
+    pub fn signal_used_queue(&self) -> Result<(), VirtioError> {
+        self.raise(INT_VRING)
+    }
+
+    /// Marks the device broken (DEVICE_NEEDS_RESET) and tells the driver.
+    pub fn signal_needs_reset(&self) -> Result<(), VirtioError> {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        self.raise(INT_CONFIG)
+    }
+
+    /// Whether the device asked for a reset.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// InterruptStatus as the driver reads it.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK: clears `bits`.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Device reset: no pending interrupts, no reset request.
+    pub fn reset(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
+    }
+}
+
+/// What a device gets when the driver sets DRIVER_OK.
+pub struct ActivateContext {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The queues as the driver configured them (only ready ones are usable).
+    pub queues: Vec<Queue>,
+    /// The device's interrupt line.
+    pub interrupt: std::sync::Arc<Interrupt>,
+    /// Features both sides agreed on.
+    pub acked_features: u64,
+}
+
+/// A virtio device behind the MMIO transport.
+///
+/// Called from vCPU threads (config space, activation, reset) and from the
+/// VMM event loop (queue processing); the transport keeps it behind a
+/// `Mutex`. Nothing here may panic on guest input.
+pub trait VirtioDevice: Send {
+    /// Virtio device type id (see [`device_type`]).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered to the driver (must include VERSION_1).
+    fn avail_features(&self) -> u64;
+    /// Reads device config space at `offset`; bytes past its end read as 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device config space. Default: read-only, refused.
+    fn write_config(&mut self, offset: u64, data: &[u8]) -> Result<(), VirtioError> {
+        Err(VirtioError::ReadOnlyConfig {
+            offset,
+            len: data.len(),
+        })
+    }
+    /// Starts the device with the driver's queues.
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), VirtioError>;
+    /// Whether the device is activated.
+    fn is_activated(&self) -> bool;
+    /// Returns the device to its pre-activation state (drops queues).
+    fn reset(&mut self);
+    /// Handles a notification for queue `index` (called on the event loop).
+    /// An error fails the device: the transport reports DEVICE_NEEDS_RESET.
+    fn process_queue(&mut self, index: u16) -> Result<(), VirtioError>;
+}

@@ -1,0 +1,168 @@
+//! Test helpers: guest memory and a guest-side split virtqueue driver that
+//! writes descriptors and rings straight into guest memory, the way a
+//! guest driver would, so tests can also write hostile layouts.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::{device_type, ActivateContext, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
+
+/// Size of the test guest memory.
+pub const GUEST_MEM_SIZE: u64 = 4 << 20;
+/// VIRTQ_DESC_F_NEXT.
+pub const F_NEXT: u16 = 1;
+/// VIRTQ_DESC_F_WRITE.
+pub const F_WRITE: u16 = 2;
+
+/// Guest memory for device tests.
+pub fn guest_memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), GUEST_MEM_SIZE as usize)])
+        .expect("test guest memory")
+}
+
+/// A split virtqueue as the guest driver sees it.
+pub struct GuestQueue<'a> {
+    mem: &'a GuestMemoryMmap,
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    avail_idx: u16,
+}
+
+impl<'a> GuestQueue<'a> {
+    /// Lays out the descriptor table at `base`, then the avail and used rings.
+    pub fn new(mem: &'a GuestMemoryMmap, size: u16, base: u64) -> Self {
+        let desc = base;
+        let avail = desc + 16 * u64::from(size);
+        let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
+        let q = GuestQueue {
+            mem,
+            size,
+            desc,
+            avail,
+            used,
+            avail_idx: 0,
+        };
+        mem.write_slice(
+            &vec![0u8; (used + 6 + 8 * u64::from(size) - base) as usize],
+            GuestAddress(base),
+        )
+        .unwrap();
+        q
+    }
+
+    pub fn mem(&self) -> &GuestMemoryMmap {
+        self.mem
+    }
+
+    /// Writes descriptor `idx`.
+    pub fn write_desc(&self, idx: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let a = GuestAddress(self.desc + 16 * u64::from(idx));
+        self.mem.write_obj(addr, a).unwrap();
+        self.mem.write_obj(len, a.unchecked_add(8)).unwrap();
+        self.mem.write_obj(flags, a.unchecked_add(12)).unwrap();
+        self.mem.write_obj(next, a.unchecked_add(14)).unwrap();
+    }
+
+    /// Makes chain `head` available.
+    pub fn publish(&mut self, head: u16) {
+        let slot = u64::from(self.avail_idx % self.size);
+        self.mem
+            .write_obj(head, GuestAddress(self.avail + 4 + 2 * slot))
+            .unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.set_avail_idx(self.avail_idx);
+    }
+
+    /// Writes avail.idx directly (hostile tests).
+    pub fn set_avail_idx(&self, idx: u16) {
+        self.mem
+            .write_obj(idx, GuestAddress(self.avail + 2))
+            .unwrap();
+    }
+
+    /// used.idx.
+    pub fn used_idx(&self) -> u16 {
+        self.mem.read_obj(GuestAddress(self.used + 2)).unwrap()
+    }
+
+    /// Used element `i` as (id, len).
+    pub fn used_elem(&self, i: u16) -> (u32, u32) {
+        let a = self.used + 4 + 8 * u64::from(i % self.size);
+        (
+            self.mem.read_obj(GuestAddress(a)).unwrap(),
+            self.mem.read_obj(GuestAddress(a + 4)).unwrap(),
+        )
+    }
+
+    /// The device-side queue as the transport would configure it.
+    pub fn queue(&self) -> Queue {
+        let mut q = Queue::new(self.size).unwrap();
+        q.set_size(self.size);
+        q.set_desc_table_address(Some(self.desc as u32), Some((self.desc >> 32) as u32));
+        q.set_avail_ring_address(Some(self.avail as u32), Some((self.avail >> 32) as u32));
+        q.set_used_ring_address(Some(self.used as u32), Some((self.used >> 32) as u32));
+        q.set_ready(true);
+        q
+    }
+
+    /// (desc, avail, used) addresses.
+    pub fn addrs(&self) -> (u64, u64, u64) {
+        (self.desc, self.avail, self.used)
+    }
+}
+
+/// A device that records what the transport did to it.
+pub struct MockDevice {
+    pub activated: bool,
+    pub acked: u64,
+    pub processed: Vec<u16>,
+}
+
+impl MockDevice {
+    pub fn new() -> Self {
+        MockDevice {
+            activated: false,
+            acked: 0,
+            processed: Vec::new(),
+        }
+    }
+}
+
+impl Default for MockDevice {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl VirtioDevice for MockDevice {
+    fn device_type(&self) -> u32 {
+        device_type::RNG
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[256]
+    }
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), VirtioError> {
+        self.activated = true;
+        self.acked = ctx.acked_features;
+        Ok(())
+    }
+    fn is_activated(&self) -> bool {
+        self.activated
+    }
+    fn reset(&mut self) {
+        self.activated = false;
+    }
+    fn process_queue(&mut self, index: u16) -> Result<(), VirtioError> {
+        self.processed.push(index);
+        Ok(())
+    }
+}

@@ -1,0 +1,124 @@
+//! `boxlite-vmm --config vm.json`: run one micro-VM until it ends.
+//!
+//! Exit codes are documented in `docs/vmm.md` and `boxlite_vmm::exit_code`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use boxlite_vmm::config::{CpuMode, RawImageConfig, VmConfig};
+use boxlite_vmm::exit_code;
+
+const USAGE: &str = "usage: boxlite-vmm --config <vm.json> [--raw-image <file> --load-addr <addr> [--mode real|long]]
+
+  --config      JSON VM description (see docs/vmm.md)
+  --raw-image   run raw guest code instead of a kernel (tests and benchmarks only);
+                overrides \"kernel\"/\"raw_image\" in the config
+  --load-addr   guest-physical load and entry address of the raw image (decimal or 0x hex)
+  --mode        CPU mode at the first instruction (default real)
+  RUST_LOG      log filter (default info); logs go to stderr";
+
+struct Args {
+    config: PathBuf,
+    raw_image: Option<PathBuf>,
+    load_addr: Option<u64>,
+    mode: CpuMode,
+}
+
+fn parse_u64(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut it = std::env::args().skip(1);
+    let (mut config, mut raw_image, mut load_addr, mut mode) = (None, None, None, CpuMode::Real);
+    while let Some(a) = it.next() {
+        let mut val = || it.next().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--config" => config = Some(PathBuf::from(val()?)),
+            "--raw-image" => raw_image = Some(PathBuf::from(val()?)),
+            "--load-addr" => {
+                let v = val()?;
+                load_addr = Some(parse_u64(&v).ok_or(format!("--load-addr {v} is not a number"))?)
+            }
+            "--mode" => {
+                mode = match val()?.as_str() {
+                    "real" => CpuMode::Real,
+                    "long" => CpuMode::Long,
+                    other => return Err(format!("--mode {other}: expected real or long")),
+                }
+            }
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(Args {
+        config: config.ok_or("--config is required")?,
+        raw_image,
+        load_addr,
+        mode,
+    })
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(msg) => {
+            if !msg.is_empty() {
+                eprintln!("boxlite-vmm: {msg}");
+            }
+            eprintln!("{USAGE}");
+            return ExitCode::from(exit_code::CONFIG_ERROR as u8);
+        }
+    };
+    let text = match std::fs::read_to_string(&args.config) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(path = %args.config.display(), error = %e, "cannot read the config file");
+            return ExitCode::from(exit_code::CONFIG_ERROR as u8);
+        }
+    };
+    let mut cfg: VmConfig = match serde_json::from_str(&text) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(path = %args.config.display(), error = %e, "invalid config file");
+            return ExitCode::from(exit_code::CONFIG_ERROR as u8);
+        }
+    };
+    if let Some(path) = args.raw_image {
+        let Some(load_addr) = args.load_addr else {
+            eprintln!("boxlite-vmm: --raw-image needs --load-addr\n{USAGE}");
+            return ExitCode::from(exit_code::CONFIG_ERROR as u8);
+        };
+        cfg.kernel = None;
+        cfg.raw_image = Some(RawImageConfig {
+            path,
+            load_addr,
+            mode: args.mode,
+        });
+    }
+    match boxlite_vmm::run_vm(&cfg) {
+        Ok(reason) => ExitCode::from(reason.exit_code() as u8),
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(": ");
+                msg.push_str(&s.to_string());
+                src = s.source();
+            }
+            tracing::error!(code = e.exit_code(), "{msg}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
