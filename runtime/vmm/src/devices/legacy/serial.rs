@@ -66,8 +66,8 @@ mod tests {
             s.write(0, &[*b]);
         }
         // Multi-byte or out-of-range accesses are ignored.
-        s.write(0, &[b'x', b'y']);
-        s.write(0x1_0000, &[b'z']);
+        s.write(0, b"xy");
+        s.write(0x1_0000, b"z");
         let mut lsr = [0u8];
         s.read(5, &mut lsr);
         assert_ne!(lsr[0] & 0x20, 0, "THR empty");
