@@ -235,3 +235,102 @@ fn two_vcpus_run_on_their_own_threads() {
     let out = g.console();
     assert!(!out.is_empty() && out.iter().all(|b| *b == b'x'), "{out:?}");
 }
+
+/// 64-bit code: `mov dword [rbx + off], imm` for each (off, imm).
+fn mmio_writes(writes: &[(u32, u32)]) -> Vec<u8> {
+    let mut c = vec![0xbb];
+    c.extend_from_slice(&VIRTIO_MMIO_BASE.to_le_bytes()); // mov ebx, base
+    for (off, v) in writes {
+        c.extend_from_slice(&[0xc7, 0x83]); // mov dword [rbx + disp32], imm32
+        c.extend_from_slice(&off.to_le_bytes());
+        c.extend_from_slice(&v.to_le_bytes());
+    }
+    c
+}
+
+/// 64-bit code: write the 4 bytes of the dword at guest address `addr` to COM1.
+fn print_dword(addr: u32) -> Vec<u8> {
+    let mut c = vec![0x66, 0xba];
+    c.extend_from_slice(&SERIAL.to_le_bytes());
+    c.push(0xb9);
+    c.extend_from_slice(&addr.to_le_bytes()); // mov ecx, addr
+    c.extend_from_slice(&[0x8b, 0x01]); // mov eax, [rcx]
+    for i in 0..4 {
+        c.push(0xee);
+        if i < 3 {
+            c.extend_from_slice(&[0xc1, 0xe8, 0x08]);
+        }
+    }
+    c
+}
+
+#[test]
+#[ignore = "needs root + /dev/kvm"]
+fn guest_driver_gets_entropy_from_virtio_rng() {
+    // The guest plays the virtio driver: handshake, one queue of 16 at
+    // 0x20000 (desc) / 0x20100 (avail) / 0x20200 (used), one 16-byte
+    // write-only buffer at 0x30000, QueueNotify (a KVM ioeventfd), then it
+    // polls used.idx, and prints used[0].len, Status and the buffer.
+    const LOAD: u64 = 0x1_0000;
+    let (desc, avail, used, buf) = (0x2_0000u32, 0x2_0100u32, 0x2_0200u32, 0x3_0000u32);
+    let mut code = mmio_writes(&[
+        (0x70, 1),
+        (0x70, 3),
+        (0x24, 1),
+        (0x20, 1), // VERSION_1
+        (0x70, 0xb),
+        (0x30, 0),
+        (0x38, 16),
+        (0x80, desc),
+        (0x90, avail),
+        (0xa0, used),
+        (0x44, 1),
+        (0x70, 0xf),
+        (0x50, 0), // notify queue 0
+    ]);
+    code.push(0xbe);
+    code.extend_from_slice(&200_000_000u32.to_le_bytes()); // mov esi, spin limit
+    code.push(0xb9);
+    code.extend_from_slice(&(used + 2).to_le_bytes()); // loop: mov ecx, &used.idx
+    code.extend_from_slice(&[0x0f, 0xb7, 0x01]); // movzx eax, word [rcx]
+    code.extend_from_slice(&[0x83, 0xf8, 0x01]); // cmp eax, 1
+    code.extend_from_slice(&[0x74, 0x04]); // je found
+    code.extend_from_slice(&[0xff, 0xce]); // dec esi
+    code.extend_from_slice(&[0x75, 0xef]); // jnz loop
+    code.extend(print_dword(used + 8)); // found: used[0].len
+    code.extend(print_dword(VIRTIO_MMIO_BASE + 0x70));
+    for i in 0..4 {
+        code.extend(print_dword(buf + 4 * i));
+    }
+    code.extend_from_slice(&I8042_RESET);
+    code.push(HLT);
+
+    // The image carries the rings too: desc[0] and avail at their addresses.
+    let mut image = code;
+    image.resize((u64::from(desc) - LOAD) as usize, 0);
+    image.extend_from_slice(&u64::from(buf).to_le_bytes());
+    image.extend_from_slice(&16u32.to_le_bytes());
+    image.extend_from_slice(&2u16.to_le_bytes()); // VIRTQ_DESC_F_WRITE
+    image.extend_from_slice(&0u16.to_le_bytes());
+    image.resize((u64::from(avail) - LOAD) as usize, 0);
+    image.extend_from_slice(&[0, 0, 1, 0, 0, 0]); // flags 0, idx 1, ring[0] = 0
+
+    let g = Guest::new();
+    let mut cfg = g.config(&image, CpuMode::Long, false);
+    cfg.devices = vec![DeviceConfig::Rng(RngConfig::default())];
+    let reason = run_vm(&cfg).expect("run");
+    assert_eq!(reason, ExitReason::GuestReset);
+    let out = g.console();
+    assert_eq!(out.len(), 24, "{out:?}");
+    assert_eq!(
+        u32::from_le_bytes([out[0], out[1], out[2], out[3]]),
+        16,
+        "used len"
+    );
+    assert_eq!(
+        u32::from_le_bytes([out[4], out[5], out[6], out[7]]),
+        0xf,
+        "status"
+    );
+    assert_ne!(&out[8..], &[0u8; 16], "entropy written");
+}
