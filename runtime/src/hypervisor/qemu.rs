@@ -1,0 +1,1449 @@
+//! The `qemu` backend: QEMU's `microvm` machine (KVM or TCG) with vhost-user
+//! helper daemons: one `vhost-device-vsock` for the hybrid vsock socket and
+//! one `virtiofsd` per share.
+//!
+//! Files in the sandbox directory:
+//!
+//! | file | what |
+//! |---|---|
+//! | `console.log` | guest serial console (ttyS0) |
+//! | `vsock.sock` | hybrid vsock socket (listened on by vhost-device-vsock) |
+//! | `vhost-vsock.sock` | vhost-user socket between QEMU and vhost-device-vsock |
+//! | `fs-<tag>.sock` | vhost-user socket between QEMU and that share's virtiofsd |
+//! | `fs-<tag>.sock.pid` | virtiofsd's own lock file |
+//! | `qemu.log`, `vhost-device-vsock.log`, `virtiofsd-<tag>.log` | each process's stdout and stderr |
+//! | `qemu.pid`, `vhost-device-vsock.pid`, `virtiofsd-<tag>.pid` | pids, for [`super::cleanup_stale_processes`] |
+//!
+//! Start order: every file and binary is checked first, then the helpers are
+//! spawned and their sockets awaited, then QEMU. Any failure on the way kills
+//! and reaps what was spawned and removes the sockets. Sockets and pid files
+//! go at stop/kill (and on drop, as a last resort); logs stay for debugging.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use boxlite_protocol::agent::DestroySandboxRequest;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::time::Instant;
+
+use super::{
+    validate_share_tag, wait_for_agent, AgentConnection, ExitReport, Hypervisor, HypervisorError,
+    MacAddr, NetDevice, Share, TapDevice, VmSpec, CONSOLE_LOG, MAX_SOCKET_PATH_LEN, VSOCK_SOCKET,
+};
+use crate::config::{ResolvedAccel, ResolvedHypervisor};
+
+/// vhost-user socket between QEMU and vhost-device-vsock.
+pub const VHOST_VSOCK_SOCKET: &str = "vhost-vsock.sock";
+/// Guest CID given to vhost-device-vsock (any value ≥ 3; each VM has its own
+/// daemon, so they never clash).
+pub const GUEST_CID: u32 = 3;
+/// The kernel command line the backend always uses; config extras follow.
+/// `reboot=t`: microvm has no i8042, a triple fault ends the VM, and
+/// `-no-reboot` turns that into a QEMU exit. `panic=-1`: reboot (so exit) at
+/// once on a panic.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1";
+/// How long a helper daemon gets to create its socket.
+pub const HELPER_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// After QEMU exits, how long helpers get to exit on their own (virtiofsd
+/// does when its frontend disconnects) before they are killed.
+const HELPER_EXIT_GRACE: Duration = Duration::from_millis(500);
+/// How long we wait for a killed process to be reaped.
+const REAP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Budget for connecting to the agent in `stop`.
+const STOP_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The vhost-user fs socket of a share.
+pub fn fs_socket_name(tag: &str) -> String {
+    format!("fs-{tag}.sock")
+}
+
+/// Where a VM is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Created,
+    Running,
+    Stopping,
+    Stopped,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Created => "not started",
+            Phase::Running => "running",
+            Phase::Stopping => "stopping",
+            Phase::Stopped => "stopped",
+        }
+    }
+}
+
+/// Which process a [`Proc`] is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Role {
+    Vsock,
+    Fs(String),
+    Qemu,
+}
+
+impl Role {
+    /// For messages.
+    fn describe(&self) -> String {
+        match self {
+            Role::Vsock => "vhost-device-vsock".into(),
+            Role::Fs(tag) => format!("virtiofsd for share {tag:?}"),
+            Role::Qemu => "qemu".into(),
+        }
+    }
+
+    /// Base name of its log and pid files.
+    fn stem(&self) -> String {
+        match self {
+            Role::Vsock => "vhost-device-vsock".into(),
+            Role::Fs(tag) => format!("virtiofsd-{tag}"),
+            Role::Qemu => "qemu".into(),
+        }
+    }
+}
+
+/// A spawned process we own.
+#[derive(Debug)]
+struct Proc {
+    role: Role,
+    child: Child,
+    pid: u32,
+    log: PathBuf,
+    pid_file: PathBuf,
+    /// The socket a helper creates when it is ready.
+    socket: Option<PathBuf>,
+    status: Option<ExitStatus>,
+}
+
+impl Proc {
+    /// The exit status, once the process has exited (reaps it).
+    fn poll(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            match self.child.try_wait() {
+                Ok(status) => self.status = status,
+                Err(e) => tracing::warn!(pid = self.pid, error = %e, "waitpid failed"),
+            }
+        }
+        self.status
+    }
+
+    fn signal(&mut self, signal: Signal) {
+        if self.poll().is_some() {
+            return;
+        }
+        let pid = Pid::from_raw(i32::try_from(self.pid).expect("pids fit in i32"));
+        if let Err(e) = kill(pid, signal) {
+            tracing::warn!(pid = self.pid, %signal, error = %e, "cannot signal {}", self.role.describe());
+        }
+    }
+
+    /// Blocks until the process is reaped or `limit` passes. Only used after
+    /// SIGKILL, when exit takes milliseconds.
+    fn reap_blocking(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let until = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.poll() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= until {
+                tracing::error!(
+                    pid = self.pid,
+                    "{} did not exit after SIGKILL",
+                    self.role.describe()
+                );
+                return None;
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    phase: Phase,
+    shares: Vec<Share>,
+    nets: Vec<NetDevice>,
+    /// Helpers first, QEMU last.
+    procs: Vec<Proc>,
+    started_at: Option<Instant>,
+}
+
+/// The `qemu` backend. Build it with [`super::new_hypervisor`] (or
+/// [`QemuHypervisor::new`] with an already resolved config).
+#[derive(Debug)]
+pub struct QemuHypervisor {
+    id: String,
+    dir: PathBuf,
+    kernel: PathBuf,
+    initramfs: PathBuf,
+    vcpus: u32,
+    memory_mib: u32,
+    cmdline_extra: Vec<String>,
+    agent_ready_timeout: Duration,
+    shutdown_timeout: Duration,
+    bins: ResolvedHypervisor,
+    /// QEMU's pid while it runs, 0 otherwise.
+    pid: AtomicU32,
+    state: tokio::sync::Mutex<State>,
+}
+
+impl QemuHypervisor {
+    pub fn new(spec: VmSpec, bins: ResolvedHypervisor) -> Result<Self, HypervisorError> {
+        super::validate_sandbox_id(&spec.id)?;
+        let this = Self {
+            id: spec.id,
+            dir: spec.dir,
+            kernel: spec.kernel,
+            initramfs: spec.initramfs,
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            cmdline_extra: spec.cmdline_extra,
+            agent_ready_timeout: spec.agent_ready_timeout,
+            shutdown_timeout: spec.shutdown_timeout,
+            bins,
+            pid: AtomicU32::new(0),
+            state: tokio::sync::Mutex::new(State {
+                phase: Phase::Created,
+                shares: Vec::new(),
+                nets: Vec::new(),
+                procs: Vec::new(),
+                started_at: None,
+            }),
+        };
+        {
+            let mut st = this.state.try_lock().expect("new state is unlocked");
+            for share in spec.shares {
+                this.check_share(&st.shares, &share)?;
+                st.shares.push(share);
+            }
+            for net in &spec.nets {
+                check_tap(&net.tap)?;
+            }
+            st.nets = spec.nets;
+        }
+        Ok(this)
+    }
+
+    fn check_share(&self, existing: &[Share], share: &Share) -> Result<(), HypervisorError> {
+        validate_share_tag(&self.id, &share.tag)?;
+        let invalid = |reason: &str| HypervisorError::InvalidShare {
+            id: self.id.clone(),
+            tag: share.tag.clone(),
+            reason: reason.to_owned(),
+        };
+        if existing.iter().any(|s| s.tag == share.tag) {
+            return Err(invalid("a share with this tag was already added"));
+        }
+        if !share.host_dir.is_absolute() {
+            return Err(invalid(&format!(
+                "host directory {} is not an absolute path",
+                share.host_dir.display()
+            )));
+        }
+        Ok(())
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Every socket this backend may create.
+    fn socket_paths(&self, shares: &[Share]) -> Vec<PathBuf> {
+        let mut paths = vec![self.path(VSOCK_SOCKET), self.path(VHOST_VSOCK_SOCKET)];
+        paths.extend(shares.iter().map(|s| self.path(&fs_socket_name(&s.tag))));
+        paths
+    }
+
+    /// What a run leaves in the sandbox directory besides logs: the sockets
+    /// and virtiofsd's own `<socket>.pid` lock files.
+    fn transient_files(&self, shares: &[Share]) -> Vec<PathBuf> {
+        let mut files = self.socket_paths(shares);
+        files.extend(
+            shares
+                .iter()
+                .map(|s| self.path(&format!("{}.pid", fs_socket_name(&s.tag)))),
+        );
+        files
+    }
+
+    /// Checks everything that can be checked before spawning.
+    fn preflight(&self, st: &State) -> Result<(), HypervisorError> {
+        let binary = |what: &str, path: &Path| {
+            if is_executable(path) {
+                Ok(())
+            } else {
+                Err(HypervisorError::MissingBinary {
+                    id: self.id.clone(),
+                    what: what.to_owned(),
+                    path: path.to_owned(),
+                })
+            }
+        };
+        binary("QEMU (hypervisor.qemu_binary)", &self.bins.qemu_binary)?;
+        binary(
+            "vhost-device-vsock (hypervisor.vhost_vsock_binary)",
+            &self.bins.vhost_vsock_binary,
+        )?;
+        if !st.shares.is_empty() {
+            binary(
+                "virtiofsd (hypervisor.virtiofsd_binary)",
+                &self.bins.virtiofsd_binary,
+            )?;
+        }
+        for (what, key, path) in [
+            ("guest kernel", "guest.kernel", &self.kernel),
+            ("guest initramfs", "guest.initramfs", &self.initramfs),
+        ] {
+            if !path.is_file() {
+                return Err(HypervisorError::MissingAsset {
+                    id: self.id.clone(),
+                    what,
+                    key,
+                    path: path.clone(),
+                });
+            }
+        }
+        for share in &st.shares {
+            if !share.host_dir.is_dir() {
+                return Err(HypervisorError::InvalidShare {
+                    id: self.id.clone(),
+                    tag: share.tag.clone(),
+                    reason: format!(
+                        "host directory {} does not exist or is not a directory",
+                        share.host_dir.display()
+                    ),
+                });
+            }
+        }
+        for path in self.socket_paths(&st.shares) {
+            let len = path.as_os_str().len();
+            if len > MAX_SOCKET_PATH_LEN {
+                return Err(HypervisorError::SocketPathTooLong {
+                    id: self.id.clone(),
+                    path,
+                    len,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The QEMU command line (without the binary). `tap_fds` are the raw fds
+    /// of `nets` that QEMU inherits, in order (ignored for named taps).
+    pub fn qemu_args(
+        &self,
+        shares: &[Share],
+        nets: &[(Option<RawFd>, &NetDevice)],
+    ) -> Vec<OsString> {
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push = |a: &[&str]| args.extend(a.iter().map(OsString::from));
+        let (accel, cpu) = match self.bins.accel {
+            ResolvedAccel::Kvm => ("kvm", "host"),
+            ResolvedAccel::Tcg => ("tcg", "max"),
+        };
+        let mem = format!("{}M", self.memory_mib);
+        push(&["-name", &format!("boxlite-{}", self.id)]);
+        push(&["-M", "microvm,acpi=off,memory-backend=mem"]);
+        push(&["-accel", accel, "-cpu", cpu]);
+        push(&["-smp", &self.vcpus.to_string(), "-m", &mem]);
+        push(&[
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+        ]);
+        push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+        args.push("-chardev".into());
+        args.push(opt_with_path(
+            "file,id=console,path=",
+            &self.path(CONSOLE_LOG),
+            "",
+        ));
+        args.push("-serial".into());
+        args.push("chardev:console".into());
+        args.push("-kernel".into());
+        args.push(self.kernel.clone().into_os_string());
+        args.push("-initrd".into());
+        args.push(self.initramfs.clone().into_os_string());
+        args.push("-append".into());
+        args.push(self.cmdline().into());
+        args.push("-device".into());
+        args.push("virtio-rng-device".into());
+        args.push("-chardev".into());
+        args.push(opt_with_path(
+            "socket,id=vsock,path=",
+            &self.path(VHOST_VSOCK_SOCKET),
+            "",
+        ));
+        args.push("-device".into());
+        args.push("vhost-user-vsock-device,chardev=vsock".into());
+        for (i, share) in shares.iter().enumerate() {
+            args.push("-chardev".into());
+            args.push(opt_with_path(
+                &format!("socket,id=fs{i},path="),
+                &self.path(&fs_socket_name(&share.tag)),
+                "",
+            ));
+            args.push("-device".into());
+            args.push(format!("vhost-user-fs-device,chardev=fs{i},tag={}", share.tag).into());
+        }
+        for (i, (fd, net)) in nets.iter().enumerate() {
+            let netdev = match (&net.tap, fd) {
+                (TapDevice::Fd(_), Some(fd)) => format!("tap,id=net{i},fd={fd}"),
+                (TapDevice::Name(name), _) => {
+                    format!("tap,id=net{i},ifname={name},script=no,downscript=no")
+                }
+                (TapDevice::Fd(f), None) => format!("tap,id=net{i},fd={}", f.as_raw_fd()),
+            };
+            args.push("-netdev".into());
+            args.push(netdev.into());
+            args.push("-device".into());
+            args.push(format!("virtio-net-device,netdev=net{i},mac={}", net.mac).into());
+        }
+        args
+    }
+
+    /// `console=ttyS0 reboot=t panic=-1` plus the extras.
+    pub fn cmdline(&self) -> String {
+        let mut cmdline = BASE_CMDLINE.to_owned();
+        for extra in &self.cmdline_extra {
+            cmdline.push(' ');
+            cmdline.push_str(extra);
+        }
+        cmdline
+    }
+
+    /// Spawns one process with its output in `<stem>.log`, records it in
+    /// `st.procs` and writes its pid file.
+    fn spawn(
+        &self,
+        st: &mut State,
+        role: Role,
+        binary: &Path,
+        args: Vec<OsString>,
+        socket: Option<PathBuf>,
+        inherit_fds: Vec<RawFd>,
+    ) -> Result<(), HypervisorError> {
+        let stem = role.stem();
+        let log = self.path(&format!("{stem}.log"));
+        let io_err = |op, path: &Path, error| HypervisorError::Io {
+            id: self.id.clone(),
+            op,
+            path: path.to_owned(),
+            error,
+        };
+        let out = File::create(&log).map_err(|e| io_err("cannot create log file", &log, e))?;
+        let err = out
+            .try_clone()
+            .map_err(|e| io_err("cannot duplicate log file", &log, e))?;
+        let mut cmd = Command::new(binary);
+        cmd.args(&args).stdin(Stdio::null()).stdout(out).stderr(err);
+        if !inherit_fds.is_empty() {
+            // SAFETY: runs in the child between fork and exec; it only calls
+            // fcntl, which is async-signal-safe, on fds the parent owns and
+            // keeps open until spawn returns. Clearing FD_CLOEXEC here hands
+            // the tap fds to this child only: in the parent they stay
+            // close-on-exec, so no other child inherits them.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for fd in &inherit_fds {
+                        if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        tracing::debug!(sandbox_id = %self.id, binary = %binary.display(), ?args, "spawning {}", role.describe());
+        let child = cmd.spawn().map_err(|error| HypervisorError::Spawn {
+            id: self.id.clone(),
+            what: role.describe(),
+            binary: binary.to_owned(),
+            error,
+        })?;
+        let pid = child.id();
+        let pid_file = self.path(&format!("{stem}.pid"));
+        st.procs.push(Proc {
+            role,
+            child,
+            pid,
+            log,
+            pid_file: pid_file.clone(),
+            socket,
+            status: None,
+        });
+        std::fs::write(&pid_file, format!("{pid}\n"))
+            .map_err(|e| io_err("cannot write pid file", &pid_file, e))?;
+        Ok(())
+    }
+
+    /// Spawns the helpers, waits for their sockets, then spawns QEMU.
+    async fn spawn_all(&self, st: &mut State) -> Result<(), HypervisorError> {
+        let vhost = self.path(VHOST_VSOCK_SOCKET);
+        let args = vec![
+            "--guest-cid".into(),
+            GUEST_CID.to_string().into(),
+            "--socket".into(),
+            vhost.clone().into_os_string(),
+            "--uds-path".into(),
+            self.path(VSOCK_SOCKET).into_os_string(),
+        ];
+        let bin = self.bins.vhost_vsock_binary.clone();
+        self.spawn(st, Role::Vsock, &bin, args, Some(vhost), Vec::new())?;
+
+        for share in st.shares.clone() {
+            let socket = self.path(&fs_socket_name(&share.tag));
+            let mut args: Vec<OsString> = vec![
+                "--socket-path".into(),
+                socket.clone().into_os_string(),
+                "--shared-dir".into(),
+                share.host_dir.clone().into_os_string(),
+                // The shim is the sandbox: virtiofsd's own namespace sandbox
+                // needs privileges we may not have and buys little here.
+                "--sandbox=none".into(),
+                "--cache=auto".into(),
+                "--announce-submounts".into(),
+                // Container images carry file capabilities and SELinux labels.
+                "--xattr".into(),
+            ];
+            if share.read_only {
+                args.push("--readonly".into());
+            }
+            let bin = self.bins.virtiofsd_binary.clone();
+            self.spawn(
+                st,
+                Role::Fs(share.tag.clone()),
+                &bin,
+                args,
+                Some(socket),
+                Vec::new(),
+            )?;
+        }
+
+        self.wait_for_helper_sockets(st).await?;
+
+        let fds: Vec<Option<RawFd>> = st
+            .nets
+            .iter()
+            .map(|n| match &n.tap {
+                TapDevice::Fd(fd) => Some(fd.as_raw_fd()),
+                TapDevice::Name(_) => None,
+            })
+            .collect();
+        let nets: Vec<(Option<RawFd>, &NetDevice)> =
+            fds.iter().copied().zip(st.nets.iter()).collect();
+        let args = self.qemu_args(&st.shares, &nets);
+        tracing::info!(
+            sandbox_id = %self.id,
+            cmdline = %render_cmdline(&self.bins.qemu_binary, &args),
+            "starting qemu"
+        );
+        let bin = self.bins.qemu_binary.clone();
+        let inherit: Vec<RawFd> = fds.into_iter().flatten().collect();
+        self.spawn(st, Role::Qemu, &bin, args, None, inherit)?;
+        // QEMU has its copies now.
+        st.nets.clear();
+        let qemu = st.procs.last().expect("qemu was just pushed");
+        self.pid.store(qemu.pid, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn wait_for_helper_sockets(&self, st: &mut State) -> Result<(), HypervisorError> {
+        let started = Instant::now();
+        loop {
+            let mut pending = false;
+            for p in &mut st.procs {
+                let Some(socket) = p.socket.clone() else {
+                    continue;
+                };
+                if socket.exists() {
+                    continue;
+                }
+                if let Some(status) = p.poll() {
+                    return Err(HypervisorError::HelperExited(Box::new(ExitReport {
+                        id: self.id.clone(),
+                        what: p.role.describe(),
+                        pid: p.pid,
+                        status,
+                        log: p.log.clone(),
+                        last_line: last_line(&p.log),
+                        socket: Some(socket),
+                        console_log: None,
+                    })));
+                }
+                if started.elapsed() >= HELPER_READY_TIMEOUT {
+                    return Err(HypervisorError::HelperTimeout {
+                        id: self.id.clone(),
+                        what: p.role.describe(),
+                        socket,
+                        waited: HELPER_READY_TIMEOUT,
+                        log: p.log.clone(),
+                    });
+                }
+                pending = true;
+            }
+            if !pending {
+                return Ok(());
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Kills and reaps every process (QEMU first), removes sockets and pid
+    /// files. Synchronous: SIGKILLed processes exit in milliseconds, and
+    /// `Drop` needs it too.
+    fn teardown(&self, st: &mut State) {
+        // QEMU first, so helpers never see a live frontend lose its backend.
+        for p in st.procs.iter_mut().rev() {
+            if p.poll().is_none() {
+                tracing::debug!(sandbox_id = %self.id, pid = p.pid, "killing {}", p.role.describe());
+                p.signal(Signal::SIGKILL);
+                p.reap_blocking(REAP_TIMEOUT);
+            }
+        }
+        for p in st.procs.drain(..) {
+            let _ = std::fs::remove_file(&p.pid_file);
+        }
+        for socket in self.transient_files(&st.shares) {
+            match std::fs::remove_file(&socket) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(socket = %socket.display(), error = %e, "cannot remove socket")
+                }
+            }
+        }
+        st.nets.clear();
+        self.pid.store(0, Ordering::SeqCst);
+        st.phase = Phase::Stopped;
+    }
+
+    /// Asks the agent to shut the sandbox down (it answers, then reboots the
+    /// guest, which ends QEMU). Failures are logged: `stop` kills anyway.
+    async fn request_shutdown(&self, deadline: Instant) {
+        let vsock = self.hybrid_vsock();
+        let remaining = || deadline.saturating_duration_since(Instant::now());
+        let budget = STOP_CONNECT_TIMEOUT.min(remaining());
+        let conn = match AgentConnection::connect(&vsock, budget).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(sandbox_id = %self.id, error = %e, "cannot reach the agent to shut down; killing the VM");
+                return;
+            }
+        };
+        // Half the budget for the containers, the rest for the guest's own
+        // shutdown.
+        let req = DestroySandboxRequest {
+            timeout_secs: u32::try_from((self.shutdown_timeout.as_secs() / 2).max(1))
+                .unwrap_or(u32::MAX),
+            ..Default::default()
+        };
+        let ctx = ttrpc::context::with_duration(remaining().max(Duration::from_millis(1)));
+        if let Err(e) = conn.agent().destroy_sandbox(ctx, &req).await {
+            // The guest may reboot before the answer leaves: not an error
+            // as long as QEMU exits.
+            tracing::debug!(sandbox_id = %self.id, error = %e, "DestroySandbox did not answer");
+        }
+    }
+
+    /// Waits until QEMU has exited or `deadline` passes; true if it exited.
+    async fn wait_qemu_exit(&self, deadline: Instant) -> bool {
+        loop {
+            {
+                let mut st = self.state.lock().await;
+                match st.procs.iter_mut().find(|p| p.role == Role::Qemu) {
+                    Some(p) => {
+                        if let Some(status) = p.poll() {
+                            tracing::debug!(sandbox_id = %self.id, %status, "qemu exited");
+                            return true;
+                        }
+                    }
+                    // Someone else (kill) tore it down.
+                    None => return true,
+                }
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(POLL_INTERVAL * 5).await;
+        }
+    }
+
+    /// Gives helpers a moment to exit on their own after QEMU is gone.
+    async fn wait_helpers_exit(&self, grace: Duration) {
+        let until = Instant::now() + grace;
+        loop {
+            {
+                let mut st = self.state.lock().await;
+                if st.procs.iter_mut().all(|p| p.poll().is_some()) {
+                    return;
+                }
+            }
+            if Instant::now() >= until {
+                return;
+            }
+            tokio::time::sleep(POLL_INTERVAL * 2).await;
+        }
+    }
+}
+
+#[async_trait]
+impl Hypervisor for QemuHypervisor {
+    fn sandbox_id(&self) -> &str {
+        &self.id
+    }
+
+    async fn add_share(
+        &self,
+        tag: &str,
+        host_dir: &Path,
+        read_only: bool,
+    ) -> Result<(), HypervisorError> {
+        let mut st = self.state.lock().await;
+        if st.phase != Phase::Created {
+            return Err(HypervisorError::InvalidState {
+                id: self.id.clone(),
+                op: "add a share",
+                state: st.phase.name(),
+            });
+        }
+        let share = Share {
+            tag: tag.to_owned(),
+            host_dir: host_dir.to_owned(),
+            read_only,
+        };
+        self.check_share(&st.shares, &share)?;
+        st.shares.push(share);
+        Ok(())
+    }
+
+    async fn add_net(&self, tap: TapDevice, mac: MacAddr) -> Result<(), HypervisorError> {
+        let mut st = self.state.lock().await;
+        if st.phase != Phase::Created {
+            return Err(HypervisorError::InvalidState {
+                id: self.id.clone(),
+                op: "add a network device",
+                state: st.phase.name(),
+            });
+        }
+        check_tap(&tap)?;
+        st.nets.push(NetDevice { tap, mac });
+        Ok(())
+    }
+
+    async fn start(&self) -> Result<(), HypervisorError> {
+        let mut st = self.state.lock().await;
+        if st.phase != Phase::Created {
+            return Err(HypervisorError::InvalidState {
+                id: self.id.clone(),
+                op: "start",
+                state: st.phase.name(),
+            });
+        }
+        self.preflight(&st)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(|error| HypervisorError::Io {
+                id: self.id.clone(),
+                op: "cannot create the sandbox directory",
+                path: self.dir.clone(),
+                error,
+            })?;
+        // Leftovers of an earlier run would make the helpers fail (or make
+        // us think they are ready).
+        for file in self.transient_files(&st.shares) {
+            let _ = std::fs::remove_file(file);
+        }
+        let console = self.path(CONSOLE_LOG);
+        File::create(&console).map_err(|error| HypervisorError::Io {
+            id: self.id.clone(),
+            op: "cannot create the console log",
+            path: console.clone(),
+            error,
+        })?;
+        let started_at = Instant::now();
+        match self.spawn_all(&mut st).await {
+            Ok(()) => {
+                st.phase = Phase::Running;
+                st.started_at = Some(started_at);
+                tracing::info!(sandbox_id = %self.id, pid = self.pid.load(Ordering::SeqCst), "VM started");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(sandbox_id = %self.id, error = %e, "VM start failed; cleaning up");
+                self.teardown(&mut st);
+                Err(e)
+            }
+        }
+    }
+
+    async fn wait_ready(&self) -> Result<AgentConnection, HypervisorError> {
+        let started_at = {
+            let st = self.state.lock().await;
+            match (st.phase, st.started_at) {
+                (Phase::Running, Some(at)) => at,
+                (phase, _) => {
+                    return Err(HypervisorError::InvalidState {
+                        id: self.id.clone(),
+                        op: "wait for the agent",
+                        state: phase.name(),
+                    })
+                }
+            }
+        };
+        let deadline = started_at + self.agent_ready_timeout;
+        let result = wait_for_agent(self, deadline, self.agent_ready_timeout).await;
+        if result.is_ok() {
+            tracing::info!(sandbox_id = %self.id, elapsed_ms = started_at.elapsed().as_millis() as u64, "agent ready");
+        }
+        result
+    }
+
+    async fn stop(&self) -> Result<(), HypervisorError> {
+        {
+            let mut st = self.state.lock().await;
+            match st.phase {
+                Phase::Created => {
+                    st.nets.clear();
+                    st.phase = Phase::Stopped;
+                    return Ok(());
+                }
+                Phase::Stopping | Phase::Stopped => return Ok(()),
+                Phase::Running => st.phase = Phase::Stopping,
+            }
+        }
+        let deadline = Instant::now() + self.shutdown_timeout;
+        let qemu_alive = {
+            let mut st = self.state.lock().await;
+            st.procs
+                .iter_mut()
+                .find(|p| p.role == Role::Qemu)
+                .is_some_and(|p| p.poll().is_none())
+        };
+        if qemu_alive {
+            self.request_shutdown(deadline).await;
+        }
+        if self.wait_qemu_exit(deadline).await {
+            self.wait_helpers_exit(HELPER_EXIT_GRACE).await;
+        } else {
+            tracing::warn!(
+                sandbox_id = %self.id,
+                timeout_secs = self.shutdown_timeout.as_secs(),
+                "VM did not exit within the shutdown timeout; killing it"
+            );
+        }
+        let mut st = self.state.lock().await;
+        self.teardown(&mut st);
+        Ok(())
+    }
+
+    async fn kill(&self) -> Result<(), HypervisorError> {
+        let mut st = self.state.lock().await;
+        self.teardown(&mut st);
+        Ok(())
+    }
+
+    async fn check_alive(&self) -> Result<(), HypervisorError> {
+        let mut st = self.state.lock().await;
+        match st.phase {
+            Phase::Created => return Ok(()),
+            Phase::Running => {}
+            phase => {
+                return Err(HypervisorError::InvalidState {
+                    id: self.id.clone(),
+                    op: "use the VM",
+                    state: phase.name(),
+                })
+            }
+        }
+        for p in &mut st.procs {
+            if let Some(status) = p.poll() {
+                return Err(HypervisorError::ProcessExited(Box::new(ExitReport {
+                    id: self.id.clone(),
+                    what: p.role.describe(),
+                    pid: p.pid,
+                    status,
+                    log: p.log.clone(),
+                    last_line: last_line(&p.log),
+                    socket: None,
+                    console_log: Some(self.console_log_path()),
+                })));
+            }
+        }
+        Ok(())
+    }
+
+    fn pid(&self) -> Option<u32> {
+        match self.pid.load(Ordering::SeqCst) {
+            0 => None,
+            pid => Some(pid),
+        }
+    }
+
+    fn vsock_socket_path(&self) -> PathBuf {
+        self.path(VSOCK_SOCKET)
+    }
+
+    fn console_log_path(&self) -> PathBuf {
+        self.path(CONSOLE_LOG)
+    }
+}
+
+impl Drop for QemuHypervisor {
+    fn drop(&mut self) {
+        let st = self.state.get_mut();
+        if !st.procs.is_empty() {
+            tracing::warn!(sandbox_id = %self.id, "VM dropped while running; killing it");
+            // Reborrow: teardown takes &self and &mut State.
+            let mut st = std::mem::replace(
+                st,
+                State {
+                    phase: Phase::Stopped,
+                    shares: Vec::new(),
+                    nets: Vec::new(),
+                    procs: Vec::new(),
+                    started_at: None,
+                },
+            );
+            self.teardown(&mut st);
+        }
+    }
+}
+
+fn check_tap(tap: &TapDevice) -> Result<(), HypervisorError> {
+    if let TapDevice::Name(name) = tap {
+        // IFNAMSIZ is 16 with the NUL; the name also goes into a QEMU option.
+        let ok = !name.is_empty()
+            && name.len() <= 15
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if !ok {
+            return Err(HypervisorError::InvalidTap {
+                name: name.clone(),
+                reason: "a tap name must be 1..=15 characters of A-Z a-z 0-9 _ - .",
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `prefix` + `path` with QEMU's option escaping (`,` → `,,`) + `suffix`.
+fn opt_with_path(prefix: &str, path: &Path, suffix: &str) -> OsString {
+    let mut bytes = prefix.as_bytes().to_vec();
+    for &b in path.as_os_str().as_bytes() {
+        bytes.push(b);
+        if b == b',' {
+            bytes.push(b',');
+        }
+    }
+    bytes.extend_from_slice(suffix.as_bytes());
+    OsString::from_vec(bytes)
+}
+
+/// The command line as a shell would need it, for logs and reports.
+pub fn render_cmdline(binary: &Path, args: &[OsString]) -> String {
+    let quote = |s: &OsStr| {
+        let s = s.to_string_lossy();
+        if !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.,/=:+@%".contains(c))
+        {
+            s.into_owned()
+        } else {
+            format!("'{}'", s.replace('\'', r"'\''"))
+        }
+    };
+    std::iter::once(binary.as_os_str())
+        .chain(args.iter().map(OsString::as_os_str))
+        .map(quote)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The last non-empty line of a log, at most 300 characters.
+fn last_line(log: &Path) -> Option<String> {
+    let text = std::fs::read(log).ok()?;
+    let tail = &text[text.len().saturating_sub(4096)..];
+    let text = String::from_utf8_lossy(tail);
+    let line = text.lines().rev().map(str::trim).find(|l| !l.is_empty())?;
+    Some(line.chars().take(300).collect())
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, ResolvedBackend};
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A sandbox in a temp dir with fake binaries (shell scripts).
+    struct Rig {
+        tmp: tempfile::TempDir,
+    }
+
+    impl Rig {
+        fn new() -> Self {
+            Self {
+                tmp: tempfile::tempdir().unwrap(),
+            }
+        }
+
+        fn path(&self, name: &str) -> PathBuf {
+            self.tmp.path().join(name)
+        }
+
+        fn script(&self, name: &str, body: &str) -> PathBuf {
+            let path = self.path(name);
+            std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            path
+        }
+
+        fn file(&self, name: &str) -> PathBuf {
+            let path = self.path(name);
+            std::fs::write(&path, "x").unwrap();
+            path
+        }
+
+        fn bins(&self, qemu: PathBuf, vsock: PathBuf, fs: PathBuf) -> ResolvedHypervisor {
+            ResolvedHypervisor {
+                backend: ResolvedBackend::Qemu,
+                accel: ResolvedAccel::Tcg,
+                accel_reason: "test".into(),
+                qemu_binary: qemu,
+                virtiofsd_binary: fs,
+                vhost_vsock_binary: vsock,
+            }
+        }
+
+        fn spec(&self) -> VmSpec {
+            let mut config = Config::default();
+            config.runtime.state_dir = self.path("state");
+            config.guest.kernel = self.file("vmlinux");
+            config.guest.initramfs = self.file("initramfs");
+            config.guest.kernel_cmdline_extra = "quiet".into();
+            config.timeouts.agent_ready_secs = 2;
+            config.timeouts.shutdown_secs = 1;
+            VmSpec::from_config(&config, "sb1").unwrap()
+        }
+
+        fn sandbox(&self) -> PathBuf {
+            self.path("state/sb1")
+        }
+
+        /// A helper that creates the socket named after `flag` and sleeps.
+        /// With `--socket-path` (virtiofsd) it also writes `<socket>.pid`,
+        /// as virtiofsd does.
+        fn fake_helper(&self, name: &str, flag: &str) -> PathBuf {
+            let lock = if flag == "--socket-path" {
+                r#": > "$s.pid""#
+            } else {
+                ""
+            };
+            self.script(
+                name,
+                &format!(
+                    r#"while [ $# -gt 0 ]; do case "$1" in {flag}) shift; s="$1";; esac; shift; done
+: > "$s"
+{lock}
+exec sleep 30"#
+                ),
+            )
+        }
+
+        fn leftovers(&self) -> Vec<String> {
+            let mut names: Vec<String> = std::fs::read_dir(self.sandbox())
+                .map(|d| {
+                    d.map(|e| e.unwrap().file_name().into_string().unwrap())
+                        .filter(|n| n.ends_with(".sock") || n.ends_with(".pid"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            names.sort();
+            names
+        }
+    }
+
+    fn pid_alive(pid: u32) -> bool {
+        // Reaped children are gone from /proc; a zombie would still show up.
+        Path::new(&format!("/proc/{pid}")).exists()
+    }
+
+    #[test]
+    fn qemu_command_line() {
+        let rig = Rig::new();
+        let bins = rig.bins("/q".into(), "/v".into(), "/f".into());
+        let mut spec = rig.spec();
+        spec.vcpus = 2;
+        spec.memory_mib = 256;
+        let vm = QemuHypervisor::new(spec, bins).unwrap();
+        let shares = vec![Share {
+            tag: "rootfs".into(),
+            host_dir: "/srv/x".into(),
+            read_only: false,
+        }];
+        let net_fd = NetDevice {
+            tap: TapDevice::Fd(File::open("/dev/null").unwrap().into()),
+            mac: "02:00:00:00:00:01".parse().unwrap(),
+        };
+        let net_name = NetDevice {
+            tap: TapDevice::Name("tap0".into()),
+            mac: "02:00:00:00:00:02".parse().unwrap(),
+        };
+        let args = vm.qemu_args(&shares, &[(Some(42), &net_fd), (None, &net_name)]);
+        let line = render_cmdline(Path::new("qemu-system-x86_64"), &args);
+        let dir = rig.sandbox();
+        let d = dir.display();
+        let expected = format!(
+            "qemu-system-x86_64 -name boxlite-sb1 -M microvm,acpi=off,memory-backend=mem \
+             -accel tcg -cpu max -smp 2 -m 256M \
+             -object memory-backend-memfd,id=mem,size=256M,share=on \
+             -nodefaults -no-user-config -nographic -no-reboot \
+             -chardev file,id=console,path={d}/console.log -serial chardev:console \
+             -kernel {k} -initrd {i} -append 'console=ttyS0 reboot=t panic=-1 quiet' \
+             -device virtio-rng-device \
+             -chardev socket,id=vsock,path={d}/vhost-vsock.sock -device vhost-user-vsock-device,chardev=vsock \
+             -chardev socket,id=fs0,path={d}/fs-rootfs.sock -device vhost-user-fs-device,chardev=fs0,tag=rootfs \
+             -netdev tap,id=net0,fd=42 -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01 \
+             -netdev tap,id=net1,ifname=tap0,script=no,downscript=no -device virtio-net-device,netdev=net1,mac=02:00:00:00:00:02",
+            k = rig.path("vmlinux").display(),
+            i = rig.path("initramfs").display(),
+        );
+        assert_eq!(line, expected);
+    }
+
+    #[test]
+    fn kvm_uses_the_host_cpu() {
+        let rig = Rig::new();
+        let mut bins = rig.bins("/q".into(), "/v".into(), "/f".into());
+        bins.accel = ResolvedAccel::Kvm;
+        let vm = QemuHypervisor::new(rig.spec(), bins).unwrap();
+        let line = render_cmdline(Path::new("q"), &vm.qemu_args(&[], &[]));
+        assert!(line.contains("-accel kvm -cpu host"), "{line}");
+    }
+
+    #[test]
+    fn commas_in_paths_are_escaped() {
+        let opt = opt_with_path("socket,id=x,path=", Path::new("/a,b/c.sock"), "");
+        assert_eq!(opt, OsString::from("socket,id=x,path=/a,,b/c.sock"));
+    }
+
+    #[tokio::test]
+    async fn missing_kernel_fails_before_spawning() {
+        let rig = Rig::new();
+        let marker = rig.path("spawned");
+        let bin = rig.script("bin", &format!(": > {}", marker.display()));
+        let mut spec = rig.spec();
+        spec.kernel = rig.path("no-vmlinux");
+        let vm = QemuHypervisor::new(spec, rig.bins(bin.clone(), bin.clone(), bin)).unwrap();
+        let err = vm.start().await.unwrap_err().to_string();
+        assert!(
+            err.contains(&rig.path("no-vmlinux").display().to_string()),
+            "{err}"
+        );
+        assert!(err.contains("guest.kernel"), "{err}");
+        assert!(!marker.exists());
+        assert!(!rig.sandbox().exists(), "nothing created");
+        // A preflight failure leaves the VM unstarted: a retry checks again.
+        let err = vm.start().await.unwrap_err().to_string();
+        assert!(err.contains("guest.kernel"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn missing_initramfs_and_share_dir_are_named() {
+        let rig = Rig::new();
+        let bin = rig.script("bin", "exit 0");
+        let mut spec = rig.spec();
+        spec.initramfs = rig.path("no-initramfs");
+        let vm =
+            QemuHypervisor::new(spec, rig.bins(bin.clone(), bin.clone(), bin.clone())).unwrap();
+        let err = vm.start().await.unwrap_err().to_string();
+        assert!(err.contains("guest.initramfs"), "{err}");
+
+        let vm = QemuHypervisor::new(rig.spec(), rig.bins(bin.clone(), bin.clone(), bin)).unwrap();
+        vm.add_share("rootfs", &rig.path("nope"), false)
+            .await
+            .unwrap();
+        let err = vm.start().await.unwrap_err().to_string();
+        assert!(err.contains("share \"rootfs\""), "{err}");
+        assert!(err.contains("does not exist"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn missing_binary_fails_before_spawning() {
+        let rig = Rig::new();
+        let marker = rig.path("spawned");
+        let bin = rig.script("bin", &format!(": > {}", marker.display()));
+        let vm = QemuHypervisor::new(rig.spec(), rig.bins(rig.path("no-qemu"), bin.clone(), bin))
+            .unwrap();
+        let err = vm.start().await.unwrap_err().to_string();
+        assert!(err.contains("hypervisor.qemu_binary"), "{err}");
+        assert!(err.contains("no-qemu"), "{err}");
+        assert!(!marker.exists());
+    }
+
+    #[tokio::test]
+    async fn socket_paths_are_bounded() {
+        let rig = Rig::new();
+        let bin = rig.script("bin", "exit 0");
+        let mut spec = rig.spec();
+        spec.dir = rig.path(&"d".repeat(100));
+        let vm = QemuHypervisor::new(spec, rig.bins(bin.clone(), bin.clone(), bin)).unwrap();
+        let err = vm.start().await.unwrap_err().to_string();
+        assert!(err.contains("unix socket limit of 107"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn helper_dying_at_start_is_reported_and_cleaned_up() {
+        let rig = Rig::new();
+        let marker = rig.path("qemu-ran");
+        let qemu = rig.script("qemu", &format!(": > {}", marker.display()));
+        let vsock = rig.script("vsock", "echo 'error: cannot bind socket' >&2; exit 3");
+        let fs = rig.fake_helper("fs", "--socket-path");
+        let vm = QemuHypervisor::new(rig.spec(), rig.bins(qemu, vsock, fs)).unwrap();
+        vm.add_share("rootfs", rig.tmp.path(), true).await.unwrap();
+        let err = vm.start().await.unwrap_err().to_string();
+        assert!(
+            err.contains("vhost-device-vsock exited with exit status: 3"),
+            "{err}"
+        );
+        assert!(err.contains("vhost-device-vsock.log"), "{err}");
+        assert!(err.contains("cannot bind socket"), "{err}");
+        assert!(!marker.exists(), "qemu must not start");
+        assert_eq!(rig.leftovers(), Vec::<String>::new());
+        assert_eq!(vm.pid(), None);
+        // The fake virtiofsd was killed and reaped.
+        let err = vm.start().await.unwrap_err().to_string();
+        assert!(
+            err.contains("cannot start while the VM is stopped"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn qemu_dying_early_fails_wait_ready_fast() {
+        let rig = Rig::new();
+        let qemu = rig.script("qemu", "echo 'qemu: could not load kernel' >&2; exit 1");
+        let vsock = rig.fake_helper("vsock", "--socket");
+        let fs = rig.fake_helper("fs", "--socket-path");
+        let vm = QemuHypervisor::new(rig.spec(), rig.bins(qemu, vsock, fs)).unwrap();
+        vm.add_share("rootfs", rig.tmp.path(), false).await.unwrap();
+        vm.start().await.unwrap();
+        let helper_pids: Vec<u32> = {
+            let st = vm.state.lock().await;
+            st.procs.iter().map(|p| p.pid).collect()
+        };
+        assert_eq!(helper_pids.len(), 3);
+        assert_eq!(
+            rig.leftovers(),
+            [
+                "fs-rootfs.sock",
+                "fs-rootfs.sock.pid",
+                "qemu.pid",
+                "vhost-device-vsock.pid",
+                "vhost-vsock.sock",
+                "virtiofsd-rootfs.pid"
+            ]
+        );
+        let started = std::time::Instant::now();
+        let err = vm.wait_ready().await.unwrap_err().to_string();
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(err.contains("qemu (pid"), "{err}");
+        assert!(
+            err.contains("exited unexpectedly with exit status: 1"),
+            "{err}"
+        );
+        assert!(err.contains("could not load kernel"), "{err}");
+        assert!(
+            err.contains(&format!(
+                "console log: {}",
+                rig.sandbox().join("console.log").display()
+            )),
+            "{err}"
+        );
+        vm.stop().await.unwrap();
+        assert_eq!(rig.leftovers(), Vec::<String>::new());
+        for pid in helper_pids {
+            assert!(!pid_alive(pid), "pid {pid} left behind");
+        }
+        // Logs stay.
+        assert!(rig.sandbox().join("qemu.log").exists());
+    }
+
+    #[tokio::test]
+    async fn wait_ready_times_out_naming_sandbox_port_and_console() {
+        let rig = Rig::new();
+        let qemu = rig.script("qemu", "exec sleep 30");
+        let vsock = rig.fake_helper("vsock", "--socket");
+        let vm = QemuHypervisor::new(rig.spec(), rig.bins(qemu, vsock.clone(), vsock)).unwrap();
+        vm.start().await.unwrap();
+        let pid = vm.pid().unwrap();
+        let started = std::time::Instant::now();
+        let err = vm.wait_ready().await.unwrap_err().to_string();
+        let elapsed = started.elapsed();
+        assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
+        assert!(
+            err.starts_with("sandbox sb1: VM did not answer on vsock port 1024 within 2s"),
+            "{err}"
+        );
+        assert!(
+            err.ends_with(&format!(
+                "console log: {}",
+                rig.sandbox().join("console.log").display()
+            )),
+            "{err}"
+        );
+        // stop: no agent to ask, QEMU does not exit by itself → killed after
+        // the 1 s shutdown timeout.
+        let started = std::time::Instant::now();
+        vm.stop().await.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(!pid_alive(pid));
+        assert_eq!(vm.pid(), None);
+        assert_eq!(rig.leftovers(), Vec::<String>::new());
+        vm.stop().await.unwrap();
+        vm.kill().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn kill_and_drop_leave_nothing_behind() {
+        let rig = Rig::new();
+        let qemu = rig.script("qemu", "exec sleep 30");
+        let vsock = rig.fake_helper("vsock", "--socket");
+        let vm = QemuHypervisor::new(
+            rig.spec(),
+            rig.bins(qemu.clone(), vsock.clone(), vsock.clone()),
+        )
+        .unwrap();
+        vm.start().await.unwrap();
+        let pid = vm.pid().unwrap();
+        vm.kill().await.unwrap();
+        assert!(!pid_alive(pid));
+        assert_eq!(rig.leftovers(), Vec::<String>::new());
+
+        let vm = QemuHypervisor::new(rig.spec(), rig.bins(qemu, vsock.clone(), vsock)).unwrap();
+        vm.start().await.unwrap();
+        let pids: Vec<u32> = vm.state.lock().await.procs.iter().map(|p| p.pid).collect();
+        drop(vm);
+        for pid in pids {
+            assert!(!pid_alive(pid), "pid {pid} left behind");
+        }
+        assert_eq!(rig.leftovers(), Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn tap_fd_reaches_qemu_only() {
+        let rig = Rig::new();
+        // The fake QEMU records which fds it has.
+        let fds_file = rig.path("qemu-fds");
+        let qemu = rig.script(
+            "qemu",
+            &format!("ls /proc/$$/fd > {}; exec sleep 30", fds_file.display()),
+        );
+        let helper_fds = rig.path("helper-fds");
+        let vsock = rig.script(
+            "vsock",
+            &format!(
+                r#"ls /proc/$$/fd > {}
+while [ $# -gt 0 ]; do case "$1" in --socket) shift; s="$1";; esac; shift; done
+: > "$s"; exec sleep 30"#,
+                helper_fds.display()
+            ),
+        );
+        let vm = QemuHypervisor::new(rig.spec(), rig.bins(qemu, vsock.clone(), vsock)).unwrap();
+        let tap: std::os::fd::OwnedFd = File::open("/dev/null").unwrap().into();
+        let raw = tap.as_raw_fd();
+        vm.add_net(TapDevice::Fd(tap), "02:00:00:00:00:01".parse().unwrap())
+            .await
+            .unwrap();
+        vm.start().await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !fds_file.exists() || std::fs::read_to_string(&fds_file).unwrap().is_empty() {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let fds: Vec<String> = std::fs::read_to_string(&fds_file)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        assert!(
+            fds.contains(&raw.to_string()),
+            "qemu fds {fds:?}, tap {raw}"
+        );
+        let helper: Vec<String> = std::fs::read_to_string(&helper_fds)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        assert!(
+            !helper.contains(&raw.to_string()),
+            "helper fds {helper:?}, tap {raw}"
+        );
+        vm.kill().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn shares_and_nets_only_before_start() {
+        let rig = Rig::new();
+        let qemu = rig.script("qemu", "exec sleep 30");
+        let vsock = rig.fake_helper("vsock", "--socket");
+        let vm = QemuHypervisor::new(rig.spec(), rig.bins(qemu, vsock.clone(), vsock)).unwrap();
+        let err = vm
+            .add_share("a,b", rig.tmp.path(), false)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("','"), "{err}");
+        vm.add_share("a", rig.tmp.path(), false).await.unwrap();
+        let err = vm.add_share("a", rig.tmp.path(), false).await.unwrap_err();
+        assert!(err.to_string().contains("already added"), "{err}");
+        let err = vm
+            .add_share("b", Path::new("rel"), false)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not an absolute path"), "{err}");
+        let err = vm
+            .add_net(
+                TapDevice::Name("tap,0".into()),
+                "02:00:00:00:00:01".parse().unwrap(),
+            )
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("tap name"), "{err}");
+        vm.kill().await.unwrap();
+        let err = vm.add_share("c", rig.tmp.path(), false).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("cannot add a share while the VM is stopped"),
+            "{err}"
+        );
+    }
+}
