@@ -682,13 +682,20 @@ impl QemuHypervisor {
         }
     }
 
-    /// Gives helpers a moment to exit on their own after QEMU is gone.
+    /// Gives virtiofsd a moment to exit on its own after QEMU is gone (it
+    /// does when its frontend disconnects). vhost-device-vsock keeps waiting
+    /// for a new frontend, so it is not waited for: teardown kills it.
     async fn wait_helpers_exit(&self, grace: Duration) {
         let until = Instant::now() + grace;
         loop {
             {
                 let mut st = self.state.lock().await;
-                if st.procs.iter_mut().all(|p| p.poll().is_some()) {
+                if st
+                    .procs
+                    .iter_mut()
+                    .filter(|p| matches!(p.role, Role::Fs(_)))
+                    .all(|p| p.poll().is_some())
+                {
                     return;
                 }
             }
