@@ -1,0 +1,147 @@
+//! The agent's state and the work behind each RPC (`do_*`). `rpc.rs`
+//! validates requests and calls these; the mechanics live in the modules
+//! named after what they touch.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::config::{Config, Mode};
+use crate::error::AgentError;
+use crate::etc::{Dns, Hosts};
+use crate::files::ReadFileRequest;
+use crate::guest_info::{GuestInfo, StartTime};
+use crate::reaper::Reaper;
+use crate::sandbox::{CreateSandbox, Sandbox, SandboxError};
+use crate::share::{Mounted, ShareRequest};
+
+/// Why the agent is about to stop serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shutdown {
+    Running,
+    /// DestroySandbox finished; reboot (guest) or exit (host) once the
+    /// reply is out.
+    Destroyed,
+}
+
+pub struct Agent {
+    pub config: Config,
+    pub reaper: Reaper,
+    pub start: StartTime,
+    pub sandbox: Sandbox,
+    shutdown: watch::Sender<Shutdown>,
+}
+
+impl Agent {
+    pub fn new(config: Config, reaper: Reaper, start: StartTime) -> Arc<Self> {
+        let (shutdown, _) = watch::channel(Shutdown::Running);
+        Arc::new(Agent {
+            config,
+            reaper,
+            start,
+            sandbox: Sandbox::default(),
+            shutdown,
+        })
+    }
+
+    /// Resolves once DestroySandbox has done its work.
+    pub fn shutdown_requested(&self) -> watch::Receiver<Shutdown> {
+        self.shutdown.subscribe()
+    }
+
+    /// Health.Check: serving until DestroySandbox starts.
+    pub fn do_check(&self) -> bool {
+        !self.sandbox.is_destroying()
+    }
+
+    /// Holds the create lock throughout, so concurrent creates cannot
+    /// interleave. Blocking (mounts): run it off the async thread.
+    pub fn do_create_sandbox(&self, req: &CreateSandbox) -> Result<(), AgentError> {
+        let _creating = self.sandbox.lock_for_create();
+        if self.sandbox.is_destroying() {
+            return Err(SandboxError::Destroying.into());
+        }
+        if let Some(existing) = self.sandbox.created() {
+            return Err(SandboxError::AlreadyCreated(existing).into());
+        }
+        if let Some(hostname) = &req.hostname {
+            crate::etc::set_hostname(&self.config, hostname).map_err(SandboxError::from)?;
+        }
+        for share in &req.shares {
+            let mounted =
+                crate::share::mount_share(&self.config, share).map_err(SandboxError::from)?;
+            tracing::info!(
+                tag = %share.tag,
+                mount_point = %mounted.mount_point.display(),
+                already = mounted.already,
+                "share mounted"
+            );
+        }
+        self.sandbox.set_id(&req.id);
+        tracing::info!(sandbox_id = %req.id, shares = req.shares.len(), "sandbox created");
+        Ok(())
+    }
+
+    /// Stops every process, unmounts the shares and asks the main loop to
+    /// end the VM (guest) or the process (host) after the reply is sent.
+    pub async fn do_destroy_sandbox(&self, timeout: Duration) -> Result<(), AgentError> {
+        if !self.sandbox.begin_destroy() {
+            return Err(SandboxError::Destroying.into());
+        }
+        if self.config.mode == Mode::Guest {
+            // Failures are logged, not returned: the VM ends either way.
+            if let Err(e) = crate::power::stop_all_processes(timeout).await {
+                tracing::error!(error = %e, "processes left at shutdown");
+            }
+            nix::unistd::sync();
+            for e in crate::share::unmount_all_shares() {
+                tracing::warn!(error = %crate::error::chain(&e), "unmount at shutdown");
+            }
+            nix::unistd::sync();
+        }
+        tracing::info!(mode = ?self.config.mode, "sandbox destroyed; ending after the reply");
+        self.shutdown.send_replace(Shutdown::Destroyed);
+        Ok(())
+    }
+
+    pub fn do_set_hostname(&self, hostname: &str) -> Result<(), AgentError> {
+        crate::etc::set_hostname(&self.config, hostname)?;
+        tracing::info!(hostname, "hostname set");
+        Ok(())
+    }
+
+    pub fn do_set_dns(&self, dns: &Dns) -> Result<(), AgentError> {
+        crate::etc::set_dns(&self.config, dns)?;
+        tracing::info!(nameservers = dns.nameservers.len(), "resolv.conf written");
+        Ok(())
+    }
+
+    pub fn do_set_hosts(&self, hosts: &Hosts) -> Result<(), AgentError> {
+        crate::etc::set_hosts(&self.config, hosts)?;
+        tracing::info!(entries = hosts.entries.len(), "hosts written");
+        Ok(())
+    }
+
+    /// Blocking (mount): run it off the async thread.
+    pub fn do_mount_share(&self, req: &ShareRequest) -> Result<Mounted, AgentError> {
+        let mounted = crate::share::mount_share(&self.config, req)?;
+        tracing::info!(
+            tag = %req.tag,
+            mount_point = %mounted.mount_point.display(),
+            read_only = req.read_only,
+            already = mounted.already,
+            "share mounted"
+        );
+        Ok(mounted)
+    }
+
+    pub fn do_guest_info(&self) -> Result<GuestInfo, AgentError> {
+        Ok(crate::guest_info::collect(&self.start)?)
+    }
+
+    /// Blocking (file I/O): run it off the async thread.
+    pub fn do_read_file(&self, req: &ReadFileRequest) -> Result<(Vec<u8>, bool), AgentError> {
+        Ok(crate::files::read_file(&self.config, req)?)
+    }
+}

@@ -1,0 +1,415 @@
+//! Host-mode tests: the real `boxlite-agent` binary as a child process on
+//! temporary unix sockets, driven by the generated ttrpc clients. No root,
+//! VM or vsock needed.
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use boxlite_protocol::agent::{
+    CreateContainerRequest, CreateSandboxRequest, DestroySandboxRequest, GuestInfoRequest,
+    HostEntry, MountShareRequest, ReadFileRequest, SetDnsRequest, SetHostnameRequest,
+    SetHostsRequest, UpdateInterfaceRequest, WaitProcessRequest,
+};
+use boxlite_protocol::agent_ttrpc::AgentClient;
+use boxlite_protocol::health::health_check_response::ServingStatus;
+use boxlite_protocol::health::CheckRequest;
+use boxlite_protocol::health_ttrpc::HealthClient;
+use boxlite_protocol::stdio::{read_ack, StreamHeader, StreamKind};
+use boxlite_protocol::{PROTOCOL_VERSION, READ_FILE_MAX_LEN};
+use ttrpc::context::{self, Context};
+use ttrpc::Code;
+
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct AgentProcess {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl AgentProcess {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stderr = std::fs::File::create(dir.path().join("agent.stderr")).expect("stderr file");
+        let child = Command::new(env!("CARGO_BIN_EXE_boxlite-agent"))
+            .arg("--listen")
+            .arg(format!(
+                "unix://{}",
+                dir.path().join("agent.sock").display()
+            ))
+            .arg("--log-listen")
+            .arg(format!("unix://{}", dir.path().join("log.sock").display()))
+            .arg("--stdio-listen")
+            .arg(format!(
+                "unix://{}",
+                dir.path().join("stdio.sock").display()
+            ))
+            .arg("--root")
+            .arg(dir.path().join("root"))
+            .arg("--log")
+            .arg("debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn boxlite-agent");
+        AgentProcess { child, dir }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    fn socket(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.stderr")).unwrap_or_default()
+    }
+
+    async fn connect(&self) -> (HealthClient, AgentClient) {
+        let addr = format!("unix://{}", self.socket("agent.sock").display());
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if self.socket("agent.sock").exists() {
+                if let Ok(c) = ttrpc::asynchronous::Client::connect(&addr).await {
+                    let health = HealthClient::new(c.clone());
+                    // The socket file appears at bind; make sure it serves.
+                    if health.check(ctx(), &CheckRequest::new()).await.is_ok() {
+                        return (health, AgentClient::new(c));
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not come up; stderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit; stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ctx() -> Context {
+    context::with_timeout(Duration::from_secs(5).as_nanos() as i64)
+}
+
+/// The status code and message of a failed call.
+fn status<T: std::fmt::Debug>(result: ttrpc::Result<T>) -> (Code, String) {
+    match result {
+        Err(ttrpc::Error::RpcStatus(s)) => (s.code(), s.message().to_string()),
+        other => panic!("expected an RPC status, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn health_check_and_version() {
+    let agent = AgentProcess::start();
+    let (health, _) = agent.connect().await;
+    let r = health.check(ctx(), &CheckRequest::new()).await.unwrap();
+    assert_eq!(r.status.enum_value(), Ok(ServingStatus::SERVING));
+    let v = health.version(ctx(), &CheckRequest::new()).await.unwrap();
+    assert_eq!(v.agent_version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(v.protocol_version, PROTOCOL_VERSION);
+}
+
+#[tokio::test]
+async fn guest_info_reports_host_values_in_host_mode() {
+    let agent = AgentProcess::start();
+    let (_, client) = agent.connect().await;
+    let info = client
+        .guest_info(ctx(), &GuestInfoRequest::new())
+        .await
+        .unwrap();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(info.kernel_release, release.trim());
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert_eq!(info.boot_id, boot_id.trim());
+    assert!(info.online_cpus >= 1);
+    assert!(info.mem_total_kib > 0);
+    assert!(info.agent_uptime_ms < 60_000, "{}", info.agent_uptime_ms);
+    assert!(info.agent_started_at_ms > 0);
+}
+
+#[tokio::test]
+async fn read_file_content_truncation_and_errors() {
+    let agent = AgentProcess::start();
+    let (_, client) = agent.connect().await;
+    std::fs::create_dir_all(agent.root().join("etc")).unwrap();
+    std::fs::write(agent.root().join("etc/motd"), "hello agent\n").unwrap();
+
+    let mut req = ReadFileRequest::new();
+    req.path = "/etc/motd".into();
+    let r = client.read_file(ctx(), &req).await.unwrap();
+    assert_eq!(r.data, b"hello agent\n");
+    assert!(!r.truncated);
+
+    req.max_len = 5;
+    let r = client.read_file(ctx(), &req).await.unwrap();
+    assert_eq!(r.data, b"hello");
+    assert!(r.truncated);
+
+    // More than the protocol allows comes back cut at the limit.
+    let big = vec![b'x'; READ_FILE_MAX_LEN as usize + 10];
+    std::fs::write(agent.root().join("big"), &big).unwrap();
+    req.path = "/big".into();
+    req.max_len = 0;
+    let r = client.read_file(ctx(), &req).await.unwrap();
+    assert_eq!(r.data.len(), READ_FILE_MAX_LEN as usize);
+    assert!(r.truncated);
+
+    req.path = "/no/such/file".into();
+    let (code, msg) = status(client.read_file(ctx(), &req).await);
+    assert_eq!(code, Code::NOT_FOUND);
+    assert!(msg.contains("/no/such/file"), "{msg}");
+
+    req.path = "relative".into();
+    let (code, msg) = status(client.read_file(ctx(), &req).await);
+    assert_eq!(code, Code::INVALID_ARGUMENT);
+    assert!(msg.contains("not an absolute path"), "{msg}");
+
+    req.path = "/../../etc/passwd".into();
+    assert_eq!(
+        status(client.read_file(ctx(), &req).await).0,
+        Code::INVALID_ARGUMENT
+    );
+
+    req.path = "/etc".into();
+    let (code, msg) = status(client.read_file(ctx(), &req).await);
+    assert_eq!(code, Code::INVALID_ARGUMENT);
+    assert!(msg.contains("directory"), "{msg}");
+}
+
+#[tokio::test]
+async fn set_hostname_writes_root_etc_hostname_only() {
+    let agent = AgentProcess::start();
+    let (_, client) = agent.connect().await;
+    let host_before = nix::unistd::gethostname().unwrap();
+
+    let mut req = SetHostnameRequest::new();
+    req.hostname = "pod-a.example".into();
+    client.set_hostname(ctx(), &req).await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(agent.root().join("etc/hostname")).unwrap(),
+        "pod-a.example\n"
+    );
+    assert_eq!(nix::unistd::gethostname().unwrap(), host_before);
+
+    req.hostname = "bad host".into();
+    let (code, msg) = status(client.set_hostname(ctx(), &req).await);
+    assert_eq!(code, Code::INVALID_ARGUMENT);
+    assert!(msg.contains("bad host"), "{msg}");
+}
+
+#[tokio::test]
+async fn dns_and_hosts_files() {
+    let agent = AgentProcess::start();
+    let (_, client) = agent.connect().await;
+
+    let mut dns = SetDnsRequest::new();
+    dns.nameservers = vec!["10.96.0.10".into()];
+    dns.searches = vec!["default.svc.cluster.local".into()];
+    dns.options = vec!["ndots:5".into()];
+    client.set_dns(ctx(), &dns).await.unwrap();
+    let text = std::fs::read_to_string(agent.root().join("etc/resolv.conf")).unwrap();
+    assert!(text.contains("nameserver 10.96.0.10\n"), "{text}");
+    assert!(
+        text.contains("search default.svc.cluster.local\n"),
+        "{text}"
+    );
+    assert!(text.contains("options ndots:5\n"), "{text}");
+
+    dns.nameservers = vec!["not-an-ip".into()];
+    assert_eq!(
+        status(client.set_dns(ctx(), &dns).await).0,
+        Code::INVALID_ARGUMENT
+    );
+
+    let mut hosts = SetHostsRequest::new();
+    let mut entry = HostEntry::new();
+    entry.ip = "127.0.0.1".into();
+    entry.names = vec!["localhost".into(), "pod".into()];
+    hosts.entries.push(entry);
+    client.set_hosts(ctx(), &hosts).await.unwrap();
+    let text = std::fs::read_to_string(agent.root().join("etc/hosts")).unwrap();
+    assert!(text.contains("127.0.0.1\tlocalhost pod\n"), "{text}");
+}
+
+#[tokio::test]
+async fn sandbox_with_a_share_and_mount_share() {
+    let agent = AgentProcess::start();
+    let (_, client) = agent.connect().await;
+    std::fs::create_dir_all(agent.root().join("shares/share0")).unwrap();
+    std::fs::write(agent.root().join("shares/share0/data"), "shared").unwrap();
+
+    let mut share = MountShareRequest::new();
+    share.tag = "share0".into();
+    let mut req = CreateSandboxRequest::new();
+    req.sandbox_id = "sb-1".into();
+    req.hostname = "sb-1".into();
+    req.shares.push(share.clone());
+    client.create_sandbox(ctx(), &req).await.unwrap();
+    // The share is reachable at its default mount point.
+    let mut read = ReadFileRequest::new();
+    read.path = "/run/boxlite/shares/share0/data".into();
+    assert_eq!(
+        client.read_file(ctx(), &read).await.unwrap().data,
+        b"shared"
+    );
+
+    let (code, msg) = status(client.create_sandbox(ctx(), &req).await);
+    assert_eq!(code, Code::ALREADY_EXISTS);
+    assert!(msg.contains("sb-1"), "{msg}");
+
+    // Same tag again: idempotent, same answer.
+    let r = client.mount_share(ctx(), &share).await.unwrap();
+    assert_eq!(r.mount_point, "/run/boxlite/shares/share0");
+
+    share.tag = "nope".into();
+    let (code, msg) = status(client.mount_share(ctx(), &share).await);
+    assert_eq!(code, Code::NOT_FOUND);
+    assert!(msg.contains("nope"), "{msg}");
+
+    share.tag = "bad/tag".into();
+    assert_eq!(
+        status(client.mount_share(ctx(), &share).await).0,
+        Code::INVALID_ARGUMENT
+    );
+}
+
+#[tokio::test]
+async fn unimplemented_rpcs_say_so() {
+    let agent = AgentProcess::start();
+    let (_, client) = agent.connect().await;
+    let (code, msg) = status(
+        client
+            .create_container(ctx(), &CreateContainerRequest::new())
+            .await,
+    );
+    assert_eq!(code, Code::UNIMPLEMENTED);
+    assert_eq!(
+        msg,
+        "container service not implemented yet: CreateContainer"
+    );
+    let (code, msg) = status(client.wait_process(ctx(), &WaitProcessRequest::new()).await);
+    assert_eq!(code, Code::UNIMPLEMENTED);
+    assert_eq!(msg, "container service not implemented yet: WaitProcess");
+    let (code, msg) = status(
+        client
+            .update_interface(ctx(), &UpdateInterfaceRequest::new())
+            .await,
+    );
+    assert_eq!(code, Code::UNIMPLEMENTED);
+    assert!(
+        msg.contains("UpdateInterface") && msg.contains("pod networking"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn destroy_sandbox_ends_the_process_with_exit_0() {
+    let mut agent = AgentProcess::start();
+    let (_, client) = agent.connect().await;
+    let mut req = DestroySandboxRequest::new();
+    req.timeout_secs = 1000;
+    assert_eq!(
+        status(client.destroy_sandbox(ctx(), &req).await).0,
+        Code::INVALID_ARGUMENT
+    );
+    req.timeout_secs = 1;
+    client.destroy_sandbox(ctx(), &req).await.unwrap();
+    let exit = agent.wait_exit(Duration::from_secs(10));
+    assert_eq!(exit.code(), Some(0), "stderr:\n{}", agent.stderr());
+    // Its sockets are cleaned up.
+    assert!(!agent.socket("agent.sock").exists());
+}
+
+#[tokio::test]
+async fn log_stream_delivers_earlier_and_live_lines() {
+    let agent = AgentProcess::start();
+    let (_, client) = agent.connect().await;
+    let mut req = SetHostnameRequest::new();
+    req.hostname = "before-the-reader".into();
+    client.set_hostname(ctx(), &req).await.unwrap();
+
+    let mut log = UnixStream::connect(agent.socket("log.sock")).unwrap();
+    log.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let seen = read_until(&mut log, "before-the-reader");
+    assert!(seen.contains("agent ready"), "{seen}");
+
+    req.hostname = "after-the-reader".into();
+    client.set_hostname(ctx(), &req).await.unwrap();
+    read_until(&mut log, "after-the-reader");
+}
+
+/// Reads the stream until `needle` shows up (or fails after the timeout).
+fn read_until(stream: &mut UnixStream, needle: &str) -> String {
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while !seen.contains(needle) {
+        match stream.read(&mut buf) {
+            Ok(0) => panic!("log stream closed before {needle:?}; got:\n{seen}"),
+            Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+            Err(e) => panic!("no {needle:?} in the log stream ({e}); got:\n{seen}"),
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn stdio_streams_are_refused_with_a_reason() {
+    let agent = AgentProcess::start();
+    agent.connect().await;
+    let mut s = UnixStream::connect(agent.socket("stdio.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let header = StreamHeader {
+        stream: StreamKind::Stdout,
+        container_id: "c1".into(),
+        exec_id: String::new(),
+    };
+    std::io::Write::write_all(&mut s, &header.encode().unwrap()).unwrap();
+    let err = read_ack(&mut s).unwrap_err().to_string();
+    assert!(
+        err.contains("container service not implemented yet"),
+        "{err}"
+    );
+    assert!(err.contains("c1"), "{err}");
+}
+
+#[test]
+fn bad_arguments_exit_2_with_a_message() {
+    let out = Command::new(env!("CARGO_BIN_EXE_boxlite-agent"))
+        .arg("--listen")
+        .arg("/not/a/url")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--listen"), "{err}");
+    assert!(Path::new(env!("CARGO_BIN_EXE_boxlite-agent")).exists());
+}
