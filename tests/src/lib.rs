@@ -1,1 +1,101 @@
-//! placeholder
+//! Support code for BoxLite's end-to-end tests: where the guest assets are,
+//! and how to prove that nothing was left behind.
+//!
+//! The VM tests are `#[ignore]`d because they need root, QEMU, virtiofsd,
+//! vhost-device-vsock and a built guest kernel and initramfs; `.ci/run`
+//! (scripts/test.sh) builds those and runs them with `--ignored`.
+
+use std::path::{Path, PathBuf};
+
+/// Guest kernel and initramfs the tests boot.
+#[derive(Debug, Clone)]
+pub struct GuestAssets {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+/// Finds the guest assets: `BOXLITE_KERNEL` / `BOXLITE_INITRAMFS` (set by
+/// scripts/test.sh), else the installed ones under /usr/share/boxlite.
+/// Panics with the fix when they are missing: a VM test without assets is a
+/// broken set-up, not a skip.
+pub fn guest_assets() -> GuestAssets {
+    let pick = |var: &str, installed: &str| {
+        let path = std::env::var_os(var)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(installed));
+        assert!(
+            path.is_file(),
+            "guest asset {} not found (set {var} or run `cargo xtask guest`; scripts/test.sh does both)",
+            path.display()
+        );
+        path
+    };
+    GuestAssets {
+        kernel: pick("BOXLITE_KERNEL", "/usr/share/boxlite/vmlinux"),
+        initramfs: pick("BOXLITE_INITRAMFS", "/usr/share/boxlite/initramfs"),
+    }
+}
+
+/// Processes whose command line mentions `needle` (e.g. a sandbox directory,
+/// which every QEMU and helper daemon of that sandbox has in its arguments).
+pub fn processes_mentioning(needle: &Path) -> Vec<(u32, String)> {
+    let needle = needle.to_string_lossy().into_owned();
+    let me = std::process::id();
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmdline.contains(&needle) {
+            found.push((pid, cmdline.trim_end().to_string()));
+        }
+    }
+    found
+}
+
+/// Unix sockets left anywhere under `dir`.
+pub fn sockets_under(dir: &Path) -> Vec<PathBuf> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(ft) = entry.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(entry.path());
+            } else if ft.is_socket() {
+                found.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
+/// Asserts that no process mentions `sandbox_dir` and no socket is left in it.
+pub fn assert_nothing_left(sandbox_dir: &Path) {
+    let procs = processes_mentioning(sandbox_dir);
+    assert!(
+        procs.is_empty(),
+        "processes left behind for {}: {procs:?}",
+        sandbox_dir.display()
+    );
+    let sockets = sockets_under(sandbox_dir);
+    assert!(
+        sockets.is_empty(),
+        "sockets left behind in {}: {sockets:?}",
+        sandbox_dir.display()
+    );
+}
