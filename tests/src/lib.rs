@@ -15,24 +15,39 @@ pub struct GuestAssets {
 }
 
 /// Finds the guest assets: `BOXLITE_KERNEL` / `BOXLITE_INITRAMFS` (set by
-/// scripts/test.sh), else the installed ones under /usr/share/boxlite.
-/// Panics with the fix when they are missing: a VM test without assets is a
-/// broken set-up, not a skip.
+/// scripts/test.sh), else what `cargo xtask guest` left in `build/guest/`,
+/// else the installed ones under /usr/share/boxlite. Panics with the fix when
+/// they are missing: a VM test without assets is a broken set-up, not a skip.
 pub fn guest_assets() -> GuestAssets {
-    let pick = |var: &str, installed: &str| {
-        let path = std::env::var_os(var)
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(installed));
-        assert!(
-            path.is_file(),
-            "guest asset {} not found (set {var} or run `cargo xtask guest`; scripts/test.sh does both)",
-            path.display()
-        );
-        path
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace");
+    let pick = |var: &str, built: &str, installed: &str| {
+        let candidates: Vec<PathBuf> = match std::env::var_os(var) {
+            Some(path) => vec![PathBuf::from(path)],
+            None => vec![workspace.join(built), PathBuf::from(installed)],
+        };
+        candidates
+            .iter()
+            .find(|p| p.is_file())
+            .cloned()
+            .unwrap_or_else(|| {
+                panic!(
+                    "guest asset not found at {candidates:?} (set {var} or run `cargo xtask guest`; scripts/test.sh does both)"
+                )
+            })
     };
     GuestAssets {
-        kernel: pick("BOXLITE_KERNEL", "/usr/share/boxlite/vmlinux"),
-        initramfs: pick("BOXLITE_INITRAMFS", "/usr/share/boxlite/initramfs"),
+        kernel: pick(
+            "BOXLITE_KERNEL",
+            "build/guest/vmlinux",
+            "/usr/share/boxlite/vmlinux",
+        ),
+        initramfs: pick(
+            "BOXLITE_INITRAMFS",
+            "build/guest/initramfs.cpio.gz",
+            "/usr/share/boxlite/initramfs",
+        ),
     }
 }
 
@@ -46,7 +61,11 @@ pub fn processes_mentioning(needle: &Path) -> Vec<(u32, String)> {
         return found;
     };
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         if pid == me {
