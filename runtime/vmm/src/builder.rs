@@ -17,6 +17,7 @@ use crate::arch::x86_64::regs::BootEntry;
 use crate::config::{ConfigError, CpuMode, DeviceConfig, VmConfig};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::devices::virtio::rng::{Rng, RngError};
+use crate::devices::virtio::vsock::{Vsock, VsockError, VsockEventHandler};
 use crate::devices::virtio::VirtioDevice;
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{ExitSignal, Vcpu, VcpuError, VcpuHandle};
@@ -47,6 +48,8 @@ pub enum VmmError {
     Devices(#[from] DeviceManagerError),
     #[error("virtio-rng setup failed")]
     Rng(#[from] RngError),
+    #[error("virtio-vsock setup failed")]
+    Vsock(#[from] VsockError),
     #[error("Kernel command line error")]
     Cmdline(#[source] linux_loader::cmdline::Error),
     #[error("Failed to open the console log {0}")]
@@ -114,9 +117,16 @@ pub fn run_vm(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     devices.attach_legacy(&vm, console, exit.clone())?;
 
     let mut cmdline = build_cmdline()?;
+    // Backend subscribers of devices with host fds of their own (vsock).
+    let mut backends: Vec<Subscriber> = Vec::new();
     for (i, d) in cfg.devices.iter().enumerate() {
         let (name, dev): (&str, Arc<Mutex<dyn VirtioDevice>>) = match d {
             DeviceConfig::Rng(r) => ("rng", Arc::new(Mutex::new(Rng::new(r.source.as_deref())?))),
+            DeviceConfig::Vsock(v) => {
+                let vsock = Arc::new(Mutex::new(Vsock::new(v.guest_cid, &v.uds_path)?));
+                backends.push(Arc::new(Mutex::new(VsockEventHandler::new(vsock.clone()))));
+                ("vsock", vsock)
+            }
         };
         devices.attach_virtio(&vm, &mem, &format!("{name}{i}"), dev, Some(&mut cmdline))?;
     }
@@ -174,6 +184,9 @@ pub fn run_vm(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     em.add_subscriber(Arc::new(Mutex::new(ExitWatcher { exit: exit.clone() })));
     for h in devices.handlers.drain(..) {
         em.add_subscriber(Arc::new(Mutex::new(h)));
+    }
+    for b in backends {
+        em.add_subscriber(b);
     }
 
     let mut handles = Vec::with_capacity(vcpus.len());

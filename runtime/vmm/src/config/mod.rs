@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub mod vsock;
+pub use vsock::VsockConfig;
+
 /// Most vCPUs a VM may have (the guest kernel is built with `NR_CPUS=16`).
 pub const MAX_VCPUS: u8 = 16;
 /// Smallest guest memory in MiB.
@@ -49,6 +52,18 @@ pub enum ConfigError {
         "Kernel boot needs the in-kernel irqchip (irqchip = false is for raw_image guests only)"
     )]
     KernelWithoutIrqchip,
+    #[error("vsock guest_cid = {got} is out of range {min}..={max}")]
+    VsockCid { got: u64, min: u64, max: u64 },
+    #[error("vsock uds_path = {path} is {got} bytes long, the limit is {max} (<uds_path>_<port> must fit sun_path)")]
+    VsockPathLen {
+        path: PathBuf,
+        got: usize,
+        max: usize,
+    },
+    #[error("vsock uds_path = {0} has no parent directory that exists")]
+    VsockPathDir(PathBuf),
+    #[error("{got} vsock devices configured, the limit is 1")]
+    VsockCount { got: usize },
 }
 
 /// The whole VM description.
@@ -115,6 +130,8 @@ pub enum CpuMode {
 pub enum DeviceConfig {
     /// virtio-rng fed from the host's `/dev/urandom`.
     Rng(RngConfig),
+    /// virtio-vsock with the hybrid unix-socket host side.
+    Vsock(VsockConfig),
 }
 
 /// virtio-rng options.
@@ -237,6 +254,16 @@ impl VmConfig {
                 got: self.devices.len(),
                 max: MAX_VIRTIO_DEVICES,
             });
+        }
+        let mut vsocks = 0;
+        for d in &self.devices {
+            if let DeviceConfig::Vsock(v) = d {
+                v.validate()?;
+                vsocks += 1;
+            }
+        }
+        if vsocks > 1 {
+            return Err(ConfigError::VsockCount { got: vsocks });
         }
         if let Some(log) = &self.console_log {
             let parent = log.parent().filter(|p| !p.as_os_str().is_empty());

@@ -11,6 +11,7 @@ pub mod mmio;
 pub mod rng;
 #[cfg(any(test, fuzzing))]
 pub mod test_utils;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 

@@ -1,0 +1,105 @@
+//! The `vsock` device entry of the VM config.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+use crate::devices::virtio::vsock::{MAX_GUEST_CID, MAX_UDS_PATH_LEN, MIN_GUEST_CID};
+
+/// virtio-vsock with the hybrid unix-socket host side:
+/// `{ "kind": "vsock", "guest_cid": 3, "uds_path": "/run/boxlite/<id>/vsock.sock" }`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's CID, `3..=u32::MAX - 1`.
+    pub guest_cid: u64,
+    /// Host processes connect here (`CONNECT <port>\n`); guest connections
+    /// to host port P go to `<uds_path>_P`.
+    pub uds_path: PathBuf,
+}
+
+impl VsockConfig {
+    /// Checks the CID range, the path length and the directory.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(MIN_GUEST_CID..=MAX_GUEST_CID).contains(&self.guest_cid) {
+            return Err(ConfigError::VsockCid {
+                got: self.guest_cid,
+                min: MIN_GUEST_CID,
+                max: MAX_GUEST_CID,
+            });
+        }
+        let len = self.uds_path.as_os_str().len();
+        if len == 0 || len > MAX_UDS_PATH_LEN {
+            return Err(ConfigError::VsockPathLen {
+                path: self.uds_path.clone(),
+                got: len,
+                max: MAX_UDS_PATH_LEN,
+            });
+        }
+        let parent = self.uds_path.parent().filter(|p| !p.as_os_str().is_empty());
+        if parent.is_some_and(|p| !p.is_dir()) {
+            return Err(ConfigError::VsockPathDir(self.uds_path.clone()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DeviceConfig, VmConfig};
+
+    #[test]
+    fn parses_and_validates() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let json = format!(
+            r#"{{"devices": [{{"kind": "vsock", "guest_cid": 3, "uds_path": "{}"}}]}}"#,
+            dir.path().join("vsock.sock").display()
+        );
+        let cfg: VmConfig = serde_json::from_str(&json).expect("parse");
+        let DeviceConfig::Vsock(v) = &cfg.devices[0] else {
+            panic!("not vsock: {:?}", cfg.devices[0]);
+        };
+        v.validate().expect("valid");
+
+        let err = serde_json::from_str::<VmConfig>(
+            r#"{"devices": [{"kind": "vsock", "guest_cid": 3, "uds_path": "/x", "port": 1}]}"#,
+        )
+        .expect_err("unknown field");
+        assert!(err.to_string().contains("unknown field"), "{err}");
+        serde_json::from_str::<VmConfig>(r#"{"devices": [{"kind": "vsock", "guest_cid": 3}]}"#)
+            .expect_err("uds_path is required");
+
+        for cid in [0, 1, 2, u64::from(u32::MAX), u64::MAX] {
+            let c = VsockConfig {
+                guest_cid: cid,
+                uds_path: v.uds_path.clone(),
+            };
+            let e = c.validate().expect_err("cid").to_string();
+            assert_eq!(
+                e,
+                format!("vsock guest_cid = {cid} is out of range 3..=4294967294")
+            );
+        }
+        let long = VsockConfig {
+            guest_cid: 3,
+            uds_path: PathBuf::from(format!("/{}", "a".repeat(MAX_UDS_PATH_LEN))),
+        };
+        let e = long.validate().expect_err("long").to_string();
+        assert!(e.contains("the limit is 96"), "{e}");
+        let fits = VsockConfig {
+            guest_cid: 3,
+            uds_path: PathBuf::from(format!("/run/boxlite/{}/vsock.sock", "f".repeat(64))),
+        };
+        assert!(fits.uds_path.as_os_str().len() <= MAX_UDS_PATH_LEN);
+        let nodir = VsockConfig {
+            guest_cid: 3,
+            uds_path: "/nonexistent-dir/vsock.sock".into(),
+        };
+        assert!(matches!(
+            nodir.validate(),
+            Err(ConfigError::VsockPathDir(_))
+        ));
+    }
+}

@@ -1,0 +1,260 @@
+//! The virtio-vsock device: three queues (RX, TX, event), an 8-byte config
+//! space holding the guest CID, and the muxer as backend.
+//!
+//! - TX: each chain is parsed ([`parse_tx`]) and handed to the muxer, then
+//!   returned with length 0. A malformed chain fails alone.
+//! - RX: while the muxer owes the guest packets, RX chains are filled;
+//!   when it has nothing, the chain is left in the queue.
+//! - Event queue: never used (no live migration), buffers stay there.
+
+use std::os::fd::RawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::metrics::VsockMetrics;
+use super::muxer::Muxer;
+use super::packet::{parse_tx, RxPacket};
+use super::{rate_limited, VsockError, EVQ, MAX_GUEST_CID, MIN_GUEST_CID, QUEUE_SIZE, RXQ, TXQ};
+use crate::devices::virtio::{
+    device_type, ActivateContext, Interrupt, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1,
+};
+
+/// RX/TX passes per kick: TX can produce RX (RSTs, responses) and a full
+/// RX backlog can hold TX back; a few rounds settle both.
+const MAX_KICK_ROUNDS: usize = 8;
+
+struct Active {
+    mem: GuestMemoryMmap,
+    rxq: Queue,
+    txq: Queue,
+    /// Kept so the driver's buffers stay owned by the device.
+    _evq: Option<Queue>,
+    interrupt: Arc<Interrupt>,
+}
+
+/// The virtio-vsock device.
+pub struct Vsock {
+    cid: u64,
+    muxer: Muxer,
+    active: Option<Active>,
+    /// Per-device counters.
+    pub metrics: Arc<VsockMetrics>,
+}
+
+impl Vsock {
+    /// A device for guest `cid` listening on `uds_path`.
+    pub fn new(cid: u64, uds_path: &Path) -> Result<Self, VsockError> {
+        if !(MIN_GUEST_CID..=MAX_GUEST_CID).contains(&cid) {
+            return Err(VsockError::BadCid(cid));
+        }
+        let metrics = Arc::new(VsockMetrics::default());
+        let muxer = Muxer::new(cid, uds_path, metrics.clone())?;
+        Ok(Vsock {
+            cid,
+            muxer,
+            active: None,
+            metrics,
+        })
+    }
+
+    /// The guest's CID.
+    pub fn cid(&self) -> u64 {
+        self.cid
+    }
+
+    /// The fd the event loop watches for host-side activity.
+    pub fn backend_fd(&self) -> RawFd {
+        self.muxer.epoll_fd()
+    }
+
+    /// The host-side backend.
+    pub fn muxer(&self) -> &Muxer {
+        &self.muxer
+    }
+
+    /// The backend, mutable (tests drive its timer).
+    #[cfg(any(test, fuzzing))]
+    pub fn muxer_mut(&mut self) -> &mut Muxer {
+        &mut self.muxer
+    }
+
+    /// Fills RX chains while the muxer has packets; true if any was used.
+    pub fn process_rx(&mut self) -> Result<bool, VirtioError> {
+        let Some(a) = self.active.as_mut() else {
+            return Ok(false);
+        };
+        let mut used_any = false;
+        while self.muxer.has_pending_rx() {
+            let chain = match a.rxq.iter(&a.mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => return Err(VirtioError::Queue(e)),
+            };
+            let Some(mut chain) = chain else { break };
+            let head = chain.head_index();
+            let len = match RxPacket::parse(&a.mem, &mut chain) {
+                Ok(mut pkt) => match self.muxer.recv_pkt(&mut pkt) {
+                    Some(len) => len,
+                    None => {
+                        // Nothing to say after all: leave the chain for later.
+                        a.rxq.go_to_previous_position();
+                        break;
+                    }
+                },
+                Err(e) => {
+                    bad_chain(&self.metrics, RXQ, &e);
+                    0
+                }
+            };
+            a.rxq
+                .add_used(&a.mem, head, len)
+                .map_err(VirtioError::Queue)?;
+            used_any = true;
+        }
+        if used_any
+            && a.rxq
+                .needs_notification(&a.mem)
+                .map_err(VirtioError::Queue)?
+        {
+            a.interrupt.signal_used_queue()?;
+        }
+        Ok(used_any)
+    }
+
+    /// Hands every TX chain to the muxer (unless RX is backed up); true if
+    /// any was used.
+    pub fn process_tx(&mut self) -> Result<bool, VirtioError> {
+        let Some(a) = self.active.as_mut() else {
+            return Ok(false);
+        };
+        let mut used_any = false;
+        while !self.muxer.tx_throttled() {
+            let chain = match a.txq.iter(&a.mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => return Err(VirtioError::Queue(e)),
+            };
+            let Some(mut chain) = chain else { break };
+            let head = chain.head_index();
+            match parse_tx(&a.mem, &mut chain) {
+                Ok(pkt) => self.muxer.send_pkt(&pkt.hdr, pkt.data.as_ref()),
+                Err(e) => bad_chain(&self.metrics, TXQ, &e),
+            }
+            a.txq
+                .add_used(&a.mem, head, 0)
+                .map_err(VirtioError::Queue)?;
+            used_any = true;
+        }
+        if used_any
+            && a.txq
+                .needs_notification(&a.mem)
+                .map_err(VirtioError::Queue)?
+        {
+            a.interrupt.signal_used_queue()?;
+        }
+        Ok(used_any)
+    }
+
+    /// RX, then TX, until neither moves.
+    pub fn kick(&mut self) -> Result<(), VirtioError> {
+        for _ in 0..MAX_KICK_ROUNDS {
+            let rx = self.process_rx()?;
+            let tx = self.process_tx()?;
+            let more_rx = rx && self.muxer.has_pending_rx();
+            if !tx && !more_rx {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Host-side activity (the muxer's epoll fd is readable): handle it,
+    /// then move packets. A queue failure asks the driver for a reset.
+    pub fn process_backend(&mut self) {
+        self.muxer.process_events();
+        let Some(irq) = self.active.as_ref().map(|a| a.interrupt.clone()) else {
+            return;
+        };
+        if irq.needs_reset() {
+            return;
+        }
+        if let Err(e) = self.kick() {
+            tracing::warn!(device = "vsock", error = %e, "virtio device failed; the driver must reset it");
+            let _ = irq.signal_needs_reset();
+        }
+    }
+}
+
+fn bad_chain(metrics: &VsockMetrics, queue: u16, e: &VsockError) {
+    let n = VsockMetrics::add(&metrics.bad_chains, 1);
+    if rate_limited(n) {
+        tracing::warn!(device = "vsock", queue, error = %e, source = ?std::error::Error::source(e), "malformed descriptor chain returned with length 0");
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        device_type::VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 3]
+    }
+
+    fn avail_features(&self) -> u64 {
+        // Stream sockets only (no VIRTIO_VSOCK_F_SEQPACKET).
+        VIRTIO_F_VERSION_1
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_vsock_config { le64 guest_cid; }
+        let cfg = self.cid.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| usize::try_from(o).ok())
+                .and_then(|o| cfg.get(o).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), VirtioError> {
+        let mut queues = ctx.queues.into_iter();
+        let mut ready = |i: u16| {
+            queues
+                .next()
+                .filter(|q| q.ready())
+                .ok_or_else(|| VirtioError::Activate(format!("queue {i} is not ready")))
+        };
+        let rxq = ready(RXQ)?;
+        let txq = ready(TXQ)?;
+        let evq = ready(EVQ).ok();
+        self.active = Some(Active {
+            mem: ctx.mem,
+            rxq,
+            txq,
+            _evq: evq,
+            interrupt: ctx.interrupt,
+        });
+        // Anything queued before the driver came up (host CONNECTs) goes now.
+        self.kick()
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.muxer.reset();
+    }
+
+    fn process_queue(&mut self, index: u16) -> Result<(), VirtioError> {
+        match index {
+            RXQ | TXQ => self.kick(),
+            EVQ => Ok(()),
+            _ => Err(VirtioError::BadQueueIndex(index)),
+        }
+    }
+}
