@@ -44,7 +44,8 @@ fn strip_inner_attributes(path: &Path) {
         .filter(|line| !line.trim_start().starts_with("#!["))
         .map(|line| {
             // Inner doc comments are only legal at the top of a real module.
-            line.strip_prefix("//!").map_or(line.to_string(), |rest| format!("//{rest}"))
+            line.strip_prefix("//!")
+                .map_or(line.to_string(), |rest| format!("//{rest}"))
         })
         .collect();
     fs::write(path, kept.join("\n"))

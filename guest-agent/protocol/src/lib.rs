@@ -11,22 +11,58 @@
 
 pub mod stdio;
 
-#[allow(clippy::all, clippy::pedantic, missing_docs, non_camel_case_types, non_upper_case_globals, unused_mut, unused_qualifications, clippy::undocumented_unsafe_blocks)]
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    missing_docs,
+    non_camel_case_types,
+    non_upper_case_globals,
+    unused_mut,
+    unused_qualifications,
+    clippy::undocumented_unsafe_blocks
+)]
 pub mod health {
     include!(concat!(env!("OUT_DIR"), "/health.rs"));
 }
 
-#[allow(clippy::all, clippy::pedantic, missing_docs, non_camel_case_types, non_upper_case_globals, unused_mut, unused_qualifications, clippy::undocumented_unsafe_blocks)]
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    missing_docs,
+    non_camel_case_types,
+    non_upper_case_globals,
+    unused_mut,
+    unused_qualifications,
+    clippy::undocumented_unsafe_blocks
+)]
 pub mod health_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/health_ttrpc.rs"));
 }
 
-#[allow(clippy::all, clippy::pedantic, missing_docs, non_camel_case_types, non_upper_case_globals, unused_mut, unused_qualifications, clippy::undocumented_unsafe_blocks)]
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    missing_docs,
+    non_camel_case_types,
+    non_upper_case_globals,
+    unused_mut,
+    unused_qualifications,
+    clippy::undocumented_unsafe_blocks
+)]
 pub mod agent {
     include!(concat!(env!("OUT_DIR"), "/agent.rs"));
 }
 
-#[allow(clippy::all, clippy::pedantic, missing_docs, non_camel_case_types, non_upper_case_globals, unused_mut, unused_qualifications, clippy::undocumented_unsafe_blocks)]
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    missing_docs,
+    non_camel_case_types,
+    non_upper_case_globals,
+    unused_mut,
+    unused_qualifications,
+    clippy::undocumented_unsafe_blocks
+)]
 pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }

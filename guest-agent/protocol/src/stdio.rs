@@ -172,9 +172,8 @@ impl StreamHeader {
             });
         }
         let (cid, eid) = ids.split_at(fixed.container_id_len);
-        let as_string = |b: &[u8]| {
-            String::from_utf8(b.to_vec()).map_err(|_| StdioHeaderError::IdNotUtf8)
-        };
+        let as_string =
+            |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| StdioHeaderError::IdNotUtf8);
         Ok(StreamHeader {
             stream: fixed.stream,
             container_id: as_string(cid)?,
