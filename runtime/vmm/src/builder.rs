@@ -16,6 +16,7 @@ use crate::arch::x86_64::mptable::{self, MptableError};
 use crate::arch::x86_64::regs::BootEntry;
 use crate::config::{ConfigError, CpuMode, DeviceConfig, VmConfig};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
+use crate::devices::virtio::fs::{Fs, FsError, FsEventHandler};
 use crate::devices::virtio::rng::{Rng, RngError};
 use crate::devices::virtio::vsock::{Vsock, VsockError, VsockEventHandler};
 use crate::devices::virtio::VirtioDevice;
@@ -50,6 +51,8 @@ pub enum VmmError {
     Rng(#[from] RngError),
     #[error("virtio-vsock setup failed")]
     Vsock(#[from] VsockError),
+    #[error("virtio-fs setup failed")]
+    Fs(#[from] FsError),
     #[error("Kernel command line error")]
     Cmdline(#[source] linux_loader::cmdline::Error),
     #[error("Failed to open the console log {0}")]
@@ -126,6 +129,11 @@ pub fn run_vm(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
                 let vsock = Arc::new(Mutex::new(Vsock::new(v.guest_cid, &v.uds_path)?));
                 backends.push(Arc::new(Mutex::new(VsockEventHandler::new(vsock.clone()))));
                 ("vsock", vsock)
+            }
+            DeviceConfig::Fs(f) => {
+                let fs = Arc::new(Mutex::new(Fs::new(&f.tag, &f.socket_path)?));
+                backends.push(Arc::new(Mutex::new(FsEventHandler::new(fs.clone()))));
+                ("fs", fs)
             }
         };
         devices.attach_virtio(&vm, &mem, &format!("{name}{i}"), dev, Some(&mut cmdline))?;

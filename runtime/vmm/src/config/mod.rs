@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub mod fs;
 pub mod vsock;
+pub use fs::FsConfig;
 pub use vsock::VsockConfig;
 
 /// Most vCPUs a VM may have (the guest kernel is built with `NR_CPUS=16`).
@@ -64,6 +66,20 @@ pub enum ConfigError {
     VsockPathDir(PathBuf),
     #[error("{got} vsock devices configured, the limit is 1")]
     VsockCount { got: usize },
+    #[error("fs tag = {tag:?} is {got} bytes long, it must be 1..={max} bytes without NUL")]
+    FsTag { tag: String, got: usize, max: usize },
+    #[error("fs tag = {0:?} is used by more than one fs device")]
+    FsDuplicateTag(String),
+    #[error(
+        "fs socket_path = {path} is {got} bytes long, it must be 1..={max} bytes to fit sun_path"
+    )]
+    FsSocketPathLen {
+        path: PathBuf,
+        got: usize,
+        max: usize,
+    },
+    #[error("fs socket_path = {0} has no parent directory that exists")]
+    FsSocketDir(PathBuf),
 }
 
 /// The whole VM description.
@@ -132,6 +148,8 @@ pub enum DeviceConfig {
     Rng(RngConfig),
     /// virtio-vsock with the hybrid unix-socket host side.
     Vsock(VsockConfig),
+    /// virtio-fs, a vhost-user frontend to an external virtiofsd.
+    Fs(FsConfig),
 }
 
 /// virtio-rng options.
@@ -264,6 +282,15 @@ impl VmConfig {
         }
         if vsocks > 1 {
             return Err(ConfigError::VsockCount { got: vsocks });
+        }
+        let mut fs_tags = std::collections::HashSet::new();
+        for d in &self.devices {
+            if let DeviceConfig::Fs(f) = d {
+                f.validate()?;
+                if !fs_tags.insert(f.tag.as_str()) {
+                    return Err(ConfigError::FsDuplicateTag(f.tag.clone()));
+                }
+            }
         }
         if let Some(log) = &self.console_log {
             let parent = log.parent().filter(|p| !p.as_os_str().is_empty());

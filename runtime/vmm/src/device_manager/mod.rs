@@ -135,12 +135,20 @@ impl DeviceManager {
             .iter()
             .map(|e| e.try_clone().map_err(DeviceManagerError::EventFd))
             .collect::<Result<Vec<_>, _>>()?;
-        self.handlers.push(VirtioEventHandler::new(
-            format!("{name}@{addr:#x}"),
-            device,
-            interrupt,
-            evts,
-        ));
+        let mut dev = device.lock().expect("virtio device lock poisoned");
+        if dev.has_external_backend() {
+            // vhost-user: the backend polls the ioeventfds itself.
+            dev.set_queue_evts(evts);
+            drop(dev);
+        } else {
+            drop(dev);
+            self.handlers.push(VirtioEventHandler::new(
+                format!("{name}@{addr:#x}"),
+                device,
+                interrupt,
+                evts,
+            ));
+        }
         self.mmio
             .insert(Arc::new(Mutex::new(transport)), addr, MMIO_WINDOW_SIZE)?;
         if let Some(c) = cmdline {

@@ -7,6 +7,7 @@
 //! `mod.rs` (constants + error enum) and `device.rs` (pure queue logic).
 
 pub mod event_handler;
+pub mod fs;
 pub mod mmio;
 pub mod rng;
 #[cfg(any(test, fuzzing))]
@@ -70,6 +71,9 @@ pub enum VirtioError {
 pub struct Interrupt {
     status: AtomicU32,
     needs_reset: AtomicBool,
+    /// Set while an external backend (vhost-user) signals `evt` directly:
+    /// InterruptStatus then always shows VRING.
+    vring_always: AtomicBool,
     evt: EventFd,
 }
 
@@ -79,6 +83,7 @@ impl Interrupt {
         Interrupt {
             status: AtomicU32::new(0),
             needs_reset: AtomicBool::new(false),
+            vring_always: AtomicBool::new(false),
             evt,
         }
     }
@@ -111,7 +116,20 @@ impl Interrupt {
 
     /// InterruptStatus as the driver reads it.
     pub fn status(&self) -> u32 {
-        self.status.load(Ordering::SeqCst)
+        let s = self.status.load(Ordering::SeqCst);
+        if self.vring_always.load(Ordering::SeqCst) {
+            s | INT_VRING
+        } else {
+            s
+        }
+    }
+
+    /// For devices whose backend writes the irqfd itself (vhost-user): the
+    /// VMM never sees those interrupts, so InterruptStatus reports VRING
+    /// on every read while this is on (the driver then checks its used
+    /// rings; a spurious check is harmless).
+    pub fn set_vring_always(&self, on: bool) {
+        self.vring_always.store(on, Ordering::SeqCst);
     }
 
     /// InterruptACK: clears `bits`.
@@ -123,6 +141,7 @@ impl Interrupt {
     pub fn reset(&self) {
         self.status.store(0, Ordering::SeqCst);
         self.needs_reset.store(false, Ordering::SeqCst);
+        self.vring_always.store(false, Ordering::SeqCst);
     }
 }
 
@@ -168,4 +187,14 @@ pub trait VirtioDevice: Send {
     /// Handles a notification for queue `index` (called on the event loop).
     /// An error fails the device: the transport reports DEVICE_NEEDS_RESET.
     fn process_queue(&mut self, index: u16) -> Result<(), VirtioError>;
+    /// Whether an external backend (vhost-user) serves the queues. The
+    /// device manager then hands the transport's queue eventfds to the
+    /// device ([`VirtioDevice::set_queue_evts`]) and does not watch them
+    /// on the VMM event loop, so the backend gets every kick.
+    fn has_external_backend(&self) -> bool {
+        false
+    }
+    /// Receives the transport's queue eventfds (KVM ioeventfds), one per
+    /// queue; called only if [`VirtioDevice::has_external_backend`].
+    fn set_queue_evts(&mut self, _evts: Vec<EventFd>) {}
 }

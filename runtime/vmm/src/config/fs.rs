@@ -1,0 +1,136 @@
+//! The `fs` device entry of the VM config.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+use crate::devices::virtio::fs::{MAX_SOCKET_PATH_LEN, TAG_LEN};
+
+/// virtio-fs served by an external virtiofsd over vhost-user:
+/// `{ "kind": "fs", "tag": "share0", "socket_path": "/run/boxlite/<id>/fs-share0.sock" }`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// The name the guest mounts (`mount -t virtiofs <tag> /mnt`), 1..=36 bytes.
+    pub tag: String,
+    /// virtiofsd's `--socket-path`; the VMM connects when the guest
+    /// driver activates the device.
+    pub socket_path: PathBuf,
+}
+
+impl FsConfig {
+    /// Checks the tag and the socket path.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let got = self.tag.len();
+        if got == 0 || got > TAG_LEN || self.tag.contains('\0') {
+            return Err(ConfigError::FsTag {
+                tag: self.tag.clone(),
+                got,
+                max: TAG_LEN,
+            });
+        }
+        let len = self.socket_path.as_os_str().len();
+        if len == 0 || len > MAX_SOCKET_PATH_LEN {
+            return Err(ConfigError::FsSocketPathLen {
+                path: self.socket_path.clone(),
+                got: len,
+                max: MAX_SOCKET_PATH_LEN,
+            });
+        }
+        let parent = self
+            .socket_path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty());
+        if parent.is_some_and(|p| !p.is_dir()) {
+            return Err(ConfigError::FsSocketDir(self.socket_path.clone()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DeviceConfig, VmConfig};
+
+    #[test]
+    fn parses_and_validates() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("fs-share0.sock");
+        let json = format!(
+            r#"{{"devices": [{{"kind": "fs", "tag": "share0", "socket_path": "{}"}}]}}"#,
+            sock.display()
+        );
+        let cfg: VmConfig = serde_json::from_str(&json).expect("parse");
+        let DeviceConfig::Fs(f) = &cfg.devices[0] else {
+            panic!("not fs: {:?}", cfg.devices[0]);
+        };
+        f.validate().expect("valid");
+
+        let err = serde_json::from_str::<VmConfig>(
+            r#"{"devices": [{"kind": "fs", "tag": "a", "socket_path": "/x", "cache": "auto"}]}"#,
+        )
+        .expect_err("unknown field");
+        assert!(err.to_string().contains("unknown field"), "{err}");
+        serde_json::from_str::<VmConfig>(r#"{"devices": [{"kind": "fs", "tag": "a"}]}"#)
+            .expect_err("socket_path is required");
+
+        let with_tag = |tag: &str| FsConfig {
+            tag: tag.to_string(),
+            socket_path: sock.clone(),
+        };
+        with_tag(&"t".repeat(TAG_LEN)).validate().expect("36 bytes");
+        assert_eq!(
+            with_tag("").validate().expect_err("empty").to_string(),
+            "fs tag = \"\" is 0 bytes long, it must be 1..=36 bytes without NUL"
+        );
+        let e = with_tag(&"t".repeat(37)).validate().expect_err("37");
+        assert!(e.to_string().contains("is 37 bytes long"), "{e}");
+        // 36 bytes, but 12 three-byte characters = 36; 13 would be 39.
+        let e = with_tag(&"€".repeat(13))
+            .validate()
+            .expect_err("utf-8 bytes");
+        assert!(e.to_string().contains("39 bytes"), "{e}");
+        assert!(matches!(
+            with_tag("a\0b").validate(),
+            Err(ConfigError::FsTag { .. })
+        ));
+
+        let long = FsConfig {
+            tag: "share0".into(),
+            socket_path: PathBuf::from(format!("/{}", "s".repeat(MAX_SOCKET_PATH_LEN))),
+        };
+        let e = long.validate().expect_err("long").to_string();
+        assert!(e.contains("it must be 1..=107 bytes"), "{e}");
+        let nodir = FsConfig {
+            tag: "share0".into(),
+            socket_path: "/nonexistent-dir/fs.sock".into(),
+        };
+        assert!(matches!(nodir.validate(), Err(ConfigError::FsSocketDir(_))));
+    }
+
+    #[test]
+    fn duplicate_tags_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = dir.path().join("guest.bin");
+        std::fs::write(&img, [0xf4u8]).expect("image");
+        let json = format!(
+            r#"{{"irqchip": false,
+                "raw_image": {{"path": "{img}", "load_addr": 4096}},
+                "devices": [
+                  {{"kind": "fs", "tag": "share0", "socket_path": "{d}/a.sock"}},
+                  {{"kind": "fs", "tag": "share1", "socket_path": "{d}/b.sock"}},
+                  {{"kind": "fs", "tag": "share0", "socket_path": "{d}/c.sock"}}]}}"#,
+            img = img.display(),
+            d = dir.path().display()
+        );
+        let mut cfg: VmConfig = serde_json::from_str(&json).expect("parse");
+        assert_eq!(
+            cfg.validate().expect_err("duplicate").to_string(),
+            "fs tag = \"share0\" is used by more than one fs device"
+        );
+        cfg.devices.pop();
+        cfg.validate().expect("two distinct tags");
+    }
+}

@@ -1,0 +1,370 @@
+//! The virtio-fs `VirtioDevice`: config space, queue validation, and the
+//! activation/reset lifecycle of the vhost-user backend.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::backend::{Connection, VringSetup};
+use super::{
+    FsError, FsMetrics, CONFIG_SPACE_SIZE, CONNECT_TIMEOUT, NUM_QUEUES, NUM_REQUEST_QUEUES,
+    QUEUE_SIZE, TAG_LEN,
+};
+use crate::devices::virtio::{
+    device_type, ActivateContext, Interrupt, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1,
+};
+
+/// Features offered to the driver; virtiofsd 1.x implements all of them.
+/// The guest only gets what the backend also offers: anything else acked
+/// fails activation.
+pub const AVAIL_FEATURES: u64 =
+    VIRTIO_F_VERSION_1 | (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX);
+
+struct Active {
+    interrupt: Arc<Interrupt>,
+}
+
+/// A virtio-fs device backed by virtiofsd over vhost-user.
+pub struct Fs {
+    tag: String,
+    config: [u8; CONFIG_SPACE_SIZE],
+    socket_path: PathBuf,
+    connect_timeout: Duration,
+    queue_evts: Vec<EventFd>,
+    conn: Option<Connection>,
+    active: Option<Active>,
+    /// Watches the connection for a hang-up; on the VMM event loop through
+    /// [`FsEventHandler`](super::FsEventHandler).
+    epoll: Epoll,
+    /// Per-device counters.
+    pub metrics: Arc<FsMetrics>,
+}
+
+/// Checks a tag: 1..=36 bytes, no NUL.
+pub fn validate_tag(tag: &str) -> Result<(), FsError> {
+    if tag.is_empty() || tag.len() > TAG_LEN {
+        return Err(FsError::TagLength {
+            tag: tag.to_string(),
+            got: tag.len(),
+        });
+    }
+    if tag.bytes().any(|b| b == 0) {
+        return Err(FsError::TagNul(tag.to_string()));
+    }
+    Ok(())
+}
+
+impl Fs {
+    /// A device announcing `tag`, served by virtiofsd listening on `socket_path`.
+    /// Nothing is connected until the driver activates the device.
+    pub fn new(tag: &str, socket_path: &Path) -> Result<Self, FsError> {
+        validate_tag(tag)?;
+        let mut config = [0u8; CONFIG_SPACE_SIZE];
+        config[..tag.len()].copy_from_slice(tag.as_bytes());
+        config[TAG_LEN..].copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
+        Ok(Fs {
+            tag: tag.to_string(),
+            config,
+            socket_path: socket_path.to_path_buf(),
+            connect_timeout: CONNECT_TIMEOUT,
+            queue_evts: Vec::new(),
+            conn: None,
+            active: None,
+            epoll: Epoll::new().map_err(FsError::Epoll)?,
+            metrics: Arc::new(FsMetrics::default()),
+        })
+    }
+
+    /// Changes how long activation retries to connect (default [`CONNECT_TIMEOUT`]).
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The tag the guest mounts.
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// The virtiofsd socket.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
+    }
+
+    /// Whether a vhost-user session with virtiofsd is open.
+    pub fn is_connected(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    /// The fd the event loop watches (an epoll set holding the connection).
+    pub fn backend_fd(&self) -> i32 {
+        self.epoll.as_raw_fd()
+    }
+
+    /// Called when [`Fs::backend_fd`] is readable: the only event is a
+    /// hang-up of virtiofsd. Drops the connection and, if the device is in
+    /// use, marks it DEVICE_NEEDS_RESET.
+    pub fn process_backend(&mut self) {
+        let mut events = [EpollEvent::default(); 4];
+        let n = match self.epoll.wait(0, &mut events) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(device = "fs", error = %e, "epoll_wait on the virtiofsd watch failed");
+                return;
+            }
+        };
+        if n == 0 || self.conn.is_none() {
+            return;
+        }
+        tracing::error!(
+            device = "fs",
+            tag = %self.tag,
+            socket = %self.socket_path.display(),
+            "virtiofsd closed the vhost-user connection (did it exit?); the device needs a reset"
+        );
+        self.drop_connection();
+        if let Some(active) = self.active.take() {
+            self.metrics.backend_lost.fetch_add(1, Ordering::Relaxed);
+            active.interrupt.set_vring_always(false);
+            if let Err(e) = active.interrupt.signal_needs_reset() {
+                tracing::error!(device = "fs", error = %e, "failed to signal DEVICE_NEEDS_RESET");
+            }
+        }
+    }
+
+    fn drop_connection(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                conn.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+    }
+
+    fn open_connection(&self) -> Result<Connection, FsError> {
+        let conn = Connection::connect(&self.socket_path, self.connect_timeout)?;
+        // EPOLLRDHUP (and the implicit HUP/ERR) only: virtiofsd never sends
+        // on this socket unasked, and replies are read synchronously.
+        self.epoll
+            .ctl(
+                ControlOperation::Add,
+                conn.as_raw_fd(),
+                EpollEvent::new(EventSet::READ_HANG_UP, 0),
+            )
+            .map_err(FsError::Watch)?;
+        tracing::info!(
+            device = "fs",
+            tag = %self.tag,
+            socket = %self.socket_path.display(),
+            features = format_args!("{:#x}", conn.backend_features()),
+            protocol_features = format_args!("{:#x}", conn.protocol_features().bits()),
+            "connected to virtiofsd"
+        );
+        Ok(conn)
+    }
+
+    fn try_activate(&mut self, ctx: &ActivateContext) -> Result<(), FsError> {
+        if self.queue_evts.len() != NUM_QUEUES {
+            return Err(FsError::QueueEvents {
+                got: self.queue_evts.len(),
+                need: NUM_QUEUES,
+            });
+        }
+        // Guest input first: nothing reaches virtiofsd unless every queue
+        // lies inside guest memory.
+        let mut vrings = Vec::with_capacity(NUM_QUEUES);
+        for index in 0..NUM_QUEUES as u16 {
+            let q = ctx
+                .queues
+                .get(usize::from(index))
+                .ok_or(FsError::QueueNotReady(index))?;
+            vrings.push(vring_setup(&ctx.mem, q, index)?);
+        }
+        super::backend::memory_table(&ctx.mem)?;
+        let mut conn = match self.conn.take() {
+            Some(c) => c,
+            None => self.open_connection()?,
+        };
+        let r = conn.start(
+            &ctx.mem,
+            ctx.acked_features,
+            &vrings,
+            ctx.interrupt.eventfd(),
+            &self.queue_evts,
+        );
+        self.conn = Some(conn);
+        r
+    }
+}
+
+/// Validates queue `index` as the driver configured it and translates its
+/// rings to the VMM's addresses. Each ring must lie, whole and aligned, in
+/// one guest memory region.
+pub fn vring_setup(mem: &GuestMemoryMmap, q: &Queue, index: u16) -> Result<VringSetup, FsError> {
+    if !q.ready() {
+        return Err(FsError::QueueNotReady(index));
+    }
+    let size = q.size();
+    if size == 0 || !size.is_power_of_two() || size > q.max_size() {
+        return Err(FsError::QueueSize {
+            index,
+            size,
+            max: q.max_size(),
+        });
+    }
+    let n = u64::from(size);
+    let rings = [
+        ("descriptor table", q.desc_table(), 16 * n, 16u64),
+        ("available ring", q.avail_ring(), 6 + 2 * n, 2),
+        ("used ring", q.used_ring(), 6 + 8 * n, 4),
+    ];
+    let mut hva = [0u64; 3];
+    for (slot, (ring, addr, len, align)) in hva.iter_mut().zip(rings) {
+        let bad = FsError::QueueAddress {
+            index,
+            ring,
+            addr,
+            len,
+        };
+        if addr % align != 0 {
+            return Err(bad);
+        }
+        let len_usize = usize::try_from(len).map_err(|_| FsError::QueueSize {
+            index,
+            size,
+            max: q.max_size(),
+        })?;
+        // get_slice checks the whole range inside one region (no overflow).
+        let slice = mem.get_slice(GuestAddress(addr), len_usize);
+        if slice.is_err() {
+            return Err(bad);
+        }
+        *slot = mem.get_host_address(GuestAddress(addr)).map_err(|_| bad)? as u64;
+    }
+    Ok(VringSetup {
+        index,
+        size,
+        max_size: q.max_size(),
+        desc_hva: hva[0],
+        avail_hva: hva[1],
+        used_hva: hva[2],
+        next_avail: q.next_avail(),
+    })
+}
+
+impl VirtioDevice for Fs {
+    fn device_type(&self) -> u32 {
+        device_type::FS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; NUM_QUEUES]
+    }
+
+    fn avail_features(&self) -> u64 {
+        AVAIL_FEATURES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        if let Some(src) = self.config.get(start..) {
+            let n = src.len().min(data.len());
+            data[..n].copy_from_slice(&src[..n]);
+        }
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), VirtioError> {
+        match self.try_activate(&ctx) {
+            Ok(()) => {
+                // virtiofsd signals the irqfd directly; the driver must see
+                // VRING in InterruptStatus on every such interrupt.
+                ctx.interrupt.set_vring_always(true);
+                self.active = Some(Active {
+                    interrupt: ctx.interrupt,
+                });
+                self.metrics.activations.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(device = "fs", tag = %self.tag, "vrings handed to virtiofsd");
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics
+                    .activation_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                // A protocol error leaves the session in an unknown state.
+                if matches!(
+                    e,
+                    FsError::VhostUser { .. } | FsError::UnsupportedFeatures { .. }
+                ) {
+                    self.drop_connection();
+                }
+                tracing::error!(
+                    device = "fs",
+                    tag = %self.tag,
+                    socket = %self.socket_path.display(),
+                    error = %error_chain(&e),
+                    "virtio-fs activation failed"
+                );
+                Err(VirtioError::Activate(error_chain(&e)))
+            }
+        }
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn reset(&mut self) {
+        let Some(active) = self.active.take() else {
+            return;
+        };
+        active.interrupt.set_vring_always(false);
+        if let Some(conn) = self.conn.as_mut() {
+            if let Err(e) = conn.stop(NUM_QUEUES) {
+                tracing::warn!(
+                    device = "fs",
+                    socket = %self.socket_path.display(),
+                    error = %error_chain(&e),
+                    "stopping the virtiofsd vrings failed; dropping the connection"
+                );
+                self.drop_connection();
+            }
+        }
+    }
+
+    fn process_queue(&mut self, _index: u16) -> Result<(), VirtioError> {
+        // virtiofsd serves the queues; the VMM never sees their kicks.
+        Ok(())
+    }
+
+    fn has_external_backend(&self) -> bool {
+        true
+    }
+
+    fn set_queue_evts(&mut self, evts: Vec<EventFd>) {
+        self.queue_evts = evts;
+    }
+}
+
+/// `e` with its sources, `: `-separated (activation errors travel as text).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
