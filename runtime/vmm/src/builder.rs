@@ -16,7 +16,9 @@ use crate::arch::x86_64::mptable::{self, MptableError};
 use crate::arch::x86_64::regs::BootEntry;
 use crate::config::{ConfigError, CpuMode, DeviceConfig, VmConfig};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
+use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::fs::{Fs, FsError, FsEventHandler};
+use crate::devices::virtio::net::{Net, NetError, NetEventHandler, Tap};
 use crate::devices::virtio::rng::{Rng, RngError};
 use crate::devices::virtio::vsock::{Vsock, VsockError, VsockEventHandler};
 use crate::devices::virtio::VirtioDevice;
@@ -53,6 +55,10 @@ pub enum VmmError {
     Vsock(#[from] VsockError),
     #[error("virtio-fs setup failed")]
     Fs(#[from] FsError),
+    #[error("virtio-blk setup failed")]
+    Block(#[from] BlockError),
+    #[error("virtio-net setup failed")]
+    Net(#[from] NetError),
     #[error("Kernel command line error")]
     Cmdline(#[source] linux_loader::cmdline::Error),
     #[error("Failed to open the console log {0}")]
@@ -134,6 +140,20 @@ pub fn run_vm(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
                 let fs = Arc::new(Mutex::new(Fs::new(&f.tag, &f.socket_path)?));
                 backends.push(Arc::new(Mutex::new(FsEventHandler::new(fs.clone()))));
                 ("fs", fs)
+            }
+            DeviceConfig::Block(b) => (
+                "block",
+                Arc::new(Mutex::new(Block::new(&b.path, b.read_only, &b.id)?)),
+            ),
+            DeviceConfig::Net(n) => {
+                let tap = match (n.tap_fd, &n.tap_name) {
+                    (Some(fd), _) => Tap::from_fd(fd)?,
+                    (None, name) => Tap::open(name.as_deref().unwrap_or_default())?,
+                };
+                let mac = n.mac_bytes().map_err(ConfigError::from)?;
+                let net = Arc::new(Mutex::new(Net::new(Box::new(tap), mac)?));
+                backends.push(Arc::new(Mutex::new(NetEventHandler::new(net.clone()))));
+                ("net", net)
             }
         };
         devices.attach_virtio(&vm, &mem, &format!("{name}{i}"), dev, Some(&mut cmdline))?;

@@ -7,9 +7,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub mod block;
 pub mod fs;
+pub mod net;
 pub mod vsock;
+pub use block::{BlockConfig, BlockConfigError};
 pub use fs::FsConfig;
+pub use net::{NetConfig, NetConfigError};
 pub use vsock::VsockConfig;
 
 /// Most vCPUs a VM may have (the guest kernel is built with `NR_CPUS=16`).
@@ -80,6 +84,10 @@ pub enum ConfigError {
     },
     #[error("fs socket_path = {0} has no parent directory that exists")]
     FsSocketDir(PathBuf),
+    #[error("Invalid block device")]
+    Block(#[from] BlockConfigError),
+    #[error("Invalid net device")]
+    Net(#[from] NetConfigError),
 }
 
 /// The whole VM description.
@@ -150,6 +158,10 @@ pub enum DeviceConfig {
     Vsock(VsockConfig),
     /// virtio-fs, a vhost-user frontend to an external virtiofsd.
     Fs(FsConfig),
+    /// virtio-blk over a raw image file.
+    Block(BlockConfig),
+    /// virtio-net over a tap.
+    Net(NetConfig),
 }
 
 /// virtio-rng options.
@@ -290,6 +302,13 @@ impl VmConfig {
                 if !fs_tags.insert(f.tag.as_str()) {
                     return Err(ConfigError::FsDuplicateTag(f.tag.clone()));
                 }
+            }
+        }
+        for d in &self.devices {
+            match d {
+                DeviceConfig::Block(b) => b.validate()?,
+                DeviceConfig::Net(n) => n.validate()?,
+                _ => {}
             }
         }
         if let Some(log) = &self.console_log {

@@ -6,9 +6,11 @@
 //! folder (`rng/` today; `vsock/`, `blk/`, `net/`, `fs/` next) with
 //! `mod.rs` (constants + error enum) and `device.rs` (pure queue logic).
 
+pub mod block;
 pub mod event_handler;
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 #[cfg(any(test, fuzzing))]
 pub mod test_utils;

@@ -1,0 +1,123 @@
+//! The `block` device entry of the VM config.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::devices::virtio::block::ID_BYTES;
+
+/// virtio-blk over a raw image file:
+/// `{ "kind": "block", "path": "/var/lib/boxlite/disk.img", "read_only": false, "id": "disk0" }`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BlockConfig {
+    /// The raw image; must be a regular file (its size rounded down to 512
+    /// bytes is the capacity).
+    pub path: PathBuf,
+    /// Offer VIRTIO_BLK_F_RO and refuse writes; the file is opened read-only.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Serial returned by GET_ID (`/sys/block/vdX/serial`), at most 20 bytes.
+    #[serde(default)]
+    pub id: String,
+}
+
+/// Errors of a `block` entry.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockConfigError {
+    #[error("block path = {0} does not exist or is not a regular file")]
+    MissingFile(PathBuf),
+    #[error("block id = {id:?} is {got} bytes long, the limit is {max}")]
+    IdTooLong { id: String, got: usize, max: usize },
+}
+
+impl BlockConfig {
+    /// Checks the file and the id length.
+    pub fn validate(&self) -> Result<(), BlockConfigError> {
+        if !self.path.is_file() {
+            return Err(BlockConfigError::MissingFile(self.path.clone()));
+        }
+        if self.id.len() > ID_BYTES {
+            return Err(BlockConfigError::IdTooLong {
+                id: self.id.clone(),
+                got: self.id.len(),
+                max: ID_BYTES,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DeviceConfig, VmConfig};
+
+    #[test]
+    fn parses_and_validates() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = dir.path().join("disk.img");
+        std::fs::write(&img, vec![0u8; 4096]).expect("write");
+        let json = format!(
+            r#"{{"devices": [{{"kind": "block", "path": "{}", "read_only": true, "id": "disk0"}}]}}"#,
+            img.display()
+        );
+        let cfg: VmConfig = serde_json::from_str(&json).expect("parse");
+        let DeviceConfig::Block(b) = &cfg.devices[0] else {
+            panic!("not block: {:?}", cfg.devices[0]);
+        };
+        assert!(b.read_only);
+        assert_eq!(b.id, "disk0");
+        b.validate().expect("valid");
+
+        let json = format!(
+            r#"{{"devices": [{{"kind": "block", "path": "{}"}}]}}"#,
+            img.display()
+        );
+        let cfg: VmConfig = serde_json::from_str(&json).expect("defaults");
+        assert_eq!(
+            cfg.devices[0],
+            DeviceConfig::Block(BlockConfig {
+                path: img.clone(),
+                read_only: false,
+                id: String::new()
+            })
+        );
+        let err = serde_json::from_str::<VmConfig>(
+            r#"{"devices": [{"kind": "block", "path": "/x", "readonly": true}]}"#,
+        )
+        .expect_err("unknown field");
+        assert!(err.to_string().contains("unknown field"), "{err}");
+
+        let long = BlockConfig {
+            path: img.clone(),
+            read_only: false,
+            id: "x".repeat(21),
+        };
+        assert_eq!(
+            long.validate().expect_err("long id").to_string(),
+            format!(
+                "block id = {:?} is 21 bytes long, the limit is 20",
+                "x".repeat(21)
+            )
+        );
+        let missing = BlockConfig {
+            path: dir.path().join("nope.img"),
+            read_only: false,
+            id: String::new(),
+        };
+        assert!(matches!(
+            missing.validate(),
+            Err(BlockConfigError::MissingFile(_))
+        ));
+        let a_dir = BlockConfig {
+            path: dir.path().to_path_buf(),
+            read_only: false,
+            id: String::new(),
+        };
+        assert!(matches!(
+            a_dir.validate(),
+            Err(BlockConfigError::MissingFile(_))
+        ));
+    }
+}

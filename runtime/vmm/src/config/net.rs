@@ -1,0 +1,182 @@
+//! The `net` device entry of the VM config.
+
+use serde::{Deserialize, Serialize};
+
+use crate::devices::virtio::net::tap::MAX_TAP_NAME_LEN;
+
+/// virtio-net over a tap: either an inherited fd
+/// `{ "kind": "net", "tap_fd": 5, "mac": "02:00:00:00:00:01" }` or a tap
+/// the VMM opens by name `{ "kind": "net", "tap_name": "tap0" }`.
+/// The tap must be (or is opened) with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// An open tap fd the VMM inherits and owns (>= 3).
+    #[serde(default)]
+    pub tap_fd: Option<i32>,
+    /// A tap interface to create or attach to via `/dev/net/tun`.
+    #[serde(default)]
+    pub tap_name: Option<String>,
+    /// The guest's MAC address, `xx:xx:xx:xx:xx:xx`, unicast. None: the
+    /// guest picks a random one.
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+/// Errors of a `net` entry.
+#[derive(Debug, thiserror::Error)]
+pub enum NetConfigError {
+    #[error("Exactly one of net tap_fd and tap_name must be set (tap_fd: {fd}, tap_name: {name})")]
+    TapSource { fd: bool, name: bool },
+    #[error("net tap_fd = {0} is out of range 3..={max}", max = i32::MAX)]
+    TapFd(i32),
+    #[error("net tap_name = {name:?} must be 1..={max} bytes without '/', whitespace or NUL")]
+    TapName { name: String, max: usize },
+    #[error("net mac = {0:?} is not a unicast address of the form xx:xx:xx:xx:xx:xx")]
+    Mac(String),
+}
+
+/// Parses `xx:xx:xx:xx:xx:xx` (hex, either case); refuses multicast and
+/// all-zero addresses.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], NetConfigError> {
+    let bad = || NetConfigError::Mac(s.to_string());
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        let p = parts.next().ok_or_else(bad)?;
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() || mac[0] & 1 != 0 || mac == [0; 6] {
+        return Err(bad());
+    }
+    Ok(mac)
+}
+
+impl NetConfig {
+    /// Checks the tap source and the MAC address.
+    pub fn validate(&self) -> Result<(), NetConfigError> {
+        match (&self.tap_fd, &self.tap_name) {
+            (Some(fd), None) => {
+                if *fd < 3 {
+                    return Err(NetConfigError::TapFd(*fd));
+                }
+            }
+            (None, Some(name)) => {
+                let ok = !name.is_empty()
+                    && name.len() <= MAX_TAP_NAME_LEN
+                    && !name
+                        .chars()
+                        .any(|c| c == '/' || c == '\0' || c.is_whitespace());
+                if !ok {
+                    return Err(NetConfigError::TapName {
+                        name: name.clone(),
+                        max: MAX_TAP_NAME_LEN,
+                    });
+                }
+            }
+            (fd, name) => {
+                return Err(NetConfigError::TapSource {
+                    fd: fd.is_some(),
+                    name: name.is_some(),
+                })
+            }
+        }
+        if let Some(m) = &self.mac {
+            parse_mac(m)?;
+        }
+        Ok(())
+    }
+
+    /// The parsed MAC address (call after [`NetConfig::validate`]).
+    pub fn mac_bytes(&self) -> Result<Option<[u8; 6]>, NetConfigError> {
+        self.mac.as_deref().map(parse_mac).transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DeviceConfig, VmConfig};
+
+    fn net(fd: Option<i32>, name: Option<&str>, mac: Option<&str>) -> NetConfig {
+        NetConfig {
+            tap_fd: fd,
+            tap_name: name.map(str::to_string),
+            mac: mac.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn parses_and_validates() {
+        let cfg: VmConfig = serde_json::from_str(
+            r#"{"devices": [{"kind": "net", "tap_fd": 5, "mac": "02:AB:cd:00:00:01"}, {"kind": "net", "tap_name": "tap0"}]}"#,
+        )
+        .expect("parse");
+        let DeviceConfig::Net(n) = &cfg.devices[0] else {
+            panic!("not net: {:?}", cfg.devices[0]);
+        };
+        n.validate().expect("valid");
+        assert_eq!(
+            n.mac_bytes().expect("mac"),
+            Some([0x02, 0xab, 0xcd, 0, 0, 1])
+        );
+        let DeviceConfig::Net(n) = &cfg.devices[1] else {
+            panic!("not net");
+        };
+        n.validate().expect("valid");
+        assert_eq!(n.mac_bytes().expect("no mac"), None);
+
+        let err = serde_json::from_str::<VmConfig>(
+            r#"{"devices": [{"kind": "net", "tap_fd": 5, "vlan": 1}]}"#,
+        )
+        .expect_err("unknown field");
+        assert!(err.to_string().contains("unknown field"), "{err}");
+
+        assert_eq!(
+            net(Some(5), Some("tap0"), None)
+                .validate()
+                .expect_err("both")
+                .to_string(),
+            "Exactly one of net tap_fd and tap_name must be set (tap_fd: true, tap_name: true)"
+        );
+        assert!(matches!(
+            net(None, None, None).validate(),
+            Err(NetConfigError::TapSource { .. })
+        ));
+        assert_eq!(
+            net(Some(2), None, None)
+                .validate()
+                .expect_err("fd")
+                .to_string(),
+            "net tap_fd = 2 is out of range 3..=2147483647"
+        );
+        for name in ["", "a-very-long-tap-name", "ta/p", "tap 0"] {
+            assert!(
+                matches!(
+                    net(None, Some(name), None).validate(),
+                    Err(NetConfigError::TapName { .. })
+                ),
+                "{name:?}"
+            );
+        }
+        for mac in [
+            "02:00:00:00:00",
+            "02:00:00:00:00:00:00",
+            "0g:00:00:00:00:01",
+            "01:00:5e:00:00:01",
+            "00:00:00:00:00:00",
+            "2:0:0:0:0:1",
+        ] {
+            assert!(
+                matches!(
+                    net(Some(3), None, Some(mac)).validate(),
+                    Err(NetConfigError::Mac(_))
+                ),
+                "{mac}"
+            );
+        }
+    }
+}
