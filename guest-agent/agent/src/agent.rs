@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::config::{Config, Mode};
+use crate::container::{spec, Containers};
 use crate::error::AgentError;
 use crate::etc::{Dns, Hosts};
 use crate::files::ReadFileRequest;
@@ -30,6 +31,7 @@ pub struct Agent {
     pub reaper: Reaper,
     pub start: StartTime,
     pub sandbox: Sandbox,
+    pub containers: Containers,
     shutdown: watch::Sender<Shutdown>,
 }
 
@@ -41,6 +43,7 @@ impl Agent {
             reaper,
             start,
             sandbox: Sandbox::default(),
+            containers: Containers::default(),
             shutdown,
         })
     }
@@ -143,5 +146,96 @@ impl Agent {
     /// Blocking (file I/O): run it off the async thread.
     pub fn do_read_file(&self, req: &ReadFileRequest) -> Result<(Vec<u8>, bool), AgentError> {
         Ok(crate::files::read_file(&self.config, req)?)
+    }
+
+    // ------------------------------------------------------ containers --
+
+    pub async fn do_create_container(&self, req: spec::CreateRequest) -> Result<(), AgentError> {
+        Ok(self
+            .containers
+            .create(&self.config, &self.reaper, req)
+            .await?)
+    }
+
+    pub async fn do_start_container(&self, id: &str) -> Result<i32, AgentError> {
+        Ok(self.containers.start(id).await?)
+    }
+
+    pub async fn do_exec_process(&self, req: spec::ExecRequest) -> Result<i32, AgentError> {
+        Ok(self
+            .containers
+            .exec(&self.config, &self.reaper, req)
+            .await?)
+    }
+
+    pub async fn do_wait_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+    ) -> Result<crate::container::process::Exit, AgentError> {
+        Ok(self.containers.wait(id, exec_id).await?)
+    }
+
+    pub fn do_signal_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), AgentError> {
+        Ok(self.containers.signal(id, exec_id, signal, all)?)
+    }
+
+    pub async fn do_remove_container(&self, id: &str, timeout: Duration) -> Result<(), AgentError> {
+        Ok(self.containers.remove(id, timeout).await?)
+    }
+
+    pub fn do_list_processes(&self, id: &str) -> Result<Vec<(i32, String)>, AgentError> {
+        Ok(self.containers.list(id)?)
+    }
+
+    pub fn do_close_stdin(&self, id: &str, exec_id: &str) -> Result<(), AgentError> {
+        Ok(self.containers.close_stdin(id, exec_id)?)
+    }
+
+    pub fn do_resize_pty(
+        &self,
+        id: &str,
+        exec_id: &str,
+        rows: u32,
+        cols: u32,
+    ) -> Result<(), AgentError> {
+        Ok(self.containers.resize(id, exec_id, rows, cols)?)
+    }
+
+    /// Blocking (cgroup files): run it off the async thread.
+    pub fn do_pause_container(&self, id: &str) -> Result<(), AgentError> {
+        Ok(self.containers.pause(id)?)
+    }
+
+    /// Blocking (cgroup files): run it off the async thread.
+    pub fn do_resume_container(&self, id: &str) -> Result<(), AgentError> {
+        Ok(self.containers.resume(id)?)
+    }
+
+    /// Blocking (cgroup files): run it off the async thread.
+    pub fn do_update_container(&self, id: &str, resources_json: &[u8]) -> Result<(), AgentError> {
+        Ok(self.containers.update(id, resources_json)?)
+    }
+
+    /// Blocking (cgroup files): run it off the async thread.
+    pub fn do_stats_container(
+        &self,
+        id: &str,
+    ) -> Result<crate::container::cgroup::Stats, AgentError> {
+        Ok(self.containers.stats(id)?)
+    }
+
+    pub async fn do_get_oom_event(&self) -> Result<String, AgentError> {
+        self.containers
+            .oom
+            .next()
+            .await
+            .ok_or_else(|| AgentError::Unimplemented("the OOM watcher stopped".into()))
     }
 }

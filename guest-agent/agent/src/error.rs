@@ -1,6 +1,7 @@
 //! The error every RPC's work returns: one variant per module error, plus
 //! the RPCs that are not there yet. `rpc.rs` turns it into a ttrpc status.
 
+use crate::container::ContainerError;
 use crate::etc::EtcError;
 use crate::files::FileError;
 use crate::guest_info::GuestInfoError;
@@ -19,6 +20,8 @@ pub enum AgentError {
     File(#[from] FileError),
     #[error(transparent)]
     GuestInfo(#[from] GuestInfoError),
+    #[error(transparent)]
+    Container(#[from] ContainerError),
     /// The RPC exists in the protocol but not in this agent yet.
     #[error("{0}")]
     Unimplemented(String),

@@ -8,7 +8,7 @@
 //!
 //! Layout: `rpc.rs` has one fn per RPC (span, validate, `do_*`, error
 //! mapping); each RPC's work lives in the module named after its object
-//! (`sandbox`, `etc`, `share`, `files`, `guest_info`); `guest_init`,
+//! (`sandbox`, `etc`, `share`, `files`, `guest_info`, `container`); `guest_init`,
 //! `network`, `reaper`, `power` and `logging` are the PID 1 machinery.
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
@@ -16,6 +16,7 @@
 pub mod agent;
 pub mod cmdline;
 pub mod config;
+pub mod container;
 pub mod error;
 pub mod etc;
 pub mod files;

@@ -13,7 +13,7 @@ use boxlite_agent::listener::ListenAddr;
 use boxlite_agent::logging::{self, ring::RING_CAPACITY, LogHub};
 use boxlite_agent::reaper::Reaper;
 use boxlite_agent::server::{self, Ended};
-use boxlite_agent::{etc, guest_init, network, power, AGENT_VERSION};
+use boxlite_agent::{container, etc, guest_init, network, power, AGENT_VERSION};
 
 /// Threads for blocking work (mounts, file reads); the async side is a
 /// single thread.
@@ -21,6 +21,11 @@ const MAX_BLOCKING_THREADS: usize = 8;
 
 fn main() {
     let start = StartTime::now();
+    let mut args = std::env::args_os().skip(1);
+    if args.next().as_deref() == Some(std::ffi::OsStr::new(container::helper::HELPER_ARG)) {
+        let rest: Vec<String> = args.map(|a| a.to_string_lossy().into_owned()).collect();
+        std::process::exit(container::helper::helper_main(&rest));
+    }
     if nix::unistd::getpid().as_raw() == 1 {
         guest_main(start)
     } else {
@@ -156,6 +161,11 @@ fn host_main(start: StartTime) -> i32 {
         ListenAddr::Vsock { .. } => None,
     })
     .collect();
+    // Container processes are re-parented when the container helper exits:
+    // to PID 1 in the guest, to the agent here.
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        tracing::warn!(error = %e, "cannot become a child subreaper; container exits may be lost");
+    }
     let agent = Agent::new(config, Reaper::new(), start);
     let result = runtime()
         .map_err(|e| format!("cannot start the async runtime: {e}"))

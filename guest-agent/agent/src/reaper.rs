@@ -12,15 +12,23 @@
 //! `waitpid`, so it cannot collect the child in between. [`Reaper::spawn`]
 //! does this for a [`std::process::Command`].
 //!
+//! A container process is not always the agent's child when it starts: the
+//! container helper forks it and exits, and the process is re-parented to
+//! the agent (PID 1, or a child subreaper in host mode) some time before the
+//! agent learns its pid. Such an exit can be reaped before anyone registers.
+//! The reaper therefore keeps the last [`ORPHAN_EXITS_KEPT`] unclaimed exits
+//! for [`ORPHAN_EXIT_TTL`], and [`SpawnGuard::register_since`] delivers one
+//! of them if it was reaped after the caller's start time.
+//!
 //! Everything that starts a process in the agent must go through here, and
 //! nothing may call `waitpid` on its own (no `Child::wait`, no
 //! `tokio::process`): the reaper would steal the status, or the other way round.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::errno::Errno;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -51,7 +59,17 @@ pub struct ExitEvent {
     pub exited_at: SystemTime,
 }
 
-type Registry = HashMap<i32, oneshot::Sender<ExitEvent>>;
+/// How many unclaimed exits are kept for a late registration.
+pub const ORPHAN_EXITS_KEPT: usize = 1024;
+/// How long an unclaimed exit is kept for a late registration.
+pub const ORPHAN_EXIT_TTL: Duration = Duration::from_secs(60);
+
+#[derive(Default)]
+struct Registry {
+    waiting: HashMap<i32, oneshot::Sender<ExitEvent>>,
+    /// Unclaimed exits, oldest first, with the time they were reaped.
+    orphans: VecDeque<(Instant, ExitEvent)>,
+}
 
 /// The registry of pids someone waits for. Cheap to clone.
 #[derive(Clone, Default)]
@@ -76,7 +94,29 @@ impl SpawnGuard<'_> {
     /// same pid replaces the first.
     pub fn register(&mut self, pid: i32) -> ExitWatch {
         let (tx, rx) = oneshot::channel();
-        self.registry.insert(pid, tx);
+        self.registry.waiting.insert(pid, tx);
+        ExitWatch { pid, rx }
+    }
+
+    /// Registers interest in a process the agent did not fork itself (it
+    /// was re-parented to the agent). If that pid was already reaped as an
+    /// orphan after `since` (when the caller started the process), the
+    /// watch gets that exit at once.
+    pub fn register_since(&mut self, pid: i32, since: Instant) -> ExitWatch {
+        let (tx, rx) = oneshot::channel();
+        let found = self
+            .registry
+            .orphans
+            .iter()
+            .rposition(|(at, e)| e.pid == pid && *at >= since);
+        match found.and_then(|i| self.registry.orphans.remove(i)) {
+            Some((_, event)) => {
+                let _ = tx.send(event);
+            }
+            None => {
+                self.registry.waiting.insert(pid, tx);
+            }
+        }
         ExitWatch { pid, rx }
     }
 }
@@ -158,7 +198,7 @@ impl Reaper {
                 status,
                 exited_at: SystemTime::now(),
             };
-            match registry.remove(&pid) {
+            match registry.waiting.remove(&pid) {
                 Some(tx) => {
                     tracing::debug!(pid, status, "reaped child");
                     // The watcher may have given up; the status is then dropped.
@@ -167,6 +207,16 @@ impl Reaper {
                 None => {
                     self.inner.unclaimed.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(pid, status, "reaped unclaimed child");
+                    let now = Instant::now();
+                    let orphans = &mut registry.orphans;
+                    while orphans.len() >= ORPHAN_EXITS_KEPT
+                        || orphans
+                            .front()
+                            .is_some_and(|(at, _)| now.duration_since(*at) > ORPHAN_EXIT_TTL)
+                    {
+                        orphans.pop_front();
+                    }
+                    orphans.push_back((now, event));
                 }
             }
         }
@@ -292,6 +342,30 @@ mod tests {
         let e = runtime().block_on(wait(watch));
         assert_eq!((e.pid, e.status), (pid, 0));
         assert_eq!(reaper.unclaimed(), 0);
+    }
+
+    #[test]
+    #[allow(clippy::zombie_processes)] // the reaper under test collects it
+    fn late_registration_gets_an_orphan_exit_reaped_after_since() {
+        let _serial = CHILDREN.lock().unwrap_or_else(|p| p.into_inner());
+        let reaper = Reaper::new();
+        let before = Instant::now();
+        let child = sh("exit 4").spawn().unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while reaper.reap() == 0 {
+            assert!(Instant::now() < deadline, "child not reaped");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(reaper.unclaimed(), 1);
+        // Registered with a start time after the reap: not delivered.
+        let late = reaper
+            .lock_for_spawn()
+            .register_since(pid, Instant::now() + Duration::from_secs(1));
+        drop(late);
+        let watch = reaper.lock_for_spawn().register_since(pid, before);
+        let e = runtime().block_on(wait(watch));
+        assert_eq!((e.pid, e.status), (pid, 4));
     }
 
     #[test]

@@ -19,6 +19,7 @@ use ttrpc::r#async::TtrpcContext;
 use ttrpc::Code;
 
 use crate::agent::Agent;
+use crate::container::{spec, ContainerError};
 use crate::error::{chain, AgentError};
 use crate::etc::{Dns, EtcError, Hosts};
 use crate::files::{FileError, ReadFileRequest};
@@ -87,9 +88,23 @@ impl AgentService {
             .await
     }
 
-    async fn container_rpc<T>(&self, rpc: &'static str) -> ttrpc::Result<T> {
-        self.not_yet(rpc, format!("container service not implemented yet: {rpc}"))
-            .await
+    /// [`Self::serve`] inside a span that names the container and exec.
+    async fn serve_container<T, F>(
+        &self,
+        rpc: &'static str,
+        container_id: &str,
+        exec_id: &str,
+        work: F,
+    ) -> ttrpc::Result<T>
+    where
+        F: Future<Output = Result<T, AgentError>>,
+    {
+        let span = tracing::info_span!(
+            "container",
+            container_id = %container_id.escape_debug(),
+            exec_id = %exec_id.escape_debug()
+        );
+        self.serve(rpc, work).instrument(span).await
     }
 }
 
@@ -116,8 +131,30 @@ pub fn status_code(err: &AgentError) -> Code {
             },
         },
         AgentError::GuestInfo(_) => Code::INTERNAL,
+        AgentError::Container(e) => container_code(e),
         AgentError::Unimplemented(_) => Code::UNIMPLEMENTED,
         AgentError::Panicked(_) | AgentError::Worker(_) => Code::INTERNAL,
+    }
+}
+
+fn container_code(e: &ContainerError) -> Code {
+    match e {
+        ContainerError::InvalidId { .. }
+        | ContainerError::InvalidSpec(_)
+        | ContainerError::RootfsMissing(_)
+        | ContainerError::InvalidSignal(_) => Code::INVALID_ARGUMENT,
+        ContainerError::NotFound(_)
+        | ContainerError::ExecNotFound { .. }
+        | ContainerError::Exited { .. } => Code::NOT_FOUND,
+        ContainerError::AlreadyExists(_) | ContainerError::ExecExists { .. } => {
+            Code::ALREADY_EXISTS
+        }
+        ContainerError::State { .. }
+        | ContainerError::Precondition(_)
+        | ContainerError::StreamsMissing { .. } => Code::FAILED_PRECONDITION,
+        ContainerError::Helper { .. }
+        | ContainerError::Io { .. }
+        | ContainerError::Cgroup { .. } => Code::INTERNAL,
     }
 }
 
@@ -370,110 +407,215 @@ impl agent_ttrpc::Agent for AgentService {
     }
 
     // ---------------------------------------------------------- containers --
-    // Answered UNIMPLEMENTED until the container service lands.
 
     async fn create_container(
         &self,
         _ctx: &TtrpcContext,
-        _req: agent::CreateContainerRequest,
+        req: agent::CreateContainerRequest,
     ) -> ttrpc::Result<Empty> {
-        self.container_rpc("CreateContainer").await
+        self.serve_container("CreateContainer", &req.container_id, "", async {
+            let req = spec::validate_create(
+                &self.agent.config,
+                &req.container_id,
+                &req.oci_spec_json,
+                stdio(req.stdio.as_ref()),
+            )?;
+            self.agent.do_create_container(req).await?;
+            Ok(empty())
+        })
+        .await
     }
 
     async fn start_container(
         &self,
         _ctx: &TtrpcContext,
-        _req: agent::StartContainerRequest,
+        req: agent::StartContainerRequest,
     ) -> ttrpc::Result<agent::ProcessStarted> {
-        self.container_rpc("StartContainer").await
+        self.serve_container("StartContainer", &req.container_id, "", async {
+            let pid = self.agent.do_start_container(&req.container_id).await?;
+            Ok(started(pid))
+        })
+        .await
     }
 
     async fn exec_process(
         &self,
         _ctx: &TtrpcContext,
-        _req: agent::ExecProcessRequest,
+        req: agent::ExecProcessRequest,
     ) -> ttrpc::Result<agent::ProcessStarted> {
-        self.container_rpc("ExecProcess").await
+        self.serve_container("ExecProcess", &req.container_id, &req.exec_id, async {
+            let req = spec::validate_exec(
+                &req.container_id,
+                &req.exec_id,
+                &req.process_json,
+                stdio(req.stdio.as_ref()),
+            )?;
+            let pid = self.agent.do_exec_process(req).await?;
+            Ok(started(pid))
+        })
+        .await
     }
 
     async fn signal_process(
         &self,
         _ctx: &TtrpcContext,
-        _req: agent::SignalProcessRequest,
+        req: agent::SignalProcessRequest,
     ) -> ttrpc::Result<Empty> {
-        self.container_rpc("SignalProcess").await
+        self.serve_container("SignalProcess", &req.container_id, &req.exec_id, async {
+            self.agent
+                .do_signal_process(&req.container_id, &req.exec_id, req.signal, req.all)?;
+            Ok(empty())
+        })
+        .await
     }
 
     async fn wait_process(
         &self,
         _ctx: &TtrpcContext,
-        _req: agent::WaitProcessRequest,
+        req: agent::WaitProcessRequest,
     ) -> ttrpc::Result<agent::WaitProcessResponse> {
-        self.container_rpc("WaitProcess").await
+        self.serve_container("WaitProcess", &req.container_id, &req.exec_id, async {
+            let exit = self
+                .agent
+                .do_wait_process(&req.container_id, &req.exec_id)
+                .await?;
+            let nanos = exit
+                .at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+                .unwrap_or(0);
+            Ok(agent::WaitProcessResponse {
+                exit_status: exit.status,
+                exited_at_unix_nanos: nanos,
+                ..Default::default()
+            })
+        })
+        .await
     }
 
     async fn remove_container(
         &self,
         _ctx: &TtrpcContext,
-        _req: agent::RemoveContainerRequest,
+        req: agent::RemoveContainerRequest,
     ) -> ttrpc::Result<Empty> {
-        self.container_rpc("RemoveContainer").await
+        self.serve_container("RemoveContainer", &req.container_id, "", async {
+            let timeout = remove_timeout(req.timeout_secs)?;
+            self.agent
+                .do_remove_container(&req.container_id, timeout)
+                .await?;
+            Ok(empty())
+        })
+        .await
     }
 
     async fn list_processes(
         &self,
         _ctx: &TtrpcContext,
-        _req: agent::ListProcessesRequest,
+        req: agent::ListProcessesRequest,
     ) -> ttrpc::Result<agent::ListProcessesResponse> {
-        self.container_rpc("ListProcesses").await
+        self.serve_container("ListProcesses", &req.container_id, "", async {
+            let id = req.container_id.clone();
+            let procs = self
+                .blocking("ListProcesses", move |a| a.do_list_processes(&id))
+                .await?;
+            Ok(agent::ListProcessesResponse {
+                processes: procs
+                    .into_iter()
+                    .map(|(pid, exec_id)| agent::ProcessInfo {
+                        pid: u32::try_from(pid).unwrap_or(0),
+                        exec_id,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+        })
+        .await
     }
 
     async fn resize_pty(
         &self,
         _ctx: &TtrpcContext,
-        _req: agent::ResizePtyRequest,
+        req: agent::ResizePtyRequest,
     ) -> ttrpc::Result<Empty> {
-        self.container_rpc("ResizePty").await
+        self.serve_container("ResizePty", &req.container_id, &req.exec_id, async {
+            self.agent
+                .do_resize_pty(&req.container_id, &req.exec_id, req.rows, req.columns)?;
+            Ok(empty())
+        })
+        .await
     }
 
     async fn close_stdin(
         &self,
         _ctx: &TtrpcContext,
-        _req: agent::CloseStdinRequest,
+        req: agent::CloseStdinRequest,
     ) -> ttrpc::Result<Empty> {
-        self.container_rpc("CloseStdin").await
+        self.serve_container("CloseStdin", &req.container_id, &req.exec_id, async {
+            self.agent.do_close_stdin(&req.container_id, &req.exec_id)?;
+            Ok(empty())
+        })
+        .await
     }
 
     async fn stats_container(
         &self,
         _ctx: &TtrpcContext,
-        _req: agent::StatsContainerRequest,
+        req: agent::StatsContainerRequest,
     ) -> ttrpc::Result<agent::StatsContainerResponse> {
-        self.container_rpc("StatsContainer").await
+        self.serve_container("StatsContainer", &req.container_id, "", async {
+            let id = req.container_id.clone();
+            let s = self
+                .blocking("StatsContainer", move |a| a.do_stats_container(&id))
+                .await?;
+            Ok(stats_response(s))
+        })
+        .await
     }
 
     async fn pause_container(
         &self,
         _ctx: &TtrpcContext,
-        _req: agent::PauseContainerRequest,
+        req: agent::PauseContainerRequest,
     ) -> ttrpc::Result<Empty> {
-        self.container_rpc("PauseContainer").await
+        self.serve_container("PauseContainer", &req.container_id, "", async {
+            let id = req.container_id.clone();
+            self.blocking("PauseContainer", move |a| a.do_pause_container(&id))
+                .await?;
+            Ok(empty())
+        })
+        .await
     }
 
     async fn resume_container(
         &self,
         _ctx: &TtrpcContext,
-        _req: agent::ResumeContainerRequest,
+        req: agent::ResumeContainerRequest,
     ) -> ttrpc::Result<Empty> {
-        self.container_rpc("ResumeContainer").await
+        self.serve_container("ResumeContainer", &req.container_id, "", async {
+            let id = req.container_id.clone();
+            self.blocking("ResumeContainer", move |a| a.do_resume_container(&id))
+                .await?;
+            Ok(empty())
+        })
+        .await
     }
 
     async fn update_container(
         &self,
         _ctx: &TtrpcContext,
-        _req: agent::UpdateContainerRequest,
+        req: agent::UpdateContainerRequest,
     ) -> ttrpc::Result<Empty> {
-        self.container_rpc("UpdateContainer").await
+        self.serve_container("UpdateContainer", &req.container_id, "", async {
+            let container_id = req.container_id.clone();
+            let resources_json = req.resources_json.clone();
+            self.blocking("UpdateContainer", move |a| {
+                a.do_update_container(&container_id, &resources_json)
+            })
+            .await?;
+            Ok(empty())
+        })
+        .await
     }
 
     async fn get_oom_event(
@@ -481,7 +623,94 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         _req: agent::GetOOMEventRequest,
     ) -> ttrpc::Result<agent::OOMEvent> {
-        self.container_rpc("GetOOMEvent").await
+        self.serve("GetOOMEvent", async {
+            let container_id = self.agent.do_get_oom_event().await?;
+            Ok(agent::OOMEvent {
+                container_id,
+                ..Default::default()
+            })
+        })
+        .await
+    }
+}
+
+fn stdio(s: Option<&agent::StdioConfig>) -> spec::Stdio {
+    s.map(|s| spec::Stdio {
+        stdin: s.stdin,
+        stdout: s.stdout,
+        stderr: s.stderr,
+        terminal: s.terminal,
+    })
+    .unwrap_or_default()
+}
+
+fn started(pid: i32) -> agent::ProcessStarted {
+    agent::ProcessStarted {
+        pid: u32::try_from(pid).unwrap_or(0),
+        ..Default::default()
+    }
+}
+
+/// RemoveContainer's timeout: 0 means the default, at most 300 s.
+fn remove_timeout(secs: u32) -> Result<std::time::Duration, ContainerError> {
+    match secs {
+        0 => Ok(crate::container::DEFAULT_REMOVE_TIMEOUT),
+        1..=300 => Ok(std::time::Duration::from_secs(u64::from(secs))),
+        _ => Err(ContainerError::InvalidSpec(format!(
+            "timeout_secs = {secs} is out of range 0..=300"
+        ))),
+    }
+}
+
+fn stats_response(s: crate::container::cgroup::Stats) -> agent::StatsContainerResponse {
+    let ev = |k: &str| s.memory_events.get(k).copied().unwrap_or(0);
+    agent::StatsContainerResponse {
+        cpu: Some(agent::CpuStats {
+            usage_usec: s.cpu_usage_usec,
+            user_usec: s.cpu_user_usec,
+            system_usec: s.cpu_system_usec,
+            nr_periods: s.cpu_nr_periods,
+            nr_throttled: s.cpu_nr_throttled,
+            throttled_usec: s.cpu_throttled_usec,
+            ..Default::default()
+        })
+        .into(),
+        memory: Some(agent::MemoryStats {
+            usage: s.memory_usage,
+            usage_limit: s.memory_limit,
+            swap_usage: s.swap_usage,
+            swap_limit: s.swap_limit,
+            low_events: ev("low"),
+            high_events: ev("high"),
+            max_events: ev("max"),
+            oom_events: ev("oom"),
+            oom_kill_events: ev("oom_kill"),
+            stat: s.memory_stat.clone(),
+            ..Default::default()
+        })
+        .into(),
+        pids: Some(agent::PidsStats {
+            current: s.pids_current,
+            limit: s.pids_limit,
+            ..Default::default()
+        })
+        .into(),
+        io: s
+            .io
+            .iter()
+            .map(
+                |&(major, minor, rbytes, wbytes, rios, wios)| agent::IoEntry {
+                    major,
+                    minor,
+                    rbytes,
+                    wbytes,
+                    rios,
+                    wios,
+                    ..Default::default()
+                },
+            )
+            .collect(),
+        ..Default::default()
     }
 }
 

@@ -64,7 +64,7 @@ pub async fn run(agent: Arc<Agent>, hub: Arc<LogHub>) -> Result<Ended, ServerErr
         match Listener::bind(addr) {
             Ok(l) => {
                 tracing::info!(addr = l.addr(), "stdio streams listening");
-                tokio::spawn(crate::stdio::serve(l));
+                tokio::spawn(crate::stdio::serve(l, agent.clone()));
             }
             Err(e) if config.mode == Mode::Guest => {
                 tracing::error!(error = %crate::error::chain(&e), "no stdio streams")

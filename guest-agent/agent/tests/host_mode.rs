@@ -306,19 +306,17 @@ async fn sandbox_with_a_share_and_mount_share() {
 async fn unimplemented_rpcs_say_so() {
     let agent = AgentProcess::start();
     let (_, client) = agent.connect().await;
+    // The container RPCs exist now: an empty request is a caller mistake.
     let (code, msg) = status(
         client
             .create_container(ctx(), &CreateContainerRequest::new())
             .await,
     );
-    assert_eq!(code, Code::UNIMPLEMENTED);
-    assert_eq!(
-        msg,
-        "container service not implemented yet: CreateContainer"
-    );
+    assert_eq!(code, Code::INVALID_ARGUMENT);
+    assert!(msg.contains("container_id"), "{msg}");
     let (code, msg) = status(client.wait_process(ctx(), &WaitProcessRequest::new()).await);
-    assert_eq!(code, Code::UNIMPLEMENTED);
-    assert_eq!(msg, "container service not implemented yet: WaitProcess");
+    assert_eq!(code, Code::NOT_FOUND);
+    assert!(msg.contains("not found"), "{msg}");
     let (code, msg) = status(
         client
             .update_interface(ctx(), &UpdateInterfaceRequest::new())
@@ -382,7 +380,7 @@ fn read_until(stream: &mut UnixStream, needle: &str) -> String {
 }
 
 #[tokio::test]
-async fn stdio_streams_are_refused_with_a_reason() {
+async fn stdio_streams_for_unknown_containers_are_refused_with_a_reason() {
     let agent = AgentProcess::start();
     agent.connect().await;
     let mut s = UnixStream::connect(agent.socket("stdio.sock")).unwrap();
@@ -394,11 +392,7 @@ async fn stdio_streams_are_refused_with_a_reason() {
     };
     std::io::Write::write_all(&mut s, &header.encode().unwrap()).unwrap();
     let err = read_ack(&mut s).unwrap_err().to_string();
-    assert!(
-        err.contains("container service not implemented yet"),
-        "{err}"
-    );
-    assert!(err.contains("c1"), "{err}");
+    assert!(err.contains("container \"c1\" not found"), "{err}");
 }
 
 #[test]
