@@ -28,7 +28,7 @@ use ttrpc::Code;
 const BUSYBOX: &str = "/bin/busybox";
 const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "id", "pwd", "sleep", "env", "true", "false", "kill", "stty", "tty",
-    "head", "wc", "ls",
+    "head", "wc", "ls", "grep",
 ];
 
 struct Agent {
@@ -686,6 +686,64 @@ async fn bad_input_on_live_containers_is_a_clear_error() {
     assert_eq!(code, Code::INVALID_ARGUMENT);
     remove(&client, id).await;
     assert!(health.check(ctx(), &CheckRequest::new()).await.is_ok());
+}
+
+/// Seccomp with an argument filter, errnoRet and capabilities dropped:
+/// kill(pid, 0) is refused with EPERM, kill(pid, SIGCONT) is allowed.
+#[tokio::test]
+#[ignore = "needs root"]
+async fn seccomp_argument_filter_and_capabilities() {
+    let agent = Agent::start();
+    let (_, client) = agent.connect().await;
+    let id = "seccomp";
+    let rootfs = agent.rootfs(id);
+    let mut spec: serde_json::Value = serde_json::from_slice(&spec(
+        id,
+        &rootfs,
+        process_json(
+            &[
+                "sh",
+                "-c",
+                "kill -0 $$; echo zero=$?; kill -CONT $$; echo cont=$?; \
+                 grep -E '^(Seccomp|CapEff|NoNewPrivs):' /proc/self/status",
+            ],
+            r#"{"noNewPrivileges": true,
+                "capabilities": {"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"],
+                                 "permitted": ["CAP_KILL"]}}"#,
+        ),
+    ))
+    .unwrap();
+    spec["linux"]["seccomp"] = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{
+            "names": ["kill"],
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": 1,
+            "args": [{"index": 1, "value": 0, "op": "SCMP_CMP_EQ"}]
+        }]
+    });
+    let json = serde_json::to_vec(&spec).unwrap();
+    create(&client, id, json, stdio(false, true, true, false))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", agent.stderr()));
+    let out = agent.stream(id, "", StreamKind::Stdout).unwrap();
+    let err = agent.stream(id, "", StreamKind::Stderr).unwrap();
+    let readers = (
+        std::thread::spawn(move || read_all(out)),
+        std::thread::spawn(move || read_all(err)),
+    );
+    start(&client, id).await.unwrap();
+    assert_eq!(wait(&client, id, "").await.unwrap().exit_status, 0);
+    let (out, err) = (readers.0.join().unwrap(), readers.1.join().unwrap());
+    assert!(out.contains("zero=1\n"), "{out}\n{err}");
+    assert!(out.contains("cont=0\n"), "{out}");
+    assert!(out.contains("Seccomp:\t2"), "{out}");
+    assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+    // CAP_KILL is bit 5.
+    assert!(out.contains("CapEff:\t0000000000000020"), "{out}");
+    assert!(err.contains("Operation not permitted"), "{err}");
+    remove(&client, id).await;
 }
 
 /// These never reach the container helper, so they need no root.
