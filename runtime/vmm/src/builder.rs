@@ -15,6 +15,7 @@ use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
 use crate::arch::x86_64::mptable::{self, MptableError};
 use crate::arch::x86_64::regs::BootEntry;
 use crate::config::{ConfigError, CpuMode, DeviceConfig, VmConfig};
+use crate::control::{ControlError, ControlServer, VmControl};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::fs::{Fs, FsError, FsEventHandler};
@@ -22,6 +23,9 @@ use crate::devices::virtio::net::{Net, NetError, NetEventHandler, Tap};
 use crate::devices::virtio::rng::{Rng, RngError};
 use crate::devices::virtio::vsock::{Vsock, VsockError, VsockEventHandler};
 use crate::devices::virtio::VirtioDevice;
+use crate::jail::{JailError, JailPolicy};
+use crate::metrics::{DeviceMetrics, VmMetrics};
+use crate::threads::{spawn_thread, ThreadKind};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{ExitSignal, Vcpu, VcpuError, VcpuHandle};
 use crate::vstate::vm::{Vm, VmError};
@@ -71,6 +75,12 @@ pub enum VmmError {
     ExitEvent(#[source] std::io::Error),
     #[error("vCPU {0} did not start")]
     VcpuStart(u8),
+    #[error("Control socket setup failed")]
+    Control(#[from] ControlError),
+    #[error("Jail setup failed")]
+    Jail(#[from] JailError),
+    #[error("Test hook: a forbidden syscall in a {0} thread was allowed")]
+    ForbiddenSyscallAllowed(String),
 }
 
 impl VmmError {
@@ -78,6 +88,10 @@ impl VmmError {
     pub fn exit_code(&self) -> i32 {
         match self {
             VmmError::Config(_) => crate::exit_code::CONFIG_ERROR,
+            VmmError::Jail(_) => crate::exit_code::JAIL_ERROR,
+            VmmError::Vcpu(VcpuError::Spawn(_)) if crate::threads::seccomp_enabled() => {
+                crate::exit_code::JAIL_ERROR
+            }
             _ => crate::exit_code::VMM_ERROR,
         }
     }
@@ -108,6 +122,31 @@ fn build_cmdline() -> Result<Cmdline, VmmError> {
     Ok(c)
 }
 
+/// Test hook (`test_hooks.forbidden_syscall`): a jailed thread of the named
+/// kind calls `getppid`, which no profile allows; the kernel must kill the
+/// whole process with SIGSYS before this returns.
+fn run_forbidden_syscall_hook(cfg: &VmConfig) -> Result<(), VmmError> {
+    let Some(kind) = cfg
+        .test_hooks
+        .as_ref()
+        .and_then(|h| h.forbidden_syscall.as_deref())
+    else {
+        return Ok(());
+    };
+    tracing::warn!(kind, "test hook: making a forbidden syscall (getppid)");
+    // SAFETY: getppid has no arguments and no memory effects.
+    let forbidden = || unsafe { libc::syscall(libc::SYS_getppid) };
+    if kind == "vcpu" {
+        let h =
+            spawn_thread(ThreadKind::Vcpu, "forbidden", forbidden).map_err(JailError::Thread)?;
+        let _ = h.join();
+    } else {
+        forbidden();
+    }
+    tracing::error!(kind, "test hook: the forbidden syscall was allowed");
+    Err(VmmError::ForbiddenSyscallAllowed(kind.to_string()))
+}
+
 /// Builds the VM described by `cfg` and runs it until it ends.
 pub fn run_vm(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     cfg.validate()?;
@@ -128,30 +167,54 @@ pub fn run_vm(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     let mut cmdline = build_cmdline()?;
     // Backend subscribers of devices with host fds of their own (vsock).
     let mut backends: Vec<Subscriber> = Vec::new();
+    let mut metrics = VmMetrics::default();
     for (i, d) in cfg.devices.iter().enumerate() {
         let (name, dev): (&str, Arc<Mutex<dyn VirtioDevice>>) = match d {
-            DeviceConfig::Rng(r) => ("rng", Arc::new(Mutex::new(Rng::new(r.source.as_deref())?))),
+            DeviceConfig::Rng(r) => {
+                let rng = Rng::new(r.source.as_deref())?;
+                metrics
+                    .devices
+                    .push((format!("rng{i}"), DeviceMetrics::Rng(rng.metrics.clone())));
+                ("rng", Arc::new(Mutex::new(rng)))
+            }
             DeviceConfig::Vsock(v) => {
-                let vsock = Arc::new(Mutex::new(Vsock::new(v.guest_cid, &v.uds_path)?));
+                let vsock = Vsock::new(v.guest_cid, &v.uds_path)?;
+                metrics.devices.push((
+                    format!("vsock{i}"),
+                    DeviceMetrics::Vsock(vsock.metrics.clone()),
+                ));
+                let vsock = Arc::new(Mutex::new(vsock));
                 backends.push(Arc::new(Mutex::new(VsockEventHandler::new(vsock.clone()))));
                 ("vsock", vsock)
             }
             DeviceConfig::Fs(f) => {
-                let fs = Arc::new(Mutex::new(Fs::new(&f.tag, &f.socket_path)?));
+                let fs = Fs::new(&f.tag, &f.socket_path)?;
+                metrics
+                    .devices
+                    .push((format!("fs{i}"), DeviceMetrics::Fs(fs.metrics.clone())));
+                let fs = Arc::new(Mutex::new(fs));
                 backends.push(Arc::new(Mutex::new(FsEventHandler::new(fs.clone()))));
                 ("fs", fs)
             }
-            DeviceConfig::Block(b) => (
-                "block",
-                Arc::new(Mutex::new(Block::new(&b.path, b.read_only, &b.id)?)),
-            ),
+            DeviceConfig::Block(b) => {
+                let blk = Block::new(&b.path, b.read_only, &b.id)?;
+                metrics.devices.push((
+                    format!("block{i}"),
+                    DeviceMetrics::Block(blk.metrics.clone()),
+                ));
+                ("block", Arc::new(Mutex::new(blk)))
+            }
             DeviceConfig::Net(n) => {
                 let tap = match (n.tap_fd, &n.tap_name) {
                     (Some(fd), _) => Tap::from_fd(fd)?,
                     (None, name) => Tap::open(name.as_deref().unwrap_or_default())?,
                 };
                 let mac = n.mac_bytes().map_err(ConfigError::from)?;
-                let net = Arc::new(Mutex::new(Net::new(Box::new(tap), mac)?));
+                let net = Net::new(Box::new(tap), mac)?;
+                metrics
+                    .devices
+                    .push((format!("net{i}"), DeviceMetrics::Net(net.metrics.clone())));
+                let net = Arc::new(Mutex::new(net));
                 backends.push(Arc::new(Mutex::new(NetEventHandler::new(net.clone()))));
                 ("net", net)
             }
@@ -200,6 +263,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     for id in 0..cfg.vcpus {
         let fd = vm.create_vcpu(id)?;
         let vcpu = Vcpu::new(id, fd, pio.clone(), mmio.clone(), exit.clone());
+        metrics.vcpus.push(vcpu.metrics());
         // Linux: only the boot vCPU gets registers; the others wait for
         // INIT/SIPI in the in-kernel LAPIC. Raw images: every vCPU starts at
         // the entry point (there is no LAPIC to start them).
@@ -217,9 +281,43 @@ pub fn run_vm(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
         em.add_subscriber(b);
     }
 
+    let control = match &cfg.control_socket {
+        Some(path) => {
+            let server = Arc::new(Mutex::new(ControlServer::bind(path)?));
+            em.add_subscriber(server.clone());
+            Some(server)
+        }
+        None => None,
+    };
+
+    // The jail: everything is open now and no other thread exists yet.
+    if cfg.jail {
+        crate::jail::apply(&JailPolicy::from_config(cfg))?;
+        if let Some(path) = cfg
+            .test_hooks
+            .as_ref()
+            .and_then(|h| h.open_after_landlock.as_ref())
+        {
+            let r = File::open(path).map(|_| ());
+            tracing::warn!(path = %path.display(), result = ?r, "test hook: open after landlock");
+        }
+    } else {
+        tracing::warn!("!!! JAIL DISABLED: no cgroup, rlimits, no_new_privs, landlock or seccomp; debugging only, never in production !!!");
+    }
+
     let mut handles = Vec::with_capacity(vcpus.len());
     for v in vcpus {
         handles.push(VcpuHandle::spawn(v)?);
+    }
+    if cfg.jail {
+        // Invariant: the event loop's filter is on before any guest code runs.
+        crate::seccomp::apply(ThreadKind::Vmm).map_err(JailError::from)?;
+        tracing::info!(
+            vmm_syscalls = crate::seccomp::allowed_syscalls(ThreadKind::Vmm).len(),
+            vcpu_syscalls = crate::seccomp::allowed_syscalls(ThreadKind::Vcpu).len(),
+            "seccomp filters loaded on every thread"
+        );
+        run_forbidden_syscall_hook(cfg)?;
     }
     for h in &handles {
         if !h.resume() {
@@ -229,6 +327,10 @@ pub fn run_vm(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
             }
             return Err(VmmError::VcpuStart(id));
         }
+    }
+    let vm_control = Arc::new(VmControl::new(handles, exit.clone(), metrics));
+    if let Some(c) = &control {
+        c.lock().expect("control lock").attach(vm_control.clone());
     }
     tracing::info!(
         vcpus = cfg.vcpus,
@@ -246,7 +348,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
             exit.set(ExitReason::Stopped);
         }
     };
-    for h in handles {
+    for h in vm_control.take_vcpus() {
         h.finish();
     }
     // Keep the VM and memory alive until every vCPU is gone.

@@ -7,13 +7,21 @@
 //! - [`device_manager`]: the PIO/MMIO bus and device wiring;
 //! - [`config`]: the JSON configuration and its validation;
 //! - [`builder`]: builds and runs a VM from a [`config::VmConfig`];
-//! - [`threads`]: the one helper every thread is spawned through.
+//! - [`threads`]: the one helper every thread is spawned through;
+//! - [`jail`] and [`seccomp`]: cgroup, rlimits, no_new_privs, landlock and
+//!   the per-thread-kind seccomp filters, applied before the guest runs;
+//! - [`control`]: the control socket (shutdown, pause, resume, status,
+//!   metrics) on the event loop; [`metrics`]: the counters it reports.
 
 pub mod arch;
 pub mod builder;
 pub mod config;
+pub mod control;
 pub mod device_manager;
 pub mod devices;
+pub mod jail;
+pub mod metrics;
+pub mod seccomp;
 pub mod threads;
 pub mod vstate;
 
@@ -31,4 +39,8 @@ pub mod exit_code {
     pub const GUEST_HALTED: i32 = 3;
     /// The VMM failed to build or run the VM (KVM refused a setup ioctl, memory, loader, device).
     pub const VMM_ERROR: i32 = 4;
+    /// The jail could not be applied (cgroup, rlimits, no_new_privs,
+    /// landlock, a seccomp filter). A jailed thread making a forbidden
+    /// syscall is not an exit code: the kernel kills the process with SIGSYS.
+    pub const JAIL_ERROR: i32 = 5;
 }

@@ -8,9 +8,11 @@ use std::process::ExitCode;
 use boxlite_vmm::config::{CpuMode, RawImageConfig, VmConfig};
 use boxlite_vmm::exit_code;
 
-const USAGE: &str = "usage: boxlite-vmm --config <vm.json> [--raw-image <file> --load-addr <addr> [--mode real|long]]
+const USAGE: &str = "usage: boxlite-vmm --config <vm.json> [--no-jail] [--raw-image <file> --load-addr <addr> [--mode real|long]]
 
   --config      JSON VM description (see docs/vmm.md)
+  --no-jail     debugging only: no cgroup, rlimits, no_new_privs, landlock or
+                seccomp (same as \"jail\": false; logged loudly)
   --raw-image   run raw guest code instead of a kernel (tests and benchmarks only);
                 overrides \"kernel\"/\"raw_image\" in the config
   --load-addr   guest-physical load and entry address of the raw image (decimal or 0x hex)
@@ -22,6 +24,7 @@ struct Args {
     raw_image: Option<PathBuf>,
     load_addr: Option<u64>,
     mode: CpuMode,
+    no_jail: bool,
 }
 
 fn parse_u64(s: &str) -> Option<u64> {
@@ -34,6 +37,7 @@ fn parse_u64(s: &str) -> Option<u64> {
 fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     let (mut config, mut raw_image, mut load_addr, mut mode) = (None, None, None, CpuMode::Real);
+    let mut no_jail = false;
     while let Some(a) = it.next() {
         let mut val = || it.next().ok_or(format!("{a} needs a value"));
         match a.as_str() {
@@ -50,6 +54,7 @@ fn parse_args() -> Result<Args, String> {
                     other => return Err(format!("--mode {other}: expected real or long")),
                 }
             }
+            "--no-jail" => no_jail = true,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other}")),
         }
@@ -59,6 +64,7 @@ fn parse_args() -> Result<Args, String> {
         raw_image,
         load_addr,
         mode,
+        no_jail,
     })
 }
 
@@ -106,6 +112,10 @@ fn main() -> ExitCode {
             load_addr,
             mode: args.mode,
         });
+    }
+    if args.no_jail {
+        tracing::warn!("--no-jail given: the VMM will run without its jail");
+        cfg.jail = false;
     }
     match boxlite_vmm::run_vm(&cfg) {
         Ok(reason) => ExitCode::from(reason.exit_code() as u8),

@@ -1,22 +1,26 @@
 //! The one helper every VMM thread is spawned through.
 //!
-//! Every thread has a [`ThreadKind`]. The jail (next part) loads the seccomp
-//! filter `seccomp-profiles/<arch>/<kind>.json` here, before the thread body
-//! runs; today the helper names the thread, logs its start and end, and turns
-//! a panic into a logged error.
+//! Every thread has a [`ThreadKind`]. When the jail is on
+//! ([`enable_seccomp`]), [`spawn_thread`] loads the kind's seccomp filter
+//! (`seccomp-profiles/<arch>/<kind>.json`, compiled in by `build.rs`) as the
+//! first thing the new thread does, before its body runs, and waits for the
+//! outcome: a filter that fails to load fails the spawn, and the caller
+//! treats that as fatal. The helper also names the thread, logs its start
+//! and end, and turns a panic into a logged error.
 
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::sync_channel;
 use std::thread::JoinHandle;
 
 /// What a thread does; selects its seccomp filter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ThreadKind {
-    /// The event loop: devices and (later) the control socket.
+    /// The event loop: devices and the control socket (the main thread).
     Vmm,
-    /// One virtual CPU.
+    /// One virtual CPU (also runs device activation and reset, which
+    /// happen on MMIO writes: vhost-user connect for virtio-fs, tap offloads).
     Vcpu,
-    /// The control API, if it ever gets its own thread.
-    Api,
 }
 
 impl ThreadKind {
@@ -25,15 +29,41 @@ impl ThreadKind {
         match self {
             ThreadKind::Vmm => "vmm",
             ThreadKind::Vcpu => "vcpu",
-            ThreadKind::Api => "api",
         }
     }
 }
 
-/// Spawns a named thread of `kind` running `f`.
+static SECCOMP: AtomicBool = AtomicBool::new(false);
+
+/// From now on every thread spawned through [`spawn_thread`] loads its
+/// kind's seccomp filter. Set by the jail; never cleared.
+pub fn enable_seccomp() {
+    SECCOMP.store(true, Ordering::SeqCst);
+}
+
+/// Whether new threads get a seccomp filter.
+pub fn seccomp_enabled() -> bool {
+    SECCOMP.load(Ordering::SeqCst)
+}
+
+/// Spawns a named thread of `kind` running `f`, with the kind's seccomp
+/// filter loaded first when the jail is on.
 ///
 /// Linux limits thread names to 15 bytes; longer names are cut.
 pub fn spawn_thread<F, T>(kind: ThreadKind, name: &str, f: F) -> std::io::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    spawn_with_filter(kind, name, seccomp_enabled(), f)
+}
+
+fn spawn_with_filter<F, T>(
+    kind: ThreadKind,
+    name: &str,
+    seccomp: bool,
+    f: F,
+) -> std::io::Result<JoinHandle<T>>
 where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
@@ -42,10 +72,21 @@ where
     if short.is_empty() {
         short = kind.as_str().to_string();
     }
-    std::thread::Builder::new()
+    let (ready_tx, ready_rx) = sync_channel::<Result<(), String>>(1);
+    let handle = std::thread::Builder::new()
         .name(short.clone())
         .spawn(move || {
-            tracing::debug!(thread = %short, kind = kind.as_str(), "thread started");
+            if seccomp {
+                // Invariant: nothing of `f` runs before the filter is on.
+                if let Err(e) = crate::seccomp::apply(kind) {
+                    let msg = error_chain(&e);
+                    let _ = ready_tx.send(Err(msg.clone()));
+                    panic!("{msg}");
+                }
+            }
+            let _ = ready_tx.send(Ok(()));
+            drop(ready_tx);
+            tracing::debug!(thread = %short, kind = kind.as_str(), seccomp, "thread started");
             match catch_unwind(AssertUnwindSafe(f)) {
                 Ok(v) => {
                     tracing::debug!(thread = %short, "thread finished");
@@ -56,7 +97,31 @@ where
                     resume_unwind(panic)
                 }
             }
-        })
+        })?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(msg)) => {
+            let _ = handle.join();
+            Err(std::io::Error::other(msg))
+        }
+        Err(_) => {
+            let _ = handle.join();
+            Err(std::io::Error::other(
+                "the new thread died before it started",
+            ))
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
 }
 
 #[cfg(test)]
@@ -80,5 +145,17 @@ mod tests {
         })
         .expect("spawn");
         assert!(h.join().is_err());
+    }
+
+    #[test]
+    fn a_filtered_thread_runs_its_body_under_the_filter() {
+        let h = spawn_with_filter(ThreadKind::Vcpu, "filtered", true, || {
+            // Seccomp mode 2 (filter) shows in /proc, but opening it is
+            // forbidden now; prctl(PR_GET_SECCOMP) is not in the profile
+            // either, so just prove allowed work still runs.
+            (0..1000u64).sum::<u64>()
+        })
+        .expect("spawn");
+        assert_eq!(h.join().expect("join"), 499_500);
     }
 }

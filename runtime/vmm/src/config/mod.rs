@@ -24,6 +24,8 @@ pub const MIN_MEMORY_MIB: u32 = 1;
 pub const MAX_MEMORY_MIB: u32 = 256 * 1024;
 /// Longest kernel command line we accept (Linux's x86 COMMAND_LINE_SIZE).
 pub const MAX_CMDLINE_LEN: usize = 2048;
+/// Longest unix socket path (`sun_path` is 108 bytes with the NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
 /// Most virtio devices on the MMIO bus (one 4 KiB slot and one IRQ each).
 pub const MAX_VIRTIO_DEVICES: usize = 16;
 
@@ -84,6 +86,18 @@ pub enum ConfigError {
     },
     #[error("fs socket_path = {0} has no parent directory that exists")]
     FsSocketDir(PathBuf),
+    #[error(
+        "control_socket = {path} is {got} bytes long, it must be 1..={max} bytes to fit sun_path"
+    )]
+    ControlSocketLen {
+        path: PathBuf,
+        got: usize,
+        max: usize,
+    },
+    #[error("{field} = {path} is not a directory")]
+    NotADirectory { field: &'static str, path: PathBuf },
+    #[error("test_hooks.forbidden_syscall = {0:?}: expected \"vmm\" or \"vcpu\"")]
+    TestHookKind(String),
     #[error("Invalid block device")]
     Block(#[from] BlockConfigError),
     #[error("Invalid net device")]
@@ -122,6 +136,39 @@ pub struct VmConfig {
     /// Virtio devices, in the order they appear on the MMIO bus.
     #[serde(default)]
     pub devices: Vec<DeviceConfig>,
+    /// Unix socket for the control API (shutdown, pause, resume, status,
+    /// metrics); created (a stale socket replaced) at start, removed at exit.
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
+    /// Apply the jail (cgroup, rlimits, no_new_privs, landlock, seccomp)
+    /// before the guest runs. Default true; `false` is for debugging only
+    /// and is logged loudly (same as `--no-jail`).
+    #[serde(default = "default_true")]
+    pub jail: bool,
+    /// The sandbox directory (`/run/boxlite/<id>`): read-write in the jail.
+    #[serde(default)]
+    pub sandbox_dir: Option<PathBuf>,
+    /// cgroup v2 directory (created by the shim) the VMM moves itself into.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+    /// Hooks for the jail's own tests; never set in production.
+    #[serde(default)]
+    pub test_hooks: Option<TestHooks>,
+}
+
+/// Test-only hooks that prove the jail works from the outside.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TestHooks {
+    /// After the jail is on, a thread of this kind (`"vmm"` or `"vcpu"`)
+    /// makes a syscall its profile forbids (`getppid`): the process must die
+    /// of SIGSYS.
+    #[serde(default)]
+    pub forbidden_syscall: Option<String>,
+    /// After landlock is on (before seccomp), try to open this file and log
+    /// the outcome (`test hook: open …`).
+    #[serde(default)]
+    pub open_after_landlock: Option<PathBuf>,
 }
 
 /// Raw guest code loaded at a fixed guest-physical address.
@@ -195,6 +242,11 @@ impl Default for VmConfig {
             raw_image: None,
             irqchip: true,
             devices: Vec::new(),
+            control_socket: None,
+            jail: true,
+            sandbox_dir: None,
+            cgroup: None,
+            test_hooks: None,
         }
     }
 }
@@ -309,6 +361,42 @@ impl VmConfig {
                 DeviceConfig::Block(b) => b.validate()?,
                 DeviceConfig::Net(n) => n.validate()?,
                 _ => {}
+            }
+        }
+        if let Some(sock) = &self.control_socket {
+            let got = sock.as_os_str().len();
+            let parent = sock.parent().filter(|p| !p.as_os_str().is_empty());
+            if got == 0 || got > MAX_SOCKET_PATH {
+                return Err(ConfigError::ControlSocketLen {
+                    path: sock.clone(),
+                    got,
+                    max: MAX_SOCKET_PATH,
+                });
+            }
+            if parent.is_some_and(|p| !p.is_dir()) {
+                return Err(ConfigError::NotADirectory {
+                    field: "control_socket's parent",
+                    path: sock.clone(),
+                });
+            }
+        }
+        for (field, dir) in [("sandbox_dir", &self.sandbox_dir), ("cgroup", &self.cgroup)] {
+            if let Some(d) = dir {
+                if !d.is_dir() {
+                    return Err(ConfigError::NotADirectory {
+                        field,
+                        path: d.clone(),
+                    });
+                }
+            }
+        }
+        if let Some(kind) = self
+            .test_hooks
+            .as_ref()
+            .and_then(|h| h.forbidden_syscall.as_ref())
+        {
+            if kind != "vmm" && kind != "vcpu" {
+                return Err(ConfigError::TestHookKind(kind.clone()));
             }
         }
         if let Some(log) = &self.console_log {

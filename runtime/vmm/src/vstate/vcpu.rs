@@ -142,12 +142,31 @@ pub enum VcpuState {
     Finished,
 }
 
+fn count(counters: &[&AtomicU64]) {
+    for c in counters {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 static UNHANDLED_ACCESSES: AtomicU64 = AtomicU64::new(0);
 
 /// Guest-triggerable log lines: the first 10, then one in 1000.
 fn rate_limited() -> bool {
     let n = UNHANDLED_ACCESSES.fetch_add(1, Ordering::Relaxed);
     n < 10 || n % 1000 == 0
+}
+
+/// KVM exit counters of one vCPU (read by the control socket's `metrics`).
+#[derive(Debug, Default)]
+pub struct VcpuMetrics {
+    /// Every return from KVM_RUN with an exit (not EINTR).
+    pub exits: AtomicU64,
+    /// Port I/O exits.
+    pub pio_exits: AtomicU64,
+    /// MMIO exits.
+    pub mmio_exits: AtomicU64,
+    /// Returns from KVM_RUN on a signal (pause/finish kicks).
+    pub kicks: AtomicU64,
 }
 
 /// One vCPU and what it needs to handle exits.
@@ -157,6 +176,7 @@ pub struct Vcpu {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     exit: Arc<ExitSignal>,
+    metrics: Arc<VcpuMetrics>,
 }
 
 impl Vcpu {
@@ -168,7 +188,13 @@ impl Vcpu {
             pio,
             mmio,
             exit,
+            metrics: Arc::new(VcpuMetrics::default()),
         }
+    }
+
+    /// This vCPU's exit counters.
+    pub fn metrics(&self) -> Arc<VcpuMetrics> {
+        self.metrics.clone()
     }
 
     /// The KVM vCPU.
@@ -243,9 +269,11 @@ impl Vcpu {
     /// Runs guest code until the next exit; `Some` when the VM must end.
     pub fn run_once(&mut self) -> Option<ExitReason> {
         let id = self.id;
+        let m = &self.metrics;
         let result = match self.fd.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
+                    count(&[&m.exits, &m.pio_exits]);
                     if !self.pio.read(u64::from(port), data) {
                         data.fill(0xff);
                         if rate_limited() {
@@ -255,12 +283,14 @@ impl Vcpu {
                     Ok(None)
                 }
                 VcpuExit::IoOut(port, data) => {
+                    count(&[&m.exits, &m.pio_exits]);
                     if !self.pio.write(u64::from(port), data) && rate_limited() {
                         tracing::debug!(vcpu = id, port, "write to unhandled port");
                     }
                     Ok(None)
                 }
                 VcpuExit::MmioRead(addr, data) => {
+                    count(&[&m.exits, &m.mmio_exits]);
                     if !self.mmio.read(addr, data) {
                         data.fill(0);
                         if rate_limited() {
@@ -275,6 +305,7 @@ impl Vcpu {
                     Ok(None)
                 }
                 VcpuExit::MmioWrite(addr, data) => {
+                    count(&[&m.exits, &m.mmio_exits]);
                     if !self.mmio.write(addr, data) && rate_limited() {
                         tracing::warn!(
                             vcpu = id,
@@ -298,7 +329,10 @@ impl Vcpu {
                 }
                 other => Err(format!("unexpected KVM exit {other:?}")),
             },
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(None),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                count(&[&m.kicks]);
+                Ok(None)
+            }
             Err(e) => Err(format!("KVM_RUN failed: {e}")),
         };
         match result {
