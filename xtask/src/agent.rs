@@ -11,7 +11,7 @@ use crate::elf::{self, ElfError, Linkage};
 pub const AGENT_PACKAGE: &str = "boxlite-agent";
 pub const AGENT_BINARY: &str = "boxlite-agent";
 pub const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
-const STATIC_RUSTFLAGS: &str = "-C target-feature=+crt-static";
+pub const STATIC_RUSTFLAGS: &str = "-C target-feature=+crt-static";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -33,7 +33,24 @@ pub enum AgentError {
          libraries statically (e.g. LIBSECCOMP_LINK_TYPE=static)"
     )]
     Dynamic { path: PathBuf, interpreter: String },
+    #[error(
+        "agent binary {path} has no interpreter but needs shared libraries ({}); \
+         /init must be static: link C libraries statically (LIBSECCOMP_LINK_TYPE=static)",
+        libraries.join(", ")
+    )]
+    NeedsLibraries {
+        path: PathBuf,
+        libraries: Vec<String>,
+    },
 }
+
+/// Environment that makes C dependencies link statically: libcontainer's
+/// seccomp support links libseccomp, dynamically unless told otherwise
+/// (Debian's libseccomp-dev ships the static archive here).
+pub const STATIC_C_LIBS_ENV: &[(&str, &str)] = &[
+    ("LIBSECCOMP_LINK_TYPE", "static"),
+    ("LIBSECCOMP_LIB_PATH", "/usr/lib/x86_64-linux-gnu"),
+];
 
 /// Builds the agent with `cargo build --release --target x86_64-unknown-linux-gnu`
 /// and `+crt-static` into `<workspace>/target`, and returns the checked binary.
@@ -59,6 +76,7 @@ pub fn build(workspace: &Path) -> Result<PathBuf, AgentError> {
             AGENT_TARGET,
         ])
         .env("RUSTFLAGS", &rustflags)
+        .envs(STATIC_C_LIBS_ENV.iter().copied())
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env("CARGO_TARGET_DIR", &target_dir)
         .status()
@@ -80,13 +98,18 @@ pub fn build(workspace: &Path) -> Result<PathBuf, AgentError> {
     Ok(binary)
 }
 
-/// Fails unless `path` is an ELF executable without a program interpreter.
+/// Fails unless `path` is an ELF executable without a program interpreter
+/// and without shared-library dependencies.
 pub fn check_static(path: &Path) -> Result<(), AgentError> {
     match elf::linkage(path).map_err(AgentError::Inspect)? {
         Linkage::Static => Ok(()),
         Linkage::Dynamic { interpreter } => Err(AgentError::Dynamic {
             path: path.to_owned(),
             interpreter,
+        }),
+        Linkage::NeedsLibraries { libraries } => Err(AgentError::NeedsLibraries {
+            path: path.to_owned(),
+            libraries,
         }),
     }
 }

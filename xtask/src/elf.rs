@@ -1,6 +1,9 @@
 //! Just enough ELF to tell a static executable from a dynamic one: a binary
 //! that asks for a program interpreter (a `PT_INTERP` program header) needs a
-//! dynamic loader and libraries that the initramfs does not have.
+//! dynamic loader, and one whose dynamic section lists `DT_NEEDED` libraries
+//! needs those libraries — the initramfs has neither. (A static-pie has a
+//! dynamic section for self-relocation, but no interpreter and no
+//! `DT_NEEDED`; a binary with `DT_NEEDED` but no interpreter starts nowhere.)
 
 use std::path::{Path, PathBuf};
 
@@ -9,7 +12,13 @@ const ELFCLASS64: u8 = 2;
 const ELFDATA2LSB: u8 = 1;
 const ELF64_EHDR_LEN: usize = 64;
 const ELF64_PHDR_LEN: usize = 56;
+const PT_LOAD: u32 = 1;
+const PT_DYNAMIC: u32 = 2;
 const PT_INTERP: u32 = 3;
+const DT_NULL: u64 = 0;
+const DT_NEEDED: u64 = 1;
+const DT_STRTAB: u64 = 5;
+const ELF64_DYN_LEN: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ElfError {
@@ -34,6 +43,19 @@ pub enum Linkage {
     Dynamic {
         interpreter: String,
     },
+    /// No interpreter, but shared libraries listed as `DT_NEEDED` (names as
+    /// found in the dynamic string table, or `#<index>` when unresolvable).
+    NeedsLibraries {
+        libraries: Vec<String>,
+    },
+}
+
+/// One program header, the fields this module uses.
+struct ProgramHeader {
+    p_type: u32,
+    offset: u64,
+    vaddr: u64,
+    filesz: u64,
 }
 
 /// Reads the ELF file at `path` and reports how it is linked.
@@ -74,28 +96,79 @@ pub fn linkage_of(bytes: &[u8], path: &Path) -> Result<Linkage, ElfError> {
         return Err(malformed("program header entry size"));
     }
     let phoff = usize::try_from(e_phoff).map_err(|_| malformed("e_phoff"))?;
+    let mut headers = Vec::with_capacity(usize::from(e_phnum));
     for i in 0..usize::from(e_phnum) {
         let ph = usize::from(e_phentsize)
             .checked_mul(i)
             .and_then(|off| off.checked_add(phoff))
             .ok_or_else(|| malformed("program header offset"))?;
-        let p_type = read_u32(bytes, ph).ok_or_else(|| malformed("program header table"))?;
-        if p_type != PT_INTERP {
-            continue;
-        }
-        let offset = read_u64(bytes, ph + 8).ok_or_else(|| malformed("PT_INTERP offset"))?;
-        let size = read_u64(bytes, ph + 32).ok_or_else(|| malformed("PT_INTERP size"))?;
-        let interp = usize::try_from(offset)
-            .ok()
-            .zip(usize::try_from(size).ok())
-            .and_then(|(o, s)| bytes.get(o..o.checked_add(s)?))
+        headers.push(ProgramHeader {
+            p_type: read_u32(bytes, ph).ok_or_else(|| malformed("program header table"))?,
+            offset: read_u64(bytes, ph + 8).ok_or_else(|| malformed("program header offset"))?,
+            vaddr: read_u64(bytes, ph + 16).ok_or_else(|| malformed("program header vaddr"))?,
+            filesz: read_u64(bytes, ph + 32).ok_or_else(|| malformed("program header size"))?,
+        });
+    }
+    if let Some(interp) = headers.iter().find(|h| h.p_type == PT_INTERP) {
+        let contents = file_range(bytes, interp.offset, interp.filesz)
             .ok_or_else(|| malformed("PT_INTERP contents"))?;
-        let interpreter = String::from_utf8_lossy(interp)
+        let interpreter = String::from_utf8_lossy(contents)
             .trim_end_matches('\0')
             .to_owned();
         return Ok(Linkage::Dynamic { interpreter });
     }
-    Ok(Linkage::Static)
+    let Some(dynamic) = headers.iter().find(|h| h.p_type == PT_DYNAMIC) else {
+        return Ok(Linkage::Static);
+    };
+    let table = file_range(bytes, dynamic.offset, dynamic.filesz)
+        .ok_or_else(|| malformed("PT_DYNAMIC contents"))?;
+    let mut needed = Vec::new();
+    let mut strtab_vaddr = None;
+    for entry in table.chunks_exact(ELF64_DYN_LEN) {
+        let tag = read_u64(entry, 0).ok_or_else(|| malformed("dynamic entry"))?;
+        let value = read_u64(entry, 8).ok_or_else(|| malformed("dynamic entry"))?;
+        match tag {
+            DT_NULL => break,
+            DT_NEEDED => needed.push(value),
+            DT_STRTAB => strtab_vaddr = Some(value),
+            _ => {}
+        }
+    }
+    if needed.is_empty() {
+        return Ok(Linkage::Static);
+    }
+    // The string table is given as a virtual address: find its file offset
+    // through the loadable segment that contains it.
+    let strtab_offset = strtab_vaddr.and_then(|addr| {
+        headers
+            .iter()
+            .filter(|h| h.p_type == PT_LOAD)
+            .find(|h| addr >= h.vaddr && addr - h.vaddr < h.filesz)
+            .and_then(|h| h.offset.checked_add(addr - h.vaddr))
+    });
+    let libraries = needed
+        .iter()
+        .enumerate()
+        .map(|(i, name_offset)| {
+            strtab_offset
+                .and_then(|base| base.checked_add(*name_offset))
+                .and_then(|start| usize::try_from(start).ok())
+                .and_then(|start| {
+                    let rest = bytes.get(start..)?;
+                    let end = rest.iter().position(|&b| b == 0)?;
+                    Some(String::from_utf8_lossy(&rest[..end]).into_owned())
+                })
+                .unwrap_or_else(|| format!("#{i}"))
+        })
+        .collect();
+    Ok(Linkage::NeedsLibraries { libraries })
+}
+
+/// `bytes[offset .. offset + len]`, if it lies inside the file.
+fn file_range(bytes: &[u8], offset: u64, len: u64) -> Option<&[u8]> {
+    let start = usize::try_from(offset).ok()?;
+    let len = usize::try_from(len).ok()?;
+    bytes.get(start..start.checked_add(len)?)
 }
 
 fn read_u16(b: &[u8], off: usize) -> Option<u16> {
@@ -144,9 +217,6 @@ mod tests {
         b
     }
 
-    const PT_LOAD: u32 = 1;
-    const PT_DYNAMIC: u32 = 2;
-
     #[test]
     fn interp_header_means_dynamic() {
         let elf = image(&[6, PT_INTERP, PT_LOAD, PT_DYNAMIC], b"/lib64/ld.so\0");
@@ -166,6 +236,64 @@ mod tests {
             linkage_of(&elf, Path::new("x")).expect("parse"),
             Linkage::Static
         );
+    }
+
+    /// An ELF64 image without interpreter whose dynamic section names
+    /// `libs` as DT_NEEDED, the string table reached through a PT_LOAD at a
+    /// virtual address unlike its file offset (as in real binaries).
+    fn image_needing(libs: &[&str]) -> Vec<u8> {
+        const LOAD_VADDR: u64 = 0x40_0000;
+        let mut b = image(&[PT_LOAD, PT_DYNAMIC], b"");
+        let mut strtab = vec![0u8];
+        let mut name_offsets = Vec::new();
+        for lib in libs {
+            name_offsets.push(strtab.len() as u64);
+            strtab.extend_from_slice(lib.as_bytes());
+            strtab.push(0);
+        }
+        let strtab_off = b.len() as u64;
+        b.extend_from_slice(&strtab);
+        let dyn_off = b.len() as u64;
+        let mut entries = vec![(DT_STRTAB, LOAD_VADDR + strtab_off)];
+        entries.extend(name_offsets.iter().map(|o| (DT_NEEDED, *o)));
+        entries.push((DT_NULL, 0));
+        for (tag, val) in &entries {
+            b.extend_from_slice(&tag.to_le_bytes());
+            b.extend_from_slice(&val.to_le_bytes());
+        }
+        let total = b.len() as u64;
+        let load = ELF64_EHDR_LEN;
+        b[load + 16..load + 24].copy_from_slice(&LOAD_VADDR.to_le_bytes());
+        b[load + 32..load + 40].copy_from_slice(&total.to_le_bytes());
+        let dynamic = ELF64_EHDR_LEN + ELF64_PHDR_LEN;
+        b[dynamic + 8..dynamic + 16].copy_from_slice(&dyn_off.to_le_bytes());
+        let dyn_len = (entries.len() * ELF64_DYN_LEN) as u64;
+        b[dynamic + 32..dynamic + 40].copy_from_slice(&dyn_len.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn needed_libraries_without_interpreter_are_not_static() {
+        // What a +crt-static build that still links libseccomp.so looks like.
+        let elf = image_needing(&["libseccomp.so.2", "libc.so.6"]);
+        assert_eq!(
+            linkage_of(&elf, Path::new("x")).expect("parse"),
+            Linkage::NeedsLibraries {
+                libraries: vec!["libseccomp.so.2".into(), "libc.so.6".into()]
+            }
+        );
+        assert_eq!(
+            linkage_of(&image_needing(&[]), Path::new("x")).expect("parse"),
+            Linkage::Static
+        );
+    }
+
+    #[test]
+    fn busybox_static_is_static() {
+        let busybox = Path::new("/bin/busybox");
+        if busybox.is_file() {
+            assert_eq!(linkage(busybox).expect("parse"), Linkage::Static);
+        }
     }
 
     #[test]
