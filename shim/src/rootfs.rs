@@ -1,0 +1,460 @@
+//! Rootfs and volumes: what containerd mounted for a container on the host
+//! reaches the guest through the sandbox's virtio-fs share.
+//!
+//! For container `<cid>` of sandbox `<sid>`:
+//! * the CreateTask rootfs mounts (an overlay snapshot, usually) are mounted
+//!   on `/run/boxlite/<sid>/shared/<cid>/rootfs`, and the spec's `root.path`
+//!   becomes the guest path of that directory;
+//! * each bind mount of the spec whose source is a host path is bind-mounted
+//!   on `shared/<cid>/volumes/<n>` (read-only when the spec says `ro`), and
+//!   its `source` becomes the guest path.
+//!
+//! [`teardown`] unmounts everything under `shared/<cid>` (also after a
+//! crash, from `/proc/self/mountinfo`) before it removes the directory, so a
+//! volume's content is never deleted through a leftover mount.
+
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use oci_spec::runtime::Spec;
+
+use crate::error::{Result, ShimError};
+
+/// A mount from containerd's CreateTask request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountSpec {
+    pub kind: String,
+    pub source: String,
+    pub options: Vec<String>,
+}
+
+/// Host paths whose contents are the host's own devices and kernel state:
+/// never shared into a VM.
+const HOST_ONLY_PREFIXES: &[&str] = &["/proc", "/sys", "/dev"];
+
+/// What [`prepare`] mounted for one container.
+#[derive(Debug, Default)]
+pub struct ContainerMounts {
+    /// `shared/<cid>`.
+    pub dir: PathBuf,
+    /// Mount points in the order they were mounted.
+    pub mounted: Vec<PathBuf>,
+}
+
+/// Mounts the rootfs and volumes of container `cid` under `shared_dir` and
+/// rewrites `spec` to the guest paths under `guest_shared`. On error,
+/// whatever was mounted is unmounted and the directory removed.
+pub fn prepare(
+    shared_dir: &Path,
+    guest_shared: &str,
+    cid: &str,
+    bundle: &Path,
+    rootfs: &[MountSpec],
+    spec: &mut Spec,
+) -> Result<ContainerMounts> {
+    let dir = shared_dir.join(cid);
+    if dir.exists() {
+        // A leftover of a crashed shim with the same container id.
+        teardown(&dir)?;
+    }
+    let mut done = ContainerMounts {
+        dir: dir.clone(),
+        mounted: Vec::new(),
+    };
+    match prepare_inner(&mut done, guest_shared, cid, bundle, rootfs, spec) {
+        Ok(()) => Ok(done),
+        Err(e) => {
+            if let Err(cleanup) = teardown(&dir) {
+                tracing::error!(error = %crate::error::chain(&cleanup), "cleanup after a failed rootfs set-up failed");
+            }
+            Err(e)
+        }
+    }
+}
+
+fn prepare_inner(
+    done: &mut ContainerMounts,
+    guest_shared: &str,
+    cid: &str,
+    bundle: &Path,
+    rootfs: &[MountSpec],
+    spec: &mut Spec,
+) -> Result<()> {
+    let dir = done.dir.clone();
+    let target = dir.join("rootfs");
+    std::fs::create_dir_all(&target)
+        .map_err(|e| ShimError::io("cannot create rootfs mount point", &target, e))?;
+    if rootfs.is_empty() {
+        // A bundle with a ready rootfs directory (no snapshot mounts).
+        let root = spec
+            .root()
+            .as_ref()
+            .map(|r| r.path().clone())
+            .ok_or_else(|| ShimError::Spec {
+                path: bundle.join("config.json"),
+                reason: "no rootfs mounts and no root.path".into(),
+            })?;
+        let host_root = if root.is_absolute() {
+            root
+        } else {
+            bundle.join(root)
+        };
+        if !host_root.is_dir() {
+            return Err(ShimError::InvalidArgument(format!(
+                "rootfs {} does not exist or is not a directory",
+                host_root.display()
+            )));
+        }
+        bind(&host_root, &target, true)?;
+        done.mounted.push(target.clone());
+    } else {
+        for m in rootfs {
+            containerd_shim::mount::mount_rootfs(
+                Some(m.kind.as_str()).filter(|k| !k.is_empty()),
+                Some(m.source.as_str()).filter(|s| !s.is_empty()),
+                &m.options,
+                &target,
+            )
+            .map_err(|e| ShimError::Mount {
+                op: "cannot mount rootfs",
+                source_desc: format!("{} ({})", m.source, m.kind),
+                target: target.clone(),
+                error: std::io::Error::other(e.to_string()),
+            })?;
+            done.mounted.push(target.clone());
+        }
+    }
+    let guest_dir = format!("{guest_shared}/{cid}");
+    let mut root = spec.root().clone().unwrap_or_default();
+    root.set_path(PathBuf::from(format!("{guest_dir}/rootfs")));
+    spec.set_root(Some(root));
+
+    let Some(mut mounts) = spec.mounts().clone() else {
+        return Ok(());
+    };
+    for (n, m) in mounts.iter_mut().enumerate() {
+        let options = m.options().clone().unwrap_or_default();
+        let is_bind = m.typ().as_deref() == Some("bind")
+            || options.iter().any(|o| o == "bind" || o == "rbind");
+        let Some(source) = m.source().clone() else {
+            continue;
+        };
+        if !is_bind || !source.is_absolute() {
+            continue;
+        }
+        if HOST_ONLY_PREFIXES
+            .iter()
+            .any(|p| source.starts_with(p))
+        {
+            tracing::debug!(source = %source.display(), "host-only bind mount left to the guest");
+            continue;
+        }
+        let meta = std::fs::metadata(&source).map_err(|e| {
+            ShimError::InvalidArgument(format!(
+                "bind mount source {} for {}: {e}",
+                source.display(),
+                m.destination().display()
+            ))
+        })?;
+        let volumes = dir.join("volumes");
+        std::fs::create_dir_all(&volumes)
+            .map_err(|e| ShimError::io("cannot create volume directory", &volumes, e))?;
+        let host_target = volumes.join(n.to_string());
+        if meta.is_dir() {
+            std::fs::create_dir_all(&host_target)
+                .map_err(|e| ShimError::io("cannot create volume mount point", &host_target, e))?;
+        } else {
+            std::fs::write(&host_target, b"")
+                .map_err(|e| ShimError::io("cannot create volume mount point", &host_target, e))?;
+        }
+        let recursive = options.iter().any(|o| o == "rbind");
+        bind(&source, &host_target, recursive)?;
+        done.mounted.push(host_target.clone());
+        if options.iter().any(|o| o == "ro") {
+            remount_ro(&host_target)?;
+        }
+        m.set_source(Some(PathBuf::from(format!("{guest_dir}/volumes/{n}"))));
+    }
+    spec.set_mounts(Some(mounts));
+    Ok(())
+}
+
+fn bind(source: &Path, target: &Path, recursive: bool) -> Result<()> {
+    let mut flags = MsFlags::MS_BIND;
+    if recursive {
+        flags |= MsFlags::MS_REC;
+    }
+    mount(Some(source), target, None::<&str>, flags, None::<&str>).map_err(|e| {
+        ShimError::Mount {
+            op: "cannot bind-mount",
+            source_desc: source.display().to_string(),
+            target: target.to_owned(),
+            error: e.into(),
+        }
+    })
+}
+
+fn remount_ro(target: &Path) -> Result<()> {
+    let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+    mount(None::<&str>, target, None::<&str>, flags, None::<&str>).map_err(|e| ShimError::Mount {
+        op: "cannot make read-only",
+        source_desc: "bind mount".into(),
+        target: target.to_owned(),
+        error: e.into(),
+    })
+}
+
+/// Decodes the octal escapes of `/proc/self/mountinfo` (`\040` for space).
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&field[i + 1..i + 4], 8) {
+                out.push(b);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Mount points at or under `dir`, deepest first.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|f| PathBuf::from(unescape_mountinfo(f)))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found
+}
+
+/// Unmounts everything at or under `dir` (stacked mounts included), then
+/// removes `dir`. Refuses to remove a directory that still has a mount.
+pub fn teardown(dir: &Path) -> Result<()> {
+    for _round in 0..16 {
+        let mounts = mounts_under(dir);
+        if mounts.is_empty() {
+            break;
+        }
+        for m in mounts {
+            if let Err(e) = umount2(&m, MntFlags::MNT_DETACH) {
+                tracing::warn!(mount = %m.display(), error = %e, "unmount failed");
+            }
+        }
+    }
+    let left = mounts_under(dir);
+    if let Some(first) = left.first() {
+        return Err(ShimError::Mount {
+            op: "cannot unmount",
+            source_desc: format!("{} mount(s)", left.len()),
+            target: first.clone(),
+            error: std::io::Error::from_raw_os_error(libc::EBUSY),
+        });
+    }
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(ShimError::io("cannot remove", dir, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oci_spec::runtime::{MountBuilder, RootBuilder, SpecBuilder};
+
+    fn is_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo("/tab\\011"), "/tab\t");
+    }
+
+    fn spec_with(root: &Path, volume: &Path, file: &Path) -> Spec {
+        SpecBuilder::default()
+            .root(RootBuilder::default().path(root).readonly(false).build().unwrap())
+            .mounts(vec![
+                MountBuilder::default()
+                    .destination("/proc")
+                    .typ("proc")
+                    .source("proc")
+                    .build()
+                    .unwrap(),
+                MountBuilder::default()
+                    .destination("/data")
+                    .typ("bind")
+                    .source(volume)
+                    .options(vec!["rbind".to_string(), "ro".to_string()])
+                    .build()
+                    .unwrap(),
+                MountBuilder::default()
+                    .destination("/etc/hostname")
+                    .typ("bind")
+                    .source(file)
+                    .options(vec!["rbind".to_string(), "rw".to_string()])
+                    .build()
+                    .unwrap(),
+                MountBuilder::default()
+                    .destination("/dev/shm")
+                    .typ("bind")
+                    .source("/dev/shm")
+                    .options(vec!["rbind".to_string()])
+                    .build()
+                    .unwrap(),
+            ])
+            .build()
+            .unwrap()
+    }
+
+    /// Real mounts: needs root (skipped otherwise, saying so).
+    #[test]
+    fn bundle_rootfs_and_volumes_reach_the_share_and_go_away() {
+        if !is_root() {
+            eprintln!("skipped: needs root for mount(2)");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let bundle = tmp.path().join("bundle");
+        std::fs::create_dir_all(bundle.join("rootfs/bin")).unwrap();
+        std::fs::write(bundle.join("rootfs/bin/hello"), "hi").unwrap();
+        let volume = tmp.path().join("vol");
+        std::fs::create_dir_all(&volume).unwrap();
+        std::fs::write(volume.join("data.txt"), "precious").unwrap();
+        let file = tmp.path().join("hostname");
+        std::fs::write(&file, "pod\n").unwrap();
+        let shared = tmp.path().join("shared");
+        std::fs::create_dir_all(&shared).unwrap();
+
+        let mut spec = spec_with(Path::new("rootfs"), &volume, &file);
+        let mounts = prepare(&shared, "/g/shared", "c1", &bundle, &[], &mut spec).unwrap();
+        assert_eq!(mounts.mounted.len(), 3);
+        assert_eq!(
+            std::fs::read_to_string(shared.join("c1/rootfs/bin/hello")).unwrap(),
+            "hi"
+        );
+        assert_eq!(
+            std::fs::read_to_string(shared.join("c1/volumes/1/data.txt")).unwrap(),
+            "precious"
+        );
+        assert_eq!(
+            std::fs::read_to_string(shared.join("c1/volumes/2")).unwrap(),
+            "pod\n"
+        );
+        // ro honoured on the host side already.
+        let err = std::fs::write(shared.join("c1/volumes/1/new"), "x").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+        // The spec now names guest paths; /proc and /dev/shm are untouched.
+        assert_eq!(
+            spec.root().as_ref().unwrap().path(),
+            Path::new("/g/shared/c1/rootfs")
+        );
+        let m = spec.mounts().as_ref().unwrap();
+        assert_eq!(m[0].source().as_deref(), Some(Path::new("proc")));
+        assert_eq!(
+            m[1].source().as_deref(),
+            Some(Path::new("/g/shared/c1/volumes/1"))
+        );
+        assert_eq!(
+            m[2].source().as_deref(),
+            Some(Path::new("/g/shared/c1/volumes/2"))
+        );
+        assert_eq!(m[3].source().as_deref(), Some(Path::new("/dev/shm")));
+
+        teardown(&mounts.dir).unwrap();
+        assert!(!mounts.dir.exists());
+        assert!(mounts_under(&shared).is_empty());
+        // The volume's content survived the removal of the mount point.
+        assert_eq!(
+            std::fs::read_to_string(volume.join("data.txt")).unwrap(),
+            "precious"
+        );
+    }
+
+    #[test]
+    fn missing_volume_source_fails_and_leaves_nothing() {
+        if !is_root() {
+            eprintln!("skipped: needs root for mount(2)");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let bundle = tmp.path().join("bundle");
+        std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
+        let shared = tmp.path().join("shared");
+        std::fs::create_dir_all(&shared).unwrap();
+        let mut spec = spec_with(
+            Path::new("rootfs"),
+            &tmp.path().join("nope"),
+            &tmp.path().join("nope2"),
+        );
+        let err = prepare(&shared, "/g", "c1", &bundle, &[], &mut spec).unwrap_err();
+        assert!(
+            err.to_string().contains("bind mount source") && err.to_string().contains("/data"),
+            "{err}"
+        );
+        assert!(!shared.join("c1").exists());
+        assert!(mounts_under(&shared).is_empty());
+    }
+
+    #[test]
+    fn missing_rootfs_is_invalid_argument() {
+        if !is_root() {
+            eprintln!("skipped: needs root for mount(2)");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let shared = tmp.path().join("shared");
+        std::fs::create_dir_all(&shared).unwrap();
+        let mut spec = SpecBuilder::default()
+            .root(RootBuilder::default().path("rootfs").build().unwrap())
+            .mounts(vec![])
+            .build()
+            .unwrap();
+        let err = prepare(&shared, "/g", "c1", tmp.path(), &[], &mut spec).unwrap_err();
+        assert!(matches!(err, ShimError::InvalidArgument(_)), "{err}");
+        assert!(!shared.join("c1").exists());
+    }
+
+    #[test]
+    fn overlay_snapshot_mounts_are_mounted() {
+        if !is_root() {
+            eprintln!("skipped: needs root for mount(2)");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        for d in ["lower", "upper", "work"] {
+            std::fs::create_dir_all(tmp.path().join(d)).unwrap();
+        }
+        std::fs::write(tmp.path().join("lower/base"), "layer").unwrap();
+        let shared = tmp.path().join("shared");
+        std::fs::create_dir_all(&shared).unwrap();
+        let rootfs = [MountSpec {
+            kind: "overlay".into(),
+            source: "overlay".into(),
+            options: vec![
+                format!("workdir={}", tmp.path().join("work").display()),
+                format!("upperdir={}", tmp.path().join("upper").display()),
+                format!("lowerdir={}", tmp.path().join("lower").display()),
+            ],
+        }];
+        let mut spec = SpecBuilder::default().build().unwrap();
+        let mounts = prepare(&shared, "/g", "c2", tmp.path(), &rootfs, &mut spec).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(shared.join("c2/rootfs/base")).unwrap(),
+            "layer"
+        );
+        teardown(&mounts.dir).unwrap();
+        assert!(!shared.join("c2").exists());
+    }
+}
