@@ -78,10 +78,9 @@ pub enum ConfigError {
     )]
     LogLevel { value: String, directive: String },
     #[error(
-        "hypervisor.backend = \"builtin\" is not available yet (the built-in VMM arrives in a \
-         later release); use backend = \"qemu\" or \"auto\""
+        "hypervisor.backend = \"builtin\" needs KVM: {reason}; use backend = \"qemu\" or \"auto\""
     )]
-    BuiltinUnavailable,
+    BuiltinUnavailable { reason: String },
     #[error("hypervisor.accel = \"kvm\" but KVM is not usable: {reason}; use accel = \"tcg\" or \"auto\"")]
     KvmUnavailable { reason: String },
     #[error("{what} {name:?} (config key {key}) not found in {searched}; {install}")]
@@ -114,6 +113,8 @@ pub struct HypervisorConfig {
     pub qemu_binary: String,
     pub virtiofsd_binary: String,
     pub vhost_vsock_binary: String,
+    /// The built-in VMM, for backend `builtin`.
+    pub vmm_binary: String,
 }
 
 impl Default for HypervisorConfig {
@@ -124,6 +125,7 @@ impl Default for HypervisorConfig {
             qemu_binary: "qemu-system-x86_64".into(),
             virtiofsd_binary: "virtiofsd".into(),
             vhost_vsock_binary: "vhost-device-vsock".into(),
+            vmm_binary: "boxlite-vmm".into(),
         }
     }
 }
@@ -132,9 +134,9 @@ impl Default for HypervisorConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// `qemu` for now; `builtin` once it exists.
+    /// `builtin` where KVM can boot Linux (VMX/SVM, `/dev/kvm`, no `kvm_pvm`), else `qemu`.
     Auto,
-    /// `boxlite-vmm` (not available yet).
+    /// `boxlite-vmm`, the built-in VMM.
     Builtin,
     /// QEMU's microvm machine with vhost-user helper daemons.
     Qemu,
@@ -287,6 +289,7 @@ impl Config {
         non_empty("hypervisor.qemu_binary", &h.qemu_binary)?;
         non_empty("hypervisor.virtiofsd_binary", &h.virtiofsd_binary)?;
         non_empty("hypervisor.vhost_vsock_binary", &h.vhost_vsock_binary)?;
+        non_empty("hypervisor.vmm_binary", &h.vmm_binary)?;
 
         let g = &self.guest;
         absolute("guest.kernel", &g.kernel)?;
@@ -343,8 +346,8 @@ impl Config {
 
     /// Resolves `backend`, `accel` and the helper binaries on this host.
     pub fn resolve_hypervisor(&self) -> Result<ResolvedHypervisor, ConfigError> {
-        let backend = resolve_backend(self.hypervisor.backend)?;
         let probe = HostAccelProbe::probe();
+        let backend = resolve_backend(self.hypervisor.backend, &probe)?;
         let (accel, accel_reason) = decide_accel(self.hypervisor.accel, &probe)?;
         let path_env = std::env::var_os("PATH");
         let home = std::env::var_os("HOME").map(PathBuf::from);
@@ -360,28 +363,49 @@ impl Config {
             })
         };
         let h = &self.hypervisor;
+        let qemu = backend == ResolvedBackend::Qemu;
+        // Binaries the other backend needs are not looked up.
+        let unused = |name: &str| PathBuf::from(name);
         let resolved = ResolvedHypervisor {
             backend,
             accel,
             accel_reason,
-            qemu_binary: find(
-                "QEMU",
-                &h.qemu_binary,
-                "hypervisor.qemu_binary",
-                "install it with `apt-get install qemu-system-x86` or set the key to its path",
-            )?,
+            qemu_binary: if qemu {
+                find(
+                    "QEMU",
+                    &h.qemu_binary,
+                    "hypervisor.qemu_binary",
+                    "install it with `apt-get install qemu-system-x86` or set the key to its path",
+                )?
+            } else {
+                unused(&h.qemu_binary)
+            },
+            vmm_binary: if qemu {
+                unused(&h.vmm_binary)
+            } else {
+                find(
+                    "boxlite-vmm",
+                    &h.vmm_binary,
+                    "hypervisor.vmm_binary",
+                    "install it with `cargo install --path runtime/vmm` (or scripts/setup.sh) or set the key to its path",
+                )?
+            },
             virtiofsd_binary: find(
                 "virtiofsd",
                 &h.virtiofsd_binary,
                 "hypervisor.virtiofsd_binary",
                 "install it with `cargo install --locked virtiofsd@1.14.0` or set the key to its path",
             )?,
-            vhost_vsock_binary: find(
-                "vhost-device-vsock",
-                &h.vhost_vsock_binary,
-                "hypervisor.vhost_vsock_binary",
-                "install it with `cargo install --locked vhost-device-vsock@0.3.0` or set the key to its path",
-            )?,
+            vhost_vsock_binary: if qemu {
+                find(
+                    "vhost-device-vsock",
+                    &h.vhost_vsock_binary,
+                    "hypervisor.vhost_vsock_binary",
+                    "install it with `cargo install --locked vhost-device-vsock@0.3.0` or set the key to its path",
+                )?
+            } else {
+                unused(&h.vhost_vsock_binary)
+            },
         };
         tracing::debug!(?resolved, "hypervisor resolved");
         Ok(resolved)
@@ -463,13 +487,26 @@ fn validate_log_level(value: &str) -> Result<(), ConfigError> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResolvedBackend {
     Qemu,
+    /// `boxlite-vmm`.
+    Builtin,
 }
 
-/// `auto` → `qemu` for now; an explicit `builtin` is refused clearly.
-pub fn resolve_backend(backend: Backend) -> Result<ResolvedBackend, ConfigError> {
+/// `auto` → `builtin` where the CPU shows VMX/SVM, `/dev/kvm` exists and
+/// `kvm_pvm` is absent, else `qemu`. An explicit `builtin` needs `/dev/kvm`.
+pub fn resolve_backend(
+    backend: Backend,
+    probe: &HostAccelProbe,
+) -> Result<ResolvedBackend, ConfigError> {
     match backend {
-        Backend::Auto | Backend::Qemu => Ok(ResolvedBackend::Qemu),
-        Backend::Builtin => Err(ConfigError::BuiltinUnavailable),
+        Backend::Qemu => Ok(ResolvedBackend::Qemu),
+        Backend::Builtin if probe.dev_kvm => Ok(ResolvedBackend::Builtin),
+        Backend::Builtin => Err(ConfigError::BuiltinUnavailable {
+            reason: "/dev/kvm does not exist".into(),
+        }),
+        Backend::Auto if probe.cpu_virt_flags && probe.dev_kvm && !probe.kvm_pvm => {
+            Ok(ResolvedBackend::Builtin)
+        }
+        Backend::Auto => Ok(ResolvedBackend::Qemu),
     }
 }
 
@@ -574,6 +611,8 @@ pub struct ResolvedHypervisor {
     pub qemu_binary: PathBuf,
     pub virtiofsd_binary: PathBuf,
     pub vhost_vsock_binary: PathBuf,
+    /// `boxlite-vmm` (resolved only for the builtin backend).
+    pub vmm_binary: PathBuf,
 }
 
 /// Directories searched after `PATH`: containerd often starts shims with a
@@ -832,16 +871,39 @@ mod tests {
 
     #[test]
     fn backend_resolution() {
+        let host = |cpu_virt_flags, dev_kvm, kvm_pvm| HostAccelProbe {
+            cpu_virt_flags,
+            dev_kvm,
+            kvm_pvm,
+        };
+        let vmx = host(true, true, false);
+        let pvm = host(true, true, true); // this machine
+        let no_flags = host(false, true, false);
+        let no_kvm = host(true, false, false);
+        for (probe, want) in [
+            (vmx, ResolvedBackend::Builtin),
+            (pvm, ResolvedBackend::Qemu),
+            (no_flags, ResolvedBackend::Qemu),
+            (no_kvm, ResolvedBackend::Qemu),
+        ] {
+            assert_eq!(
+                resolve_backend(Backend::Auto, &probe).unwrap(),
+                want,
+                "{probe:?}"
+            );
+            assert_eq!(
+                resolve_backend(Backend::Qemu, &probe).unwrap(),
+                ResolvedBackend::Qemu
+            );
+        }
         assert_eq!(
-            resolve_backend(Backend::Auto).unwrap(),
-            ResolvedBackend::Qemu
+            resolve_backend(Backend::Builtin, &pvm).unwrap(),
+            ResolvedBackend::Builtin
         );
-        assert_eq!(
-            resolve_backend(Backend::Qemu).unwrap(),
-            ResolvedBackend::Qemu
-        );
-        let err = resolve_backend(Backend::Builtin).unwrap_err().to_string();
-        assert!(err.contains("not available yet"), "{err}");
+        let err = resolve_backend(Backend::Builtin, &no_kvm)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs KVM"), "{err}");
         assert!(err.contains("hypervisor.backend"), "{err}");
     }
 

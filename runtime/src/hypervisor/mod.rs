@@ -13,6 +13,8 @@
 //! `*.log` of each process and `*.pid`). [`cleanup_stale_processes`] uses the
 //! pid files to clean up after a crashed shim.
 
+pub mod builtin;
+pub mod process;
 pub mod qemu;
 
 use std::fmt;
@@ -465,6 +467,7 @@ pub fn new_hypervisor(
     );
     match resolved.backend {
         ResolvedBackend::Qemu => Ok(Box::new(qemu::QemuHypervisor::new(spec, resolved)?)),
+        ResolvedBackend::Builtin => Ok(Box::new(builtin::BuiltinHypervisor::new(spec, resolved)?)),
     }
 }
 
@@ -715,12 +718,17 @@ mod tests {
     }
 
     #[test]
-    fn builtin_backend_is_refused_by_the_factory() {
+    fn builtin_backend_resolves_its_vmm_binary() {
         let mut config = Config::default();
         config.hypervisor.backend = crate::config::Backend::Builtin;
+        config.hypervisor.vmm_binary = "/nonexistent/boxlite-vmm".into();
         let spec = VmSpec::from_config(&config, "x").unwrap();
         let err = new_hypervisor(&config, spec).err().unwrap().to_string();
-        assert!(err.contains("not available yet"), "{err}");
+        if Path::new("/dev/kvm").exists() {
+            assert!(err.contains("hypervisor.vmm_binary"), "{err}");
+        } else {
+            assert!(err.contains("needs KVM"), "{err}");
+        }
     }
 
     #[test]

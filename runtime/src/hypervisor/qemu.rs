@@ -24,18 +24,17 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use boxlite_protocol::agent::DestroySandboxRequest;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use tokio::time::Instant;
 
+use super::process::{
+    check_tap, is_executable, kill_and_reap, last_line, request_agent_shutdown, spawn_process,
+    virtiofsd_args, wait_for_sockets, Proc, Role, POLL_INTERVAL,
+};
 use super::{
     validate_share_tag, wait_for_agent, AgentConnection, ExitReport, Hypervisor, HypervisorError,
     MacAddr, NetDevice, Share, TapDevice, VmSpec, CONSOLE_LOG, MAX_SOCKET_PATH_LEN, VSOCK_SOCKET,
@@ -52,16 +51,10 @@ pub const GUEST_CID: u32 = 3;
 /// `-no-reboot` turns that into a QEMU exit. `panic=-1`: reboot (so exit) at
 /// once on a panic.
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1";
-/// How long a helper daemon gets to create its socket.
-pub const HELPER_READY_TIMEOUT: Duration = Duration::from_secs(10);
+pub use super::process::HELPER_READY_TIMEOUT;
 /// After QEMU exits, how long helpers get to exit on their own (virtiofsd
 /// does when its frontend disconnects) before they are killed.
 const HELPER_EXIT_GRACE: Duration = Duration::from_millis(500);
-/// How long we wait for a killed process to be reaped.
-const REAP_TIMEOUT: Duration = Duration::from_secs(5);
-/// Budget for connecting to the agent in `stop`.
-const STOP_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 /// The vhost-user fs socket of a share.
 pub fn fs_socket_name(tag: &str) -> String {
@@ -84,90 +77,6 @@ impl Phase {
             Phase::Running => "running",
             Phase::Stopping => "stopping",
             Phase::Stopped => "stopped",
-        }
-    }
-}
-
-/// Which process a [`Proc`] is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Role {
-    Vsock,
-    Fs(String),
-    Qemu,
-}
-
-impl Role {
-    /// For messages.
-    fn describe(&self) -> String {
-        match self {
-            Role::Vsock => "vhost-device-vsock".into(),
-            Role::Fs(tag) => format!("virtiofsd for share {tag:?}"),
-            Role::Qemu => "qemu".into(),
-        }
-    }
-
-    /// Base name of its log and pid files.
-    fn stem(&self) -> String {
-        match self {
-            Role::Vsock => "vhost-device-vsock".into(),
-            Role::Fs(tag) => format!("virtiofsd-{tag}"),
-            Role::Qemu => "qemu".into(),
-        }
-    }
-}
-
-/// A spawned process we own.
-#[derive(Debug)]
-struct Proc {
-    role: Role,
-    child: Child,
-    pid: u32,
-    log: PathBuf,
-    pid_file: PathBuf,
-    /// The socket a helper creates when it is ready.
-    socket: Option<PathBuf>,
-    status: Option<ExitStatus>,
-}
-
-impl Proc {
-    /// The exit status, once the process has exited (reaps it).
-    fn poll(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
-            match self.child.try_wait() {
-                Ok(status) => self.status = status,
-                Err(e) => tracing::warn!(pid = self.pid, error = %e, "waitpid failed"),
-            }
-        }
-        self.status
-    }
-
-    fn signal(&mut self, signal: Signal) {
-        if self.poll().is_some() {
-            return;
-        }
-        let pid = Pid::from_raw(i32::try_from(self.pid).expect("pids fit in i32"));
-        if let Err(e) = kill(pid, signal) {
-            tracing::warn!(pid = self.pid, %signal, error = %e, "cannot signal {}", self.role.describe());
-        }
-    }
-
-    /// Blocks until the process is reaped or `limit` passes. Only used after
-    /// SIGKILL, when exit takes milliseconds.
-    fn reap_blocking(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let until = std::time::Instant::now() + limit;
-        loop {
-            if let Some(status) = self.poll() {
-                return Some(status);
-            }
-            if std::time::Instant::now() >= until {
-                tracing::error!(
-                    pid = self.pid,
-                    "{} did not exit after SIGKILL",
-                    self.role.describe()
-                );
-                return None;
-            }
-            std::thread::sleep(POLL_INTERVAL);
         }
     }
 }
@@ -425,8 +334,7 @@ impl QemuHypervisor {
         cmdline
     }
 
-    /// Spawns one process with its output in `<stem>.log`, records it in
-    /// `st.procs` and writes its pid file.
+    /// Spawns one process (see [`spawn_process`]) and records it in `st.procs`.
     fn spawn(
         &self,
         st: &mut State,
@@ -436,58 +344,13 @@ impl QemuHypervisor {
         socket: Option<PathBuf>,
         inherit_fds: Vec<RawFd>,
     ) -> Result<(), HypervisorError> {
-        let stem = role.stem();
-        let log = self.path(&format!("{stem}.log"));
-        let io_err = |op, path: &Path, error| HypervisorError::Io {
-            id: self.id.clone(),
-            op,
-            path: path.to_owned(),
-            error,
-        };
-        let out = File::create(&log).map_err(|e| io_err("cannot create log file", &log, e))?;
-        let err = out
-            .try_clone()
-            .map_err(|e| io_err("cannot duplicate log file", &log, e))?;
-        let mut cmd = Command::new(binary);
-        cmd.args(&args).stdin(Stdio::null()).stdout(out).stderr(err);
-        if !inherit_fds.is_empty() {
-            // SAFETY: runs in the child between fork and exec; it only calls
-            // fcntl, which is async-signal-safe, on fds the parent owns and
-            // keeps open until spawn returns. Clearing FD_CLOEXEC here hands
-            // the tap fds to this child only: in the parent they stay
-            // close-on-exec, so no other child inherits them.
-            unsafe {
-                cmd.pre_exec(move || {
-                    for fd in &inherit_fds {
-                        if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                    Ok(())
-                });
-            }
-        }
-        tracing::debug!(sandbox_id = %self.id, binary = %binary.display(), ?args, "spawning {}", role.describe());
-        let child = cmd.spawn().map_err(|error| HypervisorError::Spawn {
-            id: self.id.clone(),
-            what: role.describe(),
-            binary: binary.to_owned(),
-            error,
-        })?;
-        let pid = child.id();
-        let pid_file = self.path(&format!("{stem}.pid"));
-        st.procs.push(Proc {
-            role,
-            child,
-            pid,
-            log,
-            pid_file: pid_file.clone(),
-            socket,
-            status: None,
-        });
-        std::fs::write(&pid_file, format!("{pid}\n"))
-            .map_err(|e| io_err("cannot write pid file", &pid_file, e))?;
+        let p = spawn_process(&self.id, &self.dir, role, binary, args, socket, inherit_fds)?;
+        st.procs.push(p);
         Ok(())
+    }
+
+    async fn wait_for_helper_sockets(&self, st: &mut State) -> Result<(), HypervisorError> {
+        wait_for_sockets(&self.id, &mut st.procs).await
     }
 
     /// Spawns the helpers, waits for their sockets, then spawns QEMU.
@@ -506,22 +369,7 @@ impl QemuHypervisor {
 
         for share in st.shares.clone() {
             let socket = self.path(&fs_socket_name(&share.tag));
-            let mut args: Vec<OsString> = vec![
-                "--socket-path".into(),
-                socket.clone().into_os_string(),
-                "--shared-dir".into(),
-                share.host_dir.clone().into_os_string(),
-                // The shim is the sandbox: virtiofsd's own namespace sandbox
-                // needs privileges we may not have and buys little here.
-                "--sandbox=none".into(),
-                "--cache=auto".into(),
-                "--announce-submounts".into(),
-                // Container images carry file capabilities and SELinux labels.
-                "--xattr".into(),
-            ];
-            if share.read_only {
-                args.push("--readonly".into());
-            }
+            let args = virtiofsd_args(&socket, &share);
             let bin = self.bins.virtiofsd_binary.clone();
             self.spawn(
                 st,
@@ -561,102 +409,26 @@ impl QemuHypervisor {
         Ok(())
     }
 
-    async fn wait_for_helper_sockets(&self, st: &mut State) -> Result<(), HypervisorError> {
-        let started = Instant::now();
-        loop {
-            let mut pending = false;
-            for p in &mut st.procs {
-                let Some(socket) = p.socket.clone() else {
-                    continue;
-                };
-                if socket.exists() {
-                    continue;
-                }
-                if let Some(status) = p.poll() {
-                    return Err(HypervisorError::HelperExited(Box::new(ExitReport {
-                        id: self.id.clone(),
-                        what: p.role.describe(),
-                        pid: p.pid,
-                        status,
-                        log: p.log.clone(),
-                        last_line: last_line(&p.log),
-                        socket: Some(socket),
-                        console_log: None,
-                    })));
-                }
-                if started.elapsed() >= HELPER_READY_TIMEOUT {
-                    return Err(HypervisorError::HelperTimeout {
-                        id: self.id.clone(),
-                        what: p.role.describe(),
-                        socket,
-                        waited: HELPER_READY_TIMEOUT,
-                        log: p.log.clone(),
-                    });
-                }
-                pending = true;
-            }
-            if !pending {
-                return Ok(());
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
-    }
-
     /// Kills and reaps every process (QEMU first), removes sockets and pid
     /// files. Synchronous: SIGKILLed processes exit in milliseconds, and
     /// `Drop` needs it too.
     fn teardown(&self, st: &mut State) {
         // QEMU first, so helpers never see a live frontend lose its backend.
-        for p in st.procs.iter_mut().rev() {
-            if p.poll().is_none() {
-                tracing::debug!(sandbox_id = %self.id, pid = p.pid, "killing {}", p.role.describe());
-                p.signal(Signal::SIGKILL);
-                p.reap_blocking(REAP_TIMEOUT);
-            }
-        }
-        for p in st.procs.drain(..) {
-            let _ = std::fs::remove_file(&p.pid_file);
-        }
-        for socket in self.transient_files(&st.shares) {
-            match std::fs::remove_file(&socket) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(socket = %socket.display(), error = %e, "cannot remove socket")
-                }
-            }
-        }
+        kill_and_reap(&self.id, &mut st.procs, &self.transient_files(&st.shares));
         st.nets.clear();
         self.pid.store(0, Ordering::SeqCst);
         st.phase = Phase::Stopped;
     }
 
-    /// Asks the agent to shut the sandbox down (it answers, then reboots the
-    /// guest, which ends QEMU). Failures are logged: `stop` kills anyway.
+    /// Asks the agent to shut the sandbox down (see [`request_agent_shutdown`]).
     async fn request_shutdown(&self, deadline: Instant) {
-        let vsock = self.hybrid_vsock();
-        let remaining = || deadline.saturating_duration_since(Instant::now());
-        let budget = STOP_CONNECT_TIMEOUT.min(remaining());
-        let conn = match AgentConnection::connect(&vsock, budget).await {
-            Ok(conn) => conn,
-            Err(e) => {
-                tracing::warn!(sandbox_id = %self.id, error = %e, "cannot reach the agent to shut down; killing the VM");
-                return;
-            }
-        };
-        // Half the budget for the containers, the rest for the guest's own
-        // shutdown.
-        let req = DestroySandboxRequest {
-            timeout_secs: u32::try_from((self.shutdown_timeout.as_secs() / 2).max(1))
-                .unwrap_or(u32::MAX),
-            ..Default::default()
-        };
-        let ctx = ttrpc::context::with_duration(remaining().max(Duration::from_millis(1)));
-        if let Err(e) = conn.agent().destroy_sandbox(ctx, &req).await {
-            // The guest may reboot before the answer leaves: not an error
-            // as long as QEMU exits.
-            tracing::debug!(sandbox_id = %self.id, error = %e, "DestroySandbox did not answer");
-        }
+        request_agent_shutdown(
+            &self.id,
+            &self.hybrid_vsock(),
+            self.shutdown_timeout,
+            deadline,
+        )
+        .await;
     }
 
     /// Waits until QEMU has exited or `deadline` passes; true if it exited.
@@ -932,24 +704,6 @@ impl Drop for QemuHypervisor {
     }
 }
 
-fn check_tap(tap: &TapDevice) -> Result<(), HypervisorError> {
-    if let TapDevice::Name(name) = tap {
-        // IFNAMSIZ is 16 with the NUL; the name also goes into a QEMU option.
-        let ok = !name.is_empty()
-            && name.len() <= 15
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-        if !ok {
-            return Err(HypervisorError::InvalidTap {
-                name: name.clone(),
-                reason: "a tap name must be 1..=15 characters of A-Z a-z 0-9 _ - .",
-            });
-        }
-    }
-    Ok(())
-}
-
 /// `prefix` + `path` with QEMU's option escaping (`,` → `,,`) + `suffix`.
 fn opt_with_path(prefix: &str, path: &Path, suffix: &str) -> OsString {
     let mut bytes = prefix.as_bytes().to_vec();
@@ -981,20 +735,6 @@ pub fn render_cmdline(binary: &Path, args: &[OsString]) -> String {
         .map(quote)
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// The last non-empty line of a log, at most 300 characters.
-fn last_line(log: &Path) -> Option<String> {
-    let text = std::fs::read(log).ok()?;
-    let tail = &text[text.len().saturating_sub(4096)..];
-    let text = String::from_utf8_lossy(tail);
-    let line = text.lines().rev().map(str::trim).find(|l| !l.is_empty())?;
-    Some(line.chars().take(300).collect())
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 #[cfg(test)]
@@ -1040,6 +780,7 @@ mod tests {
                 qemu_binary: qemu,
                 virtiofsd_binary: fs,
                 vhost_vsock_binary: vsock,
+                vmm_binary: "boxlite-vmm".into(),
             }
         }
 

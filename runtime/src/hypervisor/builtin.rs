@@ -1,0 +1,885 @@
+//! The `builtin` backend: our own VMM, `boxlite-vmm` (crate `runtime/vmm`),
+//! one process per sandbox, plus one `virtiofsd` per share.
+//!
+//! Files in the sandbox directory:
+//!
+//! | file | what |
+//! |---|---|
+//! | `vm.json` | the VM config the VMM is started with (`boxlite-vmm --config vm.json`) |
+//! | `console.log` | guest serial console (ttyS0) |
+//! | `vsock.sock` | hybrid vsock socket, served by the VMM itself |
+//! | `control.sock` | the VMM's control socket (shutdown, pause, resume, status, metrics) |
+//! | `fs-<tag>.sock` (+ `.pid` lock) | vhost-user socket between the VMM and that share's virtiofsd |
+//! | `boxlite-vmm.log`, `virtiofsd-<tag>.log` | each process's stdout and stderr |
+//! | `boxlite-vmm.pid`, `virtiofsd-<tag>.pid` | pids, for [`super::cleanup_stale_processes`] |
+//!
+//! The VMM jails itself (landlock to the sandbox directory and the guest
+//! assets, seccomp, no_new_privs) before the guest runs. Start order and
+//! cleanup guarantees are the qemu backend's: everything is checked first,
+//! virtiofsd daemons are spawned and their sockets awaited, then the VMM
+//! (which inherits the tap fds, and only it); any failure kills and reaps
+//! what was spawned and removes the sockets. `stop` asks the agent
+//! (DestroySandbox: the guest reboots, the VMM exits 0), then the VMM's
+//! control socket (`{"op":"shutdown"}`), then kills.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use super::process::{
+    check_tap, is_executable, kill_and_reap, last_line, request_agent_shutdown, spawn_process,
+    virtiofsd_args, wait_for_sockets, Proc, Role, POLL_INTERVAL,
+};
+use super::qemu::fs_socket_name;
+use super::{
+    validate_share_tag, wait_for_agent, AgentConnection, ExitReport, Hypervisor, HypervisorError,
+    MacAddr, NetDevice, Share, TapDevice, VmSpec, CONSOLE_LOG, MAX_SOCKET_PATH_LEN, VSOCK_SOCKET,
+};
+use crate::config::ResolvedHypervisor;
+
+/// The VM config file in the sandbox directory.
+pub const VM_CONFIG: &str = "vm.json";
+/// The VMM's control socket in the sandbox directory.
+pub const CONTROL_SOCKET: &str = "control.sock";
+/// Guest CID (each VM has its own VMM, so they never clash).
+pub const GUEST_CID: u32 = 3;
+/// After the agent's shutdown deadline, how long the VMM gets to exit after
+/// a control-socket `shutdown` before it is killed.
+const CONTROL_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// After the VMM exits, how long virtiofsd gets to exit on its own.
+const HELPER_EXIT_GRACE: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Created,
+    Running,
+    Stopping,
+    Stopped,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Created => "not started",
+            Phase::Running => "running",
+            Phase::Stopping => "stopping",
+            Phase::Stopped => "stopped",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    phase: Phase,
+    shares: Vec<Share>,
+    nets: Vec<NetDevice>,
+    /// virtiofsd daemons first, the VMM last.
+    procs: Vec<Proc>,
+    started_at: Option<Instant>,
+}
+
+/// The `builtin` backend. Build it with [`super::new_hypervisor`].
+#[derive(Debug)]
+pub struct BuiltinHypervisor {
+    id: String,
+    dir: PathBuf,
+    kernel: PathBuf,
+    initramfs: PathBuf,
+    vcpus: u32,
+    memory_mib: u32,
+    cmdline_extra: Vec<String>,
+    agent_ready_timeout: Duration,
+    shutdown_timeout: Duration,
+    bins: ResolvedHypervisor,
+    /// The VMM's pid while it runs, 0 otherwise.
+    pid: AtomicU32,
+    state: tokio::sync::Mutex<State>,
+}
+
+impl BuiltinHypervisor {
+    pub fn new(spec: VmSpec, bins: ResolvedHypervisor) -> Result<Self, HypervisorError> {
+        super::validate_sandbox_id(&spec.id)?;
+        let mut st = State {
+            phase: Phase::Created,
+            shares: Vec::new(),
+            nets: Vec::new(),
+            procs: Vec::new(),
+            started_at: None,
+        };
+        let this_id = spec.id.clone();
+        for share in spec.shares {
+            check_share(&this_id, &st.shares, &share)?;
+            st.shares.push(share);
+        }
+        for net in &spec.nets {
+            check_tap(&net.tap)?;
+        }
+        st.nets = spec.nets;
+        Ok(Self {
+            id: spec.id,
+            dir: spec.dir,
+            kernel: spec.kernel,
+            initramfs: spec.initramfs,
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            cmdline_extra: spec.cmdline_extra,
+            agent_ready_timeout: spec.agent_ready_timeout,
+            shutdown_timeout: spec.shutdown_timeout,
+            bins,
+            pid: AtomicU32::new(0),
+            state: tokio::sync::Mutex::new(st),
+        })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn socket_paths(&self, shares: &[Share]) -> Vec<PathBuf> {
+        let mut paths = vec![self.path(VSOCK_SOCKET), self.path(CONTROL_SOCKET)];
+        paths.extend(shares.iter().map(|s| self.path(&fs_socket_name(&s.tag))));
+        paths
+    }
+
+    /// Sockets and virtiofsd's `<socket>.pid` lock files.
+    fn transient_files(&self, shares: &[Share]) -> Vec<PathBuf> {
+        let mut files = self.socket_paths(shares);
+        files.extend(
+            shares
+                .iter()
+                .map(|s| self.path(&format!("{}.pid", fs_socket_name(&s.tag)))),
+        );
+        files
+    }
+
+    fn preflight(&self, st: &State) -> Result<(), HypervisorError> {
+        let binary = |what: &str, path: &Path| {
+            if is_executable(path) {
+                Ok(())
+            } else {
+                Err(HypervisorError::MissingBinary {
+                    id: self.id.clone(),
+                    what: what.to_owned(),
+                    path: path.to_owned(),
+                })
+            }
+        };
+        binary("boxlite-vmm (hypervisor.vmm_binary)", &self.bins.vmm_binary)?;
+        if !st.shares.is_empty() {
+            binary(
+                "virtiofsd (hypervisor.virtiofsd_binary)",
+                &self.bins.virtiofsd_binary,
+            )?;
+        }
+        for (what, key, path) in [
+            ("guest kernel", "guest.kernel", &self.kernel),
+            ("guest initramfs", "guest.initramfs", &self.initramfs),
+        ] {
+            if !path.is_file() {
+                return Err(HypervisorError::MissingAsset {
+                    id: self.id.clone(),
+                    what,
+                    key,
+                    path: path.clone(),
+                });
+            }
+        }
+        for share in &st.shares {
+            if !share.host_dir.is_dir() {
+                return Err(HypervisorError::InvalidShare {
+                    id: self.id.clone(),
+                    tag: share.tag.clone(),
+                    reason: format!(
+                        "host directory {} does not exist or is not a directory",
+                        share.host_dir.display()
+                    ),
+                });
+            }
+        }
+        for path in self.socket_paths(&st.shares) {
+            let len = path.as_os_str().len();
+            if len > MAX_SOCKET_PATH_LEN {
+                return Err(HypervisorError::SocketPathTooLong {
+                    id: self.id.clone(),
+                    path,
+                    len,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The VMM's JSON config (see `docs/vmm.md`). `tap_fds` are the raw fds
+    /// of `nets` the VMM inherits, in order (None for named taps).
+    pub fn vm_config(&self, shares: &[Share], nets: &[(Option<RawFd>, &NetDevice)]) -> Value {
+        let mut devices = vec![
+            json!({"kind": "rng"}),
+            json!({"kind": "vsock", "guest_cid": GUEST_CID, "uds_path": self.path(VSOCK_SOCKET)}),
+        ];
+        for share in shares {
+            devices.push(json!({
+                "kind": "fs",
+                "tag": share.tag,
+                "socket_path": self.path(&fs_socket_name(&share.tag)),
+            }));
+        }
+        for (fd, net) in nets {
+            let mut d = json!({"kind": "net", "mac": net.mac.to_string()});
+            match (&net.tap, fd) {
+                (TapDevice::Name(name), _) => d["tap_name"] = json!(name),
+                (TapDevice::Fd(_), Some(fd)) => d["tap_fd"] = json!(fd),
+                (TapDevice::Fd(f), None) => d["tap_fd"] = json!(f.as_raw_fd()),
+            }
+            devices.push(d);
+        }
+        json!({
+            "vcpus": self.vcpus,
+            "memory_mib": self.memory_mib,
+            "kernel": self.kernel,
+            "initramfs": self.initramfs,
+            "cmdline": self.cmdline_extra.join(" "),
+            "console_log": self.path(CONSOLE_LOG),
+            "control_socket": self.path(CONTROL_SOCKET),
+            "sandbox_dir": self.dir,
+            "devices": devices,
+        })
+    }
+
+    async fn spawn_all(&self, st: &mut State) -> Result<(), HypervisorError> {
+        for share in st.shares.clone() {
+            let socket = self.path(&fs_socket_name(&share.tag));
+            let args = virtiofsd_args(&socket, &share);
+            let bin = self.bins.virtiofsd_binary.clone();
+            let p = spawn_process(
+                &self.id,
+                &self.dir,
+                Role::Fs(share.tag.clone()),
+                &bin,
+                args,
+                Some(socket),
+                Vec::new(),
+            )?;
+            st.procs.push(p);
+        }
+        wait_for_sockets(&self.id, &mut st.procs).await?;
+
+        let fds: Vec<Option<RawFd>> = st
+            .nets
+            .iter()
+            .map(|n| match &n.tap {
+                TapDevice::Fd(fd) => Some(fd.as_raw_fd()),
+                TapDevice::Name(_) => None,
+            })
+            .collect();
+        let nets: Vec<(Option<RawFd>, &NetDevice)> =
+            fds.iter().copied().zip(st.nets.iter()).collect();
+        let cfg = self.vm_config(&st.shares, &nets);
+        let cfg_path = self.path(VM_CONFIG);
+        std::fs::write(&cfg_path, format!("{cfg:#}\n")).map_err(|error| HypervisorError::Io {
+            id: self.id.clone(),
+            op: "cannot write the VM config",
+            path: cfg_path.clone(),
+            error,
+        })?;
+        let args: Vec<OsString> = vec!["--config".into(), cfg_path.into_os_string()];
+        tracing::info!(sandbox_id = %self.id, binary = %self.bins.vmm_binary.display(), "starting boxlite-vmm");
+        let inherit: Vec<RawFd> = fds.into_iter().flatten().collect();
+        let bin = self.bins.vmm_binary.clone();
+        let p = spawn_process(&self.id, &self.dir, Role::Vmm, &bin, args, None, inherit)?;
+        self.pid.store(p.pid, Ordering::SeqCst);
+        st.procs.push(p);
+        // The VMM has its copies now.
+        st.nets.clear();
+        Ok(())
+    }
+
+    fn teardown(&self, st: &mut State) {
+        kill_and_reap(&self.id, &mut st.procs, &self.transient_files(&st.shares));
+        st.nets.clear();
+        self.pid.store(0, Ordering::SeqCst);
+        st.phase = Phase::Stopped;
+    }
+
+    /// Sends one control request and returns the reply line (blocking, with
+    /// a short timeout: the VMM answers from its event loop).
+    pub fn control_request(&self, op: &str) -> std::io::Result<Value> {
+        control_request(&self.path(CONTROL_SOCKET), op)
+    }
+
+    /// Waits until the VMM has exited or `deadline` passes; true if it exited.
+    async fn wait_vmm_exit(&self, deadline: Instant) -> bool {
+        loop {
+            {
+                let mut st = self.state.lock().await;
+                match st.procs.iter_mut().find(|p| p.role == Role::Vmm) {
+                    Some(p) => {
+                        if let Some(status) = p.poll() {
+                            tracing::debug!(sandbox_id = %self.id, %status, "boxlite-vmm exited");
+                            return true;
+                        }
+                    }
+                    None => return true,
+                }
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(POLL_INTERVAL * 5).await;
+        }
+    }
+
+    async fn wait_helpers_exit(&self, grace: Duration) {
+        let until = Instant::now() + grace;
+        loop {
+            {
+                let mut st = self.state.lock().await;
+                if st
+                    .procs
+                    .iter_mut()
+                    .filter(|p| matches!(p.role, Role::Fs(_)))
+                    .all(|p| p.poll().is_some())
+                {
+                    return;
+                }
+            }
+            if Instant::now() >= until {
+                return;
+            }
+            tokio::time::sleep(POLL_INTERVAL * 2).await;
+        }
+    }
+}
+
+/// One request on a VMM control socket: writes `{"op": op}`, reads the
+/// reply line (2 s timeout each way).
+pub fn control_request(socket: &Path, op: &str) -> std::io::Result<Value> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.set_write_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(format!("{}\n", json!({ "op": op })).as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    serde_json::from_str(&line).map_err(std::io::Error::other)
+}
+
+fn check_share(id: &str, existing: &[Share], share: &Share) -> Result<(), HypervisorError> {
+    validate_share_tag(id, &share.tag)?;
+    let invalid = |reason: String| HypervisorError::InvalidShare {
+        id: id.to_owned(),
+        tag: share.tag.clone(),
+        reason,
+    };
+    if existing.iter().any(|s| s.tag == share.tag) {
+        return Err(invalid("a share with this tag was already added".into()));
+    }
+    if !share.host_dir.is_absolute() {
+        return Err(invalid(format!(
+            "host directory {} is not an absolute path",
+            share.host_dir.display()
+        )));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Hypervisor for BuiltinHypervisor {
+    fn sandbox_id(&self) -> &str {
+        &self.id
+    }
+
+    async fn add_share(
+        &self,
+        tag: &str,
+        host_dir: &Path,
+        read_only: bool,
+    ) -> Result<(), HypervisorError> {
+        let mut st = self.state.lock().await;
+        if st.phase != Phase::Created {
+            return Err(HypervisorError::InvalidState {
+                id: self.id.clone(),
+                op: "add a share",
+                state: st.phase.name(),
+            });
+        }
+        let share = Share {
+            tag: tag.to_owned(),
+            host_dir: host_dir.to_owned(),
+            read_only,
+        };
+        check_share(&self.id, &st.shares, &share)?;
+        st.shares.push(share);
+        Ok(())
+    }
+
+    async fn add_net(&self, tap: TapDevice, mac: MacAddr) -> Result<(), HypervisorError> {
+        let mut st = self.state.lock().await;
+        if st.phase != Phase::Created {
+            return Err(HypervisorError::InvalidState {
+                id: self.id.clone(),
+                op: "add a network device",
+                state: st.phase.name(),
+            });
+        }
+        check_tap(&tap)?;
+        st.nets.push(NetDevice { tap, mac });
+        Ok(())
+    }
+
+    async fn start(&self) -> Result<(), HypervisorError> {
+        let mut st = self.state.lock().await;
+        if st.phase != Phase::Created {
+            return Err(HypervisorError::InvalidState {
+                id: self.id.clone(),
+                op: "start",
+                state: st.phase.name(),
+            });
+        }
+        self.preflight(&st)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(|error| HypervisorError::Io {
+                id: self.id.clone(),
+                op: "cannot create the sandbox directory",
+                path: self.dir.clone(),
+                error,
+            })?;
+        for file in self.transient_files(&st.shares) {
+            let _ = std::fs::remove_file(file);
+        }
+        let console = self.path(CONSOLE_LOG);
+        File::create(&console).map_err(|error| HypervisorError::Io {
+            id: self.id.clone(),
+            op: "cannot create the console log",
+            path: console.clone(),
+            error,
+        })?;
+        let started_at = Instant::now();
+        match self.spawn_all(&mut st).await {
+            Ok(()) => {
+                st.phase = Phase::Running;
+                st.started_at = Some(started_at);
+                tracing::info!(sandbox_id = %self.id, pid = self.pid.load(Ordering::SeqCst), "VM started");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(sandbox_id = %self.id, error = %e, "VM start failed; cleaning up");
+                self.teardown(&mut st);
+                Err(e)
+            }
+        }
+    }
+
+    async fn wait_ready(&self) -> Result<AgentConnection, HypervisorError> {
+        let started_at = {
+            let st = self.state.lock().await;
+            match (st.phase, st.started_at) {
+                (Phase::Running, Some(at)) => at,
+                (phase, _) => {
+                    return Err(HypervisorError::InvalidState {
+                        id: self.id.clone(),
+                        op: "wait for the agent",
+                        state: phase.name(),
+                    })
+                }
+            }
+        };
+        let deadline = started_at + self.agent_ready_timeout;
+        let result = wait_for_agent(self, deadline, self.agent_ready_timeout).await;
+        if result.is_ok() {
+            tracing::info!(sandbox_id = %self.id, elapsed_ms = started_at.elapsed().as_millis() as u64, "agent ready");
+        }
+        result
+    }
+
+    async fn stop(&self) -> Result<(), HypervisorError> {
+        {
+            let mut st = self.state.lock().await;
+            match st.phase {
+                Phase::Created => {
+                    st.nets.clear();
+                    st.phase = Phase::Stopped;
+                    return Ok(());
+                }
+                Phase::Stopping | Phase::Stopped => return Ok(()),
+                Phase::Running => st.phase = Phase::Stopping,
+            }
+        }
+        let deadline = Instant::now() + self.shutdown_timeout;
+        let alive = {
+            let mut st = self.state.lock().await;
+            st.procs
+                .iter_mut()
+                .find(|p| p.role == Role::Vmm)
+                .is_some_and(|p| p.poll().is_none())
+        };
+        if alive {
+            request_agent_shutdown(
+                &self.id,
+                &self.hybrid_vsock(),
+                self.shutdown_timeout,
+                deadline,
+            )
+            .await;
+        }
+        let mut exited = self.wait_vmm_exit(deadline).await;
+        if !exited {
+            // Fallback: the VMM stops its vCPUs and exits (code 0).
+            tracing::warn!(sandbox_id = %self.id, "VM did not exit after the agent shutdown; asking the VMM over its control socket");
+            let socket = self.path(CONTROL_SOCKET);
+            match tokio::task::spawn_blocking(move || control_request(&socket, "shutdown")).await {
+                Ok(Ok(reply)) => tracing::debug!(sandbox_id = %self.id, %reply, "control shutdown"),
+                Ok(Err(e)) => {
+                    tracing::warn!(sandbox_id = %self.id, error = %e, "control shutdown failed")
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox_id = %self.id, error = %e, "control shutdown task failed")
+                }
+            }
+            exited = self
+                .wait_vmm_exit(Instant::now() + CONTROL_SHUTDOWN_GRACE)
+                .await;
+        }
+        if exited {
+            self.wait_helpers_exit(HELPER_EXIT_GRACE).await;
+        } else {
+            tracing::warn!(sandbox_id = %self.id, "VM did not exit; killing it");
+        }
+        let mut st = self.state.lock().await;
+        self.teardown(&mut st);
+        Ok(())
+    }
+
+    async fn kill(&self) -> Result<(), HypervisorError> {
+        let mut st = self.state.lock().await;
+        self.teardown(&mut st);
+        Ok(())
+    }
+
+    async fn check_alive(&self) -> Result<(), HypervisorError> {
+        let mut st = self.state.lock().await;
+        match st.phase {
+            Phase::Created => return Ok(()),
+            Phase::Running => {}
+            phase => {
+                return Err(HypervisorError::InvalidState {
+                    id: self.id.clone(),
+                    op: "use the VM",
+                    state: phase.name(),
+                })
+            }
+        }
+        for p in &mut st.procs {
+            if let Some(status) = p.poll() {
+                return Err(HypervisorError::ProcessExited(Box::new(ExitReport {
+                    id: self.id.clone(),
+                    what: p.role.describe(),
+                    pid: p.pid,
+                    status,
+                    log: p.log.clone(),
+                    last_line: last_line(&p.log),
+                    socket: None,
+                    console_log: Some(self.console_log_path()),
+                })));
+            }
+        }
+        Ok(())
+    }
+
+    fn pid(&self) -> Option<u32> {
+        match self.pid.load(Ordering::SeqCst) {
+            0 => None,
+            pid => Some(pid),
+        }
+    }
+
+    fn vsock_socket_path(&self) -> PathBuf {
+        self.path(VSOCK_SOCKET)
+    }
+
+    fn console_log_path(&self) -> PathBuf {
+        self.path(CONSOLE_LOG)
+    }
+}
+
+impl Drop for BuiltinHypervisor {
+    fn drop(&mut self) {
+        let st = self.state.get_mut();
+        if !st.procs.is_empty() {
+            tracing::warn!(sandbox_id = %self.id, "VM dropped while running; killing it");
+            let mut st = std::mem::replace(
+                st,
+                State {
+                    phase: Phase::Stopped,
+                    shares: Vec::new(),
+                    nets: Vec::new(),
+                    procs: Vec::new(),
+                    started_at: None,
+                },
+            );
+            self.teardown(&mut st);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, ResolvedAccel, ResolvedBackend};
+    use std::os::unix::fs::PermissionsExt;
+
+    struct Rig {
+        tmp: tempfile::TempDir,
+    }
+
+    impl Rig {
+        fn new() -> Self {
+            Self {
+                tmp: tempfile::tempdir().unwrap(),
+            }
+        }
+        fn path(&self, name: &str) -> PathBuf {
+            self.tmp.path().join(name)
+        }
+        fn script(&self, name: &str, body: &str) -> PathBuf {
+            let path = self.path(name);
+            std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            path
+        }
+        fn file(&self, name: &str) -> PathBuf {
+            let path = self.path(name);
+            std::fs::write(&path, "x").unwrap();
+            path
+        }
+        fn bins(&self, vmm: PathBuf, fs: PathBuf) -> ResolvedHypervisor {
+            ResolvedHypervisor {
+                backend: ResolvedBackend::Builtin,
+                accel: ResolvedAccel::Kvm,
+                accel_reason: "test".into(),
+                qemu_binary: "qemu-system-x86_64".into(),
+                virtiofsd_binary: fs,
+                vhost_vsock_binary: "vhost-device-vsock".into(),
+                vmm_binary: vmm,
+            }
+        }
+        fn spec(&self) -> VmSpec {
+            let mut config = Config::default();
+            config.runtime.state_dir = self.path("state");
+            config.guest.kernel = self.file("vmlinux");
+            config.guest.initramfs = self.file("initramfs");
+            config.guest.kernel_cmdline_extra = "quiet".into();
+            config.timeouts.agent_ready_secs = 2;
+            config.timeouts.shutdown_secs = 1;
+            VmSpec::from_config(&config, "sb1").unwrap()
+        }
+        fn sandbox(&self) -> PathBuf {
+            self.path("state/sb1")
+        }
+        /// virtiofsd stand-in: creates its socket (and lock file), sleeps.
+        fn fake_virtiofsd(&self) -> PathBuf {
+            self.script(
+                "virtiofsd",
+                r#"while [ $# -gt 0 ]; do case "$1" in --socket-path) shift; s="$1";; esac; shift; done
+: > "$s"; : > "$s.pid"
+exec sleep 30"#,
+            )
+        }
+        /// VMM stand-in: records its arguments and config, lists its open
+        /// fds, creates the sockets a real one would, sleeps.
+        fn fake_vmm(&self) -> PathBuf {
+            self.script(
+                "boxlite-vmm",
+                &format!(
+                    r#"echo "$@" > {args}
+cp "$2" {cfg}
+ls /proc/$$/fd > {fds}
+d=$(dirname "$2"); : > "$d/vsock.sock"; : > "$d/control.sock"
+exec sleep 30"#,
+                    args = self.path("vmm.args").display(),
+                    cfg = self.path("vmm.json").display(),
+                    fds = self.path("vmm.fds").display(),
+                ),
+            )
+        }
+        fn leftovers(&self) -> Vec<String> {
+            let mut names: Vec<String> = std::fs::read_dir(self.sandbox())
+                .map(|d| {
+                    d.map(|e| e.unwrap().file_name().into_string().unwrap())
+                        .filter(|n| n.ends_with(".sock") || n.ends_with(".pid"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            names.sort();
+            names
+        }
+    }
+
+    fn pid_alive(pid: u32) -> bool {
+        Path::new(&format!("/proc/{pid}")).exists()
+    }
+
+    #[tokio::test]
+    async fn start_writes_the_vm_config_and_hands_the_tap_fd_to_the_vmm_only() {
+        let rig = Rig::new();
+        let hv = BuiltinHypervisor::new(rig.spec(), rig.bins(rig.fake_vmm(), rig.fake_virtiofsd()))
+            .unwrap();
+        let share = rig.path("share");
+        std::fs::create_dir(&share).unwrap();
+        hv.add_share("rootfs", &share, true).await.unwrap();
+        // Any fd stands in for a tap: the backend only passes it on.
+        let tap: std::os::fd::OwnedFd = File::open("/dev/null").unwrap().into();
+        let tap_fd = tap.as_raw_fd();
+        hv.add_net(TapDevice::Fd(tap), "02:00:00:00:00:01".parse().unwrap())
+            .await
+            .unwrap();
+        hv.start().await.unwrap();
+        let pid = hv.pid().expect("running");
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while !rig.path("vmm.fds").exists() {
+            assert!(std::time::Instant::now() < end, "fake vmm did not run");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let sb = rig.sandbox();
+        let args = std::fs::read_to_string(rig.path("vmm.args")).unwrap();
+        assert_eq!(
+            args.trim(),
+            format!("--config {}", sb.join("vm.json").display())
+        );
+        let cfg: Value =
+            serde_json::from_str(&std::fs::read_to_string(rig.path("vmm.json")).unwrap()).unwrap();
+        assert_eq!(cfg["vcpus"], 1, "{cfg}");
+        assert_eq!(cfg["cmdline"], "quiet");
+        assert_eq!(cfg["sandbox_dir"], json!(sb));
+        assert_eq!(cfg["control_socket"], json!(sb.join("control.sock")));
+        assert_eq!(cfg["console_log"], json!(sb.join("console.log")));
+        let devs = cfg["devices"].as_array().unwrap();
+        assert_eq!(devs[0]["kind"], "rng");
+        assert_eq!(devs[1]["kind"], "vsock");
+        assert_eq!(devs[1]["uds_path"], json!(sb.join("vsock.sock")));
+        assert_eq!(devs[2]["kind"], "fs");
+        assert_eq!(devs[2]["tag"], "rootfs");
+        assert_eq!(devs[2]["socket_path"], json!(sb.join("fs-rootfs.sock")));
+        assert_eq!(devs[3]["kind"], "net");
+        assert_eq!(devs[3]["tap_fd"], tap_fd);
+        assert_eq!(devs[3]["mac"], "02:00:00:00:00:01");
+        let fds = std::fs::read_to_string(rig.path("vmm.fds")).unwrap();
+        assert!(
+            fds.lines().any(|l| l == tap_fd.to_string()),
+            "tap fd {tap_fd} not inherited: {fds}"
+        );
+        assert!(std::fs::read_to_string(sb.join("boxlite-vmm.pid"))
+            .unwrap()
+            .starts_with(&pid.to_string()));
+        hv.check_alive().await.unwrap();
+
+        hv.kill().await.unwrap();
+        assert!(!pid_alive(pid));
+        assert_eq!(rig.leftovers(), Vec::<String>::new());
+        assert!(hv.pid().is_none());
+    }
+
+    #[tokio::test]
+    async fn missing_vmm_binary_fails_before_spawning() {
+        let rig = Rig::new();
+        let hv = BuiltinHypervisor::new(rig.spec(), rig.bins(rig.path("nope"), rig.path("nope2")))
+            .unwrap();
+        let err = hv.start().await.unwrap_err().to_string();
+        assert!(err.contains("hypervisor.vmm_binary"), "{err}");
+        assert!(!rig.sandbox().exists());
+    }
+
+    #[tokio::test]
+    async fn vmm_dying_early_is_reported_with_its_log() {
+        let rig = Rig::new();
+        let vmm = rig.script(
+            "boxlite-vmm",
+            "echo 'ERROR Jail setup failed: landlock' >&2; exit 5",
+        );
+        let hv = BuiltinHypervisor::new(rig.spec(), rig.bins(vmm, rig.path("nope"))).unwrap();
+        hv.start().await.unwrap();
+        let started = std::time::Instant::now();
+        let err = hv.wait_ready().await.unwrap_err().to_string();
+        assert!(started.elapsed() < Duration::from_secs(2), "fails fast");
+        assert!(err.contains("boxlite-vmm"), "{err}");
+        assert!(err.contains("exit status: 5"), "{err}");
+        assert!(err.contains("Jail setup failed"), "{err}");
+        hv.stop().await.unwrap();
+        assert_eq!(rig.leftovers(), Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn stop_falls_back_to_the_control_socket() {
+        let rig = Rig::new();
+        // A VMM that serves the control socket (python3) but whose guest
+        // agent never answers.
+        let vmm = rig.script(
+            "boxlite-vmm",
+            &format!(
+                r#"exec python3 - "$2" <<'EOF'
+import json, os, socket, sys
+cfg = json.load(open(sys.argv[1]))
+s = socket.socket(socket.AF_UNIX); s.bind(cfg["control_socket"]); s.listen(1)
+c, _ = s.accept()
+req = json.loads(c.makefile().readline())
+open("{marker}", "w").write(req["op"])
+c.sendall(b'{{"ok":true,"state":"stopping","exit_code":0}}\n')
+os.unlink(cfg["control_socket"])
+EOF"#,
+                marker = rig.path("control.op").display()
+            ),
+        );
+        let hv = BuiltinHypervisor::new(rig.spec(), rig.bins(vmm, rig.path("nope"))).unwrap();
+        hv.start().await.unwrap();
+        let pid = hv.pid().unwrap();
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while !rig.sandbox().join(CONTROL_SOCKET).exists() {
+            assert!(std::time::Instant::now() < end, "control socket");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let started = std::time::Instant::now();
+        hv.stop().await.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            std::fs::read_to_string(rig.path("control.op")).unwrap(),
+            "shutdown"
+        );
+        assert!(!pid_alive(pid));
+        assert_eq!(rig.leftovers(), Vec::<String>::new());
+        // Idempotent.
+        hv.stop().await.unwrap();
+        hv.kill().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn drop_kills_everything() {
+        let rig = Rig::new();
+        let hv = BuiltinHypervisor::new(rig.spec(), rig.bins(rig.fake_vmm(), rig.fake_virtiofsd()))
+            .unwrap();
+        let share = rig.path("share");
+        std::fs::create_dir(&share).unwrap();
+        hv.add_share("s0", &share, false).await.unwrap();
+        hv.start().await.unwrap();
+        let pid = hv.pid().unwrap();
+        assert!(hv.add_share("s1", &share, false).await.is_err());
+        drop(hv);
+        assert!(!pid_alive(pid));
+        assert_eq!(rig.leftovers(), Vec::<String>::new());
+    }
+}

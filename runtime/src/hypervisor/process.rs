@@ -1,0 +1,340 @@
+//! Spawning and reaping the processes of a VM, shared by the backends:
+//! the VMM process (`qemu` or `boxlite-vmm`) and its helper daemons
+//! (`vhost-device-vsock`, one `virtiofsd` per share). Each process has its
+//! stdout/stderr in `<sandbox>/<stem>.log` and its pid in `<stem>.pid` (for
+//! [`super::cleanup_stale_processes`]); tap fds go to the VMM process only.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::os::fd::RawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::time::Instant;
+
+use boxlite_protocol::agent::DestroySandboxRequest;
+
+use super::{AgentConnection, ExitReport, HypervisorError, Share, TapDevice};
+use crate::hybrid_vsock::HybridVsock;
+
+/// Budget for connecting to the agent in `stop`.
+const STOP_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a helper daemon gets to create its socket.
+pub const HELPER_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long we wait for a killed process to be reaped.
+pub const REAP_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// virtiofsd's arguments for `share` on vhost-user socket `socket`.
+pub fn virtiofsd_args(socket: &Path, share: &Share) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        "--socket-path".into(),
+        socket.to_path_buf().into_os_string(),
+        "--shared-dir".into(),
+        share.host_dir.clone().into_os_string(),
+        // The shim is the sandbox: virtiofsd's own namespace sandbox
+        // needs privileges we may not have and buys little here.
+        "--sandbox=none".into(),
+        "--cache=auto".into(),
+        "--announce-submounts".into(),
+        // Container images carry file capabilities and SELinux labels.
+        "--xattr".into(),
+    ];
+    if share.read_only {
+        args.push("--readonly".into());
+    }
+    args
+}
+
+/// Kills (SIGKILL) and reaps every process, last first (the VMM is last,
+/// so helpers never see a live frontend lose its backend), removes their
+/// pid files and then `files` (sockets, lock files).
+pub fn kill_and_reap(id: &str, procs: &mut Vec<Proc>, files: &[PathBuf]) {
+    for p in procs.iter_mut().rev() {
+        if p.poll().is_none() {
+            tracing::debug!(sandbox_id = %id, pid = p.pid, "killing {}", p.role.describe());
+            p.signal(Signal::SIGKILL);
+            p.reap_blocking(REAP_TIMEOUT);
+        }
+    }
+    for p in procs.drain(..) {
+        let _ = std::fs::remove_file(&p.pid_file);
+    }
+    for file in files {
+        match std::fs::remove_file(file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(socket = %file.display(), error = %e, "cannot remove socket")
+            }
+        }
+    }
+}
+
+/// Which process a [`Proc`] is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    Vsock,
+    Fs(String),
+    Qemu,
+    /// `boxlite-vmm` (builtin backend).
+    Vmm,
+}
+
+impl Role {
+    /// For messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Role::Vsock => "vhost-device-vsock".into(),
+            Role::Fs(tag) => format!("virtiofsd for share {tag:?}"),
+            Role::Qemu => "qemu".into(),
+            Role::Vmm => "boxlite-vmm".into(),
+        }
+    }
+
+    /// Base name of its log and pid files.
+    pub fn stem(&self) -> String {
+        match self {
+            Role::Vsock => "vhost-device-vsock".into(),
+            Role::Fs(tag) => format!("virtiofsd-{tag}"),
+            Role::Qemu => "qemu".into(),
+            Role::Vmm => "boxlite-vmm".into(),
+        }
+    }
+}
+
+/// A spawned process we own.
+#[derive(Debug)]
+pub struct Proc {
+    pub role: Role,
+    child: Child,
+    pub pid: u32,
+    pub log: PathBuf,
+    pub pid_file: PathBuf,
+    /// The socket a helper creates when it is ready.
+    pub socket: Option<PathBuf>,
+    status: Option<ExitStatus>,
+}
+
+impl Proc {
+    /// The exit status, once the process has exited (reaps it).
+    pub fn poll(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            match self.child.try_wait() {
+                Ok(status) => self.status = status,
+                Err(e) => tracing::warn!(pid = self.pid, error = %e, "waitpid failed"),
+            }
+        }
+        self.status
+    }
+
+    pub fn signal(&mut self, signal: Signal) {
+        if self.poll().is_some() {
+            return;
+        }
+        let pid = Pid::from_raw(i32::try_from(self.pid).expect("pids fit in i32"));
+        if let Err(e) = kill(pid, signal) {
+            tracing::warn!(pid = self.pid, %signal, error = %e, "cannot signal {}", self.role.describe());
+        }
+    }
+
+    /// Blocks until the process is reaped or `limit` passes. Only used after
+    /// SIGKILL, when exit takes milliseconds.
+    pub fn reap_blocking(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let until = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.poll() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= until {
+                tracing::error!(
+                    pid = self.pid,
+                    "{} did not exit after SIGKILL",
+                    self.role.describe()
+                );
+                return None;
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+}
+
+/// Spawns one process with its output in `<dir>/<stem>.log` and writes
+/// its pid file `<dir>/<stem>.pid`. `inherit_fds` (tap fds) are handed
+/// to this child only.
+pub fn spawn_process(
+    id: &str,
+    dir: &Path,
+    role: Role,
+    binary: &Path,
+    args: Vec<OsString>,
+    socket: Option<PathBuf>,
+    inherit_fds: Vec<RawFd>,
+) -> Result<Proc, HypervisorError> {
+    let stem = role.stem();
+    let log = dir.join(format!("{stem}.log"));
+    let io_err = |op, path: &Path, error| HypervisorError::Io {
+        id: id.to_owned(),
+        op,
+        path: path.to_owned(),
+        error,
+    };
+    let out = File::create(&log).map_err(|e| io_err("cannot create log file", &log, e))?;
+    let err = out
+        .try_clone()
+        .map_err(|e| io_err("cannot duplicate log file", &log, e))?;
+    let mut cmd = Command::new(binary);
+    cmd.args(&args).stdin(Stdio::null()).stdout(out).stderr(err);
+    if !inherit_fds.is_empty() {
+        // SAFETY: runs in the child between fork and exec; it only calls
+        // fcntl, which is async-signal-safe, on fds the parent owns and
+        // keeps open until spawn returns. Clearing FD_CLOEXEC here hands
+        // the tap fds to this child only: in the parent they stay
+        // close-on-exec, so no other child inherits them.
+        unsafe {
+            cmd.pre_exec(move || {
+                for fd in &inherit_fds {
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+    tracing::debug!(sandbox_id = %id, binary = %binary.display(), ?args, "spawning {}", role.describe());
+    let child = cmd.spawn().map_err(|error| HypervisorError::Spawn {
+        id: id.to_owned(),
+        what: role.describe(),
+        binary: binary.to_owned(),
+        error,
+    })?;
+    let pid = child.id();
+    let pid_file = dir.join(format!("{stem}.pid"));
+    let mut p = Proc {
+        role,
+        child,
+        pid,
+        log,
+        pid_file: pid_file.clone(),
+        socket,
+        status: None,
+    };
+    if let Err(e) = std::fs::write(&pid_file, format!("{pid}\n")) {
+        p.signal(Signal::SIGKILL);
+        p.reap_blocking(REAP_TIMEOUT);
+        return Err(io_err("cannot write pid file", &pid_file, e));
+    }
+    Ok(p)
+}
+
+/// Waits until every process with a `socket` has created it; fails at
+/// once if one exits first, or after [`HELPER_READY_TIMEOUT`].
+pub async fn wait_for_sockets(id: &str, procs: &mut [Proc]) -> Result<(), HypervisorError> {
+    let started = Instant::now();
+    loop {
+        let mut pending = false;
+        for p in procs.iter_mut() {
+            let Some(socket) = p.socket.clone() else {
+                continue;
+            };
+            if socket.exists() {
+                continue;
+            }
+            if let Some(status) = p.poll() {
+                return Err(HypervisorError::HelperExited(Box::new(ExitReport {
+                    id: id.to_owned(),
+                    what: p.role.describe(),
+                    pid: p.pid,
+                    status,
+                    log: p.log.clone(),
+                    last_line: last_line(&p.log),
+                    socket: Some(socket),
+                    console_log: None,
+                })));
+            }
+            if started.elapsed() >= HELPER_READY_TIMEOUT {
+                return Err(HypervisorError::HelperTimeout {
+                    id: id.to_owned(),
+                    what: p.role.describe(),
+                    socket,
+                    waited: HELPER_READY_TIMEOUT,
+                    log: p.log.clone(),
+                });
+            }
+            pending = true;
+        }
+        if !pending {
+            return Ok(());
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+pub fn check_tap(tap: &TapDevice) -> Result<(), HypervisorError> {
+    if let TapDevice::Name(name) = tap {
+        // IFNAMSIZ is 16 with the NUL; the name also goes into a QEMU option.
+        let ok = !name.is_empty()
+            && name.len() <= 15
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if !ok {
+            return Err(HypervisorError::InvalidTap {
+                name: name.clone(),
+                reason: "a tap name must be 1..=15 characters of A-Z a-z 0-9 _ - .",
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The last non-empty line of a log, at most 300 characters.
+pub fn last_line(log: &Path) -> Option<String> {
+    let text = std::fs::read(log).ok()?;
+    let tail = &text[text.len().saturating_sub(4096)..];
+    let text = String::from_utf8_lossy(tail);
+    let line = text.lines().rev().map(str::trim).find(|l| !l.is_empty())?;
+    Some(line.chars().take(300).collect())
+}
+
+pub fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Asks the agent to shut the sandbox down (it answers, then reboots the
+/// guest, which ends the VMM process). Failures are logged: `stop` kills anyway.
+pub async fn request_agent_shutdown(
+    id: &str,
+    vsock: &HybridVsock,
+    shutdown_timeout: Duration,
+    deadline: Instant,
+) {
+    let remaining = || deadline.saturating_duration_since(Instant::now());
+    let budget = STOP_CONNECT_TIMEOUT.min(remaining());
+    let conn = match AgentConnection::connect(vsock, budget).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::warn!(sandbox_id = %id, error = %e, "cannot reach the agent to shut down; killing the VM");
+            return;
+        }
+    };
+    // Half the budget for the containers, the rest for the guest's own
+    // shutdown.
+    let req = DestroySandboxRequest {
+        timeout_secs: u32::try_from((shutdown_timeout.as_secs() / 2).max(1)).unwrap_or(u32::MAX),
+        ..Default::default()
+    };
+    let ctx = ttrpc::context::with_duration(remaining().max(Duration::from_millis(1)));
+    if let Err(e) = conn.agent().destroy_sandbox(ctx, &req).await {
+        // The guest may reboot before the answer leaves: not an error
+        // as long as QEMU exits.
+        tracing::debug!(sandbox_id = %id, error = %e, "DestroySandbox did not answer");
+    }
+}
