@@ -21,5 +21,7 @@ pub mod sandbox;
 pub mod shim;
 pub mod stdio;
 pub mod task_service;
+#[cfg(test)]
+pub mod test_utils;
 
 pub use error::ShimError;

@@ -143,3 +143,7 @@ impl Task for TaskService {
         .into())
     }
 }
+
+#[cfg(test)]
+#[path = "task_service_tests.rs"]
+mod tests;

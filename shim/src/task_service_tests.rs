@@ -1,0 +1,649 @@
+//! Every Task call and state transition, over real ttrpc, against the fake
+//! guest of `test_utils` (fake agent, fake stdio streams, fake VM).
+//!
+//! Create bind-mounts the bundle's rootfs, so these tests need root; without
+//! it they say so and pass (CI runs them as root).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use containerd_shim::api::*;
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
+use containerd_shim_protos::protobuf::{Message, MessageField};
+use containerd_shim_protos::shim_async::{create_task, TaskClient};
+use ttrpc::Code;
+
+use crate::events::RecordingSink;
+use crate::sandbox::Sandbox;
+use crate::task_service::TaskService;
+use crate::test_utils::{FakeAgent, FakeFactory, FakeGuest, VmLog};
+
+const SANDBOX: &str = "sb1";
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+macro_rules! skip_unless_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: Create bind-mounts the rootfs and needs root");
+            return;
+        }
+    };
+}
+
+struct Harness {
+    tmp: tempfile::TempDir,
+    client: TaskClient,
+    agent: Arc<FakeAgent>,
+    events: Arc<RecordingSink>,
+    vms: Arc<VmLog>,
+    exit: Arc<containerd_shim::ExitSignal>,
+    _guest: FakeGuest,
+    _server: ttrpc::r#async::Server,
+}
+
+fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_duration(Duration::from_secs(20))
+}
+
+fn code_of<T: std::fmt::Debug>(r: ttrpc::Result<T>) -> (Code, String) {
+    match r {
+        Err(ttrpc::Error::RpcStatus(s)) => (s.code(), s.message().to_owned()),
+        other => panic!("expected a status, got {other:?}"),
+    }
+}
+
+impl Harness {
+    async fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let guest = FakeGuest::start(tmp.path()).await;
+        let vms = Arc::new(VmLog::default());
+        let factory = Arc::new(FakeFactory {
+            root: tmp.path().join("run"),
+            guest: guest.agent.clone(),
+            agent_sock: guest.agent_sock.clone(),
+            log: vms.clone(),
+        });
+        let events = Arc::new(RecordingSink::default());
+        let exit = Arc::new(containerd_shim::ExitSignal::default());
+        let sandbox = Sandbox::new(SANDBOX, "default", factory, events.clone(), exit.clone());
+        let service = create_task(Arc::new(TaskService::new(sandbox)));
+        let sock = tmp.path().join("shim.sock");
+        let mut server = ttrpc::r#async::Server::new()
+            .bind(&format!("unix://{}", sock.display()))
+            .unwrap()
+            .register_service(service);
+        server.start().await.unwrap();
+        let client = ttrpc::r#async::Client::connect(&format!("unix://{}", sock.display()))
+            .await
+            .unwrap();
+        Harness {
+            client: TaskClient::new(client),
+            agent: guest.agent.clone(),
+            events,
+            vms,
+            exit,
+            tmp,
+            _guest: guest,
+            _server: server,
+        }
+    }
+
+    fn sandbox_dir(&self) -> PathBuf {
+        self.tmp.path().join("run").join(SANDBOX)
+    }
+
+    /// A bundle with a rootfs directory and a default spec.
+    fn bundle(&self, id: &str, annotate: impl FnOnce(&mut oci_spec::runtime::Spec)) -> PathBuf {
+        let bundle = self.tmp.path().join("bundles").join(id);
+        std::fs::create_dir_all(bundle.join("rootfs/bin")).unwrap();
+        std::fs::write(bundle.join("rootfs/bin/sh"), "").unwrap();
+        let mut spec = oci_spec::runtime::Spec::default();
+        annotate(&mut spec);
+        spec.save(bundle.join("config.json")).unwrap();
+        bundle
+    }
+
+    fn create_req(&self, id: &str, stdout: &str) -> CreateTaskRequest {
+        CreateTaskRequest {
+            id: id.into(),
+            bundle: self.bundle(id, |_| {}).display().to_string(),
+            stdout: stdout.into(),
+            ..Default::default()
+        }
+    }
+
+    async fn create(&self, id: &str) -> String {
+        let out = self.tmp.path().join(format!("{id}.out"));
+        let uri = format!("file://{}", out.display());
+        self.client
+            .create(ctx(), &self.create_req(id, &uri))
+            .await
+            .unwrap();
+        out.display().to_string()
+    }
+
+    async fn state(&self, id: &str, exec_id: &str) -> StateResponse {
+        self.client
+            .state(
+                ctx(),
+                &StateRequest {
+                    id: id.into(),
+                    exec_id: exec_id.into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap()
+    }
+
+    async fn start(&self, id: &str, exec_id: &str) -> ttrpc::Result<StartResponse> {
+        self.client
+            .start(
+                ctx(),
+                &StartRequest {
+                    id: id.into(),
+                    exec_id: exec_id.into(),
+                    ..Default::default()
+                },
+            )
+            .await
+    }
+
+    async fn wait(&self, id: &str, exec_id: &str) -> WaitResponse {
+        self.client
+            .wait(
+                ctx(),
+                &WaitRequest {
+                    id: id.into(),
+                    exec_id: exec_id.into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap()
+    }
+
+    async fn kill(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> ttrpc::Result<Empty> {
+        self.client
+            .kill(
+                ctx(),
+                &KillRequest {
+                    id: id.into(),
+                    exec_id: exec_id.into(),
+                    signal,
+                    all,
+                    ..Default::default()
+                },
+            )
+            .await
+    }
+
+    async fn delete(&self, id: &str, exec_id: &str) -> ttrpc::Result<DeleteResponse> {
+        self.client
+            .delete(
+                ctx(),
+                &DeleteRequest {
+                    id: id.into(),
+                    exec_id: exec_id.into(),
+                    ..Default::default()
+                },
+            )
+            .await
+    }
+
+    async fn exec(&self, id: &str, exec_id: &str, terminal: bool, stdin: &str, stdout: &str) -> ttrpc::Result<Empty> {
+        let process = serde_json::json!({"args": ["sh"], "cwd": "/", "terminal": terminal, "user": {"uid": 0, "gid": 0}});
+        self.client
+            .exec(
+                ctx(),
+                &ExecProcessRequest {
+                    id: id.into(),
+                    exec_id: exec_id.into(),
+                    terminal,
+                    stdin: stdin.into(),
+                    stdout: stdout.into(),
+                    spec: MessageField::some(Any {
+                        type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+                        value: serde_json::to_vec(&process).unwrap(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            )
+            .await
+    }
+
+    async fn shutdown(&self) {
+        self.client
+            .shutdown(
+                ctx(),
+                &ShutdownRequest {
+                    id: SANDBOX.into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+    }
+
+    fn mounts_left(&self) -> Vec<PathBuf> {
+        crate::rootfs::mounts_under(self.tmp.path())
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        // Tests that end with containers still created leave their mounts:
+        // unmount everything under the temp dir before it is removed.
+        if let Err(e) = crate::rootfs::teardown(self.tmp.path()) {
+            eprintln!("test cleanup: {e}");
+        }
+    }
+}
+
+fn status_of(s: &StateResponse) -> Status {
+    s.status.enum_value().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_life_of_a_container() {
+    skip_unless_root!();
+    let h = Harness::new().await;
+    *h.agent.auto_exit.lock().unwrap() = Some(3);
+    let out = h.create(SANDBOX).await;
+
+    // One VM, with the shared dir as tag "shared", mounted by CreateSandbox.
+    assert_eq!(h.vms.started.load(Ordering::SeqCst), 1);
+    let shares = h.vms.shares.lock().unwrap().clone();
+    assert_eq!(shares.len(), 1);
+    assert_eq!(shares[0].0, "shared");
+    assert_eq!(shares[0].1, h.sandbox_dir().join("shared"));
+    let sreq = h.agent.sandbox_requests.lock().unwrap()[0].clone();
+    assert_eq!(sreq.sandbox_id, SANDBOX);
+    assert_eq!(sreq.shares[0].tag, "shared");
+    assert_eq!(sreq.shares[0].mount_point, "/run/boxlite/shares/shared");
+    // The agent got the spec with the guest rootfs path; the host side has
+    // the rootfs mounted on the share.
+    let spec = h.agent.specs.lock().unwrap()[SANDBOX].clone();
+    assert_eq!(spec["root"]["path"], "/run/boxlite/shares/shared/sb1/rootfs");
+    assert!(h.sandbox_dir().join("shared/sb1/rootfs/bin/sh").exists());
+    // state.json names the sandbox and the container.
+    let state = crate::sandbox::SandboxState::load(&h.sandbox_dir()).unwrap();
+    assert_eq!(state.containers, [SANDBOX]);
+    assert_eq!(state.vm_pid, Some(4242));
+
+    assert_eq!(status_of(&h.state(SANDBOX, "").await), Status::CREATED);
+    let pid = h.start(SANDBOX, "").await.unwrap().pid;
+    assert!(pid >= 100);
+    let w = h.wait(SANDBOX, "").await;
+    assert_eq!(w.exit_status, 3);
+    // Exit is reported only after stdout was drained (the fake sends its
+    // last line 200 ms after the exit).
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(text, "hello sb1/\nbye sb1/\n");
+    let st = h.state(SANDBOX, "").await;
+    assert_eq!(status_of(&st), Status::STOPPED);
+    assert_eq!(st.exit_status, 3);
+    assert_eq!(st.pid, pid);
+
+    let d = h.delete(SANDBOX, "").await.unwrap();
+    assert_eq!((d.pid, d.exit_status), (pid, 3));
+    assert!(h.mounts_left().is_empty(), "{:?}", h.mounts_left());
+    assert!(!h.sandbox_dir().join("shared/sb1").exists());
+    assert_eq!(
+        h.events.topics(),
+        ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
+    );
+    match &h.events.events()[2] {
+        crate::events::TaskEvent::Exit { container_id, id, pid: p, exit_status, .. } => {
+            assert_eq!((container_id.as_str(), id.as_str(), *p, *exit_status), (SANDBOX, SANDBOX, pid, 3));
+        }
+        other => panic!("{other:?}"),
+    }
+    // The state after delete: gone.
+    let r = h
+        .client
+        .state(ctx(), &StateRequest { id: SANDBOX.into(), ..Default::default() })
+        .await;
+    assert_eq!(code_of(r).0, Code::NOT_FOUND);
+
+    // Last container gone: Shutdown stops the VM, removes the directory and
+    // lets the shim exit.
+    h.shutdown().await;
+    tokio::time::timeout(Duration::from_secs(5), h.exit.wait())
+        .await
+        .expect("shim exit signalled");
+    assert_eq!(h.vms.stopped.load(Ordering::SeqCst), 1);
+    assert!(!h.sandbox_dir().exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn illegal_transitions_are_failed_precondition() {
+    skip_unless_root!();
+    let h = Harness::new().await;
+    h.create(SANDBOX).await;
+    let pause = |id: &str| PauseRequest { id: id.into(), ..Default::default() };
+    let resume = |id: &str| ResumeRequest { id: id.into(), ..Default::default() };
+
+    // Created: no pause, no resume, no exec.
+    let (code, msg) = code_of(h.client.pause(ctx(), &pause(SANDBOX)).await);
+    assert_eq!(code, Code::FAILED_PRECONDITION);
+    assert_eq!(msg, "cannot pause container \"sb1\": it is created");
+    assert_eq!(code_of(h.client.resume(ctx(), &resume(SANDBOX)).await).0, Code::FAILED_PRECONDITION);
+    assert_eq!(code_of(h.exec(SANDBOX, "e1", false, "", "").await).0, Code::FAILED_PRECONDITION);
+
+    h.start(SANDBOX, "").await.unwrap();
+    // Running: no second start, no delete, no resume.
+    let (code, msg) = code_of(h.start(SANDBOX, "").await);
+    assert_eq!(code, Code::FAILED_PRECONDITION);
+    assert_eq!(msg, "cannot start container \"sb1\": it is running");
+    let (code, msg) = code_of(h.delete(SANDBOX, "").await);
+    assert_eq!(code, Code::FAILED_PRECONDITION);
+    assert_eq!(msg, "cannot delete container \"sb1\": it is running");
+    assert_eq!(code_of(h.client.resume(ctx(), &resume(SANDBOX)).await).0, Code::FAILED_PRECONDITION);
+
+    // Paused: no second pause, no delete; resume works.
+    h.client.pause(ctx(), &pause(SANDBOX)).await.unwrap();
+    assert_eq!(status_of(&h.state(SANDBOX, "").await), Status::PAUSED);
+    assert_eq!(code_of(h.client.pause(ctx(), &pause(SANDBOX)).await).0, Code::FAILED_PRECONDITION);
+    assert_eq!(code_of(h.delete(SANDBOX, "").await).0, Code::FAILED_PRECONDITION);
+    h.client.resume(ctx(), &resume(SANDBOX)).await.unwrap();
+    assert_eq!(status_of(&h.state(SANDBOX, "").await), Status::RUNNING);
+
+    // Exited: no start, no pause, a plain kill is NOT_FOUND, delete works.
+    h.kill(SANDBOX, "", 9, false).await.unwrap();
+    assert_eq!(h.wait(SANDBOX, "").await.exit_status, 137);
+    assert_eq!(code_of(h.start(SANDBOX, "").await).0, Code::FAILED_PRECONDITION);
+    assert_eq!(code_of(h.client.pause(ctx(), &pause(SANDBOX)).await).0, Code::FAILED_PRECONDITION);
+    assert_eq!(code_of(h.kill(SANDBOX, "", 9, false).await).0, Code::NOT_FOUND);
+    h.delete(SANDBOX, "").await.unwrap();
+    assert_eq!(code_of(h.delete(SANDBOX, "").await).0, Code::NOT_FOUND);
+    assert_eq!(
+        h.events.topics(),
+        [
+            "/tasks/create",
+            "/tasks/start",
+            "/tasks/paused",
+            "/tasks/resumed",
+            "/tasks/exit",
+            "/tasks/delete"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_with_stdin_tty_resize_and_its_own_exit() {
+    skip_unless_root!();
+    let h = Harness::new().await;
+    h.create(SANDBOX).await;
+    h.start(SANDBOX, "").await.unwrap();
+
+    // A stdin fifo the way containerd makes one; the exec's output to a file.
+    let stdin = h.tmp.path().join("e1.stdin");
+    nix::unistd::mkfifo(&stdin, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let out = h.tmp.path().join("e1.out");
+    let out_uri = format!("file://{}", out.display());
+    h.exec(SANDBOX, "e1", true, &stdin.display().to_string(), &out_uri)
+        .await
+        .unwrap();
+    assert_eq!(status_of(&h.state(SANDBOX, "e1").await), Status::CREATED);
+    // Same exec id again: ALREADY_EXISTS.
+    assert_eq!(code_of(h.exec(SANDBOX, "e1", false, "", "").await).0, Code::ALREADY_EXISTS);
+    // Malformed process spec: INVALID_ARGUMENT.
+    let bad = h
+        .client
+        .exec(
+            ctx(),
+            &ExecProcessRequest {
+                id: SANDBOX.into(),
+                exec_id: "bad".into(),
+                spec: MessageField::some(Any { value: b"{not json".to_vec(), ..Default::default() }),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(code_of(bad).0, Code::INVALID_ARGUMENT);
+
+    let pid = h.start(SANDBOX, "e1").await.unwrap().pid;
+    assert_eq!(status_of(&h.state(SANDBOX, "e1").await), Status::RUNNING);
+    // stdin: what containerd writes arrives, CloseIO ends it.
+    {
+        use std::io::Write;
+        let mut w = std::fs::OpenOptions::new().write(true).open(&stdin).unwrap();
+        w.write_all(b"typed input\n").unwrap();
+    }
+    h.client
+        .close_io(ctx(), &CloseIORequest { id: SANDBOX.into(), exec_id: "e1".into(), stdin: true, ..Default::default() })
+        .await
+        .unwrap();
+    let key = (SANDBOX.to_string(), "e1".to_string());
+    let mut got = None;
+    for _ in 0..200 {
+        got = h.agent.stdin.lock().unwrap().get(&key).cloned();
+        if got.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(got.as_deref(), Some(&b"typed input\n"[..]));
+
+    // tty resize reaches the agent; a container without a tty refuses it.
+    h.client
+        .resize_pty(ctx(), &ResizePtyRequest { id: SANDBOX.into(), exec_id: "e1".into(), width: 120, height: 40, ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(h.agent.resizes.lock().unwrap()[0], ("e1".to_string(), 40, 120));
+    let r = h
+        .client
+        .resize_pty(ctx(), &ResizePtyRequest { id: SANDBOX.into(), width: 1, height: 1, ..Default::default() })
+        .await;
+    assert_eq!(code_of(r).0, Code::FAILED_PRECONDITION);
+
+    // Pids lists init and the exec (with its exec id as runc's ProcessDetails).
+    let pids = h.client.pids(ctx(), &PidsRequest { id: SANDBOX.into(), ..Default::default() }).await.unwrap();
+    assert_eq!(pids.processes.len(), 2);
+    let exec_info = pids.processes.iter().find(|p| p.pid == pid).unwrap();
+    let details = containerd_shim_protos::shim::oci::ProcessDetails::parse_from_bytes(&exec_info.info.value).unwrap();
+    assert_eq!(details.exec_id, "e1");
+
+    // The exec ends on SIGTERM; its own exit event, the init keeps running.
+    h.kill(SANDBOX, "e1", 15, false).await.unwrap();
+    let w = h.wait(SANDBOX, "e1").await;
+    assert_eq!(w.exit_status, 143);
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "hello sb1/e1\nbye sb1/e1\n");
+    assert_eq!(status_of(&h.state(SANDBOX, "").await), Status::RUNNING);
+    let d = h.delete(SANDBOX, "e1").await.unwrap();
+    assert_eq!((d.pid, d.exit_status), (pid, 143));
+    assert_eq!(code_of(h.client.state(ctx(), &StateRequest { id: SANDBOX.into(), exec_id: "e1".into(), ..Default::default() }).await).0, Code::NOT_FOUND);
+    let topics = h.events.topics();
+    assert_eq!(
+        topics,
+        ["/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started", "/tasks/exit"]
+    );
+    match &h.events.events()[4] {
+        crate::events::TaskEvent::Exit { id, exit_status, .. } => assert_eq!((id.as_str(), *exit_status), ("e1", 143)),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_all_stats_update_connect_checkpoint() {
+    skip_unless_root!();
+    let h = Harness::new().await;
+    h.create(SANDBOX).await;
+    let pid = h.start(SANDBOX, "").await.unwrap().pid;
+
+    // Kill --all passes the flag through.
+    h.kill(SANDBOX, "", 10, true).await.unwrap();
+    assert_eq!(h.agent.signals.lock().unwrap()[0], (SANDBOX.to_string(), String::new(), 10, true));
+
+    // Stats: cgroup v2 metrics, as ctr task metrics decodes them.
+    let s = h.client.stats(ctx(), &StatsRequest { id: SANDBOX.into(), ..Default::default() }).await.unwrap();
+    assert_eq!(s.stats.type_url, "io.containerd.cgroups.v2.Metrics");
+    let m = containerd_shim_protos::cgroups_v2::metrics::Metrics::parse_from_bytes(&s.stats.value).unwrap();
+    assert_eq!((m.cpu.usage_usec, m.memory.usage, m.pids.current), (1234, 4096, 2));
+
+    // Update: LinuxResources JSON reaches the agent; garbage is refused.
+    let resources = serde_json::json!({"memory": {"limit": 67108864}});
+    h.client
+        .update(
+            ctx(),
+            &UpdateTaskRequest {
+                id: SANDBOX.into(),
+                resources: MessageField::some(Any { value: serde_json::to_vec(&resources).unwrap(), ..Default::default() }),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(h.agent.updates.lock().unwrap()[0]["memory"]["limit"], 67108864);
+    let bad = h
+        .client
+        .update(ctx(), &UpdateTaskRequest { id: SANDBOX.into(), resources: MessageField::some(Any { value: b"[1]".to_vec(), ..Default::default() }), ..Default::default() })
+        .await;
+    assert_eq!(code_of(bad).0, Code::INVALID_ARGUMENT);
+
+    // Connect: our pid and the task's.
+    let c = h.client.connect(ctx(), &ConnectRequest { id: SANDBOX.into(), ..Default::default() }).await.unwrap();
+    assert_eq!((c.shim_pid, c.task_pid), (std::process::id(), pid));
+    assert!(!c.version.is_empty());
+
+    // Checkpoint: UNIMPLEMENTED with a reason.
+    let (code, msg) = code_of(h.client.checkpoint(ctx(), &CheckpointTaskRequest { id: SANDBOX.into(), ..Default::default() }).await);
+    assert_eq!(code, Code::UNIMPLEMENTED);
+    assert!(msg.contains("not supported") && msg.contains("micro-VM"), "{msg}");
+
+    // Shutdown with a container left does nothing.
+    h.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(h.vms.stopped.load(Ordering::SeqCst), 0);
+    assert_eq!(status_of(&h.state(SANDBOX, "").await), Status::RUNNING);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_ids_are_not_found_and_bad_ids_invalid() {
+    let h = Harness::new().await;
+    for r in [
+        code_of(h.start("nope", "").await),
+        code_of(h.kill("nope", "", 9, false).await),
+        code_of(h.delete("nope", "").await),
+        code_of(h.client.pids(ctx(), &PidsRequest { id: "nope".into(), ..Default::default() }).await),
+        code_of(h.client.stats(ctx(), &StatsRequest { id: "nope".into(), ..Default::default() }).await),
+        code_of(h.client.wait(ctx(), &WaitRequest { id: "nope".into(), ..Default::default() }).await),
+    ] {
+        assert_eq!(r, (Code::NOT_FOUND, "container \"nope\" not found".to_string()));
+    }
+    let mut req = CreateTaskRequest { id: "../x".into(), bundle: "/b".into(), ..Default::default() };
+    assert_eq!(code_of(h.client.create(ctx(), &req).await).0, Code::INVALID_ARGUMENT);
+    req.id = "ok".into();
+    req.bundle = String::new();
+    assert_eq!(code_of(h.client.create(ctx(), &req).await).0, Code::INVALID_ARGUMENT);
+    // Nothing booted for requests that were refused up front.
+    assert_eq!(h.vms.started.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_unimplemented_is_surfaced_and_nothing_is_left() {
+    skip_unless_root!();
+    let h = Harness::new().await;
+    h.agent.unimplemented.store(true, Ordering::SeqCst);
+    let out = h.tmp.path().join("x.out");
+    let r = h
+        .client
+        .create(ctx(), &h.create_req(SANDBOX, &format!("file://{}", out.display())))
+        .await;
+    let (code, msg) = code_of(r);
+    assert_eq!(code, Code::UNIMPLEMENTED);
+    assert_eq!(
+        msg,
+        "agent CreateContainer for container \"sb1\": container service not implemented yet: CreateContainer"
+    );
+    assert!(h.mounts_left().is_empty(), "{:?}", h.mounts_left());
+    assert!(!h.sandbox_dir().join("shared/sb1").exists());
+    assert!(h.events.topics().is_empty());
+    // containerd's clean-up after a failed create: Delete (NOT_FOUND), Shutdown.
+    assert_eq!(code_of(h.delete(SANDBOX, "").await).0, Code::NOT_FOUND);
+    h.shutdown().await;
+    tokio::time::timeout(Duration::from_secs(5), h.exit.wait()).await.unwrap();
+    assert_eq!(h.vms.stopped.load(Ordering::SeqCst), 1);
+    assert!(!h.sandbox_dir().exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_stdio_fails_create_cleanly() {
+    skip_unless_root!();
+    let h = Harness::new().await;
+    *h.agent.refuse_stdio.lock().unwrap() = Some("no such stream".into());
+    let out = h.tmp.path().join("x.out");
+    let (code, msg) = code_of(
+        h.client
+            .create(ctx(), &h.create_req(SANDBOX, &format!("file://{}", out.display())))
+            .await,
+    );
+    assert_eq!(code, Code::INTERNAL);
+    assert!(msg.contains("stdio stdout of container \"sb1\"") && msg.contains("no such stream"), "{msg}");
+    // The agent's container was removed again, the mounts too.
+    assert!(h.agent.calls().contains(&"RemoveContainer sb1".to_string()));
+    assert!(h.mounts_left().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_that_cannot_start_gives_a_clear_error() {
+    skip_unless_root!();
+    let h = Harness::new().await;
+    h.vms.fail_start.store(true, Ordering::SeqCst);
+    let (code, msg) = code_of(h.client.create(ctx(), &h.create_req(SANDBOX, "")).await);
+    assert_eq!(code, Code::INTERNAL);
+    assert!(msg.contains("guest kernel") && msg.contains("guest.kernel"), "{msg}");
+    h.shutdown().await;
+    tokio::time::timeout(Duration::from_secs(5), h.exit.wait()).await.unwrap();
+    assert!(!h.sandbox_dir().exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_members_share_the_vm_and_oom_is_forwarded() {
+    skip_unless_root!();
+    let h = Harness::new().await;
+    h.create(SANDBOX).await;
+    h.start(SANDBOX, "").await.unwrap();
+    // A second container of the pod: same shim, same VM.
+    h.create("c2").await;
+    assert_eq!(h.vms.started.load(Ordering::SeqCst), 1);
+    assert_eq!(h.agent.sandbox_requests.lock().unwrap().len(), 1);
+    let state = crate::sandbox::SandboxState::load(&h.sandbox_dir()).unwrap();
+    assert_eq!(state.containers, ["c2", SANDBOX]);
+    // Create twice: ALREADY_EXISTS.
+    assert_eq!(code_of(h.client.create(ctx(), &h.create_req("c2", "")).await).0, Code::ALREADY_EXISTS);
+
+    h.agent.send_oom("c2").await;
+    for _ in 0..100 {
+        if h.events.topics().contains(&"/tasks/oom") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(h.events.events().contains(&crate::events::TaskEvent::Oom { container_id: "c2".into() }));
+
+    // A created container that is deleted without ever starting: Wait
+    // returns instead of hanging.
+    let waiter = {
+        let client = h.client.clone();
+        tokio::spawn(async move {
+            client.wait(ctx(), &WaitRequest { id: "c2".into(), ..Default::default() }).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.delete("c2", "").await.unwrap();
+    let w = tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap().unwrap();
+    assert_eq!(w.exit_status, 0);
+    // The sandbox container is still there; Shutdown keeps the VM.
+    h.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(h.vms.stopped.load(Ordering::SeqCst), 0);
+    assert!(Path::new(&h.sandbox_dir()).join("shared/sb1/rootfs").exists());
+}

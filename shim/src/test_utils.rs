@@ -1,0 +1,531 @@
+//! A fake guest for the shim's tests: a ttrpc server implementing the
+//! agent's `Agent` and `Health` services, a hybrid-vsock front that serves
+//! stdio streams on port 1025 like the agent does, and a fake
+//! [`Hypervisor`] plus [`VmFactory`] around them.
+//!
+//! Fake processes: StartContainer/ExecProcess give pids from 100 up; a
+//! process exits when SignalProcess sends SIGKILL/SIGTERM/SIGINT (status
+//! 128 + signal), when [`FakeAgent::exit`] is called, or at once with
+//! `auto_exit`. Its stdout stream gets the scripted output, then — after the
+//! exit and a drain delay — a last line `bye <cid>/<eid>`, then EOF; stderr
+//! gets `err <cid>/<eid>`; stdin is collected until EOF.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use boxlite_protocol::agent::*;
+use boxlite_protocol::agent_ttrpc::{create_agent, Agent};
+use boxlite_protocol::health::{
+    health_check_response::ServingStatus, CheckRequest, HealthCheckResponse, VersionCheckResponse,
+};
+use boxlite_protocol::health_ttrpc::{create_health, Health};
+use boxlite_protocol::stdio::{encode_ack, StreamHeader, StreamKind, FIXED_LEN};
+use boxlite_runtime::hypervisor::{MacAddr, TapDevice};
+use boxlite_runtime::{AgentConnection, Hypervisor, HypervisorError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, watch};
+use ttrpc::r#async::TtrpcContext;
+
+use crate::error::Result;
+use crate::sandbox::VmFactory;
+
+type Key = (String, String);
+
+fn status(code: ttrpc::Code, msg: &str) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
+}
+
+struct FakeProc {
+    pid: u32,
+    exit: watch::Sender<Option<i32>>,
+}
+
+/// Every call the fake agent received, and its scripted behaviour.
+#[derive(Default)]
+pub struct FakeAgent {
+    /// Container RPCs answer UNIMPLEMENTED, as the agent core does today.
+    pub unimplemented: AtomicBool,
+    /// Processes exit with this status right after they start.
+    pub auto_exit: Mutex<Option<i32>>,
+    /// Stdio streams are refused with this reason.
+    pub refuse_stdio: Mutex<Option<String>>,
+    pub drain_delay: Mutex<Duration>,
+    pub calls: Mutex<Vec<String>>,
+    pub specs: Mutex<HashMap<String, serde_json::Value>>,
+    pub stdin: Mutex<HashMap<Key, Vec<u8>>>,
+    pub signals: Mutex<Vec<(String, String, u32, bool)>>,
+    pub resizes: Mutex<Vec<(String, u32, u32)>>,
+    pub updates: Mutex<Vec<serde_json::Value>>,
+    pub sandbox_requests: Mutex<Vec<CreateSandboxRequest>>,
+    procs: Mutex<HashMap<Key, FakeProc>>,
+    containers: Mutex<Vec<String>>,
+    next_pid: AtomicU32,
+    oom_tx: Mutex<Option<mpsc::Sender<String>>>,
+    oom_rx: tokio::sync::Mutex<Option<mpsc::Receiver<String>>>,
+}
+
+impl FakeAgent {
+    pub fn new() -> Arc<Self> {
+        let (tx, rx) = mpsc::channel(8);
+        let agent = FakeAgent {
+            next_pid: AtomicU32::new(100),
+            drain_delay: Mutex::new(Duration::from_millis(200)),
+            ..Default::default()
+        };
+        *agent.oom_tx.lock().unwrap() = Some(tx);
+        *agent.oom_rx.try_lock().unwrap() = Some(rx);
+        Arc::new(agent)
+    }
+
+    fn record(&self, call: impl Into<String>) {
+        self.calls.lock().unwrap().push(call.into());
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    fn check_implemented(&self, rpc: &str) -> ttrpc::Result<()> {
+        if self.unimplemented.load(Ordering::SeqCst) {
+            return Err(status(
+                ttrpc::Code::UNIMPLEMENTED,
+                &format!("container service not implemented yet: {rpc}"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn known(&self, cid: &str) -> ttrpc::Result<()> {
+        if self.containers.lock().unwrap().iter().any(|c| c == cid) {
+            Ok(())
+        } else {
+            Err(status(ttrpc::Code::NOT_FOUND, &format!("container {cid} not found")))
+        }
+    }
+
+    fn spawn_proc(&self, cid: &str, eid: &str) -> u32 {
+        let pid = self.next_pid.fetch_add(1, Ordering::SeqCst);
+        let (tx, _) = watch::channel(None);
+        self.procs.lock().unwrap().insert(
+            (cid.to_owned(), eid.to_owned()),
+            FakeProc { pid, exit: tx },
+        );
+        if let Some(code) = *self.auto_exit.lock().unwrap() {
+            self.exit(cid, eid, code);
+        }
+        pid
+    }
+
+    /// Makes a fake process exit with `code`.
+    pub fn exit(&self, cid: &str, eid: &str, code: i32) {
+        if let Some(p) = self.procs.lock().unwrap().get(&(cid.to_owned(), eid.to_owned())) {
+            p.exit.send_replace(Some(code));
+        }
+    }
+
+    pub async fn send_oom(&self, cid: &str) {
+        let tx = self.oom_tx.lock().unwrap().clone().unwrap();
+        tx.send(cid.to_owned()).await.unwrap();
+    }
+
+    fn exit_rx(&self, key: &Key) -> Option<watch::Receiver<Option<i32>>> {
+        self.procs.lock().unwrap().get(key).map(|p| p.exit.subscribe())
+    }
+
+    async fn wait_for_proc(&self, key: &Key) -> Option<watch::Receiver<Option<i32>>> {
+        for _ in 0..500 {
+            if let Some(rx) = self.exit_rx(key) {
+                return Some(rx);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
+    }
+}
+
+async fn wait_exit(mut rx: watch::Receiver<Option<i32>>) -> i32 {
+    loop {
+        if let Some(code) = *rx.borrow_and_update() {
+            return code;
+        }
+        if rx.changed().await.is_err() {
+            return 255;
+        }
+    }
+}
+
+#[async_trait]
+impl Health for FakeAgent {
+    async fn check(&self, _: &TtrpcContext, _: CheckRequest) -> ttrpc::Result<HealthCheckResponse> {
+        Ok(HealthCheckResponse {
+            status: ServingStatus::SERVING.into(),
+            ..Default::default()
+        })
+    }
+    async fn version(&self, _: &TtrpcContext, _: CheckRequest) -> ttrpc::Result<VersionCheckResponse> {
+        Ok(VersionCheckResponse {
+            agent_version: "fake".into(),
+            protocol_version: boxlite_protocol::PROTOCOL_VERSION,
+            ..Default::default()
+        })
+    }
+}
+
+#[async_trait]
+impl Agent for FakeAgent {
+    async fn create_sandbox(&self, _: &TtrpcContext, req: CreateSandboxRequest) -> ttrpc::Result<Empty> {
+        self.record("CreateSandbox");
+        self.sandbox_requests.lock().unwrap().push(req);
+        Ok(Empty::new())
+    }
+    async fn destroy_sandbox(&self, _: &TtrpcContext, _: DestroySandboxRequest) -> ttrpc::Result<Empty> {
+        self.record("DestroySandbox");
+        Ok(Empty::new())
+    }
+    async fn create_container(&self, _: &TtrpcContext, req: CreateContainerRequest) -> ttrpc::Result<Empty> {
+        self.record(format!("CreateContainer {}", req.container_id));
+        self.check_implemented("CreateContainer")?;
+        let spec: serde_json::Value = serde_json::from_slice(&req.oci_spec_json)
+            .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, &e.to_string()))?;
+        self.specs.lock().unwrap().insert(req.container_id.clone(), spec);
+        self.containers.lock().unwrap().push(req.container_id);
+        Ok(Empty::new())
+    }
+    async fn start_container(&self, _: &TtrpcContext, req: StartContainerRequest) -> ttrpc::Result<ProcessStarted> {
+        self.record(format!("StartContainer {}", req.container_id));
+        self.check_implemented("StartContainer")?;
+        self.known(&req.container_id)?;
+        Ok(ProcessStarted {
+            pid: self.spawn_proc(&req.container_id, ""),
+            ..Default::default()
+        })
+    }
+    async fn exec_process(&self, _: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<ProcessStarted> {
+        self.record(format!("ExecProcess {} {}", req.container_id, req.exec_id));
+        self.check_implemented("ExecProcess")?;
+        self.known(&req.container_id)?;
+        Ok(ProcessStarted {
+            pid: self.spawn_proc(&req.container_id, &req.exec_id),
+            ..Default::default()
+        })
+    }
+    async fn signal_process(&self, _: &TtrpcContext, req: SignalProcessRequest) -> ttrpc::Result<Empty> {
+        self.record(format!("SignalProcess {} {} {}", req.container_id, req.exec_id, req.signal));
+        self.check_implemented("SignalProcess")?;
+        self.known(&req.container_id)?;
+        self.signals.lock().unwrap().push((
+            req.container_id.clone(),
+            req.exec_id.clone(),
+            req.signal,
+            req.all,
+        ));
+        if [libc::SIGKILL, libc::SIGTERM, libc::SIGINT].contains(&(req.signal as i32)) {
+            self.exit(&req.container_id, &req.exec_id, 128 + req.signal as i32);
+        }
+        Ok(Empty::new())
+    }
+    async fn wait_process(&self, _: &TtrpcContext, req: WaitProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
+        self.check_implemented("WaitProcess")?;
+        let key = (req.container_id.clone(), req.exec_id.clone());
+        let rx = self
+            .exit_rx(&key)
+            .ok_or_else(|| status(ttrpc::Code::NOT_FOUND, "no such process"))?;
+        let code = wait_exit(rx).await;
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as i64;
+        Ok(WaitProcessResponse {
+            exit_status: code,
+            exited_at_unix_nanos: nanos,
+            ..Default::default()
+        })
+    }
+    async fn remove_container(&self, _: &TtrpcContext, req: RemoveContainerRequest) -> ttrpc::Result<Empty> {
+        self.record(format!("RemoveContainer {}", req.container_id));
+        self.check_implemented("RemoveContainer")?;
+        self.known(&req.container_id)?;
+        self.containers.lock().unwrap().retain(|c| *c != req.container_id);
+        Ok(Empty::new())
+    }
+    async fn list_processes(&self, _: &TtrpcContext, req: ListProcessesRequest) -> ttrpc::Result<ListProcessesResponse> {
+        self.check_implemented("ListProcesses")?;
+        self.known(&req.container_id)?;
+        let mut processes: Vec<ProcessInfo> = self
+            .procs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|((cid, _), _)| *cid == req.container_id)
+            .map(|((_, eid), p)| ProcessInfo {
+                pid: p.pid,
+                exec_id: eid.clone(),
+                ..Default::default()
+            })
+            .collect();
+        processes.sort_by_key(|p| p.pid);
+        Ok(ListProcessesResponse {
+            processes,
+            ..Default::default()
+        })
+    }
+    async fn resize_pty(&self, _: &TtrpcContext, req: ResizePtyRequest) -> ttrpc::Result<Empty> {
+        self.check_implemented("ResizePty")?;
+        self.resizes
+            .lock()
+            .unwrap()
+            .push((req.exec_id.clone(), req.rows, req.columns));
+        Ok(Empty::new())
+    }
+    async fn close_stdin(&self, _: &TtrpcContext, req: CloseStdinRequest) -> ttrpc::Result<Empty> {
+        self.record(format!("CloseStdin {} {}", req.container_id, req.exec_id));
+        Ok(Empty::new())
+    }
+    async fn stats_container(&self, _: &TtrpcContext, req: StatsContainerRequest) -> ttrpc::Result<StatsContainerResponse> {
+        self.check_implemented("StatsContainer")?;
+        self.known(&req.container_id)?;
+        Ok(StatsContainerResponse {
+            cpu: Some(CpuStats {
+                usage_usec: 1234,
+                ..Default::default()
+            })
+            .into(),
+            memory: Some(MemoryStats {
+                usage: 4096,
+                usage_limit: 64 << 20,
+                ..Default::default()
+            })
+            .into(),
+            pids: Some(PidsStats {
+                current: 2,
+                limit: 10,
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        })
+    }
+    async fn pause_container(&self, _: &TtrpcContext, req: PauseContainerRequest) -> ttrpc::Result<Empty> {
+        self.record(format!("PauseContainer {}", req.container_id));
+        self.check_implemented("PauseContainer")?;
+        Ok(Empty::new())
+    }
+    async fn resume_container(&self, _: &TtrpcContext, req: ResumeContainerRequest) -> ttrpc::Result<Empty> {
+        self.record(format!("ResumeContainer {}", req.container_id));
+        self.check_implemented("ResumeContainer")?;
+        Ok(Empty::new())
+    }
+    async fn update_container(&self, _: &TtrpcContext, req: UpdateContainerRequest) -> ttrpc::Result<Empty> {
+        self.check_implemented("UpdateContainer")?;
+        let v = serde_json::from_slice(&req.resources_json)
+            .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, &e.to_string()))?;
+        self.updates.lock().unwrap().push(v);
+        Ok(Empty::new())
+    }
+    async fn get_oom_event(&self, _: &TtrpcContext, _: GetOOMEventRequest) -> ttrpc::Result<OOMEvent> {
+        let mut guard = self.oom_rx.lock().await;
+        let rx = guard.as_mut().ok_or_else(|| status(ttrpc::Code::INTERNAL, "gone"))?;
+        match rx.recv().await {
+            Some(container_id) => Ok(OOMEvent {
+                container_id,
+                ..Default::default()
+            }),
+            None => Err(status(ttrpc::Code::UNAVAILABLE, "closed")),
+        }
+    }
+}
+
+/// The fake agent served on `<dir>/agent.sock`, and the hybrid vsock front
+/// on `<dir>/vsock.sock` for stdio streams.
+pub struct FakeGuest {
+    pub agent: Arc<FakeAgent>,
+    pub agent_sock: PathBuf,
+    _server: ttrpc::r#async::Server,
+}
+
+impl FakeGuest {
+    pub async fn start(dir: &Path) -> Self {
+        let agent = FakeAgent::new();
+        let agent_sock = dir.join("agent.sock");
+        let mut server = ttrpc::r#async::Server::new()
+            .bind(&format!("unix://{}", agent_sock.display()))
+            .expect("bind fake agent")
+            .register_service(create_agent(agent.clone()))
+            .register_service(create_health(agent.clone()));
+        server.start().await.expect("start fake agent");
+        Self {
+            agent,
+            agent_sock,
+            _server: server,
+        }
+    }
+}
+
+/// Serves stdio streams like the agent, on a hybrid vsock socket.
+pub fn spawn_vsock_front(socket: PathBuf, agent: Arc<FakeAgent>) {
+    let listener = UnixListener::bind(&socket).expect("bind fake vsock front");
+    tokio::spawn(async move {
+        loop {
+            let Ok((conn, _)) = listener.accept().await else { return };
+            tokio::spawn(serve_stdio(conn, agent.clone()));
+        }
+    });
+}
+
+async fn serve_stdio(mut s: UnixStream, agent: Arc<FakeAgent>) {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while s.read(&mut b).await.unwrap_or(0) == 1 && b[0] != b'\n' {
+        line.push(b[0]);
+    }
+    if line != b"CONNECT 1025" {
+        return;
+    }
+    if s.write_all(b"OK 1073741824\n").await.is_err() {
+        return;
+    }
+    let mut fixed = [0u8; FIXED_LEN];
+    if s.read_exact(&mut fixed).await.is_err() {
+        return;
+    }
+    let Ok(fixed) = StreamHeader::parse_fixed(&fixed) else { return };
+    let mut ids = vec![0u8; fixed.ids_len()];
+    if s.read_exact(&mut ids).await.is_err() {
+        return;
+    }
+    let Ok(header) = StreamHeader::from_parts(fixed, &ids) else { return };
+    let refusal = agent.refuse_stdio.lock().unwrap().clone();
+    if let Some(reason) = refusal {
+        let _ = s.write_all(&encode_ack(Err(&reason))).await;
+        return;
+    }
+    let key = (header.container_id.clone(), header.exec_id.clone());
+    let known = agent.known(&header.container_id).is_ok();
+    // Init streams come before Start: the container must exist. Exec
+    // streams may come before ExecProcess registers the exec.
+    if !known {
+        let _ = s.write_all(&encode_ack(Err("unknown container"))).await;
+        return;
+    }
+    if s.write_all(&encode_ack(Ok(()))).await.is_err() {
+        return;
+    }
+    let tag = format!("{}/{}", header.container_id, header.exec_id);
+    match header.stream {
+        StreamKind::Stdin => {
+            let mut data = Vec::new();
+            let _ = s.read_to_end(&mut data).await;
+            agent.stdin.lock().unwrap().insert(key, data);
+        }
+        StreamKind::Stdout | StreamKind::Stderr => {
+            let Some(rx) = agent.wait_for_proc(&key).await else { return };
+            if header.stream == StreamKind::Stderr {
+                let _ = s.write_all(format!("err {tag}\n").as_bytes()).await;
+                return;
+            }
+            let _ = s.write_all(format!("hello {tag}\n").as_bytes()).await;
+            wait_exit(rx).await;
+            let delay = *agent.drain_delay.lock().unwrap();
+            tokio::time::sleep(delay).await;
+            let _ = s.write_all(format!("bye {tag}\n").as_bytes()).await;
+        }
+    }
+}
+
+/// What the fake VMs did, shared with the test.
+#[derive(Default)]
+pub struct VmLog {
+    pub started: AtomicU32,
+    pub stopped: AtomicU32,
+    pub shares: Mutex<Vec<(String, PathBuf, bool)>>,
+    pub fail_start: AtomicBool,
+}
+
+pub struct FakeVm {
+    id: String,
+    dir: PathBuf,
+    agent_sock: PathBuf,
+    agent: Arc<FakeAgent>,
+    log: Arc<VmLog>,
+}
+
+#[async_trait]
+impl Hypervisor for FakeVm {
+    fn sandbox_id(&self) -> &str {
+        &self.id
+    }
+    async fn add_share(&self, tag: &str, host_dir: &Path, read_only: bool) -> Result<(), HypervisorError> {
+        self.log
+            .shares
+            .lock()
+            .unwrap()
+            .push((tag.to_owned(), host_dir.to_owned(), read_only));
+        Ok(())
+    }
+    async fn add_net(&self, _: TapDevice, _: MacAddr) -> Result<(), HypervisorError> {
+        Ok(())
+    }
+    async fn start(&self) -> Result<(), HypervisorError> {
+        if self.log.fail_start.load(Ordering::SeqCst) {
+            return Err(HypervisorError::MissingAsset {
+                id: self.id.clone(),
+                what: "guest kernel",
+                key: "guest.kernel",
+                path: "/nonexistent/vmlinux".into(),
+            });
+        }
+        spawn_vsock_front(self.vsock_socket_path(), self.agent.clone());
+        self.log.started.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    async fn wait_ready(&self) -> Result<AgentConnection, HypervisorError> {
+        let client = ttrpc::r#async::Client::connect(&format!("unix://{}", self.agent_sock.display()))
+            .await
+            .expect("connect fake agent");
+        Ok(AgentConnection::new(client))
+    }
+    async fn stop(&self) -> Result<(), HypervisorError> {
+        self.log.stopped.fetch_add(1, Ordering::SeqCst);
+        let _ = std::fs::remove_file(self.vsock_socket_path());
+        Ok(())
+    }
+    async fn kill(&self) -> Result<(), HypervisorError> {
+        self.stop().await
+    }
+    async fn check_alive(&self) -> Result<(), HypervisorError> {
+        Ok(())
+    }
+    fn pid(&self) -> Option<u32> {
+        Some(4242)
+    }
+    fn vsock_socket_path(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+    fn console_log_path(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+}
+
+pub struct FakeFactory {
+    pub root: PathBuf,
+    pub guest: Arc<FakeAgent>,
+    pub agent_sock: PathBuf,
+    pub log: Arc<VmLog>,
+}
+
+impl VmFactory for FakeFactory {
+    fn sandbox_dir(&self, id: &str) -> Result<PathBuf> {
+        Ok(self.root.join(id))
+    }
+    fn new_vm(&self, id: &str) -> Result<Box<dyn Hypervisor>> {
+        Ok(Box::new(FakeVm {
+            id: id.to_owned(),
+            dir: self.root.join(id),
+            agent_sock: self.agent_sock.clone(),
+            agent: self.guest.clone(),
+            log: self.log.clone(),
+        }))
+    }
+}
