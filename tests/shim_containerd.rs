@@ -71,7 +71,9 @@ fn busybox_image(dir: &Path) -> PathBuf {
         std::fs::create_dir_all(layer.join(d)).unwrap();
     }
     std::fs::copy(busybox, layer.join("bin/busybox")).unwrap();
-    for applet in ["sh", "echo", "cat", "ls", "sleep", "true", "false", "env", "id", "hostname", "ps"] {
+    for applet in [
+        "sh", "echo", "cat", "ls", "sleep", "true", "false", "env", "id", "hostname", "ps",
+    ] {
         symlink("busybox", layer.join("bin").join(applet)).unwrap();
     }
     std::fs::write(layer.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
@@ -80,12 +82,23 @@ fn busybox_image(dir: &Path) -> PathBuf {
     std::fs::create_dir_all(&blobs).unwrap();
     let layer_tar = dir.join("layer.tar");
     let out = run(Command::new("tar")
-        .args(["--sort=name", "--owner=0", "--group=0", "--numeric-owner", "--mtime=@0", "-C"])
+        .args([
+            "--sort=name",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "--mtime=@0",
+            "-C",
+        ])
         .arg(&layer)
         .arg("-cf")
         .arg(&layer_tar)
         .arg("."));
-    assert!(out.status.success(), "tar: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "tar: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let add_blob = |path: &Path| -> (String, u64) {
         let digest = sha256(path);
         std::fs::copy(path, blobs.join(&digest)).unwrap();
@@ -119,8 +132,17 @@ fn busybox_image(dir: &Path) -> PathBuf {
     .unwrap();
     std::fs::write(oci.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
     let archive = dir.join("busybox-oci.tar");
-    let out = run(Command::new("tar").arg("-C").arg(&oci).arg("-cf").arg(&archive).arg("."));
-    assert!(out.status.success(), "tar: {}", String::from_utf8_lossy(&out.stderr));
+    let out = run(Command::new("tar")
+        .arg("-C")
+        .arg(&oci)
+        .arg("-cf")
+        .arg(&archive)
+        .arg("."));
+    assert!(
+        out.status.success(),
+        "tar: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     archive
 }
 
@@ -133,7 +155,10 @@ struct Containerd {
 impl Containerd {
     fn start() -> Self {
         // Short path: unix socket paths under it must stay < 108 bytes.
-        let dir = tempfile::Builder::new().prefix("bxc").tempdir_in("/tmp").unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("bxc")
+            .tempdir_in("/tmp")
+            .unwrap();
         let d = dir.path();
         let bin = d.join("bin");
         std::fs::create_dir_all(&bin).unwrap();
@@ -167,7 +192,11 @@ impl Containerd {
         )
         .unwrap();
         let log = std::fs::File::create(d.join("containerd.log")).unwrap();
-        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         let child = Command::new("containerd")
             .arg("--config")
             .arg(d.join("config.toml"))
@@ -181,7 +210,11 @@ impl Containerd {
         let c = Containerd { dir, child };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !c.ctr(&["version"]).status.success() {
-            assert!(Instant::now() < deadline, "containerd did not come up; log:\n{}", c.log());
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not come up; log:\n{}",
+                c.log()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         c
@@ -199,8 +232,10 @@ impl Containerd {
     }
 
     fn log(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(self.dir.path().join("containerd.log")).unwrap_or_default())
-            .into_owned()
+        String::from_utf8_lossy(
+            &std::fs::read(self.dir.path().join("containerd.log")).unwrap_or_default(),
+        )
+        .into_owned()
     }
 
     /// No VM process, helper, socket, mount or sandbox directory is left.
@@ -267,14 +302,29 @@ fn ctr_run_reaches_the_agent_through_the_shim() {
     let out = c.ctr(&["image", "import", archive.to_str().unwrap()]);
     assert!(out.status.success(), "import: {}", text(&out.stderr));
 
-    let out = c.ctr(&["run", "--rm", "--runtime", RUNTIME, IMAGE, "run1", "echo", "hello-boxlite"]);
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "run1",
+        "echo",
+        "hello-boxlite",
+    ]);
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-    eprintln!("ctr run: status {:?}\nstdout: {stdout}\nstderr: {stderr}", out.status);
+    eprintln!(
+        "ctr run: status {:?}\nstdout: {stdout}\nstderr: {stderr}",
+        out.status
+    );
     // EXTEND when the container service lands (issue 5): replace this block
     // with `assert!(out.status.success())` and `assert_eq!(stdout,
     // "hello-boxlite\n")`, then add exit codes, exec, kill, pause/resume, ps,
     // metrics, stdin and the pod-annotation cases of issue 6.
-    assert!(!out.status.success(), "ctr run cannot succeed before the container service exists");
+    assert!(
+        !out.status.success(),
+        "ctr run cannot succeed before the container service exists"
+    );
     assert_eq!(
         stderr.trim_end(),
         "ctr: failed to create shim task: agent CreateContainer for container \"run1\": \
@@ -283,11 +333,18 @@ fn ctr_run_reaches_the_agent_through_the_shim() {
     assert!(stdout.is_empty(), "{stdout}");
     // The shim booted the VM before it asked: the agent answered.
     let log = c.log();
-    assert!(log.contains("sandbox VM ready"), "no VM boot in the log:\n{log}");
+    assert!(
+        log.contains("sandbox VM ready"),
+        "no VM boot in the log:\n{log}"
+    );
 
     c.assert_nothing_left();
     let out = c.ctr(&["containers", "list", "-q"]);
-    assert_eq!(text(&out.stdout).trim(), "", "ctr run --rm removed the container");
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "",
+        "ctr run --rm removed the container"
+    );
 }
 
 /// A bad runtime config gives a clear error in ctr's output, and nothing runs.
@@ -297,12 +354,31 @@ fn missing_kernel_is_a_clear_error() {
     let c = Containerd::start();
     let config = c.dir.path().join("boxlite.toml");
     let text_cfg = std::fs::read_to_string(&config).unwrap();
-    let kernel_line = text_cfg.lines().find(|l| l.starts_with("kernel")).unwrap().to_owned();
-    std::fs::write(&config, text_cfg.replace(&kernel_line, "kernel = \"/nonexistent/vmlinux\"")).unwrap();
+    let kernel_line = text_cfg
+        .lines()
+        .find(|l| l.starts_with("kernel"))
+        .unwrap()
+        .to_owned();
+    std::fs::write(
+        &config,
+        text_cfg.replace(&kernel_line, "kernel = \"/nonexistent/vmlinux\""),
+    )
+    .unwrap();
     let img = tempfile::tempdir().unwrap();
     let archive = busybox_image(img.path());
-    assert!(c.ctr(&["image", "import", archive.to_str().unwrap()]).status.success());
-    let out = c.ctr(&["run", "--rm", "--runtime", RUNTIME, IMAGE, "nokernel", "true"]);
+    assert!(c
+        .ctr(&["image", "import", archive.to_str().unwrap()])
+        .status
+        .success());
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "nokernel",
+        "true",
+    ]);
     let stderr = text(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -325,7 +401,10 @@ fn start_groups_a_pod_member_with_its_sandbox() {
         r#"{"ociVersion":"1.0.2","annotations":{"io.kubernetes.cri.container-type":"container","io.kubernetes.cri.sandbox-id":"pod-sandbox-1"}}"#,
     )
     .unwrap();
-    let address = format!("/tmp/{}/c.sock", dir.path().file_name().unwrap().to_string_lossy());
+    let address = format!(
+        "/tmp/{}/c.sock",
+        dir.path().file_name().unwrap().to_string_lossy()
+    );
     // containerd-shim's socket_address: sha256 of "<address>/<ns>/<group>".
     let key = dir.path().join("key");
     std::fs::write(&key, format!("{address}/k8s.io/pod-sandbox-1")).unwrap();
@@ -336,14 +415,25 @@ fn start_groups_a_pod_member_with_its_sandbox() {
     let out = run(Command::new(shim_binary())
         .current_dir(&bundle)
         .env("TTRPC_ADDRESS", format!("{address}.ttrpc"))
-        .args(["-namespace", "k8s.io", "-id", "app-container", "-address", &address, "start"])
+        .args([
+            "-namespace",
+            "k8s.io",
+            "-id",
+            "app-container",
+            "-address",
+            &address,
+            "start",
+        ])
         .stdin(Stdio::null()));
     drop(listener);
     let _ = std::fs::remove_file(&socket);
     assert!(out.status.success(), "start failed: {}", text(&out.stderr));
     let want = format!("unix://{}", socket.display());
     assert_eq!(text(&out.stdout), want);
-    assert_eq!(std::fs::read_to_string(bundle.join("address")).unwrap(), want);
+    assert_eq!(
+        std::fs::read_to_string(bundle.join("address")).unwrap(),
+        want
+    );
 }
 
 /// `delete` after a crashed shim: the VM processes named by pid files die,
@@ -351,7 +441,10 @@ fn start_groups_a_pod_member_with_its_sandbox() {
 #[test]
 #[ignore = "needs root (mounts)"]
 fn delete_after_a_crash_cleans_the_sandbox() {
-    let dir = tempfile::Builder::new().prefix("bxd").tempdir_in("/tmp").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("bxd")
+        .tempdir_in("/tmp")
+        .unwrap();
     let state_dir = dir.path().join("run");
     let sandbox = state_dir.join("crashed1");
     let rootfs = sandbox.join("shared/crashed1/rootfs");
@@ -376,7 +469,13 @@ fn delete_after_a_crash_cleans_the_sandbox() {
     let src = dir.path().join("snapshot");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("keep"), "data").unwrap();
-    assert!(Command::new("mount").arg("--bind").arg(&src).arg(&rootfs).status().unwrap().success());
+    assert!(Command::new("mount")
+        .arg("--bind")
+        .arg(&src)
+        .arg(&rootfs)
+        .status()
+        .unwrap()
+        .success());
     let bundle = dir.path().join("bundle");
     std::fs::create_dir_all(&bundle).unwrap();
     std::fs::write(bundle.join("config.json"), r#"{"ociVersion":"1.0.2"}"#).unwrap();
@@ -385,14 +484,25 @@ fn delete_after_a_crash_cleans_the_sandbox() {
         .current_dir(&bundle)
         .env("BOXLITE_CONFIG", &config)
         .env("TTRPC_ADDRESS", "/nonexistent.ttrpc")
-        .args(["-namespace", "default", "-id", "crashed1", "-address", "/nonexistent", "-bundle"])
+        .args([
+            "-namespace",
+            "default",
+            "-id",
+            "crashed1",
+            "-address",
+            "/nonexistent",
+            "-bundle",
+        ])
         .arg(&bundle)
         .arg("delete")
         .stdin(Stdio::null()));
     assert!(out.status.success(), "delete failed: {}", text(&out.stderr));
     assert!(!out.stdout.is_empty(), "delete prints a DeleteResponse");
     let status = vm.wait().unwrap();
-    assert!(status.code().is_none(), "the VM process was killed: {status:?}");
+    assert!(
+        status.code().is_none(),
+        "the VM process was killed: {status:?}"
+    );
     assert!(mounts_under(dir.path()).is_empty());
     assert!(!sandbox.exists(), "sandbox dir removed");
     assert_eq!(std::fs::read_to_string(src.join("keep")).unwrap(), "data");

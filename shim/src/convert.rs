@@ -14,8 +14,8 @@ use containerd_shim_protos::cgroups_v2::metrics::{
     CPUStat, IOEntry, IOStat, MemoryEvents, MemoryStat, Metrics, PidsStat,
 };
 use containerd_shim_protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM,
-    TaskPaused, TaskResumed, TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
 };
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -25,7 +25,9 @@ use containerd_shim_protos::shim::oci::ProcessDetails;
 use crate::error::{Result, ShimError};
 use crate::events::TaskEvent;
 use crate::rootfs::MountSpec;
-use crate::sandbox::{CreateRequest, Deleted, ExecRequest, ExitInfo, GuestProcess, ProcessStatus, TaskState};
+use crate::sandbox::{
+    CreateRequest, Deleted, ExecRequest, ExitInfo, GuestProcess, ProcessStatus, TaskState,
+};
 use crate::stdio::StdioPaths;
 
 /// Type URL containerd's `ctr task metrics` decodes for cgroup v2.
@@ -170,9 +172,12 @@ pub fn pids_response(processes: Vec<GuestProcess>) -> Result<PidsResponse> {
 fn to_any(m: &dyn MessageDyn) -> Result<Any> {
     Ok(Any {
         type_url: m.descriptor_dyn().full_name().to_owned(),
-        value: m
-            .write_to_bytes_dyn()
-            .map_err(|e| ShimError::Internal(format!("cannot encode {}: {e}", m.descriptor_dyn().full_name())))?,
+        value: m.write_to_bytes_dyn().map_err(|e| {
+            ShimError::Internal(format!(
+                "cannot encode {}: {e}",
+                m.descriptor_dyn().full_name()
+            ))
+        })?,
         ..Default::default()
     })
 }
@@ -469,7 +474,10 @@ mod tests {
         ])
         .unwrap();
         assert!(r.processes[0].info.is_none());
-        assert_eq!(r.processes[1].info.type_url, "containerd.runc.v1.ProcessDetails");
+        assert_eq!(
+            r.processes[1].info.type_url,
+            "containerd.runc.v1.ProcessDetails"
+        );
     }
 
     #[test]
@@ -480,6 +488,9 @@ mod tests {
             exit_status: 0,
             exited_at: UNIX_EPOCH,
         });
-        assert_eq!(e.descriptor_dyn().full_name(), "containerd.events.TaskDelete");
+        assert_eq!(
+            e.descriptor_dyn().full_name(),
+            "containerd.events.TaskDelete"
+        );
     }
 }

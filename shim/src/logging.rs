@@ -38,7 +38,9 @@ fn open_fifo() -> Option<File> {
 pub fn init(config_level: &str, debug: bool) {
     let mut filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config_level.to_owned());
     if debug && !filter.contains("debug") && !filter.contains("trace") {
-        filter = format!("{filter},containerd_shim_boxlite_v2=debug,boxlite_shim=debug,boxlite_runtime=debug");
+        filter = format!(
+            "{filter},containerd_shim_boxlite_v2=debug,boxlite_shim=debug,boxlite_runtime=debug"
+        );
     }
     let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

@@ -142,10 +142,7 @@ fn prepare_inner(
         if !is_bind || !source.is_absolute() {
             continue;
         }
-        if HOST_ONLY_PREFIXES
-            .iter()
-            .any(|p| source.starts_with(p))
-        {
+        if HOST_ONLY_PREFIXES.iter().any(|p| source.starts_with(p)) {
             tracing::debug!(source = %source.display(), "host-only bind mount left to the guest");
             continue;
         }
@@ -184,13 +181,11 @@ fn bind(source: &Path, target: &Path, recursive: bool) -> Result<()> {
     if recursive {
         flags |= MsFlags::MS_REC;
     }
-    mount(Some(source), target, None::<&str>, flags, None::<&str>).map_err(|e| {
-        ShimError::Mount {
-            op: "cannot bind-mount",
-            source_desc: source.display().to_string(),
-            target: target.to_owned(),
-            error: e.into(),
-        }
+    mount(Some(source), target, None::<&str>, flags, None::<&str>).map_err(|e| ShimError::Mount {
+        op: "cannot bind-mount",
+        source_desc: source.display().to_string(),
+        target: target.to_owned(),
+        error: e.into(),
     })
 }
 
@@ -284,7 +279,13 @@ mod tests {
 
     fn spec_with(root: &Path, volume: &Path, file: &Path) -> Spec {
         SpecBuilder::default()
-            .root(RootBuilder::default().path(root).readonly(false).build().unwrap())
+            .root(
+                RootBuilder::default()
+                    .path(root)
+                    .readonly(false)
+                    .build()
+                    .unwrap(),
+            )
             .mounts(vec![
                 MountBuilder::default()
                     .destination("/proc")

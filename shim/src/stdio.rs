@@ -91,7 +91,9 @@ impl OutputTarget {
             return Ok(OutputTarget::Fifo(PathBuf::from(rest)));
         }
         if uri.contains("://") {
-            return Err(bad("unsupported scheme (expected a path, file:// or binary://)"));
+            return Err(bad(
+                "unsupported scheme (expected a path, file:// or binary://)",
+            ));
         }
         Ok(OutputTarget::Fifo(PathBuf::from(uri)))
     }
@@ -234,7 +236,11 @@ async fn spawn_binary_logger(
     Ok((as_writer(out_w)?, as_writer(err_w)?, child))
 }
 
-async fn open_host_ends(stdio: &StdioPaths, container_id: &str, namespace: &str) -> Result<HostEnds> {
+async fn open_host_ends(
+    stdio: &StdioPaths,
+    container_id: &str,
+    namespace: &str,
+) -> Result<HostEnds> {
     let (want_in, want_out, want_err) = stdio.wants();
     let mut ends = HostEnds {
         stdin: None,
@@ -252,11 +258,17 @@ async fn open_host_ends(stdio: &StdioPaths, container_id: &str, namespace: &str)
             .map_err(|e| ShimError::io("cannot open stdin fifo", &path, e))?;
         ends.stdin = Some(Box::new(receiver));
     }
-    let out = want_out.then(|| OutputTarget::parse(&stdio.stdout)).transpose()?;
-    let err = want_err.then(|| OutputTarget::parse(&stdio.stderr)).transpose()?;
-    if let Some(OutputTarget::Binary { path, args }) = out.as_ref().or(err.as_ref()).filter(|t| {
-        matches!(t, OutputTarget::Binary { .. })
-    }) {
+    let out = want_out
+        .then(|| OutputTarget::parse(&stdio.stdout))
+        .transpose()?;
+    let err = want_err
+        .then(|| OutputTarget::parse(&stdio.stderr))
+        .transpose()?;
+    if let Some(OutputTarget::Binary { path, args }) = out
+        .as_ref()
+        .or(err.as_ref())
+        .filter(|t| matches!(t, OutputTarget::Binary { .. }))
+    {
         let (o, e, child) = spawn_binary_logger(path, args, container_id, namespace).await?;
         ends.stdout = want_out.then_some(o);
         ends.stderr = want_err.then_some(e);
@@ -323,7 +335,9 @@ pub async fn connect_stream(
     // The header/ack exchange gets its own budget on top of the connect.
     match tokio::time::timeout(timeout + Duration::from_secs(15), attempt).await {
         Ok(r) => r,
-        Err(_) => Err(fail("the agent did not acknowledge the stream in time".into())),
+        Err(_) => Err(fail(
+            "the agent did not acknowledge the stream in time".into(),
+        )),
     }
 }
 

@@ -31,15 +31,25 @@ impl TaskService {
 #[async_trait]
 impl Task for TaskService {
     #[instrument(skip_all, fields(container_id = %req.id))]
-    async fn create(&self, _: &TtrpcContext, req: CreateTaskRequest) -> TtrpcResult<CreateTaskResponse> {
+    async fn create(
+        &self,
+        _: &TtrpcContext,
+        req: CreateTaskRequest,
+    ) -> TtrpcResult<CreateTaskResponse> {
         let pid = self.sandbox.create(convert::create_request(req)?).await?;
-        Ok(CreateTaskResponse { pid, ..Default::default() })
+        Ok(CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
     }
 
     #[instrument(skip_all, fields(container_id = %req.id, exec_id = %req.exec_id))]
     async fn start(&self, _: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
         let pid = self.sandbox.start(&req.id, &req.exec_id).await?;
-        Ok(StartResponse { pid, ..Default::default() })
+        Ok(StartResponse {
+            pid,
+            ..Default::default()
+        })
     }
 
     #[instrument(skip_all, fields(container_id = %req.id, exec_id = %req.exec_id))]
@@ -58,7 +68,9 @@ impl Task for TaskService {
 
     #[instrument(skip_all, fields(container_id = %req.id, exec_id = %req.exec_id))]
     async fn close_io(&self, _: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
-        self.sandbox.close_io(&req.id, &req.exec_id, req.stdin).await?;
+        self.sandbox
+            .close_io(&req.id, &req.exec_id, req.stdin)
+            .await?;
         Ok(Empty::new())
     }
 
@@ -111,7 +123,10 @@ impl Task for TaskService {
     async fn stats(&self, _: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
         let stats = self.sandbox.stats(&req.id).await?;
         let any = convert::stats_any(&stats)?;
-        Ok(StatsResponse { stats: MessageField::some(any), ..Default::default() })
+        Ok(StatsResponse {
+            stats: MessageField::some(any),
+            ..Default::default()
+        })
     }
 
     #[instrument(skip_all, fields(container_id = %req.id, exec_id = %req.exec_id))]
@@ -124,7 +139,12 @@ impl Task for TaskService {
     async fn connect(&self, _: &TtrpcContext, req: ConnectRequest) -> TtrpcResult<ConnectResponse> {
         let (shim_pid, task_pid) = self.sandbox.connect(&req.id)?;
         let version = env!("CARGO_PKG_VERSION").to_owned();
-        Ok(ConnectResponse { shim_pid, task_pid, version, ..Default::default() })
+        Ok(ConnectResponse {
+            shim_pid,
+            task_pid,
+            version,
+            ..Default::default()
+        })
     }
 
     #[instrument(skip_all, fields(sandbox_id = %req.id, now = req.now))]

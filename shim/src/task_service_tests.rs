@@ -196,7 +196,14 @@ impl Harness {
             .await
     }
 
-    async fn exec(&self, id: &str, exec_id: &str, terminal: bool, stdin: &str, stdout: &str) -> ttrpc::Result<Empty> {
+    async fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        terminal: bool,
+        stdin: &str,
+        stdout: &str,
+    ) -> ttrpc::Result<Empty> {
         let process = serde_json::json!({"args": ["sh"], "cwd": "/", "terminal": terminal, "user": {"uid": 0, "gid": 0}});
         self.client
             .exec(
@@ -208,7 +215,8 @@ impl Harness {
                     stdin: stdin.into(),
                     stdout: stdout.into(),
                     spec: MessageField::some(Any {
-                        type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+                        type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process"
+                            .into(),
                         value: serde_json::to_vec(&process).unwrap(),
                         ..Default::default()
                     }),
@@ -270,7 +278,10 @@ async fn the_whole_life_of_a_container() {
     // The agent got the spec with the guest rootfs path; the host side has
     // the rootfs mounted on the share.
     let spec = h.agent.specs.lock().unwrap()[SANDBOX].clone();
-    assert_eq!(spec["root"]["path"], "/run/boxlite/shares/shared/sb1/rootfs");
+    assert_eq!(
+        spec["root"]["path"],
+        "/run/boxlite/shares/shared/sb1/rootfs"
+    );
     assert!(h.sandbox_dir().join("shared/sb1/rootfs/bin/sh").exists());
     // state.json names the sandbox and the container.
     let state = crate::sandbox::SandboxState::load(&h.sandbox_dir()).unwrap();
@@ -297,18 +308,38 @@ async fn the_whole_life_of_a_container() {
     assert!(!h.sandbox_dir().join("shared/sb1").exists());
     assert_eq!(
         h.events.topics(),
-        ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
+        [
+            "/tasks/create",
+            "/tasks/start",
+            "/tasks/exit",
+            "/tasks/delete"
+        ]
     );
     match &h.events.events()[2] {
-        crate::events::TaskEvent::Exit { container_id, id, pid: p, exit_status, .. } => {
-            assert_eq!((container_id.as_str(), id.as_str(), *p, *exit_status), (SANDBOX, SANDBOX, pid, 3));
+        crate::events::TaskEvent::Exit {
+            container_id,
+            id,
+            pid: p,
+            exit_status,
+            ..
+        } => {
+            assert_eq!(
+                (container_id.as_str(), id.as_str(), *p, *exit_status),
+                (SANDBOX, SANDBOX, pid, 3)
+            );
         }
         other => panic!("{other:?}"),
     }
     // The state after delete: gone.
     let r = h
         .client
-        .state(ctx(), &StateRequest { id: SANDBOX.into(), ..Default::default() })
+        .state(
+            ctx(),
+            &StateRequest {
+                id: SANDBOX.into(),
+                ..Default::default()
+            },
+        )
         .await;
     assert_eq!(code_of(r).0, Code::NOT_FOUND);
 
@@ -327,15 +358,27 @@ async fn illegal_transitions_are_failed_precondition() {
     skip_unless_root!();
     let h = Harness::new().await;
     h.create(SANDBOX).await;
-    let pause = |id: &str| PauseRequest { id: id.into(), ..Default::default() };
-    let resume = |id: &str| ResumeRequest { id: id.into(), ..Default::default() };
+    let pause = |id: &str| PauseRequest {
+        id: id.into(),
+        ..Default::default()
+    };
+    let resume = |id: &str| ResumeRequest {
+        id: id.into(),
+        ..Default::default()
+    };
 
     // Created: no pause, no resume, no exec.
     let (code, msg) = code_of(h.client.pause(ctx(), &pause(SANDBOX)).await);
     assert_eq!(code, Code::FAILED_PRECONDITION);
     assert_eq!(msg, "cannot pause container \"sb1\": it is created");
-    assert_eq!(code_of(h.client.resume(ctx(), &resume(SANDBOX)).await).0, Code::FAILED_PRECONDITION);
-    assert_eq!(code_of(h.exec(SANDBOX, "e1", false, "", "").await).0, Code::FAILED_PRECONDITION);
+    assert_eq!(
+        code_of(h.client.resume(ctx(), &resume(SANDBOX)).await).0,
+        Code::FAILED_PRECONDITION
+    );
+    assert_eq!(
+        code_of(h.exec(SANDBOX, "e1", false, "", "").await).0,
+        Code::FAILED_PRECONDITION
+    );
 
     h.start(SANDBOX, "").await.unwrap();
     // Running: no second start, no delete, no resume.
@@ -345,22 +388,40 @@ async fn illegal_transitions_are_failed_precondition() {
     let (code, msg) = code_of(h.delete(SANDBOX, "").await);
     assert_eq!(code, Code::FAILED_PRECONDITION);
     assert_eq!(msg, "cannot delete container \"sb1\": it is running");
-    assert_eq!(code_of(h.client.resume(ctx(), &resume(SANDBOX)).await).0, Code::FAILED_PRECONDITION);
+    assert_eq!(
+        code_of(h.client.resume(ctx(), &resume(SANDBOX)).await).0,
+        Code::FAILED_PRECONDITION
+    );
 
     // Paused: no second pause, no delete; resume works.
     h.client.pause(ctx(), &pause(SANDBOX)).await.unwrap();
     assert_eq!(status_of(&h.state(SANDBOX, "").await), Status::PAUSED);
-    assert_eq!(code_of(h.client.pause(ctx(), &pause(SANDBOX)).await).0, Code::FAILED_PRECONDITION);
-    assert_eq!(code_of(h.delete(SANDBOX, "").await).0, Code::FAILED_PRECONDITION);
+    assert_eq!(
+        code_of(h.client.pause(ctx(), &pause(SANDBOX)).await).0,
+        Code::FAILED_PRECONDITION
+    );
+    assert_eq!(
+        code_of(h.delete(SANDBOX, "").await).0,
+        Code::FAILED_PRECONDITION
+    );
     h.client.resume(ctx(), &resume(SANDBOX)).await.unwrap();
     assert_eq!(status_of(&h.state(SANDBOX, "").await), Status::RUNNING);
 
     // Exited: no start, no pause, a plain kill is NOT_FOUND, delete works.
     h.kill(SANDBOX, "", 9, false).await.unwrap();
     assert_eq!(h.wait(SANDBOX, "").await.exit_status, 137);
-    assert_eq!(code_of(h.start(SANDBOX, "").await).0, Code::FAILED_PRECONDITION);
-    assert_eq!(code_of(h.client.pause(ctx(), &pause(SANDBOX)).await).0, Code::FAILED_PRECONDITION);
-    assert_eq!(code_of(h.kill(SANDBOX, "", 9, false).await).0, Code::NOT_FOUND);
+    assert_eq!(
+        code_of(h.start(SANDBOX, "").await).0,
+        Code::FAILED_PRECONDITION
+    );
+    assert_eq!(
+        code_of(h.client.pause(ctx(), &pause(SANDBOX)).await).0,
+        Code::FAILED_PRECONDITION
+    );
+    assert_eq!(
+        code_of(h.kill(SANDBOX, "", 9, false).await).0,
+        Code::NOT_FOUND
+    );
     h.delete(SANDBOX, "").await.unwrap();
     assert_eq!(code_of(h.delete(SANDBOX, "").await).0, Code::NOT_FOUND);
     assert_eq!(
@@ -393,7 +454,10 @@ async fn exec_with_stdin_tty_resize_and_its_own_exit() {
         .unwrap();
     assert_eq!(status_of(&h.state(SANDBOX, "e1").await), Status::CREATED);
     // Same exec id again: ALREADY_EXISTS.
-    assert_eq!(code_of(h.exec(SANDBOX, "e1", false, "", "").await).0, Code::ALREADY_EXISTS);
+    assert_eq!(
+        code_of(h.exec(SANDBOX, "e1", false, "", "").await).0,
+        Code::ALREADY_EXISTS
+    );
     // Malformed process spec: INVALID_ARGUMENT.
     let bad = h
         .client
@@ -402,7 +466,10 @@ async fn exec_with_stdin_tty_resize_and_its_own_exit() {
             &ExecProcessRequest {
                 id: SANDBOX.into(),
                 exec_id: "bad".into(),
-                spec: MessageField::some(Any { value: b"{not json".to_vec(), ..Default::default() }),
+                spec: MessageField::some(Any {
+                    value: b"{not json".to_vec(),
+                    ..Default::default()
+                }),
                 ..Default::default()
             },
         )
@@ -414,11 +481,22 @@ async fn exec_with_stdin_tty_resize_and_its_own_exit() {
     // stdin: what containerd writes arrives, CloseIO ends it.
     {
         use std::io::Write;
-        let mut w = std::fs::OpenOptions::new().write(true).open(&stdin).unwrap();
+        let mut w = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&stdin)
+            .unwrap();
         w.write_all(b"typed input\n").unwrap();
     }
     h.client
-        .close_io(ctx(), &CloseIORequest { id: SANDBOX.into(), exec_id: "e1".into(), stdin: true, ..Default::default() })
+        .close_io(
+            ctx(),
+            &CloseIORequest {
+                id: SANDBOX.into(),
+                exec_id: "e1".into(),
+                stdin: true,
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
     let key = (SANDBOX.to_string(), "e1".to_string());
@@ -434,39 +512,97 @@ async fn exec_with_stdin_tty_resize_and_its_own_exit() {
 
     // tty resize reaches the agent; a container without a tty refuses it.
     h.client
-        .resize_pty(ctx(), &ResizePtyRequest { id: SANDBOX.into(), exec_id: "e1".into(), width: 120, height: 40, ..Default::default() })
+        .resize_pty(
+            ctx(),
+            &ResizePtyRequest {
+                id: SANDBOX.into(),
+                exec_id: "e1".into(),
+                width: 120,
+                height: 40,
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
-    assert_eq!(h.agent.resizes.lock().unwrap()[0], ("e1".to_string(), 40, 120));
+    assert_eq!(
+        h.agent.resizes.lock().unwrap()[0],
+        ("e1".to_string(), 40, 120)
+    );
     let r = h
         .client
-        .resize_pty(ctx(), &ResizePtyRequest { id: SANDBOX.into(), width: 1, height: 1, ..Default::default() })
+        .resize_pty(
+            ctx(),
+            &ResizePtyRequest {
+                id: SANDBOX.into(),
+                width: 1,
+                height: 1,
+                ..Default::default()
+            },
+        )
         .await;
     assert_eq!(code_of(r).0, Code::FAILED_PRECONDITION);
 
     // Pids lists init and the exec (with its exec id as runc's ProcessDetails).
-    let pids = h.client.pids(ctx(), &PidsRequest { id: SANDBOX.into(), ..Default::default() }).await.unwrap();
+    let pids = h
+        .client
+        .pids(
+            ctx(),
+            &PidsRequest {
+                id: SANDBOX.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
     assert_eq!(pids.processes.len(), 2);
     let exec_info = pids.processes.iter().find(|p| p.pid == pid).unwrap();
-    let details = containerd_shim_protos::shim::oci::ProcessDetails::parse_from_bytes(&exec_info.info.value).unwrap();
+    let details =
+        containerd_shim_protos::shim::oci::ProcessDetails::parse_from_bytes(&exec_info.info.value)
+            .unwrap();
     assert_eq!(details.exec_id, "e1");
 
     // The exec ends on SIGTERM; its own exit event, the init keeps running.
     h.kill(SANDBOX, "e1", 15, false).await.unwrap();
     let w = h.wait(SANDBOX, "e1").await;
     assert_eq!(w.exit_status, 143);
-    assert_eq!(std::fs::read_to_string(&out).unwrap(), "hello sb1/e1\nbye sb1/e1\n");
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "hello sb1/e1\nbye sb1/e1\n"
+    );
     assert_eq!(status_of(&h.state(SANDBOX, "").await), Status::RUNNING);
     let d = h.delete(SANDBOX, "e1").await.unwrap();
     assert_eq!((d.pid, d.exit_status), (pid, 143));
-    assert_eq!(code_of(h.client.state(ctx(), &StateRequest { id: SANDBOX.into(), exec_id: "e1".into(), ..Default::default() }).await).0, Code::NOT_FOUND);
+    assert_eq!(
+        code_of(
+            h.client
+                .state(
+                    ctx(),
+                    &StateRequest {
+                        id: SANDBOX.into(),
+                        exec_id: "e1".into(),
+                        ..Default::default()
+                    }
+                )
+                .await
+        )
+        .0,
+        Code::NOT_FOUND
+    );
     let topics = h.events.topics();
     assert_eq!(
         topics,
-        ["/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started", "/tasks/exit"]
+        [
+            "/tasks/create",
+            "/tasks/start",
+            "/tasks/exec-added",
+            "/tasks/exec-started",
+            "/tasks/exit"
+        ]
     );
     match &h.events.events()[4] {
-        crate::events::TaskEvent::Exit { id, exit_status, .. } => assert_eq!((id.as_str(), *exit_status), ("e1", 143)),
+        crate::events::TaskEvent::Exit {
+            id, exit_status, ..
+        } => assert_eq!((id.as_str(), *exit_status), ("e1", 143)),
         other => panic!("{other:?}"),
     }
 }
@@ -480,13 +616,30 @@ async fn kill_all_stats_update_connect_checkpoint() {
 
     // Kill --all passes the flag through.
     h.kill(SANDBOX, "", 10, true).await.unwrap();
-    assert_eq!(h.agent.signals.lock().unwrap()[0], (SANDBOX.to_string(), String::new(), 10, true));
+    assert_eq!(
+        h.agent.signals.lock().unwrap()[0],
+        (SANDBOX.to_string(), String::new(), 10, true)
+    );
 
     // Stats: cgroup v2 metrics, as ctr task metrics decodes them.
-    let s = h.client.stats(ctx(), &StatsRequest { id: SANDBOX.into(), ..Default::default() }).await.unwrap();
+    let s = h
+        .client
+        .stats(
+            ctx(),
+            &StatsRequest {
+                id: SANDBOX.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
     assert_eq!(s.stats.type_url, "io.containerd.cgroups.v2.Metrics");
-    let m = containerd_shim_protos::cgroups_v2::metrics::Metrics::parse_from_bytes(&s.stats.value).unwrap();
-    assert_eq!((m.cpu.usage_usec, m.memory.usage, m.pids.current), (1234, 4096, 2));
+    let m = containerd_shim_protos::cgroups_v2::metrics::Metrics::parse_from_bytes(&s.stats.value)
+        .unwrap();
+    assert_eq!(
+        (m.cpu.usage_usec, m.memory.usage, m.pids.current),
+        (1234, 4096, 2)
+    );
 
     // Update: LinuxResources JSON reaches the agent; garbage is refused.
     let resources = serde_json::json!({"memory": {"limit": 67108864}});
@@ -495,28 +648,67 @@ async fn kill_all_stats_update_connect_checkpoint() {
             ctx(),
             &UpdateTaskRequest {
                 id: SANDBOX.into(),
-                resources: MessageField::some(Any { value: serde_json::to_vec(&resources).unwrap(), ..Default::default() }),
+                resources: MessageField::some(Any {
+                    value: serde_json::to_vec(&resources).unwrap(),
+                    ..Default::default()
+                }),
                 ..Default::default()
             },
         )
         .await
         .unwrap();
-    assert_eq!(h.agent.updates.lock().unwrap()[0]["memory"]["limit"], 67108864);
+    assert_eq!(
+        h.agent.updates.lock().unwrap()[0]["memory"]["limit"],
+        67108864
+    );
     let bad = h
         .client
-        .update(ctx(), &UpdateTaskRequest { id: SANDBOX.into(), resources: MessageField::some(Any { value: b"[1]".to_vec(), ..Default::default() }), ..Default::default() })
+        .update(
+            ctx(),
+            &UpdateTaskRequest {
+                id: SANDBOX.into(),
+                resources: MessageField::some(Any {
+                    value: b"[1]".to_vec(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )
         .await;
     assert_eq!(code_of(bad).0, Code::INVALID_ARGUMENT);
 
     // Connect: our pid and the task's.
-    let c = h.client.connect(ctx(), &ConnectRequest { id: SANDBOX.into(), ..Default::default() }).await.unwrap();
+    let c = h
+        .client
+        .connect(
+            ctx(),
+            &ConnectRequest {
+                id: SANDBOX.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
     assert_eq!((c.shim_pid, c.task_pid), (std::process::id(), pid));
     assert!(!c.version.is_empty());
 
     // Checkpoint: UNIMPLEMENTED with a reason.
-    let (code, msg) = code_of(h.client.checkpoint(ctx(), &CheckpointTaskRequest { id: SANDBOX.into(), ..Default::default() }).await);
+    let (code, msg) = code_of(
+        h.client
+            .checkpoint(
+                ctx(),
+                &CheckpointTaskRequest {
+                    id: SANDBOX.into(),
+                    ..Default::default()
+                },
+            )
+            .await,
+    );
     assert_eq!(code, Code::UNIMPLEMENTED);
-    assert!(msg.contains("not supported") && msg.contains("micro-VM"), "{msg}");
+    assert!(
+        msg.contains("not supported") && msg.contains("micro-VM"),
+        "{msg}"
+    );
 
     // Shutdown with a container left does nothing.
     h.shutdown().await;
@@ -532,17 +724,60 @@ async fn unknown_ids_are_not_found_and_bad_ids_invalid() {
         code_of(h.start("nope", "").await),
         code_of(h.kill("nope", "", 9, false).await),
         code_of(h.delete("nope", "").await),
-        code_of(h.client.pids(ctx(), &PidsRequest { id: "nope".into(), ..Default::default() }).await),
-        code_of(h.client.stats(ctx(), &StatsRequest { id: "nope".into(), ..Default::default() }).await),
-        code_of(h.client.wait(ctx(), &WaitRequest { id: "nope".into(), ..Default::default() }).await),
+        code_of(
+            h.client
+                .pids(
+                    ctx(),
+                    &PidsRequest {
+                        id: "nope".into(),
+                        ..Default::default()
+                    },
+                )
+                .await,
+        ),
+        code_of(
+            h.client
+                .stats(
+                    ctx(),
+                    &StatsRequest {
+                        id: "nope".into(),
+                        ..Default::default()
+                    },
+                )
+                .await,
+        ),
+        code_of(
+            h.client
+                .wait(
+                    ctx(),
+                    &WaitRequest {
+                        id: "nope".into(),
+                        ..Default::default()
+                    },
+                )
+                .await,
+        ),
     ] {
-        assert_eq!(r, (Code::NOT_FOUND, "container \"nope\" not found".to_string()));
+        assert_eq!(
+            r,
+            (Code::NOT_FOUND, "container \"nope\" not found".to_string())
+        );
     }
-    let mut req = CreateTaskRequest { id: "../x".into(), bundle: "/b".into(), ..Default::default() };
-    assert_eq!(code_of(h.client.create(ctx(), &req).await).0, Code::INVALID_ARGUMENT);
+    let mut req = CreateTaskRequest {
+        id: "../x".into(),
+        bundle: "/b".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code_of(h.client.create(ctx(), &req).await).0,
+        Code::INVALID_ARGUMENT
+    );
     req.id = "ok".into();
     req.bundle = String::new();
-    assert_eq!(code_of(h.client.create(ctx(), &req).await).0, Code::INVALID_ARGUMENT);
+    assert_eq!(
+        code_of(h.client.create(ctx(), &req).await).0,
+        Code::INVALID_ARGUMENT
+    );
     // Nothing booted for requests that were refused up front.
     assert_eq!(h.vms.started.load(Ordering::SeqCst), 0);
 }
@@ -555,7 +790,10 @@ async fn agent_unimplemented_is_surfaced_and_nothing_is_left() {
     let out = h.tmp.path().join("x.out");
     let r = h
         .client
-        .create(ctx(), &h.create_req(SANDBOX, &format!("file://{}", out.display())))
+        .create(
+            ctx(),
+            &h.create_req(SANDBOX, &format!("file://{}", out.display())),
+        )
         .await;
     let (code, msg) = code_of(r);
     assert_eq!(code, Code::UNIMPLEMENTED);
@@ -569,7 +807,9 @@ async fn agent_unimplemented_is_surfaced_and_nothing_is_left() {
     // containerd's clean-up after a failed create: Delete (NOT_FOUND), Shutdown.
     assert_eq!(code_of(h.delete(SANDBOX, "").await).0, Code::NOT_FOUND);
     h.shutdown().await;
-    tokio::time::timeout(Duration::from_secs(5), h.exit.wait()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), h.exit.wait())
+        .await
+        .unwrap();
     assert_eq!(h.vms.stopped.load(Ordering::SeqCst), 1);
     assert!(!h.sandbox_dir().exists());
 }
@@ -582,11 +822,17 @@ async fn refused_stdio_fails_create_cleanly() {
     let out = h.tmp.path().join("x.out");
     let (code, msg) = code_of(
         h.client
-            .create(ctx(), &h.create_req(SANDBOX, &format!("file://{}", out.display())))
+            .create(
+                ctx(),
+                &h.create_req(SANDBOX, &format!("file://{}", out.display())),
+            )
             .await,
     );
     assert_eq!(code, Code::INTERNAL);
-    assert!(msg.contains("stdio stdout of container \"sb1\"") && msg.contains("no such stream"), "{msg}");
+    assert!(
+        msg.contains("stdio stdout of container \"sb1\"") && msg.contains("no such stream"),
+        "{msg}"
+    );
     // The agent's container was removed again, the mounts too.
     assert!(h.agent.calls().contains(&"RemoveContainer sb1".to_string()));
     assert!(h.mounts_left().is_empty());
@@ -599,9 +845,14 @@ async fn vm_that_cannot_start_gives_a_clear_error() {
     h.vms.fail_start.store(true, Ordering::SeqCst);
     let (code, msg) = code_of(h.client.create(ctx(), &h.create_req(SANDBOX, "")).await);
     assert_eq!(code, Code::INTERNAL);
-    assert!(msg.contains("guest kernel") && msg.contains("guest.kernel"), "{msg}");
+    assert!(
+        msg.contains("guest kernel") && msg.contains("guest.kernel"),
+        "{msg}"
+    );
     h.shutdown().await;
-    tokio::time::timeout(Duration::from_secs(5), h.exit.wait()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), h.exit.wait())
+        .await
+        .unwrap();
     assert!(!h.sandbox_dir().exists());
 }
 
@@ -618,7 +869,10 @@ async fn pod_members_share_the_vm_and_oom_is_forwarded() {
     let state = crate::sandbox::SandboxState::load(&h.sandbox_dir()).unwrap();
     assert_eq!(state.containers, ["c2", SANDBOX]);
     // Create twice: ALREADY_EXISTS.
-    assert_eq!(code_of(h.client.create(ctx(), &h.create_req("c2", "")).await).0, Code::ALREADY_EXISTS);
+    assert_eq!(
+        code_of(h.client.create(ctx(), &h.create_req("c2", "")).await).0,
+        Code::ALREADY_EXISTS
+    );
 
     h.agent.send_oom("c2").await;
     for _ in 0..100 {
@@ -627,23 +881,39 @@ async fn pod_members_share_the_vm_and_oom_is_forwarded() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(h.events.events().contains(&crate::events::TaskEvent::Oom { container_id: "c2".into() }));
+    assert!(h.events.events().contains(&crate::events::TaskEvent::Oom {
+        container_id: "c2".into()
+    }));
 
     // A created container that is deleted without ever starting: Wait
     // returns instead of hanging.
     let waiter = {
         let client = h.client.clone();
         tokio::spawn(async move {
-            client.wait(ctx(), &WaitRequest { id: "c2".into(), ..Default::default() }).await
+            client
+                .wait(
+                    ctx(),
+                    &WaitRequest {
+                        id: "c2".into(),
+                        ..Default::default()
+                    },
+                )
+                .await
         })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     h.delete("c2", "").await.unwrap();
-    let w = tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap().unwrap();
+    let w = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(w.exit_status, 0);
     // The sandbox container is still there; Shutdown keeps the VM.
     h.shutdown().await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(h.vms.stopped.load(Ordering::SeqCst), 0);
-    assert!(Path::new(&h.sandbox_dir()).join("shared/sb1/rootfs").exists());
+    assert!(Path::new(&h.sandbox_dir())
+        .join("shared/sb1/rootfs")
+        .exists());
 }

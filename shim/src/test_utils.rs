@@ -104,17 +104,20 @@ impl FakeAgent {
         if self.containers.lock().unwrap().iter().any(|c| c == cid) {
             Ok(())
         } else {
-            Err(status(ttrpc::Code::NOT_FOUND, &format!("container {cid} not found")))
+            Err(status(
+                ttrpc::Code::NOT_FOUND,
+                &format!("container {cid} not found"),
+            ))
         }
     }
 
     fn spawn_proc(&self, cid: &str, eid: &str) -> u32 {
         let pid = self.next_pid.fetch_add(1, Ordering::SeqCst);
         let (tx, _) = watch::channel(None);
-        self.procs.lock().unwrap().insert(
-            (cid.to_owned(), eid.to_owned()),
-            FakeProc { pid, exit: tx },
-        );
+        self.procs
+            .lock()
+            .unwrap()
+            .insert((cid.to_owned(), eid.to_owned()), FakeProc { pid, exit: tx });
         if let Some(code) = *self.auto_exit.lock().unwrap() {
             self.exit(cid, eid, code);
         }
@@ -123,7 +126,12 @@ impl FakeAgent {
 
     /// Makes a fake process exit with `code`.
     pub fn exit(&self, cid: &str, eid: &str, code: i32) {
-        if let Some(p) = self.procs.lock().unwrap().get(&(cid.to_owned(), eid.to_owned())) {
+        if let Some(p) = self
+            .procs
+            .lock()
+            .unwrap()
+            .get(&(cid.to_owned(), eid.to_owned()))
+        {
             p.exit.send_replace(Some(code));
         }
     }
@@ -134,7 +142,11 @@ impl FakeAgent {
     }
 
     fn exit_rx(&self, key: &Key) -> Option<watch::Receiver<Option<i32>>> {
-        self.procs.lock().unwrap().get(key).map(|p| p.exit.subscribe())
+        self.procs
+            .lock()
+            .unwrap()
+            .get(key)
+            .map(|p| p.exit.subscribe())
     }
 
     async fn wait_for_proc(&self, key: &Key) -> Option<watch::Receiver<Option<i32>>> {
@@ -167,7 +179,11 @@ impl Health for FakeAgent {
             ..Default::default()
         })
     }
-    async fn version(&self, _: &TtrpcContext, _: CheckRequest) -> ttrpc::Result<VersionCheckResponse> {
+    async fn version(
+        &self,
+        _: &TtrpcContext,
+        _: CheckRequest,
+    ) -> ttrpc::Result<VersionCheckResponse> {
         Ok(VersionCheckResponse {
             agent_version: "fake".into(),
             protocol_version: boxlite_protocol::PROTOCOL_VERSION,
@@ -178,25 +194,44 @@ impl Health for FakeAgent {
 
 #[async_trait]
 impl Agent for FakeAgent {
-    async fn create_sandbox(&self, _: &TtrpcContext, req: CreateSandboxRequest) -> ttrpc::Result<Empty> {
+    async fn create_sandbox(
+        &self,
+        _: &TtrpcContext,
+        req: CreateSandboxRequest,
+    ) -> ttrpc::Result<Empty> {
         self.record("CreateSandbox");
         self.sandbox_requests.lock().unwrap().push(req);
         Ok(Empty::new())
     }
-    async fn destroy_sandbox(&self, _: &TtrpcContext, _: DestroySandboxRequest) -> ttrpc::Result<Empty> {
+    async fn destroy_sandbox(
+        &self,
+        _: &TtrpcContext,
+        _: DestroySandboxRequest,
+    ) -> ttrpc::Result<Empty> {
         self.record("DestroySandbox");
         Ok(Empty::new())
     }
-    async fn create_container(&self, _: &TtrpcContext, req: CreateContainerRequest) -> ttrpc::Result<Empty> {
+    async fn create_container(
+        &self,
+        _: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
         self.record(format!("CreateContainer {}", req.container_id));
         self.check_implemented("CreateContainer")?;
         let spec: serde_json::Value = serde_json::from_slice(&req.oci_spec_json)
             .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, &e.to_string()))?;
-        self.specs.lock().unwrap().insert(req.container_id.clone(), spec);
+        self.specs
+            .lock()
+            .unwrap()
+            .insert(req.container_id.clone(), spec);
         self.containers.lock().unwrap().push(req.container_id);
         Ok(Empty::new())
     }
-    async fn start_container(&self, _: &TtrpcContext, req: StartContainerRequest) -> ttrpc::Result<ProcessStarted> {
+    async fn start_container(
+        &self,
+        _: &TtrpcContext,
+        req: StartContainerRequest,
+    ) -> ttrpc::Result<ProcessStarted> {
         self.record(format!("StartContainer {}", req.container_id));
         self.check_implemented("StartContainer")?;
         self.known(&req.container_id)?;
@@ -205,7 +240,11 @@ impl Agent for FakeAgent {
             ..Default::default()
         })
     }
-    async fn exec_process(&self, _: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<ProcessStarted> {
+    async fn exec_process(
+        &self,
+        _: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> ttrpc::Result<ProcessStarted> {
         self.record(format!("ExecProcess {} {}", req.container_id, req.exec_id));
         self.check_implemented("ExecProcess")?;
         self.known(&req.container_id)?;
@@ -214,8 +253,15 @@ impl Agent for FakeAgent {
             ..Default::default()
         })
     }
-    async fn signal_process(&self, _: &TtrpcContext, req: SignalProcessRequest) -> ttrpc::Result<Empty> {
-        self.record(format!("SignalProcess {} {} {}", req.container_id, req.exec_id, req.signal));
+    async fn signal_process(
+        &self,
+        _: &TtrpcContext,
+        req: SignalProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.record(format!(
+            "SignalProcess {} {} {}",
+            req.container_id, req.exec_id, req.signal
+        ));
         self.check_implemented("SignalProcess")?;
         self.known(&req.container_id)?;
         self.signals.lock().unwrap().push((
@@ -229,28 +275,46 @@ impl Agent for FakeAgent {
         }
         Ok(Empty::new())
     }
-    async fn wait_process(&self, _: &TtrpcContext, req: WaitProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
+    async fn wait_process(
+        &self,
+        _: &TtrpcContext,
+        req: WaitProcessRequest,
+    ) -> ttrpc::Result<WaitProcessResponse> {
         self.check_implemented("WaitProcess")?;
         let key = (req.container_id.clone(), req.exec_id.clone());
         let rx = self
             .exit_rx(&key)
             .ok_or_else(|| status(ttrpc::Code::NOT_FOUND, "no such process"))?;
         let code = wait_exit(rx).await;
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as i64;
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i64;
         Ok(WaitProcessResponse {
             exit_status: code,
             exited_at_unix_nanos: nanos,
             ..Default::default()
         })
     }
-    async fn remove_container(&self, _: &TtrpcContext, req: RemoveContainerRequest) -> ttrpc::Result<Empty> {
+    async fn remove_container(
+        &self,
+        _: &TtrpcContext,
+        req: RemoveContainerRequest,
+    ) -> ttrpc::Result<Empty> {
         self.record(format!("RemoveContainer {}", req.container_id));
         self.check_implemented("RemoveContainer")?;
         self.known(&req.container_id)?;
-        self.containers.lock().unwrap().retain(|c| *c != req.container_id);
+        self.containers
+            .lock()
+            .unwrap()
+            .retain(|c| *c != req.container_id);
         Ok(Empty::new())
     }
-    async fn list_processes(&self, _: &TtrpcContext, req: ListProcessesRequest) -> ttrpc::Result<ListProcessesResponse> {
+    async fn list_processes(
+        &self,
+        _: &TtrpcContext,
+        req: ListProcessesRequest,
+    ) -> ttrpc::Result<ListProcessesResponse> {
         self.check_implemented("ListProcesses")?;
         self.known(&req.container_id)?;
         let mut processes: Vec<ProcessInfo> = self
@@ -283,7 +347,11 @@ impl Agent for FakeAgent {
         self.record(format!("CloseStdin {} {}", req.container_id, req.exec_id));
         Ok(Empty::new())
     }
-    async fn stats_container(&self, _: &TtrpcContext, req: StatsContainerRequest) -> ttrpc::Result<StatsContainerResponse> {
+    async fn stats_container(
+        &self,
+        _: &TtrpcContext,
+        req: StatsContainerRequest,
+    ) -> ttrpc::Result<StatsContainerResponse> {
         self.check_implemented("StatsContainer")?;
         self.known(&req.container_id)?;
         Ok(StatsContainerResponse {
@@ -307,26 +375,44 @@ impl Agent for FakeAgent {
             ..Default::default()
         })
     }
-    async fn pause_container(&self, _: &TtrpcContext, req: PauseContainerRequest) -> ttrpc::Result<Empty> {
+    async fn pause_container(
+        &self,
+        _: &TtrpcContext,
+        req: PauseContainerRequest,
+    ) -> ttrpc::Result<Empty> {
         self.record(format!("PauseContainer {}", req.container_id));
         self.check_implemented("PauseContainer")?;
         Ok(Empty::new())
     }
-    async fn resume_container(&self, _: &TtrpcContext, req: ResumeContainerRequest) -> ttrpc::Result<Empty> {
+    async fn resume_container(
+        &self,
+        _: &TtrpcContext,
+        req: ResumeContainerRequest,
+    ) -> ttrpc::Result<Empty> {
         self.record(format!("ResumeContainer {}", req.container_id));
         self.check_implemented("ResumeContainer")?;
         Ok(Empty::new())
     }
-    async fn update_container(&self, _: &TtrpcContext, req: UpdateContainerRequest) -> ttrpc::Result<Empty> {
+    async fn update_container(
+        &self,
+        _: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
         self.check_implemented("UpdateContainer")?;
         let v = serde_json::from_slice(&req.resources_json)
             .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, &e.to_string()))?;
         self.updates.lock().unwrap().push(v);
         Ok(Empty::new())
     }
-    async fn get_oom_event(&self, _: &TtrpcContext, _: GetOOMEventRequest) -> ttrpc::Result<OOMEvent> {
+    async fn get_oom_event(
+        &self,
+        _: &TtrpcContext,
+        _: GetOOMEventRequest,
+    ) -> ttrpc::Result<OOMEvent> {
         let mut guard = self.oom_rx.lock().await;
-        let rx = guard.as_mut().ok_or_else(|| status(ttrpc::Code::INTERNAL, "gone"))?;
+        let rx = guard
+            .as_mut()
+            .ok_or_else(|| status(ttrpc::Code::INTERNAL, "gone"))?;
         match rx.recv().await {
             Some(container_id) => Ok(OOMEvent {
                 container_id,
@@ -368,7 +454,9 @@ pub fn spawn_vsock_front(socket: PathBuf, agent: Arc<FakeAgent>) {
     let listener = UnixListener::bind(&socket).expect("bind fake vsock front");
     tokio::spawn(async move {
         loop {
-            let Ok((conn, _)) = listener.accept().await else { return };
+            let Ok((conn, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(serve_stdio(conn, agent.clone()));
         }
     });
@@ -390,12 +478,16 @@ async fn serve_stdio(mut s: UnixStream, agent: Arc<FakeAgent>) {
     if s.read_exact(&mut fixed).await.is_err() {
         return;
     }
-    let Ok(fixed) = StreamHeader::parse_fixed(&fixed) else { return };
+    let Ok(fixed) = StreamHeader::parse_fixed(&fixed) else {
+        return;
+    };
     let mut ids = vec![0u8; fixed.ids_len()];
     if s.read_exact(&mut ids).await.is_err() {
         return;
     }
-    let Ok(header) = StreamHeader::from_parts(fixed, &ids) else { return };
+    let Ok(header) = StreamHeader::from_parts(fixed, &ids) else {
+        return;
+    };
     let refusal = agent.refuse_stdio.lock().unwrap().clone();
     if let Some(reason) = refusal {
         let _ = s.write_all(&encode_ack(Err(&reason))).await;
@@ -420,7 +512,9 @@ async fn serve_stdio(mut s: UnixStream, agent: Arc<FakeAgent>) {
             agent.stdin.lock().unwrap().insert(key, data);
         }
         StreamKind::Stdout | StreamKind::Stderr => {
-            let Some(rx) = agent.wait_for_proc(&key).await else { return };
+            let Some(rx) = agent.wait_for_proc(&key).await else {
+                return;
+            };
             if header.stream == StreamKind::Stderr {
                 let _ = s.write_all(format!("err {tag}\n").as_bytes()).await;
                 return;
@@ -456,7 +550,12 @@ impl Hypervisor for FakeVm {
     fn sandbox_id(&self) -> &str {
         &self.id
     }
-    async fn add_share(&self, tag: &str, host_dir: &Path, read_only: bool) -> Result<(), HypervisorError> {
+    async fn add_share(
+        &self,
+        tag: &str,
+        host_dir: &Path,
+        read_only: bool,
+    ) -> Result<(), HypervisorError> {
         self.log
             .shares
             .lock()
@@ -481,9 +580,10 @@ impl Hypervisor for FakeVm {
         Ok(())
     }
     async fn wait_ready(&self) -> Result<AgentConnection, HypervisorError> {
-        let client = ttrpc::r#async::Client::connect(&format!("unix://{}", self.agent_sock.display()))
-            .await
-            .expect("connect fake agent");
+        let client =
+            ttrpc::r#async::Client::connect(&format!("unix://{}", self.agent_sock.display()))
+                .await
+                .expect("connect fake agent");
         Ok(AgentConnection::new(client))
     }
     async fn stop(&self) -> Result<(), HypervisorError> {

@@ -42,7 +42,12 @@ pub struct Process {
 }
 
 impl Process {
-    pub fn new(container_id: &str, exec_id: &str, stdio: StdioPaths, process_json: Vec<u8>) -> Self {
+    pub fn new(
+        container_id: &str,
+        exec_id: &str,
+        stdio: StdioPaths,
+        process_json: Vec<u8>,
+    ) -> Self {
         Self {
             container_id: container_id.to_owned(),
             exec_id: exec_id.to_owned(),
@@ -75,10 +80,7 @@ impl Process {
     }
 
     /// Applies a checked transition under the lock.
-    pub fn transition(
-        &self,
-        f: impl FnOnce(&mut TaskState, &str) -> Result<()>,
-    ) -> Result<()> {
+    pub fn transition(&self, f: impl FnOnce(&mut TaskState, &str) -> Result<()>) -> Result<()> {
         let what = self.what();
         let mut inner = self.lock();
         f(&mut inner.state, &what)

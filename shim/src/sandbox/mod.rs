@@ -286,7 +286,11 @@ impl Sandbox {
             }],
             ..Default::default()
         };
-        if let Err(e) = agent.agent().create_sandbox(ctx(AGENT_CALL_TIMEOUT), &req).await {
+        if let Err(e) = agent
+            .agent()
+            .create_sandbox(ctx(AGENT_CALL_TIMEOUT), &req)
+            .await
+        {
             let _ = hv.kill().await;
             return Err(ShimError::agent(
                 "CreateSandbox",
@@ -512,7 +516,9 @@ impl Sandbox {
             Ok(Ok(relay)) => process.set_relay(relay).await,
             Ok(Err(e)) => {
                 tracing::error!(error = %crate::error::chain(&e), "exec stdio failed; killing the exec");
-                let _ = self.signal_in_guest(&vm.agent, process, libc::SIGKILL as u32, false).await;
+                let _ = self
+                    .signal_in_guest(&vm.agent, process, libc::SIGKILL as u32, false)
+                    .await;
                 return Err(e);
             }
             Err(e) => return Err(ShimError::Internal(format!("stdio task failed: {e}"))),
@@ -716,7 +722,11 @@ impl Sandbox {
             ..Default::default()
         };
         if let Ok(agent) = self.agent().await {
-            if let Err(e) = agent.agent().close_stdin(ctx(AGENT_CALL_TIMEOUT), &req).await {
+            if let Err(e) = agent
+                .agent()
+                .close_stdin(ctx(AGENT_CALL_TIMEOUT), &req)
+                .await
+            {
                 tracing::debug!(error = %e, "CloseStdin after the stream EOF");
             }
         }
@@ -858,7 +868,13 @@ impl Sandbox {
     #[tracing::instrument(skip_all, fields(sandbox_id = %self.id))]
     pub async fn shutdown(self: &Arc<Self>, now: bool) -> Result<()> {
         let table = self.table_lock.lock().await;
-        if !self.containers.read().expect("container table lock").is_empty() && !now {
+        if !self
+            .containers
+            .read()
+            .expect("container table lock")
+            .is_empty()
+            && !now
+        {
             tracing::debug!("shutdown ignored: containers remain");
             return Ok(());
         }

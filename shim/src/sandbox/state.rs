@@ -169,17 +169,35 @@ mod tests {
             "cannot start container \"c\": it is running",
         );
         is_precondition(exited().start("c"), "cannot start c: it is stopped");
-        is_precondition(TaskState::Created.pause("c"), "cannot pause c: it is created");
+        is_precondition(
+            TaskState::Created.pause("c"),
+            "cannot pause c: it is created",
+        );
         is_precondition(TaskState::Paused.pause("c"), "cannot pause c: it is paused");
-        is_precondition(TaskState::Running.resume("c"), "cannot resume c: it is running");
-        is_precondition(TaskState::Running.delete("c"), "cannot delete c: it is running");
-        is_precondition(TaskState::Paused.delete("c"), "cannot delete c: it is paused");
-        is_precondition(TaskState::Deleted.delete("c"), "cannot delete c: it is deleted");
+        is_precondition(
+            TaskState::Running.resume("c"),
+            "cannot resume c: it is running",
+        );
+        is_precondition(
+            TaskState::Running.delete("c"),
+            "cannot delete c: it is running",
+        );
+        is_precondition(
+            TaskState::Paused.delete("c"),
+            "cannot delete c: it is paused",
+        );
+        is_precondition(
+            TaskState::Deleted.delete("c"),
+            "cannot delete c: it is deleted",
+        );
         is_precondition(
             TaskState::Created.check_running("c", "exec in"),
             "cannot exec in c: it is created",
         );
-        is_precondition(TaskState::Deleted.check_kill("c"), "cannot signal c: it is deleted");
+        is_precondition(
+            TaskState::Deleted.check_kill("c"),
+            "cannot signal c: it is deleted",
+        );
     }
 
     #[test]
