@@ -8,6 +8,7 @@
 //!   [`convert`]: protobuf ⇄ the sandbox's types.
 //! * [`sandbox`]: one VM per sandbox, the container table, [`sandbox::TaskState`].
 //! * [`rootfs`]: rootfs and volumes onto the virtio-fs share;
+//!   [`hooks`]: OCI hooks on the host, in the pod's netns;
 //!   [`stdio`]: the IO relay to the agent's stdio streams;
 //!   [`events`]: the [`events::EventSink`] to containerd.
 
@@ -15,6 +16,7 @@ pub mod convert;
 pub mod error;
 pub mod events;
 pub mod grouping;
+pub mod hooks;
 pub mod logging;
 pub mod rootfs;
 pub mod sandbox;

@@ -917,3 +917,147 @@ async fn pod_members_share_the_vm_and_oom_is_forwarded() {
         .join("shared/sb1/rootfs")
         .exists());
 }
+
+fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+async fn read_eventually(path: &Path, want: &str) -> String {
+    let mut text = String::new();
+    for _ in 0..250 {
+        text = std::fs::read_to_string(path).unwrap_or_default();
+        if text == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_run_on_the_host_and_binary_loggers_get_the_output() {
+    skip_unless_root!();
+    use oci_spec::runtime::{HookBuilder, HooksBuilder};
+    let h = Harness::new().await;
+    *h.agent.auto_exit.lock().unwrap() = Some(0);
+    let hook_log = h.tmp.path().join("hooks.log");
+    let hook = script(
+        h.tmp.path(),
+        "hook",
+        &format!(
+            "printf '%s ' \"$1\" >> {0}; cat >> {0}; echo >> {0}",
+            hook_log.display()
+        ),
+    );
+    let hook_for = |stage: &str| {
+        vec![HookBuilder::default()
+            .path(&hook)
+            .args(vec!["hook".to_string(), stage.to_string()])
+            .build()
+            .unwrap()]
+    };
+    let bundle = h.bundle(SANDBOX, |spec| {
+        spec.set_hooks(Some(
+            HooksBuilder::default()
+                .create_runtime(hook_for("createRuntime"))
+                .poststart(hook_for("poststart"))
+                .poststop(hook_for("poststop"))
+                .build()
+                .unwrap(),
+        ));
+    });
+    // containerd's binary logger protocol: fd 3 stdout, fd 4 stderr, close
+    // fd 5 when ready; query pairs become arguments.
+    let out = h.tmp.path().join("logged");
+    let logger = script(
+        h.tmp.path(),
+        "logger",
+        "exec 5>&-; cat <&4 > \"$2.err\" & cat <&3 > \"$2\"; wait",
+    );
+    let uri = format!("binary://{}?out={}", logger.display(), out.display());
+    h.client
+        .create(
+            ctx(),
+            &CreateTaskRequest {
+                id: SANDBOX.into(),
+                bundle: bundle.display().to_string(),
+                stdout: uri.clone(),
+                stderr: uri,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    // The guest's spec has no hooks: they are host paths.
+    let spec = h.agent.specs.lock().unwrap()[SANDBOX].clone();
+    assert!(spec.get("hooks").is_none(), "{spec}");
+    h.start(SANDBOX, "").await.unwrap();
+    assert_eq!(h.wait(SANDBOX, "").await.exit_status, 0);
+    assert_eq!(
+        read_eventually(&out, "hello sb1/\nbye sb1/\n").await,
+        "hello sb1/\nbye sb1/\n"
+    );
+    let err = PathBuf::from(format!("{}.err", out.display()));
+    assert_eq!(read_eventually(&err, "err sb1/\n").await, "err sb1/\n");
+    h.delete(SANDBOX, "").await.unwrap();
+
+    let log = std::fs::read_to_string(&hook_log).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 3, "{log}");
+    for (line, (stage, status)) in lines.iter().zip([
+        ("createRuntime", "creating"),
+        ("poststart", "running"),
+        ("poststop", "stopped"),
+    ]) {
+        let (name, json) = line.split_once(' ').unwrap();
+        assert_eq!(name, stage);
+        let state: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(state["id"], SANDBOX);
+        assert_eq!(state["status"], status);
+        assert_eq!(state["pid"], 4242, "the VM's pid");
+        assert_eq!(state["bundle"], bundle.display().to_string());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_create_runtime_hook_fails_create_cleanly() {
+    skip_unless_root!();
+    use oci_spec::runtime::{HookBuilder, HooksBuilder};
+    let h = Harness::new().await;
+    let bad = script(h.tmp.path(), "bad", "echo no network >&2; exit 1");
+    let bundle = h.bundle(SANDBOX, |spec| {
+        spec.set_hooks(Some(
+            HooksBuilder::default()
+                .create_runtime(vec![HookBuilder::default().path(&bad).build().unwrap()])
+                .build()
+                .unwrap(),
+        ));
+    });
+    let r = h
+        .client
+        .create(
+            ctx(),
+            &CreateTaskRequest {
+                id: SANDBOX.into(),
+                bundle: bundle.display().to_string(),
+                ..Default::default()
+            },
+        )
+        .await;
+    let (code, msg) = code_of(r);
+    assert_eq!(code, Code::FAILED_PRECONDITION);
+    assert!(
+        msg.contains("createRuntime hook #0") && msg.contains("no network"),
+        "{msg}"
+    );
+    assert!(h.mounts_left().is_empty());
+    assert!(!h
+        .agent
+        .calls()
+        .iter()
+        .any(|c| c.starts_with("CreateContainer")));
+}

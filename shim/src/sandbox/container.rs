@@ -3,12 +3,14 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 use crate::error::{Result, ShimError};
+use crate::hooks::ContainerHooks;
 use crate::rootfs::ContainerMounts;
 use crate::sandbox::state::{ExitInfo, TaskState};
 use crate::stdio::{describe, Relay, StdioPaths};
@@ -39,6 +41,7 @@ pub struct Process {
     inner: Mutex<Inner>,
     exit_tx: watch::Sender<Option<ExitInfo>>,
     relay: tokio::sync::Mutex<Option<Relay>>,
+    waiter: AtomicBool,
 }
 
 impl Process {
@@ -59,6 +62,7 @@ impl Process {
             }),
             exit_tx: watch::channel(None).0,
             relay: tokio::sync::Mutex::new(None),
+            waiter: AtomicBool::new(false),
         }
     }
 
@@ -91,6 +95,11 @@ impl Process {
         let what = self.what();
         let inner = self.lock();
         f(&inner.state, &what)
+    }
+
+    /// True for the one caller that may start this process's waiter.
+    pub fn claim_waiter(&self) -> bool {
+        !self.waiter.swap(true, Ordering::SeqCst)
     }
 
     /// Started: Created → Running with its guest pid.
@@ -170,16 +179,25 @@ pub struct Container {
     pub bundle: String,
     pub init: Arc<Process>,
     pub mounts: Mutex<ContainerMounts>,
+    /// OCI hooks, run on the host (the guest's spec has none).
+    pub hooks: ContainerHooks,
     execs: Mutex<HashMap<String, Arc<Process>>>,
 }
 
 impl Container {
-    pub fn new(id: &str, bundle: &str, init: Process, mounts: ContainerMounts) -> Self {
+    pub fn new(
+        id: &str,
+        bundle: &str,
+        init: Process,
+        mounts: ContainerMounts,
+        hooks: ContainerHooks,
+    ) -> Self {
         Self {
             id: id.to_owned(),
             bundle: bundle.to_owned(),
             init: Arc::new(init),
             mounts: Mutex::new(mounts),
+            hooks,
             execs: Mutex::new(HashMap::new()),
         }
     }

@@ -31,6 +31,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::{Result, ShimError};
 use crate::events::{EventSink, TaskEvent};
+use crate::hooks::{ContainerHooks, HookKind};
 use crate::rootfs::{self, MountSpec};
 use crate::stdio::{Relay, StdioPaths};
 pub use container::{Container, Process, ProcessStatus};
@@ -325,6 +326,7 @@ impl Sandbox {
             path: spec_path.clone(),
             reason: e.to_string(),
         })?;
+        let hooks = ContainerHooks::take_from(&mut spec);
         let vm = self.ensure_vm().await?;
         let shared = self.shared_dir()?;
         let (id, bundle, rootfs) = (req.id.clone(), req.bundle.clone(), req.rootfs.clone());
@@ -349,6 +351,17 @@ impl Sandbox {
                 tracing::error!(error = %crate::error::chain(&e), "unmount after failed create");
             }
         };
+        let state = hooks.state(&req.id, "creating", vm.hv.pid().unwrap_or(0), &req.bundle);
+        for kind in [
+            HookKind::Prestart,
+            HookKind::CreateRuntime,
+            HookKind::CreateContainer,
+        ] {
+            if let Err(err) = hooks.run(kind, &state).await {
+                undo_mounts(&err);
+                return Err(err);
+            }
+        }
         let spec_json = match serde_json::to_vec(&spec) {
             Ok(j) => j,
             Err(e) => {
@@ -394,7 +407,7 @@ impl Sandbox {
         let init = Process::new(&req.id, "", req.stdio.clone(), Vec::new());
         init.set_relay(relay).await;
         let bundle = req.bundle.display().to_string();
-        let container = Arc::new(Container::new(&req.id, &bundle, init, mounts));
+        let container = Arc::new(Container::new(&req.id, &bundle, init, mounts, hooks));
         self.containers
             .write()
             .expect("container table lock")
@@ -460,11 +473,25 @@ impl Sandbox {
             self.start_exec(&vm, &process).await?
         };
         process.set_started(pid)?;
-        tokio::spawn(wait_exit(
-            vm.agent.clone(),
-            process.clone(),
-            self.events.clone(),
-        ));
+        if exec_id.is_empty() {
+            let state = container.hooks.state(
+                id,
+                "running",
+                vm.hv.pid().unwrap_or(0),
+                Path::new(&container.bundle),
+            );
+            container
+                .hooks
+                .run_logged(HookKind::Poststart, &state)
+                .await;
+        }
+        if process.claim_waiter() {
+            tokio::spawn(wait_exit(
+                vm.agent.clone(),
+                process.clone(),
+                self.events.clone(),
+            ));
+        }
         self.events.send(if exec_id.is_empty() {
             TaskEvent::Start {
                 container_id: id.to_owned(),
@@ -566,12 +593,20 @@ impl Sandbox {
         }
         let agent = self.agent().await?;
         self.signal_in_guest(&agent, &process, signal, all).await?;
-        if process.state() == TaskState::Created && !exec_id.is_empty() {
-            // An exec that never started has no guest process.
-            process.set_exited(ExitInfo {
-                status: 128 + signal,
-                at: SystemTime::now(),
-            });
+        if process.state() == TaskState::Created {
+            if exec_id.is_empty() {
+                // A created container has its process in the guest: the
+                // agent reports its exit like any other.
+                if process.claim_waiter() {
+                    tokio::spawn(wait_exit(agent, process.clone(), self.events.clone()));
+                }
+            } else {
+                // An exec that never started has no guest process.
+                process.set_exited(ExitInfo {
+                    status: 128 + signal,
+                    at: SystemTime::now(),
+                });
+            }
         }
         Ok(())
     }
@@ -638,6 +673,13 @@ impl Sandbox {
             .remove(id);
         let vm_pid = self.vm.lock().await.as_ref().and_then(|v| v.hv.pid());
         self.save_state(vm_pid);
+        let state = container.hooks.state(
+            id,
+            "stopped",
+            vm_pid.unwrap_or(0),
+            Path::new(&container.bundle),
+        );
+        container.hooks.run_logged(HookKind::Poststop, &state).await;
         self.events.send(TaskEvent::Delete {
             container_id: id.to_owned(),
             pid: init.pid(),
