@@ -42,6 +42,27 @@ fn checksum(bytes: &[u8]) -> u8 {
         .wrapping_neg()
 }
 
+/// `(ISA IRQ, IOAPIC pin)` for every I/O interrupt entry.
+///
+/// KVM's default GSI routing (`kvm_setup_default_irq_routing`) sends GSI 0,
+/// the in-kernel PIT, to IOAPIC pin 2, and every other GSI to the pin of the
+/// same number. The table must say the same: IRQ 0 → pin 2 as an ordinary
+/// interrupt (the "IRQ0 override" PC firmware reports). IRQ 2 is the 8259
+/// cascade and gets no entry, so pin 2 has one source.
+///
+/// Found booting Linux 6.1 in the nested test host: with pin 0 given as
+/// ExtINT and no entry for IRQ 0, `setup_IO_APIC()` → `check_timer()`
+/// dereferenced the missing irq_cfg of IRQ 0 (NULL pointer at 0x4) and the
+/// guest panicked before any driver ran.
+fn isa_irq_routes() -> impl Iterator<Item = (u8, u8)> {
+    (0..IOAPIC_PINS)
+        .filter(|&irq| irq != 2)
+        .map(|irq| match irq {
+            0 => (0, 2),
+            irq => (irq, irq),
+        })
+}
+
 /// Builds the MP table bytes for `nvcpus` to be placed at `base`.
 pub fn build(nvcpus: u8, base: u64) -> Result<Vec<u8>, MptableError> {
     if nvcpus >= 0xfe {
@@ -66,13 +87,17 @@ pub fn build(nvcpus: u8, base: u64) -> Result<Vec<u8>, MptableError> {
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, 1]);
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     count += 1;
-    for irq in 0..IOAPIC_PINS {
-        let kind = if irq == 0 {
-            INT_TYPE_EXTINT
-        } else {
-            INT_TYPE_INT
-        };
-        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, kind, 0, 0, BUS_ISA, irq, ioapic_id, irq]);
+    for (irq, pin) in isa_irq_routes() {
+        entries.extend_from_slice(&[
+            ENTRY_IO_INTERRUPT,
+            INT_TYPE_INT,
+            0,
+            0,
+            BUS_ISA,
+            irq,
+            ioapic_id,
+            pin,
+        ]);
         count += 1;
     }
     entries.extend_from_slice(&[
@@ -156,7 +181,8 @@ mod tests {
             assert_eq!(len, cfg.len());
             assert_eq!(cfg.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
             let count = u16::from_le_bytes([cfg[34], cfg[35]]);
-            assert_eq!(count, u16::from(n) + 1 + 1 + u16::from(IOAPIC_PINS) + 2);
+            // IRQ 2 (the cascade) has no I/O interrupt entry.
+            assert_eq!(count, u16::from(n) + 1 + 1 + u16::from(IOAPIC_PINS) - 1 + 2);
             assert_eq!(
                 len,
                 44 + 20 * n as usize + 8 * (count as usize - n as usize)
@@ -166,5 +192,15 @@ mod tests {
             assert_eq!(u64::from(ptr), EBDA_START + 16);
         }
         assert!(build(0xfe, EBDA_START).is_err());
+    }
+
+    #[test]
+    fn irq0_goes_to_pin2_like_kvm_default_routing() {
+        let routes: Vec<(u8, u8)> = isa_irq_routes().collect();
+        assert_eq!(routes[0], (0, 2));
+        assert!(!routes.iter().any(|&(irq, _)| irq == 2));
+        assert_eq!(routes.iter().filter(|&&(_, pin)| pin == 2).count(), 1);
+        assert!(routes[1..].iter().all(|&(irq, pin)| irq == pin));
+        assert_eq!(routes.len(), usize::from(IOAPIC_PINS) - 1);
     }
 }
