@@ -21,6 +21,14 @@ const LEAF_HYPERVISOR: u32 = 0x4000_0000;
 const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
 
 const ECX_HYPERVISOR: u32 = 1 << 31;
+/// CPUID.1:ECX.TSC_DEADLINE_TIMER. KVM's in-kernel LAPIC always emulates the
+/// TSC-deadline mode (KVM_CAP_TSC_DEADLINE_TIMER) but KVM_GET_SUPPORTED_CPUID
+/// leaves the bit clear for the VMM to set (QEMU, Firecracker and Cloud
+/// Hypervisor all do). Without it Linux calibrates the LAPIC timer against
+/// the PIT; found booting Linux 6.1 in the nested test host, where that
+/// calibration failed ("APIC timer disabled due to verification failure"),
+/// the guest fell back to the PIT, and an idle guest was never woken again.
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const EDX_HTT: u32 = 1 << 28;
 const KVM_SIGNATURE: &[u8; 12] = b"KVMKVMKVM\0\0\0";
 
@@ -45,7 +53,7 @@ pub fn normalize(cpuid: &mut CpuId, vcpu_id: u8, nvcpus: u8) -> Result<(), Cpuid
         match e.function {
             LEAF_FEATURES => {
                 e.ebx = (e.ebx & 0x0000_ffff) | (id << 24) | (n << 16);
-                e.ecx |= ECX_HYPERVISOR;
+                e.ecx |= ECX_HYPERVISOR | ECX_TSC_DEADLINE;
                 if n > 1 {
                     e.edx |= EDX_HTT;
                 } else {
@@ -146,6 +154,7 @@ mod tests {
         assert_eq!((s[0].ebx >> 16) & 0xff, 3);
         assert_eq!(s[0].ebx & 0xffff, 0x0800, "CLFLUSH size kept");
         assert_ne!(s[0].ecx & ECX_HYPERVISOR, 0);
+        assert_ne!(s[0].ecx & ECX_TSC_DEADLINE, 0);
         assert_ne!(s[0].edx & EDX_HTT, 0);
         assert_eq!(s[1].eax >> 26, 2);
         assert_eq!((s[1].eax >> 14) & 0xfff, 2);
