@@ -158,8 +158,9 @@ async fn socket_answers(address: &str) -> bool {
     )
 }
 
-/// `delete` after a crash: for the sandbox itself, kill the VM and its
-/// helpers (pid files), kill a hung shim of this sandbox, unmount everything
+/// `delete` after a crash: for the sandbox itself, let a live shim of this
+/// sandbox finish (or kill it when it hangs), kill the VM and its helpers
+/// (pid files), unmount everything
 /// and remove the sandbox directory; for a member container, unmount and
 /// remove its part of the share.
 pub fn delete_after_crash(container_id: &str, bundle: &Path) -> Result<(), String> {
@@ -169,7 +170,7 @@ pub fn delete_after_crash(container_id: &str, bundle: &Path) -> Result<(), Strin
     let dir = config.sandbox_dir(&sandbox);
     if sandbox == container_id {
         if let Ok(state) = SandboxState::load(&dir) {
-            kill_stale_shim(state.shim_pid);
+            stop_stale_shim(state.shim_pid, STALE_SHIM_GRACE);
         }
         cleanup_sandbox_dir(&dir);
     } else {
@@ -179,19 +180,38 @@ pub fn delete_after_crash(container_id: &str, bundle: &Path) -> Result<(), Strin
     Ok(())
 }
 
-/// Kills `pid` if it is another instance of this binary (a shim that hangs).
-fn kill_stale_shim(pid: u32) {
+/// How long `delete` lets a live shim of the sandbox finish its own
+/// teardown (containerd also runs `delete` right after a normal Shutdown).
+pub const STALE_SHIM_GRACE: Duration = Duration::from_secs(10);
+
+/// True while `pid` runs this binary (not a zombie, not a recycled pid).
+fn is_our_shim(pid: u32) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let zombie = stat
+        .rsplit_once(')')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+    !zombie && String::from_utf8_lossy(&cmdline).contains("containerd-shim-boxlite-v2")
+}
+
+/// Waits up to `grace` for another shim of this sandbox to exit, then
+/// kills it (a shim that hangs).
+fn stop_stale_shim(pid: u32, grace: Duration) {
     if pid == std::process::id() || pid <= 1 {
         return;
     }
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    if String::from_utf8_lossy(&cmdline).contains("containerd-shim-boxlite-v2") {
-        if let Ok(raw) = i32::try_from(pid) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(raw),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+    let deadline = std::time::Instant::now() + grace;
+    while is_our_shim(pid) {
+        if std::time::Instant::now() >= deadline {
+            if let Ok(raw) = i32::try_from(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(raw),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            return;
         }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -933,6 +933,7 @@ impl Sandbox {
         let _table = self.table_lock.lock().await;
         self.stop_vm().await;
         if let Ok(dir) = self.dir() {
+            archive_console(&self.id, &dir);
             cleanup_sandbox_dir(&dir);
         }
         tracing::info!("sandbox stopped; shim exiting");
@@ -1057,6 +1058,23 @@ pub fn validate_id(what: &str, id: &str) -> Result<()> {
         Err(ShimError::InvalidArgument(format!(
             "{what} id {id:?} is invalid: expected 1..=76 characters of A-Z a-z 0-9 _ - . not starting with '.'"
         )))
+    }
+}
+
+/// Debugging aid: with `BOXLITE_CONSOLE_ARCHIVE=<dir>` in the shim's
+/// environment, the guest console log (kernel and agent lines) is copied to
+/// `<dir>/<sandbox>.console.log` before the sandbox directory is removed.
+pub const CONSOLE_ARCHIVE_ENV: &str = "BOXLITE_CONSOLE_ARCHIVE";
+
+fn archive_console(id: &str, dir: &Path) {
+    let Some(archive) = std::env::var_os(CONSOLE_ARCHIVE_ENV) else {
+        return;
+    };
+    let from = dir.join(boxlite_runtime::hypervisor::CONSOLE_LOG);
+    let to = Path::new(&archive).join(format!("{id}.console.log"));
+    match std::fs::create_dir_all(&archive).and_then(|()| std::fs::copy(&from, &to)) {
+        Ok(_) => tracing::info!(to = %to.display(), "guest console log archived"),
+        Err(e) => tracing::warn!(to = %to.display(), error = %e, "cannot archive the guest console log"),
     }
 }
 
