@@ -59,13 +59,22 @@ fn code_of<T: std::fmt::Debug>(r: ttrpc::Result<T>) -> (Code, String) {
 
 impl Harness {
     async fn new() -> Self {
-        let tmp = tempfile::tempdir().unwrap();
+        Self::build(tempfile::tempdir().unwrap(), None).await
+    }
+
+    /// With `real`, the agent is a real one at (ttrpc socket, stdio socket).
+    async fn build(tmp: tempfile::TempDir, real: Option<(PathBuf, PathBuf)>) -> Self {
         let guest = FakeGuest::start(tmp.path()).await;
         let vms = Arc::new(VmLog::default());
+        let (agent_sock, stdio_proxy) = match real {
+            Some((agent, stdio)) => (agent, Some(stdio)),
+            None => (guest.agent_sock.clone(), None),
+        };
         let factory = Arc::new(FakeFactory {
             root: tmp.path().join("run"),
             guest: guest.agent.clone(),
-            agent_sock: guest.agent_sock.clone(),
+            agent_sock,
+            stdio_proxy,
             log: vms.clone(),
         });
         let events = Arc::new(RecordingSink::default());
@@ -1060,4 +1069,164 @@ async fn a_failing_create_runtime_hook_fails_create_cleanly() {
         .calls()
         .iter()
         .any(|c| c.starts_with("CreateContainer")));
+}
+
+/// The real `boxlite-agent` in host mode, killed on drop.
+struct RealAgent(std::process::Child);
+
+impl Drop for RealAgent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn agent_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("BOXLITE_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("boxlite-agent");
+    assert!(
+        p.is_file(),
+        "no boxlite-agent: `cargo build -p boxlite-agent` or set BOXLITE_AGENT_BIN"
+    );
+    p
+}
+
+/// The shim against the real agent (host mode: real containers on this
+/// host, no VM): the share is the agent's `--root/shares/shared`, the stdio
+/// streams go through a hybrid-vsock proxy to its `--stdio-listen` socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a boxlite-agent binary with the container service (BOXLITE_AGENT_BIN)"]
+async fn real_agent_in_host_mode_runs_a_container_an_exec_and_a_kill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("agent-root");
+    let shared = tmp.path().join("run").join(SANDBOX).join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::create_dir_all(root.join("shares")).unwrap();
+    std::os::unix::fs::symlink(&shared, root.join("shares/shared")).unwrap();
+    let (agent_sock, stdio_sock) = (
+        tmp.path().join("real-agent.sock"),
+        tmp.path().join("real-stdio.sock"),
+    );
+    let stderr = std::fs::File::create(tmp.path().join("agent.stderr")).unwrap();
+    let _agent = RealAgent(
+        std::process::Command::new(agent_binary())
+            .arg("--listen")
+            .arg(format!("unix://{}", agent_sock.display()))
+            .arg("--stdio-listen")
+            .arg(format!("unix://{}", stdio_sock.display()))
+            .arg("--root")
+            .arg(&root)
+            .args(["--log", "debug"])
+            .stdin(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..200 {
+        if agent_sock.exists() && stdio_sock.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let agent_log = tmp.path().join("agent.stderr");
+    let h = Harness::build(tmp, Some((agent_sock, stdio_sock))).await;
+    let bundle = h.bundle(SANDBOX, |spec| {
+        let mut process = spec.process().clone().unwrap();
+        process.set_args(Some(vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "echo hello-real; exec sleep 30".into(),
+        ]));
+        process.set_env(Some(vec!["PATH=/bin".into()]));
+        spec.set_process(Some(process));
+    });
+    std::fs::copy("/bin/busybox", bundle.join("rootfs/bin/busybox")).unwrap();
+    std::fs::remove_file(bundle.join("rootfs/bin/sh")).unwrap();
+    for applet in ["sh", "echo", "sleep"] {
+        std::os::unix::fs::symlink("busybox", bundle.join("rootfs/bin").join(applet)).unwrap();
+    }
+    let out = h.tmp.path().join("init.out");
+    let create = h
+        .client
+        .create(
+            ctx(),
+            &CreateTaskRequest {
+                id: SANDBOX.into(),
+                bundle: bundle.display().to_string(),
+                stdout: format!("file://{}", out.display()),
+                ..Default::default()
+            },
+        )
+        .await;
+    let dump = || std::fs::read_to_string(&agent_log).unwrap_or_default();
+    create.unwrap_or_else(|e| panic!("create: {e:?}\nagent log:\n{}", dump()));
+    h.start(SANDBOX, "").await.unwrap();
+    // An exec with its own output and exit code.
+    let exec_out = h.tmp.path().join("exec.out");
+    let process = serde_json::json!({
+        "args": ["/bin/sh", "-c", "echo from-exec; exit 3"], "cwd": "/",
+        "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}
+    });
+    h.client
+        .exec(
+            ctx(),
+            &ExecProcessRequest {
+                id: SANDBOX.into(),
+                exec_id: "e1".into(),
+                stdout: format!("file://{}", exec_out.display()),
+                spec: MessageField::some(Any {
+                    value: serde_json::to_vec(&process).unwrap(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    h.start(SANDBOX, "e1")
+        .await
+        .unwrap_or_else(|e| panic!("exec start: {e:?}\nagent log:\n{}", dump()));
+    assert_eq!(h.wait(SANDBOX, "e1").await.exit_status, 3);
+    assert_eq!(std::fs::read_to_string(&exec_out).unwrap(), "from-exec\n");
+    h.delete(SANDBOX, "e1").await.unwrap();
+    // The init: its output arrived, SIGKILL ends it with 137.
+    let pids = h
+        .client
+        .pids(
+            ctx(),
+            &PidsRequest {
+                id: SANDBOX.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(!pids.processes.is_empty());
+    h.kill(SANDBOX, "", 9, false).await.unwrap();
+    let w = h.wait(SANDBOX, "").await;
+    assert_eq!(w.exit_status, 137, "agent log:\n{}", dump());
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "hello-real\n");
+    assert_eq!(status_of(&h.state(SANDBOX, "").await), Status::STOPPED);
+    let d = h.delete(SANDBOX, "").await.unwrap();
+    assert_eq!(d.exit_status, 137);
+    assert!(h.mounts_left().is_empty(), "{:?}", h.mounts_left());
+    assert_eq!(
+        h.events.topics(),
+        [
+            "/tasks/create",
+            "/tasks/start",
+            "/tasks/exec-added",
+            "/tasks/exec-started",
+            "/tasks/exit",
+            "/tasks/exit",
+            "/tasks/delete"
+        ]
+    );
 }

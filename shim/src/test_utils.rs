@@ -528,6 +528,37 @@ async fn serve_stdio(mut s: UnixStream, agent: Arc<FakeAgent>) {
     }
 }
 
+/// A hybrid vsock front that passes stdio streams (port 1025) through to
+/// a real agent's `--stdio-listen` socket (host mode).
+pub fn spawn_vsock_proxy(socket: PathBuf, stdio_sock: PathBuf) {
+    let listener = UnixListener::bind(&socket).expect("bind vsock proxy");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let stdio_sock = stdio_sock.clone();
+            tokio::spawn(async move {
+                let mut line = Vec::new();
+                let mut b = [0u8; 1];
+                while conn.read(&mut b).await.unwrap_or(0) == 1 && b[0] != b'\n' {
+                    line.push(b[0]);
+                }
+                if line != b"CONNECT 1025" {
+                    return;
+                }
+                let Ok(mut agent) = UnixStream::connect(&stdio_sock).await else {
+                    return;
+                };
+                if conn.write_all(b"OK 1073741824\n").await.is_err() {
+                    return;
+                }
+                let _ = tokio::io::copy_bidirectional(&mut conn, &mut agent).await;
+            });
+        }
+    });
+}
+
 /// What the fake VMs did, shared with the test.
 #[derive(Default)]
 pub struct VmLog {
@@ -542,6 +573,7 @@ pub struct FakeVm {
     dir: PathBuf,
     agent_sock: PathBuf,
     agent: Arc<FakeAgent>,
+    stdio_proxy: Option<PathBuf>,
     log: Arc<VmLog>,
 }
 
@@ -575,7 +607,10 @@ impl Hypervisor for FakeVm {
                 path: "/nonexistent/vmlinux".into(),
             });
         }
-        spawn_vsock_front(self.vsock_socket_path(), self.agent.clone());
+        match &self.stdio_proxy {
+            Some(stdio) => spawn_vsock_proxy(self.vsock_socket_path(), stdio.clone()),
+            None => spawn_vsock_front(self.vsock_socket_path(), self.agent.clone()),
+        }
         self.log.started.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -612,6 +647,8 @@ pub struct FakeFactory {
     pub root: PathBuf,
     pub guest: Arc<FakeAgent>,
     pub agent_sock: PathBuf,
+    /// Stdio streams go to this real agent socket instead of the fake front.
+    pub stdio_proxy: Option<PathBuf>,
     pub log: Arc<VmLog>,
 }
 
@@ -625,6 +662,7 @@ impl VmFactory for FakeFactory {
             dir: self.root.join(id),
             agent_sock: self.agent_sock.clone(),
             agent: self.guest.clone(),
+            stdio_proxy: self.stdio_proxy.clone(),
             log: self.log.clone(),
         }))
     }

@@ -1074,7 +1074,9 @@ fn archive_console(id: &str, dir: &Path) {
     let to = Path::new(&archive).join(format!("{id}.console.log"));
     match std::fs::create_dir_all(&archive).and_then(|()| std::fs::copy(&from, &to)) {
         Ok(_) => tracing::info!(to = %to.display(), "guest console log archived"),
-        Err(e) => tracing::warn!(to = %to.display(), error = %e, "cannot archive the guest console log"),
+        Err(e) => {
+            tracing::warn!(to = %to.display(), error = %e, "cannot archive the guest console log")
+        }
     }
 }
 
