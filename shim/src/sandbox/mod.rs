@@ -889,11 +889,9 @@ impl Sandbox {
     }
 
     pub async fn wait(&self, id: &str, exec_id: &str) -> Result<ExitInfo> {
+        // containerd waits on a created task before Start: this answers once
+        // the process has started and exited (or was deleted unstarted).
         let process = self.process(id, exec_id)?;
-        if process.state() == TaskState::Created && exec_id.is_empty() {
-            // containerd waits on a created task before Start: fine, the
-            // waiter below answers once it has started and exited.
-        }
         Ok(process.wait().await)
     }
 
