@@ -9,3 +9,4 @@ pub mod elf;
 pub mod guest;
 pub mod initramfs;
 pub mod kernel;
+pub mod testhost;

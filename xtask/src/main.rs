@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use xtask::kernel::{KernelArtefact, KernelBuild, DEFAULT_CACHE_ROOT};
-use xtask::{agent, guest};
+use xtask::{agent, guest, testhost};
 
 const USAGE: &str = "\
 usage: cargo xtask <command> [options]
@@ -23,6 +23,12 @@ commands:
              the agent; out: build/guest/initramfs.cpio.gz)
   guest      [--out-dir DIR] [--cache-dir DIR]
              kernel + agent + initramfs, copied to DIR (default: build/guest)
+  testhost   [--out-dir DIR] [--cache-dir DIR] [--guest-initramfs PATH]
+             the nested test host (docs/testing-nested.md): its kernel (guest
+             + configs/test-host-kernel.fragment, cached) and its initramfs
+             (nested driver as /init, static boxlite-vmm, guest kernel and
+             initramfs) in DIR (default: build/testhost); --guest-initramfs
+             uses that guest initramfs instead of building the agent
 ";
 
 fn main() -> ExitCode {
@@ -109,6 +115,24 @@ fn run() -> Result<()> {
                 .with_context(|| format!("cannot copy the kernel to {}", out_dir.display()))?;
             println!("vmlinux: {}", vmlinux.display());
             println!("initramfs: {}", initramfs.display());
+        }
+        "testhost" => {
+            let mut out_dir = None;
+            let mut cache_dir = None;
+            let mut guest_initramfs = None;
+            while let Some(flag) = args.next() {
+                match flag.as_str() {
+                    "--out-dir" => out_dir = Some(args.path(&flag)?),
+                    "--cache-dir" => cache_dir = Some(args.path(&flag)?),
+                    "--guest-initramfs" => guest_initramfs = Some(args.path(&flag)?),
+                    _ => return unknown(&command, &flag),
+                }
+            }
+            let out_dir = out_dir.unwrap_or_else(testhost::default_out_dir);
+            let cache_dir = cache_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_ROOT));
+            let th = testhost::build(&out_dir, &cache_dir, guest_initramfs.as_deref())?;
+            println!("testhost-kernel: {}", th.kernel.display());
+            println!("testhost-initramfs: {}", th.initramfs.display());
         }
         "help" | "-h" | "--help" => print!("{USAGE}"),
         other => {

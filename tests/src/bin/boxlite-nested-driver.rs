@@ -1,0 +1,848 @@
+//! `boxlite-nested-driver`: PID 1 of the nested test host
+//! (docs/testing-nested.md, DESIGN.md §4 layer 2).
+//!
+//! The test host is a Linux kernel with KVM_AMD running under QEMU TCG with
+//! an emulated SVM CPU, so `/dev/kvm` works here the way it does on a real
+//! host. This program mounts the pseudo filesystems, reads the scenarios to
+//! run from the kernel command line (`boxlite.scenarios=boot,health,smp,reboot,guest-connect`),
+//! runs `boxlite-vmm` on the guest kernel and initramfs for each of them,
+//! prints one verdict line per scenario on the console
+//!
+//! ```text
+//! BOXLITE-NESTED <scenario> PASS|FAIL|SKIP <detail>
+//! ```
+//!
+//! then `BOXLITE-NESTED-DONE`, and reboots (with `reboot=t` on the test
+//! host's command line the reboot is a triple fault, and QEMU's `-no-reboot`
+//! exits). On FAIL the guest console tail and the VMM log tail are printed
+//! first, each line prefixed with `  | `.
+//!
+//! Other command-line parameters: `boxlite.timeout=<secs>` (per scenario,
+//! default 120), `boxlite.vmm_log=<filter>` (RUST_LOG for boxlite-vmm,
+//! default `info`), `boxlite.guest_cmdline=<extra>` (appended to the
+//! guest's command line; `+` stands for a space), `boxlite.verbose=1` (print
+//! the console and VMM log tails of passing and skipped scenarios too),
+//! `boxlite.jail=0` (run boxlite-vmm with `--no-jail`, debugging only).
+//!
+//! Outside PID 1 (for a by-hand run on a host with KVM) it mounts nothing and
+//! exits instead of rebooting; `BOXLITE_NESTED_ROOT` then replaces `/` as the
+//! place of `usr/bin/boxlite-vmm` and `guest/`.
+
+use std::ffi::CString;
+use std::fmt::Write as _;
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use boxlite_protocol::agent::{DestroySandboxRequest, GuestInfoRequest, GuestInfoResponse};
+use boxlite_protocol::health::health_check_response::ServingStatus;
+use boxlite_runtime::{AgentConnection, HybridVsock};
+
+const ALL_SCENARIOS: &str = "boot,health,smp,reboot,guest-connect";
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Guest RAM for each inner VM.
+const GUEST_MEMORY_MIB: u32 = 256;
+/// The agent's "ready" log line (docs/agent.md, guest-mode start-up step 9).
+const AGENT_READY: &str = "agent ready";
+/// Virtio device ids (GuestInfo `virtio_devices[].device_id`).
+const VIRTIO_ID_RNG: u32 = 4;
+const VIRTIO_ID_VSOCK: u32 = 19;
+/// How long a guest may take to end the VM after DestroySandbox replied.
+const REBOOT_TIMEOUT: Duration = Duration::from_secs(60);
+const RPC_TIMEOUT: Duration = Duration::from_secs(20);
+/// Lines of the guest console / VMM log shown with a FAIL.
+const CONSOLE_TAIL: usize = 60;
+const VMM_LOG_TAIL: usize = 25;
+
+/// The outcome of one scenario.
+enum Verdict {
+    Pass(String),
+    Fail(String),
+    Skip(String),
+}
+
+/// A scenario failure: a one-line reason and the VM whose logs explain it.
+struct Failure {
+    reason: String,
+    vm: Option<VmFiles>,
+}
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure {
+            reason: e.to_string(),
+            vm: None,
+        }
+    }
+}
+
+type ScenarioResult = Result<Verdict, Failure>;
+
+/// Where things are and the settings from the command line.
+struct Settings {
+    root: PathBuf,
+    work: PathBuf,
+    timeout: Duration,
+    vmm_log: String,
+    guest_cmdline: String,
+    /// Print the console and VMM log tails for passing scenarios too.
+    verbose: bool,
+    /// Run boxlite-vmm with its jail (default); `boxlite.jail=0` passes
+    /// `--no-jail`, for debugging a test-host kernel without landlock.
+    jail: bool,
+}
+
+impl Settings {
+    fn vmm(&self) -> PathBuf {
+        self.root.join("usr/bin/boxlite-vmm")
+    }
+    fn guest_kernel(&self) -> PathBuf {
+        self.root.join("guest/vmlinux")
+    }
+    fn guest_initramfs(&self) -> PathBuf {
+        self.root.join("guest/initramfs.cpio.gz")
+    }
+}
+
+fn main() {
+    let pid1 = std::process::id() == 1;
+    if pid1 {
+        mount_pseudo_filesystems();
+    }
+    let result = std::panic::catch_unwind(run);
+    if let Err(p) = result {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        println!("BOXLITE-NESTED driver FAIL the driver panicked: {msg}");
+        println!("BOXLITE-NESTED-DONE");
+    }
+    let _ = std::io::stdout().flush();
+    if pid1 {
+        // SAFETY: sync and reboot take no pointers; as PID 1 we end the test
+        // host here (reboot=t → triple fault → QEMU -no-reboot exits).
+        unsafe {
+            libc::sync();
+            libc::reboot(libc::RB_AUTOBOOT);
+        }
+        // Not reached unless reboot failed; PID 1 must not exit.
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+}
+
+fn run() {
+    let host_up = uptime();
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let param = |name: &str| {
+        cmdline
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+            .map(str::to_owned)
+    };
+    let scenarios = param("boxlite.scenarios").unwrap_or_else(|| ALL_SCENARIOS.to_owned());
+    let settings = Settings {
+        root: std::env::var_os("BOXLITE_NESTED_ROOT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/")),
+        work: PathBuf::from("/tmp/boxlite-nested"),
+        timeout: param("boxlite.timeout")
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_TIMEOUT),
+        vmm_log: param("boxlite.vmm_log").unwrap_or_else(|| "info".to_owned()),
+        verbose: param("boxlite.verbose").is_some_and(|v| v == "1"),
+        jail: param("boxlite.jail").as_deref() != Some("0"),
+        guest_cmdline: param("boxlite.guest_cmdline")
+            .map(|v| v.replace('+', " "))
+            .unwrap_or_default(),
+    };
+    let cpu_mhz = cpu_mhz();
+    println!(
+        "BOXLITE-NESTED-START test-host-uptime={host_up:.2}s scenarios={scenarios} kvm={} cpu-mhz={cpu_mhz:.3}",
+        Path::new("/dev/kvm").exists()
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let mut counts = [0u32; 3];
+    for name in scenarios.split(',').filter(|s| !s.is_empty()) {
+        let started = Instant::now();
+        let verdict = if cpu_mhz <= 0.0 {
+            // KVM's kvm_guest_time_update() re-requests a clock update
+            // forever while the host's tsc_khz is 0: the vCPU never enters
+            // the guest and the scenario would only time out.
+            Err(Failure {
+                reason: "the test-host kernel does not know its TSC frequency (cpu MHz = 0: TSC \
+                         calibration failed under TCG), so KVM would never enter a guest; boot the \
+                         test host with tsc_early_khz=<the outer host's TSC kHz>"
+                    .to_owned(),
+                vm: None,
+            })
+        } else if !Path::new("/dev/kvm").exists() {
+            Err(Failure {
+                reason: format!(
+                    "no /dev/kvm in the test host (KVM_AMD did not initialise: {})",
+                    kvm_dmesg_hint()
+                ),
+                vm: None,
+            })
+        } else {
+            rt.block_on(run_scenario(name, &settings))
+        };
+        let secs = started.elapsed().as_secs_f64();
+        let (word, detail) = match verdict {
+            Ok(Verdict::Pass(d)) => {
+                counts[0] += 1;
+                ("PASS", d)
+            }
+            Ok(Verdict::Skip(d)) => {
+                counts[2] += 1;
+                ("SKIP", d)
+            }
+            Ok(Verdict::Fail(d)) => {
+                counts[1] += 1;
+                ("FAIL", d)
+            }
+            Err(f) => {
+                counts[1] += 1;
+                if let Some(vm) = &f.vm {
+                    vm.print_tails(name);
+                }
+                ("FAIL", f.reason)
+            }
+        };
+        if settings.verbose && word != "FAIL" {
+            VmFiles::in_dir(&settings.work.join(name)).print_tails(name);
+        }
+        println!(
+            "BOXLITE-NESTED {name} {word} {} [{secs:.1}s]",
+            one_line(&detail)
+        );
+        let _ = std::io::stdout().flush();
+    }
+    println!(
+        "BOXLITE-NESTED-DONE pass={} fail={} skip={} test-host-uptime={:.2}s",
+        counts[0],
+        counts[1],
+        counts[2],
+        uptime()
+    );
+}
+
+async fn run_scenario(name: &str, s: &Settings) -> ScenarioResult {
+    match name {
+        "boot" => scenario_boot(s).await,
+        "smp" => scenario_smp(s).await,
+        "health" => scenario_health(s).await,
+        "reboot" => scenario_reboot(s).await,
+        "guest-connect" => Ok(Verdict::Skip(
+            "the agent has no guest-initiated vsock connection yet: no RPC or boxlite.* \
+             parameter makes the guest connect to a host port (<uds>_<port> listener)"
+                .to_owned(),
+        )),
+        other => Ok(Verdict::Fail(format!(
+            "unknown scenario {other:?} (known: {ALL_SCENARIOS})"
+        ))),
+    }
+}
+
+// ---------------------------------------------------------------- scenarios --
+
+/// The guest kernel boots under boxlite-vmm and the agent (PID 1) starts.
+async fn scenario_boot(s: &Settings) -> ScenarioResult {
+    let mut vm = Vm::start(s, "boot", 1, &[Device::Rng])?;
+    let ready = vm.wait_console(AGENT_READY, s.timeout).await?;
+    let guest_t = vm.files.guest_time_of(AGENT_READY);
+    let banner = vm
+        .files
+        .console_line("Linux version")
+        .map(|l| l.split_whitespace().nth(4).unwrap_or("?").to_owned())
+        .unwrap_or_default();
+    vm.kill();
+    Ok(Verdict::Pass(format!(
+        "kernel {banner} booted, agent ready {:.2}s after boxlite-vmm started (guest clock {})",
+        ready.as_secs_f64(),
+        guest_t
+            .map(|t| format!("{t:.2}s"))
+            .unwrap_or_else(|| "?".into())
+    )))
+}
+
+/// Two vCPUs come up: the kernel brings up 2 CPUs, and GuestInfo (when the
+/// VMM has vsock) reports 2 online.
+async fn scenario_smp(s: &Settings) -> ScenarioResult {
+    let vsock = vsock_support(s)?;
+    let devices: &[Device] = if vsock.is_ok() {
+        &[Device::Rng, Device::Vsock]
+    } else {
+        &[Device::Rng]
+    };
+    let mut vm = Vm::start(s, "smp", 2, devices)?;
+    let ready = vm.wait_console(AGENT_READY, s.timeout).await?;
+    let brought_up = vm.files.console_line("smp: Brought up");
+    if !brought_up.as_deref().is_some_and(|l| l.contains(" 2 CPUs")) {
+        return Err(vm.fail(format!(
+            "the guest did not bring up 2 CPUs (console: {})",
+            brought_up
+                .as_deref()
+                .unwrap_or("no \"smp: Brought up\" line")
+        )));
+    }
+    let mut detail = format!(
+        "guest brought up 2 CPUs, agent ready {:.2}s after start",
+        ready.as_secs_f64()
+    );
+    if vsock.is_ok() {
+        let conn = vm.connect(s.timeout).await?;
+        let info = vm.guest_info(&conn).await?;
+        if info.online_cpus != 2 {
+            return Err(vm.fail(format!(
+                "GuestInfo online_cpus = {}, want 2",
+                info.online_cpus
+            )));
+        }
+        let _ = write!(detail, "; GuestInfo online_cpus=2");
+        vm.destroy(&conn).await?;
+    } else {
+        vm.kill();
+    }
+    Ok(Verdict::Pass(detail))
+}
+
+/// Through the hybrid vsock socket: Health.Check SERVING, Version, GuestInfo
+/// lists every virtio device the VMM gave the guest.
+async fn scenario_health(s: &Settings) -> ScenarioResult {
+    if let Err(reason) = vsock_support(s)? {
+        return Ok(Verdict::Skip(reason));
+    }
+    let mut vm = Vm::start(s, "health", 1, &[Device::Rng, Device::Vsock])?;
+    let conn = vm.connect(s.timeout).await?;
+    let answered = vm.started.elapsed();
+    let status = conn
+        .check(RPC_TIMEOUT)
+        .await
+        .map_err(|e| vm.fail(format!("Health.Check failed: {e}")))?;
+    if status != ServingStatus::SERVING {
+        return Err(vm.fail(format!("Health.Check answered {status:?}")));
+    }
+    let version = conn
+        .version(RPC_TIMEOUT)
+        .await
+        .map_err(|e| vm.fail(format!("Health.Version failed: {e}")))?;
+    let info = vm.guest_info(&conn).await?;
+    let mut ids: Vec<u32> = info.virtio_devices.iter().map(|d| d.device_id).collect();
+    ids.sort_unstable();
+    if ids != [VIRTIO_ID_RNG, VIRTIO_ID_VSOCK] {
+        return Err(vm.fail(format!(
+            "GuestInfo lists virtio device ids {ids:?}, want [{VIRTIO_ID_RNG} (rng), {VIRTIO_ID_VSOCK} (vsock)]"
+        )));
+    }
+    let devices = info
+        .virtio_devices
+        .iter()
+        .map(|d| format!("{}={}", d.name, d.device_id))
+        .collect::<Vec<_>>()
+        .join(",");
+    vm.destroy(&conn).await?;
+    Ok(Verdict::Pass(format!(
+        "Health SERVING {:.2}s after boxlite-vmm started; agent {} protocol {}; kernel {}; virtio {devices}",
+        answered.as_secs_f64(),
+        version.agent_version,
+        version.protocol_version,
+        info.kernel_release
+    )))
+}
+
+/// DestroySandbox makes the guest reboot, and boxlite-vmm exits with 0.
+async fn scenario_reboot(s: &Settings) -> ScenarioResult {
+    if let Err(reason) = vsock_support(s)? {
+        return Ok(Verdict::Skip(format!(
+            "{reason} (DestroySandbox goes over vsock)"
+        )));
+    }
+    let mut vm = Vm::start(s, "reboot", 1, &[Device::Vsock])?;
+    let conn = vm.connect(s.timeout).await?;
+    let (status, took) = vm.destroy(&conn).await?;
+    let reason = vm
+        .files
+        .vmm_log_line("VM ended")
+        .and_then(|l| l.split_once("reason=").map(|(_, r)| r.to_owned()))
+        .unwrap_or_else(|| "?".into());
+    Ok(Verdict::Pass(format!(
+        "DestroySandbox → guest reboot → boxlite-vmm exited {status} {:.2}s later; reason={reason}",
+        took.as_secs_f64()
+    )))
+}
+
+// ----------------------------------------------------------------- the VMs --
+
+#[derive(Clone, Copy)]
+enum Device {
+    Rng,
+    Vsock,
+}
+
+/// Does this boxlite-vmm know the vsock device? Decided by its config
+/// schema: a config with a vsock entry and `vcpus = 0` either fails to
+/// parse (`unknown variant`) or parses and fails validation on `vcpus`.
+/// `Ok(Err(reason))`: not supported. Memoised per process.
+fn vsock_support(s: &Settings) -> Result<Result<(), String>, Failure> {
+    static ANSWER: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    if let Some(a) = ANSWER.get() {
+        return Ok(a.clone());
+    }
+    let dir = s.work.join("probe");
+    fs::create_dir_all(&dir)?;
+    let cfg = serde_json::json!({
+        "vcpus": 0,
+        "kernel": s.guest_kernel(),
+        "devices": [{"kind": "vsock", "guest_cid": 3, "uds_path": dir.join("v.sock")}],
+    });
+    let path = dir.join("vm.json");
+    fs::write(&path, cfg.to_string())?;
+    let out = Command::new(s.vmm())
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", s.vmm().display()))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let answer = if stderr.contains("unknown variant `vsock`") {
+        Err("vsock device not in boxlite-vmm yet (its config refuses a vsock entry)".to_owned())
+    } else if stderr.contains("vcpus = 0") {
+        Ok(())
+    } else {
+        return Err(Failure::from(format!(
+            "vsock probe: unexpected answer from boxlite-vmm ({}): {}",
+            out.status,
+            one_line(&stderr)
+        )));
+    };
+    Ok(ANSWER.get_or_init(|| answer).clone())
+}
+
+/// A scenario's files: config, guest console, VMM log.
+#[derive(Clone)]
+struct VmFiles {
+    dir: PathBuf,
+    console: PathBuf,
+    vmm_log: PathBuf,
+}
+
+impl VmFiles {
+    fn in_dir(dir: &Path) -> VmFiles {
+        VmFiles {
+            dir: dir.to_owned(),
+            console: dir.join("console.log"),
+            vmm_log: dir.join("vmm.log"),
+        }
+    }
+
+    fn console_text(&self) -> String {
+        fs::read(&self.console)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    fn console_line(&self, needle: &str) -> Option<String> {
+        self.console_text()
+            .lines()
+            .find(|l| l.contains(needle))
+            .map(|l| l.trim().to_owned())
+    }
+
+    fn vmm_log_line(&self, needle: &str) -> Option<String> {
+        fs::read_to_string(&self.vmm_log)
+            .ok()?
+            .lines()
+            .rev()
+            .find(|l| l.contains(needle))
+            .map(str::to_owned)
+    }
+
+    /// The guest clock (`[  secs.micros]` prefix) of the first console line
+    /// containing `needle`.
+    fn guest_time_of(&self, needle: &str) -> Option<f64> {
+        let line = self.console_line(needle)?;
+        let inner = line.strip_prefix('[')?.split(']').next()?;
+        inner.trim().parse().ok()
+    }
+
+    fn print_tails(&self, scenario: &str) {
+        let mut out = String::new();
+        for (what, path, n) in [
+            ("guest console", &self.console, CONSOLE_TAIL),
+            ("boxlite-vmm log", &self.vmm_log, VMM_LOG_TAIL),
+        ] {
+            let text = fs::read(path)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()));
+            let lines: Vec<&str> = text.lines().collect();
+            let _ = writeln!(
+                out,
+                "  | --- {scenario}: {what} ({}), last {} of {} lines ---",
+                path.display(),
+                n.min(lines.len()),
+                lines.len()
+            );
+            for l in &lines[lines.len().saturating_sub(n)..] {
+                let _ = writeln!(out, "  | {l}");
+            }
+        }
+        print!("{out}");
+    }
+}
+
+/// One running boxlite-vmm.
+struct Vm {
+    files: VmFiles,
+    child: Child,
+    started: Instant,
+    vsock: Option<HybridVsock>,
+}
+
+impl Vm {
+    fn start(s: &Settings, name: &str, vcpus: u8, devices: &[Device]) -> Result<Vm, Failure> {
+        let dir = s.work.join(name);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        let files = VmFiles::in_dir(&dir);
+        let uds = dir.join("vsock.sock");
+        let devs: Vec<serde_json::Value> = devices
+            .iter()
+            .map(|d| match d {
+                Device::Rng => serde_json::json!({"kind": "rng"}),
+                Device::Vsock => {
+                    serde_json::json!({"kind": "vsock", "guest_cid": 3, "uds_path": uds})
+                }
+            })
+            .collect();
+        let cfg = serde_json::json!({
+            "vcpus": vcpus,
+            "memory_mib": GUEST_MEMORY_MIB,
+            "kernel": s.guest_kernel(),
+            "initramfs": s.guest_initramfs(),
+            "console_log": files.console,
+            "cmdline": s.guest_cmdline,
+            "devices": devs,
+        });
+        let cfg_path = dir.join("vm.json");
+        fs::write(&cfg_path, serde_json::to_string_pretty(&cfg)?)?;
+        let log = fs::File::create(&files.vmm_log)?;
+        let mut cmd = Command::new(s.vmm());
+        cmd.arg("--config").arg(&cfg_path);
+        if !s.jail {
+            cmd.arg("--no-jail");
+        }
+        let child = cmd
+            .env("RUST_LOG", &s.vmm_log)
+            // Plain log lines: they are printed on the console on failure.
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", s.vmm().display()))?;
+        let vsock = devices
+            .iter()
+            .any(|d| matches!(d, Device::Vsock))
+            .then(|| HybridVsock::new(&uds).with_console_log(&files.console));
+        Ok(Vm {
+            files,
+            child,
+            started: Instant::now(),
+            vsock,
+        })
+    }
+
+    fn fail(&self, reason: String) -> Failure {
+        Failure {
+            reason,
+            vm: Some(self.files.clone()),
+        }
+    }
+
+    /// One line per VMM thread: name, state, user/system/guest ticks and the
+    /// kernel function it sleeps in — tells a spinning guest from a vCPU
+    /// blocked in the host. Written to the VMM log, printed with a FAIL.
+    fn record_threads(&self) {
+        let pid = self.child.id();
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            return;
+        };
+        let mut out = String::from(
+            "boxlite-nested-driver: VMM threads (name state utime stime guest_time wchan):\n",
+        );
+        for t in tasks.flatten() {
+            let stat = fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            let wchan = fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
+            // comm is in parentheses; the fields after it are space-separated.
+            let (comm, rest) = match (stat.find('('), stat.rfind(')')) {
+                (Some(a), Some(b)) if b > a => (&stat[a + 1..b], &stat[b + 1..]),
+                _ => continue,
+            };
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // After comm: state=0, utime=11, stime=12, guest_time=40.
+            let get = |i: usize| f.get(i).copied().unwrap_or("?");
+            let _ = writeln!(
+                out,
+                "  {comm} {} utime={} stime={} guest={} wchan={wchan}",
+                get(0),
+                get(11),
+                get(12),
+                get(40)
+            );
+        }
+        if let Ok(mut f) = fs::OpenOptions::new()
+            .append(true)
+            .open(&self.files.vmm_log)
+        {
+            let _ = f.write_all(out.as_bytes());
+        }
+    }
+
+    /// The VMM's exit, if it has ended, as a failure reason.
+    fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(st)) => Some(format!("boxlite-vmm exited early ({st})")),
+            Ok(None) => None,
+            Err(e) => Some(format!("cannot wait for boxlite-vmm: {e}")),
+        }
+    }
+
+    /// Waits until the console shows `needle`; fails on a guest panic, a
+    /// VMM exit or the timeout. Returns the time since the VMM started.
+    async fn wait_console(&mut self, needle: &str, timeout: Duration) -> Result<Duration, Failure> {
+        loop {
+            let text = self.files.console_text();
+            if text.contains(needle) {
+                return Ok(self.started.elapsed());
+            }
+            if let Some(l) = text.lines().find(|l| l.contains("Kernel panic")) {
+                let reason = format!("guest kernel panic: {}", l.trim());
+                self.kill();
+                return Err(self.fail(reason));
+            }
+            if let Some(why) = self.exited() {
+                return Err(self.fail(format!("{why} before the console showed {needle:?}")));
+            }
+            if self.started.elapsed() > timeout {
+                self.record_threads();
+                self.kill();
+                return Err(self.fail(format!(
+                    "the console did not show {needle:?} within {}s",
+                    timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Connects to the agent through the hybrid socket and waits for SERVING.
+    async fn connect(&mut self, timeout: Duration) -> Result<AgentConnection, Failure> {
+        let vsock = self.vsock.clone().expect("a VM with a vsock device");
+        let deadline = self.started + timeout;
+        let mut last = String::from("no attempt");
+        loop {
+            if let Some(why) = self.exited() {
+                return Err(self.fail(format!("{why} before the agent answered (last: {last})")));
+            }
+            if Instant::now() > deadline {
+                self.record_threads();
+                self.kill();
+                return Err(self.fail(format!(
+                    "the agent did not answer Health.Check through {} within {}s (last: {last})",
+                    vsock.socket_path().display(),
+                    timeout.as_secs()
+                )));
+            }
+            match vsock
+                .try_connect(boxlite_protocol::AGENT_VSOCK_PORT, Duration::from_secs(2))
+                .await
+            {
+                Ok(stream) => {
+                    let conn =
+                        AgentConnection::new(boxlite_runtime::hybrid_vsock::ttrpc_client(stream));
+                    match conn.check(Duration::from_secs(5)).await {
+                        Ok(ServingStatus::SERVING) => return Ok(conn),
+                        Ok(st) => last = format!("Health.Check answered {st:?}"),
+                        Err(e) => last = format!("Health.Check failed: {e}"),
+                    }
+                }
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn guest_info(&self, conn: &AgentConnection) -> Result<GuestInfoResponse, Failure> {
+        conn.agent()
+            .guest_info(
+                ttrpc::context::with_duration(RPC_TIMEOUT),
+                &GuestInfoRequest::default(),
+            )
+            .await
+            .map_err(|e| self.fail(format!("GuestInfo failed: {e}")))
+    }
+
+    /// DestroySandbox, then waits for boxlite-vmm to exit with 0. Returns the
+    /// exit status and the time from the call to the exit.
+    async fn destroy(&mut self, conn: &AgentConnection) -> Result<(ExitStatus, Duration), Failure> {
+        let t = Instant::now();
+        let req = DestroySandboxRequest {
+            timeout_secs: 1,
+            ..Default::default()
+        };
+        // The connection may drop right after the reply (docs/agent.md).
+        if let Err(e) = conn
+            .agent()
+            .destroy_sandbox(ttrpc::context::with_duration(RPC_TIMEOUT), &req)
+            .await
+        {
+            if self.exited().is_none() {
+                return Err(self.fail(format!("DestroySandbox failed: {e}")));
+            }
+        }
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(st)) if st.success() => return Ok((st, t.elapsed())),
+                Ok(Some(st)) => {
+                    return Err(self.fail(format!(
+                        "after DestroySandbox boxlite-vmm exited with {st}, want 0 (docs/vmm.md: guest reset/triple fault)"
+                    )))
+                }
+                Ok(None) if t.elapsed() > REBOOT_TIMEOUT => {
+                    self.kill();
+                    return Err(self.fail(format!(
+                        "boxlite-vmm still running {}s after DestroySandbox",
+                        REBOOT_TIMEOUT.as_secs()
+                    )));
+                }
+                Ok(None) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => return Err(self.fail(format!("cannot wait for boxlite-vmm: {e}"))),
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
+        }
+        let _ = &self.files.dir;
+    }
+}
+
+// ---------------------------------------------------------------- helpers --
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The test host's CPU frequency from /proc/cpuinfo (its `cpu_khz`, which
+/// is 0 when TSC calibration failed), or 0.
+fn cpu_mhz() -> f64 {
+    fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("cpu MHz"))
+                .and_then(|l| l.split(':').nth(1))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Seconds since the test host booted.
+fn uptime() -> f64 {
+    fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(-1.0)
+}
+
+/// Kernel messages about KVM/SVM, for the "no /dev/kvm" failure.
+fn kvm_dmesg_hint() -> String {
+    // /dev/kmsg gives the ring buffer without the syslog syscall.
+    let Ok(f) = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags_nonblock()
+        .open("/dev/kmsg")
+    else {
+        return "cannot read /dev/kmsg".to_owned();
+    };
+    use std::io::BufRead;
+    let lines: Vec<String> = std::io::BufReader::new(f)
+        .lines()
+        .map_while(Result::ok)
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("kvm") || l.contains("svm")
+        })
+        .map(|l| l.split_once(';').map(|(_, m)| m.to_owned()).unwrap_or(l))
+        .collect();
+    if lines.is_empty() {
+        "no kvm/svm kernel messages".to_owned()
+    } else {
+        lines.join(" / ")
+    }
+}
+
+trait NonBlock {
+    fn custom_flags_nonblock(&mut self) -> &mut Self;
+}
+
+impl NonBlock for fs::OpenOptions {
+    fn custom_flags_nonblock(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(libc::O_NONBLOCK)
+    }
+}
+
+fn mount_pseudo_filesystems() {
+    for (src, target, fstype, mode) in [
+        ("proc", "/proc", "proc", None),
+        ("sysfs", "/sys", "sysfs", None),
+        ("devtmpfs", "/dev", "devtmpfs", Some("mode=0755")),
+        ("tmpfs", "/tmp", "tmpfs", Some("mode=1777")),
+        ("tmpfs", "/run", "tmpfs", Some("mode=0755")),
+    ] {
+        let _ = fs::create_dir_all(target);
+        let c = |s: &str| CString::new(s).expect("no NUL");
+        let (src_c, target_c, fstype_c) = (c(src), c(target), c(fstype));
+        let data = mode.map(c);
+        // SAFETY: every pointer is a NUL-terminated string that outlives the
+        // call, or null for no data.
+        let rc = unsafe {
+            libc::mount(
+                src_c.as_ptr(),
+                target_c.as_ptr(),
+                fstype_c.as_ptr(),
+                0,
+                data.as_ref()
+                    .map_or(std::ptr::null(), |d| d.as_ptr().cast()),
+            )
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EBUSY) {
+                println!("boxlite-nested-driver: mount {fstype} on {target}: {e}");
+            }
+        }
+    }
+}
