@@ -146,10 +146,21 @@ fn busybox_image(dir: &Path) -> PathBuf {
     archive
 }
 
+/// Shim sockets containerd-shim puts under /run/containerd/s.
+fn shim_sockets() -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/run/containerd/s")
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    found.sort();
+    found
+}
+
 /// A private containerd: its own config, root, state and socket.
 struct Containerd {
     dir: tempfile::TempDir,
     child: Child,
+    /// Shim sockets that existed before this containerd ran anything.
+    sockets_before: Vec<PathBuf>,
 }
 
 impl Containerd {
@@ -207,7 +218,11 @@ impl Containerd {
             .stderr(log)
             .spawn()
             .expect("containerd is installed (apt-get install containerd)");
-        let c = Containerd { dir, child };
+        let c = Containerd {
+            dir,
+            child,
+            sockets_before: shim_sockets(),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !c.ctr(&["version"]).status.success() {
             assert!(
@@ -248,12 +263,17 @@ impl Containerd {
                 .map(|d| d.flatten().map(|e| e.path()).collect())
                 .unwrap_or_default();
             let mounts = mounts_under(&state);
-            if procs.is_empty() && left.is_empty() && mounts.is_empty() {
+            let shim_sockets: Vec<PathBuf> = shim_sockets()
+                .into_iter()
+                .filter(|s| !self.sockets_before.contains(s))
+                .collect();
+            if procs.is_empty() && left.is_empty() && mounts.is_empty() && shim_sockets.is_empty() {
                 break;
             }
             assert!(
                 Instant::now() < deadline,
-                "left behind: processes {procs:?}, entries {left:?}, mounts {mounts:?}, sockets {:?}",
+                "left behind: processes {procs:?}, entries {left:?}, mounts {mounts:?}, \
+                 sockets {:?}, shim sockets {shim_sockets:?}",
                 sockets_under(&state)
             );
             std::thread::sleep(Duration::from_millis(200));

@@ -64,6 +64,10 @@ pub fn bundle_annotations(bundle: &Path) -> HashMap<String, String> {
 pub struct BoxliteShim {
     id: String,
     namespace: String,
+    /// containerd's address (for the socket name in `delete`).
+    address: String,
+    /// The daemon's own socket (`-socket`), removed when it exits.
+    socket: String,
     debug: bool,
     exit: Arc<ExitSignal>,
 }
@@ -76,6 +80,8 @@ impl Shim for BoxliteShim {
         BoxliteShim {
             id: args.id.clone(),
             namespace: args.namespace.clone(),
+            address: args.address.clone(),
+            socket: args.socket.clone(),
             debug: args.debug,
             exit: Arc::new(ExitSignal::default()),
         }
@@ -104,6 +110,14 @@ impl Shim for BoxliteShim {
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
         let bundle = std::env::current_dir().map_err(|e| Error::Other(format!("cwd: {e}")))?;
         delete_after_crash(&self.id, &bundle).map_err(Error::Other)?;
+        // The dead daemon's socket, when nothing listens on it any more.
+        let sandbox = sandbox_id_of(&self.id, &bundle_annotations(&bundle));
+        if !self.address.is_empty() {
+            let socket = containerd_shim::socket_address(&self.address, &self.namespace, &sandbox);
+            if !socket_answers(&socket).await {
+                remove_socket(&socket);
+            }
+        }
         Ok(DeleteResponse {
             pid: 0,
             // 128 + SIGKILL: what runc's shim reports for a forced delete.
@@ -115,6 +129,9 @@ impl Shim for BoxliteShim {
 
     async fn wait(&mut self) {
         self.exit.wait().await;
+        // containerd-shim removes the socket only if the bundle's `address`
+        // file still exists; containerd may have removed the bundle by now.
+        remove_socket(&self.socket);
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
@@ -147,6 +164,18 @@ impl Shim for BoxliteShim {
 fn write_address(bundle: &Path, address: &str) -> Result<(), Error> {
     std::fs::write(bundle.join("address"), address)
         .map_err(|e| Error::Other(format!("cannot write {}/address: {e}", bundle.display())))
+}
+
+/// Removes a unix socket file (`unix://path` or a path); only sockets.
+fn remove_socket(address: &str) {
+    use std::os::unix::fs::FileTypeExt;
+    let path = Path::new(address.strip_prefix("unix://").unwrap_or(address));
+    if path.as_os_str().is_empty() {
+        return;
+    }
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// True when a shim serves `address` (unix://path).
