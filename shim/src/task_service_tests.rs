@@ -1230,3 +1230,27 @@ async fn real_agent_in_host_mode_runs_a_container_an_exec_and_a_kill() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_created_container_reports_its_exit() {
+    skip_unless_root!();
+    let h = Harness::new().await;
+    h.create(SANDBOX).await;
+    h.kill(SANDBOX, "", 9, false).await.unwrap();
+    // The fake agent has no process for a container never started, so its
+    // WaitProcess fails: the exit is reported as unknown (255), not lost.
+    let w = tokio::time::timeout(Duration::from_secs(5), h.wait(SANDBOX, ""))
+        .await
+        .expect("Wait answers after a kill of a created container");
+    assert_eq!(w.exit_status, 255);
+    assert_eq!(status_of(&h.state(SANDBOX, "").await), Status::STOPPED);
+    assert_eq!(
+        code_of(h.start(SANDBOX, "").await).0,
+        Code::FAILED_PRECONDITION
+    );
+    h.delete(SANDBOX, "").await.unwrap();
+    assert_eq!(
+        h.events.topics(),
+        ["/tasks/create", "/tasks/exit", "/tasks/delete"]
+    );
+}

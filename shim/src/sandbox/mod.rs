@@ -46,6 +46,8 @@ pub const AGENT_CREATE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const STDIO_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// After the agent reported an exit: how long stdout/stderr may take to drain.
 pub const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The same when WaitProcess failed (the streams may never end).
+pub const UNKNOWN_EXIT_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// Seconds the agent gives a container to stop on RemoveContainer.
 pub const REMOVE_TIMEOUT_SECS: u32 = 10;
 /// Status reported when the agent cannot tell how a process ended.
@@ -969,17 +971,22 @@ async fn wait_exit(agent: AgentConnection, process: Arc<Process>, events: Arc<dy
         exec_id: process.exec_id.clone(),
         ..Default::default()
     };
-    let info = match agent.agent().wait_process(ctx_forever(), &req).await {
-        Ok(r) => exit_from_nanos(r.exit_status, r.exited_at_unix_nanos),
+    let (info, drain) = match agent.agent().wait_process(ctx_forever(), &req).await {
+        Ok(r) => (
+            exit_from_nanos(r.exit_status, r.exited_at_unix_nanos),
+            OUTPUT_DRAIN_TIMEOUT,
+        ),
         Err(e) => {
             tracing::error!(what = %process.what(), error = %e, "WaitProcess failed; reporting exit status 255");
-            ExitInfo {
+            let info = ExitInfo {
                 status: UNKNOWN_EXIT_STATUS,
                 at: SystemTime::now(),
-            }
+            };
+            // The agent could not report the exit: its streams may never end.
+            (info, UNKNOWN_EXIT_DRAIN_TIMEOUT)
         }
     };
-    process.drain_output(OUTPUT_DRAIN_TIMEOUT).await;
+    process.drain_output(drain).await;
     let info = process.set_exited(info);
     let id = if process.exec_id.is_empty() {
         process.container_id.clone()
