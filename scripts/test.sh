@@ -22,6 +22,11 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 build_guest_assets
 
+# Tests that drive our binaries across crates (the shim under containerd,
+# boxlite-vmm from the runtime) find them in target/debug.
+log "build: host binaries (debug)"
+cargo build --workspace --bins --quiet
+
 # Tests that find at run time that they cannot run (say, no VMX/SVM for a
 # direct KVM boot) record themselves here (boxlite_tests::report_skip);
 # cargo counts them as passed, the summary below does not.
