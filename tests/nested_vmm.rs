@@ -8,10 +8,12 @@
 //! PASS|FAIL|SKIP <detail>` on the serial console. All tests share that one
 //! boot (a `OnceLock`) and each reads its scenario's verdict.
 //!
-//! A SKIP verdict is not a pass: the test prints `skipped: <reason>` and
-//! returns, and its name ends in `_or_skip` so that a green run says what it
-//! may not have proven. Run with `--nocapture` to see the reasons, or read
-//! the summary the first test prints.
+//! A SKIP verdict is not a pass: the test reports it with
+//! `boxlite_tests::report_skip` (prints `skipped: <reason>` and records it in
+//! `$BOXLITE_SKIP_LOG`, which scripts/test.sh subtracts from the passes) and
+//! returns; its name ends in `_or_skip` so that a green run says what it may
+//! not have proven. Run with `--nocapture` to see the reasons, or read the
+//! summary the first test prints.
 //!
 //! Environment: `BOXLITE_TESTHOST_KERNEL`, `BOXLITE_TESTHOST_INITRAMFS`
 //! (required: the two paths `cargo xtask testhost` prints);
@@ -175,7 +177,13 @@ fn boot_test_host() -> OuterRun {
         let mut parts = rest.splitn(3, ' ');
         if let (Some(name), Some(word)) = (parts.next(), parts.next()) {
             if matches!(word, "PASS" | "FAIL" | "SKIP") {
-                let detail = parts.next().unwrap_or("").trim().to_owned();
+                // The driver ends each verdict with "[<seconds>s]".
+                let detail = parts.next().unwrap_or("").trim();
+                let detail = match detail.rsplit_once(" [") {
+                    Some((d, t)) if t.ends_with("s]") => d,
+                    _ => detail,
+                }
+                .to_owned();
                 run.verdicts
                     .insert(name.to_owned(), (word.to_owned(), detail));
             }
@@ -267,7 +275,9 @@ fn expect_pass_or_skip(scenario: &str) {
             eprintln!("{scenario}: PASS {detail}");
         }
         Some((word, detail)) if word == "SKIP" => {
-            eprintln!("skipped: {detail}");
+            // Prints "skipped: …" and records it in $BOXLITE_SKIP_LOG, so that
+            // scripts/test.sh counts this test as skipped, not passed.
+            boxlite_tests::report_skip(&format!("nested_vmm {scenario}"), detail);
         }
         Some((_, detail)) => panic!(
             "nested scenario {scenario} FAILED: {detail}\n--- console excerpt ({}) ---\n{}",
