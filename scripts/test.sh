@@ -4,7 +4,8 @@
 # 1. installs what the tests need (idempotent; see scripts/common.sh),
 # 2. checks formatting and clippy (-D warnings),
 # 3. builds the guest kernel (cached by its config hash), the static agent and
-#    the initramfs,
+#    the initramfs, and the nested test host (its kernel, cached the same way,
+#    the static boxlite-vmm and test driver),
 # 4. runs the unit and host-side tests (no root, KVM or QEMU needed),
 # 5. runs the #[ignore]d VM tests: real guests under QEMU (TCG here), which
 #    need root, QEMU, virtiofsd, vhost-device-vsock and the guest assets.
@@ -21,6 +22,15 @@ log "lint: cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 build_guest_assets
+
+# Linux under boxlite-vmm runs inside a nested test host (QEMU TCG with an
+# emulated SVM CPU; docs/testing-nested.md): its kernel (cached like the
+# guest's), the static VMM and test driver, and its initramfs.
+log "nested test host: cargo xtask testhost"
+testhost_out="$(cargo xtask testhost --guest-initramfs "$BOXLITE_INITRAMFS" | tee /dev/stderr)"
+BOXLITE_TESTHOST_KERNEL="$(sed -n 's/^testhost-kernel: //p' <<<"$testhost_out" | tail -n1)"
+BOXLITE_TESTHOST_INITRAMFS="$(sed -n 's/^testhost-initramfs: //p' <<<"$testhost_out" | tail -n1)"
+export BOXLITE_TESTHOST_KERNEL BOXLITE_TESTHOST_INITRAMFS
 
 # Tests that drive our binaries across crates (the shim under containerd,
 # boxlite-vmm from the runtime) find them in target/debug.
