@@ -1,6 +1,7 @@
 //! Guest-mode start-up: what PID 1 must do before it can serve.
 //!
-//! Order matters: `/dev` first (so the console can be opened and fds 0-2
+//! Order matters: first the root moves off the initramfs onto a tmpfs
+//! ([`switch_root`]), then `/dev` (so the console can be opened and fds 0-2
 //! exist before anything else takes those numbers), then `/proc` (the
 //! kernel command line, with the log level, is read before logging starts),
 //! then the rest once logging works.
@@ -9,6 +10,7 @@
 //! because an agent that answers with a half-set-up guest is easier to debug
 //! than a VM that rebooted.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -46,6 +48,13 @@ pub enum InitError {
     #[error("Failed to read {path}")]
     Read {
         path: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Failed to move the root off the initramfs: {step} {path}")]
+    SwitchRoot {
+        step: &'static str,
+        path: PathBuf,
         #[source]
         source: std::io::Error,
     },
@@ -135,6 +144,149 @@ const DEV_LINKS: &[(&str, &str)] = &[
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 const CONSOLE: &str = "/dev/console";
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Where the new root is mounted while the initramfs is copied into it.
+pub const NEW_ROOT: &str = "/newroot";
+
+/// Step 0, before anything else: moves `/` off the initramfs onto a tmpfs,
+/// like `switch_root`. The initramfs is the kernel's `rootfs`, the root of
+/// the mount tree, which `pivot_root(2)` refuses to move (EINVAL: the root
+/// must have a parent mount); libcontainer `pivot_root`s into every
+/// container with a mount namespace, so without this step container
+/// creation fails. A tmpfs moved over `/` has `rootfs` as its parent, as on
+/// any system booted through an initramfs, and `pivot_root` works.
+///
+/// Steps: mount a tmpfs on [`NEW_ROOT`], copy the initramfs into it (the
+/// agent as `/init`, `/dev/console` and empty directories), delete the
+/// initramfs' files (their memory is freed; only the running agent's inode
+/// lives on until the agent exits, `/proc/self/exe` still executes it),
+/// `MS_MOVE` the tmpfs onto `/`, `chroot` into it. Runs only when `/` is an
+/// in-memory filesystem (ramfs or tmpfs); returns whether it switched.
+/// A failure before the deletion leaves the initramfs as it was.
+pub fn switch_root() -> Result<bool, InitError> {
+    use nix::sys::statfs::{statfs, FsType, TMPFS_MAGIC};
+    // linux/magic.h; neither libc nor nix names it.
+    const RAMFS_MAGIC: FsType = FsType(0x8584_58f6);
+    let (step, errno) = (step_io, step_errno);
+    let root = Path::new("/");
+    let new_root = Path::new(NEW_ROOT);
+    let fs_type = statfs(root)
+        .map_err(errno("statfs", root))?
+        .filesystem_type();
+    if fs_type != RAMFS_MAGIC && fs_type != TMPFS_MAGIC {
+        return Ok(false);
+    }
+    let root_dev = std::fs::symlink_metadata(root)
+        .map_err(step("stat", root))?
+        .dev();
+    std::fs::create_dir_all(new_root).map_err(step("mkdir", new_root))?;
+    mount(
+        Some("tmpfs"),
+        new_root,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )
+    .map_err(errno("mount tmpfs on", new_root))?;
+    if let Err(e) = copy_tree(root, new_root, root_dev) {
+        let _ = nix::mount::umount(new_root);
+        return Err(e);
+    }
+    std::env::set_current_dir(new_root).map_err(step("chdir", new_root))?;
+    // Best effort: what cannot be deleted only costs memory.
+    remove_tree(root, root_dev);
+    mount(
+        Some("."),
+        root,
+        None::<&str>,
+        MsFlags::MS_MOVE,
+        None::<&str>,
+    )
+    .map_err(errno("move the new root onto", root))?;
+    nix::unistd::chroot(".").map_err(errno("chroot", new_root))?;
+    std::env::set_current_dir(root).map_err(step("chdir", root))?;
+    Ok(true)
+}
+
+fn step_io(step: &'static str, path: &Path) -> impl Fn(std::io::Error) -> InitError {
+    let path = path.to_path_buf();
+    move |source| InitError::SwitchRoot {
+        step,
+        path: path.clone(),
+        source,
+    }
+}
+
+fn step_errno(step: &'static str, path: &Path) -> impl Fn(Errno) -> InitError {
+    let io = step_io(step, path);
+    move |e: Errno| io(e.into())
+}
+
+/// Copies directories, files, symlinks and device nodes of `from` (only
+/// entries on device `dev`, so no mount point is crossed) into `to`.
+fn copy_tree(from: &Path, to: &Path, dev: u64) -> Result<(), InitError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let err = step_io;
+    for entry in std::fs::read_dir(from).map_err(err("read", from))? {
+        let entry = entry.map_err(err("read", from))?;
+        let src = entry.path();
+        let dst = to.join(entry.file_name());
+        let meta = std::fs::symlink_metadata(&src).map_err(err("stat", &src))?;
+        if meta.dev() != dev {
+            continue;
+        }
+        let ft = meta.file_type();
+        let mode = meta.mode() & 0o7777;
+        if ft.is_dir() {
+            std::fs::create_dir(&dst).map_err(err("mkdir", &dst))?;
+            copy_tree(&src, &dst, dev)?;
+            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(mode))
+                .map_err(err("chmod", &dst))?;
+        } else if ft.is_file() {
+            std::fs::copy(&src, &dst).map_err(err("copy", &src))?;
+        } else if ft.is_symlink() {
+            let target = std::fs::read_link(&src).map_err(err("readlink", &src))?;
+            std::os::unix::fs::symlink(target, &dst).map_err(err("symlink", &dst))?;
+        } else if ft.is_char_device() || ft.is_block_device() {
+            let kind = if ft.is_char_device() {
+                libc::S_IFCHR
+            } else {
+                libc::S_IFBLK
+            };
+            let path = std::ffi::CString::new(dst.as_os_str().as_encoded_bytes())
+                .map_err(|e| err("mknod", &dst)(std::io::Error::other(e)))?;
+            // SAFETY: a valid NUL-terminated path; mknod only creates a node.
+            if unsafe { libc::mknod(path.as_ptr(), kind | mode, meta.rdev()) } < 0 {
+                return Err(err("mknod", &dst)(std::io::Error::last_os_error()));
+            }
+        }
+        // FIFOs and sockets: none in the initramfs, nothing to carry over.
+    }
+    Ok(())
+}
+
+/// Deletes everything under `dir` on device `dev`, leaving mount points
+/// (and the directories that hold them) in place.
+fn remove_tree(dir: &Path, dev: u64) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.dev() != dev {
+            continue;
+        }
+        if meta.is_dir() {
+            remove_tree(&path, dev);
+            let _ = std::fs::remove_dir(&path);
+        } else {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
 
 /// Step 1, before anything opens a file: `/dev` and fds 0, 1, 2 on the
 /// console (the kernel leaves them closed when the initramfs has no
@@ -316,6 +468,40 @@ mod tests {
         let e = enable_cgroup_controllers(Path::new("/nonexistent"));
         assert_eq!(e.len(), 1);
         assert!(e[0].to_string().contains("cgroup.controllers"));
+    }
+
+    #[test]
+    fn copies_then_removes_a_tree() {
+        use std::os::unix::fs::PermissionsExt;
+        let from = tempfile::tempdir().unwrap();
+        let to = tempfile::tempdir().unwrap();
+        let f = from.path();
+        std::fs::create_dir_all(f.join("dev")).unwrap();
+        std::fs::create_dir(f.join("tmp")).unwrap();
+        std::fs::set_permissions(f.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        std::fs::write(f.join("init"), b"agent").unwrap();
+        std::fs::set_permissions(f.join("init"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink("init", f.join("link")).unwrap();
+        let dev = std::fs::metadata(f).unwrap().dev();
+
+        copy_tree(f, to.path(), dev).unwrap();
+        let t = to.path();
+        assert_eq!(std::fs::read(t.join("init")).unwrap(), b"agent");
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o7777;
+        assert_eq!(mode(&t.join("init")), 0o755);
+        assert_eq!(mode(&t.join("tmp")), 0o1777);
+        assert!(t.join("dev").is_dir());
+        assert_eq!(
+            std::fs::read_link(t.join("link")).unwrap(),
+            Path::new("init")
+        );
+
+        // Another device (a mount point) is neither copied nor removed.
+        assert!(copy_tree(f, t, dev + 1).is_ok());
+        remove_tree(f, dev + 1);
+        assert!(f.join("init").exists());
+        remove_tree(f, dev);
+        assert_eq!(std::fs::read_dir(f).unwrap().count(), 0);
     }
 
     #[test]

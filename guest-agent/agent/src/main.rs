@@ -50,6 +50,8 @@ fn install_panic_hook() {
 
 /// PID 1. Never returns: the VM ends with a reboot.
 fn guest_main(start: StartTime) -> ! {
+    // Before anything else: later steps mount onto the new root.
+    let switched = guest_init::switch_root();
     let early_errors = guest_init::early();
     let (params, cmdline_error) = match BootParams::read(Path::new(PROC_CMDLINE)) {
         Ok(p) => (p, None),
@@ -67,6 +69,17 @@ fn guest_main(start: StartTime) -> ! {
         version = AGENT_VERSION,
         "boxlite-agent starting as PID 1 (guest mode)"
     );
+    match &switched {
+        Ok(true) => tracing::info!(
+            "root moved off the initramfs onto a tmpfs ({})",
+            guest_init::NEW_ROOT
+        ),
+        Ok(false) => tracing::info!("root is not the initramfs; left as it is"),
+        Err(e) => tracing::error!(
+            "{}; containers with a mount namespace will fail (pivot_root)",
+            chain(e)
+        ),
+    }
     for e in &early_errors {
         tracing::error!("{}", chain(e));
     }
