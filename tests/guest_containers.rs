@@ -1,0 +1,289 @@
+//! The agent's container service inside a real guest (QEMU TCG): a busybox
+//! rootfs the test builds on the host reaches the guest through virtio-fs,
+//! the agent runs containers from it with the guest's cgroup v2, and stdio
+//! travels over dedicated vsock streams through the hybrid socket — the path
+//! the shim will use.
+//!
+//! `#[ignore]`d like every VM test: root, QEMU, virtiofsd, vhost-device-vsock
+//! and the guest assets (scripts/test.sh provides them).
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use boxlite_protocol::agent::{
+    CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest, MountShareRequest,
+    PauseContainerRequest, RemoveContainerRequest, ResumeContainerRequest, SignalProcessRequest,
+    StartContainerRequest, StatsContainerRequest, StdioConfig, WaitProcessRequest,
+};
+use boxlite_protocol::agent_ttrpc::AgentClient;
+use boxlite_protocol::stdio::{read_ack, StreamHeader, StreamKind};
+use boxlite_protocol::STDIO_VSOCK_PORT;
+use boxlite_runtime::hypervisor::{new_hypervisor, VmSpec};
+use boxlite_runtime::{Config, HybridVsock};
+use boxlite_tests::{assert_nothing_left, guest_assets};
+
+const SHARE_TAG: &str = "shared";
+const APPLETS: &[&str] = &["sh", "echo", "cat", "sleep", "hostname", "true"];
+
+fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(Duration::from_secs(30).as_nanos() as i64)
+}
+
+/// Writes a busybox rootfs for container `id` under the host share and
+/// returns its path as the guest sees it.
+fn busybox_rootfs(share: &Path, id: &str) -> String {
+    let root = share.join(id).join("rootfs");
+    for d in ["bin", "proc", "dev", "tmp", "etc", "sys"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static installed");
+    for applet in APPLETS {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0::/:/bin/sh\n").unwrap();
+    format!(
+        "{}/{id}/rootfs",
+        boxlite_protocol::default_share_mount_point(SHARE_TAG)
+    )
+}
+
+/// A runc-like spec: new pid, mount, ipc, uts and cgroup namespaces (the
+/// cgroup namespace as containerd's CRI plugin adds it on cgroup v2 hosts).
+fn spec(id: &str, rootfs: &str, args: &[&str]) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": {"cwd": "/", "args": args, "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}},
+        "root": {"path": rootfs, "readonly": false},
+        "hostname": id,
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        ],
+        "linux": {
+            "cgroupsPath": format!("/boxlite/{id}"),
+            "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"},
+                           {"type": "cgroup"}],
+        },
+    }))
+    .unwrap()
+}
+
+fn stdio(stdout: bool, stderr: bool) -> protobuf::MessageField<StdioConfig> {
+    Some(StdioConfig {
+        stdout,
+        stderr,
+        ..Default::default()
+    })
+    .into()
+}
+
+/// Opens one stdio stream through the hybrid socket and returns it after the
+/// agent's ack, as a blocking std stream.
+async fn open_stream(vsock: &HybridVsock, id: &str, exec: &str, kind: StreamKind) -> UnixStream {
+    let stream = vsock
+        .connect(STDIO_VSOCK_PORT, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .into_std()
+        .unwrap();
+    stream.set_nonblocking(false).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let header = StreamHeader {
+        stream: kind,
+        container_id: id.into(),
+        exec_id: exec.into(),
+    };
+    (&stream).write_all(&header.encode().unwrap()).unwrap();
+    read_ack(&mut &stream).unwrap();
+    stream
+}
+
+fn drain(mut stream: UnixStream) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut out = String::new();
+        stream.read_to_string(&mut out).unwrap();
+        out
+    })
+}
+
+async fn wait(agent: &AgentClient, id: &str, exec: &str) -> i32 {
+    let req = WaitProcessRequest {
+        container_id: id.into(),
+        exec_id: exec.into(),
+        ..Default::default()
+    };
+    agent.wait_process(ctx(), &req).await.unwrap().exit_status
+}
+
+async fn remove(agent: &AgentClient, id: &str) {
+    let req = RemoveContainerRequest {
+        container_id: id.into(),
+        ..Default::default()
+    };
+    agent.remove_container(ctx(), &req).await.unwrap();
+}
+
+/// On a failure, prints the guest's console (the agent's log lines, at
+/// debug level) so the panic can be explained.
+struct ConsoleOnPanic(std::path::PathBuf);
+
+impl Drop for ConsoleOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.0).unwrap_or_else(|e| format!("({e})"));
+            eprintln!(
+                "--- guest console {} ---\n{log}--- end ---",
+                self.0.display()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, QEMU, virtiofsd, vhost-device-vsock, busybox-static and the guest assets"]
+async fn containers_run_inside_the_guest() {
+    let assets = guest_assets();
+    let state = tempfile::tempdir().unwrap();
+    let share = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.runtime.state_dir = state.path().to_owned();
+    config.guest.kernel = assets.kernel;
+    config.guest.initramfs = assets.initramfs;
+    config.timeouts.agent_ready_secs = 60;
+    config.guest.kernel_cmdline_extra = "boxlite.log=debug".into();
+    config.validate().unwrap();
+    let spec_vm = VmSpec::from_config(&config, "ctr1").unwrap();
+    let dir = spec_vm.dir.clone();
+    let _console = ConsoleOnPanic(dir.join("console.log"));
+    let vm = new_hypervisor(&config, spec_vm).unwrap();
+    vm.add_share(SHARE_TAG, share.path(), false).await.unwrap();
+    vm.start().await.unwrap();
+    let conn = match vm.wait_ready().await {
+        Ok(c) => c,
+        Err(e) => {
+            vm.kill().await.unwrap();
+            panic!("{e}");
+        }
+    };
+    let agent = conn.agent();
+    let vsock = vm.hybrid_vsock();
+    let create_sandbox = CreateSandboxRequest {
+        sandbox_id: "ctr1".into(),
+        shares: vec![MountShareRequest {
+            tag: SHARE_TAG.into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    agent.create_sandbox(ctx(), &create_sandbox).await.unwrap();
+
+    // 1. Output on both streams, drained before the exit status is reported.
+    let rootfs = busybox_rootfs(share.path(), "c1");
+    let script = "echo hello from $(hostname); echo to-stderr >&2; exit 3";
+    let create = CreateContainerRequest {
+        container_id: "c1".into(),
+        oci_spec_json: spec("c1", &rootfs, &["sh", "-c", script]),
+        stdio: stdio(true, true),
+        ..Default::default()
+    };
+    agent.create_container(ctx(), &create).await.unwrap();
+    let out = drain(open_stream(&vsock, "c1", "", StreamKind::Stdout).await);
+    let err = drain(open_stream(&vsock, "c1", "", StreamKind::Stderr).await);
+    let start = StartContainerRequest {
+        container_id: "c1".into(),
+        ..Default::default()
+    };
+    let pid = agent.start_container(ctx(), &start).await.unwrap().pid;
+    assert!(pid > 1);
+    assert_eq!(wait(agent, "c1", "").await, 3);
+    assert_eq!(out.join().unwrap(), "hello from c1\n");
+    assert_eq!(err.join().unwrap(), "to-stderr\n");
+    remove(agent, "c1").await;
+
+    // 2. A long-running container: exec, stats from the guest's cgroup v2,
+    //    pause refuses exec, resume, SIGKILL gives 137.
+    let rootfs = busybox_rootfs(share.path(), "c2");
+    let create = CreateContainerRequest {
+        container_id: "c2".into(),
+        oci_spec_json: spec("c2", &rootfs, &["sleep", "300"]),
+        stdio: stdio(false, false),
+        ..Default::default()
+    };
+    agent.create_container(ctx(), &create).await.unwrap();
+    let start = StartContainerRequest {
+        container_id: "c2".into(),
+        ..Default::default()
+    };
+    agent.start_container(ctx(), &start).await.unwrap();
+
+    let exec_req = |exec_id: &str| ExecProcessRequest {
+        container_id: "c2".into(),
+        exec_id: exec_id.into(),
+        process_json: serde_json::to_vec(&serde_json::json!({
+            "cwd": "/", "args": ["cat", "/proc/self/cgroup"], "env": ["PATH=/bin"],
+            "user": {"uid": 0, "gid": 0},
+        }))
+        .unwrap(),
+        stdio: stdio(true, false),
+        ..Default::default()
+    };
+    let e1 = exec_req("e1");
+    let (pid, out) = tokio::join!(
+        agent.exec_process(ctx(), &e1),
+        open_stream(&vsock, "c2", "e1", StreamKind::Stdout)
+    );
+    assert!(pid.unwrap().pid > 1);
+    let out = drain(out);
+    assert_eq!(wait(agent, "c2", "e1").await, 0);
+    assert_eq!(out.join().unwrap(), "0::/\n", "cgroup namespace view");
+
+    let stats = agent
+        .stats_container(
+            ctx(),
+            &StatsContainerRequest {
+                container_id: "c2".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(stats.memory.usage > 0, "{stats:?}");
+    assert!(stats.pids.current >= 1, "{stats:?}");
+
+    let pause = PauseContainerRequest {
+        container_id: "c2".into(),
+        ..Default::default()
+    };
+    agent.pause_container(ctx(), &pause).await.unwrap();
+    let refused = agent
+        .exec_process(ctx(), &exec_req("e2"))
+        .await
+        .unwrap_err();
+    match refused {
+        ttrpc::Error::RpcStatus(s) => {
+            assert_eq!(s.code(), ttrpc::Code::FAILED_PRECONDITION, "{s:?}")
+        }
+        other => panic!("expected an RPC status, got {other:?}"),
+    }
+    let resume = ResumeContainerRequest {
+        container_id: "c2".into(),
+        ..Default::default()
+    };
+    agent.resume_container(ctx(), &resume).await.unwrap();
+    let kill = SignalProcessRequest {
+        container_id: "c2".into(),
+        signal: 9,
+        ..Default::default()
+    };
+    agent.signal_process(ctx(), &kill).await.unwrap();
+    assert_eq!(wait(agent, "c2", "").await, 137);
+    remove(agent, "c2").await;
+
+    vm.stop().await.unwrap();
+    assert_nothing_left(&dir);
+}
