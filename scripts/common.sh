@@ -78,3 +78,82 @@ build_guest_assets() {
     fi
     export BOXLITE_KERNEL BOXLITE_INITRAMFS
 }
+
+# Builds a one-layer OCI image of Debian's busybox-static and imports it into
+# containerd as $1 (no registry is reachable: images are built locally).
+import_busybox_image() {
+    local name="$1" work layer_digest config_digest manifest_digest applet
+    work="$(mktemp -d)"
+    mkdir -p "$work/rootfs/bin" "$work/rootfs/etc" "$work/rootfs/tmp" "$work/layout/blobs/sha256"
+    cp /bin/busybox "$work/rootfs/bin/busybox"
+    for applet in sh echo cat ls id env sleep true false hostname uname wc head; do
+        ln -sf busybox "$work/rootfs/bin/$applet"
+    done
+    echo "root:x:0:0:root:/:/bin/sh" > "$work/rootfs/etc/passwd"
+    tar --sort=name --mtime=@0 --owner=0 --group=0 -C "$work/rootfs" -cf "$work/layer.tar" .
+    layer_digest="$(sha256sum "$work/layer.tar" | cut -d' ' -f1)"
+    mv "$work/layer.tar" "$work/layout/blobs/sha256/$layer_digest"
+    printf '{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/bin"],"Cmd":["sh"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
+        "$layer_digest" > "$work/config.json"
+    config_digest="$(sha256sum "$work/config.json" | cut -d' ' -f1)"
+    printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:%s","size":%s}]}' \
+        "$config_digest" "$(stat -c %s "$work/config.json")" \
+        "$layer_digest" "$(stat -c %s "$work/layout/blobs/sha256/$layer_digest")" > "$work/manifest.json"
+    manifest_digest="$(sha256sum "$work/manifest.json" | cut -d' ' -f1)"
+    printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"io.containerd.image.name":"%s"}}]}' \
+        "$manifest_digest" "$(stat -c %s "$work/manifest.json")" "$name" > "$work/layout/index.json"
+    mv "$work/config.json" "$work/layout/blobs/sha256/$config_digest"
+    mv "$work/manifest.json" "$work/layout/blobs/sha256/$manifest_digest"
+    echo '{"imageLayoutVersion":"1.0.0"}' > "$work/layout/oci-layout"
+    tar -C "$work/layout" -cf "$work/image.tar" .
+    ctr image import "$work/image.tar"
+    rm -rf "$work"
+}
+
+# Registers the runtime in /etc/containerd/config.toml without touching
+# anything else in it; prints "changed" when it wrote the file.
+register_containerd_runtime() {
+    local config=/etc/containerd/config.toml snippet="$REPO_ROOT/configs/containerd-boxlite.toml"
+    if [ -f "$config" ] && grep -q 'io.containerd.boxlite.v2' "$config"; then
+        return
+    fi
+    mkdir -p /etc/containerd
+    if [ ! -s "$config" ]; then
+        cp "$snippet" "$config"
+    elif grep -Eq '^version *= *2' "$config"; then
+        cp "$config" "$config.before-boxlite"
+        { echo; grep -v '^version' "$snippet"; } >> "$config"
+    else
+        echo "warning: $config is not a version 2 config; not registering the runtime for CRI" >&2
+        echo "         (ctr and nerdctl need only the shim on PATH; see configs/containerd-boxlite.toml)" >&2
+        return
+    fi
+    echo changed
+}
+
+# Starts containerd, or restarts it when $1 is "restart": through systemd
+# when it runs, else as a background daemon logging to
+# /var/log/boxlite-containerd.log.
+ensure_containerd() {
+    local want="$1"
+    if [ "$(systemctl is-system-running 2>/dev/null)" != "offline" ] && systemctl list-unit-files containerd.service >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+        if [ "$want" = restart ] || ! systemctl is-active -q containerd; then
+            systemctl restart containerd
+        fi
+    else
+        if [ "$want" = restart ] && pgrep -x containerd >/dev/null; then
+            pkill -x containerd
+            while pgrep -x containerd >/dev/null; do sleep 0.2; done
+        fi
+        if ! pgrep -x containerd >/dev/null; then
+            nohup containerd >>/var/log/boxlite-containerd.log 2>&1 &
+        fi
+    fi
+    local i
+    for i in $(seq 1 100); do
+        ctr version >/dev/null 2>&1 && return
+        sleep 0.2
+    done
+    echo "error: containerd did not answer on /run/containerd/containerd.sock within 20s; log: /var/log/boxlite-containerd.log (or journalctl -u containerd)" >&2
+    exit 1
+}
