@@ -1110,51 +1110,58 @@ exec sleep 30"#
     #[tokio::test]
     async fn tap_fd_reaches_qemu_only() {
         let rig = Rig::new();
-        // The fake QEMU records which fds it has.
+        // Each fake records what its fds point at. Compared by target, not by
+        // number: fd numbers of other open files in a forked shell can equal
+        // the tap's number in this process, which made a number check flaky.
+        let record = |out: &Path| {
+            format!(
+                "for f in /proc/$$/fd/*; do readlink \"$f\"; done > {}",
+                out.display()
+            )
+        };
         let fds_file = rig.path("qemu-fds");
-        let qemu = rig.script(
-            "qemu",
-            &format!("ls /proc/$$/fd > {}; exec sleep 30", fds_file.display()),
-        );
+        let qemu = rig.script("qemu", &format!("{}; exec sleep 30", record(&fds_file)));
         let helper_fds = rig.path("helper-fds");
         let vsock = rig.script(
             "vsock",
             &format!(
-                r#"ls /proc/$$/fd > {}
+                r#"{}
 while [ $# -gt 0 ]; do case "$1" in --socket) shift; s="$1";; esac; shift; done
 : > "$s"; exec sleep 30"#,
-                helper_fds.display()
+                record(&helper_fds)
             ),
         );
         let vm = QemuHypervisor::new(rig.spec(), rig.bins(qemu, vsock.clone(), vsock)).unwrap();
-        let tap: std::os::fd::OwnedFd = File::open("/dev/null").unwrap().into();
-        let raw = tap.as_raw_fd();
+        // A stand-in for the tap: a file with a name nothing else has open.
+        let fake_tap = rig.path("fake-tap");
+        let tap: std::os::fd::OwnedFd = File::create(&fake_tap).unwrap().into();
+        let target = fake_tap.display().to_string();
         vm.add_net(TapDevice::Fd(tap), "02:00:00:00:00:01".parse().unwrap())
             .await
             .unwrap();
         vm.start().await.unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !fds_file.exists() || std::fs::read_to_string(&fds_file).unwrap().is_empty() {
-            assert!(std::time::Instant::now() < deadline);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let fds: Vec<String> = std::fs::read_to_string(&fds_file)
-            .unwrap()
-            .lines()
-            .map(str::to_owned)
-            .collect();
+        let read_targets = |file: &Path| -> Vec<String> {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !file.exists() || std::fs::read_to_string(file).unwrap().is_empty() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{} not written",
+                    file.display()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::fs::read_to_string(file)
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        };
+        let fds = read_targets(&fds_file);
+        assert!(fds.contains(&target), "qemu fds {fds:?}, tap {target}");
+        let helper = read_targets(&helper_fds);
         assert!(
-            fds.contains(&raw.to_string()),
-            "qemu fds {fds:?}, tap {raw}"
-        );
-        let helper: Vec<String> = std::fs::read_to_string(&helper_fds)
-            .unwrap()
-            .lines()
-            .map(str::to_owned)
-            .collect();
-        assert!(
-            !helper.contains(&raw.to_string()),
-            "helper fds {helper:?}, tap {raw}"
+            !helper.contains(&target),
+            "helper fds {helper:?}, tap {target}"
         );
         vm.kill().await.unwrap();
     }
