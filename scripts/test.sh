@@ -47,10 +47,10 @@ trap 'rm -f "$BOXLITE_SKIP_LOG" "$TEST_LOG"' EXIT
 
 status=0
 log "tests: unit and host-side"
-cargo test --workspace 2>&1 | tee -a "$TEST_LOG" || status=1
+cargo test --workspace --no-fail-fast 2>&1 | tee -a "$TEST_LOG" || status=1
 
 log "tests: VM tests (QEMU; kernel $BOXLITE_KERNEL, initramfs $BOXLITE_INITRAMFS)"
-cargo test --workspace -- --ignored --test-threads=1 2>&1 | tee -a "$TEST_LOG" || status=1
+cargo test --workspace --no-fail-fast -- --ignored --test-threads=1 2>&1 | tee -a "$TEST_LOG" || status=1
 
 log "summary"
 read -r passed failed < <(sed 's/\x1b\[[0-9;]*m//g' "$TEST_LOG" | awk '
