@@ -236,10 +236,85 @@ impl Containerd {
     }
 
     fn ctr(&self, args: &[&str]) -> Output {
-        run(Command::new("ctr")
-            .arg("--address")
+        run(&mut self.ctr_cmd(args))
+    }
+
+    /// `ctr --address <ours> args…`, bounded by `timeout` so a hang fails
+    /// the test instead of blocking the run.
+    fn ctr_cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("timeout");
+        cmd.args(["-k", "10", "300", "ctr", "--address"])
             .arg(self.dir.path().join("c.sock"))
-            .args(args))
+            .args(args);
+        cmd
+    }
+
+    /// A containerd with the busybox image imported.
+    fn with_image() -> Self {
+        let c = Containerd::start();
+        let img = c.dir.path().join("img");
+        std::fs::create_dir_all(&img).unwrap();
+        let archive = busybox_image(&img);
+        let out = c.ctr(&["image", "import", archive.to_str().unwrap()]);
+        assert!(out.status.success(), "import: {}", text(&out.stderr));
+        c
+    }
+
+    /// `ctr run --rm --runtime boxlite [opts…] IMAGE id args…`.
+    fn run_rm(&self, opts: &[&str], id: &str, args: &[&str]) -> Output {
+        let mut a = vec!["run", "--rm", "--runtime", RUNTIME];
+        a.extend_from_slice(opts);
+        a.push(IMAGE);
+        a.push(id);
+        a.extend_from_slice(args);
+        self.ctr(&a)
+    }
+
+    /// `ctr run -d … id sleep 600`: a running container to work on.
+    fn run_detached(&self, opts: &[&str], id: &str) {
+        let mut a = vec!["run", "-d", "--runtime", RUNTIME];
+        a.extend_from_slice(opts);
+        a.extend_from_slice(&[IMAGE, id, "sleep", "600"]);
+        let out = self.ctr(&a);
+        assert!(
+            out.status.success(),
+            "ctr run -d {id}: {}",
+            text(&out.stderr)
+        );
+    }
+
+    /// The task's status as `ctr task ls` shows it (RUNNING, PAUSED, …).
+    fn task_status(&self, id: &str) -> String {
+        let out = self.ctr(&["task", "ls"]);
+        text(&out.stdout)
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .unwrap_or("")
+            .to_owned()
+    }
+
+    /// SIGKILL the task, wait for it to stop, delete task and container.
+    fn kill_and_delete(&self, id: &str) {
+        let out = self.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+        assert!(out.status.success(), "kill {id}: {}", text(&out.stderr));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.task_status(id) != "STOPPED" {
+            assert!(Instant::now() < deadline, "{id} did not stop");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let out = self.ctr(&["task", "delete", id]);
+        assert!(
+            out.status.success(),
+            "task delete {id}: {}",
+            text(&out.stderr)
+        );
+        let out = self.ctr(&["container", "delete", id]);
+        assert!(
+            out.status.success(),
+            "container delete {id}: {}",
+            text(&out.stderr)
+        );
     }
 
     fn state_dir(&self) -> PathBuf {
@@ -546,4 +621,232 @@ fn delete_after_a_crash_cleans_the_sandbox() {
     assert!(mounts_under(dir.path()).is_empty());
     assert!(!sandbox.exists(), "sandbox dir removed");
     assert_eq!(std::fs::read_to_string(src.join("keep")).unwrap(), "data");
+}
+
+fn assert_output(out: &Output, code: i32, stdout: &str, what: &str) {
+    // Short excerpts: a failing big-output test must not flood the log.
+    let short = |b: &[u8]| -> String { text(&b[..b.len().min(400)]) };
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{what}: status {:?}, stdout {:?}, stderr {:?}",
+        out.status,
+        short(&out.stdout),
+        short(&out.stderr)
+    );
+    assert!(
+        out.stdout == stdout.as_bytes(),
+        "{what}: stdout {:?} ({} bytes), want {:?} ({} bytes); stderr {:?}",
+        short(&out.stdout),
+        out.stdout.len(),
+        &stdout[..stdout.len().min(400)],
+        stdout.len(),
+        short(&out.stderr)
+    );
+}
+
+/// `ctr task exec` without and with a terminal: output and exit code.
+#[test]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+fn exec_output_exit_code_and_tty() {
+    let c = Containerd::with_image();
+    c.run_detached(&[], "ex1");
+    let out = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "x1",
+        "ex1",
+        "sh",
+        "-c",
+        "echo exec-out; exit 3",
+    ]);
+    assert_output(&out, 3, "exec-out\n", "exec");
+    // -t needs a terminal on ctr's side: script(1) gives it one. The guest
+    // pty turns "\n" into "\r\n" (script's pty may add another "\r", and
+    // echo what it writes on stdin's EOF).
+    let out = run(Command::new("script")
+        .args(["-qec"])
+        .arg(format!(
+            "timeout -k 10 120 ctr --address {} task exec -t --exec-id x2 ex1 sh -c '[ -t 0 ] && [ -t 1 ] && echo is-a-tty; exit 4'",
+            c.dir.path().join("c.sock").display()
+        ))
+        .arg("/dev/null")
+        .stdin(Stdio::null()));
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "exec -t: {stdout:?} {:?}",
+        text(&out.stderr)
+    );
+    assert!(stdout.contains("is-a-tty\r"), "exec -t output: {stdout:?}");
+    c.kill_and_delete("ex1");
+    c.assert_nothing_left();
+}
+
+/// SIGTERM ends an exec with 143 (the init, PID 1 of its namespace, ignores
+/// SIGTERM without a handler, as under runc); SIGKILL ends the init with 137.
+#[test]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+fn kill_exit_statuses() {
+    let c = Containerd::with_image();
+    let init = c
+        .ctr_cmd(&["run", "--runtime", RUNTIME, IMAGE, "k1", "sleep", "600"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while c.task_status("k1") != "RUNNING" {
+        assert!(Instant::now() < deadline, "k1 did not start");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let exec = c
+        .ctr_cmd(&["task", "exec", "--exec-id", "s1", "k1", "sleep", "600"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the exec shows in ps (two processes).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ps = text(&c.ctr(&["task", "ps", "k1"]).stdout);
+        if ps.contains("s1") || ps.lines().count() >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "exec s1 did not start: {ps}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = c.ctr(&["task", "kill", "-s", "SIGTERM", "--exec-id", "s1", "k1"]);
+    assert!(out.status.success(), "kill exec: {}", text(&out.stderr));
+    let st = exec.wait_with_output().unwrap();
+    assert_eq!(st.status.code(), Some(143), "exec after SIGTERM");
+    let out = c.ctr(&["task", "kill", "-s", "SIGKILL", "k1"]);
+    assert!(out.status.success(), "kill init: {}", text(&out.stderr));
+    let st = init.wait_with_output().unwrap();
+    assert_eq!(st.status.code(), Some(137), "init after SIGKILL");
+    let out = c.ctr(&["container", "delete", "k1"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    c.assert_nothing_left();
+}
+
+/// pause/resume show in `ctr task ls`; `ctr task ps` lists the processes;
+/// `ctr task metrics` has memory and cpu figures.
+#[test]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+fn pause_resume_ps_and_metrics() {
+    let c = Containerd::with_image();
+    c.run_detached(&[], "p1");
+    assert_eq!(c.task_status("p1"), "RUNNING");
+    let out = c.ctr(&["task", "pause", "p1"]);
+    assert!(out.status.success(), "pause: {}", text(&out.stderr));
+    assert_eq!(c.task_status("p1"), "PAUSED");
+    let out = c.ctr(&["task", "resume", "p1"]);
+    assert!(out.status.success(), "resume: {}", text(&out.stderr));
+    assert_eq!(c.task_status("p1"), "RUNNING");
+
+    let out = c.ctr(&["task", "ps", "p1"]);
+    let ps = text(&out.stdout);
+    assert!(out.status.success(), "ps: {}", text(&out.stderr));
+    let pids: Vec<u32> = ps
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(pids.len(), 1, "one process (sleep): {ps}");
+    assert!(pids[0] > 0, "{ps}");
+
+    let out = c.ctr(&["task", "metrics", "p1"]);
+    let m = text(&out.stdout);
+    assert!(out.status.success(), "metrics: {}", text(&out.stderr));
+    eprintln!("{m}");
+    let figure = |key: &str| -> u64 {
+        m.lines()
+            .find(|l| l.split_whitespace().next() == Some(key))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in metrics:\n{m}"))
+    };
+    assert!(figure("memory.usage") > 0, "{m}");
+    assert!(figure("cpu.usage_usec") > 0, "{m}");
+    assert!(figure("pids.current") >= 1, "{m}");
+    c.kill_and_delete("p1");
+    c.assert_nothing_left();
+}
+
+/// --env, --cwd, --read-only; a process that exits at once (0 and 1).
+#[test]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+fn env_cwd_read_only_and_immediate_exit() {
+    let c = Containerd::with_image();
+    let out = c.run_rm(
+        &["--env", "BOXLITE_E2E=hello env", "--cwd", "/etc"],
+        "env1",
+        &["sh", "-c", "echo \"$BOXLITE_E2E\"; busybox pwd"],
+    );
+    assert_output(&out, 0, "hello env\n/etc\n", "env/cwd");
+    let out = c.run_rm(
+        &["--read-only"],
+        "ro1",
+        &["sh", "-c", "echo x > /etc/written && exit 0; exit 9"],
+    );
+    assert_output(&out, 9, "", "read-only rootfs");
+    assert!(
+        text(&out.stderr).contains("Read-only file system"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Without --read-only the same write works.
+    let out = c.run_rm(
+        &[],
+        "rw1",
+        &["sh", "-c", "echo x > /etc/written && exit 0; exit 9"],
+    );
+    assert_output(&out, 0, "", "writable rootfs");
+    let out = c.run_rm(&[], "true1", &["true"]);
+    assert_output(&out, 0, "", "true");
+    let out = c.run_rm(&[], "false1", &["false"]);
+    assert_output(&out, 1, "", "false");
+    c.assert_nothing_left();
+}
+
+/// Bind mounts: rw (the host sees the write) and ro (a write fails).
+#[test]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+fn bind_mounts_ro_and_rw() {
+    let c = Containerd::with_image();
+    let rw = c.dir.path().join("vol-rw");
+    let ro = c.dir.path().join("vol-ro");
+    std::fs::create_dir_all(&rw).unwrap();
+    std::fs::create_dir_all(&ro).unwrap();
+    std::fs::write(rw.join("in"), "from-host-rw\n").unwrap();
+    std::fs::write(ro.join("in"), "from-host-ro\n").unwrap();
+    let rw_opt = format!("type=bind,src={},dst=/rw,options=rbind:rw", rw.display());
+    let ro_opt = format!("type=bind,src={},dst=/ro,options=rbind:ro", ro.display());
+    let out = c.run_rm(
+        &["--mount", &rw_opt, "--mount", &ro_opt],
+        "bm1",
+        &[
+            "sh",
+            "-c",
+            "cat /rw/in /ro/in; echo from-guest > /rw/out || exit 5; \
+             echo x > /ro/out && exit 6; exit 0",
+        ],
+    );
+    assert_output(&out, 0, "from-host-rw\nfrom-host-ro\n", "bind mounts");
+    assert!(
+        text(&out.stderr).contains("Read-only file system"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(rw.join("out")).unwrap(),
+        "from-guest\n"
+    );
+    assert!(!ro.join("out").exists());
+    c.assert_nothing_left();
+    // The volumes' content survives the cleanup.
+    assert_eq!(
+        std::fs::read_to_string(rw.join("in")).unwrap(),
+        "from-host-rw\n"
+    );
 }
