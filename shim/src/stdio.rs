@@ -122,7 +122,7 @@ type Reader = Box<dyn AsyncRead + Send + Unpin>;
 
 /// The host ends of a process's stdio, opened before any guest stream.
 struct HostEnds {
-    stdin: Option<PathBuf>,
+    stdin: Option<Reader>,
     stdout: Option<Writer>,
     stderr: Option<Writer>,
     logger: Option<tokio::process::Child>,
@@ -250,20 +250,13 @@ async fn open_host_ends(
     };
     if want_in {
         let path = PathBuf::from(stdio.stdin.strip_prefix("fifo://").unwrap_or(&stdio.stdin));
-        // Checked here (a missing fifo fails the call); opened by the relay
-        // (`open_stdin_fifo`). Not opened here even briefly: a client that
-        // wrote and closed while only that fd was open would lose its data.
-        use std::os::unix::fs::FileTypeExt as _;
-        let meta = std::fs::metadata(&path)
+        // Read-write: no EOF when the client has not opened its end yet;
+        // the end of stdin is CloseIO.
+        let receiver = pipe::OpenOptions::new()
+            .read_write(true)
+            .open_receiver(&path)
             .map_err(|e| ShimError::io("cannot open stdin fifo", &path, e))?;
-        if !meta.file_type().is_fifo() {
-            return Err(ShimError::io(
-                "cannot open stdin fifo",
-                &path,
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a fifo"),
-            ));
-        }
-        ends.stdin = Some(path);
+        ends.stdin = Some(Box::new(receiver));
     }
     let out = want_out
         .then(|| OutputTarget::parse(&stdio.stdout))
@@ -369,8 +362,6 @@ pub struct Relay {
     outputs: Vec<JoinHandle<()>>,
     stdin_close: Option<oneshot::Sender<()>>,
     stdin_task: Option<JoinHandle<()>>,
-    /// The stdin fifo, to release a relay still waiting for the client.
-    stdin_fifo: Option<PathBuf>,
     logger: Option<tokio::process::Child>,
 }
 
@@ -390,7 +381,6 @@ impl Relay {
             outputs: Vec::new(),
             stdin_close: None,
             stdin_task: None,
-            stdin_fifo: None,
             logger: ends.logger.take(),
         };
         let connect = |kind| connect_stream(vsock, container_id, exec_id, kind, connect_timeout);
@@ -418,7 +408,7 @@ impl Relay {
                 }));
             }
         }
-        if let Some(path) = ends.stdin.take() {
+        if let Some(mut reader) = ends.stdin.take() {
             let mut conn = match connect(StreamKind::Stdin).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -429,26 +419,8 @@ impl Relay {
             let (tx, mut rx) = oneshot::channel::<()>();
             let what = describe(container_id, exec_id);
             relay.stdin_close = Some(tx);
-            relay.stdin_fifo = Some(path.clone());
             relay.stdin_task = Some(tokio::spawn(async move {
                 let mut buf = vec![0u8; 64 * 1024];
-                let mut reader = tokio::select! {
-                    biased;
-                    r = open_stdin_fifo(path.clone()) => match r {
-                        Ok(r) => r,
-                        Err(e) => {
-                            tracing::warn!(%what, error = %e, "stdin relay: cannot open the fifo");
-                            let _ = conn.shutdown().await;
-                            return;
-                        }
-                    },
-                    _ = &mut rx => {
-                        // CloseIO before the client opened its end.
-                        unblock_stdin_open(&path);
-                        let _ = conn.shutdown().await;
-                        return;
-                    }
-                };
                 loop {
                     tokio::select! {
                         biased;
@@ -507,12 +479,6 @@ impl Relay {
         if let Some(h) = self.stdin_task.take() {
             h.abort();
         }
-        if let Some(path) = self.stdin_fifo.take() {
-            // A relay aborted while its open waited for the client leaves
-            // a thread blocked in open(2): a writer that comes and goes
-            // releases it (it then reads EOF and ends).
-            unblock_stdin_open(&path);
-        }
         self.stdin_close = None;
         if let Some(mut child) = self.logger.take() {
             // The logger ends on EOF of its pipes; reap it in the background.
@@ -538,27 +504,6 @@ async fn futures_join_all(handles: Vec<JoinHandle<()>>) {
     for h in handles {
         let _ = h.await;
     }
-}
-
-/// Opens the stdin fifo read-only, waiting (in a blocking thread) until
-/// the client has opened its end — as containerd's runc shim does.
-///
-/// Read-only, so the client closing its end is EOF for the process: `ctr
-/// run` with stdin piped in never calls CloseIO, it only closes the fifo.
-/// (Read-write would never see that EOF; read-only non-blocking right away
-/// would see a false EOF before the client opened its end.)
-async fn open_stdin_fifo(path: PathBuf) -> std::io::Result<Reader> {
-    let file = tokio::task::spawn_blocking(move || std::fs::File::open(path))
-        .await
-        .map_err(std::io::Error::other)??;
-    Ok(Box::new(pipe::Receiver::from_file(file)?))
-}
-
-/// Releases an `open_stdin_fifo` still waiting: opening the write end
-/// non-blocking succeeds only while a reader waits, and closing it at once
-/// gives that reader EOF.
-fn unblock_stdin_open(path: &std::path::Path) {
-    let _ = pipe::OpenOptions::new().open_sender(path);
 }
 
 /// Copies what a fifo holds right now, without waiting for more.
