@@ -457,8 +457,9 @@ fn ctr_run_reaches_the_agent_through_the_shim() {
     assert_eq!(out.status.code(), Some(7), "stderr: {}", text(&out.stderr));
     c.assert_nothing_left();
     // EXTEND: issue 6's other cases are the tests below, one each; piped
-    // stdin is not among them yet (the shim's stdin fifo never reports the
-    // client's EOF, see docs/shim.md).
+    // stdin is not among them yet (the shim holds the stdin fifo
+    // read-write, so the client closing it never becomes EOF; see
+    // docs/shim.md).
 }
 
 /// A bad runtime config gives a clear error in ctr's output, and nothing runs.
