@@ -269,7 +269,7 @@ async fn kernel_panic_fails_wait_ready_fast() {
     assert_nothing_left(&dir);
 }
 
-/// A guest that boots but never listens on vsock: wait_ready times out with
+/// A guest that boots but never announces itself: wait_ready times out with
 /// the sandbox, the port, the timeout and the console log; kill() cleans up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root, QEMU, vhost-device-vsock, the guest kernel and busybox-static"]
@@ -299,7 +299,10 @@ async fn silent_guest_times_out_naming_the_console_log() {
     eprintln!("after {took:?}: {err}");
     assert!(took < Duration::from_secs(11), "{took:?}");
     assert!(
-        err.starts_with("sandbox silent1: VM did not answer on vsock port 1024 within 8s"),
+        err.starts_with(&format!(
+            "sandbox silent1: the agent did not announce itself on vsock port 1027 ({}) within 8s",
+            dir.join("vsock.sock_1027").display()
+        )),
         "{err}"
     );
     let console_log = dir.join("console.log");

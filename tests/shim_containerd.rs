@@ -358,6 +358,18 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The temp dir goes with this value: show what the shims
+            // logged (containerd forwards their logs) before it does.
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(120)..];
+            eprintln!(
+                "---- containerd log, last {} lines ----\n{}\n----",
+                tail.len(),
+                tail.join("\n")
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         // Whatever a failed test left: unmount before the temp dir goes.
@@ -645,6 +657,107 @@ fn assert_output(out: &Output, code: i32, stdout: &str, what: &str) {
         stdout.len(),
         short(&out.stderr)
     );
+}
+
+/// `ctr task exec` without and with a terminal: output and exit code.
+#[test]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+fn exec_output_exit_code_and_tty() {
+    let c = Containerd::with_image();
+    c.run_detached(&[], "ex1");
+    let out = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "x1",
+        "ex1",
+        "sh",
+        "-c",
+        "echo exec-out; exit 3",
+    ]);
+    assert_output(&out, 3, "exec-out\n", "exec");
+    // -t needs a terminal on ctr's side: script(1) gives it one. The guest
+    // pty turns "\n" into "\r\n" (script's pty may add another "\r", and
+    // echo what it writes on stdin's EOF).
+    let out = run(Command::new("script")
+        .args(["-qec"])
+        .arg(format!(
+            "timeout -k 10 120 ctr --address {} task exec -t --exec-id x2 ex1 sh -c '[ -t 0 ] && [ -t 1 ] && echo is-a-tty; exit 4'",
+            c.dir.path().join("c.sock").display()
+        ))
+        .arg("/dev/null")
+        .stdin(Stdio::null()));
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "exec -t: {stdout:?} {:?}",
+        text(&out.stderr)
+    );
+    assert!(stdout.contains("is-a-tty\r"), "exec -t output: {stdout:?}");
+    c.kill_and_delete("ex1");
+    c.assert_nothing_left();
+}
+
+/// Runs `cmd` with `input` on its stdin, closed after it.
+fn run_with_input(cmd: &mut Command, input: &[u8]) -> Output {
+    use std::io::Write as _;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input).unwrap();
+    drop(stdin);
+    child.wait_with_output().unwrap()
+}
+
+/// Piped stdin reaches the init and the exec, and its end is their EOF
+/// (`cat` returns), as under runc.
+#[test]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+fn piped_stdin_reaches_the_process_and_ends() {
+    let c = Containerd::with_image();
+    let input = b"line one\nline two\n";
+    let out = run_with_input(
+        &mut c.ctr_cmd(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "in1",
+            "sh",
+            "-c",
+            "cat; echo eof",
+        ]),
+        input,
+    );
+    assert_output(&out, 0, "line one\nline two\neof\n", "run with piped stdin");
+    c.run_detached(&[], "in2");
+    let out = run_with_input(
+        &mut c.ctr_cmd(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "cat1",
+            "in2",
+            "sh",
+            "-c",
+            "cat; echo eof",
+        ]),
+        input,
+    );
+    assert_output(
+        &out,
+        0,
+        "line one\nline two\neof\n",
+        "exec with piped stdin",
+    );
+    c.kill_and_delete("in2");
+    c.assert_nothing_left();
 }
 
 /// SIGTERM ends an exec with 143 (the init, PID 1 of its namespace, ignores

@@ -250,10 +250,13 @@ async fn open_host_ends(
     };
     if want_in {
         let path = PathBuf::from(stdio.stdin.strip_prefix("fifo://").unwrap_or(&stdio.stdin));
-        // Read-write: no EOF when the client has not opened its end yet;
-        // the end of stdin is CloseIO.
+        // Read-only and non-blocking (tokio opens with O_NONBLOCK): the
+        // open never waits for the client, and a FIFO that never had a
+        // writer is not readable, so no early EOF; once the client has
+        // opened and closed its end (`echo x | ctr run … cat`), the read
+        // returns EOF and so does the process's stdin, as under runc.
+        // CloseIO ends stdin as well.
         let receiver = pipe::OpenOptions::new()
-            .read_write(true)
             .open_receiver(&path)
             .map_err(|e| ShimError::io("cannot open stdin fifo", &path, e))?;
         ends.stdin = Some(Box::new(receiver));

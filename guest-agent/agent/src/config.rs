@@ -4,7 +4,8 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use boxlite_protocol::{AGENT_VSOCK_PORT, LOG_VSOCK_PORT, STDIO_VSOCK_PORT};
+use boxlite_protocol::{AGENT_VSOCK_PORT, LOG_VSOCK_PORT, READY_VSOCK_PORT, STDIO_VSOCK_PORT};
+use tokio_vsock::VMADDR_CID_HOST;
 
 use crate::listener::{ListenAddr, ListenerError};
 
@@ -19,11 +20,14 @@ from the kernel command line (boxlite.hostname=, boxlite.log=). Otherwise it
 runs in host mode, for tests:
 
   boxlite-agent --listen unix:///path/agent.sock [--log-listen unix:///path/log.sock]
-                [--stdio-listen unix:///path/stdio.sock] [--root DIR] [--log FILTER]
+                [--stdio-listen unix:///path/stdio.sock] [--announce unix:///path/ready.sock]
+                [--root DIR] [--log FILTER]
 
   --listen ADDR        ttrpc address (unix:///path or vsock://<cid>:<port>)
   --log-listen ADDR    serve the agent log stream here
   --stdio-listen ADDR  serve the stdio stream port here
+  --announce ADDR      once serving, connect here and write the readiness line
+                       (in the guest: host vsock port 1027)
   --root DIR           directory standing in for the guest's / (default: a new
                        directory under $TMPDIR)
   --log FILTER         log filter (default: $RUST_LOG, else info)
@@ -49,6 +53,9 @@ pub struct Config {
     pub listen: ListenAddr,
     pub log_listen: Option<ListenAddr>,
     pub stdio_listen: Option<ListenAddr>,
+    /// Where to announce readiness once serving (see
+    /// [`boxlite_protocol::ready`]): host vsock port 1027 in the guest.
+    pub announce: Option<ListenAddr>,
     pub log_filter: String,
 }
 
@@ -95,6 +102,10 @@ impl Config {
             listen: ListenAddr::vsock_any(AGENT_VSOCK_PORT),
             log_listen: Some(ListenAddr::vsock_any(LOG_VSOCK_PORT)),
             stdio_listen: Some(ListenAddr::vsock_any(STDIO_VSOCK_PORT)),
+            announce: Some(ListenAddr::Vsock {
+                cid: VMADDR_CID_HOST,
+                port: READY_VSOCK_PORT,
+            }),
             log_filter: log_filter.unwrap_or_else(|| DEFAULT_LOG_FILTER.to_string()),
         }
     }
@@ -108,6 +119,7 @@ impl Config {
         let mut listen = None;
         let mut log_listen = None;
         let mut stdio_listen = None;
+        let mut announce = None;
         let mut root = None;
         let mut log_filter = None;
         let mut args = args.into_iter();
@@ -133,6 +145,7 @@ impl Config {
                 "--listen" => listen = Some(parse_addr("--listen", &value()?)?),
                 "--log-listen" => log_listen = Some(parse_addr("--log-listen", &value()?)?),
                 "--stdio-listen" => stdio_listen = Some(parse_addr("--stdio-listen", &value()?)?),
+                "--announce" => announce = Some(parse_addr("--announce", &value()?)?),
                 "--root" => root = Some(PathBuf::from(value()?)),
                 "--log" => log_filter = Some(value()?),
                 _ => return Err(ConfigError::UnknownArgument(arg)),
@@ -154,6 +167,7 @@ impl Config {
             listen,
             log_listen,
             stdio_listen,
+            announce,
             log_filter: log_filter
                 .or(env_filter)
                 .unwrap_or_else(|| DEFAULT_LOG_FILTER.to_string()),

@@ -14,6 +14,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod agent;
+pub mod announce;
 pub mod cmdline;
 pub mod config;
 pub mod container;

@@ -93,6 +93,15 @@ pub async fn run(agent: Arc<Agent>, hub: Arc<LogHub>) -> Result<Ended, ServerErr
         %addr,
         "agent ready"
     );
+    if let Some(addr) = config.announce.clone() {
+        // Not awaited: serving does not depend on it. Without it the host
+        // never connects, and says so naming the announce port.
+        tokio::spawn(async move {
+            if let Err(e) = crate::announce::announce(&addr).await {
+                tracing::error!(error = %crate::error::chain(&e), "the host will not connect");
+            }
+        });
+    }
 
     let mut shutdown = agent.shutdown_requested();
     let destroyed = async move {

@@ -31,7 +31,20 @@ struct AgentProcess {
 
 impl AgentProcess {
     fn start() -> Self {
+        Self::spawn(tempfile::tempdir().expect("tempdir"), &[])
+    }
+
+    /// Also `--announce unix://<dir>/ready.sock`, bound here first (as the
+    /// host binds `vsock.sock_1027` before the VM starts).
+    fn start_announcing() -> (Self, std::os::unix::net::UnixListener) {
         let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ready.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind ready.sock");
+        let arg = format!("--announce=unix://{}", path.display());
+        (Self::spawn(dir, &[arg]), listener)
+    }
+
+    fn spawn(dir: tempfile::TempDir, extra: &[String]) -> Self {
         let stderr = std::fs::File::create(dir.path().join("agent.stderr")).expect("stderr file");
         let child = Command::new(env!("CARGO_BIN_EXE_boxlite-agent"))
             .arg("--listen")
@@ -50,6 +63,7 @@ impl AgentProcess {
             .arg(dir.path().join("root"))
             .arg("--log")
             .arg("debug")
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -136,6 +150,35 @@ async fn health_check_and_version() {
     let v = health.version(ctx(), &CheckRequest::new()).await.unwrap();
     assert_eq!(v.agent_version, env!("CARGO_PKG_VERSION"));
     assert_eq!(v.protocol_version, PROTOCOL_VERSION);
+}
+
+/// The readiness line arrives once the agent serves: the first connection
+/// after it is answered without retrying.
+#[tokio::test]
+async fn announces_readiness_once_serving() {
+    let (agent, listener) = AgentProcess::start_announcing();
+    let (mut conn, _) = listener.accept().expect("the agent connects");
+    conn.set_read_timeout(Some(START_TIMEOUT)).unwrap();
+    let mut line = Vec::new();
+    conn.read_to_end(&mut line)
+        .expect("the agent closes after its line");
+    let a = boxlite_protocol::ready::Announcement::parse(&line).expect("a readiness line");
+    assert_eq!(a.protocol_version, PROTOCOL_VERSION);
+    assert_eq!(a.agent_version, env!("CARGO_PKG_VERSION"));
+    let addr = format!("unix://{}", agent.socket("agent.sock").display());
+    let client = ttrpc::asynchronous::Client::connect(&addr)
+        .await
+        .expect("serving when announced");
+    let resp = HealthClient::new(client)
+        .check(ctx(), &CheckRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(resp.status.enum_value_or_default(), ServingStatus::SERVING);
+    assert!(
+        agent.stderr().contains("readiness announced to the host"),
+        "{}",
+        agent.stderr()
+    );
 }
 
 #[tokio::test]

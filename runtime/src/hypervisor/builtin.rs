@@ -41,6 +41,7 @@ use super::process::{
     virtiofsd_args, wait_for_sockets, Proc, Role, POLL_INTERVAL,
 };
 use super::qemu::fs_socket_name;
+use super::ready::{ready_socket_path, ReadyListener};
 use super::{
     validate_share_tag, wait_for_agent, AgentConnection, ExitReport, Hypervisor, HypervisorError,
     MacAddr, NetDevice, Share, TapDevice, VmSpec, CONSOLE_LOG, MAX_SOCKET_PATH_LEN, VSOCK_SOCKET,
@@ -86,6 +87,8 @@ struct State {
     /// virtiofsd daemons first, the VMM last.
     procs: Vec<Proc>,
     started_at: Option<Instant>,
+    /// Bound by `start`, taken by `wait_ready`.
+    ready: Option<ReadyListener>,
 }
 
 /// The `builtin` backend. Build it with [`super::new_hypervisor`].
@@ -115,6 +118,7 @@ impl BuiltinHypervisor {
             nets: Vec::new(),
             procs: Vec::new(),
             started_at: None,
+            ready: None,
         };
         let this_id = spec.id.clone();
         for share in spec.shares {
@@ -147,6 +151,7 @@ impl BuiltinHypervisor {
 
     fn socket_paths(&self, shares: &[Share]) -> Vec<PathBuf> {
         let mut paths = vec![self.path(VSOCK_SOCKET), self.path(CONTROL_SOCKET)];
+        paths.push(ready_socket_path(&self.path(VSOCK_SOCKET)));
         paths.extend(shares.iter().map(|s| self.path(&fs_socket_name(&s.tag))));
         paths
     }
@@ -306,6 +311,7 @@ impl BuiltinHypervisor {
     fn teardown(&self, st: &mut State) {
         kill_and_reap(&self.id, &mut st.procs, &self.transient_files(&st.shares));
         st.nets.clear();
+        st.ready = None;
         self.pid.store(0, Ordering::SeqCst);
         st.phase = Phase::Stopped;
     }
@@ -465,6 +471,11 @@ impl Hypervisor for BuiltinHypervisor {
             path: console.clone(),
             error,
         })?;
+        // Before the VM exists, so the guest always finds it.
+        st.ready = Some(ReadyListener::bind_for_sandbox(
+            &self.id,
+            &self.path(VSOCK_SOCKET),
+        )?);
         let started_at = Instant::now();
         match self.spawn_all(&mut st).await {
             Ok(()) => {
@@ -482,10 +493,10 @@ impl Hypervisor for BuiltinHypervisor {
     }
 
     async fn wait_ready(&self) -> Result<AgentConnection, HypervisorError> {
-        let started_at = {
-            let st = self.state.lock().await;
+        let (started_at, ready) = {
+            let mut st = self.state.lock().await;
             match (st.phase, st.started_at) {
-                (Phase::Running, Some(at)) => at,
+                (Phase::Running, Some(at)) => (at, st.ready.take()),
                 (phase, _) => {
                     return Err(HypervisorError::InvalidState {
                         id: self.id.clone(),
@@ -496,7 +507,7 @@ impl Hypervisor for BuiltinHypervisor {
             }
         };
         let deadline = started_at + self.agent_ready_timeout;
-        let result = wait_for_agent(self, deadline, self.agent_ready_timeout).await;
+        let result = wait_for_agent(self, ready, deadline, self.agent_ready_timeout).await;
         if result.is_ok() {
             tracing::info!(sandbox_id = %self.id, elapsed_ms = started_at.elapsed().as_millis() as u64, "agent ready");
         }
@@ -626,6 +637,7 @@ impl Drop for BuiltinHypervisor {
                     nets: Vec::new(),
                     procs: Vec::new(),
                     started_at: None,
+                    ready: None,
                 },
             );
             self.teardown(&mut st);

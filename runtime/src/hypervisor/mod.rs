@@ -2,8 +2,9 @@
 //!
 //! A backend is built from the config and a [`VmSpec`] with
 //! [`new_hypervisor`]; shares and taps are added before [`Hypervisor::start`];
-//! [`Hypervisor::wait_ready`] returns an [`AgentConnection`] once the guest
-//! agent answers `Health.Check` through the hybrid vsock socket;
+//! [`Hypervisor::wait_ready`] waits for the agent's readiness announcement
+//! ([`ready`]), then returns an [`AgentConnection`] once the guest agent
+//! answers `Health.Check` through the hybrid vsock socket;
 //! [`Hypervisor::stop`] asks the agent to shut the VM down and kills what is
 //! left after the shutdown timeout.
 //!
@@ -16,6 +17,7 @@
 pub mod builtin;
 pub mod process;
 pub mod qemu;
+pub mod ready;
 
 use std::fmt;
 use std::os::fd::OwnedFd;
@@ -29,12 +31,13 @@ use boxlite_protocol::agent_ttrpc::AgentClient;
 use boxlite_protocol::health::VersionCheckResponse;
 use boxlite_protocol::health::{health_check_response::ServingStatus, CheckRequest};
 use boxlite_protocol::health_ttrpc::HealthClient;
-use boxlite_protocol::AGENT_VSOCK_PORT;
+use boxlite_protocol::{AGENT_VSOCK_PORT, PROTOCOL_VERSION, READY_VSOCK_PORT};
 use tokio::time::Instant;
 
 use crate::config::{Config, ConfigError, ResolvedBackend};
 use crate::fmt_duration;
 use crate::hybrid_vsock::{ttrpc_client, ConsoleLogHint, HybridVsock, HybridVsockError};
+use ready::{ReadyError, ReadyListener};
 
 /// Guest serial console, in the sandbox directory.
 pub const CONSOLE_LOG: &str = "console.log";
@@ -143,6 +146,30 @@ pub enum HypervisorError {
         timeout: Duration,
         last: String,
         console_log: ConsoleLogHint,
+    },
+    #[error(
+        "sandbox {id}: the agent did not announce itself on vsock port {port} ({}) within {} \
+         (last: {last}){console_log}",
+        socket.display(),
+        fmt_duration(*timeout)
+    )]
+    NotAnnounced {
+        id: String,
+        port: u32,
+        socket: PathBuf,
+        timeout: Duration,
+        last: String,
+        console_log: ConsoleLogHint,
+    },
+    #[error(
+        "sandbox {id}: the guest agent {agent_version} speaks protocol {guest}, this host \
+         speaks {host}; install a guest image built from the same release (cargo xtask guest)"
+    )]
+    ProtocolMismatch {
+        id: String,
+        agent_version: String,
+        guest: u32,
+        host: u32,
     },
     #[error("sandbox {id}: {error}")]
     Vsock {
@@ -535,15 +562,75 @@ impl AgentConnection {
     }
 }
 
-/// The readiness loop shared by backends: until `deadline`, check that `vm`
+/// How often [`wait_for_announcement`] checks that the VM is still alive.
+const ALIVE_CHECK_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Until `deadline`, checks that `vm` is alive and waits for the agent's
+/// announcement on `ready`; an agent of another protocol version is an
+/// error at once. `timeout` is only used in the error message.
+pub async fn wait_for_announcement<H: Hypervisor + ?Sized>(
+    vm: &H,
+    ready: &ReadyListener,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(), HypervisorError> {
+    let id = vm.sandbox_id();
+    let mut last = String::from("no connection");
+    loop {
+        vm.check_alive().await?;
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(HypervisorError::NotAnnounced {
+                id: id.to_owned(),
+                port: READY_VSOCK_PORT,
+                socket: ready.path().to_owned(),
+                timeout,
+                last,
+                console_log: ConsoleLogHint(Some(vm.console_log_path())),
+            });
+        }
+        match ready
+            .accept_until((now + ALIVE_CHECK_INTERVAL).min(deadline))
+            .await
+        {
+            Ok(a) if a.protocol_version == PROTOCOL_VERSION => {
+                tracing::debug!(sandbox_id = %id, agent_version = %a.agent_version, "agent announced itself");
+                return Ok(());
+            }
+            Ok(a) => {
+                return Err(HypervisorError::ProtocolMismatch {
+                    id: id.to_owned(),
+                    agent_version: a.agent_version,
+                    guest: a.protocol_version,
+                    host: PROTOCOL_VERSION,
+                })
+            }
+            Err(ReadyError::NotYet) => {}
+            Err(e) => {
+                tracing::warn!(sandbox_id = %id, error = %e, "bad readiness announcement; still waiting");
+                last = e.to_string();
+            }
+        }
+    }
+}
+
+/// The readiness loop shared by backends: first the agent's announcement
+/// on `ready` (the backends always pass it; see [`ready`] for why no
+/// connection may be made before), then, until `deadline`, check that `vm`
 /// is alive, connect to the agent port through the hybrid socket and call
 /// `Health.Check`; return the connection once it answers `SERVING`.
-/// `timeout` is only used in the error message.
+/// `timeout` is only used in error messages.
 pub async fn wait_for_agent<H: Hypervisor + ?Sized>(
     vm: &H,
+    ready: Option<ReadyListener>,
     deadline: Instant,
     timeout: Duration,
 ) -> Result<AgentConnection, HypervisorError> {
+    if let Some(ready) = ready {
+        wait_for_announcement(vm, &ready, deadline, timeout).await?;
+        // Closed now: nothing in the guest may reach it later.
+        drop(ready);
+    }
     let id = vm.sandbox_id().to_owned();
     let vsock = vm.hybrid_vsock();
     let mut last = String::from("none made");
@@ -842,8 +929,13 @@ mod tests {
     }
 
     /// Starts the fake agent (ttrpc server on agent.sock) and, after
-    /// `delay`, the hybrid vsock front (vsock.sock).
-    async fn fake_guest(dir: &Path, delay: Duration) -> ttrpc::r#async::Server {
+    /// `delay`, the hybrid vsock front (vsock.sock); then writes `announce`
+    /// to the readiness socket, as the agent does.
+    async fn fake_guest(
+        dir: &Path,
+        delay: Duration,
+        announce: Option<&'static [u8]>,
+    ) -> ttrpc::r#async::Server {
         let agent_sock = dir.join("agent.sock");
         let mut server = ttrpc::r#async::Server::new()
             .bind(&format!("unix://{}", agent_sock.display()))
@@ -854,6 +946,11 @@ mod tests {
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             let listener = UnixListener::bind(&front).unwrap();
+            if let Some(line) = announce {
+                let path = ready::ready_socket_path(&front);
+                let mut c = UnixStream::connect(path).await.unwrap();
+                c.write_all(line).await.unwrap();
+            }
             loop {
                 let (mut s, _) = listener.accept().await.unwrap();
                 let agent_sock = agent_sock.clone();
@@ -876,15 +973,19 @@ mod tests {
     #[tokio::test]
     async fn wait_for_agent_reaches_a_fake_guest() {
         let dir = tempfile::tempdir().unwrap();
-        let mut server = fake_guest(dir.path(), Duration::from_millis(300)).await;
+        let line = b"BOXLITE-READY 1 test\n";
+        let mut server = fake_guest(dir.path(), Duration::from_millis(300), Some(line)).await;
         let vm = FakeVm {
             dir: dir.path().to_owned(),
             dead: AtomicBool::new(false),
         };
+        let ready = ReadyListener::bind(&vm.vsock_socket_path()).unwrap();
+        let ready_path = ready.path().to_owned();
         let deadline = Instant::now() + Duration::from_secs(10);
-        let conn = wait_for_agent(&vm, deadline, Duration::from_secs(10))
+        let conn = wait_for_agent(&vm, Some(ready), deadline, Duration::from_secs(10))
             .await
             .unwrap();
+        assert!(!ready_path.exists(), "the readiness socket is closed");
         let version = conn.version(Duration::from_secs(2)).await.unwrap();
         assert_eq!(version.agent_version, "test");
         assert_eq!(version.protocol_version, boxlite_protocol::PROTOCOL_VERSION);
@@ -909,6 +1010,7 @@ mod tests {
         let started = std::time::Instant::now();
         let err = wait_for_agent(
             &vm,
+            None,
             Instant::now() + Duration::from_millis(500),
             Duration::from_millis(500),
         )
@@ -937,9 +1039,11 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(200)).await;
             killer.dead.store(true, Ordering::SeqCst);
         });
+        let ready = ReadyListener::bind(&vm.vsock_socket_path()).unwrap();
         let started = std::time::Instant::now();
         let err = wait_for_agent(
             vm.as_ref(),
+            Some(ready),
             Instant::now() + Duration::from_secs(30),
             Duration::from_secs(30),
         )
@@ -947,5 +1051,61 @@ mod tests {
         .unwrap_err();
         assert!(started.elapsed() < Duration::from_secs(2));
         assert!(err.to_string().contains("dead"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn no_announcement_times_out_naming_the_port_and_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        // The agent serves but never announces: no connection is made.
+        let mut server = fake_guest(dir.path(), Duration::ZERO, None).await;
+        let vm = FakeVm {
+            dir: dir.path().to_owned(),
+            dead: AtomicBool::new(false),
+        };
+        let ready = ReadyListener::bind(&vm.vsock_socket_path()).unwrap();
+        let err = wait_for_agent(
+            &vm,
+            Some(ready),
+            Instant::now() + Duration::from_millis(500),
+            Duration::from_millis(500),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "sandbox fake: the agent did not announce itself on vsock port 1027 ({}) \
+                 within 500ms (last: no connection); console log: {}",
+                dir.path().join("vsock.sock_1027").display(),
+                dir.path().join("console.log").display()
+            )
+        );
+        server.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn agent_of_another_protocol_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = b"BOXLITE-READY 99 9.0.0\n";
+        let mut server = fake_guest(dir.path(), Duration::ZERO, Some(line)).await;
+        let vm = FakeVm {
+            dir: dir.path().to_owned(),
+            dead: AtomicBool::new(false),
+        };
+        let ready = ReadyListener::bind(&vm.vsock_socket_path()).unwrap();
+        let err = wait_for_agent(
+            &vm,
+            Some(ready),
+            Instant::now() + Duration::from_secs(10),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "sandbox fake: the guest agent 9.0.0 speaks protocol 99, this host speaks 1; \
+             install a guest image built from the same release (cargo xtask guest)"
+        );
+        server.shutdown().await.unwrap();
     }
 }

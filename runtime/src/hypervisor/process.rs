@@ -303,6 +303,26 @@ pub fn last_line(log: &Path) -> Option<String> {
     Some(line.chars().take(300).collect())
 }
 
+/// The last `max_lines` non-empty lines of a log (from its last 16 KiB),
+/// for an error report that must outlive the sandbox directory.
+pub fn log_tail(log: &Path, max_lines: usize) -> Option<String> {
+    let text = std::fs::read(log).ok()?;
+    let tail = &text[text.len().saturating_sub(16 * 1024)..];
+    let text = String::from_utf8_lossy(tail);
+    let mut lines: Vec<&str> = text
+        .lines()
+        .rev()
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty())
+        .take(max_lines)
+        .collect();
+    if lines.is_empty() {
+        return None;
+    }
+    lines.reverse();
+    Some(lines.join("\n"))
+}
+
 pub fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
@@ -336,5 +356,22 @@ pub async fn request_agent_shutdown(
         // The guest may reboot before the answer leaves: not an error
         // as long as QEMU exits.
         tracing::debug!(sandbox_id = %id, error = %e, "DestroySandbox did not answer");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_tail_keeps_the_last_non_empty_lines_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        assert_eq!(log_tail(&log, 3), None, "missing file");
+        std::fs::write(&log, "").unwrap();
+        assert_eq!(log_tail(&log, 3), None, "empty file");
+        std::fs::write(&log, "one\ntwo\n\nthree  \nfour\n\n").unwrap();
+        assert_eq!(log_tail(&log, 3).as_deref(), Some("two\nthree\nfour"));
+        assert_eq!(log_tail(&log, 10).as_deref(), Some("one\ntwo\nthree\nfour"));
     }
 }

@@ -35,6 +35,7 @@ use super::process::{
     check_tap, is_executable, kill_and_reap, last_line, request_agent_shutdown, spawn_process,
     virtiofsd_args, wait_for_sockets, Proc, Role, POLL_INTERVAL,
 };
+use super::ready::{ready_socket_path, ReadyListener};
 use super::{
     validate_share_tag, wait_for_agent, AgentConnection, ExitReport, Hypervisor, HypervisorError,
     MacAddr, NetDevice, Share, TapDevice, VmSpec, CONSOLE_LOG, MAX_SOCKET_PATH_LEN, VSOCK_SOCKET,
@@ -89,6 +90,8 @@ struct State {
     /// Helpers first, QEMU last.
     procs: Vec<Proc>,
     started_at: Option<Instant>,
+    /// Bound by `start`, taken by `wait_ready`.
+    ready: Option<ReadyListener>,
 }
 
 /// The `qemu` backend. Build it with [`super::new_hypervisor`] (or
@@ -131,6 +134,7 @@ impl QemuHypervisor {
                 nets: Vec::new(),
                 procs: Vec::new(),
                 started_at: None,
+                ready: None,
             }),
         };
         {
@@ -173,6 +177,7 @@ impl QemuHypervisor {
     /// Every socket this backend may create.
     fn socket_paths(&self, shares: &[Share]) -> Vec<PathBuf> {
         let mut paths = vec![self.path(VSOCK_SOCKET), self.path(VHOST_VSOCK_SOCKET)];
+        paths.push(ready_socket_path(&self.path(VSOCK_SOCKET)));
         paths.extend(shares.iter().map(|s| self.path(&fs_socket_name(&s.tag))));
         paths
     }
@@ -416,6 +421,7 @@ impl QemuHypervisor {
         // QEMU first, so helpers never see a live frontend lose its backend.
         kill_and_reap(&self.id, &mut st.procs, &self.transient_files(&st.shares));
         st.nets.clear();
+        st.ready = None;
         self.pid.store(0, Ordering::SeqCst);
         st.phase = Phase::Stopped;
     }
@@ -555,6 +561,11 @@ impl Hypervisor for QemuHypervisor {
             path: console.clone(),
             error,
         })?;
+        // Before the VM exists, so the guest always finds it.
+        st.ready = Some(ReadyListener::bind_for_sandbox(
+            &self.id,
+            &self.path(VSOCK_SOCKET),
+        )?);
         let started_at = Instant::now();
         match self.spawn_all(&mut st).await {
             Ok(()) => {
@@ -572,10 +583,10 @@ impl Hypervisor for QemuHypervisor {
     }
 
     async fn wait_ready(&self) -> Result<AgentConnection, HypervisorError> {
-        let started_at = {
-            let st = self.state.lock().await;
+        let (started_at, ready) = {
+            let mut st = self.state.lock().await;
             match (st.phase, st.started_at) {
-                (Phase::Running, Some(at)) => at,
+                (Phase::Running, Some(at)) => (at, st.ready.take()),
                 (phase, _) => {
                     return Err(HypervisorError::InvalidState {
                         id: self.id.clone(),
@@ -586,7 +597,7 @@ impl Hypervisor for QemuHypervisor {
             }
         };
         let deadline = started_at + self.agent_ready_timeout;
-        let result = wait_for_agent(self, deadline, self.agent_ready_timeout).await;
+        let result = wait_for_agent(self, ready, deadline, self.agent_ready_timeout).await;
         if result.is_ok() {
             tracing::info!(sandbox_id = %self.id, elapsed_ms = started_at.elapsed().as_millis() as u64, "agent ready");
         }
@@ -697,6 +708,7 @@ impl Drop for QemuHypervisor {
                     nets: Vec::new(),
                     procs: Vec::new(),
                     started_at: None,
+                    ready: None,
                 },
             );
             self.teardown(&mut st);
@@ -1055,7 +1067,10 @@ exec sleep 30"#
         let elapsed = started.elapsed();
         assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
         assert!(
-            err.starts_with("sandbox sb1: VM did not answer on vsock port 1024 within 2s"),
+            err.starts_with(&format!(
+                "sandbox sb1: the agent did not announce itself on vsock port 1027 ({}) within 2s",
+                rig.sandbox().join("vsock.sock_1027").display()
+            )),
             "{err}"
         );
         assert!(

@@ -41,6 +41,9 @@ pub struct Process {
     inner: Mutex<Inner>,
     exit_tx: watch::Sender<Option<ExitInfo>>,
     relay: tokio::sync::Mutex<Option<Relay>>,
+    /// CloseIO came (possibly before the relay existed: `ctr exec` with a
+    /// short piped stdin sends it while Start is still connecting).
+    stdin_close_requested: AtomicBool,
     waiter: AtomicBool,
 }
 
@@ -62,6 +65,7 @@ impl Process {
             }),
             exit_tx: watch::channel(None).0,
             relay: tokio::sync::Mutex::new(None),
+            stdin_close_requested: AtomicBool::new(false),
             waiter: AtomicBool::new(false),
         }
     }
@@ -150,12 +154,22 @@ impl Process {
         }
     }
 
-    pub async fn set_relay(&self, relay: Relay) {
-        *self.relay.lock().await = Some(relay);
+    /// Installs the running relay; a CloseIO that came first applies now.
+    pub async fn set_relay(&self, mut relay: Relay) {
+        let mut slot = self.relay.lock().await;
+        if self.stdin_close_requested.load(Ordering::SeqCst) {
+            relay.close_stdin();
+        }
+        *slot = Some(relay);
     }
 
+    /// CloseIO: the relay passes on what the fifo holds, then ends the
+    /// stream, which is the process's EOF. Remembered if the relay is not
+    /// running yet.
     pub async fn close_stdin(&self) {
-        if let Some(relay) = self.relay.lock().await.as_mut() {
+        let mut slot = self.relay.lock().await;
+        self.stdin_close_requested.store(true, Ordering::SeqCst);
+        if let Some(relay) = slot.as_mut() {
             relay.close_stdin();
         }
     }

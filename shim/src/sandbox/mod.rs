@@ -20,11 +20,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use boxlite_protocol::agent::{
-    CloseStdinRequest, CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest,
-    GetOOMEventRequest, ListProcessesRequest, MountShareRequest, PauseContainerRequest,
-    RemoveContainerRequest, ResizePtyRequest, ResumeContainerRequest, SignalProcessRequest,
-    StartContainerRequest, StatsContainerRequest, StatsContainerResponse, StdioConfig,
-    UpdateContainerRequest, WaitProcessRequest,
+    CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest, GetOOMEventRequest,
+    ListProcessesRequest, MountShareRequest, PauseContainerRequest, RemoveContainerRequest,
+    ResizePtyRequest, ResumeContainerRequest, SignalProcessRequest, StartContainerRequest,
+    StatsContainerRequest, StatsContainerResponse, StdioConfig, UpdateContainerRequest,
+    WaitProcessRequest,
 };
 use boxlite_runtime::{AgentConnection, Config, Hypervisor, VmSpec};
 use tokio::task::JoinHandle;
@@ -275,6 +275,16 @@ impl Sandbox {
         let agent = match hv.wait_ready().await {
             Ok(a) => a,
             Err(e) => {
+                // The sandbox directory (and the console log the error
+                // names) goes with the failed create: keep the guest's last
+                // words in the shim log, which containerd keeps.
+                let console = hv.console_log_path();
+                let tail = boxlite_runtime::hypervisor::process::log_tail(&console, 40);
+                tracing::error!(
+                    console_log = %console.display(),
+                    console_tail = tail.as_deref().unwrap_or("(empty)"),
+                    "sandbox VM did not become ready"
+                );
                 let _ = hv.kill().await;
                 return Err(e.into());
             }
@@ -751,29 +761,14 @@ impl Sandbox {
 
     pub async fn close_io(&self, id: &str, exec_id: &str, stdin: bool) -> Result<()> {
         let process = self.process(id, exec_id)?;
-        if !stdin {
+        if !stdin || process.stdio.stdin.is_empty() {
             return Ok(());
         }
+        // Only through the stream: its EOF reaches the process after every
+        // byte before it. (Asking the agent to close stdin as well raced
+        // with Start: a CloseIO during an exec's Start closed stdin before
+        // its stream connected, and the agent then refused the stream.)
         process.close_stdin().await;
-        if process.stdio.stdin.is_empty() {
-            return Ok(());
-        }
-        // The stream's EOF is the real close; tell the agent too, so a
-        // process without a stream (not started yet) gets it as well.
-        let req = CloseStdinRequest {
-            container_id: id.to_owned(),
-            exec_id: exec_id.to_owned(),
-            ..Default::default()
-        };
-        if let Ok(agent) = self.agent().await {
-            if let Err(e) = agent
-                .agent()
-                .close_stdin(ctx(AGENT_CALL_TIMEOUT), &req)
-                .await
-            {
-                tracing::debug!(error = %e, "CloseStdin after the stream EOF");
-            }
-        }
         Ok(())
     }
 

@@ -38,6 +38,8 @@ use std::time::{Duration, Instant};
 
 use boxlite_protocol::agent::{DestroySandboxRequest, GuestInfoRequest, GuestInfoResponse};
 use boxlite_protocol::health::health_check_response::ServingStatus;
+use boxlite_protocol::ready::Announcement;
+use boxlite_runtime::hypervisor::ready::{ReadyError, ReadyListener};
 use boxlite_runtime::{AgentConnection, HybridVsock};
 
 const ALL_SCENARIOS: &str = "boot,health,smp,reboot,guest-connect";
@@ -243,11 +245,7 @@ async fn run_scenario(name: &str, s: &Settings) -> ScenarioResult {
         "smp" => scenario_smp(s).await,
         "health" => scenario_health(s).await,
         "reboot" => scenario_reboot(s).await,
-        "guest-connect" => Ok(Verdict::Skip(
-            "the agent has no guest-initiated vsock connection yet: no RPC or boxlite.* \
-             parameter makes the guest connect to a host port (<uds>_<port> listener)"
-                .to_owned(),
-        )),
+        "guest-connect" => scenario_guest_connect(s).await,
         other => Ok(Verdict::Fail(format!(
             "unknown scenario {other:?} (known: {ALL_SCENARIOS})"
         ))),
@@ -358,6 +356,31 @@ async fn scenario_health(s: &Settings) -> ScenarioResult {
         version.agent_version,
         version.protocol_version,
         info.kernel_release
+    )))
+}
+
+/// The guest connects to the host: the agent's readiness announcement
+/// (host port 1027) crosses boxlite-vmm's vsock device to the
+/// `<uds>_1027` unix listener; host→guest still works after it.
+async fn scenario_guest_connect(s: &Settings) -> ScenarioResult {
+    if let Err(reason) = vsock_support(s)? {
+        return Ok(Verdict::Skip(reason));
+    }
+    let mut vm = Vm::start(s, "guest-connect", 1, &[Device::Rng, Device::Vsock])?;
+    let announcement = vm.announcement(s.timeout).await?;
+    let announced = vm.started.elapsed();
+    if announcement.protocol_version != boxlite_protocol::PROTOCOL_VERSION {
+        return Err(vm.fail(format!("the agent announced {announcement:?}")));
+    }
+    let conn = vm.connect(s.timeout).await?;
+    vm.destroy(&conn).await?;
+    Ok(Verdict::Pass(format!(
+        "guest → host port {} arrived on the <uds>_{} listener {:.2}s after boxlite-vmm started \
+         (agent {}); host → guest Health answered after it",
+        boxlite_protocol::READY_VSOCK_PORT,
+        boxlite_protocol::READY_VSOCK_PORT,
+        announced.as_secs_f64(),
+        announcement.agent_version
     )))
 }
 
@@ -508,6 +531,8 @@ struct Vm {
     child: Child,
     started: Instant,
     vsock: Option<HybridVsock>,
+    /// `<uds>_1027`, bound before the VMM starts (as the runtime does).
+    ready: Option<ReadyListener>,
 }
 
 impl Vm {
@@ -535,6 +560,15 @@ impl Vm {
             "cmdline": s.guest_cmdline,
             "devices": devs,
         });
+        let has_vsock = devices.iter().any(|d| matches!(d, Device::Vsock));
+        let ready = if has_vsock {
+            Some(
+                ReadyListener::bind(&uds)
+                    .map_err(|e| format!("cannot bind {}_1027: {e}", uds.display()))?,
+            )
+        } else {
+            None
+        };
         let cfg_path = dir.join("vm.json");
         fs::write(&cfg_path, serde_json::to_string_pretty(&cfg)?)?;
         let log = fs::File::create(&files.vmm_log)?;
@@ -552,15 +586,13 @@ impl Vm {
             .stderr(log)
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", s.vmm().display()))?;
-        let vsock = devices
-            .iter()
-            .any(|d| matches!(d, Device::Vsock))
-            .then(|| HybridVsock::new(&uds).with_console_log(&files.console));
+        let vsock = has_vsock.then(|| HybridVsock::new(&uds).with_console_log(&files.console));
         Ok(Vm {
             files,
             child,
             started: Instant::now(),
             vsock,
+            ready,
         })
     }
 
@@ -644,6 +676,34 @@ impl Vm {
                 )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for the agent's connection to host port 1027 and its line.
+    async fn announcement(&mut self, timeout: Duration) -> Result<Announcement, Failure> {
+        let deadline = self.started + timeout;
+        let mut last = String::from("no connection");
+        loop {
+            if let Some(why) = self.exited() {
+                return Err(self.fail(format!(
+                    "{why} before the agent announced itself (last: {last})"
+                )));
+            }
+            if Instant::now() > deadline {
+                self.record_threads();
+                self.kill();
+                return Err(self.fail(format!(
+                    "the agent did not announce itself on host port 1027 within {}s (last: {last})",
+                    timeout.as_secs()
+                )));
+            }
+            let ready = self.ready.as_ref().expect("a VM with a vsock device");
+            let until = tokio::time::Instant::now() + Duration::from_millis(200);
+            match ready.accept_until(until).await {
+                Ok(a) => return Ok(a),
+                Err(ReadyError::NotYet) => {}
+                Err(e) => last = e.to_string(),
+            }
         }
     }
 

@@ -1,0 +1,182 @@
+//! The host end of the agent's readiness announcement
+//! ([`boxlite_protocol::ready`]): a unix listener at `<hybrid socket>_1027`,
+//! bound before the VM starts, on which the guest's connection to host
+//! vsock port 1027 arrives once the agent serves.
+//!
+//! The host makes no connection into the guest before that: with QEMU, a
+//! host connection that reaches vhost-device-vsock before the guest driver
+//! has enabled the RX queue stops the device for good (see the protocol
+//! module). The listener is closed after the first announcement, so a
+//! container in the guest cannot reach it later.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use boxlite_protocol::ready::{Announcement, AnnouncementError, MAX_LINE_LEN};
+use boxlite_protocol::READY_VSOCK_PORT;
+use tokio::io::AsyncReadExt;
+use tokio::net::UnixListener;
+use tokio::time::Instant;
+
+use super::HypervisorError;
+
+/// How long the announcing connection may take to deliver its line.
+const LINE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `<hybrid socket>_1027`: where guest connections to host port 1027 land.
+pub fn ready_socket_path(hybrid_socket: &Path) -> PathBuf {
+    let mut s = hybrid_socket.as_os_str().to_owned();
+    s.push(format!("_{READY_VSOCK_PORT}"));
+    PathBuf::from(s)
+}
+
+/// Why waiting for one announcement failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadyError {
+    #[error("no connection yet")]
+    NotYet,
+    #[error("accepting the connection failed: {0}")]
+    Accept(#[source] std::io::Error),
+    #[error("reading the announcement failed: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("the announcing connection sent nothing within {LINE_TIMEOUT:?}")]
+    Silent,
+    #[error(transparent)]
+    Bad(#[from] AnnouncementError),
+}
+
+/// The bound listener; removes its socket file when dropped.
+#[derive(Debug)]
+pub struct ReadyListener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ReadyListener {
+    /// Binds `<hybrid socket>_1027`, replacing a stale socket file. Needs a
+    /// tokio runtime.
+    pub fn bind(hybrid_socket: &Path) -> std::io::Result<Self> {
+        let path = ready_socket_path(hybrid_socket);
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path)?;
+        Ok(Self { listener, path })
+    }
+
+    /// [`Self::bind`] for a backend's `start`, with the error it reports.
+    pub fn bind_for_sandbox(id: &str, hybrid_socket: &Path) -> Result<Self, HypervisorError> {
+        Self::bind(hybrid_socket).map_err(|error| HypervisorError::Io {
+            id: id.to_owned(),
+            op: "cannot listen for the agent's readiness announcement",
+            path: ready_socket_path(hybrid_socket),
+            error,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits until `until` for one connection and reads its line.
+    pub async fn accept_until(&self, until: Instant) -> Result<Announcement, ReadyError> {
+        let (mut conn, _) = tokio::time::timeout_at(until, self.listener.accept())
+            .await
+            .map_err(|_| ReadyError::NotYet)?
+            .map_err(ReadyError::Accept)?;
+        let mut line = Vec::with_capacity(64);
+        let read = async {
+            let mut buf = [0u8; MAX_LINE_LEN];
+            loop {
+                let n = conn.read(&mut buf).await.map_err(ReadyError::Read)?;
+                line.extend_from_slice(&buf[..n]);
+                if n == 0 || line.contains(&b'\n') || line.len() >= MAX_LINE_LEN {
+                    return Ok::<_, ReadyError>(());
+                }
+            }
+        };
+        tokio::time::timeout(LINE_TIMEOUT, read)
+            .await
+            .map_err(|_| ReadyError::Silent)??;
+        Ok(Announcement::parse(&line)?)
+    }
+}
+
+impl Drop for ReadyListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::UnixStream;
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(5)
+    }
+
+    #[test]
+    fn path_appends_the_port() {
+        assert_eq!(
+            ready_socket_path(Path::new("/run/boxlite/x/vsock.sock")),
+            PathBuf::from("/run/boxlite/x/vsock.sock_1027")
+        );
+    }
+
+    #[tokio::test]
+    async fn reads_one_announcement_and_removes_its_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let hybrid = dir.path().join("vsock.sock");
+        std::fs::write(ready_socket_path(&hybrid), b"stale").unwrap();
+        let l = ReadyListener::bind(&hybrid).unwrap();
+        let path = l.path().to_owned();
+        let mut c = UnixStream::connect(&path).await.unwrap();
+        c.write_all(b"BOXLITE-READY 1 9.9.9\n").await.unwrap();
+        let a = l.accept_until(soon()).await.unwrap();
+        assert_eq!(a.agent_version, "9.9.9");
+        drop(l);
+        assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn line_split_over_writes_is_joined() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = ReadyListener::bind(&dir.path().join("v.sock")).unwrap();
+        let mut c = UnixStream::connect(l.path()).await.unwrap();
+        let writer = tokio::spawn(async move {
+            c.write_all(b"BOXLITE-READY 1 ").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            c.write_all(b"0.1.0\n").await.unwrap();
+            c
+        });
+        assert_eq!(l.accept_until(soon()).await.unwrap().protocol_version, 1);
+        drop(writer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn bad_and_missing_announcements_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = ReadyListener::bind(&dir.path().join("v.sock")).unwrap();
+        let until = Instant::now() + Duration::from_millis(100);
+        assert!(matches!(
+            l.accept_until(until).await,
+            Err(ReadyError::NotYet)
+        ));
+
+        let mut c = UnixStream::connect(l.path()).await.unwrap();
+        c.write_all(b"hello\n").await.unwrap();
+        let err = l.accept_until(soon()).await.unwrap_err();
+        assert!(matches!(err, ReadyError::Bad(_)), "{err}");
+
+        // Closed without a newline.
+        let mut c = UnixStream::connect(l.path()).await.unwrap();
+        c.write_all(b"BOXLITE-READY 1 0.1.0").await.unwrap();
+        drop(c);
+        let err = l.accept_until(soon()).await.unwrap_err();
+        assert!(
+            matches!(err, ReadyError::Bad(AnnouncementError::NoNewline)),
+            "{err}"
+        );
+    }
+}
