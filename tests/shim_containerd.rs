@@ -180,7 +180,8 @@ impl Containerd {
             format!(
                 "[guest]\nkernel = {:?}\ninitramfs = {:?}\nmemory_mib = 256\n\
                  [timeouts]\nagent_ready_secs = 60\n\
-                 [runtime]\nstate_dir = {:?}\nlog_level = \"debug\"\n",
+                 [runtime]\nstate_dir = {:?}\nlog_level = \"debug\"\n\
+                 allowed_annotations = [\"io.boxlite.guest.memory_mib\"]\n",
                 assets.kernel,
                 assets.initramfs,
                 d.join("run")
@@ -233,6 +234,13 @@ impl Containerd {
             std::thread::sleep(Duration::from_millis(200));
         }
         c
+    }
+
+    /// Rewrites the shim's boxlite.toml (read by each new shim).
+    fn edit_config(&self, edit: impl FnOnce(String) -> String) {
+        let path = self.dir.path().join("boxlite.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, edit(text)).unwrap();
     }
 
     fn ctr(&self, args: &[&str]) -> Output {
@@ -372,7 +380,20 @@ impl Drop for Containerd {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        // Whatever a failed test left: unmount before the temp dir goes.
+        // Whatever a failed test left: its shims and their VMs and helpers
+        // (every process naming the temp dir), their sockets, and mounts,
+        // before the temp dir goes.
+        for (pid, _) in processes_mentioning(self.dir.path()) {
+            // SAFETY: kill(2) with a pid read from /proc; no memory involved.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        if std::thread::panicking() {
+            for sock in shim_sockets() {
+                if !self.sockets_before.contains(&sock) {
+                    let _ = std::fs::remove_file(sock);
+                }
+            }
+        }
         for m in mounts_under(self.dir.path()) {
             let _ = Command::new("umount").arg("-l").arg(&m).status();
         }
@@ -513,6 +534,128 @@ fn missing_kernel_is_a_clear_error() {
     assert!(
         stderr.contains("/nonexistent/vmlinux") && stderr.contains("guest.kernel"),
         "{stderr}"
+    );
+    c.assert_nothing_left();
+}
+
+/// An `io.boxlite.*` annotation the config allows sizes the VM; one it does
+/// not allow fails the create with a message naming it, leaving nothing.
+#[test]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+fn annotation_overrides_allowed_and_refused() {
+    let c = Containerd::with_image();
+    let mem_total_kib = |out: &Output| -> u64 {
+        text(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("MemTotal: {out:?}"))
+    };
+    // The first line of /proc/meminfo is "MemTotal: <n> kB".
+    let meminfo = [
+        "sh",
+        "-c",
+        "read -r key kib unit < /proc/meminfo; echo \"$key $kib\"",
+    ];
+    let out = c.run_rm(&[], "mem0", &meminfo);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let default_kib = mem_total_kib(&out);
+    let out = c.run_rm(
+        &["--annotation", "io.boxlite.guest.memory_mib=160"],
+        "mem1",
+        &meminfo,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let small_kib = mem_total_kib(&out);
+    // 256 MiB (the harness's guest.memory_mib) against 160 MiB, less what
+    // the kernel keeps for itself.
+    assert!(default_kib > 200 * 1024, "default guest: {default_kib} KiB");
+    assert!(
+        small_kib < 160 * 1024 && small_kib > 100 * 1024,
+        "160 MiB guest: {small_kib} KiB"
+    );
+    let out = c.run_rm(
+        &["--annotation", "io.boxlite.guest.vcpus=2"],
+        "cpu1",
+        &["true"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains(
+            "annotation io.boxlite.guest.vcpus is not allowed on this node: the admin can add \
+             it to runtime.allowed_annotations in boxlite.toml"
+        ),
+        "{}",
+        text(&out.stderr)
+    );
+    c.assert_nothing_left();
+}
+
+/// A command that does not exist fails `ctr run` with a message naming it,
+/// and the sandbox goes away.
+#[test]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+fn bad_command_is_a_clear_error() {
+    let c = Containerd::with_image();
+    let out = c.run_rm(&[], "bad1", &["/no/such/binary", "arg"]);
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("/no/such/binary"), "{stderr}");
+    c.assert_nothing_left();
+}
+
+/// A guest whose agent never comes up: `ctr run` fails after
+/// `agent_ready_secs` naming the sandbox, the port and the console log, and
+/// nothing is left.
+#[test]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, vhost-device-vsock, busybox-static and the guest assets"]
+fn guest_that_never_answers_fails_clearly() {
+    let c = Containerd::with_image();
+    let initramfs = c.dir.path().join("silent.cpio.gz");
+    let init =
+        "#!/bin/busybox sh\necho silent-guest-up > /dev/console\nexec /bin/busybox sleep 3600\n";
+    xtask::initramfs::Initramfs::new()
+        .dir("/bin", 0o755)
+        .dir("/dev", 0o755)
+        .char_device("/dev/console", 0o600, 5, 1)
+        .file("/bin/busybox", "/bin/busybox", 0o755)
+        .file_bytes("/init", init, 0o755)
+        .write_to(&initramfs)
+        .unwrap();
+    c.edit_config(|text| {
+        text.lines()
+            .map(|l| {
+                if l.starts_with("initramfs") {
+                    format!("initramfs = {initramfs:?}")
+                } else if l.starts_with("agent_ready_secs") {
+                    "agent_ready_secs = 8".to_owned()
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    let started = Instant::now();
+    let out = c.run_rm(&[], "silent1", &["true"]);
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("sandbox silent1: the agent did not announce itself on vsock port 1027")
+            && stderr.contains("within 8s")
+            && stderr.contains("console log: "),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+    // The console's last lines reach the shim log even though the sandbox
+    // directory is gone.
+    assert!(
+        c.log().contains("silent-guest-up"),
+        "shim log has no console tail"
     );
     c.assert_nothing_left();
 }

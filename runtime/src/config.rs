@@ -62,6 +62,8 @@ pub enum ConfigError {
     },
     #[error("{key} must not be empty")]
     Empty { key: &'static str },
+    #[error("runtime.allowed_annotations lists {value:?}, which is not an overridable setting (known: {known})")]
+    UnknownAnnotation { value: String, known: String },
     #[error("{key} = {value:?} must be an absolute path")]
     NotAbsolute { key: &'static str, value: PathBuf },
     #[error("{key} is {len} bytes long, more than the limit of {max}")]
@@ -234,6 +236,9 @@ pub struct RuntimeConfig {
     pub state_dir: PathBuf,
     /// `RUST_LOG`-style filter: `info` or `warn,boxlite_runtime=debug`.
     pub log_level: String,
+    /// `io.boxlite.*` annotations a pod may use to override settings (see
+    /// [`crate::annotations`]). Empty: none.
+    pub allowed_annotations: Vec<String>,
 }
 
 impl Default for RuntimeConfig {
@@ -241,6 +246,7 @@ impl Default for RuntimeConfig {
         Self {
             state_dir: "/run/boxlite".into(),
             log_level: "info".into(),
+            allowed_annotations: Vec::new(),
         }
     }
 }
@@ -336,6 +342,21 @@ impl Config {
 
         absolute("runtime.state_dir", &self.runtime.state_dir)?;
         validate_log_level(&self.runtime.log_level)?;
+        if let Some(key) = self
+            .runtime
+            .allowed_annotations
+            .iter()
+            .find(|k| !crate::annotations::is_known(k))
+        {
+            return Err(ConfigError::UnknownAnnotation {
+                value: key.clone(),
+                known: crate::annotations::OVERRIDABLE
+                    .iter()
+                    .map(|(a, _)| *a)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
         Ok(())
     }
 
@@ -708,7 +729,7 @@ mod tests {
             .join("\n");
         let full = parse(&uncommented).unwrap();
         assert_eq!(full, Config::default());
-        assert_eq!(keys, 14, "{uncommented}");
+        assert_eq!(keys, 15, "{uncommented}");
     }
 
     #[test]
@@ -996,5 +1017,22 @@ mod tests {
         assert!(err.contains("hypervisor.virtiofsd_binary"), "{err}");
         assert!(err.contains("cargo install --locked virtiofsd"), "{err}");
         assert!(err.contains("~/.cargo/bin"), "{err}");
+    }
+
+    #[test]
+    fn allowed_annotations_must_be_known() {
+        let c = parse(
+            "[runtime]\nallowed_annotations = [\"io.boxlite.guest.vcpus\", \"io.boxlite.guest.memory_mib\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.runtime.allowed_annotations.len(), 2);
+        let err = parse("[runtime]\nallowed_annotations = [\"io.boxlite.jail\"]\n").unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "/etc/boxlite/boxlite.toml: runtime.allowed_annotations lists \"io.boxlite.jail\", \
+                 which is not an overridable setting (known: io.boxlite.guest.vcpus, "
+            ),
+            "{err}"
+        );
     }
 }

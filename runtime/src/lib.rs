@@ -11,6 +11,7 @@
 //! Error messages in this crate are self-contained: they name the object and
 //! include the cause, so `{}` is enough to print them.
 
+pub mod annotations;
 pub mod config;
 pub mod hybrid_vsock;
 pub mod hypervisor;

@@ -656,7 +656,11 @@ impl VmFactory for FakeFactory {
     fn sandbox_dir(&self, id: &str) -> Result<PathBuf> {
         Ok(self.root.join(id))
     }
-    fn new_vm(&self, id: &str) -> Result<Box<dyn Hypervisor>> {
+    fn new_vm(
+        &self,
+        id: &str,
+        _annotations: &HashMap<String, String>,
+    ) -> Result<Box<dyn Hypervisor>> {
         Ok(Box::new(FakeVm {
             id: id.to_owned(),
             dir: self.root.join(id),

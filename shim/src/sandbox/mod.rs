@@ -58,8 +58,13 @@ pub const UNKNOWN_EXIT_STATUS: u32 = 255;
 pub trait VmFactory: Send + Sync {
     /// `<state_dir>/<id>`.
     fn sandbox_dir(&self, id: &str) -> Result<PathBuf>;
-    /// A VM for sandbox `id`, not started.
-    fn new_vm(&self, id: &str) -> Result<Box<dyn Hypervisor>>;
+    /// A VM for sandbox `id`, not started, with the `io.boxlite.*`
+    /// overrides among `annotations` (of the container that boots it).
+    fn new_vm(
+        &self,
+        id: &str,
+        annotations: &HashMap<String, String>,
+    ) -> Result<Box<dyn Hypervisor>>;
 }
 
 /// Builds VMs from `boxlite.toml`. A config that failed to load is kept as
@@ -85,10 +90,17 @@ impl VmFactory for ConfigVmFactory {
         Ok(self.config()?.sandbox_dir(id))
     }
 
-    fn new_vm(&self, id: &str) -> Result<Box<dyn Hypervisor>> {
-        let config = self.config()?;
-        let spec = VmSpec::from_config(config, id)?;
-        Ok(boxlite_runtime::new_hypervisor(config, spec)?)
+    fn new_vm(
+        &self,
+        id: &str,
+        annotations: &HashMap<String, String>,
+    ) -> Result<Box<dyn Hypervisor>> {
+        let config = self
+            .config()?
+            .with_annotations(annotations)
+            .map_err(|e| ShimError::InvalidArgument(format!("sandbox {id:?}: {e}")))?;
+        let spec = VmSpec::from_config(&config, id)?;
+        Ok(boxlite_runtime::new_hypervisor(&config, spec)?)
     }
 }
 
@@ -250,25 +262,28 @@ impl Sandbox {
         }
     }
 
-    /// The VM, booted on first use.
-    async fn ensure_vm(self: &Arc<Self>) -> Result<Arc<Vm>> {
+    /// The VM, booted on first use with the `io.boxlite.*` overrides among
+    /// `annotations`; a container joining a running VM cannot change it, so
+    /// its annotations are not looked at (CRI copies pod annotations onto
+    /// every container).
+    async fn ensure_vm(self: &Arc<Self>, annotations: &HashMap<String, String>) -> Result<Arc<Vm>> {
         let mut slot = self.vm.lock().await;
         if let Some(vm) = slot.as_ref() {
             return Ok(vm.clone());
         }
-        let vm = Arc::new(self.boot().await?);
+        let vm = Arc::new(self.boot(annotations).await?);
         *slot = Some(vm.clone());
         Ok(vm)
     }
 
     #[tracing::instrument(skip_all, fields(sandbox_id = %self.id))]
-    async fn boot(self: &Arc<Self>) -> Result<Vm> {
+    async fn boot(self: &Arc<Self>, annotations: &HashMap<String, String>) -> Result<Vm> {
         let dir = self.dir()?;
         let shared = dir.join(SHARED_DIR);
         std::fs::create_dir_all(&shared)
             .map_err(|e| ShimError::io("cannot create the shared directory", &shared, e))?;
         self.save_state(None);
-        let hv = self.factory.new_vm(&self.id)?;
+        let hv = self.factory.new_vm(&self.id, annotations)?;
         hv.add_share(SHARED_TAG, &shared, false).await?;
         hv.start().await?;
         self.save_state(hv.pid());
@@ -339,7 +354,10 @@ impl Sandbox {
             reason: e.to_string(),
         })?;
         let hooks = ContainerHooks::take_from(&mut spec);
-        let vm = self.ensure_vm().await?;
+        let no_annotations = HashMap::new();
+        let vm = self
+            .ensure_vm(spec.annotations().as_ref().unwrap_or(&no_annotations))
+            .await?;
         let shared = self.shared_dir()?;
         let (id, bundle, rootfs) = (req.id.clone(), req.bundle.clone(), req.rootfs.clone());
         let mounts = tokio::task::spawn_blocking(move || {
@@ -1089,5 +1107,29 @@ pub fn cleanup_sandbox_dir(dir: &Path) {
     }
     if let Err(e) = rootfs::teardown(dir) {
         tracing::error!(error = %crate::error::chain(&e), "sandbox directory cleanup failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_factory_refuses_annotations_the_config_does_not_allow() {
+        let mut config = Config::default();
+        config.runtime.allowed_annotations = vec!["io.boxlite.guest.memory_mib".into()];
+        let factory = ConfigVmFactory::new(Ok(config));
+        let annotations: HashMap<String, String> =
+            [("io.boxlite.guest.vcpus".to_string(), "2".to_string())].into();
+        let err = match factory.new_vm("pod1", &annotations) {
+            Ok(_) => panic!("a VM was made"),
+            Err(e) => e,
+        };
+        assert!(matches!(err, ShimError::InvalidArgument(_)), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "sandbox \"pod1\": annotation io.boxlite.guest.vcpus is not allowed on this node: \
+             the admin can add it to runtime.allowed_annotations in boxlite.toml"
+        );
     }
 }
