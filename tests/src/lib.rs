@@ -5,6 +5,8 @@
 //! vhost-device-vsock and a built guest kernel and initramfs; `.ci/run`
 //! (scripts/test.sh) builds those and runs them with `--ignored`.
 
+pub mod oci_image;
+
 use std::path::{Path, PathBuf};
 
 /// Guest kernel and initramfs the tests boot.
