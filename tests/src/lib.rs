@@ -5,6 +5,7 @@
 //! vhost-device-vsock and a built guest kernel and initramfs; `.ci/run`
 //! (scripts/test.sh) builds those and runs them with `--ignored`.
 
+pub mod containerd;
 pub mod oci_image;
 
 use std::path::{Path, PathBuf};

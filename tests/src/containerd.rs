@@ -1,0 +1,314 @@
+//! A private containerd for the end-to-end tests: its own config, root,
+//! state and socket in a temp dir (never the system's), the shim under
+//! test as `containerd-shim-boxlite-v2` on its PATH, and the checks that
+//! nothing was left behind.
+
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::oci_image::{busybox_image, run};
+use crate::{guest_assets, processes_mentioning, sockets_under};
+
+pub const RUNTIME: &str = "io.containerd.boxlite.v2";
+pub const IMAGE: &str = "docker.io/library/busybox:boxlite";
+
+/// The shim binary cargo built next to this test's target directory.
+pub fn shim_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("BOXLITE_SHIM") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/containerd-shim-boxlite-v2
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("containerd-shim-boxlite-v2");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build -p containerd-shim-boxlite-v2` first (or set BOXLITE_SHIM)",
+        bin.display()
+    );
+    bin
+}
+
+/// Shim sockets containerd-shim puts under /run/containerd/s.
+pub fn shim_sockets() -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/run/containerd/s")
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    found.sort();
+    found
+}
+
+/// A private containerd: its own config, root, state and socket.
+pub struct Containerd {
+    pub dir: tempfile::TempDir,
+    pub child: Child,
+    /// Shim sockets that existed before this containerd ran anything.
+    sockets_before: Vec<PathBuf>,
+}
+
+impl Containerd {
+    /// A private containerd with the boxlite runtime registered.
+    pub fn start() -> Self {
+        Self::start_with(|_| String::new())
+    }
+
+    /// The same with `extra(temp dir)` appended to containerd's config file
+    /// (e.g. the CRI plugin's settings).
+    pub fn start_with(extra: impl FnOnce(&Path) -> String) -> Self {
+        // Short path: unix socket paths under it must stay < 108 bytes.
+        let dir = tempfile::Builder::new()
+            .prefix("bxc")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let d = dir.path();
+        let bin = d.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        symlink(shim_binary(), bin.join("containerd-shim-boxlite-v2")).unwrap();
+        let assets = guest_assets();
+        std::fs::write(
+            d.join("boxlite.toml"),
+            format!(
+                "[guest]\nkernel = {:?}\ninitramfs = {:?}\nmemory_mib = 256\n\
+                 [timeouts]\nagent_ready_secs = 60\n\
+                 [runtime]\nstate_dir = {:?}\nlog_level = \"debug\"\n\
+                 allowed_annotations = [\"io.boxlite.guest.memory_mib\"]\n",
+                assets.kernel,
+                assets.initramfs,
+                d.join("run")
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("config.toml"),
+            format!(
+                "version = 2\nroot = {root:?}\nstate = {state:?}\n\
+                 [grpc]\naddress = {sock:?}\n[ttrpc]\naddress = \"{sock}.ttrpc\"\n\
+                 [debug]\nlevel = \"debug\"\n\
+                 [plugins]\n  [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.boxlite]\n    runtime_type = \"{RUNTIME}\"\n\
+                 pod_annotations = [\"io.boxlite.*\"]\n\
+                 [plugins.\"io.containerd.internal.v1.opt\"]\n    path = {opt:?}\n{extra}",
+                root = d.join("root"),
+                state = d.join("state"),
+                sock = d.join("c.sock").display(),
+                opt = d.join("opt"),
+                extra = extra(d),
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(d.join("containerd.log")).unwrap();
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(d.join("config.toml"))
+            .env("PATH", path)
+            .env("BOXLITE_CONFIG", d.join("boxlite.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("containerd is installed (apt-get install containerd)");
+        let c = Containerd {
+            dir,
+            child,
+            sockets_before: shim_sockets(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !c.ctr(&["version"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not come up; log:\n{}",
+                c.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        c
+    }
+
+    /// Rewrites the shim's boxlite.toml (read by each new shim).
+    pub fn edit_config(&self, edit: impl FnOnce(String) -> String) {
+        let path = self.dir.path().join("boxlite.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, edit(text)).unwrap();
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        run(&mut self.ctr_cmd(args))
+    }
+
+    /// `ctr --address <ours> args…`, bounded by `timeout` so a hang fails
+    /// the test instead of blocking the run.
+    pub fn ctr_cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("timeout");
+        cmd.args(["-k", "10", "300", "ctr", "--address"])
+            .arg(self.dir.path().join("c.sock"))
+            .args(args);
+        cmd
+    }
+
+    /// A containerd with the busybox image imported.
+    pub fn with_image() -> Self {
+        let c = Containerd::start();
+        let img = c.dir.path().join("img");
+        std::fs::create_dir_all(&img).unwrap();
+        let archive = busybox_image(&img, IMAGE, &["sh"]);
+        let out = c.ctr(&["image", "import", archive.to_str().unwrap()]);
+        assert!(out.status.success(), "import: {}", text(&out.stderr));
+        c
+    }
+
+    /// `ctr run --rm --runtime boxlite [opts…] IMAGE id args…`.
+    pub fn run_rm(&self, opts: &[&str], id: &str, args: &[&str]) -> Output {
+        let mut a = vec!["run", "--rm", "--runtime", RUNTIME];
+        a.extend_from_slice(opts);
+        a.push(IMAGE);
+        a.push(id);
+        a.extend_from_slice(args);
+        self.ctr(&a)
+    }
+
+    /// `ctr run -d … id sleep 600`: a running container to work on.
+    pub fn run_detached(&self, opts: &[&str], id: &str) {
+        let mut a = vec!["run", "-d", "--runtime", RUNTIME];
+        a.extend_from_slice(opts);
+        a.extend_from_slice(&[IMAGE, id, "sleep", "600"]);
+        let out = self.ctr(&a);
+        assert!(
+            out.status.success(),
+            "ctr run -d {id}: {}",
+            text(&out.stderr)
+        );
+    }
+
+    /// The task's status as `ctr task ls` shows it (RUNNING, PAUSED, …).
+    pub fn task_status(&self, id: &str) -> String {
+        let out = self.ctr(&["task", "ls"]);
+        text(&out.stdout)
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .unwrap_or("")
+            .to_owned()
+    }
+
+    /// SIGKILL the task, wait for it to stop, delete task and container.
+    pub fn kill_and_delete(&self, id: &str) {
+        let out = self.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+        assert!(out.status.success(), "kill {id}: {}", text(&out.stderr));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.task_status(id) != "STOPPED" {
+            assert!(Instant::now() < deadline, "{id} did not stop");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let out = self.ctr(&["task", "delete", id]);
+        assert!(
+            out.status.success(),
+            "task delete {id}: {}",
+            text(&out.stderr)
+        );
+        let out = self.ctr(&["container", "delete", id]);
+        assert!(
+            out.status.success(),
+            "container delete {id}: {}",
+            text(&out.stderr)
+        );
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(
+            &std::fs::read(self.dir.path().join("containerd.log")).unwrap_or_default(),
+        )
+        .into_owned()
+    }
+
+    /// No VM process, helper, socket, mount or sandbox directory is left.
+    pub fn assert_nothing_left(&self) {
+        let state = self.state_dir();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let procs = processes_mentioning(&state);
+            let left: Vec<_> = std::fs::read_dir(&state)
+                .map(|d| d.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            let mounts = mounts_under(&state);
+            let shim_sockets: Vec<PathBuf> = shim_sockets()
+                .into_iter()
+                .filter(|s| !self.sockets_before.contains(s))
+                .collect();
+            if procs.is_empty() && left.is_empty() && mounts.is_empty() && shim_sockets.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "left behind: processes {procs:?}, entries {left:?}, mounts {mounts:?}, \
+                 sockets {:?}, shim sockets {shim_sockets:?}",
+                sockets_under(&state)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The temp dir goes with this value: show what the shims
+            // logged (containerd forwards their logs) before it does.
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(120)..];
+            eprintln!(
+                "---- containerd log, last {} lines ----\n{}\n----",
+                tail.len(),
+                tail.join("\n")
+            );
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Whatever a failed test left: its shims and their VMs and helpers
+        // (every process naming the temp dir), their sockets, and mounts,
+        // before the temp dir goes.
+        for (pid, _) in processes_mentioning(self.dir.path()) {
+            // SAFETY: kill(2) with a pid read from /proc; no memory involved.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        if std::thread::panicking() {
+            for sock in shim_sockets() {
+                if !self.sockets_before.contains(&sock) {
+                    let _ = std::fs::remove_file(sock);
+                }
+            }
+        }
+        for m in mounts_under(self.dir.path()) {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+    }
+}
+
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(m.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
