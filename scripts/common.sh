@@ -16,6 +16,8 @@ APT_PACKAGES=(
     qemu-system-x86 libseccomp-dev libcap-ng-dev pkg-config
     # test images and containers
     busybox-static containerd runc
+    # pod networking: CNI plugins (bridge, host-local, loopback) for the CRI path
+    containernetworking-plugins
     # CRI client code generation (k8s-cri) and general tools
     protobuf-compiler iproute2 procps file
 )
