@@ -13,6 +13,7 @@ use crate::error::AgentError;
 use crate::etc::{Dns, Hosts};
 use crate::files::ReadFileRequest;
 use crate::guest_info::{GuestInfo, StartTime};
+use crate::network::{InterfaceConfig, LinkState, Network, RouteConfig};
 use crate::reaper::Reaper;
 use crate::sandbox::{CreateSandbox, Sandbox, SandboxError};
 use crate::share::{Mounted, ShareRequest};
@@ -32,6 +33,7 @@ pub struct Agent {
     pub start: StartTime,
     pub sandbox: Sandbox,
     pub containers: Containers,
+    pub network: Network,
     shutdown: watch::Sender<Shutdown>,
 }
 
@@ -44,6 +46,7 @@ impl Agent {
             start,
             sandbox: Sandbox::default(),
             containers: Containers::default(),
+            network: Network::default(),
             shutdown,
         })
     }
@@ -105,6 +108,28 @@ impl Agent {
         }
         tracing::info!(mode = ?self.config.mode, "sandbox destroyed; ending after the reply");
         self.shutdown.send_replace(Shutdown::Destroyed);
+        Ok(())
+    }
+
+    /// Configures one link of the agent's network namespace.
+    pub async fn do_update_interface(
+        &self,
+        cfg: &InterfaceConfig,
+    ) -> Result<LinkState, AgentError> {
+        let state = self.network.update_interface(cfg).await?;
+        tracing::info!(
+            link = %state.name,
+            addresses = state.addresses.len(),
+            mtu = state.mtu,
+            "interface configured"
+        );
+        Ok(state)
+    }
+
+    /// Replaces the main routing table's routes.
+    pub async fn do_update_routes(&self, routes: &[RouteConfig]) -> Result<(), AgentError> {
+        self.network.update_routes(routes).await?;
+        tracing::info!(routes = routes.len(), "routes replaced");
         Ok(())
     }
 

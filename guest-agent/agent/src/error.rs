@@ -5,6 +5,7 @@ use crate::container::ContainerError;
 use crate::etc::EtcError;
 use crate::files::FileError;
 use crate::guest_info::GuestInfoError;
+use crate::network::NetworkError;
 use crate::sandbox::SandboxError;
 use crate::share::ShareError;
 
@@ -22,6 +23,8 @@ pub enum AgentError {
     GuestInfo(#[from] GuestInfoError),
     #[error(transparent)]
     Container(#[from] ContainerError),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
     /// The RPC exists in the protocol but not in this agent yet.
     #[error("{0}")]
     Unimplemented(String),

@@ -23,6 +23,7 @@ use crate::container::{spec, ContainerError};
 use crate::error::{chain, AgentError};
 use crate::etc::{Dns, EtcError, Hosts};
 use crate::files::{FileError, ReadFileRequest};
+use crate::network::{validate_routes, InterfaceConfig, NetworkError};
 use crate::sandbox::{stop_timeout, CreateSandbox, SandboxError};
 use crate::share::{ShareError, ShareRequest};
 
@@ -83,11 +84,6 @@ impl AgentService {
         }
     }
 
-    async fn not_yet<T>(&self, rpc: &'static str, message: String) -> ttrpc::Result<T> {
-        self.serve(rpc, async { Err(AgentError::Unimplemented(message)) })
-            .await
-    }
-
     /// [`Self::serve`] inside a span that names the container and exec.
     async fn serve_container<T, F>(
         &self,
@@ -132,6 +128,7 @@ pub fn status_code(err: &AgentError) -> Code {
         },
         AgentError::GuestInfo(_) => Code::INTERNAL,
         AgentError::Container(e) => container_code(e),
+        AgentError::Network(e) => network_code(e),
         AgentError::Unimplemented(_) => Code::UNIMPLEMENTED,
         AgentError::Panicked(_) | AgentError::Worker(_) => Code::INTERNAL,
     }
@@ -155,6 +152,14 @@ fn container_code(e: &ContainerError) -> Code {
         ContainerError::Helper { .. }
         | ContainerError::Io { .. }
         | ContainerError::Cgroup { .. } => Code::INTERNAL,
+    }
+}
+
+fn network_code(e: &NetworkError) -> Code {
+    match e {
+        NetworkError::Invalid { .. } => Code::INVALID_ARGUMENT,
+        NetworkError::NoLink { .. } => Code::NOT_FOUND,
+        NetworkError::Socket { .. } | NetworkError::Netlink { .. } => Code::INTERNAL,
     }
 }
 
@@ -274,26 +279,27 @@ impl agent_ttrpc::Agent for AgentService {
     async fn update_interface(
         &self,
         _ctx: &TtrpcContext,
-        _req: agent::UpdateInterfaceRequest,
+        req: agent::UpdateInterfaceRequest,
     ) -> ttrpc::Result<agent::Interface> {
-        self.not_yet(
-            "UpdateInterface",
-            "UpdateInterface is not implemented yet: networking arrives with the pod networking work"
-                .into(),
-        )
+        self.serve("UpdateInterface", async {
+            let cfg = InterfaceConfig::validate(&req)?;
+            let state = self.agent.do_update_interface(&cfg).await?;
+            Ok(state.to_proto())
+        })
         .await
     }
 
     async fn update_routes(
         &self,
         _ctx: &TtrpcContext,
-        _req: agent::UpdateRoutesRequest,
+        req: agent::UpdateRoutesRequest,
     ) -> ttrpc::Result<agent::Routes> {
-        self.not_yet(
-            "UpdateRoutes",
-            "UpdateRoutes is not implemented yet: networking arrives with the pod networking work"
-                .into(),
-        )
+        self.serve("UpdateRoutes", async {
+            let routes = validate_routes(&req)?;
+            self.agent.do_update_routes(&routes).await?;
+            // The routes as asked: all of them are in the table now.
+            Ok(req.routes.clone().unwrap_or_default())
+        })
         .await
     }
 
@@ -763,6 +769,30 @@ mod tests {
             (
                 ReadFileRequest::validate("x", 0).unwrap_err().into(),
                 Code::INVALID_ARGUMENT,
+            ),
+            (
+                InterfaceConfig::validate(&agent::UpdateInterfaceRequest::new())
+                    .unwrap_err()
+                    .into(),
+                Code::INVALID_ARGUMENT,
+            ),
+            (
+                NetworkError::NoLink {
+                    rpc: "UpdateInterface",
+                    selector: "named eth9".into(),
+                    links: "lo".into(),
+                }
+                .into(),
+                Code::NOT_FOUND,
+            ),
+            (
+                NetworkError::Netlink {
+                    rpc: "UpdateRoutes",
+                    action: "add route default via 10.0.0.1".into(),
+                    source: std::io::Error::from_raw_os_error(libc::ENETUNREACH),
+                }
+                .into(),
+                Code::INTERNAL,
             ),
             (AgentError::Unimplemented("x".into()), Code::UNIMPLEMENTED),
             (AgentError::Panicked("X"), Code::INTERNAL),

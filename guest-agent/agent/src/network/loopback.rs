@@ -1,10 +1,10 @@
-//! Guest network setup. For now only the loopback device; the pod network
-//! (UpdateInterface, UpdateRoutes) arrives with the pod networking work.
+//! Bringing `lo` up at start-up. This uses ioctls rather than rtnetlink
+//! because it runs before the tokio runtime exists and needs nothing else.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 #[derive(Debug, thiserror::Error)]
-pub enum NetworkError {
+pub enum LinkUpError {
     #[error("interface name {0:?} is empty or longer than 15 bytes")]
     BadName(String),
     #[error("Failed to open a socket to configure {ifname}")]
@@ -28,15 +28,15 @@ pub enum NetworkError {
 }
 
 /// Sets IFF_UP on `ifname` with the SIOCGIFFLAGS/SIOCSIFFLAGS ioctls.
-pub fn bring_up(ifname: &str) -> Result<(), NetworkError> {
+pub fn bring_up(ifname: &str) -> Result<(), LinkUpError> {
     let name = ifname.as_bytes();
     if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(&0) {
-        return Err(NetworkError::BadName(ifname.to_string()));
+        return Err(LinkUpError::BadName(ifname.to_string()));
     }
     // SAFETY: socket(2) with constant arguments; the result is checked.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
-        return Err(NetworkError::Socket {
+        return Err(LinkUpError::Socket {
             ifname: ifname.to_string(),
             source: std::io::Error::last_os_error(),
         });
@@ -52,7 +52,7 @@ pub fn bring_up(ifname: &str) -> Result<(), NetworkError> {
     // SAFETY: ifr is a valid, initialised ifreq with a NUL-terminated name
     // (the name is shorter than IFNAMSIZ); SIOCGIFFLAGS writes ifru_flags.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut ifr) } < 0 {
-        return Err(NetworkError::GetFlags {
+        return Err(LinkUpError::GetFlags {
             ifname: ifname.to_string(),
             source: std::io::Error::last_os_error(),
         });
@@ -66,7 +66,7 @@ pub fn bring_up(ifname: &str) -> Result<(), NetworkError> {
     ifr.ifr_ifru.ifru_flags = flags | up;
     // SAFETY: as above; SIOCSIFFLAGS only reads ifr.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &ifr) } < 0 {
-        return Err(NetworkError::SetFlags {
+        return Err(LinkUpError::SetFlags {
             ifname: ifname.to_string(),
             source: std::io::Error::last_os_error(),
         });
@@ -80,10 +80,10 @@ mod tests {
 
     #[test]
     fn rejects_bad_names() {
-        assert!(matches!(bring_up(""), Err(NetworkError::BadName(_))));
+        assert!(matches!(bring_up(""), Err(LinkUpError::BadName(_))));
         assert!(matches!(
             bring_up("a-very-long-interface"),
-            Err(NetworkError::BadName(_))
+            Err(LinkUpError::BadName(_))
         ));
     }
 
@@ -98,7 +98,7 @@ mod tests {
         // lo exists everywhere; when it is already up nothing changes and no
         // privilege is needed, otherwise only setting the flag may fail.
         match bring_up("lo") {
-            Ok(()) | Err(NetworkError::SetFlags { .. }) => {}
+            Ok(()) | Err(LinkUpError::SetFlags { .. }) => {}
             Err(e) => panic!("{e}"),
         }
     }

@@ -1,0 +1,831 @@
+//! The pod-network requests checked into plain types, and the replies built
+//! back. Pure functions: everything the host can get wrong is refused here,
+//! before any netlink message is sent, so a bad request changes nothing.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use boxlite_protocol::agent::{self, ip_address::Family};
+
+use super::NetworkError;
+
+const UPDATE_INTERFACE: &str = "UpdateInterface";
+const UPDATE_ROUTES: &str = "UpdateRoutes";
+
+/// IPv4 needs at least 68 bytes (RFC 791); IPv6 at least 1280 (RFC 8200),
+/// and the kernel disables IPv6 on a link whose MTU drops below that.
+const MIN_MTU_V4: u32 = 68;
+const MIN_MTU_V6: u32 = 1280;
+
+/// rtnetlink route scopes the host may ask for (rtnetlink.h `rt_scope_t`).
+const SCOPE_UNIVERSE: u8 = 0;
+const SCOPE_SITE: u8 = 200;
+const SCOPE_LINK: u8 = 253;
+const SCOPE_HOST: u8 = 254;
+
+/// An Ethernet address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mac(pub [u8; 6]);
+
+impl Mac {
+    /// `aa:bb:cc:dd:ee:ff`, either case.
+    pub fn parse(s: &str) -> Option<Mac> {
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in out.iter_mut() {
+            let part = parts.next()?;
+            if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
+            *byte = u8::from_str_radix(part, 16).ok()?;
+        }
+        parts.next().is_none().then_some(Mac(out))
+    }
+
+    /// The link-layer address of a netlink link message, if it is a MAC.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Mac> {
+        <[u8; 6]>::try_from(bytes).ok().map(Mac)
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+/// An address with its prefix length, e.g. 10.88.0.5/16.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub ip: IpAddr,
+    pub prefix_len: u8,
+}
+
+impl Cidr {
+    /// IPv6 link-local (fe80::/10): the kernel makes one per link and
+    /// UpdateInterface leaves them alone.
+    pub fn is_v6_link_local(&self) -> bool {
+        matches!(self.ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
+    }
+
+    fn to_proto(self) -> agent::IpAddress {
+        agent::IpAddress {
+            family: family_of(self.ip).into(),
+            address: self.ip.to_string(),
+            prefix_len: self.prefix_len.into(),
+            ..Default::default()
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.ip, self.prefix_len)
+    }
+}
+
+/// Which link UpdateInterface configures: by name, by MAC, or both must
+/// match when both are given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkSelector {
+    pub name: Option<String>,
+    pub mac: Option<Mac>,
+}
+
+impl LinkSelector {
+    pub fn matches(&self, name: &str, mac: Option<Mac>) -> bool {
+        self.name.as_deref().map_or(true, |n| n == name)
+            && self.mac.map_or(true, |m| Some(m) == mac)
+    }
+}
+
+impl fmt::Display for LinkSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.name, self.mac) {
+            (Some(n), Some(m)) => write!(f, "{n} with MAC {m}"),
+            (Some(n), None) => write!(f, "named {n}"),
+            (None, Some(m)) => write!(f, "with MAC {m}"),
+            (None, None) => write!(f, "(any)"),
+        }
+    }
+}
+
+/// A checked UpdateInterface request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterfaceConfig {
+    pub link: LinkSelector,
+    pub addresses: Vec<Cidr>,
+    /// None leaves the MTU as it is (the request's 0).
+    pub mtu: Option<u32>,
+}
+
+impl InterfaceConfig {
+    pub fn validate(req: &agent::UpdateInterfaceRequest) -> Result<Self, NetworkError> {
+        let Some(iface) = req.interface.as_ref() else {
+            return Err(invalid(UPDATE_INTERFACE, "request", "interface is missing"));
+        };
+        let link = link_selector(iface)?;
+        let addresses = iface
+            .addresses
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                ip_address(a).map_err(|reason| {
+                    invalid(UPDATE_INTERFACE, format!("address {}", i + 1), reason)
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mtu = mtu(iface.mtu, &addresses)?;
+        Ok(InterfaceConfig {
+            link,
+            addresses,
+            mtu,
+        })
+    }
+}
+
+fn link_selector(iface: &agent::Interface) -> Result<LinkSelector, NetworkError> {
+    let name = match iface.name.as_str() {
+        "" => None,
+        n => Some(link_name(n).map_err(|r| invalid(UPDATE_INTERFACE, "name", r))?),
+    };
+    let mac = match iface.hw_addr.as_str() {
+        "" => None,
+        m => Some(Mac::parse(m).ok_or_else(|| {
+            invalid(
+                UPDATE_INTERFACE,
+                format!("hw_addr {:?}", m),
+                "not a MAC address like aa:bb:cc:dd:ee:ff",
+            )
+        })?),
+    };
+    if name.is_none() && mac.is_none() {
+        return Err(invalid(
+            UPDATE_INTERFACE,
+            "interface",
+            "neither name nor hw_addr is set",
+        ));
+    }
+    Ok(LinkSelector { name, mac })
+}
+
+fn mtu(mtu: u32, addresses: &[Cidr]) -> Result<Option<u32>, NetworkError> {
+    if mtu == 0 {
+        return Ok(None);
+    }
+    let min = if addresses.iter().any(|a| a.ip.is_ipv6()) {
+        MIN_MTU_V6
+    } else {
+        MIN_MTU_V4
+    };
+    if mtu < min {
+        let why = format!("below {min}, the least the link's addresses need");
+        return Err(invalid(UPDATE_INTERFACE, format!("mtu {mtu}"), why));
+    }
+    Ok(Some(mtu))
+}
+
+/// A Linux interface name: 1..=15 bytes, no '/', blanks or ':' (which
+/// would make an alias), and not "." or "..".
+fn link_name(name: &str) -> Result<String, String> {
+    let ok = !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
+    if ok {
+        Ok(name.to_string())
+    } else {
+        Err(format!(
+            "{:?} is not an interface name (1 to 15 printable bytes without '/' or ':')",
+            name
+        ))
+    }
+}
+
+/// One IpAddress of an Interface: a plain address (no "/len"), its family
+/// as declared, and a prefix length 1..=32 or 1..=128. 0 is refused because
+/// it is also what an unset prefix_len reads as.
+fn ip_address(a: &agent::IpAddress) -> Result<Cidr, String> {
+    let family = family(a.family)?;
+    let ip = plain_ip(&a.address, "address")?;
+    check_family(ip, family, "address")?;
+    if ip.is_multicast() || ip.is_unspecified() {
+        return Err(format!("address {ip} is not a unicast address"));
+    }
+    let max = max_prefix(ip);
+    let shown = format!("{}/{}", a.address, a.prefix_len);
+    match u8::try_from(a.prefix_len) {
+        Ok(len) if (1..=max).contains(&len) => Ok(Cidr {
+            ip,
+            prefix_len: len,
+        }),
+        _ => Err(format!("{shown}: prefix_len must be 1 to {max}")),
+    }
+}
+
+/// A checked Route of UpdateRoutes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    /// 0.0.0.0/0 or ::/0 for the default route.
+    pub dest: Cidr,
+    pub gateway: Option<IpAddr>,
+    pub device: Option<String>,
+    /// Preferred source address (`ip route … src`).
+    pub source: Option<IpAddr>,
+    pub scope: u8,
+}
+
+impl RouteConfig {
+    pub fn is_v6(&self) -> bool {
+        self.dest.ip.is_ipv6()
+    }
+}
+
+/// `ip route` syntax, for messages and logs.
+impl fmt::Display for RouteConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.dest.prefix_len == 0 {
+            write!(f, "default")?;
+        } else {
+            write!(f, "{}", self.dest)?;
+        }
+        if let Some(gw) = self.gateway {
+            write!(f, " via {gw}")?;
+        }
+        if let Some(dev) = &self.device {
+            write!(f, " dev {dev}")?;
+        }
+        if let Some(src) = self.source {
+            write!(f, " src {src}")?;
+        }
+        write!(f, " scope {}", self.scope)
+    }
+}
+
+/// The routes of an UpdateRoutes request, checked, in request order.
+pub fn validate_routes(req: &agent::UpdateRoutesRequest) -> Result<Vec<RouteConfig>, NetworkError> {
+    let routes = req
+        .routes
+        .as_ref()
+        .map(|r| r.routes.as_slice())
+        .unwrap_or(&[]);
+    let checked = routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            route(r).map_err(|reason| invalid(UPDATE_ROUTES, format!("route {}", i + 1), reason))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    no_duplicates(&checked)?;
+    Ok(checked)
+}
+
+fn route(r: &agent::Route) -> Result<RouteConfig, String> {
+    let family = family(r.family)?;
+    let dest = route_dest(&r.dest, family)?;
+    let gateway = optional_ip(&r.gateway, family, "gateway")?;
+    let source = optional_ip(&r.source, family, "source")?;
+    let device = match r.device.as_str() {
+        "" => None,
+        d => Some(link_name(d).map_err(|e| format!("device: {e}"))?),
+    };
+    if device.is_none() && gateway.is_none() {
+        return Err("needs a device, a gateway or both".into());
+    }
+    let scope = route_scope(r.scope)?;
+    if gateway.is_some() && scope >= SCOPE_LINK {
+        return Err(format!(
+            "scope {scope} cannot have a gateway (only 0 universe or 200 site can)"
+        ));
+    }
+    Ok(RouteConfig {
+        dest,
+        gateway,
+        device,
+        source,
+        scope,
+    })
+}
+
+/// Empty: the default route of `family`. Otherwise CIDR with the host
+/// bits clear (the kernel refuses 10.88.0.5/16); a bare address is a host
+/// route, as with `ip route`.
+fn route_dest(dest: &str, family: Family) -> Result<Cidr, String> {
+    if dest.is_empty() {
+        let ip = match family {
+            Family::V4 => IpAddr::from([0u8; 4]),
+            Family::V6 => IpAddr::from([0u8; 16]),
+        };
+        return Ok(Cidr { ip, prefix_len: 0 });
+    }
+    let (addr, len) = match dest.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (dest, None),
+    };
+    let ip = plain_ip(addr, "dest")?;
+    check_family(ip, family, "dest")?;
+    let max = max_prefix(ip);
+    let prefix_len = match len {
+        None => max,
+        Some(l) => match l.parse::<u8>() {
+            Ok(n) if n <= max && !l.starts_with('+') => n,
+            _ => return Err(format!("dest {dest:?}: prefix length must be 0 to {max}")),
+        },
+    };
+    if !host_bits_clear(ip, prefix_len) {
+        return Err(format!(
+            "dest {dest}: address bits are set beyond the /{prefix_len} prefix"
+        ));
+    }
+    Ok(Cidr { ip, prefix_len })
+}
+
+fn host_bits_clear(ip: IpAddr, prefix_len: u8) -> bool {
+    let (bits, width) = match ip {
+        IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32u32),
+        IpAddr::V6(v6) => (u128::from(v6), 128u32),
+    };
+    let host_bits = width - u32::from(prefix_len);
+    // 1 << 128 overflows: a /0 IPv6 prefix has every bit as host bit.
+    let mask = 1u128.checked_shl(host_bits).map_or(u128::MAX, |b| b - 1);
+    bits & mask == 0
+}
+
+fn route_scope(scope: u32) -> Result<u8, String> {
+    match u8::try_from(scope) {
+        Ok(s @ (SCOPE_UNIVERSE | SCOPE_SITE | SCOPE_LINK | SCOPE_HOST)) => Ok(s),
+        _ => Err(format!(
+            "scope {scope} is not one of 0 (universe), 200 (site), 253 (link), 254 (host)"
+        )),
+    }
+}
+
+/// Two routes to the same destination would make the second one replace
+/// or fail on the first: refuse that rather than guess.
+fn no_duplicates(routes: &[RouteConfig]) -> Result<(), NetworkError> {
+    for (i, r) in routes.iter().enumerate() {
+        if let Some(j) = routes[..i].iter().position(|p| p.dest == r.dest) {
+            return Err(invalid(
+                UPDATE_ROUTES,
+                format!("route {}", i + 1),
+                format!("same destination as route {} ({})", j + 1, r.dest),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The order to add routes in: those without a gateway first, since a
+/// route via a gateway needs a route that reaches the gateway.
+pub fn add_order(routes: &[RouteConfig]) -> Vec<&RouteConfig> {
+    let (direct, via): (Vec<_>, Vec<_>) = routes.iter().partition(|r| r.gateway.is_none());
+    direct.into_iter().chain(via).collect()
+}
+
+fn family(f: protobuf::EnumOrUnknown<Family>) -> Result<Family, String> {
+    f.enum_value()
+        .map_err(|v| format!("family {v} is neither V4 (0) nor V6 (1)"))
+}
+
+fn family_of(ip: IpAddr) -> Family {
+    if ip.is_ipv4() {
+        Family::V4
+    } else {
+        Family::V6
+    }
+}
+
+fn check_family(ip: IpAddr, family: Family, what: &str) -> Result<(), String> {
+    if family_of(ip) == family {
+        Ok(())
+    } else {
+        Err(format!("{what} {ip} is not {family:?} as the family says"))
+    }
+}
+
+fn plain_ip(s: &str, what: &str) -> Result<IpAddr, String> {
+    s.parse()
+        .map_err(|_| format!("{what} {s:?} is not an IP address"))
+}
+
+fn optional_ip(s: &str, family: Family, what: &str) -> Result<Option<IpAddr>, String> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let ip = plain_ip(s, what)?;
+    check_family(ip, family, what)?;
+    Ok(Some(ip))
+}
+
+fn max_prefix(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        32
+    } else {
+        128
+    }
+}
+
+fn invalid(
+    rpc: &'static str,
+    object: impl Into<String>,
+    reason: impl Into<String>,
+) -> NetworkError {
+    NetworkError::Invalid {
+        rpc,
+        object: object.into(),
+        reason: reason.into(),
+    }
+}
+
+/// What a link looks like after UpdateInterface, for the reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkState {
+    pub name: String,
+    pub mac: Option<Mac>,
+    pub mtu: u32,
+    pub addresses: Vec<Cidr>,
+}
+
+impl LinkState {
+    pub fn to_proto(&self) -> agent::Interface {
+        agent::Interface {
+            name: self.name.clone(),
+            hw_addr: self.mac.map(|m| m.to_string()).unwrap_or_default(),
+            addresses: self.addresses.iter().map(|a| a.to_proto()).collect(),
+            mtu: self.mtu,
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(family: Family, address: &str, prefix_len: u32) -> agent::IpAddress {
+        agent::IpAddress {
+            family: family.into(),
+            address: address.into(),
+            prefix_len,
+            ..Default::default()
+        }
+    }
+
+    fn iface_req(
+        name: &str,
+        mac: &str,
+        addrs: Vec<agent::IpAddress>,
+        mtu: u32,
+    ) -> agent::UpdateInterfaceRequest {
+        agent::UpdateInterfaceRequest {
+            interface: Some(agent::Interface {
+                name: name.into(),
+                hw_addr: mac.into(),
+                addresses: addrs,
+                mtu,
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        }
+    }
+
+    fn route(dest: &str, gateway: &str, device: &str, scope: u32, family: Family) -> agent::Route {
+        agent::Route {
+            dest: dest.into(),
+            gateway: gateway.into(),
+            device: device.into(),
+            scope,
+            family: family.into(),
+            ..Default::default()
+        }
+    }
+
+    fn routes_req(routes: Vec<agent::Route>) -> agent::UpdateRoutesRequest {
+        agent::UpdateRoutesRequest {
+            routes: Some(agent::Routes {
+                routes,
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        }
+    }
+
+    fn invalid_text(e: NetworkError) -> String {
+        assert!(matches!(e, NetworkError::Invalid { .. }), "{e:?}");
+        e.to_string()
+    }
+
+    #[test]
+    fn mac_parses_either_case_and_prints_lowercase() {
+        let m = Mac::parse("02:AB:cd:00:0F:ff").unwrap();
+        assert_eq!(m.0, [0x02, 0xab, 0xcd, 0x00, 0x0f, 0xff]);
+        assert_eq!(m.to_string(), "02:ab:cd:00:0f:ff");
+        for bad in [
+            "",
+            "02:ab:cd:00:0f",
+            "02:ab:cd:00:0f:ff:00",
+            "2:ab:cd:00:0f:ff",
+            "02-ab-cd-00-0f-ff",
+            "02:ab:cd:00:0f:+f",
+            "0g:ab:cd:00:0f:ff",
+        ] {
+            assert_eq!(Mac::parse(bad), None, "{bad}");
+        }
+        assert_eq!(Mac::from_bytes(&[1, 2, 3]), None);
+    }
+
+    #[test]
+    fn interface_by_mac_with_both_families() {
+        let req = iface_req(
+            "",
+            "02:00:00:00:00:09",
+            vec![
+                addr(Family::V4, "10.88.0.5", 16),
+                addr(Family::V6, "fd00:88::5", 64),
+            ],
+            1400,
+        );
+        let c = InterfaceConfig::validate(&req).unwrap();
+        assert_eq!(
+            c.link,
+            LinkSelector {
+                name: None,
+                mac: Mac::parse("02:00:00:00:00:09")
+            }
+        );
+        assert_eq!(
+            c.addresses
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>(),
+            ["10.88.0.5/16", "fd00:88::5/64"]
+        );
+        assert_eq!(c.mtu, Some(1400));
+        let none = iface_req("eth0", "", vec![], 0);
+        assert_eq!(InterfaceConfig::validate(&none).unwrap().mtu, None);
+    }
+
+    #[test]
+    fn interface_refusals_name_the_object() {
+        let cases = [
+            (
+                iface_req("", "", vec![], 0),
+                "UpdateInterface: interface: neither name nor hw_addr",
+            ),
+            (
+                iface_req("", "02:00:00:00:00", vec![], 0),
+                "hw_addr \"02:00:00:00:00\"",
+            ),
+            (
+                iface_req("a/b", "", vec![], 0),
+                "UpdateInterface: name: \"a/b\"",
+            ),
+            (
+                iface_req("averyveryverylongname", "", vec![], 0),
+                "not an interface name",
+            ),
+            (
+                iface_req("eth0", "", vec![addr(Family::V4, "10.88.0.5", 99)], 0),
+                "UpdateInterface: address 1: 10.88.0.5/99: prefix_len must be 1 to 32",
+            ),
+            (
+                iface_req("eth0", "", vec![addr(Family::V6, "fd00::5", 129)], 0),
+                "fd00::5/129: prefix_len must be 1 to 128",
+            ),
+            (
+                iface_req("eth0", "", vec![addr(Family::V4, "10.88.0.5", 0)], 0),
+                "prefix_len must be 1 to 32",
+            ),
+            (
+                iface_req(
+                    "eth0",
+                    "",
+                    vec![
+                        addr(Family::V4, "10.88.0.5", 16),
+                        addr(Family::V4, "fd00::5", 64),
+                    ],
+                    0,
+                ),
+                "address 2: address fd00::5 is not V4",
+            ),
+            (
+                iface_req("eth0", "", vec![addr(Family::V4, "10.88.0.5/16", 16)], 0),
+                "\"10.88.0.5/16\" is not an IP address",
+            ),
+            (
+                iface_req("eth0", "", vec![addr(Family::V4, "nonsense", 16)], 0),
+                "\"nonsense\" is not an IP address",
+            ),
+            (
+                iface_req("eth0", "", vec![addr(Family::V4, "224.0.0.1", 4)], 0),
+                "224.0.0.1 is not a unicast",
+            ),
+            (
+                iface_req("eth0", "", vec![addr(Family::V6, "::", 64)], 0),
+                ":: is not a unicast",
+            ),
+            (iface_req("eth0", "", vec![], 40), "mtu 40: below 68"),
+            (
+                iface_req("eth0", "", vec![addr(Family::V6, "fd00::5", 64)], 1200),
+                "mtu 1200: below 1280",
+            ),
+            (
+                agent::UpdateInterfaceRequest::new(),
+                "UpdateInterface: request: interface is missing",
+            ),
+        ];
+        for (req, want) in cases {
+            let text = invalid_text(InterfaceConfig::validate(&req).unwrap_err());
+            assert!(text.contains(want), "{text:?} lacks {want:?}");
+        }
+        let mut unknown_family = addr(Family::V4, "10.0.0.1", 8);
+        unknown_family.family = protobuf::EnumOrUnknown::from_i32(7);
+        let text = invalid_text(
+            InterfaceConfig::validate(&iface_req("eth0", "", vec![unknown_family], 0)).unwrap_err(),
+        );
+        assert!(text.contains("family 7"), "{text}");
+    }
+
+    #[test]
+    fn selector_matches_name_mac_or_both() {
+        let mac = Mac::parse("02:00:00:00:00:09");
+        let other = Mac::parse("02:00:00:00:00:0a");
+        let by_mac = LinkSelector { name: None, mac };
+        assert!(by_mac.matches("eth0", mac));
+        assert!(!by_mac.matches("eth0", other));
+        assert!(!by_mac.matches("lo", None));
+        let both = LinkSelector {
+            name: Some("eth0".into()),
+            mac,
+        };
+        assert!(both.matches("eth0", mac));
+        assert!(!both.matches("eth1", mac));
+        assert!(!both.matches("eth0", other));
+        assert_eq!(both.to_string(), "eth0 with MAC 02:00:00:00:00:09");
+        assert_eq!(by_mac.to_string(), "with MAC 02:00:00:00:00:09");
+    }
+
+    #[test]
+    fn link_local_is_fe80_slash_10_only() {
+        let cidr = |s: &str| Cidr {
+            ip: s.parse().unwrap(),
+            prefix_len: 64,
+        };
+        assert!(cidr("fe80::1").is_v6_link_local());
+        assert!(cidr("febf::1").is_v6_link_local());
+        assert!(!cidr("fec0::1").is_v6_link_local());
+        assert!(!cidr("fd00::1").is_v6_link_local());
+        assert!(!cidr("169.254.0.1").is_v6_link_local());
+    }
+
+    #[test]
+    fn routes_parse_default_on_link_and_host_routes() {
+        let req = routes_req(vec![
+            route("", "10.88.0.1", "eth0", 0, Family::V4),
+            route("10.88.0.0/16", "", "eth0", 253, Family::V4),
+            route("", "fd00:88::1", "", 0, Family::V6),
+            route("192.168.1.7", "", "eth0", 253, Family::V4),
+        ]);
+        let r = validate_routes(&req).unwrap();
+        let shown: Vec<_> = r.iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            shown,
+            [
+                "default via 10.88.0.1 dev eth0 scope 0",
+                "10.88.0.0/16 dev eth0 scope 253",
+                "default via fd00:88::1 scope 0",
+                "192.168.1.7/32 dev eth0 scope 253",
+            ]
+        );
+        assert!(r[2].is_v6() && !r[0].is_v6());
+        // On-link routes go first; request order is kept otherwise.
+        let order: Vec<_> = add_order(&r).iter().map(|r| r.to_string()).collect();
+        assert_eq!(order, [&*shown[1], &shown[3], &shown[0], &shown[2]]);
+        assert!(validate_routes(&agent::UpdateRoutesRequest::new())
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn route_source_is_checked_and_kept() {
+        let mut r = route("10.0.0.0/8", "10.88.0.1", "eth0", 0, Family::V4);
+        r.source = "10.88.0.5".into();
+        let c = validate_routes(&routes_req(vec![r.clone()])).unwrap();
+        assert_eq!(c[0].source, Some("10.88.0.5".parse().unwrap()));
+        r.source = "fd00::5".into();
+        let text = invalid_text(validate_routes(&routes_req(vec![r])).unwrap_err());
+        assert!(text.contains("source fd00::5 is not V4"), "{text}");
+    }
+
+    #[test]
+    fn route_refusals_name_the_route() {
+        let cases = [
+            (
+                route("10.88.0.5/16", "", "eth0", 253, Family::V4),
+                "dest 10.88.0.5/16: address bits are set beyond the /16",
+            ),
+            (
+                route("10.88.0.0/33", "", "eth0", 253, Family::V4),
+                "prefix length must be 0 to 32",
+            ),
+            (
+                route("10.88.0.0/+8", "", "eth0", 253, Family::V4),
+                "prefix length must be 0 to 32",
+            ),
+            (
+                route("fd00::/64", "", "eth0", 0, Family::V4),
+                "dest fd00:: is not V4",
+            ),
+            (
+                route("", "fd00::1", "eth0", 0, Family::V4),
+                "gateway fd00::1 is not V4",
+            ),
+            (
+                route("", "gateway", "eth0", 0, Family::V4),
+                "gateway \"gateway\" is not an IP address",
+            ),
+            (
+                route("10.0.0.0/8", "", "", 0, Family::V4),
+                "needs a device, a gateway or both",
+            ),
+            (
+                route("10.0.0.0/8", "", "eth/0", 0, Family::V4),
+                "device: \"eth/0\"",
+            ),
+            (
+                route("10.0.0.0/8", "", "eth0", 7, Family::V4),
+                "scope 7 is not one of",
+            ),
+            (
+                route("10.0.0.0/8", "", "eth0", 256 + 253, Family::V4),
+                "scope 509 is not one of",
+            ),
+            (
+                route("", "10.88.0.1", "eth0", 253, Family::V4),
+                "scope 253 cannot have a gateway",
+            ),
+        ];
+        for (r, want) in cases {
+            let req = routes_req(vec![route("10.9.0.0/16", "", "eth0", 253, Family::V4), r]);
+            let text = invalid_text(validate_routes(&req).unwrap_err());
+            assert!(text.starts_with("UpdateRoutes: route 2: "), "{text}");
+            assert!(text.contains(want), "{text:?} lacks {want:?}");
+        }
+    }
+
+    #[test]
+    fn duplicate_destinations_are_refused() {
+        let req = routes_req(vec![
+            route("", "10.88.0.1", "eth0", 0, Family::V4),
+            route("", "", "eth0", 0, Family::V6),
+            route("0.0.0.0/0", "", "eth0", 0, Family::V4),
+        ]);
+        let text = invalid_text(validate_routes(&req).unwrap_err());
+        assert_eq!(
+            text,
+            "UpdateRoutes: route 3: same destination as route 1 (0.0.0.0/0)"
+        );
+    }
+
+    #[test]
+    fn host_bits() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(host_bits_clear(ip("10.88.0.0"), 16));
+        assert!(!host_bits_clear(ip("10.88.0.1"), 16));
+        assert!(host_bits_clear(ip("10.88.0.1"), 32));
+        assert!(host_bits_clear(ip("0.0.0.0"), 0));
+        assert!(!host_bits_clear(ip("fd00::1"), 64));
+        assert!(host_bits_clear(ip("fd00::1"), 128));
+        assert!(host_bits_clear(ip("::"), 0));
+    }
+
+    #[test]
+    fn link_state_reply() {
+        let s = LinkState {
+            name: "eth0".into(),
+            mac: Mac::parse("02:00:00:00:00:09"),
+            mtu: 1400,
+            addresses: vec![Cidr {
+                ip: "fd00:88::5".parse().unwrap(),
+                prefix_len: 64,
+            }],
+        };
+        let p = s.to_proto();
+        assert_eq!(
+            (p.name.as_str(), p.hw_addr.as_str(), p.mtu),
+            ("eth0", "02:00:00:00:00:09", 1400)
+        );
+        assert_eq!(p.addresses.len(), 1);
+        assert_eq!(p.addresses[0].family.enum_value(), Ok(Family::V6));
+        assert_eq!(
+            (p.addresses[0].address.as_str(), p.addresses[0].prefix_len),
+            ("fd00:88::5", 64)
+        );
+    }
+}
