@@ -7,6 +7,8 @@
 //! * [`hypervisor`]: the [`hypervisor::Hypervisor`] trait every backend
 //!   implements, the VM description ([`hypervisor::VmSpec`]), the agent
 //!   connection, and the backends ([`hypervisor::qemu`] for now).
+//! * [`network`]: the host side of pod networking: taps in the pod's netns
+//!   wired to its interfaces with tc redirects (Kata's "tcfilter" model).
 //!
 //! Error messages in this crate are self-contained: they name the object and
 //! include the cause, so `{}` is enough to print them.
@@ -15,6 +17,7 @@ pub mod annotations;
 pub mod config;
 pub mod hybrid_vsock;
 pub mod hypervisor;
+pub mod network;
 
 pub use config::Config;
 pub use hybrid_vsock::HybridVsock;
