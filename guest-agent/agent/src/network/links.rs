@@ -1,8 +1,6 @@
 //! Links and their addresses: finding a link by name or MAC, its MTU,
 //! up state and address set.
 
-use std::net::IpAddr;
-
 use futures::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressHeaderFlags, AddressMessage};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
@@ -186,7 +184,7 @@ async fn add_address(nl: &Netlink, link: &Link, cidr: &Cidr) -> Result<(), Netwo
         .address()
         .add(link.index, cidr.ip, cidr.prefix_len)
         .replace();
-    if let IpAddr::V6(_) = cidr.ip {
+    if cidr.ip.is_ipv6() {
         req.message_mut().header.flags |= AddressHeaderFlags::Nodad;
     }
     req.execute()
