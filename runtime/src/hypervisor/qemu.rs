@@ -1128,10 +1128,12 @@ exec sleep 30"#
         // Each fake records what its fds point at. Compared by target, not by
         // number: fd numbers of other open files in a forked shell can equal
         // the tap's number in this process, which made a number check flaky.
+        // Written to a temp file and renamed, so the test never reads a
+        // half-written list.
         let record = |out: &Path| {
             format!(
-                "for f in /proc/$$/fd/*; do readlink \"$f\"; done > {}",
-                out.display()
+                "for f in /proc/$$/fd/*; do readlink \"$f\"; done > {out}.tmp; mv {out}.tmp {out}",
+                out = out.display()
             )
         };
         let fds_file = rig.path("qemu-fds");
