@@ -8,8 +8,9 @@
 //!
 //! Layout: `rpc.rs` has one fn per RPC (span, validate, `do_*`, error
 //! mapping); each RPC's work lives in the module named after its object
-//! (`sandbox`, `etc`, `share`, `files`, `guest_info`, `container`); `guest_init`,
-//! `network`, `reaper`, `power` and `logging` are the PID 1 machinery.
+//! (`sandbox`, `etc`, `share`, `files`, `guest_info`, `container`,
+//! `network`); `guest_init`, `reaper`, `power` and `logging` are the PID 1
+//! machinery (`network` also brings `lo` up at start-up).
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
