@@ -266,6 +266,166 @@ fn guest_that_never_answers_fails_clearly() {
     c.assert_nothing_left();
 }
 
+/// A network namespace with a veth pair: `eth0` inside (`10.124.0.2/24`,
+/// default route via `.1`), its peer on the host (`10.124.0.1/24`), as a
+/// CNI bridge plugin would leave it. Deleted on drop.
+struct TestNetns {
+    name: String,
+    peer: String,
+}
+
+impl TestNetns {
+    fn new(tag: &str) -> TestNetns {
+        let name = format!("bxt{tag}{}", std::process::id());
+        let peer = format!("bxp{tag}{}", std::process::id() % 100000);
+        let ip = |args: &[&str]| {
+            let out = run(Command::new("ip").args(args));
+            assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
+        };
+        ip(&["netns", "add", &name]);
+        let netns = TestNetns { name, peer };
+        let (n, p) = (netns.name.as_str(), netns.peer.as_str());
+        ip(&[
+            "link", "add", p, "type", "veth", "peer", "name", "eth0", "netns", n,
+        ]);
+        ip(&["addr", "add", "10.124.0.1/24", "dev", p]);
+        ip(&["link", "set", p, "up"]);
+        ip(&[
+            "-n",
+            n,
+            "link",
+            "set",
+            "eth0",
+            "address",
+            "02:42:0a:7c:00:02",
+        ]);
+        ip(&["-n", n, "link", "set", "eth0", "mtu", "1400"]);
+        ip(&["-n", n, "addr", "add", "10.124.0.2/24", "dev", "eth0"]);
+        ip(&["-n", n, "link", "set", "eth0", "up"]);
+        ip(&["-n", n, "link", "set", "lo", "up"]);
+        ip(&["-n", n, "route", "add", "default", "via", "10.124.0.1"]);
+        netns
+    }
+
+    fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.name)
+    }
+
+    /// `ip -n <ns> args…` output.
+    fn ip(&self, args: &[&str]) -> String {
+        let out = run(Command::new("ip").arg("-n").arg(&self.name).args(args));
+        text(&out.stdout)
+    }
+
+    /// `tc -n <ns> args…` output.
+    fn tc(&self, args: &[&str]) -> String {
+        let out = run(Command::new("tc").arg("-n").arg(&self.name).args(args));
+        text(&out.stdout)
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.peer])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// `ctr run --with-ns network:<netns>`: the VM's NIC takes the pod
+/// interface's MAC, address, MTU and routes; a server in the VM answers
+/// from the host through the veth; after the container is gone the netns
+/// has no tap and no tc filter left.
+#[test]
+#[ignore = "needs root, containerd, ctr, iproute2, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+fn pod_network_namespace_is_wired_to_the_vm() {
+    let c = Containerd::with_image();
+    let ns = TestNetns::new("w");
+    let with_ns = format!("network:{}", ns.path());
+    let out = c.run_rm(
+        &["--with-ns", &with_ns],
+        "net1",
+        &[
+            "sh",
+            "-c",
+            "ip -o addr show; ip -o link show; ip route show",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(shown.contains("inet 10.124.0.2/24"), "{shown}");
+    assert!(shown.contains("02:42:0a:7c:00:02"), "{shown}");
+    assert!(shown.contains("mtu 1400"), "{shown}");
+    assert!(shown.contains("default via 10.124.0.1"), "{shown}");
+    assert!(!ns.ip(&["link", "show"]).contains("_bx"), "tap left behind");
+
+    // A server in the VM, reached from the host through the veth.
+    c.run_detached_cmd(
+        &["--with-ns", &with_ns],
+        "net2",
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /www && echo hello-over-tap > /www/index.html && exec httpd -f -p 8080 -h /www",
+        ],
+    );
+    assert!(
+        ns.ip(&["link", "show"]).contains("tap0_bx"),
+        "no tap while running"
+    );
+    assert!(
+        ns.tc(&["filter", "show", "dev", "eth0", "ingress"])
+            .contains("mirred"),
+        "no mirred filter on eth0 while running"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let answer = loop {
+        let attempt = Command::new("timeout")
+            .args([
+                "5",
+                "bash",
+                "-c",
+                "exec 3<>/dev/tcp/10.124.0.2/8080; printf 'GET / HTTP/1.0\r\n\r\n' >&3; cat <&3",
+            ])
+            .output()
+            .unwrap();
+        let body = text(&attempt.stdout);
+        if body.contains("hello-over-tap") || Instant::now() > deadline {
+            break body;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(
+        answer.contains("hello-over-tap"),
+        "HTTP from the host: {answer:?}"
+    );
+    c.kill_and_delete("net2");
+    c.assert_nothing_left();
+    assert!(!ns.ip(&["link", "show"]).contains("_bx"), "tap left behind");
+    assert!(
+        !ns.tc(&["qdisc", "show", "dev", "eth0"]).contains("ingress"),
+        "ingress qdisc left behind"
+    );
+}
+
+/// `ctr run --net-host` asks for the host's network: refused, naming why.
+#[test]
+#[ignore = "needs root, containerd, ctr and the guest assets"]
+fn host_network_is_refused() {
+    let c = Containerd::with_image();
+    let out = c.run_rm(&["--net-host"], "hostnet1", &["true"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("a VM cannot share the host's network stack"),
+        "{}",
+        text(&out.stderr)
+    );
+    c.assert_nothing_left();
+}
+
 /// `start` for a pod member returns the sandbox shim's address when that
 /// shim answers, and writes it to the bundle's `address` file.
 #[test]

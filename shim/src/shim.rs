@@ -109,7 +109,9 @@ impl Shim for BoxliteShim {
 
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
         let bundle = std::env::current_dir().map_err(|e| Error::Other(format!("cwd: {e}")))?;
-        delete_after_crash(&self.id, &bundle).map_err(Error::Other)?;
+        delete_after_crash(&self.id, &bundle)
+            .await
+            .map_err(Error::Other)?;
         // The dead daemon's socket, when nothing listens on it any more.
         let sandbox = sandbox_id_of(&self.id, &bundle_annotations(&bundle));
         if !self.address.is_empty() {
@@ -192,7 +194,7 @@ async fn socket_answers(address: &str) -> bool {
 /// (pid files), unmount everything
 /// and remove the sandbox directory; for a member container, unmount and
 /// remove its part of the share.
-pub fn delete_after_crash(container_id: &str, bundle: &Path) -> Result<(), String> {
+pub async fn delete_after_crash(container_id: &str, bundle: &Path) -> Result<(), String> {
     let config = load_config()?;
     let sandbox = sandbox_id_of(container_id, &bundle_annotations(bundle));
     crate::sandbox::validate_id("sandbox", &sandbox).map_err(|e| e.to_string())?;
@@ -201,7 +203,7 @@ pub fn delete_after_crash(container_id: &str, bundle: &Path) -> Result<(), Strin
         if let Ok(state) = SandboxState::load(&dir) {
             stop_stale_shim(state.shim_pid, STALE_SHIM_GRACE);
         }
-        cleanup_sandbox_dir(&dir);
+        cleanup_sandbox_dir(&dir).await;
     } else {
         let part = dir.join(SHARED_DIR).join(container_id);
         rootfs::teardown(&part).map_err(|e| crate::error::chain(&e))?;

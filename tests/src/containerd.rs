@@ -177,9 +177,15 @@ impl Containerd {
 
     /// `ctr run -d … id sleep 600`: a running container to work on.
     pub fn run_detached(&self, opts: &[&str], id: &str) {
+        self.run_detached_cmd(opts, id, &["sleep", "600"]);
+    }
+
+    /// `ctr run -d … id args…`.
+    pub fn run_detached_cmd(&self, opts: &[&str], id: &str, args: &[&str]) {
         let mut a = vec!["run", "-d", "--runtime", RUNTIME];
         a.extend_from_slice(opts);
-        a.extend_from_slice(&[IMAGE, id, "sleep", "600"]);
+        a.extend_from_slice(&[IMAGE, id]);
+        a.extend_from_slice(args);
         let out = self.ctr(&a);
         assert!(
             out.status.success(),

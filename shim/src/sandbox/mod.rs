@@ -10,6 +10,7 @@
 //! and containerd calls Shutdown.
 
 pub mod container;
+pub mod network;
 pub mod state;
 pub mod state_file;
 
@@ -26,6 +27,7 @@ use boxlite_protocol::agent::{
     StatsContainerRequest, StatsContainerResponse, StdioConfig, UpdateContainerRequest,
     WaitProcessRequest,
 };
+use boxlite_runtime::network::PodNetwork;
 use boxlite_runtime::{AgentConnection, Config, Hypervisor, VmSpec};
 use tokio::task::JoinHandle;
 
@@ -35,6 +37,7 @@ use crate::hooks::{ContainerHooks, HookKind};
 use crate::rootfs::{self, MountSpec};
 use crate::stdio::{Relay, StdioPaths};
 pub use container::{Container, Process, ProcessStatus};
+pub use network::{NetworkRecord, PodNetns};
 pub use state::{ExitInfo, TaskState};
 pub use state_file::{SandboxState, SHARED_DIR, SHARED_TAG};
 
@@ -136,6 +139,12 @@ pub struct GuestProcess {
     pub exec_id: String,
 }
 
+/// What the container that boots the VM decides about it.
+struct BootSpec<'a> {
+    annotations: &'a HashMap<String, String>,
+    netns: PodNetns,
+}
+
 /// A booted VM and its agent.
 struct Vm {
     hv: Box<dyn Hypervisor>,
@@ -152,6 +161,8 @@ pub struct Sandbox {
     containers: RwLock<HashMap<String, Arc<Container>>>,
     /// Serialises Create and Delete (mounts, table, state.json).
     table_lock: tokio::sync::Mutex<()>,
+    /// The pod network wired to the VM, to tear down with it.
+    network: std::sync::Mutex<Option<NetworkRecord>>,
     exit: Arc<containerd_shim::ExitSignal>,
 }
 
@@ -192,6 +203,7 @@ impl Sandbox {
             vm: tokio::sync::Mutex::new(None),
             containers: RwLock::new(HashMap::new()),
             table_lock: tokio::sync::Mutex::new(()),
+            network: std::sync::Mutex::new(None),
             exit,
         })
     }
@@ -256,35 +268,79 @@ impl Sandbox {
             shim_pid: std::process::id(),
             vm_pid,
             containers: self.container_ids(),
+            network: self.network.lock().expect("network lock").clone(),
         };
         if let Err(e) = state.save(&dir) {
             tracing::error!(error = %crate::error::chain(&e), "cannot save state.json");
         }
     }
 
-    /// The VM, booted on first use with the `io.boxlite.*` overrides among
-    /// `annotations`; a container joining a running VM cannot change it, so
-    /// its annotations are not looked at (CRI copies pod annotations onto
-    /// every container).
-    async fn ensure_vm(self: &Arc<Self>, annotations: &HashMap<String, String>) -> Result<Arc<Vm>> {
+    /// The VM, booted on first use as `boot` says (the `io.boxlite.*`
+    /// overrides and the network of the container that boots it); true when
+    /// this call booted it. A container joining a running VM cannot change
+    /// it, so its annotations and network are not looked at (CRI copies pod
+    /// annotations onto every container).
+    async fn ensure_vm(self: &Arc<Self>, boot: BootSpec<'_>) -> Result<(Arc<Vm>, bool)> {
         let mut slot = self.vm.lock().await;
         if let Some(vm) = slot.as_ref() {
-            return Ok(vm.clone());
+            return Ok((vm.clone(), false));
         }
-        let vm = Arc::new(self.boot(annotations).await?);
+        let vm = Arc::new(self.boot(boot).await?);
         *slot = Some(vm.clone());
-        Ok(vm)
+        Ok((vm, true))
     }
 
+    /// Wires the pod network (if any), then boots; on failure the network
+    /// is torn down again.
     #[tracing::instrument(skip_all, fields(sandbox_id = %self.id))]
-    async fn boot(self: &Arc<Self>, annotations: &HashMap<String, String>) -> Result<Vm> {
+    async fn boot(self: &Arc<Self>, boot: BootSpec<'_>) -> Result<Vm> {
         let dir = self.dir()?;
         let shared = dir.join(SHARED_DIR);
         std::fs::create_dir_all(&shared)
             .map_err(|e| ShimError::io("cannot create the shared directory", &shared, e))?;
+        let mut net = match &boot.netns {
+            PodNetns::Host => return Err(network::host_network_refused(&self.id)),
+            PodNetns::NewEmpty => None,
+            PodNetns::Path(netns) => {
+                let net = PodNetwork::wire(&self.id, netns)
+                    .await
+                    .map_err(|e| ShimError::FailedPrecondition(crate::error::chain(&e)))?;
+                *self.network.lock().expect("network lock") = Some(NetworkRecord::of(netns, &net));
+                tracing::info!(netns = %netns.display(), interfaces = net.interfaces.len(), "pod network wired");
+                Some(net)
+            }
+        };
         self.save_state(None);
+        let result = self.boot_vm(&shared, boot.annotations, net.as_mut()).await;
+        if result.is_err() {
+            let record = self.network.lock().expect("network lock").take();
+            if let Some(record) = record {
+                record.teardown(&self.id).await;
+            }
+            self.save_state(None);
+        }
+        result
+    }
+
+    /// Starts the VM with the share and the pod's taps, waits for the
+    /// agent, creates the sandbox in the guest and gives it the pod's
+    /// interfaces and routes.
+    async fn boot_vm(
+        self: &Arc<Self>,
+        shared: &Path,
+        annotations: &HashMap<String, String>,
+        mut net: Option<&mut PodNetwork>,
+    ) -> Result<Vm> {
         let hv = self.factory.new_vm(&self.id, annotations)?;
-        hv.add_share(SHARED_TAG, &shared, false).await?;
+        hv.add_share(SHARED_TAG, shared, false).await?;
+        if let Some(net) = net.as_deref_mut() {
+            for iface in &mut net.interfaces {
+                let tap = iface.take_tap().ok_or_else(|| {
+                    ShimError::Internal(format!("tap {} has no fd", iface.tap_name))
+                })?;
+                hv.add_net(tap, iface.mac).await?;
+            }
+        }
         hv.start().await?;
         self.save_state(hv.pid());
         let agent = match hv.wait_ready().await {
@@ -326,6 +382,14 @@ impl Sandbox {
                 e,
             ));
         }
+        if let Some(net) = net.as_deref() {
+            if let Err(e) =
+                network::configure_guest(&self.id, &agent, net, AGENT_CALL_TIMEOUT).await
+            {
+                let _ = hv.kill().await;
+                return Err(e);
+            }
+        }
         tracing::info!(pid = ?hv.pid(), "sandbox VM ready");
         let oom_watcher = tokio::spawn(watch_oom(
             Arc::downgrade(self),
@@ -355,9 +419,15 @@ impl Sandbox {
         })?;
         let hooks = ContainerHooks::take_from(&mut spec);
         let no_annotations = HashMap::new();
-        let vm = self
-            .ensure_vm(spec.annotations().as_ref().unwrap_or(&no_annotations))
-            .await?;
+        let netns = network::pod_netns(&spec);
+        let boot = BootSpec {
+            annotations: spec.annotations().as_ref().unwrap_or(&no_annotations),
+            netns: netns.clone(),
+        };
+        let (vm, booted) = self.ensure_vm(boot).await?;
+        if booted && matches!(netns, PodNetns::Path(_)) {
+            network::drop_network_namespace(&mut spec);
+        }
         let shared = self.shared_dir()?;
         let (id, bundle, rootfs) = (req.id.clone(), req.bundle.clone(), req.rootfs.clone());
         let mounts = tokio::task::spawn_blocking(move || {
@@ -947,7 +1017,7 @@ impl Sandbox {
         self.stop_vm().await;
         if let Ok(dir) = self.dir() {
             archive_console(&self.id, &dir);
-            cleanup_sandbox_dir(&dir);
+            cleanup_sandbox_dir(&dir).await;
         }
         tracing::info!("sandbox stopped; shim exiting");
         self.exit.signal();
@@ -961,6 +1031,11 @@ impl Sandbox {
                 tracing::warn!(error = %e, "VM stop failed; killing it");
                 let _ = vm.hv.kill().await;
             }
+        }
+        // After the VM: its taps go with its last fd, the filters do not.
+        let record = self.network.lock().expect("network lock").take();
+        if let Some(record) = record {
+            record.teardown(&self.id).await;
         }
     }
 }
@@ -1100,10 +1175,19 @@ fn archive_console(id: &str, dir: &Path) {
 
 /// After a crash or at shutdown: kills what the pid files name, unmounts
 /// everything under `dir`, and removes it.
-pub fn cleanup_sandbox_dir(dir: &Path) {
+pub async fn cleanup_sandbox_dir(dir: &Path) {
     let killed = boxlite_runtime::hypervisor::cleanup_stale_processes(dir);
     if !killed.is_empty() {
         tracing::info!(?killed, "killed leftover VM processes");
+    }
+    // A crashed shim's pod network (taps, tc filters in the pod's netns).
+    if let Ok(SandboxState {
+        sandbox_id,
+        network: Some(record),
+        ..
+    }) = SandboxState::load(dir)
+    {
+        record.teardown(&sandbox_id).await;
     }
     if let Err(e) = rootfs::teardown(dir) {
         tracing::error!(error = %crate::error::chain(&e), "sandbox directory cleanup failed");

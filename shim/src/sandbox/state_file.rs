@@ -22,6 +22,9 @@ pub struct SandboxState {
     pub vm_pid: Option<u32>,
     /// Containers with mounts under `shared/`.
     pub containers: Vec<String>,
+    /// The pod network wired to the VM (netns and taps), if any.
+    #[serde(default)]
+    pub network: Option<super::network::NetworkRecord>,
 }
 
 impl SandboxState {
@@ -62,6 +65,10 @@ mod tests {
             shim_pid: 42,
             vm_pid: Some(43),
             containers: vec!["p1".into(), "c1".into()],
+            network: Some(super::super::network::NetworkRecord {
+                netns: "/var/run/netns/cni-1".into(),
+                taps: vec!["tap0_bx".into()],
+            }),
         };
         s.save(dir.path()).unwrap();
         assert_eq!(SandboxState::load(dir.path()).unwrap(), s);
