@@ -685,3 +685,32 @@ fn netns_with_only_lo_wires_nothing() {
     assert_eq!(names, vec![Value::from("lo")]);
     rt.block_on(teardown(&ns.path(), &[])).unwrap();
 }
+
+#[test]
+fn wiring_a_wired_netns_fails_and_keeps_the_first_wiring() {
+    if !have_root("wiring_a_wired_netns_fails_and_keeps_the_first_wiring") {
+        return;
+    }
+    let rig = Rig::new();
+    let rt = rt();
+    let first = rt
+        .block_on(PodNetwork::wire("sb-first", &rig.pod.path()))
+        .unwrap();
+    let err = rt
+        .block_on(PodNetwork::wire("sb-second", &rig.pod.path()))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "sandbox sb-second: netns {}: cannot create tap tap0_bx for eth0: \
+             Device or resource busy",
+            rig.pod.path().display()
+        )
+    );
+    // The failed attempt undid only its own steps.
+    assert!(rig.pod.link("tap0_bx").is_some());
+    assert_redirect(&rig.pod, "eth0", "tap0_bx");
+    assert_redirect(&rig.pod, "tap0_bx", "eth0");
+    assert_eq!(rig.connect_from_peer(), "timeout");
+    drop(first);
+}

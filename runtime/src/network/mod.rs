@@ -47,7 +47,9 @@ impl PodNetwork {
     /// Wires every pod interface of the netns at `netns` (a bind-mounted
     /// `/var/run/netns/cni-…` or `/proc/<pid>/ns/net`) to a new tap, see
     /// [`self`]. A netns with only `lo` gives zero interfaces. On error
-    /// nothing wired so far is left behind.
+    /// nothing wired so far is left behind. A netns still wired from before
+    /// fails (the tap is busy or the ingress qdisc exists): call
+    /// [`teardown`] first.
     ///
     /// Refuses the runtime's own netns: redirecting the host's interfaces
     /// into a VM would cut the host off (a hostNetwork pod has no netns of
