@@ -84,8 +84,18 @@ impl PodNetwork {
 /// Idempotent: missing taps, qdiscs and a netns that no longer exists are
 /// fine, so a shim can call it after a crash with the names it recorded
 /// ([`PodNetwork::tap_names`]).
+///
+/// Every name must be a BoxLite tap name (`tap<N>_bx`): a corrupt record
+/// must not make it delete the pod's `eth0`.
 pub async fn teardown(netns: &Path, tap_names: &[String]) -> Result<(), NetworkError> {
     let ctx = Ctx::new(None, netns);
+    if let Some(bad) = tap_names.iter().find(|n| !is_tap_name(n)) {
+        return Err(ctx.error(
+            Some(bad),
+            format!("tear down {bad:?}"),
+            std::io::Error::other("not a BoxLite tap name (tap<N>_bx)"),
+        ));
+    }
     let job_ctx = ctx.clone();
     let names = tap_names.to_vec();
     match netns::run_in_netns(netns, move || teardown::teardown_here(job_ctx, names)).await {
@@ -134,6 +144,20 @@ mod tests {
                 "sandbox 3f2a: netns {}: cannot open the network namespace: No such file or directory",
                 path.display()
             )
+        );
+    }
+
+    #[tokio::test]
+    async fn teardown_refuses_names_that_are_not_taps() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = ["tap0_bx".to_string(), "eth0".to_string()];
+        let err = teardown(&dir.path().join("cni-1"), &names)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with("cannot tear down \"eth0\": not a BoxLite tap name (tap<N>_bx)"),
+            "{err}"
         );
     }
 

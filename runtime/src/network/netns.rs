@@ -10,7 +10,7 @@
 use std::fs::File;
 use std::future::Future;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use nix::sched::{setns, CloneFlags};
 
@@ -69,7 +69,7 @@ where
 
 /// The netns thread's body: join the namespace, then run `job` on a
 /// runtime of this thread's own.
-fn run_here<T, F, Fut>(path: &PathBuf, job: F) -> Result<T, EnterError>
+fn run_here<T, F, Fut>(path: &Path, job: F) -> Result<T, EnterError>
 where
     F: FnOnce() -> Fut,
     Fut: Future<Output = T>,
