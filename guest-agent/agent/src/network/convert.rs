@@ -296,6 +296,18 @@ fn route(r: &agent::Route) -> Result<RouteConfig, String> {
     if device.is_none() && gateway.is_none() {
         return Err("needs a device, a gateway or both".into());
     }
+    // A link-local address means something only on one link.
+    if let (Some(gw @ IpAddr::V6(_)), None) = (gateway, &device) {
+        let gw_cidr = Cidr {
+            ip: gw,
+            prefix_len: 128,
+        };
+        if gw_cidr.is_v6_link_local() {
+            return Err(format!(
+                "gateway {gw} is link-local: the route needs a device"
+            ));
+        }
+    }
     let scope = route_scope(r.scope)?;
     if gateway.is_some() && scope >= SCOPE_LINK {
         return Err(format!(
@@ -753,6 +765,10 @@ mod tests {
             (
                 route("10.0.0.0/8", "", "", 0, Family::V4),
                 "needs a device, a gateway or both",
+            ),
+            (
+                route("", "fe80::1", "", 0, Family::V6),
+                "gateway fe80::1 is link-local: the route needs a device",
             ),
             (
                 route("10.0.0.0/8", "", "eth/0", 0, Family::V4),
