@@ -493,7 +493,7 @@ fn validate_log_level(value: &str) -> Result<(), ConfigError> {
         let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
         let target_ok = directive
             .rsplit_once('=')
-            .map_or(true, |(t, _)| !t.is_empty());
+            .is_none_or(|(t, _)| !t.is_empty());
         if !target_ok || !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
             return Err(ConfigError::LogLevel {
                 value: value.to_owned(),
