@@ -95,8 +95,7 @@ pub struct LinkSelector {
 
 impl LinkSelector {
     pub fn matches(&self, name: &str, mac: Option<Mac>) -> bool {
-        self.name.as_deref().is_none_or(|n| n == name)
-            && self.mac.is_none_or(|m| Some(m) == mac)
+        self.name.as_deref().is_none_or(|n| n == name) && self.mac.is_none_or(|m| Some(m) == mac)
     }
 }
 
