@@ -72,7 +72,7 @@ pids_mentioning() {
     local needle="$1" pid
     for pid in $(ls /proc | grep -E '^[0-9]+$'); do
         [ "$pid" = $$ ] && continue
-        if tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$needle"; then
+        if { tr '\0' ' ' < "/proc/$pid/cmdline"; } 2>/dev/null | grep -qF -- "$needle"; then
             echo "$pid"
         fi
     done
@@ -113,3 +113,23 @@ for pid in $bx_vm; do
 done
 printf '| boxlite | total | %s MiB |\n' \
     "$(python3 -c "print(f'{$(pss_kb $bx_shim $bx_vm)/1024:.1f}')")"
+
+# CPU time (ms) used by the given pids so far: utime + stime from /proc.
+cpu_ms() {
+    local total=0 pid ticks hz
+    hz="$(getconf CLK_TCK)"
+    for pid in "$@"; do
+        ticks="$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)"
+        total=$((total + ticks))
+    done
+    echo $((total * 1000 / hz))
+}
+
+echo
+echo "== CPU of the idle sandboxes over 10 s (millicores)"
+r0="$(cpu_ms $runc_pids)"; b0="$(cpu_ms $bx_shim $bx_vm)"
+sleep 10
+r1="$(cpu_ms $runc_pids)"; b1="$(cpu_ms $bx_shim $bx_vm)"
+printf '| runtime | CPU while idle |\n|---|---|\n'
+printf '| runc | %s m |\n' $(((r1 - r0) / 10))
+printf '| boxlite | %s m |\n' $(((b1 - b0) / 10))

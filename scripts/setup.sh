@@ -17,13 +17,15 @@ ensure_cargo_tools
 build_guest_assets
 
 log "host tools: cargo build --release"
-cargo build --release --quiet -p boxlite-runtime -p containerd-shim-boxlite-v2 --bins
+cargo build --release --quiet -p boxlite-runtime -p boxlite-vmm -p containerd-shim-boxlite-v2 --bins
 
 log "install: guest assets, tools, config"
 install -D -m 0644 "$BOXLITE_KERNEL" /usr/share/boxlite/vmlinux
 install -D -m 0644 "$BOXLITE_INITRAMFS" /usr/share/boxlite/initramfs
 install -D -m 0755 target/release/boxlite-smoke /usr/local/bin/boxlite-smoke
 install -D -m 0755 target/release/containerd-shim-boxlite-v2 /usr/local/bin/containerd-shim-boxlite-v2
+# The built-in VMM: the default backend on hosts with VMX/SVM (hypervisor = "auto").
+install -D -m 0755 target/release/boxlite-vmm /usr/local/bin/boxlite-vmm
 if [ -e /etc/boxlite/boxlite.toml ]; then
     echo "kept existing /etc/boxlite/boxlite.toml"
 else
@@ -59,9 +61,10 @@ BoxLite is set up:
   guest initramfs  /usr/share/boxlite/initramfs
   config           /etc/boxlite/boxlite.toml
   shim             /usr/local/bin/containerd-shim-boxlite-v2 (runtime io.containerd.boxlite.v2)
+  VMM              /usr/local/bin/boxlite-vmm (hypervisor.backend builtin, picked by auto with VMX/SVM)
   tools            /usr/local/bin/boxlite-smoke
   containerd       /etc/containerd/config.toml; log /var/log/boxlite-containerd.log when not under systemd
-  sandbox state    /run/boxlite/<sandbox-id>/ (console.log, helper logs; kept when a boot fails)
+  sandbox state    /run/boxlite/<sandbox-id>/ (console.log, helper logs, state.json; removed with the sandbox, a failed boot logs the console tail to containerd's log)
 Run a container:  ctr run --rm --runtime io.containerd.boxlite.v2 $IMAGE demo sh -c 'uname -a'
 Time VM boots:    boxlite-smoke --runs 5
 Shim logs go to containerd's log; guest consoles: see docs/shim.md (BOXLITE_CONSOLE_ARCHIVE).
