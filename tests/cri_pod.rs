@@ -4,7 +4,7 @@
 //! RunPodSandbox → ImageStatus → CreateContainer → StartContainer →
 //! ExecSync → ContainerStats → StopContainer → RemoveContainer →
 //! StopPodSandbox → RemovePodSandbox, with the pod reachable over TCP from
-//! the host and from a second pod.
+//! the host, from a second BoxLite pod and from a runc pod.
 //!
 //! `#[ignore]`d: root, containerd, the CNI plugins, QEMU and the guest
 //! assets. `cargo build -p containerd-shim-boxlite-v2`, then
@@ -85,9 +85,12 @@ impl Cri {
                 cni_conflist(&d.join("cni-ipam"), &plugin),
             )
             .unwrap();
+            // restrict_oom_score_adj: CRI gives sandbox containers
+            // oom_score_adj -998, which runc cannot set in this (unprivileged
+            // container) environment; restricting keeps it at containerd's.
             format!(
                 "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{PAUSE_IMAGE}\"\n  \
-                 disable_apparmor = true\n  restrict_oom_score_adj = false\n\
+                 disable_apparmor = true\n  restrict_oom_score_adj = true\n\
                  [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n  \
                  runtime_type = \"io.containerd.runc.v2\"\n\
                  [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"/usr/lib/cni\"\n  \
@@ -426,6 +429,21 @@ async fn pod_lifecycle_network_and_exec() {
         "HTTP from the client pod: exit {code}, {body:?}, {err:?}"
     );
 
+    // And from a runc pod on the same bridge.
+    let runc_pod_config = pod_config("bxrunc", NamespaceMode::Pod, &[], &logs);
+    let runc_pod = cri
+        .run_pod(&runc_pod_config, "")
+        .await
+        .expect("RunPodSandbox (runc)");
+    let runc_client = cri
+        .start_container(&runc_pod, &runc_pod_config, "client", &["sleep", "600"])
+        .await;
+    let (code, body, err) = cri.exec(&runc_client, &["sh", "-c", &request]).await;
+    assert!(
+        code == 0 && body.contains(GREETING),
+        "HTTP from the runc pod: exit {code}, {body:?}, {err:?}"
+    );
+
     let stats = cri
         .rt
         .container_stats(ContainerStatsRequest {
@@ -446,6 +464,7 @@ async fn pod_lifecycle_network_and_exec() {
     );
     assert!(stats.cpu.is_some(), "cpu stats missing");
 
+    cri.remove_pod(&runc_pod, &[runc_client]).await;
     cri.remove_pod(&client_pod, &[client]).await;
     cri.remove_pod(&pod, &[web]).await;
     cri.c.assert_nothing_left();
