@@ -6,6 +6,7 @@
 //! (scripts/test.sh) builds those and runs them with `--ignored`.
 
 pub mod containerd;
+pub mod cri;
 pub mod oci_image;
 
 use std::path::{Path, PathBuf};

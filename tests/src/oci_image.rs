@@ -34,7 +34,7 @@ pub fn busybox_image(dir: &Path, name: &str, cmd: &[&str]) -> PathBuf {
     std::fs::copy(busybox, layer.join("bin/busybox")).unwrap();
     for applet in [
         "sh", "echo", "cat", "ls", "sleep", "true", "false", "env", "id", "hostname", "ps", "nc",
-        "ip", "grep", "head", "httpd", "wget",
+        "ip", "grep", "head", "httpd", "wget", "dd", "seq",
     ] {
         symlink("busybox", layer.join("bin").join(applet)).unwrap();
     }
