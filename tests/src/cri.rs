@@ -41,6 +41,48 @@ pub struct Cri {
     pub c: Containerd,
     pub rt: RuntimeServiceClient<Channel>,
     pub img: ImageServiceClient<Channel>,
+    /// What existed before, so Drop removes only what this run made.
+    netns_before: Vec<String>,
+    bridge_before: bool,
+}
+
+/// Whether a network link named `name` exists in this netns.
+fn link_exists(name: &str) -> bool {
+    Path::new("/sys/class/net").join(name).exists()
+}
+
+impl Drop for Cri {
+    /// After a failure midway, pods are left: runc pods' processes live in
+    /// their own netns on the host, and CNI's namespaces, veths and bridge
+    /// stay. Kill what runs in the namespaces this run made, delete them
+    /// and the bridge, so the next run (same subnet) starts clean.
+    fn drop(&mut self) {
+        for ns in cri_netns() {
+            if self.netns_before.contains(&ns) {
+                continue;
+            }
+            let pids = std::process::Command::new("ip")
+                .args(["netns", "pids", &ns])
+                .output()
+                .map(|o| text(&o.stdout))
+                .unwrap_or_default();
+            for pid in pids
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
+                // SAFETY: kill(2) with a pid read from `ip netns pids`.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &ns])
+                .status();
+        }
+        if !self.bridge_before && link_exists(BRIDGE) {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", BRIDGE])
+                .status();
+        }
+    }
 }
 
 /// The CNI network list: a bridge with host-local IPAM, and loopback.
@@ -70,6 +112,8 @@ pub fn cni_conflist(ipam_dir: &Path, bridge_plugin: &str) -> String {
 impl Cri {
     /// `bridge_plugin` is "bridge", or a missing plugin to make CNI fail.
     pub async fn start(bridge_plugin: &str) -> Cri {
+        let netns_before = cri_netns();
+        let bridge_before = link_exists(BRIDGE);
         let plugin = bridge_plugin.to_owned();
         let c = Containerd::start_with(move |d| {
             let net_d = d.join("net.d");
@@ -119,6 +163,8 @@ impl Cri {
             c,
             rt: RuntimeServiceClient::new(channel.clone()),
             img: ImageServiceClient::new(channel),
+            netns_before,
+            bridge_before,
         }
     }
 

@@ -20,7 +20,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use boxlite_tests::cri::{http_get, pod_config, Cri, HANDLER};
+use boxlite_tests::cri::{http_get, pod_config, Cri, GREETING, HANDLER};
 use k8s_cri::v1::NamespaceMode;
 
 struct Args {
@@ -107,9 +107,11 @@ async fn main() {
     }
     let mut cri = Cri::start("bridge").await;
     let logs = cri.c.dir.path().join("pod-logs");
-    let serve = "mkdir -p /www && echo ok > /www/index.html && \
-                 (while :; do nc -l -p 9001 < /dev/zero; done &) && \
-                 exec httpd -f -p 8080 -h /www";
+    let serve = format!(
+        "mkdir -p /www && echo {GREETING} > /www/index.html && \
+         (while :; do nc -l -p 9001 < /dev/zero; done &) && \
+         exec httpd -f -p 8080 -h /www"
+    );
     println!("| runtime | RunPodSandbox → container started (median of {}) | HTTP round trip host → pod (median / p90 of {}) | pod → host TCP ({} MiB) |", args.runs, args.requests, args.mib);
     println!("|---|---|---|---|");
     for (name, handler) in [("runc", ""), ("boxlite", HANDLER)] {
@@ -120,7 +122,7 @@ async fn main() {
             let started = Instant::now();
             let pod = cri.run_pod(&config, handler).await.expect("RunPodSandbox");
             let container = cri
-                .start_container(&pod, &config, "server", &["sh", "-c", serve])
+                .start_container(&pod, &config, "server", &["sh", "-c", &serve])
                 .await;
             starts.push(started.elapsed());
             if let Some((pod, container)) = last.replace((pod, container)) {
