@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
+use oci_spec::runtime::LinuxCapabilities;
 
 use self::helper::{HelperOp, HelperRequest, HelperResult, HELPER_ARG};
 use self::process::{Exit, Process, STREAM_CONNECT_TIMEOUT};
@@ -130,10 +131,50 @@ pub struct Container {
     pub init: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
     exec_added: tokio::sync::Notify,
+    /// The init's capabilities (after [`runc_capabilities`]): what an exec
+    /// without `capabilities` gets.
+    capabilities: LinuxCapabilities,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A process's capabilities as runc reads them. libcontainer 0.7 reads
+/// them differently, and the difference only ever grants more:
+/// - no `capabilities` object: runc gives a container's init none at all
+///   and an exec the init's; libcontainer drops nothing, so the process
+///   kept every capability of the agent (root).
+/// - a set left out (`"capabilities": {"bounding": […]}`): runc makes it
+///   empty; libcontainer leaves effective, permitted, inheritable and
+///   ambient as the agent had them.
+///
+/// So every set is made explicit before libcontainer sees the spec:
+/// `inherit` for a missing object (the init's capabilities for an exec,
+/// none for an init), empty for a missing set.
+fn runc_capabilities(
+    caps: Option<&LinuxCapabilities>,
+    inherit: Option<&LinuxCapabilities>,
+) -> LinuxCapabilities {
+    let none = || Some(Default::default());
+    let empty = LinuxCapabilities::default()
+        .set_bounding(none())
+        .set_effective(none())
+        .set_inheritable(none())
+        .set_permitted(none())
+        .set_ambient(none())
+        .clone();
+    let Some(caps) = caps.or(inherit) else {
+        return empty;
+    };
+    let mut c = caps.clone();
+    let or_empty = |set: &Option<oci_spec::runtime::Capabilities>| set.clone().or(none());
+    c.set_bounding(or_empty(caps.bounding()))
+        .set_effective(or_empty(caps.effective()))
+        .set_inheritable(or_empty(caps.inheritable()))
+        .set_permitted(or_empty(caps.permitted()))
+        .set_ambient(or_empty(caps.ambient()));
+    c
 }
 
 impl Container {
@@ -389,7 +430,7 @@ impl Containers {
         &self,
         config: &Config,
         reaper: &Reaper,
-        req: CreateRequest,
+        mut req: CreateRequest,
     ) -> Result<(), ContainerError> {
         let _creating = self.creating.lock().await;
         if lock(&self.map).contains_key(&req.id) {
@@ -404,6 +445,16 @@ impl Containers {
         let _ = std::fs::remove_dir_all(&bundle);
         std::fs::create_dir_all(&bundle).map_err(io_err("create the bundle directory"))?;
         std::fs::create_dir_all(&state_root).map_err(io_err("create the state directory"))?;
+        // validate_create checked that the spec has a process.
+        let capabilities = match req.spec.process().clone() {
+            Some(mut process) => {
+                let caps = runc_capabilities(process.capabilities().as_ref(), None);
+                process.set_capabilities(Some(caps.clone()));
+                req.spec.set_process(Some(process));
+                caps
+            }
+            None => runc_capabilities(None, None),
+        };
         let spec_json = serde_json::to_vec(&req.spec)
             .map_err(|e| ContainerError::InvalidSpec(e.to_string()))?;
         std::fs::write(bundle.join("config.json"), spec_json)
@@ -452,6 +503,7 @@ impl Containers {
             init: process.clone(),
             execs: Mutex::new(HashMap::new()),
             exec_added: tokio::sync::Notify::new(),
+            capabilities,
         });
         let weak = Arc::downgrade(&container);
         process.started(watch, move |_exit: Exit| {
@@ -507,7 +559,7 @@ impl Containers {
         &self,
         config: &Config,
         reaper: &Reaper,
-        req: ExecRequest,
+        mut req: ExecRequest,
     ) -> Result<i32, ContainerError> {
         let c = self.get(&req.container_id)?;
         c.check_state("exec in", &[State::Running])?;
@@ -530,6 +582,9 @@ impl Containers {
                 .await?;
             c.check_state("exec in", &[State::Running])?;
             let process_json = c.bundle.join(format!("exec-{}.json", req.exec_id));
+            let caps =
+                runc_capabilities(req.process.capabilities().as_ref(), Some(&c.capabilities));
+            req.process.set_capabilities(Some(caps));
             let json = serde_json::to_vec(&req.process)
                 .map_err(|e| ContainerError::InvalidSpec(e.to_string()))?;
             std::fs::write(&process_json, json).map_err(|source| ContainerError::Io {
