@@ -53,6 +53,11 @@ impl Agent {
         Agent { child, dir }
     }
 
+    /// The agent's pid (its zombie children show up with this PPid).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn root(&self) -> PathBuf {
         self.dir.path().join("root")
     }
@@ -272,21 +277,30 @@ pub async fn run(
     process: serde_json::Value,
 ) -> (String, String, i32) {
     let rootfs = agent.rootfs(id);
-    create(
-        client,
-        id,
-        spec(id, &rootfs, process),
-        stdio(false, true, true, false),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("create {id}: {e:?}\n{}", agent.stderr()));
+    run_spec(agent, client, id, spec(id, &rootfs, process)).await
+}
+
+/// Creates a container from `spec` with stdout and stderr streams, starts
+/// it, waits for its init and removes it; returns (stdout, stderr, exit
+/// status).
+pub async fn run_spec(
+    agent: &Agent,
+    client: &AgentClient,
+    id: &str,
+    spec: Vec<u8>,
+) -> (String, String, i32) {
+    create(client, id, spec, stdio(false, true, true, false))
+        .await
+        .unwrap_or_else(|e| panic!("create {id}: {e:?}\n{}", agent.stderr()));
     let out = agent.stream(id, "", StreamKind::Stdout).unwrap();
     let err = agent.stream(id, "", StreamKind::Stderr).unwrap();
     let readers = (
         std::thread::spawn(move || read_all(out)),
         std::thread::spawn(move || read_all(err)),
     );
-    start(client, id).await.unwrap();
+    start(client, id)
+        .await
+        .unwrap_or_else(|e| panic!("start {id}: {e:?}\n{}", agent.stderr()));
     let w = wait(client, id, "").await.unwrap();
     let stdout = readers.0.join().unwrap();
     let stderr = readers.1.join().unwrap();
