@@ -106,10 +106,20 @@ fn run(req: &HelperRequest) -> Result<i32, String> {
                 .with_detach(true)
                 .build()
                 .map_err(|e| crate::error::chain(&e))?;
-            container
+            let pid = container
                 .pid()
                 .map(|p| p.as_raw())
-                .ok_or_else(|| "libcontainer created the container but reported no pid".into())
+                .ok_or("libcontainer created the container but reported no pid")?;
+            if let Err(e) = fix_mounts(bundle, pid) {
+                // The container exists but its mounts differ from the spec:
+                // kill it; the agent removes what is left.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                return Err(e);
+            }
+            Ok(pid)
         }
         HelperOp::Exec { process_json } => builder
             .as_tenant()
@@ -118,5 +128,150 @@ fn run(req: &HelperRequest) -> Result<i32, String> {
             .build()
             .map(|p| p.as_raw())
             .map_err(|e| crate::error::chain(&e)),
+    }
+}
+
+/// What libcontainer 0.7 leaves out of the spec's mounts, applied to the
+/// created container (its process waits for StartContainer, every mount is
+/// in place) from its mount namespace:
+/// - propagation options (`private`, `rprivate`, `slave`, `rslave`,
+///   `shared`, `rshared`, `unbindable`, `runbindable`) of any mount: its
+///   fd-based mount code never sets them; runc applies each after the mount;
+/// - `ro` on a `cgroup` mount of a cgroup v1 host: libcontainer mounts the
+///   tmpfs and the hierarchies read-write; runc makes them read-only (the
+///   guest is cgroup v2, where libcontainer honours `ro`; this is for host
+///   mode on v1 hosts).
+fn fix_mounts(bundle: &std::path::Path, pid: i32) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+
+    let config = bundle.join("config.json");
+    let spec = oci_spec::runtime::Spec::load(&config)
+        .map_err(|e| format!("cannot read {}: {e}", config.display()))?;
+    let mut fixes = Vec::new();
+    for m in spec.mounts().iter().flatten() {
+        let options = m.options().as_deref().unwrap_or_default();
+        for o in options {
+            let (flag, recursive) = match o.as_str() {
+                "private" => (MS_PRIVATE, false),
+                "rprivate" => (MS_PRIVATE, true),
+                "slave" => (MS_SLAVE, false),
+                "rslave" => (MS_SLAVE, true),
+                "shared" => (MS_SHARED, false),
+                "rshared" => (MS_SHARED, true),
+                "unbindable" => (MS_UNBINDABLE, false),
+                "runbindable" => (MS_UNBINDABLE, true),
+                _ => continue,
+            };
+            fixes.push((
+                m.destination().clone(),
+                o.clone(),
+                MountAttr::propagation(flag),
+                recursive,
+            ));
+        }
+        let v1 = !matches!(
+            libcgroups::common::get_cgroup_setup(),
+            Ok(libcgroups::common::CgroupSetup::Unified)
+        );
+        if m.typ().as_deref() == Some("cgroup") && v1 && options.iter().any(|o| o == "ro") {
+            fixes.push((
+                m.destination().clone(),
+                "ro".into(),
+                MountAttr::read_only(),
+                true,
+            ));
+        }
+    }
+    if fixes.is_empty() {
+        return Ok(());
+    }
+    // Open every mount point through the container's root before entering
+    // its mount namespace (its /proc is of another pid namespace).
+    let root = format!("/proc/{pid}/root");
+    let mut targets = Vec::new();
+    for (dest, option, attr, recursive) in fixes {
+        let rel = dest.strip_prefix("/").unwrap_or(&dest);
+        let path = std::path::Path::new(&root).join(rel);
+        let fd = nix::fcntl::open(
+            &path,
+            nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| {
+            format!(
+                "mount {}: cannot open it to apply {option:?}: {e}",
+                dest.display()
+            )
+        })?;
+        targets.push((dest, option, attr, recursive, fd));
+    }
+    let open_ns =
+        |path: &str| std::fs::File::open(path).map_err(|e| format!("cannot open {path}: {e}"));
+    let own = open_ns("/proc/self/ns/mnt")?;
+    let theirs = open_ns(&format!("/proc/{pid}/ns/mnt"))?;
+    nix::sched::setns(&theirs, nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(|e| format!("cannot enter the container's mount namespace: {e}"))?;
+    let mut result = Ok(());
+    for (dest, option, attr, recursive, fd) in &targets {
+        let flags = libc::AT_EMPTY_PATH | if *recursive { libc::AT_RECURSIVE } else { 0 };
+        // SAFETY: mount_setattr(2) with a valid fd, an empty NUL-terminated
+        // path and a mount_attr of the size passed.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                fd.as_raw_fd(),
+                c"".as_ptr(),
+                flags as libc::c_uint,
+                attr as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            )
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            result = Err(format!(
+                "mount {}: cannot apply {option:?}: {e}",
+                dest.display()
+            ));
+            break;
+        }
+    }
+    nix::sched::setns(&own, nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(|e| format!("cannot return to the agent's mount namespace: {e}"))?;
+    result
+}
+
+// Propagation types (<linux/mount.h>), as mount_attr.propagation takes them.
+const MS_UNBINDABLE: u64 = 1 << 17;
+const MS_PRIVATE: u64 = 1 << 18;
+const MS_SLAVE: u64 = 1 << 19;
+const MS_SHARED: u64 = 1 << 20;
+
+/// `struct mount_attr` of mount_setattr(2).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+impl MountAttr {
+    fn propagation(flag: u64) -> Self {
+        MountAttr {
+            attr_set: 0,
+            attr_clr: 0,
+            propagation: flag,
+            userns_fd: 0,
+        }
+    }
+
+    fn read_only() -> Self {
+        const MOUNT_ATTR_RDONLY: u64 = 0x1;
+        MountAttr {
+            attr_set: MOUNT_ATTR_RDONLY,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        }
     }
 }
