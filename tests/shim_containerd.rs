@@ -411,6 +411,72 @@ fn pod_network_namespace_is_wired_to_the_vm() {
     );
 }
 
+/// What nerdctl does: a spec with a new network namespace (no path) and a
+/// createRuntime hook that sets up the pod's network through the state's
+/// pid (`/proc/<pid>/ns/net`, as nerdctl's CNI hook does). The hook runs
+/// before the VM boots, in the runtime's namespace, and what it made (a
+/// veth, an address, a default route) is wired to the VM; afterwards the
+/// namespace the shim made, and with it the veth, are gone.
+#[test]
+#[ignore = "needs root, containerd, ctr, iproute2, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+fn create_runtime_hook_network_is_wired_to_the_vm() {
+    let c = Containerd::with_image();
+    let host_veth = format!("bxhk{}", std::process::id() % 100000);
+    // Reads the state on stdin, puts a veth's far end into the pod's
+    // namespace as eth0 and configures both ends.
+    let hook = c.dir.path().join("cni-like-hook.sh");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nset -e\nstate=$(cat)\n\
+             pid=$(printf '%s' \"$state\" | sed -n 's/.*\"pid\":\\([0-9]*\\).*/\\1/p')\n\
+             ip link add {host_veth} type veth peer name eth0 netns /proc/$pid/ns/net\n\
+             ip addr add 10.126.0.1/24 dev {host_veth}\n\
+             ip link set {host_veth} up\n\
+             nsenter --net=/proc/$pid/ns/net sh -c 'ip addr add 10.126.0.2/24 dev eth0 && \
+             ip link set eth0 up && ip route add default via 10.126.0.1'\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = run(Command::new("ctr").args(["oci", "spec"]));
+    assert!(out.status.success(), "ctr oci spec: {}", text(&out.stderr));
+    let mut spec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    spec["process"]["args"] = serde_json::json!(["sh", "-c", "ip -o addr show; ip route show"]);
+    spec["process"]["env"] = serde_json::json!(["PATH=/bin"]);
+    spec["hooks"] = serde_json::json!({
+        "createRuntime": [{"path": hook, "args": ["cni-like-hook.sh"]}]
+    });
+    // `ctr run --config` takes no image: the rootfs is a directory, the
+    // busybox tree the image builder lays out.
+    let img = c.dir.path().join("hook-rootfs");
+    std::fs::create_dir_all(&img).unwrap();
+    busybox_image(&img, IMAGE, &["sh"]);
+    spec["root"] = serde_json::json!({"path": img.join("layer"), "readonly": false});
+    let spec_path = c.dir.path().join("hook-spec.json");
+    std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--config",
+        spec_path.to_str().unwrap(),
+        "hooknet1",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(shown.contains("inet 10.126.0.2/24"), "{shown}");
+    assert!(shown.contains("default via 10.126.0.1"), "{shown}");
+    c.assert_nothing_left();
+    assert!(
+        !std::path::Path::new("/sys/class/net")
+            .join(&host_veth)
+            .exists(),
+        "the hook's veth outlived the sandbox"
+    );
+}
+
 /// `ctr run --net-host` asks for the host's network: refused, naming why.
 #[test]
 #[ignore = "needs root, containerd, ctr and the guest assets"]

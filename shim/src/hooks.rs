@@ -105,6 +105,13 @@ impl ContainerHooks {
         }
     }
 
+    /// Whether any hook of these kinds is set.
+    pub fn has_any(&self, kinds: &[HookKind]) -> bool {
+        self.hooks
+            .as_ref()
+            .is_some_and(|h| kinds.iter().any(|k| !k.select(h).is_empty()))
+    }
+
     pub fn state(&self, id: &str, status: &str, pid: u32, bundle: &Path) -> HookState {
         HookState {
             oci_version: self.oci_version.clone(),

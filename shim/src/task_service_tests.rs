@@ -958,7 +958,10 @@ async fn hooks_run_on_the_host_and_binary_loggers_get_the_output() {
         h.tmp.path(),
         "hook",
         &format!(
-            "printf '%s ' \"$1\" >> {0}; cat >> {0}; echo >> {0}",
+            // Stage, state JSON, the state pid's netns, the hook's own netns.
+            "state=$(cat); pid=$(printf '%s' \"$state\" | sed -n 's/.*\"pid\":\\([0-9]*\\).*/\\1/p'); \
+             printf '%s %s %s %s\\n' \"$1\" \"$state\" \"$(readlink /proc/$pid/ns/net)\" \
+             \"$(readlink /proc/self/ns/net)\" >> {0}",
             hook_log.display()
         ),
     );
@@ -1022,13 +1025,23 @@ async fn hooks_run_on_the_host_and_binary_loggers_get_the_output() {
         ("poststart", "running"),
         ("poststop", "stopped"),
     ]) {
-        let (name, json) = line.split_once(' ').unwrap();
+        let parts: Vec<&str> = line.splitn(4, ' ').collect();
+        let (name, json) = (parts[0], parts[1]);
         assert_eq!(name, stage);
         let state: serde_json::Value = serde_json::from_str(json).unwrap();
         assert_eq!(state["id"], SANDBOX);
         assert_eq!(state["status"], status);
-        assert_eq!(state["pid"], 4242, "the VM's pid");
         assert_eq!(state["bundle"], bundle.display().to_string());
+        if stage == "createRuntime" {
+            // Before the VM boots: the pid is a holder in the pod's own
+            // (new) network namespace, which the hook, running in the
+            // runtime's namespace, can reach through /proc/<pid>/ns/net.
+            assert_ne!(state["pid"], 4242, "{line}");
+            assert!(parts[2].starts_with("net:["), "{line}");
+            assert_ne!(parts[2], parts[3], "holder in its own netns: {line}");
+        } else {
+            assert_eq!(state["pid"], 4242, "the VM's pid");
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 //! and containerd calls Shutdown.
 
 pub mod container;
+pub mod netns_holder;
 pub mod network;
 pub mod state;
 pub mod state_file;
@@ -139,10 +140,15 @@ pub struct GuestProcess {
     pub exec_id: String,
 }
 
+/// Hooks of the booting container that run before its VM boots.
+const EARLY_HOOKS: &[HookKind] = &[HookKind::Prestart, HookKind::CreateRuntime];
+
 /// What the container that boots the VM decides about it.
 struct BootSpec<'a> {
     annotations: &'a HashMap<String, String>,
     netns: PodNetns,
+    /// `netns` is a namespace the shim made for early hooks.
+    owned_netns: bool,
 }
 
 /// A booted VM and its agent.
@@ -275,6 +281,26 @@ impl Sandbox {
         }
     }
 
+    /// A holder process in the pod's network namespace for the early hooks:
+    /// inside the namespace the spec names, or a new one the shim makes
+    /// (and owns) when the spec asks for a new namespace without a path.
+    fn early_netns(&self, netns: &PodNetns) -> Result<(netns_holder::NetnsHolder, PathBuf, bool)> {
+        match netns {
+            PodNetns::Path(path) => {
+                Ok((netns_holder::NetnsHolder::enter(path)?, path.clone(), false))
+            }
+            PodNetns::NewEmpty => {
+                let dir = self.dir()?;
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| ShimError::io("cannot create the sandbox directory", &dir, e))?;
+                let file = dir.join(netns_holder::OWNED_NETNS_FILE);
+                let (holder, path) = netns_holder::NetnsHolder::create_bound(&file)?;
+                Ok((holder, path, true))
+            }
+            PodNetns::Host => Err(network::host_network_refused(&self.id)),
+        }
+    }
+
     /// The VM, booted on first use as `boot` says (the `io.boxlite.*`
     /// overrides and the network of the container that boots it); true when
     /// this call booted it. A container joining a running VM cannot change
@@ -302,10 +328,17 @@ impl Sandbox {
             PodNetns::Host => return Err(network::host_network_refused(&self.id)),
             PodNetns::NewEmpty => None,
             PodNetns::Path(netns) => {
-                let net = PodNetwork::wire(&self.id, netns)
-                    .await
-                    .map_err(|e| ShimError::FailedPrecondition(crate::error::chain(&e)))?;
-                *self.network.lock().expect("network lock") = Some(NetworkRecord::of(netns, &net));
+                let net = match PodNetwork::wire(&self.id, netns).await {
+                    Ok(net) => net,
+                    Err(e) => {
+                        if boot.owned_netns {
+                            netns_holder::remove_owned_netns(netns);
+                        }
+                        return Err(ShimError::FailedPrecondition(crate::error::chain(&e)));
+                    }
+                };
+                *self.network.lock().expect("network lock") =
+                    Some(NetworkRecord::of(netns, &net, boot.owned_netns));
                 tracing::info!(netns = %netns.display(), interfaces = net.interfaces.len(), "pod network wired");
                 Some(net)
             }
@@ -419,12 +452,39 @@ impl Sandbox {
         })?;
         let hooks = ContainerHooks::take_from(&mut spec);
         let no_annotations = HashMap::new();
-        let netns = network::pod_netns(&spec);
+        let mut netns = network::pod_netns(&spec);
+        // The booting container's prestart/createRuntime hooks run before
+        // the VM exists, so that what they set up in the pod's network
+        // namespace (nerdctl's CNI) is wired to it.
+        let booting = self.vm.lock().await.is_none();
+        let early = if booting && netns != PodNetns::Host && hooks.has_any(EARLY_HOOKS) {
+            let (holder, path, owned) = self.early_netns(&netns)?;
+            let state = hooks.state(&req.id, "creating", holder.pid(), &req.bundle);
+            for kind in EARLY_HOOKS {
+                if let Err(err) = hooks.run(*kind, &state).await {
+                    drop(holder);
+                    if owned {
+                        netns_holder::remove_owned_netns(&path);
+                    }
+                    return Err(err);
+                }
+            }
+            netns = PodNetns::Path(path);
+            Some((holder, owned))
+        } else {
+            None
+        };
+        let owned_netns = early.as_ref().is_some_and(|(_, owned)| *owned);
         let boot = BootSpec {
             annotations: spec.annotations().as_ref().unwrap_or(&no_annotations),
             netns: netns.clone(),
+            owned_netns,
         };
-        let (vm, booted) = self.ensure_vm(boot).await?;
+        let booted = self.ensure_vm(boot).await;
+        // The namespace is wired (or the boot failed): the holder's job is done.
+        let ran_early = early.is_some();
+        drop(early);
+        let (vm, booted) = booted?;
         if booted && matches!(netns, PodNetns::Path(_)) {
             network::drop_network_namespace(&mut spec);
         }
@@ -457,6 +517,9 @@ impl Sandbox {
             HookKind::CreateRuntime,
             HookKind::CreateContainer,
         ] {
+            if ran_early && EARLY_HOOKS.contains(&kind) {
+                continue;
+            }
             if let Err(err) = hooks.run(kind, &state).await {
                 undo_mounts(&err);
                 return Err(err);

@@ -82,18 +82,23 @@ pub fn drop_network_namespace(spec: &mut Spec) {
 pub struct NetworkRecord {
     pub netns: PathBuf,
     pub taps: Vec<String>,
+    /// The shim made this namespace (a bind-mounted file in the sandbox
+    /// directory, see [`super::netns_holder`]) and removes it too.
+    #[serde(default)]
+    pub owned: bool,
 }
 
 impl NetworkRecord {
-    pub fn of(netns: &Path, net: &PodNetwork) -> Self {
+    pub fn of(netns: &Path, net: &PodNetwork, owned: bool) -> Self {
         Self {
             netns: netns.to_owned(),
             taps: net.tap_names(),
+            owned,
         }
     }
 
-    /// Removes the taps and tc filters; logs what fails (the sandbox is
-    /// going away either way).
+    /// Removes the taps and tc filters, and the namespace if the shim made
+    /// it; logs what fails (the sandbox is going away either way).
     pub async fn teardown(&self, sandbox_id: &str) {
         if let Err(e) = boxlite_runtime::network::teardown(&self.netns, &self.taps).await {
             tracing::error!(
@@ -102,6 +107,9 @@ impl NetworkRecord {
                 error = %crate::error::chain(&e),
                 "pod network teardown failed"
             );
+        }
+        if self.owned {
+            super::netns_holder::remove_owned_netns(&self.netns);
         }
     }
 }

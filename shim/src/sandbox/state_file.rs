@@ -68,6 +68,7 @@ mod tests {
             network: Some(super::super::network::NetworkRecord {
                 netns: "/var/run/netns/cni-1".into(),
                 taps: vec!["tap0_bx".into()],
+                owned: false,
             }),
         };
         s.save(dir.path()).unwrap();
