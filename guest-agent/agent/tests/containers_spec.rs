@@ -181,14 +181,17 @@ fn is_cgroup2_host() -> bool {
 /// Bind mounts (ro and rw), tmpfs options, proc, sysfs, devpts, mqueue,
 /// cgroup, and bind propagation.
 ///
-/// runc 1.1.5 with the same mounts: the ro bind refuses writes with "Read-only
-/// file system" and the rw bind writes through to the host; the tmpfs has
-/// `size=1024k,mode=1770`; devpts has `ptmxmode=666,mode=620`; mqueue is at
-/// /dev/mqueue; /sys/fs/cgroup is read-only (cgroup2 on a unified host, a
-/// tmpfs of v1 hierarchies otherwise). Propagation: the rootfs is made
-/// `rslave` by default, so an `rprivate` bind has no optional field, an
-/// `rslave` bind of a shared host mount has `master:N` only, and an `rshared`
-/// bind has `shared:M` (and `master:N`, it stays a slave of the host).
+/// runc 1.1.5 with the same mounts (checked on this cgroup v1 host): the ro
+/// bind refuses writes with "Read-only file system" and the rw bind writes
+/// through to the host; the tmpfs has `size=1024k,mode=1770`; devpts has
+/// `ptmxmode=666,mode=620`; mqueue is at /dev/mqueue; /sys/fs/cgroup refuses
+/// writes (cgroup2 mounted ro on a unified host; on v1 the hierarchies are
+/// ro and the tmpfs refuses the write; the agent makes the tmpfs ro too).
+/// Propagation: the rootfs is made `rslave`, so the `rprivate` bind has no
+/// optional field, the `rslave` bind of a shared host mount has `master:2`,
+/// the `rshared` one `shared:3 master:2`. libcontainer 0.7 ignored both the
+/// propagation options and `ro` on a v1 cgroup mount (all three binds were
+/// `master:N`, /sys/fs/cgroup writable); the agent's helper now applies them.
 #[tokio::test]
 #[ignore = "needs root"]
 async fn mounts_binds_tmpfs_pseudo_filesystems_and_propagation() {
@@ -311,7 +314,7 @@ async fn mounts_binds_tmpfs_pseudo_filesystems_and_propagation() {
     let f = fields("/mnt/slave");
     assert!(tagged(&f, "master:") && !tagged(&f, "shared:"), "{f:?}");
     let f = fields("/mnt/shared");
-    assert!(tagged(&f, "shared:"), "{f:?}");
+    assert!(tagged(&f, "shared:") && tagged(&f, "master:"), "{f:?}");
 }
 
 /// maskedPaths and readonlyPaths, as runc: a masked file is /dev/null (reads
@@ -588,14 +591,17 @@ fn containerd_device_rules(extra: &[Value]) -> Value {
 }
 
 /// linux.devices: nodes created with the given type, major:minor, mode and
-/// owner (runc: mknod with umask 0, then chown). Device cgroup rules: the
+/// owner (runc 1.1.5 gives the same `stat` output: mknod with umask 0, then
+/// chown). Device cgroup rules: the
 /// agent cannot enforce them in the guest (cgroup v2 needs libcontainer's
 /// eBPF `cgroupsv2_devices` feature, which is not built), so it accepts
 /// only rule lists whose non-enforcement grants nothing beyond them:
 /// containerd's default (deny all, allow the standard devices and the
-/// spec's own linux.devices) or allow-all; a deny rule for one device
-/// (which runc enforces: "Operation not permitted" on open) or an allow
-/// rule for another device is refused with INVALID_ARGUMENT.
+/// spec's own linux.devices) or allow-all; a deny rule for one device or an
+/// allow rule for another device is refused with INVALID_ARGUMENT. runc
+/// enforces the rules (with "deny all" and no rule for 10:229, `head
+/// /dev/fuse` gets "Permission denied"; it always allows its own standard
+/// set, so a deny rule for c 1:3 has no effect there).
 #[tokio::test]
 #[ignore = "needs root"]
 async fn devices_nodes_and_device_cgroup_rules() {
