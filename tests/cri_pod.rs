@@ -184,6 +184,13 @@ async fn bad_pods_are_clear_cri_errors() {
             .contains("annotation io.boxlite.bogus is not a BoxLite setting"),
         "unknown annotation: {err}"
     );
+    // A RuntimeClass handler the node does not have.
+    let unknown = pod_config("bxnohandler", NamespaceMode::Pod, &[], &logs);
+    let err = cri.run_pod(&unknown, "boxlite-nope").await.unwrap_err();
+    assert!(
+        err.message().contains("boxlite-nope"),
+        "unknown handler: {err}"
+    );
     cri.c.assert_nothing_left();
     drop(cri);
 
