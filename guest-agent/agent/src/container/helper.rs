@@ -169,11 +169,13 @@ fn fix_mounts(bundle: &std::path::Path, pid: i32) -> Result<(), String> {
                 recursive,
             ));
         }
-        let v1 = !matches!(
-            libcgroups::common::get_cgroup_setup(),
-            Ok(libcgroups::common::CgroupSetup::Unified)
-        );
-        if m.typ().as_deref() == Some("cgroup") && v1 && options.iter().any(|o| o == "ro") {
+        let v1 = || {
+            !matches!(
+                libcgroups::common::get_cgroup_setup(),
+                Ok(libcgroups::common::CgroupSetup::Unified)
+            )
+        };
+        if m.typ().as_deref() == Some("cgroup") && options.iter().any(|o| o == "ro") && v1() {
             fixes.push((
                 m.destination().clone(),
                 "ro".into(),
@@ -209,6 +211,20 @@ fn fix_mounts(bundle: &std::path::Path, pid: i32) -> Result<(), String> {
         |path: &str| std::fs::File::open(path).map_err(|e| format!("cannot open {path}: {e}"));
     let own = open_ns("/proc/self/ns/mnt")?;
     let theirs = open_ns(&format!("/proc/{pid}/ns/mnt"))?;
+    // setns resets root and cwd to the namespace's root; keep both to come
+    // back exactly (in the guest the agent's root is a chroot, see "Guest-
+    // mode start-up" in docs/agent.md).
+    let open_dir = |path: &str| {
+        nix::fcntl::open(
+            path,
+            nix::fcntl::OFlag::O_PATH
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| format!("cannot open {path}: {e}"))
+    };
+    let (own_root, own_cwd) = (open_dir("/")?, open_dir(".")?);
     nix::sched::setns(&theirs, nix::sched::CloneFlags::CLONE_NEWNS)
         .map_err(|e| format!("cannot enter the container's mount namespace: {e}"))?;
     let mut result = Ok(());
@@ -236,6 +252,9 @@ fn fix_mounts(bundle: &std::path::Path, pid: i32) -> Result<(), String> {
         }
     }
     nix::sched::setns(&own, nix::sched::CloneFlags::CLONE_NEWNS)
+        .and_then(|()| nix::unistd::fchdir(&own_root))
+        .and_then(|()| nix::unistd::chroot("."))
+        .and_then(|()| nix::unistd::fchdir(&own_cwd))
         .map_err(|e| format!("cannot return to the agent's mount namespace: {e}"))?;
     result
 }
