@@ -277,16 +277,7 @@ async fn silent_guest_times_out_naming_the_console_log() {
     let assets = guest_assets();
     let state = tempfile::tempdir().unwrap();
     let initramfs = state.path().join("silent.cpio.gz");
-    let init =
-        "#!/bin/busybox sh\necho silent-guest-up > /dev/console\nexec /bin/busybox sleep 3600\n";
-    Initramfs::new()
-        .dir("/bin", 0o755)
-        .dir("/dev", 0o755)
-        .char_device("/dev/console", 0o600, 5, 1)
-        .file("/bin/busybox", "/bin/busybox", 0o755)
-        .file_bytes("/init", init, 0o755)
-        .write_to(&initramfs)
-        .unwrap();
+    boxlite_tests::write_silent_initramfs(&initramfs);
     let mut config = config(state.path(), assets.kernel, initramfs);
     config.timeouts.agent_ready_secs = 8;
     let spec = VmSpec::from_config(&config, "silent1").unwrap();
@@ -310,7 +301,7 @@ async fn silent_guest_times_out_naming_the_console_log() {
         err.ends_with(&format!("console log: {}", console_log.display())),
         "{err}"
     );
-    assert!(console_text(vm.as_ref()).contains("silent-guest-up"));
+    assert!(console_text(vm.as_ref()).contains(boxlite_tests::SILENT_GUEST_MARK));
     assert!(!processes_mentioning(&dir).is_empty(), "VM still up");
     vm.kill().await.unwrap();
     assert_nothing_left(&dir);

@@ -218,16 +218,7 @@ fn bad_command_is_a_clear_error() {
 fn guest_that_never_answers_fails_clearly() {
     let c = Containerd::with_image();
     let initramfs = c.dir.path().join("silent.cpio.gz");
-    let init =
-        "#!/bin/busybox sh\necho silent-guest-up > /dev/console\nexec /bin/busybox sleep 3600\n";
-    xtask::initramfs::Initramfs::new()
-        .dir("/bin", 0o755)
-        .dir("/dev", 0o755)
-        .char_device("/dev/console", 0o600, 5, 1)
-        .file("/bin/busybox", "/bin/busybox", 0o755)
-        .file_bytes("/init", init, 0o755)
-        .write_to(&initramfs)
-        .unwrap();
+    boxlite_tests::write_silent_initramfs(&initramfs);
     c.edit_config(|text| {
         text.lines()
             .map(|l| {
@@ -260,7 +251,7 @@ fn guest_that_never_answers_fails_clearly() {
     // The console's last lines reach the shim log even though the sandbox
     // directory is gone.
     assert!(
-        c.log().contains("silent-guest-up"),
+        c.log().contains(boxlite_tests::SILENT_GUEST_MARK),
         "shim log has no console tail"
     );
     c.assert_nothing_left();

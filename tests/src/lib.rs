@@ -146,3 +146,23 @@ pub fn report_skip(test: &str, reason: &str) {
         }
     }
 }
+
+/// What a guest without an agent prints on its console before it sleeps.
+pub const SILENT_GUEST_MARK: &str = "silent-guest-up";
+
+/// Writes an initramfs whose `/init` (busybox) prints
+/// [`SILENT_GUEST_MARK`] and sleeps: a guest that boots but never serves
+/// the agent, for the "VM never answers" tests.
+pub fn write_silent_initramfs(path: &Path) {
+    let init = format!(
+        "#!/bin/busybox sh\necho {SILENT_GUEST_MARK} > /dev/console\nexec /bin/busybox sleep 3600\n"
+    );
+    xtask::initramfs::Initramfs::new()
+        .dir("/bin", 0o755)
+        .dir("/dev", 0o755)
+        .char_device("/dev/console", 0o600, 5, 1)
+        .file("/bin/busybox", "/bin/busybox", 0o755)
+        .file_bytes("/init", init, 0o755)
+        .write_to(path)
+        .expect("write the silent initramfs");
+}

@@ -1053,26 +1053,32 @@ mod tests {
         assert!(err.to_string().contains("dead"), "{err}");
     }
 
-    #[tokio::test]
-    async fn no_announcement_times_out_naming_the_port_and_socket() {
+    /// A fake guest that announces `line` (or nothing), and the error
+    /// wait_for_agent gives for it within `timeout`.
+    async fn wait_error(
+        line: Option<&'static [u8]>,
+        timeout: Duration,
+    ) -> (tempfile::TempDir, String) {
         let dir = tempfile::tempdir().unwrap();
-        // The agent serves but never announces: no connection is made.
-        let mut server = fake_guest(dir.path(), Duration::ZERO, None).await;
+        let mut server = fake_guest(dir.path(), Duration::ZERO, line).await;
         let vm = FakeVm {
             dir: dir.path().to_owned(),
             dead: AtomicBool::new(false),
         };
         let ready = ReadyListener::bind(&vm.vsock_socket_path()).unwrap();
-        let err = wait_for_agent(
-            &vm,
-            Some(ready),
-            Instant::now() + Duration::from_millis(500),
-            Duration::from_millis(500),
-        )
-        .await
-        .unwrap_err();
+        let err = wait_for_agent(&vm, Some(ready), Instant::now() + timeout, timeout)
+            .await
+            .unwrap_err();
+        server.shutdown().await.unwrap();
+        (dir, err.to_string())
+    }
+
+    #[tokio::test]
+    async fn no_announcement_times_out_naming_the_port_and_socket() {
+        // The agent serves but never announces: no connection is made.
+        let (dir, err) = wait_error(None, Duration::from_millis(500)).await;
         assert_eq!(
-            err.to_string(),
+            err,
             format!(
                 "sandbox fake: the agent did not announce itself on vsock port 1027 ({}) \
                  within 500ms (last: no connection); console log: {}",
@@ -1080,32 +1086,18 @@ mod tests {
                 dir.path().join("console.log").display()
             )
         );
-        server.shutdown().await.unwrap();
     }
 
     #[tokio::test]
     async fn agent_of_another_protocol_is_refused_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let line = b"BOXLITE-READY 99 9.0.0\n";
-        let mut server = fake_guest(dir.path(), Duration::ZERO, Some(line)).await;
-        let vm = FakeVm {
-            dir: dir.path().to_owned(),
-            dead: AtomicBool::new(false),
-        };
-        let ready = ReadyListener::bind(&vm.vsock_socket_path()).unwrap();
-        let err = wait_for_agent(
-            &vm,
-            Some(ready),
-            Instant::now() + Duration::from_secs(10),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap_err();
+        let started = std::time::Instant::now();
+        let (_dir, err) =
+            wait_error(Some(b"BOXLITE-READY 99 9.0.0\n"), Duration::from_secs(10)).await;
+        assert!(started.elapsed() < Duration::from_secs(5), "not at once");
         assert_eq!(
-            err.to_string(),
+            err,
             "sandbox fake: the guest agent 9.0.0 speaks protocol 99, this host speaks 1; \
              install a guest image built from the same release (cargo xtask guest)"
         );
-        server.shutdown().await.unwrap();
     }
 }
