@@ -281,6 +281,35 @@ impl Sandbox {
         }
     }
 
+    /// The booting container's prestart/createRuntime hooks run before the
+    /// VM exists, so that what they set up in the pod's network namespace
+    /// (nerdctl's CNI) is wired to it. Returns the holder (kept until the
+    /// VM is wired), the namespace path and whether the shim made it; None
+    /// when there is nothing to run early.
+    async fn run_early_hooks(
+        &self,
+        req: &CreateRequest,
+        hooks: &ContainerHooks,
+        netns: &PodNetns,
+    ) -> Result<Option<(netns_holder::NetnsHolder, PathBuf, bool)>> {
+        let booting = self.vm.lock().await.is_none();
+        if !booting || *netns == PodNetns::Host || !hooks.has_any(EARLY_HOOKS) {
+            return Ok(None);
+        }
+        let (holder, path, owned) = self.early_netns(netns)?;
+        let state = hooks.state(&req.id, "creating", holder.pid(), &req.bundle);
+        for kind in EARLY_HOOKS {
+            if let Err(err) = hooks.run(*kind, &state).await {
+                drop(holder);
+                if owned {
+                    netns_holder::remove_owned_netns(&path);
+                }
+                return Err(err);
+            }
+        }
+        Ok(Some((holder, path, owned)))
+    }
+
     /// A holder process in the pod's network namespace for the early hooks:
     /// inside the namespace the spec names, or a new one the shim makes
     /// (and owns) when the spec asks for a new namespace without a path.
@@ -453,28 +482,11 @@ impl Sandbox {
         let hooks = ContainerHooks::take_from(&mut spec);
         let no_annotations = HashMap::new();
         let mut netns = network::pod_netns(&spec);
-        // The booting container's prestart/createRuntime hooks run before
-        // the VM exists, so that what they set up in the pod's network
-        // namespace (nerdctl's CNI) is wired to it.
-        let booting = self.vm.lock().await.is_none();
-        let early = if booting && netns != PodNetns::Host && hooks.has_any(EARLY_HOOKS) {
-            let (holder, path, owned) = self.early_netns(&netns)?;
-            let state = hooks.state(&req.id, "creating", holder.pid(), &req.bundle);
-            for kind in EARLY_HOOKS {
-                if let Err(err) = hooks.run(*kind, &state).await {
-                    drop(holder);
-                    if owned {
-                        netns_holder::remove_owned_netns(&path);
-                    }
-                    return Err(err);
-                }
-            }
-            netns = PodNetns::Path(path);
-            Some((holder, owned))
-        } else {
-            None
-        };
-        let owned_netns = early.as_ref().is_some_and(|(_, owned)| *owned);
+        let early = self.run_early_hooks(&req, &hooks, &netns).await?;
+        if let Some((_, path, _)) = &early {
+            netns = PodNetns::Path(path.clone());
+        }
+        let owned_netns = early.as_ref().is_some_and(|(_, _, owned)| *owned);
         let boot = BootSpec {
             annotations: spec.annotations().as_ref().unwrap_or(&no_annotations),
             netns: netns.clone(),
