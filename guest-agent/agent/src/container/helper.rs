@@ -71,6 +71,7 @@ pub fn helper_main(args: &[String]) -> i32 {
             return 2;
         }
     };
+    install_log(&helper_log_path(&req.result_path));
     let result = match run(&req) {
         Ok(pid) => HelperResult::Started { pid },
         Err(error) => HelperResult::Failed { error },
@@ -91,6 +92,34 @@ pub fn helper_main(args: &[String]) -> i32 {
     } else {
         1
     }
+}
+
+/// Where the helper logs: beside its result file. Its stderr is the
+/// container process's, so libcontainer's own log lines (which name the
+/// failing step and errno, where its returned error often says only
+/// "failed syscall") go here; the agent adds the last of them to a failure.
+pub fn helper_log_path(result_path: &std::path::Path) -> PathBuf {
+    let mut p = result_path.as_os_str().to_owned();
+    p.push(".log");
+    PathBuf::from(p)
+}
+
+/// Warnings and errors of the helper and libcontainer, to `path`. Without
+/// it (the file cannot be made), the helper still works, just quieter.
+fn install_log(path: &std::path::Path) {
+    let Ok(file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    else {
+        return;
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::sync::Mutex::new(file))
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .without_time()
+        .try_init();
 }
 
 fn run(req: &HelperRequest) -> Result<i32, String> {

@@ -368,6 +368,22 @@ fn to_stdio(fd: Option<OwnedFd>) -> std::process::Stdio {
         .unwrap_or_else(std::process::Stdio::null)
 }
 
+/// The last lines the helper logged, on one line: what libcontainer said
+/// before it failed.
+fn helper_log_tail(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if lines.is_empty() {
+        return None;
+    }
+    let tail = lines[lines.len().saturating_sub(5)..].join("; ");
+    Some(tail.chars().take(1000).collect())
+}
+
 /// Runs the helper and returns the new process's pid, its exit watch
 /// (registered under the reaper lock), and the pty master if any.
 async fn run_helper(
@@ -425,9 +441,17 @@ async fn run_helper(
         .ok()
         .and_then(|b| serde_json::from_slice::<HelperResult>(&b).ok());
     let _ = std::fs::remove_file(&req.result_path);
+    let helper_log = helper::helper_log_path(&req.result_path);
+    let log_tail = helper_log_tail(&helper_log);
+    let _ = std::fs::remove_file(&helper_log);
     let pid = match result {
         Some(HelperResult::Started { pid }) => pid,
-        Some(HelperResult::Failed { error }) => return Err(helper_err(error)),
+        Some(HelperResult::Failed { error }) => {
+            return Err(helper_err(match log_tail {
+                Some(tail) => format!("{error} (libcontainer: {tail})"),
+                None => error,
+            }))
+        }
         None => {
             return Err(helper_err(format!(
                 "it exited with status {status} and no result"
@@ -855,5 +879,25 @@ impl Containers {
         let _ = std::fs::remove_dir_all(&c.bundle);
         tracing::info!(container_id = %id, "container removed");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn helper_log_tail_keeps_the_last_lines_on_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("exec-x.result.log");
+        assert_eq!(helper_log_tail(&log), None, "no log");
+        std::fs::write(&log, "\n\n").unwrap();
+        assert_eq!(helper_log_tail(&log), None, "blank log");
+        std::fs::write(&log, "a\nb\n\nc\nd\ne\nf\n  g  \n").unwrap();
+        assert_eq!(helper_log_tail(&log).as_deref(), Some("c; d; e; f; g"));
+        assert_eq!(
+            helper::helper_log_path(Path::new("/run/c1/exec-x.result")),
+            Path::new("/run/c1/exec-x.result.log")
+        );
     }
 }
