@@ -611,10 +611,89 @@ fn zombie_children(pid: u32) -> Vec<String> {
     zombies
 }
 
+/// How many exits nobody waited for the agent has reaped so far (its
+/// debug log has one "reaped unclaimed child" line for each).
+fn unclaimed_reaps(agent: &Agent) -> usize {
+    agent.stderr().matches("reaped unclaimed child").count()
+}
+
+/// Creates and starts container `id` from `config` (its init prints
+/// `init_output` and then waits for /tmp/stop), runs 20 execs at once while
+/// the init is busy (exec n forks 20 children and exits with n; exec 13
+/// kills itself: 128 + 9), checks every exec's WaitProcess, stops the init
+/// and checks its status and output, and removes the container.
+async fn init_with_parallel_execs(
+    agent: &Agent,
+    client: &AgentClient,
+    id: &'static str,
+    config: Vec<u8>,
+    init_output: &str,
+    init_status: i32,
+) {
+    create(client, id, config, stdio(false, true, false, false))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", agent.stderr()));
+    let out = agent.stream(id, "", StreamKind::Stdout).unwrap();
+    let reader = std::thread::spawn(move || read_all(out));
+    start(client, id).await.unwrap();
+    let execs: Vec<_> = (1..=20)
+        .map(|n| {
+            let client = client.clone();
+            let script = if n == 13 {
+                "for j in $(seq 20); do (exit 1) & done; wait; kill -9 $$".to_string()
+            } else {
+                format!("for j in $(seq 20); do (exit $j) & done; wait; exit {n}")
+            };
+            tokio::spawn(async move {
+                let exec_id = format!("e{n}");
+                exec(
+                    &client,
+                    id,
+                    &exec_id,
+                    process_json(&["sh", "-c", &script], ""),
+                    stdio(false, false, false, false),
+                )
+                .await
+                .map_err(|e| format!("exec {exec_id}: {e:?}"))?;
+                let w = wait(&client, id, &exec_id)
+                    .await
+                    .map_err(|e| format!("wait {exec_id}: {e:?}"))?;
+                Ok::<_, String>((n, w.exit_status))
+            })
+        })
+        .collect();
+    for task in execs {
+        let (n, status) = task
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{id}: {e}\n{}", agent.stderr()));
+        let want = if n == 13 { 128 + 9 } else { n };
+        assert_eq!(status, want, "{id}: exec e{n}");
+    }
+    exec(
+        client,
+        id,
+        "stop",
+        process_json(&["touch", "/tmp/stop"], ""),
+        stdio(false, false, false, false),
+    )
+    .await
+    .unwrap();
+    assert_eq!(wait(client, id, "stop").await.unwrap().exit_status, 0);
+    assert_eq!(
+        wait(client, id, "").await.unwrap().exit_status,
+        init_status,
+        "{id}: init"
+    );
+    assert_eq!(reader.join().unwrap(), init_output, "{id}: init output");
+    remove(client, id).await;
+}
+
 /// An init that forks 500 short-lived children while 20 execs (each
 /// forking children of its own) run in parallel: every WaitProcess reports
-/// its own process's status, the init's status is right, the agent has no
-/// zombie child afterwards and still serves. Then an init that exits with
+/// its own process's status, the init's status is right. The same without
+/// a pid namespace, where 300 orphans land on the agent's reaper. The
+/// agent has no zombie child afterwards and still serves. Then an init that exits with
 /// hundreds of children still running (the kernel kills them with the pid
 /// namespace) is reported with its own status.
 #[tokio::test]
@@ -633,71 +712,44 @@ async fn reaping_under_fork_storm_and_parallel_execs() {
     let agent = Agent::start();
     let (health, client) = agent.connect().await;
     let agent_pid = agent.pid();
-    let id = "storm";
-    let (guest, _) = sandbox_rootfs(&agent, id);
     let init = "for i in $(seq 500); do (exit $((i % 7))) & done; wait; echo forked; \
                 while [ ! -e /tmp/stop ]; do sleep 0.05; done; exit 42";
-    create(
-        &client,
-        id,
-        spec(id, &guest, process_json(&["sh", "-c", init], "")),
-        stdio(false, true, false, false),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e:?}\n{}", agent.stderr()));
-    let out = agent.stream(id, "", StreamKind::Stdout).unwrap();
-    let reader = std::thread::spawn(move || read_all(out));
-    start(&client, id).await.unwrap();
+    let (guest, _) = sandbox_rootfs(&agent, "storm");
+    let config = spec("storm", &guest, process_json(&["sh", "-c", init], ""));
+    init_with_parallel_execs(&agent, &client, "storm", config, "forked\n", 42).await;
 
-    // 20 execs at once, while the init is forking: exec n exits with n
-    // (exec 13 kills itself: 128 + 9), after forking 20 children.
-    let execs: Vec<_> = (1..=20)
-        .map(|n| {
-            let client = client.clone();
-            let script = if n == 13 {
-                "for j in $(seq 20); do (exit 1) & done; wait; kill -9 $$".to_string()
-            } else {
-                format!("for j in $(seq 20); do (exit $j) & done; wait; exit {n}")
-            };
-            tokio::spawn(async move {
-                let exec_id = format!("e{n}");
-                exec(
-                    &client,
-                    "storm",
-                    &exec_id,
-                    process_json(&["sh", "-c", &script], ""),
-                    stdio(false, false, false, false),
-                )
-                .await
-                .map_err(|e| format!("exec {exec_id}: {e:?}"))?;
-                let w = wait(&client, "storm", &exec_id)
-                    .await
-                    .map_err(|e| format!("wait {exec_id}: {e:?}"))?;
-                Ok::<_, String>((n, w.exit_status))
-            })
-        })
-        .collect();
-    for task in execs {
-        let (n, status) = task
-            .await
-            .unwrap()
-            .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
-        let want = if n == 13 { 128 + 9 } else { n };
-        assert_eq!(status, want, "exec e{n}");
-    }
-    exec(
-        &client,
-        id,
-        "stop",
-        process_json(&["touch", "/tmp/stop"], ""),
-        stdio(false, false, false, false),
-    )
-    .await
+    // No pid namespace (as for containers that share the host's or the
+    // pod's): orphans are re-parented to the agent itself (PID 1 in the
+    // guest, a child subreaper here), 300 of them while the execs run, and
+    // its reaper collects them without mixing them up with the execs.
+    let init = "for i in $(seq 300); do (sh -c 'exit 3' &); done; echo orphaned; \
+                while [ ! -e /tmp/stop ]; do sleep 0.05; done; exit 9";
+    let (guest, _) = sandbox_rootfs(&agent, "shared");
+    let mut config: Value = serde_json::from_slice(&spec(
+        "shared",
+        &guest,
+        process_json(&["sh", "-c", init], ""),
+    ))
     .unwrap();
-    assert_eq!(wait(&client, id, "stop").await.unwrap().exit_status, 0);
-    assert_eq!(wait(&client, id, "").await.unwrap().exit_status, 42);
-    assert_eq!(reader.join().unwrap(), "forked\n");
-    remove(&client, id).await;
+    config["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|ns| ns["type"] != "pid");
+    let before = unclaimed_reaps(&agent);
+    init_with_parallel_execs(
+        &agent,
+        &client,
+        "shared",
+        serde_json::to_vec(&config).unwrap(),
+        "orphaned\n",
+        9,
+    )
+    .await;
+    let orphans = unclaimed_reaps(&agent) - before;
+    assert!(
+        orphans >= 300,
+        "the agent reaped {orphans} unclaimed exits, not the 300 orphans"
+    );
 
     // An init that leaves 300 children running when it exits.
     let (out, err, code) = run(
@@ -741,4 +793,163 @@ async fn reaping_under_fork_storm_and_parallel_execs() {
     )
     .await;
     assert_eq!((out.as_str(), code), ("still here\n", 0));
+}
+
+/// `runc delete --force` when dropped, so a failed assertion leaves no
+/// detached container behind.
+struct RuncDelete {
+    state: PathBuf,
+    id: String,
+}
+
+impl Drop for RuncDelete {
+    fn drop(&mut self) {
+        let _ = Command::new(RUNC)
+            .arg("--root")
+            .arg(&self.state)
+            .args(["delete", "--force", &self.id])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// An exec whose Process has no `capabilities` gets the container's (runc
+/// exec's reading), one with `capabilities` gets exactly those: compared
+/// with `runc exec` on a container from the same config.json.
+#[tokio::test]
+#[ignore = "needs root"]
+async fn exec_capabilities_as_under_runc_exec() {
+    check_applets();
+    let agent = Agent::start();
+    let (_, client) = agent.connect().await;
+    let name = "execcaps";
+    let pid = std::process::id();
+    let config = probe_spec("sleep 1000", |s| {
+        s["process"]["capabilities"] = caps(DEFAULT_CAPS);
+    });
+    let script = "grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb):' /proc/self/status";
+    let execs = [
+        ("inherit", process_json(&["sh", "-c", script], "")),
+        (
+            "kill-only",
+            process_json(
+                &["sh", "-c", script],
+                r#"{"capabilities": {"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"],
+                                     "permitted": ["CAP_KILL"]}}"#,
+            ),
+        ),
+    ];
+
+    // Under the agent.
+    let (guest, _) = sandbox_rootfs(&agent, &format!("{name}-agent"));
+    let mut for_agent = config.clone();
+    for_agent["root"]["path"] = json!(guest);
+    for_agent["linux"]["cgroupsPath"] = json!(format!("/boxlite-test/{name}-{pid}"));
+    create(
+        &client,
+        name,
+        serde_json::to_vec(&for_agent).unwrap(),
+        stdio(false, false, false, false),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:?}\n{}", agent.stderr()));
+    start(&client, name).await.unwrap();
+    let mut under_agent = Vec::new();
+    for (exec_id, process) in &execs {
+        let streams = {
+            let dir = agent.dir.path().to_path_buf();
+            let exec_id = exec_id.to_string();
+            std::thread::spawn(move || {
+                let s = AgentStreams { dir }
+                    .stream(name, &exec_id, StreamKind::Stdout)
+                    .unwrap();
+                read_all(s)
+            })
+        };
+        exec(
+            &client,
+            name,
+            exec_id,
+            process.clone(),
+            stdio(false, true, false, false),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", agent.stderr()));
+        let code = wait(&client, name, exec_id).await.unwrap().exit_status;
+        under_agent.push((code, streams.join().unwrap()));
+    }
+    remove(&client, name).await;
+
+    // Under runc: a detached container, then runc exec --process.
+    let (_, host) = sandbox_rootfs(&agent, &format!("{name}-runc"));
+    let mut for_runc = config.clone();
+    for_runc["root"]["path"] = json!(host);
+    for_runc["linux"]["cgroupsPath"] = json!(format!("/boxlite-test-runc/{name}-{pid}"));
+    let state = agent.dir.path().join("runc-state");
+    let bundle = agent.dir.path().join("runc-bundles").join(name);
+    std::fs::create_dir_all(&bundle).unwrap();
+    std::fs::write(
+        bundle.join("config.json"),
+        serde_json::to_vec(&for_runc).unwrap(),
+    )
+    .unwrap();
+    let runc = |args: &[&str]| {
+        let mut c = Command::new(RUNC);
+        c.arg("--root").arg(&state).args(args);
+        c
+    };
+    // The detached init keeps runc's stdio: a file, not a pipe that would
+    // never reach EOF.
+    let log = bundle.join("run.stderr");
+    let detached = runc(&["run", "--detach", "--bundle"])
+        .arg(&bundle)
+        .arg(name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .status()
+        .unwrap();
+    assert!(
+        detached.success(),
+        "runc run --detach: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let _delete = RuncDelete {
+        state: state.clone(),
+        id: name.to_string(),
+    };
+    let mut under_runc = Vec::new();
+    for (exec_id, process) in &execs {
+        let file = bundle.join(format!("{exec_id}.json"));
+        std::fs::write(&file, serde_json::to_vec(process).unwrap()).unwrap();
+        let out = runc(&["exec", "--process"])
+            .arg(&file)
+            .arg(name)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            "",
+            "runc exec {exec_id}"
+        );
+        under_runc.push((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8(out.stdout).unwrap(),
+        ));
+    }
+
+    assert_eq!(
+        under_agent, under_runc,
+        "execs: the agent (left) and runc (right) differ"
+    );
+    // The container's default set (0xa80425fb) and CAP_KILL (bit 5).
+    assert!(
+        under_agent[0].1.contains("CapEff:\t00000000a80425fb\n"),
+        "{under_agent:?}"
+    );
+    assert!(
+        under_agent[1].1.contains("CapEff:\t0000000000000020\n"),
+        "{under_agent:?}"
+    );
 }
