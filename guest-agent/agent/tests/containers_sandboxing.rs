@@ -341,6 +341,8 @@ async fn nested_sandboxing_works_when_the_spec_grants_it() {
 /// - the same with a permissive runtime seccomp profile and no
 ///   no_new_privileges: the runtime has to load its own filter while it
 ///   still holds CAP_SYS_ADMIN, then the container gets the same errors;
+/// - root without CAP_SETUID and CAP_SETGID: setresuid to another uid is
+///   EPERM, even for uid 0;
 /// - uid 1000 with the default capabilities in the spec: they are gone
 ///   after execve (no ambient set, no file capabilities), so setresuid to
 ///   another uid is EPERM too.
@@ -370,6 +372,17 @@ async fn nested_sandboxing_fails_as_under_runc_without_the_capabilities() {
             }),
         ),
         (
+            "denied-root-nosetuid",
+            probe_spec(NESTED, |s| {
+                let no_setid: Vec<&str> = DEFAULT_CAPS
+                    .iter()
+                    .copied()
+                    .filter(|c| *c != "CAP_SETUID" && *c != "CAP_SETGID")
+                    .collect();
+                s["process"]["capabilities"] = caps(&no_setid);
+            }),
+        ),
+        (
             "denied-user",
             probe_spec(NESTED, |s| {
                 s["process"]["capabilities"] = caps(DEFAULT_CAPS);
@@ -394,10 +407,16 @@ async fn nested_sandboxing_fails_as_under_runc_without_the_capabilities() {
         ] {
             has_line(name, o, line);
         }
-        if name == "denied-user" {
+        if name == "denied-user" || name == "denied-root-nosetuid" {
             has_line(name, o, "setresuid: error EPERM (Operation not permitted)");
             has_line(name, o, "setresuid=1");
-            has_line(name, o, "CapEff:\t0000000000000000");
+            // None left after execve as uid 1000; root without bits 6, 7.
+            let eff = if name == "denied-user" {
+                "0000000000000000"
+            } else {
+                "00000000a804253b"
+            };
+            has_line(name, o, &format!("CapEff:\t{eff}"));
         } else {
             has_line(name, o, "setresuid: ok, uid=1234 euid=1234 suid=1234");
             has_line(name, o, "setresuid=0");
