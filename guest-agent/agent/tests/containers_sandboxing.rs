@@ -104,7 +104,11 @@ fn sandbox_rootfs(agent: &Agent, name: &str) -> (String, PathBuf) {
     let guest = agent.rootfs(name);
     let host = agent.root().join(guest.trim_start_matches('/'));
     for a in EXTRA_APPLETS {
-        std::os::unix::fs::symlink("busybox", host.join("bin").join(a)).unwrap();
+        // common may link some of them already.
+        match std::os::unix::fs::symlink("busybox", host.join("bin").join(a)) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => panic!("link {a}: {e}"),
+            _ => {}
+        }
     }
     std::fs::copy(probe_binary(), host.join("bin/sandbox-probe")).unwrap();
     std::fs::write(
