@@ -48,11 +48,6 @@ pub enum ReaperError {
     },
     #[error("exit status of pid {0} was lost: the reaper is gone")]
     Lost(i32),
-    #[error(
-        "exit status of pid {0} was lost: it was reaped before anyone registered for it, \
-         and more than {ORPHAN_EXITS_KEPT} unclaimed exits (or {ORPHAN_EXIT_TTL:?}) followed"
-    )]
-    Evicted(i32),
 }
 
 /// A reaped child.
@@ -100,20 +95,13 @@ impl SpawnGuard<'_> {
     pub fn register(&mut self, pid: i32) -> ExitWatch {
         let (tx, rx) = oneshot::channel();
         self.registry.waiting.insert(pid, tx);
-        ExitWatch {
-            pid,
-            rx,
-            evicted: false,
-        }
+        ExitWatch { pid, rx }
     }
 
     /// Registers interest in a process the agent did not fork itself (it
     /// was re-parented to the agent). If that pid was already reaped as an
     /// orphan after `since` (when the caller started the process), the
-    /// watch gets that exit at once. If the pid is neither kept nor alive
-    /// (not even a zombie), its exit was reaped and then pushed out of the
-    /// kept exits: the watch reports [`ReaperError::Evicted`] instead of
-    /// waiting forever.
+    /// watch gets that exit at once.
     pub fn register_since(&mut self, pid: i32, since: Instant) -> ExitWatch {
         let (tx, rx) = oneshot::channel();
         let found = self
@@ -121,22 +109,15 @@ impl SpawnGuard<'_> {
             .orphans
             .iter()
             .rposition(|(at, e)| e.pid == pid && *at >= since);
-        let mut evicted = false;
         match found.and_then(|i| self.registry.orphans.remove(i)) {
             Some((_, event)) => {
                 let _ = tx.send(event);
-            }
-            // The lock keeps the reaper out: a process that is gone now
-            // (ESRCH: not running, no zombie) was reaped already.
-            None if nix::sys::signal::kill(Pid::from_raw(pid), None) == Err(Errno::ESRCH) => {
-                tracing::error!(pid, "exit status lost: reaped unclaimed and evicted");
-                evicted = true;
             }
             None => {
                 self.registry.waiting.insert(pid, tx);
             }
         }
-        ExitWatch { pid, rx, evicted }
+        ExitWatch { pid, rx }
     }
 }
 
@@ -145,8 +126,6 @@ impl SpawnGuard<'_> {
 pub struct ExitWatch {
     pid: i32,
     rx: oneshot::Receiver<ExitEvent>,
-    /// The exit was reaped and dropped before the registration.
-    evicted: bool,
 }
 
 impl ExitWatch {
@@ -156,9 +135,6 @@ impl ExitWatch {
 
     /// Waits until the reaper collected the process.
     pub async fn wait(self) -> Result<ExitEvent, ReaperError> {
-        if self.evicted {
-            return Err(ReaperError::Evicted(self.pid));
-        }
         self.rx.await.map_err(|_| ReaperError::Lost(self.pid))
     }
 }
@@ -390,54 +366,6 @@ mod tests {
         let watch = reaper.lock_for_spawn().register_since(pid, before);
         let e = runtime().block_on(wait(watch));
         assert_eq!((e.pid, e.status), (pid, 4));
-    }
-
-    #[test]
-    #[allow(clippy::zombie_processes)] // the reaper under test collects it
-    fn late_registration_of_an_evicted_exit_fails_instead_of_hanging() {
-        let _serial = CHILDREN.lock().unwrap_or_else(|p| p.into_inner());
-        let reaper = Reaper::new();
-        let before = Instant::now();
-        let child = sh("exit 4").spawn().unwrap();
-        let pid = i32::try_from(child.id()).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while reaper.reap() == 0 {
-            assert!(Instant::now() < deadline, "child not reaped");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        // ORPHAN_EXITS_KEPT later unclaimed exits push it out.
-        {
-            let mut registry = reaper.inner.registry.lock().unwrap();
-            for i in 0..ORPHAN_EXITS_KEPT {
-                if registry.orphans.len() >= ORPHAN_EXITS_KEPT {
-                    registry.orphans.pop_front();
-                }
-                let event = ExitEvent {
-                    pid: -1 - i as i32,
-                    status: 0,
-                    exited_at: SystemTime::now(),
-                };
-                registry.orphans.push_back((Instant::now(), event));
-            }
-            assert!(!registry.orphans.iter().any(|(_, e)| e.pid == pid));
-        }
-        let watch = reaper.lock_for_spawn().register_since(pid, before);
-        let e = runtime()
-            .block_on(async { tokio::time::timeout(Duration::from_secs(5), watch.wait()).await })
-            .expect("the watch of an evicted exit waits forever")
-            .unwrap_err();
-        assert!(matches!(e, ReaperError::Evicted(p) if p == pid), "{e}");
-        assert!(
-            e.to_string().contains(&format!("pid {pid} was lost")),
-            "{e}"
-        );
-        // A live process is still waited for.
-        let mut live = sh("sleep 0.3").spawn().unwrap();
-        let live_pid = i32::try_from(live.id()).unwrap();
-        let watch = reaper.lock_for_spawn().register_since(live_pid, before);
-        assert!(!watch.evicted);
-        drop(watch);
-        live.wait().unwrap();
     }
 
     #[test]

@@ -301,7 +301,7 @@ impl Process {
                     at: e.exited_at,
                 },
                 Err(e) => {
-                    tracing::error!(process = %this.name(), error = %e, "exit status lost; reporting 255");
+                    tracing::error!(error = %e, "exit status lost");
                     Exit {
                         status: 255,
                         at: SystemTime::now(),
