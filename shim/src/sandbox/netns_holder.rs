@@ -42,11 +42,14 @@ impl NetnsHolder {
             MsFlags::MS_BIND,
             None::<&str>,
         )
-        .map_err(|e| ShimError::Mount {
-            op: "cannot bind-mount the new network namespace",
-            source_desc: source.display().to_string(),
-            target: file.to_owned(),
-            error: e.into(),
+        .map_err(|e| {
+            let _ = std::fs::remove_file(file);
+            ShimError::Mount {
+                op: "cannot bind-mount the new network namespace",
+                source_desc: source.display().to_string(),
+                target: file.to_owned(),
+                error: e.into(),
+            }
         })?;
         Ok((holder, file.to_owned()))
     }
