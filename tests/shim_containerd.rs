@@ -23,32 +23,15 @@ use boxlite_tests::oci_image::{busybox_image, run, sha256};
 use boxlite_tests::processes_mentioning;
 
 /// `ctr run --runtime io.containerd.boxlite.v2` reaches the shim, which boots
-/// a VM and asks the agent to create the container.
-///
-/// An agent without the container service (issue 5) answers UNIMPLEMENTED,
-/// and ctr must show exactly that; with the service, the container's output
-/// and exit code reach ctr. Either way nothing is left behind. The guest
-/// assets are `guest_assets()`'s (`BOXLITE_KERNEL` / `BOXLITE_INITRAMFS`,
-/// else `build/guest/`, else `/usr/share/boxlite/`).
+/// a VM and asks the agent to create the container; the container's output
+/// and exit code reach ctr, and nothing is left behind. The guest assets
+/// are `guest_assets()`'s (`BOXLITE_KERNEL` / `BOXLITE_INITRAMFS`, else
+/// `build/guest/`, else `/usr/share/boxlite/`).
 #[test]
 #[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
 fn ctr_run_reaches_the_agent_through_the_shim() {
-    let c = Containerd::start();
-    let img = tempfile::tempdir().unwrap();
-    let archive = busybox_image(img.path(), IMAGE, &["sh"]);
-    let out = c.ctr(&["image", "import", archive.to_str().unwrap()]);
-    assert!(out.status.success(), "import: {}", text(&out.stderr));
-
-    let out = c.ctr(&[
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "run1",
-        "echo",
-        "hello-boxlite",
-    ]);
+    let c = Containerd::with_image();
+    let out = c.run_rm(&[], "run1", &["echo", "hello-boxlite"]);
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     eprintln!(
         "ctr run: status {:?}\nstdout: {stdout}\nstderr: {stderr}",
@@ -68,73 +51,20 @@ fn ctr_run_reaches_the_agent_through_the_shim() {
         log.contains("sandbox VM ready"),
         "no VM boot in the log:\n{log}"
     );
-
-    // An agent without the container service (issue 5) answers exactly this.
-    if stderr.trim_end()
-        == "ctr: failed to create shim task: agent CreateContainer for container \"run1\": \
-            container service not implemented yet: CreateContainer: not implemented"
-    {
-        assert!(!out.status.success());
-        assert!(stdout.is_empty(), "{stdout}");
-        eprintln!("the guest agent has no container service yet: stopping here");
-        return;
-    }
-    // With the container service: the real thing.
     assert!(out.status.success(), "ctr run failed: {stderr}");
     assert_eq!(stdout, "hello-boxlite\n");
-    let out = c.ctr(&[
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "run2",
-        "sh",
-        "-c",
-        "exit 7",
-    ]);
+    let out = c.run_rm(&[], "run2", &["sh", "-c", "exit 7"]);
     assert_eq!(out.status.code(), Some(7), "stderr: {}", text(&out.stderr));
     c.assert_nothing_left();
-    // EXTEND: issue 6's other cases are the tests below, one each; `ctr
-    // task exec` output/tty is not among them yet: intermittently the
-    // agent answers ExecProcess with "stdio stream(s) stdin did not connect
-    // within 10s" (see docs/shim.md). Piped stdin is not either (the shim holds the stdin fifo
-    // read-write, so the client closing it never becomes EOF; see
-    // docs/shim.md).
 }
 
 /// A bad runtime config gives a clear error in ctr's output, and nothing runs.
 #[test]
 #[ignore = "needs root, containerd and ctr"]
 fn missing_kernel_is_a_clear_error() {
-    let c = Containerd::start();
-    let config = c.dir.path().join("boxlite.toml");
-    let text_cfg = std::fs::read_to_string(&config).unwrap();
-    let kernel_line = text_cfg
-        .lines()
-        .find(|l| l.starts_with("kernel"))
-        .unwrap()
-        .to_owned();
-    std::fs::write(
-        &config,
-        text_cfg.replace(&kernel_line, "kernel = \"/nonexistent/vmlinux\""),
-    )
-    .unwrap();
-    let img = tempfile::tempdir().unwrap();
-    let archive = busybox_image(img.path(), IMAGE, &["sh"]);
-    assert!(c
-        .ctr(&["image", "import", archive.to_str().unwrap()])
-        .status
-        .success());
-    let out = c.ctr(&[
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "nokernel",
-        "true",
-    ]);
+    let c = Containerd::with_image();
+    c.set_config("kernel", "\"/nonexistent/vmlinux\"");
+    let out = c.run_rm(&[], "nokernel", &["true"]);
     let stderr = text(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -219,20 +149,8 @@ fn guest_that_never_answers_fails_clearly() {
     let c = Containerd::with_image();
     let initramfs = c.dir.path().join("silent.cpio.gz");
     boxlite_tests::write_silent_initramfs(&initramfs);
-    c.edit_config(|text| {
-        text.lines()
-            .map(|l| {
-                if l.starts_with("initramfs") {
-                    format!("initramfs = {initramfs:?}")
-                } else if l.starts_with("agent_ready_secs") {
-                    "agent_ready_secs = 8".to_owned()
-                } else {
-                    l.to_owned()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    });
+    c.set_config("initramfs", &format!("{initramfs:?}"));
+    c.set_config("agent_ready_secs", "8");
     let started = Instant::now();
     let out = c.run_rm(&[], "silent1", &["true"]);
     assert!(!out.status.success(), "{out:?}");

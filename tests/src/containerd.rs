@@ -133,11 +133,27 @@ impl Containerd {
         c
     }
 
-    /// Rewrites the shim's boxlite.toml (read by each new shim).
-    pub fn edit_config(&self, edit: impl FnOnce(String) -> String) {
+    /// Sets `key = value` (value in TOML syntax) in the shim's boxlite.toml,
+    /// replacing the line that sets `key` (each new shim reads the file).
+    pub fn set_config(&self, key: &str, value: &str) {
         let path = self.dir.path().join("boxlite.toml");
         let text = std::fs::read_to_string(&path).unwrap();
-        std::fs::write(&path, edit(text)).unwrap();
+        let sets_key = |l: &str| l.split('=').next().is_some_and(|k| k.trim() == key);
+        assert!(
+            text.lines().any(sets_key),
+            "boxlite.toml sets no {key}:\n{text}"
+        );
+        let edited: Vec<String> = text
+            .lines()
+            .map(|l| {
+                if sets_key(l) {
+                    format!("{key} = {value}")
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect();
+        std::fs::write(&path, edited.join("\n") + "\n").unwrap();
     }
 
     pub fn ctr(&self, args: &[&str]) -> Output {
