@@ -21,8 +21,8 @@ use boxlite_protocol::agent_ttrpc::AgentClient;
 use boxlite_protocol::stdio::{read_ack, StreamHeader, StreamKind};
 use boxlite_protocol::STDIO_VSOCK_PORT;
 use boxlite_runtime::hypervisor::{new_hypervisor, VmSpec};
-use boxlite_runtime::{Config, HybridVsock};
-use boxlite_tests::{assert_nothing_left, guest_assets};
+use boxlite_runtime::HybridVsock;
+use boxlite_tests::assert_nothing_left;
 
 const SHARE_TAG: &str = "shared";
 const APPLETS: &[&str] = &["sh", "echo", "cat", "sleep", "hostname", "true"];
@@ -49,26 +49,10 @@ fn busybox_rootfs(share: &Path, id: &str) -> String {
     )
 }
 
-/// A runc-like spec: new pid, mount, ipc, uts and cgroup namespaces (the
-/// cgroup namespace as containerd's CRI plugin adds it on cgroup v2 hosts).
+/// A runc-like spec for container `id` (cgroup namespace included, as
+/// containerd's CRI plugin adds it on cgroup v2 hosts).
 fn spec(id: &str, rootfs: &str, args: &[&str]) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
-        "ociVersion": "1.0.2",
-        "process": {"cwd": "/", "args": args, "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}},
-        "root": {"path": rootfs, "readonly": false},
-        "hostname": id,
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-        ],
-        "linux": {
-            "cgroupsPath": format!("/boxlite/{id}"),
-            "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"},
-                           {"type": "cgroup"}],
-        },
-    }))
-    .unwrap()
+    boxlite_tests::runc_like_spec(id, rootfs, &format!("/boxlite/{id}"), args)
 }
 
 fn stdio(stdout: bool, stderr: bool) -> protobuf::MessageField<StdioConfig> {
@@ -147,14 +131,9 @@ impl Drop for ConsoleOnPanic {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root, QEMU, virtiofsd, vhost-device-vsock, busybox-static and the guest assets"]
 async fn containers_run_inside_the_guest() {
-    let assets = guest_assets();
     let state = tempfile::tempdir().unwrap();
     let share = tempfile::tempdir().unwrap();
-    let mut config = Config::default();
-    config.runtime.state_dir = state.path().to_owned();
-    config.guest.kernel = assets.kernel;
-    config.guest.initramfs = assets.initramfs;
-    config.timeouts.agent_ready_secs = 60;
+    let mut config = boxlite_tests::guest_config(state.path());
     config.guest.kernel_cmdline_extra = "boxlite.log=debug".into();
     config.validate().unwrap();
     let spec_vm = VmSpec::from_config(&config, "ctr1").unwrap();

@@ -166,3 +166,49 @@ pub fn write_silent_initramfs(path: &Path) {
         .write_to(path)
         .expect("write the silent initramfs");
 }
+
+/// The runtime config the guest tests and benchmarks boot with: the guest
+/// assets, sandbox state under `state_dir`, 60 s for the agent (TCG boots
+/// are slow). Callers adjust it, then validate.
+pub fn guest_config(state_dir: &Path) -> boxlite_runtime::Config {
+    let assets = guest_assets();
+    let mut config = boxlite_runtime::Config::default();
+    config.runtime.state_dir = state_dir.to_owned();
+    config.guest.kernel = assets.kernel;
+    config.guest.initramfs = assets.initramfs;
+    config.timeouts.agent_ready_secs = 60;
+    config
+}
+
+/// An OCI process running `args` as root in `/` with `PATH=/bin`.
+pub fn root_process(args: &[&str]) -> serde_json::Value {
+    serde_json::json!({"cwd": "/", "args": args, "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}})
+}
+
+/// A runc-like OCI spec as containerd's CRI plugin would ask for: new pid,
+/// mount, ipc, uts and cgroup namespaces, /proc and a tmpfs /dev, running
+/// `args` as root in `rootfs` (a guest path), in cgroup `cgroups_path`.
+pub fn runc_like_spec(hostname: &str, rootfs: &str, cgroups_path: &str, args: &[&str]) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": root_process(args),
+        "root": {"path": rootfs, "readonly": false},
+        "hostname": hostname,
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        ],
+        "linux": {
+            "cgroupsPath": cgroups_path,
+            "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"},
+                           {"type": "cgroup"}],
+        },
+    }))
+    .expect("a JSON value serialises")
+}
+
+/// The `p`-quantile (0.0..=1.0) of sorted durations, nearest rank.
+pub fn percentile(sorted: &[std::time::Duration], p: f64) -> std::time::Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}

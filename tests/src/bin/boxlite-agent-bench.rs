@@ -41,8 +41,7 @@ use boxlite_protocol::agent_ttrpc::AgentClient;
 use boxlite_protocol::stdio::{read_ack, StreamHeader, StreamKind};
 use boxlite_protocol::STDIO_VSOCK_PORT;
 use boxlite_runtime::hypervisor::{new_hypervisor, AgentConnection, VmSpec};
-use boxlite_runtime::{Config, HybridVsock};
-use boxlite_tests::guest_assets;
+use boxlite_runtime::HybridVsock;
 
 const THROUGHPUT_RUNS: usize = 3;
 const SHARE_TAG: &str = "bench";
@@ -173,7 +172,7 @@ impl Target {
         let req = ExecProcessRequest {
             container_id: id.into(),
             exec_id: exec_id.into(),
-            process_json: serde_json::to_vec(&process(args)).unwrap(),
+            process_json: serde_json::to_vec(&boxlite_tests::root_process(args)).unwrap(),
             stdio: Some(StdioConfig {
                 stdout,
                 ..Default::default()
@@ -234,29 +233,9 @@ impl Target {
     }
 }
 
-fn process(args: &[&str]) -> serde_json::Value {
-    serde_json::json!({"cwd": "/", "args": args, "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}})
-}
-
 /// A runc-like spec, as containerd's CRI plugin would ask for.
 fn spec(id: &str, rootfs: &str, args: &[&str]) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
-        "ociVersion": "1.0.2",
-        "process": process(args),
-        "root": {"path": rootfs, "readonly": false},
-        "hostname": "bench",
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-        ],
-        "linux": {
-            "cgroupsPath": format!("{}/{id}", cgroup_parent()),
-            "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"},
-                           {"type": "cgroup"}],
-        },
-    }))
-    .unwrap()
+    boxlite_tests::runc_like_spec("bench", rootfs, &format!("{}/{id}", cgroup_parent()), args)
 }
 
 fn cgroup_parent() -> String {
@@ -284,17 +263,13 @@ fn read_stdout(mut conn: UnixStream, id: &str, exec_id: &str) -> (usize, Duratio
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
 fn median_p90(mut times: Vec<Duration>) -> String {
     times.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     format!(
         "{:.1} / {:.1} ms",
-        ms(percentile(&times, 0.5)),
-        ms(percentile(&times, 0.9))
+        ms(boxlite_tests::percentile(&times, 0.5)),
+        ms(boxlite_tests::percentile(&times, 0.9))
     )
 }
 
@@ -432,14 +407,9 @@ async fn connect_host(sock: &Path) -> AgentClient {
 }
 
 async fn guest(args: &Args) -> Vec<String> {
-    let assets = guest_assets();
     let state = tempfile::tempdir().unwrap();
     let share = tempfile::tempdir().unwrap();
-    let mut config = Config::default();
-    config.runtime.state_dir = state.path().to_owned();
-    config.guest.kernel = assets.kernel;
-    config.guest.initramfs = assets.initramfs;
-    config.timeouts.agent_ready_secs = 60;
+    let config = boxlite_tests::guest_config(state.path());
     config.validate().expect("config");
     let vm_spec = VmSpec::from_config(&config, "bench").expect("VM spec");
     let vm = new_hypervisor(&config, vm_spec).expect("hypervisor");

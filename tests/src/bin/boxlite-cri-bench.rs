@@ -21,6 +21,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use boxlite_tests::cri::{http_get, pod_config, Cri, GREETING, HANDLER};
+use boxlite_tests::percentile;
 use k8s_cri::v1::NamespaceMode;
 
 struct Args {
@@ -50,11 +51,6 @@ fn parse_args() -> Args {
         }
     }
     args
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
 }
 
 fn ms(d: Duration) -> String {
