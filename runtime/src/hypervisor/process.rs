@@ -294,13 +294,10 @@ pub fn check_tap(tap: &TapDevice) -> Result<(), HypervisorError> {
     Ok(())
 }
 
-/// The last non-empty line of a log, at most 300 characters.
+/// The last non-empty line of a log, trimmed, at most 300 characters.
 pub fn last_line(log: &Path) -> Option<String> {
-    let text = std::fs::read(log).ok()?;
-    let tail = &text[text.len().saturating_sub(4096)..];
-    let text = String::from_utf8_lossy(tail);
-    let line = text.lines().rev().map(str::trim).find(|l| !l.is_empty())?;
-    Some(line.chars().take(300).collect())
+    let line = log_tail(log, 1)?;
+    Some(line.trim().chars().take(300).collect())
 }
 
 /// The last `max_lines` non-empty lines of a log (from its last 16 KiB),
@@ -373,5 +370,7 @@ mod tests {
         std::fs::write(&log, "one\ntwo\n\nthree  \nfour\n\n").unwrap();
         assert_eq!(log_tail(&log, 3).as_deref(), Some("two\nthree\nfour"));
         assert_eq!(log_tail(&log, 10).as_deref(), Some("one\ntwo\nthree\nfour"));
+        std::fs::write(&log, format!("first\n  {}  \n\n", "x".repeat(400))).unwrap();
+        assert_eq!(last_line(&log), Some("x".repeat(300)));
     }
 }
