@@ -1,0 +1,309 @@
+//! Install and uninstall into a temp directory standing in for the host's
+//! `/` (mounted at /host in the DaemonSet), without root.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use boxlite_node_installer::install::{install, uninstall, Options, Restart};
+use boxlite_node_installer::Log;
+
+const ORIGINAL_CONFIG: &str = "# the node's own config\nversion = 2\n\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n";
+const DEFAULT_BOXLITE_TOML: &str =
+    "[guest]\nkernel = \"/opt/boxlite/share/vmlinux\"\ninitramfs = \"/opt/boxlite/share/initramfs\"\n";
+
+struct Node {
+    _dir: tempfile::TempDir,
+    host: PathBuf,
+    payload: PathBuf,
+}
+
+fn write(path: &Path, bytes: &[u8], mode: u32) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, bytes).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A host root with a containerd config and a payload as the image has it.
+fn node() -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host");
+    let payload = dir.path().join("payload");
+    write(&host.join("etc/containerd/config.toml"), ORIGINAL_CONFIG.as_bytes(), 0o644);
+    write(&payload.join("bin/containerd-shim-boxlite-v2"), b"\x7fELF shim", 0o755);
+    write(&payload.join("bin/boxlite-vmm"), b"\x7fELF vmm", 0o750);
+    write(&payload.join("share/vmlinux"), &[0u8; 4096], 0o644);
+    write(&payload.join("share/initramfs"), b"070701 cpio", 0o644);
+    write(&payload.join("etc/boxlite.toml"), DEFAULT_BOXLITE_TOML.as_bytes(), 0o644);
+    Node {
+        _dir: dir,
+        host,
+        payload,
+    }
+}
+
+fn opts(host: &Path) -> Options {
+    Options {
+        host_root: host.to_owned(),
+        restart: Restart::Skip,
+        label: None,
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum Entry {
+    Dir(u32),
+    File {
+        mode: u32,
+        mtime_ns: i128,
+        ino: u64,
+        bytes: Vec<u8>,
+    },
+    Link(PathBuf),
+}
+
+/// Every path under `root` with its kind, mode, mtime, inode and content:
+/// equal snapshots mean nothing was written, not even the same bytes again.
+fn snapshot(root: &Path) -> BTreeMap<PathBuf, Entry> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Entry>) {
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let rel = path.strip_prefix(root).unwrap().to_owned();
+            if meta.file_type().is_symlink() {
+                out.insert(rel, Entry::Link(fs::read_link(&path).unwrap()));
+            } else if meta.is_dir() {
+                out.insert(rel, Entry::Dir(meta.mode() & 0o7777));
+                walk(root, &path, out);
+            } else {
+                out.insert(
+                    rel,
+                    Entry::File {
+                        mode: meta.mode() & 0o7777,
+                        mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+                        ino: meta.ino(),
+                        bytes: fs::read(&path).unwrap(),
+                    },
+                );
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+#[test]
+fn install_puts_everything_in_place() {
+    let n = node();
+    let mut log = Log::default();
+    install(&opts(&n.host), &n.payload, &mut log).unwrap();
+
+    let bin = n.host.join("opt/boxlite/bin");
+    assert_eq!(fs::read(bin.join("containerd-shim-boxlite-v2")).unwrap(), b"\x7fELF shim");
+    let mode = |p: PathBuf| fs::metadata(p).unwrap().mode() & 0o7777;
+    assert_eq!(mode(bin.join("containerd-shim-boxlite-v2")), 0o755);
+    assert_eq!(mode(bin.join("boxlite-vmm")), 0o750);
+    assert_eq!(fs::read(n.host.join("opt/boxlite/share/vmlinux")).unwrap(), vec![0u8; 4096]);
+    assert_eq!(
+        fs::read_link(n.host.join("usr/local/bin/containerd-shim-boxlite-v2")).unwrap(),
+        Path::new("/opt/boxlite/bin/containerd-shim-boxlite-v2")
+    );
+    assert_eq!(
+        fs::read_to_string(n.host.join("etc/boxlite/boxlite.toml")).unwrap(),
+        DEFAULT_BOXLITE_TOML
+    );
+    let config = fs::read_to_string(n.host.join("etc/containerd/config.toml")).unwrap();
+    assert!(config.starts_with(ORIGINAL_CONFIG), "{config}");
+    assert!(
+        config.contains("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.boxlite]"),
+        "{config}"
+    );
+    assert_eq!(
+        fs::read_to_string(n.host.join("etc/containerd/config.toml.before-boxlite")).unwrap(),
+        ORIGINAL_CONFIG
+    );
+    // No temp files left next to what was written.
+    let tree = snapshot(&n.host);
+    assert!(
+        !tree.keys().any(|p| p.to_string_lossy().contains("boxlite-tmp")),
+        "{:?}",
+        tree.keys()
+    );
+    assert!(log.lines.iter().any(|l| l.contains("runtime boxlite registered")), "{:?}", log.lines);
+    assert!(log.lines.iter().any(|l| l.contains("not restarted (--no-restart)")), "{:?}", log.lines);
+}
+
+#[test]
+fn second_install_changes_nothing() {
+    let n = node();
+    install(&opts(&n.host), &n.payload, &mut Log::default()).unwrap();
+    let before = snapshot(&n.host);
+    let mut log = Log::default();
+    install(&opts(&n.host), &n.payload, &mut log).unwrap();
+    assert_eq!(snapshot(&n.host), before);
+    // Every action line says it did nothing.
+    for line in &log.lines {
+        assert!(
+            ["unchanged", "kept", "skipped"].iter().any(|w| line.contains(w)),
+            "{line}\n{:?}",
+            log.lines
+        );
+    }
+    assert!(log.lines.iter().any(|l| l.contains("config unchanged, not restarted")), "{:?}", log.lines);
+}
+
+#[test]
+fn a_changed_payload_file_is_replaced_and_the_admins_config_kept() {
+    let n = node();
+    install(&opts(&n.host), &n.payload, &mut Log::default()).unwrap();
+    write(&n.payload.join("bin/boxlite-vmm"), b"\x7fELF vmm v2", 0o755);
+    let admin = "[guest]\nmemory_mib = 1024\n";
+    fs::write(n.host.join("etc/boxlite/boxlite.toml"), admin).unwrap();
+    let mut log = Log::default();
+    install(&opts(&n.host), &n.payload, &mut log).unwrap();
+    let vmm = n.host.join("opt/boxlite/bin/boxlite-vmm");
+    assert_eq!(fs::read(&vmm).unwrap(), b"\x7fELF vmm v2");
+    assert_eq!(fs::metadata(&vmm).unwrap().mode() & 0o7777, 0o755);
+    assert!(log.lines.iter().any(|l| l.ends_with("boxlite-vmm: installed (11 bytes, mode 755)")), "{:?}", log.lines);
+    assert_eq!(fs::read_to_string(n.host.join("etc/boxlite/boxlite.toml")).unwrap(), admin);
+}
+
+#[test]
+fn a_shim_copied_by_setup_sh_is_replaced_by_the_link() {
+    let n = node();
+    let link = n.host.join("usr/local/bin/containerd-shim-boxlite-v2");
+    write(&link, b"old shim", 0o755);
+    let mut log = Log::default();
+    install(&opts(&n.host), &n.payload, &mut log).unwrap();
+    assert_eq!(fs::read_link(&link).unwrap(), Path::new("/opt/boxlite/bin/containerd-shim-boxlite-v2"));
+    assert!(log.lines.iter().any(|l| l.contains("replaced a file installed by other means")), "{:?}", log.lines);
+}
+
+#[test]
+fn a_payload_without_the_shim_or_default_config_is_refused_by_name() {
+    let n = node();
+    fs::remove_file(n.payload.join("bin/containerd-shim-boxlite-v2")).unwrap();
+    let err = install(&opts(&n.host), &n.payload, &mut Log::default()).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        format!(
+            "payload {}: missing; the image must carry the shim",
+            n.payload.join("bin/containerd-shim-boxlite-v2").display()
+        )
+    );
+
+    let n = node();
+    fs::remove_file(n.payload.join("etc/boxlite.toml")).unwrap();
+    let err = install(&opts(&n.host), &n.payload, &mut Log::default()).unwrap_err().to_string();
+    assert!(err.contains("etc/boxlite.toml: missing; the image must carry the default boxlite.toml"), "{err}");
+}
+
+#[test]
+fn an_unsupported_containerd_config_fails_the_install_by_name() {
+    let n = node();
+    let config = n.host.join("etc/containerd/config.toml");
+    fs::write(&config, "version = 1\n").unwrap();
+    let err = install(&opts(&n.host), &n.payload, &mut Log::default()).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        format!(
+            "containerd config {}: version = 1 is not supported (containerd 1.6+ writes version 2, containerd 2.x version 3)",
+            config.display()
+        )
+    );
+    // The file is left as it was, and no backup was made.
+    assert_eq!(fs::read_to_string(&config).unwrap(), "version = 1\n");
+    assert!(!n.host.join("etc/containerd/config.toml.before-boxlite").exists());
+}
+
+#[test]
+fn install_on_a_node_without_containerd_config_writes_a_version_2_file() {
+    let n = node();
+    fs::remove_file(n.host.join("etc/containerd/config.toml")).unwrap();
+    install(&opts(&n.host), &n.payload, &mut Log::default()).unwrap();
+    let config = fs::read_to_string(n.host.join("etc/containerd/config.toml")).unwrap();
+    assert!(config.starts_with("version = 2\n"), "{config}");
+    // Nothing to back up.
+    assert!(!n.host.join("etc/containerd/config.toml.before-boxlite").exists());
+}
+
+#[test]
+fn uninstall_restores_the_config_and_keeps_the_admins_file() {
+    let n = node();
+    install(&opts(&n.host), &n.payload, &mut Log::default()).unwrap();
+    let mut log = Log::default();
+    uninstall(&opts(&n.host), &mut log).unwrap();
+    assert_eq!(
+        fs::read_to_string(n.host.join("etc/containerd/config.toml")).unwrap(),
+        ORIGINAL_CONFIG
+    );
+    assert!(!n.host.join("opt/boxlite").exists());
+    assert!(fs::symlink_metadata(n.host.join("usr/local/bin/containerd-shim-boxlite-v2")).is_err());
+    assert_eq!(
+        fs::read_to_string(n.host.join("etc/boxlite/boxlite.toml")).unwrap(),
+        DEFAULT_BOXLITE_TOML
+    );
+    assert!(log.lines.iter().any(|l| l.contains("boxlite.toml: kept")), "{:?}", log.lines);
+
+    // A second uninstall finds nothing to do.
+    let before = snapshot(&n.host);
+    let mut log = Log::default();
+    uninstall(&opts(&n.host), &mut log).unwrap();
+    assert_eq!(snapshot(&n.host), before);
+    assert!(log.lines.iter().any(|l| l.contains("not registered, unchanged")), "{:?}", log.lines);
+}
+
+#[test]
+fn uninstall_leaves_a_shim_it_did_not_link_alone() {
+    let n = node();
+    let link = n.host.join("usr/local/bin/containerd-shim-boxlite-v2");
+    write(&link, b"setup.sh's shim", 0o755);
+    let mut log = Log::default();
+    uninstall(&opts(&n.host), &mut log).unwrap();
+    assert_eq!(fs::read(&link).unwrap(), b"setup.sh's shim");
+    assert!(log.lines.iter().any(|l| l.contains("not a symlink (installed by other means); left alone")), "{:?}", log.lines);
+}
+
+/// The restart command runs in another process's namespaces (in the pod:
+/// the host's init; here a `sleep` child in this machine's namespaces, so
+/// the commands are harmless `false`, `ls` and `true`); a failed restart is
+/// remembered and retried by the next run even though the config is then
+/// unchanged.
+#[test]
+#[ignore = "needs root (setns)"]
+fn a_failed_restart_is_reported_and_retried_on_the_next_run() {
+    let n = node();
+    let mut init = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+    let with = |cmd: &str| Options {
+        host_root: n.host.clone(),
+        restart: Restart::OnHost {
+            argv: cmd.split_whitespace().map(str::to_owned).collect(),
+            pid: init.id(),
+        },
+        label: None,
+    };
+    let err = install(&with("false"), &n.payload, &mut Log::default()).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "containerd restart: `false` in the host's namespaces failed (exit status: 1): (no stderr)"
+    );
+    let err = install(&with("ls /nonexistent-boxlite"), &n.payload, &mut Log::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("containerd restart: `ls /nonexistent-boxlite` in the host's namespaces failed (exit status: 2): ls: cannot access"), "{err}");
+
+    let mut log = Log::default();
+    install(&with("true"), &n.payload, &mut log).unwrap();
+    assert!(
+        log.lines.iter().any(|l| l == "containerd: restarted with `true` (a previous restart had failed)"),
+        "{:?}",
+        log.lines
+    );
+    let mut log = Log::default();
+    install(&with("true"), &n.payload, &mut log).unwrap();
+    assert!(log.lines.iter().any(|l| l.contains("config unchanged, not restarted")), "{:?}", log.lines);
+    init.kill().unwrap();
+    init.wait().unwrap();
+}
