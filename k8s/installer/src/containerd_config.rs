@@ -23,9 +23,19 @@ const ANNOTATIONS: &str = "io.boxlite.*";
 fn runtimes_path(version: i64) -> Option<[&'static str; 4]> {
     match version {
         // containerd 1.x.
-        2 => Some(["plugins", "io.containerd.grpc.v1.cri", "containerd", "runtimes"]),
+        2 => Some([
+            "plugins",
+            "io.containerd.grpc.v1.cri",
+            "containerd",
+            "runtimes",
+        ]),
         // containerd 2.x split the CRI plugin; runtimes belong to its runtime half.
-        3 => Some(["plugins", "io.containerd.cri.v1.runtime", "containerd", "runtimes"]),
+        3 => Some([
+            "plugins",
+            "io.containerd.cri.v1.runtime",
+            "containerd",
+            "runtimes",
+        ]),
         _ => None,
     }
 }
@@ -96,13 +106,11 @@ pub fn register(text: &str, path: &Path) -> Result<Option<String>, ConfigError> 
             Item::Table(t)
         });
         let found = entry.type_name();
-        table = entry
-            .as_table_mut()
-            .ok_or_else(|| ConfigError::NotATable {
-                path: path.to_owned(),
-                key: dotted(&keys[..=depth]),
-                found,
-            })?;
+        table = entry.as_table_mut().ok_or_else(|| ConfigError::NotATable {
+            path: path.to_owned(),
+            key: dotted(&keys[..=depth]),
+            found,
+        })?;
     }
     let runtime = table.entry(HANDLER).or_insert_with(|| {
         let mut t = Table::new();
@@ -222,13 +230,16 @@ pub fn backup_path(path: &Path) -> PathBuf {
 }
 
 fn parse(text: &str, path: &Path) -> Result<DocumentMut, ConfigError> {
-    text.parse::<DocumentMut>()
-        .map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            // toml_edit's message spans lines (position, source line, caret);
-            // one line reads better in a pod log.
-            message: e.to_string().split_whitespace().collect::<Vec<_>>().join(" "),
-        })
+    text.parse::<DocumentMut>().map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        // toml_edit's message spans lines (position, source line, caret);
+        // one line reads better in a pod log.
+        message: e
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "),
+    })
 }
 
 /// The supported `version` of a non-empty config.

@@ -56,7 +56,10 @@ pub fn mode_of(path: &Path) -> io::Result<u32> {
 /// `<dir>/.<name>.boxlite-tmp`: hidden, and recognisably ours if a crash
 /// leaves it behind.
 fn temp_name(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.boxlite-tmp"))
 }
 

@@ -74,9 +74,7 @@ pub fn run_on_host(pid: u32, argv: &[String]) -> Result<(), HostError> {
         fds.push((file, flag));
     }
     let mut cmd = Command::new(program);
-    cmd.args(args)
-        .env("PATH", HOST_PATH)
-        .stdin(Stdio::null());
+    cmd.args(args).env("PATH", HOST_PATH).stdin(Stdio::null());
     // SAFETY: the closure runs in the forked child before exec and only
     // calls setns(2) and chdir(2) on values prepared before the fork; it
     // allocates nothing and takes no locks.

@@ -78,10 +78,7 @@ fn parse(mut argv: impl Iterator<Item = OsString>) -> Result<Args, String> {
         let flag = flag
             .into_string()
             .map_err(|f| format!("unknown argument {f:?}"))?;
-        let mut value = || {
-            argv.next()
-                .ok_or_else(|| format!("{flag} needs a value"))
-        };
+        let mut value = || argv.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--host-root" => host_root = Some(PathBuf::from(value()?)),
             "--payload" => args.payload = Some(PathBuf::from(value()?)),
@@ -99,7 +96,8 @@ fn parse(mut argv: impl Iterator<Item = OsString>) -> Result<Args, String> {
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    args.host_root = host_root.ok_or("--host-root is required (the DaemonSet mounts the host's / at /host)")?;
+    args.host_root =
+        host_root.ok_or("--host-root is required (the DaemonSet mounts the host's / at /host)")?;
     if args.mode == Mode::Install && args.payload.is_none() {
         return Err("install needs --payload (the image carries it at /payload)".to_owned());
     }
@@ -133,7 +131,10 @@ fn options(args: &Args) -> Result<Options, String> {
         restart: if args.no_restart {
             Restart::Skip
         } else {
-            let command = args.restart_command.as_deref().unwrap_or(RESTART_CONTAINERD);
+            let command = args
+                .restart_command
+                .as_deref()
+                .unwrap_or(RESTART_CONTAINERD);
             let argv: Vec<String> = command.split_whitespace().map(str::to_owned).collect();
             if argv.is_empty() {
                 return Err("--restart-command is empty (use --no-restart)".to_owned());
@@ -154,7 +155,8 @@ fn wait_for_termination(log: &mut Log) -> Result<(), String> {
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
-    set.thread_block().map_err(|e| format!("cannot block SIGTERM: {e}"))?;
+    set.thread_block()
+        .map_err(|e| format!("cannot block SIGTERM: {e}"))?;
     log.action("done; waiting for SIGTERM");
     let signal = set.wait().map_err(|e| format!("sigwait: {e}"))?;
     log.action(format!("{signal}: exiting"));
@@ -211,21 +213,46 @@ mod tests {
 
     #[test]
     fn install_needs_host_root_and_payload() {
-        let a = args(&["install", "--host-root", "/host", "--payload", "/payload", "--node", "n1", "--wait"]).unwrap();
+        let a = args(&[
+            "install",
+            "--host-root",
+            "/host",
+            "--payload",
+            "/payload",
+            "--node",
+            "n1",
+            "--wait",
+        ])
+        .unwrap();
         assert_eq!(a.mode, Mode::Install);
         assert_eq!(a.host_root, PathBuf::from("/host"));
         assert_eq!(a.node.as_deref(), Some("n1"));
         assert!(a.wait && !a.no_restart && !a.no_label);
-        assert!(args(&["install", "--host-root", "/host"]).unwrap_err().contains("--payload"));
-        assert!(args(&["uninstall"]).unwrap_err().contains("--host-root is required"));
-        assert!(args(&["uninstall", "--host-root", "/h", "--no-label", "--no-restart"]).is_ok());
+        assert!(args(&["install", "--host-root", "/host"])
+            .unwrap_err()
+            .contains("--payload"));
+        assert!(args(&["uninstall"])
+            .unwrap_err()
+            .contains("--host-root is required"));
+        assert!(args(&[
+            "uninstall",
+            "--host-root",
+            "/h",
+            "--no-label",
+            "--no-restart"
+        ])
+        .is_ok());
     }
 
     #[test]
     fn bad_arguments_are_named() {
         assert!(args(&["upgrade"]).unwrap_err().contains("\"upgrade\""));
-        assert!(args(&["install", "--hostroot", "/h"]).unwrap_err().contains("\"--hostroot\""));
-        assert!(args(&["install", "--node"]).unwrap_err().contains("--node needs a value"));
+        assert!(args(&["install", "--hostroot", "/h"])
+            .unwrap_err()
+            .contains("\"--hostroot\""));
+        assert!(args(&["install", "--node"])
+            .unwrap_err()
+            .contains("--node needs a value"));
         assert!(args(&[]).unwrap_err().contains("subcommand"));
     }
 }

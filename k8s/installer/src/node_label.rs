@@ -74,8 +74,10 @@ impl ApiConfig {
         let server = match server {
             Some(s) => s.trim_end_matches('/').to_owned(),
             None => {
-                let host = std::env::var("KUBERNETES_SERVICE_HOST").map_err(|_| LabelError::NoServer)?;
-                let port = std::env::var("KUBERNETES_SERVICE_PORT").map_err(|_| LabelError::NoServer)?;
+                let host =
+                    std::env::var("KUBERNETES_SERVICE_HOST").map_err(|_| LabelError::NoServer)?;
+                let port =
+                    std::env::var("KUBERNETES_SERVICE_PORT").map_err(|_| LabelError::NoServer)?;
                 // An IPv6 service address needs brackets in a URL.
                 if host.contains(':') {
                     format!("https://[{host}]:{port}")
@@ -101,13 +103,12 @@ pub struct NodeClient {
 
 impl NodeClient {
     pub fn new(config: &ApiConfig) -> Result<Self, LabelError> {
-        let token = std::fs::read_to_string(&config.token_file).map_err(|source| {
-            LabelError::ReadFile {
+        let token =
+            std::fs::read_to_string(&config.token_file).map_err(|source| LabelError::ReadFile {
                 what: "token",
                 path: config.token_file.clone(),
                 source,
-            }
-        })?;
+            })?;
         let ca = read_ca(&config.ca_file)?;
         let tls = TlsConfig::builder()
             .root_certs(RootCerts::new_with_certs(&ca))
@@ -129,7 +130,12 @@ impl NodeClient {
 
     /// Sets the label (`Some(value)`) or removes it (`None`), reading the
     /// node first so an unchanged label is reported as such and not patched.
-    pub fn set_label(&self, node: &str, value: Option<&str>, log: &mut Log) -> Result<(), LabelError> {
+    pub fn set_label(
+        &self,
+        node: &str,
+        value: Option<&str>,
+        log: &mut Log,
+    ) -> Result<(), LabelError> {
         let url = format!("{}/api/v1/nodes/{node}", self.server);
         let current = self.current_label(node, &url)?;
         let shown = match value {
@@ -170,9 +176,13 @@ impl NodeClient {
             url: url.to_owned(),
             message,
         };
-        let json: serde_json::Value = serde_json::from_str(&body).map_err(|e| bad(e.to_string()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| bad(e.to_string()))?;
         if json.get("kind").and_then(|k| k.as_str()) != Some("Node") {
-            return Err(bad(format!("kind is {}", json.get("kind").unwrap_or(&serde_json::Value::Null))));
+            return Err(bad(format!(
+                "kind is {}",
+                json.get("kind").unwrap_or(&serde_json::Value::Null)
+            )));
         }
         Ok(json
             .pointer("/metadata/labels")
@@ -181,7 +191,13 @@ impl NodeClient {
             .map(str::to_owned))
     }
 
-    fn transport(&self, node: &str, method: &'static str, url: &str, source: ureq::Error) -> LabelError {
+    fn transport(
+        &self,
+        node: &str,
+        method: &'static str,
+        url: &str,
+        source: ureq::Error,
+    ) -> LabelError {
         LabelError::Transport {
             node: node.to_owned(),
             method,

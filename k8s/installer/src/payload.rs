@@ -201,7 +201,11 @@ fn link_shim(host_root: &Path, log: &mut Log) -> Result<(), PayloadError> {
     let what = match fs::symlink_metadata(&link) {
         Ok(m) if m.file_type().is_symlink() => {
             if fs::read_link(&link).is_ok_and(|t| t == target) {
-                log.action(format!("{} -> {}: unchanged", link.display(), target.display()));
+                log.action(format!(
+                    "{} -> {}: unchanged",
+                    link.display(),
+                    target.display()
+                ));
                 return Ok(());
             }
             "replaced a symlink elsewhere"
@@ -216,7 +220,11 @@ fn link_shim(host_root: &Path, log: &mut Log) -> Result<(), PayloadError> {
         what: "link the shim there",
         source,
     })?;
-    log.action(format!("{} -> {}: {what}", link.display(), target.display()));
+    log.action(format!(
+        "{} -> {}: {what}",
+        link.display(),
+        target.display()
+    ));
     Ok(())
 }
 
@@ -252,6 +260,9 @@ fn write_default_config(
         what: "write it",
         source,
     })?;
-    log.action(format!("{}: written from the image's default", config.display()));
+    log.action(format!(
+        "{}: written from the image's default",
+        config.display()
+    ));
     Ok(())
 }

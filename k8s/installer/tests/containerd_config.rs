@@ -56,7 +56,9 @@ fn path() -> &'static Path {
 
 /// `new` with the first occurrence of `block` cut out.
 fn without(new: &str, block: &str) -> String {
-    let at = new.find(block).unwrap_or_else(|| panic!("no block {block:?} in:\n{new}"));
+    let at = new
+        .find(block)
+        .unwrap_or_else(|| panic!("no block {block:?} in:\n{new}"));
     format!("{}{}", &new[..at], &new[at + block.len()..])
 }
 
@@ -85,8 +87,14 @@ fn version_2_file_keeps_everything_outside_the_new_table_byte_for_byte() {
     assert_eq!(without(&new, BLOCK_V2), V2_WITH_RUNC, "new file:\n{new}");
     let doc: toml_edit::DocumentMut = new.parse().unwrap();
     let runtimes = &doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"];
-    assert_eq!(runtimes["runc"]["runtime_type"].as_str(), Some("io.containerd.runc.v2"));
-    assert_eq!(runtimes["kata"]["runtime_type"].as_str(), Some("io.containerd.kata.v2"));
+    assert_eq!(
+        runtimes["runc"]["runtime_type"].as_str(),
+        Some("io.containerd.runc.v2")
+    );
+    assert_eq!(
+        runtimes["kata"]["runtime_type"].as_str(),
+        Some("io.containerd.kata.v2")
+    );
     assert_eq!(
         runtimes["boxlite"]["pod_annotations"][0].as_str(),
         Some("io.boxlite.*")
@@ -132,12 +140,21 @@ fn version_3_file_registers_under_the_cri_runtime_plugin() {
 #[test]
 fn unsupported_files_fail_with_the_path_and_the_cause() {
     let cases: &[(&str, &str)] = &[
-        ("version = 1\n[plugins.cri]\n", "version = 1 is not supported (containerd 1.6+ writes version 2"),
+        (
+            "version = 1\n[plugins.cri]\n",
+            "version = 1 is not supported (containerd 1.6+ writes version 2",
+        ),
         ("version = 4\n", "version = 4 is not supported"),
         ("version = \"2\"\n", "version = \"2\" is not supported"),
-        ("root = \"/var/lib/containerd\"\n", "no `version` key, which containerd reads as version 1"),
+        (
+            "root = \"/var/lib/containerd\"\n",
+            "no `version` key, which containerd reads as version 1",
+        ),
         ("version = 2\n[plugins\n", "not valid TOML"),
-        ("version = 2\nplugins = 3\n", "`plugins` is integer, not a table"),
+        (
+            "version = 2\nplugins = 3\n",
+            "`plugins` is integer, not a table",
+        ),
         (
             "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\nruntimes = \"x\"\n",
             "`plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes` is string, not a table",
@@ -145,14 +162,22 @@ fn unsupported_files_fail_with_the_path_and_the_cause() {
     ];
     for (text, want) in cases {
         let err = register(text, path()).unwrap_err().to_string();
-        assert!(err.starts_with(&format!("containerd config {PATH}: ")), "{text:?}: {err}");
+        assert!(
+            err.starts_with(&format!("containerd config {PATH}: ")),
+            "{text:?}: {err}"
+        );
         assert!(err.contains(want), "{text:?}: {err}\n(wanted {want:?})");
     }
 }
 
 #[test]
 fn uninstall_gives_back_the_original_file() {
-    for original in [V2_WITH_RUNC, V3, "version = 2\n", "version = 2\n# only a comment\n"] {
+    for original in [
+        V2_WITH_RUNC,
+        V3,
+        "version = 2\n",
+        "version = 2\n# only a comment\n",
+    ] {
         let registered = register(original, path()).unwrap().expect("changed");
         let restored = unregister(&registered, path()).unwrap().expect("changed");
         assert_eq!(restored, original, "registered:\n{registered}");

@@ -30,12 +30,24 @@ fn node() -> Node {
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path().join("host");
     let payload = dir.path().join("payload");
-    write(&host.join("etc/containerd/config.toml"), ORIGINAL_CONFIG.as_bytes(), 0o644);
-    write(&payload.join("bin/containerd-shim-boxlite-v2"), b"\x7fELF shim", 0o755);
+    write(
+        &host.join("etc/containerd/config.toml"),
+        ORIGINAL_CONFIG.as_bytes(),
+        0o644,
+    );
+    write(
+        &payload.join("bin/containerd-shim-boxlite-v2"),
+        b"\x7fELF shim",
+        0o755,
+    );
     write(&payload.join("bin/boxlite-vmm"), b"\x7fELF vmm", 0o750);
     write(&payload.join("share/vmlinux"), &[0u8; 4096], 0o644);
     write(&payload.join("share/initramfs"), b"070701 cpio", 0o644);
-    write(&payload.join("etc/boxlite.toml"), DEFAULT_BOXLITE_TOML.as_bytes(), 0o644);
+    write(
+        &payload.join("etc/boxlite.toml"),
+        DEFAULT_BOXLITE_TOML.as_bytes(),
+        0o644,
+    );
     Node {
         _dir: dir,
         host,
@@ -101,11 +113,17 @@ fn install_puts_everything_in_place() {
     install(&opts(&n.host), &n.payload, &mut log).unwrap();
 
     let bin = n.host.join("opt/boxlite/bin");
-    assert_eq!(fs::read(bin.join("containerd-shim-boxlite-v2")).unwrap(), b"\x7fELF shim");
+    assert_eq!(
+        fs::read(bin.join("containerd-shim-boxlite-v2")).unwrap(),
+        b"\x7fELF shim"
+    );
     let mode = |p: PathBuf| fs::metadata(p).unwrap().mode() & 0o7777;
     assert_eq!(mode(bin.join("containerd-shim-boxlite-v2")), 0o755);
     assert_eq!(mode(bin.join("boxlite-vmm")), 0o750);
-    assert_eq!(fs::read(n.host.join("opt/boxlite/share/vmlinux")).unwrap(), vec![0u8; 4096]);
+    assert_eq!(
+        fs::read(n.host.join("opt/boxlite/share/vmlinux")).unwrap(),
+        vec![0u8; 4096]
+    );
     assert_eq!(
         fs::read_link(n.host.join("usr/local/bin/containerd-shim-boxlite-v2")).unwrap(),
         Path::new("/opt/boxlite/bin/containerd-shim-boxlite-v2")
@@ -127,12 +145,26 @@ fn install_puts_everything_in_place() {
     // No temp files left next to what was written.
     let tree = snapshot(&n.host);
     assert!(
-        !tree.keys().any(|p| p.to_string_lossy().contains("boxlite-tmp")),
+        !tree
+            .keys()
+            .any(|p| p.to_string_lossy().contains("boxlite-tmp")),
         "{:?}",
         tree.keys()
     );
-    assert!(log.lines.iter().any(|l| l.contains("runtime boxlite registered")), "{:?}", log.lines);
-    assert!(log.lines.iter().any(|l| l.contains("not restarted (--no-restart)")), "{:?}", log.lines);
+    assert!(
+        log.lines
+            .iter()
+            .any(|l| l.contains("runtime boxlite registered")),
+        "{:?}",
+        log.lines
+    );
+    assert!(
+        log.lines
+            .iter()
+            .any(|l| l.contains("not restarted (--no-restart)")),
+        "{:?}",
+        log.lines
+    );
 }
 
 #[test]
@@ -146,12 +178,20 @@ fn second_install_changes_nothing() {
     // Every action line says it did nothing.
     for line in &log.lines {
         assert!(
-            ["unchanged", "kept", "skipped"].iter().any(|w| line.contains(w)),
+            ["unchanged", "kept", "skipped"]
+                .iter()
+                .any(|w| line.contains(w)),
             "{line}\n{:?}",
             log.lines
         );
     }
-    assert!(log.lines.iter().any(|l| l.contains("config unchanged, not restarted")), "{:?}", log.lines);
+    assert!(
+        log.lines
+            .iter()
+            .any(|l| l.contains("config unchanged, not restarted")),
+        "{:?}",
+        log.lines
+    );
 }
 
 #[test]
@@ -166,8 +206,17 @@ fn a_changed_payload_file_is_replaced_and_the_admins_config_kept() {
     let vmm = n.host.join("opt/boxlite/bin/boxlite-vmm");
     assert_eq!(fs::read(&vmm).unwrap(), b"\x7fELF vmm v2");
     assert_eq!(fs::metadata(&vmm).unwrap().mode() & 0o7777, 0o755);
-    assert!(log.lines.iter().any(|l| l.ends_with("boxlite-vmm: installed (11 bytes, mode 755)")), "{:?}", log.lines);
-    assert_eq!(fs::read_to_string(n.host.join("etc/boxlite/boxlite.toml")).unwrap(), admin);
+    assert!(
+        log.lines
+            .iter()
+            .any(|l| l.ends_with("boxlite-vmm: installed (11 bytes, mode 755)")),
+        "{:?}",
+        log.lines
+    );
+    assert_eq!(
+        fs::read_to_string(n.host.join("etc/boxlite/boxlite.toml")).unwrap(),
+        admin
+    );
 }
 
 #[test]
@@ -177,15 +226,26 @@ fn a_shim_copied_by_setup_sh_is_replaced_by_the_link() {
     write(&link, b"old shim", 0o755);
     let mut log = Log::default();
     install(&opts(&n.host), &n.payload, &mut log).unwrap();
-    assert_eq!(fs::read_link(&link).unwrap(), Path::new("/opt/boxlite/bin/containerd-shim-boxlite-v2"));
-    assert!(log.lines.iter().any(|l| l.contains("replaced a file installed by other means")), "{:?}", log.lines);
+    assert_eq!(
+        fs::read_link(&link).unwrap(),
+        Path::new("/opt/boxlite/bin/containerd-shim-boxlite-v2")
+    );
+    assert!(
+        log.lines
+            .iter()
+            .any(|l| l.contains("replaced a file installed by other means")),
+        "{:?}",
+        log.lines
+    );
 }
 
 #[test]
 fn a_payload_without_the_shim_or_default_config_is_refused_by_name() {
     let n = node();
     fs::remove_file(n.payload.join("bin/containerd-shim-boxlite-v2")).unwrap();
-    let err = install(&opts(&n.host), &n.payload, &mut Log::default()).unwrap_err().to_string();
+    let err = install(&opts(&n.host), &n.payload, &mut Log::default())
+        .unwrap_err()
+        .to_string();
     assert_eq!(
         err,
         format!(
@@ -196,8 +256,13 @@ fn a_payload_without_the_shim_or_default_config_is_refused_by_name() {
 
     let n = node();
     fs::remove_file(n.payload.join("etc/boxlite.toml")).unwrap();
-    let err = install(&opts(&n.host), &n.payload, &mut Log::default()).unwrap_err().to_string();
-    assert!(err.contains("etc/boxlite.toml: missing; the image must carry the default boxlite.toml"), "{err}");
+    let err = install(&opts(&n.host), &n.payload, &mut Log::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("etc/boxlite.toml: missing; the image must carry the default boxlite.toml"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -205,7 +270,9 @@ fn an_unsupported_containerd_config_fails_the_install_by_name() {
     let n = node();
     let config = n.host.join("etc/containerd/config.toml");
     fs::write(&config, "version = 1\n").unwrap();
-    let err = install(&opts(&n.host), &n.payload, &mut Log::default()).unwrap_err().to_string();
+    let err = install(&opts(&n.host), &n.payload, &mut Log::default())
+        .unwrap_err()
+        .to_string();
     assert_eq!(
         err,
         format!(
@@ -215,7 +282,10 @@ fn an_unsupported_containerd_config_fails_the_install_by_name() {
     );
     // The file is left as it was, and no backup was made.
     assert_eq!(fs::read_to_string(&config).unwrap(), "version = 1\n");
-    assert!(!n.host.join("etc/containerd/config.toml.before-boxlite").exists());
+    assert!(!n
+        .host
+        .join("etc/containerd/config.toml.before-boxlite")
+        .exists());
 }
 
 #[test]
@@ -226,7 +296,10 @@ fn install_on_a_node_without_containerd_config_writes_a_version_2_file() {
     let config = fs::read_to_string(n.host.join("etc/containerd/config.toml")).unwrap();
     assert!(config.starts_with("version = 2\n"), "{config}");
     // Nothing to back up.
-    assert!(!n.host.join("etc/containerd/config.toml.before-boxlite").exists());
+    assert!(!n
+        .host
+        .join("etc/containerd/config.toml.before-boxlite")
+        .exists());
 }
 
 #[test]
@@ -245,14 +318,24 @@ fn uninstall_restores_the_config_and_keeps_the_admins_file() {
         fs::read_to_string(n.host.join("etc/boxlite/boxlite.toml")).unwrap(),
         DEFAULT_BOXLITE_TOML
     );
-    assert!(log.lines.iter().any(|l| l.contains("boxlite.toml: kept")), "{:?}", log.lines);
+    assert!(
+        log.lines.iter().any(|l| l.contains("boxlite.toml: kept")),
+        "{:?}",
+        log.lines
+    );
 
     // A second uninstall finds nothing to do.
     let before = snapshot(&n.host);
     let mut log = Log::default();
     uninstall(&opts(&n.host), &mut log).unwrap();
     assert_eq!(snapshot(&n.host), before);
-    assert!(log.lines.iter().any(|l| l.contains("not registered, unchanged")), "{:?}", log.lines);
+    assert!(
+        log.lines
+            .iter()
+            .any(|l| l.contains("not registered, unchanged")),
+        "{:?}",
+        log.lines
+    );
 }
 
 #[test]
@@ -263,7 +346,13 @@ fn uninstall_leaves_a_shim_it_did_not_link_alone() {
     let mut log = Log::default();
     uninstall(&opts(&n.host), &mut log).unwrap();
     assert_eq!(fs::read(&link).unwrap(), b"setup.sh's shim");
-    assert!(log.lines.iter().any(|l| l.contains("not a symlink (installed by other means); left alone")), "{:?}", log.lines);
+    assert!(
+        log.lines
+            .iter()
+            .any(|l| l.contains("not a symlink (installed by other means); left alone")),
+        "{:?}",
+        log.lines
+    );
 }
 
 /// The restart command runs in another process's namespaces (in the pod:
@@ -275,7 +364,10 @@ fn uninstall_leaves_a_shim_it_did_not_link_alone() {
 #[ignore = "needs root (setns)"]
 fn a_failed_restart_is_reported_and_retried_on_the_next_run() {
     let n = node();
-    let mut init = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+    let mut init = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
     let with = |cmd: &str| Options {
         host_root: n.host.clone(),
         restart: Restart::OnHost {
@@ -284,26 +376,40 @@ fn a_failed_restart_is_reported_and_retried_on_the_next_run() {
         },
         label: None,
     };
-    let err = install(&with("false"), &n.payload, &mut Log::default()).unwrap_err().to_string();
+    let err = install(&with("false"), &n.payload, &mut Log::default())
+        .unwrap_err()
+        .to_string();
     assert_eq!(
         err,
         "containerd restart: `false` in the host's namespaces failed (exit status: 1): (no stderr)"
     );
-    let err = install(&with("ls /nonexistent-boxlite"), &n.payload, &mut Log::default())
-        .unwrap_err()
-        .to_string();
+    let err = install(
+        &with("ls /nonexistent-boxlite"),
+        &n.payload,
+        &mut Log::default(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.starts_with("containerd restart: `ls /nonexistent-boxlite` in the host's namespaces failed (exit status: 2): ls: cannot access"), "{err}");
 
     let mut log = Log::default();
     install(&with("true"), &n.payload, &mut log).unwrap();
     assert!(
-        log.lines.iter().any(|l| l == "containerd: restarted with `true` (a previous restart had failed)"),
+        log.lines
+            .iter()
+            .any(|l| l == "containerd: restarted with `true` (a previous restart had failed)"),
         "{:?}",
         log.lines
     );
     let mut log = Log::default();
     install(&with("true"), &n.payload, &mut log).unwrap();
-    assert!(log.lines.iter().any(|l| l.contains("config unchanged, not restarted")), "{:?}", log.lines);
+    assert!(
+        log.lines
+            .iter()
+            .any(|l| l.contains("config unchanged, not restarted")),
+        "{:?}",
+        log.lines
+    );
     init.kill().unwrap();
     init.wait().unwrap();
 }
