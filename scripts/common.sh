@@ -25,7 +25,6 @@ APT_PACKAGES=(
 # crates.io tools: name, version, binary.
 CARGO_TOOLS=(
     "virtiofsd 1.14.0 virtiofsd"
-    "vhost-device-vsock 0.3.0 vhost-device-vsock"
 )
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*"; }

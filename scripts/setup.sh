@@ -26,6 +26,8 @@ install -D -m 0755 target/release/boxlite-smoke /usr/local/bin/boxlite-smoke
 install -D -m 0755 target/release/containerd-shim-boxlite-v2 /usr/local/bin/containerd-shim-boxlite-v2
 # The built-in VMM: the default backend on hosts with VMX/SVM (hypervisor = "auto").
 install -D -m 0755 target/release/boxlite-vmm /usr/local/bin/boxlite-vmm
+# The same vsock device as a vhost-user backend, for the qemu backend.
+install -D -m 0755 target/release/boxlite-vsock /usr/local/bin/boxlite-vsock
 if [ -e /etc/boxlite/boxlite.toml ]; then
     echo "kept existing /etc/boxlite/boxlite.toml"
 else
@@ -62,6 +64,7 @@ BoxLite is set up:
   config           /etc/boxlite/boxlite.toml
   shim             /usr/local/bin/containerd-shim-boxlite-v2 (runtime io.containerd.boxlite.v2)
   VMM              /usr/local/bin/boxlite-vmm (hypervisor.backend builtin, picked by auto with VMX/SVM)
+  vsock for QEMU   /usr/local/bin/boxlite-vsock (vhost-user backend of the qemu backend)
   tools            /usr/local/bin/boxlite-smoke
   containerd       /etc/containerd/config.toml; log /var/log/boxlite-containerd.log when not under systemd
   sandbox state    /run/boxlite/<sandbox-id>/ (console.log, helper logs, state.json; removed with the sandbox, a failed boot logs the console tail to containerd's log)

@@ -36,6 +36,9 @@ export BOXLITE_TESTHOST_KERNEL BOXLITE_TESTHOST_INITRAMFS
 # boxlite-vmm from the runtime) find them in target/debug.
 log "build: host binaries (debug)"
 cargo build --workspace --bins --quiet
+# The runtime looks its helper binaries up on PATH (boxlite-vsock for the
+# qemu backend, boxlite-vmm): the tests use the ones just built.
+export PATH="$REPO_ROOT/target/debug:$PATH"
 
 # Tests that find at run time that they cannot run (say, no VMX/SVM for a
 # direct KVM boot) record themselves here (boxlite_tests::report_skip);

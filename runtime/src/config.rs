@@ -126,7 +126,7 @@ impl Default for HypervisorConfig {
             accel: Accel::Auto,
             qemu_binary: "qemu-system-x86_64".into(),
             virtiofsd_binary: "virtiofsd".into(),
-            vhost_vsock_binary: "vhost-device-vsock".into(),
+            vhost_vsock_binary: "boxlite-vsock".into(),
             vmm_binary: "boxlite-vmm".into(),
         }
     }
@@ -419,10 +419,10 @@ impl Config {
             )?,
             vhost_vsock_binary: if qemu {
                 find(
-                    "vhost-device-vsock",
+                    "boxlite-vsock",
                     &h.vhost_vsock_binary,
                     "hypervisor.vhost_vsock_binary",
-                    "install it with `cargo install --locked vhost-device-vsock@0.3.0` or set the key to its path",
+                    "install it with `bash scripts/setup.sh` (built from runtime/vmm) or set the key to its path",
                 )?
             } else {
                 unused(&h.vhost_vsock_binary)

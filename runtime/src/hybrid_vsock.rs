@@ -1,13 +1,13 @@
 //! Host side of Firecracker-style hybrid vsock.
 //!
-//! The VMM (or `vhost-device-vsock` for the qemu backend) listens on a unix
+//! The VMM (or its vsock device as `boxlite-vsock` for the qemu backend) listens on a unix
 //! socket. To reach guest vsock port `P`, the host connects, writes
 //! `CONNECT P\n` and reads one line; `OK <host port>\n` means the guest
 //! accepted, and from then on the unix stream carries the vsock stream.
 //!
 //! While the guest is not listening yet, the socket may be missing, refuse
 //! the connection, or accept it and close it without an answer (that is what
-//! `vhost-device-vsock` does when the guest answers with a reset).
+//! the VMM's muxer does when the guest answers with a reset).
 //! [`HybridVsock::connect`] retries those cases until a deadline. A reply that
 //! is not `OK` is a wrong peer and fails at once.
 //!
@@ -444,7 +444,7 @@ mod tests {
                 let n = count.fetch_add(1, Ordering::SeqCst);
                 read_connect_line(&mut s).await;
                 if n < 3 {
-                    drop(s); // what vhost-device-vsock does on a guest RST
+                    drop(s); // what the muxer does on a guest RST
                     continue;
                 }
                 s.write_all(b"OK 1\nready").await.unwrap();

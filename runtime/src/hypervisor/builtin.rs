@@ -682,7 +682,7 @@ mod tests {
                 accel_reason: "test".into(),
                 qemu_binary: "qemu-system-x86_64".into(),
                 virtiofsd_binary: fs,
-                vhost_vsock_binary: "vhost-device-vsock".into(),
+                vhost_vsock_binary: "boxlite-vsock".into(),
                 vmm_binary: vmm,
             }
         }

@@ -189,7 +189,7 @@ pub enum HypervisorError {
 #[derive(Debug)]
 pub struct ExitReport {
     pub id: String,
-    /// "qemu", "vhost-device-vsock", "virtiofsd for share \"rootfs\"".
+    /// "qemu", "the vsock backend", "virtiofsd for share \"rootfs\"".
     pub what: String,
     pub pid: u32,
     pub status: ExitStatus,
@@ -852,7 +852,7 @@ mod tests {
     }
 
     /// A fake VM: a hybrid vsock peer that proxies to a real ttrpc Health
-    /// server, like vhost-device-vsock in front of the agent.
+    /// server, like the vsock backend in front of the agent.
     struct FakeVm {
         dir: PathBuf,
         dead: AtomicBool,

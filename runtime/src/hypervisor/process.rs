@@ -1,6 +1,6 @@
 //! Spawning and reaping the processes of a VM, shared by the backends:
 //! the VMM process (`qemu` or `boxlite-vmm`) and its helper daemons
-//! (`vhost-device-vsock`, one `virtiofsd` per share). Each process has its
+//! (the vsock backend, one `virtiofsd` per share). Each process has its
 //! stdout/stderr in `<sandbox>/<stem>.log` and its pid in `<stem>.pid` (for
 //! [`super::cleanup_stale_processes`]); tap fds go to the VMM process only.
 
@@ -90,7 +90,7 @@ impl Role {
     /// For messages.
     pub fn describe(&self) -> String {
         match self {
-            Role::Vsock => "vhost-device-vsock".into(),
+            Role::Vsock => "the vsock backend".into(),
             Role::Fs(tag) => format!("virtiofsd for share {tag:?}"),
             Role::Qemu => "qemu".into(),
             Role::Vmm => "boxlite-vmm".into(),
@@ -100,7 +100,7 @@ impl Role {
     /// Base name of its log and pid files.
     pub fn stem(&self) -> String {
         match self {
-            Role::Vsock => "vhost-device-vsock".into(),
+            Role::Vsock => "vsock-backend".into(),
             Role::Fs(tag) => format!("virtiofsd-{tag}"),
             Role::Qemu => "qemu".into(),
             Role::Vmm => "boxlite-vmm".into(),

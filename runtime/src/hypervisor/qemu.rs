@@ -1,18 +1,19 @@
 //! The `qemu` backend: QEMU's `microvm` machine (KVM or TCG) with vhost-user
-//! helper daemons: one `vhost-device-vsock` for the hybrid vsock socket and
-//! one `virtiofsd` per share.
+//! helper daemons: one vsock backend (`boxlite-vsock`, the built-in VMM's
+//! vsock device as a vhost-user backend) for the hybrid vsock socket and one
+//! `virtiofsd` per share.
 //!
 //! Files in the sandbox directory:
 //!
 //! | file | what |
 //! |---|---|
 //! | `console.log` | guest serial console (ttyS0) |
-//! | `vsock.sock` | hybrid vsock socket (listened on by vhost-device-vsock) |
-//! | `vhost-vsock.sock` | vhost-user socket between QEMU and vhost-device-vsock |
+//! | `vsock.sock` | hybrid vsock socket (listened on by the vsock backend) |
+//! | `vhost-vsock.sock` | vhost-user socket between QEMU and the vsock backend |
 //! | `fs-<tag>.sock` | vhost-user socket between QEMU and that share's virtiofsd |
 //! | `fs-<tag>.sock.pid` | virtiofsd's own lock file |
-//! | `qemu.log`, `vhost-device-vsock.log`, `virtiofsd-<tag>.log` | each process's stdout and stderr |
-//! | `qemu.pid`, `vhost-device-vsock.pid`, `virtiofsd-<tag>.pid` | pids, for [`super::cleanup_stale_processes`] |
+//! | `qemu.log`, `vsock-backend.log`, `virtiofsd-<tag>.log` | each process's stdout and stderr |
+//! | `qemu.pid`, `vsock-backend.pid`, `virtiofsd-<tag>.pid` | pids, for [`super::cleanup_stale_processes`] |
 //!
 //! Start order: every file and binary is checked first, then the helpers are
 //! spawned and their sockets awaited, then QEMU. Any failure on the way kills
@@ -42,10 +43,10 @@ use super::{
 };
 use crate::config::{ResolvedAccel, ResolvedHypervisor};
 
-/// vhost-user socket between QEMU and vhost-device-vsock.
+/// vhost-user socket between QEMU and the vsock backend.
 pub const VHOST_VSOCK_SOCKET: &str = "vhost-vsock.sock";
-/// Guest CID given to vhost-device-vsock (any value ≥ 3; each VM has its own
-/// daemon, so they never clash).
+/// Guest CID given to the vsock backend (any value ≥ 3; each VM has its own
+/// backend, so they never clash).
 pub const GUEST_CID: u32 = 3;
 /// The kernel command line the backend always uses; config extras follow.
 /// `reboot=t`: microvm has no i8042, a triple fault ends the VM, and
@@ -209,7 +210,7 @@ impl QemuHypervisor {
         };
         binary("QEMU (hypervisor.qemu_binary)", &self.bins.qemu_binary)?;
         binary(
-            "vhost-device-vsock (hypervisor.vhost_vsock_binary)",
+            "the vsock backend (hypervisor.vhost_vsock_binary)",
             &self.bins.vhost_vsock_binary,
         )?;
         if !st.shares.is_empty() {
@@ -460,9 +461,10 @@ impl QemuHypervisor {
         }
     }
 
-    /// Gives virtiofsd a moment to exit on its own after QEMU is gone (it
-    /// does when its frontend disconnects). vhost-device-vsock keeps waiting
-    /// for a new frontend, so it is not waited for: teardown kills it.
+    /// Gives the helpers a moment to exit on their own after QEMU is gone
+    /// (virtiofsd and boxlite-vsock do when their frontend disconnects);
+    /// teardown kills whatever is left, e.g. a vhost-device-vsock configured
+    /// instead, which waits for a new frontend.
     async fn wait_helpers_exit(&self, grace: Duration) {
         let until = Instant::now() + grace;
         loop {
@@ -471,7 +473,7 @@ impl QemuHypervisor {
                 if st
                     .procs
                     .iter_mut()
-                    .filter(|p| matches!(p.role, Role::Fs(_)))
+                    .filter(|p| matches!(p.role, Role::Fs(_) | Role::Vsock))
                     .all(|p| p.poll().is_some())
                 {
                     return;
@@ -984,10 +986,10 @@ exec sleep 30"#
         vm.add_share("rootfs", rig.tmp.path(), true).await.unwrap();
         let err = vm.start().await.unwrap_err().to_string();
         assert!(
-            err.contains("vhost-device-vsock exited with exit status: 3"),
+            err.contains("the vsock backend exited with exit status: 3"),
             "{err}"
         );
-        assert!(err.contains("vhost-device-vsock.log"), "{err}");
+        assert!(err.contains("vsock-backend.log"), "{err}");
         assert!(err.contains("cannot bind socket"), "{err}");
         assert!(!marker.exists(), "qemu must not start");
         assert_eq!(rig.leftovers(), Vec::<String>::new());
@@ -1020,8 +1022,8 @@ exec sleep 30"#
                 "fs-rootfs.sock",
                 "fs-rootfs.sock.pid",
                 "qemu.pid",
-                "vhost-device-vsock.pid",
                 "vhost-vsock.sock",
+                "vsock-backend.pid",
                 "virtiofsd-rootfs.pid"
             ]
         );

@@ -3,11 +3,13 @@
 //! bound before the VM starts, on which the guest's connection to host
 //! vsock port 1027 arrives once the agent serves.
 //!
-//! The host makes no connection into the guest before that: with QEMU, a
-//! host connection that reaches vhost-device-vsock before the guest driver
-//! has enabled the RX queue stops the device for good (see the protocol
-//! module). The listener is closed after the first announcement, so a
-//! container in the guest cannot reach it later.
+//! The host makes no connection into the guest before that: it knows the
+//! agent serves instead of probing it (a probe costs a CONNECT timeout
+//! while the guest boots, and with `vhost-device-vsock` as the qemu
+//! backend's vsock device a host connection that arrives before the guest
+//! driver enabled the RX queue stops the device for good). The listener is
+//! closed after the first announcement, so a container in the guest cannot
+//! reach it later.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

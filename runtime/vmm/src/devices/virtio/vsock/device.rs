@@ -11,20 +11,16 @@ use std::os::fd::RawFd;
 use std::path::Path;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::metrics::VsockMetrics;
 use super::muxer::Muxer;
-use super::packet::{parse_tx, RxPacket};
-use super::{rate_limited, VsockError, EVQ, MAX_GUEST_CID, MIN_GUEST_CID, QUEUE_SIZE, RXQ, TXQ};
+use super::queues::{drain_tx, fill_rx, kick, VsockQueues};
+use super::{VsockError, EVQ, MAX_GUEST_CID, MIN_GUEST_CID, QUEUE_SIZE, RXQ, TXQ};
 use crate::devices::virtio::{
     device_type, ActivateContext, Interrupt, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1,
 };
-
-/// RX/TX passes per kick: TX can produce RX (RSTs, responses) and a full
-/// RX backlog can hold TX back; a few rounds settle both.
-const MAX_KICK_ROUNDS: usize = 8;
 
 struct Active {
     mem: GuestMemoryMmap,
@@ -33,6 +29,35 @@ struct Active {
     /// Kept so the driver's buffers stay owned by the device.
     _evq: Option<Queue>,
     interrupt: Arc<Interrupt>,
+}
+
+impl VsockQueues for Active {
+    fn rx(&mut self, muxer: &mut Muxer, metrics: &VsockMetrics) -> Result<bool, VirtioError> {
+        let used = fill_rx(muxer, metrics, &mut self.rxq, &self.mem).map_err(VirtioError::Queue)?;
+        if used
+            && self
+                .rxq
+                .needs_notification(&self.mem)
+                .map_err(VirtioError::Queue)?
+        {
+            self.interrupt.signal_used_queue()?;
+        }
+        Ok(used)
+    }
+
+    fn tx(&mut self, muxer: &mut Muxer, metrics: &VsockMetrics) -> Result<bool, VirtioError> {
+        let used =
+            drain_tx(muxer, metrics, &mut self.txq, &self.mem).map_err(VirtioError::Queue)?;
+        if used
+            && self
+                .txq
+                .needs_notification(&self.mem)
+                .map_err(VirtioError::Queue)?
+        {
+            self.interrupt.signal_used_queue()?;
+        }
+        Ok(used)
+    }
 }
 
 /// The virtio-vsock device.
@@ -81,92 +106,12 @@ impl Vsock {
         &mut self.muxer
     }
 
-    /// Fills RX chains while the muxer has packets; true if any was used.
-    pub fn process_rx(&mut self) -> Result<bool, VirtioError> {
-        let Some(a) = self.active.as_mut() else {
-            return Ok(false);
-        };
-        let mut used_any = false;
-        while self.muxer.has_pending_rx() {
-            let chain = match a.rxq.iter(&a.mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => return Err(VirtioError::Queue(e)),
-            };
-            let Some(mut chain) = chain else { break };
-            let head = chain.head_index();
-            let len = match RxPacket::parse(&a.mem, &mut chain) {
-                Ok(mut pkt) => match self.muxer.recv_pkt(&mut pkt) {
-                    Some(len) => len,
-                    None => {
-                        // Nothing to say after all: leave the chain for later.
-                        a.rxq.go_to_previous_position();
-                        break;
-                    }
-                },
-                Err(e) => {
-                    bad_chain(&self.metrics, RXQ, &e);
-                    0
-                }
-            };
-            a.rxq
-                .add_used(&a.mem, head, len)
-                .map_err(VirtioError::Queue)?;
-            used_any = true;
-        }
-        if used_any
-            && a.rxq
-                .needs_notification(&a.mem)
-                .map_err(VirtioError::Queue)?
-        {
-            a.interrupt.signal_used_queue()?;
-        }
-        Ok(used_any)
-    }
-
-    /// Hands every TX chain to the muxer (unless RX is backed up); true if
-    /// any was used.
-    pub fn process_tx(&mut self) -> Result<bool, VirtioError> {
-        let Some(a) = self.active.as_mut() else {
-            return Ok(false);
-        };
-        let mut used_any = false;
-        while !self.muxer.tx_throttled() {
-            let chain = match a.txq.iter(&a.mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => return Err(VirtioError::Queue(e)),
-            };
-            let Some(mut chain) = chain else { break };
-            let head = chain.head_index();
-            match parse_tx(&a.mem, &mut chain) {
-                Ok(pkt) => self.muxer.send_pkt(&pkt.hdr, pkt.data.as_ref()),
-                Err(e) => bad_chain(&self.metrics, TXQ, &e),
-            }
-            a.txq
-                .add_used(&a.mem, head, 0)
-                .map_err(VirtioError::Queue)?;
-            used_any = true;
-        }
-        if used_any
-            && a.txq
-                .needs_notification(&a.mem)
-                .map_err(VirtioError::Queue)?
-        {
-            a.interrupt.signal_used_queue()?;
-        }
-        Ok(used_any)
-    }
-
     /// RX, then TX, until neither moves.
     pub fn kick(&mut self) -> Result<(), VirtioError> {
-        for _ in 0..MAX_KICK_ROUNDS {
-            let rx = self.process_rx()?;
-            let tx = self.process_tx()?;
-            let more_rx = rx && self.muxer.has_pending_rx();
-            if !tx && !more_rx {
-                break;
-            }
-        }
-        Ok(())
+        let Some(a) = self.active.as_mut() else {
+            return Ok(());
+        };
+        kick(a, &mut self.muxer, &self.metrics)
     }
 
     /// Host-side activity (the muxer's epoll fd is readable): handle it,
@@ -183,13 +128,6 @@ impl Vsock {
             tracing::warn!(device = "vsock", error = %e, "virtio device failed; the driver must reset it");
             let _ = irq.signal_needs_reset();
         }
-    }
-}
-
-fn bad_chain(metrics: &VsockMetrics, queue: u16, e: &VsockError) {
-    let n = VsockMetrics::add(&metrics.bad_chains, 1);
-    if rate_limited(n) {
-        tracing::warn!(device = "vsock", queue, error = %e, source = ?std::error::Error::source(e), "malformed descriptor chain returned with length 0");
     }
 }
 

@@ -18,10 +18,12 @@ pub mod event_handler;
 pub mod metrics;
 pub mod muxer;
 pub mod packet;
+pub mod queues;
 #[cfg(any(test, fuzzing))]
 pub mod test_utils;
 #[cfg(test)]
 mod tests;
+pub mod vhost_user;
 
 use std::path::PathBuf;
 use std::time::Duration;
