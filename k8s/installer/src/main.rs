@@ -56,6 +56,7 @@ fn parse(mut argv: impl Iterator<Item = OsString>) -> Result<Args, String> {
     let mode = match argv.next().and_then(|a| a.into_string().ok()).as_deref() {
         Some("install") => Mode::Install,
         Some("uninstall") => Mode::Uninstall,
+        Some("-h" | "--help" | "help") => return Err(String::new()),
         Some(other) => return Err(format!("unknown subcommand {other:?}")),
         None => return Err("a subcommand is needed".to_owned()),
     };
@@ -254,5 +255,8 @@ mod tests {
             .unwrap_err()
             .contains("--node needs a value"));
         assert!(args(&[]).unwrap_err().contains("subcommand"));
+        // Help is an empty "error": main prints the usage and succeeds.
+        assert_eq!(args(&["--help"]).unwrap_err(), "");
+        assert_eq!(args(&["install", "-h"]).unwrap_err(), "");
     }
 }
