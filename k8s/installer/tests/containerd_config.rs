@@ -156,6 +156,9 @@ fn unsupported_files_fail_with_the_path_and_the_cause() {
             "`plugins` is integer, not a table",
         ),
         (
+            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\nruntimes = { runc = {} }\n",
+            "`plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes` is inline table, not a table",
+        ),        (
             "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\nruntimes = \"x\"\n",
             "`plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes` is string, not a table",
         ),
@@ -168,6 +171,27 @@ fn unsupported_files_fail_with_the_path_and_the_cause() {
         );
         assert!(err.contains(want), "{text:?}: {err}\n(wanted {want:?})");
     }
+}
+
+#[test]
+fn runtimes_written_with_dotted_keys_get_a_sibling_table() {
+    let original = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n\
+                    runtimes.runc.runtime_type = \"io.containerd.runc.v2\"\n[grpc]\naddress = \"x\"\n";
+    let new = register(original, path()).unwrap().expect("changed");
+    let doc: toml_edit::DocumentMut = new.parse().unwrap();
+    let runtimes = &doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"];
+    assert_eq!(
+        runtimes["runc"]["runtime_type"].as_str(),
+        Some("io.containerd.runc.v2"),
+        "{new}"
+    );
+    assert_eq!(
+        runtimes["boxlite"]["runtime_type"].as_str(),
+        Some("io.containerd.boxlite.v2"),
+        "{new}"
+    );
+    assert_eq!(doc["grpc"]["address"].as_str(), Some("x"), "{new}");
+    assert_eq!(unregister(&new, path()).unwrap().as_deref(), Some(original));
 }
 
 #[test]

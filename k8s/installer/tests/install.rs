@@ -65,7 +65,10 @@ fn opts(host: &Path) -> Options {
 
 #[derive(Debug, PartialEq)]
 enum Entry {
-    Dir(u32),
+    Dir {
+        mode: u32,
+        mtime_ns: i128,
+    },
     File {
         mode: u32,
         mtime_ns: i128,
@@ -73,6 +76,10 @@ enum Entry {
         bytes: Vec<u8>,
     },
     Link(PathBuf),
+}
+
+fn mtime_ns(meta: &fs::Metadata) -> i128 {
+    meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128
 }
 
 /// Every path under `root` with its kind, mode, mtime, inode and content:
@@ -86,14 +93,22 @@ fn snapshot(root: &Path) -> BTreeMap<PathBuf, Entry> {
             if meta.file_type().is_symlink() {
                 out.insert(rel, Entry::Link(fs::read_link(&path).unwrap()));
             } else if meta.is_dir() {
-                out.insert(rel, Entry::Dir(meta.mode() & 0o7777));
+                // A directory's mtime moves when anything is created,
+                // renamed or removed in it, temp files included.
+                out.insert(
+                    rel,
+                    Entry::Dir {
+                        mode: meta.mode() & 0o7777,
+                        mtime_ns: mtime_ns(&meta),
+                    },
+                );
                 walk(root, &path, out);
             } else {
                 out.insert(
                     rel,
                     Entry::File {
                         mode: meta.mode() & 0o7777,
-                        mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+                        mtime_ns: mtime_ns(&meta),
                         ino: meta.ino(),
                         bytes: fs::read(&path).unwrap(),
                     },
