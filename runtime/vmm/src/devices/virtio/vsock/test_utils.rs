@@ -70,8 +70,29 @@ impl Drop for TempDir {
     }
 }
 
-pub struct Rig<'a> {
-    pub dev: Vsock,
+/// What the guest driver talks to: the MMIO device run in the test's
+/// thread, or the vhost-user backend on its own worker thread.
+pub trait DeviceUnderTest {
+    /// The driver published buffers on `queue` (the MMIO device's
+    /// ioeventfd handler, or a vring kick).
+    fn notify(&mut self, queue: u16);
+    /// What the event loop does when the muxer's fd is readable (nothing
+    /// for the vhost-user backend: its worker watches that fd itself).
+    fn poll(&mut self);
+}
+
+impl DeviceUnderTest for Vsock {
+    fn notify(&mut self, queue: u16) {
+        self.process_queue(queue).unwrap();
+    }
+
+    fn poll(&mut self) {
+        self.process_backend();
+    }
+}
+
+pub struct Rig<'a, D: DeviceUnderTest = Vsock> {
+    pub dev: D,
     pub mem: &'a GuestMemoryMmap,
     pub rxq: GuestQueue<'a>,
     pub txq: GuestQueue<'a>,
@@ -88,15 +109,23 @@ pub struct Rig<'a> {
     pub inbox: Vec<Received>,
 }
 
-impl<'a> Rig<'a> {
-    /// An activated device with `initial_rx` RX chains posted.
+/// The driver's RX and TX queues (and an event queue nobody uses) in
+/// guest memory.
+pub fn guest_queues(mem: &GuestMemoryMmap) -> [GuestQueue<'_>; 3] {
+    [
+        GuestQueue::new(mem, RX_QSIZE, 0x1000),
+        GuestQueue::new(mem, TX_QSIZE, 0x3000),
+        GuestQueue::new(mem, 4, 0x5000),
+    ]
+}
+
+impl<'a> Rig<'a, Vsock> {
+    /// An activated MMIO device with `initial_rx` RX chains posted.
     pub fn new(mem: &'a GuestMemoryMmap, initial_rx: usize) -> Self {
         let dir = TempDir::new();
         let uds = dir.path().join("vsock.sock");
         let mut dev = Vsock::new(GUEST_CID, &uds).unwrap();
-        let rxq = GuestQueue::new(mem, RX_QSIZE, 0x1000);
-        let txq = GuestQueue::new(mem, TX_QSIZE, 0x3000);
-        let evq = GuestQueue::new(mem, 4, 0x5000);
+        let [rxq, txq, evq] = guest_queues(mem);
         let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
         dev.activate(ActivateContext {
             mem: mem.clone(),
@@ -105,6 +134,21 @@ impl<'a> Rig<'a> {
             acked_features: VIRTIO_F_VERSION_1,
         })
         .unwrap();
+        Rig::with_device(dev, mem, [rxq, txq], irq, dir, uds, initial_rx)
+    }
+}
+
+impl<'a, D: DeviceUnderTest> Rig<'a, D> {
+    /// A rig around a started device.
+    pub fn with_device(
+        dev: D,
+        mem: &'a GuestMemoryMmap,
+        [rxq, txq]: [GuestQueue<'a>; 2],
+        irq: Arc<Interrupt>,
+        dir: TempDir,
+        uds: PathBuf,
+        initial_rx: usize,
+    ) -> Self {
         let mut rig = Rig {
             dev,
             mem,
@@ -136,7 +180,7 @@ impl<'a> Rig<'a> {
     /// Posts `n` RX chains (header + 4 KiB data) and notifies the device.
     pub fn post_rx(&mut self, n: usize) {
         self.post_rx_quiet(n);
-        self.dev.process_queue(RXQ).unwrap();
+        self.dev.notify(RXQ);
     }
 
     fn post_rx_quiet(&mut self, n: usize) {
@@ -187,7 +231,7 @@ impl<'a> Rig<'a> {
 
     /// Runs the backend (as the event loop would) and collects packets.
     pub fn pump(&mut self) {
-        self.dev.process_backend();
+        self.dev.poll();
         self.collect();
     }
 
@@ -235,7 +279,13 @@ impl<'a> Rig<'a> {
     }
 
     fn take_tx_head(&mut self) -> u16 {
+        // A device on another thread returns TX chains a little later.
+        let end = Instant::now() + Duration::from_secs(2);
         self.reclaim_tx();
+        while self.tx_free.is_empty() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(1));
+            self.reclaim_tx();
+        }
         self.tx_free.pop().expect("free TX chain")
     }
 
@@ -273,7 +323,7 @@ impl<'a> Rig<'a> {
             self.txq.write_desc(head + 1, d, data.len() as u32, 0, 0);
         }
         self.txq.publish(head);
-        self.dev.process_queue(TXQ).unwrap();
+        self.dev.notify(TXQ);
         self.reclaim_tx();
         self.collect();
     }
@@ -294,7 +344,7 @@ impl<'a> Rig<'a> {
             self.txq.write_desc(idx, *addr, *len, f, idx + 1);
         }
         self.txq.publish(first);
-        self.dev.process_queue(TXQ).unwrap();
+        self.dev.notify(TXQ);
         // Hand-made chains use descriptors outside the free list.
         while self.tx_seen != self.txq.used_idx() {
             let (id, len) = self.txq.used_elem(self.tx_seen);

@@ -306,8 +306,15 @@ impl VhostUserVsock {
 /// socket at `uds_path`.
 pub fn serve(cid: u64, socket: &Path, uds_path: &Path) -> Result<(), ServeError> {
     let backend = VhostUserVsock::new(cid, uds_path).map_err(ServeError::Device)?;
-    let backend_fd = backend.backend_fd();
-    let backend = Arc::new(Mutex::new(backend));
+    serve_backend(Arc::new(Mutex::new(backend)), socket)
+}
+
+/// [`serve`] with a backend the caller made (and may look into).
+pub fn serve_backend(backend: Arc<Mutex<VhostUserVsock>>, socket: &Path) -> Result<(), ServeError> {
+    let backend_fd = backend
+        .lock()
+        .map_err(|_| ServeError::Poisoned)?
+        .backend_fd();
     let mut daemon = vhost_user_backend::VhostUserDaemon::new(
         "boxlite-vsock".to_string(),
         backend,
@@ -334,4 +341,10 @@ pub enum ServeError {
     NoWorker,
     #[error("Cannot watch the hybrid socket's epoll set")]
     Register(#[source] io::Error),
+    #[error("vsock backend lock poisoned")]
+    Poisoned,
 }
+
+#[cfg(test)]
+#[path = "vhost_user_tests.rs"]
+mod tests;
