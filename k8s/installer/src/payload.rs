@@ -3,6 +3,7 @@
 //! linked onto containerd's PATH, and a default `/etc/boxlite/boxlite.toml`
 //! when the node has none.
 
+use std::ffi::OsString;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -143,9 +144,9 @@ fn copy_tree(src: &Path, dst: &Path, log: &mut Log) -> Result<(), PayloadError> 
     }
     // Sorted, so the log reads the same on every node.
     names.sort();
-    for name in names {
-        let from = src.join(&name);
-        let to = dst.join(&name);
+    for name in &names {
+        let from = src.join(name);
+        let to = dst.join(name);
         // metadata() follows symlinks: a payload may link to shared files.
         let meta = fs::metadata(&from).map_err(|source| PayloadError::Read {
             path: from.clone(),
@@ -157,6 +158,37 @@ fn copy_tree(src: &Path, dst: &Path, log: &mut Log) -> Result<(), PayloadError> 
         } else {
             copy_file(&from, &to, log)?;
         }
+    }
+    remove_stale(dst, &names, log)
+}
+
+/// Removes what an earlier image put in `dst` and this one no longer has
+/// (a renamed helper, say), so /opt/boxlite holds exactly the payload.
+fn remove_stale(dst: &Path, keep: &[OsString], log: &mut Log) -> Result<(), PayloadError> {
+    let Ok(entries) = fs::read_dir(dst) else {
+        return Ok(());
+    };
+    let mut stale: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| !keep.contains(&e.file_name()))
+        .map(|e| e.path())
+        .collect();
+    stale.sort();
+    for path in stale {
+        let removed = if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        removed.map_err(|source| PayloadError::Write {
+            path: path.clone(),
+            what: "remove it (not in the payload any more)",
+            source,
+        })?;
+        log.action(format!(
+            "{}: removed (not in the payload any more)",
+            path.display()
+        ));
     }
     Ok(())
 }

@@ -235,6 +235,35 @@ fn a_changed_payload_file_is_replaced_and_the_admins_config_kept() {
 }
 
 #[test]
+fn a_file_dropped_from_the_payload_is_removed_on_the_next_install() {
+    let n = node();
+    write(
+        &n.payload.join("bin/vhost-device-vsock"),
+        b"old helper",
+        0o755,
+    );
+    install(&opts(&n.host), &n.payload, &mut Log::default()).unwrap();
+    let old = n.host.join("opt/boxlite/bin/vhost-device-vsock");
+    assert!(old.is_file());
+
+    fs::remove_file(n.payload.join("bin/vhost-device-vsock")).unwrap();
+    write(&n.payload.join("bin/boxlite-vsock"), b"new helper", 0o755);
+    let mut log = Log::default();
+    install(&opts(&n.host), &n.payload, &mut log).unwrap();
+    assert!(!old.exists());
+    assert!(n.host.join("opt/boxlite/bin/boxlite-vsock").is_file());
+    assert!(n.host.join("opt/boxlite/bin/boxlite-vmm").is_file());
+    assert!(
+        log.lines.contains(&format!(
+            "{}: removed (not in the payload any more)",
+            old.display()
+        )),
+        "{:?}",
+        log.lines
+    );
+}
+
+#[test]
 fn a_shim_copied_by_setup_sh_is_replaced_by_the_link() {
     let n = node();
     let link = n.host.join("usr/local/bin/containerd-shim-boxlite-v2");
