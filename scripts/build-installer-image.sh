@@ -122,6 +122,9 @@ assemble_payload() {
     if [ -z "$vsock" ]; then
         vhost="$(find_helper vhost-device-vsock)" \
             || die "neither boxlite-vsock nor vhost-device-vsock found: cargo install --locked vhost-device-vsock@0.3.0"
+        # boxlite-vsock (built with boxlite-vmm) is the qemu backend's own
+        # vsock backend; vhost-device-vsock is the older stand-in.
+        echo "warning: boxlite-vsock not found; using $vhost (build boxlite-vsock with \`cargo build --release -p boxlite-vmm\`)" >&2
         add_bin "$vhost"
         vsock=vhost-device-vsock
     fi
