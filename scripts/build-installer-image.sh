@@ -6,8 +6,8 @@
 #   bash scripts/build-installer-image.sh [--from-node] [--out FILE] [--import]
 #
 # The image holds the static `boxlite-node-installer` and its payload:
-#   /payload/bin/    containerd-shim-boxlite-v2, boxlite-vmm, boxlite-vsock
-#                    or vhost-device-vsock, virtiofsd
+#   /payload/bin/    containerd-shim-boxlite-v2, boxlite-vmm, boxlite-vsock,
+#                    virtiofsd
 #   /payload/share/  vmlinux, initramfs (the guest)
 #   /payload/etc/boxlite.toml  the default config pointing at /opt/boxlite
 #
@@ -116,18 +116,12 @@ assemble_payload() {
     fi
     add_share "$kernel" vmlinux
     add_share "$initramfs" initramfs
-    local virtiofsd vhost
+    local virtiofsd
     virtiofsd="$(find_helper virtiofsd)" || die "virtiofsd not found: cargo install --locked virtiofsd@1.14.0"
     add_bin "$virtiofsd"
-    if [ -z "$vsock" ]; then
-        vhost="$(find_helper vhost-device-vsock)" \
-            || die "neither boxlite-vsock nor vhost-device-vsock found: cargo install --locked vhost-device-vsock@0.3.0"
-        # boxlite-vsock (built with boxlite-vmm) is the qemu backend's own
-        # vsock backend; vhost-device-vsock is the older stand-in.
-        echo "warning: boxlite-vsock not found; using $vhost (build boxlite-vsock with \`cargo build --release -p boxlite-vmm\`)" >&2
-        add_bin "$vhost"
-        vsock=vhost-device-vsock
-    fi
+    # boxlite-vsock (built with boxlite-vmm) is the qemu backend's vsock
+    # device; without it a node without KVM could not run a pod.
+    [ -n "$vsock" ] || die "boxlite-vsock not found: build it with \`cargo build --release -p boxlite-vmm\` (or run scripts/setup.sh for --from-node)"
 
     # The node's default config: only the paths differ from the built-in
     # defaults (configs/boxlite.toml lists every key).

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # BoxLite set-up (README: the main command). Run as root on Debian 12.
 #
-# Installs what BoxLite needs (Debian packages, virtiofsd and
-# vhost-device-vsock from crates.io), builds the guest kernel (cached by its
-# config hash), the static guest agent and the initramfs, installs them with
-# the shim, the tools and a default config, registers the runtime with
+# Installs what BoxLite needs (Debian packages, virtiofsd from crates.io),
+# builds the guest kernel (cached by its config hash), the static guest agent
+# and the initramfs, installs them with the shim, boxlite-vmm, boxlite-vsock,
+# the tools and a default config, registers the runtime with
 # containerd, imports a locally built busybox image, and runs a container in a
 # micro-VM with `ctr run --runtime io.containerd.boxlite.v2`. Idempotent: run
 # it again after a pull.

@@ -8,7 +8,8 @@
 #    the static boxlite-vmm and test driver),
 # 4. runs the unit and host-side tests (no root, KVM or QEMU needed),
 # 5. runs the #[ignore]d VM tests: real guests under QEMU (TCG here), which
-#    need root, QEMU, virtiofsd, vhost-device-vsock and the guest assets.
+#    need root, QEMU, virtiofsd, boxlite-vsock (built here) and the guest
+#    assets.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 require_root
 cd "$REPO_ROOT"

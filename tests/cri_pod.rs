@@ -21,7 +21,7 @@ use k8s_cri::v1::{
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs root, containerd, containernetworking-plugins, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+#[ignore = "needs root, containerd, containernetworking-plugins, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
 async fn pod_lifecycle_network_and_exec() {
     let netns_before = cri_netns();
     let mut cri = Cri::start("bridge").await;
@@ -160,7 +160,7 @@ async fn pod_lifecycle_network_and_exec() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs root, containerd, containernetworking-plugins, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+#[ignore = "needs root, containerd, containernetworking-plugins, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
 async fn bad_pods_are_clear_cri_errors() {
     let mut cri = Cri::start("bridge").await;
     let logs = cri.c.dir.path().join("pod-logs");

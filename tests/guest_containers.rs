@@ -4,7 +4,7 @@
 //! travels over dedicated vsock streams through the hybrid socket — the path
 //! the shim will use.
 //!
-//! `#[ignore]`d like every VM test: root, QEMU, virtiofsd, vhost-device-vsock
+//! `#[ignore]`d like every VM test: root, QEMU, virtiofsd, boxlite-vsock
 //! and the guest assets (scripts/test.sh provides them).
 
 use std::io::{Read, Write};
@@ -129,7 +129,7 @@ impl Drop for ConsoleOnPanic {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs root, QEMU, virtiofsd, vhost-device-vsock, busybox-static and the guest assets"]
+#[ignore = "needs root, QEMU, virtiofsd, boxlite-vsock, busybox-static and the guest assets"]
 async fn containers_run_inside_the_guest() {
     let state = tempfile::tempdir().unwrap();
     let share = tempfile::tempdir().unwrap();

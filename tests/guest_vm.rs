@@ -1,10 +1,10 @@
 //! Real guests under the `qemu` backend (TCG on hosts without a usable KVM):
 //! our kernel, our initramfs with the agent as PID 1, virtio-fs through
-//! virtiofsd and vsock through vhost-device-vsock, driven the way the shim
+//! virtiofsd and vsock through boxlite-vsock, driven the way the shim
 //! drives them — through `boxlite_runtime`'s `Hypervisor` trait and the
 //! hybrid vsock socket.
 //!
-//! `#[ignore]`d: they need root, QEMU, virtiofsd, vhost-device-vsock and the
+//! `#[ignore]`d: they need root, QEMU, virtiofsd, boxlite-vsock and the
 //! guest assets. scripts/test.sh builds the assets and runs them with
 //! `cargo test -p boxlite-tests --test guest_vm -- --ignored --test-threads=1`.
 
@@ -57,7 +57,7 @@ fn console_text(vm: &dyn Hypervisor) -> String {
 /// the log stream replays the boot; DestroySandbox ends the VM and nothing
 /// is left behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs root, QEMU, virtiofsd, vhost-device-vsock and the guest assets (cargo xtask guest)"]
+#[ignore = "needs root, QEMU, virtiofsd, boxlite-vsock and the guest assets (cargo xtask guest)"]
 async fn guest_boots_serves_the_agent_and_stops_clean() {
     let assets = guest_assets();
     let state = tempfile::tempdir().unwrap();
@@ -237,7 +237,7 @@ async fn guest_boots_serves_the_agent_and_stops_clean() {
 /// end QEMU, and wait_ready fails at once (not after the 60 s timeout) with
 /// QEMU's exit and the console log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs root, QEMU, vhost-device-vsock and the guest kernel"]
+#[ignore = "needs root, QEMU, boxlite-vsock and the guest kernel"]
 async fn kernel_panic_fails_wait_ready_fast() {
     let assets = guest_assets();
     let state = tempfile::tempdir().unwrap();
@@ -272,7 +272,7 @@ async fn kernel_panic_fails_wait_ready_fast() {
 /// A guest that boots but never announces itself: wait_ready times out with
 /// the sandbox, the port, the timeout and the console log; kill() cleans up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs root, QEMU, vhost-device-vsock, the guest kernel and busybox-static"]
+#[ignore = "needs root, QEMU, boxlite-vsock, the guest kernel and busybox-static"]
 async fn silent_guest_times_out_naming_the_console_log() {
     let assets = guest_assets();
     let state = tempfile::tempdir().unwrap();

@@ -3,7 +3,7 @@
 //!
 //! `#[ignore]`d: they need root (mounts, /run/containerd/s), and the
 //! containerd test also `containerd`, `ctr`, QEMU, virtiofsd,
-//! vhost-device-vsock and the guest assets. Build the shim first, then:
+//! boxlite-vsock and the guest assets. Build the shim first, then:
 //!
 //! ```text
 //! cargo build -p containerd-shim-boxlite-v2
@@ -28,7 +28,7 @@ use boxlite_tests::processes_mentioning;
 /// are `guest_assets()`'s (`BOXLITE_KERNEL` / `BOXLITE_INITRAMFS`, else
 /// `build/guest/`, else `/usr/share/boxlite/`).
 #[test]
-#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
 fn ctr_run_reaches_the_agent_through_the_shim() {
     let c = Containerd::with_image();
     let out = c.run_rm(&[], "run1", &["echo", "hello-boxlite"]);
@@ -77,7 +77,7 @@ fn missing_kernel_is_a_clear_error() {
 /// An `io.boxlite.*` annotation the config allows sizes the VM; one it does
 /// not allow fails the create with a message naming it, leaving nothing.
 #[test]
-#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
 fn annotation_overrides_allowed_and_refused() {
     let c = Containerd::with_image();
     let mem_total_kib = |out: &Output| -> u64 {
@@ -130,7 +130,7 @@ fn annotation_overrides_allowed_and_refused() {
 /// A command that does not exist fails `ctr run` with a message naming it,
 /// and the sandbox goes away.
 #[test]
-#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
 fn bad_command_is_a_clear_error() {
     let c = Containerd::with_image();
     let out = c.run_rm(&[], "bad1", &["/no/such/binary", "arg"]);
@@ -144,7 +144,7 @@ fn bad_command_is_a_clear_error() {
 /// `agent_ready_secs` naming the sandbox, the port and the console log, and
 /// nothing is left.
 #[test]
-#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, vhost-device-vsock, busybox-static and the guest assets"]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock, busybox-static and the guest assets"]
 fn guest_that_never_answers_fails_clearly() {
     let c = Containerd::with_image();
     let initramfs = c.dir.path().join("silent.cpio.gz");
@@ -249,7 +249,7 @@ impl Drop for TestNetns {
 /// from the host through the veth; after the container is gone the netns
 /// has no tap and no tc filter left.
 #[test]
-#[ignore = "needs root, containerd, ctr, iproute2, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+#[ignore = "needs root, containerd, ctr, iproute2, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
 fn pod_network_namespace_is_wired_to_the_vm() {
     let c = Containerd::with_image();
     let ns = TestNetns::new("w");
@@ -327,7 +327,7 @@ fn pod_network_namespace_is_wired_to_the_vm() {
 /// veth, an address, a default route) is wired to the VM; afterwards the
 /// namespace the shim made, and with it the veth, are gone.
 #[test]
-#[ignore = "needs root, containerd, ctr, iproute2, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+#[ignore = "needs root, containerd, ctr, iproute2, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
 fn create_runtime_hook_network_is_wired_to_the_vm() {
     let c = Containerd::with_image();
     let host_veth = format!("bxhk{}", std::process::id() % 100000);
@@ -545,7 +545,7 @@ fn assert_output(out: &Output, code: i32, stdout: &str, what: &str) {
 
 /// `ctr task exec` without and with a terminal: output and exit code.
 #[test]
-#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
 fn exec_output_exit_code_and_tty() {
     let c = Containerd::with_image();
     c.run_detached(&[], "ex1");
@@ -601,7 +601,7 @@ fn run_with_input(cmd: &mut Command, input: &[u8]) -> Output {
 /// Piped stdin reaches the init and the exec, and its end is their EOF
 /// (`cat` returns), as under runc.
 #[test]
-#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
 fn piped_stdin_reaches_the_process_and_ends() {
     let c = Containerd::with_image();
     let input = b"line one\nline two\n";
@@ -647,7 +647,7 @@ fn piped_stdin_reaches_the_process_and_ends() {
 /// SIGTERM ends an exec with 143 (the init, PID 1 of its namespace, ignores
 /// SIGTERM without a handler, as under runc); SIGKILL ends the init with 137.
 #[test]
-#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
 fn kill_exit_statuses() {
     let c = Containerd::with_image();
     let init = c
@@ -692,7 +692,7 @@ fn kill_exit_statuses() {
 /// pause/resume show in `ctr task ls`; `ctr task ps` lists the processes;
 /// `ctr task metrics` has memory and cpu figures.
 #[test]
-#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
 fn pause_resume_ps_and_metrics() {
     let c = Containerd::with_image();
     c.run_detached(&[], "p1");
@@ -734,7 +734,7 @@ fn pause_resume_ps_and_metrics() {
 
 /// --env, --cwd, --read-only; a process that exits at once (0 and 1).
 #[test]
-#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
 fn env_cwd_read_only_and_immediate_exit() {
     let c = Containerd::with_image();
     let out = c.run_rm(
@@ -770,7 +770,7 @@ fn env_cwd_read_only_and_immediate_exit() {
 
 /// Bind mounts: rw (the host sees the write) and ro (a write fails).
 #[test]
-#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
 fn bind_mounts_ro_and_rw() {
     let c = Containerd::with_image();
     let rw = c.dir.path().join("vol-rw");
@@ -812,7 +812,7 @@ fn bind_mounts_ro_and_rw() {
 
 /// --memory-limit shows as memory.max of the container's cgroup in the guest.
 #[test]
-#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
 fn memory_limit_in_the_guest_cgroup() {
     let c = Containerd::with_image();
     let out = c.run_rm(
@@ -841,7 +841,7 @@ fn memory_limit_in_the_guest_cgroup() {
 /// 100 MiB of stdout arrive intact: the checksum computed in the guest
 /// matches the host's of what ctr printed.
 #[test]
-#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
 fn hundred_mib_of_stdout_intact() {
     const N: u64 = 104_857_600;
     let c = Containerd::with_image();
@@ -882,7 +882,7 @@ fn hundred_mib_of_stdout_intact() {
 /// Two containers in one sandbox via the CRI annotations: the same guest
 /// kernel (boot_id), not the host's.
 #[test]
-#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
 fn two_containers_in_one_sandbox() {
     let c = Containerd::with_image();
     c.run_detached(&[], "pod1");
@@ -920,7 +920,7 @@ fn two_containers_in_one_sandbox() {
 /// The shim SIGKILLed: `ctr task delete` and `ctr container delete` still
 /// leave no VM process, mount, socket or sandbox directory.
 #[test]
-#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
 fn shim_sigkill_then_delete_leaves_nothing() {
     let c = Containerd::with_image();
     c.run_detached(&[], "crash1");
@@ -959,7 +959,7 @@ fn shim_sigkill_then_delete_leaves_nothing() {
 /// 20 create/run/delete cycles leak no process, mount, containerd fd or
 /// state entry.
 #[test]
-#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, vhost-device-vsock and the guest assets"]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
 fn twenty_cycles_leak_nothing() {
     let c = Containerd::with_image();
     let fds = || {

@@ -729,7 +729,7 @@ mod tests {
             .join("\n");
         let full = parse(&uncommented).unwrap();
         assert_eq!(full, Config::default());
-        assert_eq!(keys, 15, "{uncommented}");
+        assert_eq!(keys, 16, "{uncommented}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! and how to prove that nothing was left behind.
 //!
 //! The VM tests are `#[ignore]`d because they need root, QEMU, virtiofsd,
-//! vhost-device-vsock and a built guest kernel and initramfs; `.ci/run`
+//! boxlite-vsock and a built guest kernel and initramfs; `.ci/run`
 //! (scripts/test.sh) builds those and runs them with `--ignored`.
 
 pub mod containerd;

@@ -43,6 +43,9 @@ use super::{
 };
 use crate::config::{ResolvedAccel, ResolvedHypervisor};
 
+/// How long a helper's clean exit waits for QEMU's before the helper is
+/// reported as the process that ended the VM.
+const QEMU_EXIT_GRACE: Duration = Duration::from_secs(2);
 /// vhost-user socket between QEMU and the vsock backend.
 pub const VHOST_VSOCK_SOCKET: &str = "vhost-vsock.sock";
 /// Guest CID given to the vsock backend (any value ≥ 3; each VM has its own
@@ -663,21 +666,37 @@ impl Hypervisor for QemuHypervisor {
                 })
             }
         }
-        for p in &mut st.procs {
-            if let Some(status) = p.poll() {
-                return Err(HypervisorError::ProcessExited(Box::new(ExitReport {
-                    id: self.id.clone(),
-                    what: p.role.describe(),
-                    pid: p.pid,
-                    status,
-                    log: p.log.clone(),
-                    last_line: last_line(&p.log),
-                    socket: None,
-                    console_log: Some(self.console_log_path()),
-                })));
+        let Some(mut dead) = st.procs.iter_mut().position(|p| p.poll().is_some()) else {
+            return Ok(());
+        };
+        // QEMU's exit is the cause worth reporting (a guest panic, a bad
+        // kernel): its vhost-user helpers end cleanly once it is gone, and
+        // one may be reaped a moment before QEMU itself.
+        if st.procs[dead].role != Role::Qemu && st.procs[dead].poll().is_some_and(|s| s.success()) {
+            let until = Instant::now() + QEMU_EXIT_GRACE;
+            while Instant::now() < until {
+                if let Some(q) = st
+                    .procs
+                    .iter_mut()
+                    .position(|p| p.role == Role::Qemu && p.poll().is_some())
+                {
+                    dead = q;
+                    break;
+                }
+                tokio::time::sleep(POLL_INTERVAL).await;
             }
         }
-        Ok(())
+        let p = &mut st.procs[dead];
+        Err(HypervisorError::ProcessExited(Box::new(ExitReport {
+            id: self.id.clone(),
+            what: p.role.describe(),
+            pid: p.pid,
+            status: p.poll().expect("polled as exited above"),
+            log: p.log.clone(),
+            last_line: last_line(&p.log),
+            socket: None,
+            console_log: Some(self.console_log_path()),
+        })))
     }
 
     fn pid(&self) -> Option<u32> {
@@ -1023,8 +1042,8 @@ exec sleep 30"#
                 "fs-rootfs.sock.pid",
                 "qemu.pid",
                 "vhost-vsock.sock",
-                "vsock-backend.pid",
-                "virtiofsd-rootfs.pid"
+                "virtiofsd-rootfs.pid",
+                "vsock-backend.pid"
             ]
         );
         let started = std::time::Instant::now();
