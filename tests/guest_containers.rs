@@ -25,7 +25,7 @@ use boxlite_runtime::HybridVsock;
 use boxlite_tests::assert_nothing_left;
 
 const SHARE_TAG: &str = "shared";
-const APPLETS: &[&str] = &["sh", "echo", "cat", "sleep", "hostname", "true"];
+const APPLETS: &[&str] = &["sh", "echo", "cat", "sleep", "hostname", "true", "head"];
 
 fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(Duration::from_secs(30).as_nanos() as i64)
@@ -262,6 +262,44 @@ async fn containers_run_inside_the_guest() {
     agent.signal_process(ctx(), &kill).await.unwrap();
     assert_eq!(wait(agent, "c2", "").await, 137);
     remove(agent, "c2").await;
+
+    // 3. Device cgroup rules under cgroup v2 (the agent's eBPF program): a
+    //    listed node that no rule allows cannot be opened; runc's standard
+    //    set stays usable despite the leading "deny all".
+    let rootfs = busybox_rootfs(share.path(), "c3");
+    let script = "head -c1 /dev/fuse >/dev/null 2>/tmp/e; echo fuse=$?; cat /tmp/e; \
+                  cat /dev/null && echo null=ok";
+    let mut c3: serde_json::Value =
+        serde_json::from_slice(&spec("c3", &rootfs, &["sh", "-c", script])).unwrap();
+    c3["linux"]["devices"] = serde_json::json!([
+        {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229, "fileMode": 0o666}
+    ]);
+    c3["linux"]["resources"]["devices"] = serde_json::json!([
+        {"allow": false, "access": "rwm"},
+        {"allow": true, "type": "c", "major": 1, "minor": 3, "access": "rwm"}
+    ]);
+    let create = CreateContainerRequest {
+        container_id: "c3".into(),
+        oci_spec_json: serde_json::to_vec(&c3).unwrap(),
+        stdio: stdio(true, false),
+        ..Default::default()
+    };
+    agent.create_container(ctx(), &create).await.unwrap();
+    let out = drain(open_stream(&vsock, "c3", "", StreamKind::Stdout).await);
+    let start = StartContainerRequest {
+        container_id: "c3".into(),
+        ..Default::default()
+    };
+    agent.start_container(ctx(), &start).await.unwrap();
+    assert_eq!(wait(agent, "c3", "").await, 0);
+    let out = out.join().unwrap();
+    assert!(
+        out.starts_with("fuse=1\n")
+            && out.contains("Operation not permitted")
+            && out.ends_with("null=ok\n"),
+        "{out:?}"
+    );
+    remove(agent, "c3").await;
 
     vm.stop().await.unwrap();
     assert_nothing_left(&dir);

@@ -139,9 +139,16 @@ fn run(req: &HelperRequest) -> Result<i32, String> {
                 .pid()
                 .map(|p| p.as_raw())
                 .ok_or("libcontainer created the container but reported no pid")?;
-            if let Err(e) = fix_mounts(bundle, pid) {
-                // The container exists but its mounts differ from the spec:
-                // kill it; the agent removes what is left.
+            let config = bundle.join("config.json");
+            let finish = oci_spec::runtime::Spec::load(&config)
+                .map_err(|e| format!("cannot read {}: {e}", config.display()))
+                .and_then(|spec| {
+                    fix_mounts(&spec, pid)?;
+                    apply_device_rules(&spec)
+                });
+            if let Err(e) = finish {
+                // The container exists but differs from the spec: kill it;
+                // the agent removes what is left.
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,
@@ -160,6 +167,30 @@ fn run(req: &HelperRequest) -> Result<i32, String> {
     }
 }
 
+/// `linux.resources.devices` on cgroup v2 (the guest), which libcontainer
+/// leaves out without its libbpf feature: our own device program on the
+/// container's cgroup, attached while the container waits for
+/// StartContainer, so nothing in it has opened a device yet (runc's init
+/// creates the spec's device nodes; creating is not opening). On v1 hosts
+/// (host mode) libcontainer's devices controller applies the rules.
+fn apply_device_rules(spec: &oci_spec::runtime::Spec) -> Result<(), String> {
+    if !matches!(
+        libcgroups::common::get_cgroup_setup(),
+        Ok(libcgroups::common::CgroupSetup::Unified)
+    ) {
+        return Ok(());
+    }
+    let linux = spec.linux().clone().unwrap_or_default();
+    let cgroup = linux
+        .cgroups_path()
+        .clone()
+        .ok_or("the spec has no linux.cgroupsPath (the agent always sets one)")?;
+    let dir = std::path::Path::new(super::cgroup::CGROUP_ROOT)
+        .join(cgroup.strip_prefix("/").unwrap_or(&cgroup));
+    let rules = super::device_filter::container_rules(&linux)?;
+    super::device_filter::attach(&dir, &rules).map_err(|e| format!("linux.resources.devices: {e}"))
+}
+
 /// What libcontainer 0.7 leaves out of the spec's mounts, applied to the
 /// created container (its process waits for StartContainer, every mount is
 /// in place) from its mount namespace:
@@ -170,12 +201,9 @@ fn run(req: &HelperRequest) -> Result<i32, String> {
 ///   tmpfs and the hierarchies read-write; runc makes them read-only (the
 ///   guest is cgroup v2, where libcontainer honours `ro`; this is for host
 ///   mode on v1 hosts).
-fn fix_mounts(bundle: &std::path::Path, pid: i32) -> Result<(), String> {
+fn fix_mounts(spec: &oci_spec::runtime::Spec, pid: i32) -> Result<(), String> {
     use std::os::fd::AsRawFd;
 
-    let config = bundle.join("config.json");
-    let spec = oci_spec::runtime::Spec::load(&config)
-        .map_err(|e| format!("cannot read {}: {e}", config.display()))?;
     let mut fixes = Vec::new();
     for m in spec.mounts().iter().flatten() {
         let options = m.options().as_deref().unwrap_or_default();

@@ -8,6 +8,7 @@
 //! FAILED_PRECONDITION.
 
 pub mod cgroup;
+pub mod device_filter;
 pub mod helper;
 pub mod process;
 pub mod spec;

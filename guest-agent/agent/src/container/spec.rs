@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::{Linux, LinuxDeviceCgroup, LinuxDeviceType, LinuxResources, Process, Spec};
+use oci_spec::runtime::{LinuxResources, Process, Spec};
 
 use super::ContainerError;
 use crate::config::Config;
@@ -162,7 +162,9 @@ pub fn validate_create(
     spec.set_root(Some(root));
 
     let mut linux = spec.linux().clone().unwrap_or_default();
-    check_device_rules(&linux)?;
+    // Enforced after create by the container helper (device_filter); a rule
+    // it cannot express fails here, before anything exists.
+    super::device_filter::container_rules(&linux).map_err(ContainerError::InvalidSpec)?;
     let cgroup_path = match linux.cgroups_path() {
         Some(p) if p.to_string_lossy().contains(':') => {
             return Err(ContainerError::InvalidSpec(format!(
@@ -205,83 +207,11 @@ pub fn validate_exec(
 
 /// Checks UpdateContainer's resources. Device cgroup rules are dropped, as
 /// `runc update` does (containerd sends the container's whole resources,
-/// rules included): they are set at create only, see [`check_device_rules`].
+/// rules included): they are set at create only (see [`super::device_filter`]).
 pub fn parse_resources(json: &[u8]) -> Result<LinuxResources, ContainerError> {
     let mut resources: LinuxResources = parse_json("resources_json", json)?;
     resources.set_devices(None);
     Ok(resources)
-}
-
-/// The devices every container gets (containerd's `WithDefaultUnixDevices`,
-/// runc's allowed list): null, zero, full, tty, random, urandom, console,
-/// /dev/pts/*, ptmx, tun.
-const STANDARD_DEVICES: &[(i64, Option<i64>)] = &[
-    (1, Some(3)),
-    (1, Some(5)),
-    (1, Some(7)),
-    (1, Some(8)),
-    (1, Some(9)),
-    (5, Some(0)),
-    (5, Some(1)),
-    (5, Some(2)),
-    (136, None),
-    (10, Some(200)),
-];
-
-/// `linux.resources.devices`: the agent cannot enforce device cgroup rules
-/// in the guest (cgroup v2 device control is an eBPF program, libcontainer's
-/// `cgroupsv2_devices` feature, which is not built: it needs libbpf, and
-/// the agent is a static binary). Rather than ignore rules silently it
-/// accepts only lists whose non-enforcement grants nothing the caller did
-/// not mean to grant: rules for all devices (containerd's leading "deny
-/// all", a privileged container's "allow all") and allow rules for the
-/// standard devices and for the spec's own `linux.devices`. A deny rule for
-/// some devices, or an allow rule for any other device, is refused.
-fn check_device_rules(linux: &Linux) -> Result<(), ContainerError> {
-    let Some(rules) = linux
-        .resources()
-        .as_ref()
-        .and_then(|r| r.devices().as_ref())
-    else {
-        return Ok(());
-    };
-    let char_like = |t: LinuxDeviceType| matches!(t, LinuxDeviceType::C | LinuxDeviceType::U);
-    let listed = |rule: &LinuxDeviceCgroup| {
-        linux.devices().iter().flatten().any(|d| {
-            let same_type = match rule.typ() {
-                Some(t) if char_like(t) => char_like(d.typ()),
-                Some(t) => t == d.typ(),
-                None => false,
-            };
-            same_type && rule.major() == Some(d.major()) && rule.minor() == Some(d.minor())
-        })
-    };
-    for (i, rule) in rules.iter().enumerate() {
-        let all = matches!(rule.typ(), None | Some(LinuxDeviceType::A))
-            && rule.major().is_none()
-            && rule.minor().is_none();
-        if all {
-            continue;
-        }
-        let verb = if rule.allow() { "allow" } else { "deny" };
-        let why = if !rule.allow() {
-            "a deny rule for some devices"
-        } else if (rule.typ().is_some_and(char_like)
-            && STANDARD_DEVICES.contains(&(rule.major().unwrap_or(-1), rule.minor())))
-            || listed(rule)
-        {
-            continue;
-        } else {
-            "an allow rule for a device that is neither a standard one nor in linux.devices"
-        };
-        return Err(ContainerError::InvalidSpec(format!(
-            "linux.resources.devices[{i}] \"{verb} {rule}\" is {why}: the agent cannot enforce \
-             device cgroup rules (cgroup v2 needs eBPF, which this build leaves out), so it \
-             accepts only rules for all devices and allow rules for the standard devices and \
-             the spec's linux.devices"
-        )));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -391,49 +321,27 @@ mod tests {
     }
 
     #[test]
-    fn device_rules_are_accepted_only_when_not_enforcing_them_grants_nothing() {
+    fn device_rules_are_checked_at_create_and_dropped_at_update() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("rootfs")).unwrap();
         let config = host_config(dir.path());
-        let fuse = r#"{"path":"/dev/fuse","type":"c","major":10,"minor":229}"#;
         let with = |rules: &str| {
             spec_json(&format!(
-                r#","linux":{{"devices":[{fuse}],"resources":{{"devices":{rules}}}}}"#
+                r#","linux":{{"resources":{{"devices":{rules}}}}}"#
             ))
         };
-        let containerd_default = r#"[{"allow":false,"access":"rwm"},
-            {"allow":true,"type":"c","major":1,"minor":3,"access":"rwm"},
-            {"allow":true,"type":"c","major":136,"access":"rwm"},
-            {"allow":true,"type":"c","major":10,"minor":229,"access":"rwm"}]"#;
         for ok in [
             "[]",
-            containerd_default,
-            r#"[{"allow":false,"access":"rwm"},{"allow":true,"type":"a","access":"rwm"}]"#,
+            r#"[{"allow":false,"access":"rwm"},{"allow":true,"type":"c","major":1,"minor":3,"access":"rwm"}]"#,
+            r#"[{"allow":false,"type":"c","major":1,"minor":3,"access":"w"}]"#,
+            r#"[{"allow":true,"type":"b","major":8,"access":"r"}]"#,
         ] {
             validate_create(&config, "c1", &with(ok), Stdio::default()).unwrap();
         }
-        for (bad, want) in [
-            (
-                r#"[{"allow":false,"type":"c","major":1,"minor":3,"access":"rwm"}]"#,
-                "linux.resources.devices[0] \"deny c 1:3 rwm\" is a deny rule",
-            ),
-            (
-                r#"[{"allow":false,"access":"rwm"},{"allow":true,"type":"b","major":8,"minor":0,"access":"r"}]"#,
-                "linux.resources.devices[1] \"allow b 8:0 r\" is an allow rule",
-            ),
-            (
-                r#"[{"allow":true,"type":"c","major":136,"minor":1,"access":"rwm"}]"#,
-                "\"allow c 136:1 rwm\"",
-            ),
-            (
-                r#"[{"allow":true,"type":"c","major":10,"access":"rwm"}]"#,
-                "\"allow c 10:* rwm\"",
-            ),
-        ] {
-            let e = validate_create(&config, "c1", &with(bad), Stdio::default()).unwrap_err();
-            assert!(matches!(e, ContainerError::InvalidSpec(_)), "{e}");
-            assert!(e.to_string().contains(want), "{want}: {e}");
-        }
+        let bad = r#"[{"allow":false,"access":"rwm"},{"allow":true,"type":"c","major":1,"minor":3,"access":"rx"}]"#;
+        let e = validate_create(&config, "c1", &with(bad), Stdio::default()).unwrap_err();
+        assert!(matches!(e, ContainerError::InvalidSpec(_)), "{e}");
+        assert!(e.to_string().contains("linux.resources.devices[1]"), "{e}");
         // UpdateContainer drops the rules, as runc update does.
         let r =
             parse_resources(br#"{"devices":[{"allow":false,"access":"rwm"}],"pids":{"limit":5}}"#)
