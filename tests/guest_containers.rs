@@ -4,8 +4,9 @@
 //! travels over dedicated vsock streams through the hybrid socket — the path
 //! the shim will use.
 //!
-//! `#[ignore]`d like every VM test: root, QEMU, virtiofsd, boxlite-vsock
-//! and the guest assets (scripts/test.sh provides them).
+//! `#[ignore]`d like every VM test: root, QEMU, virtiofsd, boxlite-vsock,
+//! gcc (the sandbox probe) and the guest assets (scripts/test.sh provides
+//! them). Device cgroup rules and nested sandboxing are checked here too.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -20,12 +21,32 @@ use boxlite_protocol::agent::{
 use boxlite_protocol::agent_ttrpc::AgentClient;
 use boxlite_protocol::stdio::{read_ack, StreamHeader, StreamKind};
 use boxlite_protocol::STDIO_VSOCK_PORT;
-use boxlite_runtime::hypervisor::{new_hypervisor, VmSpec};
+use boxlite_runtime::hypervisor::{new_hypervisor, AgentConnection, Hypervisor, VmSpec};
 use boxlite_runtime::HybridVsock;
 use boxlite_tests::assert_nothing_left;
 
 const SHARE_TAG: &str = "shared";
-const APPLETS: &[&str] = &["sh", "echo", "cat", "sleep", "hostname", "true", "head"];
+const APPLETS: &[&str] = &[
+    "sh", "echo", "cat", "sleep", "hostname", "true", "head", "unshare", "ip", "grep",
+];
+/// The capabilities containerd gives a container by default (no
+/// CAP_SYS_ADMIN); the agent's own sandboxing tests use the same list.
+const DEFAULT_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
 
 fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(Duration::from_secs(30).as_nanos() as i64)
@@ -128,38 +149,96 @@ impl Drop for ConsoleOnPanic {
     }
 }
 
+/// A booted guest with the host directory `share` mounted as [`SHARE_TAG`]
+/// and its sandbox created.
+struct Guest {
+    vm: Box<dyn Hypervisor>,
+    conn: AgentConnection,
+    share: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    _state: tempfile::TempDir,
+    _console: ConsoleOnPanic,
+}
+
+impl Guest {
+    async fn boot(id: &str) -> Self {
+        let state = tempfile::tempdir().unwrap();
+        let share = tempfile::tempdir().unwrap();
+        let mut config = boxlite_tests::guest_config(state.path());
+        config.guest.kernel_cmdline_extra = "boxlite.log=debug".into();
+        config.validate().unwrap();
+        let spec_vm = VmSpec::from_config(&config, id).unwrap();
+        let dir = spec_vm.dir.clone();
+        let console = ConsoleOnPanic(dir.join("console.log"));
+        let vm = new_hypervisor(&config, spec_vm).unwrap();
+        vm.add_share(SHARE_TAG, share.path(), false).await.unwrap();
+        vm.start().await.unwrap();
+        let conn = match vm.wait_ready().await {
+            Ok(c) => c,
+            Err(e) => {
+                vm.kill().await.unwrap();
+                panic!("{e}");
+            }
+        };
+        let create_sandbox = CreateSandboxRequest {
+            sandbox_id: id.into(),
+            shares: vec![MountShareRequest {
+                tag: SHARE_TAG.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        conn.agent()
+            .create_sandbox(ctx(), &create_sandbox)
+            .await
+            .unwrap();
+        Guest {
+            vm,
+            conn,
+            share,
+            dir,
+            _state: state,
+            _console: console,
+        }
+    }
+
+    async fn stop(self) {
+        self.vm.stop().await.unwrap();
+        assert_nothing_left(&self.dir);
+    }
+}
+
+/// Runs container `id` from `spec` to its end with stdout (stderr merged by
+/// the script if it wants) and returns its exit status and output.
+async fn run_to_end(g: &Guest, id: &str, spec: &serde_json::Value) -> (i32, String) {
+    let agent = g.conn.agent();
+    let vsock = g.vm.hybrid_vsock();
+    let create = CreateContainerRequest {
+        container_id: id.into(),
+        oci_spec_json: serde_json::to_vec(spec).unwrap(),
+        stdio: stdio(true, false),
+        ..Default::default()
+    };
+    agent.create_container(ctx(), &create).await.unwrap();
+    let out = drain(open_stream(&vsock, id, "", StreamKind::Stdout).await);
+    let start = StartContainerRequest {
+        container_id: id.into(),
+        ..Default::default()
+    };
+    agent.start_container(ctx(), &start).await.unwrap();
+    let code = wait(agent, id, "").await;
+    let out = out.join().unwrap();
+    remove(agent, id).await;
+    (code, out)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root, QEMU, virtiofsd, boxlite-vsock, busybox-static and the guest assets"]
 async fn containers_run_inside_the_guest() {
-    let state = tempfile::tempdir().unwrap();
-    let share = tempfile::tempdir().unwrap();
-    let mut config = boxlite_tests::guest_config(state.path());
-    config.guest.kernel_cmdline_extra = "boxlite.log=debug".into();
-    config.validate().unwrap();
-    let spec_vm = VmSpec::from_config(&config, "ctr1").unwrap();
-    let dir = spec_vm.dir.clone();
-    let _console = ConsoleOnPanic(dir.join("console.log"));
-    let vm = new_hypervisor(&config, spec_vm).unwrap();
-    vm.add_share(SHARE_TAG, share.path(), false).await.unwrap();
-    vm.start().await.unwrap();
-    let conn = match vm.wait_ready().await {
-        Ok(c) => c,
-        Err(e) => {
-            vm.kill().await.unwrap();
-            panic!("{e}");
-        }
-    };
-    let agent = conn.agent();
-    let vsock = vm.hybrid_vsock();
-    let create_sandbox = CreateSandboxRequest {
-        sandbox_id: "ctr1".into(),
-        shares: vec![MountShareRequest {
-            tag: SHARE_TAG.into(),
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
-    agent.create_sandbox(ctx(), &create_sandbox).await.unwrap();
+    let g = Guest::boot("ctr1").await;
+    let share = &g.share;
+    let agent = g.conn.agent();
+    let vsock = g.vm.hybrid_vsock();
 
     // 1. Output on both streams, drained before the exit status is reported.
     let rootfs = busybox_rootfs(share.path(), "c1");
@@ -278,29 +357,119 @@ async fn containers_run_inside_the_guest() {
         {"allow": false, "access": "rwm"},
         {"allow": true, "type": "c", "major": 1, "minor": 3, "access": "rwm"}
     ]);
-    let create = CreateContainerRequest {
-        container_id: "c3".into(),
-        oci_spec_json: serde_json::to_vec(&c3).unwrap(),
-        stdio: stdio(true, false),
-        ..Default::default()
-    };
-    agent.create_container(ctx(), &create).await.unwrap();
-    let out = drain(open_stream(&vsock, "c3", "", StreamKind::Stdout).await);
-    let start = StartContainerRequest {
-        container_id: "c3".into(),
-        ..Default::default()
-    };
-    agent.start_container(ctx(), &start).await.unwrap();
-    assert_eq!(wait(agent, "c3", "").await, 0);
-    let out = out.join().unwrap();
+    let (code, out) = run_to_end(&g, "c3", &c3).await;
+    assert_eq!(code, 0, "{out}");
     assert!(
         out.starts_with("fuse=1\n")
             && out.contains("Operation not permitted")
             && out.ends_with("null=ok\n"),
         "{out:?}"
     );
-    remove(agent, "c3").await;
 
-    vm.stop().await.unwrap();
-    assert_nothing_left(&dir);
+    g.stop().await;
+}
+
+/// The agent's sandbox probe (guest-agent/agent/tests/helpers), static.
+fn sandbox_probe() -> std::path::PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../guest-agent/agent/tests/helpers/sandbox_probe.c");
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("sandbox_probe-guest-{}", std::process::id()));
+    let result = std::process::Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .output()
+        .expect("run gcc (the sandbox probe is built with gcc -static)");
+    assert!(
+        result.status.success(),
+        "gcc -static {}: {}",
+        src.display(),
+        String::from_utf8_lossy(&result.stderr)
+    );
+    out
+}
+
+/// Nested sandboxing in a container of a real guest (issue 5, item 4; the
+/// host-side tests compare the same probe with runc): with CAP_SYS_ADMIN
+/// granted a container makes a network namespace, installs seccomp
+/// filters and changes uid; with containerd's default capabilities the
+/// namespace is EPERM and a filter without no_new_privs EACCES, as under
+/// runc.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, QEMU, virtiofsd, boxlite-vsock, busybox-static, gcc and the guest assets"]
+async fn nested_sandboxing_inside_the_guest() {
+    let probe = sandbox_probe();
+    let g = Guest::boot("nest1").await;
+    let script = "exec 2>&1
+unshare -n sh -c 'ip link'; echo unshare=$?
+sandbox-probe unshare-net; echo probe-unshare=$?
+sandbox-probe seccomp nnp; echo seccomp-nnp=$?
+sandbox-probe seccomp; echo seccomp=$?
+sandbox-probe setresuid 1234; echo setresuid=$?
+grep -E '^(CapEff|NoNewPrivs):' /proc/self/status";
+    let mut granted = DEFAULT_CAPS.to_vec();
+    granted.push("CAP_SYS_ADMIN");
+    let cases: [(&str, &[&str], &[&str]); 2] = [
+        (
+            "granted",
+            &granted,
+            &[
+                "unshare=0",
+                "unshare(CLONE_NEWNET): ok",
+                "probe-unshare=0",
+                "seccomp(nnp): filter installed, getpid -> -1 EPERM",
+                "seccomp: filter installed, getpid -> -1 EPERM",
+                "seccomp=0",
+                "setresuid: ok, uid=1234 euid=1234 suid=1234",
+                "NoNewPrivs:\t0",
+            ],
+        ),
+        (
+            "denied",
+            DEFAULT_CAPS,
+            &[
+                "unshare: unshare(0x40000000): Operation not permitted",
+                "unshare=1",
+                "unshare(CLONE_NEWNET): error EPERM (Operation not permitted)",
+                "probe-unshare=1",
+                "seccomp(nnp): filter installed, getpid -> -1 EPERM",
+                "seccomp: error EACCES (Permission denied)",
+                "seccomp=1",
+                "setresuid: ok, uid=1234 euid=1234 suid=1234",
+                "CapEff:\t00000000a80425fb",
+            ],
+        ),
+    ];
+    for (name, caps, want) in cases {
+        let rootfs = busybox_rootfs(g.share.path(), name);
+        std::fs::copy(
+            &probe,
+            g.share.path().join(name).join("rootfs/bin/sandbox-probe"),
+        )
+        .unwrap();
+        let mut spec: serde_json::Value =
+            serde_json::from_slice(&spec(name, &rootfs, &["sh", "-c", script])).unwrap();
+        spec["process"]["capabilities"] =
+            serde_json::json!({"bounding": caps, "effective": caps, "permitted": caps});
+        spec["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"type": "network"}));
+        let (code, out) = run_to_end(&g, name, &spec).await;
+        assert_eq!(code, 0, "{name}:\n{out}");
+        for line in want {
+            assert!(
+                out.lines().any(|l| l == *line),
+                "{name}: no line {line:?} in:\n{out}"
+            );
+        }
+        if name == "granted" {
+            assert!(
+                out.starts_with("1: lo: <LOOPBACK>"),
+                "{name}: a new netns:\n{out}"
+            );
+        }
+    }
+    g.stop().await;
 }
