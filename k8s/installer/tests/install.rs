@@ -78,6 +78,15 @@ enum Entry {
     Link(PathBuf),
 }
 
+/// Asserts that one of the install log's lines contains `text`.
+fn assert_logged(log: &Log, text: &str) {
+    assert!(
+        log.lines.iter().any(|l| l.contains(text)),
+        "no log line with {text:?}: {:?}",
+        log.lines
+    );
+}
+
 fn mtime_ns(meta: &fs::Metadata) -> i128 {
     meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128
 }
@@ -166,20 +175,8 @@ fn install_puts_everything_in_place() {
         "{:?}",
         tree.keys()
     );
-    assert!(
-        log.lines
-            .iter()
-            .any(|l| l.contains("runtime boxlite registered")),
-        "{:?}",
-        log.lines
-    );
-    assert!(
-        log.lines
-            .iter()
-            .any(|l| l.contains("not restarted (--no-restart)")),
-        "{:?}",
-        log.lines
-    );
+    assert_logged(&log, "runtime boxlite registered");
+    assert_logged(&log, "not restarted (--no-restart)");
 }
 
 #[test]
@@ -200,13 +197,7 @@ fn second_install_changes_nothing() {
             log.lines
         );
     }
-    assert!(
-        log.lines
-            .iter()
-            .any(|l| l.contains("config unchanged, not restarted")),
-        "{:?}",
-        log.lines
-    );
+    assert_logged(&log, "config unchanged, not restarted");
 }
 
 #[test]
@@ -274,13 +265,7 @@ fn a_shim_copied_by_setup_sh_is_replaced_by_the_link() {
         fs::read_link(&link).unwrap(),
         Path::new("/opt/boxlite/bin/containerd-shim-boxlite-v2")
     );
-    assert!(
-        log.lines
-            .iter()
-            .any(|l| l.contains("replaced a file installed by other means")),
-        "{:?}",
-        log.lines
-    );
+    assert_logged(&log, "replaced a file installed by other means");
 }
 
 #[test]
@@ -373,13 +358,7 @@ fn uninstall_restores_the_config_and_keeps_the_admins_file() {
     let mut log = Log::default();
     uninstall(&opts(&n.host), &mut log).unwrap();
     assert_eq!(snapshot(&n.host), before);
-    assert!(
-        log.lines
-            .iter()
-            .any(|l| l.contains("not registered, unchanged")),
-        "{:?}",
-        log.lines
-    );
+    assert_logged(&log, "not registered, unchanged");
 }
 
 #[test]
@@ -390,13 +369,7 @@ fn uninstall_leaves_a_shim_it_did_not_link_alone() {
     let mut log = Log::default();
     uninstall(&opts(&n.host), &mut log).unwrap();
     assert_eq!(fs::read(&link).unwrap(), b"setup.sh's shim");
-    assert!(
-        log.lines
-            .iter()
-            .any(|l| l.contains("not a symlink (installed by other means); left alone")),
-        "{:?}",
-        log.lines
-    );
+    assert_logged(&log, "not a symlink (installed by other means); left alone");
 }
 
 /// The restart command runs in another process's namespaces (in the pod:
@@ -447,13 +420,7 @@ fn a_failed_restart_is_reported_and_retried_on_the_next_run() {
     );
     let mut log = Log::default();
     install(&with("true"), &n.payload, &mut log).unwrap();
-    assert!(
-        log.lines
-            .iter()
-            .any(|l| l.contains("config unchanged, not restarted")),
-        "{:?}",
-        log.lines
-    );
+    assert_logged(&log, "config unchanged, not restarted");
     init.kill().unwrap();
     init.wait().unwrap();
 }

@@ -10,11 +10,13 @@
 //! - [`threads`]: the one helper every thread is spawned through;
 //! - [`jail`] and [`seccomp`]: cgroup, rlimits, no_new_privs, landlock and
 //!   the per-thread-kind seccomp filters, applied before the guest runs;
+//! - [`cli`]: logging and error reports shared by the binaries;
 //! - [`control`]: the control socket (shutdown, pause, resume, status,
 //!   metrics) on the event loop; [`metrics`]: the counters it reports.
 
 pub mod arch;
 pub mod builder;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod device_manager;

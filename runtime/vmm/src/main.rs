@@ -69,16 +69,7 @@ fn parse_args() -> Result<Args, String> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: the runtime sends stderr to a log
-        // file whose last line ends up in error messages.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    boxlite_vmm::cli::init_stderr_logging();
 
     let args = match parse_args() {
         Ok(a) => a,
@@ -123,13 +114,7 @@ fn main() -> ExitCode {
     match boxlite_vmm::run_vm(&cfg) {
         Ok(reason) => ExitCode::from(reason.exit_code() as u8),
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(": ");
-                msg.push_str(&s.to_string());
-                src = s.source();
-            }
+            let msg = boxlite_vmm::cli::error_chain(&e);
             tracing::error!(code = e.exit_code(), "{msg}");
             ExitCode::from(e.exit_code() as u8)
         }
