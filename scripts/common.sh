@@ -132,6 +132,25 @@ register_containerd_runtime() {
     echo changed
 }
 
+is_zombie() {
+    [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" = Z ]
+}
+
+# The containerd this machine runs for itself (without systemd): not the
+# private ones tests start with their own --config, and no zombies.
+system_containerd_pids() {
+    local pid cmd
+    for pid in $(pgrep -x containerd); do
+        is_zombie "$pid" && continue
+        cmd="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)"
+        case "$cmd" in
+            *"--config /etc/containerd/config.toml"* | *"-c /etc/containerd/config.toml"*) echo "$pid" ;;
+            *"--config "* | *" -c "*) ;;
+            *) echo "$pid" ;;
+        esac
+    done
+}
+
 # Starts containerd, or restarts it when $1 is "restart": through systemd
 # when it runs, else as a background daemon logging to
 # /var/log/boxlite-containerd.log.
@@ -142,11 +161,16 @@ ensure_containerd() {
             systemctl restart containerd
         fi
     else
-        if [ "$want" = restart ] && pgrep -x containerd >/dev/null; then
-            pkill -x containerd
-            while pgrep -x containerd >/dev/null; do sleep 0.2; done
+        local pids pid
+        pids="$(system_containerd_pids)"
+        if [ "$want" = restart ] && [ -n "$pids" ]; then
+            kill $pids
+            for pid in $pids; do
+                while kill -0 "$pid" 2>/dev/null && ! is_zombie "$pid"; do sleep 0.2; done
+            done
+            pids=""
         fi
-        if ! pgrep -x containerd >/dev/null; then
+        if [ -z "$pids" ]; then
             nohup containerd >>/var/log/boxlite-containerd.log 2>&1 &
         fi
     fi
