@@ -12,13 +12,15 @@
 //! `waitpid`, so it cannot collect the child in between. [`Reaper::spawn`]
 //! does this for a [`std::process::Command`].
 //!
-//! A container process is not always the agent's child when it starts: the
-//! container helper forks it and exits, and the process is re-parented to
-//! the agent (PID 1, or a child subreaper in host mode) some time before the
-//! agent learns its pid. Such an exit can be reaped before anyone registers.
-//! The reaper therefore keeps the last [`ORPHAN_EXITS_KEPT`] unclaimed exits
-//! for [`ORPHAN_EXIT_TTL`], and [`SpawnGuard::register_since`] delivers one
-//! of them if it was reaped after the caller's start time.
+//! A container process is not the agent's child when it starts: the
+//! container helper forks it, and it is re-parented to the agent (PID 1, or
+//! a child subreaper in host mode) when the helper exits. The helper waits
+//! for the agent to register the pid before it exits (container/helper.rs),
+//! so the agent cannot reap such a process before someone waits for it. As
+//! a safety net (a helper killed after reporting), the reaper also keeps the
+//! last [`ORPHAN_EXITS_KEPT`] unclaimed exits for [`ORPHAN_EXIT_TTL`], and
+//! [`SpawnGuard::register_since`] delivers one of them if it was reaped
+//! after the caller's start time.
 //!
 //! Everything that starts a process in the agent must go through here, and
 //! nothing may call `waitpid` on its own (no `Child::wait`, no

@@ -17,9 +17,13 @@
 //! agent is a child subreaper in host mode), whose reaper collects it.
 //!
 //! Interface: `boxlite-agent __container-helper <request JSON>`. fds 0, 1
-//! and 2 are the process's stdio (pipes or `/dev/null`). The helper writes
-//! a [`HelperResult`] as JSON to `request.result_path` and exits 0 when the
-//! result says ok.
+//! and 2 are the process's stdio (pipes or `/dev/null`); fd
+//! [`RESULT_FD`] is a unix socket to the agent. The helper writes a
+//! [`HelperResult`] as one JSON line there and, when a process was
+//! started, waits for the agent's one-byte ack before it exits 0: the agent
+//! registers the pid for its exit status while the process is still the
+//! helper's child, so the agent's reaper cannot collect it before anyone
+//! waits for it (however many other orphans exit meanwhile).
 
 use std::path::PathBuf;
 
@@ -49,8 +53,15 @@ pub struct HelperRequest {
     /// Unix socket on which the agent listens for the pty master, when the
     /// process has a terminal.
     pub console_socket: Option<PathBuf>,
-    pub result_path: PathBuf,
+    /// Where the helper logs: its stderr is the container process's, so
+    /// libcontainer's own log lines (which name the failing step and
+    /// errno, where its returned error often says only "failed syscall")
+    /// go here; the agent adds the last of them to a failure.
+    pub log_path: PathBuf,
 }
+
+/// The helper's end of its socket to the agent.
+pub const RESULT_FD: i32 = 3;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum HelperResult {
@@ -71,37 +82,35 @@ pub fn helper_main(args: &[String]) -> i32 {
             return 2;
         }
     };
-    install_log(&helper_log_path(&req.result_path));
+    install_log(&req.log_path);
     let result = match run(&req) {
         Ok(pid) => HelperResult::Started { pid },
         Err(error) => HelperResult::Failed { error },
     };
     let ok = matches!(result, HelperResult::Started { .. });
-    let written = serde_json::to_vec(&result)
+    // SAFETY: the agent passes fd RESULT_FD open for this; nothing else in
+    // the helper owns it.
+    let mut agent = unsafe {
+        <std::os::unix::net::UnixStream as std::os::fd::FromRawFd>::from_raw_fd(RESULT_FD)
+    };
+    let sent = serde_json::to_vec(&result)
         .map_err(|e| e.to_string())
-        .and_then(|bytes| std::fs::write(&req.result_path, bytes).map_err(|e| e.to_string()));
-    if let Err(e) = written {
-        eprintln!(
-            "boxlite-agent {HELPER_ARG}: cannot write {}: {e}",
-            req.result_path.display()
-        );
+        .and_then(|mut line| {
+            line.push(b'\n');
+            std::io::Write::write_all(&mut agent, &line).map_err(|e| e.to_string())
+        });
+    if let Err(e) = sent {
+        eprintln!("boxlite-agent {HELPER_ARG}: cannot send the result to the agent: {e}");
         return 1;
     }
-    if ok {
-        0
-    } else {
-        1
+    if !ok {
+        return 1;
     }
-}
-
-/// Where the helper logs: beside its result file. Its stderr is the
-/// container process's, so libcontainer's own log lines (which name the
-/// failing step and errno, where its returned error often says only
-/// "failed syscall") go here; the agent adds the last of them to a failure.
-pub fn helper_log_path(result_path: &std::path::Path) -> PathBuf {
-    let mut p = result_path.as_os_str().to_owned();
-    p.push(".log");
-    PathBuf::from(p)
+    // Stay the process's parent until the agent has registered its pid
+    // (an ack byte, or EOF if the agent went away).
+    let mut ack = [0u8; 1];
+    let _ = std::io::Read::read(&mut agent, &mut ack);
+    0
 }
 
 /// Warnings and errors of the helper and libcontainer, to `path`. Without

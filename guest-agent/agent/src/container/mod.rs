@@ -15,7 +15,7 @@ pub mod spec;
 
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use oci_spec::runtime::LinuxCapabilities;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use self::helper::{HelperOp, HelperRequest, HelperResult, HELPER_ARG};
 use self::process::{Exit, Process, STREAM_CONNECT_TIMEOUT};
@@ -385,6 +386,45 @@ fn helper_log_tail(path: &Path) -> Option<String> {
     Some(tail.chars().take(1000).collect())
 }
 
+/// Reads the helper's one result line (at most 64 KiB); `None` on EOF
+/// before a newline or a read error.
+async fn read_result_line(stream: &mut tokio::net::UnixStream) -> Option<Vec<u8>> {
+    let mut line = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        line.extend_from_slice(&buf[..n]);
+        if let Some(end) = line.iter().position(|b| *b == b'\n') {
+            line.truncate(end);
+            return Some(line);
+        }
+        if line.len() > 64 * 1024 {
+            return None;
+        }
+    }
+}
+
+/// Between fork and exec: puts `fd` at `target` without close-on-exec.
+/// dup2 onto itself would keep the flag, so that case clears it instead.
+fn move_fd(fd: RawFd, target: RawFd) -> std::io::Result<()> {
+    // SAFETY: dup2/fcntl on fd numbers only; async-signal-safe.
+    let rc = unsafe {
+        if fd == target {
+            libc::fcntl(fd, libc::F_SETFD, 0)
+        } else {
+            libc::dup2(fd, target)
+        }
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// Runs the helper and returns the new process's pid, its exit watch
 /// (registered under the reaper lock), and the pty master if any.
 async fn run_helper(
@@ -411,55 +451,98 @@ async fn run_helper(
     let keyring = format!("_ses.{}", req.container_id);
     let keyring_c = CString::new(keyring.clone())
         .map_err(|_| helper_err(format!("container id {:?} has a NUL", req.container_id)))?;
+    // The helper reports on fd RESULT_FD and waits for our ack (see the
+    // helper module): a socket, so EOF tells us it died without a word.
+    let (ours, theirs) =
+        std::os::unix::net::UnixStream::pair().map_err(|source| ContainerError::Io {
+            what: "create the helper's result socket",
+            source,
+        })?;
+    let theirs_fd = theirs.as_raw_fd();
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg(HELPER_ARG)
         .arg(json)
         .stdin(to_stdio(stdin))
         .stdout(to_stdio(stdout))
         .stderr(to_stdio(stderr));
-    // SAFETY: join_session_keyring is async-signal-safe (see there).
+    // SAFETY: join_session_keyring and move_fd only make async-signal-safe
+    // syscalls on fds and buffers that exist before the fork.
     unsafe {
-        cmd.pre_exec(move || join_session_keyring(&keyring_c));
+        cmd.pre_exec(move || {
+            join_session_keyring(&keyring_c)?;
+            move_fd(theirs_fd, helper::RESULT_FD)
+        });
     }
     let started = Instant::now();
-    let (_child, watch) = reaper.spawn(&mut cmd).map_err(|e| {
+    let (_child, helper_watch) = reaper.spawn(&mut cmd).map_err(|e| {
         helper_err(format!(
             "{} (the helper joins the session keyring {keyring} before it runs)",
             crate::error::chain(&e)
         ))
     })?;
     drop(cmd);
-    let helper_pid = watch.pid();
-    let status = match tokio::time::timeout(HELPER_TIMEOUT, watch.wait()).await {
-        Ok(Ok(e)) => e.status,
-        Ok(Err(e)) => return Err(helper_err(e.to_string())),
+    drop(theirs);
+    let helper_pid = helper_watch.pid();
+    let kill_helper = || {
+        let _ = nix::sys::signal::kill(Pid::from_raw(helper_pid), Signal::SIGKILL);
+    };
+    let mut ours = tokio::net::UnixStream::from_std({
+        ours.set_nonblocking(true)
+            .map_err(|source| ContainerError::Io {
+                what: "set up the helper's result socket",
+                source,
+            })?;
+        ours
+    })
+    .map_err(|source| ContainerError::Io {
+        what: "set up the helper's result socket",
+        source,
+    })?;
+    let line = match tokio::time::timeout(HELPER_TIMEOUT, read_result_line(&mut ours)).await {
+        Ok(line) => line,
         Err(_) => {
-            let _ = nix::sys::signal::kill(Pid::from_raw(helper_pid), Signal::SIGKILL);
+            kill_helper();
             return Err(helper_err(format!("no answer within {HELPER_TIMEOUT:?}")));
         }
     };
-    let result = std::fs::read(&req.result_path)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<HelperResult>(&b).ok());
-    let _ = std::fs::remove_file(&req.result_path);
-    let helper_log = helper::helper_log_path(&req.result_path);
-    let log_tail = helper_log_tail(&helper_log);
-    let _ = std::fs::remove_file(&helper_log);
-    let pid = match result {
-        Some(HelperResult::Started { pid }) => pid,
-        Some(HelperResult::Failed { error }) => {
+    let result = line.and_then(|l| serde_json::from_slice::<HelperResult>(&l).ok());
+    // Registered before the ack, while the process is the helper's child.
+    let watch = match &result {
+        Some(HelperResult::Started { pid }) => {
+            let watch = reaper.lock_for_spawn().register_since(*pid, started);
+            let _ = ours.write_all(b"k").await;
+            Some(watch)
+        }
+        _ => None,
+    };
+    drop(ours);
+    let status = match tokio::time::timeout(HELPER_TIMEOUT, helper_watch.wait()).await {
+        Ok(Ok(e)) => e.status,
+        Ok(Err(e)) => return Err(helper_err(e.to_string())),
+        Err(_) => {
+            kill_helper();
+            return Err(helper_err(format!(
+                "did not exit within {HELPER_TIMEOUT:?} after its result"
+            )));
+        }
+    };
+    let log_tail = helper_log_tail(&req.log_path);
+    let _ = std::fs::remove_file(&req.log_path);
+    let (pid, watch) = match (result, watch) {
+        (Some(HelperResult::Started { pid }), Some(watch)) => (pid, watch),
+        (Some(HelperResult::Failed { error }), _) => {
             return Err(helper_err(match log_tail {
                 Some(tail) => format!("{error} (libcontainer: {tail})"),
                 None => error,
             }))
         }
-        None => {
+        _ => {
             return Err(helper_err(format!(
-                "it exited with status {status} and no result"
+                "it exited with status {status} and no result{}",
+                log_tail.map(|t| format!(" (log: {t})")).unwrap_or_default()
             )))
         }
     };
-    let watch = reaper.lock_for_spawn().register_since(pid, started);
     let master = match console {
         Some(listener) => match receive_pty(listener).await {
             Ok(fd) => Some(fd),
@@ -573,7 +656,7 @@ impl Containers {
                 container_id: req.id.clone(),
                 state_root: state_root.clone(),
                 console_socket: req.stdio.terminal.then(|| bundle.join("console.sock")),
-                result_path: bundle.join("create.result"),
+                log_path: bundle.join("create.log"),
             };
             let (watch, master) =
                 run_helper(reaper, helper_req, pipes.process, "create the container").await?;
@@ -705,7 +788,7 @@ impl Containers {
                     .stdio
                     .terminal
                     .then(|| c.bundle.join(format!("exec-{}.console.sock", req.exec_id))),
-                result_path: c.bundle.join(format!("exec-{}.result", req.exec_id)),
+                log_path: c.bundle.join(format!("exec-{}.log", req.exec_id)),
             };
             let outcome = run_helper(reaper, helper_req, pipes.process, "exec the process").await;
             let _ = std::fs::remove_file(&process_json);
@@ -890,15 +973,11 @@ mod tests {
     #[test]
     fn helper_log_tail_keeps_the_last_lines_on_one_line() {
         let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("exec-x.result.log");
+        let log = dir.path().join("exec-x.log");
         assert_eq!(helper_log_tail(&log), None, "no log");
         std::fs::write(&log, "\n\n").unwrap();
         assert_eq!(helper_log_tail(&log), None, "blank log");
         std::fs::write(&log, "a\nb\n\nc\nd\ne\nf\n  g  \n").unwrap();
         assert_eq!(helper_log_tail(&log).as_deref(), Some("c; d; e; f; g"));
-        assert_eq!(
-            helper::helper_log_path(Path::new("/run/c1/exec-x.result")),
-            Path::new("/run/c1/exec-x.result.log")
-        );
     }
 }
