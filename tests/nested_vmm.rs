@@ -28,7 +28,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 const QEMU: &str = "qemu-system-x86_64";
-const ALL_SCENARIOS: &str = "boot,health,smp,reboot,guest-connect";
+const ALL_SCENARIOS: &str = "boot,health,smp,reboot,guest-connect,fs";
 const DEFAULT_TIMEOUT_SECS: u64 = 300;
 const MARK: &str = "BOXLITE-NESTED ";
 const DONE: &str = "BOXLITE-NESTED-DONE";
@@ -335,4 +335,10 @@ fn nested_reboot_or_skip() {
 #[ignore = "needs qemu-system-x86_64 and the test-host assets (cargo xtask testhost); run by scripts/test.sh"]
 fn nested_guest_connect_or_skip() {
     expect_pass_or_skip("guest-connect");
+}
+
+#[test]
+#[ignore = "needs qemu-system-x86_64 and the test-host assets (cargo xtask testhost); run by scripts/test.sh"]
+fn nested_fs_share() {
+    expect_pass("fs");
 }

@@ -7,11 +7,15 @@
 //! - `vmlinux`: the guest fragment + `configs/test-host-kernel.fragment`,
 //!   built and cached like the guest kernel ([`crate::kernel`]);
 //! - `initramfs.cpio.gz`: `/init` = `boxlite-nested-driver`,
-//!   `/usr/bin/boxlite-vmm`, `/guest/vmlinux`, `/guest/initramfs.cpio.gz`,
-//!   `/dev/console` and the mount points the driver uses.
+//!   `/usr/bin/boxlite-vmm`, `/usr/bin/virtiofsd`, `/guest/vmlinux`,
+//!   `/guest/initramfs.cpio.gz`, `/dev/console` and the mount points the
+//!   driver uses.
 //!
 //! The two binaries are built like the agent ([`crate::agent`]): release,
-//! `--target x86_64-unknown-linux-gnu`, `+crt-static`, checked static.
+//! `--target x86_64-unknown-linux-gnu`, `+crt-static`, checked static. So is
+//! virtiofsd (for the `fs` scenario): `cargo install virtiofsd` with the same
+//! flags against Debian's static libseccomp and libcap-ng, cached under the
+//! cache root by version.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -32,6 +36,12 @@ pub const INITRAMFS_NAME: &str = "initramfs.cpio.gz";
 pub const VMM_PATH: &str = "/usr/bin/boxlite-vmm";
 pub const GUEST_KERNEL_PATH: &str = "/guest/vmlinux";
 pub const GUEST_INITRAMFS_PATH: &str = "/guest/initramfs.cpio.gz";
+pub const VIRTIOFSD_PATH: &str = "/usr/bin/virtiofsd";
+/// The virtiofsd release built static for the test host (the one
+/// scripts/common.sh installs for the qemu backend).
+pub const VIRTIOFSD_VERSION: &str = "1.14.0";
+/// Where Debian's libseccomp-dev and libcap-ng-dev put their static archives.
+const DEBIAN_LIB_DIR: &str = "/usr/lib/x86_64-linux-gnu";
 
 /// The static binaries of the test host: (cargo package, binary).
 pub const VMM_BINARY: (&str, &str) = ("boxlite-vmm", "boxlite-vmm");
@@ -145,17 +155,82 @@ pub fn build_static(
     Ok(path)
 }
 
-/// The test host's initramfs: the driver as `/init`, the VMM, the guest
-/// kernel and initramfs, and the directories the driver mounts on.
+/// A static virtiofsd for the test host: `cargo install` into
+/// `<cache_root>/virtiofsd-static/<version>/` (beside the cached kernels)
+/// once, then reused.
+pub fn static_virtiofsd(workspace: &Path, cache_root: &Path) -> Result<PathBuf, TesthostError> {
+    let dir = cache_root.join("virtiofsd-static").join(VIRTIOFSD_VERSION);
+    let bin = dir.join("bin/virtiofsd");
+    if bin.is_file() && agent::check_static(&bin).is_ok() {
+        eprintln!(
+            "testhost: static virtiofsd {VIRTIOFSD_VERSION}: cached, {}",
+            bin.display()
+        );
+        return Ok(bin);
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let staging = dir.with_file_name(format!("{VIRTIOFSD_VERSION}.partial"));
+    let _ = std::fs::remove_dir_all(&staging);
+    eprintln!(
+        "testhost: cargo install virtiofsd@{VIRTIOFSD_VERSION} (static, into {})",
+        dir.display()
+    );
+    let status = Command::new(&cargo)
+        .args(["install", "--locked", "--force"])
+        .arg(format!("virtiofsd@{VIRTIOFSD_VERSION}"))
+        .arg("--root")
+        .arg(&staging)
+        .args(["--target", AGENT_TARGET])
+        .env("RUSTFLAGS", STATIC_RUSTFLAGS)
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        // Without these, libseccomp-sys and capng link the shared libraries
+        // into a static-glibc binary, which crashes at start.
+        .env("LIBSECCOMP_LINK_TYPE", "static")
+        .env("LIBSECCOMP_LIB_PATH", DEBIAN_LIB_DIR)
+        .env("LIBCAPNG_LINK_TYPE", "static")
+        .env("LIBCAPNG_LIB_PATH", DEBIAN_LIB_DIR)
+        .env(
+            "CARGO_TARGET_DIR",
+            target_dir(workspace).join("virtiofsd-static"),
+        )
+        .status()
+        .map_err(|source| TesthostError::Spawn {
+            cargo: cargo.clone(),
+            source,
+        })?;
+    if !status.success() {
+        return Err(TesthostError::Build {
+            package: format!("virtiofsd@{VIRTIOFSD_VERSION}"),
+            binary: "virtiofsd".to_owned(),
+            status,
+        });
+    }
+    let built = staging.join("bin/virtiofsd");
+    if !built.is_file() {
+        return Err(TesthostError::Missing(built));
+    }
+    agent::check_static(&built).map_err(|e| TesthostError::NotStatic("virtiofsd".into(), e))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&staging, &dir).map_err(|source| TesthostError::Spawn {
+        cargo: format!("rename {} to {}", staging.display(), dir.display()),
+        source,
+    })?;
+    Ok(bin)
+}
+
+/// The test host's initramfs: the driver as `/init`, the VMM, virtiofsd, the
+/// guest kernel and initramfs, and the directories the driver mounts on.
 pub fn initramfs(
     driver: &Path,
     vmm: &Path,
+    virtiofsd: &Path,
     guest_kernel: &Path,
     guest_initramfs: &Path,
 ) -> Initramfs {
     Initramfs::new()
         .file("/init", driver, 0o755)
         .file(VMM_PATH, vmm, 0o755)
+        .file(VIRTIOFSD_PATH, virtiofsd, 0o755)
         .file(GUEST_KERNEL_PATH, guest_kernel, 0o644)
         .file(GUEST_INITRAMFS_PATH, guest_initramfs, 0o644)
         .dir("/dev", 0o755)
@@ -202,14 +277,21 @@ pub fn build(
     };
     let vmm = build_static(&workspace, VMM_BINARY.0, VMM_BINARY.1)?;
     let driver = build_static(&workspace, DRIVER_BINARY.0, DRIVER_BINARY.1)?;
+    let virtiofsd = static_virtiofsd(&workspace, cache_root)?;
 
     let kernel = out_dir.join(VMLINUX_NAME);
     crate::artefact::copy_atomic(&host_kernel.vmlinux, &kernel, 0o644)
         .map_err(TesthostError::Copy)?;
     let initramfs = out_dir.join(INITRAMFS_NAME);
-    self::initramfs(&driver, &vmm, &guest_kernel.vmlinux, &guest_initramfs)
-        .write_to(&initramfs)
-        .map_err(|e| TesthostError::Initramfs(initramfs.clone(), e))?;
+    self::initramfs(
+        &driver,
+        &vmm,
+        &virtiofsd,
+        &guest_kernel.vmlinux,
+        &guest_initramfs,
+    )
+    .write_to(&initramfs)
+    .map_err(|e| TesthostError::Initramfs(initramfs.clone(), e))?;
     Ok(Testhost {
         kernel,
         initramfs,
@@ -238,16 +320,22 @@ mod tests {
     }
 
     #[test]
-    fn initramfs_has_driver_vmm_and_guest() {
+    fn initramfs_has_driver_vmm_virtiofsd_and_guest() {
         let dir = tempfile::tempdir().expect("tempdir");
         let f = |name: &str| {
             let p = dir.path().join(name);
             std::fs::write(&p, name).expect("write");
             p
         };
-        let bytes = initramfs(&f("driver"), &f("vmm"), &f("vmlinux"), &f("initrd"))
-            .to_bytes()
-            .expect("archive");
+        let bytes = initramfs(
+            &f("driver"),
+            &f("vmm"),
+            &f("virtiofsd"),
+            &f("vmlinux"),
+            &f("initrd"),
+        )
+        .to_bytes()
+        .expect("archive");
         let mut gz = flate2::read::GzDecoder::new(&bytes[..]);
         let mut cpio = Vec::new();
         io::Read::read_to_end(&mut gz, &mut cpio).expect("gunzip");
@@ -255,6 +343,7 @@ mod tests {
         for name in [
             "init",
             "usr/bin/boxlite-vmm",
+            "usr/bin/virtiofsd",
             "guest/vmlinux",
             "guest/initramfs.cpio.gz",
             "dev/console",

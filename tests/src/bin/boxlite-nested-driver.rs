@@ -4,7 +4,7 @@
 //! The test host is a Linux kernel with KVM_AMD running under QEMU TCG with
 //! an emulated SVM CPU, so `/dev/kvm` works here the way it does on a real
 //! host. This program mounts the pseudo filesystems, reads the scenarios to
-//! run from the kernel command line (`boxlite.scenarios=boot,health,smp,reboot,guest-connect`),
+//! run from the kernel command line (`boxlite.scenarios=boot,health,smp,reboot,guest-connect,fs`),
 //! runs `boxlite-vmm` on the guest kernel and initramfs for each of them,
 //! prints one verdict line per scenario on the console
 //!
@@ -36,13 +36,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use boxlite_protocol::agent::{DestroySandboxRequest, GuestInfoRequest, GuestInfoResponse};
+use boxlite_protocol::agent::{
+    DestroySandboxRequest, GuestInfoRequest, GuestInfoResponse, MountShareRequest, ReadFileRequest,
+};
 use boxlite_protocol::health::health_check_response::ServingStatus;
 use boxlite_protocol::ready::Announcement;
 use boxlite_runtime::hypervisor::ready::{ReadyError, ReadyListener};
 use boxlite_runtime::{AgentConnection, HybridVsock};
 
-const ALL_SCENARIOS: &str = "boot,health,smp,reboot,guest-connect";
+const ALL_SCENARIOS: &str = "boot,health,smp,reboot,guest-connect,fs";
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Guest RAM for each inner VM.
 const GUEST_MEMORY_MIB: u32 = 256;
@@ -51,6 +53,11 @@ const AGENT_READY: &str = "agent ready";
 /// Virtio device ids (GuestInfo `virtio_devices[].device_id`).
 const VIRTIO_ID_RNG: u32 = 4;
 const VIRTIO_ID_VSOCK: u32 = 19;
+const VIRTIO_ID_FS: u32 = 26;
+/// The `fs` scenario's share: its tag, and a file the guest reads back.
+const FS_TAG: &str = "nested";
+const FS_FILE: &str = "hello.txt";
+const FS_CONTENT: &str = "hello from the nested test host through virtio-fs\n";
 /// How long a guest may take to end the VM after DestroySandbox replied.
 const REBOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const RPC_TIMEOUT: Duration = Duration::from_secs(20);
@@ -105,6 +112,13 @@ impl Settings {
     }
     fn guest_initramfs(&self) -> PathBuf {
         self.root.join("guest/initramfs.cpio.gz")
+    }
+    fn virtiofsd(&self) -> PathBuf {
+        self.root.join("usr/bin/virtiofsd")
+    }
+    /// virtiofsd's vhost-user socket for the `fs` scenario.
+    fn fs_socket(&self) -> PathBuf {
+        self.work.join("virtiofsd/fs.sock")
     }
 }
 
@@ -246,6 +260,7 @@ async fn run_scenario(name: &str, s: &Settings) -> ScenarioResult {
         "health" => scenario_health(s).await,
         "reboot" => scenario_reboot(s).await,
         "guest-connect" => scenario_guest_connect(s).await,
+        "fs" => scenario_fs(s).await,
         other => Ok(Verdict::Fail(format!(
             "unknown scenario {other:?} (known: {ALL_SCENARIOS})"
         ))),
@@ -405,12 +420,164 @@ async fn scenario_reboot(s: &Settings) -> ScenarioResult {
     )))
 }
 
+/// A virtio-fs share: virtiofsd (static, in the test host) serves a
+/// directory, boxlite-vmm is its vhost-user frontend, the agent mounts the
+/// share by tag and reads a file from it.
+async fn scenario_fs(s: &Settings) -> ScenarioResult {
+    if let Err(reason) = vsock_support(s)? {
+        return Ok(Verdict::Skip(format!(
+            "{reason} (MountShare goes over vsock)"
+        )));
+    }
+    let mut fsd = Virtiofsd::start(s)?;
+    let mut vm = Vm::start(s, "fs", 1, &[Device::Rng, Device::Vsock, Device::Fs])?;
+    let conn = vm.connect(s.timeout).await?;
+    let ctx = || ttrpc::context::with_duration(RPC_TIMEOUT);
+    let mounted = conn
+        .agent()
+        .mount_share(
+            ctx(),
+            &MountShareRequest {
+                tag: FS_TAG.into(),
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| vm.fail(format!("MountShare {FS_TAG:?} failed: {e}{}", fsd.exited())))?;
+    let path = format!("{}/{FS_FILE}", mounted.mount_point);
+    let read = conn
+        .agent()
+        .read_file(
+            ctx(),
+            &ReadFileRequest {
+                path: path.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| vm.fail(format!("ReadFile {path} failed: {e}{}", fsd.exited())))?;
+    if read.data != FS_CONTENT.as_bytes() {
+        return Err(vm.fail(format!(
+            "ReadFile {path} returned {:?}, want {FS_CONTENT:?}",
+            String::from_utf8_lossy(&read.data)
+        )));
+    }
+    let info = vm.guest_info(&conn).await?;
+    if !info
+        .virtio_devices
+        .iter()
+        .any(|d| d.device_id == VIRTIO_ID_FS)
+    {
+        return Err(vm.fail(format!(
+            "GuestInfo lists no virtio-fs device ({VIRTIO_ID_FS})"
+        )));
+    }
+    vm.destroy(&conn).await?;
+    let fsd_end = fsd.wait_exit(Duration::from_secs(10));
+    Ok(Verdict::Pass(format!(
+        "share {FS_TAG:?} mounted at {} and {FS_FILE} read back ({} bytes) through \
+         boxlite-vmm's vhost-user frontend and virtiofsd; {fsd_end}",
+        mounted.mount_point,
+        read.data.len()
+    )))
+}
+
+/// virtiofsd serving the `fs` scenario's share on [`Settings::fs_socket`].
+struct Virtiofsd {
+    child: Child,
+}
+
+impl Virtiofsd {
+    /// Writes the share, starts virtiofsd and waits for its socket.
+    /// `--sandbox none --seccomp none`: virtiofsd's own confinement is not
+    /// what this tests (boxlite-vmm's jail is).
+    fn start(s: &Settings) -> Result<Self, Failure> {
+        let dir = s.work.join("virtiofsd");
+        let _ = fs::remove_dir_all(&dir);
+        let share = dir.join("share");
+        fs::create_dir_all(&share)?;
+        fs::write(share.join(FS_FILE), FS_CONTENT)?;
+        let socket = s.fs_socket();
+        let log_path = dir.join("virtiofsd.log");
+        let log = fs::File::create(&log_path)?;
+        let mut child = Command::new(s.virtiofsd())
+            .arg("--socket-path")
+            .arg(&socket)
+            .arg("--shared-dir")
+            .arg(&share)
+            .args(["--sandbox", "none", "--seccomp", "none", "--cache", "never"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", s.virtiofsd().display()))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Err(Failure::from(format!(
+                    "virtiofsd exited ({st}) before it listened: {}",
+                    one_line(&fs::read_to_string(&log_path).unwrap_or_default())
+                )));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Failure::from(format!(
+                    "virtiofsd did not create {} within 20s",
+                    socket.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Virtiofsd { child })
+    }
+
+    /// "; virtiofsd exited (status)" if it has, for failure messages.
+    fn exited(&mut self) -> String {
+        match self.child.try_wait() {
+            Ok(Some(st)) => format!("; virtiofsd exited ({st})"),
+            _ => String::new(),
+        }
+    }
+
+    /// Waits for virtiofsd to end on its own (it does when its frontend
+    /// disconnects); kills it after `timeout`. Says which happened.
+    fn wait_exit(&mut self, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(st)) => return format!("virtiofsd exited {st} after the VM"),
+                Ok(None) if Instant::now() > deadline => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return format!(
+                        "virtiofsd still ran {}s after the VM; killed",
+                        timeout.as_secs()
+                    );
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => return format!("cannot wait for virtiofsd: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for Virtiofsd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 // ----------------------------------------------------------------- the VMs --
 
 #[derive(Clone, Copy)]
 enum Device {
     Rng,
     Vsock,
+    /// virtio-fs, tag [`FS_TAG`], backed by [`Settings::fs_socket`].
+    Fs,
 }
 
 /// Does this boxlite-vmm know the vsock device? Decided by its config
@@ -548,6 +715,9 @@ impl Vm {
                 Device::Rng => serde_json::json!({"kind": "rng"}),
                 Device::Vsock => {
                     serde_json::json!({"kind": "vsock", "guest_cid": 3, "uds_path": uds})
+                }
+                Device::Fs => {
+                    serde_json::json!({"kind": "fs", "tag": FS_TAG, "socket_path": s.fs_socket()})
                 }
             })
             .collect();
