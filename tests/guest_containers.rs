@@ -14,9 +14,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use boxlite_protocol::agent::{
-    CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest, MountShareRequest,
-    PauseContainerRequest, RemoveContainerRequest, ResumeContainerRequest, SignalProcessRequest,
-    StartContainerRequest, StatsContainerRequest, StdioConfig, WaitProcessRequest,
+    CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest, GetOOMEventRequest,
+    MountShareRequest, PauseContainerRequest, RemoveContainerRequest, ResumeContainerRequest,
+    SignalProcessRequest, StartContainerRequest, StatsContainerRequest, StdioConfig,
+    WaitProcessRequest,
 };
 use boxlite_protocol::agent_ttrpc::AgentClient;
 use boxlite_protocol::stdio::{read_ack, StreamHeader, StreamKind};
@@ -27,7 +28,7 @@ use boxlite_tests::assert_nothing_left;
 
 const SHARE_TAG: &str = "shared";
 const APPLETS: &[&str] = &[
-    "sh", "echo", "cat", "sleep", "hostname", "true", "head", "unshare", "ip", "grep",
+    "sh", "echo", "cat", "sleep", "hostname", "true", "head", "unshare", "ip", "grep", "dd",
 ];
 /// The capabilities containerd gives a container by default (no
 /// CAP_SYS_ADMIN); the agent's own sandboxing tests use the same list.
@@ -365,6 +366,40 @@ async fn containers_run_inside_the_guest() {
             && out.ends_with("null=ok\n"),
         "{out:?}"
     );
+
+    // 4. An OOM kill under the guest's cgroup v2 memory limit reaches
+    //    GetOOMEvent (memory.events oom_kill), long-polled from before.
+    let rootfs = busybox_rootfs(share.path(), "c4");
+    let mut c4: serde_json::Value = serde_json::from_slice(&spec(
+        "c4",
+        &rootfs,
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/dev/null bs=64M count=1 2>/dev/null; echo dd=$?",
+        ],
+    ))
+    .unwrap();
+    c4["linux"]["resources"]["memory"] = serde_json::json!({"limit": 16 << 20});
+    let poll = {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            agent
+                .get_oom_event(
+                    ttrpc::context::with_timeout(Duration::from_secs(120).as_nanos() as i64),
+                    &GetOOMEventRequest::default(),
+                )
+                .await
+        })
+    };
+    let (code, out) = run_to_end(&g, "c4", &c4).await;
+    assert_eq!((code, out.as_str()), (0, "dd=137\n"), "OOM-killed dd");
+    let event = tokio::time::timeout(Duration::from_secs(60), poll)
+        .await
+        .expect("GetOOMEvent answered")
+        .unwrap()
+        .unwrap();
+    assert_eq!(event.container_id, "c4");
 
     g.stop().await;
 }

@@ -19,7 +19,7 @@ use ttrpc::Code;
 
 /// busybox applets the scripts here use besides [`APPLETS`].
 const MORE_APPLETS: &[&str] = &[
-    "stat", "touch", "mkdir", "unshare", "readlink", "cut", "sed", "tr", "hostname", "mount",
+    "stat", "touch", "mkdir", "unshare", "readlink", "cut", "sed", "tr", "hostname", "mount", "dd",
 ];
 
 /// Containerd's default capability set (`oci.defaultUnixCaps`).
@@ -826,4 +826,43 @@ async fn containerd_default_seccomp_profile() {
     assert_eq!(without.var("seccomp"), "0", "{without:#?}");
     assert_eq!(without.var("unshare"), "0", "{without:#?}");
     assert_eq!(without.err, "", "{without:#?}");
+}
+
+/// GetOOMEvent: `dd bs=64M` in a container limited to 16 MiB is OOM-killed
+/// (the shell reports 137 and goes on), and the long-poll started before
+/// the container returns its id. The container is removed right after its
+/// init exits, inside one poll interval of the OOM watcher: the event must
+/// still arrive (RemoveContainer reports a kill the watcher has not seen).
+#[tokio::test]
+#[ignore = "needs root"]
+async fn oom_kill_is_reported_by_get_oom_event() {
+    let agent = Agent::start();
+    let (_, client) = agent.connect().await;
+    let id = "oom";
+    let (rootfs, _) = make_rootfs(&agent, id);
+    let mut spec = sh_spec(
+        id,
+        &rootfs,
+        "dd if=/dev/zero of=/dev/null bs=64M count=1 2>/dev/null; echo dd=$?",
+    );
+    spec["linux"]["resources"] = json!({"memory": {"limit": 16 << 20, "swap": 16 << 20}});
+    let poll = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .get_oom_event(
+                    ttrpc::context::with_timeout(60_000_000_000),
+                    &boxlite_protocol::agent::GetOOMEventRequest::default(),
+                )
+                .await
+        })
+    };
+    let o = run_spec(&agent, &client, id, &spec).await;
+    assert_eq!((o.code, o.var("dd")), (0, "137".to_string()), "{o:#?}");
+    let event = tokio::time::timeout(std::time::Duration::from_secs(30), poll)
+        .await
+        .expect("GetOOMEvent answered within 30s")
+        .unwrap()
+        .unwrap_or_else(|e| panic!("GetOOMEvent: {e:?}\n{}", agent.stderr()));
+    assert_eq!(event.container_id, id);
 }

@@ -241,11 +241,21 @@ impl OomEvents {
         }
     }
 
+    /// Stops watching a container. A kill since the last poll is reported
+    /// first: a container OOM-killed and removed within one poll interval
+    /// must not lose its event.
     pub fn unwatch(&self, id: &str) {
-        self.watched
+        let removed = self
+            .watched
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
+        if let Some((path, seen)) = removed {
+            if oom_kills(&path) > seen {
+                tracing::info!(container_id = %id, "OOM kill");
+                let _ = self.tx.send(id.to_string());
+            }
+        }
     }
 
     /// Long-polls the next OOM kill.
