@@ -378,11 +378,16 @@ fn create_runtime_hook_network_is_wired_to_the_vm() {
     assert!(shown.contains("inet 10.126.0.2/24"), "{shown}");
     assert!(shown.contains("default via 10.126.0.1"), "{shown}");
     c.assert_nothing_left();
+    // The kernel dismantles a namespace (and the veth pair with it) in a
+    // work queue after its last reference goes: give it a moment.
+    let veth = std::path::Path::new("/sys/class/net").join(&host_veth);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while veth.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     assert!(
-        !std::path::Path::new("/sys/class/net")
-            .join(&host_veth)
-            .exists(),
-        "the hook's veth outlived the sandbox"
+        !veth.exists(),
+        "the hook's veth outlived the sandbox by 10 s"
     );
 }
 
