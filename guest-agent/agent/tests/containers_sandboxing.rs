@@ -46,25 +46,6 @@ const CONTAINERD_SECCOMP: &str = concat!(
     "/tests/fixtures/containerd-default-seccomp.json"
 );
 
-/// The capabilities containerd and Docker give a container by default:
-/// no CAP_SYS_ADMIN.
-const DEFAULT_CAPS: &[&str] = &[
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-];
-
 /// Builds `tests/helpers/sandbox_probe.c` once per test binary.
 fn probe_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -282,7 +263,7 @@ async fn nested_sandboxing_works_when_the_spec_grants_it() {
     check_applets();
     let agent = Agent::start();
     let (_, client) = agent.connect().await;
-    let mut granted: Vec<&str> = DEFAULT_CAPS.to_vec();
+    let mut granted: Vec<&str> = CONTAINERD_DEFAULT_CAPS.to_vec();
     granted.push("CAP_SYS_ADMIN");
     let permissive_seccomp = json!({
         "defaultAction": "SCMP_ACT_ALLOW",
@@ -360,13 +341,13 @@ async fn nested_sandboxing_fails_as_under_runc_without_the_capabilities() {
         (
             "denied-root",
             probe_spec(NESTED, |s| {
-                s["process"]["capabilities"] = caps(DEFAULT_CAPS);
+                s["process"]["capabilities"] = caps(CONTAINERD_DEFAULT_CAPS);
             }),
         ),
         (
             "denied-root-seccomp",
             probe_spec(NESTED, |s| {
-                s["process"]["capabilities"] = caps(DEFAULT_CAPS);
+                s["process"]["capabilities"] = caps(CONTAINERD_DEFAULT_CAPS);
                 s["linux"]["seccomp"] = json!({
                     "defaultAction": "SCMP_ACT_ALLOW",
                     "architectures": ["SCMP_ARCH_X86_64"],
@@ -378,7 +359,7 @@ async fn nested_sandboxing_fails_as_under_runc_without_the_capabilities() {
         (
             "denied-root-nosetuid",
             probe_spec(NESTED, |s| {
-                let no_setid: Vec<&str> = DEFAULT_CAPS
+                let no_setid: Vec<&str> = CONTAINERD_DEFAULT_CAPS
                     .iter()
                     .copied()
                     .filter(|c| *c != "CAP_SETUID" && *c != "CAP_SETGID")
@@ -389,7 +370,7 @@ async fn nested_sandboxing_fails_as_under_runc_without_the_capabilities() {
         (
             "denied-user",
             probe_spec(NESTED, |s| {
-                s["process"]["capabilities"] = caps(DEFAULT_CAPS);
+                s["process"]["capabilities"] = caps(CONTAINERD_DEFAULT_CAPS);
                 s["process"]["user"] = json!({"uid": 1000, "gid": 1000});
             }),
         ),
@@ -496,13 +477,13 @@ async fn runc_differential_table() {
             probe_spec(DIFFERENTIAL, |s| {
                 s["process"]["user"] =
                     json!({"uid": 1000, "gid": 1001, "additionalGids": [1002, 1003]});
-                s["process"]["capabilities"] = caps(DEFAULT_CAPS);
+                s["process"]["capabilities"] = caps(CONTAINERD_DEFAULT_CAPS);
             }),
         ),
         (
             "default-caps",
             probe_spec(DIFFERENTIAL, |s| {
-                s["process"]["capabilities"] = caps(DEFAULT_CAPS);
+                s["process"]["capabilities"] = caps(CONTAINERD_DEFAULT_CAPS);
             }),
         ),
         (
@@ -546,7 +527,7 @@ async fn runc_differential_table() {
             rows.push((
                 "containerd-seccomp",
                 probe_spec(DIFFERENTIAL, |s| {
-                    s["process"]["capabilities"] = caps(DEFAULT_CAPS);
+                    s["process"]["capabilities"] = caps(CONTAINERD_DEFAULT_CAPS);
                     s["linux"]["seccomp"] = profile;
                 }),
             ));
@@ -848,7 +829,7 @@ async fn exec_capabilities_as_under_runc_exec() {
     let name = "execcaps";
     let pid = std::process::id();
     let config = probe_spec("sleep 1000", |s| {
-        s["process"]["capabilities"] = caps(DEFAULT_CAPS);
+        s["process"]["capabilities"] = caps(CONTAINERD_DEFAULT_CAPS);
     });
     let script = "grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb):' /proc/self/status";
     let execs = [

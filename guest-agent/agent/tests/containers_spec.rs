@@ -12,7 +12,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use boxlite_protocol::agent_ttrpc::AgentClient;
-use boxlite_protocol::stdio::StreamKind;
 use common::*;
 use serde_json::{json, Value};
 use ttrpc::Code;
@@ -20,24 +19,6 @@ use ttrpc::Code;
 /// busybox applets the scripts here use besides [`APPLETS`].
 const MORE_APPLETS: &[&str] = &[
     "stat", "touch", "mkdir", "unshare", "readlink", "cut", "sed", "tr", "hostname", "mount", "dd",
-];
-
-/// Containerd's default capability set (`oci.defaultUnixCaps`).
-const CONTAINERD_CAPS: &[&str] = &[
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
 ];
 
 /// A busybox rootfs with the extra applets; returns (guest path, host dir).
@@ -61,29 +42,9 @@ fn sh_spec(id: &str, rootfs: &str, script: &str) -> Value {
 /// Creates, starts and waits for a container from `spec`; returns (stdout,
 /// stderr, exit status) and removes the container.
 async fn run_spec(agent: &Agent, client: &AgentClient, id: &str, spec: &Value) -> Output {
-    create(
-        client,
-        id,
-        serde_json::to_vec(spec).unwrap(),
-        stdio(false, true, true, false),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("create {id}: {e:?}\n{}", agent.stderr()));
-    let out = agent.stream(id, "", StreamKind::Stdout).unwrap();
-    let err = agent.stream(id, "", StreamKind::Stderr).unwrap();
-    let readers = (
-        std::thread::spawn(move || read_all(out)),
-        std::thread::spawn(move || read_all(err)),
-    );
-    start(client, id).await.unwrap();
-    let w = wait(client, id, "").await.unwrap();
-    let output = Output {
-        out: readers.0.join().unwrap(),
-        err: readers.1.join().unwrap(),
-        code: w.exit_status,
-    };
-    remove(client, id).await;
-    output
+    let (out, err, code) =
+        common::run_spec(agent, client, id, serde_json::to_vec(spec).unwrap()).await;
+    Output { out, err, code }
 }
 
 #[derive(Debug)]
@@ -789,7 +750,7 @@ async fn containerd_default_seccomp_profile() {
     let profile: Value =
         serde_json::from_str(include_str!("fixtures/containerd-default-seccomp.json")).unwrap();
     let caps = json!({
-        "bounding": CONTAINERD_CAPS, "effective": CONTAINERD_CAPS, "permitted": CONTAINERD_CAPS,
+        "bounding": CONTAINERD_DEFAULT_CAPS, "effective": CONTAINERD_DEFAULT_CAPS, "permitted": CONTAINERD_DEFAULT_CAPS,
     });
     let script = r#"
         echo ls=$(ls /bin | grep -c busybox)

@@ -84,11 +84,6 @@ impl VhostUserVsock {
         self.muxer.epoll_fd()
     }
 
-    /// Per-device counters.
-    pub fn metrics(&self) -> Arc<VsockMetrics> {
-        self.metrics.clone()
-    }
-
     /// The host-side backend (tests).
     pub fn muxer(&self) -> &Muxer {
         &self.muxer
