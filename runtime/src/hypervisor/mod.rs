@@ -832,6 +832,10 @@ mod tests {
             .arg("30")
             .spawn()
             .unwrap();
+        // spawn() returns once the child is in exec, but the kernel lets the
+        // parent go before it sets up the new argv: /proc/<pid>/cmdline
+        // reads empty for a moment. Stale processes are long past that.
+        wait_for_cmdline(ours.id(), &dir.path().to_string_lossy());
         std::fs::write(dir.path().join("ours.pid"), ours.id().to_string()).unwrap();
         std::fs::write(dir.path().join("theirs.pid"), theirs.id().to_string()).unwrap();
         std::fs::write(dir.path().join("garbage.pid"), "not a pid").unwrap();
@@ -849,6 +853,21 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(left, ["console.log"]);
+    }
+
+    fn wait_for_cmdline(pid: u32, needle: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(needle) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pid {pid}: cmdline never showed {needle}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// A fake VM: a hybrid vsock peer that proxies to a real ttrpc Health
