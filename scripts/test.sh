@@ -56,6 +56,17 @@ cargo test --workspace --no-fail-fast 2>&1 | tee -a "$TEST_LOG" || status=1
 log "tests: VM tests (QEMU; kernel $BOXLITE_KERNEL, initramfs $BOXLITE_INITRAMFS)"
 cargo test --workspace --no-fail-fast -- --ignored --test-threads=1 2>&1 | tee -a "$TEST_LOG" || status=1
 
+# A CI log is often read from its end: repeat each failed test's own output
+# (its panic message and what it dumped, such as the containerd log) here,
+# at most 200 lines per test.
+if grep -q '^---- .* stdout ----$' "$TEST_LOG"; then
+    log "failed tests' output"
+    sed 's/\x1b\[[0-9;]*m//g' "$TEST_LOG" | awk '
+        /^---- .* stdout ----$/ { inside = 1; n = 0 }
+        inside && /^failures:$/ { inside = 0 }
+        inside && n++ < 200 { print }'
+fi
+
 log "summary"
 read -r passed failed < <(sed 's/\x1b\[[0-9;]*m//g' "$TEST_LOG" | awk '
     /^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
