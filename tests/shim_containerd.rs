@@ -565,27 +565,114 @@ fn exec_output_exit_code_and_tty() {
         "echo exec-out; exit 3",
     ]);
     assert_output(&out, 3, "exec-out\n", "exec");
-    // -t needs a terminal on ctr's side: script(1) gives it one. The guest
-    // pty turns "\n" into "\r\n" (script's pty may add another "\r", and
-    // echo what it writes on stdin's EOF).
-    let out = run(Command::new("script")
-        .args(["-qec"])
-        .arg(format!(
-            "timeout -k 10 120 ctr --address {} task exec -t --exec-id x2 ex1 sh -c '[ -t 0 ] && [ -t 1 ] && echo is-a-tty; exit 4'",
-            c.dir.path().join("c.sock").display()
-        ))
-        .arg("/dev/null")
-        .stdin(Stdio::null()));
-    let stdout = text(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(4),
-        "exec -t: {stdout:?} {:?}",
-        text(&out.stderr)
+    // -t needs a terminal on ctr's side: a pty of the test's own, as a
+    // user's shell would give it (ctr in the terminal's foreground process
+    // group, stdin open). The guest pty turns "\n" into "\r\n".
+    let address = c.dir.path().join("c.sock");
+    let (status, output) = run_on_a_terminal(
+        "ctr",
+        &[
+            "--address",
+            &address.to_string_lossy(),
+            "task",
+            "exec",
+            "-t",
+            "--exec-id",
+            "x2",
+            "ex1",
+            "sh",
+            "-c",
+            "[ -t 0 ] && [ -t 1 ] && echo is-a-tty; exit 4",
+        ],
+        Duration::from_secs(120),
     );
+    let stdout = text(&output);
+    assert_eq!(status, Some(4), "exec -t: {stdout:?}");
     assert!(stdout.contains("is-a-tty\r"), "exec -t output: {stdout:?}");
     c.kill_and_delete("ex1");
     c.assert_nothing_left();
+}
+
+/// Runs `program` as the session leader of a new pty, as a terminal's
+/// foreground process: stdin, stdout and stderr are the pty, stdin stays
+/// open (nothing is typed), and everything the program writes is collected
+/// until it exits. Returns its exit code (None: killed after `limit`).
+///
+/// Not script(1): it runs the command through $SHELL, and where that is
+/// dash the command lands in a background process group, so ctr's
+/// tcsetattr stops it with SIGTTOU.
+fn run_on_a_terminal(program: &str, args: &[&str], limit: Duration) -> (Option<i32>, Vec<u8>) {
+    use std::io::Read as _;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (mut master, mut slave) = (-1, -1);
+    let size = libc::winsize {
+        ws_row: 24,
+        ws_col: 80,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty writes two fds into the locals; the name buffer and
+    // termios are null (not wanted), the winsize points to a live local.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &size,
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both fds were just returned by openpty and are owned here.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave);
+    // SAFETY: setsid and ioctl are async-signal-safe; fd 0 is the pty slave.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    // The Command holds the slave's copies: close them, so the master reads
+    // EIO once the child and its children are gone.
+    drop(cmd);
+    let mut reader = std::fs::File::from(master.try_clone().unwrap());
+    let collector = std::thread::spawn(move || {
+        let mut output = Vec::new();
+        let mut buf = [0u8; 4096];
+        // EIO: no process holds the slave any more.
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            output.extend_from_slice(&buf[..n]);
+        }
+        output
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let output = collector.join().unwrap();
+    drop(master);
+    (status, output)
 }
 
 /// Runs `cmd` with `input` on its stdin, closed after it.
