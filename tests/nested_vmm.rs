@@ -8,12 +8,9 @@
 //! PASS|FAIL|SKIP <detail>` on the serial console. All tests share that one
 //! boot (a `OnceLock`) and each reads its scenario's verdict.
 //!
-//! A SKIP verdict is not a pass: the test reports it with
-//! `boxlite_tests::report_skip` (prints `skipped: <reason>` and records it in
-//! `$BOXLITE_SKIP_LOG`, which scripts/test.sh subtracts from the passes) and
-//! returns; its name ends in `_or_skip` so that a green run says what it may
-//! not have proven. Run with `--nocapture` to see the reasons, or read the
-//! summary the first test prints.
+//! Every test demands PASS: a SKIP verdict (the driver's answer when the
+//! VMM lacks what a scenario needs) fails it like a FAIL. Run with
+//! `--nocapture` to see each scenario's detail line.
 //!
 //! Environment: `BOXLITE_TESTHOST_KERNEL`, `BOXLITE_TESTHOST_INITRAMFS`
 //! (required: the two paths `cargo xtask testhost` prints);
@@ -28,7 +25,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 const QEMU: &str = "qemu-system-x86_64";
-const ALL_SCENARIOS: &str = "boot,health,smp,reboot,guest-connect,fs";
+const ALL_SCENARIOS: &str = boxlite_tests::NESTED_SCENARIOS;
 const DEFAULT_TIMEOUT_SECS: u64 = 300;
 const MARK: &str = "BOXLITE-NESTED ";
 const DONE: &str = "BOXLITE-NESTED-DONE";
@@ -267,18 +264,17 @@ fn spawn_qemu(kernel: &Path, initramfs: &Path, console: &Path, scenarios: &str) 
         .unwrap_or_else(|e| panic!("cannot start {QEMU} (install qemu-system-x86): {e}"))
 }
 
-/// Asserts `scenario` passed; returns normally on SKIP after printing why.
-fn expect_pass_or_skip(scenario: &str) {
+/// Asserts `scenario` passed (a SKIP is a failure: every scenario's
+/// needs are in boxlite-vmm now).
+fn expect_pass(scenario: &str) {
     let run = outer_run();
     match run.verdicts.get(scenario) {
         Some((word, detail)) if word == "PASS" => {
             eprintln!("{scenario}: PASS {detail}");
         }
-        Some((word, detail)) if word == "SKIP" => {
-            // Prints "skipped: …" and records it in $BOXLITE_SKIP_LOG, so that
-            // scripts/test.sh counts this test as skipped, not passed.
-            boxlite_tests::report_skip(&format!("nested_vmm {scenario}"), detail);
-        }
+        Some((word, detail)) if word == "SKIP" => panic!(
+            "nested scenario {scenario} was skipped, which this test does not allow: {detail}"
+        ),
         Some((_, detail)) => panic!(
             "nested scenario {scenario} FAILED: {detail}\n--- console excerpt ({}) ---\n{}",
             run.console.display(),
@@ -295,18 +291,6 @@ fn expect_pass_or_skip(scenario: &str) {
     }
 }
 
-/// Like [`expect_pass_or_skip`] but a SKIP is a failure too.
-fn expect_pass(scenario: &str) {
-    let run = outer_run();
-    if let Some((word, detail)) = run.verdicts.get(scenario) {
-        assert!(
-            word != "SKIP",
-            "nested scenario {scenario} was skipped, which this test does not allow: {detail}"
-        );
-    }
-    expect_pass_or_skip(scenario);
-}
-
 #[test]
 #[ignore = "needs qemu-system-x86_64 and the test-host assets (cargo xtask testhost); run by scripts/test.sh"]
 fn nested_boot() {
@@ -321,24 +305,36 @@ fn nested_smp() {
 
 #[test]
 #[ignore = "needs qemu-system-x86_64 and the test-host assets (cargo xtask testhost); run by scripts/test.sh"]
-fn nested_health_or_skip() {
-    expect_pass_or_skip("health");
+fn nested_health() {
+    expect_pass("health");
 }
 
 #[test]
 #[ignore = "needs qemu-system-x86_64 and the test-host assets (cargo xtask testhost); run by scripts/test.sh"]
-fn nested_reboot_or_skip() {
-    expect_pass_or_skip("reboot");
+fn nested_reboot() {
+    expect_pass("reboot");
 }
 
 #[test]
 #[ignore = "needs qemu-system-x86_64 and the test-host assets (cargo xtask testhost); run by scripts/test.sh"]
-fn nested_guest_connect_or_skip() {
-    expect_pass_or_skip("guest-connect");
+fn nested_guest_connect() {
+    expect_pass("guest-connect");
 }
 
 #[test]
 #[ignore = "needs qemu-system-x86_64 and the test-host assets (cargo xtask testhost); run by scripts/test.sh"]
 fn nested_fs_share() {
     expect_pass("fs");
+}
+
+#[test]
+#[ignore = "needs qemu-system-x86_64 and the test-host assets (cargo xtask testhost); run by scripts/test.sh"]
+fn nested_block_device() {
+    expect_pass("blk");
+}
+
+#[test]
+#[ignore = "needs qemu-system-x86_64 and the test-host assets (cargo xtask testhost); run by scripts/test.sh"]
+fn nested_net_device() {
+    expect_pass("net");
 }

@@ -36,7 +36,7 @@ use std::path::Path;
 
 pub use error::NetworkError;
 pub use model::{IpFamily, IpNet, PodNetwork, PodRoute, RouteScope, WiredInterface};
-pub use tap::{is_tap_name, tap_name, TAP_SUFFIX};
+pub use tap::{create_tap, is_tap_name, tap_name, TAP_SUFFIX};
 
 use error::Ctx;
 

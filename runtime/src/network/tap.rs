@@ -38,7 +38,7 @@ pub fn is_tap_name(name: &str) -> bool {
 /// binds to the namespace of the thread that opens /dev/net/tun) and returns
 /// its fd, the one the VMM will read and write frames on. Blocking mode: the
 /// VMM sets O_NONBLOCK itself if it wants it.
-pub(crate) fn create_tap(name: &str) -> io::Result<OwnedFd> {
+pub fn create_tap(name: &str) -> io::Result<OwnedFd> {
     if name.is_empty() || name.len() > MAX_IFNAME_LEN || name.contains('\0') {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }

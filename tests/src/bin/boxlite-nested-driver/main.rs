@@ -4,7 +4,7 @@
 //! The test host is a Linux kernel with KVM_AMD running under QEMU TCG with
 //! an emulated SVM CPU, so `/dev/kvm` works here the way it does on a real
 //! host. This program mounts the pseudo filesystems, reads the scenarios to
-//! run from the kernel command line (`boxlite.scenarios=boot,health,smp,reboot,guest-connect,fs`),
+//! run from the kernel command line (`boxlite.scenarios=boot,health,smp,reboot,guest-connect,fs,blk,net`),
 //! runs `boxlite-vmm` on the guest kernel and initramfs for each of them,
 //! prints one verdict line per scenario on the console
 //!
@@ -28,29 +28,37 @@
 //! exits instead of rebooting; `BOXLITE_NESTED_ROOT` then replaces `/` as the
 //! place of `usr/bin/boxlite-vmm` and `guest/`.
 
+mod disk;
+mod host_net;
+
 use std::ffi::CString;
 use std::fmt::Write as _;
 use std::fs;
 use std::io::Write as _;
+use std::net::Ipv4Addr;
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use boxlite_protocol::agent::{
-    DestroySandboxRequest, GuestInfoRequest, GuestInfoResponse, MountShareRequest, ReadFileRequest,
+    DestroySandboxRequest, GuestInfoRequest, GuestInfoResponse, Interface, IpAddress,
+    MountShareRequest, ReadFileRequest, UpdateInterfaceRequest,
 };
 use boxlite_protocol::health::health_check_response::ServingStatus;
 use boxlite_protocol::ready::Announcement;
 use boxlite_runtime::hypervisor::ready::{ReadyError, ReadyListener};
 use boxlite_runtime::{AgentConnection, HybridVsock};
 
-const ALL_SCENARIOS: &str = "boot,health,smp,reboot,guest-connect,fs";
+const ALL_SCENARIOS: &str = boxlite_tests::NESTED_SCENARIOS;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Guest RAM for each inner VM.
 const GUEST_MEMORY_MIB: u32 = 256;
 /// The agent's "ready" log line (docs/agent.md, guest-mode start-up step 9).
 const AGENT_READY: &str = "agent ready";
 /// Virtio device ids (GuestInfo `virtio_devices[].device_id`).
+const VIRTIO_ID_NET: u32 = 1;
+const VIRTIO_ID_BLOCK: u32 = 2;
 const VIRTIO_ID_RNG: u32 = 4;
 const VIRTIO_ID_VSOCK: u32 = 19;
 const VIRTIO_ID_FS: u32 = 26;
@@ -58,6 +66,22 @@ const VIRTIO_ID_FS: u32 = 26;
 const FS_TAG: &str = "nested";
 const FS_FILE: &str = "hello.txt";
 const FS_CONTENT: &str = "hello from the nested test host through virtio-fs\n";
+/// The `blk` scenario's disk: its size, its one partition, its serial.
+const DISK_SECTORS: u64 = 2048;
+const DISK_PARTITION: disk::Partition = disk::Partition {
+    start: 64,
+    sectors: 1000,
+};
+const DISK_ID: &str = "nested-disk0";
+/// The `net` scenario: the test host's tap and address, the guest's.
+const TAP_NAME: &str = "bxnested0";
+const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 213, 0, 1);
+const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 213, 0, 2);
+const NET_PREFIX: u8 = 24;
+const GUEST_MAC: &str = "02:42:0a:d5:00:02";
+/// A TCP port nothing in the guest listens on: the guest kernel answers
+/// the SYN with a RST.
+const CLOSED_PORT: u16 = 9;
 /// How long a guest may take to end the VM after DestroySandbox replied.
 const REBOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const RPC_TIMEOUT: Duration = Duration::from_secs(20);
@@ -115,6 +139,10 @@ impl Settings {
     }
     fn virtiofsd(&self) -> PathBuf {
         self.root.join("usr/bin/virtiofsd")
+    }
+    /// The `blk` scenario's raw image.
+    fn disk_image(&self) -> PathBuf {
+        self.work.join("disk.img")
     }
     /// virtiofsd's vhost-user socket for the `fs` scenario.
     fn fs_socket(&self) -> PathBuf {
@@ -261,6 +289,8 @@ async fn run_scenario(name: &str, s: &Settings) -> ScenarioResult {
         "reboot" => scenario_reboot(s).await,
         "guest-connect" => scenario_guest_connect(s).await,
         "fs" => scenario_fs(s).await,
+        "blk" => scenario_blk(s).await,
+        "net" => scenario_net(s).await,
         other => Ok(Verdict::Fail(format!(
             "unknown scenario {other:?} (known: {ALL_SCENARIOS})"
         ))),
@@ -446,40 +476,155 @@ async fn scenario_fs(s: &Settings) -> ScenarioResult {
         .await
         .map_err(|e| vm.fail(format!("MountShare {FS_TAG:?} failed: {e}{}", fsd.exited())))?;
     let path = format!("{}/{FS_FILE}", mounted.mount_point);
-    let read = conn
-        .agent()
-        .read_file(
-            ctx(),
-            &ReadFileRequest {
-                path: path.clone(),
-                ..Default::default()
-            },
-        )
+    let read = vm
+        .read_guest_file(&conn, &path)
         .await
-        .map_err(|e| vm.fail(format!("ReadFile {path} failed: {e}{}", fsd.exited())))?;
-    if read.data != FS_CONTENT.as_bytes() {
+        .map_err(|f| Failure {
+            reason: format!("{}{}", f.reason, fsd.exited()),
+            vm: f.vm,
+        })?;
+    if read != FS_CONTENT {
         return Err(vm.fail(format!(
-            "ReadFile {path} returned {:?}, want {FS_CONTENT:?}",
-            String::from_utf8_lossy(&read.data)
+            "ReadFile {path} returned {read:?}, want {FS_CONTENT:?}"
         )));
     }
-    let info = vm.guest_info(&conn).await?;
-    if !info
-        .virtio_devices
-        .iter()
-        .any(|d| d.device_id == VIRTIO_ID_FS)
-    {
-        return Err(vm.fail(format!(
-            "GuestInfo lists no virtio-fs device ({VIRTIO_ID_FS})"
-        )));
-    }
+    vm.expect_virtio_device(&conn, VIRTIO_ID_FS, "virtio-fs")
+        .await?;
     vm.destroy(&conn).await?;
     let fsd_end = fsd.wait_exit(Duration::from_secs(10));
     Ok(Verdict::Pass(format!(
         "share {FS_TAG:?} mounted at {} and {FS_FILE} read back ({} bytes) through \
          boxlite-vmm's vhost-user frontend and virtiofsd; {fsd_end}",
         mounted.mount_point,
-        read.data.len()
+        read.len()
+    )))
+}
+
+/// A read-only virtio-blk disk with an id: the guest kernel finds the
+/// image's MBR partition (data read through the queue), the disk's size,
+/// its read-only flag and its serial (GET_ID), as the agent reads them
+/// from sysfs.
+async fn scenario_blk(s: &Settings) -> ScenarioResult {
+    if let Err(reason) = vsock_support(s)? {
+        return Ok(Verdict::Skip(format!(
+            "{reason} (ReadFile goes over vsock)"
+        )));
+    }
+    fs::create_dir_all(&s.work)?;
+    disk::write_mbr_image(&s.disk_image(), DISK_SECTORS, DISK_PARTITION)
+        .map_err(|e| format!("cannot write {}: {e}", s.disk_image().display()))?;
+    let mut vm = Vm::start(s, "blk", 1, &[Device::Rng, Device::Vsock, Device::Block])?;
+    let conn = vm.connect(s.timeout).await?;
+    let want = [
+        ("/sys/block/vda/size", DISK_SECTORS.to_string()),
+        ("/sys/block/vda/ro", "1".to_owned()),
+        ("/sys/block/vda/serial", DISK_ID.to_owned()),
+        (
+            "/sys/block/vda/vda1/start",
+            DISK_PARTITION.start.to_string(),
+        ),
+        (
+            "/sys/block/vda/vda1/size",
+            DISK_PARTITION.sectors.to_string(),
+        ),
+    ];
+    for (path, value) in &want {
+        let got = vm.read_guest_file(&conn, path).await?;
+        if got.trim() != value {
+            return Err(vm.fail(format!(
+                "guest {path} reads {:?}, want {value:?}",
+                got.trim()
+            )));
+        }
+    }
+    vm.expect_virtio_device(&conn, VIRTIO_ID_BLOCK, "virtio-blk")
+        .await?;
+    vm.destroy(&conn).await?;
+    Ok(Verdict::Pass(format!(
+        "guest sees vda: {DISK_SECTORS} sectors, read-only, serial {DISK_ID:?} (GET_ID), and \
+         the image's MBR partition vda1 at {} + {} sectors (sector 0 read through the queue)",
+        DISK_PARTITION.start, DISK_PARTITION.sectors
+    )))
+}
+
+/// virtio-net over a tap: the agent gives the guest NIC (found by MAC) an
+/// address, and a TCP connection from the test host to a closed port in
+/// the guest is refused: an ARP exchange and a SYN went in, the guest
+/// kernel's answers and RST came out.
+async fn scenario_net(s: &Settings) -> ScenarioResult {
+    if let Err(reason) = vsock_support(s)? {
+        return Ok(Verdict::Skip(format!(
+            "{reason} (UpdateInterface goes over vsock)"
+        )));
+    }
+    let tap = host_net::HostTap::create(TAP_NAME, HOST_IP, NET_PREFIX)?;
+    let tap_fd = tap.inheritable_fd()?;
+    let mut vm = Vm::start(
+        s,
+        "net",
+        1,
+        &[Device::Rng, Device::Vsock, Device::Net(tap_fd)],
+    )?;
+    // The VMM holds the tap now; the tap goes when the VMM does.
+    drop(tap);
+    let conn = vm.connect(s.timeout).await?;
+    let req = UpdateInterfaceRequest {
+        interface: Some(Interface {
+            hw_addr: GUEST_MAC.into(),
+            addresses: vec![IpAddress {
+                address: GUEST_IP.to_string(),
+                prefix_len: NET_PREFIX.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    };
+    conn.agent()
+        .update_interface(ttrpc::context::with_duration(RPC_TIMEOUT), &req)
+        .await
+        .map_err(|e| {
+            vm.fail(format!(
+                "UpdateInterface {GUEST_MAC} {GUEST_IP}/{NET_PREFIX} failed: {e}"
+            ))
+        })?;
+    let target = std::net::SocketAddr::from((GUEST_IP, CLOSED_PORT));
+    let t = Instant::now();
+    let attempt = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::net::TcpStream::connect(target),
+    )
+    .await;
+    match attempt {
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        Ok(Err(e)) => return Err(vm.fail(format!("TCP connect to {target}: {e}, want refused"))),
+        Ok(Ok(_)) => {
+            return Err(vm.fail(format!(
+                "TCP connect to {target} succeeded: something listens there, want refused"
+            )))
+        }
+        Err(_) => {
+            return Err(vm.fail(format!(
+                "TCP connect to {target} got no answer within 20s (no frames through the tap?)"
+            )))
+        }
+    }
+    let refused_after = t.elapsed();
+    vm.expect_virtio_device(&conn, VIRTIO_ID_NET, "virtio-net")
+        .await?;
+    vm.destroy(&conn).await?;
+    let tap_gone = !Path::new("/sys/class/net").join(TAP_NAME).exists();
+    if !tap_gone {
+        return Err(Failure::from(format!(
+            "tap {TAP_NAME} still exists after boxlite-vmm exited"
+        )));
+    }
+    Ok(Verdict::Pass(format!(
+        "guest NIC {GUEST_MAC} got {GUEST_IP}/{NET_PREFIX}; TCP from the test host's tap \
+         ({HOST_IP}) to {target} refused by the guest after {:.0} ms (ARP + SYN in, RST out); \
+         tap gone with the VMM",
+        refused_after.as_secs_f64() * 1000.0
     )))
 }
 
@@ -578,6 +723,10 @@ enum Device {
     Vsock,
     /// virtio-fs, tag [`FS_TAG`], backed by [`Settings::fs_socket`].
     Fs,
+    /// virtio-blk, read-only, on [`Settings::disk_image`] with id [`DISK_ID`].
+    Block,
+    /// virtio-net on this inherited tap fd, guest MAC [`GUEST_MAC`].
+    Net(RawFd),
 }
 
 /// Does this boxlite-vmm know the vsock device? Decided by its config
@@ -718,6 +867,12 @@ impl Vm {
                 }
                 Device::Fs => {
                     serde_json::json!({"kind": "fs", "tag": FS_TAG, "socket_path": s.fs_socket()})
+                }
+                Device::Block => serde_json::json!({
+                    "kind": "block", "path": s.disk_image(), "read_only": true, "id": DISK_ID
+                }),
+                Device::Net(fd) => {
+                    serde_json::json!({"kind": "net", "tap_fd": fd, "mac": GUEST_MAC})
                 }
             })
             .collect();
@@ -922,6 +1077,37 @@ impl Vm {
             )
             .await
             .map_err(|e| self.fail(format!("GuestInfo failed: {e}")))
+    }
+
+    /// A guest file's text, read by the agent (ReadFile).
+    async fn read_guest_file(&self, conn: &AgentConnection, path: &str) -> Result<String, Failure> {
+        let req = ReadFileRequest {
+            path: path.to_owned(),
+            ..Default::default()
+        };
+        let read = conn
+            .agent()
+            .read_file(ttrpc::context::with_duration(RPC_TIMEOUT), &req)
+            .await
+            .map_err(|e| self.fail(format!("ReadFile {path} failed: {e}")))?;
+        Ok(String::from_utf8_lossy(&read.data).into_owned())
+    }
+
+    /// GuestInfo lists a virtio device with this id.
+    async fn expect_virtio_device(
+        &self,
+        conn: &AgentConnection,
+        id: u32,
+        what: &str,
+    ) -> Result<(), Failure> {
+        let info = self.guest_info(conn).await?;
+        if info.virtio_devices.iter().any(|d| d.device_id == id) {
+            return Ok(());
+        }
+        let ids: Vec<u32> = info.virtio_devices.iter().map(|d| d.device_id).collect();
+        Err(self.fail(format!(
+            "GuestInfo lists no {what} device ({id}); it lists {ids:?}"
+        )))
     }
 
     /// DestroySandbox, then waits for boxlite-vmm to exit with 0. Returns the
