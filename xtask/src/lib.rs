@@ -10,3 +10,4 @@ pub mod guest;
 pub mod initramfs;
 pub mod kernel;
 pub mod testhost;
+pub mod testhost_qemu;

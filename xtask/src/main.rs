@@ -23,12 +23,14 @@ commands:
              the agent; out: build/guest/initramfs.cpio.gz)
   guest      [--out-dir DIR] [--cache-dir DIR]
              kernel + agent + initramfs, copied to DIR (default: build/guest)
-  testhost   [--out-dir DIR] [--cache-dir DIR] [--guest-initramfs PATH]
+  testhost   [--out-dir DIR] [--cache-dir DIR] [--guest-initramfs PATH] [--with-qemu]
              the nested test host (docs/testing-nested.md): its kernel (guest
              + configs/test-host-kernel.fragment, cached) and its initramfs
              (nested driver as /init, static boxlite-vmm, guest kernel and
              initramfs) in DIR (default: build/testhost); --guest-initramfs
-             uses that guest initramfs instead of building the agent
+             uses that guest initramfs instead of building the agent;
+             --with-qemu adds this machine's QEMU with its libraries and
+             microvm firmware (for the benchmark, docs/benchmarks.md)
 ";
 
 fn main() -> ExitCode {
@@ -120,17 +122,19 @@ fn run() -> Result<()> {
             let mut out_dir = None;
             let mut cache_dir = None;
             let mut guest_initramfs = None;
+            let mut with_qemu = false;
             while let Some(flag) = args.next() {
                 match flag.as_str() {
                     "--out-dir" => out_dir = Some(args.path(&flag)?),
                     "--cache-dir" => cache_dir = Some(args.path(&flag)?),
                     "--guest-initramfs" => guest_initramfs = Some(args.path(&flag)?),
+                    "--with-qemu" => with_qemu = true,
                     _ => return unknown(&command, &flag),
                 }
             }
             let out_dir = out_dir.unwrap_or_else(testhost::default_out_dir);
             let cache_dir = cache_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_ROOT));
-            let th = testhost::build(&out_dir, &cache_dir, guest_initramfs.as_deref())?;
+            let th = testhost::build(&out_dir, &cache_dir, guest_initramfs.as_deref(), with_qemu)?;
             println!("testhost-kernel: {}", th.kernel.display());
             println!("testhost-initramfs: {}", th.initramfs.display());
         }

@@ -77,6 +77,8 @@ pub enum TesthostError {
     NotStatic(String, #[source] AgentError),
     #[error("cannot write {0}")]
     Initramfs(PathBuf, #[source] InitramfsError),
+    #[error("cannot put QEMU into the test host")]
+    Qemu(#[from] crate::testhost_qemu::QemuPayloadError),
     #[error("cannot copy the test-host kernel")]
     Copy(#[source] crate::artefact::ArtefactError),
 }
@@ -244,10 +246,13 @@ pub fn initramfs(
 /// Builds everything (kernels cached) into `out_dir`; see the module docs.
 /// `guest_initramfs`: use this guest initramfs instead of building the agent
 /// and writing one (e.g. `build/guest/initramfs.cpio.gz` from `cargo xtask guest`).
+/// `with_qemu`: also carry the machine's QEMU ([`crate::testhost_qemu`]),
+/// for the benchmark's QEMU rows.
 pub fn build(
     out_dir: &Path,
     cache_root: &Path,
     guest_initramfs: Option<&Path>,
+    with_qemu: bool,
 ) -> Result<Testhost, TesthostError> {
     let workspace = guest::workspace_root();
     let host_kernel: KernelArtefact = KernelBuild::new(default_fragments())
@@ -283,15 +288,21 @@ pub fn build(
     crate::artefact::copy_atomic(&host_kernel.vmlinux, &kernel, 0o644)
         .map_err(TesthostError::Copy)?;
     let initramfs = out_dir.join(INITRAMFS_NAME);
-    self::initramfs(
+    let mut contents = self::initramfs(
         &driver,
         &vmm,
         &virtiofsd,
         &guest_kernel.vmlinux,
         &guest_initramfs,
-    )
-    .write_to(&initramfs)
-    .map_err(|e| TesthostError::Initramfs(initramfs.clone(), e))?;
+    );
+    if with_qemu {
+        let qemu = crate::testhost_qemu::find_qemu()?;
+        eprintln!("testhost: adding {} and its libraries", qemu.display());
+        contents = crate::testhost_qemu::add_qemu(contents, &qemu)?;
+    }
+    contents
+        .write_to(&initramfs)
+        .map_err(|e| TesthostError::Initramfs(initramfs.clone(), e))?;
     Ok(Testhost {
         kernel,
         initramfs,

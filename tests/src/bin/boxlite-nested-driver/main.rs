@@ -17,6 +17,10 @@
 //! exits). On FAIL the guest console tail and the VMM log tail are printed
 //! first, each line prefixed with `  | `.
 //!
+//! One more scenario is not a test but the benchmark's QEMU row
+//! (scripts/bench-nested.sh): `boot-qemu`, the `boot` scenario under QEMU
+//! microvm, in a test host built with `cargo xtask testhost --with-qemu`.
+//!
 //! Other command-line parameters: `boxlite.timeout=<secs>` (per scenario,
 //! default 120), `boxlite.vmm_log=<filter>` (RUST_LOG for boxlite-vmm,
 //! default `info`), `boxlite.guest_cmdline=<extra>` (appended to the
@@ -139,6 +143,10 @@ impl Settings {
     }
     fn virtiofsd(&self) -> PathBuf {
         self.root.join("usr/bin/virtiofsd")
+    }
+    /// Only in a test host built with `cargo xtask testhost --with-qemu`.
+    fn qemu(&self) -> PathBuf {
+        self.root.join("usr/bin/qemu-system-x86_64")
     }
     /// The `blk` scenario's raw image.
     fn disk_image(&self) -> PathBuf {
@@ -291,6 +299,7 @@ async fn run_scenario(name: &str, s: &Settings) -> ScenarioResult {
         "fs" => scenario_fs(s).await,
         "blk" => scenario_blk(s).await,
         "net" => scenario_net(s).await,
+        "boot-qemu" => scenario_boot_qemu(s).await,
         other => Ok(Verdict::Fail(format!(
             "unknown scenario {other:?} (known: {ALL_SCENARIOS})"
         ))),
@@ -301,7 +310,27 @@ async fn run_scenario(name: &str, s: &Settings) -> ScenarioResult {
 
 /// The guest kernel boots under boxlite-vmm and the agent (PID 1) starts.
 async fn scenario_boot(s: &Settings) -> ScenarioResult {
-    let mut vm = Vm::start(s, "boot", 1, &[Device::Rng])?;
+    let vm = Vm::start(s, "boot", 1, &[Device::Rng])?;
+    boot_to_agent_ready(s, vm, "boxlite-vmm").await
+}
+
+/// The benchmark's QEMU row (not a test): the same guest under QEMU
+/// microvm with KVM, as the runtime's qemu backend runs it, with the rng
+/// device only, like `boot`. Needs a test host built `--with-qemu`.
+async fn scenario_boot_qemu(s: &Settings) -> ScenarioResult {
+    if !s.qemu().is_file() {
+        return Ok(Verdict::Skip(format!(
+            "no {} in this test host (cargo xtask testhost --with-qemu)",
+            s.qemu().display()
+        )));
+    }
+    let vm = Vm::start_qemu(s, "boot-qemu")?;
+    boot_to_agent_ready(s, vm, "qemu-system-x86_64").await
+}
+
+/// Waits for the agent's ready line and reports the time since `vmm` was
+/// spawned, the guest clock then, and the kernel release.
+async fn boot_to_agent_ready(s: &Settings, mut vm: Vm, vmm: &str) -> ScenarioResult {
     let ready = vm.wait_console(AGENT_READY, s.timeout).await?;
     let guest_t = vm.files.guest_time_of(AGENT_READY);
     let banner = vm
@@ -311,7 +340,7 @@ async fn scenario_boot(s: &Settings) -> ScenarioResult {
         .unwrap_or_default();
     vm.kill();
     Ok(Verdict::Pass(format!(
-        "kernel {banner} booted, agent ready {:.2}s after boxlite-vmm started (guest clock {})",
+        "kernel {banner} booted, agent ready {:.2}s after {vmm} started (guest clock {})",
         ready.as_secs_f64(),
         guest_t
             .map(|t| format!("{t:.2}s"))
@@ -897,6 +926,7 @@ impl Vm {
         let cfg_path = dir.join("vm.json");
         fs::write(&cfg_path, serde_json::to_string_pretty(&cfg)?)?;
         let log = fs::File::create(&files.vmm_log)?;
+        let started = Instant::now();
         let mut cmd = Command::new(s.vmm());
         cmd.arg("--config").arg(&cfg_path);
         if !s.jail {
@@ -915,9 +945,56 @@ impl Vm {
         Ok(Vm {
             files,
             child,
-            started: Instant::now(),
+            started,
             vsock,
             ready,
+        })
+    }
+
+    /// QEMU microvm instead of boxlite-vmm: the runtime's qemu backend
+    /// command line (runtime/src/hypervisor/qemu.rs: microvm without ACPI,
+    /// memfd RAM, KVM with `-cpu host`, console to a file, `-no-reboot`)
+    /// with only a virtio-rng device. QEMU's stderr goes to the `vmm.log`.
+    fn start_qemu(s: &Settings, name: &str) -> Result<Vm, Failure> {
+        let dir = s.work.join(name);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        let files = VmFiles::in_dir(&dir);
+        let mem = format!("{GUEST_MEMORY_MIB}M");
+        let mut cmdline = boxlite_runtime::hypervisor::qemu::BASE_CMDLINE.to_owned();
+        if !s.guest_cmdline.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&s.guest_cmdline);
+        }
+        let log = fs::File::create(&files.vmm_log)?;
+        let started = Instant::now();
+        let child = Command::new(s.qemu())
+            .args(["-M", "microvm,acpi=off,memory-backend=mem"])
+            .args(["-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", &mem])
+            .arg("-object")
+            .arg(format!("memory-backend-memfd,id=mem,size={mem},share=on"))
+            .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+            .arg("-chardev")
+            .arg(format!("file,id=console,path={}", files.console.display()))
+            .args(["-serial", "chardev:console"])
+            .arg("-kernel")
+            .arg(s.guest_kernel())
+            .arg("-initrd")
+            .arg(s.guest_initramfs())
+            .arg("-append")
+            .arg(&cmdline)
+            .args(["-device", "virtio-rng-device"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", s.qemu().display()))?;
+        Ok(Vm {
+            files,
+            child,
+            started,
+            vsock: None,
+            ready: None,
         })
     }
 
