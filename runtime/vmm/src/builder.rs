@@ -122,28 +122,49 @@ fn build_cmdline() -> Result<Cmdline, VmmError> {
     Ok(c)
 }
 
-/// Test hook (`test_hooks.forbidden_syscall`): a jailed thread of the named
-/// kind calls `getppid`, which no profile allows; the kernel must kill the
-/// whole process with SIGSYS before this returns.
+/// Test hooks (`test_hooks.forbidden_syscall`, `test_hooks.forbidden_ioctl`):
+/// a jailed thread of the named kind calls `getppid`, which no profile
+/// allows, or `ioctl(TCGETS)`, a request no profile lists; the kernel must
+/// kill the whole process with SIGSYS before this returns.
 fn run_forbidden_syscall_hook(cfg: &VmConfig) -> Result<(), VmmError> {
-    let Some(kind) = cfg
-        .test_hooks
-        .as_ref()
-        .and_then(|h| h.forbidden_syscall.as_deref())
-    else {
+    let Some(hooks) = cfg.test_hooks.as_ref() else {
         return Ok(());
     };
-    tracing::warn!(kind, "test hook: making a forbidden syscall (getppid)");
-    // SAFETY: getppid has no arguments and no memory effects.
-    let forbidden = || unsafe { libc::syscall(libc::SYS_getppid) };
+    if let Some(kind) = hooks.forbidden_syscall.as_deref() {
+        // SAFETY: getppid has no arguments and no memory effects.
+        forbidden_call(kind, "getppid", || unsafe {
+            libc::syscall(libc::SYS_getppid);
+        })?;
+    }
+    if let Some(kind) = hooks.forbidden_ioctl.as_deref() {
+        forbidden_call(kind, "ioctl(TCGETS)", || {
+            // SAFETY: termios is plain old data; all zeroes is valid.
+            let mut t: libc::termios = unsafe { std::mem::zeroed() };
+            // SAFETY: TCGETS writes one termios into the live local.
+            unsafe { libc::ioctl(libc::STDERR_FILENO, libc::TCGETS, &mut t) };
+        })?;
+    }
+    Ok(())
+}
+
+/// Runs `call` on a thread of `kind` (the event loop itself for `"vmm"`);
+/// returning at all means the filter let it through.
+fn forbidden_call(
+    kind: &str,
+    what: &str,
+    call: impl FnOnce() + Send + 'static,
+) -> Result<(), VmmError> {
+    tracing::warn!(kind, "test hook: making a forbidden syscall ({what})");
     if kind == "vcpu" {
-        let h =
-            spawn_thread(ThreadKind::Vcpu, "forbidden", forbidden).map_err(JailError::Thread)?;
+        let h = spawn_thread(ThreadKind::Vcpu, "forbidden", call).map_err(JailError::Thread)?;
         let _ = h.join();
     } else {
-        forbidden();
+        call();
     }
-    tracing::error!(kind, "test hook: the forbidden syscall was allowed");
+    tracing::error!(
+        kind,
+        "test hook: the forbidden syscall was allowed ({what})"
+    );
     Err(VmmError::ForbiddenSyscallAllowed(kind.to_string()))
 }
 

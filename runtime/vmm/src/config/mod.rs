@@ -96,8 +96,8 @@ pub enum ConfigError {
     },
     #[error("{field} = {path} is not a directory")]
     NotADirectory { field: &'static str, path: PathBuf },
-    #[error("test_hooks.forbidden_syscall = {0:?}: expected \"vmm\" or \"vcpu\"")]
-    TestHookKind(String),
+    #[error("test_hooks.{hook} = {kind:?}: expected \"vmm\" or \"vcpu\"")]
+    TestHookKind { hook: &'static str, kind: String },
     #[error("Invalid block device")]
     Block(#[from] BlockConfigError),
     #[error("Invalid net device")]
@@ -165,6 +165,11 @@ pub struct TestHooks {
     /// of SIGSYS.
     #[serde(default)]
     pub forbidden_syscall: Option<String>,
+    /// Like `forbidden_syscall`, but the call is an `ioctl` whose request
+    /// number the kind's profile does not list (`TCGETS` on stderr): the
+    /// profiles allow `ioctl` only for the requests the VMM makes.
+    #[serde(default)]
+    pub forbidden_ioctl: Option<String>,
     /// After landlock is on (before seccomp), try to open this file and log
     /// the outcome (`test hook: open …`).
     #[serde(default)]
@@ -390,13 +395,17 @@ impl VmConfig {
                 }
             }
         }
-        if let Some(kind) = self
-            .test_hooks
-            .as_ref()
-            .and_then(|h| h.forbidden_syscall.as_ref())
-        {
-            if kind != "vmm" && kind != "vcpu" {
-                return Err(ConfigError::TestHookKind(kind.clone()));
+        if let Some(hooks) = &self.test_hooks {
+            for (hook, kind) in [
+                ("forbidden_syscall", &hooks.forbidden_syscall),
+                ("forbidden_ioctl", &hooks.forbidden_ioctl),
+            ] {
+                if let Some(kind) = kind.as_ref().filter(|k| *k != "vmm" && *k != "vcpu") {
+                    return Err(ConfigError::TestHookKind {
+                        hook,
+                        kind: kind.clone(),
+                    });
+                }
             }
         }
         if let Some(log) = &self.console_log {
