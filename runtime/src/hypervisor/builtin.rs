@@ -23,28 +23,23 @@
 //! control socket (`{"op":"shutdown"}`), then kills.
 
 use std::ffi::OsString;
-use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use super::process::{
-    check_tap, is_executable, kill_and_reap, last_line, request_agent_shutdown, spawn_process,
-    virtiofsd_args, wait_for_sockets, Proc, Role, POLL_INTERVAL,
-};
+use super::lifecycle::{self, Backend, State, VmProcesses};
+use super::process::{spawn_process, virtiofsd_args, wait_for_sockets, Role};
 use super::qemu::fs_socket_name;
-use super::ready::{ready_socket_path, ReadyListener};
+use super::ready::ready_socket_path;
 use super::{
-    validate_share_tag, wait_for_agent, AgentConnection, ExitReport, Hypervisor, HypervisorError,
-    MacAddr, NetDevice, Share, TapDevice, VmSpec, CONSOLE_LOG, MAX_SOCKET_PATH_LEN, VSOCK_SOCKET,
+    AgentConnection, Hypervisor, HypervisorError, MacAddr, NetDevice, Share, TapDevice, VmSpec,
+    CONSOLE_LOG, VSOCK_SOCKET,
 };
 use crate::config::ResolvedHypervisor;
 
@@ -57,96 +52,34 @@ pub const GUEST_CID: u32 = 3;
 /// After the agent's shutdown deadline, how long the VMM gets to exit after
 /// a control-socket `shutdown` before it is killed.
 const CONTROL_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
-/// After the VMM exits, how long virtiofsd gets to exit on its own.
-const HELPER_EXIT_GRACE: Duration = Duration::from_millis(500);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Created,
-    Running,
-    Stopping,
-    Stopped,
-}
-
-impl Phase {
-    fn name(self) -> &'static str {
-        match self {
-            Phase::Created => "not started",
-            Phase::Running => "running",
-            Phase::Stopping => "stopping",
-            Phase::Stopped => "stopped",
-        }
-    }
-}
-
-#[derive(Debug)]
-struct State {
-    phase: Phase,
-    shares: Vec<Share>,
-    nets: Vec<NetDevice>,
-    /// virtiofsd daemons first, the VMM last.
-    procs: Vec<Proc>,
-    started_at: Option<Instant>,
-    /// Bound by `start`, taken by `wait_ready`.
-    ready: Option<ReadyListener>,
-}
 
 /// The `builtin` backend. Build it with [`super::new_hypervisor`].
 #[derive(Debug)]
 pub struct BuiltinHypervisor {
-    id: String,
-    dir: PathBuf,
+    vm: VmProcesses,
     kernel: PathBuf,
     initramfs: PathBuf,
     vcpus: u32,
     memory_mib: u32,
     cmdline_extra: Vec<String>,
-    agent_ready_timeout: Duration,
-    shutdown_timeout: Duration,
     bins: ResolvedHypervisor,
-    /// The VMM's pid while it runs, 0 otherwise.
-    pid: AtomicU32,
-    state: tokio::sync::Mutex<State>,
 }
 
 impl BuiltinHypervisor {
-    pub fn new(spec: VmSpec, bins: ResolvedHypervisor) -> Result<Self, HypervisorError> {
-        super::validate_sandbox_id(&spec.id)?;
-        let mut st = State {
-            phase: Phase::Created,
-            shares: Vec::new(),
-            nets: Vec::new(),
-            procs: Vec::new(),
-            started_at: None,
-            ready: None,
-        };
-        let this_id = spec.id.clone();
-        for share in spec.shares {
-            check_share(&this_id, &st.shares, &share)?;
-            st.shares.push(share);
-        }
-        for net in &spec.nets {
-            check_tap(&net.tap)?;
-        }
-        st.nets = spec.nets;
+    pub fn new(mut spec: VmSpec, bins: ResolvedHypervisor) -> Result<Self, HypervisorError> {
         Ok(Self {
-            id: spec.id,
-            dir: spec.dir,
+            vm: VmProcesses::new(&mut spec, Role::Vmm)?,
             kernel: spec.kernel,
             initramfs: spec.initramfs,
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
             cmdline_extra: spec.cmdline_extra,
-            agent_ready_timeout: spec.agent_ready_timeout,
-            shutdown_timeout: spec.shutdown_timeout,
             bins,
-            pid: AtomicU32::new(0),
-            state: tokio::sync::Mutex::new(st),
         })
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
+        self.vm.path(name)
     }
 
     fn socket_paths(&self, shares: &[Share]) -> Vec<PathBuf> {
@@ -154,74 +87,6 @@ impl BuiltinHypervisor {
         paths.push(ready_socket_path(&self.path(VSOCK_SOCKET)));
         paths.extend(shares.iter().map(|s| self.path(&fs_socket_name(&s.tag))));
         paths
-    }
-
-    /// Sockets and virtiofsd's `<socket>.pid` lock files.
-    fn transient_files(&self, shares: &[Share]) -> Vec<PathBuf> {
-        let mut files = self.socket_paths(shares);
-        files.extend(
-            shares
-                .iter()
-                .map(|s| self.path(&format!("{}.pid", fs_socket_name(&s.tag)))),
-        );
-        files
-    }
-
-    fn preflight(&self, st: &State) -> Result<(), HypervisorError> {
-        let binary = |what: &str, path: &Path| {
-            if is_executable(path) {
-                Ok(())
-            } else {
-                Err(HypervisorError::MissingBinary {
-                    id: self.id.clone(),
-                    what: what.to_owned(),
-                    path: path.to_owned(),
-                })
-            }
-        };
-        binary("boxlite-vmm (hypervisor.vmm_binary)", &self.bins.vmm_binary)?;
-        if !st.shares.is_empty() {
-            binary(
-                "virtiofsd (hypervisor.virtiofsd_binary)",
-                &self.bins.virtiofsd_binary,
-            )?;
-        }
-        for (what, key, path) in [
-            ("guest kernel", "guest.kernel", &self.kernel),
-            ("guest initramfs", "guest.initramfs", &self.initramfs),
-        ] {
-            if !path.is_file() {
-                return Err(HypervisorError::MissingAsset {
-                    id: self.id.clone(),
-                    what,
-                    key,
-                    path: path.clone(),
-                });
-            }
-        }
-        for share in &st.shares {
-            if !share.host_dir.is_dir() {
-                return Err(HypervisorError::InvalidShare {
-                    id: self.id.clone(),
-                    tag: share.tag.clone(),
-                    reason: format!(
-                        "host directory {} does not exist or is not a directory",
-                        share.host_dir.display()
-                    ),
-                });
-            }
-        }
-        for path in self.socket_paths(&st.shares) {
-            let len = path.as_os_str().len();
-            if len > MAX_SOCKET_PATH_LEN {
-                return Err(HypervisorError::SocketPathTooLong {
-                    id: self.id.clone(),
-                    path,
-                    len,
-                });
-            }
-        }
-        Ok(())
     }
 
     /// The VMM's JSON config (see `docs/vmm.md`). `tap_fds` are the raw fds
@@ -255,114 +120,15 @@ impl BuiltinHypervisor {
             "cmdline": self.cmdline_extra.join(" "),
             "console_log": self.path(CONSOLE_LOG),
             "control_socket": self.path(CONTROL_SOCKET),
-            "sandbox_dir": self.dir,
+            "sandbox_dir": self.vm.dir,
             "devices": devices,
         })
-    }
-
-    async fn spawn_all(&self, st: &mut State) -> Result<(), HypervisorError> {
-        for share in st.shares.clone() {
-            let socket = self.path(&fs_socket_name(&share.tag));
-            let args = virtiofsd_args(&socket, &share);
-            let bin = self.bins.virtiofsd_binary.clone();
-            let p = spawn_process(
-                &self.id,
-                &self.dir,
-                Role::Fs(share.tag.clone()),
-                &bin,
-                args,
-                Some(socket),
-                Vec::new(),
-            )?;
-            st.procs.push(p);
-        }
-        wait_for_sockets(&self.id, &mut st.procs).await?;
-
-        let fds: Vec<Option<RawFd>> = st
-            .nets
-            .iter()
-            .map(|n| match &n.tap {
-                TapDevice::Fd(fd) => Some(fd.as_raw_fd()),
-                TapDevice::Name(_) => None,
-            })
-            .collect();
-        let nets: Vec<(Option<RawFd>, &NetDevice)> =
-            fds.iter().copied().zip(st.nets.iter()).collect();
-        let cfg = self.vm_config(&st.shares, &nets);
-        let cfg_path = self.path(VM_CONFIG);
-        std::fs::write(&cfg_path, format!("{cfg:#}\n")).map_err(|error| HypervisorError::Io {
-            id: self.id.clone(),
-            op: "cannot write the VM config",
-            path: cfg_path.clone(),
-            error,
-        })?;
-        let args: Vec<OsString> = vec!["--config".into(), cfg_path.into_os_string()];
-        tracing::info!(sandbox_id = %self.id, binary = %self.bins.vmm_binary.display(), "starting boxlite-vmm");
-        let inherit: Vec<RawFd> = fds.into_iter().flatten().collect();
-        let bin = self.bins.vmm_binary.clone();
-        let p = spawn_process(&self.id, &self.dir, Role::Vmm, &bin, args, None, inherit)?;
-        self.pid.store(p.pid, Ordering::SeqCst);
-        st.procs.push(p);
-        // The VMM has its copies now.
-        st.nets.clear();
-        Ok(())
-    }
-
-    fn teardown(&self, st: &mut State) {
-        kill_and_reap(&self.id, &mut st.procs, &self.transient_files(&st.shares));
-        st.nets.clear();
-        st.ready = None;
-        self.pid.store(0, Ordering::SeqCst);
-        st.phase = Phase::Stopped;
     }
 
     /// Sends one control request and returns the reply line (blocking, with
     /// a short timeout: the VMM answers from its event loop).
     pub fn control_request(&self, op: &str) -> std::io::Result<Value> {
         control_request(&self.path(CONTROL_SOCKET), op)
-    }
-
-    /// Waits until the VMM has exited or `deadline` passes; true if it exited.
-    async fn wait_vmm_exit(&self, deadline: Instant) -> bool {
-        loop {
-            {
-                let mut st = self.state.lock().await;
-                match st.procs.iter_mut().find(|p| p.role == Role::Vmm) {
-                    Some(p) => {
-                        if let Some(status) = p.poll() {
-                            tracing::debug!(sandbox_id = %self.id, %status, "boxlite-vmm exited");
-                            return true;
-                        }
-                    }
-                    None => return true,
-                }
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(POLL_INTERVAL * 5).await;
-        }
-    }
-
-    async fn wait_helpers_exit(&self, grace: Duration) {
-        let until = Instant::now() + grace;
-        loop {
-            {
-                let mut st = self.state.lock().await;
-                if st
-                    .procs
-                    .iter_mut()
-                    .filter(|p| matches!(p.role, Role::Fs(_)))
-                    .all(|p| p.poll().is_some())
-                {
-                    return;
-                }
-            }
-            if Instant::now() >= until {
-                return;
-            }
-            tokio::time::sleep(POLL_INTERVAL * 2).await;
-        }
     }
 }
 
@@ -378,29 +144,125 @@ pub fn control_request(socket: &Path, op: &str) -> std::io::Result<Value> {
     serde_json::from_str(&line).map_err(std::io::Error::other)
 }
 
-fn check_share(id: &str, existing: &[Share], share: &Share) -> Result<(), HypervisorError> {
-    validate_share_tag(id, &share.tag)?;
-    let invalid = |reason: String| HypervisorError::InvalidShare {
-        id: id.to_owned(),
-        tag: share.tag.clone(),
-        reason,
-    };
-    if existing.iter().any(|s| s.tag == share.tag) {
-        return Err(invalid("a share with this tag was already added".into()));
+#[async_trait]
+impl Backend for BuiltinHypervisor {
+    fn vm(&self) -> &VmProcesses {
+        &self.vm
     }
-    if !share.host_dir.is_absolute() {
-        return Err(invalid(format!(
-            "host directory {} is not an absolute path",
-            share.host_dir.display()
-        )));
+
+    fn preflight(&self, st: &State) -> Result<(), HypervisorError> {
+        let mut binaries = vec![(
+            "boxlite-vmm (hypervisor.vmm_binary)",
+            self.bins.vmm_binary.as_path(),
+        )];
+        if !st.shares.is_empty() {
+            binaries.push((
+                "virtiofsd (hypervisor.virtiofsd_binary)",
+                self.bins.virtiofsd_binary.as_path(),
+            ));
+        }
+        self.vm.preflight(
+            st,
+            &binaries,
+            [
+                ("guest kernel", "guest.kernel", &self.kernel),
+                ("guest initramfs", "guest.initramfs", &self.initramfs),
+            ],
+            self.socket_paths(&st.shares),
+        )
     }
-    Ok(())
+
+    /// Sockets and virtiofsd's `<socket>.pid` lock files.
+    fn transient_files(&self, shares: &[Share]) -> Vec<PathBuf> {
+        let mut files = self.socket_paths(shares);
+        files.extend(
+            shares
+                .iter()
+                .map(|s| self.path(&format!("{}.pid", fs_socket_name(&s.tag)))),
+        );
+        files
+    }
+
+    /// virtiofsd daemons (sockets awaited), then the VMM with the taps.
+    async fn spawn_all(&self, st: &mut State) -> Result<(), HypervisorError> {
+        for share in st.shares.clone() {
+            let socket = self.path(&fs_socket_name(&share.tag));
+            let args = virtiofsd_args(&socket, &share);
+            let bin = self.bins.virtiofsd_binary.clone();
+            let p = spawn_process(
+                &self.vm.id,
+                &self.vm.dir,
+                Role::Fs(share.tag.clone()),
+                &bin,
+                args,
+                Some(socket),
+                Vec::new(),
+            )?;
+            st.procs.push(p);
+        }
+        wait_for_sockets(&self.vm.id, &mut st.procs).await?;
+
+        let fds: Vec<Option<RawFd>> = st
+            .nets
+            .iter()
+            .map(|n| match &n.tap {
+                TapDevice::Fd(fd) => Some(fd.as_raw_fd()),
+                TapDevice::Name(_) => None,
+            })
+            .collect();
+        let nets: Vec<(Option<RawFd>, &NetDevice)> =
+            fds.iter().copied().zip(st.nets.iter()).collect();
+        let cfg = self.vm_config(&st.shares, &nets);
+        let cfg_path = self.path(VM_CONFIG);
+        std::fs::write(&cfg_path, format!("{cfg:#}\n")).map_err(|error| HypervisorError::Io {
+            id: self.vm.id.clone(),
+            op: "cannot write the VM config",
+            path: cfg_path.clone(),
+            error,
+        })?;
+        let args: Vec<OsString> = vec!["--config".into(), cfg_path.into_os_string()];
+        tracing::info!(sandbox_id = %self.vm.id, binary = %self.bins.vmm_binary.display(), "starting boxlite-vmm");
+        let inherit: Vec<RawFd> = fds.into_iter().flatten().collect();
+        let bin = self.bins.vmm_binary.clone();
+        let p = spawn_process(
+            &self.vm.id,
+            &self.vm.dir,
+            Role::Vmm,
+            &bin,
+            args,
+            None,
+            inherit,
+        )?;
+        self.vm.set_pid(p.pid);
+        st.procs.push(p);
+        // The VMM has its copies now.
+        st.nets.clear();
+        Ok(())
+    }
+
+    /// Last resort: the VMM's control socket; it stops its vCPUs and exits
+    /// (code 0).
+    async fn shutdown_fallback(&self) -> bool {
+        let id = &self.vm.id;
+        tracing::warn!(sandbox_id = %id, "VM did not exit after the agent shutdown; asking the VMM over its control socket");
+        let socket = self.path(CONTROL_SOCKET);
+        match tokio::task::spawn_blocking(move || control_request(&socket, "shutdown")).await {
+            Ok(Ok(reply)) => tracing::debug!(sandbox_id = %id, %reply, "control shutdown"),
+            Ok(Err(e)) => tracing::warn!(sandbox_id = %id, error = %e, "control shutdown failed"),
+            Err(e) => {
+                tracing::warn!(sandbox_id = %id, error = %e, "control shutdown task failed")
+            }
+        }
+        self.vm
+            .wait_vmm_exit(Instant::now() + CONTROL_SHUTDOWN_GRACE)
+            .await
+    }
 }
 
 #[async_trait]
 impl Hypervisor for BuiltinHypervisor {
     fn sandbox_id(&self) -> &str {
-        &self.id
+        &self.vm.id
     }
 
     async fn add_share(
@@ -409,239 +271,49 @@ impl Hypervisor for BuiltinHypervisor {
         host_dir: &Path,
         read_only: bool,
     ) -> Result<(), HypervisorError> {
-        let mut st = self.state.lock().await;
-        if st.phase != Phase::Created {
-            return Err(HypervisorError::InvalidState {
-                id: self.id.clone(),
-                op: "add a share",
-                state: st.phase.name(),
-            });
-        }
-        let share = Share {
-            tag: tag.to_owned(),
-            host_dir: host_dir.to_owned(),
-            read_only,
-        };
-        check_share(&self.id, &st.shares, &share)?;
-        st.shares.push(share);
-        Ok(())
+        lifecycle::add_share(self, tag, host_dir, read_only).await
     }
 
     async fn add_net(&self, tap: TapDevice, mac: MacAddr) -> Result<(), HypervisorError> {
-        let mut st = self.state.lock().await;
-        if st.phase != Phase::Created {
-            return Err(HypervisorError::InvalidState {
-                id: self.id.clone(),
-                op: "add a network device",
-                state: st.phase.name(),
-            });
-        }
-        check_tap(&tap)?;
-        st.nets.push(NetDevice { tap, mac });
-        Ok(())
+        lifecycle::add_net(self, tap, mac).await
     }
 
     async fn start(&self) -> Result<(), HypervisorError> {
-        let mut st = self.state.lock().await;
-        if st.phase != Phase::Created {
-            return Err(HypervisorError::InvalidState {
-                id: self.id.clone(),
-                op: "start",
-                state: st.phase.name(),
-            });
-        }
-        self.preflight(&st)?;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
-            .map_err(|error| HypervisorError::Io {
-                id: self.id.clone(),
-                op: "cannot create the sandbox directory",
-                path: self.dir.clone(),
-                error,
-            })?;
-        for file in self.transient_files(&st.shares) {
-            let _ = std::fs::remove_file(file);
-        }
-        let console = self.path(CONSOLE_LOG);
-        File::create(&console).map_err(|error| HypervisorError::Io {
-            id: self.id.clone(),
-            op: "cannot create the console log",
-            path: console.clone(),
-            error,
-        })?;
-        // Before the VM exists, so the guest always finds it.
-        st.ready = Some(ReadyListener::bind_for_sandbox(
-            &self.id,
-            &self.path(VSOCK_SOCKET),
-        )?);
-        let started_at = Instant::now();
-        match self.spawn_all(&mut st).await {
-            Ok(()) => {
-                st.phase = Phase::Running;
-                st.started_at = Some(started_at);
-                tracing::info!(sandbox_id = %self.id, pid = self.pid.load(Ordering::SeqCst), "VM started");
-                Ok(())
-            }
-            Err(e) => {
-                tracing::warn!(sandbox_id = %self.id, error = %e, "VM start failed; cleaning up");
-                self.teardown(&mut st);
-                Err(e)
-            }
-        }
+        lifecycle::start(self).await
     }
 
     async fn wait_ready(&self) -> Result<AgentConnection, HypervisorError> {
-        let (started_at, ready) = {
-            let mut st = self.state.lock().await;
-            match (st.phase, st.started_at) {
-                (Phase::Running, Some(at)) => (at, st.ready.take()),
-                (phase, _) => {
-                    return Err(HypervisorError::InvalidState {
-                        id: self.id.clone(),
-                        op: "wait for the agent",
-                        state: phase.name(),
-                    })
-                }
-            }
-        };
-        let deadline = started_at + self.agent_ready_timeout;
-        let result = wait_for_agent(self, ready, deadline, self.agent_ready_timeout).await;
-        if result.is_ok() {
-            tracing::info!(sandbox_id = %self.id, elapsed_ms = started_at.elapsed().as_millis() as u64, "agent ready");
-        }
-        result
+        lifecycle::wait_ready(self).await
     }
 
     async fn stop(&self) -> Result<(), HypervisorError> {
-        {
-            let mut st = self.state.lock().await;
-            match st.phase {
-                Phase::Created => {
-                    st.nets.clear();
-                    st.phase = Phase::Stopped;
-                    return Ok(());
-                }
-                Phase::Stopping | Phase::Stopped => return Ok(()),
-                Phase::Running => st.phase = Phase::Stopping,
-            }
-        }
-        let deadline = Instant::now() + self.shutdown_timeout;
-        let alive = {
-            let mut st = self.state.lock().await;
-            st.procs
-                .iter_mut()
-                .find(|p| p.role == Role::Vmm)
-                .is_some_and(|p| p.poll().is_none())
-        };
-        if alive {
-            request_agent_shutdown(
-                &self.id,
-                &self.hybrid_vsock(),
-                self.shutdown_timeout,
-                deadline,
-            )
-            .await;
-        }
-        let mut exited = self.wait_vmm_exit(deadline).await;
-        if !exited {
-            // Fallback: the VMM stops its vCPUs and exits (code 0).
-            tracing::warn!(sandbox_id = %self.id, "VM did not exit after the agent shutdown; asking the VMM over its control socket");
-            let socket = self.path(CONTROL_SOCKET);
-            match tokio::task::spawn_blocking(move || control_request(&socket, "shutdown")).await {
-                Ok(Ok(reply)) => tracing::debug!(sandbox_id = %self.id, %reply, "control shutdown"),
-                Ok(Err(e)) => {
-                    tracing::warn!(sandbox_id = %self.id, error = %e, "control shutdown failed")
-                }
-                Err(e) => {
-                    tracing::warn!(sandbox_id = %self.id, error = %e, "control shutdown task failed")
-                }
-            }
-            exited = self
-                .wait_vmm_exit(Instant::now() + CONTROL_SHUTDOWN_GRACE)
-                .await;
-        }
-        if exited {
-            self.wait_helpers_exit(HELPER_EXIT_GRACE).await;
-        } else {
-            tracing::warn!(sandbox_id = %self.id, "VM did not exit; killing it");
-        }
-        let mut st = self.state.lock().await;
-        self.teardown(&mut st);
-        Ok(())
+        lifecycle::stop(self).await
     }
 
     async fn kill(&self) -> Result<(), HypervisorError> {
-        let mut st = self.state.lock().await;
-        self.teardown(&mut st);
-        Ok(())
+        lifecycle::kill(self).await
     }
 
     async fn check_alive(&self) -> Result<(), HypervisorError> {
-        let mut st = self.state.lock().await;
-        match st.phase {
-            Phase::Created => return Ok(()),
-            Phase::Running => {}
-            phase => {
-                return Err(HypervisorError::InvalidState {
-                    id: self.id.clone(),
-                    op: "use the VM",
-                    state: phase.name(),
-                })
-            }
-        }
-        for p in &mut st.procs {
-            if let Some(status) = p.poll() {
-                return Err(HypervisorError::ProcessExited(Box::new(ExitReport {
-                    id: self.id.clone(),
-                    what: p.role.describe(),
-                    pid: p.pid,
-                    status,
-                    log: p.log.clone(),
-                    last_line: last_line(&p.log),
-                    socket: None,
-                    console_log: Some(self.console_log_path()),
-                })));
-            }
-        }
-        Ok(())
+        lifecycle::check_alive(self).await
     }
 
     fn pid(&self) -> Option<u32> {
-        match self.pid.load(Ordering::SeqCst) {
-            0 => None,
-            pid => Some(pid),
-        }
+        self.vm.pid()
     }
 
     fn vsock_socket_path(&self) -> PathBuf {
-        self.path(VSOCK_SOCKET)
+        self.vm.vsock_socket_path()
     }
 
     fn console_log_path(&self) -> PathBuf {
-        self.path(CONSOLE_LOG)
+        self.vm.console_log_path()
     }
 }
 
 impl Drop for BuiltinHypervisor {
     fn drop(&mut self) {
-        let st = self.state.get_mut();
-        if !st.procs.is_empty() {
-            tracing::warn!(sandbox_id = %self.id, "VM dropped while running; killing it");
-            let mut st = std::mem::replace(
-                st,
-                State {
-                    phase: Phase::Stopped,
-                    shares: Vec::new(),
-                    nets: Vec::new(),
-                    procs: Vec::new(),
-                    started_at: None,
-                    ready: None,
-                },
-            );
-            self.teardown(&mut st);
-        }
+        lifecycle::teardown_on_drop(self);
     }
 }
 
@@ -649,6 +321,7 @@ impl Drop for BuiltinHypervisor {
 mod tests {
     use super::*;
     use crate::config::{Config, ResolvedAccel, ResolvedBackend};
+    use std::fs::File;
     use std::os::unix::fs::PermissionsExt;
 
     struct Rig {

@@ -15,6 +15,7 @@
 //! pid files to clean up after a crashed shim.
 
 pub mod builtin;
+mod lifecycle;
 pub mod process;
 pub mod qemu;
 pub mod ready;

@@ -21,31 +21,21 @@
 //! go at stop/kill (and on drop, as a last resort); logs stay for debugging.
 
 use std::ffi::{OsStr, OsString};
-use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::time::Instant;
 
-use super::process::{
-    check_tap, is_executable, kill_and_reap, last_line, request_agent_shutdown, spawn_process,
-    virtiofsd_args, wait_for_sockets, Proc, Role, POLL_INTERVAL,
-};
-use super::ready::{ready_socket_path, ReadyListener};
+use super::lifecycle::{self, Backend, State, VmProcesses};
+use super::process::{spawn_process, virtiofsd_args, wait_for_sockets, Role};
+use super::ready::ready_socket_path;
 use super::{
-    validate_share_tag, wait_for_agent, AgentConnection, ExitReport, Hypervisor, HypervisorError,
-    MacAddr, NetDevice, Share, TapDevice, VmSpec, CONSOLE_LOG, MAX_SOCKET_PATH_LEN, VSOCK_SOCKET,
+    AgentConnection, Hypervisor, HypervisorError, MacAddr, NetDevice, Share, TapDevice, VmSpec,
+    CONSOLE_LOG, VSOCK_SOCKET,
 };
 use crate::config::{ResolvedAccel, ResolvedHypervisor};
 
-/// How long a helper's clean exit waits for QEMU's before the helper is
-/// reported as the process that ended the VM.
-const QEMU_EXIT_GRACE: Duration = Duration::from_secs(2);
 /// vhost-user socket between QEMU and the vsock backend.
 pub const VHOST_VSOCK_SOCKET: &str = "vhost-vsock.sock";
 /// Guest CID given to the vsock backend (any value ≥ 3; each VM has its own
@@ -57,125 +47,40 @@ pub const GUEST_CID: u32 = 3;
 /// once on a panic.
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1";
 pub use super::process::HELPER_READY_TIMEOUT;
-/// After QEMU exits, how long helpers get to exit on their own (virtiofsd
-/// does when its frontend disconnects) before they are killed.
-const HELPER_EXIT_GRACE: Duration = Duration::from_millis(500);
 
 /// The vhost-user fs socket of a share.
 pub fn fs_socket_name(tag: &str) -> String {
     format!("fs-{tag}.sock")
 }
 
-/// Where a VM is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Created,
-    Running,
-    Stopping,
-    Stopped,
-}
-
-impl Phase {
-    fn name(self) -> &'static str {
-        match self {
-            Phase::Created => "not started",
-            Phase::Running => "running",
-            Phase::Stopping => "stopping",
-            Phase::Stopped => "stopped",
-        }
-    }
-}
-
-#[derive(Debug)]
-struct State {
-    phase: Phase,
-    shares: Vec<Share>,
-    nets: Vec<NetDevice>,
-    /// Helpers first, QEMU last.
-    procs: Vec<Proc>,
-    started_at: Option<Instant>,
-    /// Bound by `start`, taken by `wait_ready`.
-    ready: Option<ReadyListener>,
-}
-
 /// The `qemu` backend. Build it with [`super::new_hypervisor`] (or
 /// [`QemuHypervisor::new`] with an already resolved config).
 #[derive(Debug)]
 pub struct QemuHypervisor {
-    id: String,
-    dir: PathBuf,
+    vm: VmProcesses,
     kernel: PathBuf,
     initramfs: PathBuf,
     vcpus: u32,
     memory_mib: u32,
     cmdline_extra: Vec<String>,
-    agent_ready_timeout: Duration,
-    shutdown_timeout: Duration,
     bins: ResolvedHypervisor,
-    /// QEMU's pid while it runs, 0 otherwise.
-    pid: AtomicU32,
-    state: tokio::sync::Mutex<State>,
 }
 
 impl QemuHypervisor {
-    pub fn new(spec: VmSpec, bins: ResolvedHypervisor) -> Result<Self, HypervisorError> {
-        super::validate_sandbox_id(&spec.id)?;
-        let this = Self {
-            id: spec.id,
-            dir: spec.dir,
+    pub fn new(mut spec: VmSpec, bins: ResolvedHypervisor) -> Result<Self, HypervisorError> {
+        Ok(Self {
+            vm: VmProcesses::new(&mut spec, Role::Qemu)?,
             kernel: spec.kernel,
             initramfs: spec.initramfs,
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
             cmdline_extra: spec.cmdline_extra,
-            agent_ready_timeout: spec.agent_ready_timeout,
-            shutdown_timeout: spec.shutdown_timeout,
             bins,
-            pid: AtomicU32::new(0),
-            state: tokio::sync::Mutex::new(State {
-                phase: Phase::Created,
-                shares: Vec::new(),
-                nets: Vec::new(),
-                procs: Vec::new(),
-                started_at: None,
-                ready: None,
-            }),
-        };
-        {
-            let mut st = this.state.try_lock().expect("new state is unlocked");
-            for share in spec.shares {
-                this.check_share(&st.shares, &share)?;
-                st.shares.push(share);
-            }
-            for net in &spec.nets {
-                check_tap(&net.tap)?;
-            }
-            st.nets = spec.nets;
-        }
-        Ok(this)
-    }
-
-    fn check_share(&self, existing: &[Share], share: &Share) -> Result<(), HypervisorError> {
-        validate_share_tag(&self.id, &share.tag)?;
-        let invalid = |reason: &str| HypervisorError::InvalidShare {
-            id: self.id.clone(),
-            tag: share.tag.clone(),
-            reason: reason.to_owned(),
-        };
-        if existing.iter().any(|s| s.tag == share.tag) {
-            return Err(invalid("a share with this tag was already added"));
-        }
-        if !share.host_dir.is_absolute() {
-            return Err(invalid(&format!(
-                "host directory {} is not an absolute path",
-                share.host_dir.display()
-            )));
-        }
-        Ok(())
+        })
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
+        self.vm.path(name)
     }
 
     /// Every socket this backend may create.
@@ -184,80 +89,6 @@ impl QemuHypervisor {
         paths.push(ready_socket_path(&self.path(VSOCK_SOCKET)));
         paths.extend(shares.iter().map(|s| self.path(&fs_socket_name(&s.tag))));
         paths
-    }
-
-    /// What a run leaves in the sandbox directory besides logs: the sockets
-    /// and virtiofsd's own `<socket>.pid` lock files.
-    fn transient_files(&self, shares: &[Share]) -> Vec<PathBuf> {
-        let mut files = self.socket_paths(shares);
-        files.extend(
-            shares
-                .iter()
-                .map(|s| self.path(&format!("{}.pid", fs_socket_name(&s.tag)))),
-        );
-        files
-    }
-
-    /// Checks everything that can be checked before spawning.
-    fn preflight(&self, st: &State) -> Result<(), HypervisorError> {
-        let binary = |what: &str, path: &Path| {
-            if is_executable(path) {
-                Ok(())
-            } else {
-                Err(HypervisorError::MissingBinary {
-                    id: self.id.clone(),
-                    what: what.to_owned(),
-                    path: path.to_owned(),
-                })
-            }
-        };
-        binary("QEMU (hypervisor.qemu_binary)", &self.bins.qemu_binary)?;
-        binary(
-            "the vsock backend (hypervisor.vhost_vsock_binary)",
-            &self.bins.vhost_vsock_binary,
-        )?;
-        if !st.shares.is_empty() {
-            binary(
-                "virtiofsd (hypervisor.virtiofsd_binary)",
-                &self.bins.virtiofsd_binary,
-            )?;
-        }
-        for (what, key, path) in [
-            ("guest kernel", "guest.kernel", &self.kernel),
-            ("guest initramfs", "guest.initramfs", &self.initramfs),
-        ] {
-            if !path.is_file() {
-                return Err(HypervisorError::MissingAsset {
-                    id: self.id.clone(),
-                    what,
-                    key,
-                    path: path.clone(),
-                });
-            }
-        }
-        for share in &st.shares {
-            if !share.host_dir.is_dir() {
-                return Err(HypervisorError::InvalidShare {
-                    id: self.id.clone(),
-                    tag: share.tag.clone(),
-                    reason: format!(
-                        "host directory {} does not exist or is not a directory",
-                        share.host_dir.display()
-                    ),
-                });
-            }
-        }
-        for path in self.socket_paths(&st.shares) {
-            let len = path.as_os_str().len();
-            if len > MAX_SOCKET_PATH_LEN {
-                return Err(HypervisorError::SocketPathTooLong {
-                    id: self.id.clone(),
-                    path,
-                    len,
-                });
-            }
-        }
-        Ok(())
     }
 
     /// The QEMU command line (without the binary). `tap_fds` are the raw fds
@@ -274,7 +105,7 @@ impl QemuHypervisor {
             ResolvedAccel::Tcg => ("tcg", "max"),
         };
         let mem = format!("{}M", self.memory_mib);
-        push(&["-name", &format!("boxlite-{}", self.id)]);
+        push(&["-name", &format!("boxlite-{}", self.vm.id)]);
         push(&["-M", "microvm,acpi=off,memory-backend=mem"]);
         push(&["-accel", accel, "-cpu", cpu]);
         push(&["-smp", &self.vcpus.to_string(), "-m", &mem]);
@@ -353,13 +184,68 @@ impl QemuHypervisor {
         socket: Option<PathBuf>,
         inherit_fds: Vec<RawFd>,
     ) -> Result<(), HypervisorError> {
-        let p = spawn_process(&self.id, &self.dir, role, binary, args, socket, inherit_fds)?;
+        let p = spawn_process(
+            &self.vm.id,
+            &self.vm.dir,
+            role,
+            binary,
+            args,
+            socket,
+            inherit_fds,
+        )?;
         st.procs.push(p);
         Ok(())
     }
 
     async fn wait_for_helper_sockets(&self, st: &mut State) -> Result<(), HypervisorError> {
-        wait_for_sockets(&self.id, &mut st.procs).await
+        wait_for_sockets(&self.vm.id, &mut st.procs).await
+    }
+}
+
+#[async_trait]
+impl Backend for QemuHypervisor {
+    fn vm(&self) -> &VmProcesses {
+        &self.vm
+    }
+
+    fn preflight(&self, st: &State) -> Result<(), HypervisorError> {
+        let mut binaries = vec![
+            (
+                "QEMU (hypervisor.qemu_binary)",
+                self.bins.qemu_binary.as_path(),
+            ),
+            (
+                "the vsock backend (hypervisor.vhost_vsock_binary)",
+                self.bins.vhost_vsock_binary.as_path(),
+            ),
+        ];
+        if !st.shares.is_empty() {
+            binaries.push((
+                "virtiofsd (hypervisor.virtiofsd_binary)",
+                self.bins.virtiofsd_binary.as_path(),
+            ));
+        }
+        self.vm.preflight(
+            st,
+            &binaries,
+            [
+                ("guest kernel", "guest.kernel", &self.kernel),
+                ("guest initramfs", "guest.initramfs", &self.initramfs),
+            ],
+            self.socket_paths(&st.shares),
+        )
+    }
+
+    /// What a run leaves in the sandbox directory besides logs: the sockets
+    /// and virtiofsd's own `<socket>.pid` lock files.
+    fn transient_files(&self, shares: &[Share]) -> Vec<PathBuf> {
+        let mut files = self.socket_paths(shares);
+        files.extend(
+            shares
+                .iter()
+                .map(|s| self.path(&format!("{}.pid", fs_socket_name(&s.tag)))),
+        );
+        files
     }
 
     /// Spawns the helpers, waits for their sockets, then spawns QEMU.
@@ -404,7 +290,7 @@ impl QemuHypervisor {
             fds.iter().copied().zip(st.nets.iter()).collect();
         let args = self.qemu_args(&st.shares, &nets);
         tracing::info!(
-            sandbox_id = %self.id,
+            sandbox_id = %self.vm.id,
             cmdline = %render_cmdline(&self.bins.qemu_binary, &args),
             "starting qemu"
         );
@@ -414,86 +300,15 @@ impl QemuHypervisor {
         // QEMU has its copies now.
         st.nets.clear();
         let qemu = st.procs.last().expect("qemu was just pushed");
-        self.pid.store(qemu.pid, Ordering::SeqCst);
+        self.vm.set_pid(qemu.pid);
         Ok(())
-    }
-
-    /// Kills and reaps every process (QEMU first), removes sockets and pid
-    /// files. Synchronous: SIGKILLed processes exit in milliseconds, and
-    /// `Drop` needs it too.
-    fn teardown(&self, st: &mut State) {
-        // QEMU first, so helpers never see a live frontend lose its backend.
-        kill_and_reap(&self.id, &mut st.procs, &self.transient_files(&st.shares));
-        st.nets.clear();
-        st.ready = None;
-        self.pid.store(0, Ordering::SeqCst);
-        st.phase = Phase::Stopped;
-    }
-
-    /// Asks the agent to shut the sandbox down (see [`request_agent_shutdown`]).
-    async fn request_shutdown(&self, deadline: Instant) {
-        request_agent_shutdown(
-            &self.id,
-            &self.hybrid_vsock(),
-            self.shutdown_timeout,
-            deadline,
-        )
-        .await;
-    }
-
-    /// Waits until QEMU has exited or `deadline` passes; true if it exited.
-    async fn wait_qemu_exit(&self, deadline: Instant) -> bool {
-        loop {
-            {
-                let mut st = self.state.lock().await;
-                match st.procs.iter_mut().find(|p| p.role == Role::Qemu) {
-                    Some(p) => {
-                        if let Some(status) = p.poll() {
-                            tracing::debug!(sandbox_id = %self.id, %status, "qemu exited");
-                            return true;
-                        }
-                    }
-                    // Someone else (kill) tore it down.
-                    None => return true,
-                }
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(POLL_INTERVAL * 5).await;
-        }
-    }
-
-    /// Gives the helpers a moment to exit on their own after QEMU is gone
-    /// (virtiofsd and boxlite-vsock do when their frontend disconnects);
-    /// teardown kills whatever is left, e.g. a vhost-device-vsock configured
-    /// instead, which waits for a new frontend.
-    async fn wait_helpers_exit(&self, grace: Duration) {
-        let until = Instant::now() + grace;
-        loop {
-            {
-                let mut st = self.state.lock().await;
-                if st
-                    .procs
-                    .iter_mut()
-                    .filter(|p| matches!(p.role, Role::Fs(_) | Role::Vsock))
-                    .all(|p| p.poll().is_some())
-                {
-                    return;
-                }
-            }
-            if Instant::now() >= until {
-                return;
-            }
-            tokio::time::sleep(POLL_INTERVAL * 2).await;
-        }
     }
 }
 
 #[async_trait]
 impl Hypervisor for QemuHypervisor {
     fn sandbox_id(&self) -> &str {
-        &self.id
+        &self.vm.id
     }
 
     async fn add_share(
@@ -502,238 +317,49 @@ impl Hypervisor for QemuHypervisor {
         host_dir: &Path,
         read_only: bool,
     ) -> Result<(), HypervisorError> {
-        let mut st = self.state.lock().await;
-        if st.phase != Phase::Created {
-            return Err(HypervisorError::InvalidState {
-                id: self.id.clone(),
-                op: "add a share",
-                state: st.phase.name(),
-            });
-        }
-        let share = Share {
-            tag: tag.to_owned(),
-            host_dir: host_dir.to_owned(),
-            read_only,
-        };
-        self.check_share(&st.shares, &share)?;
-        st.shares.push(share);
-        Ok(())
+        lifecycle::add_share(self, tag, host_dir, read_only).await
     }
 
     async fn add_net(&self, tap: TapDevice, mac: MacAddr) -> Result<(), HypervisorError> {
-        let mut st = self.state.lock().await;
-        if st.phase != Phase::Created {
-            return Err(HypervisorError::InvalidState {
-                id: self.id.clone(),
-                op: "add a network device",
-                state: st.phase.name(),
-            });
-        }
-        check_tap(&tap)?;
-        st.nets.push(NetDevice { tap, mac });
-        Ok(())
+        lifecycle::add_net(self, tap, mac).await
     }
 
     async fn start(&self) -> Result<(), HypervisorError> {
-        let mut st = self.state.lock().await;
-        if st.phase != Phase::Created {
-            return Err(HypervisorError::InvalidState {
-                id: self.id.clone(),
-                op: "start",
-                state: st.phase.name(),
-            });
-        }
-        self.preflight(&st)?;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
-            .map_err(|error| HypervisorError::Io {
-                id: self.id.clone(),
-                op: "cannot create the sandbox directory",
-                path: self.dir.clone(),
-                error,
-            })?;
-        // Leftovers of an earlier run would make the helpers fail (or make
-        // us think they are ready).
-        for file in self.transient_files(&st.shares) {
-            let _ = std::fs::remove_file(file);
-        }
-        let console = self.path(CONSOLE_LOG);
-        File::create(&console).map_err(|error| HypervisorError::Io {
-            id: self.id.clone(),
-            op: "cannot create the console log",
-            path: console.clone(),
-            error,
-        })?;
-        // Before the VM exists, so the guest always finds it.
-        st.ready = Some(ReadyListener::bind_for_sandbox(
-            &self.id,
-            &self.path(VSOCK_SOCKET),
-        )?);
-        let started_at = Instant::now();
-        match self.spawn_all(&mut st).await {
-            Ok(()) => {
-                st.phase = Phase::Running;
-                st.started_at = Some(started_at);
-                tracing::info!(sandbox_id = %self.id, pid = self.pid.load(Ordering::SeqCst), "VM started");
-                Ok(())
-            }
-            Err(e) => {
-                tracing::warn!(sandbox_id = %self.id, error = %e, "VM start failed; cleaning up");
-                self.teardown(&mut st);
-                Err(e)
-            }
-        }
+        lifecycle::start(self).await
     }
 
     async fn wait_ready(&self) -> Result<AgentConnection, HypervisorError> {
-        let (started_at, ready) = {
-            let mut st = self.state.lock().await;
-            match (st.phase, st.started_at) {
-                (Phase::Running, Some(at)) => (at, st.ready.take()),
-                (phase, _) => {
-                    return Err(HypervisorError::InvalidState {
-                        id: self.id.clone(),
-                        op: "wait for the agent",
-                        state: phase.name(),
-                    })
-                }
-            }
-        };
-        let deadline = started_at + self.agent_ready_timeout;
-        let result = wait_for_agent(self, ready, deadline, self.agent_ready_timeout).await;
-        if result.is_ok() {
-            tracing::info!(sandbox_id = %self.id, elapsed_ms = started_at.elapsed().as_millis() as u64, "agent ready");
-        }
-        result
+        lifecycle::wait_ready(self).await
     }
 
     async fn stop(&self) -> Result<(), HypervisorError> {
-        {
-            let mut st = self.state.lock().await;
-            match st.phase {
-                Phase::Created => {
-                    st.nets.clear();
-                    st.phase = Phase::Stopped;
-                    return Ok(());
-                }
-                Phase::Stopping | Phase::Stopped => return Ok(()),
-                Phase::Running => st.phase = Phase::Stopping,
-            }
-        }
-        let deadline = Instant::now() + self.shutdown_timeout;
-        let qemu_alive = {
-            let mut st = self.state.lock().await;
-            st.procs
-                .iter_mut()
-                .find(|p| p.role == Role::Qemu)
-                .is_some_and(|p| p.poll().is_none())
-        };
-        if qemu_alive {
-            self.request_shutdown(deadline).await;
-        }
-        if self.wait_qemu_exit(deadline).await {
-            self.wait_helpers_exit(HELPER_EXIT_GRACE).await;
-        } else {
-            tracing::warn!(
-                sandbox_id = %self.id,
-                timeout_secs = self.shutdown_timeout.as_secs(),
-                "VM did not exit within the shutdown timeout; killing it"
-            );
-        }
-        let mut st = self.state.lock().await;
-        self.teardown(&mut st);
-        Ok(())
+        lifecycle::stop(self).await
     }
 
     async fn kill(&self) -> Result<(), HypervisorError> {
-        let mut st = self.state.lock().await;
-        self.teardown(&mut st);
-        Ok(())
+        lifecycle::kill(self).await
     }
 
     async fn check_alive(&self) -> Result<(), HypervisorError> {
-        let mut st = self.state.lock().await;
-        match st.phase {
-            Phase::Created => return Ok(()),
-            Phase::Running => {}
-            phase => {
-                return Err(HypervisorError::InvalidState {
-                    id: self.id.clone(),
-                    op: "use the VM",
-                    state: phase.name(),
-                })
-            }
-        }
-        let Some(mut dead) = st.procs.iter_mut().position(|p| p.poll().is_some()) else {
-            return Ok(());
-        };
-        // QEMU's exit is the cause worth reporting (a guest panic, a bad
-        // kernel): its vhost-user helpers end cleanly once it is gone, and
-        // one may be reaped a moment before QEMU itself.
-        if st.procs[dead].role != Role::Qemu && st.procs[dead].poll().is_some_and(|s| s.success()) {
-            let until = Instant::now() + QEMU_EXIT_GRACE;
-            while Instant::now() < until {
-                if let Some(q) = st
-                    .procs
-                    .iter_mut()
-                    .position(|p| p.role == Role::Qemu && p.poll().is_some())
-                {
-                    dead = q;
-                    break;
-                }
-                tokio::time::sleep(POLL_INTERVAL).await;
-            }
-        }
-        let p = &mut st.procs[dead];
-        Err(HypervisorError::ProcessExited(Box::new(ExitReport {
-            id: self.id.clone(),
-            what: p.role.describe(),
-            pid: p.pid,
-            status: p.poll().expect("polled as exited above"),
-            log: p.log.clone(),
-            last_line: last_line(&p.log),
-            socket: None,
-            console_log: Some(self.console_log_path()),
-        })))
+        lifecycle::check_alive(self).await
     }
 
     fn pid(&self) -> Option<u32> {
-        match self.pid.load(Ordering::SeqCst) {
-            0 => None,
-            pid => Some(pid),
-        }
+        self.vm.pid()
     }
 
     fn vsock_socket_path(&self) -> PathBuf {
-        self.path(VSOCK_SOCKET)
+        self.vm.vsock_socket_path()
     }
 
     fn console_log_path(&self) -> PathBuf {
-        self.path(CONSOLE_LOG)
+        self.vm.console_log_path()
     }
 }
 
 impl Drop for QemuHypervisor {
     fn drop(&mut self) {
-        let st = self.state.get_mut();
-        if !st.procs.is_empty() {
-            tracing::warn!(sandbox_id = %self.id, "VM dropped while running; killing it");
-            // Reborrow: teardown takes &self and &mut State.
-            let mut st = std::mem::replace(
-                st,
-                State {
-                    phase: Phase::Stopped,
-                    shares: Vec::new(),
-                    nets: Vec::new(),
-                    procs: Vec::new(),
-                    started_at: None,
-                    ready: None,
-                },
-            );
-            self.teardown(&mut st);
-        }
+        lifecycle::teardown_on_drop(self);
     }
 }
 
@@ -774,7 +400,9 @@ pub fn render_cmdline(binary: &Path, args: &[OsString]) -> String {
 mod tests {
     use super::*;
     use crate::config::{Config, ResolvedBackend};
+    use std::fs::File;
     use std::os::unix::fs::PermissionsExt;
+    use std::time::Duration;
 
     /// A sandbox in a temp dir with fake binaries (shell scripts).
     struct Rig {
@@ -1031,7 +659,7 @@ exec sleep 30"#
         vm.add_share("rootfs", rig.tmp.path(), false).await.unwrap();
         vm.start().await.unwrap();
         let helper_pids: Vec<u32> = {
-            let st = vm.state.lock().await;
+            let st = vm.vm.state.lock().await;
             st.procs.iter().map(|p| p.pid).collect()
         };
         assert_eq!(helper_pids.len(), 3);
@@ -1135,7 +763,15 @@ exec sleep 30"#
 
         let vm = QemuHypervisor::new(rig.spec(), rig.bins(qemu, vsock.clone(), vsock)).unwrap();
         vm.start().await.unwrap();
-        let pids: Vec<u32> = vm.state.lock().await.procs.iter().map(|p| p.pid).collect();
+        let pids: Vec<u32> = vm
+            .vm
+            .state
+            .lock()
+            .await
+            .procs
+            .iter()
+            .map(|p| p.pid)
+            .collect();
         drop(vm);
         for pid in pids {
             assert!(!pid_alive(pid), "pid {pid} left behind");
