@@ -34,13 +34,8 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use super::lifecycle::{self, Backend, State, VmProcesses};
-use super::process::{spawn_process, virtiofsd_args, wait_for_sockets, Role};
-use super::qemu::fs_socket_name;
-use super::ready::ready_socket_path;
-use super::{
-    AgentConnection, Hypervisor, HypervisorError, MacAddr, NetDevice, Share, TapDevice, VmSpec,
-    CONSOLE_LOG, VSOCK_SOCKET,
-};
+use super::process::{fs_socket_name, spawn_process, wait_for_sockets, Role};
+use super::{HypervisorError, NetDevice, Share, TapDevice, VmSpec, CONSOLE_LOG, VSOCK_SOCKET};
 use crate::config::ResolvedHypervisor;
 
 /// The VM config file in the sandbox directory.
@@ -57,8 +52,6 @@ const CONTROL_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct BuiltinHypervisor {
     vm: VmProcesses,
-    kernel: PathBuf,
-    initramfs: PathBuf,
     vcpus: u32,
     memory_mib: u32,
     cmdline_extra: Vec<String>,
@@ -68,9 +61,7 @@ pub struct BuiltinHypervisor {
 impl BuiltinHypervisor {
     pub fn new(mut spec: VmSpec, bins: ResolvedHypervisor) -> Result<Self, HypervisorError> {
         Ok(Self {
-            vm: VmProcesses::new(&mut spec, Role::Vmm)?,
-            kernel: spec.kernel,
-            initramfs: spec.initramfs,
+            vm: VmProcesses::new(&mut spec, Role::Vmm, &bins.virtiofsd_binary)?,
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
             cmdline_extra: spec.cmdline_extra,
@@ -80,13 +71,6 @@ impl BuiltinHypervisor {
 
     fn path(&self, name: &str) -> PathBuf {
         self.vm.path(name)
-    }
-
-    fn socket_paths(&self, shares: &[Share]) -> Vec<PathBuf> {
-        let mut paths = vec![self.path(VSOCK_SOCKET), self.path(CONTROL_SOCKET)];
-        paths.push(ready_socket_path(&self.path(VSOCK_SOCKET)));
-        paths.extend(shares.iter().map(|s| self.path(&fs_socket_name(&s.tag))));
-        paths
     }
 
     /// The VMM's JSON config (see `docs/vmm.md`). `tap_fds` are the raw fds
@@ -115,8 +99,8 @@ impl BuiltinHypervisor {
         json!({
             "vcpus": self.vcpus,
             "memory_mib": self.memory_mib,
-            "kernel": self.kernel,
-            "initramfs": self.initramfs,
+            "kernel": self.vm.kernel,
+            "initramfs": self.vm.initramfs,
             "cmdline": self.cmdline_extra.join(" "),
             "console_log": self.path(CONSOLE_LOG),
             "control_socket": self.path(CONTROL_SOCKET),
@@ -150,66 +134,23 @@ impl Backend for BuiltinHypervisor {
         &self.vm
     }
 
-    fn preflight(&self, st: &State) -> Result<(), HypervisorError> {
-        let mut binaries = vec![(
+    fn binaries(&self) -> Vec<(&'static str, &Path)> {
+        vec![(
             "boxlite-vmm (hypervisor.vmm_binary)",
             self.bins.vmm_binary.as_path(),
-        )];
-        if !st.shares.is_empty() {
-            binaries.push((
-                "virtiofsd (hypervisor.virtiofsd_binary)",
-                self.bins.virtiofsd_binary.as_path(),
-            ));
-        }
-        self.vm.preflight(
-            st,
-            &binaries,
-            [
-                ("guest kernel", "guest.kernel", &self.kernel),
-                ("guest initramfs", "guest.initramfs", &self.initramfs),
-            ],
-            self.socket_paths(&st.shares),
-        )
+        )]
     }
 
-    /// Sockets and virtiofsd's `<socket>.pid` lock files.
-    fn transient_files(&self, shares: &[Share]) -> Vec<PathBuf> {
-        let mut files = self.socket_paths(shares);
-        files.extend(
-            shares
-                .iter()
-                .map(|s| self.path(&format!("{}.pid", fs_socket_name(&s.tag)))),
-        );
-        files
+    fn own_sockets(&self) -> Vec<PathBuf> {
+        vec![self.path(CONTROL_SOCKET)]
     }
 
     /// virtiofsd daemons (sockets awaited), then the VMM with the taps.
     async fn spawn_all(&self, st: &mut State) -> Result<(), HypervisorError> {
-        for share in st.shares.clone() {
-            let socket = self.path(&fs_socket_name(&share.tag));
-            let args = virtiofsd_args(&socket, &share);
-            let bin = self.bins.virtiofsd_binary.clone();
-            let p = spawn_process(
-                &self.vm.id,
-                &self.vm.dir,
-                Role::Fs(share.tag.clone()),
-                &bin,
-                args,
-                Some(socket),
-                Vec::new(),
-            )?;
-            st.procs.push(p);
-        }
+        lifecycle::spawn_virtiofsd(&self.vm, st)?;
         wait_for_sockets(&self.vm.id, &mut st.procs).await?;
 
-        let fds: Vec<Option<RawFd>> = st
-            .nets
-            .iter()
-            .map(|n| match &n.tap {
-                TapDevice::Fd(fd) => Some(fd.as_raw_fd()),
-                TapDevice::Name(_) => None,
-            })
-            .collect();
+        let fds = lifecycle::tap_fds(&st.nets);
         let nets: Vec<(Option<RawFd>, &NetDevice)> =
             fds.iter().copied().zip(st.nets.iter()).collect();
         let cfg = self.vm_config(&st.shares, &nets);
@@ -259,68 +200,13 @@ impl Backend for BuiltinHypervisor {
     }
 }
 
-#[async_trait]
-impl Hypervisor for BuiltinHypervisor {
-    fn sandbox_id(&self) -> &str {
-        &self.vm.id
-    }
-
-    async fn add_share(
-        &self,
-        tag: &str,
-        host_dir: &Path,
-        read_only: bool,
-    ) -> Result<(), HypervisorError> {
-        lifecycle::add_share(self, tag, host_dir, read_only).await
-    }
-
-    async fn add_net(&self, tap: TapDevice, mac: MacAddr) -> Result<(), HypervisorError> {
-        lifecycle::add_net(self, tap, mac).await
-    }
-
-    async fn start(&self) -> Result<(), HypervisorError> {
-        lifecycle::start(self).await
-    }
-
-    async fn wait_ready(&self) -> Result<AgentConnection, HypervisorError> {
-        lifecycle::wait_ready(self).await
-    }
-
-    async fn stop(&self) -> Result<(), HypervisorError> {
-        lifecycle::stop(self).await
-    }
-
-    async fn kill(&self) -> Result<(), HypervisorError> {
-        lifecycle::kill(self).await
-    }
-
-    async fn check_alive(&self) -> Result<(), HypervisorError> {
-        lifecycle::check_alive(self).await
-    }
-
-    fn pid(&self) -> Option<u32> {
-        self.vm.pid()
-    }
-
-    fn vsock_socket_path(&self) -> PathBuf {
-        self.vm.vsock_socket_path()
-    }
-
-    fn console_log_path(&self) -> PathBuf {
-        self.vm.console_log_path()
-    }
-}
-
-impl Drop for BuiltinHypervisor {
-    fn drop(&mut self) {
-        lifecycle::teardown_on_drop(self);
-    }
-}
+lifecycle::delegate_hypervisor!(BuiltinHypervisor);
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{Config, ResolvedAccel, ResolvedBackend};
+    use crate::hypervisor::Hypervisor;
     use std::fs::File;
     use std::os::unix::fs::PermissionsExt;
 

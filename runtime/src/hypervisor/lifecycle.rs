@@ -16,6 +16,7 @@
 //! the VMM first, so helpers never see a live frontend lose its backend.
 
 use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -25,10 +26,10 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::process::{
-    check_tap, is_executable, kill_and_reap, last_line, request_agent_shutdown, Proc, Role,
-    POLL_INTERVAL,
+    check_tap, fs_socket_name, is_executable, kill_and_reap, last_line, request_agent_shutdown,
+    spawn_process, virtiofsd_args, Proc, Role, POLL_INTERVAL,
 };
-use super::ready::ReadyListener;
+use super::ready::{ready_socket_path, ReadyListener};
 use super::{
     validate_share_tag, wait_for_agent, AgentConnection, ExitReport, Hypervisor, HypervisorError,
     MacAddr, NetDevice, Share, TapDevice, VmSpec, CONSOLE_LOG, MAX_SOCKET_PATH_LEN, VSOCK_SOCKET,
@@ -93,6 +94,10 @@ impl State {
 pub(super) struct VmProcesses {
     pub(super) id: String,
     pub(super) dir: PathBuf,
+    pub(super) kernel: PathBuf,
+    pub(super) initramfs: PathBuf,
+    /// Spawned once per share.
+    virtiofsd_binary: PathBuf,
     /// The role of the VMM process (the last in `State::procs`).
     vmm_role: Role,
     agent_ready_timeout: Duration,
@@ -104,12 +109,19 @@ pub(super) struct VmProcesses {
 
 impl VmProcesses {
     /// Takes the spec's shares and taps (checked here); the backend keeps
-    /// the rest of the spec.
-    pub(super) fn new(spec: &mut VmSpec, vmm_role: Role) -> Result<Self, HypervisorError> {
+    /// the rest of the spec (vCPUs, memory, command line).
+    pub(super) fn new(
+        spec: &mut VmSpec,
+        vmm_role: Role,
+        virtiofsd_binary: &Path,
+    ) -> Result<Self, HypervisorError> {
         super::validate_sandbox_id(&spec.id)?;
         let this = VmProcesses {
             id: spec.id.clone(),
             dir: spec.dir.clone(),
+            kernel: spec.kernel.clone(),
+            initramfs: spec.initramfs.clone(),
+            virtiofsd_binary: virtiofsd_binary.to_owned(),
             vmm_role,
             agent_ready_timeout: spec.agent_ready_timeout,
             shutdown_timeout: spec.shutdown_timeout,
@@ -173,61 +185,6 @@ impl VmProcesses {
         Ok(())
     }
 
-    /// The checks every backend makes before spawning: each of `binaries`
-    /// (what, config key in `what`, path) is executable, the guest assets
-    /// exist, each share's directory exists, each of `sockets` fits in
-    /// `sun_path`.
-    pub(super) fn preflight(
-        &self,
-        st: &State,
-        binaries: &[(&str, &Path)],
-        guest: [(&'static str, &'static str, &Path); 2],
-        sockets: Vec<PathBuf>,
-    ) -> Result<(), HypervisorError> {
-        for (what, path) in binaries {
-            if !is_executable(path) {
-                return Err(HypervisorError::MissingBinary {
-                    id: self.id.clone(),
-                    what: (*what).to_owned(),
-                    path: path.to_path_buf(),
-                });
-            }
-        }
-        for (what, key, path) in guest {
-            if !path.is_file() {
-                return Err(HypervisorError::MissingAsset {
-                    id: self.id.clone(),
-                    what,
-                    key,
-                    path: path.to_owned(),
-                });
-            }
-        }
-        for share in &st.shares {
-            if !share.host_dir.is_dir() {
-                return Err(HypervisorError::InvalidShare {
-                    id: self.id.clone(),
-                    tag: share.tag.clone(),
-                    reason: format!(
-                        "host directory {} does not exist or is not a directory",
-                        share.host_dir.display()
-                    ),
-                });
-            }
-        }
-        for path in sockets {
-            let len = path.as_os_str().len();
-            if len > MAX_SOCKET_PATH_LEN {
-                return Err(HypervisorError::SocketPathTooLong {
-                    id: self.id.clone(),
-                    path,
-                    len,
-                });
-            }
-        }
-        Ok(())
-    }
-
     /// Waits until the VMM has exited or `deadline` passes; true if it has.
     pub(super) async fn wait_vmm_exit(&self, deadline: Instant) -> bool {
         loop {
@@ -282,16 +239,17 @@ impl VmProcesses {
 pub(super) trait Backend: Hypervisor {
     fn vm(&self) -> &VmProcesses;
 
-    /// Checks everything that can be checked before spawning (most of it
-    /// with [`VmProcesses::preflight`]).
-    fn preflight(&self, st: &State) -> Result<(), HypervisorError>;
+    /// The VMM and the helpers a start needs besides virtiofsd, as
+    /// (description naming its config key, path).
+    fn binaries(&self) -> Vec<(&'static str, &Path)>;
 
-    /// What a run leaves in the sandbox directory besides logs (sockets,
-    /// lock files); removed before a start and at teardown.
-    fn transient_files(&self, shares: &[Share]) -> Vec<PathBuf>;
+    /// The sockets this backend makes besides the hybrid vsock socket, its
+    /// readiness listener and one vhost-user socket per share.
+    fn own_sockets(&self) -> Vec<PathBuf>;
 
-    /// Spawns the helpers, waits for their sockets, then spawns the VMM
-    /// (last in `st.procs`, handed `st.nets`) and records its pid.
+    /// Spawns the helpers (virtiofsd with [`spawn_virtiofsd`]), waits for
+    /// their sockets, then spawns the VMM (last in `st.procs`, handed the
+    /// fds of [`tap_fds`]) and records its pid.
     async fn spawn_all(&self, st: &mut State) -> Result<(), HypervisorError>;
 
     /// The VMM has not exited by the agent shutdown's deadline: the
@@ -299,6 +257,118 @@ pub(super) trait Backend: Hypervisor {
     async fn shutdown_fallback(&self) -> bool {
         false
     }
+}
+
+/// Every socket a run of `b` may create.
+pub(super) fn socket_paths<B: Backend>(b: &B, shares: &[Share]) -> Vec<PathBuf> {
+    let vm = b.vm();
+    let vsock = vm.vsock_socket_path();
+    let mut paths = vec![ready_socket_path(&vsock), vsock];
+    paths.extend(b.own_sockets());
+    paths.extend(shares.iter().map(|s| vm.path(&fs_socket_name(&s.tag))));
+    paths
+}
+
+/// What a run leaves in the sandbox directory besides logs: the sockets and
+/// virtiofsd's own `<socket>.pid` lock files. Removed before a start and at
+/// teardown.
+fn transient_files<B: Backend>(b: &B, shares: &[Share]) -> Vec<PathBuf> {
+    let mut files = socket_paths(b, shares);
+    files.extend(
+        shares
+            .iter()
+            .map(|s| b.vm().path(&format!("{}.pid", fs_socket_name(&s.tag)))),
+    );
+    files
+}
+
+/// Checks everything that can be checked before spawning anything: the
+/// binaries are executable, the guest assets exist, each share's directory
+/// exists, each socket path fits in `sun_path`.
+fn preflight<B: Backend>(b: &B, st: &State) -> Result<(), HypervisorError> {
+    let vm = b.vm();
+    let mut binaries = b.binaries();
+    if !st.shares.is_empty() {
+        binaries.push((
+            "virtiofsd (hypervisor.virtiofsd_binary)",
+            &vm.virtiofsd_binary,
+        ));
+    }
+    for (what, path) in binaries {
+        if !is_executable(path) {
+            return Err(HypervisorError::MissingBinary {
+                id: vm.id.clone(),
+                what: what.to_owned(),
+                path: path.to_owned(),
+            });
+        }
+    }
+    for (what, key, path) in [
+        ("guest kernel", "guest.kernel", &vm.kernel),
+        ("guest initramfs", "guest.initramfs", &vm.initramfs),
+    ] {
+        if !path.is_file() {
+            return Err(HypervisorError::MissingAsset {
+                id: vm.id.clone(),
+                what,
+                key,
+                path: path.clone(),
+            });
+        }
+    }
+    for share in &st.shares {
+        if !share.host_dir.is_dir() {
+            return Err(HypervisorError::InvalidShare {
+                id: vm.id.clone(),
+                tag: share.tag.clone(),
+                reason: format!(
+                    "host directory {} does not exist or is not a directory",
+                    share.host_dir.display()
+                ),
+            });
+        }
+    }
+    for path in socket_paths(b, &st.shares) {
+        let len = path.as_os_str().len();
+        if len > MAX_SOCKET_PATH_LEN {
+            return Err(HypervisorError::SocketPathTooLong {
+                id: vm.id.clone(),
+                path,
+                len,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Spawns one virtiofsd per share (sockets not awaited yet).
+pub(super) fn spawn_virtiofsd(vm: &VmProcesses, st: &mut State) -> Result<(), HypervisorError> {
+    for share in &st.shares {
+        let socket = vm.path(&fs_socket_name(&share.tag));
+        let args = virtiofsd_args(&socket, share);
+        let p = spawn_process(
+            &vm.id,
+            &vm.dir,
+            Role::Fs(share.tag.clone()),
+            &vm.virtiofsd_binary,
+            args,
+            Some(socket),
+            Vec::new(),
+        )?;
+        st.procs.push(p);
+    }
+    Ok(())
+}
+
+/// The raw fd of each tap the VMM inherits, in order (None: a tap the VMM
+/// opens by name).
+pub(super) fn tap_fds(nets: &[NetDevice]) -> Vec<Option<RawFd>> {
+    nets.iter()
+        .map(|n| match &n.tap {
+            TapDevice::Fd(fd) => Some(fd.as_raw_fd()),
+            TapDevice::Name(_) => None,
+        })
+        .collect()
 }
 
 fn not_created<B: Backend>(b: &B, st: &State, op: &'static str) -> Result<(), HypervisorError> {
@@ -347,7 +417,7 @@ pub(super) async fn start<B: Backend>(b: &B) -> Result<(), HypervisorError> {
     let vm = b.vm();
     let mut st = vm.state.lock().await;
     not_created(b, &st, "start")?;
-    b.preflight(&st)?;
+    preflight(b, &st)?;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -360,7 +430,7 @@ pub(super) async fn start<B: Backend>(b: &B) -> Result<(), HypervisorError> {
         })?;
     // Leftovers of an earlier run would make the helpers fail (or make us
     // think they are ready).
-    for file in b.transient_files(&st.shares) {
+    for file in transient_files(b, &st.shares) {
         let _ = std::fs::remove_file(file);
     }
     let console = vm.console_log_path();
@@ -512,7 +582,7 @@ pub(super) async fn check_alive<B: Backend>(b: &B) -> Result<(), HypervisorError
 /// needs it too.
 fn teardown<B: Backend>(b: &B, st: &mut State) {
     let vm = b.vm();
-    kill_and_reap(&vm.id, &mut st.procs, &b.transient_files(&st.shares));
+    kill_and_reap(&vm.id, &mut st.procs, &transient_files(b, &st.shares));
     st.nets.clear();
     st.ready = None;
     vm.pid.store(0, Ordering::SeqCst);
@@ -532,3 +602,75 @@ pub(super) fn teardown_on_drop<B: Backend>(b: &B) {
     drop(guard);
     teardown(b, &mut st);
 }
+
+/// Implements [`Hypervisor`] (and `Drop`) for a [`Backend`] by delegating
+/// to this module: what makes a backend is its `Backend` impl.
+macro_rules! delegate_hypervisor {
+    ($backend:ty) => {
+        #[async_trait::async_trait]
+        impl $crate::hypervisor::Hypervisor for $backend {
+            fn sandbox_id(&self) -> &str {
+                &self.vm.id
+            }
+
+            async fn add_share(
+                &self,
+                tag: &str,
+                host_dir: &std::path::Path,
+                read_only: bool,
+            ) -> Result<(), $crate::hypervisor::HypervisorError> {
+                $crate::hypervisor::lifecycle::add_share(self, tag, host_dir, read_only).await
+            }
+
+            async fn add_net(
+                &self,
+                tap: $crate::hypervisor::TapDevice,
+                mac: $crate::hypervisor::MacAddr,
+            ) -> Result<(), $crate::hypervisor::HypervisorError> {
+                $crate::hypervisor::lifecycle::add_net(self, tap, mac).await
+            }
+
+            async fn start(&self) -> Result<(), $crate::hypervisor::HypervisorError> {
+                $crate::hypervisor::lifecycle::start(self).await
+            }
+
+            async fn wait_ready(
+                &self,
+            ) -> Result<$crate::hypervisor::AgentConnection, $crate::hypervisor::HypervisorError>
+            {
+                $crate::hypervisor::lifecycle::wait_ready(self).await
+            }
+
+            async fn stop(&self) -> Result<(), $crate::hypervisor::HypervisorError> {
+                $crate::hypervisor::lifecycle::stop(self).await
+            }
+
+            async fn kill(&self) -> Result<(), $crate::hypervisor::HypervisorError> {
+                $crate::hypervisor::lifecycle::kill(self).await
+            }
+
+            async fn check_alive(&self) -> Result<(), $crate::hypervisor::HypervisorError> {
+                $crate::hypervisor::lifecycle::check_alive(self).await
+            }
+
+            fn pid(&self) -> Option<u32> {
+                self.vm.pid()
+            }
+
+            fn vsock_socket_path(&self) -> std::path::PathBuf {
+                self.vm.vsock_socket_path()
+            }
+
+            fn console_log_path(&self) -> std::path::PathBuf {
+                self.vm.console_log_path()
+            }
+        }
+
+        impl Drop for $backend {
+            fn drop(&mut self) {
+                $crate::hypervisor::lifecycle::teardown_on_drop(self);
+            }
+        }
+    };
+}
+pub(super) use delegate_hypervisor;

@@ -30,6 +30,11 @@ pub const HELPER_READY_TIMEOUT: Duration = Duration::from_secs(10);
 pub const REAP_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
+/// The vhost-user socket of a share's virtiofsd, in the sandbox directory.
+pub fn fs_socket_name(tag: &str) -> String {
+    format!("fs-{tag}.sock")
+}
+
 /// virtiofsd's arguments for `share` on vhost-user socket `socket`.
 pub fn virtiofsd_args(socket: &Path, share: &Share) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec![

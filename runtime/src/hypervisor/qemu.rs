@@ -28,12 +28,8 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 
 use super::lifecycle::{self, Backend, State, VmProcesses};
-use super::process::{spawn_process, virtiofsd_args, wait_for_sockets, Role};
-use super::ready::ready_socket_path;
-use super::{
-    AgentConnection, Hypervisor, HypervisorError, MacAddr, NetDevice, Share, TapDevice, VmSpec,
-    CONSOLE_LOG, VSOCK_SOCKET,
-};
+use super::process::{spawn_process, wait_for_sockets, Role};
+use super::{HypervisorError, NetDevice, Share, TapDevice, VmSpec, CONSOLE_LOG, VSOCK_SOCKET};
 use crate::config::{ResolvedAccel, ResolvedHypervisor};
 
 /// vhost-user socket between QEMU and the vsock backend.
@@ -48,18 +44,13 @@ pub const GUEST_CID: u32 = 3;
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1";
 pub use super::process::HELPER_READY_TIMEOUT;
 
-/// The vhost-user fs socket of a share.
-pub fn fs_socket_name(tag: &str) -> String {
-    format!("fs-{tag}.sock")
-}
+pub use super::process::fs_socket_name;
 
 /// The `qemu` backend. Build it with [`super::new_hypervisor`] (or
 /// [`QemuHypervisor::new`] with an already resolved config).
 #[derive(Debug)]
 pub struct QemuHypervisor {
     vm: VmProcesses,
-    kernel: PathBuf,
-    initramfs: PathBuf,
     vcpus: u32,
     memory_mib: u32,
     cmdline_extra: Vec<String>,
@@ -69,9 +60,7 @@ pub struct QemuHypervisor {
 impl QemuHypervisor {
     pub fn new(mut spec: VmSpec, bins: ResolvedHypervisor) -> Result<Self, HypervisorError> {
         Ok(Self {
-            vm: VmProcesses::new(&mut spec, Role::Qemu)?,
-            kernel: spec.kernel,
-            initramfs: spec.initramfs,
+            vm: VmProcesses::new(&mut spec, Role::Qemu, &bins.virtiofsd_binary)?,
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
             cmdline_extra: spec.cmdline_extra,
@@ -81,14 +70,6 @@ impl QemuHypervisor {
 
     fn path(&self, name: &str) -> PathBuf {
         self.vm.path(name)
-    }
-
-    /// Every socket this backend may create.
-    fn socket_paths(&self, shares: &[Share]) -> Vec<PathBuf> {
-        let mut paths = vec![self.path(VSOCK_SOCKET), self.path(VHOST_VSOCK_SOCKET)];
-        paths.push(ready_socket_path(&self.path(VSOCK_SOCKET)));
-        paths.extend(shares.iter().map(|s| self.path(&fs_socket_name(&s.tag))));
-        paths
     }
 
     /// The QEMU command line (without the binary). `tap_fds` are the raw fds
@@ -123,9 +104,9 @@ impl QemuHypervisor {
         args.push("-serial".into());
         args.push("chardev:console".into());
         args.push("-kernel".into());
-        args.push(self.kernel.clone().into_os_string());
+        args.push(self.vm.kernel.clone().into_os_string());
         args.push("-initrd".into());
-        args.push(self.initramfs.clone().into_os_string());
+        args.push(self.vm.initramfs.clone().into_os_string());
         args.push("-append".into());
         args.push(self.cmdline().into());
         args.push("-device".into());
@@ -208,8 +189,8 @@ impl Backend for QemuHypervisor {
         &self.vm
     }
 
-    fn preflight(&self, st: &State) -> Result<(), HypervisorError> {
-        let mut binaries = vec![
+    fn binaries(&self) -> Vec<(&'static str, &Path)> {
+        vec![
             (
                 "QEMU (hypervisor.qemu_binary)",
                 self.bins.qemu_binary.as_path(),
@@ -218,34 +199,11 @@ impl Backend for QemuHypervisor {
                 "the vsock backend (hypervisor.vhost_vsock_binary)",
                 self.bins.vhost_vsock_binary.as_path(),
             ),
-        ];
-        if !st.shares.is_empty() {
-            binaries.push((
-                "virtiofsd (hypervisor.virtiofsd_binary)",
-                self.bins.virtiofsd_binary.as_path(),
-            ));
-        }
-        self.vm.preflight(
-            st,
-            &binaries,
-            [
-                ("guest kernel", "guest.kernel", &self.kernel),
-                ("guest initramfs", "guest.initramfs", &self.initramfs),
-            ],
-            self.socket_paths(&st.shares),
-        )
+        ]
     }
 
-    /// What a run leaves in the sandbox directory besides logs: the sockets
-    /// and virtiofsd's own `<socket>.pid` lock files.
-    fn transient_files(&self, shares: &[Share]) -> Vec<PathBuf> {
-        let mut files = self.socket_paths(shares);
-        files.extend(
-            shares
-                .iter()
-                .map(|s| self.path(&format!("{}.pid", fs_socket_name(&s.tag)))),
-        );
-        files
+    fn own_sockets(&self) -> Vec<PathBuf> {
+        vec![self.path(VHOST_VSOCK_SOCKET)]
     }
 
     /// Spawns the helpers, waits for their sockets, then spawns QEMU.
@@ -262,30 +220,10 @@ impl Backend for QemuHypervisor {
         let bin = self.bins.vhost_vsock_binary.clone();
         self.spawn(st, Role::Vsock, &bin, args, Some(vhost), Vec::new())?;
 
-        for share in st.shares.clone() {
-            let socket = self.path(&fs_socket_name(&share.tag));
-            let args = virtiofsd_args(&socket, &share);
-            let bin = self.bins.virtiofsd_binary.clone();
-            self.spawn(
-                st,
-                Role::Fs(share.tag.clone()),
-                &bin,
-                args,
-                Some(socket),
-                Vec::new(),
-            )?;
-        }
-
+        lifecycle::spawn_virtiofsd(&self.vm, st)?;
         self.wait_for_helper_sockets(st).await?;
 
-        let fds: Vec<Option<RawFd>> = st
-            .nets
-            .iter()
-            .map(|n| match &n.tap {
-                TapDevice::Fd(fd) => Some(fd.as_raw_fd()),
-                TapDevice::Name(_) => None,
-            })
-            .collect();
+        let fds = lifecycle::tap_fds(&st.nets);
         let nets: Vec<(Option<RawFd>, &NetDevice)> =
             fds.iter().copied().zip(st.nets.iter()).collect();
         let args = self.qemu_args(&st.shares, &nets);
@@ -305,63 +243,7 @@ impl Backend for QemuHypervisor {
     }
 }
 
-#[async_trait]
-impl Hypervisor for QemuHypervisor {
-    fn sandbox_id(&self) -> &str {
-        &self.vm.id
-    }
-
-    async fn add_share(
-        &self,
-        tag: &str,
-        host_dir: &Path,
-        read_only: bool,
-    ) -> Result<(), HypervisorError> {
-        lifecycle::add_share(self, tag, host_dir, read_only).await
-    }
-
-    async fn add_net(&self, tap: TapDevice, mac: MacAddr) -> Result<(), HypervisorError> {
-        lifecycle::add_net(self, tap, mac).await
-    }
-
-    async fn start(&self) -> Result<(), HypervisorError> {
-        lifecycle::start(self).await
-    }
-
-    async fn wait_ready(&self) -> Result<AgentConnection, HypervisorError> {
-        lifecycle::wait_ready(self).await
-    }
-
-    async fn stop(&self) -> Result<(), HypervisorError> {
-        lifecycle::stop(self).await
-    }
-
-    async fn kill(&self) -> Result<(), HypervisorError> {
-        lifecycle::kill(self).await
-    }
-
-    async fn check_alive(&self) -> Result<(), HypervisorError> {
-        lifecycle::check_alive(self).await
-    }
-
-    fn pid(&self) -> Option<u32> {
-        self.vm.pid()
-    }
-
-    fn vsock_socket_path(&self) -> PathBuf {
-        self.vm.vsock_socket_path()
-    }
-
-    fn console_log_path(&self) -> PathBuf {
-        self.vm.console_log_path()
-    }
-}
-
-impl Drop for QemuHypervisor {
-    fn drop(&mut self) {
-        lifecycle::teardown_on_drop(self);
-    }
-}
+lifecycle::delegate_hypervisor!(QemuHypervisor);
 
 /// `prefix` + `path` with QEMU's option escaping (`,` → `,,`) + `suffix`.
 fn opt_with_path(prefix: &str, path: &Path, suffix: &str) -> OsString {
@@ -400,6 +282,7 @@ pub fn render_cmdline(binary: &Path, args: &[OsString]) -> String {
 mod tests {
     use super::*;
     use crate::config::{Config, ResolvedBackend};
+    use crate::hypervisor::Hypervisor;
     use std::fs::File;
     use std::os::unix::fs::PermissionsExt;
     use std::time::Duration;
