@@ -167,25 +167,7 @@ fn boot_test_host() -> OuterRun {
     run.console_text = std::fs::read(&console)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default();
-    for line in run.console_text.lines() {
-        let Some(rest) = line.find(MARK).map(|i| &line[i + MARK.len()..]) else {
-            continue;
-        };
-        let mut parts = rest.splitn(3, ' ');
-        if let (Some(name), Some(word)) = (parts.next(), parts.next()) {
-            if matches!(word, "PASS" | "FAIL" | "SKIP") {
-                // The driver ends each verdict with "[<seconds>s]".
-                let detail = parts.next().unwrap_or("").trim();
-                let detail = match detail.rsplit_once(" [") {
-                    Some((d, t)) if t.ends_with("s]") => d,
-                    _ => detail,
-                }
-                .to_owned();
-                run.verdicts
-                    .insert(name.to_owned(), (word.to_owned(), detail));
-            }
-        }
-    }
+    run.verdicts = parse_verdicts(&run.console_text);
     let host_up = run
         .console_text
         .lines()
@@ -204,6 +186,30 @@ fn boot_test_host() -> OuterRun {
         eprintln!("  {name}: {word} {detail}");
     }
     run
+}
+
+/// scenario → (PASS|FAIL|SKIP, detail) from the driver's verdict lines.
+fn parse_verdicts(text: &str) -> BTreeMap<String, (String, String)> {
+    let mut verdicts = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.find(MARK).map(|i| &line[i + MARK.len()..]) else {
+            continue;
+        };
+        let mut parts = rest.splitn(3, ' ');
+        if let (Some(name), Some(word)) = (parts.next(), parts.next()) {
+            if matches!(word, "PASS" | "FAIL" | "SKIP") {
+                // The driver ends each verdict with "[<seconds>s]".
+                let detail = parts.next().unwrap_or("").trim();
+                let detail = match detail.rsplit_once(" [") {
+                    Some((d, t)) if t.ends_with("s]") => d,
+                    _ => detail,
+                }
+                .to_owned();
+                verdicts.insert(name.to_owned(), (word.to_owned(), detail));
+            }
+        }
+    }
+    verdicts
 }
 
 fn fmt_opt(d: Option<Duration>) -> String {
@@ -337,4 +343,91 @@ fn nested_block_device() {
 #[ignore = "needs qemu-system-x86_64 and the test-host assets (cargo xtask testhost); run by scripts/test.sh"]
 fn nested_net_device() {
     expect_pass("net");
+}
+
+/// Why this host cannot run the scenarios directly, if it cannot: the
+/// driver outside PID 1 needs root and a KVM that boots Linux (VMX/SVM,
+/// `/dev/kvm`, not `kvm_pvm`), as `hypervisor = "auto"` decides.
+fn direct_run_impossible() -> Option<String> {
+    let probe = boxlite_runtime::config::HostAccelProbe::probe();
+    if !probe.dev_kvm {
+        return Some("no /dev/kvm on this host".into());
+    }
+    if probe.kvm_pvm {
+        return Some(
+            "this host's KVM is kvm_pvm, which cannot boot Linux (DESIGN.md §4); \
+             the nested test host runs these scenarios instead"
+                .into(),
+        );
+    }
+    if !probe.cpu_virt_flags {
+        return Some("no VMX/SVM in /proc/cpuinfo".into());
+    }
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root (taps, virtiofsd, /dev/kvm)".into());
+    }
+    None
+}
+
+/// The first `name` in PATH.
+fn in_path(name: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("{name} not found in PATH (scripts/test.sh puts target/debug first)")
+        })
+}
+
+/// On a host whose KVM boots Linux the same scenarios run directly: the
+/// driver as an ordinary process, with boxlite-vmm and virtiofsd from PATH
+/// and the guest assets of the other VM tests.
+#[test]
+#[ignore = "needs root, a KVM that boots Linux (VMX/SVM), virtiofsd and the guest assets; run by scripts/test.sh"]
+fn direct_on_this_host_or_skip() {
+    if let Some(why) = direct_run_impossible() {
+        boxlite_tests::report_skip("nested_vmm direct_on_this_host", &why);
+        return;
+    }
+    let assets = boxlite_tests::guest_assets();
+    let root = tempfile::tempdir().expect("tempdir");
+    let work = tempfile::tempdir().expect("tempdir");
+    for (at, target) in [
+        ("usr/bin/boxlite-vmm", in_path("boxlite-vmm")),
+        ("usr/bin/virtiofsd", in_path("virtiofsd")),
+        ("guest/vmlinux", assets.kernel.clone()),
+        ("guest/initramfs.cpio.gz", assets.initramfs.clone()),
+    ] {
+        let link = root.path().join(at);
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+    }
+    let scenarios =
+        std::env::var("BOXLITE_NESTED_SCENARIOS").unwrap_or_else(|_| ALL_SCENARIOS.to_owned());
+    let out = Command::new("timeout")
+        .args(["-k", "10", "600"])
+        .arg(env!("CARGO_BIN_EXE_boxlite-nested-driver"))
+        .env("BOXLITE_NESTED_ROOT", root.path())
+        .env("BOXLITE_NESTED_WORK", work.path())
+        .env(
+            "BOXLITE_NESTED_CMDLINE",
+            format!("boxlite.scenarios={scenarios}"),
+        )
+        .stdin(Stdio::null())
+        .output()
+        .expect("run boxlite-nested-driver");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let verdicts = parse_verdicts(&text);
+    for scenario in scenarios.split(',') {
+        match verdicts.get(scenario) {
+            Some((word, detail)) if word == "PASS" => eprintln!("direct {scenario}: PASS {detail}"),
+            other => panic!(
+                "direct scenario {scenario}: {other:?} (driver {}); its output:\n{text}",
+                out.status
+            ),
+        }
+    }
 }

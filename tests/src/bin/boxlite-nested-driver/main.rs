@@ -28,9 +28,13 @@
 //! the console and VMM log tails of passing and skipped scenarios too),
 //! `boxlite.jail=0` (run boxlite-vmm with `--no-jail`, debugging only).
 //!
-//! Outside PID 1 (for a by-hand run on a host with KVM) it mounts nothing and
-//! exits instead of rebooting; `BOXLITE_NESTED_ROOT` then replaces `/` as the
-//! place of `usr/bin/boxlite-vmm` and `guest/`.
+//! Outside PID 1 (on a host whose KVM boots Linux: tests/nested_vmm.rs's
+//! `direct_on_this_host_or_skip`, or by hand) it mounts nothing and exits
+//! instead of rebooting; `BOXLITE_NESTED_ROOT` then replaces `/` as the place
+//! of `usr/bin/boxlite-vmm`, `usr/bin/virtiofsd` and `guest/`,
+//! `BOXLITE_NESTED_WORK` replaces `/tmp/boxlite-nested`, and the parameters
+//! come from `BOXLITE_NESTED_CMDLINE` (same `boxlite.x=y` words) instead of
+//! `/proc/cmdline`.
 
 mod disk;
 mod host_net;
@@ -190,7 +194,10 @@ fn main() {
 
 fn run() {
     let host_up = uptime();
-    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let cmdline = match std::env::var("BOXLITE_NESTED_CMDLINE") {
+        Ok(words) if std::process::id() != 1 => words,
+        _ => fs::read_to_string("/proc/cmdline").unwrap_or_default(),
+    };
     let param = |name: &str| {
         cmdline
             .split_whitespace()
@@ -202,7 +209,9 @@ fn run() {
         root: std::env::var_os("BOXLITE_NESTED_ROOT")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/")),
-        work: PathBuf::from("/tmp/boxlite-nested"),
+        work: std::env::var_os("BOXLITE_NESTED_WORK")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/tmp/boxlite-nested")),
         timeout: param("boxlite.timeout")
             .and_then(|v| v.parse().ok())
             .map(Duration::from_secs)
@@ -389,13 +398,25 @@ async fn scenario_smp(s: &Settings) -> ScenarioResult {
     Ok(Verdict::Pass(detail))
 }
 
-/// Through the hybrid vsock socket: Health.Check SERVING, Version, GuestInfo
-/// lists every virtio device the VMM gave the guest.
+/// Through the hybrid vsock socket: Health.Check SERVING, Version, and
+/// GuestInfo lists every virtio device the VMM gave the guest — one of each
+/// kind: net, blk, rng, vsock, fs.
 async fn scenario_health(s: &Settings) -> ScenarioResult {
     if let Err(reason) = vsock_support(s)? {
         return Ok(Verdict::Skip(reason));
     }
-    let mut vm = Vm::start(s, "health", 1, &[Device::Rng, Device::Vsock])?;
+    let _fsd = Virtiofsd::start(s)?;
+    write_disk_image(s)?;
+    let tap = host_net::HostTap::create(TAP_NAME, HOST_IP, NET_PREFIX)?;
+    let devices = [
+        Device::Rng,
+        Device::Vsock,
+        Device::Fs,
+        Device::Block,
+        Device::Net(tap.inheritable_fd()?),
+    ];
+    let mut vm = Vm::start(s, "health", 1, &devices)?;
+    drop(tap);
     let conn = vm.connect(s.timeout).await?;
     let answered = vm.started.elapsed();
     let status = conn
@@ -412,9 +433,16 @@ async fn scenario_health(s: &Settings) -> ScenarioResult {
     let info = vm.guest_info(&conn).await?;
     let mut ids: Vec<u32> = info.virtio_devices.iter().map(|d| d.device_id).collect();
     ids.sort_unstable();
-    if ids != [VIRTIO_ID_RNG, VIRTIO_ID_VSOCK] {
+    let want = [
+        VIRTIO_ID_NET,
+        VIRTIO_ID_BLOCK,
+        VIRTIO_ID_RNG,
+        VIRTIO_ID_VSOCK,
+        VIRTIO_ID_FS,
+    ];
+    if ids != want {
         return Err(vm.fail(format!(
-            "GuestInfo lists virtio device ids {ids:?}, want [{VIRTIO_ID_RNG} (rng), {VIRTIO_ID_VSOCK} (vsock)]"
+            "GuestInfo lists virtio device ids {ids:?}, want {want:?} (net, blk, rng, vsock, fs)"
         )));
     }
     let devices = info
@@ -539,9 +567,7 @@ async fn scenario_blk(s: &Settings) -> ScenarioResult {
             "{reason} (ReadFile goes over vsock)"
         )));
     }
-    fs::create_dir_all(&s.work)?;
-    disk::write_mbr_image(&s.disk_image(), DISK_SECTORS, DISK_PARTITION)
-        .map_err(|e| format!("cannot write {}: {e}", s.disk_image().display()))?;
+    write_disk_image(s)?;
     let mut vm = Vm::start(s, "blk", 1, &[Device::Rng, Device::Vsock, Device::Block])?;
     let conn = vm.connect(s.timeout).await?;
     let want = [
@@ -574,6 +600,13 @@ async fn scenario_blk(s: &Settings) -> ScenarioResult {
          the image's MBR partition vda1 at {} + {} sectors (sector 0 read through the queue)",
         DISK_PARTITION.start, DISK_PARTITION.sectors
     )))
+}
+
+/// The `blk` scenario's image at [`Settings::disk_image`].
+fn write_disk_image(s: &Settings) -> Result<(), Failure> {
+    fs::create_dir_all(&s.work)?;
+    disk::write_mbr_image(&s.disk_image(), DISK_SECTORS, DISK_PARTITION)
+        .map_err(|e| Failure::from(format!("cannot write {}: {e}", s.disk_image().display())))
 }
 
 /// virtio-net over a tap: the agent gives the guest NIC (found by MAC) an
