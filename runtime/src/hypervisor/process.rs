@@ -42,8 +42,11 @@ pub fn virtiofsd_args(socket: &Path, share: &Share) -> Vec<OsString> {
         socket.to_path_buf().into_os_string(),
         "--shared-dir".into(),
         share.host_dir.clone().into_os_string(),
-        // The shim is the sandbox: virtiofsd's own namespace sandbox
-        // needs privileges we may not have and buys little here.
+        // Not virtiofsd's namespace sandbox: its private mount namespace
+        // is a copy taken at start, and the shim mounts each container's
+        // rootfs into the share later, so the guest would see empty
+        // directories (every shim e2e test fails with it). Its seccomp
+        // filter (the default, `--seccomp=kill`) stays on.
         "--sandbox=none".into(),
         "--cache=auto".into(),
         "--announce-submounts".into(),
