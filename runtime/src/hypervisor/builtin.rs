@@ -15,12 +15,13 @@
 //!
 //! The VMM jails itself (landlock to the sandbox directory and the guest
 //! assets, seccomp, no_new_privs) before the guest runs. Start order and
-//! cleanup guarantees are the qemu backend's: everything is checked first,
-//! virtiofsd daemons are spawned and their sockets awaited, then the VMM
-//! (which inherits the tap fds, and only it); any failure kills and reaps
-//! what was spawned and removes the sockets. `stop` asks the agent
-//! (DestroySandbox: the guest reboots, the VMM exits 0), then the VMM's
-//! control socket (`{"op":"shutdown"}`), then kills.
+//! cleanup guarantees are [`super::lifecycle`]'s, shared with the qemu
+//! backend: everything is checked first, virtiofsd daemons are spawned and
+//! their sockets awaited, then the VMM (which inherits the tap fds, and
+//! only it); any failure kills and reaps what was spawned and removes the
+//! sockets. `stop` asks the agent (DestroySandbox: the guest reboots, the
+//! VMM exits 0), then — this backend's fallback — the VMM's control socket
+//! (`{"op":"shutdown"}`), then kills.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
