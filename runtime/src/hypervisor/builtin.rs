@@ -15,7 +15,7 @@
 //!
 //! The VMM jails itself (landlock to the sandbox directory and the guest
 //! assets, seccomp, no_new_privs) before the guest runs. Start order and
-//! cleanup guarantees are [`super::lifecycle`]'s, shared with the qemu
+//! cleanup guarantees are `hypervisor/lifecycle.rs`'s, shared with the qemu
 //! backend: everything is checked first, virtiofsd daemons are spawned and
 //! their sockets awaited, then the VMM (which inherits the tap fds, and
 //! only it); any failure kills and reaps what was spawned and removes the

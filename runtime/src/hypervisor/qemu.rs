@@ -15,7 +15,7 @@
 //! | `qemu.log`, `vsock-backend.log`, `virtiofsd-<tag>.log` | each process's stdout and stderr |
 //! | `qemu.pid`, `vsock-backend.pid`, `virtiofsd-<tag>.pid` | pids, for [`super::cleanup_stale_processes`] |
 //!
-//! Start order ([`super::lifecycle`], shared with the builtin backend):
+//! Start order (`hypervisor/lifecycle.rs`, shared with the builtin backend):
 //! every file and binary is checked first, then the helpers are spawned and
 //! their sockets awaited, then QEMU. Any failure on the way kills and reaps
 //! what was spawned and removes the sockets. Sockets and pid files go at
