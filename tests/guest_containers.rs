@@ -30,24 +30,9 @@ const SHARE_TAG: &str = "shared";
 const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "sleep", "hostname", "true", "head", "unshare", "ip", "grep", "dd",
 ];
-/// The capabilities containerd gives a container by default (no
-/// CAP_SYS_ADMIN); the agent's own sandboxing tests use the same list.
-const DEFAULT_CAPS: &[&str] = &[
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-];
+// containerd's default capabilities (no CAP_SYS_ADMIN), the list the
+// agent's own sandboxing tests use.
+include!("../guest-agent/agent/tests/helpers/containerd_default_caps.rs");
 
 fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(Duration::from_secs(30).as_nanos() as i64)
@@ -443,7 +428,7 @@ sandbox-probe seccomp nnp; echo seccomp-nnp=$?
 sandbox-probe seccomp; echo seccomp=$?
 sandbox-probe setresuid 1234; echo setresuid=$?
 grep -E '^(CapEff|NoNewPrivs):' /proc/self/status";
-    let mut granted = DEFAULT_CAPS.to_vec();
+    let mut granted = CONTAINERD_DEFAULT_CAPS.to_vec();
     granted.push("CAP_SYS_ADMIN");
     let cases: [(&str, &[&str], &[&str]); 2] = [
         (
@@ -462,7 +447,7 @@ grep -E '^(CapEff|NoNewPrivs):' /proc/self/status";
         ),
         (
             "denied",
-            DEFAULT_CAPS,
+            CONTAINERD_DEFAULT_CAPS,
             &[
                 "unshare: unshare(0x40000000): Operation not permitted",
                 "unshare=1",

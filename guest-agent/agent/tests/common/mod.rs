@@ -328,21 +328,5 @@ impl AgentStreams {
     }
 }
 
-/// containerd's (and Docker's) default capability set
-/// (`oci.defaultUnixCaps`): no CAP_SYS_ADMIN.
-pub const CONTAINERD_DEFAULT_CAPS: &[&str] = &[
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-];
+// containerd's default capability list, shared with tests/guest_containers.rs.
+include!("../helpers/containerd_default_caps.rs");
