@@ -14,17 +14,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use boxlite_protocol::agent::{
-    CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest, GetOOMEventRequest,
-    MountShareRequest, PauseContainerRequest, RemoveContainerRequest, ResumeContainerRequest,
-    SignalProcessRequest, StartContainerRequest, StatsContainerRequest, StdioConfig,
-    WaitProcessRequest,
+    CreateContainerRequest, ExecProcessRequest, GetOOMEventRequest, PauseContainerRequest,
+    RemoveContainerRequest, ResumeContainerRequest, SignalProcessRequest, StartContainerRequest,
+    StatsContainerRequest, StdioConfig, WaitProcessRequest,
 };
 use boxlite_protocol::agent_ttrpc::AgentClient;
 use boxlite_protocol::stdio::{read_ack, StreamHeader, StreamKind};
 use boxlite_protocol::STDIO_VSOCK_PORT;
-use boxlite_runtime::hypervisor::{new_hypervisor, AgentConnection, Hypervisor, VmSpec};
 use boxlite_runtime::HybridVsock;
-use boxlite_tests::assert_nothing_left;
+use boxlite_tests::sandbox_vm::SandboxVm;
 
 const SHARE_TAG: &str = "shared";
 const APPLETS: &[&str] = &[
@@ -119,84 +117,16 @@ async fn remove(agent: &AgentClient, id: &str) {
     agent.remove_container(ctx(), &req).await.unwrap();
 }
 
-/// On a failure, prints the guest's console (the agent's log lines, at
-/// debug level) so the panic can be explained.
-struct ConsoleOnPanic(std::path::PathBuf);
-
-impl Drop for ConsoleOnPanic {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.0).unwrap_or_else(|e| format!("({e})"));
-            eprintln!(
-                "--- guest console {} ---\n{log}--- end ---",
-                self.0.display()
-            );
-        }
-    }
-}
-
-/// A booted guest with the host directory `share` mounted as [`SHARE_TAG`]
-/// and its sandbox created.
-struct Guest {
-    vm: Box<dyn Hypervisor>,
-    conn: AgentConnection,
-    share: tempfile::TempDir,
-    dir: std::path::PathBuf,
-    _state: tempfile::TempDir,
-    _console: ConsoleOnPanic,
-}
-
-impl Guest {
-    async fn boot(id: &str) -> Self {
-        let state = tempfile::tempdir().unwrap();
-        let share = tempfile::tempdir().unwrap();
-        let mut config = boxlite_tests::guest_config(state.path());
-        config.guest.kernel_cmdline_extra = "boxlite.log=debug".into();
-        config.validate().unwrap();
-        let spec_vm = VmSpec::from_config(&config, id).unwrap();
-        let dir = spec_vm.dir.clone();
-        let console = ConsoleOnPanic(dir.join("console.log"));
-        let vm = new_hypervisor(&config, spec_vm).unwrap();
-        vm.add_share(SHARE_TAG, share.path(), false).await.unwrap();
-        vm.start().await.unwrap();
-        let conn = match vm.wait_ready().await {
-            Ok(c) => c,
-            Err(e) => {
-                vm.kill().await.unwrap();
-                panic!("{e}");
-            }
-        };
-        let create_sandbox = CreateSandboxRequest {
-            sandbox_id: id.into(),
-            shares: vec![MountShareRequest {
-                tag: SHARE_TAG.into(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
-        conn.agent()
-            .create_sandbox(ctx(), &create_sandbox)
-            .await
-            .unwrap();
-        Guest {
-            vm,
-            conn,
-            share,
-            dir,
-            _state: state,
-            _console: console,
-        }
-    }
-
-    async fn stop(self) {
-        self.vm.stop().await.unwrap();
-        assert_nothing_left(&self.dir);
-    }
+/// A booted guest with a host directory shared as [`SHARE_TAG`] and its
+/// sandbox created; the agent logs at debug level to the console, which is
+/// printed if the test fails.
+async fn boot(id: &str) -> SandboxVm {
+    SandboxVm::boot(id, SHARE_TAG, "boxlite.log=debug").await
 }
 
 /// Runs container `id` from `spec` to its end with stdout (stderr merged by
 /// the script if it wants) and returns its exit status and output.
-async fn run_to_end(g: &Guest, id: &str, spec: &serde_json::Value) -> (i32, String) {
+async fn run_to_end(g: &SandboxVm, id: &str, spec: &serde_json::Value) -> (i32, String) {
     let agent = g.conn.agent();
     let vsock = g.vm.hybrid_vsock();
     let create = CreateContainerRequest {
@@ -221,7 +151,7 @@ async fn run_to_end(g: &Guest, id: &str, spec: &serde_json::Value) -> (i32, Stri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root, QEMU, virtiofsd, boxlite-vsock, busybox-static and the guest assets"]
 async fn containers_run_inside_the_guest() {
-    let g = Guest::boot("ctr1").await;
+    let g = boot("ctr1").await;
     let share = &g.share;
     let agent = g.conn.agent();
     let vsock = g.vm.hybrid_vsock();
@@ -420,7 +350,7 @@ fn sandbox_probe() -> std::path::PathBuf {
 #[ignore = "needs root, QEMU, virtiofsd, boxlite-vsock, busybox-static, gcc and the guest assets"]
 async fn nested_sandboxing_inside_the_guest() {
     let probe = sandbox_probe();
-    let g = Guest::boot("nest1").await;
+    let g = boot("nest1").await;
     let script = "exec 2>&1
 unshare -n sh -c 'ip link'; echo unshare=$?
 sandbox-probe unshare-net; echo probe-unshare=$?

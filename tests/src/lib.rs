@@ -8,6 +8,7 @@
 pub mod containerd;
 pub mod cri;
 pub mod oci_image;
+pub mod sandbox_vm;
 
 use std::path::{Path, PathBuf};
 

@@ -33,15 +33,15 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use boxlite_protocol::agent::{
-    CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest, MountShareRequest,
-    RemoveContainerRequest, SignalProcessRequest, StartContainerRequest, StdioConfig,
-    WaitProcessRequest,
+    CreateContainerRequest, ExecProcessRequest, RemoveContainerRequest, SignalProcessRequest,
+    StartContainerRequest, StdioConfig, WaitProcessRequest,
 };
 use boxlite_protocol::agent_ttrpc::AgentClient;
 use boxlite_protocol::stdio::{read_ack, StreamHeader, StreamKind};
 use boxlite_protocol::STDIO_VSOCK_PORT;
-use boxlite_runtime::hypervisor::{new_hypervisor, AgentConnection, VmSpec};
+use boxlite_runtime::hypervisor::AgentConnection;
 use boxlite_runtime::HybridVsock;
+use boxlite_tests::sandbox_vm::{FileOnPanic, SandboxVm};
 
 const THROUGHPUT_RUNS: usize = 3;
 const SHARE_TAG: &str = "bench";
@@ -384,7 +384,7 @@ async fn host(args: &Args) -> Vec<String> {
         rootfs_host: dir.path().join("root/rootfs"),
         rootfs_agent: "/rootfs".into(),
     };
-    let log_on_panic = LogOnPanic(dir.path().join("agent.log"));
+    let log_on_panic = FileOnPanic(dir.path().join("agent.log"));
     let cells = measure(&target, args).await;
     drop(log_on_panic);
     let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(&cgroup_parent()[1..]));
@@ -407,56 +407,16 @@ async fn connect_host(sock: &Path) -> AgentClient {
 }
 
 async fn guest(args: &Args) -> Vec<String> {
-    let state = tempfile::tempdir().unwrap();
-    let share = tempfile::tempdir().unwrap();
-    let config = boxlite_tests::guest_config(state.path());
-    config.validate().expect("config");
-    let vm_spec = VmSpec::from_config(&config, "bench").expect("VM spec");
-    let vm = new_hypervisor(&config, vm_spec).expect("hypervisor");
-    let _console = LogOnPanic(vm.console_log_path());
-    vm.add_share(SHARE_TAG, share.path(), false).await.unwrap();
-    vm.start()
-        .await
-        .unwrap_or_else(|e| panic!("start the VM: {e}"));
-    let conn = vm
-        .wait_ready()
-        .await
-        .unwrap_or_else(|e| panic!("agent not ready: {e}"));
-    let create_sandbox = CreateSandboxRequest {
-        sandbox_id: "bench".into(),
-        shares: vec![MountShareRequest {
-            tag: SHARE_TAG.into(),
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
-    conn.agent()
-        .create_sandbox(ctx(), &create_sandbox)
-        .await
-        .unwrap_or_else(|e| panic!("CreateSandbox: {e:?}"));
+    let sandbox = SandboxVm::boot("bench", SHARE_TAG, "").await;
     let target = Target {
-        agent: conn.agent().clone(),
-        streams: Streams::Vsock(vm.hybrid_vsock()),
-        rootfs_host: share.path().to_owned(),
+        agent: sandbox.conn.agent().clone(),
+        streams: Streams::Vsock(sandbox.vm.hybrid_vsock()),
+        rootfs_host: sandbox.share.path().to_owned(),
         rootfs_agent: boxlite_protocol::default_share_mount_point(SHARE_TAG),
     };
     let cells = measure(&target, args).await;
-    vm.stop()
-        .await
-        .unwrap_or_else(|e| panic!("stop the VM: {e}"));
+    sandbox.stop().await;
     cells
-}
-
-/// On a panic, prints the agent's log (host) or the guest console.
-struct LogOnPanic(PathBuf);
-
-impl Drop for LogOnPanic {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.0).unwrap_or_else(|e| format!("({e})"));
-            eprintln!("--- {} ---\n{log}--- end ---", self.0.display());
-        }
-    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
