@@ -15,4 +15,13 @@ pub fn init_stderr_logging() {
         .init();
 }
 
+/// A bad command line: `<program>: <msg>` (when there is one, `--help`
+/// has none) and the usage text, on stderr.
+pub fn report_usage_error(program: &str, msg: &str, usage: &str) {
+    if !msg.is_empty() {
+        eprintln!("{program}: {msg}");
+    }
+    eprintln!("{usage}");
+}
+
 pub use crate::devices::virtio::fs::error_chain;

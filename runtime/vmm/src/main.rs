@@ -74,10 +74,7 @@ fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(a) => a,
         Err(msg) => {
-            if !msg.is_empty() {
-                eprintln!("boxlite-vmm: {msg}");
-            }
-            eprintln!("{USAGE}");
+            boxlite_vmm::cli::report_usage_error("boxlite-vmm", &msg, USAGE);
             return ExitCode::from(exit_code::CONFIG_ERROR as u8);
         }
     };

@@ -71,10 +71,7 @@ fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(a) => a,
         Err(msg) => {
-            if !msg.is_empty() {
-                eprintln!("boxlite-vsock: {msg}");
-            }
-            eprintln!("{USAGE}");
+            boxlite_vmm::cli::report_usage_error("boxlite-vsock", &msg, USAGE);
             return ExitCode::from(1);
         }
     };
