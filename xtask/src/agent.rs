@@ -52,11 +52,16 @@ pub const STATIC_C_LIBS_ENV: &[(&str, &str)] = &[
     ("LIBSECCOMP_LIB_PATH", "/usr/lib/x86_64-linux-gnu"),
 ];
 
+/// The cargo that runs xtask (`$CARGO`), else `cargo` from PATH.
+pub fn cargo_program() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
+}
+
 /// Builds the agent with `cargo build --release --target x86_64-unknown-linux-gnu`
 /// and `+crt-static` into `<workspace>/target`, and returns the checked binary.
 /// Cargo's output goes to this process's stderr.
 pub fn build(workspace: &Path) -> Result<PathBuf, AgentError> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let cargo = cargo_program();
     let target_dir = workspace.join("target");
     // RUSTFLAGS with --target applies to the agent only, not to build scripts
     // and proc macros, which stay dynamic host binaries.

@@ -119,7 +119,7 @@ pub fn build_static(
     package: &str,
     binary: &str,
 ) -> Result<PathBuf, TesthostError> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let cargo = agent::cargo_program();
     let target_dir = target_dir(workspace);
     let rustflags = match std::env::var("RUSTFLAGS") {
         Ok(extra) if !extra.trim().is_empty() => format!("{STATIC_RUSTFLAGS} {extra}"),
@@ -130,18 +130,32 @@ pub fn build_static(
          (RUSTFLAGS=\"{rustflags}\", target dir {})",
         target_dir.display()
     );
-    let status = Command::new(&cargo)
-        .current_dir(workspace)
-        .args(["build", "--release", "-p", package, "--bin", binary])
-        .args(["--target", AGENT_TARGET])
-        .env("RUSTFLAGS", &rustflags)
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env("CARGO_TARGET_DIR", &target_dir)
-        .status()
-        .map_err(|source| TesthostError::Spawn {
-            cargo: cargo.clone(),
-            source,
-        })?;
+    run_cargo(
+        Command::new(&cargo)
+            .current_dir(workspace)
+            .args(["build", "--release", "-p", package, "--bin", binary])
+            .args(["--target", AGENT_TARGET])
+            .env("RUSTFLAGS", &rustflags)
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env("CARGO_TARGET_DIR", &target_dir),
+        package,
+        binary,
+    )?;
+    let path = target_dir.join(AGENT_TARGET).join("release").join(binary);
+    if !path.is_file() {
+        return Err(TesthostError::Missing(path));
+    }
+    agent::check_static(&path).map_err(|e| TesthostError::NotStatic(binary.to_owned(), e))?;
+    Ok(path)
+}
+
+/// Runs a cargo build or install of `package`'s `binary`: not starting and
+/// not succeeding are errors naming the cargo, the package and the binary.
+fn run_cargo(cmd: &mut Command, package: &str, binary: &str) -> Result<(), TesthostError> {
+    let status = cmd.status().map_err(|source| TesthostError::Spawn {
+        cargo: cmd.get_program().to_string_lossy().into_owned(),
+        source,
+    })?;
     if !status.success() {
         return Err(TesthostError::Build {
             package: package.to_owned(),
@@ -149,12 +163,7 @@ pub fn build_static(
             status,
         });
     }
-    let path = target_dir.join(AGENT_TARGET).join("release").join(binary);
-    if !path.is_file() {
-        return Err(TesthostError::Missing(path));
-    }
-    agent::check_static(&path).map_err(|e| TesthostError::NotStatic(binary.to_owned(), e))?;
-    Ok(path)
+    Ok(())
 }
 
 /// A static virtiofsd for the test host: `cargo install` into
@@ -170,43 +179,35 @@ pub fn static_virtiofsd(workspace: &Path, cache_root: &Path) -> Result<PathBuf, 
         );
         return Ok(bin);
     }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let cargo = agent::cargo_program();
     let staging = dir.with_file_name(format!("{VIRTIOFSD_VERSION}.partial"));
     let _ = std::fs::remove_dir_all(&staging);
     eprintln!(
         "testhost: cargo install virtiofsd@{VIRTIOFSD_VERSION} (static, into {})",
         dir.display()
     );
-    let status = Command::new(&cargo)
-        .args(["install", "--locked", "--force"])
-        .arg(format!("virtiofsd@{VIRTIOFSD_VERSION}"))
-        .arg("--root")
-        .arg(&staging)
-        .args(["--target", AGENT_TARGET])
-        .env("RUSTFLAGS", STATIC_RUSTFLAGS)
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        // Without these, libseccomp-sys and capng link the shared libraries
-        // into a static-glibc binary, which crashes at start.
-        .env("LIBSECCOMP_LINK_TYPE", "static")
-        .env("LIBSECCOMP_LIB_PATH", DEBIAN_LIB_DIR)
-        .env("LIBCAPNG_LINK_TYPE", "static")
-        .env("LIBCAPNG_LIB_PATH", DEBIAN_LIB_DIR)
-        .env(
-            "CARGO_TARGET_DIR",
-            target_dir(workspace).join("virtiofsd-static"),
-        )
-        .status()
-        .map_err(|source| TesthostError::Spawn {
-            cargo: cargo.clone(),
-            source,
-        })?;
-    if !status.success() {
-        return Err(TesthostError::Build {
-            package: format!("virtiofsd@{VIRTIOFSD_VERSION}"),
-            binary: "virtiofsd".to_owned(),
-            status,
-        });
-    }
+    run_cargo(
+        Command::new(&cargo)
+            .args(["install", "--locked", "--force"])
+            .arg(format!("virtiofsd@{VIRTIOFSD_VERSION}"))
+            .arg("--root")
+            .arg(&staging)
+            .args(["--target", AGENT_TARGET])
+            .env("RUSTFLAGS", STATIC_RUSTFLAGS)
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            // Without these, libseccomp-sys and capng link the shared libraries
+            // into a static-glibc binary, which crashes at start.
+            .env("LIBSECCOMP_LINK_TYPE", "static")
+            .env("LIBSECCOMP_LIB_PATH", DEBIAN_LIB_DIR)
+            .env("LIBCAPNG_LINK_TYPE", "static")
+            .env("LIBCAPNG_LIB_PATH", DEBIAN_LIB_DIR)
+            .env(
+                "CARGO_TARGET_DIR",
+                target_dir(workspace).join("virtiofsd-static"),
+            ),
+        &format!("virtiofsd@{VIRTIOFSD_VERSION}"),
+        "virtiofsd",
+    )?;
     let built = staging.join("bin/virtiofsd");
     if !built.is_file() {
         return Err(TesthostError::Missing(built));
