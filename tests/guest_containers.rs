@@ -319,24 +319,15 @@ async fn containers_run_inside_the_guest() {
     g.stop().await;
 }
 
+include!("../guest-agent/agent/tests/helpers/build_sandbox_probe.rs");
+
 /// The agent's sandbox probe (guest-agent/agent/tests/helpers), static.
 fn sandbox_probe() -> std::path::PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../guest-agent/agent/tests/helpers/sandbox_probe.c");
     let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("sandbox_probe-guest-{}", std::process::id()));
-    let result = std::process::Command::new("gcc")
-        .args(["-static", "-O2", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .output()
-        .expect("run gcc (the sandbox probe is built with gcc -static)");
-    assert!(
-        result.status.success(),
-        "gcc -static {}: {}",
-        src.display(),
-        String::from_utf8_lossy(&result.stderr)
-    );
+    build_sandbox_probe(&src, &out);
     out
 }
 

@@ -46,6 +46,8 @@ const CONTAINERD_SECCOMP: &str = concat!(
     "/tests/fixtures/containerd-default-seccomp.json"
 );
 
+include!("helpers/build_sandbox_probe.rs");
+
 /// Builds `tests/helpers/sandbox_probe.c` once per test binary.
 fn probe_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -53,19 +55,7 @@ fn probe_binary() -> &'static Path {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/helpers/sandbox_probe.c");
         let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("sandbox_probe-{}", std::process::id()));
-        let result = Command::new("gcc")
-            .args(["-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o"])
-            .arg(&out)
-            .arg(&src)
-            .output()
-            .expect("run gcc (the sandbox probe is built with gcc -static)");
-        assert!(
-            result.status.success(),
-            "gcc -static {}: {}\n{}",
-            src.display(),
-            result.status,
-            String::from_utf8_lossy(&result.stderr)
-        );
+        build_sandbox_probe(&src, &out);
         out
     })
 }
