@@ -84,6 +84,23 @@ async fn pod_lifecycle_network_and_exec() {
     let (code, addrs, _) = cri.exec(&web, &["ip", "-o", "addr", "show"]).await;
     assert_eq!(code, 0);
     assert!(addrs.contains(&format!("inet {ip}/24")), "{addrs}");
+    // The container joined the pod's namespace, whose `lo` is up as under
+    // runc: localhost reaches the pod's own server.
+    assert!(addrs.contains("inet 127.0.0.1/8"), "{addrs}");
+    assert!(addrs.contains("inet6 ::1/128"), "{addrs}");
+    let (code, local, err) = cri
+        .exec(
+            &web,
+            &[
+                "sh",
+                "-c",
+                // The server may still be starting: up to 10 s.
+                "for i in $(seq 50); do wget -q -O - http://127.0.0.1:8080/ && exit 0; \
+                 sleep 0.2; done; exit 1",
+            ],
+        )
+        .await;
+    assert_eq!((code, local.trim()), (0, GREETING), "{err}");
     let (code, out, err) = cri
         .exec(
             &web,

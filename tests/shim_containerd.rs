@@ -269,6 +269,8 @@ fn pod_network_namespace_is_wired_to_the_vm() {
     assert!(shown.contains("02:42:0a:7c:00:02"), "{shown}");
     assert!(shown.contains("mtu 1400"), "{shown}");
     assert!(shown.contains("default via 10.124.0.1"), "{shown}");
+    assert!(shown.contains("inet 127.0.0.1/8"), "lo is up: {shown}");
+    assert!(shown.contains("inet6 ::1/128"), "lo is up: {shown}");
     assert!(!ns.ip(&["link", "show"]).contains("_bx"), "tap left behind");
 
     // A server in the VM, reached from the host through the veth.
@@ -973,6 +975,37 @@ fn hundred_mib_of_stdout_intact() {
 
 /// Two containers in one sandbox via the CRI annotations: the same guest
 /// kernel (boot_id), not the host's.
+/// `ctr run` without CNI gives the container a new network namespace: as
+/// under runc its `lo` is up with 127.0.0.1/8 and ::1, and a server bound
+/// to localhost answers a client in the same container (the agent once
+/// left `lo` down: EADDRNOTAVAIL for every localhost program).
+#[test]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
+fn loopback_is_up_in_a_new_network_namespace() {
+    let c = Containerd::with_image();
+    let out = c.run_rm(
+        &[],
+        "lo1",
+        &[
+            "sh",
+            "-c",
+            "ip -o addr show dev lo; httpd -p 127.0.0.1:8080 -h /etc && \
+             wget -q -O - http://127.0.0.1:8080/passwd && \
+             httpd -p [::1]:8081 -h /etc && wget -q -O - http://[::1]:8081/passwd",
+        ],
+    );
+    let shown = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{shown}{}", text(&out.stderr));
+    assert!(shown.contains("inet 127.0.0.1/8"), "{shown}");
+    assert!(shown.contains("inet6 ::1/128"), "{shown}");
+    assert_eq!(
+        shown.matches("root:x:0:0:root:/root:/bin/sh").count(),
+        2,
+        "both servers answered: {shown}"
+    );
+    c.assert_nothing_left();
+}
+
 #[test]
 #[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
 fn two_containers_in_one_sandbox() {

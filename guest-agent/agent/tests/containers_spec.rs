@@ -19,6 +19,7 @@ use ttrpc::Code;
 /// busybox applets the scripts here use besides [`APPLETS`].
 const MORE_APPLETS: &[&str] = &[
     "stat", "touch", "mkdir", "unshare", "readlink", "cut", "sed", "tr", "hostname", "mount", "dd",
+    "ip", "httpd", "wget",
 ];
 
 /// A busybox rootfs with the extra applets; returns (guest path, host dir).
@@ -701,6 +702,7 @@ async fn joining_a_sibling_containers_namespaces_by_path() {
         echo mqueue=$(ls /dev/mqueue)
         echo init_comm=$(cat /proc/1/comm)
         echo self_is_init=$(test $$ = 1 && echo yes || echo no)
+        echo lo=$(ip -o addr show dev lo | tr -s ' ' | cut -d' ' -f3,4 | tr '\n' ' ')
     "#;
     let mut spec_b = sh_spec(b, &rootfs_b, script);
     spec_b.as_object_mut().unwrap().remove("hostname");
@@ -725,9 +727,41 @@ async fn joining_a_sibling_containers_namespaces_by_path() {
     assert_eq!(o.var("mqueue"), "from-a");
     assert_eq!(o.var("init_comm"), "sleep");
     assert_eq!(o.var("self_is_init"), "no");
+    // A's new namespace got `lo` up (as runc does); B, joining it, sees it.
+    assert_eq!(o.var("lo"), "inet 127.0.0.1/8 inet6 ::1/128", "{o:#?}");
     // B has its own mount namespace.
     assert_ne!(o.var("ns_mnt"), ns("mnt"));
     remove(&client, a).await;
+}
+
+/// A container in a new network namespace (what `ctr run` gives without
+/// CNI) has `lo` up with 127.0.0.1/8 and ::1, as runc brings it up: a
+/// server bound to 127.0.0.1 and to [::1] answers a client in the same
+/// container. libcontainer alone left `lo` down, and `bind(127.0.0.1)`
+/// failed with EADDRNOTAVAIL.
+#[tokio::test]
+#[ignore = "needs root"]
+async fn new_network_namespace_has_loopback_up() {
+    let agent = Agent::start();
+    let (_, client) = agent.connect().await;
+    let id = "lo-up";
+    let (rootfs, _) = make_rootfs(&agent, id);
+    let script = r#"
+        echo lo=$(ip -o addr show dev lo | tr -s ' ' | cut -d' ' -f3,4 | tr '\n' ' ')
+        mkdir -p /www && echo served > /www/index.html
+        httpd -p 127.0.0.1:8080 -h /www && echo v4=$(wget -q -O - http://127.0.0.1:8080/)
+        httpd -p [::1]:8081 -h /www && echo v6=$(wget -q -O - http://[::1]:8081/)
+    "#;
+    let mut spec = sh_spec(id, &rootfs, script);
+    spec["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "network"}));
+    let o = run_spec(&agent, &client, id, &spec).await;
+    assert_eq!(o.code, 0, "{o:#?}");
+    assert_eq!(o.var("lo"), "inet 127.0.0.1/8 inet6 ::1/128", "{o:#?}");
+    assert_eq!(o.var("v4"), "served", "{o:#?}");
+    assert_eq!(o.var("v6"), "served", "{o:#?}");
 }
 
 /// containerd's default seccomp profile (tests/fixtures, written from

@@ -153,6 +153,7 @@ fn run(req: &HelperRequest) -> Result<i32, String> {
                 .map_err(|e| format!("cannot read {}: {e}", config.display()))
                 .and_then(|spec| {
                     fix_mounts(&spec, pid)?;
+                    bring_up_loopback(&spec, pid)?;
                     apply_device_rules(&spec)
                 });
             if let Err(e) = finish {
@@ -174,6 +175,47 @@ fn run(req: &HelperRequest) -> Result<i32, String> {
             .map(|p| p.as_raw())
             .map_err(|e| crate::error::chain(&e)),
     }
+}
+
+/// Whether the spec asks for a new network namespace (an entry without a
+/// path), as opposed to joining one by path or keeping the caller's.
+fn creates_network_namespace(spec: &oci_spec::runtime::Spec) -> bool {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|ns| {
+            ns.iter()
+                .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+        })
+        .is_some_and(|n| n.path().as_ref().is_none_or(|p| p.as_os_str().is_empty()))
+}
+
+/// `lo` up in a network namespace the container got new, as runc does (its
+/// "loopback" network, added for exactly this case): the kernel then gives
+/// it 127.0.0.1/8 and ::1. libcontainer 0.7 leaves `lo` down, so anything
+/// that talks to localhost failed with EADDRNOTAVAIL. A namespace joined by
+/// path is someone else's and stays as it is. Network namespaces can be
+/// entered by any thread and do not move root or cwd, so the helper enters
+/// the container's, flips the flag and comes back.
+fn bring_up_loopback(spec: &oci_spec::runtime::Spec, pid: i32) -> Result<(), String> {
+    if !creates_network_namespace(spec) {
+        return Ok(());
+    }
+    let open_ns =
+        |path: &str| std::fs::File::open(path).map_err(|e| format!("cannot open {path}: {e}"));
+    let own = open_ns("/proc/self/ns/net")?;
+    let theirs = open_ns(&format!("/proc/{pid}/ns/net"))?;
+    nix::sched::setns(&theirs, nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| format!("cannot enter the container's network namespace: {e}"))?;
+    let result = crate::network::bring_up("lo").map_err(|e| {
+        format!(
+            "loopback of the container's network namespace: {}",
+            crate::error::chain(&e)
+        )
+    });
+    nix::sched::setns(&own, nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| format!("cannot return to the agent's network namespace: {e}"))?;
+    result
 }
 
 /// `linux.resources.devices` on cgroup v2 (the guest), which libcontainer
@@ -358,5 +400,33 @@ impl MountAttr {
             propagation: 0,
             userns_fd: 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::creates_network_namespace;
+
+    fn spec_with_namespaces(namespaces: serde_json::Value) -> oci_spec::runtime::Spec {
+        serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "root": {"path": "/rootfs"},
+            "linux": {"namespaces": namespaces},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_a_network_entry_without_path_is_a_new_namespace() {
+        let new = spec_with_namespaces(serde_json::json!([{"type": "pid"}, {"type": "network"}]));
+        assert!(creates_network_namespace(&new));
+        let empty_path = spec_with_namespaces(serde_json::json!([{"type": "network", "path": ""}]));
+        assert!(creates_network_namespace(&empty_path));
+        let joined = spec_with_namespaces(
+            serde_json::json!([{"type": "network", "path": "/proc/7/ns/net"}]),
+        );
+        assert!(!creates_network_namespace(&joined));
+        let callers = spec_with_namespaces(serde_json::json!([{"type": "pid"}]));
+        assert!(!creates_network_namespace(&callers));
     }
 }
