@@ -8,9 +8,13 @@
 //!   [`STDIO_VSOCK_PORT`].
 //! * The agent writes its log lines to every connection on
 //!   [`LOG_VSOCK_PORT`], starting with what it logged before the connection.
+//! * [`ids`] and [`mac`]: the one rule for container, exec and sandbox ids
+//!   and the one MAC address parser, used on both sides.
 //! * [`ready`]: once it serves, the agent connects to host port
 //!   [`READY_VSOCK_PORT`] and announces itself; the host connects only then.
 
+pub mod ids;
+pub mod mac;
 pub mod ready;
 pub mod stdio;
 
