@@ -9,10 +9,12 @@
 //! * The agent writes its log lines to every connection on
 //!   [`LOG_VSOCK_PORT`], starting with what it logged before the connection.
 //! * [`ids`] and [`mac`]: the one rule for container, exec and sandbox ids
-//!   and the one MAC address parser, used on both sides.
+//!   and the one MAC address parser, used on both sides; [`error_chain`]
+//!   prints an error with its causes the same way on both sides.
 //! * [`ready`]: once it serves, the agent connects to host port
 //!   [`READY_VSOCK_PORT`] and announces itself; the host connects only then.
 
+pub mod error_chain;
 pub mod ids;
 pub mod mac;
 pub mod ready;
