@@ -10,7 +10,7 @@ export PATH="$HOME/.cargo/bin:/usr/local/bin:$PATH"
 
 # Debian packages the build, the tests and the qemu backend need.
 APT_PACKAGES=(
-    # guest kernel build (DESIGN.md §3)
+    # guest kernel build (docs/architecture.md)
     linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev xz-utils
     # the qemu backend and its helper daemons' build deps
     qemu-system-x86 libseccomp-dev libcap-ng-dev pkg-config
