@@ -48,7 +48,7 @@ pub enum AttemptError {
     BadReply(String),
     #[error("reply longer than {MAX_REPLY_LEN} bytes without a newline (starts {0:?})")]
     ReplyTooLong(String),
-    #[error("{0}")]
+    #[error(transparent)]
     Io(io::Error),
 }
 

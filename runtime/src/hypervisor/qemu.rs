@@ -15,7 +15,7 @@
 //! | `qemu.log`, `vsock-backend.log`, `virtiofsd-<tag>.log` | each process's stdout and stderr |
 //! | `qemu.pid`, `vsock-backend.pid`, `virtiofsd-<tag>.pid` | pids, for [`super::cleanup_stale_processes`] |
 //!
-//! Start order (`hypervisor/lifecycle.rs`, shared with the builtin backend):
+//! Start order (`hypervisor/process_vm.rs`, shared with the builtin backend):
 //! every file and binary is checked first, then the helpers are spawned and
 //! their sockets awaited, then QEMU. Any failure on the way kills and reaps
 //! what was spawned and removes the sockets. Sockets and pid files go at
@@ -28,8 +28,9 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
-use super::lifecycle::{self, Backend, State, VmProcesses};
-use super::process::{spawn_process, wait_for_sockets, Role};
+use super::launcher::{Launch, Launcher, VmSetup};
+use super::process::Role;
+use super::process_vm::ProcessVm;
 use super::{HypervisorError, NetDevice, Share, TapDevice, VmSpec, CONSOLE_LOG, VSOCK_SOCKET};
 use crate::config::{ResolvedAccel, ResolvedHypervisor};
 
@@ -49,34 +50,42 @@ pub use super::process::fs_socket_name;
 
 /// The `qemu` backend. Build it with [`super::new_hypervisor`] (or
 /// [`QemuHypervisor::new`] with an already resolved config).
+pub type QemuHypervisor = ProcessVm<QemuLauncher>;
+
+/// How the `qemu` backend launches a VM: the vsock backend and virtiofsd
+/// daemons, then QEMU.
 #[derive(Debug)]
-pub struct QemuHypervisor {
-    vm: VmProcesses,
-    vcpus: u32,
-    memory_mib: u32,
-    cmdline_extra: Vec<String>,
+pub struct QemuLauncher {
     bins: ResolvedHypervisor,
 }
 
-impl QemuHypervisor {
-    pub fn new(mut spec: VmSpec, bins: ResolvedHypervisor) -> Result<Self, HypervisorError> {
-        Ok(Self {
-            vm: VmProcesses::new(&mut spec, Role::Qemu, &bins.virtiofsd_binary)?,
-            vcpus: spec.vcpus,
-            memory_mib: spec.memory_mib,
-            cmdline_extra: spec.cmdline_extra,
-            bins,
-        })
+impl ProcessVm<QemuLauncher> {
+    pub fn new(spec: VmSpec, bins: ResolvedHypervisor) -> Result<Self, HypervisorError> {
+        let virtiofsd = bins.virtiofsd_binary.clone();
+        ProcessVm::with_launcher(spec, &virtiofsd, QemuLauncher { bins })
     }
 
-    fn path(&self, name: &str) -> PathBuf {
-        self.vm.path(name)
-    }
-
-    /// The QEMU command line (without the binary). `tap_fds` are the raw fds
-    /// of `nets` that QEMU inherits, in order (ignored for named taps).
+    /// The QEMU command line (without the binary); see [`QemuLauncher::qemu_args`].
     pub fn qemu_args(
         &self,
+        shares: &[Share],
+        nets: &[(Option<RawFd>, &NetDevice)],
+    ) -> Vec<OsString> {
+        self.launcher.qemu_args(&self.setup, shares, nets)
+    }
+
+    /// `console=ttyS0 reboot=t panic=-1` plus the extras.
+    pub fn cmdline(&self) -> String {
+        cmdline(&self.setup)
+    }
+}
+
+impl QemuLauncher {
+    /// The QEMU command line (without the binary). `nets` pairs each device
+    /// with the raw fd QEMU inherits for it (ignored for named taps).
+    pub fn qemu_args(
+        &self,
+        vm: &VmSetup,
         shares: &[Share],
         nets: &[(Option<RawFd>, &NetDevice)],
     ) -> Vec<OsString> {
@@ -86,11 +95,11 @@ impl QemuHypervisor {
             ResolvedAccel::Kvm => ("kvm", "host"),
             ResolvedAccel::Tcg => ("tcg", "max"),
         };
-        let mem = format!("{}M", self.memory_mib);
-        push(&["-name", &format!("boxlite-{}", self.vm.id)]);
+        let mem = format!("{}M", vm.memory_mib);
+        push(&["-name", &format!("boxlite-{}", vm.id)]);
         push(&["-M", "microvm,acpi=off,memory-backend=mem"]);
         push(&["-accel", accel, "-cpu", cpu]);
-        push(&["-smp", &self.vcpus.to_string(), "-m", &mem]);
+        push(&["-smp", &vm.vcpus.to_string(), "-m", &mem]);
         push(&[
             "-object",
             &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
@@ -99,23 +108,23 @@ impl QemuHypervisor {
         args.push("-chardev".into());
         args.push(opt_with_path(
             "file,id=console,path=",
-            &self.path(CONSOLE_LOG),
+            &vm.path(CONSOLE_LOG),
             "",
         ));
         args.push("-serial".into());
         args.push("chardev:console".into());
         args.push("-kernel".into());
-        args.push(self.vm.kernel.clone().into_os_string());
+        args.push(vm.kernel.clone().into_os_string());
         args.push("-initrd".into());
-        args.push(self.vm.initramfs.clone().into_os_string());
+        args.push(vm.initramfs.clone().into_os_string());
         args.push("-append".into());
-        args.push(self.cmdline().into());
+        args.push(cmdline(vm).into());
         args.push("-device".into());
         args.push("virtio-rng-device".into());
         args.push("-chardev".into());
         args.push(opt_with_path(
             "socket,id=vsock,path=",
-            &self.path(VHOST_VSOCK_SOCKET),
+            &vm.path(VHOST_VSOCK_SOCKET),
             "",
         ));
         args.push("-device".into());
@@ -124,7 +133,7 @@ impl QemuHypervisor {
             args.push("-chardev".into());
             args.push(opt_with_path(
                 &format!("socket,id=fs{i},path="),
-                &self.path(&fs_socket_name(&share.tag)),
+                &vm.path(&fs_socket_name(&share.tag)),
                 "",
             ));
             args.push("-device".into());
@@ -145,50 +154,21 @@ impl QemuHypervisor {
         }
         args
     }
+}
 
-    /// `console=ttyS0 reboot=t panic=-1` plus the extras.
-    pub fn cmdline(&self) -> String {
-        let mut cmdline = BASE_CMDLINE.to_owned();
-        for extra in &self.cmdline_extra {
-            cmdline.push(' ');
-            cmdline.push_str(extra);
-        }
-        cmdline
+/// `console=ttyS0 reboot=t panic=-1` plus the extras.
+fn cmdline(vm: &VmSetup) -> String {
+    let mut cmdline = BASE_CMDLINE.to_owned();
+    for extra in &vm.cmdline_extra {
+        cmdline.push(' ');
+        cmdline.push_str(extra);
     }
-
-    /// Spawns one process (see [`spawn_process`]) and records it in `st.procs`.
-    fn spawn(
-        &self,
-        st: &mut State,
-        role: Role,
-        binary: &Path,
-        args: Vec<OsString>,
-        socket: Option<PathBuf>,
-        inherit_fds: Vec<RawFd>,
-    ) -> Result<(), HypervisorError> {
-        let p = spawn_process(
-            &self.vm.id,
-            &self.vm.dir,
-            role,
-            binary,
-            args,
-            socket,
-            inherit_fds,
-        )?;
-        st.procs.push(p);
-        Ok(())
-    }
-
-    async fn wait_for_helper_sockets(&self, st: &mut State) -> Result<(), HypervisorError> {
-        wait_for_sockets(&self.vm.id, &mut st.procs).await
-    }
+    cmdline
 }
 
 #[async_trait]
-impl Backend for QemuHypervisor {
-    fn vm(&self) -> &VmProcesses {
-        &self.vm
-    }
+impl Launcher for QemuLauncher {
+    const VMM: Role = Role::Qemu;
 
     fn binaries(&self) -> Vec<(&'static str, &Path)> {
         vec![
@@ -203,48 +183,40 @@ impl Backend for QemuHypervisor {
         ]
     }
 
-    fn own_sockets(&self) -> Vec<PathBuf> {
-        vec![self.path(VHOST_VSOCK_SOCKET)]
+    fn own_sockets(&self, vm: &VmSetup) -> Vec<PathBuf> {
+        vec![vm.path(VHOST_VSOCK_SOCKET)]
     }
 
     /// Spawns the helpers, waits for their sockets, then spawns QEMU.
-    async fn spawn_all(&self, st: &mut State) -> Result<(), HypervisorError> {
-        let vhost = self.path(VHOST_VSOCK_SOCKET);
+    async fn spawn(&self, vm: &VmSetup, launch: &mut Launch<'_>) -> Result<(), HypervisorError> {
+        let vhost = vm.path(VHOST_VSOCK_SOCKET);
         let args = vec![
             "--guest-cid".into(),
             GUEST_CID.to_string().into(),
             "--socket".into(),
             vhost.clone().into_os_string(),
             "--uds-path".into(),
-            self.path(VSOCK_SOCKET).into_os_string(),
+            vm.path(VSOCK_SOCKET).into_os_string(),
         ];
-        let bin = self.bins.vhost_vsock_binary.clone();
-        self.spawn(st, Role::Vsock, &bin, args, Some(vhost), Vec::new())?;
+        let bin = &self.bins.vhost_vsock_binary;
+        launch.spawn(vm, Role::Vsock, bin, args, Some(vhost), Vec::new())?;
 
-        lifecycle::spawn_virtiofsd(&self.vm, st)?;
-        self.wait_for_helper_sockets(st).await?;
+        launch.spawn_virtiofsd(vm)?;
+        launch.wait_for_helper_sockets(vm).await?;
 
-        let fds = lifecycle::tap_fds(&st.nets);
+        let fds = launch.tap_fds();
         let nets: Vec<(Option<RawFd>, &NetDevice)> =
-            fds.iter().copied().zip(st.nets.iter()).collect();
-        let args = self.qemu_args(&st.shares, &nets);
+            fds.iter().copied().zip(launch.nets.iter()).collect();
+        let args = self.qemu_args(vm, launch.shares, &nets);
         tracing::info!(
-            sandbox_id = %self.vm.id,
+            sandbox_id = %vm.id,
             cmdline = %render_cmdline(&self.bins.qemu_binary, &args),
             "starting qemu"
         );
-        let bin = self.bins.qemu_binary.clone();
         let inherit: Vec<RawFd> = fds.into_iter().flatten().collect();
-        self.spawn(st, Role::Qemu, &bin, args, None, inherit)?;
-        // QEMU has its copies now.
-        st.nets.clear();
-        let qemu = st.procs.last().expect("qemu was just pushed");
-        self.vm.set_pid(qemu.pid);
-        Ok(())
+        launch.spawn(vm, Role::Qemu, &self.bins.qemu_binary, args, None, inherit)
     }
 }
-
-lifecycle::delegate_hypervisor!(QemuHypervisor);
 
 /// `prefix` + `path` with QEMU's option escaping (`,` → `,,`) + `suffix`.
 fn opt_with_path(prefix: &str, path: &Path, suffix: &str) -> OsString {
@@ -543,7 +515,7 @@ exec sleep 30"#
         vm.add_share("rootfs", rig.tmp.path(), false).await.unwrap();
         vm.start().await.unwrap();
         let helper_pids: Vec<u32> = {
-            let st = vm.vm.state.lock().await;
+            let st = vm.state.lock().await;
             st.procs.iter().map(|p| p.pid).collect()
         };
         assert_eq!(helper_pids.len(), 3);
@@ -647,15 +619,7 @@ exec sleep 30"#
 
         let vm = QemuHypervisor::new(rig.spec(), rig.bins(qemu, vsock.clone(), vsock)).unwrap();
         vm.start().await.unwrap();
-        let pids: Vec<u32> = vm
-            .vm
-            .state
-            .lock()
-            .await
-            .procs
-            .iter()
-            .map(|p| p.pid)
-            .collect();
+        let pids: Vec<u32> = vm.state.lock().await.procs.iter().map(|p| p.pid).collect();
         drop(vm);
         for pid in pids {
             assert!(!pid_alive(pid), "pid {pid} left behind");

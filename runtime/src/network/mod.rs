@@ -34,9 +34,12 @@ mod wire;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+/// The project's one MAC type (`boxlite_protocol::mac`), as pod interfaces
+/// and guest NICs carry it.
+pub use boxlite_protocol::mac::MacAddr;
 pub use error::NetworkError;
 pub use model::{IpFamily, IpNet, PodNetwork, PodRoute, RouteScope, WiredInterface};
-pub use tap::{create_tap, is_tap_name, tap_name, TAP_SUFFIX};
+pub use tap::{create_tap, is_tap_name, tap_name, TapDevice, TAP_SUFFIX};
 
 use error::Ctx;
 
