@@ -108,8 +108,6 @@ pub trait Hypervisor: Send + Sync {
 }
 
 /// Builds the backend the config selects for `spec`. Resolves the backend,
-
-/// Builds the backend the config selects for `spec`. Resolves the backend,
 /// the accelerator and every helper binary first, so a missing binary is
 /// reported before anything is created or spawned.
 pub fn new_hypervisor(
