@@ -239,9 +239,9 @@ pub async fn request_agent_shutdown(
 
 #[cfg(test)]
 mod tests {
-    use super::super::ready;
     use super::*;
-    use crate::hypervisor::{MacAddr, TapDevice, CONSOLE_LOG, VSOCK_SOCKET};
+    use crate::hypervisor::{ready, CONSOLE_LOG, VSOCK_SOCKET};
+    use crate::network::{MacAddr, TapDevice};
     use async_trait::async_trait;
     use boxlite_protocol::health::HealthCheckResponse;
     use boxlite_protocol::health_ttrpc::{create_health, Health};

@@ -37,8 +37,9 @@ use serde_json::{json, Value};
 use super::launcher::{Launch, Launcher, VmSetup};
 use super::process::{fs_socket_name, Role};
 use super::process_vm::ProcessVm;
-use super::{HypervisorError, NetDevice, Share, TapDevice, VmSpec, CONSOLE_LOG, VSOCK_SOCKET};
+use super::{HypervisorError, NetDevice, Share, VmSpec, CONSOLE_LOG, VSOCK_SOCKET};
 use crate::config::ResolvedHypervisor;
+use crate::network::TapDevice;
 
 /// The VM config file in the sandbox directory.
 pub const VM_CONFIG: &str = "vm.json";

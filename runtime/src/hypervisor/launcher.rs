@@ -13,7 +13,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::process::{fs_socket_name, spawn_process, virtiofsd_args, wait_for_sockets, Proc, Role};
-use super::{HypervisorError, NetDevice, Share, TapDevice};
+use super::{HypervisorError, NetDevice, Share};
+use crate::network::TapDevice;
 
 /// What is fixed for a VM once it is created: where it lives, what it boots
 /// and how big it is. Launchers read it to build their command lines.

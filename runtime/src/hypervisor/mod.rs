@@ -35,6 +35,7 @@ use async_trait::async_trait;
 
 use crate::config::{Config, ResolvedBackend};
 use crate::hybrid_vsock::HybridVsock;
+use crate::network;
 
 pub use agent::{wait_for_agent, wait_for_announcement, AgentConnection};
 pub use error::{ExitReport, HypervisorError};
@@ -68,7 +69,11 @@ pub trait Hypervisor: Send + Sync {
     ) -> Result<(), HypervisorError>;
 
     /// Adds a virtio-net device on `tap`. Only before `start`.
-    async fn add_net(&self, tap: TapDevice, mac: MacAddr) -> Result<(), HypervisorError>;
+    async fn add_net(
+        &self,
+        tap: network::TapDevice,
+        mac: network::MacAddr,
+    ) -> Result<(), HypervisorError>;
 
     /// Checks every file and binary, then starts the VM (and its helpers).
     /// On error nothing is left running and no socket is left behind.

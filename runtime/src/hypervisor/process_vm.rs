@@ -27,10 +27,11 @@ use super::process::{fs_socket_name, is_executable, kill_and_reap, Proc, POLL_IN
 use super::ready::{ready_socket_path, ReadyListener};
 use super::spec::{check_net, check_sandbox_id};
 use super::{
-    validate_share_tag, AgentConnection, ExitReport, Hypervisor, HypervisorError, MacAddr,
-    NetDevice, Share, TapDevice, VmSpec, CONSOLE_LOG, MAX_SOCKET_PATH_LEN, VSOCK_SOCKET,
+    validate_share_tag, AgentConnection, ExitReport, Hypervisor, HypervisorError, NetDevice, Share,
+    VmSpec, CONSOLE_LOG, MAX_SOCKET_PATH_LEN, VSOCK_SOCKET,
 };
 use crate::log_tail::last_line;
+use crate::network::{MacAddr, TapDevice};
 
 /// After the VMM exits, how long helpers get to exit on their own (virtiofsd
 /// and boxlite-vsock do when their frontend disconnects) before teardown

@@ -31,8 +31,9 @@ use async_trait::async_trait;
 use super::launcher::{Launch, Launcher, VmSetup};
 use super::process::Role;
 use super::process_vm::ProcessVm;
-use super::{HypervisorError, NetDevice, Share, TapDevice, VmSpec, CONSOLE_LOG, VSOCK_SOCKET};
+use super::{HypervisorError, NetDevice, Share, VmSpec, CONSOLE_LOG, VSOCK_SOCKET};
 use crate::config::{ResolvedAccel, ResolvedHypervisor};
+use crate::network::TapDevice;
 
 /// vhost-user socket between QEMU and the vsock backend.
 pub const VHOST_VSOCK_SOCKET: &str = "vhost-vsock.sock";
