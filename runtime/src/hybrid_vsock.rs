@@ -99,6 +99,11 @@ impl fmt::Display for ConsoleLogHint {
 
 /// Errors of [`HybridVsock::connect`]. Messages name the socket, the port,
 /// what happened and the console log (when known).
+///
+/// `Failed` still puts its cause in the message rather than in `source`:
+/// the shim prints this error with `to_string()` (shim/src/stdio.rs), so
+/// the cause would vanish from its messages. Move it once the shim prints
+/// the chain. (`Timeout`'s `last` is context, not a cause.)
 #[derive(Debug, thiserror::Error)]
 pub enum HybridVsockError {
     #[error(

@@ -226,3 +226,45 @@ impl fmt::Display for LastLine<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use boxlite_protocol::error_chain::chain;
+
+    #[test]
+    fn timeouts_are_told_by_variant() {
+        let timeout = HypervisorError::AgentTimeout {
+            id: "s".into(),
+            port: 1024,
+            timeout: Duration::from_secs(1),
+            last: "none made".into(),
+            console_log: ConsoleLogHint(None),
+        };
+        assert!(timeout.is_timeout());
+        let state = HypervisorError::InvalidState {
+            id: "s".into(),
+            op: "start",
+            state: "stopped",
+        };
+        assert!(!state.is_timeout());
+    }
+
+    #[test]
+    fn causes_are_sources_not_message_text() {
+        let err = HypervisorError::Io {
+            id: "s".into(),
+            op: "cannot create the console log",
+            path: "/run/boxlite/s/console.log".into(),
+            error: std::io::Error::other("disk full"),
+        };
+        assert_eq!(
+            err.to_string(),
+            "sandbox s: /run/boxlite/s/console.log: cannot create the console log"
+        );
+        assert_eq!(
+            chain(&err),
+            "sandbox s: /run/boxlite/s/console.log: cannot create the console log: disk full"
+        );
+    }
+}

@@ -8,6 +8,11 @@ use std::path::{Path, PathBuf};
 /// known), the netns, what was being done (with the interface) and the
 /// cause: `sandbox 3f2a: netns /var/run/netns/cni-1: cannot add the ingress
 /// qdisc on eth0: Operation not permitted`.
+///
+/// The cause stays in the message (and `cause`), not in `source`: its text
+/// is the errno's description without io::Error's "(os error N)", which a
+/// plain `io::Error` source would print. Moving it out needs a source type
+/// that prints like `CauseText` below.
 #[derive(Debug, thiserror::Error)]
 #[error(
     "{}netns {}: cannot {action}: {}",
