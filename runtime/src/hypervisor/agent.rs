@@ -143,7 +143,7 @@ pub async fn wait_for_announcement<H: Hypervisor + ?Sized>(
 }
 
 /// The readiness loop shared by backends: first the agent's announcement
-/// on `ready` (the backends always pass it; see [`ready`] for why no
+/// on `ready` (the backends always pass it; see [`super::ready`] for why no
 /// connection may be made before), then, until `deadline`, check that `vm`
 /// is alive, connect to the agent port through the hybrid socket and call
 /// `Health.Check`; return the connection once it answers `SERVING`.

@@ -37,6 +37,8 @@ use crate::config::{Config, ResolvedBackend};
 use crate::hybrid_vsock::HybridVsock;
 use crate::network;
 
+// The module's face: what callers name as `hypervisor::X` (the files
+// behind it are an implementation detail).
 pub use agent::{wait_for_agent, wait_for_announcement, AgentConnection};
 pub use error::{ExitReport, HypervisorError};
 pub use spec::{validate_share_tag, NetDevice, Share, VmSpec};
