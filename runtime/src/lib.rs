@@ -14,10 +14,10 @@
 //!
 //! Error messages in this crate name the object; an underlying error is
 //! the `#[source]`, not part of the message, so print errors with
-//! `boxlite_protocol::error_chain::chain`. Three still carry their cause
-//! in the message, each saying why at its definition: `ConfigError`'s
+//! `boxlite_protocol::error_chain::chain`. Two still carry their cause in
+//! the message, saying why at their definition: `ConfigError`'s
 //! `Read`/`Invalid` and `HybridVsockError::Failed` (the shim prints them
-//! with `to_string()` today), and `NetworkError` (its errno text).
+//! with `to_string()` today).
 
 pub mod annotations;
 pub mod config;
