@@ -393,6 +393,8 @@ impl<L: Launcher> Hypervisor for ProcessVm<L> {
             &self.vsock_socket_path(),
         )?);
         let started_at = Instant::now();
+        // Disjoint borrows of the guarded state: the launcher reads the
+        // shares and taps while it fills the process list.
         let st = &mut *st;
         let mut launch = Launch {
             shares: &st.shares,
@@ -401,7 +403,11 @@ impl<L: Launcher> Hypervisor for ProcessVm<L> {
         };
         match self.launcher.spawn(vm, &mut launch).await {
             Ok(()) => {
-                let pid = st.procs.last().map_or(0, |p| p.pid);
+                let pid = st
+                    .procs
+                    .iter()
+                    .rfind(|p| p.role == L::VMM)
+                    .map_or(0, |p| p.pid);
                 self.pid.store(pid, Ordering::SeqCst);
                 // The VMM has its copies of the taps now.
                 st.nets.clear();
