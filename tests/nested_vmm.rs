@@ -46,9 +46,9 @@ struct OuterRun {
 }
 
 impl OuterRun {
+    /// The end of the console log (the runtime's one log-tail reader).
     fn tail(&self) -> String {
-        let lines: Vec<&str> = self.console_text.lines().collect();
-        lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].join("\n")
+        boxlite_runtime::log_tail::log_tail(&self.console, CONSOLE_TAIL_LINES).unwrap_or_default()
     }
 
     /// The lines the driver printed for `scenario`'s failure (`  | …`)

@@ -48,7 +48,7 @@ pub enum AttemptError {
     BadReply(String),
     #[error("reply longer than {MAX_REPLY_LEN} bytes without a newline (starts {0:?})")]
     ReplyTooLong(String),
-    #[error("{0}")]
+    #[error(transparent)]
     Io(io::Error),
 }
 
@@ -99,6 +99,11 @@ impl fmt::Display for ConsoleLogHint {
 
 /// Errors of [`HybridVsock::connect`]. Messages name the socket, the port,
 /// what happened and the console log (when known).
+///
+/// `Failed` still puts its cause in the message rather than in `source`:
+/// the shim prints this error with `to_string()` (shim/src/stdio.rs), so
+/// the cause would vanish from its messages. Move it once the shim prints
+/// the chain. (`Timeout`'s `last` is context, not a cause.)
 #[derive(Debug, thiserror::Error)]
 pub enum HybridVsockError {
     #[error(

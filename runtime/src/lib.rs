@@ -6,17 +6,24 @@
 //!   (`CONNECT <port>\n` → `OK …\n` on a unix socket), and ttrpc clients over it.
 //! * [`hypervisor`]: the [`hypervisor::Hypervisor`] trait every backend
 //!   implements, the VM description ([`hypervisor::VmSpec`]), the agent
-//!   connection, and the backends ([`hypervisor::qemu`] for now).
+//!   connection, and the backends ([`hypervisor::qemu`],
+//!   [`hypervisor::builtin`]).
 //! * [`network`]: the host side of pod networking: taps in the pod's netns
 //!   wired to its interfaces with tc redirects (Kata's "tcfilter" model).
+//! * [`log_tail`]: the end of a log file, for error reports.
 //!
-//! Error messages in this crate are self-contained: they name the object and
-//! include the cause, so `{}` is enough to print them.
+//! Error messages in this crate name the object; an underlying error is
+//! the `#[source]`, not part of the message, so print errors with
+//! `boxlite_protocol::error_chain::chain`. Two still carry their cause in
+//! the message, saying why at their definition: `ConfigError`'s
+//! `Read`/`Invalid` and `HybridVsockError::Failed` (the shim prints them
+//! with `to_string()` today).
 
 pub mod annotations;
 pub mod config;
 pub mod hybrid_vsock;
 pub mod hypervisor;
+pub mod log_tail;
 pub mod network;
 
 pub use config::Config;

@@ -16,10 +16,11 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use boxlite_runtime::hypervisor::{MacAddr, TapDevice};
+use boxlite_protocol::error_chain::chain;
 use boxlite_runtime::network::{
     teardown, IpFamily, IpNet, PodNetwork, PodRoute, RouteScope, WiredInterface,
 };
+use boxlite_runtime::network::{MacAddr, TapDevice};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sched::{setns, CloneFlags};
 use serde_json::Value;
@@ -618,7 +619,7 @@ fn failed_wiring_undoes_what_it_did() {
         .block_on(PodNetwork::wire("sb-fail", &pod.path()))
         .unwrap_err();
     assert_eq!(
-        err.to_string(),
+        chain(&err),
         format!(
             "sandbox sb-fail: netns {}: cannot add the ingress qdisc on eth1: File exists",
             pod.path().display()
@@ -700,7 +701,7 @@ fn wiring_a_wired_netns_fails_and_keeps_the_first_wiring() {
         .block_on(PodNetwork::wire("sb-second", &rig.pod.path()))
         .unwrap_err();
     assert_eq!(
-        err.to_string(),
+        chain(&err),
         format!(
             "sandbox sb-second: netns {}: cannot create tap tap0_bx for eth0: \
              Device or resource busy",

@@ -15,7 +15,7 @@
 //!
 //! The VMM jails itself (landlock to the sandbox directory and the guest
 //! assets, seccomp, no_new_privs) before the guest runs. Start order and
-//! cleanup guarantees are `hypervisor/lifecycle.rs`'s, shared with the qemu
+//! cleanup guarantees are `hypervisor/process_vm.rs`'s, shared with the qemu
 //! backend: everything is checked first, virtiofsd daemons are spawned and
 //! their sockets awaited, then the VMM (which inherits the tap fds, and
 //! only it); any failure kills and reaps what was spawned and removes the
@@ -31,13 +31,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use boxlite_protocol::error_chain::chain;
 use serde_json::{json, Value};
-use tokio::time::Instant;
 
-use super::lifecycle::{self, Backend, State, VmProcesses};
-use super::process::{fs_socket_name, spawn_process, wait_for_sockets, Role};
-use super::{HypervisorError, NetDevice, Share, TapDevice, VmSpec, CONSOLE_LOG, VSOCK_SOCKET};
+use super::launcher::{Launch, Launcher, VmSetup};
+use super::process::{fs_socket_name, Role};
+use super::process_vm::ProcessVm;
+use super::{HypervisorError, NetDevice, Share, VmSpec, CONSOLE_LOG, VSOCK_SOCKET};
 use crate::config::ResolvedHypervisor;
+use crate::network::TapDevice;
 
 /// The VM config file in the sandbox directory.
 pub const VM_CONFIG: &str = "vm.json";
@@ -50,71 +52,67 @@ pub const GUEST_CID: u32 = 3;
 const CONTROL_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// The `builtin` backend. Build it with [`super::new_hypervisor`].
+pub type BuiltinHypervisor = ProcessVm<BuiltinLauncher>;
+
+/// How the `builtin` backend launches a VM: virtiofsd daemons, then
+/// boxlite-vmm with a JSON config.
 #[derive(Debug)]
-pub struct BuiltinHypervisor {
-    vm: VmProcesses,
-    vcpus: u32,
-    memory_mib: u32,
-    cmdline_extra: Vec<String>,
+pub struct BuiltinLauncher {
     bins: ResolvedHypervisor,
 }
 
-impl BuiltinHypervisor {
-    pub fn new(mut spec: VmSpec, bins: ResolvedHypervisor) -> Result<Self, HypervisorError> {
-        Ok(Self {
-            vm: VmProcesses::new(&mut spec, Role::Vmm, &bins.virtiofsd_binary)?,
-            vcpus: spec.vcpus,
-            memory_mib: spec.memory_mib,
-            cmdline_extra: spec.cmdline_extra,
-            bins,
-        })
+impl ProcessVm<BuiltinLauncher> {
+    pub fn new(spec: VmSpec, bins: ResolvedHypervisor) -> Result<Self, HypervisorError> {
+        let virtiofsd = bins.virtiofsd_binary.clone();
+        ProcessVm::with_launcher(spec, &virtiofsd, BuiltinLauncher { bins })
     }
 
-    fn path(&self, name: &str) -> PathBuf {
-        self.vm.path(name)
-    }
-
-    /// The VMM's JSON config (see `docs/vmm.md`). `tap_fds` are the raw fds
-    /// of `nets` the VMM inherits, in order (None for named taps).
+    /// The VMM's JSON config; see [`vm_config`].
     pub fn vm_config(&self, shares: &[Share], nets: &[(Option<RawFd>, &NetDevice)]) -> Value {
-        let mut devices = vec![
-            json!({"kind": "rng"}),
-            json!({"kind": "vsock", "guest_cid": GUEST_CID, "uds_path": self.path(VSOCK_SOCKET)}),
-        ];
-        for share in shares {
-            devices.push(json!({
-                "kind": "fs",
-                "tag": share.tag,
-                "socket_path": self.path(&fs_socket_name(&share.tag)),
-            }));
-        }
-        for (fd, net) in nets {
-            let mut d = json!({"kind": "net", "mac": net.mac.to_string()});
-            match (&net.tap, fd) {
-                (TapDevice::Name(name), _) => d["tap_name"] = json!(name),
-                (TapDevice::Fd(_), Some(fd)) => d["tap_fd"] = json!(fd),
-                (TapDevice::Fd(f), None) => d["tap_fd"] = json!(f.as_raw_fd()),
-            }
-            devices.push(d);
-        }
-        json!({
-            "vcpus": self.vcpus,
-            "memory_mib": self.memory_mib,
-            "kernel": self.vm.kernel,
-            "initramfs": self.vm.initramfs,
-            "cmdline": self.cmdline_extra.join(" "),
-            "console_log": self.path(CONSOLE_LOG),
-            "control_socket": self.path(CONTROL_SOCKET),
-            "sandbox_dir": self.vm.dir,
-            "devices": devices,
-        })
+        vm_config(&self.setup, shares, nets)
     }
 
     /// Sends one control request and returns the reply line (blocking, with
     /// a short timeout: the VMM answers from its event loop).
     pub fn control_request(&self, op: &str) -> std::io::Result<Value> {
-        control_request(&self.path(CONTROL_SOCKET), op)
+        control_request(&self.setup.path(CONTROL_SOCKET), op)
     }
+}
+
+/// The VMM's JSON config (see `docs/vmm.md`). `nets` pairs each device with
+/// the raw fd the VMM inherits for it (None for named taps).
+pub fn vm_config(vm: &VmSetup, shares: &[Share], nets: &[(Option<RawFd>, &NetDevice)]) -> Value {
+    let mut devices = vec![
+        json!({"kind": "rng"}),
+        json!({"kind": "vsock", "guest_cid": GUEST_CID, "uds_path": vm.path(VSOCK_SOCKET)}),
+    ];
+    for share in shares {
+        devices.push(json!({
+            "kind": "fs",
+            "tag": share.tag,
+            "socket_path": vm.path(&fs_socket_name(&share.tag)),
+        }));
+    }
+    for (fd, net) in nets {
+        let mut d = json!({"kind": "net", "mac": net.mac.to_string()});
+        match (&net.tap, fd) {
+            (TapDevice::Name(name), _) => d["tap_name"] = json!(name),
+            (TapDevice::Fd(_), Some(fd)) => d["tap_fd"] = json!(fd),
+            (TapDevice::Fd(f), None) => d["tap_fd"] = json!(f.as_raw_fd()),
+        }
+        devices.push(d);
+    }
+    json!({
+        "vcpus": vm.vcpus,
+        "memory_mib": vm.memory_mib,
+        "kernel": vm.kernel,
+        "initramfs": vm.initramfs,
+        "cmdline": vm.cmdline_extra.join(" "),
+        "console_log": vm.path(CONSOLE_LOG),
+        "control_socket": vm.path(CONTROL_SOCKET),
+        "sandbox_dir": vm.dir,
+        "devices": devices,
+    })
 }
 
 /// One request on a VMM control socket: writes `{"op": op}`, reads the
@@ -130,10 +128,8 @@ pub fn control_request(socket: &Path, op: &str) -> std::io::Result<Value> {
 }
 
 #[async_trait]
-impl Backend for BuiltinHypervisor {
-    fn vm(&self) -> &VmProcesses {
-        &self.vm
-    }
+impl Launcher for BuiltinLauncher {
+    const VMM: Role = Role::Vmm;
 
     fn binaries(&self) -> Vec<(&'static str, &Path)> {
         vec![(
@@ -142,66 +138,47 @@ impl Backend for BuiltinHypervisor {
         )]
     }
 
-    fn own_sockets(&self) -> Vec<PathBuf> {
-        vec![self.path(CONTROL_SOCKET)]
+    fn own_sockets(&self, vm: &VmSetup) -> Vec<PathBuf> {
+        vec![vm.path(CONTROL_SOCKET)]
     }
 
     /// virtiofsd daemons (sockets awaited), then the VMM with the taps.
-    async fn spawn_all(&self, st: &mut State) -> Result<(), HypervisorError> {
-        lifecycle::spawn_virtiofsd(&self.vm, st)?;
-        wait_for_sockets(&self.vm.id, &mut st.procs).await?;
+    async fn spawn(&self, vm: &VmSetup, launch: &mut Launch<'_>) -> Result<(), HypervisorError> {
+        launch.spawn_virtiofsd(vm)?;
+        launch.wait_for_helper_sockets(vm).await?;
 
-        let fds = lifecycle::tap_fds(&st.nets);
+        let fds = launch.tap_fds();
         let nets: Vec<(Option<RawFd>, &NetDevice)> =
-            fds.iter().copied().zip(st.nets.iter()).collect();
-        let cfg = self.vm_config(&st.shares, &nets);
-        let cfg_path = self.path(VM_CONFIG);
+            fds.iter().copied().zip(launch.nets.iter()).collect();
+        let cfg = vm_config(vm, launch.shares, &nets);
+        let cfg_path = vm.path(VM_CONFIG);
         std::fs::write(&cfg_path, format!("{cfg:#}\n")).map_err(|error| HypervisorError::Io {
-            id: self.vm.id.clone(),
+            id: vm.id.clone(),
             op: "cannot write the VM config",
             path: cfg_path.clone(),
             error,
         })?;
         let args: Vec<OsString> = vec!["--config".into(), cfg_path.into_os_string()];
-        tracing::info!(sandbox_id = %self.vm.id, binary = %self.bins.vmm_binary.display(), "starting boxlite-vmm");
+        tracing::info!(sandbox_id = %vm.id, binary = %self.bins.vmm_binary.display(), "starting boxlite-vmm");
         let inherit: Vec<RawFd> = fds.into_iter().flatten().collect();
-        let bin = self.bins.vmm_binary.clone();
-        let p = spawn_process(
-            &self.vm.id,
-            &self.vm.dir,
-            Role::Vmm,
-            &bin,
-            args,
-            None,
-            inherit,
-        )?;
-        self.vm.set_pid(p.pid);
-        st.procs.push(p);
-        // The VMM has its copies now.
-        st.nets.clear();
-        Ok(())
+        launch.spawn(vm, Role::Vmm, &self.bins.vmm_binary, args, None, inherit)
     }
 
-    /// Last resort: the VMM's control socket; it stops its vCPUs and exits
-    /// (code 0).
-    async fn shutdown_fallback(&self) -> bool {
-        let id = &self.vm.id;
+    /// The VMM's control socket: it stops its vCPUs and exits (code 0).
+    async fn last_resort_shutdown(&self, vm: &VmSetup) -> Option<Duration> {
+        let id = &vm.id;
         tracing::warn!(sandbox_id = %id, "VM did not exit after the agent shutdown; asking the VMM over its control socket");
-        let socket = self.path(CONTROL_SOCKET);
+        let socket = vm.path(CONTROL_SOCKET);
         match tokio::task::spawn_blocking(move || control_request(&socket, "shutdown")).await {
             Ok(Ok(reply)) => tracing::debug!(sandbox_id = %id, %reply, "control shutdown"),
             Ok(Err(e)) => tracing::warn!(sandbox_id = %id, error = %e, "control shutdown failed"),
             Err(e) => {
-                tracing::warn!(sandbox_id = %id, error = %e, "control shutdown task failed")
+                tracing::warn!(sandbox_id = %id, error = %chain(&e), "control shutdown task failed")
             }
         }
-        self.vm
-            .wait_vmm_exit(Instant::now() + CONTROL_SHUTDOWN_GRACE)
-            .await
+        Some(CONTROL_SHUTDOWN_GRACE)
     }
 }
-
-lifecycle::delegate_hypervisor!(BuiltinHypervisor);
 
 #[cfg(test)]
 mod tests {

@@ -16,13 +16,10 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::time::Instant;
 
-use boxlite_protocol::agent::DestroySandboxRequest;
-
-use super::{AgentConnection, ExitReport, HypervisorError, Share, TapDevice};
-use crate::hybrid_vsock::HybridVsock;
-
-/// Budget for connecting to the agent in `stop`.
-const STOP_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+use super::{ExitReport, HypervisorError, Share};
+use crate::log_tail::last_line;
+// old path, used by shim/ until it moves
+pub use crate::log_tail::log_tail;
 
 /// How long a helper daemon gets to create its socket.
 pub const HELPER_READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -284,101 +281,7 @@ pub async fn wait_for_sockets(id: &str, procs: &mut [Proc]) -> Result<(), Hyperv
     }
 }
 
-pub fn check_tap(tap: &TapDevice) -> Result<(), HypervisorError> {
-    if let TapDevice::Name(name) = tap {
-        // IFNAMSIZ is 16 with the NUL; the name also goes into a QEMU option.
-        let ok = !name.is_empty()
-            && name.len() <= 15
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-        if !ok {
-            return Err(HypervisorError::InvalidTap {
-                name: name.clone(),
-                reason: "a tap name must be 1..=15 characters of A-Z a-z 0-9 _ - .",
-            });
-        }
-    }
-    Ok(())
-}
-
-/// The last non-empty line of a log, trimmed, at most 300 characters.
-pub fn last_line(log: &Path) -> Option<String> {
-    let line = log_tail(log, 1)?;
-    Some(line.trim().chars().take(300).collect())
-}
-
-/// The last `max_lines` non-empty lines of a log (from its last 16 KiB),
-/// for an error report that must outlive the sandbox directory.
-pub fn log_tail(log: &Path, max_lines: usize) -> Option<String> {
-    let text = std::fs::read(log).ok()?;
-    let tail = &text[text.len().saturating_sub(16 * 1024)..];
-    let text = String::from_utf8_lossy(tail);
-    let mut lines: Vec<&str> = text
-        .lines()
-        .rev()
-        .map(str::trim_end)
-        .filter(|l| !l.is_empty())
-        .take(max_lines)
-        .collect();
-    if lines.is_empty() {
-        return None;
-    }
-    lines.reverse();
-    Some(lines.join("\n"))
-}
-
 pub fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-/// Asks the agent to shut the sandbox down (it answers, then reboots the
-/// guest, which ends the VMM process). Failures are logged: `stop` kills anyway.
-pub async fn request_agent_shutdown(
-    id: &str,
-    vsock: &HybridVsock,
-    shutdown_timeout: Duration,
-    deadline: Instant,
-) {
-    let remaining = || deadline.saturating_duration_since(Instant::now());
-    let budget = STOP_CONNECT_TIMEOUT.min(remaining());
-    let conn = match AgentConnection::connect(vsock, budget).await {
-        Ok(conn) => conn,
-        Err(e) => {
-            tracing::warn!(sandbox_id = %id, error = %e, "cannot reach the agent to shut down; killing the VM");
-            return;
-        }
-    };
-    // Half the budget for the containers, the rest for the guest's own
-    // shutdown.
-    let req = DestroySandboxRequest {
-        timeout_secs: u32::try_from((shutdown_timeout.as_secs() / 2).max(1)).unwrap_or(u32::MAX),
-        ..Default::default()
-    };
-    let ctx = ttrpc::context::with_duration(remaining().max(Duration::from_millis(1)));
-    if let Err(e) = conn.agent().destroy_sandbox(ctx, &req).await {
-        // The guest may reboot before the answer leaves: not an error
-        // as long as QEMU exits.
-        tracing::debug!(sandbox_id = %id, error = %e, "DestroySandbox did not answer");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn log_tail_keeps_the_last_non_empty_lines_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("console.log");
-        assert_eq!(log_tail(&log, 3), None, "missing file");
-        std::fs::write(&log, "").unwrap();
-        assert_eq!(log_tail(&log, 3), None, "empty file");
-        std::fs::write(&log, "one\ntwo\n\nthree  \nfour\n\n").unwrap();
-        assert_eq!(log_tail(&log, 3).as_deref(), Some("two\nthree\nfour"));
-        assert_eq!(log_tail(&log, 10).as_deref(), Some("one\ntwo\nthree\nfour"));
-        std::fs::write(&log, format!("first\n  {}  \n\n", "x".repeat(400))).unwrap();
-        assert_eq!(last_line(&log), Some("x".repeat(300)));
-    }
 }

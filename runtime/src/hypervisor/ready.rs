@@ -37,9 +37,9 @@ pub fn ready_socket_path(hybrid_socket: &Path) -> PathBuf {
 pub enum ReadyError {
     #[error("no connection yet")]
     NotYet,
-    #[error("accepting the connection failed: {0}")]
+    #[error("accepting the connection failed")]
     Accept(#[source] std::io::Error),
-    #[error("reading the announcement failed: {0}")]
+    #[error("reading the announcement failed")]
     Read(#[source] std::io::Error),
     #[error("the announcing connection sent nothing within {LINE_TIMEOUT:?}")]
     Silent,

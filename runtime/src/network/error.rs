@@ -5,15 +5,15 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 /// A pod networking step that failed. The message names the sandbox (when
-/// known), the netns, what was being done (with the interface) and the
-/// cause: `sandbox 3f2a: netns /var/run/netns/cni-1: cannot add the ingress
-/// qdisc on eth0: Operation not permitted`.
+/// known), the netns and what was being done (with the interface); the
+/// kernel's answer is the source, so the chain reads `sandbox 3f2a: netns
+/// /var/run/netns/cni-1: cannot add the ingress qdisc on eth0: Operation
+/// not permitted`.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "{}netns {}: cannot {action}: {}",
+    "{}netns {}: cannot {action}",
     SandboxPrefix(.sandbox.as_deref()),
-    .netns.display(),
-    CauseText(.cause)
+    .netns.display()
 )]
 pub struct NetworkError {
     /// `None` for [`super::teardown`], which a shim may call with nothing but
@@ -25,13 +25,14 @@ pub struct NetworkError {
     /// What was being done, e.g. "add the ingress qdisc on eth0".
     pub action: String,
     /// The kernel's answer (an errno for netlink and ioctl failures).
-    pub cause: io::Error,
+    #[source]
+    pub cause: Cause,
 }
 
 impl NetworkError {
     /// The errno behind the failure, if the kernel gave one.
     pub fn errno(&self) -> Option<i32> {
-        self.cause.raw_os_error()
+        self.cause.0.raw_os_error()
     }
 }
 
@@ -46,18 +47,24 @@ impl fmt::Display for SandboxPrefix<'_> {
     }
 }
 
-/// "Operation not permitted" rather than io::Error's "Operation not
-/// permitted (os error 1)": the errno number adds nothing for a reader.
-struct CauseText<'a>(&'a io::Error);
+/// Why a step failed, normalised to `io::Error` so callers can match on the
+/// errno whatever layer reported it. Prints "Operation not permitted"
+/// rather than io::Error's "Operation not permitted (os error 1)": the
+/// errno number adds nothing for a reader.
+#[derive(Debug)]
+pub struct Cause(pub io::Error);
 
-impl fmt::Display for CauseText<'_> {
+impl fmt::Display for Cause {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.0.raw_os_error() {
             Some(code) => f.write_str(nix::errno::Errno::from_raw(code).desc()),
-            None => fmt::Display::fmt(self.0, f),
+            None => fmt::Display::fmt(&self.0, f),
         }
     }
 }
+
+/// The io::Error is this error's text, not a further cause: no source.
+impl std::error::Error for Cause {}
 
 /// Where the work happens: which sandbox and which netns. Cloned into the
 /// netns thread so every error built there carries both.
@@ -87,14 +94,10 @@ impl Ctx {
             netns: self.netns.clone(),
             interface: interface.map(str::to_owned),
             action: action.into(),
-            cause: cause.into().0,
+            cause: cause.into(),
         }
     }
 }
-
-/// The causes a step can have, normalised to `io::Error` so callers can
-/// match on the errno whatever layer reported it.
-pub(crate) struct Cause(pub io::Error);
 
 impl From<io::Error> for Cause {
     fn from(e: io::Error) -> Self {
@@ -134,6 +137,7 @@ pub(crate) fn netlink_errno(e: &rtnetlink::Error) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use boxlite_protocol::error_chain::chain;
 
     #[test]
     fn message_names_sandbox_netns_action_and_cause() {
@@ -144,7 +148,7 @@ mod tests {
             nix::Error::EPERM,
         );
         assert_eq!(
-            err.to_string(),
+            chain(&err),
             "sandbox 3f2a: netns /var/run/netns/cni-1: cannot add the ingress qdisc on eth0: \
              Operation not permitted"
         );
@@ -157,7 +161,7 @@ mod tests {
         let ctx = Ctx::new(None, Path::new("/proc/42/ns/net"));
         let err = ctx.error(None, "list links", io::Error::other("bad reply"));
         assert_eq!(
-            err.to_string(),
+            chain(&err),
             "netns /proc/42/ns/net: cannot list links: bad reply"
         );
         assert_eq!(err.errno(), None);

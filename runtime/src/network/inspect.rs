@@ -17,7 +17,7 @@ use rtnetlink::{Handle, RouteMessageBuilder};
 
 use super::model::{IpFamily, IpNet, PodRoute, RouteScope};
 use super::tap::is_tap_name;
-use crate::hypervisor::MacAddr;
+use super::MacAddr;
 
 /// A link of the netns, as much as wiring and teardown need of it.
 #[derive(Debug, Clone, PartialEq, Eq)]

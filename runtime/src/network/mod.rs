@@ -34,9 +34,12 @@ mod wire;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-pub use error::NetworkError;
+/// The project's one MAC type (`boxlite_protocol::mac`), as pod interfaces
+/// and guest NICs carry it.
+pub use boxlite_protocol::mac::MacAddr;
+pub use error::{Cause, NetworkError};
 pub use model::{IpFamily, IpNet, PodNetwork, PodRoute, RouteScope, WiredInterface};
-pub use tap::{create_tap, is_tap_name, tap_name, TAP_SUFFIX};
+pub use tap::{create_tap, is_tap_name, tap_name, TapDevice, TAP_SUFFIX};
 
 use error::Ctx;
 
@@ -120,6 +123,7 @@ fn is_own_netns(netns: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use boxlite_protocol::error_chain::chain;
 
     #[tokio::test]
     async fn refuses_the_hosts_netns() {
@@ -139,7 +143,7 @@ mod tests {
         let path = dir.path().join("cni-gone");
         let err = PodNetwork::wire("3f2a", &path).await.unwrap_err();
         assert_eq!(
-            err.to_string(),
+            chain(&err),
             format!(
                 "sandbox 3f2a: netns {}: cannot open the network namespace: No such file or directory",
                 path.display()
@@ -155,8 +159,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            err.to_string()
-                .ends_with("cannot tear down \"eth0\": not a BoxLite tap name (tap<N>_bx)"),
+            chain(&err).ends_with("cannot tear down \"eth0\": not a BoxLite tap name (tap<N>_bx)"),
             "{err}"
         );
     }

@@ -5,7 +5,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
 
-use crate::hypervisor::{MacAddr, TapDevice};
+use super::{MacAddr, TapDevice};
 
 /// A pod's network as wired to its VM.
 #[derive(Debug)]

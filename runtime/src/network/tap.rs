@@ -10,6 +10,15 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 
+/// The tap behind one virtio-net device, as a backend takes it.
+#[derive(Debug)]
+pub enum TapDevice {
+    /// An open tap fd (from the pod's netns); handed to the VMM process only.
+    Fd(OwnedFd),
+    /// A tap interface name in the VMM's network namespace.
+    Name(String),
+}
+
 /// What every BoxLite tap name ends with.
 pub const TAP_SUFFIX: &str = "_bx";
 const TAP_PREFIX: &str = "tap";

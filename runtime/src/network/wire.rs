@@ -6,6 +6,8 @@ use std::os::fd::OwnedFd;
 use futures_util::TryStreamExt;
 use rtnetlink::{Handle, LinkUnspec};
 
+use boxlite_protocol::error_chain::chain;
+
 use super::error::{Ctx, NetworkError};
 use super::inspect::{self, PodLink};
 use super::model::{PodNetwork, WiredInterface};
@@ -66,13 +68,13 @@ impl Undo {
                     format!("remove the ingress qdisc of {name}"),
                     e,
                 );
-                tracing::warn!("pod network: undoing a failed wiring: {e}");
+                tracing::warn!("pod network: undoing a failed wiring: {}", chain(&e));
             }
         }
         for (index, name) in self.taps {
             if let Err(e) = handle.link().del(index).execute().await {
                 let e = ctx.error(Some(&name), format!("delete tap {name}"), e);
-                tracing::warn!("pod network: undoing a failed wiring: {e}");
+                tracing::warn!("pod network: undoing a failed wiring: {}", chain(&e));
             }
         }
     }

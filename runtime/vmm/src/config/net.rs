@@ -1,5 +1,6 @@
 //! The `net` device entry of the VM config.
 
+use boxlite_protocol::mac::MacAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::devices::virtio::net::tap::MAX_TAP_NAME_LEN;
@@ -36,23 +37,13 @@ pub enum NetConfigError {
     Mac(String),
 }
 
-/// Parses `xx:xx:xx:xx:xx:xx` (hex, either case); refuses multicast and
-/// all-zero addresses.
-pub fn parse_mac(s: &str) -> Result<[u8; 6], NetConfigError> {
-    let bad = || NetConfigError::Mac(s.to_string());
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in mac.iter_mut() {
-        let p = parts.next().ok_or_else(bad)?;
-        if p.len() != 2 {
-            return Err(bad());
-        }
-        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+/// Parses the MAC with the project's one parser (`boxlite_protocol::mac`)
+/// and refuses what no interface may have: multicast and all-zero.
+fn unicast_mac(s: &str) -> Result<[u8; 6], NetConfigError> {
+    match s.parse::<MacAddr>() {
+        Ok(mac) if !mac.is_multicast() && !mac.is_zero() => Ok(mac.octets()),
+        _ => Err(NetConfigError::Mac(s.to_string())),
     }
-    if parts.next().is_some() || mac[0] & 1 != 0 || mac == [0; 6] {
-        return Err(bad());
-    }
-    Ok(mac)
 }
 
 impl NetConfig {
@@ -85,14 +76,14 @@ impl NetConfig {
             }
         }
         if let Some(m) = &self.mac {
-            parse_mac(m)?;
+            unicast_mac(m)?;
         }
         Ok(())
     }
 
     /// The parsed MAC address (call after [`NetConfig::validate`]).
     pub fn mac_bytes(&self) -> Result<Option<[u8; 6]>, NetConfigError> {
-        self.mac.as_deref().map(parse_mac).transpose()
+        self.mac.as_deref().map(unicast_mac).transpose()
     }
 }
 

@@ -1137,7 +1137,7 @@ impl Vm {
             match ready.accept_until(until).await {
                 Ok(a) => return Ok(a),
                 Err(ReadyError::NotYet) => {}
-                Err(e) => last = e.to_string(),
+                Err(e) => last = boxlite_protocol::error_chain::chain(&e),
             }
         }
     }

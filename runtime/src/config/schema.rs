@@ -1,0 +1,164 @@
+//! The keys of `boxlite.toml`: one struct per table, with the defaults an
+//! absent key takes.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The whole `boxlite.toml`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub hypervisor: HypervisorConfig,
+    pub guest: GuestConfig,
+    pub timeouts: TimeoutsConfig,
+    pub runtime: RuntimeConfig,
+}
+
+/// `[hypervisor]`
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HypervisorConfig {
+    pub backend: Backend,
+    pub accel: Accel,
+    /// Name (looked up, see [`super::find_binary`]) or absolute path.
+    pub qemu_binary: String,
+    pub virtiofsd_binary: String,
+    pub vhost_vsock_binary: String,
+    /// The built-in VMM, for backend `builtin`.
+    pub vmm_binary: String,
+}
+
+impl Default for HypervisorConfig {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Auto,
+            accel: Accel::Auto,
+            qemu_binary: "qemu-system-x86_64".into(),
+            virtiofsd_binary: "virtiofsd".into(),
+            vhost_vsock_binary: "boxlite-vsock".into(),
+            vmm_binary: "boxlite-vmm".into(),
+        }
+    }
+}
+
+/// `hypervisor.backend`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// `builtin` where KVM can boot Linux (VMX/SVM, `/dev/kvm`, no `kvm_pvm`), else `qemu`.
+    Auto,
+    /// `boxlite-vmm`, the built-in VMM.
+    Builtin,
+    /// QEMU's microvm machine with vhost-user helper daemons.
+    Qemu,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Auto => "auto",
+            Backend::Builtin => "builtin",
+            Backend::Qemu => "qemu",
+        })
+    }
+}
+
+/// `hypervisor.accel`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM when the host can run a standard Linux guest on it, else TCG
+    /// (see [`super::decide_accel`]).
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl fmt::Display for Accel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Accel::Auto => "auto",
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        })
+    }
+}
+
+/// `[guest]`
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GuestConfig {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Appended to the backend's own command line (`console=ttyS0 reboot=t
+    /// panic=-1`).
+    pub kernel_cmdline_extra: String,
+}
+
+impl Default for GuestConfig {
+    fn default() -> Self {
+        Self {
+            kernel: "/usr/share/boxlite/vmlinux".into(),
+            initramfs: "/usr/share/boxlite/initramfs".into(),
+            vcpus: 1,
+            memory_mib: 512,
+            kernel_cmdline_extra: String::new(),
+        }
+    }
+}
+
+/// `[timeouts]`
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TimeoutsConfig {
+    /// From VM start until the agent answers Health.Check. TCG boots are slow.
+    pub agent_ready_secs: u64,
+    /// From DestroySandbox until the VM process must have exited.
+    pub shutdown_secs: u64,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        Self {
+            agent_ready_secs: 30,
+            shutdown_secs: 10,
+        }
+    }
+}
+
+impl TimeoutsConfig {
+    pub fn agent_ready(&self) -> Duration {
+        Duration::from_secs(self.agent_ready_secs)
+    }
+    pub fn shutdown(&self) -> Duration {
+        Duration::from_secs(self.shutdown_secs)
+    }
+}
+
+/// `[runtime]`
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Each sandbox gets `<state_dir>/<sandbox id>/`.
+    pub state_dir: PathBuf,
+    /// `RUST_LOG`-style filter: `info` or `warn,boxlite_runtime=debug`.
+    pub log_level: String,
+    /// `io.boxlite.*` annotations a pod may use to override settings (see
+    /// [`crate::annotations`]). Empty: none.
+    pub allowed_annotations: Vec<String>,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: "/run/boxlite".into(),
+            log_level: "info".into(),
+            allowed_annotations: Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! [`Config::validate`]: the limit of every value, checked at load time.
+//! Host-dependent checks (does the kernel exist, is KVM usable) are not
+//! here: they happen when the VM starts or the hypervisor is resolved.
+
+use std::path::Path;
+
+use super::{Config, ConfigError};
+
+/// Limits checked by [`Config::validate`].
+pub const MIN_VCPUS: u32 = 1;
+/// The guest kernel is built with `NR_CPUS=16`.
+pub const MAX_VCPUS: u32 = 16;
+pub const MIN_MEMORY_MIB: u32 = 128;
+pub const MAX_MEMORY_MIB: u32 = 65536;
+pub const MIN_AGENT_READY_SECS: u64 = 1;
+pub const MAX_AGENT_READY_SECS: u64 = 600;
+pub const MIN_SHUTDOWN_SECS: u64 = 1;
+pub const MAX_SHUTDOWN_SECS: u64 = 300;
+/// x86 `COMMAND_LINE_SIZE` is 2048 including what the backend adds itself;
+/// this leaves room for that.
+pub const MAX_KERNEL_CMDLINE_EXTRA_LEN: usize = 1024;
+
+impl Config {
+    /// Checks every value against its limit. Host-dependent checks (does the
+    /// kernel exist, is KVM usable) happen later, when the VM is started or
+    /// the hypervisor resolved.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let h = &self.hypervisor;
+        non_empty("hypervisor.qemu_binary", &h.qemu_binary)?;
+        non_empty("hypervisor.virtiofsd_binary", &h.virtiofsd_binary)?;
+        non_empty("hypervisor.vhost_vsock_binary", &h.vhost_vsock_binary)?;
+        non_empty("hypervisor.vmm_binary", &h.vmm_binary)?;
+
+        let g = &self.guest;
+        absolute("guest.kernel", &g.kernel)?;
+        absolute("guest.initramfs", &g.initramfs)?;
+        in_range(
+            "guest.vcpus",
+            g.vcpus.into(),
+            MIN_VCPUS.into(),
+            MAX_VCPUS.into(),
+        )?;
+        in_range(
+            "guest.memory_mib",
+            g.memory_mib.into(),
+            MIN_MEMORY_MIB.into(),
+            MAX_MEMORY_MIB.into(),
+        )?;
+        if g.kernel_cmdline_extra.len() > MAX_KERNEL_CMDLINE_EXTRA_LEN {
+            return Err(ConfigError::TooLong {
+                key: "guest.kernel_cmdline_extra",
+                len: g.kernel_cmdline_extra.len(),
+                max: MAX_KERNEL_CMDLINE_EXTRA_LEN,
+            });
+        }
+        if g.kernel_cmdline_extra.chars().any(|c| c.is_control()) {
+            return Err(ConfigError::ControlCharacter {
+                key: "guest.kernel_cmdline_extra",
+                value: g.kernel_cmdline_extra.clone(),
+            });
+        }
+
+        let t = &self.timeouts;
+        in_range(
+            "timeouts.agent_ready_secs",
+            t.agent_ready_secs,
+            MIN_AGENT_READY_SECS,
+            MAX_AGENT_READY_SECS,
+        )?;
+        in_range(
+            "timeouts.shutdown_secs",
+            t.shutdown_secs,
+            MIN_SHUTDOWN_SECS,
+            MAX_SHUTDOWN_SECS,
+        )?;
+
+        absolute("runtime.state_dir", &self.runtime.state_dir)?;
+        validate_log_level(&self.runtime.log_level)?;
+        if let Some(key) = self
+            .runtime
+            .allowed_annotations
+            .iter()
+            .find(|k| !crate::annotations::is_known(k))
+        {
+            return Err(ConfigError::UnknownAnnotation {
+                value: key.clone(),
+                known: crate::annotations::OVERRIDABLE
+                    .iter()
+                    .map(|(a, _)| *a)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn non_empty(key: &'static str, value: &str) -> Result<(), ConfigError> {
+    if value.trim().is_empty() {
+        return Err(ConfigError::Empty { key });
+    }
+    Ok(())
+}
+
+fn absolute(key: &'static str, value: &Path) -> Result<(), ConfigError> {
+    if value.as_os_str().is_empty() {
+        return Err(ConfigError::Empty { key });
+    }
+    if !value.is_absolute() {
+        return Err(ConfigError::NotAbsolute {
+            key,
+            value: value.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+fn in_range(key: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(ConfigError::OutOfRange {
+            key,
+            value,
+            min,
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// Accepts `RUST_LOG`-style filters whose levels are known: `info`,
+/// `warn,boxlite_runtime=debug`, `boxlite=trace`.
+fn validate_log_level(value: &str) -> Result<(), ConfigError> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    if value.trim().is_empty() {
+        return Err(ConfigError::Empty {
+            key: "runtime.log_level",
+        });
+    }
+    for directive in value.split(',').map(str::trim) {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        let target_ok = directive
+            .rsplit_once('=')
+            .is_none_or(|(t, _)| !t.is_empty());
+        if !target_ok || !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(ConfigError::LogLevel {
+                value: value.to_owned(),
+                directive: directive.to_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_str(text, Path::new("/etc/boxlite/boxlite.toml"))
+    }
+
+    #[test]
+    fn out_of_range_names_key_value_and_limit() {
+        let err = parse("[guest]\nvcpus = 0\n").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "/etc/boxlite/boxlite.toml: guest.vcpus = 0 is out of range 1..=16"
+        );
+        let err = parse("[guest]\nvcpus = 17\n").unwrap_err().to_string();
+        assert!(
+            err.ends_with("guest.vcpus = 17 is out of range 1..=16"),
+            "{err}"
+        );
+        let err = parse("[guest]\nmemory_mib = 64\n").unwrap_err().to_string();
+        assert!(
+            err.ends_with("guest.memory_mib = 64 is out of range 128..=65536"),
+            "{err}"
+        );
+        let err = parse("[timeouts]\nagent_ready_secs = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with("timeouts.agent_ready_secs = 0 is out of range 1..=600"),
+            "{err}"
+        );
+        let err = parse("[timeouts]\nshutdown_secs = 1000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("timeouts.shutdown_secs = 1000"), "{err}");
+    }
+
+    #[test]
+    fn paths_must_be_absolute_and_names_non_empty() {
+        let err = parse("[guest]\nkernel = \"vmlinux\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with("guest.kernel = \"vmlinux\" must be an absolute path"),
+            "{err}"
+        );
+        let err = parse("[runtime]\nstate_dir = \"\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with("runtime.state_dir must not be empty"),
+            "{err}"
+        );
+        let err = parse("[hypervisor]\nqemu_binary = \" \"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with("hypervisor.qemu_binary must not be empty"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cmdline_extra_is_bounded() {
+        let long = "a".repeat(MAX_KERNEL_CMDLINE_EXTRA_LEN + 1);
+        let err = parse(&format!("[guest]\nkernel_cmdline_extra = \"{long}\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("guest.kernel_cmdline_extra is 1025 bytes long"),
+            "{err}"
+        );
+        let err = parse("[guest]\nkernel_cmdline_extra = \"a\\nb\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("control character"), "{err}");
+    }
+
+    #[test]
+    fn log_levels() {
+        for ok in [
+            "info",
+            "DEBUG",
+            "warn,boxlite_runtime=debug",
+            "off",
+            "a=trace",
+        ] {
+            validate_log_level(ok).unwrap();
+        }
+        for bad in ["verbose", "info,", "=debug", "x=loud"] {
+            let err = validate_log_level(bad).unwrap_err().to_string();
+            assert!(err.starts_with("runtime.log_level = "), "{err}");
+        }
+    }
+
+    #[test]
+    fn allowed_annotations_must_be_known() {
+        let c = parse(
+            "[runtime]\nallowed_annotations = [\"io.boxlite.guest.vcpus\", \"io.boxlite.guest.memory_mib\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.runtime.allowed_annotations.len(), 2);
+        let err = parse("[runtime]\nallowed_annotations = [\"io.boxlite.jail\"]\n").unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "/etc/boxlite/boxlite.toml: runtime.allowed_annotations lists \"io.boxlite.jail\", \
+                 which is not an overridable setting (known: io.boxlite.guest.vcpus, "
+            ),
+            "{err}"
+        );
+    }
+}

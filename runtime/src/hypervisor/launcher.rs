@@ -1,0 +1,131 @@
+//! [`Launcher`]: what makes the `qemu` and `builtin` backends differ — the
+//! binaries they need, the sockets they make, how they spawn their
+//! processes and their last way to end a VM. Everything else (checks,
+//! phases, readiness, stop, kill, cleanup) is [`super::process_vm::ProcessVm`]'s,
+//! the same for both.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::process::{fs_socket_name, spawn_process, virtiofsd_args, wait_for_sockets, Proc, Role};
+use super::{HypervisorError, NetDevice, Share};
+use crate::network::TapDevice;
+
+/// What is fixed for a VM once it is created: where it lives, what it boots
+/// and how big it is. Launchers read it to build their command lines.
+#[derive(Debug)]
+pub struct VmSetup {
+    pub id: String,
+    /// The sandbox directory.
+    pub dir: PathBuf,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Appended to the backend's kernel command line, in order.
+    pub cmdline_extra: Vec<String>,
+    /// Spawned once per share, by both backends.
+    pub virtiofsd_binary: PathBuf,
+}
+
+impl VmSetup {
+    /// A file of the sandbox directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+/// What a launcher's [`Launcher::spawn`] works with: the shares and taps
+/// to give the VM, and the list of processes, which it fills (helpers
+/// first, the VMM last) so that a failure half-way kills what was spawned.
+pub struct Launch<'a> {
+    pub shares: &'a [Share],
+    pub nets: &'a [NetDevice],
+    pub procs: &'a mut Vec<Proc>,
+}
+
+impl Launch<'_> {
+    /// Spawns one process (see [`spawn_process`]) and records it.
+    pub fn spawn(
+        &mut self,
+        vm: &VmSetup,
+        role: Role,
+        binary: &Path,
+        args: Vec<OsString>,
+        socket: Option<PathBuf>,
+        inherit_fds: Vec<RawFd>,
+    ) -> Result<(), HypervisorError> {
+        let p = spawn_process(&vm.id, &vm.dir, role, binary, args, socket, inherit_fds)?;
+        self.procs.push(p);
+        Ok(())
+    }
+
+    /// Spawns one virtiofsd per share (sockets not awaited yet).
+    pub fn spawn_virtiofsd(&mut self, vm: &VmSetup) -> Result<(), HypervisorError> {
+        for share in self.shares {
+            let socket = vm.path(&fs_socket_name(&share.tag));
+            let args = virtiofsd_args(&socket, share);
+            let p = spawn_process(
+                &vm.id,
+                &vm.dir,
+                Role::Fs(share.tag.clone()),
+                &vm.virtiofsd_binary,
+                args,
+                Some(socket),
+                Vec::new(),
+            )?;
+            self.procs.push(p);
+        }
+        Ok(())
+    }
+
+    /// Waits until every helper spawned so far has created its socket.
+    pub async fn wait_for_helper_sockets(&mut self, vm: &VmSetup) -> Result<(), HypervisorError> {
+        wait_for_sockets(&vm.id, self.procs).await
+    }
+
+    /// The raw fd of each tap the VMM inherits, in order (None: a tap the
+    /// VMM opens by name).
+    pub fn tap_fds(&self) -> Vec<Option<RawFd>> {
+        self.nets
+            .iter()
+            .map(|n| match &n.tap {
+                TapDevice::Fd(fd) => Some(fd.as_raw_fd()),
+                TapDevice::Name(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// One process-based backend's own part.
+#[async_trait]
+pub trait Launcher: fmt::Debug + Send + Sync + 'static {
+    /// The role of the VMM process (the last one [`Launcher::spawn`] adds).
+    const VMM: Role;
+
+    /// The VMM and the helpers a start needs besides virtiofsd, as
+    /// (description naming its config key, path); checked before anything
+    /// is spawned.
+    fn binaries(&self) -> Vec<(&'static str, &Path)>;
+
+    /// The sockets this backend makes besides the hybrid vsock socket, its
+    /// readiness listener and one vhost-user socket per share.
+    fn own_sockets(&self, vm: &VmSetup) -> Vec<PathBuf>;
+
+    /// Spawns the helpers (virtiofsd with [`Launch::spawn_virtiofsd`]),
+    /// waits for their sockets, then spawns the VMM last, handing it the
+    /// fds of [`Launch::tap_fds`] (and only it).
+    async fn spawn(&self, vm: &VmSetup, launch: &mut Launch<'_>) -> Result<(), HypervisorError>;
+
+    /// The VMM has not exited by the agent shutdown's deadline: the
+    /// backend's own way to end it, if it has one. Returns how long to
+    /// wait for the VMM to exit after it (None: no such way, kill now).
+    async fn last_resort_shutdown(&self, _vm: &VmSetup) -> Option<Duration> {
+        None
+    }
+}

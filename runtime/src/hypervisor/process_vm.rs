@@ -1,0 +1,576 @@
+//! [`ProcessVm`]: a VM that is a group of processes — a VMM (QEMU or
+//! boxlite-vmm) and its helper daemons (one virtiofsd per share; for QEMU
+//! also the vsock backend) — and the one [`Hypervisor`] implementation of
+//! both process-based backends. What differs between them is their
+//! [`Launcher`].
+//!
+//! Guarantees: `start` checks everything it can before spawning anything,
+//! and a failure on the way kills and reaps what was spawned and removes
+//! the sockets; `stop` asks the agent (DestroySandbox: the guest reboots and
+//! the VMM exits), then the launcher's last resort, then kills; teardown
+//! kills the VMM first, so helpers never see a live frontend lose its
+//! backend.
+
+use std::fs::File;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use boxlite_protocol::error_chain::chain;
+use tokio::time::Instant;
+
+use super::agent::{request_agent_shutdown, wait_for_agent};
+use super::launcher::{Launch, Launcher, VmSetup};
+use super::process::{fs_socket_name, is_executable, kill_and_reap, Proc, POLL_INTERVAL};
+use super::ready::{ready_socket_path, ReadyListener};
+use super::spec::{check_net, check_sandbox_id};
+use super::{
+    validate_share_tag, AgentConnection, ExitReport, Hypervisor, HypervisorError, NetDevice, Share,
+    VmSpec, CONSOLE_LOG, MAX_SOCKET_PATH_LEN, VSOCK_SOCKET,
+};
+use crate::log_tail::last_line;
+use crate::network::{MacAddr, TapDevice};
+
+/// After the VMM exits, how long helpers get to exit on their own (virtiofsd
+/// and boxlite-vsock do when their frontend disconnects) before teardown
+/// kills them.
+const HELPER_EXIT_GRACE: Duration = Duration::from_millis(500);
+/// How long a helper's clean exit waits for the VMM's before the helper is
+/// reported as the process that ended the VM.
+const VMM_EXIT_GRACE: Duration = Duration::from_secs(2);
+
+/// Where a VM is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Created,
+    Running,
+    Stopping,
+    Stopped,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Created => "not started",
+            Phase::Running => "running",
+            Phase::Stopping => "stopping",
+            Phase::Stopped => "stopped",
+        }
+    }
+}
+
+/// What changes over a VM's life, behind one lock.
+#[derive(Debug)]
+pub(super) struct State {
+    phase: Phase,
+    shares: Vec<Share>,
+    /// Taps until the VMM is spawned (it inherits them), then none.
+    nets: Vec<NetDevice>,
+    /// Helpers first, the VMM last.
+    pub(super) procs: Vec<Proc>,
+    started_at: Option<Instant>,
+    /// Bound by `start`, taken by `wait_ready`.
+    ready: Option<ReadyListener>,
+}
+
+impl State {
+    fn new() -> State {
+        State {
+            phase: Phase::Created,
+            shares: Vec::new(),
+            nets: Vec::new(),
+            procs: Vec::new(),
+            started_at: None,
+            ready: None,
+        }
+    }
+}
+
+/// A process-based VM; `L` says how its processes are launched. Build it
+/// with [`super::new_hypervisor`] (or the backends' own `new`).
+#[derive(Debug)]
+pub struct ProcessVm<L: Launcher> {
+    pub(super) setup: VmSetup,
+    pub(super) launcher: L,
+    agent_ready_timeout: Duration,
+    shutdown_timeout: Duration,
+    /// The VMM's pid while it runs, 0 otherwise.
+    pid: AtomicU32,
+    pub(super) state: tokio::sync::Mutex<State>,
+}
+
+impl<L: Launcher> ProcessVm<L> {
+    /// Takes the spec's shares and taps (checked here); the rest of the
+    /// spec becomes the [`VmSetup`] the launcher reads.
+    pub fn with_launcher(
+        spec: VmSpec,
+        virtiofsd_binary: &Path,
+        launcher: L,
+    ) -> Result<Self, HypervisorError> {
+        check_sandbox_id(&spec.id)?;
+        let mut st = State::new();
+        let setup = VmSetup {
+            id: spec.id,
+            dir: spec.dir,
+            kernel: spec.kernel,
+            initramfs: spec.initramfs,
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            cmdline_extra: spec.cmdline_extra,
+            virtiofsd_binary: virtiofsd_binary.to_owned(),
+        };
+        for share in spec.shares {
+            check_share(&setup.id, &st.shares, &share)?;
+            st.shares.push(share);
+        }
+        for net in &spec.nets {
+            check_net(net)?;
+        }
+        st.nets = spec.nets;
+        Ok(ProcessVm {
+            setup,
+            launcher,
+            agent_ready_timeout: spec.agent_ready_timeout,
+            shutdown_timeout: spec.shutdown_timeout,
+            pid: AtomicU32::new(0),
+            state: tokio::sync::Mutex::new(st),
+        })
+    }
+
+    fn id(&self) -> &str {
+        &self.setup.id
+    }
+
+    /// Every socket a run may create.
+    fn socket_paths(&self, shares: &[Share]) -> Vec<PathBuf> {
+        let vsock = self.setup.path(VSOCK_SOCKET);
+        let mut paths = vec![ready_socket_path(&vsock), vsock];
+        paths.extend(self.launcher.own_sockets(&self.setup));
+        paths.extend(
+            shares
+                .iter()
+                .map(|s| self.setup.path(&fs_socket_name(&s.tag))),
+        );
+        paths
+    }
+
+    /// What a run leaves in the sandbox directory besides logs: the sockets
+    /// and virtiofsd's own `<socket>.pid` lock files. Removed before a start
+    /// and at teardown.
+    fn transient_files(&self, shares: &[Share]) -> Vec<PathBuf> {
+        let mut files = self.socket_paths(shares);
+        files.extend(
+            shares
+                .iter()
+                .map(|s| self.setup.path(&format!("{}.pid", fs_socket_name(&s.tag)))),
+        );
+        files
+    }
+
+    /// Checks everything that can be checked before spawning anything: the
+    /// binaries are executable, the guest assets exist, each share's
+    /// directory exists, each socket path fits in `sun_path`.
+    fn preflight(&self, st: &State) -> Result<(), HypervisorError> {
+        let vm = &self.setup;
+        let mut binaries = self.launcher.binaries();
+        if !st.shares.is_empty() {
+            binaries.push((
+                "virtiofsd (hypervisor.virtiofsd_binary)",
+                &vm.virtiofsd_binary,
+            ));
+        }
+        for (what, path) in binaries {
+            if !is_executable(path) {
+                return Err(HypervisorError::MissingBinary {
+                    id: vm.id.clone(),
+                    what: what.to_owned(),
+                    path: path.to_owned(),
+                });
+            }
+        }
+        for (what, key, path) in [
+            ("guest kernel", "guest.kernel", &vm.kernel),
+            ("guest initramfs", "guest.initramfs", &vm.initramfs),
+        ] {
+            if !path.is_file() {
+                return Err(HypervisorError::MissingAsset {
+                    id: vm.id.clone(),
+                    what,
+                    key,
+                    path: path.clone(),
+                });
+            }
+        }
+        for share in &st.shares {
+            if !share.host_dir.is_dir() {
+                return Err(HypervisorError::InvalidShare {
+                    id: vm.id.clone(),
+                    tag: share.tag.clone(),
+                    reason: format!(
+                        "host directory {} does not exist or is not a directory",
+                        share.host_dir.display()
+                    ),
+                });
+            }
+        }
+        for path in self.socket_paths(&st.shares) {
+            let len = path.as_os_str().len();
+            if len > MAX_SOCKET_PATH_LEN {
+                return Err(HypervisorError::SocketPathTooLong {
+                    id: vm.id.clone(),
+                    path,
+                    len,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn not_created(&self, st: &State, op: &'static str) -> Result<(), HypervisorError> {
+        if st.phase == Phase::Created {
+            return Ok(());
+        }
+        Err(HypervisorError::InvalidState {
+            id: self.id().to_owned(),
+            op,
+            state: st.phase.name(),
+        })
+    }
+
+    /// Waits until the VMM has exited or `deadline` passes; true if it has.
+    async fn wait_vmm_exit(&self, deadline: Instant) -> bool {
+        loop {
+            {
+                let mut st = self.state.lock().await;
+                match st.procs.iter_mut().find(|p| p.role == L::VMM) {
+                    Some(p) => {
+                        if let Some(status) = p.poll() {
+                            tracing::debug!(sandbox_id = %self.id(), %status, "{} exited", L::VMM.describe());
+                            return true;
+                        }
+                    }
+                    // Someone else (kill) tore it down.
+                    None => return true,
+                }
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(POLL_INTERVAL * 5).await;
+        }
+    }
+
+    /// Gives the helpers a moment to exit on their own after the VMM is
+    /// gone; teardown kills whatever is left (e.g. a vhost-device-vsock
+    /// configured instead of boxlite-vsock, which waits for a new frontend).
+    async fn wait_helpers_exit(&self, grace: Duration) {
+        let until = Instant::now() + grace;
+        loop {
+            {
+                let mut st = self.state.lock().await;
+                if st
+                    .procs
+                    .iter_mut()
+                    .filter(|p| p.role != L::VMM)
+                    .all(|p| p.poll().is_some())
+                {
+                    return;
+                }
+            }
+            if Instant::now() >= until {
+                return;
+            }
+            tokio::time::sleep(POLL_INTERVAL * 2).await;
+        }
+    }
+
+    /// The agent shutdown did not end the VMM by the deadline: the
+    /// launcher's last resort, if it has one. True if the VMM exited.
+    async fn last_resort_shutdown(&self) -> bool {
+        match self.launcher.last_resort_shutdown(&self.setup).await {
+            Some(grace) => self.wait_vmm_exit(Instant::now() + grace).await,
+            None => false,
+        }
+    }
+
+    /// Kills and reaps every process (the VMM first), removes sockets and
+    /// pid files. Synchronous: SIGKILLed processes exit in milliseconds,
+    /// and `Drop` needs it too.
+    fn teardown(&self, st: &mut State) {
+        kill_and_reap(self.id(), &mut st.procs, &self.transient_files(&st.shares));
+        st.nets.clear();
+        st.ready = None;
+        self.pid.store(0, Ordering::SeqCst);
+        st.phase = Phase::Stopped;
+    }
+}
+
+/// A share's checks: a valid tag not used yet, an absolute directory.
+fn check_share(id: &str, existing: &[Share], share: &Share) -> Result<(), HypervisorError> {
+    validate_share_tag(id, &share.tag)?;
+    let invalid = |reason: String| HypervisorError::InvalidShare {
+        id: id.to_owned(),
+        tag: share.tag.clone(),
+        reason,
+    };
+    if existing.iter().any(|s| s.tag == share.tag) {
+        return Err(invalid("a share with this tag was already added".into()));
+    }
+    if !share.host_dir.is_absolute() {
+        return Err(invalid(format!(
+            "host directory {} is not an absolute path",
+            share.host_dir.display()
+        )));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl<L: Launcher> Hypervisor for ProcessVm<L> {
+    fn sandbox_id(&self) -> &str {
+        self.id()
+    }
+
+    async fn add_share(
+        &self,
+        tag: &str,
+        host_dir: &Path,
+        read_only: bool,
+    ) -> Result<(), HypervisorError> {
+        let mut st = self.state.lock().await;
+        self.not_created(&st, "add a share")?;
+        let share = Share {
+            tag: tag.to_owned(),
+            host_dir: host_dir.to_owned(),
+            read_only,
+        };
+        check_share(self.id(), &st.shares, &share)?;
+        st.shares.push(share);
+        Ok(())
+    }
+
+    async fn add_net(&self, tap: TapDevice, mac: MacAddr) -> Result<(), HypervisorError> {
+        let mut st = self.state.lock().await;
+        self.not_created(&st, "add a network device")?;
+        let net = NetDevice { tap, mac };
+        check_net(&net)?;
+        st.nets.push(net);
+        Ok(())
+    }
+
+    async fn start(&self) -> Result<(), HypervisorError> {
+        let vm = &self.setup;
+        let mut st = self.state.lock().await;
+        self.not_created(&st, "start")?;
+        self.preflight(&st)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&vm.dir)
+            .map_err(|error| HypervisorError::Io {
+                id: vm.id.clone(),
+                op: "cannot create the sandbox directory",
+                path: vm.dir.clone(),
+                error,
+            })?;
+        // Leftovers of an earlier run would make the helpers fail (or make us
+        // think they are ready).
+        for file in self.transient_files(&st.shares) {
+            let _ = std::fs::remove_file(file);
+        }
+        let console = self.console_log_path();
+        File::create(&console).map_err(|error| HypervisorError::Io {
+            id: vm.id.clone(),
+            op: "cannot create the console log",
+            path: console.clone(),
+            error,
+        })?;
+        // Before the VM exists, so the guest always finds it.
+        st.ready = Some(ReadyListener::bind_for_sandbox(
+            &vm.id,
+            &self.vsock_socket_path(),
+        )?);
+        let started_at = Instant::now();
+        // Disjoint borrows of the guarded state: the launcher reads the
+        // shares and taps while it fills the process list.
+        let st = &mut *st;
+        let mut launch = Launch {
+            shares: &st.shares,
+            nets: &st.nets,
+            procs: &mut st.procs,
+        };
+        match self.launcher.spawn(vm, &mut launch).await {
+            Ok(()) => {
+                let pid = st
+                    .procs
+                    .iter()
+                    .rfind(|p| p.role == L::VMM)
+                    .map_or(0, |p| p.pid);
+                self.pid.store(pid, Ordering::SeqCst);
+                // The VMM has its copies of the taps now.
+                st.nets.clear();
+                st.phase = Phase::Running;
+                st.started_at = Some(started_at);
+                tracing::info!(sandbox_id = %vm.id, pid, "VM started");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(sandbox_id = %vm.id, error = %chain(&e), "VM start failed; cleaning up");
+                self.teardown(st);
+                Err(e)
+            }
+        }
+    }
+
+    async fn wait_ready(&self) -> Result<AgentConnection, HypervisorError> {
+        let (started_at, ready) = {
+            let mut st = self.state.lock().await;
+            match (st.phase, st.started_at) {
+                (Phase::Running, Some(at)) => (at, st.ready.take()),
+                (phase, _) => {
+                    return Err(HypervisorError::InvalidState {
+                        id: self.id().to_owned(),
+                        op: "wait for the agent",
+                        state: phase.name(),
+                    })
+                }
+            }
+        };
+        let deadline = started_at + self.agent_ready_timeout;
+        let result = wait_for_agent(self, ready, deadline, self.agent_ready_timeout).await;
+        if result.is_ok() {
+            tracing::info!(sandbox_id = %self.id(), elapsed_ms = started_at.elapsed().as_millis() as u64, "agent ready");
+        }
+        result
+    }
+
+    async fn stop(&self) -> Result<(), HypervisorError> {
+        {
+            let mut st = self.state.lock().await;
+            match st.phase {
+                Phase::Created => {
+                    st.nets.clear();
+                    st.phase = Phase::Stopped;
+                    return Ok(());
+                }
+                Phase::Stopping | Phase::Stopped => return Ok(()),
+                Phase::Running => st.phase = Phase::Stopping,
+            }
+        }
+        let deadline = Instant::now() + self.shutdown_timeout;
+        let vmm_alive = {
+            let mut st = self.state.lock().await;
+            st.procs
+                .iter_mut()
+                .find(|p| p.role == L::VMM)
+                .is_some_and(|p| p.poll().is_none())
+        };
+        if vmm_alive {
+            request_agent_shutdown(
+                self.id(),
+                &self.hybrid_vsock(),
+                self.shutdown_timeout,
+                deadline,
+            )
+            .await;
+        }
+        let exited = self.wait_vmm_exit(deadline).await || self.last_resort_shutdown().await;
+        if exited {
+            self.wait_helpers_exit(HELPER_EXIT_GRACE).await;
+        } else {
+            tracing::warn!(
+                sandbox_id = %self.id(),
+                timeout_secs = self.shutdown_timeout.as_secs(),
+                "VM did not exit within the shutdown timeout; killing it"
+            );
+        }
+        let mut st = self.state.lock().await;
+        self.teardown(&mut st);
+        Ok(())
+    }
+
+    async fn kill(&self) -> Result<(), HypervisorError> {
+        let mut st = self.state.lock().await;
+        self.teardown(&mut st);
+        Ok(())
+    }
+
+    async fn check_alive(&self) -> Result<(), HypervisorError> {
+        let mut st = self.state.lock().await;
+        match st.phase {
+            Phase::Created => return Ok(()),
+            Phase::Running => {}
+            phase => {
+                return Err(HypervisorError::InvalidState {
+                    id: self.id().to_owned(),
+                    op: "use the VM",
+                    state: phase.name(),
+                })
+            }
+        }
+        let Some(mut dead) = st.procs.iter_mut().position(|p| p.poll().is_some()) else {
+            return Ok(());
+        };
+        // The VMM's exit is the cause worth reporting (a guest panic, a bad
+        // kernel): its helpers end cleanly once it is gone, and one may be
+        // reaped a moment before the VMM itself.
+        if st.procs[dead].role != L::VMM && st.procs[dead].poll().is_some_and(|s| s.success()) {
+            let until = Instant::now() + VMM_EXIT_GRACE;
+            while Instant::now() < until {
+                if let Some(v) = st
+                    .procs
+                    .iter_mut()
+                    .position(|p| p.role == L::VMM && p.poll().is_some())
+                {
+                    dead = v;
+                    break;
+                }
+                tokio::time::sleep(POLL_INTERVAL).await;
+            }
+        }
+        let p = &mut st.procs[dead];
+        Err(HypervisorError::ProcessExited(Box::new(ExitReport {
+            id: self.id().to_owned(),
+            what: p.role.describe(),
+            pid: p.pid,
+            status: p.poll().expect("polled as exited above"),
+            log: p.log.clone(),
+            last_line: last_line(&p.log),
+            socket: None,
+            console_log: Some(self.console_log_path()),
+        })))
+    }
+
+    fn pid(&self) -> Option<u32> {
+        match self.pid.load(Ordering::SeqCst) {
+            0 => None,
+            pid => Some(pid),
+        }
+    }
+
+    fn vsock_socket_path(&self) -> PathBuf {
+        self.setup.path(VSOCK_SOCKET)
+    }
+
+    fn console_log_path(&self) -> PathBuf {
+        self.setup.path(CONSOLE_LOG)
+    }
+}
+
+/// A VM dropped while its processes run is killed.
+impl<L: Launcher> Drop for ProcessVm<L> {
+    fn drop(&mut self) {
+        let Ok(mut guard) = self.state.try_lock() else {
+            return;
+        };
+        if guard.procs.is_empty() {
+            return;
+        }
+        tracing::warn!(sandbox_id = %self.id(), "VM dropped while running; killing it");
+        let mut st = std::mem::replace(&mut *guard, State::new());
+        drop(guard);
+        self.teardown(&mut st);
+    }
+}

@@ -1,0 +1,472 @@
+//! The qemu backend against fake binaries (shell scripts): command line,
+//! preflight checks, start order, failures and cleanup.
+
+use super::*;
+use crate::config::{Config, ResolvedBackend};
+use crate::hypervisor::Hypervisor;
+use std::fs::File;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+/// A sandbox in a temp dir with fake binaries (shell scripts).
+struct Rig {
+    tmp: tempfile::TempDir,
+}
+
+impl Rig {
+    fn new() -> Self {
+        Self {
+            tmp: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    fn script(&self, name: &str, body: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, "x").unwrap();
+        path
+    }
+
+    fn bins(&self, qemu: PathBuf, vsock: PathBuf, fs: PathBuf) -> ResolvedHypervisor {
+        ResolvedHypervisor {
+            backend: ResolvedBackend::Qemu,
+            accel: ResolvedAccel::Tcg,
+            accel_reason: "test".into(),
+            qemu_binary: qemu,
+            virtiofsd_binary: fs,
+            vhost_vsock_binary: vsock,
+            vmm_binary: "boxlite-vmm".into(),
+        }
+    }
+
+    fn spec(&self) -> VmSpec {
+        let mut config = Config::default();
+        config.runtime.state_dir = self.path("state");
+        config.guest.kernel = self.file("vmlinux");
+        config.guest.initramfs = self.file("initramfs");
+        config.guest.kernel_cmdline_extra = "quiet".into();
+        config.timeouts.agent_ready_secs = 2;
+        config.timeouts.shutdown_secs = 1;
+        VmSpec::from_config(&config, "sb1").unwrap()
+    }
+
+    fn sandbox(&self) -> PathBuf {
+        self.path("state/sb1")
+    }
+
+    /// A helper that creates the socket named after `flag` and sleeps.
+    /// With `--socket-path` (virtiofsd) it also writes `<socket>.pid`,
+    /// as virtiofsd does.
+    fn fake_helper(&self, name: &str, flag: &str) -> PathBuf {
+        let lock = if flag == "--socket-path" {
+            r#": > "$s.pid""#
+        } else {
+            ""
+        };
+        self.script(
+            name,
+            &format!(
+                r#"while [ $# -gt 0 ]; do case "$1" in {flag}) shift; s="$1";; esac; shift; done
+: > "$s"
+{lock}
+exec sleep 30"#
+            ),
+        )
+    }
+
+    fn leftovers(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.sandbox())
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().into_string().unwrap())
+                    .filter(|n| n.ends_with(".sock") || n.ends_with(".pid"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // Reaped children are gone from /proc; a zombie would still show up.
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn qemu_command_line() {
+    let rig = Rig::new();
+    let bins = rig.bins("/q".into(), "/v".into(), "/f".into());
+    let mut spec = rig.spec();
+    spec.vcpus = 2;
+    spec.memory_mib = 256;
+    let vm = QemuHypervisor::new(spec, bins).unwrap();
+    let shares = vec![Share {
+        tag: "rootfs".into(),
+        host_dir: "/srv/x".into(),
+        read_only: false,
+    }];
+    let net_fd = NetDevice {
+        tap: TapDevice::Fd(File::open("/dev/null").unwrap().into()),
+        mac: "02:00:00:00:00:01".parse().unwrap(),
+    };
+    let net_name = NetDevice {
+        tap: TapDevice::Name("tap0".into()),
+        mac: "02:00:00:00:00:02".parse().unwrap(),
+    };
+    let args = vm.qemu_args(&shares, &[(Some(42), &net_fd), (None, &net_name)]);
+    let line = render_cmdline(Path::new("qemu-system-x86_64"), &args);
+    let dir = rig.sandbox();
+    let d = dir.display();
+    let expected = format!(
+        "qemu-system-x86_64 -name boxlite-sb1 -M microvm,acpi=off,memory-backend=mem \
+         -accel tcg -cpu max -smp 2 -m 256M \
+         -object memory-backend-memfd,id=mem,size=256M,share=on \
+         -nodefaults -no-user-config -nographic -no-reboot \
+         -chardev file,id=console,path={d}/console.log -serial chardev:console \
+         -kernel {k} -initrd {i} -append 'console=ttyS0 reboot=t panic=-1 quiet' \
+         -device virtio-rng-device \
+         -chardev socket,id=vsock,path={d}/vhost-vsock.sock -device vhost-user-vsock-device,chardev=vsock \
+         -chardev socket,id=fs0,path={d}/fs-rootfs.sock -device vhost-user-fs-device,chardev=fs0,tag=rootfs \
+         -netdev tap,id=net0,fd=42 -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01 \
+         -netdev tap,id=net1,ifname=tap0,script=no,downscript=no -device virtio-net-device,netdev=net1,mac=02:00:00:00:00:02",
+        k = rig.path("vmlinux").display(),
+        i = rig.path("initramfs").display(),
+    );
+    assert_eq!(line, expected);
+}
+
+#[test]
+fn kvm_uses_the_host_cpu() {
+    let rig = Rig::new();
+    let mut bins = rig.bins("/q".into(), "/v".into(), "/f".into());
+    bins.accel = ResolvedAccel::Kvm;
+    let vm = QemuHypervisor::new(rig.spec(), bins).unwrap();
+    let line = render_cmdline(Path::new("q"), &vm.qemu_args(&[], &[]));
+    assert!(line.contains("-accel kvm -cpu host"), "{line}");
+}
+
+#[test]
+fn commas_in_paths_are_escaped() {
+    let opt = opt_with_path("socket,id=x,path=", Path::new("/a,b/c.sock"), "");
+    assert_eq!(opt, OsString::from("socket,id=x,path=/a,,b/c.sock"));
+}
+
+#[tokio::test]
+async fn missing_kernel_fails_before_spawning() {
+    let rig = Rig::new();
+    let marker = rig.path("spawned");
+    let bin = rig.script("bin", &format!(": > {}", marker.display()));
+    let mut spec = rig.spec();
+    spec.kernel = rig.path("no-vmlinux");
+    let vm = QemuHypervisor::new(spec, rig.bins(bin.clone(), bin.clone(), bin)).unwrap();
+    let err = vm.start().await.unwrap_err().to_string();
+    assert!(
+        err.contains(&rig.path("no-vmlinux").display().to_string()),
+        "{err}"
+    );
+    assert!(err.contains("guest.kernel"), "{err}");
+    assert!(!marker.exists());
+    assert!(!rig.sandbox().exists(), "nothing created");
+    // A preflight failure leaves the VM unstarted: a retry checks again.
+    let err = vm.start().await.unwrap_err().to_string();
+    assert!(err.contains("guest.kernel"), "{err}");
+}
+
+#[tokio::test]
+async fn missing_initramfs_and_share_dir_are_named() {
+    let rig = Rig::new();
+    let bin = rig.script("bin", "exit 0");
+    let mut spec = rig.spec();
+    spec.initramfs = rig.path("no-initramfs");
+    let vm = QemuHypervisor::new(spec, rig.bins(bin.clone(), bin.clone(), bin.clone())).unwrap();
+    let err = vm.start().await.unwrap_err().to_string();
+    assert!(err.contains("guest.initramfs"), "{err}");
+
+    let vm = QemuHypervisor::new(rig.spec(), rig.bins(bin.clone(), bin.clone(), bin)).unwrap();
+    vm.add_share("rootfs", &rig.path("nope"), false)
+        .await
+        .unwrap();
+    let err = vm.start().await.unwrap_err().to_string();
+    assert!(err.contains("share \"rootfs\""), "{err}");
+    assert!(err.contains("does not exist"), "{err}");
+}
+
+#[tokio::test]
+async fn missing_binary_fails_before_spawning() {
+    let rig = Rig::new();
+    let marker = rig.path("spawned");
+    let bin = rig.script("bin", &format!(": > {}", marker.display()));
+    let vm =
+        QemuHypervisor::new(rig.spec(), rig.bins(rig.path("no-qemu"), bin.clone(), bin)).unwrap();
+    let err = vm.start().await.unwrap_err().to_string();
+    assert!(err.contains("hypervisor.qemu_binary"), "{err}");
+    assert!(err.contains("no-qemu"), "{err}");
+    assert!(!marker.exists());
+}
+
+#[tokio::test]
+async fn socket_paths_are_bounded() {
+    let rig = Rig::new();
+    let bin = rig.script("bin", "exit 0");
+    let mut spec = rig.spec();
+    spec.dir = rig.path(&"d".repeat(100));
+    let vm = QemuHypervisor::new(spec, rig.bins(bin.clone(), bin.clone(), bin)).unwrap();
+    let err = vm.start().await.unwrap_err().to_string();
+    assert!(err.contains("unix socket limit of 107"), "{err}");
+}
+
+#[tokio::test]
+async fn helper_dying_at_start_is_reported_and_cleaned_up() {
+    let rig = Rig::new();
+    let marker = rig.path("qemu-ran");
+    let qemu = rig.script("qemu", &format!(": > {}", marker.display()));
+    let vsock = rig.script("vsock", "echo 'error: cannot bind socket' >&2; exit 3");
+    let fs = rig.fake_helper("fs", "--socket-path");
+    let vm = QemuHypervisor::new(rig.spec(), rig.bins(qemu, vsock, fs)).unwrap();
+    vm.add_share("rootfs", rig.tmp.path(), true).await.unwrap();
+    let err = vm.start().await.unwrap_err().to_string();
+    assert!(
+        err.contains("the vsock backend exited with exit status: 3"),
+        "{err}"
+    );
+    assert!(err.contains("vsock-backend.log"), "{err}");
+    assert!(err.contains("cannot bind socket"), "{err}");
+    assert!(!marker.exists(), "qemu must not start");
+    assert_eq!(rig.leftovers(), Vec::<String>::new());
+    assert_eq!(vm.pid(), None);
+    // The fake virtiofsd was killed and reaped.
+    let err = vm.start().await.unwrap_err().to_string();
+    assert!(
+        err.contains("cannot start while the VM is stopped"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn qemu_dying_early_fails_wait_ready_fast() {
+    let rig = Rig::new();
+    let qemu = rig.script("qemu", "echo 'qemu: could not load kernel' >&2; exit 1");
+    let vsock = rig.fake_helper("vsock", "--socket");
+    let fs = rig.fake_helper("fs", "--socket-path");
+    let vm = QemuHypervisor::new(rig.spec(), rig.bins(qemu, vsock, fs)).unwrap();
+    vm.add_share("rootfs", rig.tmp.path(), false).await.unwrap();
+    vm.start().await.unwrap();
+    let helper_pids: Vec<u32> = {
+        let st = vm.state.lock().await;
+        st.procs.iter().map(|p| p.pid).collect()
+    };
+    assert_eq!(helper_pids.len(), 3);
+    assert_eq!(
+        rig.leftovers(),
+        [
+            "fs-rootfs.sock",
+            "fs-rootfs.sock.pid",
+            "qemu.pid",
+            "vhost-vsock.sock",
+            "virtiofsd-rootfs.pid",
+            "vsock-backend.pid"
+        ]
+    );
+    let started = std::time::Instant::now();
+    let err = vm.wait_ready().await.unwrap_err().to_string();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(err.contains("qemu (pid"), "{err}");
+    assert!(
+        err.contains("exited unexpectedly with exit status: 1"),
+        "{err}"
+    );
+    assert!(err.contains("could not load kernel"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "console log: {}",
+            rig.sandbox().join("console.log").display()
+        )),
+        "{err}"
+    );
+    vm.stop().await.unwrap();
+    assert_eq!(rig.leftovers(), Vec::<String>::new());
+    for pid in helper_pids {
+        assert!(!pid_alive(pid), "pid {pid} left behind");
+    }
+    // Logs stay.
+    assert!(rig.sandbox().join("qemu.log").exists());
+}
+
+#[tokio::test]
+async fn wait_ready_times_out_naming_sandbox_port_and_console() {
+    let rig = Rig::new();
+    let qemu = rig.script("qemu", "exec sleep 30");
+    let vsock = rig.fake_helper("vsock", "--socket");
+    let vm = QemuHypervisor::new(rig.spec(), rig.bins(qemu, vsock.clone(), vsock)).unwrap();
+    vm.start().await.unwrap();
+    let pid = vm.pid().unwrap();
+    let started = std::time::Instant::now();
+    let err = vm.wait_ready().await.unwrap_err().to_string();
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
+    assert!(
+        err.starts_with(&format!(
+            "sandbox sb1: the agent did not announce itself on vsock port 1027 ({}) within 2s",
+            rig.sandbox().join("vsock.sock_1027").display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.ends_with(&format!(
+            "console log: {}",
+            rig.sandbox().join("console.log").display()
+        )),
+        "{err}"
+    );
+    // stop: no agent to ask, QEMU does not exit by itself → killed after
+    // the 1 s shutdown timeout.
+    let started = std::time::Instant::now();
+    vm.stop().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!pid_alive(pid));
+    assert_eq!(vm.pid(), None);
+    assert_eq!(rig.leftovers(), Vec::<String>::new());
+    vm.stop().await.unwrap();
+    vm.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn kill_and_drop_leave_nothing_behind() {
+    let rig = Rig::new();
+    let qemu = rig.script("qemu", "exec sleep 30");
+    let vsock = rig.fake_helper("vsock", "--socket");
+    let vm = QemuHypervisor::new(
+        rig.spec(),
+        rig.bins(qemu.clone(), vsock.clone(), vsock.clone()),
+    )
+    .unwrap();
+    vm.start().await.unwrap();
+    let pid = vm.pid().unwrap();
+    vm.kill().await.unwrap();
+    assert!(!pid_alive(pid));
+    assert_eq!(rig.leftovers(), Vec::<String>::new());
+
+    let vm = QemuHypervisor::new(rig.spec(), rig.bins(qemu, vsock.clone(), vsock)).unwrap();
+    vm.start().await.unwrap();
+    let pids: Vec<u32> = vm.state.lock().await.procs.iter().map(|p| p.pid).collect();
+    drop(vm);
+    for pid in pids {
+        assert!(!pid_alive(pid), "pid {pid} left behind");
+    }
+    assert_eq!(rig.leftovers(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn tap_fd_reaches_qemu_only() {
+    let rig = Rig::new();
+    // Each fake records what its fds point at. Compared by target, not by
+    // number: fd numbers of other open files in a forked shell can equal
+    // the tap's number in this process, which made a number check flaky.
+    // Written to a temp file and renamed, so the test never reads a
+    // half-written list.
+    let record = |out: &Path| {
+        format!(
+            "for f in /proc/$$/fd/*; do readlink \"$f\"; done > {out}.tmp; mv {out}.tmp {out}",
+            out = out.display()
+        )
+    };
+    let fds_file = rig.path("qemu-fds");
+    let qemu = rig.script("qemu", &format!("{}; exec sleep 30", record(&fds_file)));
+    let helper_fds = rig.path("helper-fds");
+    let vsock = rig.script(
+        "vsock",
+        &format!(
+            r#"{}
+while [ $# -gt 0 ]; do case "$1" in --socket) shift; s="$1";; esac; shift; done
+: > "$s"; exec sleep 30"#,
+            record(&helper_fds)
+        ),
+    );
+    let vm = QemuHypervisor::new(rig.spec(), rig.bins(qemu, vsock.clone(), vsock)).unwrap();
+    // A stand-in for the tap: a file with a name nothing else has open.
+    let fake_tap = rig.path("fake-tap");
+    let tap: std::os::fd::OwnedFd = File::create(&fake_tap).unwrap().into();
+    let target = fake_tap.display().to_string();
+    vm.add_net(TapDevice::Fd(tap), "02:00:00:00:00:01".parse().unwrap())
+        .await
+        .unwrap();
+    vm.start().await.unwrap();
+    let read_targets = |file: &Path| -> Vec<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !file.exists() || std::fs::read_to_string(file).unwrap().is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} not written",
+                file.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::fs::read_to_string(file)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    let fds = read_targets(&fds_file);
+    assert!(fds.contains(&target), "qemu fds {fds:?}, tap {target}");
+    let helper = read_targets(&helper_fds);
+    assert!(
+        !helper.contains(&target),
+        "helper fds {helper:?}, tap {target}"
+    );
+    vm.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn shares_and_nets_only_before_start() {
+    let rig = Rig::new();
+    let qemu = rig.script("qemu", "exec sleep 30");
+    let vsock = rig.fake_helper("vsock", "--socket");
+    let vm = QemuHypervisor::new(rig.spec(), rig.bins(qemu, vsock.clone(), vsock)).unwrap();
+    let err = vm
+        .add_share("a,b", rig.tmp.path(), false)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("','"), "{err}");
+    vm.add_share("a", rig.tmp.path(), false).await.unwrap();
+    let err = vm.add_share("a", rig.tmp.path(), false).await.unwrap_err();
+    assert!(err.to_string().contains("already added"), "{err}");
+    let err = vm
+        .add_share("b", Path::new("rel"), false)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not an absolute path"), "{err}");
+    let err = vm
+        .add_net(
+            TapDevice::Name("tap,0".into()),
+            "02:00:00:00:00:01".parse().unwrap(),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("tap name"), "{err}");
+    vm.kill().await.unwrap();
+    let err = vm.add_share("c", rig.tmp.path(), false).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("cannot add a share while the VM is stopped"),
+        "{err}"
+    );
+}
