@@ -20,12 +20,13 @@ use ttrpc::Code;
 
 use crate::agent::Agent;
 use crate::container::{spec, ContainerError};
-use crate::error::{chain, AgentError};
+use crate::error::AgentError;
 use crate::etc::{Dns, EtcError, Hosts};
 use crate::files::{FileError, ReadFileRequest};
 use crate::network::{validate_routes, InterfaceConfig, NetworkError};
 use crate::sandbox::{stop_timeout, CreateSandbox, SandboxError};
 use crate::share::{ShareError, ShareRequest};
+use boxlite_protocol::error_chain::chain;
 
 /// Serves Health and Agent for one [`Agent`].
 #[derive(Clone)]
@@ -108,7 +109,7 @@ impl AgentService {
 pub fn status_code(err: &AgentError) -> Code {
     match err {
         AgentError::Sandbox(e) => match e {
-            SandboxError::InvalidId { .. }
+            SandboxError::InvalidId(_)
             | SandboxError::TooManyShares { .. }
             | SandboxError::Timeout { .. } => Code::INVALID_ARGUMENT,
             SandboxError::AlreadyCreated(_) => Code::ALREADY_EXISTS,

@@ -6,6 +6,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use boxlite_protocol::agent::{self, ip_address::Family};
+use boxlite_protocol::mac::MacAddr;
 
 use super::NetworkError;
 
@@ -22,38 +23,6 @@ const SCOPE_UNIVERSE: u8 = 0;
 const SCOPE_SITE: u8 = 200;
 const SCOPE_LINK: u8 = 253;
 const SCOPE_HOST: u8 = 254;
-
-/// An Ethernet address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Mac(pub [u8; 6]);
-
-impl Mac {
-    /// `aa:bb:cc:dd:ee:ff`, either case.
-    pub fn parse(s: &str) -> Option<Mac> {
-        let mut out = [0u8; 6];
-        let mut parts = s.split(':');
-        for byte in out.iter_mut() {
-            let part = parts.next()?;
-            if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return None;
-            }
-            *byte = u8::from_str_radix(part, 16).ok()?;
-        }
-        parts.next().is_none().then_some(Mac(out))
-    }
-
-    /// The link-layer address of a netlink link message, if it is a MAC.
-    pub fn from_bytes(bytes: &[u8]) -> Option<Mac> {
-        <[u8; 6]>::try_from(bytes).ok().map(Mac)
-    }
-}
-
-impl fmt::Display for Mac {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let [a, b, c, d, e, g] = self.0;
-        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
-    }
-}
 
 /// An address with its prefix length, e.g. 10.88.0.5/16.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,11 +59,11 @@ impl fmt::Display for Cidr {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkSelector {
     pub name: Option<String>,
-    pub mac: Option<Mac>,
+    pub mac: Option<MacAddr>,
 }
 
 impl LinkSelector {
-    pub fn matches(&self, name: &str, mac: Option<Mac>) -> bool {
+    pub fn matches(&self, name: &str, mac: Option<MacAddr>) -> bool {
         self.name.as_deref().is_none_or(|n| n == name) && self.mac.is_none_or(|m| Some(m) == mac)
     }
 }
@@ -151,7 +120,7 @@ fn link_selector(iface: &agent::Interface) -> Result<LinkSelector, NetworkError>
     };
     let mac = match iface.hw_addr.as_str() {
         "" => None,
-        m => Some(Mac::parse(m).ok_or_else(|| {
+        m => Some(m.parse::<MacAddr>().map_err(|_| {
             invalid(
                 UPDATE_INTERFACE,
                 format!("hw_addr {:?}", m),
@@ -456,7 +425,7 @@ fn invalid(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkState {
     pub name: String,
-    pub mac: Option<Mac>,
+    pub mac: Option<MacAddr>,
     pub mtu: u32,
     pub addresses: Vec<Cidr>,
 }
@@ -533,25 +502,6 @@ mod tests {
     }
 
     #[test]
-    fn mac_parses_either_case_and_prints_lowercase() {
-        let m = Mac::parse("02:AB:cd:00:0F:ff").unwrap();
-        assert_eq!(m.0, [0x02, 0xab, 0xcd, 0x00, 0x0f, 0xff]);
-        assert_eq!(m.to_string(), "02:ab:cd:00:0f:ff");
-        for bad in [
-            "",
-            "02:ab:cd:00:0f",
-            "02:ab:cd:00:0f:ff:00",
-            "2:ab:cd:00:0f:ff",
-            "02-ab-cd-00-0f-ff",
-            "02:ab:cd:00:0f:+f",
-            "0g:ab:cd:00:0f:ff",
-        ] {
-            assert_eq!(Mac::parse(bad), None, "{bad}");
-        }
-        assert_eq!(Mac::from_bytes(&[1, 2, 3]), None);
-    }
-
-    #[test]
     fn interface_by_mac_with_both_families() {
         let req = iface_req(
             "",
@@ -567,7 +517,7 @@ mod tests {
             c.link,
             LinkSelector {
                 name: None,
-                mac: Mac::parse("02:00:00:00:00:09")
+                mac: "02:00:00:00:00:09".parse().ok()
             }
         );
         assert_eq!(
@@ -665,8 +615,8 @@ mod tests {
 
     #[test]
     fn selector_matches_name_mac_or_both() {
-        let mac = Mac::parse("02:00:00:00:00:09");
-        let other = Mac::parse("02:00:00:00:00:0a");
+        let mac = "02:00:00:00:00:09".parse().ok();
+        let other = "02:00:00:00:00:0a".parse().ok();
         let by_mac = LinkSelector { name: None, mac };
         assert!(by_mac.matches("eth0", mac));
         assert!(!by_mac.matches("eth0", other));
@@ -824,7 +774,7 @@ mod tests {
     fn link_state_reply() {
         let s = LinkState {
             name: "eth0".into(),
-            mac: Mac::parse("02:00:00:00:00:09"),
+            mac: "02:00:00:00:00:09".parse().ok(),
             mtu: 1400,
             addresses: vec![Cidr {
                 ip: "fd00:88::5".parse().unwrap(),
