@@ -112,7 +112,7 @@ pub fn to_status(err: &AgentError) -> ttrpc::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use boxlite_protocol::agent;
+    use boxlite_protocol::{agent, ids};
 
     use crate::files::ReadFileRequest;
     use crate::network::InterfaceConfig;
@@ -125,6 +125,18 @@ mod tests {
                 Code::ALREADY_EXISTS,
             ),
             (SandboxError::Destroying.into(), Code::FAILED_PRECONDITION),
+            (
+                SandboxError::InvalidId(ids::validate("sandbox", "a/b").unwrap_err()).into(),
+                Code::INVALID_ARGUMENT,
+            ),
+            (
+                ContainerError::InvalidId {
+                    field: "exec_id",
+                    source: ids::validate("exec", ".x").unwrap_err(),
+                }
+                .into(),
+                Code::INVALID_ARGUMENT,
+            ),
             (
                 crate::etc::validate_hostname("a_b").unwrap_err().into(),
                 Code::INVALID_ARGUMENT,
