@@ -102,7 +102,7 @@ impl Agent {
             }
             nix::unistd::sync();
             for e in crate::share::unmount_all_shares() {
-                tracing::warn!(error = %crate::error::chain(&e), "unmount at shutdown");
+                tracing::warn!(error = %boxlite_protocol::error_chain::chain(&e), "unmount at shutdown");
             }
             nix::unistd::sync();
         }

@@ -1,7 +1,7 @@
 //! The error every RPC's work returns: one variant per module error, plus
 //! the RPCs that are not there yet. `rpc.rs` turns it into a ttrpc status.
 
-use crate::container::ContainerError;
+use crate::container::error::ContainerError;
 use crate::etc::EtcError;
 use crate::files::FileError;
 use crate::guest_info::GuestInfoError;
@@ -34,25 +34,10 @@ pub enum AgentError {
     Worker(&'static str),
 }
 
-/// An error and its causes, joined with ": " — the form sent to the host
-/// and logged, since messages never repeat their cause.
-pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        let text = e.to_string();
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cur = e.source();
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use boxlite_protocol::error_chain::chain;
 
     #[test]
     fn chain_joins_causes() {

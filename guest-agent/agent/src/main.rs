@@ -7,13 +7,13 @@ use std::sync::Arc;
 use boxlite_agent::agent::Agent;
 use boxlite_agent::cmdline::{BootParams, PROC_CMDLINE};
 use boxlite_agent::config::{Config, HostCommand, USAGE};
-use boxlite_agent::error::chain;
 use boxlite_agent::guest_info::StartTime;
 use boxlite_agent::listener::ListenAddr;
 use boxlite_agent::logging::{self, ring::RING_CAPACITY, LogHub};
 use boxlite_agent::reaper::Reaper;
 use boxlite_agent::server::{self, Ended};
 use boxlite_agent::{container, etc, guest_init, network, power, AGENT_VERSION};
+use boxlite_protocol::error_chain::chain;
 
 /// Threads for blocking work (mounts, file reads); the async side is a
 /// single thread.

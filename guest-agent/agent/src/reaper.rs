@@ -15,7 +15,7 @@
 //! A container process is not the agent's child when it starts: the
 //! container helper forks it, and it is re-parented to the agent (PID 1, or
 //! a child subreaper in host mode) when the helper exits. The helper waits
-//! for the agent to register the pid before it exits (container/helper.rs),
+//! for the agent to register the pid before it exits (container/helper/),
 //! so the agent cannot reap such a process before someone waits for it. As
 //! a safety net (a helper killed after reporting), the reaper also keeps the
 //! last [`ORPHAN_EXITS_KEPT`] unclaimed exits for [`ORPHAN_EXIT_TTL`], and

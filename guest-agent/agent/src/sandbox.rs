@@ -5,19 +5,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
+use boxlite_protocol::ids::{self, InvalidId};
+
 use crate::etc::EtcError;
 use crate::power::{DEFAULT_STOP_TIMEOUT, MAX_STOP_TIMEOUT};
 use crate::share::{ShareError, ShareRequest};
 
-/// Longest sandbox id accepted (containerd ids are at most 76 bytes).
-pub const MAX_SANDBOX_ID_LEN: usize = 256;
 /// Most shares one CreateSandbox may list.
 pub const MAX_SHARES: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    #[error("sandbox id {id:?} is invalid: {reason}")]
-    InvalidId { id: String, reason: &'static str },
+    /// The id and why it is refused are in the source.
+    #[error("sandbox_id is refused")]
+    InvalidId(#[source] InvalidId),
     #[error("sandbox {0} was already created")]
     AlreadyCreated(String),
     #[error("sandbox is being destroyed")]
@@ -47,7 +48,7 @@ impl CreateSandbox {
         hostname: &str,
         shares: impl ExactSizeIterator<Item = Result<ShareRequest, ShareError>>,
     ) -> Result<Self, SandboxError> {
-        validate_id(id)?;
+        ids::validate("sandbox", id).map_err(SandboxError::InvalidId)?;
         let hostname = if hostname.is_empty() {
             None
         } else {
@@ -65,23 +66,6 @@ impl CreateSandbox {
             shares: shares.collect::<Result<_, _>>()?,
         })
     }
-}
-
-fn validate_id(id: &str) -> Result<(), SandboxError> {
-    let fail = |reason| SandboxError::InvalidId {
-        id: id.escape_debug().to_string(),
-        reason,
-    };
-    if id.is_empty() {
-        return Err(fail("it is empty"));
-    }
-    if id.len() > MAX_SANDBOX_ID_LEN {
-        return Err(fail("it is longer than 256 bytes"));
-    }
-    if !id.chars().all(|c| c.is_ascii_graphic()) || id.contains('/') {
-        return Err(fail("only printable ASCII without '/' is allowed"));
-    }
-    Ok(())
 }
 
 /// DestroySandbox's grace period: 0 means the default.
@@ -152,9 +136,16 @@ mod tests {
         .unwrap();
         assert_eq!(ok.hostname, None);
         assert_eq!(ok.shares.len(), 1);
-        for bad_id in ["", "a b", "a/b", &"x".repeat(257)] {
+        for bad_id in [
+            "",
+            "a b",
+            "a/b",
+            "a+b",
+            ".x",
+            &"x".repeat(ids::MAX_ID_LEN + 1),
+        ] {
             let e = CreateSandbox::validate(bad_id, "", std::iter::empty()).unwrap_err();
-            assert!(matches!(e, SandboxError::InvalidId { .. }), "{bad_id:?}");
+            assert!(matches!(e, SandboxError::InvalidId(_)), "{bad_id:?}");
         }
         let e = CreateSandbox::validate("sb", "bad_host", std::iter::empty()).unwrap_err();
         assert!(

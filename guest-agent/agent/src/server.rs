@@ -55,7 +55,7 @@ pub async fn run(agent: Arc<Agent>, hub: Arc<LogHub>) -> Result<Ended, ServerErr
                 tokio::spawn(crate::logging::stream::serve(l, hub));
             }
             Err(e) if config.mode == Mode::Guest => {
-                tracing::error!(error = %crate::error::chain(&e), "no log stream")
+                tracing::error!(error = %boxlite_protocol::error_chain::chain(&e), "no log stream")
             }
             Err(e) => return Err(e.into()),
         }
@@ -67,7 +67,7 @@ pub async fn run(agent: Arc<Agent>, hub: Arc<LogHub>) -> Result<Ended, ServerErr
                 tokio::spawn(crate::stdio::serve(l, agent.clone()));
             }
             Err(e) if config.mode == Mode::Guest => {
-                tracing::error!(error = %crate::error::chain(&e), "no stdio streams")
+                tracing::error!(error = %boxlite_protocol::error_chain::chain(&e), "no stdio streams")
             }
             Err(e) => return Err(e.into()),
         }
@@ -98,7 +98,7 @@ pub async fn run(agent: Arc<Agent>, hub: Arc<LogHub>) -> Result<Ended, ServerErr
         // never connects, and says so naming the announce port.
         tokio::spawn(async move {
             if let Err(e) = crate::announce::announce(&addr).await {
-                tracing::error!(error = %crate::error::chain(&e), "the host will not connect");
+                tracing::error!(error = %boxlite_protocol::error_chain::chain(&e), "the host will not connect");
             }
         });
     }

@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use boxlite_protocol::error_chain::chain;
 use boxlite_protocol::stdio::{encode_ack, StreamHeader, FIXED_LEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -30,7 +31,7 @@ pub async fn serve(listener: Listener, agent: Arc<Agent>) {
                 tokio::spawn(handle(conn, agent.clone()));
             }
             Err(e) => {
-                tracing::warn!(error = %crate::error::chain(&e), "stdio accept failed");
+                tracing::warn!(error = %chain(&e), "stdio accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -87,11 +88,11 @@ async fn read_header(conn: &mut BoxConn) -> Result<StreamHeader, String> {
     conn.read_exact(&mut fixed)
         .await
         .map_err(|e| format!("stdio header read failed: {e}"))?;
-    let fixed = StreamHeader::parse_fixed(&fixed).map_err(|e| e.to_string())?;
+    let fixed = StreamHeader::parse_fixed(&fixed).map_err(|e| chain(&e))?;
     // ids_len() is bounded by 2 * MAX_ID_LEN after parse_fixed.
     let mut ids = vec![0u8; fixed.ids_len()];
     conn.read_exact(&mut ids)
         .await
         .map_err(|e| format!("stdio header read failed: {e}"))?;
-    StreamHeader::from_parts(fixed, &ids).map_err(|e| e.to_string())
+    StreamHeader::from_parts(fixed, &ids).map_err(|e| chain(&e))
 }

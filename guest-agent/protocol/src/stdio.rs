@@ -15,9 +15,13 @@
 //! ack:    status u8 (0 = ok) | msg_len u16 | message (msg_len bytes, UTF-8)
 //! ```
 //!
-//! An empty exec id names the container's init process.
+//! An empty exec id names the container's init process. Both ids follow
+//! [`crate::ids`]: encoding refuses others, and so does decoding, so the
+//! agent never looks up (or logs) a malformed id.
 
 use std::io::Read;
+
+use crate::ids::{self, InvalidId};
 
 /// First four bytes of every stdio header.
 pub const MAGIC: [u8; 4] = *b"BXIO";
@@ -25,8 +29,9 @@ pub const MAGIC: [u8; 4] = *b"BXIO";
 pub const HEADER_VERSION: u8 = 1;
 /// Length of the fixed part of the header, before the two ids.
 pub const FIXED_LEN: usize = 10;
-/// Longest container or exec id accepted (containerd ids are ≤ 76 bytes).
-pub const MAX_ID_LEN: usize = 256;
+/// Longest container or exec id: the id rule's limit, which also bounds
+/// what a peer's length fields can make the reader allocate.
+pub use crate::ids::MAX_ID_LEN;
 /// Length of the fixed part of the ack, before the message.
 pub const ACK_FIXED_LEN: usize = 3;
 /// Longest ack message; longer ones are cut at encode time.
@@ -73,6 +78,8 @@ pub enum StdioHeaderError {
     EmptyContainerId,
     #[error("stdio header id is not valid UTF-8")]
     IdNotUtf8,
+    #[error("stdio header names an invalid id")]
+    InvalidId(#[source] InvalidId),
     #[error("stdio header is truncated: expected {expected} bytes, got {got}")]
     Truncated { expected: usize, got: usize },
     #[error("stdio stream was refused by the agent: {0}")]
@@ -126,6 +133,7 @@ impl StreamHeader {
         if self.container_id.is_empty() {
             return Err(StdioHeaderError::EmptyContainerId);
         }
+        check_ids(&self.container_id, &self.exec_id)?;
         let mut out = Vec::with_capacity(FIXED_LEN + self.container_id.len() + self.exec_id.len());
         out.extend_from_slice(&MAGIC);
         out.push(HEADER_VERSION);
@@ -174,11 +182,13 @@ impl StreamHeader {
         let (cid, eid) = ids.split_at(fixed.container_id_len);
         let as_string =
             |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| StdioHeaderError::IdNotUtf8);
-        Ok(StreamHeader {
+        let header = StreamHeader {
             stream: fixed.stream,
             container_id: as_string(cid)?,
             exec_id: as_string(eid)?,
-        })
+        };
+        check_ids(&header.container_id, &header.exec_id)?;
+        Ok(header)
     }
 
     /// Decodes a whole header from a byte slice (tests, fuzzing).
@@ -215,6 +225,16 @@ impl StreamHeader {
 fn check_id_len(len: usize) -> Result<(), StdioHeaderError> {
     if len > MAX_ID_LEN {
         return Err(StdioHeaderError::IdTooLong(len));
+    }
+    Ok(())
+}
+
+/// The container id and, unless it is empty (the init process), the exec
+/// id against [`ids::validate`].
+fn check_ids(container_id: &str, exec_id: &str) -> Result<(), StdioHeaderError> {
+    ids::validate("container", container_id).map_err(StdioHeaderError::InvalidId)?;
+    if !exec_id.is_empty() {
+        ids::validate("exec", exec_id).map_err(StdioHeaderError::InvalidId)?;
     }
     Ok(())
 }
@@ -358,6 +378,28 @@ mod tests {
             StreamHeader::decode(&raw),
             Err(StdioHeaderError::IdTooLong(usize::from(u16::MAX)))
         );
+    }
+
+    #[test]
+    fn ids_outside_the_id_rule_are_refused_both_ways() {
+        for (cid, eid) in [("a/b", ""), ("c1", "../x"), (".c", "e"), ("c1", "a+b")] {
+            let e = header(StreamKind::Stdout, cid, eid).encode().unwrap_err();
+            assert!(
+                matches!(e, StdioHeaderError::InvalidId(_)),
+                "{cid} {eid}: {e}"
+            );
+            // The same bytes from a peer that does not check.
+            let mut raw = header(StreamKind::Stdout, "c", "").encode().unwrap();
+            raw.truncate(6);
+            raw.extend_from_slice(&(cid.len() as u16).to_be_bytes());
+            raw.extend_from_slice(&(eid.len() as u16).to_be_bytes());
+            raw.extend_from_slice(cid.as_bytes());
+            raw.extend_from_slice(eid.as_bytes());
+            assert!(matches!(
+                StreamHeader::decode(&raw),
+                Err(StdioHeaderError::InvalidId(_))
+            ));
+        }
     }
 
     #[test]

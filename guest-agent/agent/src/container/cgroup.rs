@@ -15,7 +15,7 @@ use libcgroups::common::{
 use oci_spec::runtime::LinuxResources;
 use tokio::sync::mpsc;
 
-use super::ContainerError;
+use super::error::ContainerError;
 
 /// Where cgroupfs is mounted (guest and host).
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -63,7 +63,7 @@ impl Cgroup {
             systemd_cgroup: false,
             container_name: id.to_string(),
         })
-        .map_err(|e| err("open")(crate::error::chain(&e)))?;
+        .map_err(|e| err("open")(boxlite_protocol::error_chain::chain(&e)))?;
         Ok(Cgroup {
             manager,
             path: path.to_path_buf(),
@@ -74,7 +74,7 @@ impl Cgroup {
         self.manager
             .get_all_pids()
             .map(|v| v.into_iter().map(|p| p.as_raw()).collect())
-            .map_err(|e| err("pids")(crate::error::chain(&e)))
+            .map_err(|e| err("pids")(boxlite_protocol::error_chain::chain(&e)))
     }
 
     pub fn freeze(&self, frozen: bool) -> Result<(), ContainerError> {
@@ -83,9 +83,9 @@ impl Cgroup {
         } else {
             FreezerState::Thawed
         };
-        self.manager
-            .freeze(state)
-            .map_err(|e| err(if frozen { "freeze" } else { "thaw" })(crate::error::chain(&e)))
+        self.manager.freeze(state).map_err(|e| {
+            err(if frozen { "freeze" } else { "thaw" })(boxlite_protocol::error_chain::chain(&e))
+        })
     }
 
     pub fn update(&self, resources: &LinuxResources) -> Result<(), ContainerError> {
@@ -96,12 +96,12 @@ impl Cgroup {
                 oom_score_adj: None,
                 freezer_state: None,
             })
-            .map_err(|e| err("update")(crate::error::chain(&e)))
+            .map_err(|e| err("update")(boxlite_protocol::error_chain::chain(&e)))
     }
 
     pub fn remove(&self) {
         if let Err(e) = self.manager.remove() {
-            tracing::warn!(path = %self.path.display(), error = %crate::error::chain(&e), "cgroup removal");
+            tracing::warn!(path = %self.path.display(), error = %boxlite_protocol::error_chain::chain(&e), "cgroup removal");
         }
     }
 
@@ -109,7 +109,7 @@ impl Cgroup {
         let s = self
             .manager
             .stats()
-            .map_err(|e| err("stats")(crate::error::chain(&e)))?;
+            .map_err(|e| err("stats")(boxlite_protocol::error_chain::chain(&e)))?;
         // v2 reports microseconds; v1's cpuacct reports nanoseconds.
         let cpu_div = if is_v2() { 1 } else { 1000 };
         let mut io: HashMap<(u64, u64), (u64, u64, u64, u64)> = HashMap::new();

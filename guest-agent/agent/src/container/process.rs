@@ -18,8 +18,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
+use super::error::ContainerError;
 use super::spec::Stdio;
-use super::ContainerError;
 use crate::listener::BoxConn;
 use crate::reaper::ExitWatch;
 

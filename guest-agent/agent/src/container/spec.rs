@@ -4,13 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
+use boxlite_protocol::ids;
 use oci_spec::runtime::{LinuxResources, Process, Spec};
 
-use super::ContainerError;
+use super::error::ContainerError;
 use crate::config::Config;
 
-/// Longest container or exec id (the stdio header's limit).
-pub const MAX_ID_LEN: usize = boxlite_protocol::stdio::MAX_ID_LEN;
 /// Longest spec or Process JSON accepted.
 pub const MAX_SPEC_LEN: usize = 4 * 1024 * 1024;
 /// Parent cgroup of containers that name no cgroupsPath.
@@ -44,31 +43,10 @@ pub struct ExecRequest {
     pub stdio: Stdio,
 }
 
-/// Container ids: what libcontainer and runc accept, ≤ [`MAX_ID_LEN`].
-pub fn validate_id(field: &'static str, id: &str) -> Result<(), ContainerError> {
-    let bad = |why: &str| ContainerError::InvalidId {
-        field,
-        id: id.escape_debug().to_string(),
-        why: why.to_string(),
-    };
-    if id.is_empty() {
-        return Err(bad("it is empty"));
-    }
-    if id.len() > MAX_ID_LEN {
-        return Err(bad(&format!("it is longer than {MAX_ID_LEN} bytes")));
-    }
-    if id == "." || id == ".." {
-        return Err(bad("it is a path component"));
-    }
-    if let Some(c) = id
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '+' | '-' | '.')))
-    {
-        return Err(bad(&format!(
-            "{c:?} is not allowed (letters, digits, _ + - . only)"
-        )));
-    }
-    Ok(())
+/// Checks the id in request field `field` with containerd's rule
+/// ([`ids::validate`]); `kind` names the id in the message.
+fn check_id(field: &'static str, kind: &'static str, id: &str) -> Result<(), ContainerError> {
+    ids::validate(kind, id).map_err(|source| ContainerError::InvalidId { field, source })
 }
 
 fn check_stdio(stdio: Stdio, process_terminal: bool) -> Result<(), ContainerError> {
@@ -134,7 +112,7 @@ pub fn validate_create(
     spec_json: &[u8],
     stdio: Stdio,
 ) -> Result<CreateRequest, ContainerError> {
-    validate_id("container_id", id)?;
+    check_id("container_id", "container", id)?;
     let mut spec: Spec = parse_json("oci_spec_json", spec_json)?;
     let process = spec
         .process()
@@ -192,8 +170,8 @@ pub fn validate_exec(
     process_json: &[u8],
     stdio: Stdio,
 ) -> Result<ExecRequest, ContainerError> {
-    validate_id("container_id", container_id)?;
-    validate_id("exec_id", exec_id)?;
+    check_id("container_id", "container", container_id)?;
+    check_id("exec_id", "exec", exec_id)?;
     let process: Process = parse_json("process_json", process_json)?;
     check_process(&process)?;
     check_stdio(stdio, process.terminal().unwrap_or(false))?;
@@ -234,21 +212,28 @@ mod tests {
     }
 
     #[test]
-    fn ids_follow_runc_rules() {
-        for good in ["c1", "a.b_c-d+e", &"x".repeat(MAX_ID_LEN)] {
-            validate_id("container_id", good).unwrap();
+    fn ids_follow_containerd_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = host_config(dir.path());
+        for good in ["c1", "a.b_c-d", &"x".repeat(ids::MAX_ID_LEN)] {
+            check_id("container_id", "container", good).unwrap();
         }
         for bad in [
             "",
             ".",
             "..",
+            ".hidden",
             "a/b",
             "a b",
+            "a+b",
             "é",
-            &"x".repeat(MAX_ID_LEN + 1),
+            &"x".repeat(ids::MAX_ID_LEN + 1),
         ] {
-            let e = validate_id("container_id", bad).unwrap_err();
+            let e = validate_create(&config, bad, &spec_json(""), Stdio::default()).unwrap_err();
+            assert!(matches!(e, ContainerError::InvalidId { .. }), "{e}");
             assert!(e.to_string().starts_with("container_id"), "{e}");
+            let e = validate_exec("c1", bad, b"{}", Stdio::default()).unwrap_err();
+            assert!(e.to_string().starts_with("exec_id"), "{e}");
         }
     }
 

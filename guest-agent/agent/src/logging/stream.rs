@@ -19,7 +19,7 @@ pub async fn serve(listener: Listener, hub: Arc<LogHub>) {
                 tokio::spawn(stream_to(conn, hub.clone()));
             }
             Err(e) => {
-                tracing::warn!(error = %crate::error::chain(&e), "log stream accept failed");
+                tracing::warn!(error = %boxlite_protocol::error_chain::chain(&e), "log stream accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }

@@ -6,7 +6,9 @@ use rtnetlink::packet_route::address::{AddressAttribute, AddressHeaderFlags, Add
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::LinkUnspec;
 
-use super::convert::{Cidr, InterfaceConfig, LinkState, Mac};
+use boxlite_protocol::mac::MacAddr;
+
+use super::convert::{Cidr, InterfaceConfig, LinkState};
 use super::{Netlink, NetworkError};
 
 /// What the RPCs need to know of a link.
@@ -14,7 +16,7 @@ use super::{Netlink, NetworkError};
 pub struct Link {
     pub index: u32,
     pub name: String,
-    pub mac: Option<Mac>,
+    pub mac: Option<MacAddr>,
     pub mtu: u32,
     /// The device's MTU range, when the kernel reports it.
     pub mtu_range: Option<(u32, u32)>,
@@ -33,7 +35,10 @@ impl Link {
         for attr in &msg.attributes {
             match attr {
                 LinkAttribute::IfName(n) => link.name = n.clone(),
-                LinkAttribute::Address(a) => link.mac = Mac::from_bytes(a),
+                // Only a 6-byte link-layer address is a MAC.
+                LinkAttribute::Address(a) => {
+                    link.mac = <[u8; 6]>::try_from(&a[..]).ok().map(MacAddr)
+                }
                 LinkAttribute::Mtu(m) => link.mtu = *m,
                 LinkAttribute::MinMtu(m) => min = Some(*m),
                 LinkAttribute::MaxMtu(m) => max = Some(*m),

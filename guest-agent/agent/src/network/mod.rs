@@ -15,9 +15,7 @@ mod routes;
 
 use tokio::sync::Mutex;
 
-pub use convert::{
-    validate_routes, Cidr, InterfaceConfig, LinkSelector, LinkState, Mac, RouteConfig,
-};
+pub use convert::{validate_routes, Cidr, InterfaceConfig, LinkSelector, LinkState, RouteConfig};
 pub use loopback::{bring_up, LinkUpError};
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,146 @@
+//! Starting a VM under boxlite-vmm (the VMM under test): its JSON config
+//! from a list of devices, and whether this boxlite-vmm has vsock at all.
+
+use std::fs;
+use std::os::fd::RawFd;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use boxlite_runtime::hypervisor::ready::ReadyListener;
+use boxlite_runtime::HybridVsock;
+
+use super::{Vm, VmFiles, GUEST_MEMORY_MIB};
+use crate::settings::Settings;
+use crate::verdict::{one_line, Failure};
+
+/// A virtio device of the VM.
+#[derive(Clone, Copy)]
+pub enum Device {
+    Rng,
+    Vsock,
+    /// virtio-fs with this tag, backed by [`Settings::fs_socket`].
+    Fs {
+        tag: &'static str,
+    },
+    /// virtio-blk, read-only, on [`Settings::disk_image`] with this id.
+    Block {
+        id: &'static str,
+    },
+    /// virtio-net on this inherited tap fd, with this guest MAC.
+    Net {
+        tap_fd: RawFd,
+        mac: &'static str,
+    },
+}
+
+/// Does this boxlite-vmm know the vsock device? Decided by its config
+/// schema: a config with a vsock entry and `vcpus = 0` either fails to
+/// parse (`unknown variant`) or parses and fails validation on `vcpus`.
+/// `Ok(Err(reason))`: not supported. Memoised per process.
+pub fn vsock_support(s: &Settings) -> Result<Result<(), String>, Failure> {
+    static ANSWER: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    if let Some(a) = ANSWER.get() {
+        return Ok(a.clone());
+    }
+    let dir = s.work.join("probe");
+    fs::create_dir_all(&dir)?;
+    let cfg = serde_json::json!({
+        "vcpus": 0,
+        "kernel": s.guest_kernel(),
+        "devices": [{"kind": "vsock", "guest_cid": 3, "uds_path": dir.join("v.sock")}],
+    });
+    let path = dir.join("vm.json");
+    fs::write(&path, cfg.to_string())?;
+    let out = Command::new(s.vmm())
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", s.vmm().display()))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let answer = if stderr.contains("unknown variant `vsock`") {
+        Err("vsock device not in boxlite-vmm yet (its config refuses a vsock entry)".to_owned())
+    } else if stderr.contains("vcpus = 0") {
+        Ok(())
+    } else {
+        return Err(Failure::from(format!(
+            "vsock probe: unexpected answer from boxlite-vmm ({}): {}",
+            out.status,
+            one_line(&stderr)
+        )));
+    };
+    Ok(ANSWER.get_or_init(|| answer).clone())
+}
+
+impl Vm {
+    pub fn start(s: &Settings, name: &str, vcpus: u8, devices: &[Device]) -> Result<Vm, Failure> {
+        let dir = s.work.join(name);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        let files = VmFiles::in_dir(&dir);
+        let uds = dir.join("vsock.sock");
+        let devs: Vec<serde_json::Value> = devices
+            .iter()
+            .map(|d| match d {
+                Device::Rng => serde_json::json!({"kind": "rng"}),
+                Device::Vsock => {
+                    serde_json::json!({"kind": "vsock", "guest_cid": 3, "uds_path": uds})
+                }
+                Device::Fs { tag } => {
+                    serde_json::json!({"kind": "fs", "tag": tag, "socket_path": s.fs_socket()})
+                }
+                Device::Block { id } => serde_json::json!({
+                    "kind": "block", "path": s.disk_image(), "read_only": true, "id": id
+                }),
+                Device::Net { tap_fd, mac } => {
+                    serde_json::json!({"kind": "net", "tap_fd": tap_fd, "mac": mac})
+                }
+            })
+            .collect();
+        let cfg = serde_json::json!({
+            "vcpus": vcpus,
+            "memory_mib": GUEST_MEMORY_MIB,
+            "kernel": s.guest_kernel(),
+            "initramfs": s.guest_initramfs(),
+            "console_log": files.console,
+            "cmdline": s.guest_cmdline,
+            "devices": devs,
+        });
+        let has_vsock = devices.iter().any(|d| matches!(d, Device::Vsock));
+        let ready = if has_vsock {
+            Some(
+                ReadyListener::bind(&uds)
+                    .map_err(|e| format!("cannot bind {}_1027: {e}", uds.display()))?,
+            )
+        } else {
+            None
+        };
+        let cfg_path = dir.join("vm.json");
+        fs::write(&cfg_path, serde_json::to_string_pretty(&cfg)?)?;
+        let log = fs::File::create(&files.vmm_log)?;
+        let started = Instant::now();
+        let mut cmd = Command::new(s.vmm());
+        cmd.arg("--config").arg(&cfg_path);
+        if !s.jail {
+            cmd.arg("--no-jail");
+        }
+        let child = cmd
+            .env("RUST_LOG", &s.vmm_log)
+            // Plain log lines: they are printed on the console on failure.
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", s.vmm().display()))?;
+        let vsock = has_vsock.then(|| HybridVsock::new(&uds).with_console_log(&files.console));
+        Ok(Vm {
+            files,
+            child,
+            started,
+            vsock,
+            ready,
+        })
+    }
+}

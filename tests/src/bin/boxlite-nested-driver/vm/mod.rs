@@ -1,0 +1,300 @@
+//! The inner VMs the scenarios boot: one running VMM ([`Vm`]) and what the
+//! scenarios do with it — wait for its console, connect to its agent, make
+//! the few agent calls they check, end it. Started by [`boxlite_vmm`]
+//! (the VMM under test) or [`qemu`] (the benchmark's comparison row).
+
+mod boxlite_vmm;
+mod files;
+mod qemu;
+
+pub use boxlite_vmm::{vsock_support, Device};
+pub use files::VmFiles;
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::Write as _;
+use std::process::{Child, ExitStatus};
+use std::time::{Duration, Instant};
+
+use boxlite_protocol::agent::{
+    DestroySandboxRequest, GuestInfoRequest, GuestInfoResponse, ReadFileRequest,
+};
+use boxlite_protocol::health::health_check_response::ServingStatus;
+use boxlite_protocol::ready::Announcement;
+use boxlite_runtime::hypervisor::ready::{ReadyError, ReadyListener};
+use boxlite_runtime::{AgentConnection, HybridVsock};
+
+use crate::verdict::Failure;
+
+/// Guest RAM for each inner VM.
+const GUEST_MEMORY_MIB: u32 = 256;
+/// How long one agent RPC of a scenario may take.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a guest may take to end the VM after DestroySandbox replied.
+const REBOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One running boxlite-vmm.
+pub struct Vm {
+    pub files: VmFiles,
+    child: Child,
+    /// When the VMM was spawned: the zero of every reported time.
+    pub started: Instant,
+    vsock: Option<HybridVsock>,
+    /// `<uds>_1027`, bound before the VMM starts (as the runtime does).
+    ready: Option<ReadyListener>,
+}
+
+impl Vm {
+    pub fn fail(&self, reason: String) -> Failure {
+        Failure {
+            reason,
+            vm: Some(self.files.clone()),
+        }
+    }
+
+    /// One line per VMM thread: name, state, user/system/guest ticks and the
+    /// kernel function it sleeps in — tells a spinning guest from a vCPU
+    /// blocked in the host. Written to the VMM log, printed with a FAIL.
+    fn record_threads(&self) {
+        let pid = self.child.id();
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            return;
+        };
+        let mut out = String::from(
+            "boxlite-nested-driver: VMM threads (name state utime stime guest_time wchan):\n",
+        );
+        for t in tasks.flatten() {
+            let stat = fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            let wchan = fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
+            // comm is in parentheses; the fields after it are space-separated.
+            let (comm, rest) = match (stat.find('('), stat.rfind(')')) {
+                (Some(a), Some(b)) if b > a => (&stat[a + 1..b], &stat[b + 1..]),
+                _ => continue,
+            };
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // After comm: state=0, utime=11, stime=12, guest_time=40.
+            let get = |i: usize| f.get(i).copied().unwrap_or("?");
+            let _ = writeln!(
+                out,
+                "  {comm} {} utime={} stime={} guest={} wchan={wchan}",
+                get(0),
+                get(11),
+                get(12),
+                get(40)
+            );
+        }
+        if let Ok(mut f) = fs::OpenOptions::new()
+            .append(true)
+            .open(&self.files.vmm_log)
+        {
+            let _ = f.write_all(out.as_bytes());
+        }
+    }
+
+    /// The VMM's exit, if it has ended, as a failure reason.
+    fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(st)) => Some(format!("boxlite-vmm exited early ({st})")),
+            Ok(None) => None,
+            Err(e) => Some(format!("cannot wait for boxlite-vmm: {e}")),
+        }
+    }
+
+    /// Waits until the console shows `needle`; fails on a guest panic, a
+    /// VMM exit or the timeout. Returns the time since the VMM started.
+    pub async fn wait_console(
+        &mut self,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<Duration, Failure> {
+        loop {
+            let text = self.files.console_text();
+            if text.contains(needle) {
+                return Ok(self.started.elapsed());
+            }
+            if let Some(l) = text.lines().find(|l| l.contains("Kernel panic")) {
+                let reason = format!("guest kernel panic: {}", l.trim());
+                self.kill();
+                return Err(self.fail(reason));
+            }
+            if let Some(why) = self.exited() {
+                return Err(self.fail(format!("{why} before the console showed {needle:?}")));
+            }
+            if self.started.elapsed() > timeout {
+                self.record_threads();
+                self.kill();
+                return Err(self.fail(format!(
+                    "the console did not show {needle:?} within {}s",
+                    timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for the agent's connection to host port 1027 and its line.
+    pub async fn announcement(&mut self, timeout: Duration) -> Result<Announcement, Failure> {
+        let deadline = self.started + timeout;
+        let mut last = String::from("no connection");
+        loop {
+            if let Some(why) = self.exited() {
+                return Err(self.fail(format!(
+                    "{why} before the agent announced itself (last: {last})"
+                )));
+            }
+            if Instant::now() > deadline {
+                self.record_threads();
+                self.kill();
+                return Err(self.fail(format!(
+                    "the agent did not announce itself on host port 1027 within {}s (last: {last})",
+                    timeout.as_secs()
+                )));
+            }
+            let ready = self.ready.as_ref().expect("a VM with a vsock device");
+            let until = tokio::time::Instant::now() + Duration::from_millis(200);
+            match ready.accept_until(until).await {
+                Ok(a) => return Ok(a),
+                Err(ReadyError::NotYet) => {}
+                Err(e) => last = boxlite_protocol::error_chain::chain(&e),
+            }
+        }
+    }
+
+    /// Connects to the agent through the hybrid socket and waits for SERVING.
+    pub async fn connect(&mut self, timeout: Duration) -> Result<AgentConnection, Failure> {
+        let vsock = self.vsock.clone().expect("a VM with a vsock device");
+        let deadline = self.started + timeout;
+        let mut last = String::from("no attempt");
+        loop {
+            if let Some(why) = self.exited() {
+                return Err(self.fail(format!("{why} before the agent answered (last: {last})")));
+            }
+            if Instant::now() > deadline {
+                self.record_threads();
+                self.kill();
+                return Err(self.fail(format!(
+                    "the agent did not answer Health.Check through {} within {}s (last: {last})",
+                    vsock.socket_path().display(),
+                    timeout.as_secs()
+                )));
+            }
+            match vsock
+                .try_connect(boxlite_protocol::AGENT_VSOCK_PORT, Duration::from_secs(2))
+                .await
+            {
+                Ok(stream) => {
+                    let conn =
+                        AgentConnection::new(boxlite_runtime::hybrid_vsock::ttrpc_client(stream));
+                    match conn.check(Duration::from_secs(5)).await {
+                        Ok(ServingStatus::SERVING) => return Ok(conn),
+                        Ok(st) => last = format!("Health.Check answered {st:?}"),
+                        Err(e) => last = format!("Health.Check failed: {e}"),
+                    }
+                }
+                Err(e) => last = boxlite_protocol::error_chain::chain(&e),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn guest_info(&self, conn: &AgentConnection) -> Result<GuestInfoResponse, Failure> {
+        conn.agent()
+            .guest_info(
+                ttrpc::context::with_duration(RPC_TIMEOUT),
+                &GuestInfoRequest::default(),
+            )
+            .await
+            .map_err(|e| self.fail(format!("GuestInfo failed: {e}")))
+    }
+
+    /// A guest file's text, read by the agent (ReadFile).
+    pub async fn read_guest_file(
+        &self,
+        conn: &AgentConnection,
+        path: &str,
+    ) -> Result<String, Failure> {
+        let req = ReadFileRequest {
+            path: path.to_owned(),
+            ..Default::default()
+        };
+        let read = conn
+            .agent()
+            .read_file(ttrpc::context::with_duration(RPC_TIMEOUT), &req)
+            .await
+            .map_err(|e| self.fail(format!("ReadFile {path} failed: {e}")))?;
+        Ok(String::from_utf8_lossy(&read.data).into_owned())
+    }
+
+    /// GuestInfo lists a virtio device with this id.
+    pub async fn expect_virtio_device(
+        &self,
+        conn: &AgentConnection,
+        id: u32,
+        what: &str,
+    ) -> Result<(), Failure> {
+        let info = self.guest_info(conn).await?;
+        if info.virtio_devices.iter().any(|d| d.device_id == id) {
+            return Ok(());
+        }
+        let ids: Vec<u32> = info.virtio_devices.iter().map(|d| d.device_id).collect();
+        Err(self.fail(format!(
+            "GuestInfo lists no {what} device ({id}); it lists {ids:?}"
+        )))
+    }
+
+    /// DestroySandbox, then waits for boxlite-vmm to exit with 0. Returns the
+    /// exit status and the time from the call to the exit.
+    pub async fn destroy(
+        &mut self,
+        conn: &AgentConnection,
+    ) -> Result<(ExitStatus, Duration), Failure> {
+        let t = Instant::now();
+        let req = DestroySandboxRequest {
+            timeout_secs: 1,
+            ..Default::default()
+        };
+        // The connection may drop right after the reply (docs/agent.md).
+        if let Err(e) = conn
+            .agent()
+            .destroy_sandbox(ttrpc::context::with_duration(RPC_TIMEOUT), &req)
+            .await
+        {
+            if self.exited().is_none() {
+                return Err(self.fail(format!("DestroySandbox failed: {e}")));
+            }
+        }
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(st)) if st.success() => return Ok((st, t.elapsed())),
+                Ok(Some(st)) => {
+                    return Err(self.fail(format!(
+                        "after DestroySandbox boxlite-vmm exited with {st}, want 0 (docs/vmm.md: guest reset/triple fault)"
+                    )))
+                }
+                Ok(None) if t.elapsed() > REBOOT_TIMEOUT => {
+                    self.kill();
+                    return Err(self.fail(format!(
+                        "boxlite-vmm still running {}s after DestroySandbox",
+                        REBOOT_TIMEOUT.as_secs()
+                    )));
+                }
+                Ok(None) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => return Err(self.fail(format!("cannot wait for boxlite-vmm: {e}"))),
+            }
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
+        }
+        let _ = &self.files.dir;
+    }
+}
