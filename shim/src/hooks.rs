@@ -8,7 +8,7 @@
 //!
 //! | hook | when | on failure |
 //! |---|---|---|
-//! | `prestart` (deprecated), `createRuntime`, `createContainer` | Create, after the VM is up, before the guest creates the container | Create fails |
+//! | `prestart` (deprecated), `createRuntime`, `createContainer` | Create, before the guest creates the container (see [`CreateHookPlan`] for when) | Create fails |
 //! | `poststart` | after Start | logged |
 //! | `poststop` | after Delete | logged |
 
@@ -59,6 +59,27 @@ impl HookKind {
         };
         list.clone().unwrap_or_default()
     }
+}
+
+/// The hooks Create runs, in runc's order.
+const CREATE_HOOKS: [HookKind; 3] = [
+    HookKind::Prestart,
+    HookKind::CreateRuntime,
+    HookKind::CreateContainer,
+];
+
+/// When Create runs its hooks, decided in one place
+/// ([`ContainerHooks::plan_create`]): every create-time hook runs exactly
+/// once, in runc's order, in one of two phases.
+///
+/// The container that boots the VM into a pod network namespace runs
+/// `prestart` and `createRuntime` before the boot, in that namespace, so
+/// that what they set up there (nerdctl's CNI) is wired to the VM. All
+/// other hooks run once the rootfs is mounted and the VM is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreateHookPlan {
+    pub before_boot: &'static [HookKind],
+    pub after_mounts: &'static [HookKind],
 }
 
 /// The OCI state document hooks read on stdin.
@@ -112,6 +133,32 @@ impl ContainerHooks {
             .is_some_and(|h| kinds.iter().any(|k| !k.select(h).is_empty()))
     }
 
+    /// The create-time hooks' phases (see [`CreateHookPlan`]);
+    /// `boots_into_netns`: this container boots the VM and names a network
+    /// namespace other than the host's.
+    pub fn plan_create(&self, boots_into_netns: bool) -> CreateHookPlan {
+        let (early, late) = CREATE_HOOKS.split_at(2);
+        if boots_into_netns && self.has_any(early) {
+            CreateHookPlan {
+                before_boot: early,
+                after_mounts: late,
+            }
+        } else {
+            CreateHookPlan {
+                before_boot: &[],
+                after_mounts: &CREATE_HOOKS,
+            }
+        }
+    }
+
+    /// Runs the hooks of each of `kinds` in turn; stops at the first failure.
+    pub async fn run_each(&self, kinds: &[HookKind], state: &HookState) -> Result<()> {
+        for kind in kinds {
+            self.run(*kind, state).await?;
+        }
+        Ok(())
+    }
+
     pub fn state(&self, id: &str, status: &str, pid: u32, bundle: &Path) -> HookState {
         HookState {
             oci_version: self.oci_version.clone(),
@@ -137,7 +184,7 @@ impl ContainerHooks {
     /// Runs the hooks of `kind`, logging a failure instead of returning it.
     pub async fn run_logged(&self, kind: HookKind, state: &HookState) {
         if let Err(e) = self.run(kind, state).await {
-            tracing::warn!(hook = kind.name(), error = %crate::error::chain(&e), "hook failed");
+            tracing::warn!(hook = kind.name(), error = %boxlite_protocol::error_chain::chain(&e), "hook failed");
         }
     }
 }

@@ -65,7 +65,7 @@ pub fn prepare(
         Ok(()) => Ok(done),
         Err(e) => {
             if let Err(cleanup) = teardown(&dir) {
-                tracing::error!(error = %crate::error::chain(&cleanup), "cleanup after a failed rootfs set-up failed");
+                tracing::error!(error = %boxlite_protocol::error_chain::chain(&cleanup), "cleanup after a failed rootfs set-up failed");
             }
             Err(e)
         }
