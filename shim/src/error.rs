@@ -15,6 +15,8 @@ use boxlite_runtime::network::NetworkError;
 use boxlite_runtime::HypervisorError;
 use ttrpc::Code;
 
+use crate::hooks::HookFailure;
+
 /// Any error kept as a cause.
 pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -48,6 +50,15 @@ pub enum ShimError {
         what: String,
         #[source]
         cause: Cause,
+    },
+    /// An OCI hook failed (see [`crate::hooks`]).
+    #[error("{kind} hook #{n} ({}) failed", path.display())]
+    Hook {
+        kind: &'static str,
+        n: usize,
+        path: PathBuf,
+        #[source]
+        cause: HookFailure,
     },
     #[error("{0}")]
     Unimplemented(String),
@@ -207,6 +218,7 @@ impl ShimError {
             | ShimError::SpecUnreadable { .. } => Code::INVALID_ARGUMENT,
             ShimError::FailedPrecondition(_)
             | ShimError::Unready { .. }
+            | ShimError::Hook { .. }
             | ShimError::PodNetwork(_)
             | ShimError::Config(_) => Code::FAILED_PRECONDITION,
             ShimError::Unimplemented(_) => Code::UNIMPLEMENTED,

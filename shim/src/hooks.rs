@@ -197,19 +197,18 @@ async fn run_one(
     netns: Option<&Path>,
 ) -> Result<()> {
     let path = hook.path().clone();
-    let fail = |reason: String| {
-        ShimError::FailedPrecondition(format!(
-            "{} hook #{n} ({}) failed: {reason}",
-            kind.name(),
-            path.display()
-        ))
+    let fail = |cause: HookFailure| ShimError::Hook {
+        kind: kind.name(),
+        n,
+        path: path.clone(),
+        cause,
     };
     let netns_file = match netns {
-        Some(p) => Some(std::fs::File::open(p).map_err(|e| {
-            fail(format!(
-                "cannot open network namespace {}: {e}",
-                p.display()
-            ))
+        Some(p) => Some(std::fs::File::open(p).map_err(|error| {
+            fail(HookFailure::Netns {
+                path: p.to_owned(),
+                error,
+            })
         })?),
         None => None,
     };
@@ -249,9 +248,9 @@ async fn run_one(
         .map(Duration::from_secs)
         .unwrap_or(MAX_HOOK_TIMEOUT)
         .min(MAX_HOOK_TIMEOUT);
-    let state_json = serde_json::to_vec(state)
-        .map_err(|e| ShimError::Internal(format!("cannot encode hook state: {e}")))?;
-    let mut child = cmd.spawn().map_err(|e| fail(e.to_string()))?;
+    let state_json =
+        serde_json::to_vec(state).map_err(|e| ShimError::failed("cannot encode hook state", e))?;
+    let mut child = cmd.spawn().map_err(|e| fail(HookFailure::Io(e)))?;
     drop(netns_file);
     if let Some(mut stdin) = child.stdin.take() {
         // A hook that does not read its stdin must not fail the write.
@@ -262,27 +261,48 @@ async fn run_one(
             tracing::debug!(hook = kind.name(), path = %path.display(), "hook ran");
             Ok(())
         }
-        Ok(Ok(out)) => {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let stderr = stderr.trim();
-            Err(fail(format!(
-                "{}{}",
-                out.status,
-                if stderr.is_empty() {
-                    String::new()
-                } else {
-                    format!(", stderr: {stderr}")
-                }
-            )))
-        }
-        Ok(Err(e)) => Err(fail(e.to_string())),
-        Err(_) => Err(fail(format!("timed out after {}s", timeout.as_secs()))),
+        Ok(Ok(out)) => Err(fail(HookFailure::Exited {
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })),
+        Ok(Err(e)) => Err(fail(HookFailure::Io(e))),
+        Err(_) => Err(fail(HookFailure::TimedOut(timeout.as_secs()))),
+    }
+}
+
+/// Why one hook failed (the cause of [`ShimError::Hook`]).
+#[derive(Debug, thiserror::Error)]
+pub enum HookFailure {
+    #[error("cannot open network namespace {}", path.display())]
+    Netns {
+        path: PathBuf,
+        #[source]
+        error: std::io::Error,
+    },
+    /// It could not be started or waited for.
+    #[error(transparent)]
+    Io(std::io::Error),
+    #[error("{status}{}", stderr_suffix(.stderr))]
+    Exited {
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error("timed out after {0}s")]
+    TimedOut(u64),
+}
+
+fn stderr_suffix(stderr: &str) -> String {
+    if stderr.is_empty() {
+        String::new()
+    } else {
+        format!(", stderr: {stderr}")
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use boxlite_protocol::error_chain::chain;
     use oci_spec::runtime::{HookBuilder, HooksBuilder, SpecBuilder};
 
     fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
@@ -353,22 +373,19 @@ mod tests {
             ..Default::default()
         };
         let state = hooks.state("c1", "creating", 1, Path::new("/b"));
-        let err = hooks
-            .run(HookKind::CreateRuntime, &state)
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = chain(
+            &hooks
+                .run(HookKind::CreateRuntime, &state)
+                .await
+                .unwrap_err(),
+        );
         assert!(
             err.starts_with("createRuntime hook #0 (")
                 && err.contains("exit status: 3, stderr: nope"),
             "{err}"
         );
         let started = std::time::Instant::now();
-        let err = hooks
-            .run(HookKind::Poststart, &state)
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = chain(&hooks.run(HookKind::Poststart, &state).await.unwrap_err());
         assert!(err.contains("timed out after 1s"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(5));
     }

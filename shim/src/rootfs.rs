@@ -147,11 +147,12 @@ fn prepare_inner(
             continue;
         }
         let meta = std::fs::metadata(&source).map_err(|e| {
-            ShimError::InvalidArgument(format!(
-                "bind mount source {} for {}: {e}",
+            let what = format!(
+                "bind mount source {} for {}",
                 source.display(),
                 m.destination().display()
-            ))
+            );
+            ShimError::invalid(what, e)
         })?;
         let volumes = dir.join("volumes");
         std::fs::create_dir_all(&volumes)
