@@ -119,7 +119,7 @@ fn prepare_inner(
                 op: "cannot mount rootfs",
                 source_desc: format!("{} ({})", m.source, m.kind),
                 target: target.clone(),
-                error: std::io::Error::other(e.to_string()),
+                error: std::io::Error::other(e),
             })?;
             done.mounted.push(target.clone());
         }

@@ -50,7 +50,8 @@ pub fn config_path() -> PathBuf {
 }
 
 pub fn load_config() -> Result<Config, String> {
-    Config::load_or_default(&config_path()).map_err(|e| e.to_string())
+    // The whole chain: the shim keeps only this text for every Create.
+    Config::load_or_default(&config_path()).map_err(|e| boxlite_protocol::error_chain::chain(&e))
 }
 
 /// The annotations of the bundle's config.json (empty when unreadable).

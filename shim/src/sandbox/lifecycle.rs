@@ -249,7 +249,7 @@ impl Sandbox {
         if let Some(vm) = vm {
             vm.oom_watcher.abort();
             if let Err(e) = vm.hv.stop().await {
-                tracing::warn!(error = %e, "VM stop failed; killing it");
+                tracing::warn!(error = %chain(&e), "VM stop failed; killing it");
                 let _ = vm.hv.kill().await;
             }
         }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use async_trait::async_trait;
+use boxlite_protocol::error_chain::chain;
 use boxlite_runtime::{Config, Hypervisor, VmSpec};
 
 use crate::error::{Result, ShimError};
@@ -51,12 +52,12 @@ impl VmFactory for ConfigVmFactory {
         id: &str,
         annotations: &HashMap<String, String>,
     ) -> Result<Box<dyn Hypervisor>> {
-        // The runtime's annotation error is rendered into the message (it
-        // stays INVALID_ARGUMENT, the code of a request the node refuses).
+        // The runtime's annotation error is rendered into the message: a
+        // request the node refuses, INVALID_ARGUMENT like the other refusals.
         let config = self
             .config()?
             .with_annotations(annotations)
-            .map_err(|e| ShimError::InvalidArgument(format!("sandbox {id:?}: {e}")))?;
+            .map_err(|e| ShimError::InvalidArgument(format!("sandbox {id:?}: {}", chain(&e))))?;
         let spec = VmSpec::from_config(&config, id)?;
         Ok(boxlite_runtime::new_hypervisor(&config, spec)?)
     }
