@@ -353,6 +353,34 @@ mod tests {
         assert_eq!(tail.trim(), "arg1 bar");
     }
 
+    #[test]
+    fn create_hooks_run_once_each_in_one_of_two_phases() {
+        let with_create_runtime = ContainerHooks {
+            hooks: Some(
+                HooksBuilder::default()
+                    .create_runtime(vec![HookBuilder::default().path("/h").build().unwrap()])
+                    .build()
+                    .unwrap(),
+            ),
+            ..Default::default()
+        };
+        let plan = with_create_runtime.plan_create(true);
+        assert_eq!(
+            plan.before_boot,
+            [HookKind::Prestart, HookKind::CreateRuntime]
+        );
+        assert_eq!(plan.after_mounts, [HookKind::CreateContainer]);
+        // Joining a running VM (or no namespace to prepare), or nothing to
+        // run early: everything after the mounts.
+        for plan in [
+            with_create_runtime.plan_create(false),
+            ContainerHooks::default().plan_create(true),
+        ] {
+            assert!(plan.before_boot.is_empty());
+            assert_eq!(plan.after_mounts, CREATE_HOOKS);
+        }
+    }
+
     #[tokio::test]
     async fn failing_and_hanging_hooks_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
