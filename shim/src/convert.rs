@@ -173,10 +173,10 @@ fn to_any(m: &dyn MessageDyn) -> Result<Any> {
     Ok(Any {
         type_url: m.descriptor_dyn().full_name().to_owned(),
         value: m.write_to_bytes_dyn().map_err(|e| {
-            ShimError::Internal(format!(
-                "cannot encode {}: {e}",
-                m.descriptor_dyn().full_name()
-            ))
+            ShimError::failed(
+                format!("cannot encode {}", m.descriptor_dyn().full_name()),
+                e,
+            )
         })?,
         ..Default::default()
     })
@@ -279,7 +279,7 @@ pub fn stats_any(s: &StatsContainerResponse) -> Result<Any> {
         type_url: METRICS_V2_TYPE_URL.to_owned(),
         value: m
             .write_to_bytes()
-            .map_err(|e| ShimError::Internal(format!("cannot encode metrics: {e}")))?,
+            .map_err(|e| ShimError::failed("cannot encode metrics", e))?,
         ..Default::default()
     })
 }

@@ -1,15 +1,24 @@
 //! The shim's error type and its one mapping onto ttrpc status codes.
 //!
 //! Messages follow the project style: sentence-like, naming the object; the
-//! cause goes in `#[source]` and is appended by [`chain`], never repeated in
-//! the message itself.
+//! cause goes in `#[source]` and is appended by
+//! [`boxlite_protocol::error_chain::chain`], never repeated in the message
+//! itself.
 
-use std::error::Error as StdError;
 use std::path::PathBuf;
+use std::time::Duration;
 
+use boxlite_protocol::error_chain::chain;
+use boxlite_protocol::ids::InvalidId;
 use boxlite_runtime::config::ConfigError;
+use boxlite_runtime::network::NetworkError;
 use boxlite_runtime::HypervisorError;
 use ttrpc::Code;
+
+use crate::hooks::HookFailure;
+
+/// Any error kept as a cause.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShimError {
@@ -19,19 +28,57 @@ pub enum ShimError {
     AlreadyExists(String),
     #[error("{0}")]
     InvalidArgument(String),
+    /// A request containerd sent that cannot be carried out, with why.
+    #[error("{what}")]
+    Invalid {
+        what: String,
+        #[source]
+        cause: Cause,
+    },
+    /// An id containerd's rule refuses; `op` says what was asked.
+    #[error("cannot {op}")]
+    InvalidId {
+        op: &'static str,
+        #[source]
+        error: InvalidId,
+    },
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The node is not ready for the request, with why.
+    #[error("{what}")]
+    Unready {
+        what: String,
+        #[source]
+        cause: Cause,
+    },
+    /// An OCI hook failed (see [`crate::hooks`]).
+    #[error("{kind} hook #{n} ({}) failed", path.display())]
+    Hook {
+        kind: &'static str,
+        n: usize,
+        path: PathBuf,
+        #[source]
+        cause: HookFailure,
+    },
     #[error("{0}")]
     Unimplemented(String),
     /// The agent answered with a status: its code is passed on to containerd.
-    #[error("agent {rpc} for {object}: {message}")]
-    AgentStatus {
+    #[error("agent {rpc} for {object}")]
+    AgentRefused {
         rpc: &'static str,
         object: String,
-        code: Code,
-        message: String,
+        #[source]
+        status: AgentStatus,
     },
-    /// The agent could not be reached or did not answer in time.
+    /// The agent did not answer within the call's budget (the host's own
+    /// timer, see [`crate::agent_client`]).
+    #[error("agent {rpc} for {object} did not answer within {}s", timeout.as_secs())]
+    AgentTimeout {
+        rpc: &'static str,
+        object: String,
+        timeout: Duration,
+    },
+    /// The agent could not be reached (closed connection, broken transport).
     #[error("agent {rpc} for {object} failed")]
     Agent {
         rpc: &'static str,
@@ -39,6 +86,10 @@ pub enum ShimError {
         #[source]
         error: ttrpc::Error,
     },
+    /// Wiring the pod network failed: the node (its CNI set-up) is not
+    /// ready, and the runtime's error says why.
+    #[error(transparent)]
+    PodNetwork(NetworkError),
     #[error("sandbox VM")]
     Hypervisor(#[source] HypervisorError),
     #[error("config")]
@@ -64,10 +115,40 @@ pub enum ShimError {
         object: String,
         reason: String,
     },
+    /// The same, with the error that ended the stream set-up.
+    #[error("stdio {stream} of {object}")]
+    StdioFailed {
+        stream: &'static str,
+        object: String,
+        #[source]
+        cause: Cause,
+    },
     #[error("OCI spec in {}: {reason}", path.display())]
     Spec { path: PathBuf, reason: String },
+    /// A spec (or state file) that does not parse.
+    #[error("OCI spec in {}", path.display())]
+    SpecUnreadable {
+        path: PathBuf,
+        #[source]
+        cause: Cause,
+    },
     #[error("{0}")]
     Internal(String),
+    /// A shim-side failure with its cause (encoding, a task that panicked).
+    #[error("{what}")]
+    Failed {
+        what: String,
+        #[source]
+        cause: Cause,
+    },
+}
+
+/// What the agent said when it refused a call.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct AgentStatus {
+    pub code: Code,
+    pub message: String,
 }
 
 pub type Result<T, E = ShimError> = std::result::Result<T, E>;
@@ -81,15 +162,41 @@ impl ShimError {
         }
     }
 
+    /// INVALID_ARGUMENT: `what` was refused because of `cause`.
+    pub fn invalid(what: impl Into<String>, cause: impl Into<Cause>) -> Self {
+        ShimError::Invalid {
+            what: what.into(),
+            cause: cause.into(),
+        }
+    }
+
+    /// FAILED_PRECONDITION: `what` cannot be done (yet) because of `cause`.
+    pub fn unready(what: impl Into<String>, cause: impl Into<Cause>) -> Self {
+        ShimError::Unready {
+            what: what.into(),
+            cause: cause.into(),
+        }
+    }
+
+    /// INTERNAL: `what` failed in the shim because of `cause`.
+    pub fn failed(what: impl Into<String>, cause: impl Into<Cause>) -> Self {
+        ShimError::Failed {
+            what: what.into(),
+            cause: cause.into(),
+        }
+    }
+
     /// Wraps a failed agent call: a status the agent sent keeps its code;
-    /// transport failures (closed connection, deadline) stay `Agent`.
+    /// transport failures (closed connection) stay `Agent`.
     pub fn agent(rpc: &'static str, object: impl Into<String>, error: ttrpc::Error) -> Self {
         match error {
-            ttrpc::Error::RpcStatus(status) => ShimError::AgentStatus {
+            ttrpc::Error::RpcStatus(status) => ShimError::AgentRefused {
                 rpc,
                 object: object.into(),
-                code: status.code(),
-                message: status.message().to_owned(),
+                status: AgentStatus {
+                    code: status.code(),
+                    message: status.message().to_owned(),
+                },
             },
             error => ShimError::Agent {
                 rpc,
@@ -104,37 +211,29 @@ impl ShimError {
         match self {
             ShimError::NotFound(_) => Code::NOT_FOUND,
             ShimError::AlreadyExists(_) => Code::ALREADY_EXISTS,
-            ShimError::InvalidArgument(_) | ShimError::Spec { .. } => Code::INVALID_ARGUMENT,
-            ShimError::FailedPrecondition(_) | ShimError::Config(_) => Code::FAILED_PRECONDITION,
+            ShimError::InvalidArgument(_)
+            | ShimError::Invalid { .. }
+            | ShimError::InvalidId { .. }
+            | ShimError::Spec { .. }
+            | ShimError::SpecUnreadable { .. } => Code::INVALID_ARGUMENT,
+            ShimError::FailedPrecondition(_)
+            | ShimError::Unready { .. }
+            | ShimError::Hook { .. }
+            | ShimError::PodNetwork(_)
+            | ShimError::Config(_) => Code::FAILED_PRECONDITION,
             ShimError::Unimplemented(_) => Code::UNIMPLEMENTED,
-            ShimError::AgentStatus { code, .. } => *code,
-            ShimError::Agent { error, .. } => match error {
-                ttrpc::Error::Others(m) if m.contains("timeout") => Code::DEADLINE_EXCEEDED,
-                _ => Code::UNAVAILABLE,
-            },
+            ShimError::AgentRefused { status, .. } => status.code,
+            ShimError::AgentTimeout { .. } => Code::DEADLINE_EXCEEDED,
+            ShimError::Agent { .. } => Code::UNAVAILABLE,
             ShimError::Hypervisor(_)
             | ShimError::Io { .. }
             | ShimError::Mount { .. }
             | ShimError::Stdio { .. }
-            | ShimError::Internal(_) => Code::INTERNAL,
+            | ShimError::StdioFailed { .. }
+            | ShimError::Internal(_)
+            | ShimError::Failed { .. } => Code::INTERNAL,
         }
     }
-}
-
-/// The whole error chain, joined with `": "`.
-pub fn chain(error: &dyn StdError) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let next = cause.to_string();
-        // Some causes (HypervisorError) already include their own cause.
-        if !text.ends_with(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 impl From<ShimError> for ttrpc::Error {
@@ -217,5 +316,31 @@ mod tests {
         let (code, msg) = status(e);
         assert_eq!(code, Code::INTERNAL);
         assert_eq!(msg, "cannot create /x/y: Permission denied (os error 13)");
+    }
+
+    #[test]
+    fn a_timeout_is_deadline_exceeded_and_a_bad_id_invalid() {
+        let e = ShimError::AgentTimeout {
+            rpc: "StartContainer",
+            object: "container \"c1\"".into(),
+            timeout: Duration::from_secs(30),
+        };
+        assert_eq!(
+            status(e),
+            (
+                Code::DEADLINE_EXCEEDED,
+                "agent StartContainer for container \"c1\" did not answer within 30s".into()
+            )
+        );
+        let e = ShimError::InvalidId {
+            op: "create the container",
+            error: boxlite_protocol::ids::validate("container", "a/b").unwrap_err(),
+        };
+        let (code, msg) = status(e);
+        assert_eq!(code, Code::INVALID_ARGUMENT);
+        assert!(
+            msg.starts_with("cannot create the container: container id \"a/b\" is invalid"),
+            "{msg}"
+        );
     }
 }

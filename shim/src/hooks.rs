@@ -8,7 +8,7 @@
 //!
 //! | hook | when | on failure |
 //! |---|---|---|
-//! | `prestart` (deprecated), `createRuntime`, `createContainer` | Create, after the VM is up, before the guest creates the container | Create fails |
+//! | `prestart` (deprecated), `createRuntime`, `createContainer` | Create, before the guest creates the container (see [`CreateHookPlan`] for when) | Create fails |
 //! | `poststart` | after Start | logged |
 //! | `poststop` | after Delete | logged |
 
@@ -59,6 +59,27 @@ impl HookKind {
         };
         list.clone().unwrap_or_default()
     }
+}
+
+/// The hooks Create runs, in runc's order.
+const CREATE_HOOKS: [HookKind; 3] = [
+    HookKind::Prestart,
+    HookKind::CreateRuntime,
+    HookKind::CreateContainer,
+];
+
+/// When Create runs its hooks, decided in one place
+/// ([`ContainerHooks::plan_create`]): every create-time hook runs exactly
+/// once, in runc's order, in one of two phases.
+///
+/// The container that boots the VM into a pod network namespace runs
+/// `prestart` and `createRuntime` before the boot, in that namespace, so
+/// that what they set up there (nerdctl's CNI) is wired to the VM. All
+/// other hooks run once the rootfs is mounted and the VM is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreateHookPlan {
+    pub before_boot: &'static [HookKind],
+    pub after_mounts: &'static [HookKind],
 }
 
 /// The OCI state document hooks read on stdin.
@@ -112,6 +133,32 @@ impl ContainerHooks {
             .is_some_and(|h| kinds.iter().any(|k| !k.select(h).is_empty()))
     }
 
+    /// The create-time hooks' phases (see [`CreateHookPlan`]);
+    /// `boots_into_netns`: this container boots the VM and names a network
+    /// namespace other than the host's.
+    pub fn plan_create(&self, boots_into_netns: bool) -> CreateHookPlan {
+        let (early, late) = CREATE_HOOKS.split_at(2);
+        if boots_into_netns && self.has_any(early) {
+            CreateHookPlan {
+                before_boot: early,
+                after_mounts: late,
+            }
+        } else {
+            CreateHookPlan {
+                before_boot: &[],
+                after_mounts: &CREATE_HOOKS,
+            }
+        }
+    }
+
+    /// Runs the hooks of each of `kinds` in turn; stops at the first failure.
+    pub async fn run_each(&self, kinds: &[HookKind], state: &HookState) -> Result<()> {
+        for kind in kinds {
+            self.run(*kind, state).await?;
+        }
+        Ok(())
+    }
+
     pub fn state(&self, id: &str, status: &str, pid: u32, bundle: &Path) -> HookState {
         HookState {
             oci_version: self.oci_version.clone(),
@@ -137,7 +184,7 @@ impl ContainerHooks {
     /// Runs the hooks of `kind`, logging a failure instead of returning it.
     pub async fn run_logged(&self, kind: HookKind, state: &HookState) {
         if let Err(e) = self.run(kind, state).await {
-            tracing::warn!(hook = kind.name(), error = %crate::error::chain(&e), "hook failed");
+            tracing::warn!(hook = kind.name(), error = %boxlite_protocol::error_chain::chain(&e), "hook failed");
         }
     }
 }
@@ -150,19 +197,18 @@ async fn run_one(
     netns: Option<&Path>,
 ) -> Result<()> {
     let path = hook.path().clone();
-    let fail = |reason: String| {
-        ShimError::FailedPrecondition(format!(
-            "{} hook #{n} ({}) failed: {reason}",
-            kind.name(),
-            path.display()
-        ))
+    let fail = |cause: HookFailure| ShimError::Hook {
+        kind: kind.name(),
+        n,
+        path: path.clone(),
+        cause,
     };
     let netns_file = match netns {
-        Some(p) => Some(std::fs::File::open(p).map_err(|e| {
-            fail(format!(
-                "cannot open network namespace {}: {e}",
-                p.display()
-            ))
+        Some(p) => Some(std::fs::File::open(p).map_err(|error| {
+            fail(HookFailure::Netns {
+                path: p.to_owned(),
+                error,
+            })
         })?),
         None => None,
     };
@@ -202,9 +248,9 @@ async fn run_one(
         .map(Duration::from_secs)
         .unwrap_or(MAX_HOOK_TIMEOUT)
         .min(MAX_HOOK_TIMEOUT);
-    let state_json = serde_json::to_vec(state)
-        .map_err(|e| ShimError::Internal(format!("cannot encode hook state: {e}")))?;
-    let mut child = cmd.spawn().map_err(|e| fail(e.to_string()))?;
+    let state_json =
+        serde_json::to_vec(state).map_err(|e| ShimError::failed("cannot encode hook state", e))?;
+    let mut child = cmd.spawn().map_err(|e| fail(HookFailure::Io(e)))?;
     drop(netns_file);
     if let Some(mut stdin) = child.stdin.take() {
         // A hook that does not read its stdin must not fail the write.
@@ -215,27 +261,48 @@ async fn run_one(
             tracing::debug!(hook = kind.name(), path = %path.display(), "hook ran");
             Ok(())
         }
-        Ok(Ok(out)) => {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let stderr = stderr.trim();
-            Err(fail(format!(
-                "{}{}",
-                out.status,
-                if stderr.is_empty() {
-                    String::new()
-                } else {
-                    format!(", stderr: {stderr}")
-                }
-            )))
-        }
-        Ok(Err(e)) => Err(fail(e.to_string())),
-        Err(_) => Err(fail(format!("timed out after {}s", timeout.as_secs()))),
+        Ok(Ok(out)) => Err(fail(HookFailure::Exited {
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })),
+        Ok(Err(e)) => Err(fail(HookFailure::Io(e))),
+        Err(_) => Err(fail(HookFailure::TimedOut(timeout.as_secs()))),
+    }
+}
+
+/// Why one hook failed (the cause of [`ShimError::Hook`]).
+#[derive(Debug, thiserror::Error)]
+pub enum HookFailure {
+    #[error("cannot open network namespace {}", path.display())]
+    Netns {
+        path: PathBuf,
+        #[source]
+        error: std::io::Error,
+    },
+    /// It could not be started or waited for.
+    #[error(transparent)]
+    Io(std::io::Error),
+    #[error("{status}{}", stderr_suffix(.stderr))]
+    Exited {
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error("timed out after {0}s")]
+    TimedOut(u64),
+}
+
+fn stderr_suffix(stderr: &str) -> String {
+    if stderr.is_empty() {
+        String::new()
+    } else {
+        format!(", stderr: {stderr}")
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use boxlite_protocol::error_chain::chain;
     use oci_spec::runtime::{HookBuilder, HooksBuilder, SpecBuilder};
 
     fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
@@ -286,6 +353,34 @@ mod tests {
         assert_eq!(tail.trim(), "arg1 bar");
     }
 
+    #[test]
+    fn create_hooks_run_once_each_in_one_of_two_phases() {
+        let with_create_runtime = ContainerHooks {
+            hooks: Some(
+                HooksBuilder::default()
+                    .create_runtime(vec![HookBuilder::default().path("/h").build().unwrap()])
+                    .build()
+                    .unwrap(),
+            ),
+            ..Default::default()
+        };
+        let plan = with_create_runtime.plan_create(true);
+        assert_eq!(
+            plan.before_boot,
+            [HookKind::Prestart, HookKind::CreateRuntime]
+        );
+        assert_eq!(plan.after_mounts, [HookKind::CreateContainer]);
+        // Joining a running VM (or no namespace to prepare), or nothing to
+        // run early: everything after the mounts.
+        for plan in [
+            with_create_runtime.plan_create(false),
+            ContainerHooks::default().plan_create(true),
+        ] {
+            assert!(plan.before_boot.is_empty());
+            assert_eq!(plan.after_mounts, CREATE_HOOKS);
+        }
+    }
+
     #[tokio::test]
     async fn failing_and_hanging_hooks_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
@@ -306,22 +401,19 @@ mod tests {
             ..Default::default()
         };
         let state = hooks.state("c1", "creating", 1, Path::new("/b"));
-        let err = hooks
-            .run(HookKind::CreateRuntime, &state)
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = chain(
+            &hooks
+                .run(HookKind::CreateRuntime, &state)
+                .await
+                .unwrap_err(),
+        );
         assert!(
             err.starts_with("createRuntime hook #0 (")
                 && err.contains("exit status: 3, stderr: nope"),
             "{err}"
         );
         let started = std::time::Instant::now();
-        let err = hooks
-            .run(HookKind::Poststart, &state)
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = chain(&hooks.run(HookKind::Poststart, &state).await.unwrap_err());
         assert!(err.contains("timed out after 1s"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(5));
     }

@@ -6,12 +6,14 @@
 //!   [`grouping`]: which sandbox a container joins.
 //! * [`task_service`]: containerd's Task API, one short fn per RPC;
 //!   [`convert`]: protobuf ⇄ the sandbox's types.
-//! * [`sandbox`]: one VM per sandbox, the container table, [`sandbox::TaskState`].
+//! * [`sandbox`]: one VM per sandbox, the container table, [`sandbox::TaskState`];
+//!   [`agent_client`]: the typed, time-bounded calls to the guest agent.
 //! * [`rootfs`]: rootfs and volumes onto the virtio-fs share;
 //!   [`hooks`]: OCI hooks on the host, in the pod's netns;
 //!   [`stdio`]: the IO relay to the agent's stdio streams;
 //!   [`events`]: the [`events::EventSink`] to containerd.
 
+pub mod agent_client;
 pub mod convert;
 pub mod error;
 pub mod events;

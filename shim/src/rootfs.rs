@@ -65,7 +65,7 @@ pub fn prepare(
         Ok(()) => Ok(done),
         Err(e) => {
             if let Err(cleanup) = teardown(&dir) {
-                tracing::error!(error = %crate::error::chain(&cleanup), "cleanup after a failed rootfs set-up failed");
+                tracing::error!(error = %boxlite_protocol::error_chain::chain(&cleanup), "cleanup after a failed rootfs set-up failed");
             }
             Err(e)
         }
@@ -119,7 +119,7 @@ fn prepare_inner(
                 op: "cannot mount rootfs",
                 source_desc: format!("{} ({})", m.source, m.kind),
                 target: target.clone(),
-                error: std::io::Error::other(e.to_string()),
+                error: std::io::Error::other(e),
             })?;
             done.mounted.push(target.clone());
         }
@@ -147,11 +147,12 @@ fn prepare_inner(
             continue;
         }
         let meta = std::fs::metadata(&source).map_err(|e| {
-            ShimError::InvalidArgument(format!(
-                "bind mount source {} for {}: {e}",
+            let what = format!(
+                "bind mount source {} for {}",
                 source.display(),
                 m.destination().display()
-            ))
+            );
+            ShimError::invalid(what, e)
         })?;
         let volumes = dir.join("volumes");
         std::fs::create_dir_all(&volumes)

@@ -50,7 +50,8 @@ pub fn config_path() -> PathBuf {
 }
 
 pub fn load_config() -> Result<Config, String> {
-    Config::load_or_default(&config_path()).map_err(|e| e.to_string())
+    // The whole chain: the shim keeps only this text for every Create.
+    Config::load_or_default(&config_path()).map_err(|e| boxlite_protocol::error_chain::chain(&e))
 }
 
 /// The annotations of the bundle's config.json (empty when unreadable).
@@ -197,7 +198,7 @@ async fn socket_answers(address: &str) -> bool {
 pub async fn delete_after_crash(container_id: &str, bundle: &Path) -> Result<(), String> {
     let config = load_config()?;
     let sandbox = sandbox_id_of(container_id, &bundle_annotations(bundle));
-    crate::sandbox::validate_id("sandbox", &sandbox).map_err(|e| e.to_string())?;
+    boxlite_protocol::ids::validate("sandbox", &sandbox).map_err(|e| e.to_string())?;
     let dir = config.sandbox_dir(&sandbox);
     if sandbox == container_id {
         if let Ok(state) = SandboxState::load(&dir) {
@@ -206,7 +207,7 @@ pub async fn delete_after_crash(container_id: &str, bundle: &Path) -> Result<(),
         cleanup_sandbox_dir(&dir).await;
     } else {
         let part = dir.join(SHARED_DIR).join(container_id);
-        rootfs::teardown(&part).map_err(|e| crate::error::chain(&e))?;
+        rootfs::teardown(&part).map_err(|e| boxlite_protocol::error_chain::chain(&e))?;
     }
     Ok(())
 }

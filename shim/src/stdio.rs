@@ -22,7 +22,7 @@ use tokio::net::UnixStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::error::{Result, ShimError};
+use crate::error::{Cause, Result, ShimError};
 
 /// How long the binary logger gets to say it is ready.
 pub const LOGGER_READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -303,30 +303,35 @@ pub async fn connect_stream(
         object: object.clone(),
         reason,
     };
+    let failed = |cause: Cause| ShimError::StdioFailed {
+        stream: name,
+        object: object.clone(),
+        cause,
+    };
     let header = StreamHeader {
         stream,
         container_id: container_id.to_owned(),
         exec_id: exec_id.to_owned(),
     }
     .encode()
-    .map_err(|e| fail(e.to_string()))?;
+    .map_err(|e| failed(e.into()))?;
     let attempt = async {
         let mut conn = vsock
             .connect(STDIO_VSOCK_PORT, timeout)
             .await
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| failed(e.into()))?;
         conn.write_all(&header)
             .await
-            .map_err(|e| fail(format!("sending the header failed: {e}")))?;
+            .map_err(|e| failed(StreamSetupError::Header(e).into()))?;
         let mut fixed = [0u8; ACK_FIXED_LEN];
         conn.read_exact(&mut fixed)
             .await
-            .map_err(|e| fail(format!("no ack from the agent: {e}")))?;
-        let (status, len) = parse_ack_fixed(&fixed).map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| failed(StreamSetupError::NoAck(e).into()))?;
+        let (status, len) = parse_ack_fixed(&fixed).map_err(|e| failed(e.into()))?;
         let mut message = vec![0u8; len];
         conn.read_exact(&mut message)
             .await
-            .map_err(|e| fail(format!("truncated ack from the agent: {e}")))?;
+            .map_err(|e| failed(StreamSetupError::TruncatedAck(e).into()))?;
         if status != 0 {
             return Err(fail(format!(
                 "the agent refused the stream: {}",
@@ -342,6 +347,17 @@ pub async fn connect_stream(
             "the agent did not acknowledge the stream in time".into(),
         )),
     }
+}
+
+/// Where the stream set-up with the agent broke off.
+#[derive(Debug, thiserror::Error)]
+enum StreamSetupError {
+    #[error("sending the header failed")]
+    Header(#[source] std::io::Error),
+    #[error("no ack from the agent")]
+    NoAck(#[source] std::io::Error),
+    #[error("truncated ack from the agent")]
+    TruncatedAck(#[source] std::io::Error),
 }
 
 fn stream_name(stream: StreamKind) -> &'static str {

@@ -84,9 +84,10 @@ impl NetnsHolder {
             });
         }
         let child = cmd.spawn().map_err(|e| {
-            ShimError::FailedPrecondition(format!(
-                "cannot start the network namespace holder (sleep infinity): {e}"
-            ))
+            ShimError::unready(
+                "cannot start the network namespace holder (sleep infinity)",
+                e,
+            )
         })?;
         Ok(Self { child })
     }

@@ -11,14 +11,11 @@
 
 use std::path::{Path, PathBuf};
 
-use boxlite_protocol::agent::{
-    ip_address::Family, Interface, IpAddress, Route, Routes, UpdateInterfaceRequest,
-    UpdateRoutesRequest,
-};
+use boxlite_protocol::agent::{ip_address::Family, Interface, IpAddress, Route};
 use boxlite_runtime::network::{IpFamily, PodNetwork, PodRoute, RouteScope, WiredInterface};
-use boxlite_runtime::AgentConnection;
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
+use crate::agent_client::GuestAgent;
 use crate::error::{Result, ShimError};
 
 /// What the booting container's spec says about the network.
@@ -104,7 +101,7 @@ impl NetworkRecord {
             tracing::error!(
                 sandbox_id,
                 netns = %self.netns.display(),
-                error = %crate::error::chain(&e),
+                error = %boxlite_protocol::error_chain::chain(&e),
                 "pod network teardown failed"
             );
         }
@@ -115,32 +112,16 @@ impl NetworkRecord {
 }
 
 /// Gives the guest the pod's interfaces (matched by MAC) and routes.
-pub async fn configure_guest(
-    sandbox_id: &str,
-    agent: &AgentConnection,
-    net: &PodNetwork,
-    timeout: std::time::Duration,
-) -> Result<()> {
+pub async fn configure_guest(sandbox_id: &str, agent: &GuestAgent, net: &PodNetwork) -> Result<()> {
     let mut guest_names = Vec::new();
     for iface in &net.interfaces {
-        let req = UpdateInterfaceRequest {
-            interface: Some(interface_request(iface)).into(),
-            ..Default::default()
-        };
+        let object = format!(
+            "interface {} ({}) of sandbox {sandbox_id:?}",
+            iface.name, iface.mac
+        );
         let configured = agent
-            .agent()
-            .update_interface(ttrpc::context::with_duration(timeout), &req)
-            .await
-            .map_err(|e| {
-                ShimError::agent(
-                    "UpdateInterface",
-                    format!(
-                        "interface {} ({}) of sandbox {sandbox_id:?}",
-                        iface.name, iface.mac
-                    ),
-                    e,
-                )
-            })?;
+            .update_interface(object, interface_request(iface))
+            .await?;
         guest_names.push((iface.name.clone(), configured.name));
     }
     if net.routes.is_empty() {
@@ -151,20 +132,7 @@ pub async fn configure_guest(
         .iter()
         .map(|r| route_request(r, &guest_names))
         .collect::<Result<Vec<_>>>()?;
-    let req = UpdateRoutesRequest {
-        routes: Some(Routes {
-            routes,
-            ..Default::default()
-        })
-        .into(),
-        ..Default::default()
-    };
-    agent
-        .agent()
-        .update_routes(ttrpc::context::with_duration(timeout), &req)
-        .await
-        .map_err(|e| ShimError::agent("UpdateRoutes", format!("sandbox {sandbox_id:?}"), e))?;
-    Ok(())
+    agent.update_routes(sandbox_id, routes).await
 }
 
 fn family(f: IpFamily) -> Family {

@@ -37,7 +37,7 @@ impl SandboxState {
         let path = Self::path(dir);
         let tmp = dir.join(format!("{STATE_FILE}.tmp"));
         let data = serde_json::to_vec_pretty(self)
-            .map_err(|e| ShimError::Internal(format!("cannot encode state.json: {e}")))?;
+            .map_err(|e| ShimError::failed("cannot encode state.json", e))?;
         std::fs::write(&tmp, data).map_err(|e| ShimError::io("cannot write", &tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| ShimError::io("cannot replace", &path, e))
     }
@@ -45,9 +45,8 @@ impl SandboxState {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = Self::path(dir);
         let data = std::fs::read(&path).map_err(|e| ShimError::io("cannot read", &path, e))?;
-        serde_json::from_slice(&data).map_err(|e| ShimError::Spec {
-            path,
-            reason: format!("not a shim state file: {e}"),
+        serde_json::from_slice(&data).map_err(|e| {
+            ShimError::invalid(format!("{} is not a shim state file", path.display()), e)
         })
     }
 }

@@ -1,0 +1,441 @@
+//! The shim's one way to call the guest agent: a typed method per RPC, each
+//! with its host-side time budget and the one agent-error → [`ShimError`]
+//! mapping.
+//!
+//! Every bounded call runs under `tokio::time::timeout`, so a guest that
+//! does not answer becomes [`ShimError::AgentTimeout`]
+//! (DEADLINE_EXCEEDED) rather than whatever text ttrpc puts in its own
+//! timeout error. The ttrpc context still carries a deadline, so the agent
+//! abandons the call too; it is [`AGENT_DEADLINE_GRACE`] later than the
+//! host's, so the host's timer always fires first and decides the error.
+//! The long-polls (WaitProcess, GetOOMEvent) have no deadline.
+
+use std::future::Future;
+use std::time::Duration;
+
+use boxlite_protocol::agent::{
+    CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest, GetOOMEventRequest,
+    Interface, ListProcessesRequest, MountShareRequest, PauseContainerRequest, ProcessInfo,
+    RemoveContainerRequest, ResizePtyRequest, ResumeContainerRequest, Route, Routes,
+    SignalProcessRequest, StartContainerRequest, StatsContainerRequest, StatsContainerResponse,
+    StdioConfig, UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest,
+    WaitProcessRequest, WaitProcessResponse,
+};
+use boxlite_protocol::agent_ttrpc::AgentClient;
+use boxlite_runtime::AgentConnection;
+
+use crate::error::{Result, ShimError};
+use crate::stdio::describe;
+
+/// Budget of ordinary agent calls.
+pub const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// CreateContainer mounts and sets up a whole container.
+pub const AGENT_CREATE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How much later than the host the agent gives up on a call (see the
+/// module doc).
+pub const AGENT_DEADLINE_GRACE: Duration = Duration::from_secs(1);
+/// Seconds the agent gives a container to stop on RemoveContainer.
+pub const REMOVE_TIMEOUT_SECS: u32 = 10;
+
+/// The agent of one sandbox VM. Cheap to clone (a ttrpc client handle).
+#[derive(Clone, Debug)]
+pub struct GuestAgent {
+    conn: AgentConnection,
+}
+
+/// Runs one bounded call: `rpc` on `object` (both for the error) within
+/// `budget`.
+async fn bounded<T>(
+    rpc: &'static str,
+    object: String,
+    budget: Duration,
+    call: impl Future<Output = ttrpc::Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(budget, call).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(e)) => Err(ShimError::agent(rpc, object, e)),
+        Err(_) => Err(ShimError::AgentTimeout {
+            rpc,
+            object,
+            timeout: budget,
+        }),
+    }
+}
+
+/// The ttrpc context of a bounded call (see the module doc).
+fn deadline(budget: Duration) -> ttrpc::context::Context {
+    ttrpc::context::with_duration(budget + AGENT_DEADLINE_GRACE)
+}
+
+/// A context without deadline, for the long-polls.
+fn no_deadline() -> ttrpc::context::Context {
+    ttrpc::context::Context::default()
+}
+
+fn sandbox_object(sandbox_id: &str) -> String {
+    format!("sandbox {sandbox_id:?}")
+}
+
+impl GuestAgent {
+    pub fn new(conn: AgentConnection) -> Self {
+        Self { conn }
+    }
+
+    fn client(&self) -> &AgentClient {
+        self.conn.agent()
+    }
+
+    /// CreateSandbox: the guest mounts `shares` and gets ready for containers.
+    pub async fn create_sandbox(
+        &self,
+        sandbox_id: &str,
+        shares: Vec<MountShareRequest>,
+    ) -> Result<()> {
+        let req = CreateSandboxRequest {
+            sandbox_id: sandbox_id.to_owned(),
+            shares,
+            ..Default::default()
+        };
+        let call = self
+            .client()
+            .create_sandbox(deadline(AGENT_CALL_TIMEOUT), &req);
+        bounded(
+            "CreateSandbox",
+            sandbox_object(sandbox_id),
+            AGENT_CALL_TIMEOUT,
+            call,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// UpdateInterface: configures the guest NIC with `interface`'s MAC;
+    /// answers with it as configured (its guest name). `object` names it.
+    pub async fn update_interface(
+        &self,
+        object: String,
+        interface: Interface,
+    ) -> Result<Interface> {
+        let req = UpdateInterfaceRequest {
+            interface: Some(interface).into(),
+            ..Default::default()
+        };
+        let call = self
+            .client()
+            .update_interface(deadline(AGENT_CALL_TIMEOUT), &req);
+        bounded("UpdateInterface", object, AGENT_CALL_TIMEOUT, call).await
+    }
+
+    /// UpdateRoutes: the pod's routes in the guest.
+    pub async fn update_routes(&self, sandbox_id: &str, routes: Vec<Route>) -> Result<()> {
+        let req = UpdateRoutesRequest {
+            routes: Some(Routes {
+                routes,
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        };
+        let call = self
+            .client()
+            .update_routes(deadline(AGENT_CALL_TIMEOUT), &req);
+        bounded(
+            "UpdateRoutes",
+            sandbox_object(sandbox_id),
+            AGENT_CALL_TIMEOUT,
+            call,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// CreateContainer (the longer budget: mounts and a whole set-up).
+    pub async fn create_container(
+        &self,
+        container_id: &str,
+        oci_spec_json: Vec<u8>,
+        stdio: StdioConfig,
+    ) -> Result<()> {
+        let req = CreateContainerRequest {
+            container_id: container_id.to_owned(),
+            oci_spec_json,
+            stdio: Some(stdio).into(),
+            ..Default::default()
+        };
+        let call = self
+            .client()
+            .create_container(deadline(AGENT_CREATE_TIMEOUT), &req);
+        bounded(
+            "CreateContainer",
+            describe(container_id, ""),
+            AGENT_CREATE_TIMEOUT,
+            call,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// StartContainer: the init process's guest pid.
+    pub async fn start_container(&self, container_id: &str) -> Result<u32> {
+        let req = StartContainerRequest {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        };
+        let call = self
+            .client()
+            .start_container(deadline(AGENT_CALL_TIMEOUT), &req);
+        bounded(
+            "StartContainer",
+            describe(container_id, ""),
+            AGENT_CALL_TIMEOUT,
+            call,
+        )
+        .await
+        .map(|started| started.pid)
+    }
+
+    /// ExecProcess: the exec's guest pid.
+    pub async fn exec_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        process_json: Vec<u8>,
+        stdio: StdioConfig,
+    ) -> Result<u32> {
+        let req = ExecProcessRequest {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            process_json,
+            stdio: Some(stdio).into(),
+            ..Default::default()
+        };
+        let call = self
+            .client()
+            .exec_process(deadline(AGENT_CALL_TIMEOUT), &req);
+        bounded(
+            "ExecProcess",
+            describe(container_id, exec_id),
+            AGENT_CALL_TIMEOUT,
+            call,
+        )
+        .await
+        .map(|started| started.pid)
+    }
+
+    /// SignalProcess; `all` reaches every process of the container.
+    pub async fn signal_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<()> {
+        let req = SignalProcessRequest {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            signal,
+            all,
+            ..Default::default()
+        };
+        let call = self
+            .client()
+            .signal_process(deadline(AGENT_CALL_TIMEOUT), &req);
+        bounded(
+            "SignalProcess",
+            describe(container_id, exec_id),
+            AGENT_CALL_TIMEOUT,
+            call,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// WaitProcess: long-polls until the process exits.
+    pub async fn wait_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+    ) -> Result<WaitProcessResponse> {
+        let req = WaitProcessRequest {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            ..Default::default()
+        };
+        self.client()
+            .wait_process(no_deadline(), &req)
+            .await
+            .map_err(|e| ShimError::agent("WaitProcess", describe(container_id, exec_id), e))
+    }
+
+    /// GetOOMEvent: long-polls for the next OOM kill; the container's id.
+    pub async fn get_oom_event(&self) -> Result<String> {
+        self.client()
+            .get_oom_event(no_deadline(), &GetOOMEventRequest::new())
+            .await
+            .map(|event| event.container_id)
+            .map_err(|e| ShimError::agent("GetOOMEvent", "the sandbox", e))
+    }
+
+    /// RemoveContainer: stops it (within [`REMOVE_TIMEOUT_SECS`]) and
+    /// removes it from the guest.
+    pub async fn remove_container(&self, container_id: &str) -> Result<()> {
+        let req = RemoveContainerRequest {
+            container_id: container_id.to_owned(),
+            timeout_secs: REMOVE_TIMEOUT_SECS,
+            ..Default::default()
+        };
+        let call = self
+            .client()
+            .remove_container(deadline(AGENT_CALL_TIMEOUT), &req);
+        bounded(
+            "RemoveContainer",
+            describe(container_id, ""),
+            AGENT_CALL_TIMEOUT,
+            call,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// ResizePty of a process with a terminal.
+    pub async fn resize_pty(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        rows: u32,
+        columns: u32,
+    ) -> Result<()> {
+        let req = ResizePtyRequest {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            rows,
+            columns,
+            ..Default::default()
+        };
+        let call = self.client().resize_pty(deadline(AGENT_CALL_TIMEOUT), &req);
+        bounded(
+            "ResizePty",
+            describe(container_id, exec_id),
+            AGENT_CALL_TIMEOUT,
+            call,
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn pause_container(&self, container_id: &str) -> Result<()> {
+        let req = PauseContainerRequest {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        };
+        let call = self
+            .client()
+            .pause_container(deadline(AGENT_CALL_TIMEOUT), &req);
+        bounded(
+            "PauseContainer",
+            describe(container_id, ""),
+            AGENT_CALL_TIMEOUT,
+            call,
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn resume_container(&self, container_id: &str) -> Result<()> {
+        let req = ResumeContainerRequest {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        };
+        let call = self
+            .client()
+            .resume_container(deadline(AGENT_CALL_TIMEOUT), &req);
+        bounded(
+            "ResumeContainer",
+            describe(container_id, ""),
+            AGENT_CALL_TIMEOUT,
+            call,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// ListProcesses: the container's guest processes.
+    pub async fn list_processes(&self, container_id: &str) -> Result<Vec<ProcessInfo>> {
+        let req = ListProcessesRequest {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        };
+        let call = self
+            .client()
+            .list_processes(deadline(AGENT_CALL_TIMEOUT), &req);
+        bounded(
+            "ListProcesses",
+            describe(container_id, ""),
+            AGENT_CALL_TIMEOUT,
+            call,
+        )
+        .await
+        .map(|listed| listed.processes)
+    }
+
+    /// UpdateContainer with OCI LinuxResources as JSON.
+    pub async fn update_container(
+        &self,
+        container_id: &str,
+        resources_json: Vec<u8>,
+    ) -> Result<()> {
+        let req = UpdateContainerRequest {
+            container_id: container_id.to_owned(),
+            resources_json,
+            ..Default::default()
+        };
+        let call = self
+            .client()
+            .update_container(deadline(AGENT_CALL_TIMEOUT), &req);
+        bounded(
+            "UpdateContainer",
+            describe(container_id, ""),
+            AGENT_CALL_TIMEOUT,
+            call,
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn stats_container(&self, container_id: &str) -> Result<StatsContainerResponse> {
+        let req = StatsContainerRequest {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        };
+        let call = self
+            .client()
+            .stats_container(deadline(AGENT_CALL_TIMEOUT), &req);
+        bounded(
+            "StatsContainer",
+            describe(container_id, ""),
+            AGENT_CALL_TIMEOUT,
+            call,
+        )
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_call_past_its_budget_is_a_timeout_not_a_transport_error() {
+        let never = std::future::pending::<ttrpc::Result<()>>();
+        let err = bounded(
+            "StartContainer",
+            "container \"c1\"".into(),
+            Duration::from_millis(10),
+            never,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, ShimError::AgentTimeout { .. }), "{err:?}");
+        assert_eq!(err.code(), ttrpc::Code::DEADLINE_EXCEEDED);
+    }
+}

@@ -1,0 +1,50 @@
+//! What is left of a sandbox on the host after a crash or at shutdown:
+//! leftover VM processes, the pod network, mounts and the sandbox
+//! directory; and, for debugging, the guest console log kept aside.
+
+use std::path::Path;
+
+use boxlite_protocol::error_chain::chain;
+
+use super::state_file::SandboxState;
+use crate::rootfs;
+
+/// Debugging aid: with `BOXLITE_CONSOLE_ARCHIVE=<dir>` in the shim's
+/// environment, the guest console log (kernel and agent lines) is copied to
+/// `<dir>/<sandbox>.console.log` before the sandbox directory is removed.
+pub const CONSOLE_ARCHIVE_ENV: &str = "BOXLITE_CONSOLE_ARCHIVE";
+
+pub(super) fn archive_console(id: &str, dir: &Path) {
+    let Some(archive) = std::env::var_os(CONSOLE_ARCHIVE_ENV) else {
+        return;
+    };
+    let from = dir.join(boxlite_runtime::hypervisor::CONSOLE_LOG);
+    let to = Path::new(&archive).join(format!("{id}.console.log"));
+    match std::fs::create_dir_all(&archive).and_then(|()| std::fs::copy(&from, &to)) {
+        Ok(_) => tracing::info!(to = %to.display(), "guest console log archived"),
+        Err(e) => {
+            tracing::warn!(to = %to.display(), error = %e, "cannot archive the guest console log")
+        }
+    }
+}
+
+/// After a crash or at shutdown: kills what the pid files name, unmounts
+/// everything under `dir`, and removes it.
+pub async fn cleanup_sandbox_dir(dir: &Path) {
+    let killed = boxlite_runtime::hypervisor::cleanup_stale_processes(dir);
+    if !killed.is_empty() {
+        tracing::info!(?killed, "killed leftover VM processes");
+    }
+    // A crashed shim's pod network (taps, tc filters in the pod's netns).
+    if let Ok(SandboxState {
+        sandbox_id,
+        network: Some(record),
+        ..
+    }) = SandboxState::load(dir)
+    {
+        record.teardown(&sandbox_id).await;
+    }
+    if let Err(e) = rootfs::teardown(dir) {
+        tracing::error!(error = %chain(&e), "sandbox directory cleanup failed");
+    }
+}

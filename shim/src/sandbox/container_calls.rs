@@ -1,0 +1,113 @@
+//! The small calls on a container: pty resize, CloseIO, pause, resume,
+//! pids, update, stats, State and Connect. Each checks the task state,
+//! then asks the agent once.
+
+use boxlite_protocol::agent::StatsContainerResponse;
+
+use super::container::ProcessStatus;
+use super::state::TaskState;
+use super::{GuestProcess, Sandbox};
+use crate::error::{Result, ShimError};
+use crate::events::TaskEvent;
+
+impl Sandbox {
+    pub async fn resize_pty(&self, id: &str, exec_id: &str, width: u32, height: u32) -> Result<()> {
+        let process = self.process(id, exec_id)?;
+        if !process.stdio.terminal {
+            return Err(ShimError::FailedPrecondition(format!(
+                "{} has no terminal",
+                process.what()
+            )));
+        }
+        process.check(|s, what| s.check_kill(what))?;
+        self.agent()
+            .await?
+            .resize_pty(id, exec_id, height, width)
+            .await
+    }
+
+    pub async fn close_io(&self, id: &str, exec_id: &str, stdin: bool) -> Result<()> {
+        let process = self.process(id, exec_id)?;
+        if !stdin || process.stdio.stdin.is_empty() {
+            return Ok(());
+        }
+        // Only through the stream: its EOF reaches the process after every
+        // byte before it. (Asking the agent to close stdin as well raced
+        // with Start: a CloseIO during an exec's Start closed stdin before
+        // its stream connected, and the agent then refused the stream.)
+        process.close_stdin().await;
+        Ok(())
+    }
+
+    pub async fn pause(&self, id: &str) -> Result<()> {
+        let container = self.container(id)?;
+        container.init.check(|s, what| {
+            let mut probe = *s;
+            probe.pause(what)
+        })?;
+        self.agent().await?.pause_container(id).await?;
+        container.init.transition(|s, what| s.pause(what))?;
+        self.events.send(TaskEvent::Paused {
+            container_id: id.to_owned(),
+        });
+        Ok(())
+    }
+
+    pub async fn resume(&self, id: &str) -> Result<()> {
+        let container = self.container(id)?;
+        container.init.check(|s, what| {
+            let mut probe = *s;
+            probe.resume(what)
+        })?;
+        self.agent().await?.resume_container(id).await?;
+        container.init.transition(|s, what| s.resume(what))?;
+        self.events.send(TaskEvent::Resumed {
+            container_id: id.to_owned(),
+        });
+        Ok(())
+    }
+
+    pub async fn pids(&self, id: &str) -> Result<Vec<GuestProcess>> {
+        self.container(id)?;
+        let processes = self.agent().await?.list_processes(id).await?;
+        Ok(processes
+            .into_iter()
+            .map(|p| GuestProcess {
+                pid: p.pid,
+                exec_id: p.exec_id,
+            })
+            .collect())
+    }
+
+    pub async fn update(&self, id: &str, resources_json: Vec<u8>) -> Result<()> {
+        let container = self.container(id)?;
+        container.init.check(|s, what| match s {
+            TaskState::Created | TaskState::Running | TaskState::Paused => Ok(()),
+            other => Err(ShimError::FailedPrecondition(format!(
+                "cannot update {what}: it is {other}"
+            ))),
+        })?;
+        serde_json::from_slice::<oci_spec::runtime::LinuxResources>(&resources_json)
+            .map_err(|e| ShimError::invalid("resources are not OCI LinuxResources", e))?;
+        self.agent()
+            .await?
+            .update_container(id, resources_json)
+            .await
+    }
+
+    pub async fn stats(&self, id: &str) -> Result<StatsContainerResponse> {
+        self.container(id)?;
+        self.agent().await?.stats_container(id).await
+    }
+
+    pub fn state(&self, id: &str, exec_id: &str) -> Result<ProcessStatus> {
+        let container = self.container(id)?;
+        Ok(container.process(exec_id)?.status(&container.bundle))
+    }
+
+    /// (shim pid, init pid) for Connect.
+    pub fn connect(&self, id: &str) -> Result<(u32, u32)> {
+        let pid = self.container(id).map(|c| c.init.pid()).unwrap_or(0);
+        Ok((std::process::id(), pid))
+    }
+}

@@ -1,0 +1,88 @@
+//! Making a sandbox's VM: the [`VmFactory`] seam (production builds VMs
+//! from `boxlite.toml`, the tests a fake).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use boxlite_protocol::error_chain::chain;
+use boxlite_runtime::{Config, Hypervisor, VmSpec};
+
+use crate::error::{Result, ShimError};
+
+/// Makes the VM of a sandbox. Production: [`ConfigVmFactory`]; tests: a fake.
+#[async_trait]
+pub trait VmFactory: Send + Sync {
+    /// `<state_dir>/<id>`.
+    fn sandbox_dir(&self, id: &str) -> Result<PathBuf>;
+    /// A VM for sandbox `id`, not started, with the `io.boxlite.*`
+    /// overrides among `annotations` (of the container that boots it).
+    fn new_vm(
+        &self,
+        id: &str,
+        annotations: &HashMap<String, String>,
+    ) -> Result<Box<dyn Hypervisor>>;
+}
+
+/// Builds VMs from `boxlite.toml`. A config that failed to load is kept as
+/// its error, so every Create reports it clearly.
+pub struct ConfigVmFactory {
+    config: std::result::Result<Config, String>,
+}
+
+impl ConfigVmFactory {
+    pub fn new(config: std::result::Result<Config, String>) -> Self {
+        Self { config }
+    }
+
+    fn config(&self) -> Result<&Config> {
+        self.config
+            .as_ref()
+            .map_err(|e| ShimError::FailedPrecondition(format!("boxlite config: {e}")))
+    }
+}
+
+impl VmFactory for ConfigVmFactory {
+    fn sandbox_dir(&self, id: &str) -> Result<PathBuf> {
+        Ok(self.config()?.sandbox_dir(id))
+    }
+
+    fn new_vm(
+        &self,
+        id: &str,
+        annotations: &HashMap<String, String>,
+    ) -> Result<Box<dyn Hypervisor>> {
+        // The runtime's annotation error is rendered into the message: a
+        // request the node refuses, INVALID_ARGUMENT like the other refusals.
+        let config = self
+            .config()?
+            .with_annotations(annotations)
+            .map_err(|e| ShimError::InvalidArgument(format!("sandbox {id:?}: {}", chain(&e))))?;
+        let spec = VmSpec::from_config(&config, id)?;
+        Ok(boxlite_runtime::new_hypervisor(&config, spec)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_factory_refuses_annotations_the_config_does_not_allow() {
+        let mut config = Config::default();
+        config.runtime.allowed_annotations = vec!["io.boxlite.guest.memory_mib".into()];
+        let factory = ConfigVmFactory::new(Ok(config));
+        let annotations: HashMap<String, String> =
+            [("io.boxlite.guest.vcpus".to_string(), "2".to_string())].into();
+        let err = match factory.new_vm("pod1", &annotations) {
+            Ok(_) => panic!("a VM was made"),
+            Err(e) => e,
+        };
+        assert!(matches!(err, ShimError::InvalidArgument(_)), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "sandbox \"pod1\": annotation io.boxlite.guest.vcpus is not allowed on this node: \
+             the admin can add it to runtime.allowed_annotations in boxlite.toml"
+        );
+    }
+}
