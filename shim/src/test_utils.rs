@@ -24,7 +24,7 @@ use boxlite_protocol::health::{
 };
 use boxlite_protocol::health_ttrpc::{create_health, Health};
 use boxlite_protocol::stdio::{encode_ack, StreamHeader, StreamKind, FIXED_LEN};
-use boxlite_runtime::hypervisor::{MacAddr, TapDevice};
+use boxlite_runtime::network::{MacAddr, TapDevice};
 use boxlite_runtime::{AgentConnection, Hypervisor, HypervisorError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};

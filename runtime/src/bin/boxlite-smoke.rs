@@ -165,14 +165,20 @@ async fn main() -> ExitCode {
     let config = match config {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("boxlite-smoke: {e}");
+            eprintln!(
+                "boxlite-smoke: {}",
+                boxlite_protocol::error_chain::chain(&e)
+            );
             return ExitCode::from(2);
         }
     };
     let hypervisor = match config.resolve_hypervisor() {
         Ok(h) => h,
         Err(e) => {
-            eprintln!("boxlite-smoke: {e}");
+            eprintln!(
+                "boxlite-smoke: {}",
+                boxlite_protocol::error_chain::chain(&e)
+            );
             return ExitCode::from(2);
         }
     };

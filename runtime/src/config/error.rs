@@ -3,25 +3,22 @@
 
 use std::path::PathBuf;
 
-/// Errors from loading, validating and resolving the config.
-///
-/// Unlike the crate's other errors, `Read` and `Invalid` still put their
-/// cause in the message (and do not expose it as `source`): the shim prints
-/// a config error with `to_string()` (shim/src/shim.rs), so moving the cause
-/// out would drop it from the shim's message. Move it to `#[source]` once
-/// the shim prints the chain.
+/// Errors from loading, validating and resolving the config. Each keeps
+/// its cause as `source`: print them with `error_chain::chain`.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{}: cannot read: {error}", path.display())]
+    #[error("{}: cannot read", path.display())]
     Read {
         path: PathBuf,
+        #[source]
         error: std::io::Error,
     },
     #[error("{}: {message}", path.display())]
     Parse { path: PathBuf, message: String },
-    #[error("{}: {error}", path.display())]
+    #[error("{}", path.display())]
     Invalid {
         path: PathBuf,
+        #[source]
         error: Box<ConfigError>,
     },
     #[error("{key} = {value} is out of range {min}..={max}")]

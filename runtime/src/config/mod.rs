@@ -180,23 +180,24 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_refused_with_the_path() {
-        let err = parse("[guest]\nvcpu = 2\n").unwrap_err().to_string();
+        let err = boxlite_protocol::error_chain::chain(&parse("[guest]\nvcpu = 2\n").unwrap_err());
         assert_eq!(
             err,
             "/etc/boxlite/boxlite.toml: line 2, column 1: unknown field `vcpu`, expected one of \
              `kernel`, `initramfs`, `vcpus`, `memory_mib`, `kernel_cmdline_extra`"
         );
-        let err = parse("[guest]\nvcpus = \"two\"\n").unwrap_err().to_string();
+        let err =
+            boxlite_protocol::error_chain::chain(&parse("[guest]\nvcpus = \"two\"\n").unwrap_err());
         assert!(err.contains("line 2, column 9: invalid type"), "{err}");
-        let err = parse("[gust]\n").unwrap_err().to_string();
+        let err = boxlite_protocol::error_chain::chain(&parse("[gust]\n").unwrap_err());
         assert!(err.contains("unknown field `gust`"), "{err}");
     }
 
     #[test]
     fn bad_enum_value_is_refused() {
-        let err = parse("[hypervisor]\nbackend = \"firecracker\"\n")
-            .unwrap_err()
-            .to_string();
+        let err = boxlite_protocol::error_chain::chain(
+            &parse("[hypervisor]\nbackend = \"firecracker\"\n").unwrap_err(),
+        );
         assert!(err.contains("firecracker"), "{err}");
         assert!(err.contains("auto"), "{err}");
     }
@@ -205,7 +206,7 @@ mod tests {
     fn read_errors_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("boxlite.toml");
-        let err = Config::load(&missing).unwrap_err().to_string();
+        let err = boxlite_protocol::error_chain::chain(&Config::load(&missing).unwrap_err());
         assert!(
             err.starts_with(&format!("{}: cannot read: ", missing.display())),
             "{err}"
@@ -216,7 +217,8 @@ mod tests {
             Config::load_or_default(&missing).unwrap(),
             Config::default()
         );
-        let err = Config::load_or_default(dir.path()).unwrap_err().to_string();
+        let err =
+            boxlite_protocol::error_chain::chain(&Config::load_or_default(dir.path()).unwrap_err());
         assert!(err.contains("cannot read"), "{err}");
         std::fs::write(&missing, "[guest]\nvcpus = 4\n").unwrap();
         assert_eq!(Config::load(&missing).unwrap().guest.vcpus, 4);

@@ -162,53 +162,55 @@ mod tests {
 
     #[test]
     fn out_of_range_names_key_value_and_limit() {
-        let err = parse("[guest]\nvcpus = 0\n").unwrap_err().to_string();
+        let err = boxlite_protocol::error_chain::chain(&parse("[guest]\nvcpus = 0\n").unwrap_err());
         assert_eq!(
             err,
             "/etc/boxlite/boxlite.toml: guest.vcpus = 0 is out of range 1..=16"
         );
-        let err = parse("[guest]\nvcpus = 17\n").unwrap_err().to_string();
+        let err =
+            boxlite_protocol::error_chain::chain(&parse("[guest]\nvcpus = 17\n").unwrap_err());
         assert!(
             err.ends_with("guest.vcpus = 17 is out of range 1..=16"),
             "{err}"
         );
-        let err = parse("[guest]\nmemory_mib = 64\n").unwrap_err().to_string();
+        let err =
+            boxlite_protocol::error_chain::chain(&parse("[guest]\nmemory_mib = 64\n").unwrap_err());
         assert!(
             err.ends_with("guest.memory_mib = 64 is out of range 128..=65536"),
             "{err}"
         );
-        let err = parse("[timeouts]\nagent_ready_secs = 0\n")
-            .unwrap_err()
-            .to_string();
+        let err = boxlite_protocol::error_chain::chain(
+            &parse("[timeouts]\nagent_ready_secs = 0\n").unwrap_err(),
+        );
         assert!(
             err.ends_with("timeouts.agent_ready_secs = 0 is out of range 1..=600"),
             "{err}"
         );
-        let err = parse("[timeouts]\nshutdown_secs = 1000\n")
-            .unwrap_err()
-            .to_string();
+        let err = boxlite_protocol::error_chain::chain(
+            &parse("[timeouts]\nshutdown_secs = 1000\n").unwrap_err(),
+        );
         assert!(err.contains("timeouts.shutdown_secs = 1000"), "{err}");
     }
 
     #[test]
     fn paths_must_be_absolute_and_names_non_empty() {
-        let err = parse("[guest]\nkernel = \"vmlinux\"\n")
-            .unwrap_err()
-            .to_string();
+        let err = boxlite_protocol::error_chain::chain(
+            &parse("[guest]\nkernel = \"vmlinux\"\n").unwrap_err(),
+        );
         assert!(
             err.ends_with("guest.kernel = \"vmlinux\" must be an absolute path"),
             "{err}"
         );
-        let err = parse("[runtime]\nstate_dir = \"\"\n")
-            .unwrap_err()
-            .to_string();
+        let err = boxlite_protocol::error_chain::chain(
+            &parse("[runtime]\nstate_dir = \"\"\n").unwrap_err(),
+        );
         assert!(
             err.ends_with("runtime.state_dir must not be empty"),
             "{err}"
         );
-        let err = parse("[hypervisor]\nqemu_binary = \" \"\n")
-            .unwrap_err()
-            .to_string();
+        let err = boxlite_protocol::error_chain::chain(
+            &parse("[hypervisor]\nqemu_binary = \" \"\n").unwrap_err(),
+        );
         assert!(
             err.ends_with("hypervisor.qemu_binary must not be empty"),
             "{err}"
@@ -218,16 +220,16 @@ mod tests {
     #[test]
     fn cmdline_extra_is_bounded() {
         let long = "a".repeat(MAX_KERNEL_CMDLINE_EXTRA_LEN + 1);
-        let err = parse(&format!("[guest]\nkernel_cmdline_extra = \"{long}\"\n"))
-            .unwrap_err()
-            .to_string();
+        let err = boxlite_protocol::error_chain::chain(
+            &parse(&format!("[guest]\nkernel_cmdline_extra = \"{long}\"\n")).unwrap_err(),
+        );
         assert!(
             err.contains("guest.kernel_cmdline_extra is 1025 bytes long"),
             "{err}"
         );
-        let err = parse("[guest]\nkernel_cmdline_extra = \"a\\nb\"\n")
-            .unwrap_err()
-            .to_string();
+        let err = boxlite_protocol::error_chain::chain(
+            &parse("[guest]\nkernel_cmdline_extra = \"a\\nb\"\n").unwrap_err(),
+        );
         assert!(err.contains("control character"), "{err}");
     }
 
@@ -243,7 +245,7 @@ mod tests {
             validate_log_level(ok).unwrap();
         }
         for bad in ["verbose", "info,", "=debug", "x=loud"] {
-            let err = validate_log_level(bad).unwrap_err().to_string();
+            let err = boxlite_protocol::error_chain::chain(&validate_log_level(bad).unwrap_err());
             assert!(err.starts_with("runtime.log_level = "), "{err}");
         }
     }
@@ -257,7 +259,7 @@ mod tests {
         assert_eq!(c.runtime.allowed_annotations.len(), 2);
         let err = parse("[runtime]\nallowed_annotations = [\"io.boxlite.jail\"]\n").unwrap_err();
         assert!(
-            err.to_string().starts_with(
+            boxlite_protocol::error_chain::chain(&err).starts_with(
                 "/etc/boxlite/boxlite.toml: runtime.allowed_annotations lists \"io.boxlite.jail\", \
                  which is not an overridable setting (known: io.boxlite.guest.vcpus, "
             ),

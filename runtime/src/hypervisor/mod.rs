@@ -43,8 +43,6 @@ pub use agent::{wait_for_agent, wait_for_announcement, AgentConnection};
 pub use error::{ExitReport, HypervisorError};
 pub use spec::{validate_share_tag, NetDevice, Share, VmSpec};
 pub use stale::cleanup_stale_processes;
-// old path, used by shim/ until it moves
-pub use crate::network::{MacAddr, TapDevice};
 
 /// Guest serial console, in the sandbox directory.
 pub const CONSOLE_LOG: &str = "console.log";

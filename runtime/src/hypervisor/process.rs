@@ -18,8 +18,6 @@ use tokio::time::Instant;
 
 use super::{ExitReport, HypervisorError, Share};
 use crate::log_tail::last_line;
-// old path, used by shim/ until it moves
-pub use crate::log_tail::log_tail;
 
 /// How long a helper daemon gets to create its socket.
 pub const HELPER_READY_TIMEOUT: Duration = Duration::from_secs(10);
