@@ -1,5 +1,5 @@
 //! Linux under `boxlite-vmm`, in the nested test host (docs/testing-nested.md,
-//! DESIGN.md §4 layer 2).
+//! layer 2 of the test layers in docs/architecture.md).
 //!
 //! One outer `qemu-system-x86_64 -accel tcg -cpu EPYC,+svm,+npt` boots the
 //! test-host kernel (KVM_AMD) with the test-host initramfs from
@@ -355,7 +355,7 @@ fn direct_run_impossible() -> Option<String> {
     }
     if probe.kvm_pvm {
         return Some(
-            "this host's KVM is kvm_pvm, which cannot boot Linux (DESIGN.md §4); \
+            "this host's KVM is kvm_pvm, which cannot boot Linux (docs/architecture.md); \
              the nested test host runs these scenarios instead"
                 .into(),
         );

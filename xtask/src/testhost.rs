@@ -1,4 +1,5 @@
-//! The nested test host (docs/testing-nested.md, DESIGN.md §4 layer 2): a
+//! The nested test host (docs/testing-nested.md; layer 2 of the test layers
+//! in docs/architecture.md): a
 //! kernel with KVM_AMD that QEMU TCG boots with an emulated SVM CPU, and an
 //! initramfs whose `/init` is the nested test driver, which runs the static
 //! `boxlite-vmm` on the guest kernel and initramfs and prints verdicts.

@@ -130,7 +130,7 @@ pub struct HostAccelProbe {
     /// `/dev/kvm` exists.
     pub dev_kvm: bool,
     /// `/sys/module/kvm_pvm` exists: a software-paged nested KVM that cannot
-    /// boot a standard Linux guest (DESIGN.md §4).
+    /// boot a standard Linux guest (docs/architecture.md, "The machines we build and test on").
     pub kvm_pvm: bool,
 }
 

@@ -1,5 +1,5 @@
 //! `boxlite-nested-driver`: PID 1 of the nested test host
-//! (docs/testing-nested.md, DESIGN.md §4 layer 2).
+//! (docs/testing-nested.md; layer 2 of the test layers in docs/architecture.md).
 //!
 //! The test host is a Linux kernel with KVM_AMD running under QEMU TCG with
 //! an emulated SVM CPU, so `/dev/kvm` works here the way it does on a real
