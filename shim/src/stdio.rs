@@ -67,7 +67,7 @@ impl OutputTarget {
             if !rest.starts_with('/') {
                 return Err(bad("file:// needs an absolute path"));
             }
-            return Ok(OutputTarget::File(PathBuf::from(percent_decode(rest))));
+            return Ok(OutputTarget::File(decoded_path(rest)));
         }
         if let Some(rest) = uri.strip_prefix("binary://") {
             let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
@@ -77,13 +77,13 @@ impl OutputTarget {
             let mut args = Vec::new();
             for pair in query.split('&').filter(|p| !p.is_empty()) {
                 let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                args.push(percent_decode(k));
+                args.push(decoded_arg(k));
                 if !v.is_empty() {
-                    args.push(percent_decode(v));
+                    args.push(decoded_arg(v));
                 }
             }
             return Ok(OutputTarget::Binary {
-                path: PathBuf::from(percent_decode(path)),
+                path: decoded_path(path),
                 args,
             });
         }
@@ -99,14 +99,23 @@ impl OutputTarget {
     }
 }
 
-fn percent_decode(s: &str) -> String {
+/// Decodes `%XX` escapes byte-wise. A `%` not followed by two hex digits
+/// stays as it is (it is not an escape); the result may be any bytes, which
+/// is what a path is on Linux.
+fn percent_decode(s: &str) -> Vec<u8> {
+    fn hex(b: u8) -> Option<u8> {
+        (b as char).to_digit(16).map(|d| d as u8)
+    }
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(b);
+        if bytes[i] == b'%' {
+            if let (Some(hi), Some(lo)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            ) {
+                out.push(hi << 4 | lo);
                 i += 3;
                 continue;
             }
@@ -114,7 +123,18 @@ fn percent_decode(s: &str) -> String {
         out.push(bytes[i]);
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
+}
+
+/// A percent-encoded path from a stdio URI, byte for byte.
+fn decoded_path(s: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    PathBuf::from(std::ffi::OsString::from_vec(percent_decode(s)))
+}
+
+/// A percent-encoded argument of a logging binary's URI.
+fn decoded_arg(s: &str) -> String {
+    String::from_utf8_lossy(&percent_decode(s)).into_owned()
 }
 
 type Writer = Box<dyn AsyncWrite + Send + Unpin>;
@@ -562,6 +582,32 @@ mod tests {
         );
         assert!(OutputTarget::parse("file://relative").is_err());
         assert!(OutputTarget::parse("http://x/y").is_err());
+    }
+
+    /// Escapes decode byte-wise; anything that is not `%` + two hex digits
+    /// stays literal. A multibyte character right after `%` once panicked
+    /// (a string slice across a char boundary), and `%+1` decoded as 0x01.
+    #[test]
+    fn percent_escapes_decode_byte_wise_and_never_panic() {
+        use std::os::unix::ffi::OsStrExt;
+        let file = |uri: &str| match OutputTarget::parse(uri).unwrap() {
+            OutputTarget::File(p) => p.as_os_str().as_bytes().to_vec(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(file("file:///a%C3%A9"), "/aé".as_bytes());
+        assert_eq!(file("file:///a%é"), "/a%é".as_bytes());
+        assert_eq!(file("file:///a%aé"), "/a%aé".as_bytes());
+        assert_eq!(file("file:///a%%é%"), "/a%%é%".as_bytes());
+        assert_eq!(file("file:///a%+1"), b"/a%+1");
+        assert_eq!(file("file:///a%4"), b"/a%4");
+        assert_eq!(file("file:///a%ff"), b"/a\xff");
+        assert_eq!(
+            OutputTarget::parse("binary:///l?%é=%41").unwrap(),
+            OutputTarget::Binary {
+                path: "/l".into(),
+                args: vec!["%é".into(), "A".into()],
+            }
+        );
     }
 
     #[test]
