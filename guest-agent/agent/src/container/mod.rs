@@ -181,6 +181,36 @@ fn runc_capabilities(
     c
 }
 
+/// runc's HOME: a process whose env has no (or an empty) HOME gets its
+/// user's home from the container's /etc/passwd, and `/` when the uid has
+/// no entry there. libcontainer does the first part itself (after
+/// pivot_root) but leaves HOME out for an unknown uid, so a program run as
+/// `--user 4242` saw no HOME under BoxLite and `HOME=/` under runc (found
+/// by tests/runc_differential.rs). `root` is the container's root as the
+/// agent sees it.
+fn runc_default_home(process: &mut oci_spec::runtime::Process, root: &Path) {
+    let env = process.env().clone().unwrap_or_default();
+    if env
+        .iter()
+        .any(|e| e.strip_prefix("HOME=").is_some_and(|v| !v.is_empty()))
+    {
+        return;
+    }
+    let uid = process.user().uid().to_string();
+    let passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap_or_default();
+    let known = passwd
+        .lines()
+        .any(|l| l.split(':').nth(2) == Some(uid.as_str()));
+    if !known {
+        let mut env: Vec<String> = env
+            .into_iter()
+            .filter(|e| !e.starts_with("HOME="))
+            .collect();
+        env.push("HOME=/".to_owned());
+        process.set_env(Some(env));
+    }
+}
+
 impl Container {
     pub fn state(&self) -> State {
         *lock(&self.state)
@@ -633,6 +663,9 @@ impl Containers {
         // validate_create checked that the spec has a process.
         let capabilities = match req.spec.process().clone() {
             Some(mut process) => {
+                if let Some(root) = req.spec.root() {
+                    runc_default_home(&mut process, root.path());
+                }
                 let caps = runc_capabilities(process.capabilities().as_ref(), None);
                 process.set_capabilities(Some(caps.clone()));
                 req.spec.set_process(Some(process));
@@ -767,6 +800,11 @@ impl Containers {
                 .await?;
             c.check_state("exec in", &[State::Running])?;
             let process_json = c.bundle.join(format!("exec-{}.json", req.exec_id));
+            // The init's root (its pivot_root) is the container's: what
+            // the exec's /etc/passwd will be.
+            if let Some(pid) = c.init.pid() {
+                runc_default_home(&mut req.process, Path::new(&format!("/proc/{pid}/root")));
+            }
             let caps =
                 runc_capabilities(req.process.capabilities().as_ref(), Some(&c.capabilities));
             req.process.set_capabilities(Some(caps));
@@ -979,5 +1017,33 @@ mod tests {
         assert_eq!(helper_log_tail(&log), None, "blank log");
         std::fs::write(&log, "a\nb\n\nc\nd\ne\nf\n  g  \n").unwrap();
         assert_eq!(helper_log_tail(&log).as_deref(), Some("c; d; e; f; g"));
+    }
+
+    #[test]
+    fn home_defaults_to_slash_for_a_uid_without_passwd_entry() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        std::fs::write(
+            root.path().join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+        )
+        .unwrap();
+        let process = |uid: u32, env: &[&str]| {
+            let mut p = oci_spec::runtime::Process::default();
+            p.set_user(oci_spec::runtime::User::default().set_uid(uid).clone());
+            p.set_env(Some(env.iter().map(|e| e.to_string()).collect()));
+            p
+        };
+        let home = |uid: u32, env: &[&str]| {
+            let mut p = process(uid, env);
+            runc_default_home(&mut p, root.path());
+            p.env().clone().unwrap()
+        };
+        // Known users: left to libcontainer (their passwd home), as is a set HOME.
+        assert_eq!(home(1000, &["PATH=/bin"]), ["PATH=/bin"]);
+        assert_eq!(home(4242, &["HOME=/data"]), ["HOME=/data"]);
+        // Unknown uid: runc's default, also for an empty HOME.
+        assert_eq!(home(4242, &["PATH=/bin"]), ["PATH=/bin", "HOME=/"]);
+        assert_eq!(home(4242, &["HOME=", "A=b"]), ["A=b", "HOME=/"]);
     }
 }
