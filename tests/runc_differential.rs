@@ -27,6 +27,7 @@ use boxlite_tests::debian_image::{
     debian_image_archive, DEBIAN_APP_IMAGE, DEBIAN_IMAGE, DEBIAN_UID_IMAGE,
 };
 use boxlite_tests::differential::{Outcome, Report, Side};
+use boxlite_tests::oci_image::sha256;
 
 const PROBE: &str = include_str!("differential/probe.py");
 const WORKLOADS: &str = include_str!("differential/workloads.py");
@@ -70,8 +71,14 @@ fn host_view(dir: &Path) -> Outcome {
         .flatten()
         .map(|e| {
             let m = e.metadata().unwrap();
+            // The content as the host reads it back, for files.
+            let digest = if m.is_file() {
+                format!(" sha256 {}", sha256(&e.path()))
+            } else {
+                String::new()
+            };
             format!(
-                "{} size {} owner {}:{} mode {:o}",
+                "{} size {} owner {}:{} mode {:o}{digest}",
                 e.file_name().to_string_lossy(),
                 m.len(),
                 m.uid(),
@@ -134,7 +141,7 @@ fn process_view() {
     let c = containerd();
     let mut report = Report::new(&c);
     let all = [
-        "identity", "status", "limits", "files", "dev", "proc", "mounts", "kernel",
+        "identity", "status", "limits", "files", "dev", "proc", "mounts", "kernel", "seccomp",
     ];
     report.case("init process", |side| {
         side.run(
@@ -155,6 +162,56 @@ fn process_view() {
             &probe(&["identity"]),
         );
         side.remove("view2");
+    });
+    report.finish();
+    c.assert_nothing_left();
+}
+
+/// Security options of `ctr run`: the default seccomp profile, capabilities
+/// added and dropped, `--allow-new-privs`; as the init and in an exec.
+#[test]
+#[ignore = "needs root, containerd, ctr, runc, QEMU, virtiofsd, boxlite-vsock, mmdebstrap and the guest assets"]
+fn security_options() {
+    let c = containerd();
+    let mut report = Report::new(&c);
+    report.case("seccomp and capabilities", |side| {
+        side.run(
+            "default profile, caps changed",
+            &[
+                "--seccomp",
+                "--cap-drop",
+                "CAP_CHOWN",
+                "--cap-add",
+                "CAP_NET_ADMIN",
+            ],
+            DEBIAN_IMAGE,
+            "sec1",
+            &probe(&["status", "seccomp"]),
+        );
+        side.start_detached(
+            &["--allow-new-privs", "--cap-add", "CAP_SYS_ADMIN"],
+            DEBIAN_IMAGE,
+            "sec2",
+            &["sleep", "infinity"],
+        );
+        side.exec(
+            "new privs allowed",
+            "sec2",
+            &[],
+            &probe(&["status", "seccomp"]),
+        );
+        side.exec(
+            "chown and a mount",
+            "sec2",
+            &[],
+            &[
+                "bash",
+                "-c",
+                "chown 1000:1000 /tmp && stat -c %u:%g /tmp; \
+                 mkdir -p /mnt/t && mount -t tmpfs -o size=1m t /mnt/t && echo mounted",
+            ],
+        );
+        side.remove("sec2");
     });
     report.finish();
     c.assert_nothing_left();
