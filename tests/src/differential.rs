@@ -221,7 +221,9 @@ fn host_fstype(path: &Path) -> String {
 /// A mount of host files: `virtiofs` in the guest; under runc `overlay`
 /// (the rootfs, containerd's overlayfs snapshot) or the file system of
 /// the volume's source (the harness keeps volumes under the temp dir).
-/// Other mounts (tmpfs, proc, …) keep their type, to be compared.
+/// Other mounts (tmpfs, proc, …) keep their type, to be compared — unless
+/// the host's temp dir is itself on that type (a tmpfs /tmp), when those
+/// read `<host files>` on both sides alike.
 fn host_files(_: &str, value: &str) -> Option<String> {
     let (fstype, rest) = value.split_once(' ').unwrap_or((value, ""));
     let host = host_fstype(&std::env::temp_dir());
