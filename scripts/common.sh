@@ -14,8 +14,9 @@ APT_PACKAGES=(
     linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev xz-utils
     # the qemu backend and its helper daemons' build deps
     qemu-system-x86 libseccomp-dev libcap-ng-dev pkg-config
-    # test images and containers
-    busybox-static containerd runc
+    # test images and containers (mmdebstrap: the Debian image of the runc
+    # differential suite, tests/src/debian_image.rs)
+    busybox-static containerd runc mmdebstrap
     # pod networking: CNI plugins (bridge, host-local, loopback) for the CRI path
     containernetworking-plugins
     # CRI client code generation (k8s-cri) and general tools

@@ -7,6 +7,8 @@
 
 pub mod containerd;
 pub mod cri;
+pub mod debian_image;
+pub mod differential;
 pub mod oci_image;
 pub mod sandbox_vm;
 

@@ -10,7 +10,7 @@
 //! - [`helper`]: the `__container-helper` protocol, both sides.
 //! - [`process`]: one container process: its exit and its stdio streams.
 //! - [`stdio_fds`]: the pipes or pty a process's stdio is made of.
-//! - [`capabilities`], [`keyring`], [`cgroup`], [`device_filter`]: one
+//! - [`capabilities`], [`home`], [`keyring`], [`cgroup`], [`device_filter`]: one
 //!   piece of container set-up each.
 //! - [`error`]: the one error type of all of the above.
 
@@ -19,6 +19,7 @@ pub mod cgroup;
 pub mod device_filter;
 pub mod error;
 pub mod helper;
+pub mod home;
 pub mod keyring;
 pub mod process;
 pub mod spec;

@@ -18,6 +18,7 @@ use oci_spec::runtime::LinuxCapabilities;
 use super::capabilities::runc_capabilities;
 use super::error::ContainerError;
 use super::helper::{self, HelperOp, HelperRequest};
+use super::home::runc_default_home;
 use super::process::{Exit, Process, STREAM_CONNECT_TIMEOUT};
 use super::spec::{self, CreateRequest, ExecRequest};
 use super::stdio_fds::pipes;
@@ -159,6 +160,9 @@ impl Containers {
         // validate_create checked that the spec has a process.
         let capabilities = match req.spec.process().clone() {
             Some(mut process) => {
+                if let Some(root) = req.spec.root() {
+                    runc_default_home(&mut process, root.path());
+                }
                 let caps = runc_capabilities(process.capabilities().as_ref(), None);
                 process.set_capabilities(Some(caps.clone()));
                 req.spec.set_process(Some(process));
@@ -293,6 +297,11 @@ impl Containers {
                 .await?;
             c.check_state("exec in", &[State::Running])?;
             let process_json = c.bundle.join(format!("exec-{}.json", req.exec_id));
+            // The init's root (its pivot_root) is the container's: what
+            // the exec's /etc/passwd will be.
+            if let Some(pid) = c.init.pid() {
+                runc_default_home(&mut req.process, Path::new(&format!("/proc/{pid}/root")));
+            }
             let caps =
                 runc_capabilities(req.process.capabilities().as_ref(), Some(&c.capabilities));
             req.process.set_capabilities(Some(caps));
