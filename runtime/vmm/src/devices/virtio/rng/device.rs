@@ -11,7 +11,8 @@ use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{RngError, DEFAULT_SOURCE, MAX_REQUEST_BYTES, QUEUE_SIZE};
 use crate::devices::virtio::{
-    device_type, ActivateContext, Interrupt, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1,
+    device_type, only_queue_0, ready_queues, ActivateContext, Interrupt, VirtioDevice, VirtioError,
+    VIRTIO_F_VERSION_1,
 };
 
 /// Counters (`boxlite_rng_<event>_total`).
@@ -87,13 +88,10 @@ impl Rng {
                 .map_err(VirtioError::Queue)?;
             used_any = true;
         }
-        if used_any
-            && active
-                .queue
-                .needs_notification(&active.mem)
-                .map_err(VirtioError::Queue)?
-        {
-            active.interrupt.signal_used_queue()?;
+        if used_any {
+            active
+                .interrupt
+                .notify_used(&mut active.queue, &active.mem)?;
         }
         Ok(used_any)
     }
@@ -168,12 +166,7 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), VirtioError> {
-        let queue = ctx
-            .queues
-            .into_iter()
-            .next()
-            .filter(|q| q.ready())
-            .ok_or_else(|| VirtioError::Activate("queue 0 is not ready".to_string()))?;
+        let queue = ready_queues(ctx.queues)(0)?;
         self.active = Some(Active {
             mem: ctx.mem,
             queue,
@@ -191,9 +184,7 @@ impl VirtioDevice for Rng {
     }
 
     fn process_queue(&mut self, index: u16) -> Result<(), VirtioError> {
-        if index != 0 {
-            return Err(VirtioError::BadQueueIndex(index));
-        }
+        only_queue_0(index)?;
         self.process_requests().map(|_| ())
     }
 }
@@ -202,10 +193,9 @@ impl VirtioDevice for Rng {
 mod tests {
     use super::*;
     use crate::devices::virtio::test_utils::{
-        guest_memory, GuestQueue, F_NEXT, F_WRITE, GUEST_MEM_SIZE,
+        activate_ctx, guest_memory, test_interrupt, GuestQueue, F_NEXT, F_WRITE, GUEST_MEM_SIZE,
     };
     use vm_memory::GuestAddress;
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     struct Rig {
         rng: Rng,
@@ -215,14 +205,14 @@ mod tests {
 
     fn rig(q: &GuestQueue) -> Rig {
         let mem = q.mem().clone();
-        let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).expect("evt")));
+        let irq = test_interrupt();
         let mut rng = Rng::new(None).expect("urandom");
-        rng.activate(ActivateContext {
-            mem: mem.clone(),
-            queues: vec![q.queue()],
-            interrupt: irq.clone(),
-            acked_features: VIRTIO_F_VERSION_1,
-        })
+        rng.activate(activate_ctx(
+            &mem,
+            vec![q.queue()],
+            &irq,
+            VIRTIO_F_VERSION_1,
+        ))
         .expect("activate");
         Rig { rng, mem, irq }
     }
