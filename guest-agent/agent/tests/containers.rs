@@ -13,14 +13,34 @@ use std::path::Path;
 use std::time::Duration;
 
 use boxlite_protocol::agent::{
-    CloseStdinRequest, ListProcessesRequest, PauseContainerRequest, ResizePtyRequest,
-    ResumeContainerRequest, StatsContainerRequest, StdioConfig, UpdateContainerRequest,
+    CloseStdinRequest, Empty, ListProcessesRequest, PauseContainerRequest, ResizePtyRequest,
+    ResumeContainerRequest, StatsContainerRequest, StatsContainerResponse, StdioConfig,
+    UpdateContainerRequest,
 };
+use boxlite_protocol::agent_ttrpc::AgentClient;
 use boxlite_protocol::health::CheckRequest;
 use boxlite_protocol::stdio::StreamKind;
 use ttrpc::Code;
 
 use common::*;
+
+/// StatsContainer for container `id`.
+async fn container_stats(client: &AgentClient, id: &str) -> StatsContainerResponse {
+    let req = StatsContainerRequest {
+        container_id: id.into(),
+        ..Default::default()
+    };
+    client.stats_container(ctx(), &req).await.unwrap()
+}
+
+/// PauseContainer for container `id`.
+async fn pause(client: &AgentClient, id: &str) -> ttrpc::Result<Empty> {
+    let req = PauseContainerRequest {
+        container_id: id.into(),
+        ..Default::default()
+    };
+    client.pause_container(ctx(), &req).await
+}
 
 #[tokio::test]
 #[ignore = "needs root"]
@@ -176,16 +196,7 @@ async fn signals_exec_stdin_pause_resume_stats_and_list() {
     assert!(pids.contains(&(sleeper, "sleeper".to_string())), "{pids:?}");
     assert!(!pids.iter().any(|(p, _)| *p == cat_pid), "{pids:?}");
 
-    let stats = client
-        .stats_container(
-            ctx(),
-            &StatsContainerRequest {
-                container_id: id.into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let stats = container_stats(&client, id).await;
     assert_eq!(stats.pids.current, 2, "{stats:?}");
     assert!(stats.memory.usage > 0, "{stats:?}");
     assert!(stats.cpu.usage_usec > 0, "{stats:?}");
@@ -196,29 +207,11 @@ async fn signals_exec_stdin_pause_resume_stats_and_list() {
         ..Default::default()
     };
     client.update_container(ctx(), &update).await.unwrap();
-    let stats = client
-        .stats_container(
-            ctx(),
-            &StatsContainerRequest {
-                container_id: id.into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let stats = container_stats(&client, id).await;
     assert_eq!(stats.pids.limit, 50, "{stats:?}");
 
     // Pause: no exec; resume: exec works again.
-    client
-        .pause_container(
-            ctx(),
-            &PauseContainerRequest {
-                container_id: id.into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    pause(&client, id).await.unwrap();
     let state = std::fs::read_to_string(format!("/proc/{init_pid}/status")).unwrap();
     assert!(state.lines().any(|l| l.starts_with("State:")), "{state}");
     let (code, msg) = status(
@@ -233,17 +226,7 @@ async fn signals_exec_stdin_pause_resume_stats_and_list() {
     );
     assert_eq!(code, Code::FAILED_PRECONDITION, "{msg}");
     assert!(msg.contains("paused"), "{msg}");
-    let (code, _) = status(
-        client
-            .pause_container(
-                ctx(),
-                &PauseContainerRequest {
-                    container_id: id.into(),
-                    ..Default::default()
-                },
-            )
-            .await,
-    );
+    let (code, _) = status(pause(&client, id).await);
     assert_eq!(code, Code::FAILED_PRECONDITION);
     client
         .resume_container(
