@@ -183,6 +183,29 @@ pub fn ready_queues(queues: Vec<Queue>) -> impl FnMut(u16) -> Result<Queue, Virt
     }
 }
 
+/// What an activated single-queue device (virtio-blk, virtio-rng) holds:
+/// guest memory, its one queue, its interrupt line and the features the
+/// driver acked.
+pub struct SingleQueue {
+    pub mem: GuestMemoryMmap,
+    pub queue: Queue,
+    pub interrupt: std::sync::Arc<Interrupt>,
+    pub acked_features: u64,
+}
+
+impl SingleQueue {
+    /// Takes `ctx`'s queue 0, which the driver must have made ready.
+    pub fn activate(ctx: ActivateContext) -> Result<Self, VirtioError> {
+        let queue = ready_queues(ctx.queues)(0)?;
+        Ok(SingleQueue {
+            mem: ctx.mem,
+            queue,
+            interrupt: ctx.interrupt,
+            acked_features: ctx.acked_features,
+        })
+    }
+}
+
 /// Answers a config space read from the bytes `config`: byte `i` of `data`
 /// is `config[offset + i]`, and every byte past the end (or at an offset
 /// that does not fit in memory) reads as 0, as [`VirtioDevice::read_config`]

@@ -13,7 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::metrics::BlockMetrics;
@@ -23,16 +23,9 @@ use super::{
     QUEUE_SIZE, SECTOR_SHIFT, SECTOR_SIZE, SEG_MAX, SIZE_MAX,
 };
 use crate::devices::virtio::{
-    device_type, only_queue_0, read_config_bytes, ready_queues, ActivateContext, Interrupt,
-    VirtioDevice, VirtioError, VIRTIO_F_VERSION_1,
+    device_type, only_queue_0, read_config_bytes, ActivateContext, SingleQueue, VirtioDevice,
+    VirtioError, VIRTIO_F_VERSION_1,
 };
-
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    interrupt: Arc<Interrupt>,
-    acked_features: u64,
-}
 
 /// The virtio-blk device.
 pub struct Block {
@@ -44,7 +37,7 @@ pub struct Block {
     id: [u8; ID_BYTES],
     config: [u8; CONFIG_SPACE_SIZE],
     bounce: Vec<u8>,
-    active: Option<Active>,
+    active: Option<SingleQueue>,
     /// Per-device counters.
     pub metrics: Arc<BlockMetrics>,
 }
@@ -125,7 +118,7 @@ impl Block {
         r
     }
 
-    fn process_active(&mut self, a: &mut Active) -> Result<bool, VirtioError> {
+    fn process_active(&mut self, a: &mut SingleQueue) -> Result<bool, VirtioError> {
         let mut used_any = false;
         for _ in 0..QUEUE_SIZE {
             let chain = match a.queue.iter(&a.mem) {
@@ -346,13 +339,7 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), VirtioError> {
-        let queue = ready_queues(ctx.queues)(0)?;
-        self.active = Some(Active {
-            mem: ctx.mem,
-            queue,
-            interrupt: ctx.interrupt,
-            acked_features: ctx.acked_features,
-        });
+        self.active = Some(SingleQueue::activate(ctx)?);
         Ok(())
     }
 

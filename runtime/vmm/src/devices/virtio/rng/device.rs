@@ -6,12 +6,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{RngError, DEFAULT_SOURCE, MAX_REQUEST_BYTES, QUEUE_SIZE};
 use crate::devices::virtio::{
-    device_type, only_queue_0, ready_queues, ActivateContext, Interrupt, VirtioDevice, VirtioError,
+    device_type, only_queue_0, ActivateContext, SingleQueue, VirtioDevice, VirtioError,
     VIRTIO_F_VERSION_1,
 };
 
@@ -26,16 +26,10 @@ pub struct RngMetrics {
     pub bad_chains: AtomicU64,
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    interrupt: Arc<Interrupt>,
-}
-
 /// The virtio-rng device.
 pub struct Rng {
     source: File,
-    active: Option<Active>,
+    active: Option<SingleQueue>,
     /// Per-device counters.
     pub metrics: Arc<RngMetrics>,
 }
@@ -166,12 +160,7 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), VirtioError> {
-        let queue = ready_queues(ctx.queues)(0)?;
-        self.active = Some(Active {
-            mem: ctx.mem,
-            queue,
-            interrupt: ctx.interrupt,
-        });
+        self.active = Some(SingleQueue::activate(ctx)?);
         Ok(())
     }
 
@@ -195,6 +184,7 @@ mod tests {
     use crate::devices::virtio::test_utils::{
         activate_ctx, guest_memory, test_interrupt, GuestQueue, F_NEXT, F_WRITE, GUEST_MEM_SIZE,
     };
+    use crate::devices::virtio::Interrupt;
     use vm_memory::GuestAddress;
 
     struct Rig {
