@@ -33,6 +33,18 @@ async fn container_stats(client: &AgentClient, id: &str) -> StatsContainerRespon
     client.stats_container(ctx(), &req).await.unwrap()
 }
 
+/// ExecProcess of `true` without stdio as `exec_id` in container `id`.
+async fn exec_true(client: &AgentClient, id: &str, exec_id: &str) -> ttrpc::Result<u32> {
+    exec(
+        client,
+        id,
+        exec_id,
+        process_json(&["true"], ""),
+        StdioConfig::new(),
+    )
+    .await
+}
+
 /// PauseContainer for container `id`.
 async fn pause(client: &AgentClient, id: &str) -> ttrpc::Result<Empty> {
     let req = PauseContainerRequest {
@@ -214,16 +226,7 @@ async fn signals_exec_stdin_pause_resume_stats_and_list() {
     pause(&client, id).await.unwrap();
     let state = std::fs::read_to_string(format!("/proc/{init_pid}/status")).unwrap();
     assert!(state.lines().any(|l| l.starts_with("State:")), "{state}");
-    let (code, msg) = status(
-        exec(
-            &client,
-            id,
-            "p",
-            process_json(&["true"], ""),
-            StdioConfig::new(),
-        )
-        .await,
-    );
+    let (code, msg) = status(exec_true(&client, id, "p").await);
     assert_eq!(code, Code::FAILED_PRECONDITION, "{msg}");
     assert!(msg.contains("paused"), "{msg}");
     let (code, _) = status(pause(&client, id).await);
@@ -238,15 +241,7 @@ async fn signals_exec_stdin_pause_resume_stats_and_list() {
         )
         .await
         .unwrap();
-    exec(
-        &client,
-        id,
-        "after",
-        process_json(&["true"], ""),
-        StdioConfig::new(),
-    )
-    .await
-    .unwrap();
+    exec_true(&client, id, "after").await.unwrap();
     assert_eq!(wait(&client, id, "after").await.unwrap().exit_status, 0);
 
     // SIGKILL to the init alone, then WaitProcess says 128 + 9.
@@ -257,16 +252,7 @@ async fn signals_exec_stdin_pause_resume_stats_and_list() {
     let (code, msg) = status(signal(&client, id, "", 15, false).await);
     assert_eq!(code, Code::NOT_FOUND, "{msg}");
     assert!(msg.contains("already exited"), "{msg}");
-    let (code, msg) = status(
-        exec(
-            &client,
-            id,
-            "late",
-            process_json(&["true"], ""),
-            StdioConfig::new(),
-        )
-        .await,
-    );
+    let (code, msg) = status(exec_true(&client, id, "late").await);
     assert_eq!(code, Code::FAILED_PRECONDITION, "{msg}");
     remove(&client, id).await;
     let (code, _) = status(wait(&client, id, "").await);
@@ -488,16 +474,7 @@ async fn bad_specs_and_unknown_ids_are_refused_without_root() {
     assert_eq!(msg, "container \"ghost\" not found");
     let (code, _) = status(signal(&client, "ghost", "", 9, true).await);
     assert_eq!(code, Code::NOT_FOUND);
-    let (code, _) = status(
-        exec(
-            &client,
-            "ghost",
-            "e",
-            process_json(&["true"], ""),
-            StdioConfig::new(),
-        )
-        .await,
-    );
+    let (code, _) = status(exec_true(&client, "ghost", "e").await);
     assert_eq!(code, Code::NOT_FOUND);
     let (code, _) = status(
         exec(

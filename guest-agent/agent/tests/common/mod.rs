@@ -132,6 +132,7 @@ pub fn ctx() -> Context {
     context::with_timeout(Duration::from_secs(30).as_nanos() as i64)
 }
 
+/// The status code and message of a failed call.
 pub fn status<T: std::fmt::Debug>(result: ttrpc::Result<T>) -> (Code, String) {
     match result {
         Err(ttrpc::Error::RpcStatus(s)) => (s.code(), s.message().to_string()),
