@@ -187,9 +187,13 @@ pub fn ready_queues(queues: Vec<Queue>) -> impl FnMut(u16) -> Result<Queue, Virt
 /// guest memory, its one queue, its interrupt line and the features the
 /// driver acked.
 pub struct SingleQueue {
+    /// Guest memory.
     pub mem: GuestMemoryMmap,
+    /// Queue 0.
     pub queue: Queue,
+    /// The device's interrupt line.
     pub interrupt: std::sync::Arc<Interrupt>,
+    /// Features both sides agreed on.
     pub acked_features: u64,
 }
 
