@@ -184,6 +184,23 @@ impl Config {
     }
 }
 
+/// A host-mode config rooted at `root` (created if needed) whose listen
+/// address is never bound: what the unit tests of the RPC handlers that
+/// resolve guest paths run against.
+#[cfg(test)]
+pub(crate) fn host_config_for_tests(root: &Path) -> Config {
+    let args = [
+        OsString::from("--listen"),
+        "unix:///unused".into(),
+        "--root".into(),
+        root.into(),
+    ];
+    match Config::from_host_args(args, None).unwrap() {
+        HostCommand::Run(c) => c,
+        other => panic!("{other:?}"),
+    }
+}
+
 fn parse_addr(flag: &'static str, s: &str) -> Result<ListenAddr, ConfigError> {
     ListenAddr::parse(s).map_err(|source| ConfigError::Address { flag, source })
 }

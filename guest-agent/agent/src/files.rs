@@ -115,20 +115,7 @@ pub fn read_file(config: &Config, req: &ReadFileRequest) -> Result<(Vec<u8>, boo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::HostCommand;
-
-    fn host_config(root: &std::path::Path) -> Config {
-        let args = [
-            "--listen",
-            "unix:///unused",
-            "--root",
-            root.to_str().unwrap(),
-        ];
-        match Config::from_host_args(args.iter().map(Into::into), None).unwrap() {
-            HostCommand::Run(c) => c,
-            other => panic!("{other:?}"),
-        }
-    }
+    use crate::config::host_config_for_tests as host_config;
 
     #[test]
     fn limits_and_truncation() {

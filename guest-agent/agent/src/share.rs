@@ -358,7 +358,7 @@ fn unescape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::HostCommand;
+    use crate::config::host_config_for_tests as host_config;
 
     #[test]
     fn validates_tags_and_defaults_the_mount_point() {
@@ -398,19 +398,6 @@ garbage line
         assert_eq!(m[2].source, "my tmp");
         assert!(!m[2].read_only);
         assert_eq!(unescape("a\\134b\\"), "a\\b\\");
-    }
-
-    fn host_config(root: &Path) -> Config {
-        let args = [
-            "--listen",
-            "unix:///unused",
-            "--root",
-            root.to_str().unwrap(),
-        ];
-        match Config::from_host_args(args.iter().map(Into::into), None).unwrap() {
-            HostCommand::Run(c) => c,
-            other => panic!("{other:?}"),
-        }
     }
 
     #[test]

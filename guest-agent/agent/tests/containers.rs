@@ -13,14 +13,46 @@ use std::path::Path;
 use std::time::Duration;
 
 use boxlite_protocol::agent::{
-    CloseStdinRequest, ListProcessesRequest, PauseContainerRequest, ResizePtyRequest,
-    ResumeContainerRequest, StatsContainerRequest, StdioConfig, UpdateContainerRequest,
+    CloseStdinRequest, Empty, ListProcessesRequest, PauseContainerRequest, ResizePtyRequest,
+    ResumeContainerRequest, StatsContainerRequest, StatsContainerResponse, StdioConfig,
+    UpdateContainerRequest,
 };
+use boxlite_protocol::agent_ttrpc::AgentClient;
 use boxlite_protocol::health::CheckRequest;
 use boxlite_protocol::stdio::StreamKind;
 use ttrpc::Code;
 
 use common::*;
+
+/// StatsContainer for container `id`.
+async fn container_stats(client: &AgentClient, id: &str) -> StatsContainerResponse {
+    let req = StatsContainerRequest {
+        container_id: id.into(),
+        ..Default::default()
+    };
+    client.stats_container(ctx(), &req).await.unwrap()
+}
+
+/// ExecProcess of `true` without stdio as `exec_id` in container `id`.
+async fn exec_true(client: &AgentClient, id: &str, exec_id: &str) -> ttrpc::Result<u32> {
+    exec(
+        client,
+        id,
+        exec_id,
+        process_json(&["true"], ""),
+        StdioConfig::new(),
+    )
+    .await
+}
+
+/// PauseContainer for container `id`.
+async fn pause(client: &AgentClient, id: &str) -> ttrpc::Result<Empty> {
+    let req = PauseContainerRequest {
+        container_id: id.into(),
+        ..Default::default()
+    };
+    client.pause_container(ctx(), &req).await
+}
 
 #[tokio::test]
 #[ignore = "needs root"]
@@ -176,16 +208,7 @@ async fn signals_exec_stdin_pause_resume_stats_and_list() {
     assert!(pids.contains(&(sleeper, "sleeper".to_string())), "{pids:?}");
     assert!(!pids.iter().any(|(p, _)| *p == cat_pid), "{pids:?}");
 
-    let stats = client
-        .stats_container(
-            ctx(),
-            &StatsContainerRequest {
-                container_id: id.into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let stats = container_stats(&client, id).await;
     assert_eq!(stats.pids.current, 2, "{stats:?}");
     assert!(stats.memory.usage > 0, "{stats:?}");
     assert!(stats.cpu.usage_usec > 0, "{stats:?}");
@@ -196,54 +219,17 @@ async fn signals_exec_stdin_pause_resume_stats_and_list() {
         ..Default::default()
     };
     client.update_container(ctx(), &update).await.unwrap();
-    let stats = client
-        .stats_container(
-            ctx(),
-            &StatsContainerRequest {
-                container_id: id.into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let stats = container_stats(&client, id).await;
     assert_eq!(stats.pids.limit, 50, "{stats:?}");
 
     // Pause: no exec; resume: exec works again.
-    client
-        .pause_container(
-            ctx(),
-            &PauseContainerRequest {
-                container_id: id.into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    pause(&client, id).await.unwrap();
     let state = std::fs::read_to_string(format!("/proc/{init_pid}/status")).unwrap();
     assert!(state.lines().any(|l| l.starts_with("State:")), "{state}");
-    let (code, msg) = status(
-        exec(
-            &client,
-            id,
-            "p",
-            process_json(&["true"], ""),
-            StdioConfig::new(),
-        )
-        .await,
-    );
+    let (code, msg) = status(exec_true(&client, id, "p").await);
     assert_eq!(code, Code::FAILED_PRECONDITION, "{msg}");
     assert!(msg.contains("paused"), "{msg}");
-    let (code, _) = status(
-        client
-            .pause_container(
-                ctx(),
-                &PauseContainerRequest {
-                    container_id: id.into(),
-                    ..Default::default()
-                },
-            )
-            .await,
-    );
+    let (code, _) = status(pause(&client, id).await);
     assert_eq!(code, Code::FAILED_PRECONDITION);
     client
         .resume_container(
@@ -255,15 +241,7 @@ async fn signals_exec_stdin_pause_resume_stats_and_list() {
         )
         .await
         .unwrap();
-    exec(
-        &client,
-        id,
-        "after",
-        process_json(&["true"], ""),
-        StdioConfig::new(),
-    )
-    .await
-    .unwrap();
+    exec_true(&client, id, "after").await.unwrap();
     assert_eq!(wait(&client, id, "after").await.unwrap().exit_status, 0);
 
     // SIGKILL to the init alone, then WaitProcess says 128 + 9.
@@ -274,16 +252,7 @@ async fn signals_exec_stdin_pause_resume_stats_and_list() {
     let (code, msg) = status(signal(&client, id, "", 15, false).await);
     assert_eq!(code, Code::NOT_FOUND, "{msg}");
     assert!(msg.contains("already exited"), "{msg}");
-    let (code, msg) = status(
-        exec(
-            &client,
-            id,
-            "late",
-            process_json(&["true"], ""),
-            StdioConfig::new(),
-        )
-        .await,
-    );
+    let (code, msg) = status(exec_true(&client, id, "late").await);
     assert_eq!(code, Code::FAILED_PRECONDITION, "{msg}");
     remove(&client, id).await;
     let (code, _) = status(wait(&client, id, "").await);
@@ -505,16 +474,7 @@ async fn bad_specs_and_unknown_ids_are_refused_without_root() {
     assert_eq!(msg, "container \"ghost\" not found");
     let (code, _) = status(signal(&client, "ghost", "", 9, true).await);
     assert_eq!(code, Code::NOT_FOUND);
-    let (code, _) = status(
-        exec(
-            &client,
-            "ghost",
-            "e",
-            process_json(&["true"], ""),
-            StdioConfig::new(),
-        )
-        .await,
-    );
+    let (code, _) = status(exec_true(&client, "ghost", "e").await);
     assert_eq!(code, Code::NOT_FOUND);
     let (code, _) = status(
         exec(

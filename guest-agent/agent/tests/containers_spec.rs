@@ -40,6 +40,15 @@ fn sh_spec(id: &str, rootfs: &str, script: &str) -> Value {
     serde_json::from_slice(&spec(id, rootfs, process_json(&["sh", "-c", script], ""))).unwrap()
 }
 
+/// Adds a new network namespace to `spec` (the common spec has none: the
+/// container would share the agent's).
+fn add_network_namespace(spec: &mut Value) {
+    spec["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "network"}));
+}
+
 /// Creates, starts and waits for a container from `spec`; returns (stdout,
 /// stderr, exit status) and removes the container.
 async fn run_spec(agent: &Agent, client: &AgentClient, id: &str, spec: &Value) -> Output {
@@ -216,10 +225,7 @@ async fn mounts_binds_tmpfs_pseudo_filesystems_and_propagation() {
         bind(&prop, "/mnt/slave", &["rbind", "rslave"]),
         bind(&prop, "/mnt/shared", &["rbind", "rshared"]),
     ]);
-    spec["linux"]["namespaces"]
-        .as_array_mut()
-        .unwrap()
-        .push(json!({"type": "network"}));
+    add_network_namespace(&mut spec);
     let o = run_spec(&agent, &client, id, &spec).await;
     assert_eq!(o.code, 0, "{o:#?}");
     assert_eq!(o.var("hello"), "from the host", "{o:#?}");
@@ -475,10 +481,7 @@ async fn sysctls() {
         echo ping_group_range=$(cat /proc/sys/net/ipv4/ping_group_range | tr '\t' ' ')
     "#;
     let mut spec = sh_spec(id, &rootfs, script);
-    spec["linux"]["namespaces"]
-        .as_array_mut()
-        .unwrap()
-        .push(json!({"type": "network"}));
+    add_network_namespace(&mut spec);
     spec["linux"]["sysctl"] = json!({
         "net.ipv4.ip_forward": forward,
         "kernel.shm_rmid_forced": rmid,
@@ -664,10 +667,7 @@ async fn joining_a_sibling_containers_namespaces_by_path() {
     let (rootfs_a, _) = make_rootfs(&agent, a);
     let mut spec_a = sh_spec(a, &rootfs_a, "touch /dev/mqueue/from-a && exec sleep 1000");
     spec_a["hostname"] = json!("alpha");
-    spec_a["linux"]["namespaces"]
-        .as_array_mut()
-        .unwrap()
-        .push(json!({"type": "network"}));
+    add_network_namespace(&mut spec_a);
     spec_a["mounts"]
         .as_array_mut()
         .unwrap()
@@ -753,10 +753,7 @@ async fn new_network_namespace_has_loopback_up() {
         httpd -p [::1]:8081 -h /www && echo v6=$(wget -q -O - http://[::1]:8081/)
     "#;
     let mut spec = sh_spec(id, &rootfs, script);
-    spec["linux"]["namespaces"]
-        .as_array_mut()
-        .unwrap()
-        .push(json!({"type": "network"}));
+    add_network_namespace(&mut spec);
     let o = run_spec(&agent, &client, id, &spec).await;
     assert_eq!(o.code, 0, "{o:#?}");
     assert_eq!(o.var("lo"), "inet 127.0.0.1/8 inet6 ::1/128", "{o:#?}");

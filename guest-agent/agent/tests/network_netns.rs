@@ -11,11 +11,12 @@
 //! They need root (netns, links). Without it each test prints "skipped:
 //! needs root" and returns.
 
-use std::os::unix::net::UnixStream;
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use boxlite_protocol::agent::ip_address::Family;
 use boxlite_protocol::agent::{
@@ -27,6 +28,8 @@ use boxlite_protocol::health_ttrpc::HealthClient;
 use serde_json::Value;
 use ttrpc::context::{self, Context};
 use ttrpc::Code;
+
+use common::status;
 
 const MAC: &str = "02:00:00:00:00:09";
 const LINK: &str = "eth0";
@@ -182,24 +185,8 @@ impl Agent {
     }
 
     async fn connect(&self) -> (HealthClient, AgentClient) {
-        let addr = format!("unix://{}", self.socket().display());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if UnixStream::connect(self.socket()).is_ok() {
-                if let Ok(c) = ttrpc::asynchronous::Client::connect(&addr).await {
-                    let health = HealthClient::new(c.clone());
-                    if health.check(ctx(), &CheckRequest::new()).await.is_ok() {
-                        return (health, AgentClient::new(c));
-                    }
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not come up; stderr:\n{}",
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let timeout = Duration::from_secs(10);
+        common::connect_when_serving(&self.socket(), timeout, ctx, || self.stderr()).await
     }
 }
 
@@ -212,13 +199,6 @@ impl Drop for Agent {
 
 fn ctx() -> Context {
     context::with_timeout(Duration::from_secs(10).as_nanos() as i64)
-}
-
-fn status<T: std::fmt::Debug>(result: ttrpc::Result<T>) -> (Code, String) {
-    match result {
-        Err(ttrpc::Error::RpcStatus(s)) => (s.code(), s.message().to_string()),
-        other => panic!("expected an RPC status, got {other:?}"),
-    }
 }
 
 fn addr(address: &str, prefix_len: u32) -> IpAddress {

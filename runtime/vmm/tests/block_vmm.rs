@@ -5,19 +5,13 @@
 
 use std::process::{Command, Stdio};
 
-use boxlite_vmm::config::{BlockConfigError, ConfigError, CpuMode, RawImageConfig, VmConfig};
+mod common;
 
+use boxlite_vmm::config::{BlockConfigError, ConfigError, VmConfig};
+
+/// A `hlt` guest with `devices`.
 fn raw_config(dir: &std::path::Path, devices: &str) -> VmConfig {
-    let img = dir.join("guest.bin");
-    std::fs::write(&img, [0xf4u8]).expect("write guest"); // hlt
-    let json = format!(r#"{{"memory_mib": 16, "irqchip": false, "devices": {devices}}}"#);
-    let mut cfg: VmConfig = serde_json::from_str(&json).expect("parse");
-    cfg.raw_image = Some(RawImageConfig {
-        path: img,
-        load_addr: 0x1000,
-        mode: CpuMode::Real,
-    });
-    cfg
+    common::raw_config(dir, &[0xf4], devices)
 }
 
 #[test]

@@ -7,20 +7,10 @@ use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use boxlite_vmm::config::{ConfigError, CpuMode, DeviceConfig, RawImageConfig, VmConfig};
+mod common;
 
-fn raw_config(dir: &std::path::Path, code: &[u8], devices: &str) -> VmConfig {
-    let img = dir.join("guest.bin");
-    std::fs::write(&img, code).expect("write guest");
-    let json = format!(r#"{{"memory_mib": 16, "irqchip": false, "devices": {devices}}}"#);
-    let mut cfg: VmConfig = serde_json::from_str(&json).expect("parse");
-    cfg.raw_image = Some(RawImageConfig {
-        path: img,
-        load_addr: 0x1000,
-        mode: CpuMode::Real,
-    });
-    cfg
-}
+use boxlite_vmm::config::{ConfigError, DeviceConfig};
+use common::raw_config;
 
 #[test]
 fn vsock_config_entry_validates() {

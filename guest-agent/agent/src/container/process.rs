@@ -105,13 +105,23 @@ impl Process {
         *self.exit_tx.borrow()
     }
 
-    /// Hands the agent's ends of the stdio fds to the process.
-    pub fn set_fds(
+    /// Hands the process the agent's ends of its stdio pipes
+    /// (`[stdin, stdout, stderr]`, as `stdio_fds::pipes` gives them) and,
+    /// for a terminal process, the pty master the helper received.
+    pub fn set_stdio(
         &self,
-        stdin: Option<OwnedFd>,
-        stdout: Option<OwnedFd>,
-        stderr: Option<OwnedFd>,
-    ) {
+        [stdin, stdout, stderr]: [Option<OwnedFd>; 3],
+        master: Option<OwnedFd>,
+    ) -> Result<(), ContainerError> {
+        self.set_fds(stdin, stdout, stderr);
+        if let Some(master) = master {
+            self.set_pty(master)?;
+        }
+        Ok(())
+    }
+
+    /// Hands the agent's ends of the stdio fds to the process.
+    fn set_fds(&self, stdin: Option<OwnedFd>, stdout: Option<OwnedFd>, stderr: Option<OwnedFd>) {
         let mut io = lock(&self.io);
         io.stdin = stdin;
         io.stdout = stdout;
@@ -119,7 +129,7 @@ impl Process {
     }
 
     /// Terminal processes: the pty master; stdin and stdout use dups of it.
-    pub fn set_pty(&self, master: OwnedFd) -> Result<(), ContainerError> {
+    fn set_pty(&self, master: OwnedFd) -> Result<(), ContainerError> {
         let dup = |what| {
             master
                 .try_clone()

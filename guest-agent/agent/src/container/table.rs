@@ -190,11 +190,7 @@ impl Containers {
             };
             let (watch, master) =
                 helper::run(reaper, helper_req, pipes.process, "create the container").await?;
-            let [i, o, e] = pipes.agent;
-            process.set_fds(i, o, e);
-            if let Some(master) = master {
-                process.set_pty(master)?;
-            }
+            process.set_stdio(pipes.agent, master)?;
             Ok::<_, ContainerError>(watch)
         }
         .await;
@@ -328,11 +324,7 @@ impl Containers {
             let outcome = helper::run(reaper, helper_req, pipes.process, "exec the process").await;
             let _ = std::fs::remove_file(&process_json);
             let (watch, master) = outcome?;
-            let [i, o, e] = pipes.agent;
-            process.set_fds(i, o, e);
-            if let Some(master) = master {
-                process.set_pty(master)?;
-            }
+            process.set_stdio(pipes.agent, master)?;
             Ok::<_, ContainerError>(watch)
         }
         .await;

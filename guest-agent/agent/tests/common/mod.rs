@@ -8,7 +8,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -68,24 +68,7 @@ impl Agent {
 
     pub async fn connect(&self) -> (HealthClient, AgentClient) {
         let sock = self.dir.path().join("agent.sock");
-        let addr = format!("unix://{}", sock.display());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if sock.exists() {
-                if let Ok(c) = ttrpc::asynchronous::Client::connect(&addr).await {
-                    let health = HealthClient::new(c.clone());
-                    if health.check(ctx(), &CheckRequest::new()).await.is_ok() {
-                        return (health, AgentClient::new(c));
-                    }
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not come up:\n{}",
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        connect_when_serving(&sock, Duration::from_secs(10), ctx, || self.stderr()).await
     }
 
     /// A busybox rootfs at guest path `/rootfs/<name>`.
@@ -104,16 +87,7 @@ impl Agent {
 
     /// Opens one stdio stream; returns the connection after its ack.
     pub fn stream(&self, id: &str, exec: &str, kind: StreamKind) -> Result<UnixStream, String> {
-        let mut s = UnixStream::connect(self.dir.path().join("stdio.sock")).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let header = StreamHeader {
-            stream: kind,
-            container_id: id.into(),
-            exec_id: exec.into(),
-        };
-        s.write_all(&header.encode().unwrap()).unwrap();
-        read_ack(&mut s).map_err(|e| e.to_string())?;
-        Ok(s)
+        open_stream(self.dir.path(), id, exec, kind)
     }
 }
 
@@ -124,10 +98,41 @@ impl Drop for Agent {
     }
 }
 
+/// Connects to the agent listening on `sock` once it serves: the socket
+/// file appears at bind, so an attempt counts only when a health check
+/// (with the context `ctx()`) answers. Retries every 20 ms; after
+/// `timeout` it panics with the agent's `stderr()`.
+pub async fn connect_when_serving(
+    sock: &Path,
+    timeout: Duration,
+    ctx: fn() -> Context,
+    stderr: impl Fn() -> String,
+) -> (HealthClient, AgentClient) {
+    let addr = format!("unix://{}", sock.display());
+    let deadline = Instant::now() + timeout;
+    loop {
+        if sock.exists() {
+            if let Ok(c) = ttrpc::asynchronous::Client::connect(&addr).await {
+                let health = HealthClient::new(c.clone());
+                if health.check(ctx(), &CheckRequest::new()).await.is_ok() {
+                    return (health, AgentClient::new(c));
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent did not come up; stderr:\n{}",
+            stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub fn ctx() -> Context {
     context::with_timeout(Duration::from_secs(30).as_nanos() as i64)
 }
 
+/// The status code and message of a failed call.
 pub fn status<T: std::fmt::Debug>(result: ttrpc::Result<T>) -> (Code, String) {
     match result {
         Err(ttrpc::Error::RpcStatus(s)) => (s.code(), s.message().to_string()),
@@ -315,17 +320,24 @@ pub struct AgentStreams {
 
 impl AgentStreams {
     pub fn stream(&self, id: &str, exec: &str, kind: StreamKind) -> Result<UnixStream, String> {
-        let mut s = UnixStream::connect(self.dir.join("stdio.sock")).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let header = StreamHeader {
-            stream: kind,
-            container_id: id.into(),
-            exec_id: exec.into(),
-        };
-        s.write_all(&header.encode().unwrap()).unwrap();
-        read_ack(&mut s).map_err(|e| e.to_string())?;
-        Ok(s)
+        open_stream(&self.dir, id, exec, kind)
     }
+}
+
+/// Opens the stream `kind` of process `exec` in container `id` on the
+/// stdio socket of the agent started in `dir`; returns the connection
+/// (30 s read timeout) after the agent's ack, or the ack's error.
+fn open_stream(dir: &Path, id: &str, exec: &str, kind: StreamKind) -> Result<UnixStream, String> {
+    let mut s = UnixStream::connect(dir.join("stdio.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let header = StreamHeader {
+        stream: kind,
+        container_id: id.into(),
+        exec_id: exec.into(),
+    };
+    s.write_all(&header.encode().unwrap()).unwrap();
+    read_ack(&mut s).map_err(|e| e.to_string())?;
+    Ok(s)
 }
 
 // containerd's default capability list, shared with tests/guest_containers.rs.

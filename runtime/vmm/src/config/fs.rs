@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::ConfigError;
+use super::{parent_dir_missing, socket_path_len_out_of_range, ConfigError};
 use crate::devices::virtio::fs::{MAX_SOCKET_PATH_LEN, TAG_LEN};
 
 /// virtio-fs served by an external virtiofsd over vhost-user:
@@ -30,19 +30,14 @@ impl FsConfig {
                 max: TAG_LEN,
             });
         }
-        let len = self.socket_path.as_os_str().len();
-        if len == 0 || len > MAX_SOCKET_PATH_LEN {
+        if let Some(got) = socket_path_len_out_of_range(&self.socket_path, MAX_SOCKET_PATH_LEN) {
             return Err(ConfigError::FsSocketPathLen {
                 path: self.socket_path.clone(),
-                got: len,
+                got,
                 max: MAX_SOCKET_PATH_LEN,
             });
         }
-        let parent = self
-            .socket_path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty());
-        if parent.is_some_and(|p| !p.is_dir()) {
+        if parent_dir_missing(&self.socket_path) {
             return Err(ConfigError::FsSocketDir(self.socket_path.clone()));
         }
         Ok(())

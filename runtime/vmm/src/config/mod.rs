@@ -369,16 +369,14 @@ impl VmConfig {
             }
         }
         if let Some(sock) = &self.control_socket {
-            let got = sock.as_os_str().len();
-            let parent = sock.parent().filter(|p| !p.as_os_str().is_empty());
-            if got == 0 || got > MAX_SOCKET_PATH {
+            if let Some(got) = socket_path_len_out_of_range(sock, MAX_SOCKET_PATH) {
                 return Err(ConfigError::ControlSocketLen {
                     path: sock.clone(),
                     got,
                     max: MAX_SOCKET_PATH,
                 });
             }
-            if parent.is_some_and(|p| !p.is_dir()) {
+            if parent_dir_missing(sock) {
                 return Err(ConfigError::NotADirectory {
                     field: "control_socket's parent",
                     path: sock.clone(),
@@ -409,13 +407,29 @@ impl VmConfig {
             }
         }
         if let Some(log) = &self.console_log {
-            let parent = log.parent().filter(|p| !p.as_os_str().is_empty());
-            if parent.is_some_and(|p| !p.is_dir()) {
+            if parent_dir_missing(log) {
                 return Err(ConfigError::ConsoleLogDir(log.clone()));
             }
         }
         Ok(())
     }
+}
+
+/// The length in bytes of the unix socket path `path` when it is outside
+/// `1..=max` (`max` leaves room for what the VMM appends and the NUL of
+/// `sun_path`); `None` when it fits.
+fn socket_path_len_out_of_range(path: &Path, max: usize) -> Option<usize> {
+    let len = path.as_os_str().len();
+    (len == 0 || len > max).then_some(len)
+}
+
+/// Whether the directory `path` is to be created in is missing. A bare
+/// file name (no parent, or an empty one) means the working directory,
+/// which exists.
+fn parent_dir_missing(path: &Path) -> bool {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .is_some_and(|p| !p.is_dir())
 }
 
 fn check_file(field: &'static str, path: &Path) -> Result<(), ConfigError> {

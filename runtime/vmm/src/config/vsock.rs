@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::ConfigError;
+use super::{parent_dir_missing, socket_path_len_out_of_range, ConfigError};
 use crate::devices::virtio::vsock::{MAX_GUEST_CID, MAX_UDS_PATH_LEN, MIN_GUEST_CID};
 
 /// virtio-vsock with the hybrid unix-socket host side:
@@ -29,16 +29,14 @@ impl VsockConfig {
                 max: MAX_GUEST_CID,
             });
         }
-        let len = self.uds_path.as_os_str().len();
-        if len == 0 || len > MAX_UDS_PATH_LEN {
+        if let Some(got) = socket_path_len_out_of_range(&self.uds_path, MAX_UDS_PATH_LEN) {
             return Err(ConfigError::VsockPathLen {
                 path: self.uds_path.clone(),
-                got: len,
+                got,
                 max: MAX_UDS_PATH_LEN,
             });
         }
-        let parent = self.uds_path.parent().filter(|p| !p.as_os_str().is_empty());
-        if parent.is_some_and(|p| !p.is_dir()) {
+        if parent_dir_missing(&self.uds_path) {
             return Err(ConfigError::VsockPathDir(self.uds_path.clone()));
         }
         Ok(())

@@ -18,7 +18,7 @@ pub mod vsock;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -105,6 +105,16 @@ impl Interrupt {
         self.raise(INT_VRING)
     }
 
+    /// After a device put buffers on `queue`'s used ring: signals the
+    /// driver unless it suppressed notifications for that queue (event
+    /// idx / NO_INTERRUPT). Call only when something was used.
+    pub fn notify_used(&self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<(), VirtioError> {
+        if queue.needs_notification(mem).map_err(VirtioError::Queue)? {
+            self.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
     /// Marks the device broken (DEVICE_NEEDS_RESET) and tells the driver.
     pub fn signal_needs_reset(&self) -> Result<(), VirtioError> {
         self.needs_reset.store(true, Ordering::SeqCst);
@@ -157,6 +167,70 @@ pub struct ActivateContext {
     pub interrupt: std::sync::Arc<Interrupt>,
     /// Features both sides agreed on.
     pub acked_features: u64,
+}
+
+/// Hands out the driver's queues (an [`ActivateContext`]'s `queues`) in
+/// device order: each call takes the next one, and only if the driver
+/// marked it ready (`index` names it in the error). A missing or unready
+/// queue fails activation.
+pub fn ready_queues(queues: Vec<Queue>) -> impl FnMut(u16) -> Result<Queue, VirtioError> {
+    let mut queues = queues.into_iter();
+    move |index| {
+        queues
+            .next()
+            .filter(|q| q.ready())
+            .ok_or_else(|| VirtioError::Activate(format!("queue {index} is not ready")))
+    }
+}
+
+/// What an activated single-queue device (virtio-blk, virtio-rng) holds:
+/// guest memory, its one queue, its interrupt line and the features the
+/// driver acked.
+pub struct SingleQueue {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// Queue 0.
+    pub queue: Queue,
+    /// The device's interrupt line.
+    pub interrupt: std::sync::Arc<Interrupt>,
+    /// Features both sides agreed on.
+    pub acked_features: u64,
+}
+
+impl SingleQueue {
+    /// Takes `ctx`'s queue 0, which the driver must have made ready.
+    pub fn activate(ctx: ActivateContext) -> Result<Self, VirtioError> {
+        let queue = ready_queues(ctx.queues)(0)?;
+        Ok(SingleQueue {
+            mem: ctx.mem,
+            queue,
+            interrupt: ctx.interrupt,
+            acked_features: ctx.acked_features,
+        })
+    }
+}
+
+/// Answers a config space read from the bytes `config`: byte `i` of `data`
+/// is `config[offset + i]`, and every byte past the end (or at an offset
+/// that does not fit in memory) reads as 0, as [`VirtioDevice::read_config`]
+/// promises.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = offset
+            .checked_add(i as u64)
+            .and_then(|o| usize::try_from(o).ok())
+            .and_then(|o| config.get(o).copied())
+            .unwrap_or(0);
+    }
+}
+
+/// Checks the queue index of a notification for a single-queue device:
+/// anything but 0 is [`VirtioError::BadQueueIndex`].
+pub fn only_queue_0(index: u16) -> Result<(), VirtioError> {
+    if index != 0 {
+        return Err(VirtioError::BadQueueIndex(index));
+    }
+    Ok(())
 }
 
 /// A virtio device behind the MMIO transport.

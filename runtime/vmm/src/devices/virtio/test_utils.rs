@@ -6,7 +6,13 @@
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::{device_type, ActivateContext, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{
+    device_type, ActivateContext, Interrupt, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1,
+};
 
 /// Size of the test guest memory.
 pub const GUEST_MEM_SIZE: u64 = 4 << 20;
@@ -19,6 +25,28 @@ pub const F_WRITE: u16 = 2;
 pub fn guest_memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), GUEST_MEM_SIZE as usize)])
         .expect("test guest memory")
+}
+
+/// A device's interrupt line on a fresh non-blocking eventfd.
+pub fn test_interrupt() -> Arc<Interrupt> {
+    Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()))
+}
+
+/// What the transport passes at DRIVER_OK: guest memory `mem`, the
+/// device-side `queues` (as [`GuestQueue::queue`] gives them), the line
+/// `irq` and the `acked` features.
+pub fn activate_ctx(
+    mem: &GuestMemoryMmap,
+    queues: Vec<Queue>,
+    irq: &Arc<Interrupt>,
+    acked: u64,
+) -> ActivateContext {
+    ActivateContext {
+        mem: mem.clone(),
+        queues,
+        interrupt: irq.clone(),
+        acked_features: acked,
+    }
 }
 
 /// A split virtqueue as the guest driver sees it.

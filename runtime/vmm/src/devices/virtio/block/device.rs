@@ -13,25 +13,19 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::metrics::BlockMetrics;
-use super::request::{checked_offset, parse, Request};
+use super::request::{checked_offset, parse, Request, Segment};
 use super::{
     blk_status, features, rate_limited, req_type, BlockError, CONFIG_SPACE_SIZE, ID_BYTES,
     QUEUE_SIZE, SECTOR_SHIFT, SECTOR_SIZE, SEG_MAX, SIZE_MAX,
 };
 use crate::devices::virtio::{
-    device_type, ActivateContext, Interrupt, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1,
+    device_type, only_queue_0, read_config_bytes, ActivateContext, SingleQueue, VirtioDevice,
+    VirtioError, VIRTIO_F_VERSION_1,
 };
-
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    interrupt: Arc<Interrupt>,
-    acked_features: u64,
-}
 
 /// The virtio-blk device.
 pub struct Block {
@@ -43,7 +37,7 @@ pub struct Block {
     id: [u8; ID_BYTES],
     config: [u8; CONFIG_SPACE_SIZE],
     bounce: Vec<u8>,
-    active: Option<Active>,
+    active: Option<SingleQueue>,
     /// Per-device counters.
     pub metrics: Arc<BlockMetrics>,
 }
@@ -124,7 +118,7 @@ impl Block {
         r
     }
 
-    fn process_active(&mut self, a: &mut Active) -> Result<bool, VirtioError> {
+    fn process_active(&mut self, a: &mut SingleQueue) -> Result<bool, VirtioError> {
         let mut used_any = false;
         for _ in 0..QUEUE_SIZE {
             let chain = match a.queue.iter(&a.mem) {
@@ -158,12 +152,8 @@ impl Block {
                 .map_err(VirtioError::Queue)?;
             used_any = true;
         }
-        if used_any
-            && a.queue
-                .needs_notification(&a.mem)
-                .map_err(VirtioError::Queue)?
-        {
-            a.interrupt.signal_used_queue()?;
+        if used_any {
+            a.interrupt.notify_used(&mut a.queue, &a.mem)?;
         }
         Ok(used_any)
     }
@@ -277,42 +267,46 @@ impl Block {
     fn read_into_guest(
         &mut self,
         mem: &GuestMemoryMmap,
-        mut offset: u64,
+        offset: u64,
         req: &Request,
     ) -> Result<(), BlockError> {
-        for seg in &req.data {
-            let len = seg.len as usize;
-            if self.bounce.len() < len {
-                self.bounce.resize(len, 0);
-            }
-            let buf = &mut self.bounce[..len];
-            self.file
-                .read_exact_at(buf, offset)
-                .map_err(BlockError::Io)?;
+        self.each_segment(offset, req, |file, buf, seg, offset| {
+            file.read_exact_at(buf, offset).map_err(BlockError::Io)?;
             mem.write_slice(buf, seg.addr)
-                .map_err(BlockError::GuestMemory)?;
-            offset += u64::from(seg.len);
-        }
-        Ok(())
+                .map_err(BlockError::GuestMemory)
+        })
     }
 
     fn write_from_guest(
         &mut self,
         mem: &GuestMemoryMmap,
+        offset: u64,
+        req: &Request,
+    ) -> Result<(), BlockError> {
+        self.each_segment(offset, req, |file, buf, seg, offset| {
+            mem.read_slice(buf, seg.addr)
+                .map_err(BlockError::GuestMemory)?;
+            file.write_all_at(buf, offset).map_err(BlockError::Io)
+        })
+    }
+
+    /// Walks `req`'s data segments in order, the disk offset starting at
+    /// `offset` and advancing by each segment's length: `io` gets the
+    /// image file, the bounce buffer cut to the segment's length (grown if
+    /// needed; its contents are whatever the last request left), the
+    /// segment and its disk offset. The first error stops the walk.
+    fn each_segment(
+        &mut self,
         mut offset: u64,
         req: &Request,
+        mut io: impl FnMut(&File, &mut [u8], &Segment, u64) -> Result<(), BlockError>,
     ) -> Result<(), BlockError> {
         for seg in &req.data {
             let len = seg.len as usize;
             if self.bounce.len() < len {
                 self.bounce.resize(len, 0);
             }
-            let buf = &mut self.bounce[..len];
-            mem.read_slice(buf, seg.addr)
-                .map_err(BlockError::GuestMemory)?;
-            self.file
-                .write_all_at(buf, offset)
-                .map_err(BlockError::Io)?;
+            io(&self.file, &mut self.bounce[..len], seg, offset)?;
             offset += u64::from(seg.len);
         }
         Ok(())
@@ -341,28 +335,11 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok())
-                .and_then(|o| self.config.get(o).copied())
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.config, offset, data);
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), VirtioError> {
-        let queue = ctx
-            .queues
-            .into_iter()
-            .next()
-            .filter(|q| q.ready())
-            .ok_or_else(|| VirtioError::Activate("queue 0 is not ready".to_string()))?;
-        self.active = Some(Active {
-            mem: ctx.mem,
-            queue,
-            interrupt: ctx.interrupt,
-            acked_features: ctx.acked_features,
-        });
+        self.active = Some(SingleQueue::activate(ctx)?);
         Ok(())
     }
 
@@ -375,9 +352,7 @@ impl VirtioDevice for Block {
     }
 
     fn process_queue(&mut self, index: u16) -> Result<(), VirtioError> {
-        if index != 0 {
-            return Err(VirtioError::BadQueueIndex(index));
-        }
+        only_queue_0(index)?;
         self.process_requests().map(|_| ())
     }
 }

@@ -6,15 +6,12 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::*;
 use crate::devices::virtio::test_utils::{
-    guest_memory, GuestQueue, F_NEXT, F_WRITE, GUEST_MEM_SIZE,
+    activate_ctx, guest_memory, test_interrupt, GuestQueue, F_NEXT, F_WRITE, GUEST_MEM_SIZE,
 };
-use crate::devices::virtio::{
-    ActivateContext, Interrupt, VirtioDevice, VirtioError, INT_VRING, VIRTIO_F_VERSION_1,
-};
+use crate::devices::virtio::{Interrupt, VirtioDevice, VirtioError, INT_VRING, VIRTIO_F_VERSION_1};
 
 const QSIZE: u16 = 16;
 const HDR: u64 = 0x10_0000;
@@ -46,14 +43,9 @@ fn rig_with(mem: &GuestMemoryMmap, read_only: bool, acked: u64) -> Rig<'_> {
     let file = image();
     let mut dev = Block::new(file.path(), read_only, "boxlite-disk-0").unwrap();
     let q = GuestQueue::new(mem, QSIZE, 0x1000);
-    let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
-    dev.activate(ActivateContext {
-        mem: mem.clone(),
-        queues: vec![q.queue()],
-        interrupt: irq.clone(),
-        acked_features: acked,
-    })
-    .unwrap();
+    let irq = test_interrupt();
+    dev.activate(activate_ctx(mem, vec![q.queue()], &irq, acked))
+        .unwrap();
     Rig {
         dev,
         q,
@@ -488,13 +480,13 @@ fn too_many_segments_is_an_error() {
     let q = GuestQueue::new(&mem, 256, 0x1000);
     let file = image();
     let mut dev = Block::new(file.path(), false, "").unwrap();
-    let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
-    dev.activate(ActivateContext {
-        mem: mem.clone(),
-        queues: vec![q.queue()],
-        interrupt: irq,
-        acked_features: VIRTIO_F_VERSION_1,
-    })
+    let irq = test_interrupt();
+    dev.activate(activate_ctx(
+        &mem,
+        vec![q.queue()],
+        &irq,
+        VIRTIO_F_VERSION_1,
+    ))
     .unwrap();
     let mut q = q;
     let mut h = Vec::new();
@@ -533,24 +525,24 @@ fn reset_and_reactivate() {
     assert!(!r.dev.process_requests().unwrap());
     let q = GuestQueue::new(&mem, QSIZE, 0x8000);
     r.dev
-        .activate(ActivateContext {
-            mem: mem.clone(),
-            queues: vec![q.queue()],
-            interrupt: r.irq.clone(),
-            acked_features: VIRTIO_F_VERSION_1,
-        })
+        .activate(activate_ctx(
+            &mem,
+            vec![q.queue()],
+            &r.irq,
+            VIRTIO_F_VERSION_1,
+        ))
         .unwrap();
     assert!(r.dev.is_activated());
     let mut unready = q.queue();
     virtio_queue::QueueT::set_ready(&mut unready, false);
     r.dev.reset();
     assert!(matches!(
-        r.dev.activate(ActivateContext {
-            mem: mem.clone(),
-            queues: vec![unready],
-            interrupt: r.irq.clone(),
-            acked_features: VIRTIO_F_VERSION_1,
-        }),
+        r.dev.activate(activate_ctx(
+            &mem,
+            vec![unready],
+            &r.irq,
+            VIRTIO_F_VERSION_1
+        )),
         Err(VirtioError::Activate(_))
     ));
 }

@@ -19,7 +19,8 @@ use super::{
     QUEUE_SIZE, TAG_LEN,
 };
 use crate::devices::virtio::{
-    device_type, ActivateContext, Interrupt, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1,
+    device_type, read_config_bytes, ActivateContext, Interrupt, VirtioDevice, VirtioError,
+    VIRTIO_F_VERSION_1,
 };
 
 /// Features offered to the driver; virtiofsd 1.x implements all of them.
@@ -275,14 +276,7 @@ impl VirtioDevice for Fs {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = self.config.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        read_config_bytes(&self.config, offset, data);
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), VirtioError> {

@@ -15,7 +15,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::*;
-use crate::devices::virtio::test_utils::{guest_memory, GuestQueue};
+use crate::devices::virtio::test_utils::{activate_ctx, guest_memory, test_interrupt, GuestQueue};
 use crate::devices::virtio::{ActivateContext, Interrupt, VirtioDevice, VirtioError, INT_VRING};
 use crate::vstate::memory::create_guest_memory;
 
@@ -161,7 +161,7 @@ fn rig() -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("fs.sock");
     let mem = create_guest_memory(8 << 20).unwrap().mem;
-    let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+    let irq = test_interrupt();
     let mut fs = Fs::new("share0", &sock)
         .unwrap()
         .with_connect_timeout(Duration::from_millis(300));
@@ -181,12 +181,7 @@ fn rig() -> Rig {
 fn ctx(mem: &GuestMemoryMmap, irq: &Arc<Interrupt>, acked: u64) -> ActivateContext {
     let hi = GuestQueue::new(mem, 16, 0x1_0000);
     let rq = GuestQueue::new(mem, 16, 0x2_0000);
-    ActivateContext {
-        mem: mem.clone(),
-        queues: vec![hi.queue(), rq.queue()],
-        interrupt: irq.clone(),
-        acked_features: acked,
-    }
+    activate_ctx(mem, vec![hi.queue(), rq.queue()], irq, acked)
 }
 
 fn activate_err(fs: &mut Fs, c: ActivateContext) -> String {

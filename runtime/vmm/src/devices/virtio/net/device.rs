@@ -30,7 +30,8 @@ use super::{
     VNET_HDR_LEN,
 };
 use crate::devices::virtio::{
-    device_type, ActivateContext, Interrupt, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1,
+    device_type, read_config_bytes, ready_queues, ActivateContext, Interrupt, VirtioDevice,
+    VirtioError, VIRTIO_F_VERSION_1,
 };
 
 /// Features offered besides MAC (only with a configured address).
@@ -174,12 +175,8 @@ impl Net {
                 .map_err(VirtioError::Queue)?;
             used_any = true;
         }
-        if used_any
-            && a.txq
-                .needs_notification(&a.mem)
-                .map_err(VirtioError::Queue)?
-        {
-            a.interrupt.signal_used_queue()?;
+        if used_any {
+            a.interrupt.notify_used(&mut a.txq, &a.mem)?;
         }
         if !budget_left {
             self.signal_wake();
@@ -271,12 +268,8 @@ impl Net {
                 .map_err(VirtioError::Queue)?;
             used_any = true;
         }
-        if used_any
-            && a.rxq
-                .needs_notification(&a.mem)
-                .map_err(VirtioError::Queue)?
-        {
-            a.interrupt.signal_used_queue()?;
+        if used_any {
+            a.interrupt.notify_used(&mut a.rxq, &a.mem)?;
         }
         Ok(state)
     }
@@ -435,23 +428,11 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok())
-                .and_then(|o| self.config.get(o).copied())
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.config, offset, data);
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), VirtioError> {
-        let mut queues = ctx.queues.into_iter();
-        let mut ready = |i: u16| {
-            queues
-                .next()
-                .filter(|q| q.ready())
-                .ok_or_else(|| VirtioError::Activate(format!("queue {i} is not ready")))
-        };
+        let mut ready = ready_queues(ctx.queues);
         let rxq = ready(RXQ)?;
         let txq = ready(TXQ)?;
         let flags = tap_offload_flags(ctx.acked_features);

@@ -11,16 +11,13 @@ use std::time::Duration;
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::device::{RxState, BASE_FEATURES};
 use super::*;
 use crate::devices::virtio::test_utils::{
-    guest_memory, GuestQueue, F_NEXT, F_WRITE, GUEST_MEM_SIZE,
+    activate_ctx, guest_memory, test_interrupt, GuestQueue, F_NEXT, F_WRITE, GUEST_MEM_SIZE,
 };
-use crate::devices::virtio::{
-    ActivateContext, Interrupt, VirtioDevice, VirtioError, INT_VRING, VIRTIO_F_VERSION_1,
-};
+use crate::devices::virtio::{Interrupt, VirtioDevice, VirtioError, INT_VRING, VIRTIO_F_VERSION_1};
 
 const MAC: [u8; 6] = [0x02, 0xb0, 0x0c, 0x00, 0x00, 0x01];
 const QSIZE: u16 = 256;
@@ -58,13 +55,13 @@ fn rig_with(mem: &GuestMemoryMmap, acked: u64) -> Rig<'_> {
     let mut dev = Net::new(Box::new(backend), Some(MAC)).unwrap();
     let rxq = GuestQueue::new(mem, QSIZE, 0x1000);
     let txq = GuestQueue::new(mem, QSIZE, 0x8000);
-    let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
-    dev.activate(ActivateContext {
-        mem: mem.clone(),
-        queues: vec![rxq.queue(), txq.queue()],
-        interrupt: irq.clone(),
-        acked_features: acked,
-    })
+    let irq = test_interrupt();
+    dev.activate(activate_ctx(
+        mem,
+        vec![rxq.queue(), txq.queue()],
+        &irq,
+        acked,
+    ))
     .unwrap();
     Rig {
         dev,

@@ -6,12 +6,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{RngError, DEFAULT_SOURCE, MAX_REQUEST_BYTES, QUEUE_SIZE};
 use crate::devices::virtio::{
-    device_type, ActivateContext, Interrupt, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1,
+    device_type, only_queue_0, ActivateContext, SingleQueue, VirtioDevice, VirtioError,
+    VIRTIO_F_VERSION_1,
 };
 
 /// Counters (`boxlite_rng_<event>_total`).
@@ -25,16 +26,10 @@ pub struct RngMetrics {
     pub bad_chains: AtomicU64,
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    interrupt: Arc<Interrupt>,
-}
-
 /// The virtio-rng device.
 pub struct Rng {
     source: File,
-    active: Option<Active>,
+    active: Option<SingleQueue>,
     /// Per-device counters.
     pub metrics: Arc<RngMetrics>,
 }
@@ -87,13 +82,10 @@ impl Rng {
                 .map_err(VirtioError::Queue)?;
             used_any = true;
         }
-        if used_any
-            && active
-                .queue
-                .needs_notification(&active.mem)
-                .map_err(VirtioError::Queue)?
-        {
-            active.interrupt.signal_used_queue()?;
+        if used_any {
+            active
+                .interrupt
+                .notify_used(&mut active.queue, &active.mem)?;
         }
         Ok(used_any)
     }
@@ -168,17 +160,7 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), VirtioError> {
-        let queue = ctx
-            .queues
-            .into_iter()
-            .next()
-            .filter(|q| q.ready())
-            .ok_or_else(|| VirtioError::Activate("queue 0 is not ready".to_string()))?;
-        self.active = Some(Active {
-            mem: ctx.mem,
-            queue,
-            interrupt: ctx.interrupt,
-        });
+        self.active = Some(SingleQueue::activate(ctx)?);
         Ok(())
     }
 
@@ -191,9 +173,7 @@ impl VirtioDevice for Rng {
     }
 
     fn process_queue(&mut self, index: u16) -> Result<(), VirtioError> {
-        if index != 0 {
-            return Err(VirtioError::BadQueueIndex(index));
-        }
+        only_queue_0(index)?;
         self.process_requests().map(|_| ())
     }
 }
@@ -202,10 +182,10 @@ impl VirtioDevice for Rng {
 mod tests {
     use super::*;
     use crate::devices::virtio::test_utils::{
-        guest_memory, GuestQueue, F_NEXT, F_WRITE, GUEST_MEM_SIZE,
+        activate_ctx, guest_memory, test_interrupt, GuestQueue, F_NEXT, F_WRITE, GUEST_MEM_SIZE,
     };
+    use crate::devices::virtio::Interrupt;
     use vm_memory::GuestAddress;
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     struct Rig {
         rng: Rng,
@@ -215,14 +195,14 @@ mod tests {
 
     fn rig(q: &GuestQueue) -> Rig {
         let mem = q.mem().clone();
-        let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).expect("evt")));
+        let irq = test_interrupt();
         let mut rng = Rng::new(None).expect("urandom");
-        rng.activate(ActivateContext {
-            mem: mem.clone(),
-            queues: vec![q.queue()],
-            interrupt: irq.clone(),
-            acked_features: VIRTIO_F_VERSION_1,
-        })
+        rng.activate(activate_ctx(
+            &mem,
+            vec![q.queue()],
+            &irq,
+            VIRTIO_F_VERSION_1,
+        ))
         .expect("activate");
         Rig { rng, mem, irq }
     }

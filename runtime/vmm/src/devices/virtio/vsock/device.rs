@@ -11,7 +11,7 @@ use std::os::fd::RawFd;
 use std::path::Path;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 use super::metrics::VsockMetrics;
@@ -19,7 +19,8 @@ use super::muxer::Muxer;
 use super::queues::{drain_tx, fill_rx, kick, VsockQueues};
 use super::{VsockError, EVQ, MAX_GUEST_CID, MIN_GUEST_CID, QUEUE_SIZE, RXQ, TXQ};
 use crate::devices::virtio::{
-    device_type, ActivateContext, Interrupt, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1,
+    device_type, read_config_bytes, ready_queues, ActivateContext, Interrupt, VirtioDevice,
+    VirtioError, VIRTIO_F_VERSION_1,
 };
 
 struct Active {
@@ -34,13 +35,8 @@ struct Active {
 impl VsockQueues for Active {
     fn rx(&mut self, muxer: &mut Muxer, metrics: &VsockMetrics) -> Result<bool, VirtioError> {
         let used = fill_rx(muxer, metrics, &mut self.rxq, &self.mem).map_err(VirtioError::Queue)?;
-        if used
-            && self
-                .rxq
-                .needs_notification(&self.mem)
-                .map_err(VirtioError::Queue)?
-        {
-            self.interrupt.signal_used_queue()?;
+        if used {
+            self.interrupt.notify_used(&mut self.rxq, &self.mem)?;
         }
         Ok(used)
     }
@@ -48,13 +44,8 @@ impl VsockQueues for Active {
     fn tx(&mut self, muxer: &mut Muxer, metrics: &VsockMetrics) -> Result<bool, VirtioError> {
         let used =
             drain_tx(muxer, metrics, &mut self.txq, &self.mem).map_err(VirtioError::Queue)?;
-        if used
-            && self
-                .txq
-                .needs_notification(&self.mem)
-                .map_err(VirtioError::Queue)?
-        {
-            self.interrupt.signal_used_queue()?;
+        if used {
+            self.interrupt.notify_used(&mut self.txq, &self.mem)?;
         }
         Ok(used)
     }
@@ -147,24 +138,11 @@ impl VirtioDevice for Vsock {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_vsock_config { le64 guest_cid; }
-        let cfg = self.cid.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok())
-                .and_then(|o| cfg.get(o).copied())
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.cid.to_le_bytes(), offset, data);
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), VirtioError> {
-        let mut queues = ctx.queues.into_iter();
-        let mut ready = |i: u16| {
-            queues
-                .next()
-                .filter(|q| q.ready())
-                .ok_or_else(|| VirtioError::Activate(format!("queue {i} is not ready")))
-        };
+        let mut ready = ready_queues(ctx.queues);
         let rxq = ready(RXQ)?;
         let txq = ready(TXQ)?;
         let evq = ready(EVQ).ok();

@@ -11,12 +11,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::packet::{op, Header, HEADER_SIZE, TYPE_STREAM};
 use super::{Vsock, HOST_CID, RXQ, TXQ};
-use crate::devices::virtio::test_utils::{GuestQueue, F_NEXT, F_WRITE};
-use crate::devices::virtio::{ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::test_utils::{
+    activate_ctx, test_interrupt, GuestQueue, F_NEXT, F_WRITE,
+};
+use crate::devices::virtio::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 
 pub const GUEST_CID: u64 = 3;
 /// The guest's receive buffer per connection in these tests (Linux: 256 KiB).
@@ -126,13 +127,13 @@ impl<'a> Rig<'a, Vsock> {
         let uds = dir.path().join("vsock.sock");
         let mut dev = Vsock::new(GUEST_CID, &uds).unwrap();
         let [rxq, txq, evq] = guest_queues(mem);
-        let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
-        dev.activate(ActivateContext {
-            mem: mem.clone(),
-            queues: vec![rxq.queue(), txq.queue(), evq.queue()],
-            interrupt: irq.clone(),
-            acked_features: VIRTIO_F_VERSION_1,
-        })
+        let irq = test_interrupt();
+        dev.activate(activate_ctx(
+            mem,
+            vec![rxq.queue(), txq.queue(), evq.queue()],
+            &irq,
+            VIRTIO_F_VERSION_1,
+        ))
         .unwrap();
         Rig::with_device(dev, mem, [rxq, txq], irq, dir, uds, initial_rx)
     }

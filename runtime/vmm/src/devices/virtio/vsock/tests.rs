@@ -15,7 +15,9 @@ use super::csm::ConnState;
 use super::packet::{op, shutdown, Header, HEADER_SIZE, TYPE_STREAM};
 use super::test_utils::{Rig, GUEST_BUF_ALLOC, GUEST_CID, RX_BUF};
 use super::*;
-use crate::devices::virtio::test_utils::{guest_memory, GUEST_MEM_SIZE};
+use crate::devices::virtio::test_utils::{
+    activate_ctx, guest_memory, test_interrupt, GUEST_MEM_SIZE,
+};
 use crate::devices::virtio::{VirtioDevice, VirtioError, INT_VRING, VIRTIO_F_VERSION_1};
 
 const GUEST_PORT: u32 = 1024;
@@ -81,15 +83,13 @@ fn activation_needs_rx_and_tx_queues() {
     let q = crate::devices::virtio::test_utils::GuestQueue::new(&mem, 16, 0x1000);
     let mut unready = q.queue();
     virtio_queue::QueueT::set_ready(&mut unready, false);
-    let irq = Arc::new(crate::devices::virtio::Interrupt::new(
-        vmm_sys_util::eventfd::EventFd::new(0).unwrap(),
+    let irq = test_interrupt();
+    let r = dev.activate(activate_ctx(
+        &mem,
+        vec![q.queue(), unready],
+        &irq,
+        VIRTIO_F_VERSION_1,
     ));
-    let r = dev.activate(crate::devices::virtio::ActivateContext {
-        mem: mem.clone(),
-        queues: vec![q.queue(), unready],
-        interrupt: irq,
-        acked_features: VIRTIO_F_VERSION_1,
-    });
     assert!(matches!(r, Err(VirtioError::Activate(_))));
     assert!(!dev.is_activated());
 }
