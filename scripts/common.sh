@@ -68,10 +68,21 @@ ensure_cargo_tools() {
 
 # Builds kernel (cached by fragment hash), static agent and initramfs; exports
 # BOXLITE_KERNEL and BOXLITE_INITRAMFS.
+# Copies stdin to stdout and to this script's stderr. Not `tee /dev/stderr`:
+# when stderr is a file (`bash scripts/test.sh >log 2>&1`), opening
+# /dev/stderr opens that file again with O_TRUNC and wipes the log so far.
+tee_stderr() {
+    local line
+    while IFS= read -r line || [ -n "$line" ]; do
+        printf '%s\n' "$line"
+        printf '%s\n' "$line" >&2
+    done
+}
+
 build_guest_assets() {
     log "guest assets: kernel (cached by config hash), static agent, initramfs"
     local out
-    out="$(cd "$REPO_ROOT" && cargo xtask guest | tee /dev/stderr)"
+    out="$(cd "$REPO_ROOT" && cargo xtask guest | tee_stderr)"
     BOXLITE_KERNEL="$(printf '%s\n' "$out" | sed -n 's/^vmlinux: //p' | tail -n1)"
     BOXLITE_INITRAMFS="$(printf '%s\n' "$out" | sed -n 's/^initramfs: //p' | tail -n1)"
     if [ ! -f "$BOXLITE_KERNEL" ] || [ ! -f "$BOXLITE_INITRAMFS" ]; then

@@ -28,7 +28,7 @@ build_guest_assets
 # emulated SVM CPU; docs/testing-nested.md): its kernel (cached like the
 # guest's), the static VMM and test driver, and its initramfs.
 log "nested test host: cargo xtask testhost"
-testhost_out="$(cargo xtask testhost --guest-initramfs "$BOXLITE_INITRAMFS" | tee /dev/stderr)"
+testhost_out="$(cargo xtask testhost --guest-initramfs "$BOXLITE_INITRAMFS" | tee_stderr)"
 BOXLITE_TESTHOST_KERNEL="$(sed -n 's/^testhost-kernel: //p' <<<"$testhost_out" | tail -n1)"
 BOXLITE_TESTHOST_INITRAMFS="$(sed -n 's/^testhost-initramfs: //p' <<<"$testhost_out" | tail -n1)"
 export BOXLITE_TESTHOST_KERNEL BOXLITE_TESTHOST_INITRAMFS
