@@ -48,7 +48,7 @@ struct OuterRun {
 impl OuterRun {
     /// The end of the console log (the runtime's one log-tail reader).
     fn tail(&self) -> String {
-        boxlite_runtime::log_tail::log_tail(&self.console, CONSOLE_TAIL_LINES).unwrap_or_default()
+        boxlite_protocol::log_tail::log_tail(&self.console, CONSOLE_TAIL_LINES).unwrap_or_default()
     }
 
     /// The lines the driver printed for `scenario`'s failure (`  | …`)

@@ -23,7 +23,6 @@ pub mod annotations;
 pub mod config;
 pub mod hybrid_vsock;
 pub mod hypervisor;
-pub mod log_tail;
 pub mod network;
 
 pub use config::Config;

@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -572,23 +572,10 @@ impl Work {
 }
 
 /// The last `n` lines of a file (at most its last 64 KiB), for error messages.
+/// The last `n` lines of a build log, or why there are none.
 fn tail(path: &Path, n: usize) -> String {
-    const MAX: u64 = 64 * 1024;
-    let read = || -> io::Result<String> {
-        let mut f = File::open(path)?;
-        let len = f.metadata()?.len();
-        f.seek(SeekFrom::Start(len.saturating_sub(MAX)))?;
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf)?;
-        Ok(String::from_utf8_lossy(&buf).into_owned())
-    };
-    match read() {
-        Ok(text) => {
-            let lines: Vec<&str> = text.lines().collect();
-            lines[lines.len().saturating_sub(n)..].join("\n")
-        }
-        Err(e) => format!("(cannot read {}: {e})", path.display()),
-    }
+    boxlite_protocol::log_tail::log_tail(path, n)
+        .unwrap_or_else(|| format!("(nothing to show from {})", path.display()))
 }
 
 /// An exclusive `flock` on `path`, held until the file is dropped. Two runs

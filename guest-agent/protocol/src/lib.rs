@@ -10,12 +10,14 @@
 //!   [`LOG_VSOCK_PORT`], starting with what it logged before the connection.
 //! * [`ids`] and [`mac`]: the one rule for container, exec and sandbox ids
 //!   and the one MAC address parser, used on both sides; [`error_chain`]
-//!   prints an error with its causes the same way on both sides.
+//!   prints an error with its causes the same way on both sides;
+//!   [`log_tail`] reads the end of a log for error reports.
 //! * [`ready`]: once it serves, the agent connects to host port
 //!   [`READY_VSOCK_PORT`] and announces itself; the host connects only then.
 
 pub mod error_chain;
 pub mod ids;
+pub mod log_tail;
 pub mod mac;
 pub mod ready;
 pub mod stdio;

@@ -17,7 +17,7 @@ use nix::unistd::Pid;
 use tokio::time::Instant;
 
 use super::{ExitReport, HypervisorError, Share};
-use crate::log_tail::last_line;
+use boxlite_protocol::log_tail::last_line;
 
 /// How long a helper daemon gets to create its socket.
 pub const HELPER_READY_TIMEOUT: Duration = Duration::from_secs(10);

@@ -30,8 +30,8 @@ use super::{
     validate_share_tag, AgentConnection, ExitReport, Hypervisor, HypervisorError, NetDevice, Share,
     VmSpec, CONSOLE_LOG, MAX_SOCKET_PATH_LEN, VSOCK_SOCKET,
 };
-use crate::log_tail::last_line;
 use crate::network::{MacAddr, TapDevice};
+use boxlite_protocol::log_tail::last_line;
 
 /// After the VMM exits, how long helpers get to exit on their own (virtiofsd
 /// and boxlite-vsock do when their frontend disconnects) before teardown

@@ -173,7 +173,7 @@ impl Sandbox {
             // goes with the failed create: keep the guest's last words in
             // the shim log, which containerd keeps.
             let console = hv.console_log_path();
-            let tail = boxlite_runtime::log_tail::log_tail(&console, 40);
+            let tail = boxlite_protocol::log_tail::log_tail(&console, 40);
             tracing::error!(
                 console_log = %console.display(),
                 console_tail = tail.as_deref().unwrap_or("(empty)"),

@@ -1,7 +1,10 @@
 //! The end of a log file, for error reports: the last lines a crashed VMM,
-//! helper or guest console wrote. The one log-tail reader of the project:
-//! the backends (the last line of a helper's log) and the shim (the console
-//! tail it keeps after the sandbox directory is gone) use it.
+//! helper or guest console, or a failed kernel build, wrote. The one
+//! log-tail reader of the project: the runtime's backends (the last line of
+//! a helper's log), the shim (the console tail it keeps after the sandbox
+//! directory is gone), xtask (a kernel build's log) and the tests use it.
+//! It lives here, in the crate every other one already depends on, because
+//! it needs nothing but std.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
