@@ -329,4 +329,4 @@ impl AgentStreams {
 }
 
 // containerd's default capability list, shared with tests/guest_containers.rs.
-include!("../helpers/containerd_default_caps.rs");
+pub use boxlite_test_support::caps::CONTAINERD_DEFAULT_CAPS;
