@@ -338,7 +338,7 @@ fn sandbox_probe() -> std::path::PathBuf {
 async fn nested_sandboxing_inside_the_guest() {
     let probe = sandbox_probe();
     let g = boot("nest1").await;
-    let script = &boxlite_test_support::sandbox_probe::nested_script("CapEff|NoNewPrivs");
+    let script: &str = &boxlite_test_support::sandbox_probe::nested_script("CapEff|NoNewPrivs");
     let mut granted = CONTAINERD_DEFAULT_CAPS.to_vec();
     granted.push("CAP_SYS_ADMIN");
     let cases: [(&str, &[&str], &[&str]); 2] = [

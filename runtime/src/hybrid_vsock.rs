@@ -300,23 +300,11 @@ pub fn parse_reply(line: &[u8]) -> Result<Option<u32>, AttemptError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use boxlite_test_support::fake_guest::{accept_connect, read_connect_line};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use tokio::io::AsyncBufReadExt;
     use tokio::net::UnixListener;
-
-    /// Reads the CONNECT line the way a peer would.
-    async fn read_connect_line(stream: &mut UnixStream) -> String {
-        let mut line = Vec::new();
-        loop {
-            let mut b = [0u8; 1];
-            if stream.read(&mut b).await.unwrap() == 0 || b[0] == b'\n' {
-                break;
-            }
-            line.push(b[0]);
-        }
-        String::from_utf8(line).unwrap()
-    }
 
     fn vsock(dir: &Path) -> HybridVsock {
         HybridVsock::new(dir.join("vsock.sock"))
@@ -348,8 +336,7 @@ mod tests {
         let v = vsock(dir.path());
         let listener = UnixListener::bind(v.socket_path()).unwrap();
         let peer = tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let line = read_connect_line(&mut s).await;
+            let (mut s, line) = accept_connect(&listener).await;
             s.write_all(b"OK 1073741824\n").await.unwrap();
             s.write_all(b"from guest\n").await.unwrap();
             let (r, mut w) = s.split();
@@ -377,8 +364,7 @@ mod tests {
         let v = vsock(dir.path());
         let listener = UnixListener::bind(v.socket_path()).unwrap();
         tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            read_connect_line(&mut s).await;
+            let (mut s, _) = accept_connect(&listener).await;
             // Reply and payload in one write: must not be swallowed.
             s.write_all(b"OK 5\nHELLO").await.unwrap();
             s.shutdown().await.unwrap();
@@ -397,8 +383,7 @@ mod tests {
         let v = vsock(dir.path());
         let listener = UnixListener::bind(v.socket_path()).unwrap();
         tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            read_connect_line(&mut s).await;
+            let (mut s, _) = accept_connect(&listener).await;
             s.write_all(b"HTTP/1.1 400 Bad Request\n").await.unwrap();
             tokio::time::sleep(Duration::from_secs(5)).await;
         });
@@ -425,8 +410,7 @@ mod tests {
         let v = vsock(dir.path());
         let listener = UnixListener::bind(v.socket_path()).unwrap();
         tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            read_connect_line(&mut s).await;
+            let (mut s, _) = accept_connect(&listener).await;
             // An endless line: we must stop reading at MAX_REPLY_LEN.
             let chunk = [b'A'; 4096];
             while s.write_all(&chunk).await.is_ok() {}
@@ -470,8 +454,7 @@ mod tests {
         let listener = UnixListener::bind(v.socket_path()).unwrap();
         tokio::spawn(async move {
             loop {
-                let (mut s, _) = listener.accept().await.unwrap();
-                read_connect_line(&mut s).await;
+                let _conn = accept_connect(&listener).await;
             }
         });
         let err = v
@@ -494,8 +477,7 @@ mod tests {
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(300)).await;
             let listener = UnixListener::bind(&path).unwrap();
-            let (mut s, _) = listener.accept().await.unwrap();
-            read_connect_line(&mut s).await;
+            let (mut s, _) = accept_connect(&listener).await;
             s.write_all(b"OK 7\n").await.unwrap();
             tokio::time::sleep(Duration::from_secs(5)).await;
         });
@@ -520,8 +502,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(200)).await;
             std::fs::remove_file(&path).unwrap();
             let listener = UnixListener::bind(&path).unwrap();
-            let (mut s, _) = listener.accept().await.unwrap();
-            read_connect_line(&mut s).await;
+            let (mut s, _) = accept_connect(&listener).await;
             s.write_all(b"OK 7\n").await.unwrap();
             tokio::time::sleep(Duration::from_secs(5)).await;
         });

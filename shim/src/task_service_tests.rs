@@ -19,6 +19,7 @@ use crate::events::RecordingSink;
 use crate::sandbox::Sandbox;
 use crate::task_service::TaskService;
 use crate::test_utils::{FakeAgent, FakeFactory, FakeGuest, VmLog};
+use boxlite_test_support::fake_bin::script;
 
 const SANDBOX: &str = "sb1";
 
@@ -925,14 +926,6 @@ async fn pod_members_share_the_vm_and_oom_is_forwarded() {
     assert!(Path::new(&h.sandbox_dir())
         .join("shared/sb1/rootfs")
         .exists());
-}
-
-fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let p = dir.join(name);
-    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    p
 }
 
 async fn read_eventually(path: &Path, want: &str) -> String {

@@ -24,6 +24,11 @@ impl BinDir {
         }
     }
 
+    /// The dir itself.
+    pub fn root(&self) -> &Path {
+        self.tmp.path()
+    }
+
     /// `name` in the dir.
     pub fn path(&self, name: &str) -> PathBuf {
         self.tmp.path().join(name)
