@@ -2,8 +2,9 @@
 //! veth `eth0` in a "pod" netns, its peer in a second netns standing in for
 //! the bridge side, then wire, frames both ways through the tap, teardown.
 //!
-//! Needs root (netns, veth, tap, tc). Without it each test prints "skipped:
-//! needs root" and returns. The namespaces are made with `ip` (fine in
+//! Needs root (netns, veth, tap, tc): every test is `#[ignore = "needs
+//! root …"]`, run as root with `--ignored --test-threads=1` (the second
+//! phase of scripts/test.sh). The namespaces are made with `ip` (fine in
 //! tests; the library itself uses netlink only) and deleted by a guard even
 //! when a test panics.
 
@@ -32,23 +33,6 @@ const PEER_IP: [u8; 4] = [10, 77, 0, 1];
 /// IFF_VNET_HDR, at its default size (nothing here sets TUNSETVNETHDRSZ).
 const VNET_HDR_LEN: usize = 10;
 const ETH_P_ARP: u16 = 0x0806;
-
-/// Whether the test can run; prints why not.
-fn have_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("skipped: {test}: needs root");
-    if let Some(path) = std::env::var_os("BOXLITE_SKIP_LOG") {
-        let mut log = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&path)
-            .expect("open $BOXLITE_SKIP_LOG");
-        writeln!(log, "{test}: needs root").expect("write $BOXLITE_SKIP_LOG");
-    }
-    false
-}
 
 /// Runs a command, panics with its stderr unless it succeeds, returns stdout.
 fn run(args: &[&str]) -> String {
@@ -374,10 +358,8 @@ fn assert_redirect(ns: &Netns, from: &str, to: &str) {
 }
 
 #[test]
+#[ignore = "needs root (netns, veth, tap, tc)"]
 fn wire_carries_frames_both_ways_and_teardown_restores_the_pod() {
-    if !have_root("wire_carries_frames_both_ways_and_teardown_restores_the_pod") {
-        return;
-    }
     let rig = Rig::new();
     let rt = rt();
     // The rig works: the pod netns's own stack refuses the connection.
@@ -504,10 +486,8 @@ fn wire_carries_frames_both_ways_and_teardown_restores_the_pod() {
 }
 
 #[test]
+#[ignore = "needs root (netns, veth, tap, tc)"]
 fn two_interfaces_get_two_taps_and_their_routes() {
-    if !have_root("two_interfaces_get_two_taps_and_their_routes") {
-        return;
-    }
     let rig = Rig::new();
     let (pod, peer) = (&rig.pod, &rig.peer);
     pod.ip(&[
@@ -600,10 +580,8 @@ fn two_interfaces_get_two_taps_and_their_routes() {
 }
 
 #[test]
+#[ignore = "needs root (netns, veth, tap, tc)"]
 fn failed_wiring_undoes_what_it_did() {
-    if !have_root("failed_wiring_undoes_what_it_did") {
-        return;
-    }
     let rig = Rig::new();
     let (pod, peer) = (&rig.pod, &rig.peer);
     pod.ip(&[
@@ -644,10 +622,8 @@ fn failed_wiring_undoes_what_it_did() {
 }
 
 #[test]
+#[ignore = "needs root (netns, veth, tap, tc)"]
 fn teardown_after_the_vmm_closed_the_tap() {
-    if !have_root("teardown_after_the_vmm_closed_the_tap") {
-        return;
-    }
     let rig = Rig::new();
     let rt = rt();
     let mut net = rt
@@ -671,10 +647,8 @@ fn teardown_after_the_vmm_closed_the_tap() {
 }
 
 #[test]
+#[ignore = "needs root (netns, veth, tap, tc)"]
 fn netns_with_only_lo_wires_nothing() {
-    if !have_root("netns_with_only_lo_wires_nothing") {
-        return;
-    }
     let ns = Netns::new("empty");
     let rt = rt();
     let net = rt
@@ -688,10 +662,8 @@ fn netns_with_only_lo_wires_nothing() {
 }
 
 #[test]
+#[ignore = "needs root (netns, veth, tap, tc)"]
 fn wiring_a_wired_netns_fails_and_keeps_the_first_wiring() {
-    if !have_root("wiring_a_wired_netns_fails_and_keeps_the_first_wiring") {
-        return;
-    }
     let rig = Rig::new();
     let rt = rt();
     let first = rt

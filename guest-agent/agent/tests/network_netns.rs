@@ -8,8 +8,9 @@
 //! virtio-net link: like it, it has carrier, and unlike `dummy` it needs no
 //! module that minimal kernels leave out.
 //!
-//! They need root (netns, links). Without it each test prints "skipped:
-//! needs root" and returns.
+//! They need root (netns, links): every test is `#[ignore = "needs root
+//! …"]`, run as root with `--ignored --test-threads=1` (the second phase of
+//! scripts/test.sh).
 
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -31,11 +32,6 @@ use ttrpc::Code;
 const MAC: &str = "02:00:00:00:00:09";
 const LINK: &str = "eth0";
 const PEER: &str = "peer0";
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
 
 /// Runs `ip` with `args`, panicking with its stderr when it fails.
 fn ip(args: &[&str]) -> String {
@@ -301,18 +297,9 @@ async fn configure(client: &AgentClient) -> Interface {
         .expect("UpdateInterface")
 }
 
-macro_rules! needs_root {
-    () => {
-        if !is_root() {
-            eprintln!("skipped: needs root (network namespaces and links)");
-            return;
-        }
-    };
-}
-
 #[tokio::test]
+#[ignore = "needs root (network namespaces and links)"]
 async fn update_interface_by_mac_sets_addresses_mtu_and_up_then_replaces_them() {
-    needs_root!();
     let agent = Agent::start();
     let (_, client) = agent.connect().await;
     assert_eq!(agent.ns.addresses(), Vec::<String>::new());
@@ -387,8 +374,8 @@ async fn update_interface_by_mac_sets_addresses_mtu_and_up_then_replaces_them() 
 }
 
 #[tokio::test]
+#[ignore = "needs root (network namespaces and links)"]
 async fn update_routes_replaces_the_main_table_and_keeps_kernel_routes() {
-    needs_root!();
     let agent = Agent::start();
     let (_, client) = agent.connect().await;
     configure(&client).await;
@@ -472,8 +459,8 @@ async fn update_routes_replaces_the_main_table_and_keeps_kernel_routes() {
 }
 
 #[tokio::test]
+#[ignore = "needs root (network namespaces and links)"]
 async fn bad_requests_name_the_problem_change_nothing_and_the_agent_keeps_serving() {
-    needs_root!();
     let agent = Agent::start();
     let (health, client) = agent.connect().await;
     configure(&client).await;
