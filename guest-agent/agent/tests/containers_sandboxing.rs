@@ -34,6 +34,7 @@ use boxlite_protocol::health::CheckRequest;
 use boxlite_protocol::stdio::StreamKind;
 use serde_json::{json, Value};
 
+use boxlite_test_support::caps::CONTAINERD_DEFAULT_CAPS;
 use common::*;
 
 const RUNC: &str = "/usr/sbin/runc";

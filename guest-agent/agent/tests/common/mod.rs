@@ -327,6 +327,3 @@ impl AgentStreams {
         Ok(s)
     }
 }
-
-// containerd's default capability list, shared with tests/guest_containers.rs.
-pub use boxlite_test_support::caps::CONTAINERD_DEFAULT_CAPS;
