@@ -306,6 +306,27 @@ mod tests {
     use tokio::io::AsyncBufReadExt;
     use tokio::net::UnixListener;
 
+    /// A vsock in a temp dir and a listener on its socket, standing in for
+    /// the guest side.
+    fn listening() -> (tempfile::TempDir, HybridVsock, UnixListener) {
+        let dir = tempfile::tempdir().unwrap();
+        let v = vsock(dir.path());
+        let listener = UnixListener::bind(v.socket_path()).unwrap();
+        (dir, v, listener)
+    }
+
+    /// Accepts one connection, reads its CONNECT line and leaves the rest
+    /// to `peer`, in a task of its own.
+    fn answer_once<F: std::future::Future<Output = ()> + Send + 'static>(
+        listener: UnixListener,
+        peer: impl FnOnce(UnixStream) -> F + Send + 'static,
+    ) {
+        tokio::spawn(async move {
+            let (s, _) = accept_connect(&listener).await;
+            peer(s).await;
+        });
+    }
+
     fn vsock(dir: &Path) -> HybridVsock {
         HybridVsock::new(dir.join("vsock.sock"))
             .with_console_log(dir.join("console.log"))
@@ -332,9 +353,7 @@ mod tests {
 
     #[tokio::test]
     async fn good_handshake_then_data_both_ways() {
-        let dir = tempfile::tempdir().unwrap();
-        let v = vsock(dir.path());
-        let listener = UnixListener::bind(v.socket_path()).unwrap();
+        let (_dir, v, listener) = listening();
         let peer = tokio::spawn(async move {
             let (mut s, line) = accept_connect(&listener).await;
             s.write_all(b"OK 1073741824\n").await.unwrap();
@@ -360,11 +379,8 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_after_ok_are_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let v = vsock(dir.path());
-        let listener = UnixListener::bind(v.socket_path()).unwrap();
-        tokio::spawn(async move {
-            let (mut s, _) = accept_connect(&listener).await;
+        let (_dir, v, listener) = listening();
+        answer_once(listener, |mut s| async move {
             // Reply and payload in one write: must not be swallowed.
             s.write_all(b"OK 5\nHELLO").await.unwrap();
             s.shutdown().await.unwrap();
@@ -379,11 +395,8 @@ mod tests {
 
     #[tokio::test]
     async fn garbage_reply_fails_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let v = vsock(dir.path());
-        let listener = UnixListener::bind(v.socket_path()).unwrap();
-        tokio::spawn(async move {
-            let (mut s, _) = accept_connect(&listener).await;
+        let (_dir, v, listener) = listening();
+        answer_once(listener, |mut s| async move {
             s.write_all(b"HTTP/1.1 400 Bad Request\n").await.unwrap();
             tokio::time::sleep(Duration::from_secs(5)).await;
         });
@@ -406,11 +419,8 @@ mod tests {
 
     #[tokio::test]
     async fn over_long_reply_is_bounded() {
-        let dir = tempfile::tempdir().unwrap();
-        let v = vsock(dir.path());
-        let listener = UnixListener::bind(v.socket_path()).unwrap();
-        tokio::spawn(async move {
-            let (mut s, _) = accept_connect(&listener).await;
+        let (_dir, v, listener) = listening();
+        answer_once(listener, |mut s| async move {
             // An endless line: we must stop reading at MAX_REPLY_LEN.
             let chunk = [b'A'; 4096];
             while s.write_all(&chunk).await.is_ok() {}
@@ -422,9 +432,7 @@ mod tests {
 
     #[tokio::test]
     async fn peer_closing_early_is_retried() {
-        let dir = tempfile::tempdir().unwrap();
-        let v = vsock(dir.path());
-        let listener = UnixListener::bind(v.socket_path()).unwrap();
+        let (_dir, v, listener) = listening();
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
         tokio::spawn(async move {
@@ -449,9 +457,7 @@ mod tests {
 
     #[tokio::test]
     async fn peer_always_closing_times_out_naming_the_cause() {
-        let dir = tempfile::tempdir().unwrap();
-        let v = vsock(dir.path());
-        let listener = UnixListener::bind(v.socket_path()).unwrap();
+        let (_dir, v, listener) = listening();
         tokio::spawn(async move {
             loop {
                 let _conn = accept_connect(&listener).await;
@@ -533,9 +539,7 @@ mod tests {
 
     #[tokio::test]
     async fn silent_peer_hits_the_attempt_timeout() {
-        let dir = tempfile::tempdir().unwrap();
-        let v = vsock(dir.path());
-        let listener = UnixListener::bind(v.socket_path()).unwrap();
+        let (_dir, v, listener) = listening();
         tokio::spawn(async move {
             let mut held = Vec::new();
             loop {

@@ -184,21 +184,20 @@ impl Launcher for BuiltinLauncher {
 mod tests {
     use super::*;
     use crate::config::{ResolvedAccel, ResolvedBackend};
-    use crate::hypervisor::test_rig::Rig;
+    use crate::hypervisor::test_rig::{Bins, Rig};
     use crate::hypervisor::Hypervisor;
     use boxlite_test_support::fake_bin::pid_alive;
     use std::fs::File;
 
-    fn bins(vmm: PathBuf, fs: PathBuf) -> ResolvedHypervisor {
-        ResolvedHypervisor {
-            backend: ResolvedBackend::Builtin,
-            accel: ResolvedAccel::Kvm,
-            accel_reason: "test".into(),
-            qemu_binary: "qemu-system-x86_64".into(),
-            virtiofsd_binary: fs,
-            vhost_vsock_binary: "boxlite-vsock".into(),
-            vmm_binary: vmm,
+    fn bins(vmm: PathBuf, virtiofsd: PathBuf) -> ResolvedHypervisor {
+        let (qemu, vhost_vsock) = ("qemu-system-x86_64".into(), "boxlite-vsock".into());
+        Bins {
+            qemu,
+            virtiofsd,
+            vhost_vsock,
+            vmm,
         }
+        .resolve(ResolvedBackend::Builtin, ResolvedAccel::Kvm)
     }
 
     /// virtiofsd stand-in: creates its socket (and lock file), sleeps.

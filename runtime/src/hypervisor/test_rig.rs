@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use boxlite_test_support::fake_bin::{self, BinDir};
 
 use super::VmSpec;
-use crate::config::Config;
+use crate::config::{Config, ResolvedAccel, ResolvedBackend, ResolvedHypervisor};
 
 /// A sandbox `sb1` under `<tmp>/state` with a fake kernel and initramfs;
 /// derefs to the [`BinDir`] its fake binaries go in.
@@ -40,6 +40,34 @@ impl Rig {
     /// The sockets and pid files left in the sandbox directory.
     pub(crate) fn leftovers(&self) -> Vec<String> {
         fake_bin::leftovers(&self.sandbox())
+    }
+}
+
+/// The binaries a backend runs: the real names where the backend does not
+/// run them, fake ones (or missing paths) where it does.
+pub(crate) struct Bins {
+    pub qemu: PathBuf,
+    pub virtiofsd: PathBuf,
+    pub vhost_vsock: PathBuf,
+    pub vmm: PathBuf,
+}
+
+impl Bins {
+    /// For `backend` on `accel`.
+    pub(crate) fn resolve(
+        self,
+        backend: ResolvedBackend,
+        accel: ResolvedAccel,
+    ) -> ResolvedHypervisor {
+        ResolvedHypervisor {
+            backend,
+            accel,
+            accel_reason: "test".into(),
+            qemu_binary: self.qemu,
+            virtiofsd_binary: self.virtiofsd,
+            vhost_vsock_binary: self.vhost_vsock,
+            vmm_binary: self.vmm,
+        }
     }
 }
 

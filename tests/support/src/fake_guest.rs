@@ -77,10 +77,9 @@ impl Health for FakeHealth {
         _ctx: &ttrpc::r#async::TtrpcContext,
         _req: CheckRequest,
     ) -> ttrpc::Result<HealthCheckResponse> {
-        Ok(HealthCheckResponse {
-            status: ServingStatus::SERVING.into(),
-            ..Default::default()
-        })
+        let mut resp = HealthCheckResponse::new();
+        resp.status = ServingStatus::SERVING.into();
+        Ok(resp)
     }
     async fn version(
         &self,

@@ -3,22 +3,21 @@
 
 use super::*;
 use crate::config::ResolvedBackend;
-use crate::hypervisor::test_rig::Rig;
+use crate::hypervisor::test_rig::{Bins, Rig};
 use crate::hypervisor::Hypervisor;
 use boxlite_test_support::fake_bin::pid_alive;
 use std::fs::File;
 use std::time::Duration;
 
-fn bins(qemu: PathBuf, vsock: PathBuf, fs: PathBuf) -> ResolvedHypervisor {
-    ResolvedHypervisor {
-        backend: ResolvedBackend::Qemu,
-        accel: ResolvedAccel::Tcg,
-        accel_reason: "test".into(),
-        qemu_binary: qemu,
-        virtiofsd_binary: fs,
-        vhost_vsock_binary: vsock,
-        vmm_binary: "boxlite-vmm".into(),
+fn bins(qemu: PathBuf, vhost_vsock: PathBuf, virtiofsd: PathBuf) -> ResolvedHypervisor {
+    let vmm = "boxlite-vmm".into();
+    Bins {
+        qemu,
+        virtiofsd,
+        vhost_vsock,
+        vmm,
     }
+    .resolve(ResolvedBackend::Qemu, ResolvedAccel::Tcg)
 }
 
 /// A helper that creates the socket named after `flag` and sleeps. With
