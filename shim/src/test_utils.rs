@@ -1,7 +1,7 @@
-//! A fake guest for the shim's tests: a ttrpc server implementing the
-//! agent's `Agent` service (and boxlite-test-support's fake `Health`), a hybrid-vsock front that serves
-//! stdio streams on port 1025 like the agent does, and a fake
-//! [`Hypervisor`] plus [`VmFactory`] around them.
+//! A fake guest for the shim's tests: a ttrpc server with the agent's
+//! `Agent` service (and boxlite-test-support's fake `Health`), a
+//! hybrid-vsock front that serves stdio streams on port 1025 like the agent
+//! does, and a fake [`Hypervisor`] plus [`VmFactory`] around them.
 //!
 //! Fake processes: StartContainer/ExecProcess give pids from 100 up; a
 //! process exits when SignalProcess sends SIGKILL/SIGTERM/SIGINT (status
