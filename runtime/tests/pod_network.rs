@@ -11,10 +11,8 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::ops::Deref;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use boxlite_protocol::error_chain::chain;
@@ -22,6 +20,7 @@ use boxlite_runtime::network::{
     teardown, IpFamily, IpNet, PodNetwork, PodRoute, RouteScope, WiredInterface,
 };
 use boxlite_runtime::network::{MacAddr, TapDevice};
+use boxlite_test_support::netns::{self as support, run};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sched::{setns, CloneFlags};
 use serde_json::Value;
@@ -34,20 +33,6 @@ const PEER_IP: [u8; 4] = [10, 77, 0, 1];
 const VNET_HDR_LEN: usize = 10;
 const ETH_P_ARP: u16 = 0x0806;
 
-/// Runs a command, panics with its stderr unless it succeeds, returns stdout.
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// The JSON output of `args`; no output at all (tc with nothing to show)
 /// is an empty list.
 fn json(args: &[&str]) -> Value {
@@ -58,36 +43,21 @@ fn json(args: &[&str]) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: bad JSON {out:?}: {e}"))
 }
 
-/// A named netns (`ip netns add`), deleted on drop even if the test panics.
-struct Netns {
-    name: String,
+/// A named netns (boxlite-test-support's, deleted on drop even if the test
+/// panics) and what these tests read from it.
+struct Netns(support::Netns);
+
+impl Deref for Netns {
+    type Target = support::Netns;
+
+    fn deref(&self) -> &support::Netns {
+        &self.0
+    }
 }
 
 impl Netns {
     fn new(role: &str) -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let name = format!("bxnet-{}-{n}-{role}", std::process::id());
-        run(&["ip", "netns", "add", &name]);
-        Netns { name }
-    }
-
-    fn path(&self) -> PathBuf {
-        Path::new("/var/run/netns").join(&self.name)
-    }
-
-    /// `ip -n <ns> <args>`
-    fn ip(&self, args: &[&str]) -> String {
-        let mut all = vec!["ip", "-n", &self.name];
-        all.extend_from_slice(args);
-        run(&all)
-    }
-
-    /// `tc -n <ns> <args>`
-    fn tc(&self, args: &[&str]) -> String {
-        let mut all = vec!["tc", "-n", &self.name];
-        all.extend_from_slice(args);
-        run(&all)
+        Netns(support::Netns::add(role))
     }
 
     fn tc_json(&self, args: &[&str]) -> Value {
@@ -129,15 +99,6 @@ impl Netns {
         })
         .join()
         .unwrap()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        // Best effort: the test may already have deleted it.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
     }
 }
 

@@ -12,10 +12,10 @@
 //! …"]`, run as root with `--ignored --test-threads=1` (the second phase of
 //! scripts/test.sh).
 
+use std::ops::Deref;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use boxlite_protocol::agent::ip_address::Family;
@@ -25,6 +25,7 @@ use boxlite_protocol::agent::{
 use boxlite_protocol::agent_ttrpc::AgentClient;
 use boxlite_protocol::health::CheckRequest;
 use boxlite_protocol::health_ttrpc::HealthClient;
+use boxlite_test_support::netns as support;
 use serde_json::Value;
 use ttrpc::context::{self, Context};
 use ttrpc::Code;
@@ -33,44 +34,27 @@ const MAC: &str = "02:00:00:00:00:09";
 const LINK: &str = "eth0";
 const PEER: &str = "peer0";
 
-/// Runs `ip` with `args`, panicking with its stderr when it fails.
-fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("run ip {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "ip {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("ip output is UTF-8")
-}
+/// A network namespace (boxlite-test-support's, deleted on drop, also when
+/// a test panics) holding the veth this file checks.
+struct Netns(support::Netns);
 
-/// A network namespace, deleted on drop (also when a test panics).
-struct Netns {
-    name: String,
+impl Deref for Netns {
+    type Target = support::Netns;
+
+    fn deref(&self) -> &support::Netns {
+        &self.0
+    }
 }
 
 impl Netns {
     fn create() -> Netns {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let name = format!("bxnet-{}-{n}", std::process::id());
-        ip(&["netns", "add", &name]);
-        let ns = Netns { name };
+        let ns = Netns(support::Netns::add(""));
         // Created down, without addresses: the agent has to do the rest.
         ns.ip(&[
             "link", "add", LINK, "address", MAC, "type", "veth", "peer", "name", PEER,
         ]);
         ns.ip(&["link", "set", PEER, "up"]);
         ns
-    }
-
-    fn ip(&self, args: &[&str]) -> String {
-        let mut all = vec!["-n", self.name.as_str()];
-        all.extend_from_slice(args);
-        ip(&all)
     }
 
     fn json(&self, args: &[&str]) -> Value {
@@ -120,14 +104,6 @@ impl Netns {
             .collect();
         out.sort();
         out
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
 }
 

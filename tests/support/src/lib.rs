@@ -9,6 +9,8 @@
 //! - [`fake_guest`]: the guest side of the hybrid vsock handshake and a fake
 //!   `Health` service (the runtime's vsock and agent tests, the shim's fake
 //!   guest).
+//! - [`netns`]: throwaway network namespaces for the root tests (the
+//!   runtime's pod networking, the agent's interface and route RPCs).
 //!
 //! What only one crate needs stays in that crate. This crate must not
 //! depend on boxlite-runtime or the shim: both use it as a dev-dependency,
@@ -17,4 +19,5 @@
 pub mod caps;
 pub mod fake_bin;
 pub mod fake_guest;
+pub mod netns;
 pub mod sandbox_probe;
