@@ -12,7 +12,6 @@
 //! …"]`, run as root with `--ignored --test-threads=1` (the second phase of
 //! scripts/test.sh).
 
-use std::ops::Deref;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -38,29 +37,21 @@ const PEER: &str = "peer0";
 /// a test panics) holding the veth this file checks.
 struct Netns(support::Netns);
 
-impl Deref for Netns {
-    type Target = support::Netns;
-
-    fn deref(&self) -> &support::Netns {
-        &self.0
-    }
-}
-
 impl Netns {
     fn create() -> Netns {
         let ns = Netns(support::Netns::add(""));
         // Created down, without addresses: the agent has to do the rest.
-        ns.ip(&[
+        ns.0.ip(&[
             "link", "add", LINK, "address", MAC, "type", "veth", "peer", "name", PEER,
         ]);
-        ns.ip(&["link", "set", PEER, "up"]);
+        ns.0.ip(&["link", "set", PEER, "up"]);
         ns
     }
 
     fn json(&self, args: &[&str]) -> Value {
         let mut all = vec!["-j"];
         all.extend_from_slice(args);
-        serde_json::from_str(&self.ip(&all)).expect("ip -j prints JSON")
+        serde_json::from_str(&self.0.ip(&all)).expect("ip -j prints JSON")
     }
 
     /// `ip -j addr show dev eth0`: the one link object.
@@ -127,7 +118,7 @@ impl Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let stderr = std::fs::File::create(dir.path().join("agent.stderr")).expect("stderr");
         let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name])
+            .args(["netns", "exec", &ns.0.name])
             .arg(env!("CARGO_BIN_EXE_boxlite-agent"))
             .arg("--listen")
             .arg(format!(
@@ -356,7 +347,7 @@ async fn update_routes_replaces_the_main_table_and_keeps_kernel_routes() {
     let (_, client) = agent.connect().await;
     configure(&client).await;
     // A route someone else added: UpdateRoutes replaces it.
-    agent.ns.ip(&[
+    agent.ns.0.ip(&[
         "route",
         "add",
         "10.77.0.0/16",
