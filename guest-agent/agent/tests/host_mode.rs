@@ -2,6 +2,8 @@
 //! temporary unix sockets, driven by the generated ttrpc clients. No root,
 //! VM or vsock needed.
 
+mod common;
+
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -19,6 +21,7 @@ use boxlite_protocol::health::CheckRequest;
 use boxlite_protocol::health_ttrpc::HealthClient;
 use boxlite_protocol::stdio::{read_ack, StreamHeader, StreamKind};
 use boxlite_protocol::{PROTOCOL_VERSION, READ_FILE_MAX_LEN};
+use common::{connect_when_serving, status};
 use ttrpc::context::{self, Context};
 use ttrpc::Code;
 
@@ -85,25 +88,7 @@ impl AgentProcess {
     }
 
     async fn connect(&self) -> (HealthClient, AgentClient) {
-        let addr = format!("unix://{}", self.socket("agent.sock").display());
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if self.socket("agent.sock").exists() {
-                if let Ok(c) = ttrpc::asynchronous::Client::connect(&addr).await {
-                    let health = HealthClient::new(c.clone());
-                    // The socket file appears at bind; make sure it serves.
-                    if health.check(ctx(), &CheckRequest::new()).await.is_ok() {
-                        return (health, AgentClient::new(c));
-                    }
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not come up; stderr:\n{}",
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        connect_when_serving(&self.socket("agent.sock"), ctx, || self.stderr()).await
     }
 
     fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
@@ -131,14 +116,6 @@ impl Drop for AgentProcess {
 
 fn ctx() -> Context {
     context::with_timeout(Duration::from_secs(5).as_nanos() as i64)
-}
-
-/// The status code and message of a failed call.
-fn status<T: std::fmt::Debug>(result: ttrpc::Result<T>) -> (Code, String) {
-    match result {
-        Err(ttrpc::Error::RpcStatus(s)) => (s.code(), s.message().to_string()),
-        other => panic!("expected an RPC status, got {other:?}"),
-    }
 }
 
 #[tokio::test]

@@ -12,10 +12,11 @@
 //! …"]`, run as root with `--ignored --test-threads=1` (the second phase of
 //! scripts/test.sh).
 
-use std::os::unix::net::UnixStream;
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use boxlite_protocol::agent::ip_address::Family;
 use boxlite_protocol::agent::{
@@ -25,6 +26,7 @@ use boxlite_protocol::agent_ttrpc::AgentClient;
 use boxlite_protocol::health::CheckRequest;
 use boxlite_protocol::health_ttrpc::HealthClient;
 use boxlite_test_support::netns as support;
+use common::{connect_when_serving, status};
 use serde_json::Value;
 use ttrpc::context::{self, Context};
 use ttrpc::Code;
@@ -145,24 +147,7 @@ impl Agent {
     }
 
     async fn connect(&self) -> (HealthClient, AgentClient) {
-        let addr = format!("unix://{}", self.socket().display());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if UnixStream::connect(self.socket()).is_ok() {
-                if let Ok(c) = ttrpc::asynchronous::Client::connect(&addr).await {
-                    let health = HealthClient::new(c.clone());
-                    if health.check(ctx(), &CheckRequest::new()).await.is_ok() {
-                        return (health, AgentClient::new(c));
-                    }
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not come up; stderr:\n{}",
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        connect_when_serving(&self.socket(), ctx, || self.stderr()).await
     }
 }
 
@@ -175,13 +160,6 @@ impl Drop for Agent {
 
 fn ctx() -> Context {
     context::with_timeout(Duration::from_secs(10).as_nanos() as i64)
-}
-
-fn status<T: std::fmt::Debug>(result: ttrpc::Result<T>) -> (Code, String) {
-    match result {
-        Err(ttrpc::Error::RpcStatus(s)) => (s.code(), s.message().to_string()),
-        other => panic!("expected an RPC status, got {other:?}"),
-    }
 }
 
 fn addr(address: &str, prefix_len: u32) -> IpAddress {

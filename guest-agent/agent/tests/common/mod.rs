@@ -1,14 +1,16 @@
 //! Helpers shared by the container tests (`containers*.rs`): the real agent
 //! binary in host mode on unix sockets with a temporary root, a busybox
 //! rootfs built from Debian's busybox-static (`/bin/busybox`), a small
-//! runc-like spec, and thin wrappers around the container RPCs.
+//! runc-like spec, and thin wrappers around the container RPCs. The
+//! host-mode and netns tests, which start the agent their own way, use
+//! [`connect_when_serving`] and [`status`].
 
 // Each test file uses a different subset.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -67,25 +69,7 @@ impl Agent {
     }
 
     pub async fn connect(&self) -> (HealthClient, AgentClient) {
-        let sock = self.dir.path().join("agent.sock");
-        let addr = format!("unix://{}", sock.display());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if sock.exists() {
-                if let Ok(c) = ttrpc::asynchronous::Client::connect(&addr).await {
-                    let health = HealthClient::new(c.clone());
-                    if health.check(ctx(), &CheckRequest::new()).await.is_ok() {
-                        return (health, AgentClient::new(c));
-                    }
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not come up:\n{}",
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        connect_when_serving(&self.dir.path().join("agent.sock"), ctx, || self.stderr()).await
     }
 
     /// A busybox rootfs at guest path `/rootfs/<name>`.
@@ -104,16 +88,8 @@ impl Agent {
 
     /// Opens one stdio stream; returns the connection after its ack.
     pub fn stream(&self, id: &str, exec: &str, kind: StreamKind) -> Result<UnixStream, String> {
-        let mut s = UnixStream::connect(self.dir.path().join("stdio.sock")).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let header = StreamHeader {
-            stream: kind,
-            container_id: id.into(),
-            exec_id: exec.into(),
-        };
-        s.write_all(&header.encode().unwrap()).unwrap();
-        read_ack(&mut s).map_err(|e| e.to_string())?;
-        Ok(s)
+        let dir = self.dir.path().to_owned();
+        AgentStreams { dir }.stream(id, exec, kind)
     }
 }
 
@@ -121,6 +97,35 @@ impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Connects to the agent's ttrpc socket `sock` once it serves
+/// `Health.Check` (called with `ctx()`), trying for 10 s; then panics with
+/// the agent's `stderr()`.
+pub async fn connect_when_serving(
+    sock: &Path,
+    ctx: impl Fn() -> Context,
+    stderr: impl Fn() -> String,
+) -> (HealthClient, AgentClient) {
+    let addr = format!("unix://{}", sock.display());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // The socket file appears at bind; make sure it serves.
+        if sock.exists() {
+            if let Ok(c) = ttrpc::asynchronous::Client::connect(&addr).await {
+                let health = HealthClient::new(c.clone());
+                if health.check(ctx(), &CheckRequest::new()).await.is_ok() {
+                    return (health, AgentClient::new(c));
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent did not come up; stderr:\n{}",
+            stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
