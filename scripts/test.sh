@@ -7,9 +7,10 @@
 #    the initramfs, and the nested test host (its kernel, cached the same way,
 #    the static boxlite-vmm and test driver),
 # 4. runs the unit and host-side tests (no root, KVM or QEMU needed),
-# 5. runs the #[ignore]d VM tests: real guests under QEMU (TCG here), which
-#    need root, QEMU, virtiofsd, boxlite-vsock (built here) and the guest
-#    assets.
+# 5. runs the #[ignore]d tests, one at a time: those that need root
+#    (network namespaces, mounts) and the VM tests, real guests under QEMU
+#    (TCG here), which need root, QEMU, virtiofsd, boxlite-vsock (built here)
+#    and the guest assets.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 require_root
 cd "$REPO_ROOT"
@@ -53,7 +54,7 @@ status=0
 log "tests: unit and host-side"
 cargo test --workspace --no-fail-fast 2>&1 | tee -a "$TEST_LOG" || status=1
 
-log "tests: VM tests (QEMU; kernel $BOXLITE_KERNEL, initramfs $BOXLITE_INITRAMFS)"
+log "tests: #[ignore]d (root; VM tests under QEMU, kernel $BOXLITE_KERNEL, initramfs $BOXLITE_INITRAMFS)"
 cargo test --workspace --no-fail-fast -- --ignored --test-threads=1 2>&1 | tee -a "$TEST_LOG" || status=1
 
 # A CI log is often read from its end: repeat each failed test's own output

@@ -30,7 +30,7 @@ const APPLETS: &[&str] = &[
 ];
 // containerd's default capabilities (no CAP_SYS_ADMIN), the list the
 // agent's own sandboxing tests use.
-include!("../guest-agent/agent/tests/helpers/containerd_default_caps.rs");
+use boxlite_test_support::caps::CONTAINERD_DEFAULT_CAPS;
 
 fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(Duration::from_secs(30).as_nanos() as i64)
@@ -319,15 +319,11 @@ async fn containers_run_inside_the_guest() {
     g.stop().await;
 }
 
-include!("../guest-agent/agent/tests/helpers/build_sandbox_probe.rs");
-
-/// The agent's sandbox probe (guest-agent/agent/tests/helpers), static.
+/// The sandbox probe the agent's sandboxing tests use too, static.
 fn sandbox_probe() -> std::path::PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../guest-agent/agent/tests/helpers/sandbox_probe.c");
     let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("sandbox_probe-guest-{}", std::process::id()));
-    build_sandbox_probe(&src, &out);
+    boxlite_test_support::sandbox_probe::build(&out);
     out
 }
 
@@ -342,13 +338,7 @@ fn sandbox_probe() -> std::path::PathBuf {
 async fn nested_sandboxing_inside_the_guest() {
     let probe = sandbox_probe();
     let g = boot("nest1").await;
-    let script = "exec 2>&1
-unshare -n sh -c 'ip link'; echo unshare=$?
-sandbox-probe unshare-net; echo probe-unshare=$?
-sandbox-probe seccomp nnp; echo seccomp-nnp=$?
-sandbox-probe seccomp; echo seccomp=$?
-sandbox-probe setresuid 1234; echo setresuid=$?
-grep -E '^(CapEff|NoNewPrivs):' /proc/self/status";
+    let script: &str = &boxlite_test_support::sandbox_probe::nested_script("CapEff|NoNewPrivs");
     let mut granted = CONTAINERD_DEFAULT_CAPS.to_vec();
     granted.push("CAP_SYS_ADMIN");
     let cases: [(&str, &[&str], &[&str]); 2] = [

@@ -300,22 +300,31 @@ pub fn parse_reply(line: &[u8]) -> Result<Option<u32>, AttemptError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use boxlite_test_support::fake_guest::{accept_connect, read_connect_line};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use tokio::io::AsyncBufReadExt;
     use tokio::net::UnixListener;
 
-    /// Reads the CONNECT line the way a peer would.
-    async fn read_connect_line(stream: &mut UnixStream) -> String {
-        let mut line = Vec::new();
-        loop {
-            let mut b = [0u8; 1];
-            if stream.read(&mut b).await.unwrap() == 0 || b[0] == b'\n' {
-                break;
-            }
-            line.push(b[0]);
-        }
-        String::from_utf8(line).unwrap()
+    /// A vsock in a temp dir and a listener on its socket, standing in for
+    /// the guest side.
+    fn listening() -> (tempfile::TempDir, HybridVsock, UnixListener) {
+        let dir = tempfile::tempdir().unwrap();
+        let v = vsock(dir.path());
+        let listener = UnixListener::bind(v.socket_path()).unwrap();
+        (dir, v, listener)
+    }
+
+    /// Accepts one connection, reads its CONNECT line and leaves the rest
+    /// to `peer`, in a task of its own.
+    fn answer_once<F: std::future::Future<Output = ()> + Send + 'static>(
+        listener: UnixListener,
+        peer: impl FnOnce(UnixStream) -> F + Send + 'static,
+    ) {
+        tokio::spawn(async move {
+            let (s, _) = accept_connect(&listener).await;
+            peer(s).await;
+        });
     }
 
     fn vsock(dir: &Path) -> HybridVsock {
@@ -344,12 +353,9 @@ mod tests {
 
     #[tokio::test]
     async fn good_handshake_then_data_both_ways() {
-        let dir = tempfile::tempdir().unwrap();
-        let v = vsock(dir.path());
-        let listener = UnixListener::bind(v.socket_path()).unwrap();
+        let (_dir, v, listener) = listening();
         let peer = tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let line = read_connect_line(&mut s).await;
+            let (mut s, line) = accept_connect(&listener).await;
             s.write_all(b"OK 1073741824\n").await.unwrap();
             s.write_all(b"from guest\n").await.unwrap();
             let (r, mut w) = s.split();
@@ -373,12 +379,8 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_after_ok_are_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let v = vsock(dir.path());
-        let listener = UnixListener::bind(v.socket_path()).unwrap();
-        tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            read_connect_line(&mut s).await;
+        let (_dir, v, listener) = listening();
+        answer_once(listener, |mut s| async move {
             // Reply and payload in one write: must not be swallowed.
             s.write_all(b"OK 5\nHELLO").await.unwrap();
             s.shutdown().await.unwrap();
@@ -393,12 +395,8 @@ mod tests {
 
     #[tokio::test]
     async fn garbage_reply_fails_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let v = vsock(dir.path());
-        let listener = UnixListener::bind(v.socket_path()).unwrap();
-        tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            read_connect_line(&mut s).await;
+        let (_dir, v, listener) = listening();
+        answer_once(listener, |mut s| async move {
             s.write_all(b"HTTP/1.1 400 Bad Request\n").await.unwrap();
             tokio::time::sleep(Duration::from_secs(5)).await;
         });
@@ -421,12 +419,8 @@ mod tests {
 
     #[tokio::test]
     async fn over_long_reply_is_bounded() {
-        let dir = tempfile::tempdir().unwrap();
-        let v = vsock(dir.path());
-        let listener = UnixListener::bind(v.socket_path()).unwrap();
-        tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            read_connect_line(&mut s).await;
+        let (_dir, v, listener) = listening();
+        answer_once(listener, |mut s| async move {
             // An endless line: we must stop reading at MAX_REPLY_LEN.
             let chunk = [b'A'; 4096];
             while s.write_all(&chunk).await.is_ok() {}
@@ -438,9 +432,7 @@ mod tests {
 
     #[tokio::test]
     async fn peer_closing_early_is_retried() {
-        let dir = tempfile::tempdir().unwrap();
-        let v = vsock(dir.path());
-        let listener = UnixListener::bind(v.socket_path()).unwrap();
+        let (_dir, v, listener) = listening();
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
         tokio::spawn(async move {
@@ -465,13 +457,10 @@ mod tests {
 
     #[tokio::test]
     async fn peer_always_closing_times_out_naming_the_cause() {
-        let dir = tempfile::tempdir().unwrap();
-        let v = vsock(dir.path());
-        let listener = UnixListener::bind(v.socket_path()).unwrap();
+        let (_dir, v, listener) = listening();
         tokio::spawn(async move {
             loop {
-                let (mut s, _) = listener.accept().await.unwrap();
-                read_connect_line(&mut s).await;
+                let _conn = accept_connect(&listener).await;
             }
         });
         let err = v
@@ -494,8 +483,7 @@ mod tests {
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(300)).await;
             let listener = UnixListener::bind(&path).unwrap();
-            let (mut s, _) = listener.accept().await.unwrap();
-            read_connect_line(&mut s).await;
+            let (mut s, _) = accept_connect(&listener).await;
             s.write_all(b"OK 7\n").await.unwrap();
             tokio::time::sleep(Duration::from_secs(5)).await;
         });
@@ -520,8 +508,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(200)).await;
             std::fs::remove_file(&path).unwrap();
             let listener = UnixListener::bind(&path).unwrap();
-            let (mut s, _) = listener.accept().await.unwrap();
-            read_connect_line(&mut s).await;
+            let (mut s, _) = accept_connect(&listener).await;
             s.write_all(b"OK 7\n").await.unwrap();
             tokio::time::sleep(Duration::from_secs(5)).await;
         });
@@ -552,9 +539,7 @@ mod tests {
 
     #[tokio::test]
     async fn silent_peer_hits_the_attempt_timeout() {
-        let dir = tempfile::tempdir().unwrap();
-        let v = vsock(dir.path());
-        let listener = UnixListener::bind(v.socket_path()).unwrap();
+        let (_dir, v, listener) = listening();
         tokio::spawn(async move {
             let mut held = Vec::new();
             loop {

@@ -2,18 +2,17 @@
 //! veth `eth0` in a "pod" netns, its peer in a second netns standing in for
 //! the bridge side, then wire, frames both ways through the tap, teardown.
 //!
-//! Needs root (netns, veth, tap, tc). Without it each test prints "skipped:
-//! needs root" and returns. The namespaces are made with `ip` (fine in
+//! Needs root (netns, veth, tap, tc): every test is `#[ignore = "needs
+//! root …"]`, run as root with `--ignored --test-threads=1` (the second
+//! phase of scripts/test.sh). The namespaces are made with `ip` (fine in
 //! tests; the library itself uses netlink only) and deleted by a guard even
 //! when a test panics.
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::ops::Deref;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use boxlite_protocol::error_chain::chain;
@@ -21,6 +20,7 @@ use boxlite_runtime::network::{
     teardown, IpFamily, IpNet, PodNetwork, PodRoute, RouteScope, WiredInterface,
 };
 use boxlite_runtime::network::{MacAddr, TapDevice};
+use boxlite_test_support::netns::{self as support, run};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sched::{setns, CloneFlags};
 use serde_json::Value;
@@ -33,37 +33,6 @@ const PEER_IP: [u8; 4] = [10, 77, 0, 1];
 const VNET_HDR_LEN: usize = 10;
 const ETH_P_ARP: u16 = 0x0806;
 
-/// Whether the test can run; prints why not.
-fn have_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("skipped: {test}: needs root");
-    if let Some(path) = std::env::var_os("BOXLITE_SKIP_LOG") {
-        let mut log = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&path)
-            .expect("open $BOXLITE_SKIP_LOG");
-        writeln!(log, "{test}: needs root").expect("write $BOXLITE_SKIP_LOG");
-    }
-    false
-}
-
-/// Runs a command, panics with its stderr unless it succeeds, returns stdout.
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// The JSON output of `args`; no output at all (tc with nothing to show)
 /// is an empty list.
 fn json(args: &[&str]) -> Value {
@@ -74,36 +43,21 @@ fn json(args: &[&str]) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: bad JSON {out:?}: {e}"))
 }
 
-/// A named netns (`ip netns add`), deleted on drop even if the test panics.
-struct Netns {
-    name: String,
+/// A named netns (boxlite-test-support's, deleted on drop even if the test
+/// panics) and what these tests read from it.
+struct Netns(support::Netns);
+
+impl Deref for Netns {
+    type Target = support::Netns;
+
+    fn deref(&self) -> &support::Netns {
+        &self.0
+    }
 }
 
 impl Netns {
     fn new(role: &str) -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let name = format!("bxnet-{}-{n}-{role}", std::process::id());
-        run(&["ip", "netns", "add", &name]);
-        Netns { name }
-    }
-
-    fn path(&self) -> PathBuf {
-        Path::new("/var/run/netns").join(&self.name)
-    }
-
-    /// `ip -n <ns> <args>`
-    fn ip(&self, args: &[&str]) -> String {
-        let mut all = vec!["ip", "-n", &self.name];
-        all.extend_from_slice(args);
-        run(&all)
-    }
-
-    /// `tc -n <ns> <args>`
-    fn tc(&self, args: &[&str]) -> String {
-        let mut all = vec!["tc", "-n", &self.name];
-        all.extend_from_slice(args);
-        run(&all)
+        Netns(support::Netns::add(role))
     }
 
     fn tc_json(&self, args: &[&str]) -> Value {
@@ -145,15 +99,6 @@ impl Netns {
         })
         .join()
         .unwrap()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        // Best effort: the test may already have deleted it.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
     }
 }
 
@@ -374,10 +319,8 @@ fn assert_redirect(ns: &Netns, from: &str, to: &str) {
 }
 
 #[test]
+#[ignore = "needs root (netns, veth, tap, tc)"]
 fn wire_carries_frames_both_ways_and_teardown_restores_the_pod() {
-    if !have_root("wire_carries_frames_both_ways_and_teardown_restores_the_pod") {
-        return;
-    }
     let rig = Rig::new();
     let rt = rt();
     // The rig works: the pod netns's own stack refuses the connection.
@@ -504,10 +447,8 @@ fn wire_carries_frames_both_ways_and_teardown_restores_the_pod() {
 }
 
 #[test]
+#[ignore = "needs root (netns, veth, tap, tc)"]
 fn two_interfaces_get_two_taps_and_their_routes() {
-    if !have_root("two_interfaces_get_two_taps_and_their_routes") {
-        return;
-    }
     let rig = Rig::new();
     let (pod, peer) = (&rig.pod, &rig.peer);
     pod.ip(&[
@@ -600,10 +541,8 @@ fn two_interfaces_get_two_taps_and_their_routes() {
 }
 
 #[test]
+#[ignore = "needs root (netns, veth, tap, tc)"]
 fn failed_wiring_undoes_what_it_did() {
-    if !have_root("failed_wiring_undoes_what_it_did") {
-        return;
-    }
     let rig = Rig::new();
     let (pod, peer) = (&rig.pod, &rig.peer);
     pod.ip(&[
@@ -644,10 +583,8 @@ fn failed_wiring_undoes_what_it_did() {
 }
 
 #[test]
+#[ignore = "needs root (netns, veth, tap, tc)"]
 fn teardown_after_the_vmm_closed_the_tap() {
-    if !have_root("teardown_after_the_vmm_closed_the_tap") {
-        return;
-    }
     let rig = Rig::new();
     let rt = rt();
     let mut net = rt
@@ -671,10 +608,8 @@ fn teardown_after_the_vmm_closed_the_tap() {
 }
 
 #[test]
+#[ignore = "needs root (netns, veth, tap, tc)"]
 fn netns_with_only_lo_wires_nothing() {
-    if !have_root("netns_with_only_lo_wires_nothing") {
-        return;
-    }
     let ns = Netns::new("empty");
     let rt = rt();
     let net = rt
@@ -688,10 +623,8 @@ fn netns_with_only_lo_wires_nothing() {
 }
 
 #[test]
+#[ignore = "needs root (netns, veth, tap, tc)"]
 fn wiring_a_wired_netns_fails_and_keeps_the_first_wiring() {
-    if !have_root("wiring_a_wired_netns_fails_and_keeps_the_first_wiring") {
-        return;
-    }
     let rig = Rig::new();
     let rt = rt();
     let first = rt

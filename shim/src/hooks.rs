@@ -303,15 +303,8 @@ fn stderr_suffix(stderr: &str) -> String {
 mod tests {
     use super::*;
     use boxlite_protocol::error_chain::chain;
+    use boxlite_test_support::fake_bin::script;
     use oci_spec::runtime::{HookBuilder, HooksBuilder, SpecBuilder};
-
-    fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt;
-        let p = dir.join(name);
-        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        p
-    }
 
     #[tokio::test]
     async fn hooks_get_the_state_args_and_env_and_leave_the_guest_spec() {

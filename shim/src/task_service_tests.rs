@@ -1,8 +1,9 @@
 //! Every Task call and state transition, over real ttrpc, against the fake
 //! guest of `test_utils` (fake agent, fake stdio streams, fake VM).
 //!
-//! Create bind-mounts the bundle's rootfs, so these tests need root; without
-//! it they say so and pass (CI runs them as root).
+//! Create bind-mounts the bundle's rootfs, so the tests that create a
+//! container need root: they are `#[ignore = "needs root …"]`, run as root
+//! with `--ignored --test-threads=1` (the second phase of scripts/test.sh).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -19,21 +20,9 @@ use crate::events::RecordingSink;
 use crate::sandbox::Sandbox;
 use crate::task_service::TaskService;
 use crate::test_utils::{FakeAgent, FakeFactory, FakeGuest, VmLog};
+use boxlite_test_support::fake_bin::script;
 
 const SANDBOX: &str = "sb1";
-
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
-macro_rules! skip_unless_root {
-    () => {
-        if !is_root() {
-            eprintln!("skipped: Create bind-mounts the rootfs and needs root");
-            return;
-        }
-    };
-}
 
 struct Harness {
     tmp: tempfile::TempDir,
@@ -268,8 +257,8 @@ fn status_of(s: &StateResponse) -> Status {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: Create bind-mounts the rootfs"]
 async fn the_whole_life_of_a_container() {
-    skip_unless_root!();
     let h = Harness::new().await;
     *h.agent.auto_exit.lock().unwrap() = Some(3);
     let out = h.create(SANDBOX).await;
@@ -363,8 +352,8 @@ async fn the_whole_life_of_a_container() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: Create bind-mounts the rootfs"]
 async fn illegal_transitions_are_failed_precondition() {
-    skip_unless_root!();
     let h = Harness::new().await;
     h.create(SANDBOX).await;
     let pause = |id: &str| PauseRequest {
@@ -447,8 +436,8 @@ async fn illegal_transitions_are_failed_precondition() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: Create bind-mounts the rootfs"]
 async fn exec_with_stdin_tty_resize_and_its_own_exit() {
-    skip_unless_root!();
     let h = Harness::new().await;
     h.create(SANDBOX).await;
     h.start(SANDBOX, "").await.unwrap();
@@ -617,8 +606,8 @@ async fn exec_with_stdin_tty_resize_and_its_own_exit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: Create bind-mounts the rootfs"]
 async fn kill_all_stats_update_connect_checkpoint() {
-    skip_unless_root!();
     let h = Harness::new().await;
     h.create(SANDBOX).await;
     let pid = h.start(SANDBOX, "").await.unwrap().pid;
@@ -792,8 +781,8 @@ async fn unknown_ids_are_not_found_and_bad_ids_invalid() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: Create bind-mounts the rootfs"]
 async fn agent_unimplemented_is_surfaced_and_nothing_is_left() {
-    skip_unless_root!();
     let h = Harness::new().await;
     h.agent.unimplemented.store(true, Ordering::SeqCst);
     let out = h.tmp.path().join("x.out");
@@ -824,8 +813,8 @@ async fn agent_unimplemented_is_surfaced_and_nothing_is_left() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: Create bind-mounts the rootfs"]
 async fn refused_stdio_fails_create_cleanly() {
-    skip_unless_root!();
     let h = Harness::new().await;
     *h.agent.refuse_stdio.lock().unwrap() = Some("no such stream".into());
     let out = h.tmp.path().join("x.out");
@@ -848,8 +837,8 @@ async fn refused_stdio_fails_create_cleanly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: Create bind-mounts the rootfs"]
 async fn vm_that_cannot_start_gives_a_clear_error() {
-    skip_unless_root!();
     let h = Harness::new().await;
     h.vms.fail_start.store(true, Ordering::SeqCst);
     let (code, msg) = code_of(h.client.create(ctx(), &h.create_req(SANDBOX, "")).await);
@@ -866,8 +855,8 @@ async fn vm_that_cannot_start_gives_a_clear_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: Create bind-mounts the rootfs"]
 async fn pod_members_share_the_vm_and_oom_is_forwarded() {
-    skip_unless_root!();
     let h = Harness::new().await;
     h.create(SANDBOX).await;
     h.start(SANDBOX, "").await.unwrap();
@@ -927,14 +916,6 @@ async fn pod_members_share_the_vm_and_oom_is_forwarded() {
         .exists());
 }
 
-fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let p = dir.join(name);
-    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    p
-}
-
 async fn read_eventually(path: &Path, want: &str) -> String {
     let mut text = String::new();
     for _ in 0..250 {
@@ -948,8 +929,8 @@ async fn read_eventually(path: &Path, want: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: Create bind-mounts the rootfs"]
 async fn hooks_run_on_the_host_and_binary_loggers_get_the_output() {
-    skip_unless_root!();
     use oci_spec::runtime::{HookBuilder, HooksBuilder};
     let h = Harness::new().await;
     *h.agent.auto_exit.lock().unwrap() = Some(0);
@@ -1046,8 +1027,8 @@ async fn hooks_run_on_the_host_and_binary_loggers_get_the_output() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: Create bind-mounts the rootfs"]
 async fn a_failing_create_runtime_hook_fails_create_cleanly() {
-    skip_unless_root!();
     use oci_spec::runtime::{HookBuilder, HooksBuilder};
     let h = Harness::new().await;
     let bad = script(h.tmp.path(), "bad", "echo no network >&2; exit 1");
@@ -1245,8 +1226,8 @@ async fn real_agent_in_host_mode_runs_a_container_an_exec_and_a_kill() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: Create bind-mounts the rootfs"]
 async fn killing_a_created_container_reports_its_exit() {
-    skip_unless_root!();
     let h = Harness::new().await;
     h.create(SANDBOX).await;
     h.kill(SANDBOX, "", 9, false).await.unwrap();

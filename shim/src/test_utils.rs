@@ -1,7 +1,7 @@
-//! A fake guest for the shim's tests: a ttrpc server implementing the
-//! agent's `Agent` and `Health` services, a hybrid-vsock front that serves
-//! stdio streams on port 1025 like the agent does, and a fake
-//! [`Hypervisor`] plus [`VmFactory`] around them.
+//! A fake guest for the shim's tests: a ttrpc server with the agent's
+//! `Agent` service (and boxlite-test-support's fake `Health`), a
+//! hybrid-vsock front that serves stdio streams on port 1025 like the agent
+//! does, and a fake [`Hypervisor`] plus [`VmFactory`] around them.
 //!
 //! Fake processes: StartContainer/ExecProcess give pids from 100 up; a
 //! process exits when SignalProcess sends SIGKILL/SIGTERM/SIGINT (status
@@ -19,13 +19,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use boxlite_protocol::agent::*;
 use boxlite_protocol::agent_ttrpc::{create_agent, Agent};
-use boxlite_protocol::health::{
-    health_check_response::ServingStatus, CheckRequest, HealthCheckResponse, VersionCheckResponse,
-};
-use boxlite_protocol::health_ttrpc::{create_health, Health};
 use boxlite_protocol::stdio::{encode_ack, StreamHeader, StreamKind, FIXED_LEN};
 use boxlite_runtime::network::{MacAddr, TapDevice};
 use boxlite_runtime::{AgentConnection, Hypervisor, HypervisorError};
+use boxlite_test_support::fake_guest::{self, read_connect_line, serve_agent, OK_REPLY};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
@@ -168,27 +165,6 @@ async fn wait_exit(mut rx: watch::Receiver<Option<i32>>) -> i32 {
         if rx.changed().await.is_err() {
             return 255;
         }
-    }
-}
-
-#[async_trait]
-impl Health for FakeAgent {
-    async fn check(&self, _: &TtrpcContext, _: CheckRequest) -> ttrpc::Result<HealthCheckResponse> {
-        Ok(HealthCheckResponse {
-            status: ServingStatus::SERVING.into(),
-            ..Default::default()
-        })
-    }
-    async fn version(
-        &self,
-        _: &TtrpcContext,
-        _: CheckRequest,
-    ) -> ttrpc::Result<VersionCheckResponse> {
-        Ok(VersionCheckResponse {
-            agent_version: "fake".into(),
-            protocol_version: boxlite_protocol::PROTOCOL_VERSION,
-            ..Default::default()
-        })
     }
 }
 
@@ -435,12 +411,7 @@ impl FakeGuest {
     pub async fn start(dir: &Path) -> Self {
         let agent = FakeAgent::new();
         let agent_sock = dir.join("agent.sock");
-        let mut server = ttrpc::r#async::Server::new()
-            .bind(&format!("unix://{}", agent_sock.display()))
-            .expect("bind fake agent")
-            .register_service(create_agent(agent.clone()))
-            .register_service(create_health(agent.clone()));
-        server.start().await.expect("start fake agent");
+        let server = serve_agent(&agent_sock, "fake", [create_agent(agent.clone())]).await;
         Self {
             agent,
             agent_sock,
@@ -463,15 +434,10 @@ pub fn spawn_vsock_front(socket: PathBuf, agent: Arc<FakeAgent>) {
 }
 
 async fn serve_stdio(mut s: UnixStream, agent: Arc<FakeAgent>) {
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    while s.read(&mut b).await.unwrap_or(0) == 1 && b[0] != b'\n' {
-        line.push(b[0]);
-    }
-    if line != b"CONNECT 1025" {
+    if read_connect_line(&mut s).await != "CONNECT 1025" {
         return;
     }
-    if s.write_all(b"OK 1073741824\n").await.is_err() {
+    if s.write_all(OK_REPLY).await.is_err() {
         return;
     }
     let mut fixed = [0u8; FIXED_LEN];
@@ -532,31 +498,7 @@ async fn serve_stdio(mut s: UnixStream, agent: Arc<FakeAgent>) {
 /// a real agent's `--stdio-listen` socket (host mode).
 pub fn spawn_vsock_proxy(socket: PathBuf, stdio_sock: PathBuf) {
     let listener = UnixListener::bind(&socket).expect("bind vsock proxy");
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut conn, _)) = listener.accept().await else {
-                return;
-            };
-            let stdio_sock = stdio_sock.clone();
-            tokio::spawn(async move {
-                let mut line = Vec::new();
-                let mut b = [0u8; 1];
-                while conn.read(&mut b).await.unwrap_or(0) == 1 && b[0] != b'\n' {
-                    line.push(b[0]);
-                }
-                if line != b"CONNECT 1025" {
-                    return;
-                }
-                let Ok(mut agent) = UnixStream::connect(&stdio_sock).await else {
-                    return;
-                };
-                if conn.write_all(b"OK 1073741824\n").await.is_err() {
-                    return;
-                }
-                let _ = tokio::io::copy_bidirectional(&mut conn, &mut agent).await;
-            });
-        }
-    });
+    fake_guest::spawn_vsock_proxy(listener, 1025, stdio_sock);
 }
 
 /// What the fake VMs did, shared with the test.

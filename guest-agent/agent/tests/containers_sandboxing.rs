@@ -15,8 +15,9 @@
 //!   belongs and the agent is left with no zombie.
 //!
 //! The seccomp and setresuid steps need a syscall busybox has no applet
-//! for: `tests/helpers/sandbox_probe.c` is built with `gcc -static` when the
-//! tests first need it and copied into each rootfs as `/bin/sandbox-probe`.
+//! for: the sandbox probe (`sandbox_probe.c` of the workspace's
+//! boxlite-test-support crate) is built with `gcc -static` when the tests
+//! first need it and copied into each rootfs as `/bin/sandbox-probe`.
 //!
 //! All tests need root (namespaces, cgroups, mounts, runc) and are
 //! `#[ignore = "needs root"]`; run them with `--ignored`.
@@ -33,6 +34,7 @@ use boxlite_protocol::health::CheckRequest;
 use boxlite_protocol::stdio::StreamKind;
 use serde_json::{json, Value};
 
+use boxlite_test_support::caps::CONTAINERD_DEFAULT_CAPS;
 use common::*;
 
 const RUNC: &str = "/usr/sbin/runc";
@@ -46,16 +48,13 @@ const CONTAINERD_SECCOMP: &str = concat!(
     "/tests/fixtures/containerd-default-seccomp.json"
 );
 
-include!("helpers/build_sandbox_probe.rs");
-
-/// Builds `tests/helpers/sandbox_probe.c` once per test binary.
+/// Builds the sandbox probe once per test binary.
 fn probe_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/helpers/sandbox_probe.c");
         let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("sandbox_probe-{}", std::process::id()));
-        build_sandbox_probe(&src, &out);
+        boxlite_test_support::sandbox_probe::build(&out);
         out
     })
 }
@@ -224,14 +223,10 @@ fn same(name: &str, [agent, runc]: [Outcome; 2]) -> Outcome {
 }
 
 /// The nested-sandboxing probe: each step prints its result and then its
-/// exit status. stderr goes to stdout so the order is fixed.
-const NESTED: &str = "exec 2>&1
-unshare -n sh -c 'ip link'; echo unshare=$?
-sandbox-probe unshare-net; echo probe-unshare=$?
-sandbox-probe seccomp nnp; echo seccomp-nnp=$?
-sandbox-probe seccomp; echo seccomp=$?
-sandbox-probe setresuid 1234; echo setresuid=$?
-grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status";
+/// exit status, then the capability, no_new_privs and seccomp status lines.
+fn nested() -> String {
+    boxlite_test_support::sandbox_probe::nested_script("CapEff|NoNewPrivs|Seccomp")
+}
 
 /// Asserts that `out` has `line` as a whole line.
 fn has_line(name: &str, out: &str, line: &str) {
@@ -250,6 +245,7 @@ fn has_line(name: &str, out: &str, line: &str) {
 #[tokio::test]
 #[ignore = "needs root"]
 async fn nested_sandboxing_works_when_the_spec_grants_it() {
+    let nested = nested();
     check_applets();
     let agent = Agent::start();
     let (_, client) = agent.connect().await;
@@ -263,20 +259,20 @@ async fn nested_sandboxing_works_when_the_spec_grants_it() {
     let variants: Vec<(&str, Value)> = vec![
         (
             "granted",
-            probe_spec(NESTED, |s| {
+            probe_spec(&nested, |s| {
                 s["process"]["capabilities"] = caps(&granted);
             }),
         ),
         (
             "granted-seccomp",
-            probe_spec(NESTED, |s| {
+            probe_spec(&nested, |s| {
                 s["process"]["capabilities"] = caps(&granted);
                 s["linux"]["seccomp"] = permissive_seccomp.clone();
             }),
         ),
         (
             "granted-nnp",
-            probe_spec(NESTED, |s| {
+            probe_spec(&nested, |s| {
                 s["process"]["capabilities"] = caps(&granted);
                 s["process"]["noNewPrivileges"] = json!(true);
             }),
@@ -324,19 +320,20 @@ async fn nested_sandboxing_works_when_the_spec_grants_it() {
 #[tokio::test]
 #[ignore = "needs root"]
 async fn nested_sandboxing_fails_as_under_runc_without_the_capabilities() {
+    let nested = nested();
     check_applets();
     let agent = Agent::start();
     let (_, client) = agent.connect().await;
     let variants: Vec<(&str, Value)> = vec![
         (
             "denied-root",
-            probe_spec(NESTED, |s| {
+            probe_spec(&nested, |s| {
                 s["process"]["capabilities"] = caps(CONTAINERD_DEFAULT_CAPS);
             }),
         ),
         (
             "denied-root-seccomp",
-            probe_spec(NESTED, |s| {
+            probe_spec(&nested, |s| {
                 s["process"]["capabilities"] = caps(CONTAINERD_DEFAULT_CAPS);
                 s["linux"]["seccomp"] = json!({
                     "defaultAction": "SCMP_ACT_ALLOW",
@@ -348,7 +345,7 @@ async fn nested_sandboxing_fails_as_under_runc_without_the_capabilities() {
         ),
         (
             "denied-root-nosetuid",
-            probe_spec(NESTED, |s| {
+            probe_spec(&nested, |s| {
                 let no_setid: Vec<&str> = CONTAINERD_DEFAULT_CAPS
                     .iter()
                     .copied()
@@ -359,7 +356,7 @@ async fn nested_sandboxing_fails_as_under_runc_without_the_capabilities() {
         ),
         (
             "denied-user",
-            probe_spec(NESTED, |s| {
+            probe_spec(&nested, |s| {
                 s["process"]["capabilities"] = caps(CONTAINERD_DEFAULT_CAPS);
                 s["process"]["user"] = json!({"uid": 1000, "gid": 1000});
             }),

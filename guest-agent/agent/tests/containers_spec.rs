@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use boxlite_protocol::agent_ttrpc::AgentClient;
+use boxlite_test_support::caps::CONTAINERD_DEFAULT_CAPS;
 use common::*;
 use serde_json::{json, Value};
 use ttrpc::Code;

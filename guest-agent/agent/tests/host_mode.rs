@@ -21,10 +21,9 @@ use boxlite_protocol::health::CheckRequest;
 use boxlite_protocol::health_ttrpc::HealthClient;
 use boxlite_protocol::stdio::{read_ack, StreamHeader, StreamKind};
 use boxlite_protocol::{PROTOCOL_VERSION, READ_FILE_MAX_LEN};
+use common::{connect_when_serving, status};
 use ttrpc::context::{self, Context};
 use ttrpc::Code;
-
-use common::status;
 
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -90,7 +89,7 @@ impl AgentProcess {
 
     async fn connect(&self) -> (HealthClient, AgentClient) {
         let sock = self.socket("agent.sock");
-        common::connect_when_serving(&sock, START_TIMEOUT, ctx, || self.stderr()).await
+        connect_when_serving(&sock, START_TIMEOUT, ctx, || self.stderr()).await
     }
 
     fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {

@@ -8,14 +8,14 @@
 //! virtio-net link: like it, it has carrier, and unlike `dummy` it needs no
 //! module that minimal kernels leave out.
 //!
-//! They need root (netns, links). Without it each test prints "skipped:
-//! needs root" and returns.
+//! They need root (netns, links): every test is `#[ignore = "needs root
+//! …"]`, run as root with `--ignored --test-threads=1` (the second phase of
+//! scripts/test.sh).
 
 mod common;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use boxlite_protocol::agent::ip_address::Family;
@@ -25,65 +25,35 @@ use boxlite_protocol::agent::{
 use boxlite_protocol::agent_ttrpc::AgentClient;
 use boxlite_protocol::health::CheckRequest;
 use boxlite_protocol::health_ttrpc::HealthClient;
+use boxlite_test_support::netns as support;
+use common::{connect_when_serving, status};
 use serde_json::Value;
 use ttrpc::context::{self, Context};
 use ttrpc::Code;
-
-use common::status;
 
 const MAC: &str = "02:00:00:00:00:09";
 const LINK: &str = "eth0";
 const PEER: &str = "peer0";
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Runs `ip` with `args`, panicking with its stderr when it fails.
-fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("run ip {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "ip {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("ip output is UTF-8")
-}
-
-/// A network namespace, deleted on drop (also when a test panics).
-struct Netns {
-    name: String,
-}
+/// A network namespace (boxlite-test-support's, deleted on drop, also when
+/// a test panics) holding the veth this file checks.
+struct Netns(support::Netns);
 
 impl Netns {
     fn create() -> Netns {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let name = format!("bxnet-{}-{n}", std::process::id());
-        ip(&["netns", "add", &name]);
-        let ns = Netns { name };
+        let ns = Netns(support::Netns::add(""));
         // Created down, without addresses: the agent has to do the rest.
-        ns.ip(&[
+        ns.0.ip(&[
             "link", "add", LINK, "address", MAC, "type", "veth", "peer", "name", PEER,
         ]);
-        ns.ip(&["link", "set", PEER, "up"]);
+        ns.0.ip(&["link", "set", PEER, "up"]);
         ns
-    }
-
-    fn ip(&self, args: &[&str]) -> String {
-        let mut all = vec!["-n", self.name.as_str()];
-        all.extend_from_slice(args);
-        ip(&all)
     }
 
     fn json(&self, args: &[&str]) -> Value {
         let mut all = vec!["-j"];
         all.extend_from_slice(args);
-        serde_json::from_str(&self.ip(&all)).expect("ip -j prints JSON")
+        serde_json::from_str(&self.0.ip(&all)).expect("ip -j prints JSON")
     }
 
     /// `ip -j addr show dev eth0`: the one link object.
@@ -130,14 +100,6 @@ impl Netns {
     }
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
 fn str_of(v: &Value) -> String {
     v.as_str()
         .unwrap_or_else(|| panic!("not a string: {v}"))
@@ -158,7 +120,7 @@ impl Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let stderr = std::fs::File::create(dir.path().join("agent.stderr")).expect("stderr");
         let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name])
+            .args(["netns", "exec", &ns.0.name])
             .arg(env!("CARGO_BIN_EXE_boxlite-agent"))
             .arg("--listen")
             .arg(format!(
@@ -186,7 +148,7 @@ impl Agent {
 
     async fn connect(&self) -> (HealthClient, AgentClient) {
         let timeout = Duration::from_secs(10);
-        common::connect_when_serving(&self.socket(), timeout, ctx, || self.stderr()).await
+        connect_when_serving(&self.socket(), timeout, ctx, || self.stderr()).await
     }
 }
 
@@ -281,18 +243,9 @@ async fn configure(client: &AgentClient) -> Interface {
         .expect("UpdateInterface")
 }
 
-macro_rules! needs_root {
-    () => {
-        if !is_root() {
-            eprintln!("skipped: needs root (network namespaces and links)");
-            return;
-        }
-    };
-}
-
 #[tokio::test]
+#[ignore = "needs root (network namespaces and links)"]
 async fn update_interface_by_mac_sets_addresses_mtu_and_up_then_replaces_them() {
-    needs_root!();
     let agent = Agent::start();
     let (_, client) = agent.connect().await;
     assert_eq!(agent.ns.addresses(), Vec::<String>::new());
@@ -367,13 +320,13 @@ async fn update_interface_by_mac_sets_addresses_mtu_and_up_then_replaces_them() 
 }
 
 #[tokio::test]
+#[ignore = "needs root (network namespaces and links)"]
 async fn update_routes_replaces_the_main_table_and_keeps_kernel_routes() {
-    needs_root!();
     let agent = Agent::start();
     let (_, client) = agent.connect().await;
     configure(&client).await;
     // A route someone else added: UpdateRoutes replaces it.
-    agent.ns.ip(&[
+    agent.ns.0.ip(&[
         "route",
         "add",
         "10.77.0.0/16",
@@ -452,8 +405,8 @@ async fn update_routes_replaces_the_main_table_and_keeps_kernel_routes() {
 }
 
 #[tokio::test]
+#[ignore = "needs root (network namespaces and links)"]
 async fn bad_requests_name_the_problem_change_nothing_and_the_agent_keeps_serving() {
-    needs_root!();
     let agent = Agent::start();
     let (health, client) = agent.connect().await;
     configure(&client).await;

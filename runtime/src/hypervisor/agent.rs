@@ -243,12 +243,11 @@ mod tests {
     use crate::hypervisor::{ready, CONSOLE_LOG, VSOCK_SOCKET};
     use crate::network::{MacAddr, TapDevice};
     use async_trait::async_trait;
-    use boxlite_protocol::health::HealthCheckResponse;
-    use boxlite_protocol::health_ttrpc::{create_health, Health};
+    use boxlite_test_support::fake_guest::{serve_agent, spawn_vsock_proxy};
     use std::path::{Path, PathBuf};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     use tokio::net::{UnixListener, UnixStream};
 
     /// A fake VM: a hybrid vsock peer that proxies to a real ttrpc Health
@@ -302,32 +301,6 @@ mod tests {
         }
     }
 
-    struct FakeHealth;
-
-    #[async_trait]
-    impl Health for FakeHealth {
-        async fn check(
-            &self,
-            _ctx: &ttrpc::r#async::TtrpcContext,
-            _req: CheckRequest,
-        ) -> ttrpc::Result<HealthCheckResponse> {
-            let mut resp = HealthCheckResponse::new();
-            resp.status = ServingStatus::SERVING.into();
-            Ok(resp)
-        }
-        async fn version(
-            &self,
-            _ctx: &ttrpc::r#async::TtrpcContext,
-            _req: CheckRequest,
-        ) -> ttrpc::Result<VersionCheckResponse> {
-            Ok(VersionCheckResponse {
-                agent_version: "test".into(),
-                protocol_version: boxlite_protocol::PROTOCOL_VERSION,
-                ..Default::default()
-            })
-        }
-    }
-
     /// Starts the fake agent (ttrpc server on agent.sock) and, after
     /// `delay`, the hybrid vsock front (vsock.sock); then writes `announce`
     /// to the readiness socket, as the agent does.
@@ -337,11 +310,7 @@ mod tests {
         announce: Option<&'static [u8]>,
     ) -> ttrpc::r#async::Server {
         let agent_sock = dir.join("agent.sock");
-        let mut server = ttrpc::r#async::Server::new()
-            .bind(&format!("unix://{}", agent_sock.display()))
-            .unwrap()
-            .register_service(create_health(Arc::new(FakeHealth)));
-        server.start().await.unwrap();
+        let server = serve_agent(&agent_sock, "test", []).await;
         let front = dir.join(VSOCK_SOCKET);
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
@@ -351,21 +320,7 @@ mod tests {
                 let mut c = UnixStream::connect(path).await.unwrap();
                 c.write_all(line).await.unwrap();
             }
-            loop {
-                let (mut s, _) = listener.accept().await.unwrap();
-                let agent_sock = agent_sock.clone();
-                tokio::spawn(async move {
-                    let mut line = Vec::new();
-                    let mut b = [0u8; 1];
-                    while s.read(&mut b).await.unwrap() == 1 && b[0] != b'\n' {
-                        line.push(b[0]);
-                    }
-                    assert_eq!(line, b"CONNECT 1024");
-                    let mut agent = UnixStream::connect(&agent_sock).await.unwrap();
-                    s.write_all(b"OK 1073741824\n").await.unwrap();
-                    let _ = tokio::io::copy_bidirectional(&mut s, &mut agent).await;
-                });
-            }
+            spawn_vsock_proxy(listener, 1024, agent_sock);
         });
         server
     }

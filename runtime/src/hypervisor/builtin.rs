@@ -183,107 +183,51 @@ impl Launcher for BuiltinLauncher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, ResolvedAccel, ResolvedBackend};
+    use crate::config::{ResolvedAccel, ResolvedBackend};
+    use crate::hypervisor::test_rig::{Bins, Rig};
     use crate::hypervisor::Hypervisor;
+    use boxlite_test_support::fake_bin::pid_alive;
     use std::fs::File;
-    use std::os::unix::fs::PermissionsExt;
 
-    struct Rig {
-        tmp: tempfile::TempDir,
+    fn bins(vmm: PathBuf, virtiofsd: PathBuf) -> ResolvedHypervisor {
+        let (qemu, vhost_vsock) = ("qemu-system-x86_64".into(), "boxlite-vsock".into());
+        Bins {
+            qemu,
+            virtiofsd,
+            vhost_vsock,
+            vmm,
+        }
+        .resolve(ResolvedBackend::Builtin, ResolvedAccel::Kvm)
     }
 
-    impl Rig {
-        fn new() -> Self {
-            Self {
-                tmp: tempfile::tempdir().unwrap(),
-            }
-        }
-        fn path(&self, name: &str) -> PathBuf {
-            self.tmp.path().join(name)
-        }
-        fn script(&self, name: &str, body: &str) -> PathBuf {
-            let path = self.path(name);
-            std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-            path
-        }
-        fn file(&self, name: &str) -> PathBuf {
-            let path = self.path(name);
-            std::fs::write(&path, "x").unwrap();
-            path
-        }
-        fn bins(&self, vmm: PathBuf, fs: PathBuf) -> ResolvedHypervisor {
-            ResolvedHypervisor {
-                backend: ResolvedBackend::Builtin,
-                accel: ResolvedAccel::Kvm,
-                accel_reason: "test".into(),
-                qemu_binary: "qemu-system-x86_64".into(),
-                virtiofsd_binary: fs,
-                vhost_vsock_binary: "boxlite-vsock".into(),
-                vmm_binary: vmm,
-            }
-        }
-        fn spec(&self) -> VmSpec {
-            let mut config = Config::default();
-            config.runtime.state_dir = self.path("state");
-            config.guest.kernel = self.file("vmlinux");
-            config.guest.initramfs = self.file("initramfs");
-            config.guest.kernel_cmdline_extra = "quiet".into();
-            config.timeouts.agent_ready_secs = 2;
-            config.timeouts.shutdown_secs = 1;
-            VmSpec::from_config(&config, "sb1").unwrap()
-        }
-        fn sandbox(&self) -> PathBuf {
-            self.path("state/sb1")
-        }
-        /// virtiofsd stand-in: creates its socket (and lock file), sleeps.
-        fn fake_virtiofsd(&self) -> PathBuf {
-            self.script(
-                "virtiofsd",
-                r#"while [ $# -gt 0 ]; do case "$1" in --socket-path) shift; s="$1";; esac; shift; done
-: > "$s"; : > "$s.pid"
-exec sleep 30"#,
-            )
-        }
-        /// VMM stand-in: records its arguments and config, lists its open
-        /// fds, creates the sockets a real one would, sleeps.
-        fn fake_vmm(&self) -> PathBuf {
-            self.script(
-                "boxlite-vmm",
-                &format!(
-                    r#"echo "$@" > {args}
+    /// virtiofsd stand-in: creates its socket (and lock file), sleeps.
+    fn fake_virtiofsd(rig: &Rig) -> PathBuf {
+        rig.socket_helper("virtiofsd", "--socket-path", true)
+    }
+
+    /// VMM stand-in: records its arguments and config, lists its open fds,
+    /// creates the sockets a real one would, sleeps.
+    fn fake_vmm(rig: &Rig) -> PathBuf {
+        rig.script(
+            "boxlite-vmm",
+            &format!(
+                r#"echo "$@" > {args}
 cp "$2" {cfg}
 ls /proc/$$/fd > {fds}
 d=$(dirname "$2"); : > "$d/vsock.sock"; : > "$d/control.sock"
 exec sleep 30"#,
-                    args = self.path("vmm.args").display(),
-                    cfg = self.path("vmm.json").display(),
-                    fds = self.path("vmm.fds").display(),
-                ),
-            )
-        }
-        fn leftovers(&self) -> Vec<String> {
-            let mut names: Vec<String> = std::fs::read_dir(self.sandbox())
-                .map(|d| {
-                    d.map(|e| e.unwrap().file_name().into_string().unwrap())
-                        .filter(|n| n.ends_with(".sock") || n.ends_with(".pid"))
-                        .collect()
-                })
-                .unwrap_or_default();
-            names.sort();
-            names
-        }
-    }
-
-    fn pid_alive(pid: u32) -> bool {
-        Path::new(&format!("/proc/{pid}")).exists()
+                args = rig.path("vmm.args").display(),
+                cfg = rig.path("vmm.json").display(),
+                fds = rig.path("vmm.fds").display(),
+            ),
+        )
     }
 
     #[tokio::test]
     async fn start_writes_the_vm_config_and_hands_the_tap_fd_to_the_vmm_only() {
         let rig = Rig::new();
-        let hv = BuiltinHypervisor::new(rig.spec(), rig.bins(rig.fake_vmm(), rig.fake_virtiofsd()))
-            .unwrap();
+        let hv =
+            BuiltinHypervisor::new(rig.spec(), bins(fake_vmm(&rig), fake_virtiofsd(&rig))).unwrap();
         let share = rig.path("share");
         std::fs::create_dir(&share).unwrap();
         hv.add_share("rootfs", &share, true).await.unwrap();
@@ -343,8 +287,8 @@ exec sleep 30"#,
     #[tokio::test]
     async fn missing_vmm_binary_fails_before_spawning() {
         let rig = Rig::new();
-        let hv = BuiltinHypervisor::new(rig.spec(), rig.bins(rig.path("nope"), rig.path("nope2")))
-            .unwrap();
+        let hv =
+            BuiltinHypervisor::new(rig.spec(), bins(rig.path("nope"), rig.path("nope2"))).unwrap();
         let err = hv.start().await.unwrap_err().to_string();
         assert!(err.contains("hypervisor.vmm_binary"), "{err}");
         assert!(!rig.sandbox().exists());
@@ -357,7 +301,7 @@ exec sleep 30"#,
             "boxlite-vmm",
             "echo 'ERROR Jail setup failed: landlock' >&2; exit 5",
         );
-        let hv = BuiltinHypervisor::new(rig.spec(), rig.bins(vmm, rig.path("nope"))).unwrap();
+        let hv = BuiltinHypervisor::new(rig.spec(), bins(vmm, rig.path("nope"))).unwrap();
         hv.start().await.unwrap();
         let started = std::time::Instant::now();
         let err = hv.wait_ready().await.unwrap_err().to_string();
@@ -390,7 +334,7 @@ EOF"#,
                 marker = rig.path("control.op").display()
             ),
         );
-        let hv = BuiltinHypervisor::new(rig.spec(), rig.bins(vmm, rig.path("nope"))).unwrap();
+        let hv = BuiltinHypervisor::new(rig.spec(), bins(vmm, rig.path("nope"))).unwrap();
         hv.start().await.unwrap();
         let pid = hv.pid().unwrap();
         let end = std::time::Instant::now() + Duration::from_secs(5);
@@ -419,8 +363,8 @@ EOF"#,
     #[tokio::test]
     async fn drop_kills_everything() {
         let rig = Rig::new();
-        let hv = BuiltinHypervisor::new(rig.spec(), rig.bins(rig.fake_vmm(), rig.fake_virtiofsd()))
-            .unwrap();
+        let hv =
+            BuiltinHypervisor::new(rig.spec(), bins(fake_vmm(&rig), fake_virtiofsd(&rig))).unwrap();
         let share = rig.path("share");
         std::fs::create_dir(&share).unwrap();
         hv.add_share("s0", &share, false).await.unwrap();

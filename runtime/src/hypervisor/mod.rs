@@ -28,6 +28,8 @@ pub mod qemu;
 pub mod ready;
 mod spec;
 mod stale;
+#[cfg(test)]
+mod test_rig;
 
 use std::path::{Path, PathBuf};
 

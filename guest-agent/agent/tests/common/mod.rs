@@ -1,7 +1,9 @@
 //! Helpers shared by the container tests (`containers*.rs`): the real agent
 //! binary in host mode on unix sockets with a temporary root, a busybox
 //! rootfs built from Debian's busybox-static (`/bin/busybox`), a small
-//! runc-like spec, and thin wrappers around the container RPCs.
+//! runc-like spec, and thin wrappers around the container RPCs. The
+//! host-mode and netns tests, which start the agent their own way, use
+//! [`connect_when_serving`] and [`status`].
 
 // Each test file uses a different subset.
 #![allow(dead_code)]
@@ -339,6 +341,3 @@ fn open_stream(dir: &Path, id: &str, exec: &str, kind: StreamKind) -> Result<Uni
     read_ack(&mut s).map_err(|e| e.to_string())?;
     Ok(s)
 }
-
-// containerd's default capability list, shared with tests/guest_containers.rs.
-include!("../helpers/containerd_default_caps.rs");

@@ -2,110 +2,35 @@
 //! preflight checks, start order, failures and cleanup.
 
 use super::*;
-use crate::config::{Config, ResolvedBackend};
+use crate::config::ResolvedBackend;
+use crate::hypervisor::test_rig::{Bins, Rig};
 use crate::hypervisor::Hypervisor;
+use boxlite_test_support::fake_bin::pid_alive;
 use std::fs::File;
-use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-/// A sandbox in a temp dir with fake binaries (shell scripts).
-struct Rig {
-    tmp: tempfile::TempDir,
+fn bins(qemu: PathBuf, vhost_vsock: PathBuf, virtiofsd: PathBuf) -> ResolvedHypervisor {
+    let vmm = "boxlite-vmm".into();
+    Bins {
+        qemu,
+        virtiofsd,
+        vhost_vsock,
+        vmm,
+    }
+    .resolve(ResolvedBackend::Qemu, ResolvedAccel::Tcg)
 }
 
-impl Rig {
-    fn new() -> Self {
-        Self {
-            tmp: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
-    }
-
-    fn script(&self, name: &str, body: &str) -> PathBuf {
-        let path = self.path(name);
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        path
-    }
-
-    fn file(&self, name: &str) -> PathBuf {
-        let path = self.path(name);
-        std::fs::write(&path, "x").unwrap();
-        path
-    }
-
-    fn bins(&self, qemu: PathBuf, vsock: PathBuf, fs: PathBuf) -> ResolvedHypervisor {
-        ResolvedHypervisor {
-            backend: ResolvedBackend::Qemu,
-            accel: ResolvedAccel::Tcg,
-            accel_reason: "test".into(),
-            qemu_binary: qemu,
-            virtiofsd_binary: fs,
-            vhost_vsock_binary: vsock,
-            vmm_binary: "boxlite-vmm".into(),
-        }
-    }
-
-    fn spec(&self) -> VmSpec {
-        let mut config = Config::default();
-        config.runtime.state_dir = self.path("state");
-        config.guest.kernel = self.file("vmlinux");
-        config.guest.initramfs = self.file("initramfs");
-        config.guest.kernel_cmdline_extra = "quiet".into();
-        config.timeouts.agent_ready_secs = 2;
-        config.timeouts.shutdown_secs = 1;
-        VmSpec::from_config(&config, "sb1").unwrap()
-    }
-
-    fn sandbox(&self) -> PathBuf {
-        self.path("state/sb1")
-    }
-
-    /// A helper that creates the socket named after `flag` and sleeps.
-    /// With `--socket-path` (virtiofsd) it also writes `<socket>.pid`,
-    /// as virtiofsd does.
-    fn fake_helper(&self, name: &str, flag: &str) -> PathBuf {
-        let lock = if flag == "--socket-path" {
-            r#": > "$s.pid""#
-        } else {
-            ""
-        };
-        self.script(
-            name,
-            &format!(
-                r#"while [ $# -gt 0 ]; do case "$1" in {flag}) shift; s="$1";; esac; shift; done
-: > "$s"
-{lock}
-exec sleep 30"#
-            ),
-        )
-    }
-
-    fn leftovers(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(self.sandbox())
-            .map(|d| {
-                d.map(|e| e.unwrap().file_name().into_string().unwrap())
-                    .filter(|n| n.ends_with(".sock") || n.ends_with(".pid"))
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        names
-    }
-}
-
-fn pid_alive(pid: u32) -> bool {
-    // Reaped children are gone from /proc; a zombie would still show up.
-    Path::new(&format!("/proc/{pid}")).exists()
+/// A helper that creates the socket named after `flag` and sleeps. With
+/// `--socket-path` (virtiofsd) it also writes `<socket>.pid`, as virtiofsd
+/// does.
+fn fake_helper(rig: &Rig, name: &str, flag: &str) -> PathBuf {
+    rig.socket_helper(name, flag, flag == "--socket-path")
 }
 
 #[test]
 fn qemu_command_line() {
     let rig = Rig::new();
-    let bins = rig.bins("/q".into(), "/v".into(), "/f".into());
+    let bins = bins("/q".into(), "/v".into(), "/f".into());
     let mut spec = rig.spec();
     spec.vcpus = 2;
     spec.memory_mib = 256;
@@ -148,7 +73,7 @@ fn qemu_command_line() {
 #[test]
 fn kvm_uses_the_host_cpu() {
     let rig = Rig::new();
-    let mut bins = rig.bins("/q".into(), "/v".into(), "/f".into());
+    let mut bins = bins("/q".into(), "/v".into(), "/f".into());
     bins.accel = ResolvedAccel::Kvm;
     let vm = QemuHypervisor::new(rig.spec(), bins).unwrap();
     let line = render_cmdline(Path::new("q"), &vm.qemu_args(&[], &[]));
@@ -168,7 +93,7 @@ async fn missing_kernel_fails_before_spawning() {
     let bin = rig.script("bin", &format!(": > {}", marker.display()));
     let mut spec = rig.spec();
     spec.kernel = rig.path("no-vmlinux");
-    let vm = QemuHypervisor::new(spec, rig.bins(bin.clone(), bin.clone(), bin)).unwrap();
+    let vm = QemuHypervisor::new(spec, bins(bin.clone(), bin.clone(), bin)).unwrap();
     let err = vm.start().await.unwrap_err().to_string();
     assert!(
         err.contains(&rig.path("no-vmlinux").display().to_string()),
@@ -188,11 +113,11 @@ async fn missing_initramfs_and_share_dir_are_named() {
     let bin = rig.script("bin", "exit 0");
     let mut spec = rig.spec();
     spec.initramfs = rig.path("no-initramfs");
-    let vm = QemuHypervisor::new(spec, rig.bins(bin.clone(), bin.clone(), bin.clone())).unwrap();
+    let vm = QemuHypervisor::new(spec, bins(bin.clone(), bin.clone(), bin.clone())).unwrap();
     let err = vm.start().await.unwrap_err().to_string();
     assert!(err.contains("guest.initramfs"), "{err}");
 
-    let vm = QemuHypervisor::new(rig.spec(), rig.bins(bin.clone(), bin.clone(), bin)).unwrap();
+    let vm = QemuHypervisor::new(rig.spec(), bins(bin.clone(), bin.clone(), bin)).unwrap();
     vm.add_share("rootfs", &rig.path("nope"), false)
         .await
         .unwrap();
@@ -206,8 +131,7 @@ async fn missing_binary_fails_before_spawning() {
     let rig = Rig::new();
     let marker = rig.path("spawned");
     let bin = rig.script("bin", &format!(": > {}", marker.display()));
-    let vm =
-        QemuHypervisor::new(rig.spec(), rig.bins(rig.path("no-qemu"), bin.clone(), bin)).unwrap();
+    let vm = QemuHypervisor::new(rig.spec(), bins(rig.path("no-qemu"), bin.clone(), bin)).unwrap();
     let err = vm.start().await.unwrap_err().to_string();
     assert!(err.contains("hypervisor.qemu_binary"), "{err}");
     assert!(err.contains("no-qemu"), "{err}");
@@ -220,7 +144,7 @@ async fn socket_paths_are_bounded() {
     let bin = rig.script("bin", "exit 0");
     let mut spec = rig.spec();
     spec.dir = rig.path(&"d".repeat(100));
-    let vm = QemuHypervisor::new(spec, rig.bins(bin.clone(), bin.clone(), bin)).unwrap();
+    let vm = QemuHypervisor::new(spec, bins(bin.clone(), bin.clone(), bin)).unwrap();
     let err = vm.start().await.unwrap_err().to_string();
     assert!(err.contains("unix socket limit of 107"), "{err}");
 }
@@ -231,9 +155,9 @@ async fn helper_dying_at_start_is_reported_and_cleaned_up() {
     let marker = rig.path("qemu-ran");
     let qemu = rig.script("qemu", &format!(": > {}", marker.display()));
     let vsock = rig.script("vsock", "echo 'error: cannot bind socket' >&2; exit 3");
-    let fs = rig.fake_helper("fs", "--socket-path");
-    let vm = QemuHypervisor::new(rig.spec(), rig.bins(qemu, vsock, fs)).unwrap();
-    vm.add_share("rootfs", rig.tmp.path(), true).await.unwrap();
+    let fs = fake_helper(&rig, "fs", "--socket-path");
+    let vm = QemuHypervisor::new(rig.spec(), bins(qemu, vsock, fs)).unwrap();
+    vm.add_share("rootfs", rig.root(), true).await.unwrap();
     let err = vm.start().await.unwrap_err().to_string();
     assert!(
         err.contains("the vsock backend exited with exit status: 3"),
@@ -256,10 +180,10 @@ async fn helper_dying_at_start_is_reported_and_cleaned_up() {
 async fn qemu_dying_early_fails_wait_ready_fast() {
     let rig = Rig::new();
     let qemu = rig.script("qemu", "echo 'qemu: could not load kernel' >&2; exit 1");
-    let vsock = rig.fake_helper("vsock", "--socket");
-    let fs = rig.fake_helper("fs", "--socket-path");
-    let vm = QemuHypervisor::new(rig.spec(), rig.bins(qemu, vsock, fs)).unwrap();
-    vm.add_share("rootfs", rig.tmp.path(), false).await.unwrap();
+    let vsock = fake_helper(&rig, "vsock", "--socket");
+    let fs = fake_helper(&rig, "fs", "--socket-path");
+    let vm = QemuHypervisor::new(rig.spec(), bins(qemu, vsock, fs)).unwrap();
+    vm.add_share("rootfs", rig.root(), false).await.unwrap();
     vm.start().await.unwrap();
     let helper_pids: Vec<u32> = {
         let st = vm.state.lock().await;
@@ -310,8 +234,8 @@ async fn qemu_dying_early_fails_wait_ready_fast() {
 async fn wait_ready_times_out_naming_sandbox_port_and_console() {
     let rig = Rig::new();
     let qemu = rig.script("qemu", "exec sleep 30");
-    let vsock = rig.fake_helper("vsock", "--socket");
-    let vm = QemuHypervisor::new(rig.spec(), rig.bins(qemu, vsock.clone(), vsock)).unwrap();
+    let vsock = fake_helper(&rig, "vsock", "--socket");
+    let vm = QemuHypervisor::new(rig.spec(), bins(qemu, vsock.clone(), vsock)).unwrap();
     vm.start().await.unwrap();
     let pid = vm.pid().unwrap();
     let started = std::time::Instant::now();
@@ -352,19 +276,16 @@ async fn wait_ready_times_out_naming_sandbox_port_and_console() {
 async fn kill_and_drop_leave_nothing_behind() {
     let rig = Rig::new();
     let qemu = rig.script("qemu", "exec sleep 30");
-    let vsock = rig.fake_helper("vsock", "--socket");
-    let vm = QemuHypervisor::new(
-        rig.spec(),
-        rig.bins(qemu.clone(), vsock.clone(), vsock.clone()),
-    )
-    .unwrap();
+    let vsock = fake_helper(&rig, "vsock", "--socket");
+    let vm =
+        QemuHypervisor::new(rig.spec(), bins(qemu.clone(), vsock.clone(), vsock.clone())).unwrap();
     vm.start().await.unwrap();
     let pid = vm.pid().unwrap();
     vm.kill().await.unwrap();
     assert!(!pid_alive(pid));
     assert_eq!(rig.leftovers(), Vec::<String>::new());
 
-    let vm = QemuHypervisor::new(rig.spec(), rig.bins(qemu, vsock.clone(), vsock)).unwrap();
+    let vm = QemuHypervisor::new(rig.spec(), bins(qemu, vsock.clone(), vsock)).unwrap();
     vm.start().await.unwrap();
     let pids: Vec<u32> = vm.state.lock().await.procs.iter().map(|p| p.pid).collect();
     drop(vm);
@@ -400,7 +321,7 @@ while [ $# -gt 0 ]; do case "$1" in --socket) shift; s="$1";; esac; shift; done
             record(&helper_fds)
         ),
     );
-    let vm = QemuHypervisor::new(rig.spec(), rig.bins(qemu, vsock.clone(), vsock)).unwrap();
+    let vm = QemuHypervisor::new(rig.spec(), bins(qemu, vsock.clone(), vsock)).unwrap();
     // A stand-in for the tap: a file with a name nothing else has open.
     let fake_tap = rig.path("fake-tap");
     let tap: std::os::fd::OwnedFd = File::create(&fake_tap).unwrap().into();
@@ -439,15 +360,12 @@ while [ $# -gt 0 ]; do case "$1" in --socket) shift; s="$1";; esac; shift; done
 async fn shares_and_nets_only_before_start() {
     let rig = Rig::new();
     let qemu = rig.script("qemu", "exec sleep 30");
-    let vsock = rig.fake_helper("vsock", "--socket");
-    let vm = QemuHypervisor::new(rig.spec(), rig.bins(qemu, vsock.clone(), vsock)).unwrap();
-    let err = vm
-        .add_share("a,b", rig.tmp.path(), false)
-        .await
-        .unwrap_err();
+    let vsock = fake_helper(&rig, "vsock", "--socket");
+    let vm = QemuHypervisor::new(rig.spec(), bins(qemu, vsock.clone(), vsock)).unwrap();
+    let err = vm.add_share("a,b", rig.root(), false).await.unwrap_err();
     assert!(err.to_string().contains("','"), "{err}");
-    vm.add_share("a", rig.tmp.path(), false).await.unwrap();
-    let err = vm.add_share("a", rig.tmp.path(), false).await.unwrap_err();
+    vm.add_share("a", rig.root(), false).await.unwrap();
+    let err = vm.add_share("a", rig.root(), false).await.unwrap_err();
     assert!(err.to_string().contains("already added"), "{err}");
     let err = vm
         .add_share("b", Path::new("rel"), false)
@@ -463,7 +381,7 @@ async fn shares_and_nets_only_before_start() {
         .unwrap_err();
     assert!(err.to_string().contains("tap name"), "{err}");
     vm.kill().await.unwrap();
-    let err = vm.add_share("c", rig.tmp.path(), false).await.unwrap_err();
+    let err = vm.add_share("c", rig.root(), false).await.unwrap_err();
     assert!(
         err.to_string()
             .contains("cannot add a share while the VM is stopped"),

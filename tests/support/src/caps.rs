@@ -1,5 +1,4 @@
-// Included (include!) by the agent's tests (tests/common/mod.rs) and by the
-// workspace's guest tests (tests/guest_containers.rs): one list for both.
+//! containerd's default capabilities.
 
 /// containerd's (and Docker's) default capability set
 /// (`oci.defaultUnixCaps`): no CAP_SYS_ADMIN.

@@ -1,5 +1,7 @@
 /*
- * sandbox_probe: a tiny static helper for tests/containers_sandboxing.rs.
+ * sandbox_probe: a tiny static helper for the agent's
+ * tests/containers_sandboxing.rs and the e2e tests/guest_containers.rs
+ * (built by boxlite_test_support::sandbox_probe).
  * It runs inside a container (built with `gcc -static` by the test and
  * copied into the busybox rootfs) and tries one nested-sandboxing step,
  * printing one line with the outcome and the errno *name*, so that the

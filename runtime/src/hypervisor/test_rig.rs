@@ -1,0 +1,80 @@
+//! The backends' test rig: a sandbox in a temp dir with fake binaries
+//! (shell scripts, from boxlite-test-support), shared by the qemu and
+//! builtin backend tests.
+
+use std::ops::Deref;
+use std::path::PathBuf;
+
+use boxlite_test_support::fake_bin::{self, BinDir};
+
+use super::VmSpec;
+use crate::config::{Config, ResolvedAccel, ResolvedBackend, ResolvedHypervisor};
+
+/// A sandbox `sb1` under `<tmp>/state` with a fake kernel and initramfs;
+/// derefs to the [`BinDir`] its fake binaries go in.
+pub(crate) struct Rig {
+    dir: BinDir,
+}
+
+impl Rig {
+    pub(crate) fn new() -> Self {
+        Self { dir: BinDir::new() }
+    }
+
+    /// The VM spec: 2 s agent-ready and 1 s shutdown timeouts.
+    pub(crate) fn spec(&self) -> VmSpec {
+        let mut config = Config::default();
+        config.runtime.state_dir = self.path("state");
+        config.guest.kernel = self.file("vmlinux");
+        config.guest.initramfs = self.file("initramfs");
+        config.guest.kernel_cmdline_extra = "quiet".into();
+        config.timeouts.agent_ready_secs = 2;
+        config.timeouts.shutdown_secs = 1;
+        VmSpec::from_config(&config, "sb1").unwrap()
+    }
+
+    pub(crate) fn sandbox(&self) -> PathBuf {
+        self.path("state/sb1")
+    }
+
+    /// The sockets and pid files left in the sandbox directory.
+    pub(crate) fn leftovers(&self) -> Vec<String> {
+        fake_bin::leftovers(&self.sandbox())
+    }
+}
+
+/// The binaries a backend runs: the real names where the backend does not
+/// run them, fake ones (or missing paths) where it does.
+pub(crate) struct Bins {
+    pub qemu: PathBuf,
+    pub virtiofsd: PathBuf,
+    pub vhost_vsock: PathBuf,
+    pub vmm: PathBuf,
+}
+
+impl Bins {
+    /// For `backend` on `accel`.
+    pub(crate) fn resolve(
+        self,
+        backend: ResolvedBackend,
+        accel: ResolvedAccel,
+    ) -> ResolvedHypervisor {
+        ResolvedHypervisor {
+            backend,
+            accel,
+            accel_reason: "test".into(),
+            qemu_binary: self.qemu,
+            virtiofsd_binary: self.virtiofsd,
+            vhost_vsock_binary: self.vhost_vsock,
+            vmm_binary: self.vmm,
+        }
+    }
+}
+
+impl Deref for Rig {
+    type Target = BinDir;
+
+    fn deref(&self) -> &BinDir {
+        &self.dir
+    }
+}
