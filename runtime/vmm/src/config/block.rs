@@ -51,43 +51,40 @@ impl BlockConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{DeviceConfig, VmConfig};
+    use crate::config::test_json::{only_device, refused};
+    use crate::config::DeviceConfig;
 
     #[test]
     fn parses_and_validates() {
         let dir = tempfile::tempdir().expect("tempdir");
         let img = dir.path().join("disk.img");
         std::fs::write(&img, vec![0u8; 4096]).expect("write");
-        let json = format!(
-            r#"{{"devices": [{{"kind": "block", "path": "{}", "read_only": true, "id": "disk0"}}]}}"#,
+        let device = only_device(&format!(
+            r#"{{"kind": "block", "path": "{}", "read_only": true, "id": "disk0"}}"#,
             img.display()
-        );
-        let cfg: VmConfig = serde_json::from_str(&json).expect("parse");
-        let DeviceConfig::Block(b) = &cfg.devices[0] else {
-            panic!("not block: {:?}", cfg.devices[0]);
+        ));
+        let DeviceConfig::Block(b) = &device else {
+            panic!("not block: {device:?}");
         };
         assert!(b.read_only);
         assert_eq!(b.id, "disk0");
         b.validate().expect("valid");
 
-        let json = format!(
-            r#"{{"devices": [{{"kind": "block", "path": "{}"}}]}}"#,
-            img.display()
-        );
-        let cfg: VmConfig = serde_json::from_str(&json).expect("defaults");
         assert_eq!(
-            cfg.devices[0],
+            only_device(&format!(
+                r#"{{"kind": "block", "path": "{}"}}"#,
+                img.display()
+            )),
             DeviceConfig::Block(BlockConfig {
                 path: img.clone(),
                 read_only: false,
                 id: String::new()
             })
         );
-        let err = serde_json::from_str::<VmConfig>(
-            r#"{"devices": [{"kind": "block", "path": "/x", "readonly": true}]}"#,
-        )
-        .expect_err("unknown field");
-        assert!(err.to_string().contains("unknown field"), "{err}");
+        refused(
+            r#"{"kind": "block", "path": "/x", "readonly": true}"#,
+            "unknown field",
+        );
 
         let long = BlockConfig {
             path: img.clone(),

@@ -47,29 +47,27 @@ impl FsConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::test_json::{only_device, refused};
     use crate::config::{DeviceConfig, VmConfig};
 
     #[test]
     fn parses_and_validates() {
         let dir = tempfile::tempdir().expect("tempdir");
         let sock = dir.path().join("fs-share0.sock");
-        let json = format!(
-            r#"{{"devices": [{{"kind": "fs", "tag": "share0", "socket_path": "{}"}}]}}"#,
+        let device = only_device(&format!(
+            r#"{{"kind": "fs", "tag": "share0", "socket_path": "{}"}}"#,
             sock.display()
-        );
-        let cfg: VmConfig = serde_json::from_str(&json).expect("parse");
-        let DeviceConfig::Fs(f) = &cfg.devices[0] else {
-            panic!("not fs: {:?}", cfg.devices[0]);
+        ));
+        let DeviceConfig::Fs(f) = &device else {
+            panic!("not fs: {device:?}");
         };
         f.validate().expect("valid");
 
-        let err = serde_json::from_str::<VmConfig>(
-            r#"{"devices": [{"kind": "fs", "tag": "a", "socket_path": "/x", "cache": "auto"}]}"#,
-        )
-        .expect_err("unknown field");
-        assert!(err.to_string().contains("unknown field"), "{err}");
-        serde_json::from_str::<VmConfig>(r#"{"devices": [{"kind": "fs", "tag": "a"}]}"#)
-            .expect_err("socket_path is required");
+        refused(
+            r#"{"kind": "fs", "tag": "a", "socket_path": "/x", "cache": "auto"}"#,
+            "unknown field",
+        );
+        refused(r#"{"kind": "fs", "tag": "a"}"#, "socket_path");
 
         let with_tag = |tag: &str| FsConfig {
             tag: tag.to_string(),

@@ -443,6 +443,27 @@ fn check_file(field: &'static str, path: &Path) -> Result<(), ConfigError> {
     }
 }
 
+/// Test helpers for the device config modules: a `vm.json` with one
+/// device, parsed as the VMM parses it.
+#[cfg(test)]
+pub(crate) mod test_json {
+    use super::{DeviceConfig, VmConfig};
+
+    /// `{"devices": [<device>]}` parsed; its only device.
+    pub fn only_device(device: &str) -> DeviceConfig {
+        let cfg: VmConfig = serde_json::from_str(&format!(r#"{{"devices": [{device}]}}"#))
+            .unwrap_or_else(|e| panic!("{device}: {e}"));
+        cfg.devices.into_iter().next().expect("one device")
+    }
+
+    /// Parsing `{"devices": [<device>]}` fails, naming `what`.
+    pub fn refused(device: &str, what: &str) {
+        let err = serde_json::from_str::<VmConfig>(&format!(r#"{{"devices": [{device}]}}"#))
+            .expect_err(device);
+        assert!(err.to_string().contains(what), "{device}: {err}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
