@@ -120,6 +120,25 @@ struct Rig {
 }
 
 impl Rig {
+    /// A second pod interface: `eth1` (10.78.0.2/24), up, its veth peer
+    /// `br1` in the peer netns.
+    fn add_second_interface(&self) {
+        self.pod.ip(&[
+            "link",
+            "add",
+            "eth1",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "br1",
+            "netns",
+            &self.peer.name,
+        ]);
+        self.pod.ip(&["link", "set", "eth1", "up"]);
+        self.pod.ip(&["addr", "add", "10.78.0.2/24", "dev", "eth1"]);
+    }
+
     fn new() -> Self {
         let pod = Netns::new("pod");
         let peer = Netns::new("peer");
@@ -255,6 +274,21 @@ fn send_to_tap(tap: &mut File, frame: &[u8]) {
 /// Reads frames from the tap (as the VMM would) until `want` accepts one or
 /// `timeout` passes; other frames (IPv6 neighbour discovery, ...) are
 /// skipped.
+/// The first ARP packet `keep` accepts that arrives on the tap within 3 s.
+fn recv_arp(tap: &mut File, keep: impl Fn(&Arp) -> bool) -> Option<Arp> {
+    recv_from_tap(tap, Duration::from_secs(3), |f| parse_arp(f).filter(&keep))
+}
+
+/// An ARP packet (`op` 1 request, 2 reply) from the peer about the pod's IP.
+fn peer_to_pod(op: u16, peer_mac: [u8; 6]) -> Arp {
+    Arp {
+        op,
+        sender_mac: peer_mac,
+        sender_ip: PEER_IP,
+        target_ip: POD_IP,
+    }
+}
+
 fn recv_from_tap<T>(
     tap: &mut File,
     timeout: Duration,
@@ -403,30 +437,14 @@ fn wire_carries_frames_both_ways_and_teardown_restores_the_pod() {
     assert_eq!(learned, Some(MacAddr(POD_MAC).to_string()));
     // ...and peer -> VM: its ARP reply comes back out of the tap.
     let peer_mac = rig.peer_mac();
-    let reply = recv_from_tap(&mut tap, Duration::from_secs(3), |f| {
-        parse_arp(f).filter(|a| a.op == 2 && a.sender_ip == PEER_IP)
-    });
-    let expected = Arp {
-        op: 2,
-        sender_mac: peer_mac,
-        sender_ip: PEER_IP,
-        target_ip: POD_IP,
-    };
-    assert_eq!(reply, Some(expected));
+    let reply = recv_arp(&mut tap, |a| a.op == 2 && a.sender_ip == PEER_IP);
+    assert_eq!(reply, Some(peer_to_pod(2, peer_mac)));
 
     // Peer -> VM again, from the peer's own traffic: its kernel's ARP
     // request for the pod's IP arrives on the tap.
     rig.peer_arps_for_pod();
-    let asked = recv_from_tap(&mut tap, Duration::from_secs(3), |f| {
-        parse_arp(f).filter(|a| a.op == 1 && a.target_ip == POD_IP)
-    });
-    let expected = Arp {
-        op: 1,
-        sender_mac: peer_mac,
-        sender_ip: PEER_IP,
-        target_ip: POD_IP,
-    };
-    assert_eq!(asked, Some(expected));
+    let asked = recv_arp(&mut tap, |a| a.op == 1 && a.target_ip == POD_IP);
+    assert_eq!(asked, Some(peer_to_pod(1, peer_mac)));
 
     // Teardown: no tap, no ingress qdisc, no filter; the pod netns answers
     // again. The tap goes even though its fd is still open.
@@ -450,12 +468,8 @@ fn wire_carries_frames_both_ways_and_teardown_restores_the_pod() {
 #[ignore = "needs root (netns, veth, tap, tc)"]
 fn two_interfaces_get_two_taps_and_their_routes() {
     let rig = Rig::new();
-    let (pod, peer) = (&rig.pod, &rig.peer);
-    pod.ip(&[
-        "link", "add", "eth1", "type", "veth", "peer", "name", "br1", "netns", &peer.name,
-    ]);
-    pod.ip(&["link", "set", "eth1", "up"]);
-    pod.ip(&["addr", "add", "10.78.0.2/24", "dev", "eth1"]);
+    rig.add_second_interface();
+    let pod = &rig.pod;
     // Calico-style: a link-scope route to a gateway outside the subnet,
     // and a route through it.
     pod.ip(&[
@@ -544,12 +558,8 @@ fn two_interfaces_get_two_taps_and_their_routes() {
 #[ignore = "needs root (netns, veth, tap, tc)"]
 fn failed_wiring_undoes_what_it_did() {
     let rig = Rig::new();
-    let (pod, peer) = (&rig.pod, &rig.peer);
-    pod.ip(&[
-        "link", "add", "eth1", "type", "veth", "peer", "name", "br1", "netns", &peer.name,
-    ]);
-    pod.ip(&["link", "set", "eth1", "up"]);
-    pod.ip(&["addr", "add", "10.78.0.2/24", "dev", "eth1"]);
+    rig.add_second_interface();
+    let pod = &rig.pod;
     // eth0 wires fine; eth1 already has an ingress qdisc, so its step fails
     // after tap1_bx exists.
     pod.tc(&["qdisc", "add", "dev", "eth1", "ingress"]);

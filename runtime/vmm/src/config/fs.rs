@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{parent_dir_missing, socket_path_len_out_of_range, ConfigError};
+use super::{check_socket_path, ConfigError};
 use crate::devices::virtio::fs::{MAX_SOCKET_PATH_LEN, TAG_LEN};
 
 /// virtio-fs served by an external virtiofsd over vhost-user:
@@ -30,17 +30,7 @@ impl FsConfig {
                 max: TAG_LEN,
             });
         }
-        if let Some(got) = socket_path_len_out_of_range(&self.socket_path, MAX_SOCKET_PATH_LEN) {
-            return Err(ConfigError::FsSocketPathLen {
-                path: self.socket_path.clone(),
-                got,
-                max: MAX_SOCKET_PATH_LEN,
-            });
-        }
-        if parent_dir_missing(&self.socket_path) {
-            return Err(ConfigError::FsSocketDir(self.socket_path.clone()));
-        }
-        Ok(())
+        check_socket_path("fs socket_path", &self.socket_path, MAX_SOCKET_PATH_LEN)
     }
 }
 
@@ -100,7 +90,10 @@ mod tests {
             tag: "share0".into(),
             socket_path: "/nonexistent-dir/fs.sock".into(),
         };
-        assert!(matches!(nodir.validate(), Err(ConfigError::FsSocketDir(_))));
+        assert_eq!(
+            nodir.validate().unwrap_err().to_string(),
+            "fs socket_path = /nonexistent-dir/fs.sock has no parent directory that exists"
+        );
     }
 
     #[test]

@@ -54,46 +54,30 @@ pub enum ConfigError {
     RawImageAddr { addr: u64, len: u64, limit: u64 },
     #[error("{got} virtio devices configured, the limit is {max}")]
     TooManyDevices { got: usize, max: usize },
-    #[error("console_log = {0} has no parent directory that exists")]
-    ConsoleLogDir(PathBuf),
+    /// A file or socket the VMM creates, in a directory that is missing.
+    #[error("{field} = {path} has no parent directory that exists")]
+    NoParentDir { field: &'static str, path: PathBuf },
+    /// A unix socket path that does not fit `sun_path` (with what the VMM
+    /// appends to it).
+    #[error("{field} = {path} is {got} bytes long, it must be 1..={max} bytes to fit sun_path")]
+    SocketPathLen {
+        field: &'static str,
+        path: PathBuf,
+        got: usize,
+        max: usize,
+    },
     #[error(
         "Kernel boot needs the in-kernel irqchip (irqchip = false is for raw_image guests only)"
     )]
     KernelWithoutIrqchip,
     #[error("vsock guest_cid = {got} is out of range {min}..={max}")]
     VsockCid { got: u64, min: u64, max: u64 },
-    #[error("vsock uds_path = {path} is {got} bytes long, the limit is {max} (<uds_path>_<port> must fit sun_path)")]
-    VsockPathLen {
-        path: PathBuf,
-        got: usize,
-        max: usize,
-    },
-    #[error("vsock uds_path = {0} has no parent directory that exists")]
-    VsockPathDir(PathBuf),
     #[error("{got} vsock devices configured, the limit is 1")]
     VsockCount { got: usize },
     #[error("fs tag = {tag:?} is {got} bytes long, it must be 1..={max} bytes without NUL")]
     FsTag { tag: String, got: usize, max: usize },
     #[error("fs tag = {0:?} is used by more than one fs device")]
     FsDuplicateTag(String),
-    #[error(
-        "fs socket_path = {path} is {got} bytes long, it must be 1..={max} bytes to fit sun_path"
-    )]
-    FsSocketPathLen {
-        path: PathBuf,
-        got: usize,
-        max: usize,
-    },
-    #[error("fs socket_path = {0} has no parent directory that exists")]
-    FsSocketDir(PathBuf),
-    #[error(
-        "control_socket = {path} is {got} bytes long, it must be 1..={max} bytes to fit sun_path"
-    )]
-    ControlSocketLen {
-        path: PathBuf,
-        got: usize,
-        max: usize,
-    },
     #[error("{field} = {path} is not a directory")]
     NotADirectory { field: &'static str, path: PathBuf },
     #[error("test_hooks.{hook} = {kind:?}: expected \"vmm\" or \"vcpu\"")]
@@ -369,19 +353,7 @@ impl VmConfig {
             }
         }
         if let Some(sock) = &self.control_socket {
-            if let Some(got) = socket_path_len_out_of_range(sock, MAX_SOCKET_PATH) {
-                return Err(ConfigError::ControlSocketLen {
-                    path: sock.clone(),
-                    got,
-                    max: MAX_SOCKET_PATH,
-                });
-            }
-            if parent_dir_missing(sock) {
-                return Err(ConfigError::NotADirectory {
-                    field: "control_socket's parent",
-                    path: sock.clone(),
-                });
-            }
+            check_socket_path("control_socket", sock, MAX_SOCKET_PATH)?;
         }
         for (field, dir) in [("sandbox_dir", &self.sandbox_dir), ("cgroup", &self.cgroup)] {
             if let Some(d) = dir {
@@ -407,29 +379,42 @@ impl VmConfig {
             }
         }
         if let Some(log) = &self.console_log {
-            if parent_dir_missing(log) {
-                return Err(ConfigError::ConsoleLogDir(log.clone()));
-            }
+            check_parent_dir("console_log", log)?;
         }
         Ok(())
     }
 }
 
-/// The length in bytes of the unix socket path `path` when it is outside
-/// `1..=max` (`max` leaves room for what the VMM appends and the NUL of
-/// `sun_path`); `None` when it fits.
-fn socket_path_len_out_of_range(path: &Path, max: usize) -> Option<usize> {
-    let len = path.as_os_str().len();
-    (len == 0 || len > max).then_some(len)
+/// A unix socket the VMM binds or connects to, named by the config key
+/// `field`: 1..=`max` bytes long (`max` leaves room for what the VMM
+/// appends and the NUL of `sun_path`), in a directory that exists.
+fn check_socket_path(field: &'static str, path: &Path, max: usize) -> Result<(), ConfigError> {
+    let got = path.as_os_str().len();
+    if got == 0 || got > max {
+        return Err(ConfigError::SocketPathLen {
+            field,
+            path: path.to_path_buf(),
+            got,
+            max,
+        });
+    }
+    check_parent_dir(field, path)
 }
 
-/// Whether the directory `path` is to be created in is missing. A bare
-/// file name (no parent, or an empty one) means the working directory,
-/// which exists.
-fn parent_dir_missing(path: &Path) -> bool {
-    path.parent()
+/// The directory `path` is to be created in exists. A bare file name (no
+/// parent, or an empty one) means the working directory, which does.
+fn check_parent_dir(field: &'static str, path: &Path) -> Result<(), ConfigError> {
+    let missing = path
+        .parent()
         .filter(|p| !p.as_os_str().is_empty())
-        .is_some_and(|p| !p.is_dir())
+        .is_some_and(|p| !p.is_dir());
+    if missing {
+        return Err(ConfigError::NoParentDir {
+            field,
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(())
 }
 
 fn check_file(field: &'static str, path: &Path) -> Result<(), ConfigError> {
@@ -570,7 +555,10 @@ mod tests {
 
         let mut cfg = raw_cfg(dir.path());
         cfg.console_log = Some("/nonexistent-dir/console.log".into());
-        assert!(matches!(cfg.validate(), Err(ConfigError::ConsoleLogDir(_))));
+        assert_eq!(
+            cfg.validate().unwrap_err().to_string(),
+            "console_log = /nonexistent-dir/console.log has no parent directory that exists"
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{parent_dir_missing, socket_path_len_out_of_range, ConfigError};
+use super::{check_socket_path, ConfigError};
 use crate::devices::virtio::vsock::{MAX_GUEST_CID, MAX_UDS_PATH_LEN, MIN_GUEST_CID};
 
 /// virtio-vsock with the hybrid unix-socket host side:
@@ -29,17 +29,7 @@ impl VsockConfig {
                 max: MAX_GUEST_CID,
             });
         }
-        if let Some(got) = socket_path_len_out_of_range(&self.uds_path, MAX_UDS_PATH_LEN) {
-            return Err(ConfigError::VsockPathLen {
-                path: self.uds_path.clone(),
-                got,
-                max: MAX_UDS_PATH_LEN,
-            });
-        }
-        if parent_dir_missing(&self.uds_path) {
-            return Err(ConfigError::VsockPathDir(self.uds_path.clone()));
-        }
-        Ok(())
+        check_socket_path("vsock uds_path", &self.uds_path, MAX_UDS_PATH_LEN)
     }
 }
 
@@ -83,7 +73,7 @@ mod tests {
             uds_path: PathBuf::from(format!("/{}", "a".repeat(MAX_UDS_PATH_LEN))),
         };
         let e = long.validate().expect_err("long").to_string();
-        assert!(e.contains("the limit is 96"), "{e}");
+        assert!(e.contains("it must be 1..=96 bytes"), "{e}");
         let fits = VsockConfig {
             guest_cid: 3,
             uds_path: PathBuf::from(format!("/run/boxlite/{}/vsock.sock", "f".repeat(64))),
@@ -93,9 +83,12 @@ mod tests {
             guest_cid: 3,
             uds_path: "/nonexistent-dir/vsock.sock".into(),
         };
-        assert!(matches!(
-            nodir.validate(),
-            Err(ConfigError::VsockPathDir(_))
-        ));
+        assert_eq!(
+            nodir.validate().unwrap_err().to_string(),
+            format!(
+                "vsock uds_path = {} has no parent directory that exists",
+                nodir.uds_path.display()
+            )
+        );
     }
 }
