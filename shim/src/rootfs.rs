@@ -200,43 +200,62 @@ fn remount_ro(target: &Path) -> Result<()> {
     })
 }
 
-/// Decodes the octal escapes of `/proc/self/mountinfo` (`\040` for space).
-fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
+/// Undoes mountinfo's octal escapes (`\040` for a space, …) byte-wise:
+/// a mount point is any bytes, not necessarily UTF-8.
+fn unescape_mountinfo(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
     let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&field[i + 1..i + 4], 8) {
-                out.push(b);
+    while i < field.len() {
+        if field[i] == b'\\' {
+            if let Some(byte) = field.get(i + 1..i + 4).and_then(octal_byte) {
+                out.push(byte);
                 i += 4;
                 continue;
             }
         }
-        out.push(bytes[i]);
+        out.push(field[i]);
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
-/// Mount points at or under `dir`, deepest first.
-pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut found: Vec<PathBuf> = text
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|f| PathBuf::from(unescape_mountinfo(f)))
-        .filter(|p| p.starts_with(dir))
-        .collect();
+/// Three octal digits as one byte (`None` if not digits or above 0o377).
+fn octal_byte(digits: &[u8]) -> Option<u8> {
+    let mut value = 0u32;
+    for &d in digits {
+        if !(b'0'..=b'7').contains(&d) {
+            return None;
+        }
+        value = value * 8 + u32::from(d - b'0');
+    }
+    u8::try_from(value).ok()
+}
+
+/// The mount points in mountinfo text (field 5 of each line).
+fn mount_points(mountinfo: &[u8]) -> impl Iterator<Item = PathBuf> + '_ {
+    use std::os::unix::ffi::OsStringExt;
+    mountinfo
+        .split(|&b| b == b'\n')
+        .filter_map(|line| line.split(|&b| b == b' ').nth(4))
+        .map(|field| PathBuf::from(std::ffi::OsString::from_vec(unescape_mountinfo(field))))
+}
+
+/// Mount points at or under `dir`, deepest first. A mountinfo that cannot be
+/// read is an error, never "no mounts": the caller removes `dir` only when
+/// nothing is mounted under it, and must not walk into a live volume.
+pub fn mounts_under(dir: &Path) -> Result<Vec<PathBuf>> {
+    const MOUNTINFO: &str = "/proc/self/mountinfo";
+    let text = std::fs::read(MOUNTINFO).map_err(|e| ShimError::io("cannot read", MOUNTINFO, e))?;
+    let mut found: Vec<PathBuf> = mount_points(&text).filter(|p| p.starts_with(dir)).collect();
     found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    found
+    Ok(found)
 }
 
 /// Unmounts everything at or under `dir` (stacked mounts included), then
 /// removes `dir`. Refuses to remove a directory that still has a mount.
 pub fn teardown(dir: &Path) -> Result<()> {
     for _round in 0..16 {
-        let mounts = mounts_under(dir);
+        let mounts = mounts_under(dir)?;
         if mounts.is_empty() {
             break;
         }
@@ -246,7 +265,7 @@ pub fn teardown(dir: &Path) -> Result<()> {
             }
         }
     }
-    let left = mounts_under(dir);
+    let left = mounts_under(dir)?;
     if let Some(first) = left.first() {
         return Err(ShimError::Mount {
             op: "cannot unmount",
@@ -269,9 +288,29 @@ mod tests {
 
     #[test]
     fn mountinfo_escapes() {
-        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
-        assert_eq!(unescape_mountinfo("/tab\\011"), "/tab\t");
+        assert_eq!(unescape_mountinfo(b"/a\\040b"), b"/a b");
+        assert_eq!(unescape_mountinfo(b"/plain"), b"/plain");
+        assert_eq!(unescape_mountinfo(b"/tab\\011"), b"/tab\t");
+        // Not escapes: too short, not octal, above 0o377; raw non-UTF-8
+        // bytes stay as they are.
+        assert_eq!(unescape_mountinfo(b"/a\\04"), b"/a\\04");
+        assert_eq!(unescape_mountinfo(b"/a\\089"), b"/a\\089");
+        assert_eq!(unescape_mountinfo(b"/a\\777"), b"/a\\777");
+        assert_eq!(unescape_mountinfo(b"/\xff\\134x"), b"/\xff\\x");
+    }
+
+    /// A mount point with bytes that are not UTF-8 (any other mount on the
+    /// host can have one) is still found: reading mountinfo as text failed
+    /// on it, and the failure read as "nothing mounted".
+    #[test]
+    fn mount_points_are_bytes() {
+        use std::os::unix::ffi::OsStrExt;
+        let info = b"36 25 0:31 / /run/a\\040b rw - tmpfs tmpfs rw\n\
+                     37 25 0:32 / /run/x\xffy rw - tmpfs tmpfs rw\n";
+        let points: Vec<PathBuf> = mount_points(info).collect();
+        assert_eq!(points[0], Path::new("/run/a b"));
+        assert_eq!(points[1].as_os_str().as_bytes(), b"/run/x\xffy");
+        assert_eq!(points.len(), 2);
     }
 
     fn spec_with(root: &Path, volume: &Path, file: &Path) -> Spec {
@@ -369,7 +408,7 @@ mod tests {
 
         teardown(&mounts.dir).unwrap();
         assert!(!mounts.dir.exists());
-        assert!(mounts_under(&shared).is_empty());
+        assert!(mounts_under(&shared).unwrap().is_empty());
         // The volume's content survived the removal of the mount point.
         assert_eq!(
             std::fs::read_to_string(volume.join("data.txt")).unwrap(),
@@ -396,7 +435,7 @@ mod tests {
             "{err}"
         );
         assert!(!shared.join("c1").exists());
-        assert!(mounts_under(&shared).is_empty());
+        assert!(mounts_under(&shared).unwrap().is_empty());
     }
 
     #[test]

@@ -238,7 +238,7 @@ impl Harness {
     }
 
     fn mounts_left(&self) -> Vec<PathBuf> {
-        crate::rootfs::mounts_under(self.tmp.path())
+        crate::rootfs::mounts_under(self.tmp.path()).unwrap()
     }
 }
 
