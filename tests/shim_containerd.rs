@@ -567,6 +567,10 @@ fn exec_output_exit_code_and_tty() {
         "echo exec-out; exit 3",
     ]);
     assert_output(&out, 3, "exec-out\n", "exec");
+    // ctr deleted x1 when it exited: the id can be used again, as under runc
+    // (the guest forgets an exec on delete).
+    let again = c.ctr(&["task", "exec", "--exec-id", "x1", "ex1", "echo", "again"]);
+    assert_output(&again, 0, "again\n", "exec with a reused id");
     // -t needs a terminal on ctr's side: a pty of the test's own, as a
     // user's shell would give it (ctr in the terminal's foreground process
     // group, stdin open). The guest pty turns "\n" into "\r\n".

@@ -16,10 +16,10 @@ use std::time::Duration;
 use boxlite_protocol::agent::{
     CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest, GetOOMEventRequest,
     Interface, ListProcessesRequest, MountShareRequest, PauseContainerRequest, ProcessInfo,
-    RemoveContainerRequest, ResizePtyRequest, ResumeContainerRequest, Route, Routes,
-    SignalProcessRequest, StartContainerRequest, StatsContainerRequest, StatsContainerResponse,
-    StdioConfig, UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest,
-    WaitProcessRequest, WaitProcessResponse,
+    RemoveContainerRequest, RemoveProcessRequest, ResizePtyRequest, ResumeContainerRequest, Route,
+    Routes, SignalProcessRequest, StartContainerRequest, StatsContainerRequest,
+    StatsContainerResponse, StdioConfig, UpdateContainerRequest, UpdateInterfaceRequest,
+    UpdateRoutesRequest, WaitProcessRequest, WaitProcessResponse,
 };
 use boxlite_protocol::agent_ttrpc::AgentClient;
 use boxlite_runtime::AgentConnection;
@@ -290,6 +290,27 @@ impl GuestAgent {
         bounded(
             "RemoveContainer",
             describe(container_id, ""),
+            AGENT_CALL_TIMEOUT,
+            call,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// RemoveProcess: the guest forgets an exited exec, so its id can be
+    /// used again.
+    pub async fn remove_process(&self, container_id: &str, exec_id: &str) -> Result<()> {
+        let req = RemoveProcessRequest {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            ..Default::default()
+        };
+        let call = self
+            .client()
+            .remove_process(deadline(AGENT_CALL_TIMEOUT), &req);
+        bounded(
+            "RemoveProcess",
+            describe(container_id, exec_id),
             AGENT_CALL_TIMEOUT,
             call,
         )

@@ -570,6 +570,14 @@ async fn exec_with_stdin_tty_resize_and_its_own_exit() {
     assert_eq!(status_of(&h.state(SANDBOX, "").await), Status::RUNNING);
     let d = h.delete(SANDBOX, "e1").await.unwrap();
     assert_eq!((d.pid, d.exit_status), (pid, 143));
+    // The guest forgot it too, so the id can be used again (as under runc).
+    assert!(
+        h.agent
+            .calls()
+            .contains(&format!("RemoveProcess {SANDBOX} e1")),
+        "{:?}",
+        h.agent.calls()
+    );
     assert_eq!(
         code_of(
             h.client

@@ -272,6 +272,23 @@ impl Agent for FakeAgent {
             ..Default::default()
         })
     }
+    async fn remove_process(
+        &self,
+        _: &TtrpcContext,
+        req: RemoveProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.record(format!(
+            "RemoveProcess {} {}",
+            req.container_id, req.exec_id
+        ));
+        self.check_implemented("RemoveProcess")?;
+        let key = (req.container_id, req.exec_id);
+        match self.procs.lock().unwrap().remove(&key) {
+            Some(_) => Ok(Empty::new()),
+            None => Err(status(ttrpc::Code::NOT_FOUND, "no such exec")),
+        }
+    }
+
     async fn remove_container(
         &self,
         _: &TtrpcContext,

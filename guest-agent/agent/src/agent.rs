@@ -215,6 +215,10 @@ impl Agent {
         Ok(self.containers.remove(id, timeout).await?)
     }
 
+    pub fn do_remove_process(&self, id: &str, exec_id: &str) -> Result<(), AgentError> {
+        Ok(self.containers.remove_exec(id, exec_id)?)
+    }
+
     pub fn do_list_processes(&self, id: &str) -> Result<Vec<(i32, String)>, AgentError> {
         Ok(self.containers.list(id)?)
     }

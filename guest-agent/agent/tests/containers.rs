@@ -13,9 +13,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use boxlite_protocol::agent::{
-    CloseStdinRequest, Empty, ListProcessesRequest, PauseContainerRequest, ResizePtyRequest,
-    ResumeContainerRequest, StatsContainerRequest, StatsContainerResponse, StdioConfig,
-    UpdateContainerRequest,
+    CloseStdinRequest, Empty, ListProcessesRequest, PauseContainerRequest, RemoveProcessRequest,
+    ResizePtyRequest, ResumeContainerRequest, StatsContainerRequest, StatsContainerResponse,
+    StdioConfig, UpdateContainerRequest,
 };
 use boxlite_protocol::agent_ttrpc::AgentClient;
 use boxlite_protocol::health::CheckRequest;
@@ -365,6 +365,63 @@ async fn bad_input_on_live_containers_is_a_clear_error() {
     assert_eq!(code, Code::INVALID_ARGUMENT);
     remove(&client, id).await;
     assert!(health.check(ctx(), &CheckRequest::new()).await.is_ok());
+}
+
+/// RemoveProcess forgets an exited exec, so its id can be used again (runc
+/// allows that after `ctr task delete --exec-id`); a running exec stays
+/// (FAILED_PRECONDITION), an unknown one is NOT_FOUND, and the init is not
+/// an exec (INVALID_ARGUMENT). Before it existed exec records were kept
+/// until the container went, so a probe that execs every few seconds grew
+/// the agent without bound and a reused id was ALREADY_EXISTS.
+#[tokio::test]
+#[ignore = "needs root"]
+async fn exited_execs_are_removed_and_their_ids_reused() {
+    let agent = Agent::start();
+    let (_, client) = agent.connect().await;
+    let id = "execs";
+    let rootfs = agent.rootfs(id);
+    let spec = spec(id, &rootfs, process_json(&["sleep", "1000"], ""));
+    create(&client, id, spec, StdioConfig::new()).await.unwrap();
+    start(&client, id).await.unwrap();
+    let remove_exec = |exec_id: &'static str| {
+        let client = client.clone();
+        async move {
+            let req = RemoveProcessRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+                ..Default::default()
+            };
+            client.remove_process(ctx(), &req).await
+        }
+    };
+
+    for round in 0..3 {
+        exec_true(&client, id, "probe")
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e:?}"));
+        assert_eq!(wait(&client, id, "probe").await.unwrap().exit_status, 0);
+        remove_exec("probe").await.unwrap();
+        let (code, _) = status(wait(&client, id, "probe").await);
+        assert_eq!(code, Code::NOT_FOUND, "round {round}");
+    }
+
+    exec(
+        &client,
+        id,
+        "long",
+        process_json(&["sleep", "1000"], ""),
+        StdioConfig::new(),
+    )
+    .await
+    .unwrap();
+    let (code, msg) = status(remove_exec("long").await);
+    assert_eq!(code, Code::FAILED_PRECONDITION, "{msg}");
+    assert!(msg.contains("it is running"), "{msg}");
+    let (code, _) = status(remove_exec("nope").await);
+    assert_eq!(code, Code::NOT_FOUND);
+    let (code, _) = status(remove_exec("").await);
+    assert_eq!(code, Code::INVALID_ARGUMENT);
+    remove(&client, id).await;
 }
 
 /// Seccomp with an argument filter, errnoRet and capabilities dropped:

@@ -166,6 +166,16 @@ impl Sandbox {
             process.transition(|s, what| s.delete(what))?;
             process.stop_relay().await;
             container.remove_exec(exec_id);
+            // Only a started exec exists in the guest. Its record there goes
+            // too, so the id can be used again (runc allows it); an agent
+            // that cannot forget it must not keep containerd from deleting.
+            if process.pid() != 0 {
+                if let Ok(agent) = self.agent().await {
+                    if let Err(e) = agent.remove_process(id, exec_id).await {
+                        tracing::warn!(error = %chain(&e), "RemoveProcess failed; deleting anyway");
+                    }
+                }
+            }
             return Ok(Deleted {
                 pid: process.pid(),
                 exit,

@@ -342,6 +342,33 @@ impl Containers {
         Ok(pid)
     }
 
+    /// Forgets exec `exec_id` of container `id` once it has exited (or
+    /// never started a process), so the id can be used again; its record,
+    /// stdio and exit status go with it. An exec that still runs stays.
+    pub fn remove_exec(&self, id: &str, exec_id: &str) -> Result<(), ContainerError> {
+        if exec_id.is_empty() {
+            return Err(ContainerError::InvalidSpec(
+                "exec_id is empty: the init goes with RemoveContainer".into(),
+            ));
+        }
+        let c = self.get(id)?;
+        let mut execs = lock(&c.execs);
+        let process = execs
+            .get(exec_id)
+            .ok_or_else(|| ContainerError::ExecNotFound {
+                container_id: id.to_string(),
+                exec_id: exec_id.to_string(),
+            })?;
+        if process.pid().is_some() && process.exit().is_none() {
+            return Err(ContainerError::Precondition(format!(
+                "cannot remove exec {exec_id:?} of container {id:?}: it is running"
+            )));
+        }
+        execs.remove(exec_id);
+        tracing::info!(container_id = %id, exec_id, "exec removed");
+        Ok(())
+    }
+
     pub async fn wait(&self, id: &str, exec_id: &str) -> Result<Exit, ContainerError> {
         let p = self.get(id)?.process(exec_id)?;
         Ok(p.wait().await)

@@ -419,6 +419,19 @@ impl agent_ttrpc::Agent for AgentService {
         .await
     }
 
+    async fn remove_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::RemoveProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.serve_container("RemoveProcess", &req.container_id, &req.exec_id, async {
+            self.agent
+                .do_remove_process(&req.container_id, &req.exec_id)?;
+            Ok(empty())
+        })
+        .await
+    }
+
     async fn list_processes(
         &self,
         _ctx: &TtrpcContext,
