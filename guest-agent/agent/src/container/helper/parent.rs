@@ -25,17 +25,9 @@ pub const HELPER_TIMEOUT: Duration = Duration::from_secs(30);
 /// The last lines the helper logged, on one line: what libcontainer said
 /// before it failed.
 fn helper_log_tail(path: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let lines: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
-    if lines.is_empty() {
-        return None;
-    }
-    let tail = lines[lines.len().saturating_sub(5)..].join("; ");
-    Some(tail.chars().take(1000).collect())
+    let tail = boxlite_protocol::log_tail::log_tail(path, 5)?;
+    let joined = tail.lines().map(str::trim).collect::<Vec<_>>().join("; ");
+    Some(joined.chars().take(1000).collect())
 }
 
 /// Reads the helper's one result line (at most 64 KiB); `None` on EOF
