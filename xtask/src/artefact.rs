@@ -89,6 +89,27 @@ pub fn copy_atomic(src: &Path, dest: &Path, mode: u32) -> Result<(), ArtefactErr
     write_atomic(dest, mode, |out| io::copy(&mut input, out).map(|_| ()))
 }
 
+/// An exclusive `flock` on `path` (created if missing), held until the
+/// returned file is dropped: cache entries are built by one process at a
+/// time, and a waiting one says so on stderr.
+pub fn lock_exclusive(path: &Path) -> io::Result<File> {
+    use std::os::fd::AsRawFd;
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    // SAFETY: flock on a file descriptor we own and keep open; no memory is shared.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        eprintln!("waiting for another build holding {}", path.display());
+        // SAFETY: as above; this call blocks until the other holder is done.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(file)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

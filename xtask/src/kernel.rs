@@ -18,7 +18,6 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -581,25 +580,10 @@ fn tail(path: &Path, n: usize) -> String {
 /// An exclusive `flock` on `path`, held until the file is dropped. Two runs
 /// with the same key build one after the other, never in the same tree.
 fn lock(path: &Path) -> Result<File, KernelError> {
-    let err = |source| KernelError::Lock {
+    crate::artefact::lock_exclusive(path).map_err(|source| KernelError::Lock {
         path: path.to_owned(),
         source,
-    };
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(err)?;
-    // SAFETY: flock on a file descriptor we own and keep open; no memory is shared.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        eprintln!("waiting for another build holding {}", path.display());
-        // SAFETY: as above; this call blocks until the other holder is done.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(err(io::Error::last_os_error()));
-        }
-    }
-    Ok(file)
+    })
 }
 
 #[cfg(test)]

@@ -9,5 +9,6 @@ pub mod elf;
 pub mod guest;
 pub mod initramfs;
 pub mod kernel;
+pub mod node_image;
 pub mod testhost;
 pub mod testhost_qemu;

@@ -31,6 +31,11 @@ commands:
              uses that guest initramfs instead of building the agent;
              --with-qemu adds this machine's QEMU with its libraries and
              microvm firmware (for the benchmark, docs/benchmarks.md)
+  node-image [--cache-dir DIR]
+             the nested test node's root disk: Debian 12 with containerd,
+             runc, QEMU, … by mmdebstrap into an ext4 image (cached by the
+             hash of its recipe in /var/cache/boxlite/images/node-<hash>/;
+             scripts/nested-run.sh boots it)
 ";
 
 fn main() -> ExitCode {
@@ -137,6 +142,21 @@ fn run() -> Result<()> {
             let th = testhost::build(&out_dir, &cache_dir, guest_initramfs.as_deref(), with_qemu)?;
             println!("testhost-kernel: {}", th.kernel.display());
             println!("testhost-initramfs: {}", th.initramfs.display());
+            println!("testhost-vmm: {}", th.vmm.display());
+            println!("testhost-virtiofsd: {}", th.virtiofsd.display());
+        }
+        "node-image" => {
+            let mut cache_dir = None;
+            while let Some(flag) = args.next() {
+                match flag.as_str() {
+                    "--cache-dir" => cache_dir = Some(args.path(&flag)?),
+                    _ => return unknown(&command, &flag),
+                }
+            }
+            let cache_dir =
+                cache_dir.unwrap_or_else(|| PathBuf::from(xtask::node_image::DEFAULT_CACHE_ROOT));
+            let image = xtask::node_image::build(&cache_dir)?;
+            println!("node-image: {}", image.path.display());
         }
         "help" | "-h" | "--help" => print!("{USAGE}"),
         other => {

@@ -90,6 +90,10 @@ pub struct Testhost {
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
     pub kernel_cached: bool,
+    /// The static release boxlite-vmm and virtiofsd it carries (the nested
+    /// node installs the same binaries).
+    pub vmm: PathBuf,
+    pub virtiofsd: PathBuf,
 }
 
 pub fn default_out_dir() -> PathBuf {
@@ -309,6 +313,8 @@ pub fn build(
         kernel,
         initramfs,
         kernel_cached: host_kernel.cached,
+        vmm,
+        virtiofsd,
     })
 }
 
