@@ -92,6 +92,29 @@ build_guest_assets() {
     export BOXLITE_KERNEL BOXLITE_INITRAMFS
 }
 
+# Installs BoxLite from built files: the guest kernel $2 and initramfs $3
+# to /usr/share/boxlite, the shim, boxlite-vmm, boxlite-vsock and
+# boxlite-smoke from directory $1 to /usr/local/bin, and the default config
+# unless /etc/boxlite/boxlite.toml exists. scripts/setup.sh installs this
+# machine with it; the nested test node's init installs the node with it.
+install_boxlite() {
+    local bin="$1" kernel="$2" initramfs="$3"
+    install -D -m 0644 "$kernel" /usr/share/boxlite/vmlinux
+    install -D -m 0644 "$initramfs" /usr/share/boxlite/initramfs
+    install -D -m 0755 "$bin/boxlite-smoke" /usr/local/bin/boxlite-smoke
+    install -D -m 0755 "$bin/containerd-shim-boxlite-v2" /usr/local/bin/containerd-shim-boxlite-v2
+    # The built-in VMM: the default backend on hosts with VMX/SVM (hypervisor = "auto").
+    install -D -m 0755 "$bin/boxlite-vmm" /usr/local/bin/boxlite-vmm
+    # The same vsock device as a vhost-user backend, for the qemu backend.
+    install -D -m 0755 "$bin/boxlite-vsock" /usr/local/bin/boxlite-vsock
+    if [ -e /etc/boxlite/boxlite.toml ]; then
+        echo "kept existing /etc/boxlite/boxlite.toml"
+    else
+        install -D -m 0644 "$REPO_ROOT/configs/boxlite.toml" /etc/boxlite/boxlite.toml
+        echo "wrote /etc/boxlite/boxlite.toml (defaults; see docs/configuration.md)"
+    fi
+}
+
 # Builds a one-layer OCI image of Debian's busybox-static and imports it into
 # containerd as $1 (no registry is reachable: images are built locally).
 import_busybox_image() {

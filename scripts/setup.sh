@@ -20,20 +20,7 @@ log "host tools: cargo build --release"
 cargo build --release --quiet -p boxlite-runtime -p boxlite-vmm -p containerd-shim-boxlite-v2 --bins
 
 log "install: guest assets, tools, config"
-install -D -m 0644 "$BOXLITE_KERNEL" /usr/share/boxlite/vmlinux
-install -D -m 0644 "$BOXLITE_INITRAMFS" /usr/share/boxlite/initramfs
-install -D -m 0755 target/release/boxlite-smoke /usr/local/bin/boxlite-smoke
-install -D -m 0755 target/release/containerd-shim-boxlite-v2 /usr/local/bin/containerd-shim-boxlite-v2
-# The built-in VMM: the default backend on hosts with VMX/SVM (hypervisor = "auto").
-install -D -m 0755 target/release/boxlite-vmm /usr/local/bin/boxlite-vmm
-# The same vsock device as a vhost-user backend, for the qemu backend.
-install -D -m 0755 target/release/boxlite-vsock /usr/local/bin/boxlite-vsock
-if [ -e /etc/boxlite/boxlite.toml ]; then
-    echo "kept existing /etc/boxlite/boxlite.toml"
-else
-    install -D -m 0644 configs/boxlite.toml /etc/boxlite/boxlite.toml
-    echo "wrote /etc/boxlite/boxlite.toml (defaults; see docs/configuration.md)"
-fi
+install_boxlite target/release "$BOXLITE_KERNEL" "$BOXLITE_INITRAMFS"
 
 log "smoke test: boot a sandbox micro-VM and talk to its agent"
 boxlite-smoke

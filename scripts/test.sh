@@ -57,6 +57,34 @@ cargo test --workspace --no-fail-fast 2>&1 | tee -a "$TEST_LOG" || status=1
 log "tests: #[ignore]d (root; VM tests under QEMU, kernel $BOXLITE_KERNEL, initramfs $BOXLITE_INITRAMFS)"
 cargo test --workspace --no-fail-fast -- --ignored --test-threads=1 2>&1 | tee -a "$TEST_LOG" || status=1
 
+# The same shim and CRI end-to-end tests on the builtin backend: boxlite-vmm
+# under containerd in the nested test node (a Debian 12 node under QEMU TCG
+# with an emulated SVM CPU, docs/testing-nested.md), through
+# scripts/nested-run.sh. The test binaries are the ones cargo just ran here.
+log "tests: shim and CRI end to end on the builtin backend, in the nested node"
+e2e_dir="$(mktemp -d /tmp/boxlite-node-e2e.XXXXXX)"
+trap 'rm -f "$BOXLITE_SKIP_LOG" "$TEST_LOG"; rm -rf "$e2e_dir"' EXIT
+e2e_names=()
+while read -r exe; do
+    name="$(basename "$exe")"
+    name="${name%-*}"
+    cp "$exe" "$e2e_dir/$name"
+    e2e_names+=("$name")
+done < <(cargo test -p boxlite-tests --test shim_containerd --test cri_pod --no-run --message-format=json 2>/dev/null \
+    | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p')
+if [ "${#e2e_names[@]}" -ne 2 ]; then
+    echo "expected the shim_containerd and cri_pod test binaries, found: ${e2e_names[*]}" | tee -a "$TEST_LOG"
+    status=1
+else
+    copies=()
+    for name in "${e2e_names[@]}"; do copies+=(--copy "$e2e_dir/$name"); done
+    BOXLITE_NODE_PROFILE=debug bash scripts/nested-run.sh "${copies[@]}" --out "$e2e_dir/out" \
+        -- tests/nested/builtin-e2e.sh "${e2e_names[@]}" 2>&1 | tee -a "$TEST_LOG" || status=1
+    if [ -s "$e2e_dir/out/skips" ]; then
+        sed 's/^/nested node: /' "$e2e_dir/out/skips" >>"$BOXLITE_SKIP_LOG"
+    fi
+fi
+
 # A CI log is often read from its end: repeat each failed test's own output
 # (its panic message and what it dumped, such as the containerd log) here,
 # at most 200 lines per test.

@@ -2,7 +2,7 @@
 //! plugin has the runtime handler `boxlite` and CNI from Debian's
 //! containernetworking-plugins (bridge + host-local + loopback):
 //! RunPodSandbox → ImageStatus → CreateContainer → StartContainer →
-//! ExecSync → ContainerStats → StopContainer → RemoveContainer →
+//! ExecSync → ContainerStats → UpdateContainerResources → StopContainer → RemoveContainer →
 //! StopPodSandbox → RemovePodSandbox, with the pod reachable over TCP from
 //! the host, from a second BoxLite pod and from a runc pod.
 //!
@@ -17,7 +17,8 @@ use boxlite_tests::cri::{
     cri_netns, http_get, pod_config, Cri, DNS_SERVER, GREETING, HANDLER, PAUSE_IMAGE, SUBNET,
 };
 use k8s_cri::v1::{
-    ContainerStatsRequest, ImageSpec, ImageStatusRequest, NamespaceMode, VersionRequest,
+    ContainerStatsRequest, ImageSpec, ImageStatusRequest, LinuxContainerResources, NamespaceMode,
+    UpdateContainerResourcesRequest, VersionRequest,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,9 +170,42 @@ async fn pod_lifecycle_network_and_exec() {
     );
     assert!(stats.cpu.is_some(), "cpu stats missing");
 
+    // UpdateContainerResources reaches the container's cgroup in the guest
+    // (the kubelet's in-place resize): memory.max, read in the container's
+    // cgroup namespace, where its own cgroup is the root of the view.
+    const NEW_LIMIT: i64 = 96 << 20;
+    cri.rt
+        .update_container_resources(UpdateContainerResourcesRequest {
+            container_id: web.clone(),
+            linux: Some(LinuxContainerResources {
+                memory_limit_in_bytes: NEW_LIMIT,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("UpdateContainerResources");
+    let (code, max, err) = cri
+        .exec(
+            &web,
+            &[
+                "sh",
+                "-c",
+                "p=$(cat /proc/self/cgroup); p=${p#0::}; f=/sys/fs/cgroup$p/memory.max; \
+                           [ -e $f ] || f=/sys/fs/cgroup/memory.max; cat $f",
+            ],
+        )
+        .await;
+    assert_eq!(
+        (code, max.trim()),
+        (0, NEW_LIMIT.to_string().as_str()),
+        "{err}"
+    );
+
     cri.remove_pod(&runc_pod, &[runc_client]).await;
     cri.remove_pod(&client_pod, &[client]).await;
     cri.remove_pod(&pod, &[web]).await;
+    cri.c.assert_ran_on_the_test_backend();
     cri.c.assert_nothing_left();
     assert_eq!(cri_netns(), netns_before, "network namespaces left behind");
 }

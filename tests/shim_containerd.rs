@@ -51,6 +51,7 @@ fn ctr_run_reaches_the_agent_through_the_shim() {
         log.contains("sandbox VM ready"),
         "no VM boot in the log:\n{log}"
     );
+    c.assert_ran_on_the_test_backend();
     assert!(out.status.success(), "ctr run failed: {stderr}");
     assert_eq!(stdout, "hello-boxlite\n");
     let out = c.run_rm(&[], "run2", &["sh", "-c", "exit 7"]);
@@ -588,14 +589,101 @@ fn exec_output_exit_code_and_tty() {
             "ex1",
             "sh",
             "-c",
-            "[ -t 0 ] && [ -t 1 ] && echo is-a-tty; exit 4",
+            // stty size: ctr sent our terminal's size (24x80) as a
+            // resize, and the guest pty has it.
+            "[ -t 0 ] && [ -t 1 ] && echo is-a-tty; busybox stty size; exit 4",
         ],
         Duration::from_secs(120),
     );
     let stdout = text(&output);
     assert_eq!(status, Some(4), "exec -t: {stdout:?}");
     assert!(stdout.contains("is-a-tty\r"), "exec -t output: {stdout:?}");
+    assert!(stdout.contains("24 80\r"), "exec -t size: {stdout:?}");
     c.kill_and_delete("ex1");
+    c.assert_nothing_left();
+}
+
+/// `ctr run -t`: the container's init on a guest pty sized like ctr's
+/// terminal, its exit code back through ctr, nothing left.
+#[test]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
+fn run_with_a_terminal() {
+    let c = Containerd::with_image();
+    let address = c.dir.path().join("c.sock");
+    let (status, output) = run_on_a_terminal(
+        "ctr",
+        &[
+            "--address",
+            &address.to_string_lossy(),
+            "run",
+            "-t",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "tty1",
+            "sh",
+            "-c",
+            "[ -t 0 ] && [ -t 1 ] && echo init-on-a-tty; busybox stty size; exit 5",
+        ],
+        Duration::from_secs(120),
+    );
+    let stdout = text(&output);
+    assert_eq!(status, Some(5), "run -t: {stdout:?}");
+    assert!(
+        stdout.contains("init-on-a-tty\r"),
+        "run -t output: {stdout:?}"
+    );
+    assert!(stdout.contains("24 80\r"), "run -t size: {stdout:?}");
+    c.assert_nothing_left();
+}
+
+/// A container over its memory limit is OOM-killed in the guest: ctr sees
+/// exit 137 and containerd publishes the task's `/tasks/oom` event.
+#[test]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
+fn oom_kill_and_its_event() {
+    let c = Containerd::with_image();
+    let events_log = c.dir.path().join("events.log");
+    let mut events = c
+        .ctr_cmd(&["events"])
+        .stdout(std::fs::File::create(&events_log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ctr events");
+    // A shell variable doubling in size until the 32 MiB limit kills it.
+    let out = c.run_rm(
+        &["--memory-limit", "33554432"],
+        "oom1",
+        &["sh", "-c", "x=0123456789; while true; do x=$x$x; done"],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(137),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let oom_event = loop {
+        let seen = std::fs::read_to_string(&events_log).unwrap_or_default();
+        if let Some(line) = seen
+            .lines()
+            .find(|l| l.contains("/tasks/oom") && l.contains("oom1"))
+        {
+            break Some(line.to_owned());
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = events.kill();
+    let _ = events.wait();
+    assert!(
+        oom_event.is_some(),
+        "no /tasks/oom event for oom1; events:\n{}",
+        std::fs::read_to_string(&events_log).unwrap_or_default()
+    );
     c.assert_nothing_left();
 }
 

@@ -14,6 +14,26 @@ use crate::{guest_assets, processes_mentioning, sockets_under};
 pub const RUNTIME: &str = "io.containerd.boxlite.v2";
 pub const IMAGE: &str = "docker.io/library/busybox:boxlite";
 
+/// The backend the tests ask for in `boxlite.toml`: `$BOXLITE_TEST_BACKEND`
+/// ("builtin" or "qemu"), else none (the config's `auto`). The nested
+/// node's e2e run sets "builtin" (docs/testing-nested.md), so the same
+/// tests run on boxlite-vmm there and on QEMU here.
+pub fn test_backend() -> Option<String> {
+    std::env::var("BOXLITE_TEST_BACKEND")
+        .ok()
+        .filter(|b| !b.is_empty())
+}
+
+/// How the runtime logs the backend it picked (`hypervisor selected`),
+/// e.g. `backend=Builtin` for "builtin".
+fn backend_log_field(backend: &str) -> String {
+    let mut name = backend.to_owned();
+    if let Some(first) = name.get_mut(0..1) {
+        first.make_ascii_uppercase();
+    }
+    format!("backend={name}")
+}
+
 /// The shim binary cargo built next to this test's target directory.
 pub fn shim_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("BOXLITE_SHIM") {
@@ -70,10 +90,13 @@ impl Containerd {
         std::fs::create_dir_all(&bin).unwrap();
         symlink(shim_binary(), bin.join("containerd-shim-boxlite-v2")).unwrap();
         let assets = guest_assets();
+        let hypervisor = test_backend()
+            .map(|b| format!("[hypervisor]\nbackend = {b:?}\n"))
+            .unwrap_or_default();
         std::fs::write(
             d.join("boxlite.toml"),
             format!(
-                "[guest]\nkernel = {:?}\ninitramfs = {:?}\nmemory_mib = 256\n\
+                "{hypervisor}[guest]\nkernel = {:?}\ninitramfs = {:?}\nmemory_mib = 256\n\
                  [timeouts]\nagent_ready_secs = 60\n\
                  [runtime]\nstate_dir = {:?}\nlog_level = \"debug\"\n\
                  allowed_annotations = [\"io.boxlite.guest.memory_mib\"]\n",
@@ -241,6 +264,25 @@ impl Containerd {
             out.status.success(),
             "container delete {id}: {}",
             text(&out.stderr)
+        );
+    }
+
+    /// With `$BOXLITE_TEST_BACKEND` set, every sandbox this containerd
+    /// booted so far ran on that backend (and at least one did): a run
+    /// meant for boxlite-vmm must not pass on QEMU.
+    pub fn assert_ran_on_the_test_backend(&self) {
+        let Some(backend) = test_backend() else {
+            return;
+        };
+        let log = self.log();
+        let picks: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("hypervisor selected"))
+            .collect();
+        let want = backend_log_field(&backend);
+        assert!(
+            !picks.is_empty() && picks.iter().all(|l| l.contains(&want)),
+            "BOXLITE_TEST_BACKEND={backend}, but the runtime picked: {picks:#?}"
         );
     }
 

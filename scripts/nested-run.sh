@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# Runs a script as root inside the nested test node: a Debian 12 node with
+# containerd and BoxLite on the builtin backend (boxlite-vmm on the node's
+# KVM), booted under QEMU TCG with an emulated SVM CPU
+# (docs/testing-nested.md). Run as root on Debian 12.
+#
+#   scripts/nested-run.sh [--memory MIB] [--cpus N] [--copy PATH]... \
+#       [--env NAME=VALUE]... [--out DIR] [--timeout SECS] [--keep] \
+#       -- SCRIPT [ARGS...]
+#
+# Builds (or takes from the caches) the test-host kernel, the guest kernel
+# and initramfs, the node's root image and our binaries; writes them with
+# the node's init, SCRIPT, its ARGS and the --copy files onto a payload
+# disk; boots the node; streams the script's stdout and stderr here; and
+# exits with the script's exit status. The script runs in the directory
+# holding the --copy files, with $BOXLITE_NODE_OUT a directory whose
+# contents land in --out DIR after the run. If the node does not come up
+# or the script does not finish, it says why, shows the tail of the node's
+# console and exits 125.
+#
+# Environment: BOXLITE_NODE_PROFILE=release|debug (our binaries' cargo
+# profile; default release), BOXLITE_TESTHOST_TSC_KHZ (the host's TSC
+# frequency; default from /proc/cpuinfo), CARGO_TARGET_DIR.
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+usage() {
+    sed -n '7,9p' "${BASH_SOURCE[0]}" | sed 's/^# *//' >&2
+    exit 2
+}
+
+memory=4096 cpus=2 timeout=3600 out="" keep=0
+copies=() envs=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --memory) memory="$2"; shift 2 ;;
+        --cpus) cpus="$2"; shift 2 ;;
+        --copy) copies+=("$2"); shift 2 ;;
+        --env) envs+=("$2"); shift 2 ;;
+        --out) out="$2"; shift 2 ;;
+        --timeout) timeout="$2"; shift 2 ;;
+        --keep) keep=1; shift ;;
+        --) shift; break ;;
+        *) echo "nested-run: unknown option $1" >&2; usage ;;
+    esac
+done
+[ $# -ge 1 ] || usage
+script="$1"
+shift
+[ -f "$script" ] || { echo "nested-run: no script $script" >&2; exit 2; }
+for c in "${copies[@]}"; do
+    [ -e "$c" ] || { echo "nested-run: --copy $c: no such file or directory" >&2; exit 2; }
+done
+for e in "${envs[@]}"; do
+    [[ "$e" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || { echo "nested-run: --env $e: not NAME=VALUE" >&2; exit 2; }
+    [[ "$e" != *$'\n'* ]] || { echo "nested-run: --env ${e%%=*}: the value has a newline" >&2; exit 2; }
+done
+require_root
+cd "$REPO_ROOT"
+
+# Everything below goes to stderr: stdout is the script's.
+{
+    ensure_apt_packages
+    ensure_cargo_tools
+    build_guest_assets
+    log "nested node: test-host kernel, static boxlite-vmm and virtiofsd (cargo xtask testhost)"
+    testhost_out="$(cargo xtask testhost --guest-initramfs "$BOXLITE_INITRAMFS")"
+    log "nested node: root image (cargo xtask node-image)"
+    node_image="$(cargo xtask node-image | sed -n 's/^node-image: //p')"
+    profile="${BOXLITE_NODE_PROFILE:-release}"
+    log "nested node: our binaries (cargo build, $profile)"
+    if [ "$profile" = release ]; then
+        cargo build --release --quiet -p boxlite-runtime -p boxlite-vmm -p containerd-shim-boxlite-v2 --bins
+    else
+        cargo build --quiet -p boxlite-runtime -p boxlite-vmm -p containerd-shim-boxlite-v2 --bins
+    fi
+} >&2
+kernel="$(sed -n 's/^testhost-kernel: //p' <<<"$testhost_out")"
+vmm="$(sed -n 's/^testhost-vmm: //p' <<<"$testhost_out")"
+virtiofsd="$(sed -n 's/^testhost-virtiofsd: //p' <<<"$testhost_out")"
+bin_dir="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/$profile"
+
+work="$(mktemp -d /tmp/boxlite-nested-run.XXXXXX)"
+cleanup() {
+    if [ "$keep" = 1 ]; then
+        echo "nested-run: kept $work (console.log, payload.ext4)" >&2
+    else
+        rm -rf "$work"
+    fi
+}
+trap cleanup EXIT
+
+# The payload disk: the node's init, our binaries (the static release VMM
+# and virtiofsd the test host uses, the shim and tools of $profile), the
+# guest assets, the install helpers, the run's script, args, env and files.
+p="$work/payload"
+mkdir -p "$p/bin" "$p/guest" "$p/scripts" "$p/configs" "$p/run" "$p/files"
+install -m 0755 scripts/node-init.sh "$p/init"
+cp scripts/common.sh "$p/scripts/"
+cp configs/boxlite.toml configs/containerd-boxlite.toml "$p/configs/"
+for b in containerd-shim-boxlite-v2 boxlite-vsock boxlite-smoke; do
+    install -m 0755 "$bin_dir/$b" "$p/bin/$b"
+done
+install -m 0755 "$vmm" "$p/bin/boxlite-vmm"
+install -m 0755 "$virtiofsd" "$p/bin/virtiofsd"
+cp "$BOXLITE_KERNEL" "$p/guest/vmlinux"
+cp "$BOXLITE_INITRAMFS" "$p/guest/initramfs.cpio.gz"
+cp "$script" "$p/run/script"
+if [ $# -gt 0 ]; then printf '%s\0' "$@" >"$p/run/args"; else : >"$p/run/args"; fi
+if [ ${#envs[@]} -gt 0 ]; then printf '%s\n' "${envs[@]}" >"$p/run/env"; else : >"$p/run/env"; fi
+for c in "${copies[@]}"; do
+    cp -a "$c" "$p/files/"
+done
+# Room for what the script writes to its directory and $BOXLITE_NODE_OUT.
+size_mib=$(($(du -sm "$p" | cut -f1) * 5 / 4 + 512))
+mke2fs -q -t ext4 -L boxlite-payload -d "$p" "$work/payload.ext4" "${size_mib}M"
+rm -rf "$p"
+
+tsc_khz="${BOXLITE_TESTHOST_TSC_KHZ:-$(awk -F: '/^cpu MHz/ { printf "%d", $2 * 1000; exit }' /proc/cpuinfo)}"
+[ "${tsc_khz:-0}" -gt 0 ] || { echo "nested-run: cannot read the host's TSC frequency from /proc/cpuinfo; set BOXLITE_TESTHOST_TSC_KHZ" >&2; exit 125; }
+echo "nested-run: booting the node (${memory} MiB, $cpus vCPUs; console: $work/console.log)" >&2
+started=$SECONDS
+# The root image opens with snapshot=on: the run's writes go to a temporary
+# overlay and the cached image never changes. The kernel console goes to a
+# file; the script's output comes on the second serial port to our stdout.
+# tsc_early_khz: docs/testing-nested.md, "Why tsc_early_khz".
+set +e
+timeout --kill-after=10 "$timeout" qemu-system-x86_64 \
+    -M microvm,acpi=off -accel tcg -cpu EPYC,+svm,+npt -smp "$cpus" -m "$memory" \
+    -nodefaults -no-user-config -display none -no-reboot \
+    -chardev "file,id=console,path=$work/console.log" -serial chardev:console \
+    -chardev stdio,id=out,signal=off -device isa-serial,chardev=out \
+    -drive "id=root,file=$node_image,format=raw,if=none,snapshot=on,cache=unsafe" \
+    -device virtio-blk-device,drive=root \
+    -drive "id=payload,file=$work/payload.ext4,format=raw,if=none,cache=unsafe" \
+    -device virtio-blk-device,drive=payload \
+    -kernel "$kernel" \
+    -append "console=ttyS0 root=/dev/vda rw init=/sbin/boxlite-node-boot reboot=t panic=-1 tsc_early_khz=$tsc_khz" \
+    </dev/null
+qemu_status=$?
+set -e
+elapsed=$((SECONDS - started))
+
+fail() {
+    echo "nested-run: $* (after ${elapsed}s); last 60 lines of the node's console ($work/console.log):" >&2
+    tail -n 60 "$work/console.log" | sed 's/^/  | /' >&2
+    keep=1
+    exit 125
+}
+[ "$qemu_status" = 124 ] && fail "the node did not finish within ${timeout}s (--timeout)"
+status="$(debugfs -R 'cat /status' "$work/payload.ext4" 2>/dev/null || true)"
+if [ -n "$out" ]; then
+    mkdir -p "$out" "$work/dump"
+    if debugfs -R "rdump /out $work/dump" "$work/payload.ext4" >/dev/null 2>&1 && [ -d "$work/dump/out" ]; then
+        cp -a "$work/dump/out/." "$out/"
+    else
+        echo "nested-run: no \$BOXLITE_NODE_OUT to copy to $out" >&2
+    fi
+fi
+case "$status" in
+    '') fail "the node ended (QEMU status $qemu_status) without recording the script's exit status" ;;
+    setup-failed:*) fail "the node could not run the script: ${status#setup-failed: }" ;;
+    *[!0-9]*) fail "unexpected status on the payload disk: $status" ;;
+esac
+echo "nested-run: script exited $status after ${elapsed}s in the node" >&2
+exit "$status"

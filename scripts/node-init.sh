@@ -1,0 +1,93 @@
+#!/bin/bash
+# Init (PID 1) of the nested test node, run from the payload disk that
+# scripts/nested-run.sh writes for each run (docs/testing-nested.md).
+#
+# 1. mounts what a node needs (the image's bootstrap mounted /proc, /sys,
+#    /dev and this disk on /payload);
+# 2. installs BoxLite the way scripts/setup.sh does (install_boxlite,
+#    register_containerd_runtime), with the builtin backend on KVM;
+# 3. starts containerd;
+# 4. runs the run's script as root in /payload/files, its stdout and stderr
+#    on the second serial port (the caller's stdout), nothing on stdin;
+# 5. writes the script's exit status to /payload/status (or why the node
+#    could not run it, as "setup-failed: …"), stops every other process,
+#    unmounts this disk cleanly so the host can read it, and powers off.
+#
+# Progress and errors of this init go to the kernel console (ttyS0), which
+# nested-run.sh keeps in a file and shows the tail of on failure.
+set -u
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root LANG=C.UTF-8
+P=/payload
+OUT_TTY=/dev/ttyS1
+
+say() { echo "boxlite-node: $*" >/dev/console; }
+
+finish() {
+    echo "$1" >"$P/status"
+    say "finished: $1"
+    # Everything but PID 1: the script's leftovers, containerd, shims and
+    # VMMs, so that nothing holds the payload disk.
+    kill -KILL -1 2>/dev/null
+    sleep 0.5
+    sync
+    umount "$P" || mount -o remount,ro "$P" || say "cannot unmount $P; its status may not reach the host"
+    sync
+    # reboot=t on the command line: the reset ends the test host's QEMU
+    # (-no-reboot), so the caller sees the node end.
+    exec /bin/busybox reboot -f
+}
+
+mount_all() {
+    mkdir -p /dev/pts /dev/shm /dev/mqueue /run /tmp /sys/fs/cgroup
+    mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
+    mount -t tmpfs -o nosuid,nodev,mode=1777 shm /dev/shm
+    mount -t mqueue mqueue /dev/mqueue
+    mount -t tmpfs -o nosuid,nodev,mode=755 run /run
+    mount -t tmpfs -o nosuid,nodev,mode=1777 tmp /tmp
+    mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
+    ln -sfn /proc/self/fd /dev/fd
+    ln -sfn /proc/self/fd/0 /dev/stdin
+    ln -sfn /proc/self/fd/1 /dev/stdout
+    ln -sfn /proc/self/fd/2 /dev/stderr
+    hostname "$(cat /etc/hostname)"
+    ip link set lo up
+}
+
+# The install steps of scripts/setup.sh, then this node's backend: builtin
+# on KVM, what `auto` picks on a server with VMX/SVM (the node has no
+# kvm_pvm), written out so a wrong pick fails instead of falling back.
+install_node() (
+    set -euo pipefail
+    # shellcheck source=common.sh
+    source "$P/scripts/common.sh"
+    install_boxlite "$P/bin" "$P/guest/vmlinux" "$P/guest/initramfs.cpio.gz"
+    # The static virtiofsd (on a host, setup.sh installs it with cargo).
+    install -D -m 0755 "$P/bin/virtiofsd" /usr/local/bin/virtiofsd
+    local cfg=/etc/boxlite/boxlite.toml
+    grep -q '^# backend = "auto"$' "$cfg" && grep -q '^# accel = "auto"$' "$cfg" \
+        || { echo "$cfg has no '# backend = \"auto\"' / '# accel = \"auto\"' lines to set" >&2; exit 1; }
+    sed -i -e 's/^# backend = "auto"$/backend = "builtin"/' -e 's/^# accel = "auto"$/accel = "kvm"/' "$cfg"
+    register_containerd_runtime >/dev/null
+    ensure_containerd start
+)
+
+say "init: up $(cut -d' ' -f1 /proc/uptime)s after boot"
+mount_all
+[ -c /dev/kvm ] || finish "setup-failed: no /dev/kvm in the node (is KVM_AMD in the test-host kernel, and svm in the outer CPU?)"
+if ! install_node >/dev/console 2>&1; then
+    finish "setup-failed: installing BoxLite or starting containerd failed (see the console above)"
+fi
+say "containerd up $(cut -d' ' -f1 /proc/uptime)s after boot; running the script"
+
+# Raw: the script's bytes reach the caller unchanged (no \n → \r\n).
+stty -F "$OUT_TTY" raw -echo
+while IFS= read -r kv; do
+    [ -n "$kv" ] && export "${kv?}"
+done <"$P/run/env"
+export BOXLITE_NODE_OUT="$P/out"
+mkdir -p "$BOXLITE_NODE_OUT"
+mapfile -d '' args <"$P/run/args"
+cd "$P/files" || finish "setup-failed: no $P/files"
+setsid bash "$P/run/script" "${args[@]}" </dev/null >"$OUT_TTY" 2>&1
+finish "$?"
