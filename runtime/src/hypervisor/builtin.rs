@@ -21,7 +21,10 @@
 //! only it); any failure kills and reaps what was spawned and removes the
 //! sockets. `stop` asks the agent (DestroySandbox: the guest reboots, the
 //! VMM exits 0), then — this backend's fallback — the VMM's control socket
-//! (`{"op":"shutdown"}`), then kills.
+//! (`Request::Shutdown`), then kills.
+//!
+//! `vm.json` and the control messages are the types of `boxlite-vmm-api`,
+//! the crate the VMM parses them with: the two cannot drift apart.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
@@ -32,7 +35,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use boxlite_protocol::error_chain::chain;
-use serde_json::{json, Value};
+use boxlite_vmm_api::config::{
+    DeviceConfig, FsConfig, NetConfig, RngConfig, VmConfig, VsockConfig,
+};
+use boxlite_vmm_api::control::{Reply, Request};
 
 use super::launcher::{Launch, Launcher, VmSetup};
 use super::process::{fs_socket_name, Role};
@@ -67,64 +73,105 @@ impl ProcessVm<BuiltinLauncher> {
         ProcessVm::with_launcher(spec, &virtiofsd, BuiltinLauncher { bins })
     }
 
-    /// The VMM's JSON config; see [`vm_config`].
-    pub fn vm_config(&self, shares: &[Share], nets: &[(Option<RawFd>, &NetDevice)]) -> Value {
+    /// The VMM's config; see [`vm_config`].
+    pub fn vm_config(
+        &self,
+        shares: &[Share],
+        nets: &[(Option<RawFd>, &NetDevice)],
+    ) -> Result<VmConfig, HypervisorError> {
         vm_config(&self.setup, shares, nets)
     }
 
-    /// Sends one control request and returns the reply line (blocking, with
-    /// a short timeout: the VMM answers from its event loop).
-    pub fn control_request(&self, op: &str) -> std::io::Result<Value> {
-        control_request(&self.setup.path(CONTROL_SOCKET), op)
+    /// Sends one control request and returns the reply (blocking, with a
+    /// short timeout: the VMM answers from its event loop).
+    pub fn control_request(&self, request: Request) -> std::io::Result<Reply> {
+        control_request(&self.setup.path(CONTROL_SOCKET), request)
     }
 }
 
-/// The VMM's JSON config (see `docs/vmm.md`). `nets` pairs each device with
+/// The VMM's config (see `docs/vmm.md`). `nets` pairs each device with
 /// the raw fd the VMM inherits for it (None for named taps).
-pub fn vm_config(vm: &VmSetup, shares: &[Share], nets: &[(Option<RawFd>, &NetDevice)]) -> Value {
+pub fn vm_config(
+    vm: &VmSetup,
+    shares: &[Share],
+    nets: &[(Option<RawFd>, &NetDevice)],
+) -> Result<VmConfig, HypervisorError> {
     let mut devices = vec![
-        json!({"kind": "rng"}),
-        json!({"kind": "vsock", "guest_cid": GUEST_CID, "uds_path": vm.path(VSOCK_SOCKET)}),
+        DeviceConfig::Rng(RngConfig::default()),
+        DeviceConfig::Vsock(VsockConfig {
+            guest_cid: GUEST_CID.into(),
+            uds_path: vm.path(VSOCK_SOCKET),
+        }),
     ];
     for share in shares {
-        devices.push(json!({
-            "kind": "fs",
-            "tag": share.tag,
-            "socket_path": vm.path(&fs_socket_name(&share.tag)),
+        devices.push(DeviceConfig::Fs(FsConfig {
+            tag: share.tag.clone(),
+            socket_path: vm.path(&fs_socket_name(&share.tag)),
         }));
     }
     for (fd, net) in nets {
-        let mut d = json!({"kind": "net", "mac": net.mac.to_string()});
-        match (&net.tap, fd) {
-            (TapDevice::Name(name), _) => d["tap_name"] = json!(name),
-            (TapDevice::Fd(_), Some(fd)) => d["tap_fd"] = json!(fd),
-            (TapDevice::Fd(f), None) => d["tap_fd"] = json!(f.as_raw_fd()),
-        }
-        devices.push(d);
+        let mac = Some(net.mac.to_string());
+        devices.push(DeviceConfig::Net(match (&net.tap, fd) {
+            (TapDevice::Name(name), _) => NetConfig::with_tap_name(name.clone(), mac),
+            (TapDevice::Fd(_), Some(fd)) => NetConfig::with_tap_fd(*fd, mac),
+            (TapDevice::Fd(f), None) => NetConfig::with_tap_fd(f.as_raw_fd(), mac),
+        }));
     }
-    json!({
-        "vcpus": vm.vcpus,
-        "memory_mib": vm.memory_mib,
-        "kernel": vm.kernel,
-        "initramfs": vm.initramfs,
-        "cmdline": vm.cmdline_extra.join(" "),
-        "console_log": vm.path(CONSOLE_LOG),
-        "control_socket": vm.path(CONTROL_SOCKET),
-        "sandbox_dir": vm.dir,
-        "devices": devices,
+    let vcpus = u8::try_from(vm.vcpus).map_err(|_| HypervisorError::VmmConfigRange {
+        id: vm.id.clone(),
+        key: "guest.vcpus",
+        value: vm.vcpus.into(),
+        max: u8::MAX.into(),
+    })?;
+    Ok(VmConfig {
+        vcpus,
+        memory_mib: vm.memory_mib,
+        kernel: Some(vm.kernel.clone()),
+        initramfs: Some(vm.initramfs.clone()),
+        cmdline: vm.cmdline_extra.join(" "),
+        console_log: Some(vm.path(CONSOLE_LOG)),
+        control_socket: Some(vm.path(CONTROL_SOCKET)),
+        sandbox_dir: Some(vm.dir.clone()),
+        devices,
+        ..VmConfig::default()
     })
 }
 
-/// One request on a VMM control socket: writes `{"op": op}`, reads the
-/// reply line (2 s timeout each way).
-pub fn control_request(socket: &Path, op: &str) -> std::io::Result<Value> {
+/// Writes [`vm_config`] as `vm.json` in the sandbox directory; returns its
+/// path (what `boxlite-vmm --config` is given).
+pub fn write_vm_config(
+    vm: &VmSetup,
+    shares: &[Share],
+    nets: &[(Option<RawFd>, &NetDevice)],
+) -> Result<PathBuf, HypervisorError> {
+    let cfg = vm_config(vm, shares, nets)?;
+    let path = vm.path(VM_CONFIG);
+    std::fs::write(&path, cfg.to_json_pretty()).map_err(|error| HypervisorError::Io {
+        id: vm.id.clone(),
+        op: "cannot write the VM config",
+        path: path.clone(),
+        error,
+    })?;
+    Ok(path)
+}
+
+/// One request on a VMM control socket: writes it, reads the reply line
+/// (2 s timeout each way). A reply that is not a [`Reply`] is an error
+/// naming the socket.
+pub fn control_request(socket: &Path, request: Request) -> std::io::Result<Reply> {
     let mut s = UnixStream::connect(socket)?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     s.set_write_timeout(Some(Duration::from_secs(2)))?;
-    s.write_all(format!("{}\n", json!({ "op": op })).as_bytes())?;
+    s.write_all(request.to_line().as_bytes())?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
-    serde_json::from_str(&line).map_err(std::io::Error::other)
+    Reply::from_line(&line).map_err(|e| {
+        std::io::Error::other(format!(
+            "control socket {}: the reply to {request} is not a control reply: {e} (got {:?})",
+            socket.display(),
+            line.trim_end()
+        ))
+    })
 }
 
 #[async_trait]
@@ -150,14 +197,7 @@ impl Launcher for BuiltinLauncher {
         let fds = launch.tap_fds();
         let nets: Vec<(Option<RawFd>, &NetDevice)> =
             fds.iter().copied().zip(launch.nets.iter()).collect();
-        let cfg = vm_config(vm, launch.shares, &nets);
-        let cfg_path = vm.path(VM_CONFIG);
-        std::fs::write(&cfg_path, format!("{cfg:#}\n")).map_err(|error| HypervisorError::Io {
-            id: vm.id.clone(),
-            op: "cannot write the VM config",
-            path: cfg_path.clone(),
-            error,
-        })?;
+        let cfg_path = write_vm_config(vm, launch.shares, &nets)?;
         let args: Vec<OsString> = vec!["--config".into(), cfg_path.into_os_string()];
         tracing::info!(sandbox_id = %vm.id, binary = %self.bins.vmm_binary.display(), "starting boxlite-vmm");
         let inherit: Vec<RawFd> = fds.into_iter().flatten().collect();
@@ -169,8 +209,9 @@ impl Launcher for BuiltinLauncher {
         let id = &vm.id;
         tracing::warn!(sandbox_id = %id, "VM did not exit after the agent shutdown; asking the VMM over its control socket");
         let socket = vm.path(CONTROL_SOCKET);
-        match tokio::task::spawn_blocking(move || control_request(&socket, "shutdown")).await {
-            Ok(Ok(reply)) => tracing::debug!(sandbox_id = %id, %reply, "control shutdown"),
+        match tokio::task::spawn_blocking(move || control_request(&socket, Request::Shutdown)).await
+        {
+            Ok(Ok(reply)) => tracing::debug!(sandbox_id = %id, ?reply, "control shutdown"),
             Ok(Err(e)) => tracing::warn!(sandbox_id = %id, error = %e, "control shutdown failed"),
             Err(e) => {
                 tracing::warn!(sandbox_id = %id, error = %chain(&e), "control shutdown task failed")
@@ -187,6 +228,7 @@ mod tests {
     use crate::hypervisor::test_rig::{Bins, Rig};
     use crate::hypervisor::Hypervisor;
     use boxlite_test_support::fake_bin::pid_alive;
+    use boxlite_vmm_api::control::VmState;
     use std::fs::File;
 
     fn bins(vmm: PathBuf, virtiofsd: PathBuf) -> ResolvedHypervisor {
@@ -251,23 +293,32 @@ exec sleep 30"#,
             args.trim(),
             format!("--config {}", sb.join("vm.json").display())
         );
-        let cfg: Value =
-            serde_json::from_str(&std::fs::read_to_string(rig.path("vmm.json")).unwrap()).unwrap();
-        assert_eq!(cfg["vcpus"], 1, "{cfg}");
-        assert_eq!(cfg["cmdline"], "quiet");
-        assert_eq!(cfg["sandbox_dir"], json!(sb));
-        assert_eq!(cfg["control_socket"], json!(sb.join("control.sock")));
-        assert_eq!(cfg["console_log"], json!(sb.join("console.log")));
-        let devs = cfg["devices"].as_array().unwrap();
-        assert_eq!(devs[0]["kind"], "rng");
-        assert_eq!(devs[1]["kind"], "vsock");
-        assert_eq!(devs[1]["uds_path"], json!(sb.join("vsock.sock")));
-        assert_eq!(devs[2]["kind"], "fs");
-        assert_eq!(devs[2]["tag"], "rootfs");
-        assert_eq!(devs[2]["socket_path"], json!(sb.join("fs-rootfs.sock")));
-        assert_eq!(devs[3]["kind"], "net");
-        assert_eq!(devs[3]["tap_fd"], tap_fd);
-        assert_eq!(devs[3]["mac"], "02:00:00:00:00:01");
+        let cfg =
+            VmConfig::from_json(&std::fs::read_to_string(rig.path("vmm.json")).unwrap()).unwrap();
+        assert_eq!(cfg.vcpus, 1, "{cfg:?}");
+        assert_eq!(cfg.cmdline, "quiet");
+        assert_eq!(cfg.sandbox_dir, Some(sb.clone()));
+        assert_eq!(cfg.control_socket, Some(sb.join("control.sock")));
+        assert_eq!(cfg.console_log, Some(sb.join("console.log")));
+        assert!(cfg.jail, "the jail is on");
+        assert_eq!(
+            cfg.devices,
+            vec![
+                DeviceConfig::Rng(RngConfig::default()),
+                DeviceConfig::Vsock(VsockConfig {
+                    guest_cid: 3,
+                    uds_path: sb.join("vsock.sock")
+                }),
+                DeviceConfig::Fs(FsConfig {
+                    tag: "rootfs".into(),
+                    socket_path: sb.join("fs-rootfs.sock")
+                }),
+                DeviceConfig::Net(NetConfig::with_tap_fd(
+                    tap_fd,
+                    Some("02:00:00:00:00:01".into())
+                )),
+            ]
+        );
         let fds = std::fs::read_to_string(rig.path("vmm.fds")).unwrap();
         assert!(
             fds.lines().any(|l| l == tap_fd.to_string()),
@@ -317,7 +368,17 @@ exec sleep 30"#,
     async fn stop_falls_back_to_the_control_socket() {
         let rig = Rig::new();
         // A VMM that serves the control socket (python3) but whose guest
-        // agent never answers.
+        // agent never answers. It records the request line as it came and
+        // answers with a reply line made here from the contract's types.
+        let reply = Reply::Shutdown {
+            state: VmState::Stopping,
+            exit_code: 0,
+        };
+        let reply_hex: String = reply
+            .to_line()
+            .bytes()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         let vmm = rig.script(
             "boxlite-vmm",
             &format!(
@@ -326,12 +387,11 @@ import json, os, socket, sys
 cfg = json.load(open(sys.argv[1]))
 s = socket.socket(socket.AF_UNIX); s.bind(cfg["control_socket"]); s.listen(1)
 c, _ = s.accept()
-req = json.loads(c.makefile().readline())
-open("{marker}", "w").write(req["op"])
-c.sendall(b'{{"ok":true,"state":"stopping","exit_code":0}}\n')
+open("{marker}", "w").write(c.makefile().readline())
+c.sendall(bytes.fromhex("{reply_hex}"))
 os.unlink(cfg["control_socket"])
 EOF"#,
-                marker = rig.path("control.op").display()
+                marker = rig.path("control.request").display()
             ),
         );
         let hv = BuiltinHypervisor::new(rig.spec(), bins(vmm, rig.path("nope"))).unwrap();
@@ -349,9 +409,11 @@ EOF"#,
             "{:?}",
             started.elapsed()
         );
+        let line = std::fs::read_to_string(rig.path("control.request")).unwrap();
         assert_eq!(
-            std::fs::read_to_string(rig.path("control.op")).unwrap(),
-            "shutdown"
+            Request::from_line(line.trim_end().as_bytes()),
+            Ok(Request::Shutdown),
+            "{line:?}"
         );
         assert!(!pid_alive(pid));
         assert_eq!(rig.leftovers(), Vec::<String>::new());

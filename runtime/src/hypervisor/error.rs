@@ -36,6 +36,15 @@ pub enum HypervisorError {
     InvalidTap { name: String, reason: &'static str },
     #[error("MAC address {value:?} is invalid: {reason}")]
     InvalidMac { value: String, reason: &'static str },
+    /// A VM size the VMM's config cannot hold (its field is narrower than
+    /// the runtime's).
+    #[error("sandbox {id}: {key} = {value} does not fit boxlite-vmm's config (at most {max})")]
+    VmmConfigRange {
+        id: String,
+        key: &'static str,
+        value: u64,
+        max: u64,
+    },
     #[error("sandbox {id}: cannot {op} while the VM is {state}")]
     InvalidState {
         id: String,

@@ -30,6 +30,8 @@ mod spec;
 mod stale;
 #[cfg(test)]
 mod test_rig;
+#[cfg(test)]
+mod vmm_contract_tests;
 
 use std::path::{Path, PathBuf};
 

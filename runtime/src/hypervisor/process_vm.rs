@@ -169,6 +169,25 @@ impl<L: Launcher> ProcessVm<L> {
         files
     }
 
+    /// Test access to what a start works with: runs [`Self::preflight`] on
+    /// the shares and nets added so far and, if it passes, gives `f` the
+    /// setup and the [`Launch`] the launcher's `spawn` would get.
+    #[cfg(test)]
+    pub(super) async fn with_preflighted<T>(
+        &self,
+        f: impl FnOnce(&VmSetup, &Launch<'_>) -> T,
+    ) -> Result<T, HypervisorError> {
+        let st = self.state.lock().await;
+        self.preflight(&st)?;
+        let mut procs = Vec::new();
+        let launch = Launch {
+            shares: &st.shares,
+            nets: &st.nets,
+            procs: &mut procs,
+        };
+        Ok(f(&self.setup, &launch))
+    }
+
     /// Checks everything that can be checked before spawning anything: the
     /// binaries are executable, the guest assets exist, each share's
     /// directory exists, each socket path fits in `sun_path`.
@@ -215,7 +234,13 @@ impl<L: Launcher> ProcessVm<L> {
                 });
             }
         }
-        for path in self.socket_paths(&st.shares) {
+        // The hybrid vsock side (boxlite-vmm, boxlite-vsock) creates
+        // `<vsock.sock>_<port>` for a guest connecting to any host port, so
+        // the longest port must fit too, not only the readiness port.
+        let mut longest_port = vm.path(VSOCK_SOCKET).into_os_string();
+        longest_port.push(format!("_{}", u32::MAX));
+        let paths = self.socket_paths(&st.shares);
+        for path in paths.into_iter().chain([PathBuf::from(longest_port)]) {
             let len = path.as_os_str().len();
             if len > MAX_SOCKET_PATH_LEN {
                 return Err(HypervisorError::SocketPathTooLong {

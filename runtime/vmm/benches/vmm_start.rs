@@ -31,6 +31,8 @@ use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use boxlite_vmm::config::{CpuMode, RawImageConfig, VmConfig};
+
 /// `mov dx, 0x3f8; mov al, 'X'; out dx, al; hlt; jmp $-3`.
 const GUEST: [u8; 9] = [0xba, 0xf8, 0x03, 0xb0, b'X', 0xee, 0xf4, 0xeb, 0xfd];
 const ROM_SIZE: usize = 64 * 1024;
@@ -118,19 +120,20 @@ impl Bench {
         fs::write(self.path("guest.rom"), rom).expect("write guest.rom");
         let sandbox = self.path("sandbox");
         fs::create_dir_all(&sandbox).expect("sandbox dir");
-        let cfg = serde_json::json!({
-            "vcpus": 1,
-            "memory_mib": self.opts.memory_mib,
-            "console_log": self.path("console.fifo"),
-            "irqchip": true,
-            "sandbox_dir": sandbox,
-            "raw_image": {
-                "path": self.path("guest.bin"),
-                "load_addr": 0x1000,
-                "mode": "real"
-            }
-        });
-        fs::write(self.path("vm.json"), cfg.to_string()).expect("write vm.json");
+        let cfg = VmConfig {
+            vcpus: 1,
+            memory_mib: self.opts.memory_mib,
+            console_log: Some(self.path("console.fifo")),
+            irqchip: true,
+            sandbox_dir: Some(sandbox),
+            raw_image: Some(RawImageConfig {
+                path: self.path("guest.bin"),
+                load_addr: 0x1000,
+                mode: CpuMode::Real,
+            }),
+            ..VmConfig::default()
+        };
+        fs::write(self.path("vm.json"), cfg.to_json_pretty()).expect("write vm.json");
     }
 
     fn command(&self, vmm: Vmm) -> Command {

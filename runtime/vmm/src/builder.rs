@@ -14,7 +14,7 @@ use crate::arch::x86_64::boot::{self, BootError};
 use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
 use crate::arch::x86_64::mptable::{self, MptableError};
 use crate::arch::x86_64::regs::BootEntry;
-use crate::config::{ConfigError, CpuMode, DeviceConfig, VmConfig};
+use crate::config::{mac_bytes, ConfigError, CpuMode, DeviceConfig, Validate, VmConfig};
 use crate::control::{ControlError, ControlServer, VmControl};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::devices::virtio::block::{Block, BlockError};
@@ -230,7 +230,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
                     (Some(fd), _) => Tap::from_fd(fd)?,
                     (None, name) => Tap::open(name.as_deref().unwrap_or_default())?,
                 };
-                let mac = n.mac_bytes().map_err(ConfigError::from)?;
+                let mac = mac_bytes(n).map_err(ConfigError::from)?;
                 let net = Net::new(Box::new(tap), mac)?;
                 metrics
                     .devices

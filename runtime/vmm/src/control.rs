@@ -1,8 +1,10 @@
 //! The control socket: a unix socket (`control_socket` in the VM config)
 //! served on the VMM event loop.
 //!
-//! Protocol: newline-delimited JSON, one request per line, one reply line
-//! per request, any number of requests per connection:
+//! The messages — requests, replies, the metrics — are the contract
+//! crate's, `boxlite_vmm_api::control` (the runtime's client uses the same
+//! types). Newline-delimited JSON, one request per line, one reply line per
+//! request, any number of requests per connection:
 //!
 //! | request | reply (besides `"ok": true`) |
 //! |---|---|
@@ -27,8 +29,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+pub use boxlite_vmm_api::control::{Reply, Request, VmState};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use serde_json::{json, Value};
 
 use crate::metrics::VmMetrics;
 use crate::vstate::vcpu::{ExitReason, ExitSignal, VcpuHandle};
@@ -37,8 +39,6 @@ use crate::vstate::vcpu::{ExitReason, ExitSignal, VcpuHandle};
 pub const MAX_REQUEST_LEN: usize = 4096;
 /// Most control connections at once; more are closed at accept.
 pub const MAX_CONNECTIONS: usize = 16;
-/// The ops, in the order error messages list them.
-pub const OPS: &[&str] = &["shutdown", "pause", "resume", "status", "metrics"];
 
 /// Errors of setting up the control socket.
 #[derive(Debug, thiserror::Error)]
@@ -47,24 +47,6 @@ pub enum ControlError {
     NotASocket(PathBuf),
     #[error("Failed to bind the control socket {0}")]
     Bind(PathBuf, #[source] std::io::Error),
-}
-
-/// What the VM is doing, as `status` reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VmState {
-    Running,
-    Paused,
-    Stopping,
-}
-
-impl VmState {
-    fn as_str(self) -> &'static str {
-        match self {
-            VmState::Running => "running",
-            VmState::Paused => "paused",
-            VmState::Stopping => "stopping",
-        }
-    }
 }
 
 /// The VM as the control socket sees it; shared with `run_vm`, which takes
@@ -131,60 +113,38 @@ impl VmControl {
     }
 
     /// Handles one request line; returns the reply.
-    pub fn handle(&self, line: &[u8]) -> Value {
-        match self.dispatch(line) {
-            Ok(mut v) => {
-                v["ok"] = Value::Bool(true);
-                v
-            }
-            Err(e) => json!({ "ok": false, "error": e }),
-        }
-    }
-
-    fn dispatch(&self, line: &[u8]) -> Result<Value, String> {
-        let req: Value =
-            serde_json::from_slice(line).map_err(|e| format!("request is not valid JSON: {e}"))?;
-        let obj = req.as_object().ok_or_else(|| {
-            format!("request must be a JSON object like {{\"op\":\"status\"}}, got {req}")
-        })?;
-        if let Some(k) = obj.keys().find(|k| k.as_str() != "op") {
-            return Err(format!("unknown field {k:?}: requests have only \"op\""));
-        }
-        let op = match obj.get("op") {
-            Some(Value::String(s)) => s.as_str(),
-            Some(other) => return Err(format!("\"op\" must be a string, got {other}")),
-            None => {
-                return Err(format!(
-                    "missing \"op\": expected one of {}",
-                    OPS.join(", ")
-                ))
+    pub fn handle(&self, line: &[u8]) -> Reply {
+        let request = match Request::from_line(line) {
+            Ok(r) => r,
+            Err(e) => {
+                return Reply::Error {
+                    error: e.to_string(),
+                }
             }
         };
-        match op {
-            "status" => Ok(json!({
-                "state": self.state().as_str(),
-                "uptime_ms": self.started.elapsed().as_millis() as u64,
-                "vcpus": self.nvcpus,
-            })),
-            "metrics" => Ok(json!({ "metrics": self.metrics.to_json() })),
-            "pause" => self
-                .set_paused(true)
-                .map(|s| json!({ "state": s.as_str() })),
-            "resume" => self
-                .set_paused(false)
-                .map(|s| json!({ "state": s.as_str() })),
-            "shutdown" => {
+        let state = |r: Result<VmState, String>| match r {
+            Ok(state) => Reply::State { state },
+            Err(error) => Reply::Error { error },
+        };
+        match request {
+            Request::Status => Reply::Status {
+                state: self.state(),
+                uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                vcpus: u32::try_from(self.nvcpus).unwrap_or(u32::MAX),
+            },
+            Request::Metrics => Reply::Metrics {
+                metrics: self.metrics.snapshot(),
+            },
+            Request::Pause => state(self.set_paused(true)),
+            Request::Resume => state(self.set_paused(false)),
+            Request::Shutdown => {
                 tracing::info!("shutdown requested over the control socket");
                 self.exit.set(ExitReason::Stopped);
-                Ok(json!({
-                    "state": VmState::Stopping.as_str(),
-                    "exit_code": ExitReason::Stopped.exit_code(),
-                }))
+                Reply::Shutdown {
+                    state: VmState::Stopping,
+                    exit_code: ExitReason::Stopped.exit_code(),
+                }
             }
-            other => Err(format!(
-                "unknown op {other:?}: expected one of {}",
-                OPS.join(", ")
-            )),
         }
     }
 }
@@ -230,10 +190,12 @@ impl ControlServer {
         self.vm = Some(vm);
     }
 
-    fn reply(&self, line: &[u8]) -> Value {
+    fn reply(&self, line: &[u8]) -> Reply {
         match &self.vm {
             Some(vm) => vm.handle(line),
-            None => json!({"ok": false, "error": "the VM is not running yet"}),
+            None => Reply::Error {
+                error: "the VM is not running yet".into(),
+            },
         }
     }
 
@@ -298,15 +260,19 @@ impl ControlServer {
             let line = &line[..line.len() - 1];
             let reply = if line.len() >= MAX_REQUEST_LEN {
                 ok = false;
-                json!({"ok": false, "error": format!("request is {} bytes long, the limit is {}", line.len() + 1, MAX_REQUEST_LEN)})
+                Reply::Error {
+                    error: format!(
+                        "request is {} bytes long, the limit is {}",
+                        line.len() + 1,
+                        MAX_REQUEST_LEN
+                    ),
+                }
             } else if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             } else {
                 self.reply(line)
             };
-            let mut out = reply.to_string().into_bytes();
-            out.push(b'\n');
-            if !write_reply(&mut conn.stream, &out) {
+            if !write_reply(&mut conn.stream, reply.to_line().as_bytes()) {
                 return false;
             }
             if !ok {
@@ -314,8 +280,10 @@ impl ControlServer {
             }
         }
         if ok && conn.buf.len() >= MAX_REQUEST_LEN {
-            let msg = json!({"ok": false, "error": format!("request is longer than {MAX_REQUEST_LEN} bytes without a newline")});
-            let _ = write_reply(&mut conn.stream, format!("{msg}\n").as_bytes());
+            let msg = Reply::Error {
+                error: format!("request is longer than {MAX_REQUEST_LEN} bytes without a newline"),
+            };
+            let _ = write_reply(&mut conn.stream, msg.to_line().as_bytes());
             ok = false;
         }
         if ok {
@@ -389,51 +357,74 @@ mod tests {
         Arc::new(VmControl::new(Vec::new(), exit, VmMetrics::default()))
     }
 
+    fn ask(vm: &VmControl, r: Request) -> Reply {
+        vm.handle(r.to_line().trim_end().as_bytes())
+    }
+
+    fn state(r: Reply) -> VmState {
+        match r {
+            Reply::State { state } => state,
+            other => panic!("not a state reply: {other:?}"),
+        }
+    }
+
+    fn error(r: Reply) -> String {
+        match r {
+            Reply::Error { error } => error,
+            other => panic!("not an error reply: {other:?}"),
+        }
+    }
+
     #[test]
     fn requests_and_error_replies() {
         let vm = vm();
-        let r = vm.handle(br#"{"op":"status"}"#);
-        assert_eq!(r["ok"], true);
-        assert_eq!(r["state"], "running");
-        assert_eq!(r["vcpus"], 0);
-        assert!(r["uptime_ms"].is_u64());
-        let r = vm.handle(br#"{"op":"metrics"}"#);
-        assert!(r["metrics"]["devices"].is_object(), "{r}");
+        let Reply::Status {
+            state: VmState::Running,
+            vcpus: 0,
+            ..
+        } = ask(&vm, Request::Status)
+        else {
+            panic!("status");
+        };
+        let Reply::Metrics { metrics } = ask(&vm, Request::Metrics) else {
+            panic!("metrics");
+        };
+        assert!(metrics.devices.is_empty() && metrics.vcpus.is_empty());
         // With no vCPUs, pause/resume just change the state.
-        assert_eq!(vm.handle(br#"{"op":"pause"}"#)["state"], "paused");
-        assert_eq!(vm.handle(br#"{"op":"status"}"#)["state"], "paused");
-        assert_eq!(vm.handle(br#"{"op":"resume"}"#)["state"], "running");
+        assert_eq!(state(ask(&vm, Request::Pause)), VmState::Paused);
+        assert_eq!(vm.state(), VmState::Paused);
+        assert_eq!(state(ask(&vm, Request::Resume)), VmState::Running);
 
+        // Malformed lines: the contract crate's parser says what is wrong
+        // (its own tests check every message); the VMM passes it on.
         for (req, want) in [
             (&b"nope"[..], "request is not valid JSON"),
-            (b"[1]", "request must be a JSON object"),
-            (
-                b"{}",
-                "missing \"op\": expected one of shutdown, pause, resume, status, metrics",
-            ),
-            (br#"{"op":1}"#, "\"op\" must be a string, got 1"),
             (
                 br#"{"op":"reboot"}"#,
                 "unknown op \"reboot\": expected one of shutdown",
             ),
-            (br#"{"op":"status","x":1}"#, "unknown field \"x\""),
         ] {
-            let r = vm.handle(req);
-            assert_eq!(r["ok"], false, "{r}");
-            let e = r["error"].as_str().expect("error string");
+            let e = error(vm.handle(req));
             assert!(e.contains(want), "{e:?} lacks {want:?}");
         }
 
-        let r = vm.handle(br#"{"op":"shutdown"}"#);
-        assert_eq!(r["ok"], true);
-        assert_eq!(r["exit_code"], 0);
-        assert_eq!(vm.exit.get(), Some(ExitReason::Stopped));
-        assert_eq!(vm.handle(br#"{"op":"status"}"#)["state"], "stopping");
-        let r = vm.handle(br#"{"op":"pause"}"#);
-        assert!(
-            r["error"].as_str().expect("err").contains("stopping"),
-            "{r}"
+        assert_eq!(
+            ask(&vm, Request::Shutdown),
+            Reply::Shutdown {
+                state: VmState::Stopping,
+                exit_code: 0
+            }
         );
+        assert_eq!(vm.exit.get(), Some(ExitReason::Stopped));
+        let Reply::Status {
+            state: VmState::Stopping,
+            ..
+        } = ask(&vm, Request::Status)
+        else {
+            panic!("stopping");
+        };
+        let e = error(ask(&vm, Request::Pause));
+        assert!(e.contains("cannot pause: the VM is stopping"), "{e}");
     }
 
     #[test]
@@ -469,44 +460,56 @@ mod tests {
                 Client { w, r }
             }
             /// One reply line, or None at EOF.
-            fn read(&mut self, em: &mut Em) -> Option<Value> {
+            fn read(&mut self, em: &mut Em) -> Option<Reply> {
                 let mut line = String::new();
                 for _ in 0..100 {
                     em.run_with_timeout(20).expect("loop");
                     match self.r.read_line(&mut line) {
                         Ok(0) => return None,
                         Ok(_) if line.ends_with('\n') => {
-                            return Some(serde_json::from_str(&line).expect("reply is JSON"))
+                            return Some(Reply::from_line(&line).expect("reply is a Reply"))
                         }
                         _ => {}
                     }
                 }
                 panic!("no reply");
             }
-            fn ask(&mut self, em: &mut Em, req: &[u8]) -> Value {
-                self.w.write_all(req).expect("write");
+            fn send(&mut self, em: &mut Em, bytes: &[u8]) -> Reply {
+                self.w.write_all(bytes).expect("write");
                 self.read(em).expect("reply")
+            }
+            fn ask(&mut self, em: &mut Em, r: Request) -> Reply {
+                self.send(em, r.to_line().as_bytes())
             }
         }
         let mut c = Client::new(&path);
-        assert_eq!(c.ask(&mut em, b"{\"op\":\"status\"}\n")["state"], "running");
-        assert_eq!(c.ask(&mut em, b"garbage\n")["ok"], false);
+        assert!(matches!(
+            c.ask(&mut em, Request::Status),
+            Reply::Status {
+                state: VmState::Running,
+                ..
+            }
+        ));
+        assert!(matches!(c.send(&mut em, b"garbage\n"), Reply::Error { .. }));
         // Two requests in one write, two replies, in order.
-        let v = c.ask(&mut em, b"{\"op\":\"pause\"}\n{\"op\":\"resume\"}\n");
-        assert_eq!(v["state"], "paused");
-        assert_eq!(c.read(&mut em).expect("second reply")["state"], "running");
+        let two = Request::Pause.to_line() + &Request::Resume.to_line();
+        assert_eq!(state(c.send(&mut em, two.as_bytes())), VmState::Paused);
+        assert_eq!(
+            state(c.read(&mut em).expect("second reply")),
+            VmState::Running
+        );
         // Oversized line: error, then the connection is closed.
         let mut big = vec![b' '; MAX_REQUEST_LEN + 10];
         big.push(b'\n');
-        let v = c.ask(&mut em, &big);
-        assert!(
-            v["error"].as_str().expect("err").contains("limit is 4096"),
-            "{v}"
-        );
+        let e = error(c.send(&mut em, &big));
+        assert!(e.contains("limit is 4096"), "{e}");
         assert_eq!(c.read(&mut em), None);
         // A new client can still shut the VM down.
         let mut c = Client::new(&path);
-        assert_eq!(c.ask(&mut em, b"{\"op\":\"shutdown\"}\n")["exit_code"], 0);
+        assert!(matches!(
+            c.ask(&mut em, Request::Shutdown),
+            Reply::Shutdown { exit_code: 0, .. }
+        ));
         assert_eq!(vm.exit.get(), Some(ExitReason::Stopped));
         drop(em);
         drop(server);

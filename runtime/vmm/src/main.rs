@@ -78,17 +78,11 @@ fn main() -> ExitCode {
             return ExitCode::from(exit_code::CONFIG_ERROR as u8);
         }
     };
-    let text = match std::fs::read_to_string(&args.config) {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::error!(path = %args.config.display(), error = %e, "cannot read the config file");
-            return ExitCode::from(exit_code::CONFIG_ERROR as u8);
-        }
-    };
-    let mut cfg: VmConfig = match serde_json::from_str(&text) {
+    // The same reader the runtime's contract test checks its configs with.
+    let mut cfg: VmConfig = match boxlite_vmm::config::read(&args.config) {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(path = %args.config.display(), error = %e, "invalid config file");
+            tracing::error!("{}", boxlite_vmm::cli::error_chain(&e));
             return ExitCode::from(exit_code::CONFIG_ERROR as u8);
         }
     };

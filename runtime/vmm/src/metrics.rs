@@ -1,15 +1,19 @@
 //! The VM's counters in one place, for the control socket's `metrics` op.
 //!
 //! Devices keep their own `Arc<…Metrics>` of atomics (`devices/virtio/*/metrics.rs`);
-//! the builder registers a handle on each here, and [`VmMetrics::to_json`]
-//! reads them without locking any device. Names follow
-//! `boxlite_<device>_<event>_total`: the JSON is
+//! the builder registers a handle on each here, and [`VmMetrics::snapshot`]
+//! reads them without locking any device into the contract crate's
+//! [`Metrics`] (`boxlite_vmm_api::control`), whose JSON is
 //! `{"vcpus": [{"id", "exits", …}], "devices": {"<name>": {"kind", "<event>": n, …}}}`.
+//! Names follow `boxlite_<device>_<event>_total` when exported.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use serde_json::{json, Map, Value};
+use boxlite_vmm_api::control::{
+    BlockCounters, DeviceCounters, FsCounters, Metrics, NetCounters, RngCounters, VcpuCounters,
+    VsockCounters,
+};
 
 use crate::devices::virtio::block::BlockMetrics;
 use crate::devices::virtio::fs::FsMetrics;
@@ -28,76 +32,59 @@ pub enum DeviceMetrics {
     Fs(Arc<FsMetrics>),
 }
 
-fn get(c: &AtomicU64) -> Value {
-    Value::from(c.load(Ordering::Relaxed))
+fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
 }
 
 impl DeviceMetrics {
-    /// The device kind, as in the config.
-    pub fn kind(&self) -> &'static str {
+    /// The counters now.
+    pub fn snapshot(&self) -> DeviceCounters {
         match self {
-            DeviceMetrics::Rng(_) => "rng",
-            DeviceMetrics::Vsock(_) => "vsock",
-            DeviceMetrics::Block(_) => "block",
-            DeviceMetrics::Net(_) => "net",
-            DeviceMetrics::Fs(_) => "fs",
+            DeviceMetrics::Rng(m) => DeviceCounters::Rng(RngCounters {
+                bytes: get(&m.bytes),
+                requests: get(&m.requests),
+                bad_chains: get(&m.bad_chains),
+            }),
+            DeviceMetrics::Vsock(m) => DeviceCounters::Vsock(VsockCounters {
+                rx_bytes: get(&m.rx_bytes),
+                tx_bytes: get(&m.tx_bytes),
+                rx_packets: get(&m.rx_packets),
+                tx_packets: get(&m.tx_packets),
+                conns_opened: get(&m.conns_opened),
+                conns_closed: get(&m.conns_closed),
+                conns_refused: get(&m.conns_refused),
+                rst_sent: get(&m.rst_sent),
+                bad_chains: get(&m.bad_chains),
+                dropped_packets: get(&m.dropped_packets),
+                protocol_errors: get(&m.protocol_errors),
+            }),
+            DeviceMetrics::Block(m) => DeviceCounters::Block(BlockCounters {
+                reads: get(&m.reads),
+                writes: get(&m.writes),
+                flushes: get(&m.flushes),
+                get_ids: get(&m.get_ids),
+                read_bytes: get(&m.read_bytes),
+                write_bytes: get(&m.write_bytes),
+                io_errors: get(&m.io_errors),
+                unsupported: get(&m.unsupported),
+                bad_chains: get(&m.bad_chains),
+            }),
+            DeviceMetrics::Net(m) => DeviceCounters::Net(NetCounters {
+                rx_frames: get(&m.rx_frames),
+                rx_bytes: get(&m.rx_bytes),
+                rx_drops: get(&m.rx_drops),
+                tx_frames: get(&m.tx_frames),
+                tx_bytes: get(&m.tx_bytes),
+                tx_drops: get(&m.tx_drops),
+                bad_chains: get(&m.bad_chains),
+                backend_errors: get(&m.backend_errors),
+            }),
+            DeviceMetrics::Fs(m) => DeviceCounters::Fs(FsCounters {
+                activations: get(&m.activations),
+                activation_failures: get(&m.activation_failures),
+                backend_lost: get(&m.backend_lost),
+            }),
         }
-    }
-
-    /// The counters as a JSON object (plus `"kind"`).
-    pub fn to_json(&self) -> Value {
-        let fields: Vec<(&str, &AtomicU64)> = match self {
-            DeviceMetrics::Rng(m) => vec![
-                ("bytes", &m.bytes),
-                ("requests", &m.requests),
-                ("bad_chains", &m.bad_chains),
-            ],
-            DeviceMetrics::Vsock(m) => vec![
-                ("rx_bytes", &m.rx_bytes),
-                ("tx_bytes", &m.tx_bytes),
-                ("rx_packets", &m.rx_packets),
-                ("tx_packets", &m.tx_packets),
-                ("conns_opened", &m.conns_opened),
-                ("conns_closed", &m.conns_closed),
-                ("conns_refused", &m.conns_refused),
-                ("rst_sent", &m.rst_sent),
-                ("bad_chains", &m.bad_chains),
-                ("dropped_packets", &m.dropped_packets),
-                ("protocol_errors", &m.protocol_errors),
-            ],
-            DeviceMetrics::Block(m) => vec![
-                ("reads", &m.reads),
-                ("writes", &m.writes),
-                ("flushes", &m.flushes),
-                ("get_ids", &m.get_ids),
-                ("read_bytes", &m.read_bytes),
-                ("write_bytes", &m.write_bytes),
-                ("io_errors", &m.io_errors),
-                ("unsupported", &m.unsupported),
-                ("bad_chains", &m.bad_chains),
-            ],
-            DeviceMetrics::Net(m) => vec![
-                ("rx_frames", &m.rx_frames),
-                ("rx_bytes", &m.rx_bytes),
-                ("rx_drops", &m.rx_drops),
-                ("tx_frames", &m.tx_frames),
-                ("tx_bytes", &m.tx_bytes),
-                ("tx_drops", &m.tx_drops),
-                ("bad_chains", &m.bad_chains),
-                ("backend_errors", &m.backend_errors),
-            ],
-            DeviceMetrics::Fs(m) => vec![
-                ("activations", &m.activations),
-                ("activation_failures", &m.activation_failures),
-                ("backend_lost", &m.backend_lost),
-            ],
-        };
-        let mut o = Map::new();
-        o.insert("kind".into(), Value::from(self.kind()));
-        for (k, c) in fields {
-            o.insert(k.into(), get(c));
-        }
-        Value::Object(o)
     }
 }
 
@@ -111,27 +98,26 @@ pub struct VmMetrics {
 }
 
 impl VmMetrics {
-    /// All counters as JSON.
-    pub fn to_json(&self) -> Value {
-        let vcpus: Vec<Value> = self
+    /// All counters now.
+    pub fn snapshot(&self) -> Metrics {
+        let vcpus = self
             .vcpus
             .iter()
             .enumerate()
-            .map(|(id, m)| {
-                json!({
-                    "id": id,
-                    "exits": get(&m.exits),
-                    "pio_exits": get(&m.pio_exits),
-                    "mmio_exits": get(&m.mmio_exits),
-                    "kicks": get(&m.kicks),
-                })
+            .map(|(id, m)| VcpuCounters {
+                id: u32::try_from(id).unwrap_or(u32::MAX),
+                exits: get(&m.exits),
+                pio_exits: get(&m.pio_exits),
+                mmio_exits: get(&m.mmio_exits),
+                kicks: get(&m.kicks),
             })
             .collect();
-        let mut devices = Map::new();
-        for (name, d) in &self.devices {
-            devices.insert(name.clone(), d.to_json());
-        }
-        json!({ "vcpus": vcpus, "devices": devices })
+        let devices = self
+            .devices
+            .iter()
+            .map(|(name, d)| (name.clone(), d.snapshot()))
+            .collect();
+        Metrics { vcpus, devices }
     }
 }
 
@@ -154,7 +140,8 @@ mod tests {
             ],
             vcpus: vec![cpu],
         };
-        let j = m.to_json();
+        // Checked on the JSON: the names are what scrapers see.
+        let j = serde_json::to_value(m.snapshot()).expect("json");
         assert_eq!(j["vcpus"][0]["exits"], 7);
         assert_eq!(j["devices"]["block1"]["reads"], 3);
         assert_eq!(j["devices"]["block1"]["kind"], "block");

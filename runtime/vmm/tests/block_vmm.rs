@@ -7,11 +7,21 @@ use std::process::{Command, Stdio};
 
 mod common;
 
-use boxlite_vmm::config::{BlockConfigError, ConfigError, VmConfig};
+use boxlite_vmm::config::{
+    BlockConfig, BlockConfigError, ConfigError, DeviceConfig, Validate, VmConfig,
+};
 
 /// A `hlt` guest with `devices`.
-fn raw_config(dir: &std::path::Path, devices: &str) -> VmConfig {
+fn raw_config(dir: &std::path::Path, devices: Vec<DeviceConfig>) -> VmConfig {
     common::raw_config(dir, &[0xf4], devices)
+}
+
+fn block(path: &std::path::Path, read_only: bool, id: &str) -> DeviceConfig {
+    DeviceConfig::Block(BlockConfig {
+        path: path.to_path_buf(),
+        read_only,
+        id: id.to_string(),
+    })
 }
 
 #[test]
@@ -19,17 +29,10 @@ fn block_config_entry_validates() {
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = dir.path().join("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
-    let ok = format!(
-        r#"[{{"kind": "block", "path": "{}", "read_only": true, "id": "rootfs"}}]"#,
-        disk.display()
-    );
-    raw_config(dir.path(), &ok).validate().expect("valid");
-    let long_id = format!(
-        r#"[{{"kind": "block", "path": "{}", "id": "{}"}}]"#,
-        disk.display(),
-        "i".repeat(21)
-    );
-    let e = raw_config(dir.path(), &long_id)
+    let ok = vec![block(&disk, true, "rootfs")];
+    raw_config(dir.path(), ok).validate().expect("valid");
+    let long_id = vec![block(&disk, false, &"i".repeat(21))];
+    let e = raw_config(dir.path(), long_id)
         .validate()
         .expect_err("long id");
     assert!(matches!(
@@ -40,7 +43,7 @@ fn block_config_entry_validates() {
             ..
         })
     ));
-    let missing = r#"[{"kind": "block", "path": "/nonexistent/disk.img"}]"#;
+    let missing = vec![block("/nonexistent/disk.img".as_ref(), false, "")];
     let e = raw_config(dir.path(), missing)
         .validate()
         .expect_err("missing");
@@ -51,8 +54,7 @@ fn block_config_entry_validates() {
 }
 
 fn run_vmm(dir: &std::path::Path, cfg: &VmConfig) -> i32 {
-    let cfg_path = dir.join("vm.json");
-    std::fs::write(&cfg_path, serde_json::to_string(cfg).expect("json")).expect("write");
+    let cfg_path = common::write_config(dir, cfg);
     Command::new(env!("CARGO_BIN_EXE_boxlite-vmm"))
         .arg("--config")
         .arg(&cfg_path)
@@ -70,16 +72,13 @@ fn vmm_builds_a_vm_with_block_devices() {
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = dir.path().join("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
-    let devices = format!(
-        r#"[{{"kind": "block", "path": "{0}", "id": "rw"}}, {{"kind": "block", "path": "{0}", "read_only": true, "id": "ro"}}]"#,
-        disk.display()
-    );
+    let devices = vec![block(&disk, false, "rw"), block(&disk, true, "ro")];
     // The guest halts at once: exit code 3 means the VM (devices included) was built.
     assert_eq!(
-        run_vmm(dir.path(), &raw_config(dir.path(), &devices)),
+        run_vmm(dir.path(), &raw_config(dir.path(), devices)),
         boxlite_vmm::exit_code::GUEST_HALTED
     );
-    let missing = r#"[{"kind": "block", "path": "/nonexistent/disk.img"}]"#;
+    let missing = vec![block("/nonexistent/disk.img".as_ref(), false, "")];
     assert_eq!(
         run_vmm(dir.path(), &raw_config(dir.path(), missing)),
         boxlite_vmm::exit_code::CONFIG_ERROR

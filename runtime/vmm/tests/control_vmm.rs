@@ -8,7 +8,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use boxlite_vmm::config::{
+    CpuMode, DeviceConfig, RawImageConfig, RngConfig, VmConfig, VsockConfig,
+};
+use boxlite_vmm_api::control::{DeviceCounters, Reply, Request, VmState};
 
 /// Real-mode guest: `out 0x80, al` in a loop — every iteration is a PIO
 /// exit, so a paused VM shows a frozen exit count.
@@ -18,20 +21,28 @@ fn start(dir: &Path) -> (Child, std::path::PathBuf) {
     let img = dir.join("guest.bin");
     std::fs::write(&img, PIO_LOOP).expect("write guest");
     let ctl = dir.join("control.sock");
-    let cfg = serde_json::json!({
-        "memory_mib": 16,
-        "irqchip": false,
-        "raw_image": {"path": img, "load_addr": 0x1000, "mode": "real"},
-        "console_log": dir.join("console.log"),
-        "control_socket": ctl,
-        "sandbox_dir": dir,
-        "devices": [
-            {"kind": "vsock", "guest_cid": 3, "uds_path": dir.join("vsock.sock")},
-            {"kind": "rng"}
-        ]
-    });
+    let cfg = VmConfig {
+        memory_mib: 16,
+        irqchip: false,
+        raw_image: Some(RawImageConfig {
+            path: img,
+            load_addr: 0x1000,
+            mode: CpuMode::Real,
+        }),
+        console_log: Some(dir.join("console.log")),
+        control_socket: Some(ctl.clone()),
+        sandbox_dir: Some(dir.to_path_buf()),
+        devices: vec![
+            DeviceConfig::Vsock(VsockConfig {
+                guest_cid: 3,
+                uds_path: dir.join("vsock.sock"),
+            }),
+            DeviceConfig::Rng(RngConfig::default()),
+        ],
+        ..VmConfig::default()
+    };
     let cfg_path = dir.join("vm.json");
-    std::fs::write(&cfg_path, cfg.to_string()).expect("write cfg");
+    std::fs::write(&cfg_path, cfg.to_json_pretty()).expect("write cfg");
     let child = Command::new(env!("CARGO_BIN_EXE_boxlite-vmm"))
         .arg("--config")
         .arg(&cfg_path)
@@ -61,21 +72,43 @@ impl Client {
         Client { w, r }
     }
 
-    fn ask(&mut self, req: &str) -> Value {
-        self.w.write_all(req.as_bytes()).expect("write");
+    /// Sends raw bytes (plus a newline) and reads the reply.
+    fn send(&mut self, line: &str) -> Reply {
+        self.w.write_all(line.as_bytes()).expect("write");
         self.w.write_all(b"\n").expect("write");
         let mut line = String::new();
         self.r.read_line(&mut line).expect("reply");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"))
+        Reply::from_line(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"))
+    }
+
+    fn ask(&mut self, r: Request) -> Reply {
+        self.send(r.to_line().trim_end())
+    }
+
+    fn state(&mut self, r: Request) -> VmState {
+        match self.ask(r) {
+            Reply::State { state } | Reply::Status { state, .. } => state,
+            other => panic!("{r}: {other:?}"),
+        }
+    }
+
+    fn error(&mut self, line: &str) -> String {
+        match self.send(line) {
+            Reply::Error { error } => error,
+            other => panic!("{line}: {other:?}"),
+        }
+    }
+}
+
+fn metrics(c: &mut Client) -> boxlite_vmm_api::control::Metrics {
+    match c.ask(Request::Metrics) {
+        Reply::Metrics { metrics } => metrics,
+        other => panic!("metrics: {other:?}"),
     }
 }
 
 fn exits(c: &mut Client) -> u64 {
-    let m = c.ask(r#"{"op":"metrics"}"#);
-    assert_eq!(m["ok"], true, "{m}");
-    m["metrics"]["vcpus"][0]["pio_exits"]
-        .as_u64()
-        .expect("pio_exits")
+    metrics(c).vcpus[0].pio_exits
 }
 
 #[test]
@@ -85,58 +118,62 @@ fn control_socket_drives_the_jailed_vmm() {
     let (mut child, ctl) = start(dir.path());
     let mut c = Client::connect(&ctl);
 
-    let s = c.ask(r#"{"op":"status"}"#);
-    assert_eq!(s["ok"], true, "{s}");
-    assert_eq!(s["state"], "running");
-    assert_eq!(s["vcpus"], 1);
-    assert!(s["uptime_ms"].is_u64());
+    let s = c.ask(Request::Status);
+    assert!(
+        matches!(
+            s,
+            Reply::Status {
+                state: VmState::Running,
+                vcpus: 1,
+                ..
+            }
+        ),
+        "{s:?}"
+    );
 
     // Metrics: the guest's PIO loop counts up; the devices are listed.
     let a = exits(&mut c);
     std::thread::sleep(Duration::from_millis(100));
     let b = exits(&mut c);
     assert!(b > a, "exits grow while running: {a} -> {b}");
-    let m = c.ask(r#"{"op":"metrics"}"#);
-    assert_eq!(m["metrics"]["devices"]["vsock0"]["kind"], "vsock", "{m}");
-    assert_eq!(m["metrics"]["devices"]["vsock0"]["rx_bytes"], 0);
-    assert_eq!(m["metrics"]["devices"]["rng1"]["kind"], "rng");
+    let m = metrics(&mut c);
+    let Some(DeviceCounters::Vsock(v)) = m.devices.get("vsock0") else {
+        panic!("vsock0: {m:?}");
+    };
+    assert_eq!(v.rx_bytes, 0);
+    assert!(matches!(
+        m.devices.get("rng1"),
+        Some(DeviceCounters::Rng(_))
+    ));
 
     // Pause: the exit count freezes; resume: it moves again.
-    assert_eq!(c.ask(r#"{"op":"pause"}"#)["state"], "paused");
-    assert_eq!(c.ask(r#"{"op":"status"}"#)["state"], "paused");
+    assert_eq!(c.state(Request::Pause), VmState::Paused);
+    assert_eq!(c.state(Request::Status), VmState::Paused);
     let a = exits(&mut c);
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(exits(&mut c), a, "no exits while paused");
-    assert_eq!(c.ask(r#"{"op":"resume"}"#)["state"], "running");
+    assert_eq!(c.state(Request::Resume), VmState::Running);
     std::thread::sleep(Duration::from_millis(100));
     assert!(exits(&mut c) > a, "exits resume");
 
     // Bad requests get an error naming the problem; the connection stays.
-    let e = c.ask(r#"{"op":"reboot"}"#);
-    assert_eq!(e["ok"], false);
-    assert!(
-        e["error"]
-            .as_str()
-            .expect("error")
-            .contains("unknown op \"reboot\""),
-        "{e}"
-    );
-    let e = c.ask("not json");
-    assert!(
-        e["error"]
-            .as_str()
-            .expect("error")
-            .contains("not valid JSON"),
-        "{e}"
-    );
+    // (Malformed on purpose: no typed Request can say this.)
+    let e = c.error(r#"{"op":"reboot"}"#);
+    assert!(e.contains("unknown op \"reboot\""), "{e}");
+    let e = c.error("not json");
+    assert!(e.contains("not valid JSON"), "{e}");
 
     // A second client at the same time.
     let mut c2 = Client::connect(&ctl);
-    assert_eq!(c2.ask(r#"{"op":"status"}"#)["state"], "running");
+    assert_eq!(c2.state(Request::Status), VmState::Running);
 
-    let r = c.ask(r#"{"op":"shutdown"}"#);
-    assert_eq!(r["ok"], true, "{r}");
-    assert_eq!(r["exit_code"], 0);
+    assert_eq!(
+        c.ask(Request::Shutdown),
+        Reply::Shutdown {
+            state: VmState::Stopping,
+            exit_code: 0
+        }
+    );
     let end = Instant::now() + Duration::from_secs(5);
     let status = loop {
         if let Some(s) = child.try_wait().expect("wait") {

@@ -7,26 +7,40 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 
-use serde_json::{json, Value};
+use boxlite_vmm::config::{
+    CpuMode, DeviceConfig, RawImageConfig, TestHooks, VmConfig, VsockConfig,
+};
 
 const I8042_RESET: [u8; 4] = [0xb0, 0xfe, 0xe6, 0x64];
 
-fn config(dir: &Path, extra: Value) -> PathBuf {
+fn raw_image(path: PathBuf) -> Option<RawImageConfig> {
+    Some(RawImageConfig {
+        path,
+        load_addr: 0x1000,
+        mode: CpuMode::Real,
+    })
+}
+
+/// Writes `<dir>/vm.json`: an i8042-reset guest with a vsock device, then
+/// whatever `edit` changes.
+fn config(dir: &Path, edit: impl FnOnce(&mut VmConfig)) -> PathBuf {
     let img = dir.join("guest.bin");
     std::fs::write(&img, I8042_RESET).expect("write guest");
-    let mut cfg = json!({
-        "memory_mib": 16,
-        "irqchip": false,
-        "raw_image": {"path": img, "load_addr": 0x1000, "mode": "real"},
-        "console_log": dir.join("console.log"),
-        "sandbox_dir": dir,
-        "devices": [{"kind": "vsock", "guest_cid": 3, "uds_path": dir.join("vsock.sock")}]
-    });
-    for (k, v) in extra.as_object().expect("object") {
-        cfg[k] = v.clone();
-    }
+    let mut cfg = VmConfig {
+        memory_mib: 16,
+        irqchip: false,
+        raw_image: raw_image(img),
+        console_log: Some(dir.join("console.log")),
+        sandbox_dir: Some(dir.to_path_buf()),
+        devices: vec![DeviceConfig::Vsock(VsockConfig {
+            guest_cid: 3,
+            uds_path: dir.join("vsock.sock"),
+        })],
+        ..VmConfig::default()
+    };
+    edit(&mut cfg);
     let path = dir.join("vm.json");
-    std::fs::write(&path, cfg.to_string()).expect("write cfg");
+    std::fs::write(&path, cfg.to_json_pretty()).expect("write cfg");
     path
 }
 
@@ -47,7 +61,7 @@ fn run(cfg: &Path, args: &[&str]) -> (ExitStatus, String) {
 #[ignore = "needs root + /dev/kvm"]
 fn jailed_vmm_runs_and_exits_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (st, log) = run(&config(dir.path(), json!({})), &[]);
+    let (st, log) = run(&config(dir.path(), |_| {}), &[]);
     assert_eq!(st.code(), Some(0), "{log}");
     assert!(log.contains("jail applied"), "{log}");
     assert!(
@@ -64,7 +78,14 @@ fn forbidden_syscall_in_a_jailed_thread_kills_with_sigsys() {
     for hook in ["forbidden_syscall", "forbidden_ioctl"] {
         for kind in ["vmm", "vcpu"] {
             let dir = tempfile::tempdir().expect("tempdir");
-            let cfg = config(dir.path(), json!({"test_hooks": {hook: kind}}));
+            let cfg = config(dir.path(), |c| {
+                let mut hooks = TestHooks::default();
+                match hook {
+                    "forbidden_syscall" => hooks.forbidden_syscall = Some(kind.into()),
+                    _ => hooks.forbidden_ioctl = Some(kind.into()),
+                }
+                c.test_hooks = Some(hooks);
+            });
             let (st, log) = run(&cfg, &[]);
             assert_eq!(
                 st.signal(),
@@ -82,14 +103,16 @@ fn forbidden_syscall_in_a_jailed_thread_kills_with_sigsys() {
 fn no_jail_switch_turns_it_off_loudly() {
     let dir = tempfile::tempdir().expect("tempdir");
     // The forbidden syscall is harmless without the jail.
-    let cfg = config(
-        dir.path(),
-        json!({"test_hooks": {"forbidden_syscall": "vmm"}}),
-    );
+    let cfg = config(dir.path(), |c| {
+        c.test_hooks = Some(TestHooks {
+            forbidden_syscall: Some("vmm".into()),
+            ..TestHooks::default()
+        })
+    });
     let (st, log) = run(&cfg, &["--no-jail"]);
     assert_eq!(st.code(), Some(0), "{log}");
     assert!(log.contains("JAIL DISABLED"), "{log}");
-    let cfg = config(dir.path(), json!({"jail": false}));
+    let cfg = config(dir.path(), |c| c.jail = false);
     let (st, log) = run(&cfg, &[]);
     assert_eq!(st.code(), Some(0), "{log}");
     assert!(log.contains("JAIL DISABLED"), "{log}");
@@ -105,10 +128,12 @@ fn landlock_denies_files_outside_the_allowed_set() {
     let inside = dir.path().join("state.json");
     std::fs::write(&inside, "{}").expect("write");
     for (path, want) in [(&secret, "PermissionDenied"), (&inside, "Ok(())")] {
-        let cfg = config(
-            dir.path(),
-            json!({"test_hooks": {"open_after_landlock": path}}),
-        );
+        let cfg = config(dir.path(), |c| {
+            c.test_hooks = Some(TestHooks {
+                open_after_landlock: Some(path.clone()),
+                ..TestHooks::default()
+            })
+        });
         let (st, log) = run(&cfg, &[]);
         assert_eq!(st.code(), Some(0), "{log}");
         let line = log
@@ -133,14 +158,11 @@ fn vmm_enters_the_cgroup_it_is_given() {
     // A guest that spins, so the VMM is alive while we look.
     let img = dir.path().join("spin.bin");
     std::fs::write(&img, [0xeb, 0xfe]).expect("write");
-    let cfg = config(
-        dir.path(),
-        json!({
-            "cgroup": cg,
-            "control_socket": dir.path().join("control.sock"),
-            "raw_image": {"path": img, "load_addr": 0x1000, "mode": "real"}
-        }),
-    );
+    let cfg = config(dir.path(), |c| {
+        c.cgroup = Some(cg.clone());
+        c.control_socket = Some(dir.path().join("control.sock"));
+        c.raw_image = raw_image(img);
+    });
     let mut child = Command::new(env!("CARGO_BIN_EXE_boxlite-vmm"))
         .arg("--config")
         .arg(&cfg)
@@ -165,7 +187,7 @@ fn vmm_enters_the_cgroup_it_is_given() {
     std::fs::remove_dir(&cg).expect("remove cgroup");
 
     // A cgroup that cannot be entered is a jail error (exit code 5).
-    let cfg = config(dir.path(), json!({"cgroup": dir.path()}));
+    let cfg = config(dir.path(), |c| c.cgroup = Some(dir.path().to_path_buf()));
     let out = Command::new(env!("CARGO_BIN_EXE_boxlite-vmm"))
         .arg("--config")
         .arg(&cfg)

@@ -99,7 +99,7 @@ impl Guest {
     /// Runs the binary on `cfg`; returns (exit code, stderr).
     fn run_binary(&self, cfg: &VmConfig) -> (i32, String) {
         let cfg_path = self.path("vm.json");
-        std::fs::write(&cfg_path, serde_json::to_vec(cfg).expect("json")).expect("write cfg");
+        std::fs::write(&cfg_path, cfg.to_json_pretty()).expect("write cfg");
         run_binary_args(&["--config".as_ref(), cfg_path.as_os_str()])
     }
 }
@@ -215,11 +215,14 @@ fn raw_image_flag_overrides_the_config() {
     std::fs::write(&img, &code).expect("write");
     let cfg_path = g.path("vm.json");
     let console = g.path("console.log");
-    let json = format!(
-        r#"{{"memory_mib": 16, "irqchip": false, "console_log": "{}"}}"#,
-        console.display()
-    );
-    std::fs::write(&cfg_path, json).expect("cfg");
+    // No boot source in the file: the flags supply it.
+    let cfg = VmConfig {
+        memory_mib: 16,
+        irqchip: false,
+        console_log: Some(console),
+        ..VmConfig::default()
+    };
+    std::fs::write(&cfg_path, cfg.to_json_pretty()).expect("cfg");
     let (rc, err) = run_binary_args(&[
         "--config".as_ref(),
         cfg_path.as_os_str(),

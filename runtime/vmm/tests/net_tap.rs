@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use boxlite_vmm::config::{ConfigError, DeviceConfig, NetConfigError, VmConfig};
+use boxlite_vmm::config::{
+    ConfigError, DeviceConfig, NetConfig, NetConfigError, Validate, VmConfig,
+};
 use boxlite_vmm::devices::virtio::net::{
     features, tun_flags, Net, NetError, NetMetrics, Tap, RXQ, TXQ,
 };
@@ -26,21 +28,23 @@ const QSIZE: u16 = 64;
 
 #[test]
 fn net_config_entries_validate() {
-    let cfg: VmConfig = serde_json::from_str(
-        r#"{"devices": [{"kind": "net", "tap_name": "tap0", "mac": "02:00:00:00:00:01"}]}"#,
-    )
-    .expect("parse");
+    let cfg = VmConfig {
+        devices: vec![DeviceConfig::Net(NetConfig::with_tap_name(
+            "tap0",
+            Some("02:00:00:00:00:01".into()),
+        ))],
+        ..VmConfig::default()
+    };
     cfg.devices.iter().for_each(|d| match d {
         DeviceConfig::Net(n) => n.validate().expect("valid"),
         other => panic!("{other:?}"),
     });
-    let cfg: VmConfig =
-        serde_json::from_str(r#"{"devices": [{"kind": "net", "tap_fd": 7, "tap_name": "t"}]}"#)
-            .expect("parse");
-    let DeviceConfig::Net(n) = &cfg.devices[0] else {
-        panic!()
+    let both = NetConfig {
+        tap_fd: Some(7),
+        tap_name: Some("t".into()),
+        mac: None,
     };
-    let e = ConfigError::from(n.validate().expect_err("both"));
+    let e = ConfigError::from(both.validate().expect_err("both"));
     assert!(matches!(
         e,
         ConfigError::Net(NetConfigError::TapSource { .. })

@@ -9,36 +9,32 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use boxlite_vmm::config::{ConfigError, DeviceConfig};
+use boxlite_vmm::config::{ConfigError, DeviceConfig, Validate, VsockConfig};
 use common::raw_config;
+
+fn vsock(guest_cid: u64, uds_path: &std::path::Path) -> DeviceConfig {
+    DeviceConfig::Vsock(VsockConfig {
+        guest_cid,
+        uds_path: uds_path.to_path_buf(),
+    })
+}
 
 #[test]
 fn vsock_config_entry_validates() {
     let dir = tempfile::tempdir().expect("tempdir");
     let uds = dir.path().join("vsock.sock");
-    let one = format!(
-        r#"[{{"kind": "vsock", "guest_cid": 3, "uds_path": "{}"}}]"#,
-        uds.display()
-    );
-    let cfg = raw_config(dir.path(), &[0xf4], &one);
+    let cfg = raw_config(dir.path(), &[0xf4], vec![vsock(3, &uds)]);
     cfg.validate().expect("valid");
     assert!(matches!(cfg.devices[0], DeviceConfig::Vsock(ref v) if v.guest_cid == 3));
 
-    let two = format!(
-        r#"[{{"kind": "vsock", "guest_cid": 3, "uds_path": "{0}"}}, {{"kind": "vsock", "guest_cid": 4, "uds_path": "{0}2"}}]"#,
-        uds.display()
-    );
-    let cfg = raw_config(dir.path(), &[0xf4], &two);
+    let two = vec![vsock(3, &uds), vsock(4, &dir.path().join("vsock.sock2"))];
+    let cfg = raw_config(dir.path(), &[0xf4], two);
     assert!(matches!(
         cfg.validate(),
         Err(ConfigError::VsockCount { got: 2 })
     ));
 
-    let bad_cid = format!(
-        r#"[{{"kind": "vsock", "guest_cid": 2, "uds_path": "{}"}}]"#,
-        uds.display()
-    );
-    let cfg = raw_config(dir.path(), &[0xf4], &bad_cid);
+    let cfg = raw_config(dir.path(), &[0xf4], vec![vsock(2, &uds)]);
     assert_eq!(
         cfg.validate().expect_err("cid 2").to_string(),
         "vsock guest_cid = 2 is out of range 3..=4294967294"
@@ -50,14 +46,9 @@ fn vsock_config_entry_validates() {
 fn vmm_serves_the_hybrid_socket_from_its_event_loop() {
     let dir = tempfile::tempdir().expect("tempdir");
     let uds = dir.path().join("vsock.sock");
-    let devices = format!(
-        r#"[{{"kind": "vsock", "guest_cid": 3, "uds_path": "{}"}}]"#,
-        uds.display()
-    );
     // `jmp $`: the guest spins, the VMM's event loop serves the socket.
-    let cfg = raw_config(dir.path(), &[0xeb, 0xfe], &devices);
-    let cfg_path = dir.path().join("vm.json");
-    std::fs::write(&cfg_path, serde_json::to_string(&cfg).expect("json")).expect("write");
+    let cfg = raw_config(dir.path(), &[0xeb, 0xfe], vec![vsock(3, &uds)]);
+    let cfg_path = common::write_config(dir.path(), &cfg);
     let mut child = Command::new(env!("CARGO_BIN_EXE_boxlite-vmm"))
         .arg("--config")
         .arg(&cfg_path)

@@ -1,26 +1,10 @@
-//! The `block` device entry of the VM config.
+//! The `block` device entry of the VM config: its validation (the schema
+//! is `boxlite_vmm_api::config::BlockConfig`).
 
 use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
-
+use super::{BlockConfig, Validate};
 use crate::devices::virtio::block::ID_BYTES;
-
-/// virtio-blk over a raw image file:
-/// `{ "kind": "block", "path": "/var/lib/boxlite/disk.img", "read_only": false, "id": "disk0" }`.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct BlockConfig {
-    /// The raw image; must be a regular file (its size rounded down to 512
-    /// bytes is the capacity).
-    pub path: PathBuf,
-    /// Offer VIRTIO_BLK_F_RO and refuse writes; the file is opened read-only.
-    #[serde(default)]
-    pub read_only: bool,
-    /// Serial returned by GET_ID (`/sys/block/vdX/serial`), at most 20 bytes.
-    #[serde(default)]
-    pub id: String,
-}
 
 /// Errors of a `block` entry.
 #[derive(Debug, thiserror::Error)]
@@ -31,9 +15,11 @@ pub enum BlockConfigError {
     IdTooLong { id: String, got: usize, max: usize },
 }
 
-impl BlockConfig {
+impl Validate for BlockConfig {
+    type Error = BlockConfigError;
+
     /// Checks the file and the id length.
-    pub fn validate(&self) -> Result<(), BlockConfigError> {
+    fn validate(&self) -> Result<(), BlockConfigError> {
         if !self.path.is_file() {
             return Err(BlockConfigError::MissingFile(self.path.clone()));
         }

@@ -1,27 +1,14 @@
-//! The `fs` device entry of the VM config.
+//! The `fs` device entry of the VM config: its validation (the schema is
+//! `boxlite_vmm_api::config::FsConfig`).
 
-use std::path::PathBuf;
-
-use serde::{Deserialize, Serialize};
-
-use super::{check_socket_path, ConfigError};
+use super::{check_socket_path, ConfigError, FsConfig, Validate};
 use crate::devices::virtio::fs::{MAX_SOCKET_PATH_LEN, TAG_LEN};
 
-/// virtio-fs served by an external virtiofsd over vhost-user:
-/// `{ "kind": "fs", "tag": "share0", "socket_path": "/run/boxlite/<id>/fs-share0.sock" }`.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct FsConfig {
-    /// The name the guest mounts (`mount -t virtiofs <tag> /mnt`), 1..=36 bytes.
-    pub tag: String,
-    /// virtiofsd's `--socket-path`; the VMM connects when the guest
-    /// driver activates the device.
-    pub socket_path: PathBuf,
-}
+impl Validate for FsConfig {
+    type Error = ConfigError;
 
-impl FsConfig {
     /// Checks the tag and the socket path.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), ConfigError> {
         let got = self.tag.len();
         if got == 0 || got > TAG_LEN || self.tag.contains('\0') {
             return Err(ConfigError::FsTag {
@@ -36,6 +23,8 @@ impl FsConfig {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
     use crate::config::test_json::{only_device, refused};
     use crate::config::{DeviceConfig, VmConfig};

@@ -1,20 +1,24 @@
 //! The VM configuration: a JSON file read once at start (`--config vm.json`).
 //!
-//! Every struct denies unknown fields; [`VmConfig::validate`] runs at load
-//! time and its errors name the field, the value and the limit.
+//! The schema (structs, field names, defaults, unknown fields refused) is
+//! the contract crate's, `boxlite_vmm_api::config`, which the runtime
+//! writes the file with; it is re-exported here. What this module adds is
+//! the VMM's side: [`Validate`], run at load time, whose errors name the
+//! field, the value and the limit.
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+pub use boxlite_vmm_api::config::{
+    BlockConfig, CpuMode, DeviceConfig, FsConfig, NetConfig, RawImageConfig, RngConfig, TestHooks,
+    VmConfig, VsockConfig,
+};
 
 pub mod block;
 pub mod fs;
 pub mod net;
 pub mod vsock;
-pub use block::{BlockConfig, BlockConfigError};
-pub use fs::FsConfig;
-pub use net::{NetConfig, NetConfigError};
-pub use vsock::VsockConfig;
+pub use block::BlockConfigError;
+pub use net::{mac_bytes, NetConfigError};
 
 /// Most vCPUs a VM may have (the guest kernel is built with `NR_CPUS=16`).
 pub const MAX_VCPUS: u8 = 16;
@@ -88,176 +92,34 @@ pub enum ConfigError {
     Net(#[from] NetConfigError),
 }
 
-/// The whole VM description.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct VmConfig {
-    /// Number of vCPUs, 1..=16.
-    #[serde(default = "default_vcpus")]
-    pub vcpus: u8,
-    /// Guest RAM in MiB.
-    #[serde(default = "default_memory_mib")]
-    pub memory_mib: u32,
-    /// Linux kernel: an uncompressed ELF `vmlinux` (PVH entry used if present).
-    #[serde(default)]
-    pub kernel: Option<PathBuf>,
-    /// initramfs (any format the kernel unpacks).
-    #[serde(default)]
-    pub initramfs: Option<PathBuf>,
-    /// Extra kernel command-line arguments, appended to the VMM's defaults.
-    #[serde(default)]
-    pub cmdline: String,
-    /// File the serial console is written to (created or truncated). None: discard.
-    #[serde(default)]
-    pub console_log: Option<PathBuf>,
-    /// Raw guest code instead of a kernel; for smoke tests and benchmarks only.
-    #[serde(default)]
-    pub raw_image: Option<RawImageConfig>,
-    /// Create the in-kernel irqchip (IOAPIC/PIC/LAPIC) and PIT. Default true.
-    /// Some nested KVMs (kvm_pvm) run tiny guests without it.
-    #[serde(default = "default_true")]
-    pub irqchip: bool,
-    /// Virtio devices, in the order they appear on the MMIO bus.
-    #[serde(default)]
-    pub devices: Vec<DeviceConfig>,
-    /// Unix socket for the control API (shutdown, pause, resume, status,
-    /// metrics); created (a stale socket replaced) at start, removed at exit.
-    #[serde(default)]
-    pub control_socket: Option<PathBuf>,
-    /// Apply the jail (cgroup, rlimits, no_new_privs, landlock, seccomp)
-    /// before the guest runs. Default true; `false` is for debugging only
-    /// and is logged loudly (same as `--no-jail`).
-    #[serde(default = "default_true")]
-    pub jail: bool,
-    /// The sandbox directory (`/run/boxlite/<id>`): read-write in the jail.
-    #[serde(default)]
-    pub sandbox_dir: Option<PathBuf>,
-    /// cgroup v2 directory (created by the shim) the VMM moves itself into.
-    #[serde(default)]
-    pub cgroup: Option<PathBuf>,
-    /// Hooks for the jail's own tests; never set in production.
-    #[serde(default)]
-    pub test_hooks: Option<TestHooks>,
+/// What a config file says is checked against the VMM's limits: every
+/// config struct implements this (the structs are the contract crate's, the
+/// limits are the VMM's). Errors name the field, the value and the limit.
+pub trait Validate {
+    type Error;
+    fn validate(&self) -> Result<(), Self::Error>;
 }
 
-/// Test-only hooks that prove the jail works from the outside.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct TestHooks {
-    /// After the jail is on, a thread of this kind (`"vmm"` or `"vcpu"`)
-    /// makes a syscall its profile forbids (`getppid`): the process must die
-    /// of SIGSYS.
-    #[serde(default)]
-    pub forbidden_syscall: Option<String>,
-    /// Like `forbidden_syscall`, but the call is an `ioctl` whose request
-    /// number the kind's profile does not list (`TCGETS` on stderr): the
-    /// profiles allow `ioctl` only for the requests the VMM makes.
-    #[serde(default)]
-    pub forbidden_ioctl: Option<String>,
-    /// After landlock is on (before seccomp), try to open this file and log
-    /// the outcome (`test hook: open …`).
-    #[serde(default)]
-    pub open_after_landlock: Option<PathBuf>,
+/// Reads and parses a config file, without validating it (`boxlite-vmm`
+/// applies its command-line overrides first; [`crate::run_vm`] validates).
+pub fn read(path: &Path) -> Result<VmConfig, ConfigError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
+    VmConfig::from_json(&text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e))
 }
 
-/// Raw guest code loaded at a fixed guest-physical address.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct RawImageConfig {
-    /// File with the guest's code bytes.
-    pub path: PathBuf,
-    /// Guest-physical load address; execution starts here.
-    pub load_addr: u64,
-    /// CPU mode at the first instruction.
-    #[serde(default)]
-    pub mode: CpuMode,
+/// Reads, parses and validates a config file: what the VMM accepts.
+pub fn load(path: &Path) -> Result<VmConfig, ConfigError> {
+    let cfg = read(path)?;
+    cfg.validate()?;
+    Ok(cfg)
 }
 
-/// The CPU mode a raw image starts in.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum CpuMode {
-    /// 16-bit real mode, CS = 0: `load_addr` must be below 64 KiB.
-    #[default]
-    Real,
-    /// 64-bit long mode with the low 4 GiB identity-mapped (RAM and the MMIO hole).
-    Long,
-}
-
-/// One virtio device.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum DeviceConfig {
-    /// virtio-rng fed from the host's `/dev/urandom`.
-    Rng(RngConfig),
-    /// virtio-vsock with the hybrid unix-socket host side.
-    Vsock(VsockConfig),
-    /// virtio-fs, a vhost-user frontend to an external virtiofsd.
-    Fs(FsConfig),
-    /// virtio-blk over a raw image file.
-    Block(BlockConfig),
-    /// virtio-net over a tap.
-    Net(NetConfig),
-}
-
-/// virtio-rng options.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct RngConfig {
-    /// Entropy source; default `/dev/urandom`.
-    #[serde(default)]
-    pub source: Option<PathBuf>,
-}
-
-fn default_vcpus() -> u8 {
-    1
-}
-fn default_memory_mib() -> u32 {
-    128
-}
-fn default_true() -> bool {
-    true
-}
-
-impl Default for VmConfig {
-    fn default() -> Self {
-        VmConfig {
-            vcpus: default_vcpus(),
-            memory_mib: default_memory_mib(),
-            kernel: None,
-            initramfs: None,
-            cmdline: String::new(),
-            console_log: None,
-            raw_image: None,
-            irqchip: true,
-            devices: Vec::new(),
-            control_socket: None,
-            jail: true,
-            sandbox_dir: None,
-            cgroup: None,
-            test_hooks: None,
-        }
-    }
-}
-
-impl VmConfig {
-    /// Reads, parses and validates a config file.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
-        let cfg: VmConfig =
-            serde_json::from_str(&text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e))?;
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
-    /// Guest memory size in bytes.
-    pub fn memory_bytes(&self) -> u64 {
-        u64::from(self.memory_mib) << 20
-    }
+impl Validate for VmConfig {
+    type Error = ConfigError;
 
     /// Checks every field against its limit.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), ConfigError> {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ConfigError::VcpuCount {
                 got: self.vcpus,
@@ -566,7 +428,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("vm.json");
         std::fs::write(&p, "{ not json").expect("write");
-        let e = VmConfig::load(&p).expect_err("parse");
+        let e = load(&p).expect_err("parse");
         assert!(matches!(e, ConfigError::Parse(..)));
         assert!(e.to_string().contains("vm.json"));
     }

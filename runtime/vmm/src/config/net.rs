@@ -1,28 +1,10 @@
-//! The `net` device entry of the VM config.
+//! The `net` device entry of the VM config: its validation (the schema is
+//! `boxlite_vmm_api::config::NetConfig`).
 
 use boxlite_protocol::mac::MacAddr;
-use serde::{Deserialize, Serialize};
 
+use super::{NetConfig, Validate};
 use crate::devices::virtio::net::tap::MAX_TAP_NAME_LEN;
-
-/// virtio-net over a tap: either an inherited fd
-/// `{ "kind": "net", "tap_fd": 5, "mac": "02:00:00:00:00:01" }` or a tap
-/// the VMM opens by name `{ "kind": "net", "tap_name": "tap0" }`.
-/// The tap must be (or is opened) with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct NetConfig {
-    /// An open tap fd the VMM inherits and owns (>= 3).
-    #[serde(default)]
-    pub tap_fd: Option<i32>,
-    /// A tap interface to create or attach to via `/dev/net/tun`.
-    #[serde(default)]
-    pub tap_name: Option<String>,
-    /// The guest's MAC address, `xx:xx:xx:xx:xx:xx`, unicast. None: the
-    /// guest picks a random one.
-    #[serde(default)]
-    pub mac: Option<String>,
-}
 
 /// Errors of a `net` entry.
 #[derive(Debug, thiserror::Error)]
@@ -46,9 +28,11 @@ fn unicast_mac(s: &str) -> Result<[u8; 6], NetConfigError> {
     }
 }
 
-impl NetConfig {
+impl Validate for NetConfig {
+    type Error = NetConfigError;
+
     /// Checks the tap source and the MAC address.
-    pub fn validate(&self) -> Result<(), NetConfigError> {
+    fn validate(&self) -> Result<(), NetConfigError> {
         match (&self.tap_fd, &self.tap_name) {
             (Some(fd), None) => {
                 if *fd < 3 {
@@ -80,11 +64,11 @@ impl NetConfig {
         }
         Ok(())
     }
+}
 
-    /// The parsed MAC address (call after [`NetConfig::validate`]).
-    pub fn mac_bytes(&self) -> Result<Option<[u8; 6]>, NetConfigError> {
-        self.mac.as_deref().map(unicast_mac).transpose()
-    }
+/// The parsed MAC address of a net entry (call after validating it).
+pub fn mac_bytes(net: &NetConfig) -> Result<Option<[u8; 6]>, NetConfigError> {
+    net.mac.as_deref().map(unicast_mac).transpose()
 }
 
 #[cfg(test)]
@@ -111,14 +95,14 @@ mod tests {
         };
         n.validate().expect("valid");
         assert_eq!(
-            n.mac_bytes().expect("mac"),
+            mac_bytes(n).expect("mac"),
             Some([0x02, 0xab, 0xcd, 0, 0, 1])
         );
         let DeviceConfig::Net(n) = &cfg.devices[1] else {
             panic!("not net");
         };
         n.validate().expect("valid");
-        assert_eq!(n.mac_bytes().expect("no mac"), None);
+        assert_eq!(mac_bytes(n).expect("no mac"), None);
 
         let err = serde_json::from_str::<VmConfig>(
             r#"{"devices": [{"kind": "net", "tap_fd": 5, "vlan": 1}]}"#,

@@ -1,27 +1,14 @@
-//! The `vsock` device entry of the VM config.
+//! The `vsock` device entry of the VM config: its validation (the schema
+//! is `boxlite_vmm_api::config::VsockConfig`).
 
-use std::path::PathBuf;
-
-use serde::{Deserialize, Serialize};
-
-use super::{check_socket_path, ConfigError};
+use super::{check_socket_path, ConfigError, Validate, VsockConfig};
 use crate::devices::virtio::vsock::{MAX_GUEST_CID, MAX_UDS_PATH_LEN, MIN_GUEST_CID};
 
-/// virtio-vsock with the hybrid unix-socket host side:
-/// `{ "kind": "vsock", "guest_cid": 3, "uds_path": "/run/boxlite/<id>/vsock.sock" }`.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct VsockConfig {
-    /// The guest's CID, `3..=u32::MAX - 1`.
-    pub guest_cid: u64,
-    /// Host processes connect here (`CONNECT <port>\n`); guest connections
-    /// to host port P go to `<uds_path>_P`.
-    pub uds_path: PathBuf,
-}
+impl Validate for VsockConfig {
+    type Error = ConfigError;
 
-impl VsockConfig {
     /// Checks the CID range, the path length and the directory.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), ConfigError> {
         if !(MIN_GUEST_CID..=MAX_GUEST_CID).contains(&self.guest_cid) {
             return Err(ConfigError::VsockCid {
                 got: self.guest_cid,
@@ -35,6 +22,8 @@ impl VsockConfig {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
     use crate::config::test_json::{only_device, refused};
     use crate::config::DeviceConfig;

@@ -2,20 +2,32 @@
 
 use std::path::Path;
 
-use boxlite_vmm::config::{CpuMode, RawImageConfig, VmConfig};
+use boxlite_vmm::config::{CpuMode, DeviceConfig, RawImageConfig, VmConfig};
 
 /// A 16 MiB real-mode `raw_image` guest without irqchip whose code is
-/// `code` (written to `<dir>/guest.bin`, loaded at 0x1000), with the JSON
-/// array `devices` as its device list. Not validated.
-pub fn raw_config(dir: &Path, code: &[u8], devices: &str) -> VmConfig {
+/// `code` (written to `<dir>/guest.bin`, loaded at 0x1000), with `devices`.
+/// Not validated.
+pub fn raw_config(dir: &Path, code: &[u8], devices: Vec<DeviceConfig>) -> VmConfig {
     let img = dir.join("guest.bin");
     std::fs::write(&img, code).expect("write guest");
-    let json = format!(r#"{{"memory_mib": 16, "irqchip": false, "devices": {devices}}}"#);
-    let mut cfg: VmConfig = serde_json::from_str(&json).expect("parse");
-    cfg.raw_image = Some(RawImageConfig {
-        path: img,
-        load_addr: 0x1000,
-        mode: CpuMode::Real,
-    });
-    cfg
+    VmConfig {
+        memory_mib: 16,
+        irqchip: false,
+        devices,
+        raw_image: Some(RawImageConfig {
+            path: img,
+            load_addr: 0x1000,
+            mode: CpuMode::Real,
+        }),
+        ..VmConfig::default()
+    }
+}
+
+/// Writes `cfg` as `<dir>/vm.json` (the way the runtime writes it) and
+/// returns the path.
+#[allow(dead_code)] // not every test binary starts the VMM
+pub fn write_config(dir: &Path, cfg: &VmConfig) -> std::path::PathBuf {
+    let path = dir.join("vm.json");
+    std::fs::write(&path, cfg.to_json_pretty()).expect("write vm.json");
+    path
 }

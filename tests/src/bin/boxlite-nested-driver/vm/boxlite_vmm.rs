@@ -8,6 +8,9 @@ use std::time::Instant;
 
 use boxlite_runtime::hypervisor::ready::ReadyListener;
 use boxlite_runtime::HybridVsock;
+use boxlite_vmm_api::config::{
+    BlockConfig, DeviceConfig, FsConfig, NetConfig, RngConfig, VmConfig, VsockConfig,
+};
 
 use super::{Vm, VmFiles, GUEST_MEMORY_MIB};
 use crate::settings::Settings;
@@ -44,13 +47,17 @@ pub fn vsock_support(s: &Settings) -> Result<Result<(), String>, Failure> {
     }
     let dir = s.work.join("probe");
     fs::create_dir_all(&dir)?;
-    let cfg = serde_json::json!({
-        "vcpus": 0,
-        "kernel": s.guest_kernel(),
-        "devices": [{"kind": "vsock", "guest_cid": 3, "uds_path": dir.join("v.sock")}],
-    });
+    let cfg = VmConfig {
+        vcpus: 0,
+        kernel: Some(s.guest_kernel()),
+        devices: vec![DeviceConfig::Vsock(VsockConfig {
+            guest_cid: 3,
+            uds_path: dir.join("v.sock"),
+        })],
+        ..VmConfig::default()
+    };
     let path = dir.join("vm.json");
-    fs::write(&path, cfg.to_string())?;
+    fs::write(&path, cfg.to_json_pretty())?;
     let out = Command::new(s.vmm())
         .arg("--config")
         .arg(&path)
@@ -80,33 +87,38 @@ impl Vm {
         fs::create_dir_all(&dir)?;
         let files = VmFiles::in_dir(&dir);
         let uds = dir.join("vsock.sock");
-        let devs: Vec<serde_json::Value> = devices
+        let devs: Vec<DeviceConfig> = devices
             .iter()
-            .map(|d| match d {
-                Device::Rng => serde_json::json!({"kind": "rng"}),
-                Device::Vsock => {
-                    serde_json::json!({"kind": "vsock", "guest_cid": 3, "uds_path": uds})
-                }
-                Device::Fs { tag } => {
-                    serde_json::json!({"kind": "fs", "tag": tag, "socket_path": s.fs_socket()})
-                }
-                Device::Block { id } => serde_json::json!({
-                    "kind": "block", "path": s.disk_image(), "read_only": true, "id": id
+            .map(|d| match *d {
+                Device::Rng => DeviceConfig::Rng(RngConfig::default()),
+                Device::Vsock => DeviceConfig::Vsock(VsockConfig {
+                    guest_cid: 3,
+                    uds_path: uds.clone(),
+                }),
+                Device::Fs { tag } => DeviceConfig::Fs(FsConfig {
+                    tag: tag.to_owned(),
+                    socket_path: s.fs_socket(),
+                }),
+                Device::Block { id } => DeviceConfig::Block(BlockConfig {
+                    path: s.disk_image(),
+                    read_only: true,
+                    id: id.to_owned(),
                 }),
                 Device::Net { tap_fd, mac } => {
-                    serde_json::json!({"kind": "net", "tap_fd": tap_fd, "mac": mac})
+                    DeviceConfig::Net(NetConfig::with_tap_fd(tap_fd, Some(mac.to_owned())))
                 }
             })
             .collect();
-        let cfg = serde_json::json!({
-            "vcpus": vcpus,
-            "memory_mib": GUEST_MEMORY_MIB,
-            "kernel": s.guest_kernel(),
-            "initramfs": s.guest_initramfs(),
-            "console_log": files.console,
-            "cmdline": s.guest_cmdline,
-            "devices": devs,
-        });
+        let cfg = VmConfig {
+            vcpus,
+            memory_mib: GUEST_MEMORY_MIB,
+            kernel: Some(s.guest_kernel()),
+            initramfs: Some(s.guest_initramfs()),
+            console_log: Some(files.console.clone()),
+            cmdline: s.guest_cmdline.clone(),
+            devices: devs,
+            ..VmConfig::default()
+        };
         let has_vsock = devices.iter().any(|d| matches!(d, Device::Vsock));
         let ready = if has_vsock {
             Some(
@@ -117,7 +129,7 @@ impl Vm {
             None
         };
         let cfg_path = dir.join("vm.json");
-        fs::write(&cfg_path, serde_json::to_string_pretty(&cfg)?)?;
+        fs::write(&cfg_path, cfg.to_json_pretty())?;
         let log = fs::File::create(&files.vmm_log)?;
         let started = Instant::now();
         let mut cmd = Command::new(s.vmm());
