@@ -178,6 +178,9 @@ pub const HOST_CLOCKSOURCE_PATH: &str =
 impl ClockPolicy {
     /// The policy for a host whose current clocksource is `clocksource`
     /// (None: unknown, e.g. no sysfs): invariant TSC only on a TSC host.
+    /// `tsc-early` does not count: it is the provisional TSC clocksource of
+    /// a host's first seconds, before the refined calibration and before
+    /// the clocksource watchdog has had a chance to mark the TSC unstable.
     pub fn for_host_clocksource(clocksource: Option<&str>) -> Self {
         ClockPolicy {
             invariant_tsc: clocksource.map(str::trim) == Some("tsc"),
@@ -490,6 +493,7 @@ mod tests {
     fn policy_from_host_clocksource() {
         let p = |cs| ClockPolicy::for_host_clocksource(cs).invariant_tsc;
         assert!(p(Some("tsc\n")));
+        assert!(!p(Some("tsc-early")));
         assert!(!p(Some("kvm-clock")));
         assert!(!p(Some("hpet")));
         assert!(!p(Some("refined-jiffies")));
