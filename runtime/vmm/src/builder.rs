@@ -11,6 +11,7 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use linux_loader::cmdline::Cmdline;
 
 use crate::arch::x86_64::boot::{self, BootError};
+use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
 use crate::arch::x86_64::mptable::{self, MptableError};
 use crate::arch::x86_64::regs::BootEntry;
@@ -279,7 +280,16 @@ pub fn run_vm(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
 
     let pio = Arc::new(std::mem::take(&mut devices.pio));
     let mmio = Arc::new(std::mem::take(&mut devices.mmio));
-    let cpuid = vm.supported_cpuid()?;
+    let mut base_cpuid = vm.supported_cpuid()?;
+    // Before the jail: the clock policy reads the host's clocksource.
+    let (clock, host_clocksource) = cpuid::ClockPolicy::from_host();
+    cpuid::normalize_vm(&mut base_cpuid, clock);
+    tracing::info!(
+        host_clocksource = host_clocksource.as_deref().unwrap_or("unknown"),
+        invariant_tsc_allowed = clock.invariant_tsc,
+        invariant_tsc = cpuid::advertises_invariant_tsc(&base_cpuid),
+        "CPUID normalised: no PMU; invariant TSC only if KVM has it and the host keeps time by its TSC"
+    );
     let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
     for id in 0..cfg.vcpus {
         let fd = vm.create_vcpu(id)?;
@@ -289,7 +299,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
         // INIT/SIPI in the in-kernel LAPIC. Raw images: every vCPU starts at
         // the entry point (there is no LAPIC to start them).
         let e = (id == 0 || raw).then_some(entry);
-        vcpu.configure(&mem, &cpuid, cfg.vcpus, cfg.irqchip, e)?;
+        vcpu.configure(&mem, &base_cpuid, cfg.vcpus, cfg.irqchip, e)?;
         vcpus.push(vcpu);
     }
 

@@ -1,10 +1,12 @@
 //! The KVM VM: memory slots, in-kernel irqchip and PIT, irqfd/ioeventfd.
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_CAP_PMU_CAPABILITY,
+    KVM_CAP_X86_MSR_FILTER, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, KVM_PMU_CAP_DISABLE,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{
+    Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd,
+};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
@@ -60,10 +62,74 @@ impl Vm {
         }
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
         let vm = Vm { kvm, fd, irqchip };
+        vm.hide_pmu();
         if irqchip {
             vm.setup_irqchip()?;
         }
         Ok(vm)
+    }
+
+    /// The KVM half of "no PMU" (the CPUID half is `cpuid::hide_pmu`), both
+    /// before any vCPU exists, as KVM requires. Best effort: a host without
+    /// either capability still boots the guest (logged).
+    ///
+    /// 1. KVM_CAP_PMU_CAPABILITY / KVM_PMU_CAP_DISABLE: no virtual PMU for
+    ///    this VM even where the host has one, so the counters CPUID cannot
+    ///    hide (AMD's legacy four) and RDPMC are not emulated either. Hosts
+    ///    without a vPMU (kvm.enable_pmu off, or none to offer) do not
+    ///    report the capability; nothing to turn off there.
+    /// 2. An MSR filter denying the legacy AMD counter MSRs
+    ///    (`msr::pmu_msr_filter`): without a vPMU KVM reads them as 0 and
+    ///    drops writes, so Linux's probe wrote PERF_CTR3 and KVM logged
+    ///    "Unhandled WRMSR(0xc0010007)" per boot. Denied, the probe's first
+    ///    read faults and Linux gives up before writing anything.
+    fn hide_pmu(&self) {
+        let vpmu = match self
+            .fd
+            .check_extension_raw(u64::from(KVM_CAP_PMU_CAPABILITY))
+        {
+            r if r & KVM_PMU_CAP_DISABLE as i32 == 0 => "host KVM has no vPMU to disable",
+            _ => {
+                let cap = kvm_enable_cap {
+                    cap: KVM_CAP_PMU_CAPABILITY,
+                    args: [u64::from(KVM_PMU_CAP_DISABLE), 0, 0, 0],
+                    ..Default::default()
+                };
+                match self.fd.enable_cap(&cap) {
+                    Ok(()) => "disabled",
+                    Err(e) => {
+                        tracing::warn!(error = %e, "KVM refused to disable the vPMU");
+                        "left on (refused)"
+                    }
+                }
+            }
+        };
+        let filter = if self
+            .fd
+            .check_extension_raw(u64::from(KVM_CAP_X86_MSR_FILTER))
+            <= 0
+        {
+            "unsupported by host KVM"
+        } else {
+            let (base, msr_count, bitmap) = crate::arch::x86_64::msr::pmu_msr_filter();
+            let range = MsrFilterRange {
+                flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+                base,
+                msr_count,
+                bitmap: &bitmap,
+            };
+            match self
+                .fd
+                .set_msr_filter(MsrFilterDefaultAction::ALLOW, &[range])
+            {
+                Ok(()) => "legacy AMD counter MSRs denied",
+                Err(e) => {
+                    tracing::warn!(error = %e, "KVM refused the PMU MSR filter");
+                    "refused"
+                }
+            }
+        };
+        tracing::info!(vpmu, msr_filter = filter, "PMU hidden from the guest");
     }
 
     fn setup_irqchip(&self) -> Result<(), VmError> {

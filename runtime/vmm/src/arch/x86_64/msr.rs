@@ -19,6 +19,29 @@ const MISC_ENABLE_FAST_STRING: u64 = 1;
 const MTRR_ENABLE: u64 = 1 << 11;
 const MTRR_MEM_TYPE_WB: u64 = 6;
 
+/// AMD's legacy ("K7") performance counters: PERF_CTL0-3 at 0xc001_0000-3
+/// and PERF_CTR0-3 at 0xc001_0004-7. They predate CPUID enumeration, so
+/// CPUID cannot hide them (see `cpuid::hide_pmu`): Linux's AMD perf driver
+/// uses them on any family >= 6, and its check_hw_exists() writes PERF_CTR3
+/// (0xc001_0007) to see whether a counter is there.
+pub const AMD_LEGACY_PMU_MSRS: std::ops::Range<u32> = 0xc001_0000..0xc001_0008;
+
+/// The guest-MSR filter that completes hiding the PMU: one range over
+/// [`AMD_LEGACY_PMU_MSRS`], reads and writes, every bit 0 (= deny), as
+/// (base, count, bitmap). KVM answers a denied guest access with #GP (we do
+/// not ask for user-space MSR exits). Linux's probe reads PERF_CTL0 with
+/// rdmsrl_safe first, takes the fault as "PMU not available due to
+/// virtualization" and never writes a counter; everything else the filter
+/// does not name stays allowed (default action).
+pub fn pmu_msr_filter() -> (u32, u32, Vec<u8>) {
+    let count = AMD_LEGACY_PMU_MSRS.end - AMD_LEGACY_PMU_MSRS.start;
+    (
+        AMD_LEGACY_PMU_MSRS.start,
+        count,
+        vec![0u8; count.div_ceil(8) as usize],
+    )
+}
+
 /// MSR errors.
 #[derive(Debug, thiserror::Error)]
 pub enum MsrError {
@@ -71,6 +94,22 @@ pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), MsrError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pmu_filter_denies_exactly_the_legacy_amd_counters() {
+        let (base, count, bitmap) = pmu_msr_filter();
+        assert_eq!((base, count), (0xc001_0000, 8));
+        assert!(base <= 0xc001_0007 && 0xc001_0007 < base + count);
+        assert_eq!(bitmap, vec![0u8], "one byte, every MSR denied");
+        // Nothing the guest needs at boot is in the range: not the boot
+        // MSRs, not MSR_K7_HWCR (0xc001_0015) or the SYSCFG/TOM MSRs.
+        for m in boot_msr_entries() {
+            assert!(!AMD_LEGACY_PMU_MSRS.contains(&m.index), "{:#x}", m.index);
+        }
+        for m in [0xc001_0010, 0xc001_0015, 0xc001_001a, 0xc001_0200] {
+            assert!(!AMD_LEGACY_PMU_MSRS.contains(&m), "{m:#x}");
+        }
+    }
 
     #[test]
     fn boot_msrs_enable_mtrr_write_back() {
