@@ -112,7 +112,7 @@ for c in "${copies[@]}"; do
 done
 # Room for what the script writes to its directory and $BOXLITE_NODE_OUT.
 size_mib=$(($(du -sm "$p" | cut -f1) * 5 / 4 + 512))
-mke2fs -q -t ext4 -L boxlite-payload -d "$p" "$work/payload.ext4" "${size_mib}M"
+mke2fs -q -t ext4 -L boxlite-payload -d "$p" "$work/payload.ext4" "${size_mib}M" >&2
 rm -rf "$p"
 
 tsc_khz="${BOXLITE_TESTHOST_TSC_KHZ:-$(awk -F: '/^cpu MHz/ { printf "%d", $2 * 1000; exit }' /proc/cpuinfo)}"
@@ -122,7 +122,10 @@ started=$SECONDS
 # The root image opens with snapshot=on: the run's writes go to a temporary
 # overlay and the cached image never changes. The kernel console goes to a
 # file; the script's output comes on the second serial port to our stdout.
-# tsc_early_khz: docs/testing-nested.md, "Why tsc_early_khz".
+# tsc_early_khz: docs/testing-nested.md, "Why tsc_early_khz". The
+# virtio-rng device seeds the node's entropy at once: without it the
+# kernel's random pool took ~10 s to initialise under TCG, and containerd
+# waited for it.
 set +e
 timeout --kill-after=10 "$timeout" qemu-system-x86_64 \
     -M microvm,acpi=off -accel tcg -cpu EPYC,+svm,+npt -smp "$cpus" -m "$memory" \
@@ -133,6 +136,7 @@ timeout --kill-after=10 "$timeout" qemu-system-x86_64 \
     -device virtio-blk-device,drive=root \
     -drive "id=payload,file=$work/payload.ext4,format=raw,if=none,cache=unsafe" \
     -device virtio-blk-device,drive=payload \
+    -object rng-random,id=rng,filename=/dev/urandom -device virtio-rng-device,rng=rng \
     -kernel "$kernel" \
     -append "console=ttyS0 root=/dev/vda rw init=/sbin/boxlite-node-boot reboot=t panic=-1 tsc_early_khz=$tsc_khz" \
     </dev/null

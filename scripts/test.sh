@@ -71,7 +71,7 @@ while read -r exe; do
     cp "$exe" "$e2e_dir/$name"
     e2e_names+=("$name")
 done < <(cargo test -p boxlite-tests --test shim_containerd --test cri_pod --no-run --message-format=json 2>/dev/null \
-    | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p')
+    | grep '"kind":\["test"\]' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p')
 if [ "${#e2e_names[@]}" -ne 2 ]; then
     echo "expected the shim_containerd and cri_pod test binaries, found: ${e2e_names[*]}" | tee -a "$TEST_LOG"
     status=1
