@@ -13,8 +13,7 @@
 //! test binaries) wanting it at once build it once, and a build killed
 //! half-way leaves nothing that looks finished.
 
-use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -50,23 +49,7 @@ const IMAGE_ENV: &[&str] = &[
 
 /// mmdebstrap's arguments besides the package list, suite and target.
 fn mmdebstrap_args() -> Vec<String> {
-    let mut args: Vec<String> = [
-        "--variant=minbase",
-        // Root mode: the tarball keeps real owners, and hooks can chroot.
-        "--mode=root",
-        "--format=tar",
-        // Documentation, manuals and translations are a third of the
-        // layer and nothing here reads them.
-        "--dpkgopt=path-exclude=/usr/share/doc/*",
-        "--dpkgopt=path-exclude=/usr/share/man/*",
-        "--dpkgopt=path-exclude=/usr/share/info/*",
-        "--dpkgopt=path-exclude=/usr/share/locale/*",
-        // Device nodes belong to the runtime's /dev, not to an image layer.
-        "--skip=output/dev",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args = xtask::debian::mmdebstrap_slim_args("tar");
     // mmdebstrap copies the build host's /etc/hostname and resolv.conf:
     // fixed contents instead, so the image is the same on every host and
     // the cases can print these files (ctr, unlike CRI, mounts no hosts,
@@ -137,26 +120,8 @@ fn cache_root() -> PathBuf {
 
 /// An exclusive `flock` on `path`, held until the returned file is dropped.
 fn lock(path: &Path) -> File {
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .unwrap_or_else(|e| panic!("cannot open the lock {}: {e}", path.display()));
-    // SAFETY: flock on a descriptor this function owns and returns open.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        eprintln!("waiting for another build holding {}", path.display());
-        // SAFETY: as above; blocks until the other holder closes its file.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-        assert_eq!(
-            rc,
-            0,
-            "flock {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
-    }
-    file
+    xtask::artefact::lock_exclusive(path)
+        .unwrap_or_else(|e| panic!("cannot lock {}: {e}", path.display()))
 }
 
 /// The Debian test images' OCI archive ([`DEBIAN_IMAGE`],

@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod artefact;
+pub mod debian;
 pub mod elf;
 pub mod guest;
 pub mod initramfs;

@@ -109,22 +109,9 @@ pub struct NodeImage {
 
 /// mmdebstrap's arguments besides `--include`, the suite and the target.
 fn mmdebstrap_args() -> Vec<String> {
-    let mut args: Vec<String> = [
-        "--variant=minbase",
-        "--mode=root",
-        "--format=directory",
-        "--dpkgopt=path-exclude=/usr/share/doc/*",
-        "--dpkgopt=path-exclude=/usr/share/man/*",
-        "--dpkgopt=path-exclude=/usr/share/info/*",
-        "--dpkgopt=path-exclude=/usr/share/locale/*",
-        // devtmpfs provides /dev at boot.
-        "--skip=output/dev",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args = crate::debian::mmdebstrap_slim_args("directory");
     // Fixed host files instead of the build host's, so the image is the
-    // same wherever it is built; the bootstrap, executable.
+    // same wherever it is built, and the mount points the bootstrap uses.
     for hook in [
         r#"echo boxlite-node > "$1/etc/hostname""#,
         r#"printf '127.0.0.1\tlocalhost boxlite-node\n::1\tlocalhost ip6-localhost ip6-loopback\n' > "$1/etc/hosts""#,
