@@ -122,8 +122,11 @@ started=$SECONDS
 # The root image opens with snapshot=on: the run's writes go to a temporary
 # overlay and the cached image never changes. The kernel console goes to a
 # file; the script's output comes on the second serial port to our stdout.
-# tsc_early_khz: docs/testing-nested.md, "Why tsc_early_khz". The
-# virtio-rng device seeds the node's entropy at once: without it the
+# tsc_early_khz and tsc=reliable: docs/testing-nested.md, "Why
+# tsc_early_khz" and "The test host's clock" (TCG's TSC is the host's one
+# TSC on every vCPU; without tsc=reliable the node keeps time by jiffies,
+# which lose ticks under load, and its guests' kvm-clock follows them).
+# The virtio-rng device seeds the node's entropy at once: without it the
 # kernel's random pool took ~10 s to initialise under TCG, and containerd
 # waited for it.
 set +e
@@ -138,7 +141,7 @@ timeout --kill-after=10 "$timeout" qemu-system-x86_64 \
     -device virtio-blk-device,drive=payload \
     -object rng-random,id=rng,filename=/dev/urandom -device virtio-rng-device,rng=rng \
     -kernel "$kernel" \
-    -append "console=ttyS0 root=/dev/vda rw init=/sbin/boxlite-node-boot reboot=t panic=-1 tsc_early_khz=$tsc_khz" \
+    -append "console=ttyS0 root=/dev/vda rw init=/sbin/boxlite-node-boot reboot=t panic=-1 tsc_early_khz=$tsc_khz tsc=reliable" \
     </dev/null
 qemu_status=$?
 set -e
