@@ -9,38 +9,18 @@
 #
 # Prints a table per measurement; docs/benchmarks.md records the results.
 set -euo pipefail
+# shellcheck source=bench-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 
 RUNS="${1:-10}"
 IMAGE=docker.io/library/busybox:boxlite
 BOXLITE=io.containerd.boxlite.v2
 STATE_DIR=/run/boxlite
 
-die() { echo "error: $*" >&2; exit 1; }
-
 [ "$(id -u)" = 0 ] || die "run as root"
 ctr version >/dev/null 2>&1 || die "containerd does not answer; run scripts/setup.sh first"
 ctr image ls -q | grep -qx "$IMAGE" || die "image $IMAGE missing; run scripts/setup.sh first"
 command -v runc >/dev/null || die "runc not found (apt-get install runc)"
-
-now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
-
-# Prints "median min max" of the numbers on stdin.
-stats() {
-    python3 -c '
-import statistics, sys
-v = [float(x) for x in sys.stdin.read().split()]
-print(f"{statistics.median(v):.0f} {min(v):.0f} {max(v):.0f}")'
-}
-
-# Runs `ctr run --rm [runtime args] IMAGE id true`; prints milliseconds.
-time_run() {
-    local id="$1"; shift
-    local t0 t1
-    t0="$(now_ms)"
-    ctr run --rm "$@" "$IMAGE" "$id" true >/dev/null || die "ctr run $id failed"
-    t1="$(now_ms)"
-    echo $((t1 - t0))
-}
 
 echo "== ctr run --rm … true: $RUNS runs each, interleaved (one warm-up each first)"
 time_run bench-warm-runc >/dev/null
@@ -57,36 +37,7 @@ printf '| runtime | median | min | max |\n|---|---|---|---|\n'
 printf '| runc | %s ms | %s ms | %s ms |\n' "$rm" "$rmin" "$rmax"
 printf '| boxlite | %s ms | %s ms | %s ms |\n' "$bm" "$bmin" "$bmax"
 
-# Sum of Pss (kB) of the given pids.
-pss_kb() {
-    local total=0 pid kb
-    for pid in "$@"; do
-        kb="$(awk '/^Pss:/ {print $2}' "/proc/$pid/smaps_rollup" 2>/dev/null || echo 0)"
-        total=$((total + ${kb:-0}))
-    done
-    echo "$total"
-}
-
-# Pids whose command line contains $1 (the shim's -id, the sandbox dir).
-pids_mentioning() {
-    local needle="$1" pid
-    for pid in $(ls /proc | grep -E '^[0-9]+$'); do
-        [ "$pid" = $$ ] && continue
-        if { tr '\0' ' ' < "/proc/$pid/cmdline"; } 2>/dev/null | grep -qF -- "$needle"; then
-            echo "$pid"
-        fi
-    done
-}
-
-cleanup_idle() {
-    ctr task kill -s SIGKILL bench-idle-runc >/dev/null 2>&1 || true
-    ctr task kill -s SIGKILL bench-idle-bx >/dev/null 2>&1 || true
-    sleep 1
-    ctr task delete -f bench-idle-runc >/dev/null 2>&1 || true
-    ctr task delete -f bench-idle-bx >/dev/null 2>&1 || true
-    ctr container delete bench-idle-runc >/dev/null 2>&1 || true
-    ctr container delete bench-idle-bx >/dev/null 2>&1 || true
-}
+cleanup_idle() { remove_containers bench-idle-runc bench-idle-bx; }
 trap cleanup_idle EXIT
 cleanup_idle
 
@@ -103,27 +54,12 @@ runc_pids="$runc_pids $(ctr task ps bench-idle-runc | awk 'NR > 1 {print $1}')"
 bx_shim=$(pids_mentioning "-id bench-idle-bx")
 bx_vm=$(pids_mentioning "$STATE_DIR/bench-idle-bx")
 printf '| runtime | processes | PSS |\n|---|---|---|\n'
-printf '| runc | shim + container (%s) | %s MiB |\n' "$(echo $runc_pids | wc -w)" \
-    "$(python3 -c "print(f'{$(pss_kb $runc_pids)/1024:.1f}')")"
-printf '| boxlite | shim (%s) | %s MiB |\n' "$(echo $bx_shim | wc -w)" \
-    "$(python3 -c "print(f'{$(pss_kb $bx_shim)/1024:.1f}')")"
+printf '| runc | shim + container (%s) | %s MiB |\n' "$(echo $runc_pids | wc -w)" "$(pss_mib $runc_pids)"
+printf '| boxlite | shim (%s) | %s MiB |\n' "$(echo $bx_shim | wc -w)" "$(pss_mib $bx_shim)"
 for pid in $bx_vm; do
-    printf '| boxlite | %s | %s MiB |\n' "$(basename "$(readlink "/proc/$pid/exe")")" \
-        "$(python3 -c "print(f'{$(pss_kb "$pid")/1024:.1f}')")"
+    printf '| boxlite | %s | %s MiB |\n' "$(exe_name "$pid")" "$(pss_mib "$pid")"
 done
-printf '| boxlite | total | %s MiB |\n' \
-    "$(python3 -c "print(f'{$(pss_kb $bx_shim $bx_vm)/1024:.1f}')")"
-
-# CPU time (ms) used by the given pids so far: utime + stime from /proc.
-cpu_ms() {
-    local total=0 pid ticks hz
-    hz="$(getconf CLK_TCK)"
-    for pid in "$@"; do
-        ticks="$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)"
-        total=$((total + ticks))
-    done
-    echo $((total * 1000 / hz))
-}
+printf '| boxlite | total | %s MiB |\n' "$(pss_mib $bx_shim $bx_vm)"
 
 echo
 echo "== CPU of the idle sandboxes over 10 s (millicores)"
