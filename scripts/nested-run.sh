@@ -122,7 +122,10 @@ started=$SECONDS
 # The root image opens with snapshot=on: the run's writes go to a temporary
 # overlay and the cached image never changes. The kernel console goes to a
 # file; the script's output comes on the second serial port to our stdout.
-# tsc_early_khz: docs/testing-nested.md, "Why tsc_early_khz".
+# tsc_early_khz and tsc=reliable: docs/testing-nested.md, "Why
+# tsc_early_khz" and "The test host's clock" (TCG's TSC is the host's one
+# TSC on every vCPU; without tsc=reliable the node keeps time by jiffies,
+# which lose ticks under load, and its guests' kvm-clock follows them).
 set +e
 timeout --kill-after=10 "$timeout" qemu-system-x86_64 \
     -M microvm,acpi=off -accel tcg -cpu EPYC,+svm,+npt -smp "$cpus" -m "$memory" \
@@ -134,7 +137,7 @@ timeout --kill-after=10 "$timeout" qemu-system-x86_64 \
     -drive "id=payload,file=$work/payload.ext4,format=raw,if=none,cache=unsafe" \
     -device virtio-blk-device,drive=payload \
     -kernel "$kernel" \
-    -append "console=ttyS0 root=/dev/vda rw init=/sbin/boxlite-node-boot reboot=t panic=-1 tsc_early_khz=$tsc_khz" \
+    -append "console=ttyS0 root=/dev/vda rw init=/sbin/boxlite-node-boot reboot=t panic=-1 tsc_early_khz=$tsc_khz tsc=reliable" \
     </dev/null
 qemu_status=$?
 set -e

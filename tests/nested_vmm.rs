@@ -224,6 +224,13 @@ fn fmt_opt(d: Option<Duration>) -> String {
 /// QEMU TCG's RDTSC runs at the host's TSC rate, but the test-host kernel
 /// often fails to calibrate it under TCG ("Marking TSC unstable due to could
 /// not calculate TSC khz"); with tsc_khz = 0, KVM never enters a guest.
+///
+/// With it goes `tsc=reliable`: TCG's RDTSC on every vCPU reads the one
+/// host TSC (constant, nonstop), so it is synchronized and invariant, but
+/// the emulated EPYC cannot say so (TCG has no `invtsc`) and the test host
+/// would keep time by jiffies, which lose ticks when TCG is starved; the
+/// guests' kvm-clock then drifts from their TSC (docs/testing-nested.md,
+/// "The test host's clock").
 fn host_tsc_khz() -> Option<u64> {
     if let Some(v) = std::env::var("BOXLITE_TESTHOST_TSC_KHZ")
         .ok()
@@ -246,7 +253,8 @@ fn host_tsc_khz() -> Option<u64> {
 fn spawn_qemu(kernel: &Path, initramfs: &Path, console: &Path, scenarios: &str) -> Child {
     let mut append = format!("console=ttyS0 reboot=t panic=-1 boxlite.scenarios={scenarios}");
     match host_tsc_khz() {
-        Some(khz) => append.push_str(&format!(" tsc_early_khz={khz}")),
+        // tsc=reliable: see host_tsc_khz.
+        Some(khz) => append.push_str(&format!(" tsc_early_khz={khz} tsc=reliable")),
         None => eprintln!(
             "warning: cannot read the host TSC frequency (set BOXLITE_TESTHOST_TSC_KHZ); \
              the test host may not be able to run KVM guests"
