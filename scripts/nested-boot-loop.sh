@@ -4,7 +4,7 @@
 # under boxlite-vmm.
 #
 #   scripts/nested-boot-loop.sh [--out DIR] [--append ARGS] [--cpu MODEL]
-#       [--smp N] [--timeout SECS] [--keep-all] N [SCENARIOS]
+#       [--smp N] [--accel ACCEL] [--timeout SECS] [--keep-all] N [SCENARIOS]
 #
 # Each run is the QEMU command of tests/nested_vmm.rs (same test-host
 # command line, same driver initramfs; one outer boot runs every scenario,
@@ -19,9 +19,9 @@
 # FAIL lines. Exits 0 only if every run was clean.
 #
 # --append adds test-host kernel arguments (e.g. "kvm_amd.nested=0");
-# --cpu and --smp change the outer QEMU's CPU model and count (defaults
-# EPYC,+svm,+npt and 2, as the test). --timeout bounds one run (default
-# 420 s).
+# --cpu, --smp and --accel change the outer QEMU's CPU model, count and
+# accelerator (defaults EPYC,+svm,+npt, 2 and tcg, as the test; e.g.
+# --accel tcg,thread=single). --timeout bounds one run (default 420 s).
 #
 # Environment: BOXLITE_TESTHOST_KERNEL and BOXLITE_TESTHOST_INITRAMFS
 # (default build/testhost/vmlinux and build/testhost/initramfs.cpio.gz, what
@@ -35,13 +35,14 @@ usage() {
 }
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-out="" append="" cpu="EPYC,+svm,+npt" smp=2 timeout=420 keep_all=0
+out="" append="" cpu="EPYC,+svm,+npt" smp=2 accel=tcg timeout=420 keep_all=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) out="$2"; shift 2 ;;
         --append) append="$2"; shift 2 ;;
         --cpu) cpu="$2"; shift 2 ;;
         --smp) smp="$2"; shift 2 ;;
+        --accel) accel="$2"; shift 2 ;;
         --timeout) timeout="$2"; shift 2 ;;
         --keep-all) keep_all=1; shift ;;
         -h|--help) usage ;;
@@ -76,7 +77,7 @@ cmdline="console=ttyS0 reboot=t panic=-1 tsc_early_khz=$tsc_khz tsc=reliable box
 signature_re='BUG:|WARNING:|Oops|Kernel panic|skew|Unhandled|KVM_EXIT_SHUTDOWN|BOXLITE-NESTED [a-z-]+ (FAIL|SKIP)'
 crash_re='BUG:|WARNING:|Oops|Kernel panic'
 
-echo "nested-boot-loop: $n runs of $scenarios; -cpu $cpu -smp $smp; test host: $cmdline; out $out" | tee -a "$tally"
+echo "nested-boot-loop: $n runs of $scenarios; -accel $accel -cpu $cpu -smp $smp; test host: $cmdline; out $out" | tee -a "$tally"
 clean=0 failed=0
 failures=()
 for i in $(seq 1 "$n"); do
@@ -86,7 +87,7 @@ for i in $(seq 1 "$n"); do
     started=$SECONDS
     set +e
     timeout --kill-after=10 "$timeout" qemu-system-x86_64 \
-        -M microvm,acpi=off -accel tcg -cpu "$cpu" -smp "$smp" -m 2048 \
+        -M microvm,acpi=off -accel "$accel" -cpu "$cpu" -smp "$smp" -m 2048 \
         -nodefaults -no-user-config -nographic -no-reboot \
         -serial "file:$console" \
         -kernel "$kernel" -initrd "$initramfs" -append "$cmdline" \
