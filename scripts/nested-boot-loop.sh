@@ -119,7 +119,9 @@ for i in $(seq 1 "$n"); do
         failed=$((failed + 1))
         why="$(IFS=';'; echo "${problems[*]}")"
         echo "FAILED $line :: $why" | tee -a "$tally"
-        sig="$(grep -aE "$signature_re" "$console" | grep -v '^  | ' | tr -d '\r' | head -n 12 || true)"
+        # The test host's own lines, and boxlite-vmm's triple-fault line from
+        # the driver's tails ("  | ").
+        sig="$(awk -v re="$signature_re" '$0 ~ re && (!/^  \| / || /KVM_EXIT_SHUTDOWN/)' "$console" | tr -d '\r' | cut -c1-240 | head -n 12 || true)"
         failures+=("run $i ($why; console $console):"$'\n'"${sig:-  (no signature lines; see the console tail)}")
     fi
 done
