@@ -89,5 +89,7 @@ export BOXLITE_NODE_OUT="$P/out"
 mkdir -p "$BOXLITE_NODE_OUT"
 mapfile -d '' args <"$P/run/args"
 cd "$P/files" || finish "setup-failed: no $P/files"
-setsid bash "$P/run/script" "${args[@]}" </dev/null >"$OUT_TTY" 2>&1
+# --wait: should setsid need to fork (it does when it leads a process
+# group), it still waits for the script and passes on its status.
+setsid --wait bash "$P/run/script" "${args[@]}" </dev/null >"$OUT_TTY" 2>&1
 finish "$?"
