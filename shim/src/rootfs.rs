@@ -16,6 +16,7 @@
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::statvfs::{statvfs, FsFlags};
 use oci_spec::runtime::Spec;
 
 use crate::error::{Result, ShimError};
@@ -171,10 +172,32 @@ fn prepare_inner(
         if options.iter().any(|o| o == "ro") {
             remount_ro(&host_target)?;
         }
+        // A bind mount keeps its source mount's nosuid/nodev/noexec, which
+        // a container under runc sees; the guest's bind of the share would
+        // not, so the flags travel as mount options.
+        let host_flags = statvfs(&host_target)
+            .map_err(|e| ShimError::io("cannot read the mount flags of", &host_target, e.into()))?
+            .flags();
+        m.set_options(Some(with_source_flags(options, host_flags)));
         m.set_source(Some(PathBuf::from(format!("{guest_dir}/volumes/{n}"))));
     }
     spec.set_mounts(Some(mounts));
     Ok(())
+}
+
+/// `options` plus `nosuid`, `nodev` and `noexec` where the host mount of
+/// a bind mount's source has them and the options do not say so already.
+fn with_source_flags(mut options: Vec<String>, host: FsFlags) -> Vec<String> {
+    for (flag, option) in [
+        (FsFlags::ST_NOSUID, "nosuid"),
+        (FsFlags::ST_NODEV, "nodev"),
+        (FsFlags::ST_NOEXEC, "noexec"),
+    ] {
+        if host.contains(flag) && !options.iter().any(|o| o == option) {
+            options.push(option.to_owned());
+        }
+    }
+    options
 }
 
 fn bind(source: &Path, target: &Path, recursive: bool) -> Result<()> {
@@ -283,6 +306,30 @@ pub fn teardown(dir: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn source_mount_flags_become_options() {
+        use super::{with_source_flags, FsFlags};
+        let opts = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            with_source_flags(
+                opts(&["rbind", "rw"]),
+                FsFlags::ST_NOSUID | FsFlags::ST_NODEV
+            ),
+            opts(&["rbind", "rw", "nosuid", "nodev"])
+        );
+        assert_eq!(
+            with_source_flags(
+                opts(&["rbind", "nosuid"]),
+                FsFlags::ST_NOSUID | FsFlags::ST_NOEXEC
+            ),
+            opts(&["rbind", "nosuid", "noexec"])
+        );
+        assert_eq!(
+            with_source_flags(opts(&["rbind", "ro"]), FsFlags::ST_RDONLY),
+            opts(&["rbind", "ro"])
+        );
+    }
+
     use super::*;
     use oci_spec::runtime::{MountBuilder, RootBuilder, SpecBuilder};
 
