@@ -49,22 +49,21 @@ const IMAGE_ENV: &[&str] = &[
 
 /// mmdebstrap's arguments besides the package list, suite and target.
 fn mmdebstrap_args() -> Vec<String> {
-    let mut args = xtask::debian::mmdebstrap_slim_args("tar");
     // mmdebstrap copies the build host's /etc/hostname and resolv.conf:
     // fixed contents instead, so the image is the same on every host and
     // the cases can print these files (ctr, unlike CRI, mounts no hosts,
     // hostname or resolv.conf of its own: the container sees the image's).
-    for hook in [
-        r#"echo difftest-image > "$1/etc/hostname""#,
-        r#"printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n' > "$1/etc/hosts""#,
-        r#"printf 'nameserver 192.0.2.53\nsearch difftest.example\noptions ndots:2\n' > "$1/etc/resolv.conf""#,
-        r#"chroot "$1" groupadd --gid 1500 difftest"#,
-        r#"chroot "$1" useradd --uid 1000 --user-group --groups difftest,users --shell /bin/bash --create-home app"#,
-        r#"chroot "$1" useradd --uid 1001 --user-group --shell /bin/sh --no-create-home worker"#,
-    ] {
-        args.push(format!("--customize-hook={hook}"));
-    }
-    args
+    xtask::debian::mmdebstrap_slim_args(
+        "tar",
+        &[
+            r#"echo difftest-image > "$1/etc/hostname""#,
+            r#"printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n' > "$1/etc/hosts""#,
+            r#"printf 'nameserver 192.0.2.53\nsearch difftest.example\noptions ndots:2\n' > "$1/etc/resolv.conf""#,
+            r#"chroot "$1" groupadd --gid 1500 difftest"#,
+            r#"chroot "$1" useradd --uid 1000 --user-group --groups difftest,users --shell /bin/bash --create-home app"#,
+            r#"chroot "$1" useradd --uid 1001 --user-group --shell /bin/sh --no-create-home worker"#,
+        ],
+    )
 }
 
 fn images() -> Vec<(&'static str, ImageConfig<'static>)> {

@@ -109,18 +109,17 @@ pub struct NodeImage {
 
 /// mmdebstrap's arguments besides `--include`, the suite and the target.
 fn mmdebstrap_args() -> Vec<String> {
-    let mut args = crate::debian::mmdebstrap_slim_args("directory");
     // Fixed host files instead of the build host's, so the image is the
     // same wherever it is built, and the mount points the bootstrap uses.
-    for hook in [
-        r#"echo boxlite-node > "$1/etc/hostname""#,
-        r#"printf '127.0.0.1\tlocalhost boxlite-node\n::1\tlocalhost ip6-localhost ip6-loopback\n' > "$1/etc/hosts""#,
-        r#": > "$1/etc/resolv.conf""#,
-        r#"mkdir -p "$1/dev" "$1/payload""#,
-    ] {
-        args.push(format!("--customize-hook={hook}"));
-    }
-    args
+    crate::debian::mmdebstrap_slim_args(
+        "directory",
+        &[
+            r#"echo boxlite-node > "$1/etc/hostname""#,
+            r#"printf '127.0.0.1\tlocalhost boxlite-node\n::1\tlocalhost ip6-localhost ip6-loopback\n' > "$1/etc/hosts""#,
+            r#": > "$1/etc/resolv.conf""#,
+            r#"mkdir -p "$1/dev" "$1/payload""#,
+        ],
+    )
 }
 
 /// The text the cache key is the hash of: every input of the build.
