@@ -20,7 +20,7 @@ log "host tools: cargo build --release"
 cargo build --release --quiet -p boxlite-runtime -p boxlite-vmm -p containerd-shim-boxlite-v2 --bins
 
 log "install: guest assets, tools, config"
-install_boxlite target/release "$BOXLITE_KERNEL" "$BOXLITE_INITRAMFS"
+install_boxlite "${CARGO_TARGET_DIR:-target}/release" "$BOXLITE_KERNEL" "$BOXLITE_INITRAMFS"
 
 log "smoke test: boot a sandbox micro-VM and talk to its agent"
 boxlite-smoke
