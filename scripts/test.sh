@@ -17,6 +17,9 @@ cd "$REPO_ROOT"
 
 ensure_apt_packages
 ensure_cargo_tools
+# The outer QEMU of the nested test host and node (exports
+# BOXLITE_OUTER_QEMU, which tests/nested_vmm.rs and nested-run.sh use).
+ensure_outer_qemu
 
 log "format: cargo fmt --check"
 cargo fmt --all --check
@@ -97,6 +100,12 @@ if grep -q '^---- .* stdout ----$' "$TEST_LOG"; then
 fi
 
 log "summary"
+# One line per failed test with its panic message, so that the end of a
+# cut CI log still says what failed and why.
+sed 's/\x1b\[[0-9;]*m//g' "$TEST_LOG" | awk '
+    /^---- .* stdout ----$/ { name = $2; want = 0; next }
+    name != "" && /panicked at/ { want = 1; next }
+    want { print "failed: " name ": " substr($0, 1, 300); name = ""; want = 0 }'
 read -r passed failed < <(sed 's/\x1b\[[0-9;]*m//g' "$TEST_LOG" | awk '
     /^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
     END { print p + 0, f + 0 }')
