@@ -66,6 +66,70 @@ ensure_cargo_tools() {
     done
 }
 
+# The outer QEMU of the nested test rigs (scripts/nested-run.sh,
+# scripts/nested-boot-loop.sh, scripts/bench-nested.sh, tests/nested_vmm.rs):
+# QEMU 10 from Debian's bookworm-backports, unpacked into the cache and used
+# by those rigs only; the qemu backend keeps Debian 12's own QEMU. Debian
+# 12's QEMU 7.2 emulates SVM with a bug in its #VMEXIT path that turns about
+# one nested guest in twenty into a spurious triple fault or crashes the
+# nested host (docs/testing-nested.md, "The outer QEMU"). Exports
+# BOXLITE_OUTER_QEMU, the path of a wrapper that runs it with its own
+# firmware directory; a BOXLITE_OUTER_QEMU already set is kept.
+OUTER_QEMU_CACHE=/var/cache/boxlite/outer-qemu
+OUTER_QEMU_PACKAGES=(qemu-system-x86 qemu-system-common qemu-system-data)
+ensure_outer_qemu() {
+    if [ -n "${BOXLITE_OUTER_QEMU:-}" ]; then
+        log "outer QEMU: $BOXLITE_OUTER_QEMU (BOXLITE_OUTER_QEMU)"
+        export BOXLITE_OUTER_QEMU
+        return
+    fi
+    local wrapper="$OUTER_QEMU_CACHE/current/qemu-system-x86_64"
+    if [ ! -x "$wrapper" ]; then
+        log "outer QEMU: downloading ${OUTER_QEMU_PACKAGES[*]} from bookworm-backports"
+        mkdir -p "$OUTER_QEMU_CACHE"
+        local work
+        work="$(mktemp -d "$OUTER_QEMU_CACHE/.download.XXXXXX")"
+        # A private apt state: the machine's sources and package lists stay
+        # as they are, and nothing is installed system-wide.
+        mkdir -p "$work/lists/partial" "$work/debs"
+        printf 'deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-backports main\n' \
+            >"$work/sources.list"
+        local apt_opts=(-o "Dir::Etc::SourceList=$work/sources.list" -o Dir::Etc::SourceParts=-
+            -o "Dir::State::Lists=$work/lists" -o APT::Sandbox::User=root -q)
+        apt-get "${apt_opts[@]}" update >&2
+        local pkg
+        for pkg in "${OUTER_QEMU_PACKAGES[@]}"; do
+            (cd "$work/debs" && apt-get "${apt_opts[@]}" download "$pkg/bookworm-backports" >&2)
+        done
+        local version
+        version="$(dpkg-deb -f "$work"/debs/qemu-system-x86_*.deb Version)"
+        case "$version" in
+            1:[0-7].*) echo "error: bookworm-backports offers QEMU $version; the nested rigs need 8 or newer" >&2; exit 1 ;;
+        esac
+        local dir="$OUTER_QEMU_CACHE/${version#*:}"
+        rm -rf "$dir"
+        mkdir -p "$dir/root"
+        local deb
+        for deb in "$work"/debs/*.deb; do dpkg-deb -x "$deb" "$dir/root"; done
+        # Debian's BIOS images live in the seabios package (installed with
+        # qemu-system-x86); microvm boots qboot, as Debian's own QEMU does.
+        [ -e "$dir/root/usr/share/qemu/bios-microvm.bin" ] || ln -s qboot.rom "$dir/root/usr/share/qemu/bios-microvm.bin"
+        cat >"$dir/qemu-system-x86_64" <<WRAPPER
+#!/bin/sh
+# QEMU $version from bookworm-backports for the nested test rigs (scripts/common.sh, ensure_outer_qemu).
+exec "$dir/root/usr/bin/qemu-system-x86_64" -L "$dir/root/usr/share/qemu" -L /usr/share/seabios "\$@"
+WRAPPER
+        chmod 0755 "$dir/qemu-system-x86_64"
+        "$dir/qemu-system-x86_64" --version >/dev/null \
+            || { echo "error: the unpacked QEMU $version does not run (missing libraries?): $dir" >&2; exit 1; }
+        ln -sfn "${version#*:}" "$OUTER_QEMU_CACHE/current"
+        rm -rf "$work"
+    fi
+    BOXLITE_OUTER_QEMU="$wrapper"
+    export BOXLITE_OUTER_QEMU
+    log "outer QEMU: $("$BOXLITE_OUTER_QEMU" --version | head -n1) ($BOXLITE_OUTER_QEMU)"
+}
+
 # Builds kernel (cached by fragment hash), static agent and initramfs; exports
 # BOXLITE_KERNEL and BOXLITE_INITRAMFS.
 # Copies stdin to stdout and to this script's stderr. Not `tee /dev/stderr`:
