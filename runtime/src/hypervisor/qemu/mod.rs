@@ -96,11 +96,11 @@ impl QemuLauncher {
             ResolvedAccel::Kvm => ("kvm", "host"),
             ResolvedAccel::Tcg => ("tcg", "max"),
         };
-        let mem = format!("{}M", vm.memory_mib);
-        push(&["-name", &format!("boxlite-{}", vm.id)]);
+        let mem = format!("{}M", vm.spec.memory_mib);
+        push(&["-name", &format!("boxlite-{}", vm.spec.id)]);
         push(&["-M", "microvm,acpi=off,memory-backend=mem"]);
         push(&["-accel", accel, "-cpu", cpu]);
-        push(&["-smp", &vm.vcpus.to_string(), "-m", &mem]);
+        push(&["-smp", &vm.spec.vcpus.to_string(), "-m", &mem]);
         push(&[
             "-object",
             &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
@@ -115,9 +115,9 @@ impl QemuLauncher {
         args.push("-serial".into());
         args.push("chardev:console".into());
         args.push("-kernel".into());
-        args.push(vm.kernel.clone().into_os_string());
+        args.push(vm.spec.kernel.clone().into_os_string());
         args.push("-initrd".into());
-        args.push(vm.initramfs.clone().into_os_string());
+        args.push(vm.spec.initramfs.clone().into_os_string());
         args.push("-append".into());
         args.push(cmdline(vm).into());
         args.push("-device".into());
@@ -160,7 +160,7 @@ impl QemuLauncher {
 /// `console=ttyS0 reboot=t panic=-1` plus the extras.
 fn cmdline(vm: &VmSetup) -> String {
     let mut cmdline = BASE_CMDLINE.to_owned();
-    for extra in &vm.cmdline_extra {
+    for extra in &vm.spec.cmdline_extra {
         cmdline.push(' ');
         cmdline.push_str(extra);
     }
@@ -210,7 +210,7 @@ impl Launcher for QemuLauncher {
             fds.iter().copied().zip(launch.nets.iter()).collect();
         let args = self.qemu_args(vm, launch.shares, &nets);
         tracing::info!(
-            sandbox_id = %vm.id,
+            sandbox_id = %vm.spec.id,
             cmdline = %render_cmdline(&self.bins.qemu_binary, &args),
             "starting qemu"
         );
