@@ -106,12 +106,7 @@ impl QemuLauncher {
             &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
         ]);
         push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
-        args.push("-chardev".into());
-        args.push(opt_with_path(
-            "file,id=console,path=",
-            &vm.path(CONSOLE_LOG),
-            "",
-        ));
+        push_chardev(&mut args, "file,id=console", &vm.path(CONSOLE_LOG));
         args.push("-serial".into());
         args.push("chardev:console".into());
         args.push("-kernel".into());
@@ -122,21 +117,15 @@ impl QemuLauncher {
         args.push(cmdline(vm).into());
         args.push("-device".into());
         args.push("virtio-rng-device".into());
-        args.push("-chardev".into());
-        args.push(opt_with_path(
-            "socket,id=vsock,path=",
-            &vm.path(VHOST_VSOCK_SOCKET),
-            "",
-        ));
+        push_chardev(&mut args, "socket,id=vsock", &vm.path(VHOST_VSOCK_SOCKET));
         args.push("-device".into());
         args.push("vhost-user-vsock-device,chardev=vsock".into());
         for (i, share) in shares.iter().enumerate() {
-            args.push("-chardev".into());
-            args.push(opt_with_path(
-                &format!("socket,id=fs{i},path="),
+            push_chardev(
+                &mut args,
+                &format!("socket,id=fs{i}"),
                 &vm.path(&fs_socket_name(&share.tag)),
-                "",
-            ));
+            );
             args.push("-device".into());
             args.push(format!("vhost-user-fs-device,chardev=fs{i},tag={}", share.tag).into());
         }
@@ -217,6 +206,14 @@ impl Launcher for QemuLauncher {
         let inherit: Vec<RawFd> = fds.into_iter().flatten().collect();
         launch.spawn(vm, Role::Qemu, &self.bins.qemu_binary, args, None, inherit)
     }
+}
+
+/// Adds `-chardev <backend_and_id>,path=<path>`, the path escaped by
+/// [`opt_with_path`]: the console log and every vhost-user socket reach
+/// QEMU this way.
+fn push_chardev(args: &mut Vec<OsString>, backend_and_id: &str, path: &Path) {
+    args.push("-chardev".into());
+    args.push(opt_with_path(&format!("{backend_and_id},path="), path, ""));
 }
 
 /// `prefix` + `path` with QEMU's option escaping (`,` → `,,`) + `suffix`.
