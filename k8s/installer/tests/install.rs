@@ -55,6 +55,19 @@ fn node() -> Node {
     }
 }
 
+/// Where containerd finds the shim on the host: the installer's link.
+const SHIM_LINK: &str = "usr/local/bin/containerd-shim-boxlite-v2";
+
+/// A node on which a shim was installed by other means (setup.sh copies
+/// it): a file with `contents` where the installer puts its link. Returns
+/// the node and that file.
+fn node_with_copied_shim(contents: &[u8]) -> (Node, PathBuf) {
+    let n = node();
+    let shim = n.host.join(SHIM_LINK);
+    write(&shim, contents, 0o755);
+    (n, shim)
+}
+
 fn opts(host: &Path) -> Options {
     Options {
         host_root: host.to_owned(),
@@ -149,7 +162,7 @@ fn install_puts_everything_in_place() {
         vec![0u8; 4096]
     );
     assert_eq!(
-        fs::read_link(n.host.join("usr/local/bin/containerd-shim-boxlite-v2")).unwrap(),
+        fs::read_link(n.host.join(SHIM_LINK)).unwrap(),
         Path::new("/opt/boxlite/bin/containerd-shim-boxlite-v2")
     );
     assert_eq!(
@@ -256,9 +269,7 @@ fn a_file_dropped_from_the_payload_is_removed_on_the_next_install() {
 
 #[test]
 fn a_shim_copied_by_setup_sh_is_replaced_by_the_link() {
-    let n = node();
-    let link = n.host.join("usr/local/bin/containerd-shim-boxlite-v2");
-    write(&link, b"old shim", 0o755);
+    let (n, link) = node_with_copied_shim(b"old shim");
     let mut log = Log::default();
     install(&opts(&n.host), &n.payload, &mut log).unwrap();
     assert_eq!(
@@ -342,7 +353,7 @@ fn uninstall_restores_the_config_and_keeps_the_admins_file() {
         ORIGINAL_CONFIG
     );
     assert!(!n.host.join("opt/boxlite").exists());
-    assert!(fs::symlink_metadata(n.host.join("usr/local/bin/containerd-shim-boxlite-v2")).is_err());
+    assert!(fs::symlink_metadata(n.host.join(SHIM_LINK)).is_err());
     assert_eq!(
         fs::read_to_string(n.host.join("etc/boxlite/boxlite.toml")).unwrap(),
         DEFAULT_BOXLITE_TOML
@@ -363,9 +374,7 @@ fn uninstall_restores_the_config_and_keeps_the_admins_file() {
 
 #[test]
 fn uninstall_leaves_a_shim_it_did_not_link_alone() {
-    let n = node();
-    let link = n.host.join("usr/local/bin/containerd-shim-boxlite-v2");
-    write(&link, b"setup.sh's shim", 0o755);
+    let (n, link) = node_with_copied_shim(b"setup.sh's shim");
     let mut log = Log::default();
     uninstall(&opts(&n.host), &mut log).unwrap();
     assert_eq!(fs::read(&link).unwrap(), b"setup.sh's shim");
