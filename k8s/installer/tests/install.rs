@@ -68,6 +68,20 @@ fn node_with_copied_shim(contents: &[u8]) -> (Node, PathBuf) {
     (n, shim)
 }
 
+/// Installs `n`'s payload on its host, which must succeed; returns the log.
+fn install_node(n: &Node) -> Log {
+    let mut log = Log::default();
+    install(&opts(&n.host), &n.payload, &mut log).unwrap();
+    log
+}
+
+/// Installs `n`'s payload on its host, which must fail; returns the error.
+fn install_error(n: &Node) -> String {
+    install(&opts(&n.host), &n.payload, &mut Log::default())
+        .unwrap_err()
+        .to_string()
+}
+
 fn opts(host: &Path) -> Options {
     Options {
         host_root: host.to_owned(),
@@ -146,8 +160,7 @@ fn snapshot(root: &Path) -> BTreeMap<PathBuf, Entry> {
 #[test]
 fn install_puts_everything_in_place() {
     let n = node();
-    let mut log = Log::default();
-    install(&opts(&n.host), &n.payload, &mut log).unwrap();
+    let log = install_node(&n);
 
     let bin = n.host.join("opt/boxlite/bin");
     assert_eq!(
@@ -195,10 +208,9 @@ fn install_puts_everything_in_place() {
 #[test]
 fn second_install_changes_nothing() {
     let n = node();
-    install(&opts(&n.host), &n.payload, &mut Log::default()).unwrap();
+    install_node(&n);
     let before = snapshot(&n.host);
-    let mut log = Log::default();
-    install(&opts(&n.host), &n.payload, &mut log).unwrap();
+    let log = install_node(&n);
     assert_eq!(snapshot(&n.host), before);
     // Every action line says it did nothing.
     for line in &log.lines {
@@ -216,12 +228,11 @@ fn second_install_changes_nothing() {
 #[test]
 fn a_changed_payload_file_is_replaced_and_the_admins_config_kept() {
     let n = node();
-    install(&opts(&n.host), &n.payload, &mut Log::default()).unwrap();
+    install_node(&n);
     write(&n.payload.join("bin/boxlite-vmm"), b"\x7fELF vmm v2", 0o755);
     let admin = "[guest]\nmemory_mib = 1024\n";
     fs::write(n.host.join("etc/boxlite/boxlite.toml"), admin).unwrap();
-    let mut log = Log::default();
-    install(&opts(&n.host), &n.payload, &mut log).unwrap();
+    let log = install_node(&n);
     let vmm = n.host.join("opt/boxlite/bin/boxlite-vmm");
     assert_eq!(fs::read(&vmm).unwrap(), b"\x7fELF vmm v2");
     assert_eq!(fs::metadata(&vmm).unwrap().mode() & 0o7777, 0o755);
@@ -246,14 +257,13 @@ fn a_file_dropped_from_the_payload_is_removed_on_the_next_install() {
         b"old helper",
         0o755,
     );
-    install(&opts(&n.host), &n.payload, &mut Log::default()).unwrap();
+    install_node(&n);
     let old = n.host.join("opt/boxlite/bin/vhost-device-vsock");
     assert!(old.is_file());
 
     fs::remove_file(n.payload.join("bin/vhost-device-vsock")).unwrap();
     write(&n.payload.join("bin/boxlite-vsock"), b"new helper", 0o755);
-    let mut log = Log::default();
-    install(&opts(&n.host), &n.payload, &mut log).unwrap();
+    let log = install_node(&n);
     assert!(!old.exists());
     assert!(n.host.join("opt/boxlite/bin/boxlite-vsock").is_file());
     assert!(n.host.join("opt/boxlite/bin/boxlite-vmm").is_file());
@@ -270,8 +280,7 @@ fn a_file_dropped_from_the_payload_is_removed_on_the_next_install() {
 #[test]
 fn a_shim_copied_by_setup_sh_is_replaced_by_the_link() {
     let (n, link) = node_with_copied_shim(b"old shim");
-    let mut log = Log::default();
-    install(&opts(&n.host), &n.payload, &mut log).unwrap();
+    let log = install_node(&n);
     assert_eq!(
         fs::read_link(&link).unwrap(),
         Path::new("/opt/boxlite/bin/containerd-shim-boxlite-v2")
@@ -283,9 +292,7 @@ fn a_shim_copied_by_setup_sh_is_replaced_by_the_link() {
 fn a_payload_without_the_shim_or_default_config_is_refused_by_name() {
     let n = node();
     fs::remove_file(n.payload.join("bin/containerd-shim-boxlite-v2")).unwrap();
-    let err = install(&opts(&n.host), &n.payload, &mut Log::default())
-        .unwrap_err()
-        .to_string();
+    let err = install_error(&n);
     assert_eq!(
         err,
         format!(
@@ -296,9 +303,7 @@ fn a_payload_without_the_shim_or_default_config_is_refused_by_name() {
 
     let n = node();
     fs::remove_file(n.payload.join("etc/boxlite.toml")).unwrap();
-    let err = install(&opts(&n.host), &n.payload, &mut Log::default())
-        .unwrap_err()
-        .to_string();
+    let err = install_error(&n);
     assert!(
         err.contains("etc/boxlite.toml: missing; the image must carry the default boxlite.toml"),
         "{err}"
@@ -310,9 +315,7 @@ fn an_unsupported_containerd_config_fails_the_install_by_name() {
     let n = node();
     let config = n.host.join("etc/containerd/config.toml");
     fs::write(&config, "version = 1\n").unwrap();
-    let err = install(&opts(&n.host), &n.payload, &mut Log::default())
-        .unwrap_err()
-        .to_string();
+    let err = install_error(&n);
     assert_eq!(
         err,
         format!(
@@ -332,7 +335,7 @@ fn an_unsupported_containerd_config_fails_the_install_by_name() {
 fn install_on_a_node_without_containerd_config_writes_a_version_2_file() {
     let n = node();
     fs::remove_file(n.host.join("etc/containerd/config.toml")).unwrap();
-    install(&opts(&n.host), &n.payload, &mut Log::default()).unwrap();
+    install_node(&n);
     let config = fs::read_to_string(n.host.join("etc/containerd/config.toml")).unwrap();
     assert!(config.starts_with("version = 2\n"), "{config}");
     // Nothing to back up.
@@ -345,7 +348,7 @@ fn install_on_a_node_without_containerd_config_writes_a_version_2_file() {
 #[test]
 fn uninstall_restores_the_config_and_keeps_the_admins_file() {
     let n = node();
-    install(&opts(&n.host), &n.payload, &mut Log::default()).unwrap();
+    install_node(&n);
     let mut log = Log::default();
     uninstall(&opts(&n.host), &mut log).unwrap();
     assert_eq!(
