@@ -439,20 +439,26 @@ impl Containers {
     }
 
     pub fn pause(&self, id: &str) -> Result<(), ContainerError> {
-        let c = self.get(id)?;
-        c.check_state("pause", &[State::Running])?;
-        c.cgroup()?.freeze(true)?;
-        *lock(&c.state) = State::Paused;
-        tracing::info!(container_id = %id, "container paused");
-        Ok(())
+        self.set_frozen(id, true)
     }
 
     pub fn resume(&self, id: &str) -> Result<(), ContainerError> {
+        self.set_frozen(id, false)
+    }
+
+    /// Pause (freeze the cgroup of a running container) or resume (thaw
+    /// a paused one): the same steps from opposite states.
+    fn set_frozen(&self, id: &str, frozen: bool) -> Result<(), ContainerError> {
+        let (op, from, to, done) = if frozen {
+            ("pause", State::Running, State::Paused, "container paused")
+        } else {
+            ("resume", State::Paused, State::Running, "container resumed")
+        };
         let c = self.get(id)?;
-        c.check_state("resume", &[State::Paused])?;
-        c.cgroup()?.freeze(false)?;
-        *lock(&c.state) = State::Running;
-        tracing::info!(container_id = %id, "container resumed");
+        c.check_state(op, &[from])?;
+        c.cgroup()?.freeze(frozen)?;
+        *lock(&c.state) = to;
+        tracing::info!(container_id = %id, "{done}");
         Ok(())
     }
 
