@@ -47,6 +47,24 @@ fn read_req(path: &str) -> ReadFileRequest {
     }
 }
 
+/// Starts VM `id` of `config` for a guest that must never get ready:
+/// returns the VM, its sandbox directory, wait_ready's error and how long
+/// wait_ready took to fail.
+async fn start_and_fail_ready(
+    config: &Config,
+    id: &str,
+) -> (Box<dyn Hypervisor>, PathBuf, String, Duration) {
+    let spec = VmSpec::from_config(config, id).unwrap();
+    let dir = spec.dir.clone();
+    let vm = new_hypervisor(config, spec).unwrap();
+    vm.start().await.unwrap();
+    let started = Instant::now();
+    let err = vm.wait_ready().await.unwrap_err().to_string();
+    let took = started.elapsed();
+    eprintln!("after {took:?}: {err}");
+    (vm, dir, err, took)
+}
+
 fn console_text(vm: &dyn Hypervisor) -> String {
     String::from_utf8_lossy(&std::fs::read(vm.console_log_path()).unwrap_or_default()).into_owned()
 }
@@ -247,14 +265,7 @@ async fn kernel_panic_fails_wait_ready_fast() {
         .write_to(&empty)
         .unwrap();
     let config = config(state.path(), assets.kernel, empty);
-    let spec = VmSpec::from_config(&config, "panic1").unwrap();
-    let dir = spec.dir.clone();
-    let vm = new_hypervisor(&config, spec).unwrap();
-    vm.start().await.unwrap();
-    let started = Instant::now();
-    let err = vm.wait_ready().await.unwrap_err().to_string();
-    let took = started.elapsed();
-    eprintln!("after {took:?}: {err}");
+    let (vm, dir, err, took) = start_and_fail_ready(&config, "panic1").await;
     assert!(took < Duration::from_secs(50), "{took:?}");
     assert!(err.starts_with("sandbox panic1: qemu (pid "), "{err}");
     assert!(err.contains("exited unexpectedly"), "{err}");
@@ -280,14 +291,7 @@ async fn silent_guest_times_out_naming_the_console_log() {
     boxlite_tests::write_silent_initramfs(&initramfs);
     let mut config = config(state.path(), assets.kernel, initramfs);
     config.timeouts.agent_ready_secs = 8;
-    let spec = VmSpec::from_config(&config, "silent1").unwrap();
-    let dir = spec.dir.clone();
-    let vm = new_hypervisor(&config, spec).unwrap();
-    vm.start().await.unwrap();
-    let started = Instant::now();
-    let err = vm.wait_ready().await.unwrap_err().to_string();
-    let took = started.elapsed();
-    eprintln!("after {took:?}: {err}");
+    let (vm, dir, err, took) = start_and_fail_ready(&config, "silent1").await;
     assert!(took < Duration::from_secs(11), "{took:?}");
     assert!(
         err.starts_with(&format!(

@@ -388,23 +388,10 @@ fn wire_carries_frames_both_ways_and_teardown_restores_the_pod() {
     assert_eq!(
         net.routes,
         vec![
+            PodRoute::default_via(ip("10.77.0.1"), "eth0"),
             PodRoute {
-                family: IpFamily::V4,
-                destination: None,
-                gateway: Some(ip("10.77.0.1")),
-                device: "eth0".into(),
-                source: None,
-                scope: RouteScope::Universe,
-                metric: None,
-            },
-            PodRoute {
-                family: IpFamily::V6,
-                destination: None,
-                gateway: Some(ip("fd77::1")),
-                device: "eth0".into(),
-                source: None,
-                scope: RouteScope::Universe,
                 metric: Some(1024),
+                ..PodRoute::default_via(ip("fd77::1"), "eth0")
             },
         ]
     );

@@ -15,6 +15,7 @@
 
 use std::path::{Path, PathBuf};
 
+use boxlite_protocol::mountinfo::{self, MOUNTINFO};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::statvfs::{statvfs, FsFlags};
 use oci_spec::runtime::Spec;
@@ -223,55 +224,12 @@ fn remount_ro(target: &Path) -> Result<()> {
     })
 }
 
-/// Undoes mountinfo's octal escapes (`\040` for a space, …) byte-wise:
-/// a mount point is any bytes, not necessarily UTF-8.
-fn unescape_mountinfo(field: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(field.len());
-    let mut i = 0;
-    while i < field.len() {
-        if field[i] == b'\\' {
-            if let Some(byte) = field.get(i + 1..i + 4).and_then(octal_byte) {
-                out.push(byte);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(field[i]);
-        i += 1;
-    }
-    out
-}
-
-/// Three octal digits as one byte (`None` if not digits or above 0o377).
-fn octal_byte(digits: &[u8]) -> Option<u8> {
-    let mut value = 0u32;
-    for &d in digits {
-        if !(b'0'..=b'7').contains(&d) {
-            return None;
-        }
-        value = value * 8 + u32::from(d - b'0');
-    }
-    u8::try_from(value).ok()
-}
-
-/// The mount points in mountinfo text (field 5 of each line).
-fn mount_points(mountinfo: &[u8]) -> impl Iterator<Item = PathBuf> + '_ {
-    use std::os::unix::ffi::OsStringExt;
-    mountinfo
-        .split(|&b| b == b'\n')
-        .filter_map(|line| line.split(|&b| b == b' ').nth(4))
-        .map(|field| PathBuf::from(std::ffi::OsString::from_vec(unescape_mountinfo(field))))
-}
-
 /// Mount points at or under `dir`, deepest first. A mountinfo that cannot be
 /// read is an error, never "no mounts": the caller removes `dir` only when
 /// nothing is mounted under it, and must not walk into a live volume.
 pub fn mounts_under(dir: &Path) -> Result<Vec<PathBuf>> {
-    const MOUNTINFO: &str = "/proc/self/mountinfo";
     let text = std::fs::read(MOUNTINFO).map_err(|e| ShimError::io("cannot read", MOUNTINFO, e))?;
-    let mut found: Vec<PathBuf> = mount_points(&text).filter(|p| p.starts_with(dir)).collect();
-    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    Ok(found)
+    Ok(mountinfo::mount_points_under(&text, dir))
 }
 
 /// Unmounts everything at or under `dir` (stacked mounts included), then
@@ -332,33 +290,6 @@ mod tests {
 
     use super::*;
     use oci_spec::runtime::{MountBuilder, RootBuilder, SpecBuilder};
-
-    #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(unescape_mountinfo(b"/a\\040b"), b"/a b");
-        assert_eq!(unescape_mountinfo(b"/plain"), b"/plain");
-        assert_eq!(unescape_mountinfo(b"/tab\\011"), b"/tab\t");
-        // Not escapes: too short, not octal, above 0o377; raw non-UTF-8
-        // bytes stay as they are.
-        assert_eq!(unescape_mountinfo(b"/a\\04"), b"/a\\04");
-        assert_eq!(unescape_mountinfo(b"/a\\089"), b"/a\\089");
-        assert_eq!(unescape_mountinfo(b"/a\\777"), b"/a\\777");
-        assert_eq!(unescape_mountinfo(b"/\xff\\134x"), b"/\xff\\x");
-    }
-
-    /// A mount point with bytes that are not UTF-8 (any other mount on the
-    /// host can have one) is still found: reading mountinfo as text failed
-    /// on it, and the failure read as "nothing mounted".
-    #[test]
-    fn mount_points_are_bytes() {
-        use std::os::unix::ffi::OsStrExt;
-        let info = b"36 25 0:31 / /run/a\\040b rw - tmpfs tmpfs rw\n\
-                     37 25 0:32 / /run/x\xffy rw - tmpfs tmpfs rw\n";
-        let points: Vec<PathBuf> = mount_points(info).collect();
-        assert_eq!(points[0], Path::new("/run/a b"));
-        assert_eq!(points[1].as_os_str().as_bytes(), b"/run/x\xffy");
-        assert_eq!(points.len(), 2);
-    }
 
     fn spec_with(root: &Path, volume: &Path, file: &Path) -> Spec {
         SpecBuilder::default()

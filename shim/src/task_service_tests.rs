@@ -126,6 +126,10 @@ impl Harness {
     }
 
     async fn state(&self, id: &str, exec_id: &str) -> StateResponse {
+        self.try_state(id, exec_id).await.unwrap()
+    }
+
+    async fn try_state(&self, id: &str, exec_id: &str) -> ttrpc::Result<StateResponse> {
         self.client
             .state(
                 ctx(),
@@ -136,7 +140,6 @@ impl Harness {
                 },
             )
             .await
-            .unwrap()
     }
 
     async fn start(&self, id: &str, exec_id: &str) -> ttrpc::Result<StartResponse> {
@@ -153,6 +156,10 @@ impl Harness {
     }
 
     async fn wait(&self, id: &str, exec_id: &str) -> WaitResponse {
+        self.try_wait(id, exec_id).await.unwrap()
+    }
+
+    async fn try_wait(&self, id: &str, exec_id: &str) -> ttrpc::Result<WaitResponse> {
         self.client
             .wait(
                 ctx(),
@@ -163,7 +170,30 @@ impl Harness {
                 },
             )
             .await
-            .unwrap()
+    }
+
+    async fn pids(&self, id: &str) -> ttrpc::Result<PidsResponse> {
+        self.client
+            .pids(
+                ctx(),
+                &PidsRequest {
+                    id: id.into(),
+                    ..Default::default()
+                },
+            )
+            .await
+    }
+
+    async fn stats(&self, id: &str) -> ttrpc::Result<StatsResponse> {
+        self.client
+            .stats(
+                ctx(),
+                &StatsRequest {
+                    id: id.into(),
+                    ..Default::default()
+                },
+            )
+            .await
     }
 
     async fn kill(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> ttrpc::Result<Empty> {
@@ -541,17 +571,7 @@ async fn exec_with_stdin_tty_resize_and_its_own_exit() {
     assert_eq!(code_of(r).0, Code::FAILED_PRECONDITION);
 
     // Pids lists init and the exec (with its exec id as runc's ProcessDetails).
-    let pids = h
-        .client
-        .pids(
-            ctx(),
-            &PidsRequest {
-                id: SANDBOX.into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let pids = h.pids(SANDBOX).await.unwrap();
     assert_eq!(pids.processes.len(), 2);
     let exec_info = pids.processes.iter().find(|p| p.pid == pid).unwrap();
     let details =
@@ -578,22 +598,7 @@ async fn exec_with_stdin_tty_resize_and_its_own_exit() {
         "{:?}",
         h.agent.calls()
     );
-    assert_eq!(
-        code_of(
-            h.client
-                .state(
-                    ctx(),
-                    &StateRequest {
-                        id: SANDBOX.into(),
-                        exec_id: "e1".into(),
-                        ..Default::default()
-                    }
-                )
-                .await
-        )
-        .0,
-        Code::NOT_FOUND
-    );
+    assert_eq!(code_of(h.try_state(SANDBOX, "e1").await).0, Code::NOT_FOUND);
     let topics = h.events.topics();
     assert_eq!(
         topics,
@@ -628,17 +633,7 @@ async fn kill_all_stats_update_connect_checkpoint() {
     );
 
     // Stats: cgroup v2 metrics, as ctr task metrics decodes them.
-    let s = h
-        .client
-        .stats(
-            ctx(),
-            &StatsRequest {
-                id: SANDBOX.into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let s = h.stats(SANDBOX).await.unwrap();
     assert_eq!(s.stats.type_url, "io.containerd.cgroups.v2.Metrics");
     let m = containerd_shim_protos::cgroups_v2::metrics::Metrics::parse_from_bytes(&s.stats.value)
         .unwrap();
@@ -730,39 +725,9 @@ async fn unknown_ids_are_not_found_and_bad_ids_invalid() {
         code_of(h.start("nope", "").await),
         code_of(h.kill("nope", "", 9, false).await),
         code_of(h.delete("nope", "").await),
-        code_of(
-            h.client
-                .pids(
-                    ctx(),
-                    &PidsRequest {
-                        id: "nope".into(),
-                        ..Default::default()
-                    },
-                )
-                .await,
-        ),
-        code_of(
-            h.client
-                .stats(
-                    ctx(),
-                    &StatsRequest {
-                        id: "nope".into(),
-                        ..Default::default()
-                    },
-                )
-                .await,
-        ),
-        code_of(
-            h.client
-                .wait(
-                    ctx(),
-                    &WaitRequest {
-                        id: "nope".into(),
-                        ..Default::default()
-                    },
-                )
-                .await,
-        ),
+        code_of(h.pids("nope").await),
+        code_of(h.stats("nope").await),
+        code_of(h.try_wait("nope", "").await),
     ] {
         assert_eq!(
             r,
@@ -1199,17 +1164,7 @@ async fn real_agent_in_host_mode_runs_a_container_an_exec_and_a_kill() {
     assert_eq!(std::fs::read_to_string(&exec_out).unwrap(), "from-exec\n");
     h.delete(SANDBOX, "e1").await.unwrap();
     // The init: its output arrived, SIGKILL ends it with 137.
-    let pids = h
-        .client
-        .pids(
-            ctx(),
-            &PidsRequest {
-                id: SANDBOX.into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let pids = h.pids(SANDBOX).await.unwrap();
     assert!(!pids.processes.is_empty());
     h.kill(SANDBOX, "", 9, false).await.unwrap();
     let w = h.wait(SANDBOX, "").await;

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use boxlite_protocol::mountinfo;
+
 use crate::oci_image::{busybox_image, run};
 use crate::{guest_assets, processes_mentioning, sockets_under};
 
@@ -361,16 +363,11 @@ impl Drop for Containerd {
     }
 }
 
+/// Mount points at or under `dir`, deepest first; none when mountinfo
+/// cannot be read (a cleanup then has nothing to unmount).
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut found: Vec<PathBuf> = text
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|m| PathBuf::from(m.replace("\\040", " ")))
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    found
+    let text = std::fs::read(mountinfo::MOUNTINFO).unwrap_or_default();
+    mountinfo::mount_points_under(&text, dir)
 }
 
 pub fn text(b: &[u8]) -> String {

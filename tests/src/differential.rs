@@ -22,6 +22,8 @@ use std::process::{Child, Output, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
+use boxlite_protocol::mountinfo;
+
 use crate::containerd::{text, Containerd, RUNTIME};
 
 /// containerd's runc shim: the reference.
@@ -205,16 +207,12 @@ fn nothing_visible(key: &str, value: &str) -> Option<String> {
 /// The file system type of the mount holding `path` on this host (from
 /// /proc/self/mountinfo: the longest mount point that is a prefix).
 fn host_fstype(path: &Path) -> String {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines()
-        .filter_map(|l| {
-            let fields: Vec<&str> = l.split(' ').collect();
-            let sep = fields.iter().position(|f| *f == "-")?;
-            Some((Path::new(fields[4]), fields.get(sep + 1)?.to_string()))
-        })
-        .filter(|(point, _)| path.starts_with(point))
-        .max_by_key(|(point, _)| point.components().count())
-        .map(|(_, fstype)| fstype)
+    let info = std::fs::read(mountinfo::MOUNTINFO).unwrap_or_default();
+    mountinfo::parse(&info)
+        .into_iter()
+        .filter(|m| path.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.components().count())
+        .map(|m| m.fstype)
         .unwrap_or_default()
 }
 

@@ -11,6 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
+use boxlite_protocol::mountinfo::{self, MountEntry, MOUNTINFO};
 use nix::errno::Errno;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
@@ -21,7 +22,6 @@ use crate::paths::{guest_path, PathError};
 pub const MAX_TAG_LEN: usize = 36;
 /// Where host mode finds the directory standing in for a share.
 pub const HOST_SHARES_DIR: &str = "shares";
-const MOUNTINFO: &str = "/proc/self/mountinfo";
 const VIRTIOFS: &str = "virtiofs";
 
 #[derive(Debug, thiserror::Error)]
@@ -156,11 +156,11 @@ fn mount_virtiofs(req: &ShareRequest) -> Result<Mounted, ShareError> {
         .find(|m| m.mount_point == req.mount_point)
     {
         if m.fstype == VIRTIOFS && m.source == req.tag {
-            if m.read_only != req.read_only {
+            if m.is_read_only() != req.read_only {
                 return Err(ShareError::ReadOnlyMismatch {
                     tag: req.tag.clone(),
                     mount_point: req.mount_point.clone(),
-                    mounted_read_only: m.read_only,
+                    mounted_read_only: m.is_read_only(),
                 });
             }
             return Ok(Mounted {
@@ -294,65 +294,9 @@ pub fn unmount_all_shares() -> Vec<ShareError> {
     errors
 }
 
-/// One line of `/proc/self/mountinfo`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountEntry {
-    pub mount_point: PathBuf,
-    pub fstype: String,
-    pub source: String,
-    pub read_only: bool,
-}
-
 fn read_mountinfo() -> Result<Vec<MountEntry>, ShareError> {
     let text = std::fs::read_to_string(MOUNTINFO).map_err(ShareError::ReadMountinfo)?;
-    Ok(parse_mountinfo(&text))
-}
-
-/// Parses mountinfo text; malformed lines are skipped.
-pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
-    text.lines().filter_map(parse_mountinfo_line).collect()
-}
-
-fn parse_mountinfo_line(line: &str) -> Option<MountEntry> {
-    // id parent major:minor root mount_point options [optional...] - fstype source super_options
-    let (left, right) = line.split_once(" - ")?;
-    let left: Vec<&str> = left.split(' ').collect();
-    let mut right = right.split(' ');
-    let mount_point = unescape(left.get(4)?);
-    let read_only = left.get(5)?.split(',').any(|o| o == "ro");
-    let fstype = right.next()?.to_string();
-    let source = unescape(right.next()?);
-    Some(MountEntry {
-        mount_point: PathBuf::from(mount_point),
-        fstype,
-        source,
-        read_only,
-    })
-}
-
-/// Undoes the kernel's octal escapes (`\040` for a space, …).
-fn unescape(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' {
-            if let Some(&[a, b, c]) = bytes.get(i + 1..i + 4) {
-                if [a, b, c].iter().all(|d| (b'0'..=b'7').contains(d)) {
-                    let v =
-                        u32::from(a - b'0') * 64 + u32::from(b - b'0') * 8 + u32::from(c - b'0');
-                    if let Ok(v) = u8::try_from(v) {
-                        out.push(v);
-                        i += 4;
-                        continue;
-                    }
-                }
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    Ok(mountinfo::parse(text.as_bytes()))
 }
 
 #[cfg(test)]
@@ -373,31 +317,6 @@ mod tests {
             e.to_string(),
             "mount_point \"rel/dir\" is not an absolute path"
         );
-    }
-
-    #[test]
-    fn parses_mountinfo() {
-        let text = "\
-22 1 0:20 / / rw,relatime - rootfs rootfs rw
-30 22 0:27 / /run/boxlite/shares/share0 ro,relatime - virtiofs share0 rw
-31 22 0:28 / /mnt/with\\040space rw shared:5 master:2 - tmpfs my\\040tmp rw,size=10k
-garbage line
-";
-        let m = parse_mountinfo(text);
-        assert_eq!(m.len(), 3);
-        assert_eq!(
-            m[1],
-            MountEntry {
-                mount_point: "/run/boxlite/shares/share0".into(),
-                fstype: "virtiofs".into(),
-                source: "share0".into(),
-                read_only: true,
-            }
-        );
-        assert_eq!(m[2].mount_point, PathBuf::from("/mnt/with space"));
-        assert_eq!(m[2].source, "my tmp");
-        assert!(!m[2].read_only);
-        assert_eq!(unescape("a\\134b\\"), "a\\b\\");
     }
 
     #[test]

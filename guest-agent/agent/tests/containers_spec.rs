@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use boxlite_protocol::agent_ttrpc::AgentClient;
+use boxlite_protocol::mountinfo::{self, MountEntry};
 use boxlite_test_support::caps::CONTAINERD_DEFAULT_CAPS;
 use common::*;
 use serde_json::{json, Value};
@@ -83,39 +84,12 @@ impl Output {
     }
 }
 
-/// One line of /proc/self/mountinfo.
-#[derive(Debug, Clone)]
-struct MountInfo {
-    mount_point: String,
-    mount_options: Vec<String>,
-    optional: Vec<String>,
-    fstype: String,
-    super_options: Vec<String>,
-}
-
-fn mountinfo(text: &str) -> Vec<MountInfo> {
-    text.lines()
-        .filter_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            let left: Vec<&str> = left.split(' ').collect();
-            let right: Vec<&str> = right.split(' ').collect();
-            Some(MountInfo {
-                mount_point: left.get(4)?.to_string(),
-                mount_options: left.get(5)?.split(',').map(String::from).collect(),
-                optional: left[6..].iter().map(|s| s.to_string()).collect(),
-                fstype: right.first()?.to_string(),
-                super_options: right.get(2)?.split(',').map(String::from).collect(),
-            })
-        })
-        .collect()
-}
-
 /// The last (topmost) mount at `point`.
-fn mount_at<'a>(mounts: &'a [MountInfo], point: &str) -> &'a MountInfo {
+fn mount_at<'a>(mounts: &'a [MountEntry], point: &str) -> &'a MountEntry {
     mounts
         .iter()
         .rev()
-        .find(|m| m.mount_point == point)
+        .find(|m| m.mount_point == Path::new(point))
         .unwrap_or_else(|| panic!("nothing mounted at {point}: {mounts:#?}"))
 }
 
@@ -241,9 +215,9 @@ async fn mounts_binds_tmpfs_pseudo_filesystems_and_propagation() {
     assert_eq!(o.var("cgroup_write"), "refused", "{o:#?}");
     assert_eq!(o.var("sys_write"), "refused");
 
-    let mounts = mountinfo(o.out.split_once("---\n").unwrap().1);
-    let has = |m: &MountInfo, opt: &str| m.mount_options.iter().any(|o| o == opt);
-    let sup = |m: &MountInfo, opt: &str| m.super_options.iter().any(|o| o == opt);
+    let mounts = mountinfo::parse(o.out.split_once("---\n").unwrap().1.as_bytes());
+    let has = |m: &MountEntry, opt: &str| m.has_option(opt);
+    let sup = |m: &MountEntry, opt: &str| m.super_options.iter().any(|o| o == opt);
     let m = mount_at(&mounts, "/mnt/ro");
     assert!(has(m, "ro"), "{m:?}");
     let m = mount_at(&mounts, "/mnt/rw");
@@ -346,14 +320,14 @@ async fn masked_and_readonly_paths() {
     assert_eq!(o.var("etc_write"), "ok");
     let erofs = o.err.matches("Read-only file system").count();
     assert_eq!(erofs, 2, "{o:#?}");
-    let mounts = mountinfo(o.out.split_once("---\n").unwrap().1);
+    let mounts = mountinfo::parse(o.out.split_once("---\n").unwrap().1.as_bytes());
     let m = mount_at(&mounts, "/etc/secret");
     assert_eq!(m.fstype, "tmpfs", "{m:?}");
-    assert!(m.mount_options.iter().any(|o| o == "ro"), "{m:?}");
+    assert!(m.is_read_only(), "{m:?}");
     // /proc/timer_list is covered by a bind of the container's /dev/null.
     mount_at(&mounts, "/proc/timer_list");
     let m = mount_at(&mounts, "/proc/sys");
-    assert!(m.mount_options.iter().any(|o| o == "ro"), "{m:?}");
+    assert!(m.is_read_only(), "{m:?}");
     // The rootfs itself is untouched.
     assert!(dir.join("etc/secret/key").exists());
     assert!(dir.join("etc/ok").exists());
@@ -389,9 +363,9 @@ async fn root_readonly() {
         "{o:#?}"
     );
     assert_eq!(o.var("tmp_write"), "ok");
-    let mounts = mountinfo(o.out.split_once("---\n").unwrap().1);
+    let mounts = mountinfo::parse(o.out.split_once("---\n").unwrap().1.as_bytes());
     let m = mount_at(&mounts, "/");
-    assert!(m.mount_options.iter().any(|o| o == "ro"), "{m:?}");
+    assert!(m.is_read_only(), "{m:?}");
     assert!(!dir.join("file").exists());
 
     // The same spec with readonly false: writable.

@@ -7,7 +7,7 @@ mod common;
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use boxlite_protocol::agent::{
@@ -27,10 +27,8 @@ use ttrpc::Code;
 
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
-struct AgentProcess {
-    child: Child,
-    dir: tempfile::TempDir,
-}
+/// The agent with all its ports (ttrpc, log, stdio) on unix sockets.
+struct AgentProcess(common::Agent);
 
 impl AgentProcess {
     fn start() -> Self {
@@ -48,43 +46,24 @@ impl AgentProcess {
     }
 
     fn spawn(dir: tempfile::TempDir, extra: &[String]) -> Self {
-        let stderr = std::fs::File::create(dir.path().join("agent.stderr")).expect("stderr file");
-        let child = Command::new(env!("CARGO_BIN_EXE_boxlite-agent"))
-            .arg("--listen")
-            .arg(format!(
-                "unix://{}",
-                dir.path().join("agent.sock").display()
-            ))
-            .arg("--log-listen")
-            .arg(format!("unix://{}", dir.path().join("log.sock").display()))
-            .arg("--stdio-listen")
-            .arg(format!(
-                "unix://{}",
-                dir.path().join("stdio.sock").display()
-            ))
-            .arg("--root")
-            .arg(dir.path().join("root"))
-            .arg("--log")
-            .arg("debug")
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn boxlite-agent");
-        AgentProcess { child, dir }
+        let launcher = Command::new(common::AGENT_BINARY);
+        let ports = [
+            ("--log-listen", "log.sock"),
+            ("--stdio-listen", "stdio.sock"),
+        ];
+        AgentProcess(common::Agent::spawn(dir, launcher, &ports, extra))
     }
 
     fn root(&self) -> PathBuf {
-        self.dir.path().join("root")
+        self.0.root()
     }
 
     fn socket(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.0.dir.path().join(name)
     }
 
     fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("agent.stderr")).unwrap_or_default()
+        self.0.stderr()
     }
 
     async fn connect(&self) -> (HealthClient, AgentClient) {
@@ -95,7 +74,7 @@ impl AgentProcess {
     fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
+            if let Some(status) = self.0.child.try_wait().expect("try_wait") {
                 return status;
             }
             assert!(
@@ -105,13 +84,6 @@ impl AgentProcess {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

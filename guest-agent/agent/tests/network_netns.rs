@@ -14,8 +14,7 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use boxlite_protocol::agent::ip_address::Family;
@@ -109,53 +108,25 @@ fn str_of(v: &Value) -> String {
 /// The host-mode agent running inside a [`Netns`]. Field order matters:
 /// the agent is killed (in `drop`) before the namespace goes.
 struct Agent {
-    child: Child,
-    dir: tempfile::TempDir,
+    agent: common::Agent,
     ns: Netns,
 }
 
 impl Agent {
     fn start() -> Agent {
         let ns = Netns::create();
+        let mut ip = Command::new("ip");
+        ip.args(["netns", "exec", &ns.0.name])
+            .arg(common::AGENT_BINARY);
         let dir = tempfile::tempdir().expect("tempdir");
-        let stderr = std::fs::File::create(dir.path().join("agent.stderr")).expect("stderr");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.0.name])
-            .arg(env!("CARGO_BIN_EXE_boxlite-agent"))
-            .arg("--listen")
-            .arg(format!(
-                "unix://{}",
-                dir.path().join("agent.sock").display()
-            ))
-            .arg("--root")
-            .arg(dir.path().join("root"))
-            .args(["--log", "debug"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn ip netns exec boxlite-agent");
-        Agent { child, dir, ns }
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("agent.sock")
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("agent.stderr")).unwrap_or_default()
+        let agent = common::Agent::spawn(dir, ip, &[], &[]);
+        Agent { agent, ns }
     }
 
     async fn connect(&self) -> (HealthClient, AgentClient) {
         let timeout = Duration::from_secs(10);
-        connect_when_serving(&self.socket(), timeout, ctx, || self.stderr()).await
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let stderr = || self.agent.stderr();
+        connect_when_serving(&self.agent.socket(), timeout, ctx, stderr).await
     }
 }
 

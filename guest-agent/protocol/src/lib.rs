@@ -11,7 +11,8 @@
 //! * [`ids`] and [`mac`]: the one rule for container, exec and sandbox ids
 //!   and the one MAC address parser, used on both sides; [`error_chain`]
 //!   prints an error with its causes the same way on both sides;
-//!   [`log_tail`] reads the end of a log for error reports.
+//!   [`log_tail`] reads the end of a log for error reports; [`mountinfo`]
+//!   is the one reader of `/proc/self/mountinfo`.
 //! * [`ready`]: once it serves, the agent connects to host port
 //!   [`READY_VSOCK_PORT`] and announces itself; the host connects only then.
 
@@ -19,6 +20,7 @@ pub mod error_chain;
 pub mod ids;
 pub mod log_tail;
 pub mod mac;
+pub mod mountinfo;
 pub mod ready;
 pub mod stdio;
 

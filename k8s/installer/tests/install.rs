@@ -55,6 +55,33 @@ fn node() -> Node {
     }
 }
 
+/// Where containerd finds the shim on the host: the installer's link.
+const SHIM_LINK: &str = "usr/local/bin/containerd-shim-boxlite-v2";
+
+/// A node on which a shim was installed by other means (setup.sh copies
+/// it): a file with `contents` where the installer puts its link. Returns
+/// the node and that file.
+fn node_with_copied_shim(contents: &[u8]) -> (Node, PathBuf) {
+    let n = node();
+    let shim = n.host.join(SHIM_LINK);
+    write(&shim, contents, 0o755);
+    (n, shim)
+}
+
+/// Installs `n`'s payload on its host, which must succeed; returns the log.
+fn install_node(n: &Node) -> Log {
+    let mut log = Log::default();
+    install(&opts(&n.host), &n.payload, &mut log).unwrap();
+    log
+}
+
+/// Installs `n`'s payload on its host, which must fail; returns the error.
+fn install_error(n: &Node) -> String {
+    install(&opts(&n.host), &n.payload, &mut Log::default())
+        .unwrap_err()
+        .to_string()
+}
+
 fn opts(host: &Path) -> Options {
     Options {
         host_root: host.to_owned(),
@@ -133,8 +160,7 @@ fn snapshot(root: &Path) -> BTreeMap<PathBuf, Entry> {
 #[test]
 fn install_puts_everything_in_place() {
     let n = node();
-    let mut log = Log::default();
-    install(&opts(&n.host), &n.payload, &mut log).unwrap();
+    let log = install_node(&n);
 
     let bin = n.host.join("opt/boxlite/bin");
     assert_eq!(
@@ -149,7 +175,7 @@ fn install_puts_everything_in_place() {
         vec![0u8; 4096]
     );
     assert_eq!(
-        fs::read_link(n.host.join("usr/local/bin/containerd-shim-boxlite-v2")).unwrap(),
+        fs::read_link(n.host.join(SHIM_LINK)).unwrap(),
         Path::new("/opt/boxlite/bin/containerd-shim-boxlite-v2")
     );
     assert_eq!(
@@ -182,10 +208,9 @@ fn install_puts_everything_in_place() {
 #[test]
 fn second_install_changes_nothing() {
     let n = node();
-    install(&opts(&n.host), &n.payload, &mut Log::default()).unwrap();
+    install_node(&n);
     let before = snapshot(&n.host);
-    let mut log = Log::default();
-    install(&opts(&n.host), &n.payload, &mut log).unwrap();
+    let log = install_node(&n);
     assert_eq!(snapshot(&n.host), before);
     // Every action line says it did nothing.
     for line in &log.lines {
@@ -203,12 +228,11 @@ fn second_install_changes_nothing() {
 #[test]
 fn a_changed_payload_file_is_replaced_and_the_admins_config_kept() {
     let n = node();
-    install(&opts(&n.host), &n.payload, &mut Log::default()).unwrap();
+    install_node(&n);
     write(&n.payload.join("bin/boxlite-vmm"), b"\x7fELF vmm v2", 0o755);
     let admin = "[guest]\nmemory_mib = 1024\n";
     fs::write(n.host.join("etc/boxlite/boxlite.toml"), admin).unwrap();
-    let mut log = Log::default();
-    install(&opts(&n.host), &n.payload, &mut log).unwrap();
+    let log = install_node(&n);
     let vmm = n.host.join("opt/boxlite/bin/boxlite-vmm");
     assert_eq!(fs::read(&vmm).unwrap(), b"\x7fELF vmm v2");
     assert_eq!(fs::metadata(&vmm).unwrap().mode() & 0o7777, 0o755);
@@ -233,14 +257,13 @@ fn a_file_dropped_from_the_payload_is_removed_on_the_next_install() {
         b"old helper",
         0o755,
     );
-    install(&opts(&n.host), &n.payload, &mut Log::default()).unwrap();
+    install_node(&n);
     let old = n.host.join("opt/boxlite/bin/vhost-device-vsock");
     assert!(old.is_file());
 
     fs::remove_file(n.payload.join("bin/vhost-device-vsock")).unwrap();
     write(&n.payload.join("bin/boxlite-vsock"), b"new helper", 0o755);
-    let mut log = Log::default();
-    install(&opts(&n.host), &n.payload, &mut log).unwrap();
+    let log = install_node(&n);
     assert!(!old.exists());
     assert!(n.host.join("opt/boxlite/bin/boxlite-vsock").is_file());
     assert!(n.host.join("opt/boxlite/bin/boxlite-vmm").is_file());
@@ -256,11 +279,8 @@ fn a_file_dropped_from_the_payload_is_removed_on_the_next_install() {
 
 #[test]
 fn a_shim_copied_by_setup_sh_is_replaced_by_the_link() {
-    let n = node();
-    let link = n.host.join("usr/local/bin/containerd-shim-boxlite-v2");
-    write(&link, b"old shim", 0o755);
-    let mut log = Log::default();
-    install(&opts(&n.host), &n.payload, &mut log).unwrap();
+    let (n, link) = node_with_copied_shim(b"old shim");
+    let log = install_node(&n);
     assert_eq!(
         fs::read_link(&link).unwrap(),
         Path::new("/opt/boxlite/bin/containerd-shim-boxlite-v2")
@@ -272,9 +292,7 @@ fn a_shim_copied_by_setup_sh_is_replaced_by_the_link() {
 fn a_payload_without_the_shim_or_default_config_is_refused_by_name() {
     let n = node();
     fs::remove_file(n.payload.join("bin/containerd-shim-boxlite-v2")).unwrap();
-    let err = install(&opts(&n.host), &n.payload, &mut Log::default())
-        .unwrap_err()
-        .to_string();
+    let err = install_error(&n);
     assert_eq!(
         err,
         format!(
@@ -285,9 +303,7 @@ fn a_payload_without_the_shim_or_default_config_is_refused_by_name() {
 
     let n = node();
     fs::remove_file(n.payload.join("etc/boxlite.toml")).unwrap();
-    let err = install(&opts(&n.host), &n.payload, &mut Log::default())
-        .unwrap_err()
-        .to_string();
+    let err = install_error(&n);
     assert!(
         err.contains("etc/boxlite.toml: missing; the image must carry the default boxlite.toml"),
         "{err}"
@@ -299,9 +315,7 @@ fn an_unsupported_containerd_config_fails_the_install_by_name() {
     let n = node();
     let config = n.host.join("etc/containerd/config.toml");
     fs::write(&config, "version = 1\n").unwrap();
-    let err = install(&opts(&n.host), &n.payload, &mut Log::default())
-        .unwrap_err()
-        .to_string();
+    let err = install_error(&n);
     assert_eq!(
         err,
         format!(
@@ -321,7 +335,7 @@ fn an_unsupported_containerd_config_fails_the_install_by_name() {
 fn install_on_a_node_without_containerd_config_writes_a_version_2_file() {
     let n = node();
     fs::remove_file(n.host.join("etc/containerd/config.toml")).unwrap();
-    install(&opts(&n.host), &n.payload, &mut Log::default()).unwrap();
+    install_node(&n);
     let config = fs::read_to_string(n.host.join("etc/containerd/config.toml")).unwrap();
     assert!(config.starts_with("version = 2\n"), "{config}");
     // Nothing to back up.
@@ -334,7 +348,7 @@ fn install_on_a_node_without_containerd_config_writes_a_version_2_file() {
 #[test]
 fn uninstall_restores_the_config_and_keeps_the_admins_file() {
     let n = node();
-    install(&opts(&n.host), &n.payload, &mut Log::default()).unwrap();
+    install_node(&n);
     let mut log = Log::default();
     uninstall(&opts(&n.host), &mut log).unwrap();
     assert_eq!(
@@ -342,7 +356,7 @@ fn uninstall_restores_the_config_and_keeps_the_admins_file() {
         ORIGINAL_CONFIG
     );
     assert!(!n.host.join("opt/boxlite").exists());
-    assert!(fs::symlink_metadata(n.host.join("usr/local/bin/containerd-shim-boxlite-v2")).is_err());
+    assert!(fs::symlink_metadata(n.host.join(SHIM_LINK)).is_err());
     assert_eq!(
         fs::read_to_string(n.host.join("etc/boxlite/boxlite.toml")).unwrap(),
         DEFAULT_BOXLITE_TOML
@@ -363,9 +377,7 @@ fn uninstall_restores_the_config_and_keeps_the_admins_file() {
 
 #[test]
 fn uninstall_leaves_a_shim_it_did_not_link_alone() {
-    let n = node();
-    let link = n.host.join("usr/local/bin/containerd-shim-boxlite-v2");
-    write(&link, b"setup.sh's shim", 0o755);
+    let (n, link) = node_with_copied_shim(b"setup.sh's shim");
     let mut log = Log::default();
     uninstall(&opts(&n.host), &mut log).unwrap();
     assert_eq!(fs::read(&link).unwrap(), b"setup.sh's shim");

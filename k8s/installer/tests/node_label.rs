@@ -156,6 +156,17 @@ fn requests(api: &FakeApi) -> Vec<Request> {
     api.requests.lock().unwrap().clone()
 }
 
+/// Sets (or with `None` removes) node n1's label through `api`, which must
+/// succeed; returns what it logged.
+fn set_label(api: &FakeApi, value: Option<&str>) -> Log {
+    let mut log = Log::default();
+    NodeClient::new(&api.config)
+        .unwrap()
+        .set_label("n1", value, &mut log)
+        .unwrap();
+    log
+}
+
 /// A GET of the node, then a PATCH when the label differs; both
 /// authenticated with the token.
 fn check_get_then_patch(api: &FakeApi, want_body: serde_json::Value) {
@@ -192,11 +203,7 @@ fn the_label_is_set_with_a_merge_patch() {
             node_json(serde_json::json!({"boxlite.io/runtime": "true"})),
         ),
     }));
-    let mut log = Log::default();
-    NodeClient::new(&api.config)
-        .unwrap()
-        .set_label("n1", Some("true"), &mut log)
-        .unwrap();
+    let log = set_label(&api, Some("true"));
     check_get_then_patch(
         &api,
         serde_json::json!({"metadata": {"labels": {"boxlite.io/runtime": "true"}}}),
@@ -212,11 +219,7 @@ fn a_label_already_set_is_not_patched() {
             node_json(serde_json::json!({"boxlite.io/runtime": "true"})),
         )
     }));
-    let mut log = Log::default();
-    NodeClient::new(&api.config)
-        .unwrap()
-        .set_label("n1", Some("true"), &mut log)
-        .unwrap();
+    let log = set_label(&api, Some("true"));
     let reqs = requests(&api);
     assert_eq!(reqs.len(), 1, "{reqs:?}");
     assert_eq!(reqs[0].method, "GET");
@@ -235,11 +238,7 @@ fn the_label_is_removed_with_null() {
         ),
         _ => (200, node_json(serde_json::json!({}))),
     }));
-    let mut log = Log::default();
-    NodeClient::new(&api.config)
-        .unwrap()
-        .set_label("n1", None, &mut log)
-        .unwrap();
+    let log = set_label(&api, None);
     check_get_then_patch(
         &api,
         serde_json::json!({"metadata": {"labels": {"boxlite.io/runtime": null}}}),

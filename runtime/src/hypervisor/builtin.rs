@@ -117,21 +117,21 @@ pub fn vm_config(
             (TapDevice::Fd(f), None) => NetConfig::with_tap_fd(f.as_raw_fd(), mac),
         }));
     }
-    let vcpus = u8::try_from(vm.vcpus).map_err(|_| HypervisorError::VmmConfigRange {
-        id: vm.id.clone(),
+    let vcpus = u8::try_from(vm.spec.vcpus).map_err(|_| HypervisorError::VmmConfigRange {
+        id: vm.spec.id.clone(),
         key: "guest.vcpus",
-        value: vm.vcpus.into(),
+        value: vm.spec.vcpus.into(),
         max: u8::MAX.into(),
     })?;
     Ok(VmConfig {
         vcpus,
-        memory_mib: vm.memory_mib,
-        kernel: Some(vm.kernel.clone()),
-        initramfs: Some(vm.initramfs.clone()),
-        cmdline: vm.cmdline_extra.join(" "),
+        memory_mib: vm.spec.memory_mib,
+        kernel: Some(vm.spec.kernel.clone()),
+        initramfs: Some(vm.spec.initramfs.clone()),
+        cmdline: vm.spec.cmdline_extra.join(" "),
         console_log: Some(vm.path(CONSOLE_LOG)),
         control_socket: Some(vm.path(CONTROL_SOCKET)),
-        sandbox_dir: Some(vm.dir.clone()),
+        sandbox_dir: Some(vm.spec.dir.clone()),
         devices,
         ..VmConfig::default()
     })
@@ -147,7 +147,7 @@ pub fn write_vm_config(
     let cfg = vm_config(vm, shares, nets)?;
     let path = vm.path(VM_CONFIG);
     std::fs::write(&path, cfg.to_json_pretty()).map_err(|error| HypervisorError::Io {
-        id: vm.id.clone(),
+        id: vm.spec.id.clone(),
         op: "cannot write the VM config",
         path: path.clone(),
         error,
@@ -199,14 +199,14 @@ impl Launcher for BuiltinLauncher {
             fds.iter().copied().zip(launch.nets.iter()).collect();
         let cfg_path = write_vm_config(vm, launch.shares, &nets)?;
         let args: Vec<OsString> = vec!["--config".into(), cfg_path.into_os_string()];
-        tracing::info!(sandbox_id = %vm.id, binary = %self.bins.vmm_binary.display(), "starting boxlite-vmm");
+        tracing::info!(sandbox_id = %vm.spec.id, binary = %self.bins.vmm_binary.display(), "starting boxlite-vmm");
         let inherit: Vec<RawFd> = fds.into_iter().flatten().collect();
         launch.spawn(vm, Role::Vmm, &self.bins.vmm_binary, args, None, inherit)
     }
 
     /// The VMM's control socket: it stops its vCPUs and exits (code 0).
     async fn last_resort_shutdown(&self, vm: &VmSetup) -> Option<Duration> {
-        let id = &vm.id;
+        let id = &vm.spec.id;
         tracing::warn!(sandbox_id = %id, "VM did not exit after the agent shutdown; asking the VMM over its control socket");
         let socket = vm.path(CONTROL_SOCKET);
         match tokio::task::spawn_blocking(move || control_request(&socket, Request::Shutdown)).await

@@ -13,22 +13,19 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::process::{fs_socket_name, spawn_process, virtiofsd_args, wait_for_sockets, Proc, Role};
-use super::{HypervisorError, NetDevice, Share};
+use super::{HypervisorError, NetDevice, Share, VmSpec};
 use crate::network::TapDevice;
 
-/// What is fixed for a VM once it is created: where it lives, what it boots
-/// and how big it is. Launchers read it to build their command lines.
+/// What is fixed for a VM once it is created: the [`VmSpec`] it was made
+/// from (where it lives, what it boots and how big it is) and the
+/// virtiofsd both backends spawn. Launchers read it to build their command
+/// lines.
 #[derive(Debug)]
 pub struct VmSetup {
-    pub id: String,
-    /// The sandbox directory.
-    pub dir: PathBuf,
-    pub kernel: PathBuf,
-    pub initramfs: PathBuf,
-    pub vcpus: u32,
-    pub memory_mib: u32,
-    /// Appended to the backend's kernel command line, in order.
-    pub cmdline_extra: Vec<String>,
+    /// The spec less its shares and nets (left empty): those change while
+    /// the VM lives, so [`super::process_vm::ProcessVm`] keeps them in its
+    /// state and hands them to [`Launcher::spawn`] in a [`Launch`].
+    pub spec: VmSpec,
     /// Spawned once per share, by both backends.
     pub virtiofsd_binary: PathBuf,
 }
@@ -36,7 +33,7 @@ pub struct VmSetup {
 impl VmSetup {
     /// A file of the sandbox directory.
     pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
+        self.spec.dir.join(name)
     }
 }
 
@@ -60,7 +57,15 @@ impl Launch<'_> {
         socket: Option<PathBuf>,
         inherit_fds: Vec<RawFd>,
     ) -> Result<(), HypervisorError> {
-        let p = spawn_process(&vm.id, &vm.dir, role, binary, args, socket, inherit_fds)?;
+        let p = spawn_process(
+            &vm.spec.id,
+            &vm.spec.dir,
+            role,
+            binary,
+            args,
+            socket,
+            inherit_fds,
+        )?;
         self.procs.push(p);
         Ok(())
     }
@@ -70,23 +75,21 @@ impl Launch<'_> {
         for share in self.shares {
             let socket = vm.path(&fs_socket_name(&share.tag));
             let args = virtiofsd_args(&socket, share);
-            let p = spawn_process(
-                &vm.id,
-                &vm.dir,
+            self.spawn(
+                vm,
                 Role::Fs(share.tag.clone()),
                 &vm.virtiofsd_binary,
                 args,
                 Some(socket),
                 Vec::new(),
             )?;
-            self.procs.push(p);
         }
         Ok(())
     }
 
     /// Waits until every helper spawned so far has created its socket.
     pub async fn wait_for_helper_sockets(&mut self, vm: &VmSetup) -> Result<(), HypervisorError> {
-        wait_for_sockets(&vm.id, self.procs).await
+        wait_for_sockets(&vm.spec.id, self.procs).await
     }
 
     /// The raw fd of each tap the VMM inherits, in order (None: a tap the

@@ -94,53 +94,44 @@ impl State {
 pub struct ProcessVm<L: Launcher> {
     pub(super) setup: VmSetup,
     pub(super) launcher: L,
-    agent_ready_timeout: Duration,
-    shutdown_timeout: Duration,
     /// The VMM's pid while it runs, 0 otherwise.
     pid: AtomicU32,
     pub(super) state: tokio::sync::Mutex<State>,
 }
 
 impl<L: Launcher> ProcessVm<L> {
-    /// Takes the spec's shares and taps (checked here); the rest of the
-    /// spec becomes the [`VmSetup`] the launcher reads.
+    /// Takes the spec's shares and taps (checked here) into the VM's state;
+    /// the rest of the spec goes into the [`VmSetup`] the launcher reads.
     pub fn with_launcher(
-        spec: VmSpec,
+        mut spec: VmSpec,
         virtiofsd_binary: &Path,
         launcher: L,
     ) -> Result<Self, HypervisorError> {
         check_sandbox_id(&spec.id)?;
         let mut st = State::new();
-        let setup = VmSetup {
-            id: spec.id,
-            dir: spec.dir,
-            kernel: spec.kernel,
-            initramfs: spec.initramfs,
-            vcpus: spec.vcpus,
-            memory_mib: spec.memory_mib,
-            cmdline_extra: spec.cmdline_extra,
-            virtiofsd_binary: virtiofsd_binary.to_owned(),
-        };
-        for share in spec.shares {
-            check_share(&setup.id, &st.shares, &share)?;
+        let shares = std::mem::take(&mut spec.shares);
+        let nets = std::mem::take(&mut spec.nets);
+        for share in shares {
+            check_share(&spec.id, &st.shares, &share)?;
             st.shares.push(share);
         }
-        for net in &spec.nets {
+        for net in &nets {
             check_net(net)?;
         }
-        st.nets = spec.nets;
+        st.nets = nets;
         Ok(ProcessVm {
-            setup,
+            setup: VmSetup {
+                spec,
+                virtiofsd_binary: virtiofsd_binary.to_owned(),
+            },
             launcher,
-            agent_ready_timeout: spec.agent_ready_timeout,
-            shutdown_timeout: spec.shutdown_timeout,
             pid: AtomicU32::new(0),
             state: tokio::sync::Mutex::new(st),
         })
     }
 
     fn id(&self) -> &str {
-        &self.setup.id
+        &self.setup.spec.id
     }
 
     /// Every socket a run may create.
@@ -203,19 +194,19 @@ impl<L: Launcher> ProcessVm<L> {
         for (what, path) in binaries {
             if !is_executable(path) {
                 return Err(HypervisorError::MissingBinary {
-                    id: vm.id.clone(),
+                    id: vm.spec.id.clone(),
                     what: what.to_owned(),
                     path: path.to_owned(),
                 });
             }
         }
         for (what, key, path) in [
-            ("guest kernel", "guest.kernel", &vm.kernel),
-            ("guest initramfs", "guest.initramfs", &vm.initramfs),
+            ("guest kernel", "guest.kernel", &vm.spec.kernel),
+            ("guest initramfs", "guest.initramfs", &vm.spec.initramfs),
         ] {
             if !path.is_file() {
                 return Err(HypervisorError::MissingAsset {
-                    id: vm.id.clone(),
+                    id: vm.spec.id.clone(),
                     what,
                     key,
                     path: path.clone(),
@@ -225,7 +216,7 @@ impl<L: Launcher> ProcessVm<L> {
         for share in &st.shares {
             if !share.host_dir.is_dir() {
                 return Err(HypervisorError::InvalidShare {
-                    id: vm.id.clone(),
+                    id: vm.spec.id.clone(),
                     tag: share.tag.clone(),
                     reason: format!(
                         "host directory {} does not exist or is not a directory",
@@ -244,7 +235,7 @@ impl<L: Launcher> ProcessVm<L> {
             let len = path.as_os_str().len();
             if len > MAX_SOCKET_PATH_LEN {
                 return Err(HypervisorError::SocketPathTooLong {
-                    id: vm.id.clone(),
+                    id: vm.spec.id.clone(),
                     path,
                     len,
                 });
@@ -393,11 +384,11 @@ impl<L: Launcher> Hypervisor for ProcessVm<L> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(&vm.dir)
+            .create(&vm.spec.dir)
             .map_err(|error| HypervisorError::Io {
-                id: vm.id.clone(),
+                id: vm.spec.id.clone(),
                 op: "cannot create the sandbox directory",
-                path: vm.dir.clone(),
+                path: vm.spec.dir.clone(),
                 error,
             })?;
         // Leftovers of an earlier run would make the helpers fail (or make us
@@ -407,14 +398,14 @@ impl<L: Launcher> Hypervisor for ProcessVm<L> {
         }
         let console = self.console_log_path();
         File::create(&console).map_err(|error| HypervisorError::Io {
-            id: vm.id.clone(),
+            id: vm.spec.id.clone(),
             op: "cannot create the console log",
             path: console.clone(),
             error,
         })?;
         // Before the VM exists, so the guest always finds it.
         st.ready = Some(ReadyListener::bind_for_sandbox(
-            &vm.id,
+            &vm.spec.id,
             &self.vsock_socket_path(),
         )?);
         let started_at = Instant::now();
@@ -438,11 +429,11 @@ impl<L: Launcher> Hypervisor for ProcessVm<L> {
                 st.nets.clear();
                 st.phase = Phase::Running;
                 st.started_at = Some(started_at);
-                tracing::info!(sandbox_id = %vm.id, pid, "VM started");
+                tracing::info!(sandbox_id = %vm.spec.id, pid, "VM started");
                 Ok(())
             }
             Err(e) => {
-                tracing::warn!(sandbox_id = %vm.id, error = %chain(&e), "VM start failed; cleaning up");
+                tracing::warn!(sandbox_id = %vm.spec.id, error = %chain(&e), "VM start failed; cleaning up");
                 self.teardown(st);
                 Err(e)
             }
@@ -463,8 +454,9 @@ impl<L: Launcher> Hypervisor for ProcessVm<L> {
                 }
             }
         };
-        let deadline = started_at + self.agent_ready_timeout;
-        let result = wait_for_agent(self, ready, deadline, self.agent_ready_timeout).await;
+        let deadline = started_at + self.setup.spec.agent_ready_timeout;
+        let result =
+            wait_for_agent(self, ready, deadline, self.setup.spec.agent_ready_timeout).await;
         if result.is_ok() {
             tracing::info!(sandbox_id = %self.id(), elapsed_ms = started_at.elapsed().as_millis() as u64, "agent ready");
         }
@@ -484,7 +476,7 @@ impl<L: Launcher> Hypervisor for ProcessVm<L> {
                 Phase::Running => st.phase = Phase::Stopping,
             }
         }
-        let deadline = Instant::now() + self.shutdown_timeout;
+        let deadline = Instant::now() + self.setup.spec.shutdown_timeout;
         let vmm_alive = {
             let mut st = self.state.lock().await;
             st.procs
@@ -496,7 +488,7 @@ impl<L: Launcher> Hypervisor for ProcessVm<L> {
             request_agent_shutdown(
                 self.id(),
                 &self.hybrid_vsock(),
-                self.shutdown_timeout,
+                self.setup.spec.shutdown_timeout,
                 deadline,
             )
             .await;
@@ -507,7 +499,7 @@ impl<L: Launcher> Hypervisor for ProcessVm<L> {
         } else {
             tracing::warn!(
                 sandbox_id = %self.id(),
-                timeout_secs = self.shutdown_timeout.as_secs(),
+                timeout_secs = self.setup.spec.shutdown_timeout.as_secs(),
                 "VM did not exit within the shutdown timeout; killing it"
             );
         }

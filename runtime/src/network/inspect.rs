@@ -334,18 +334,7 @@ mod tests {
             ],
         );
         let r = route_of(&msg, &devices()).unwrap();
-        assert_eq!(
-            r,
-            PodRoute {
-                family: IpFamily::V4,
-                destination: None,
-                gateway: Some(ip("10.77.0.1")),
-                device: "eth0".into(),
-                source: None,
-                scope: RouteScope::Universe,
-                metric: None,
-            }
-        );
+        assert_eq!(r, PodRoute::default_via(ip("10.77.0.1"), "eth0"));
         assert!(r.is_default());
     }
 

@@ -107,6 +107,21 @@ pub struct PodRoute {
 }
 
 impl PodRoute {
+    /// The default route of `gateway`'s family through `gateway` on pod
+    /// interface `device`, with no source or metric (as a plain
+    /// `default via <gateway> dev <device>`).
+    pub fn default_via(gateway: IpAddr, device: &str) -> Self {
+        PodRoute {
+            family: IpFamily::of(&gateway),
+            destination: None,
+            gateway: Some(gateway),
+            device: device.to_owned(),
+            source: None,
+            scope: RouteScope::Universe,
+            metric: None,
+        }
+    }
+
     pub fn is_default(&self) -> bool {
         self.destination.is_none()
     }

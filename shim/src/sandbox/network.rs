@@ -262,15 +262,7 @@ mod tests {
     #[test]
     fn routes_name_the_guest_nic_and_keep_their_parts() {
         let names = vec![("eth0".to_string(), "eth1".to_string())];
-        let default = PodRoute {
-            family: IpFamily::V4,
-            destination: None,
-            gateway: Some("10.1.0.1".parse().unwrap()),
-            device: "eth0".into(),
-            source: None,
-            scope: RouteScope::Universe,
-            metric: None,
-        };
+        let default = PodRoute::default_via("10.1.0.1".parse().unwrap(), "eth0");
         let r = route_request(&default, &names).unwrap();
         assert_eq!(
             (

@@ -20,11 +20,11 @@ use super::error::ContainerError;
 use super::helper::{self, HelperOp, HelperRequest};
 use super::home::runc_default_home;
 use super::process::{Exit, Process, STREAM_CONNECT_TIMEOUT};
-use super::spec::{self, CreateRequest, ExecRequest};
+use super::spec::{self, CreateRequest, ExecRequest, Stdio};
 use super::stdio_fds::pipes;
 use super::{cgroup, BUNDLE_ROOT, STATE_ROOT};
 use crate::config::Config;
-use crate::reaper::Reaper;
+use crate::reaper::{ExitWatch, Reaper};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -170,30 +170,20 @@ impl Containers {
             }
             None => runc_capabilities(None, None),
         };
-        let spec_json = serde_json::to_vec(&req.spec)
-            .map_err(|e| ContainerError::InvalidSpec(e.to_string()))?;
-        std::fs::write(bundle.join("config.json"), spec_json)
-            .map_err(io_err("write config.json"))?;
+        write_runc_json(&bundle.join("config.json"), &req.spec, "write config.json")?;
 
         let process = Process::new("", req.stdio);
-        let result = async {
-            let mut pipes = pipes(req.stdio)?;
-            pipes.spawn_discards();
-            let helper_req = HelperRequest {
-                op: HelperOp::Create {
-                    bundle: bundle.clone(),
-                },
-                container_id: req.id.clone(),
-                state_root: state_root.clone(),
-                console_socket: req.stdio.terminal.then(|| bundle.join("console.sock")),
-                log_path: bundle.join("create.log"),
-            };
-            let (watch, master) =
-                helper::run(reaper, helper_req, pipes.process, "create the container").await?;
-            process.set_stdio(pipes.agent, master)?;
-            Ok::<_, ContainerError>(watch)
-        }
-        .await;
+        let helper_req = HelperRequest {
+            op: HelperOp::Create {
+                bundle: bundle.clone(),
+            },
+            container_id: req.id.clone(),
+            state_root: state_root.clone(),
+            console_socket: req.stdio.terminal.then(|| bundle.join("console.sock")),
+            log_path: bundle.join("create.log"),
+        };
+        let op = "create the container";
+        let result = run_helper(reaper, &process, req.stdio, helper_req, op).await;
         let watch = match result {
             Ok(w) => w,
             Err(e) => {
@@ -301,14 +291,7 @@ impl Containers {
             let caps =
                 runc_capabilities(req.process.capabilities().as_ref(), Some(&c.capabilities));
             req.process.set_capabilities(Some(caps));
-            let json = serde_json::to_vec(&req.process)
-                .map_err(|e| ContainerError::InvalidSpec(e.to_string()))?;
-            std::fs::write(&process_json, json).map_err(|source| ContainerError::Io {
-                what: "write the exec process file",
-                source,
-            })?;
-            let mut pipes = pipes(req.stdio)?;
-            pipes.spawn_discards();
+            write_runc_json(&process_json, &req.process, "write the exec process file")?;
             let helper_req = HelperRequest {
                 op: HelperOp::Exec {
                     process_json: process_json.clone(),
@@ -321,11 +304,10 @@ impl Containers {
                     .then(|| c.bundle.join(format!("exec-{}.console.sock", req.exec_id))),
                 log_path: c.bundle.join(format!("exec-{}.log", req.exec_id)),
             };
-            let outcome = helper::run(reaper, helper_req, pipes.process, "exec the process").await;
+            let op = "exec the process";
+            let outcome = run_helper(reaper, &process, req.stdio, helper_req, op).await;
             let _ = std::fs::remove_file(&process_json);
-            let (watch, master) = outcome?;
-            process.set_stdio(pipes.agent, master)?;
-            Ok::<_, ContainerError>(watch)
+            outcome
         }
         .await;
         let watch = match result {
@@ -457,20 +439,26 @@ impl Containers {
     }
 
     pub fn pause(&self, id: &str) -> Result<(), ContainerError> {
-        let c = self.get(id)?;
-        c.check_state("pause", &[State::Running])?;
-        c.cgroup()?.freeze(true)?;
-        *lock(&c.state) = State::Paused;
-        tracing::info!(container_id = %id, "container paused");
-        Ok(())
+        self.set_frozen(id, true)
     }
 
     pub fn resume(&self, id: &str) -> Result<(), ContainerError> {
+        self.set_frozen(id, false)
+    }
+
+    /// Pause (freeze the cgroup of a running container) or resume (thaw
+    /// a paused one): the same steps from opposite states.
+    fn set_frozen(&self, id: &str, frozen: bool) -> Result<(), ContainerError> {
+        let (op, from, to, done) = if frozen {
+            ("pause", State::Running, State::Paused, "container paused")
+        } else {
+            ("resume", State::Paused, State::Running, "container resumed")
+        };
         let c = self.get(id)?;
-        c.check_state("resume", &[State::Paused])?;
-        c.cgroup()?.freeze(false)?;
-        *lock(&c.state) = State::Running;
-        tracing::info!(container_id = %id, "container resumed");
+        c.check_state(op, &[from])?;
+        c.cgroup()?.freeze(frozen)?;
+        *lock(&c.state) = to;
+        tracing::info!(container_id = %id, "{done}");
         Ok(())
     }
 
@@ -518,4 +506,33 @@ impl Containers {
         tracing::info!(container_id = %id, "container removed");
         Ok(())
     }
+}
+
+/// Writes `value` as a JSON file runc reads (a bundle's config.json, an
+/// exec's process file) at `path`; `what` names the write in an I/O error.
+fn write_runc_json(
+    path: &Path,
+    value: &impl serde::Serialize,
+    what: &'static str,
+) -> Result<(), ContainerError> {
+    let json = serde_json::to_vec(value).map_err(|e| ContainerError::InvalidSpec(e.to_string()))?;
+    std::fs::write(path, json).map_err(|source| ContainerError::Io { what, source })
+}
+
+/// Runs the helper for `req` (a create or an exec) with new stdio pipes
+/// for `process`: the container's process gets one end of each, `process`
+/// keeps the agent's ends and the pty master. Returns the watch on the
+/// process's exit.
+async fn run_helper(
+    reaper: &Reaper,
+    process: &Process,
+    stdio: Stdio,
+    req: HelperRequest,
+    op: &'static str,
+) -> Result<ExitWatch, ContainerError> {
+    let mut pipes = pipes(stdio)?;
+    pipes.spawn_discards();
+    let (watch, master) = helper::run(reaper, req, pipes.process, op).await?;
+    process.set_stdio(pipes.agent, master)?;
+    Ok(watch)
 }

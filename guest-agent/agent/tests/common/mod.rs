@@ -2,8 +2,9 @@
 //! binary in host mode on unix sockets with a temporary root, a busybox
 //! rootfs built from Debian's busybox-static (`/bin/busybox`), a small
 //! runc-like spec, and thin wrappers around the container RPCs. The
-//! host-mode and netns tests, which start the agent their own way, use
-//! [`connect_when_serving`] and [`status`].
+//! host-mode and netns tests start it with other ports or inside a network
+//! namespace ([`Agent::spawn`]) and use [`connect_when_serving`] and
+//! [`status`].
 
 // Each test file uses a different subset.
 #![allow(dead_code)]
@@ -31,27 +32,49 @@ pub const APPLETS: &[&str] = &[
     "head", "wc", "ls", "grep",
 ];
 
+pub const AGENT_BINARY: &str = env!("CARGO_BIN_EXE_boxlite-agent");
+
 pub struct Agent {
-    child: Child,
+    pub child: Child,
     pub dir: tempfile::TempDir,
 }
 
 impl Agent {
+    /// The agent in host mode with its ttrpc and stdio ports.
     pub fn start() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
+        let ports = [("--stdio-listen", "stdio.sock")];
+        Self::spawn(dir, Command::new(AGENT_BINARY), &ports, &[])
+    }
+
+    /// Starts the agent in host mode with everything in `dir`: `launcher`
+    /// is the agent binary, or a wrapper ending in it (`ip netns exec <ns>
+    /// <agent>`). It serves ttrpc on `agent.sock` and each other port on
+    /// its socket (`ports`: flag and socket name), keeps its root in
+    /// `root`, logs at debug level to `agent.stderr`, and gets `extra`
+    /// last.
+    pub fn spawn(
+        dir: tempfile::TempDir,
+        mut launcher: Command,
+        ports: &[(&str, &str)],
+        extra: &[String],
+    ) -> Self {
         let stderr = std::fs::File::create(dir.path().join("agent.stderr")).expect("stderr");
         let unix = |name: &str| format!("unix://{}", dir.path().join(name).display());
-        let child = Command::new(env!("CARGO_BIN_EXE_boxlite-agent"))
-            .args(["--listen", &unix("agent.sock")])
-            .args(["--stdio-listen", &unix("stdio.sock")])
+        launcher.args(["--listen", &unix("agent.sock")]);
+        for (flag, socket) in ports {
+            launcher.arg(flag).arg(unix(socket));
+        }
+        let child = launcher
             .arg("--root")
             .arg(dir.path().join("root"))
             .args(["--log", "debug"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
-            .expect("spawn boxlite-agent");
+            .unwrap_or_else(|e| panic!("spawn {launcher:?}: {e}"));
         Agent { child, dir }
     }
 
@@ -68,9 +91,16 @@ impl Agent {
         std::fs::read_to_string(self.dir.path().join("agent.stderr")).unwrap_or_default()
     }
 
+    /// The ttrpc socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("agent.sock")
+    }
+
     pub async fn connect(&self) -> (HealthClient, AgentClient) {
-        let sock = self.dir.path().join("agent.sock");
-        connect_when_serving(&sock, Duration::from_secs(10), ctx, || self.stderr()).await
+        connect_when_serving(&self.socket(), Duration::from_secs(10), ctx, || {
+            self.stderr()
+        })
+        .await
     }
 
     /// A busybox rootfs at guest path `/rootfs/<name>`.

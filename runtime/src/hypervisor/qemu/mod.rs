@@ -96,47 +96,36 @@ impl QemuLauncher {
             ResolvedAccel::Kvm => ("kvm", "host"),
             ResolvedAccel::Tcg => ("tcg", "max"),
         };
-        let mem = format!("{}M", vm.memory_mib);
-        push(&["-name", &format!("boxlite-{}", vm.id)]);
+        let mem = format!("{}M", vm.spec.memory_mib);
+        push(&["-name", &format!("boxlite-{}", vm.spec.id)]);
         push(&["-M", "microvm,acpi=off,memory-backend=mem"]);
         push(&["-accel", accel, "-cpu", cpu]);
-        push(&["-smp", &vm.vcpus.to_string(), "-m", &mem]);
+        push(&["-smp", &vm.spec.vcpus.to_string(), "-m", &mem]);
         push(&[
             "-object",
             &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
         ]);
         push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
-        args.push("-chardev".into());
-        args.push(opt_with_path(
-            "file,id=console,path=",
-            &vm.path(CONSOLE_LOG),
-            "",
-        ));
+        push_chardev(&mut args, "file,id=console", &vm.path(CONSOLE_LOG));
         args.push("-serial".into());
         args.push("chardev:console".into());
         args.push("-kernel".into());
-        args.push(vm.kernel.clone().into_os_string());
+        args.push(vm.spec.kernel.clone().into_os_string());
         args.push("-initrd".into());
-        args.push(vm.initramfs.clone().into_os_string());
+        args.push(vm.spec.initramfs.clone().into_os_string());
         args.push("-append".into());
         args.push(cmdline(vm).into());
         args.push("-device".into());
         args.push("virtio-rng-device".into());
-        args.push("-chardev".into());
-        args.push(opt_with_path(
-            "socket,id=vsock,path=",
-            &vm.path(VHOST_VSOCK_SOCKET),
-            "",
-        ));
+        push_chardev(&mut args, "socket,id=vsock", &vm.path(VHOST_VSOCK_SOCKET));
         args.push("-device".into());
         args.push("vhost-user-vsock-device,chardev=vsock".into());
         for (i, share) in shares.iter().enumerate() {
-            args.push("-chardev".into());
-            args.push(opt_with_path(
-                &format!("socket,id=fs{i},path="),
+            push_chardev(
+                &mut args,
+                &format!("socket,id=fs{i}"),
                 &vm.path(&fs_socket_name(&share.tag)),
-                "",
-            ));
+            );
             args.push("-device".into());
             args.push(format!("vhost-user-fs-device,chardev=fs{i},tag={}", share.tag).into());
         }
@@ -160,7 +149,7 @@ impl QemuLauncher {
 /// `console=ttyS0 reboot=t panic=-1` plus the extras.
 fn cmdline(vm: &VmSetup) -> String {
     let mut cmdline = BASE_CMDLINE.to_owned();
-    for extra in &vm.cmdline_extra {
+    for extra in &vm.spec.cmdline_extra {
         cmdline.push(' ');
         cmdline.push_str(extra);
     }
@@ -210,13 +199,21 @@ impl Launcher for QemuLauncher {
             fds.iter().copied().zip(launch.nets.iter()).collect();
         let args = self.qemu_args(vm, launch.shares, &nets);
         tracing::info!(
-            sandbox_id = %vm.id,
+            sandbox_id = %vm.spec.id,
             cmdline = %render_cmdline(&self.bins.qemu_binary, &args),
             "starting qemu"
         );
         let inherit: Vec<RawFd> = fds.into_iter().flatten().collect();
         launch.spawn(vm, Role::Qemu, &self.bins.qemu_binary, args, None, inherit)
     }
+}
+
+/// Adds `-chardev <backend_and_id>,path=<path>`, the path escaped by
+/// [`opt_with_path`]: the console log and every vhost-user socket reach
+/// QEMU this way.
+fn push_chardev(args: &mut Vec<OsString>, backend_and_id: &str, path: &Path) {
+    args.push("-chardev".into());
+    args.push(opt_with_path(&format!("{backend_and_id},path="), path, ""));
 }
 
 /// `prefix` + `path` with QEMU's option escaping (`,` → `,,`) + `suffix`.

@@ -210,6 +210,41 @@ impl SingleQueue {
     }
 }
 
+/// The lifecycle half of [`VirtioDevice`] for a single-queue device
+/// (virtio-blk, virtio-rng), written once so the devices cannot drift
+/// apart: `activate` keeps queue 0 as a [`SingleQueue`] in `self.active`
+/// (an `Option<SingleQueue>`), `reset` drops it, and a notification of
+/// queue 0 runs `self.process_requests()`. Expands to the four methods
+/// inside the device's `impl VirtioDevice`.
+macro_rules! single_queue_lifecycle {
+    () => {
+        fn activate(
+            &mut self,
+            ctx: $crate::devices::virtio::ActivateContext,
+        ) -> Result<(), $crate::devices::virtio::VirtioError> {
+            self.active = Some($crate::devices::virtio::SingleQueue::activate(ctx)?);
+            Ok(())
+        }
+
+        fn is_activated(&self) -> bool {
+            self.active.is_some()
+        }
+
+        fn reset(&mut self) {
+            self.active = None;
+        }
+
+        fn process_queue(
+            &mut self,
+            index: u16,
+        ) -> Result<(), $crate::devices::virtio::VirtioError> {
+            $crate::devices::virtio::only_queue_0(index)?;
+            self.process_requests().map(|_| ())
+        }
+    };
+}
+pub(crate) use single_queue_lifecycle;
+
 /// Answers a config space read from the bytes `config`: byte `i` of `data`
 /// is `config[offset + i]`, and every byte past the end (or at an offset
 /// that does not fit in memory) reads as 0, as [`VirtioDevice::read_config`]

@@ -23,8 +23,8 @@ use super::{
     QUEUE_SIZE, SECTOR_SHIFT, SECTOR_SIZE, SEG_MAX, SIZE_MAX,
 };
 use crate::devices::virtio::{
-    device_type, only_queue_0, read_config_bytes, ActivateContext, SingleQueue, VirtioDevice,
-    VirtioError, VIRTIO_F_VERSION_1,
+    device_type, read_config_bytes, single_queue_lifecycle, SingleQueue, VirtioDevice, VirtioError,
+    VIRTIO_F_VERSION_1,
 };
 
 /// The virtio-blk device.
@@ -338,21 +338,5 @@ impl VirtioDevice for Block {
         read_config_bytes(&self.config, offset, data);
     }
 
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), VirtioError> {
-        self.active = Some(SingleQueue::activate(ctx)?);
-        Ok(())
-    }
-
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
-    }
-
-    fn reset(&mut self) {
-        self.active = None;
-    }
-
-    fn process_queue(&mut self, index: u16) -> Result<(), VirtioError> {
-        only_queue_0(index)?;
-        self.process_requests().map(|_| ())
-    }
+    single_queue_lifecycle!();
 }

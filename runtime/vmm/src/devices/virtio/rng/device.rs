@@ -11,8 +11,7 @@ use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{RngError, DEFAULT_SOURCE, MAX_REQUEST_BYTES, QUEUE_SIZE};
 use crate::devices::virtio::{
-    device_type, only_queue_0, ActivateContext, SingleQueue, VirtioDevice, VirtioError,
-    VIRTIO_F_VERSION_1,
+    device_type, single_queue_lifecycle, SingleQueue, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1,
 };
 
 /// Counters (`boxlite_rng_<event>_total`).
@@ -159,23 +158,7 @@ impl VirtioDevice for Rng {
         data.fill(0);
     }
 
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), VirtioError> {
-        self.active = Some(SingleQueue::activate(ctx)?);
-        Ok(())
-    }
-
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
-    }
-
-    fn reset(&mut self) {
-        self.active = None;
-    }
-
-    fn process_queue(&mut self, index: u16) -> Result<(), VirtioError> {
-        only_queue_0(index)?;
-        self.process_requests().map(|_| ())
-    }
+    single_queue_lifecycle!();
 }
 
 #[cfg(test)]
