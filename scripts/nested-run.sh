@@ -20,7 +20,8 @@
 #
 # Environment: BOXLITE_NODE_PROFILE=release|debug (our binaries' cargo
 # profile; default release), BOXLITE_TESTHOST_TSC_KHZ (the host's TSC
-# frequency; default from /proc/cpuinfo), CARGO_TARGET_DIR.
+# frequency; default from /proc/cpuinfo), BOXLITE_TESTHOST_APPEND (more
+# kernel arguments for the node), CARGO_TARGET_DIR.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
@@ -142,7 +143,7 @@ timeout --kill-after=10 "$timeout" "$BOXLITE_OUTER_QEMU" \
     -device virtio-blk-device,drive=payload \
     -object rng-random,id=rng,filename=/dev/urandom -device virtio-rng-device,rng=rng \
     -kernel "$kernel" \
-    -append "console=ttyS0 root=/dev/vda rw init=/sbin/boxlite-node-boot reboot=t panic=-1 tsc_early_khz=$tsc_khz tsc=reliable" \
+    -append "console=ttyS0 root=/dev/vda rw init=/sbin/boxlite-node-boot reboot=t panic=-1 tsc_early_khz=$tsc_khz tsc=reliable${BOXLITE_TESTHOST_APPEND:+ $BOXLITE_TESTHOST_APPEND}" \
     </dev/null
 qemu_status=$?
 set -e
