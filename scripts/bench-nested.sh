@@ -21,8 +21,7 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${BOXLITE_BENCH_DIR:-/tmp/boxlite-bench-nested}"
 
 die() { echo "error: $*" >&2; exit 1; }
-source "$REPO_ROOT/scripts/common.sh"
-ensure_outer_qemu >&2
+command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not found (apt-get install qemu-system-x86)"
 
 mkdir -p "$OUT"
 cd "$REPO_ROOT"
@@ -39,7 +38,7 @@ for boot in $(seq 1 "$BOOTS"); do
     scenarios="$pair"
     for _ in $(seq 2 "$PAIRS"); do scenarios="$scenarios,$pair"; done
     console="$OUT/console-$boot.log"
-    timeout 900 "$BOXLITE_OUTER_QEMU" -M microvm,acpi=off -accel tcg -cpu EPYC,+svm,+npt -smp 2 -m 2048 \
+    timeout 900 qemu-system-x86_64 -M microvm,acpi=off -accel tcg -cpu EPYC,+svm,+npt -smp 2 -m 2048 \
         -nodefaults -no-user-config -nographic -no-reboot -serial "file:$console" \
         -kernel "$OUT/th/vmlinux" -initrd "$OUT/th/initramfs.cpio.gz" \
         -append "console=ttyS0 reboot=t panic=-1 boxlite.scenarios=$scenarios tsc_early_khz=$tsc_khz" \

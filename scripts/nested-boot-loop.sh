@@ -63,8 +63,7 @@ for f in "$kernel" "$initramfs"; do
 done
 tsc_khz="${BOXLITE_TESTHOST_TSC_KHZ:-$(awk -F: '/^cpu MHz/ { printf "%d", $2 * 1000; exit }' /proc/cpuinfo)}"
 [ "${tsc_khz:-0}" -gt 0 ] || { echo "nested-boot-loop: cannot read the host's TSC frequency from /proc/cpuinfo; set BOXLITE_TESTHOST_TSC_KHZ" >&2; exit 2; }
-source "$repo/scripts/common.sh"
-ensure_outer_qemu >&2
+command -v qemu-system-x86_64 >/dev/null || { echo "nested-boot-loop: no qemu-system-x86_64 (install qemu-system-x86)" >&2; exit 2; }
 
 [ -n "$out" ] || out="$(mktemp -d /tmp/boxlite-boot-loop.XXXXXX)"
 mkdir -p "$out"
@@ -87,7 +86,7 @@ for i in $(seq 1 "$n"); do
     load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
     started=$SECONDS
     set +e
-    timeout --kill-after=10 "$timeout" "$BOXLITE_OUTER_QEMU" \
+    timeout --kill-after=10 "$timeout" qemu-system-x86_64 \
         -M microvm,acpi=off -accel "$accel" -cpu "$cpu" -smp "$smp" -m 2048 \
         -nodefaults -no-user-config -nographic -no-reboot \
         -serial "file:$console" \

@@ -62,7 +62,6 @@ cd "$REPO_ROOT"
 {
     ensure_apt_packages
     ensure_cargo_tools
-    ensure_outer_qemu
     build_guest_assets
     log "nested node: test-host kernel, static boxlite-vmm and virtiofsd (cargo xtask testhost)"
     testhost_out="$(cargo xtask testhost --guest-initramfs "$BOXLITE_INITRAMFS")"
@@ -132,7 +131,7 @@ started=$SECONDS
 # kernel's random pool took ~10 s to initialise under TCG, and containerd
 # waited for it.
 set +e
-timeout --kill-after=10 "$timeout" "$BOXLITE_OUTER_QEMU" \
+timeout --kill-after=10 "$timeout" qemu-system-x86_64 \
     -M microvm,acpi=off -accel tcg -cpu EPYC,+svm,+npt -smp "$cpus" -m "$memory" \
     -nodefaults -no-user-config -display none -no-reboot \
     -chardev "file,id=console,path=$work/console.log" -serial chardev:console \

@@ -1,7 +1,7 @@
 //! Linux under `boxlite-vmm`, in the nested test host (docs/testing-nested.md,
 //! layer 2 of the test layers in docs/architecture.md).
 //!
-//! One outer QEMU (`-accel tcg -cpu EPYC,+svm,+npt`) boots the
+//! One outer `qemu-system-x86_64 -accel tcg -cpu EPYC,+svm,+npt` boots the
 //! test-host kernel (KVM_AMD) with the test-host initramfs from
 //! `cargo xtask testhost`; its `/init`, `boxlite-nested-driver`, runs every
 //! scenario with `boxlite-vmm` and prints `BOXLITE-NESTED <scenario>
@@ -14,8 +14,6 @@
 //!
 //! Environment: `BOXLITE_TESTHOST_KERNEL`, `BOXLITE_TESTHOST_INITRAMFS`
 //! (required: the two paths `cargo xtask testhost` prints);
-//! `BOXLITE_OUTER_QEMU` (required: the outer QEMU, 8 or newer, that
-//! `ensure_outer_qemu` in scripts/common.sh unpacks);
 //! `BOXLITE_NESTED_TIMEOUT` (seconds for the whole outer boot, default 300);
 //! `BOXLITE_NESTED_SCENARIOS` (default: all); `BOXLITE_TESTHOST_TSC_KHZ`
 //! (default: `cpu MHz` of /proc/cpuinfo; see `host_tsc_khz`).
@@ -26,6 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+const QEMU: &str = "qemu-system-x86_64";
 const ALL_SCENARIOS: &str = boxlite_tests::NESTED_SCENARIOS;
 const DEFAULT_TIMEOUT_SECS: u64 = 300;
 const MARK: &str = "BOXLITE-NESTED ";
@@ -251,18 +250,6 @@ fn host_tsc_khz() -> Option<u64> {
     (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
 }
 
-/// The outer QEMU binary. Not Debian 12's own qemu-system-x86_64: its
-/// QEMU 7.2 emulates SVM with a bug in the #VMEXIT path that fails about one
-/// nested guest in twenty (docs/testing-nested.md, "The outer QEMU").
-fn outer_qemu() -> String {
-    std::env::var("BOXLITE_OUTER_QEMU").unwrap_or_else(|_| {
-        panic!(
-            "BOXLITE_OUTER_QEMU is not set: the nested test host needs QEMU 8 or newer \
-             (scripts/test.sh sets it with ensure_outer_qemu from scripts/common.sh)"
-        )
-    })
-}
-
 fn spawn_qemu(kernel: &Path, initramfs: &Path, console: &Path, scenarios: &str) -> Child {
     let mut append = format!("console=ttyS0 reboot=t panic=-1 boxlite.scenarios={scenarios}");
     match host_tsc_khz() {
@@ -273,8 +260,7 @@ fn spawn_qemu(kernel: &Path, initramfs: &Path, console: &Path, scenarios: &str) 
              the test host may not be able to run KVM guests"
         ),
     }
-    let qemu = outer_qemu();
-    let mut cmd = Command::new(&qemu);
+    let mut cmd = Command::new(QEMU);
     cmd.args(["-M", "microvm,acpi=off", "-accel", "tcg"])
         .args(["-cpu", "EPYC,+svm,+npt", "-smp", "2", "-m", "2048"])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
@@ -289,7 +275,7 @@ fn spawn_qemu(kernel: &Path, initramfs: &Path, console: &Path, scenarios: &str) 
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     cmd.spawn()
-        .unwrap_or_else(|e| panic!("cannot start the outer QEMU {qemu}: {e}"))
+        .unwrap_or_else(|e| panic!("cannot start {QEMU} (install qemu-system-x86): {e}"))
 }
 
 /// Asserts `scenario` passed (a SKIP is a failure: every scenario's
