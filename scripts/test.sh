@@ -17,9 +17,6 @@ cd "$REPO_ROOT"
 
 ensure_apt_packages
 ensure_cargo_tools
-# The outer QEMU of the nested test host and node (exports
-# BOXLITE_OUTER_QEMU, which tests/nested_vmm.rs and nested-run.sh use).
-ensure_outer_qemu
 
 log "format: cargo fmt --check"
 cargo fmt --all --check
