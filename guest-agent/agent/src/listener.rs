@@ -7,9 +7,10 @@
 use std::path::PathBuf;
 use std::pin::Pin;
 
+use futures::stream::unfold;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixListener;
-use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
+use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY, VMADDR_CID_HOST};
 
 /// An address to listen on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,20 +119,32 @@ impl Listener {
         }
     }
 
-    /// Waits for the next connection.
+    /// Waits for the next connection (on vsock, the next one from the host).
     pub async fn accept(&self) -> Result<BoxConn, ListenerError> {
-        let accept_err = |addr: &String, source| ListenerError::Accept {
-            addr: addr.clone(),
-            source,
-        };
         match self {
             Listener::Unix(l, addr) => {
-                let (s, _) = l.accept().await.map_err(|e| accept_err(addr, e))?;
+                let (s, _) = l.accept().await.map_err(|e| accept_error(addr, e))?;
                 Ok(Box::pin(s))
             }
+            Listener::Vsock(l, addr) => Ok(Box::pin(accept_from_host(l, addr).await?)),
+        }
+    }
+
+    /// The listener for the ttrpc server: the same accept as
+    /// [`Listener::accept`], so the agent API also answers the host only.
+    pub fn into_ttrpc(self) -> ttrpc::asynchronous::transport::Listener {
+        use ttrpc::asynchronous::transport::Listener as TtrpcListener;
+        let to_io = |e: ListenerError| std::io::Error::other(e.to_string());
+        match self {
+            Listener::Unix(l, addr) => TtrpcListener::new(unfold((l, addr), |(l, addr)| async {
+                let next = l.accept().await.map(|(s, _)| s);
+                Some((next, (l, addr)))
+            })),
             Listener::Vsock(l, addr) => {
-                let (s, _) = l.accept().await.map_err(|e| accept_err(addr, e))?;
-                Ok(Box::pin(s))
+                TtrpcListener::new(unfold((l, addr), move |(l, addr)| async move {
+                    let next = accept_from_host(&l, &addr).await.map_err(to_io);
+                    Some((next, (l, addr)))
+                }))
             }
         }
     }
@@ -140,6 +153,38 @@ impl Listener {
         match self {
             Listener::Unix(_, a) | Listener::Vsock(_, a) => a,
         }
+    }
+}
+
+fn accept_error(addr: &str, source: std::io::Error) -> ListenerError {
+    ListenerError::Accept {
+        addr: addr.to_owned(),
+        source,
+    }
+}
+
+/// Whether a vsock peer may use the agent's ports: the host only. Inside
+/// the guest, a container can open AF_VSOCK sockets too and reach the
+/// agent through the loopback CID 1 or the guest's own CID; with the
+/// agent API it could start a privileged container or read others' stdio.
+pub fn vsock_peer_allowed(peer_cid: u32) -> bool {
+    peer_cid == VMADDR_CID_HOST
+}
+
+/// Accepts connections on `l` until one comes from the host; any other
+/// peer's is closed at once and logged.
+async fn accept_from_host(l: &VsockListener, addr: &str) -> Result<VsockStream, ListenerError> {
+    loop {
+        let (stream, peer) = l.accept().await.map_err(|e| accept_error(addr, e))?;
+        if vsock_peer_allowed(peer.cid()) {
+            return Ok(stream);
+        }
+        tracing::warn!(
+            addr,
+            peer_cid = peer.cid(),
+            peer_port = peer.port(),
+            "refused a vsock connection: only the host (CID 2) may connect to the agent"
+        );
     }
 }
 
@@ -157,6 +202,16 @@ pub fn remove_stale_socket(path: &std::path::Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_host_may_connect_over_vsock() {
+        assert!(vsock_peer_allowed(2));
+        // The loopback CID, the guest's own CID (3 under both backends),
+        // "any" and the hypervisor's CID are all refused.
+        for cid in [0, 1, 3, 4, VMADDR_CID_ANY] {
+            assert!(!vsock_peer_allowed(cid), "CID {cid}");
+        }
+    }
 
     #[test]
     fn parses_and_prints_addresses() {

@@ -9,7 +9,7 @@ use ttrpc::r#async::Server;
 
 use crate::agent::{Agent, Shutdown};
 use crate::config::Mode;
-use crate::listener::{remove_stale_socket, ListenAddr, Listener, ListenerError};
+use crate::listener::{Listener, ListenerError};
 use crate::logging::LogHub;
 use crate::reaper::ReaperError;
 use crate::rpc::AgentService;
@@ -74,16 +74,15 @@ pub async fn run(agent: Arc<Agent>, hub: Arc<LogHub>) -> Result<Ended, ServerErr
     }
 
     let addr = config.listen.to_ttrpc();
-    if let ListenAddr::Unix(path) = &config.listen {
-        remove_stale_socket(path);
-    }
     let ttrpc_err = |source| ServerError::Ttrpc {
         addr: addr.clone(),
         source,
     };
+    // Bound here rather than by ttrpc so that its accept is ours: on vsock
+    // the agent API answers the host only (listener::vsock_peer_allowed).
+    let listener = Listener::bind(&config.listen)?;
     let mut server = Server::new()
-        .bind(&addr)
-        .map_err(ttrpc_err)?
+        .add_listener(listener.into_ttrpc())
         .register_service(AgentService::new(agent.clone()).services());
     server.start().await.map_err(ttrpc_err)?;
     tracing::info!(
