@@ -296,7 +296,7 @@ exec sleep 30"#,
         let cfg =
             VmConfig::from_json(&std::fs::read_to_string(rig.path("vmm.json")).unwrap()).unwrap();
         assert_eq!(cfg.vcpus, 1, "{cfg:?}");
-        assert_eq!(cfg.cmdline, "quiet");
+        assert_eq!(cfg.cmdline, "loglevel=5 quiet");
         assert_eq!(cfg.sandbox_dir, Some(sb.clone()));
         assert_eq!(cfg.control_socket, Some(sb.join("control.sock")));
         assert_eq!(cfg.console_log, Some(sb.join("console.log")));

@@ -9,6 +9,15 @@ use super::{HypervisorError, CONSOLE_LOG, MAX_SHARE_TAG_LEN, VSOCK_SOCKET};
 use crate::config::Config;
 use crate::network::{MacAddr, TapDevice};
 
+/// The guest kernel's console log level, passed before the config's
+/// extras: warnings and worse reach `console.log` (an oops, a panic, a
+/// `WARNING:` splat, an RCU stall), the kernel's boot-time information
+/// lines do not. Every console byte costs the VMM an exit (the 8250 UART
+/// is emulated a register access at a time); at the default level a boot
+/// wrote ~9 KB to it. `kernel_cmdline_extra = "loglevel=8"` brings the
+/// full log back: the last `loglevel=` on the command line wins.
+pub const GUEST_CONSOLE_LOGLEVEL: &str = "loglevel=5";
+
 /// A host directory shared with the guest over virtio-fs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Share {
@@ -35,7 +44,8 @@ pub struct VmSpec {
     pub initramfs: PathBuf,
     pub vcpus: u32,
     pub memory_mib: u32,
-    /// Appended to the backend's own kernel command line, in order.
+    /// Appended to the backend's own kernel command line, in order:
+    /// [`GUEST_CONSOLE_LOGLEVEL`], then the config's `kernel_cmdline_extra`.
     pub cmdline_extra: Vec<String>,
     /// virtio-fs shares (more can be added with [`super::Hypervisor::add_share`]).
     pub shares: Vec<Share>,
@@ -58,10 +68,8 @@ impl VmSpec {
             initramfs: config.guest.initramfs.clone(),
             vcpus: config.guest.vcpus,
             memory_mib: config.guest.memory_mib,
-            cmdline_extra: config
-                .guest
-                .kernel_cmdline_extra
-                .split_whitespace()
+            cmdline_extra: std::iter::once(GUEST_CONSOLE_LOGLEVEL)
+                .chain(config.guest.kernel_cmdline_extra.split_whitespace())
                 .map(str::to_owned)
                 .collect(),
             shares: Vec::new(),
@@ -222,7 +230,7 @@ mod tests {
             spec.vsock_socket_path(),
             Path::new("/run/boxlite/3f2a/vsock.sock")
         );
-        assert_eq!(spec.cmdline_extra, ["quiet", "loglevel=3"]);
+        assert_eq!(spec.cmdline_extra, ["loglevel=5", "quiet", "loglevel=3"]);
         assert_eq!(spec.agent_ready_timeout, Duration::from_secs(30));
         assert!(VmSpec::from_config(&config, "../etc").is_err());
     }

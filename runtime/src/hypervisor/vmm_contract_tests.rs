@@ -19,6 +19,7 @@ use boxlite_vmm_api::config::{DeviceConfig, VmConfig};
 use serde_json::Value;
 
 use super::builtin::{vm_config, write_vm_config, BuiltinHypervisor};
+use super::spec::GUEST_CONSOLE_LOGLEVEL;
 use super::test_rig::{Bins, Rig};
 use super::{Hypervisor, HypervisorError, NetDevice};
 use crate::config::{
@@ -279,7 +280,12 @@ async fn the_longest_cmdline_the_runtime_allows_is_accepted_by_the_vmm() {
         .await
         .expect("runtime")
         .expect("short path");
-    assert_eq!(generated.cmdline.len(), MAX_KERNEL_CMDLINE_EXTRA_LEN);
+    // The runtime puts its console log level first (spec::GUEST_CONSOLE_LOGLEVEL).
+    let prefix = format!("{GUEST_CONSOLE_LOGLEVEL} ");
+    assert_eq!(
+        generated.cmdline.len(),
+        prefix.len() + MAX_KERNEL_CMDLINE_EXTRA_LEN
+    );
     vmm_accepts(&case, &generated, &path);
 }
 

@@ -58,7 +58,7 @@ fn qemu_command_line() {
          -object memory-backend-memfd,id=mem,size=256M,share=on \
          -nodefaults -no-user-config -nographic -no-reboot \
          -chardev file,id=console,path={d}/console.log -serial chardev:console \
-         -kernel {k} -initrd {i} -append 'console=ttyS0 reboot=t panic=-1 quiet' \
+         -kernel {k} -initrd {i} -append 'console=ttyS0 reboot=t panic=-1 loglevel=5 quiet' \
          -device virtio-rng-device \
          -chardev socket,id=vsock,path={d}/vhost-vsock.sock -device vhost-user-vsock-device,chardev=vsock \
          -chardev socket,id=fs0,path={d}/fs-rootfs.sock -device vhost-user-fs-device,chardev=fs0,tag=rootfs \
