@@ -187,6 +187,39 @@ pub struct OomEvents {
     started: AtomicBool,
 }
 
+/// Reports a container's OOM kill as soon as its init exits, before the
+/// exit is published: the poller may not have looked yet, and once the
+/// host has the exit, `ctr run --rm` deletes the container and the shim
+/// drops events for containers it no longer has.
+#[derive(Clone)]
+pub struct OomReporter {
+    watched: Arc<Mutex<HashMap<String, (PathBuf, u64)>>>,
+    tx: mpsc::UnboundedSender<String>,
+}
+
+impl OomReporter {
+    /// Queues an OOM event for `id` if its cgroup counted a kill since the
+    /// last look (the kernel counts it before the killed task exits).
+    pub fn report_new_kill(&self, id: &str) {
+        let killed = {
+            let mut w = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+            match w.get_mut(id) {
+                Some((path, seen)) => {
+                    let now = oom_kills(path);
+                    let new = now > *seen;
+                    *seen = now.max(*seen);
+                    new
+                }
+                None => false,
+            }
+        };
+        if killed {
+            tracing::info!(container_id = %id, "OOM kill");
+            let _ = self.tx.send(id.to_string());
+        }
+    }
+}
+
 impl Default for OomEvents {
     fn default() -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -255,6 +288,14 @@ impl OomEvents {
                 tracing::info!(container_id = %id, "OOM kill");
                 let _ = self.tx.send(id.to_string());
             }
+        }
+    }
+
+    /// A handle for the exit path: see [`OomReporter`].
+    pub fn reporter(&self) -> OomReporter {
+        OomReporter {
+            watched: self.watched.clone(),
+            tx: self.tx.clone(),
         }
     }
 

@@ -207,12 +207,19 @@ impl Containers {
             capabilities,
         });
         let weak = Arc::downgrade(&container);
+        // Watched before the process can be seen to exit, so that the exit
+        // path below finds it.
+        self.oom.watch(&container.id, &container.cgroup_path);
+        let oom = self.oom.reporter();
+        let id = req.id.clone();
         process.started(watch, move |_exit: Exit| {
+            // Before the exit is published: the host gets an OOM kill's
+            // event first, while the container still exists for it.
+            oom.report_new_kill(&id);
             if let Some(c) = weak.upgrade() {
                 *lock(&c.state) = State::Stopped;
             }
         });
-        self.oom.watch(&container.id, &container.cgroup_path);
         lock(&self.map).insert(req.id.clone(), container);
         tracing::info!(container_id = %req.id, pid = ?process.pid(), "container created");
         Ok(())
