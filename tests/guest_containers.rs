@@ -316,6 +316,52 @@ async fn containers_run_inside_the_guest() {
         .unwrap();
     assert_eq!(event.container_id, "c4");
 
+    // 5. The same kill while the container's init lives on: no process the
+    //    agent tracks exits, so only the watcher on memory.events can report
+    //    it (inotify in the guest; nothing polls there).
+    let rootfs = busybox_rootfs(share.path(), "c5");
+    let mut c5: serde_json::Value = serde_json::from_slice(&spec(
+        "c5",
+        &rootfs,
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/dev/null bs=64M count=1 2>/dev/null; echo dd=$?; exec sleep 3600",
+        ],
+    ))
+    .unwrap();
+    c5["linux"]["resources"]["memory"] = serde_json::json!({"limit": 16 << 20});
+    let create = CreateContainerRequest {
+        container_id: "c5".into(),
+        oci_spec_json: serde_json::to_vec(&c5).unwrap(),
+        stdio: stdio(true, false),
+        ..Default::default()
+    };
+    agent.create_container(ctx(), &create).await.unwrap();
+    let out = drain(open_stream(&vsock, "c5", "", StreamKind::Stdout).await);
+    let start = StartContainerRequest {
+        container_id: "c5".into(),
+        ..Default::default()
+    };
+    agent.start_container(ctx(), &start).await.unwrap();
+    let event = agent
+        .get_oom_event(
+            ttrpc::context::with_timeout(Duration::from_secs(60).as_nanos() as i64),
+            &GetOOMEventRequest::default(),
+        )
+        .await
+        .expect("GetOOMEvent answered while c5's init still runs");
+    assert_eq!(event.container_id, "c5");
+    let kill = SignalProcessRequest {
+        container_id: "c5".into(),
+        signal: 9,
+        ..Default::default()
+    };
+    agent.signal_process(ctx(), &kill).await.unwrap();
+    assert_eq!(wait(agent, "c5", "").await, 137);
+    assert_eq!(out.join().unwrap(), "dd=137\n", "c5's dd was OOM-killed");
+    remove(agent, "c5").await;
+
     g.stop().await;
 }
 

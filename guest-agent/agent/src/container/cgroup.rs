@@ -1,26 +1,20 @@
 //! A container's cgroup through `libcgroups` (v2 in the guest; v1 too, so
 //! host-mode tests run on v1 or hybrid hosts): freeze, pids, resources,
-//! stats, removal; and the OOM-kill watcher behind GetOOMEvent.
+//! stats, removal; the counters the OOM watcher ([`super::oom`]) reads.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use libcgroups::common::{
     create_cgroup_manager, AnyCgroupManager, CgroupConfig, CgroupManager, ControllerOpt,
     FreezerState,
 };
 use oci_spec::runtime::LinuxResources;
-use tokio::sync::mpsc;
 
 use super::error::ContainerError;
 
 /// Where cgroupfs is mounted (guest and host).
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
-/// How often the OOM watcher reads the containers' OOM-kill counters.
-pub const OOM_POLL_INTERVAL: Duration = Duration::from_millis(200);
 
 /// The figures StatsContainer returns, named after the cgroup v2 files.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -52,7 +46,7 @@ fn err(what: &'static str) -> impl Fn(String) -> ContainerError {
     move |message| ContainerError::Cgroup { what, message }
 }
 
-fn is_v2() -> bool {
+pub fn is_v2() -> bool {
     Path::new(CGROUP_ROOT).join("cgroup.controllers").exists()
 }
 
@@ -153,18 +147,23 @@ impl Cgroup {
     }
 }
 
-/// memory.events (v2) as key → count; on v1 only `oom_kill` from
-/// memory.oom_control.
-pub fn read_memory_events(cgroup_path: &Path) -> HashMap<String, u64> {
+/// The file that counts a cgroup's memory events: memory.events on v2; on
+/// v1 memory.oom_control, which has only `oom_kill` of them.
+pub fn memory_events_file(cgroup_path: &Path) -> PathBuf {
     let rel = cgroup_path.strip_prefix("/").unwrap_or(cgroup_path);
-    let file = if is_v2() {
+    if is_v2() {
         Path::new(CGROUP_ROOT).join(rel).join("memory.events")
     } else {
         Path::new(CGROUP_ROOT)
             .join("memory")
             .join(rel)
             .join("memory.oom_control")
-    };
+    }
+}
+
+/// [`memory_events_file`] as key → count (empty if it cannot be read).
+pub fn read_memory_events(cgroup_path: &Path) -> HashMap<String, u64> {
+    let file = memory_events_file(cgroup_path);
     parse_flat_keyed(&std::fs::read_to_string(file).unwrap_or_default())
 }
 
@@ -176,133 +175,6 @@ pub fn parse_flat_keyed(text: &str) -> HashMap<String, u64> {
             Some((k.to_string(), v.trim().parse().ok()?))
         })
         .collect()
-}
-
-/// OOM kills per container, found by polling each watched cgroup's
-/// `oom_kill` counter; GetOOMEvent takes them one by one.
-pub struct OomEvents {
-    watched: Arc<Mutex<HashMap<String, (PathBuf, u64)>>>,
-    tx: mpsc::UnboundedSender<String>,
-    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>,
-    started: AtomicBool,
-}
-
-/// Reports a container's OOM kill as soon as its init exits, before the
-/// exit is published: the poller may not have looked yet, and once the
-/// host has the exit, `ctr run --rm` deletes the container and the shim
-/// drops events for containers it no longer has.
-#[derive(Clone)]
-pub struct OomReporter {
-    watched: Arc<Mutex<HashMap<String, (PathBuf, u64)>>>,
-    tx: mpsc::UnboundedSender<String>,
-}
-
-impl OomReporter {
-    /// Queues an OOM event for `id` if its cgroup counted a kill since the
-    /// last look (the kernel counts it before the killed task exits).
-    pub fn report_new_kill(&self, id: &str) {
-        let killed = {
-            let mut w = self.watched.lock().unwrap_or_else(|p| p.into_inner());
-            match w.get_mut(id) {
-                Some((path, seen)) => {
-                    let now = oom_kills(path);
-                    let new = now > *seen;
-                    *seen = now.max(*seen);
-                    new
-                }
-                None => false,
-            }
-        };
-        if killed {
-            tracing::info!(container_id = %id, "OOM kill");
-            let _ = self.tx.send(id.to_string());
-        }
-    }
-}
-
-impl Default for OomEvents {
-    fn default() -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        OomEvents {
-            watched: Arc::default(),
-            tx,
-            rx: tokio::sync::Mutex::new(rx),
-            started: AtomicBool::new(false),
-        }
-    }
-}
-
-fn oom_kills(path: &Path) -> u64 {
-    read_memory_events(path)
-        .get("oom_kill")
-        .copied()
-        .unwrap_or(0)
-}
-
-impl OomEvents {
-    /// Starts watching a container (and the poller, on first use; needs a
-    /// tokio runtime).
-    pub fn watch(&self, id: &str, cgroup_path: &Path) {
-        let base = oom_kills(cgroup_path);
-        self.watched
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_string(), (cgroup_path.to_path_buf(), base));
-        if !self.started.swap(true, Ordering::SeqCst) {
-            let watched = self.watched.clone();
-            let tx = self.tx.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(OOM_POLL_INTERVAL).await;
-                    let mut events = Vec::new();
-                    {
-                        let mut w = watched.lock().unwrap_or_else(|p| p.into_inner());
-                        for (id, (path, seen)) in w.iter_mut() {
-                            let now = oom_kills(path);
-                            if now > *seen {
-                                *seen = now;
-                                events.push(id.clone());
-                            }
-                        }
-                    }
-                    for id in events {
-                        tracing::info!(container_id = %id, "OOM kill");
-                        let _ = tx.send(id);
-                    }
-                }
-            });
-        }
-    }
-
-    /// Stops watching a container. A kill since the last poll is reported
-    /// first: a container OOM-killed and removed within one poll interval
-    /// must not lose its event.
-    pub fn unwatch(&self, id: &str) {
-        let removed = self
-            .watched
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        if let Some((path, seen)) = removed {
-            if oom_kills(&path) > seen {
-                tracing::info!(container_id = %id, "OOM kill");
-                let _ = self.tx.send(id.to_string());
-            }
-        }
-    }
-
-    /// A handle for the exit path: see [`OomReporter`].
-    pub fn reporter(&self) -> OomReporter {
-        OomReporter {
-            watched: self.watched.clone(),
-            tx: self.tx.clone(),
-        }
-    }
-
-    /// Long-polls the next OOM kill.
-    pub async fn next(&self) -> Option<String> {
-        self.rx.lock().await.recv().await
-    }
 }
 
 #[cfg(test)]

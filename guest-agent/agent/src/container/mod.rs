@@ -12,6 +12,7 @@
 //! - [`stdio_fds`]: the pipes or pty a process's stdio is made of.
 //! - [`capabilities`], [`home`], [`keyring`], [`cgroup`], [`device_filter`]: one
 //!   piece of container set-up each.
+//! - [`oom`]: the OOM-kill watcher behind GetOOMEvent.
 //! - [`error`]: the one error type of all of the above.
 
 pub mod capabilities;
@@ -21,6 +22,7 @@ pub mod error;
 pub mod helper;
 pub mod home;
 pub mod keyring;
+pub mod oom;
 pub mod process;
 pub mod spec;
 pub mod stdio_fds;

@@ -22,7 +22,7 @@ use super::home::runc_default_home;
 use super::process::{Exit, Process, STREAM_CONNECT_TIMEOUT};
 use super::spec::{self, CreateRequest, ExecRequest, Stdio};
 use super::stdio_fds::pipes;
-use super::{cgroup, BUNDLE_ROOT, STATE_ROOT};
+use super::{cgroup, oom, BUNDLE_ROOT, STATE_ROOT};
 use crate::config::Config;
 use crate::reaper::{ExitWatch, Reaper};
 
@@ -127,7 +127,7 @@ pub struct Containers {
     map: Mutex<HashMap<String, Arc<Container>>>,
     /// Serialises creates so a duplicate id is refused cleanly.
     creating: tokio::sync::Mutex<()>,
-    pub oom: cgroup::OomEvents,
+    pub oom: oom::OomEvents,
 }
 
 impl Containers {
@@ -325,7 +325,11 @@ impl Containers {
             }
         };
         process.start_pumps();
-        process.started(watch, |_| {});
+        // An OOM-killed exec's event goes out before its exit too (see
+        // the init's exit path in `create`).
+        let oom = self.oom.reporter();
+        let id = req.container_id.clone();
+        process.started(watch, move |_| oom.report_new_kill(&id));
         let pid = process.pid().unwrap_or(0);
         tracing::info!(container_id = %req.container_id, exec_id = %req.exec_id, pid, "exec started");
         Ok(pid)
