@@ -1,18 +1,27 @@
 //! Task events for containerd, behind the [`EventSink`] trait.
 //!
-//! Production: [`ChannelSink`] puts events on a bounded channel; a forwarder
-//! task publishes them through containerd's ttrpc event service with a
-//! timeout per event and logs failures, so a slow or absent containerd never
-//! fails (or blocks) an RPC. Tests use [`RecordingSink`].
+//! Production: [`ChannelSink`] puts events on a queue; a forwarder task
+//! publishes them through containerd's ttrpc event service with a timeout
+//! per event and logs failures, so a slow or absent containerd never fails
+//! (or blocks) an RPC. Tests use [`RecordingSink`].
+//!
+//! Nothing containerd waits for is ever dropped: a lost `/tasks/exit`
+//! leaves `ctr run` and the CRI waiting forever. The queue is therefore
+//! unbounded, and what bounds it is that every event but one comes from the
+//! shim's own state machine, at most a few per process the host asked for.
+//! The exception is `/tasks/oom`, which the guest reports: a hostile or
+//! buggy guest could send them without end. An OOM event for a container
+//! that already has one waiting is coalesced into it (containerd learns
+//! nothing more from the second), so OOM events add at most one queue entry
+//! per container.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-/// Events queued before new ones are dropped (and logged).
-pub const EVENT_QUEUE: usize = 256;
 /// Budget for publishing one event.
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -95,17 +104,26 @@ pub trait Publisher: Send + Sync + 'static {
     async fn publish(&self, event: TaskEvent) -> Result<(), String>;
 }
 
-/// A bounded queue in front of a [`Publisher`].
+/// The queue in front of a [`Publisher`] (see the module doc for why it
+/// needs no bound).
 pub struct ChannelSink {
-    tx: mpsc::Sender<TaskEvent>,
+    tx: mpsc::UnboundedSender<TaskEvent>,
+    /// Containers with an OOM event in the queue, not yet taken by the
+    /// forwarder.
+    oom_queued: Arc<Mutex<HashSet<String>>>,
 }
 
 impl ChannelSink {
     /// Starts the forwarder task; it ends when the sink is dropped.
     pub fn spawn(publisher: Arc<dyn Publisher>, timeout: Duration) -> Self {
-        let (tx, mut rx) = mpsc::channel::<TaskEvent>(EVENT_QUEUE);
+        let (tx, mut rx) = mpsc::unbounded_channel::<TaskEvent>();
+        let oom_queued: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let taken = oom_queued.clone();
         tokio::spawn(async move {
             while let Some(event) = rx.recv().await {
+                if let TaskEvent::Oom { container_id } = &event {
+                    lock(&taken).remove(container_id);
+                }
                 let topic = event.topic();
                 match tokio::time::timeout(timeout, publisher.publish(event)).await {
                     Ok(Ok(())) => tracing::debug!(topic, "event published"),
@@ -118,15 +136,25 @@ impl ChannelSink {
                 }
             }
         });
-        Self { tx }
+        Self { tx, oom_queued }
     }
+}
+
+fn lock(set: &Mutex<HashSet<String>>) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    set.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl EventSink for ChannelSink {
     fn send(&self, event: TaskEvent) {
+        if let TaskEvent::Oom { container_id } = &event {
+            if !lock(&self.oom_queued).insert(container_id.clone()) {
+                tracing::debug!(container_id, "OOM event coalesced with the queued one");
+                return;
+            }
+        }
         let topic = event.topic();
-        if let Err(e) = self.tx.try_send(event) {
-            tracing::error!(topic, error = %e, "event dropped: queue full or forwarder gone");
+        if self.tx.send(event).is_err() {
+            tracing::error!(topic, "event dropped: the forwarder is gone");
         }
     }
 }
@@ -206,5 +234,71 @@ mod tests {
             *publisher.seen.lock().unwrap(),
             ["/tasks/oom", "/tasks/paused"]
         );
+    }
+
+    /// Counts what it publishes; holds every publish until released.
+    struct Gated {
+        open: tokio::sync::Semaphore,
+        seen: Mutex<Vec<TaskEvent>>,
+    }
+
+    #[async_trait]
+    impl Publisher for Gated {
+        async fn publish(&self, event: TaskEvent) -> Result<(), String> {
+            self.open
+                .acquire()
+                .await
+                .map_err(|e| e.to_string())?
+                .forget();
+            self.seen.lock().unwrap().push(event);
+            Ok(())
+        }
+    }
+
+    /// A flood of OOM events from the guest while containerd is slow must
+    /// not push out an exit (the old bounded queue dropped everything past
+    /// 256 events), and OOM events for a container already queued coalesce.
+    #[tokio::test]
+    async fn oom_flood_neither_drops_exits_nor_grows_the_queue() {
+        let publisher = Arc::new(Gated {
+            open: tokio::sync::Semaphore::new(0),
+            seen: Mutex::new(Vec::new()),
+        });
+        let sink = ChannelSink::spawn(publisher.clone(), Duration::from_secs(3600));
+        for _ in 0..10_000 {
+            for c in ["a", "b"] {
+                sink.send(TaskEvent::Oom {
+                    container_id: c.into(),
+                });
+            }
+        }
+        let exit = TaskEvent::Exit {
+            container_id: "a".into(),
+            id: "a".into(),
+            pid: 7,
+            exit_status: 137,
+            exited_at: SystemTime::UNIX_EPOCH,
+        };
+        sink.send(exit.clone());
+        publisher.open.add_permits(1_000);
+        for _ in 0..200 {
+            if publisher.seen.lock().unwrap().contains(&exit) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // FIFO: with the exit published last, everything queued before it
+        // has been published too, so `seen` is the whole queue.
+        let seen = publisher.seen.lock().unwrap().clone();
+        assert_eq!(seen.last(), Some(&exit), "{seen:?}");
+        // The forwarder may have taken the first OOM event of "a" before it
+        // blocked in the gate, so "a" can have been queued twice.
+        let ooms = |c: &str| {
+            seen.iter()
+                .filter(|e| matches!(e, TaskEvent::Oom { container_id } if container_id == c))
+                .count()
+        };
+        assert!((1..=2).contains(&ooms("a")), "{seen:?}");
+        assert_eq!(ooms("b"), 1, "{seen:?}");
     }
 }
