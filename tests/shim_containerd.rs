@@ -18,7 +18,9 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use boxlite_tests::containerd::{mounts_under, shim_binary, text, Containerd, IMAGE, RUNTIME};
+use boxlite_tests::containerd::{
+    left_in_state_dir, mounts_under, shim_binary, text, Containerd, IMAGE, RUNTIME, SHIM_RECORDS,
+};
 use boxlite_tests::oci_image::{busybox_image, run, sha256};
 use boxlite_tests::processes_mentioning;
 
@@ -479,8 +481,9 @@ fn delete_after_a_crash_cleans_the_sandbox() {
         .spawn()
         .unwrap();
     std::fs::write(sandbox.join("qemu.pid"), vm.id().to_string()).unwrap();
+    std::fs::create_dir_all(state_dir.join(SHIM_RECORDS)).unwrap();
     std::fs::write(
-        sandbox.join("state.json"),
+        state_dir.join(SHIM_RECORDS).join("crashed1.json"),
         format!(
             r#"{{"sandbox_id":"crashed1","namespace":"default","shim_pid":1,"vm_pid":{},"containers":["crashed1"]}}"#,
             vm.id()
@@ -526,6 +529,11 @@ fn delete_after_a_crash_cleans_the_sandbox() {
     );
     assert!(mounts_under(dir.path()).is_empty());
     assert!(!sandbox.exists(), "sandbox dir removed");
+    assert!(
+        left_in_state_dir(&state_dir).is_empty(),
+        "the shim's record removed: {:?}",
+        left_in_state_dir(&state_dir)
+    );
     assert_eq!(std::fs::read_to_string(src.join("keep")).unwrap(), "data");
 }
 
@@ -1125,9 +1133,9 @@ fn two_containers_in_one_sandbox() {
     assert_eq!(app_boot, sandbox_boot, "one VM for both containers");
     assert_ne!(app_boot, host_boot, "the guest's kernel, not the host's");
     // Only one sandbox directory (one VM) was made.
-    let dirs: Vec<_> = std::fs::read_dir(c.state_dir())
-        .unwrap()
-        .flatten()
+    let dirs: Vec<_> = left_in_state_dir(&c.state_dir())
+        .into_iter()
+        .filter(|p| p.is_dir())
         .collect();
     assert_eq!(dirs.len(), 1, "{dirs:?}");
     c.kill_and_delete("pod1");
@@ -1141,7 +1149,8 @@ fn two_containers_in_one_sandbox() {
 fn shim_sigkill_then_delete_leaves_nothing() {
     let c = Containerd::with_image();
     c.run_detached(&[], "crash1");
-    let state = std::fs::read_to_string(c.state_dir().join("crash1/state.json")).unwrap();
+    let state =
+        std::fs::read_to_string(c.state_dir().join(SHIM_RECORDS).join("crash1.json")).unwrap();
     let shim_pid: i32 = state
         .split("\"shim_pid\":")
         .nth(1)

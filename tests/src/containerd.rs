@@ -305,9 +305,7 @@ impl Containerd {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let procs = processes_mentioning(&state);
-            let left: Vec<_> = std::fs::read_dir(&state)
-                .map(|d| d.flatten().map(|e| e.path()).collect())
-                .unwrap_or_default();
+            let left = left_in_state_dir(&state);
             let mounts = mounts_under(&state);
             let shim_sockets: Vec<PathBuf> = shim_sockets()
                 .into_iter()
@@ -325,6 +323,26 @@ impl Containerd {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+}
+
+/// The shim's records' directory beside the sandbox directories.
+pub const SHIM_RECORDS: &str = ".shim";
+
+/// The sandbox directories under the runtime's state dir, and the shim
+/// records in its `.shim` directory (which itself stays).
+pub fn left_in_state_dir(state: &Path) -> Vec<PathBuf> {
+    let entries = |dir: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    let records = state.join(SHIM_RECORDS);
+    let mut left: Vec<PathBuf> = entries(state)
+        .into_iter()
+        .filter(|p| *p != records)
+        .collect();
+    left.extend(entries(&records));
+    left
 }
 
 impl Drop for Containerd {

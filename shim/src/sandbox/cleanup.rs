@@ -29,7 +29,7 @@ pub(super) fn archive_console(id: &str, dir: &Path) {
 }
 
 /// After a crash or at shutdown: kills what the pid files name, unmounts
-/// everything under `dir`, and removes it.
+/// everything under `dir`, and removes it, then the shim's record of it.
 pub async fn cleanup_sandbox_dir(dir: &Path) {
     let killed = boxlite_runtime::hypervisor::cleanup_stale_processes(dir);
     if !killed.is_empty() {
@@ -44,7 +44,10 @@ pub async fn cleanup_sandbox_dir(dir: &Path) {
     {
         record.teardown(&sandbox_id).await;
     }
-    if let Err(e) = rootfs::teardown(dir) {
-        tracing::error!(error = %chain(&e), "sandbox directory cleanup failed");
+    match rootfs::teardown(dir) {
+        // The record goes last: while anything is left, a later `delete`
+        // needs it.
+        Ok(()) => SandboxState::remove(dir),
+        Err(e) => tracing::error!(error = %chain(&e), "sandbox directory cleanup failed"),
     }
 }

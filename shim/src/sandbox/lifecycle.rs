@@ -128,8 +128,8 @@ impl Sandbox {
         };
         self.save_state(None);
         let mut undo = Rollback::new("sandbox boot");
-        // Last: state.json without the network and the VM.
-        undo.push("state.json", async { self.save_state(None) });
+        // Last: the sandbox record without the network and the VM.
+        undo.push("the sandbox record", async { self.save_state(None) });
         undo.push("pod network", async {
             let record = self.network.lock().expect("network lock").take();
             if let Some(record) = record {

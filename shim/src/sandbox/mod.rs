@@ -111,7 +111,7 @@ pub struct Sandbox {
     events: Arc<dyn EventSink>,
     vm: tokio::sync::Mutex<Option<Arc<Vm>>>,
     containers: RwLock<HashMap<String, Arc<Container>>>,
-    /// Serialises Create and Delete (mounts, table, state.json).
+    /// Serialises Create and Delete (mounts, table, the sandbox record).
     table_lock: tokio::sync::Mutex<()>,
     /// The pod network wired to the VM, to tear down with it.
     network: std::sync::Mutex<Option<NetworkRecord>>,
@@ -202,7 +202,7 @@ impl Sandbox {
             network: self.network.lock().expect("network lock").clone(),
         };
         if let Err(e) = state.save(&dir) {
-            tracing::error!(error = %chain(&e), "cannot save state.json");
+            tracing::error!(error = %chain(&e), "cannot save the sandbox record");
         }
     }
 }
