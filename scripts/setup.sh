@@ -54,7 +54,7 @@ BoxLite is set up:
   vsock for QEMU   /usr/local/bin/boxlite-vsock (vhost-user backend of the qemu backend)
   tools            /usr/local/bin/boxlite-smoke
   containerd       /etc/containerd/config.toml; log /var/log/boxlite-containerd.log when not under systemd
-  sandbox state    /run/boxlite/<sandbox-id>/ (console.log, helper logs, state.json; removed with the sandbox, a failed boot logs the console tail to containerd's log)
+  sandbox state    /run/boxlite/<sandbox-id>/ (console.log, helper logs) and the shim's record /run/boxlite/.shim/<sandbox-id>.json; both removed with the sandbox, a failed boot logs the console tail to containerd's log
 Run a container:  ctr run --rm --runtime io.containerd.boxlite.v2 $IMAGE demo sh -c 'uname -a'
 Time VM boots:    boxlite-smoke --runs 5
 Shim logs go to containerd's log; guest consoles: see docs/shim.md (BOXLITE_CONSOLE_ARCHIVE).
