@@ -855,21 +855,33 @@ fn kill_exit_statuses() {
         assert!(Instant::now() < deadline, "k1 did not start");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let exec = c
-        .ctr_cmd(&["task", "exec", "--exec-id", "s1", "k1", "sleep", "600"])
+    // The exec says when it runs: a second pid in `ctr task ps` is not
+    // enough, since the exec's set-up process shows there before the exec
+    // has started (a signal then finds no started process).
+    let mut exec = c
+        .ctr_cmd(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "s1",
+            "k1",
+            "sh",
+            "-c",
+            "echo started; exec sleep 600",
+        ])
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until the exec shows in ps (two processes).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ps = text(&c.ctr(&["task", "ps", "k1"]).stdout);
-        if ps.contains("s1") || ps.lines().count() >= 3 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "exec s1 did not start: {ps}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let stdout = exec.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+        let _ = tx.send(line);
+    });
+    let started = rx.recv_timeout(Duration::from_secs(120));
+    assert_eq!(started.as_deref(), Ok("started\n"), "exec s1 did not start");
     let out = c.ctr(&["task", "kill", "-s", "SIGTERM", "--exec-id", "s1", "k1"]);
     assert!(out.status.success(), "kill exec: {}", text(&out.stderr));
     let st = exec.wait_with_output().unwrap();

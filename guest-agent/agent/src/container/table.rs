@@ -393,7 +393,14 @@ impl Containers {
         if p.exit().is_some() {
             return Err(exited());
         }
-        let pid = p.pid().ok_or_else(exited)?;
+        // An exec still being set up (ExecProcess has not returned) has no
+        // process to signal yet; "already exited" would be a lie.
+        let pid = p.pid().ok_or_else(|| {
+            ContainerError::Precondition(format!(
+                "the {} of container {id:?} has not started yet",
+                p.name()
+            ))
+        })?;
         match nix::sys::signal::kill(Pid::from_raw(pid), sig) {
             Ok(()) => Ok(()),
             Err(nix::errno::Errno::ESRCH) => Err(exited()),
