@@ -117,6 +117,18 @@ async fn remove(agent: &AgentClient, id: &str) {
     agent.remove_container(ctx(), &req).await.unwrap();
 }
 
+/// SIGKILLs container `id`'s init, checks it ends with 137, removes it.
+async fn kill_and_remove(agent: &AgentClient, id: &str) {
+    let kill = SignalProcessRequest {
+        container_id: id.into(),
+        signal: 9,
+        ..Default::default()
+    };
+    agent.signal_process(ctx(), &kill).await.unwrap();
+    assert_eq!(wait(agent, id, "").await, 137, "{id} after SIGKILL");
+    remove(agent, id).await;
+}
+
 /// A booted guest with a host directory shared as [`SHARE_TAG`] and its
 /// sandbox created; the agent logs at debug level to the console, which is
 /// printed if the test fails.
@@ -249,14 +261,7 @@ async fn containers_run_inside_the_guest() {
         ..Default::default()
     };
     agent.resume_container(ctx(), &resume).await.unwrap();
-    let kill = SignalProcessRequest {
-        container_id: "c2".into(),
-        signal: 9,
-        ..Default::default()
-    };
-    agent.signal_process(ctx(), &kill).await.unwrap();
-    assert_eq!(wait(agent, "c2", "").await, 137);
-    remove(agent, "c2").await;
+    kill_and_remove(agent, "c2").await;
 
     // 3. Device cgroup rules under cgroup v2 (the agent's eBPF program): a
     //    listed node that no rule allows cannot be opened; runc's standard
@@ -362,14 +367,7 @@ async fn containers_run_inside_the_guest() {
     .await
     .unwrap();
     assert_eq!(first_line, "dd=137\n", "c5's dd was OOM-killed");
-    let kill = SignalProcessRequest {
-        container_id: "c5".into(),
-        signal: 9,
-        ..Default::default()
-    };
-    agent.signal_process(ctx(), &kill).await.unwrap();
-    assert_eq!(wait(agent, "c5", "").await, 137);
-    remove(agent, "c5").await;
+    kill_and_remove(agent, "c5").await;
 
     g.stop().await;
 }

@@ -10,6 +10,10 @@ export BOXLITE_TEST_BACKEND=builtin
 export BOXLITE_SHIM=/usr/local/bin/containerd-shim-boxlite-v2
 export BOXLITE_KERNEL=/usr/share/boxlite/vmlinux
 export BOXLITE_INITRAMFS=/usr/share/boxlite/initramfs
+# Test images copied in beside the binaries (--copy of a
+# /var/cache/boxlite/images/<hash> directory) are found here: the node has
+# no Debian mirror to build them from.
+export BOXLITE_IMAGE_CACHE="${BOXLITE_IMAGE_CACHE:-$PWD}"
 # Tests that find they cannot run here record it (boxlite_tests::report_skip);
 # scripts/test.sh counts these lines as skipped.
 export BOXLITE_SKIP_LOG="$BOXLITE_NODE_OUT/skips"
