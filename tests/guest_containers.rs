@@ -117,6 +117,16 @@ async fn remove(agent: &AgentClient, id: &str) {
     agent.remove_container(ctx(), &req).await.unwrap();
 }
 
+/// Container `id` running `sh -c script` under a 16 MiB memory limit, for
+/// the OOM-kill steps.
+fn memory_limited_spec(share: &Path, id: &str, script: &str) -> serde_json::Value {
+    let rootfs = busybox_rootfs(share, id);
+    let mut limited: serde_json::Value =
+        serde_json::from_slice(&spec(id, &rootfs, &["sh", "-c", script])).unwrap();
+    limited["linux"]["resources"]["memory"] = serde_json::json!({"limit": 16 << 20});
+    limited
+}
+
 /// SIGKILLs container `id`'s init, checks it ends with 137, removes it.
 async fn kill_and_remove(agent: &AgentClient, id: &str) {
     let kill = SignalProcessRequest {
@@ -289,18 +299,11 @@ async fn containers_run_inside_the_guest() {
 
     // 4. An OOM kill under the guest's cgroup v2 memory limit reaches
     //    GetOOMEvent (memory.events oom_kill), long-polled from before.
-    let rootfs = busybox_rootfs(share.path(), "c4");
-    let mut c4: serde_json::Value = serde_json::from_slice(&spec(
+    let c4 = memory_limited_spec(
+        share.path(),
         "c4",
-        &rootfs,
-        &[
-            "sh",
-            "-c",
-            "dd if=/dev/zero of=/dev/null bs=64M count=1 2>/dev/null; echo dd=$?",
-        ],
-    ))
-    .unwrap();
-    c4["linux"]["resources"]["memory"] = serde_json::json!({"limit": 16 << 20});
+        "dd if=/dev/zero of=/dev/null bs=64M count=1 2>/dev/null; echo dd=$?",
+    );
     let poll = {
         let agent = agent.clone();
         tokio::spawn(async move {
@@ -324,18 +327,11 @@ async fn containers_run_inside_the_guest() {
     // 5. The same kill while the container's init lives on: no process the
     //    agent tracks exits, so only the watcher on memory.events can report
     //    it (inotify in the guest; nothing polls there).
-    let rootfs = busybox_rootfs(share.path(), "c5");
-    let mut c5: serde_json::Value = serde_json::from_slice(&spec(
+    let c5 = memory_limited_spec(
+        share.path(),
         "c5",
-        &rootfs,
-        &[
-            "sh",
-            "-c",
-            "dd if=/dev/zero of=/dev/null bs=64M count=1 2>/dev/null; echo dd=$?; exec sleep 3600",
-        ],
-    ))
-    .unwrap();
-    c5["linux"]["resources"]["memory"] = serde_json::json!({"limit": 16 << 20});
+        "dd if=/dev/zero of=/dev/null bs=64M count=1 2>/dev/null; echo dd=$?; exec sleep 3600",
+    );
     let create = CreateContainerRequest {
         container_id: "c5".into(),
         oci_spec_json: serde_json::to_vec(&c5).unwrap(),
