@@ -98,10 +98,22 @@ fn host_view(dir: &Path) -> Outcome {
 /// Python doing real work on the Debian image: an HTTP server and client
 /// on localhost (IPv4 and IPv6), a multiprocessing pool, lock, semaphore
 /// and shared memory (/dev/shm), sqlite3 in WAL mode, 64 MiB written to
-/// /tmp and to a rw bind volume (read back, and seen by the host), threads.
+/// /tmp and to a rw bind volume (read back, and seen by the host), threads;
+/// as the init and as a `ctr task exec`.
 #[test]
 #[ignore = "needs root, containerd, ctr, runc, QEMU, virtiofsd, boxlite-vsock, mmdebstrap and the guest assets"]
 fn python_workloads() {
+    let workloads = [
+        "python3",
+        "-c",
+        WORKLOADS,
+        "http",
+        "multiprocessing",
+        "sqlite",
+        "threads",
+        "write:/tmp:64",
+        "write:/data:64",
+    ];
     let c = containerd();
     let mut report = Report::new(&c);
     report.case("python workloads", |side| {
@@ -112,18 +124,23 @@ fn python_workloads() {
             &["--mount", &mount],
             DEBIAN_IMAGE,
             "py1",
-            &[
-                "python3",
-                "-c",
-                WORKLOADS,
-                "http",
-                "multiprocessing",
-                "sqlite",
-                "threads",
-                "write:/tmp:64",
-                "write:/data:64",
-            ],
+            &workloads,
         );
+        side.record("host view of /data", host_view(&vol));
+    });
+    // The same programs as an exec into a running container (its own
+    // process, joined to the init's namespaces and cgroup).
+    report.case("python workloads, exec", |side| {
+        let vol = host_dir(side, "data-exec");
+        let mount = format!("type=bind,src={},dst=/data,options=rbind:rw", vol.display());
+        side.start_detached(
+            &["--mount", &mount],
+            DEBIAN_IMAGE,
+            "py2",
+            &["sleep", "infinity"],
+        );
+        side.exec("workloads", "py2", &[], &workloads);
+        side.remove("py2");
         side.record("host view of /data", host_view(&vol));
     });
     report.finish();
