@@ -151,6 +151,10 @@ pub struct RuntimeConfig {
     /// `io.boxlite.*` annotations a pod may use to override settings (see
     /// [`crate::annotations`]). Empty: none.
     pub allowed_annotations: Vec<String>,
+    /// The most each log of a sandbox (the guest console, the VMM's and
+    /// each helper's output) may hold on the host, in KiB; past it the
+    /// older half is dropped. At least 16.
+    pub sandbox_log_max_kib: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -159,6 +163,7 @@ impl Default for RuntimeConfig {
             state_dir: "/run/boxlite".into(),
             log_level: "info".into(),
             allowed_annotations: Vec::new(),
+            sandbox_log_max_kib: 4096,
         }
     }
 }

@@ -16,6 +16,9 @@ pub const MIN_AGENT_READY_SECS: u64 = 1;
 pub const MAX_AGENT_READY_SECS: u64 = 600;
 pub const MIN_SHUTDOWN_SECS: u64 = 1;
 pub const MAX_SHUTDOWN_SECS: u64 = 300;
+/// A sandbox log cap (KiB): room for a marker line and some output, up to 1 GiB.
+pub const MIN_SANDBOX_LOG_KIB: u64 = 16;
+pub const MAX_SANDBOX_LOG_KIB: u64 = 1024 * 1024;
 /// x86 `COMMAND_LINE_SIZE` is 2048 including what the backend adds itself;
 /// this leaves room for that.
 pub const MAX_KERNEL_CMDLINE_EXTRA_LEN: usize = 1024;
@@ -75,6 +78,12 @@ impl Config {
         )?;
 
         absolute("runtime.state_dir", &self.runtime.state_dir)?;
+        in_range(
+            "runtime.sandbox_log_max_kib",
+            self.runtime.sandbox_log_max_kib,
+            MIN_SANDBOX_LOG_KIB,
+            MAX_SANDBOX_LOG_KIB,
+        )?;
         validate_log_level(&self.runtime.log_level)?;
         if let Some(key) = self
             .runtime
@@ -177,6 +186,13 @@ mod tests {
             boxlite_protocol::error_chain::chain(&parse("[guest]\nmemory_mib = 64\n").unwrap_err());
         assert!(
             err.ends_with("guest.memory_mib = 64 is out of range 128..=65536"),
+            "{err}"
+        );
+        let err = boxlite_protocol::error_chain::chain(
+            &parse("[runtime]\nsandbox_log_max_kib = 8\n").unwrap_err(),
+        );
+        assert!(
+            err.ends_with("runtime.sandbox_log_max_kib = 8 is out of range 16..=1048576"),
             "{err}"
         );
         let err = boxlite_protocol::error_chain::chain(

@@ -6,7 +6,7 @@
 //! | file | what |
 //! |---|---|
 //! | `vm.json` | the VM config the VMM is started with (`boxlite-vmm --config vm.json`) |
-//! | `console.log` | guest serial console (ttyS0) |
+//! | `console.log` | guest serial console (ttyS0), copied from a pipe and capped ([`super::capped_log`]) |
 //! | `vsock.sock` | hybrid vsock socket, served by the VMM itself |
 //! | `control.sock` | the VMM's control socket (shutdown, pause, resume, status, metrics) |
 //! | `fs-<tag>.sock` (+ `.pid` lock) | vhost-user socket between the VMM and that share's virtiofsd |
@@ -43,7 +43,7 @@ use boxlite_vmm_api::control::{Reply, Request};
 use super::launcher::{Launch, Launcher, VmSetup};
 use super::process::{fs_socket_name, Role};
 use super::process_vm::ProcessVm;
-use super::{HypervisorError, NetDevice, Share, VmSpec, CONSOLE_LOG, VSOCK_SOCKET};
+use super::{HypervisorError, NetDevice, Share, VmSpec, VSOCK_SOCKET};
 use crate::config::ResolvedHypervisor;
 use crate::network::TapDevice;
 
@@ -78,8 +78,9 @@ impl ProcessVm<BuiltinLauncher> {
         &self,
         shares: &[Share],
         nets: &[(Option<RawFd>, &NetDevice)],
+        console: RawFd,
     ) -> Result<VmConfig, HypervisorError> {
-        vm_config(&self.setup, shares, nets)
+        vm_config(&self.setup, shares, nets, console)
     }
 
     /// Sends one control request and returns the reply (blocking, with a
@@ -90,11 +91,13 @@ impl ProcessVm<BuiltinLauncher> {
 }
 
 /// The VMM's config (see `docs/vmm.md`). `nets` pairs each device with
-/// the raw fd the VMM inherits for it (None for named taps).
+/// the raw fd the VMM inherits for it (None for named taps); `console` is
+/// the inherited fd of the console pipe.
 pub fn vm_config(
     vm: &VmSetup,
     shares: &[Share],
     nets: &[(Option<RawFd>, &NetDevice)],
+    console: RawFd,
 ) -> Result<VmConfig, HypervisorError> {
     let mut devices = vec![
         DeviceConfig::Rng(RngConfig::default()),
@@ -129,7 +132,7 @@ pub fn vm_config(
         kernel: Some(vm.spec.kernel.clone()),
         initramfs: Some(vm.spec.initramfs.clone()),
         cmdline: vm.spec.cmdline_extra.join(" "),
-        console_log: Some(vm.path(CONSOLE_LOG)),
+        console_fd: Some(console),
         control_socket: Some(vm.path(CONTROL_SOCKET)),
         sandbox_dir: Some(vm.spec.dir.clone()),
         devices,
@@ -143,8 +146,9 @@ pub fn write_vm_config(
     vm: &VmSetup,
     shares: &[Share],
     nets: &[(Option<RawFd>, &NetDevice)],
+    console: RawFd,
 ) -> Result<PathBuf, HypervisorError> {
-    let cfg = vm_config(vm, shares, nets)?;
+    let cfg = vm_config(vm, shares, nets, console)?;
     let path = vm.path(VM_CONFIG);
     std::fs::write(&path, cfg.to_json_pretty()).map_err(|error| HypervisorError::Io {
         id: vm.spec.id.clone(),
@@ -197,10 +201,10 @@ impl Launcher for BuiltinLauncher {
         let fds = launch.tap_fds();
         let nets: Vec<(Option<RawFd>, &NetDevice)> =
             fds.iter().copied().zip(launch.nets.iter()).collect();
-        let cfg_path = write_vm_config(vm, launch.shares, &nets)?;
+        let cfg_path = write_vm_config(vm, launch.shares, &nets, launch.console)?;
         let args: Vec<OsString> = vec!["--config".into(), cfg_path.into_os_string()];
         tracing::info!(sandbox_id = %vm.spec.id, binary = %self.bins.vmm_binary.display(), "starting boxlite-vmm");
-        let inherit: Vec<RawFd> = fds.into_iter().flatten().collect();
+        let inherit = launch.vmm_fds();
         launch.spawn(vm, Role::Vmm, &self.bins.vmm_binary, args, None, inherit)
     }
 
@@ -256,6 +260,9 @@ mod tests {
                 r#"echo "$@" > {args}
 cp "$2" {cfg}
 ls /proc/$$/fd > {fds}
+c=$(grep -o '"console_fd": *[0-9]*' "$2" | grep -o '[0-9]*$')
+echo "guest says hello" > /proc/$$/fd/$c
+echo "vmm says hello"
 d=$(dirname "$2"); : > "$d/vsock.sock"; : > "$d/control.sock"
 exec sleep 30"#,
                 args = rig.path("vmm.args").display(),
@@ -266,7 +273,7 @@ exec sleep 30"#,
     }
 
     #[tokio::test]
-    async fn start_writes_the_vm_config_and_hands_the_tap_fd_to_the_vmm_only() {
+    async fn start_writes_the_vm_config_and_hands_the_tap_and_console_fds_to_the_vmm_only() {
         let rig = Rig::new();
         let hv =
             BuiltinHypervisor::new(rig.spec(), bins(fake_vmm(&rig), fake_virtiofsd(&rig))).unwrap();
@@ -299,7 +306,10 @@ exec sleep 30"#,
         assert_eq!(cfg.cmdline, "loglevel=5 quiet");
         assert_eq!(cfg.sandbox_dir, Some(sb.clone()));
         assert_eq!(cfg.control_socket, Some(sb.join("control.sock")));
-        assert_eq!(cfg.console_log, Some(sb.join("console.log")));
+        assert_eq!(cfg.console_log, None);
+        let console_fd = cfg
+            .console_fd
+            .expect("the console goes to an inherited pipe");
         assert!(cfg.jail, "the jail is on");
         assert_eq!(
             cfg.devices,
@@ -320,10 +330,12 @@ exec sleep 30"#,
             ]
         );
         let fds = std::fs::read_to_string(rig.path("vmm.fds")).unwrap();
-        assert!(
-            fds.lines().any(|l| l == tap_fd.to_string()),
-            "tap fd {tap_fd} not inherited: {fds}"
-        );
+        for (what, fd) in [("tap", tap_fd), ("console", console_fd)] {
+            assert!(
+                fds.lines().any(|l| l == fd.to_string()),
+                "{what} fd {fd} not inherited: {fds}"
+            );
+        }
         assert!(std::fs::read_to_string(sb.join("boxlite-vmm.pid"))
             .unwrap()
             .starts_with(&pid.to_string()));
@@ -333,6 +345,10 @@ exec sleep 30"#,
         assert!(!pid_alive(pid));
         assert_eq!(rig.leftovers(), Vec::<String>::new());
         assert!(hv.pid().is_none());
+        // What it wrote reached the capped logs by the time kill returned.
+        let read = |name| std::fs::read_to_string(sb.join(name)).unwrap();
+        assert_eq!(read("console.log"), "guest says hello\n");
+        assert_eq!(read("boxlite-vmm.log"), "vmm says hello\n");
     }
 
     #[tokio::test]

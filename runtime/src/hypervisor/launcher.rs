@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::process::{fs_socket_name, spawn_process, virtiofsd_args, wait_for_sockets, Proc, Role};
+use super::process::{
+    fs_socket_name, spawn_process, virtiofsd_args, wait_for_sockets, LogPlace, Proc, Role,
+};
 use super::{HypervisorError, NetDevice, Share, VmSpec};
 use crate::network::TapDevice;
 
@@ -37,12 +39,22 @@ impl VmSetup {
     }
 }
 
+/// The console fd the launch of [`super::process_vm::ProcessVm::with_preflighted`]
+/// names (tests read command lines; nothing is spawned).
+#[cfg(test)]
+pub(crate) const TEST_CONSOLE_FD: RawFd = 9;
+
 /// What a launcher's [`Launcher::spawn`] works with: the shares and taps
-/// to give the VM, and the list of processes, which it fills (helpers
-/// first, the VMM last) so that a failure half-way kills what was spawned.
+/// to give the VM, the console pipe, and the list of processes, which it
+/// fills (helpers first, the VMM last) so that a failure half-way kills
+/// what was spawned.
 pub struct Launch<'a> {
     pub shares: &'a [Share],
     pub nets: &'a [NetDevice],
+    /// The write end of the pipe the shim copies into `console.log`
+    /// ([`super::capped_log`]): the VMM inherits it and writes the guest's
+    /// serial console there.
+    pub console: RawFd,
     pub procs: &'a mut Vec<Proc>,
 }
 
@@ -57,15 +69,11 @@ impl Launch<'_> {
         socket: Option<PathBuf>,
         inherit_fds: Vec<RawFd>,
     ) -> Result<(), HypervisorError> {
-        let p = spawn_process(
-            &vm.spec.id,
-            &vm.spec.dir,
-            role,
-            binary,
-            args,
-            socket,
-            inherit_fds,
-        )?;
+        let place = LogPlace {
+            dir: &vm.spec.dir,
+            cap: vm.spec.log_max_bytes,
+        };
+        let p = spawn_process(&vm.spec.id, place, role, binary, args, socket, inherit_fds)?;
         self.procs.push(p);
         Ok(())
     }
@@ -90,6 +98,13 @@ impl Launch<'_> {
     /// Waits until every helper spawned so far has created its socket.
     pub async fn wait_for_helper_sockets(&mut self, vm: &VmSetup) -> Result<(), HypervisorError> {
         wait_for_sockets(&vm.spec.id, self.procs).await
+    }
+
+    /// The fds the VMM inherits: the taps passed by fd, and the console.
+    pub fn vmm_fds(&self) -> Vec<RawFd> {
+        let mut fds: Vec<RawFd> = self.tap_fds().into_iter().flatten().collect();
+        fds.push(self.console);
+        fds
     }
 
     /// The raw fd of each tap the VMM inherits, in order (None: a tap the

@@ -20,6 +20,7 @@
 
 pub mod agent;
 pub mod builtin;
+pub mod capped_log;
 mod error;
 pub mod launcher;
 pub mod process;

@@ -1,7 +1,8 @@
 //! Spawning and reaping the processes of a VM, shared by the backends:
 //! the VMM process (`qemu` or `boxlite-vmm`) and its helper daemons
 //! (the vsock backend, one `virtiofsd` per share). Each process has its
-//! stdout/stderr in `<sandbox>/<stem>.log` and its pid in `<stem>.pid` (for
+//! stdout/stderr in `<sandbox>/<stem>.log` (a size-capped log, copied from a
+//! pipe: [`super::capped_log`]) and its pid in `<stem>.pid` (for
 //! [`super::cleanup_stale_processes`]); tap fds go to the VMM process only.
 
 use std::ffi::OsString;
@@ -16,6 +17,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::time::Instant;
 
+use super::capped_log::{LogDrain, LogPipe};
 use super::{ExitReport, HypervisorError, Share};
 use boxlite_protocol::log_tail::last_line;
 
@@ -23,6 +25,9 @@ use boxlite_protocol::log_tail::last_line;
 pub const HELPER_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long we wait for a killed process to be reaped.
 pub const REAP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long we wait, once a process has exited, for its last output to
+/// reach its log (the pump copies what is left in the pipe).
+pub const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 /// The vhost-user socket of a share's virtiofsd, in the sandbox directory.
@@ -122,6 +127,8 @@ pub struct Proc {
     /// The socket a helper creates when it is ready.
     pub socket: Option<PathBuf>,
     status: Option<ExitStatus>,
+    /// The pump copying its stdout/stderr into `log`.
+    log_drain: LogDrain,
 }
 
 impl Proc {
@@ -134,6 +141,13 @@ impl Proc {
             }
         }
         self.status
+    }
+
+    /// The last line of its log, once it has exited: waits (bounded) for
+    /// the pump to copy the last of its output first.
+    pub fn last_log_line(&self) -> Option<String> {
+        self.log_drain.wait(LOG_DRAIN_TIMEOUT);
+        last_line(&self.log)
     }
 
     pub fn signal(&mut self, signal: Signal) {
@@ -167,18 +181,26 @@ impl Proc {
     }
 }
 
-/// Spawns one process with its output in `<dir>/<stem>.log` and writes
-/// its pid file `<dir>/<stem>.pid`. `inherit_fds` (tap fds) are handed
-/// to this child only.
+/// Where a process's output goes: `<dir>/<stem>.log`, at most `cap` bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct LogPlace<'a> {
+    pub dir: &'a Path,
+    pub cap: u64,
+}
+
+/// Spawns one process with its output in a capped `<dir>/<stem>.log` and
+/// writes its pid file `<dir>/<stem>.pid`. `inherit_fds` (tap fds, the
+/// console pipe) are handed to this child only.
 pub fn spawn_process(
     id: &str,
-    dir: &Path,
+    place: LogPlace<'_>,
     role: Role,
     binary: &Path,
     args: Vec<OsString>,
     socket: Option<PathBuf>,
     inherit_fds: Vec<RawFd>,
 ) -> Result<Proc, HypervisorError> {
+    let dir = place.dir;
     let stem = role.stem();
     let log = dir.join(format!("{stem}.log"));
     let io_err = |op, path: &Path, error| HypervisorError::Io {
@@ -187,10 +209,11 @@ pub fn spawn_process(
         path: path.to_owned(),
         error,
     };
-    let out = File::create(&log).map_err(|e| io_err("cannot create log file", &log, e))?;
-    let err = out
-        .try_clone()
-        .map_err(|e| io_err("cannot duplicate log file", &log, e))?;
+    let pipe =
+        LogPipe::create(&log, place.cap).map_err(|e| io_err("cannot create log file", &log, e))?;
+    let dup = |e| io_err("cannot duplicate the log pipe", &log, e);
+    let out = File::from(pipe.writer().try_clone().map_err(dup)?);
+    let err = File::from(pipe.writer().try_clone().map_err(dup)?);
     let mut cmd = Command::new(binary);
     cmd.args(&args).stdin(Stdio::null()).stdout(out).stderr(err);
     if !inherit_fds.is_empty() {
@@ -211,7 +234,12 @@ pub fn spawn_process(
         }
     }
     tracing::debug!(sandbox_id = %id, binary = %binary.display(), ?args, "spawning {}", role.describe());
-    let child = cmd.spawn().map_err(|error| HypervisorError::Spawn {
+    let spawned = cmd.spawn();
+    // The child has its copies now (or none): ours must close, so the pump
+    // sees end of file when the child exits. `cmd` holds the other two.
+    drop(cmd);
+    let log_drain = pipe.into_drain();
+    let child = spawned.map_err(|error| HypervisorError::Spawn {
         id: id.to_owned(),
         what: role.describe(),
         binary: binary.to_owned(),
@@ -227,6 +255,7 @@ pub fn spawn_process(
         pid_file: pid_file.clone(),
         socket,
         status: None,
+        log_drain,
     };
     if let Err(e) = std::fs::write(&pid_file, format!("{pid}\n")) {
         p.signal(Signal::SIGKILL);
@@ -256,7 +285,7 @@ pub async fn wait_for_sockets(id: &str, procs: &mut [Proc]) -> Result<(), Hyperv
                     pid: p.pid,
                     status,
                     log: p.log.clone(),
-                    last_line: last_line(&p.log),
+                    last_line: p.last_log_line(),
                     socket: Some(socket),
                     console_log: None,
                 })));

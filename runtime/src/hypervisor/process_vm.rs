@@ -11,7 +11,7 @@
 //! kills the VMM first, so helpers never see a live frontend lose its
 //! backend.
 
-use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -22,8 +22,13 @@ use boxlite_protocol::error_chain::chain;
 use tokio::time::Instant;
 
 use super::agent::{request_agent_shutdown, wait_for_agent};
+use super::capped_log::{LogDrain, LogPipe};
+#[cfg(test)]
+use super::launcher::TEST_CONSOLE_FD;
 use super::launcher::{Launch, Launcher, VmSetup};
-use super::process::{fs_socket_name, is_executable, kill_and_reap, Proc, POLL_INTERVAL};
+use super::process::{
+    fs_socket_name, is_executable, kill_and_reap, Proc, LOG_DRAIN_TIMEOUT, POLL_INTERVAL,
+};
 use super::ready::{ready_socket_path, ReadyListener};
 use super::spec::{check_net, check_sandbox_id};
 use super::{
@@ -31,7 +36,6 @@ use super::{
     VmSpec, CONSOLE_LOG, MAX_SOCKET_PATH_LEN, VSOCK_SOCKET,
 };
 use crate::network::{MacAddr, TapDevice};
-use boxlite_protocol::log_tail::last_line;
 
 /// After the VMM exits, how long helpers get to exit on their own (virtiofsd
 /// and boxlite-vsock do when their frontend disconnects) before teardown
@@ -73,6 +77,8 @@ pub(super) struct State {
     started_at: Option<Instant>,
     /// Bound by `start`, taken by `wait_ready`.
     ready: Option<ReadyListener>,
+    /// The pump of the console pipe, from start until teardown.
+    console: Option<LogDrain>,
 }
 
 impl State {
@@ -84,6 +90,7 @@ impl State {
             procs: Vec::new(),
             started_at: None,
             ready: None,
+            console: None,
         }
     }
 }
@@ -174,6 +181,7 @@ impl<L: Launcher> ProcessVm<L> {
         let launch = Launch {
             shares: &st.shares,
             nets: &st.nets,
+            console: TEST_CONSOLE_FD,
             procs: &mut procs,
         };
         Ok(f(&self.setup, &launch))
@@ -316,6 +324,11 @@ impl<L: Launcher> ProcessVm<L> {
     /// and `Drop` needs it too.
     fn teardown(&self, st: &mut State) {
         kill_and_reap(self.id(), &mut st.procs, &self.transient_files(&st.shares));
+        // The console's last lines reach console.log before anyone reads
+        // or archives it.
+        if let Some(console) = st.console.take() {
+            console.wait(LOG_DRAIN_TIMEOUT);
+        }
         st.nets.clear();
         st.ready = None;
         self.pid.store(0, Ordering::SeqCst);
@@ -396,12 +409,14 @@ impl<L: Launcher> Hypervisor for ProcessVm<L> {
         for file in self.transient_files(&st.shares) {
             let _ = std::fs::remove_file(file);
         }
-        let console = self.console_log_path();
-        File::create(&console).map_err(|error| HypervisorError::Io {
-            id: vm.spec.id.clone(),
-            op: "cannot create the console log",
-            path: console.clone(),
-            error,
+        let console_path = self.console_log_path();
+        let console = LogPipe::create(&console_path, vm.spec.log_max_bytes).map_err(|error| {
+            HypervisorError::Io {
+                id: vm.spec.id.clone(),
+                op: "cannot create the console log",
+                path: console_path.clone(),
+                error,
+            }
         })?;
         // Before the VM exists, so the guest always finds it.
         st.ready = Some(ReadyListener::bind_for_sandbox(
@@ -415,9 +430,14 @@ impl<L: Launcher> Hypervisor for ProcessVm<L> {
         let mut launch = Launch {
             shares: &st.shares,
             nets: &st.nets,
+            console: console.writer().as_raw_fd(),
             procs: &mut st.procs,
         };
-        match self.launcher.spawn(vm, &mut launch).await {
+        let spawned = self.launcher.spawn(vm, &mut launch).await;
+        // The VMM has its copy of the console pipe (or there is no VMM):
+        // ours closes here, so the pump ends when the VMM does.
+        st.console = Some(console.into_drain());
+        match spawned {
             Ok(()) => {
                 let pid = st
                     .procs
@@ -554,7 +574,7 @@ impl<L: Launcher> Hypervisor for ProcessVm<L> {
             pid: p.pid,
             status: p.poll().expect("polled as exited above"),
             log: p.log.clone(),
-            last_line: last_line(&p.log),
+            last_line: p.last_log_line(),
             socket: None,
             console_log: Some(self.console_log_path()),
         })))

@@ -55,6 +55,9 @@ pub struct VmSpec {
     pub agent_ready_timeout: Duration,
     /// How long [`super::Hypervisor::stop`] waits for the VM to exit before killing it.
     pub shutdown_timeout: Duration,
+    /// The cap of each log in the sandbox directory (console and process
+    /// output), in bytes: `runtime.sandbox_log_max_kib`.
+    pub log_max_bytes: u64,
 }
 
 impl VmSpec {
@@ -76,6 +79,7 @@ impl VmSpec {
             nets: Vec::new(),
             agent_ready_timeout: config.timeouts.agent_ready(),
             shutdown_timeout: config.timeouts.shutdown(),
+            log_max_bytes: config.runtime.sandbox_log_max_kib * 1024,
         })
     }
 

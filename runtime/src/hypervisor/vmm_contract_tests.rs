@@ -162,8 +162,8 @@ async fn runtime_writes(
                 .into_iter()
                 .zip(launch.nets.iter())
                 .collect();
-            let generated = vm_config(vm, launch.shares, &nets)?;
-            let path = write_vm_config(vm, launch.shares, &nets)?;
+            let generated = vm_config(vm, launch.shares, &nets, launch.console)?;
+            let path = write_vm_config(vm, launch.shares, &nets, launch.console)?;
             Ok::<_, HypervisorError>((generated, path))
         })
         .await;

@@ -28,9 +28,16 @@ pub struct VmConfig {
     /// Extra kernel command-line arguments, appended to the VMM's defaults.
     #[serde(default)]
     pub cmdline: String,
-    /// File the serial console is written to (created or truncated). None: discard.
+    /// File the serial console is written to (created or truncated). None
+    /// (and no `console_fd`): discard.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console_log: Option<PathBuf>,
+    /// An inherited fd (>= 3) the serial console is written to instead of
+    /// `console_log`: the runtime hands the VMM a pipe whose other end it
+    /// copies into a size-capped log, so the guest cannot fill the host's
+    /// disk and the VMM needs no write access to a log file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_fd: Option<i32>,
     /// Raw guest code instead of a kernel; for smoke tests and benchmarks only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raw_image: Option<RawImageConfig>,
@@ -234,6 +241,7 @@ impl Default for VmConfig {
             initramfs: None,
             cmdline: String::new(),
             console_log: None,
+            console_fd: None,
             raw_image: None,
             irqchip: true,
             devices: Vec::new(),

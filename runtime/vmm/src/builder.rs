@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
@@ -68,6 +69,8 @@ pub enum VmmError {
     Cmdline(#[source] linux_loader::cmdline::Error),
     #[error("Failed to open the console log {0}")]
     Console(std::path::PathBuf, #[source] std::io::Error),
+    #[error("console_fd = {0} is not an open file descriptor")]
+    ConsoleFd(RawFd),
     #[error("Failed to read the raw image {0}")]
     RawImage(std::path::PathBuf, #[source] std::io::Error),
     #[error("Event loop failed")]
@@ -169,6 +172,17 @@ fn forbidden_call(
     Err(VmmError::ForbiddenSyscallAllowed(kind.to_string()))
 }
 
+/// Takes ownership of the inherited console fd (`console_fd`).
+fn inherited_console(fd: RawFd) -> Result<File, VmmError> {
+    // SAFETY: F_GETFD only reads the descriptor flags of `fd`.
+    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(VmmError::ConsoleFd(fd));
+    }
+    // SAFETY: the config hands this fd to the VMM to own; it is open
+    // (F_GETFD succeeded), not stdio, and nothing else in the VMM wraps it.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
 /// Builds the VM described by `cfg` and runs it until it ends.
 pub fn run_vm(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     cfg.validate()?;
@@ -179,9 +193,10 @@ pub fn run_vm(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     vm.register_memory(&mem)?;
     let exit = Arc::new(ExitSignal::new().map_err(VmmError::ExitEvent)?);
 
-    let console: Box<dyn Write + Send> = match &cfg.console_log {
-        Some(p) => Box::new(File::create(p).map_err(|e| VmmError::Console(p.clone(), e))?),
-        None => Box::new(std::io::sink()),
+    let console: Box<dyn Write + Send> = match (&cfg.console_log, cfg.console_fd) {
+        (Some(p), _) => Box::new(File::create(p).map_err(|e| VmmError::Console(p.clone(), e))?),
+        (None, Some(fd)) => Box::new(inherited_console(fd)?),
+        (None, None) => Box::new(std::io::sink()),
     };
     let mut devices = DeviceManager::new();
     devices.attach_legacy(&vm, console, exit.clone())?;

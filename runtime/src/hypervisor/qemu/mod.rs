@@ -7,7 +7,7 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | `console.log` | guest serial console (ttyS0) |
+//! | `console.log` | guest serial console (ttyS0), copied from a pipe and capped ([`super::capped_log`]) |
 //! | `vsock.sock` | hybrid vsock socket (listened on by the vsock backend) |
 //! | `vhost-vsock.sock` | vhost-user socket between QEMU and the vsock backend |
 //! | `fs-<tag>.sock` | vhost-user socket between QEMU and that share's virtiofsd |
@@ -31,7 +31,7 @@ use async_trait::async_trait;
 use super::launcher::{Launch, Launcher, VmSetup};
 use super::process::Role;
 use super::process_vm::ProcessVm;
-use super::{HypervisorError, NetDevice, Share, VmSpec, CONSOLE_LOG, VSOCK_SOCKET};
+use super::{HypervisorError, NetDevice, Share, VmSpec, VSOCK_SOCKET};
 use crate::config::{ResolvedAccel, ResolvedHypervisor};
 use crate::network::TapDevice;
 
@@ -71,8 +71,9 @@ impl ProcessVm<QemuLauncher> {
         &self,
         shares: &[Share],
         nets: &[(Option<RawFd>, &NetDevice)],
+        console: RawFd,
     ) -> Vec<OsString> {
-        self.launcher.qemu_args(&self.setup, shares, nets)
+        self.launcher.qemu_args(&self.setup, shares, nets, console)
     }
 
     /// `console=ttyS0 reboot=t panic=-1` plus the extras.
@@ -83,12 +84,14 @@ impl ProcessVm<QemuLauncher> {
 
 impl QemuLauncher {
     /// The QEMU command line (without the binary). `nets` pairs each device
-    /// with the raw fd QEMU inherits for it (ignored for named taps).
+    /// with the raw fd QEMU inherits for it (ignored for named taps);
+    /// `console` is the inherited fd of the console pipe.
     pub fn qemu_args(
         &self,
         vm: &VmSetup,
         shares: &[Share],
         nets: &[(Option<RawFd>, &NetDevice)],
+        console: RawFd,
     ) -> Vec<OsString> {
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |a: &[&str]| args.extend(a.iter().map(OsString::from));
@@ -106,7 +109,14 @@ impl QemuLauncher {
             &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
         ]);
         push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
-        push_chardev(&mut args, "file,id=console", &vm.path(CONSOLE_LOG));
+        // The console goes into the inherited pipe the shim copies into a
+        // capped console.log. QEMU opens it by its /dev/fd path at start,
+        // before anything could drop its privileges (QEMU 7.2's fd sets
+        // refuse the O_CREAT its file chardev opens with).
+        push(&[
+            "-chardev",
+            &format!("file,id=console,path=/dev/fd/{console}"),
+        ]);
         args.push("-serial".into());
         args.push("chardev:console".into());
         args.push("-kernel".into());
@@ -197,13 +207,13 @@ impl Launcher for QemuLauncher {
         let fds = launch.tap_fds();
         let nets: Vec<(Option<RawFd>, &NetDevice)> =
             fds.iter().copied().zip(launch.nets.iter()).collect();
-        let args = self.qemu_args(vm, launch.shares, &nets);
+        let args = self.qemu_args(vm, launch.shares, &nets, launch.console);
         tracing::info!(
             sandbox_id = %vm.spec.id,
             cmdline = %render_cmdline(&self.bins.qemu_binary, &args),
             "starting qemu"
         );
-        let inherit: Vec<RawFd> = fds.into_iter().flatten().collect();
+        let inherit = launch.vmm_fds();
         launch.spawn(vm, Role::Qemu, &self.bins.qemu_binary, args, None, inherit)
     }
 }

@@ -48,7 +48,7 @@ fn qemu_command_line() {
         tap: TapDevice::Name("tap0".into()),
         mac: "02:00:00:00:00:02".parse().unwrap(),
     };
-    let args = vm.qemu_args(&shares, &[(Some(42), &net_fd), (None, &net_name)]);
+    let args = vm.qemu_args(&shares, &[(Some(42), &net_fd), (None, &net_name)], 7);
     let line = render_cmdline(Path::new("qemu-system-x86_64"), &args);
     let dir = rig.sandbox();
     let d = dir.display();
@@ -57,7 +57,7 @@ fn qemu_command_line() {
          -accel tcg -cpu max -smp 2 -m 256M \
          -object memory-backend-memfd,id=mem,size=256M,share=on \
          -nodefaults -no-user-config -nographic -no-reboot \
-         -chardev file,id=console,path={d}/console.log -serial chardev:console \
+         -chardev file,id=console,path=/dev/fd/7 -serial chardev:console \
          -kernel {k} -initrd {i} -append 'console=ttyS0 reboot=t panic=-1 loglevel=5 quiet' \
          -device virtio-rng-device \
          -chardev socket,id=vsock,path={d}/vhost-vsock.sock -device vhost-user-vsock-device,chardev=vsock \
@@ -76,7 +76,7 @@ fn kvm_uses_the_host_cpu() {
     let mut bins = bins("/q".into(), "/v".into(), "/f".into());
     bins.accel = ResolvedAccel::Kvm;
     let vm = QemuHypervisor::new(rig.spec(), bins).unwrap();
-    let line = render_cmdline(Path::new("q"), &vm.qemu_args(&[], &[]));
+    let line = render_cmdline(Path::new("q"), &vm.qemu_args(&[], &[], 7));
     assert!(line.contains("-accel kvm -cpu host"), "{line}");
 }
 

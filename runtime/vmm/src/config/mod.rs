@@ -86,6 +86,10 @@ pub enum ConfigError {
     NotADirectory { field: &'static str, path: PathBuf },
     #[error("test_hooks.{hook} = {kind:?}: expected \"vmm\" or \"vcpu\"")]
     TestHookKind { hook: &'static str, kind: String },
+    #[error("console_log and console_fd are both set; the console goes to one of them")]
+    ConsoleTwice,
+    #[error("console_fd = {0} is out of range 3..={max}", max = i32::MAX)]
+    ConsoleFd(i32),
     #[error("Invalid block device")]
     Block(#[from] BlockConfigError),
     #[error("Invalid net device")]
@@ -240,8 +244,11 @@ impl Validate for VmConfig {
                 }
             }
         }
-        if let Some(log) = &self.console_log {
-            check_parent_dir("console_log", log)?;
+        match (&self.console_log, self.console_fd) {
+            (Some(_), Some(_)) => return Err(ConfigError::ConsoleTwice),
+            (Some(log), None) => check_parent_dir("console_log", log)?,
+            (None, Some(fd)) if fd < 3 => return Err(ConfigError::ConsoleFd(fd)),
+            _ => {}
         }
         Ok(())
     }
@@ -420,6 +427,20 @@ mod tests {
         assert_eq!(
             cfg.validate().unwrap_err().to_string(),
             "console_log = /nonexistent-dir/console.log has no parent directory that exists"
+        );
+
+        let mut cfg = raw_cfg(dir.path());
+        cfg.console_fd = Some(2);
+        assert_eq!(
+            cfg.validate().unwrap_err().to_string(),
+            "console_fd = 2 is out of range 3..=2147483647"
+        );
+        cfg.console_fd = Some(3);
+        cfg.validate().expect("an inherited console fd");
+        cfg.console_log = Some(dir.path().join("console.log"));
+        assert_eq!(
+            cfg.validate().unwrap_err().to_string(),
+            "console_log and console_fd are both set; the console goes to one of them"
         );
     }
 
