@@ -13,6 +13,7 @@
 //! Each test runs a private containerd (its own config, root, state and
 //! socket in a temp dir) — never the system's.
 
+use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
@@ -174,6 +175,59 @@ fn guest_that_never_answers_fails_clearly() {
     assert!(
         c.log().contains(boxlite_tests::SILENT_GUEST_MARK),
         "shim log has no console tail"
+    );
+    c.assert_nothing_left();
+}
+
+/// A guest that floods its console while `ctr run` waits for its agent:
+/// `console.log` never passes `runtime.sandbox_log_max_kib`, the older part
+/// is dropped with a marker line, and the run still fails cleanly.
+#[test]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock, busybox-static and the guest assets"]
+fn console_flood_is_capped() {
+    let c = Containerd::with_image();
+    let initramfs = c.dir.path().join("flood.cpio.gz");
+    boxlite_tests::write_flooding_initramfs(&initramfs);
+    c.set_config("initramfs", &format!("{initramfs:?}"));
+    c.set_config("agent_ready_secs", "15");
+    c.set_config("sandbox_log_max_kib", "64");
+    let mut ctr = c
+        .ctr_cmd(&["run", "--rm", "--runtime", RUNTIME, IMAGE, "flood1", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let console = c.state_dir().join("flood1/console.log");
+    let (mut largest, mut compacted) = (0, false);
+    let status = loop {
+        if let Ok(meta) = std::fs::metadata(&console) {
+            largest = largest.max(meta.len());
+            let mut head = [0u8; 10];
+            let n = std::fs::File::open(&console)
+                .and_then(|mut f| f.read(&mut head))
+                .unwrap_or(0);
+            compacted |= head[..n] == *b"[boxlite: ";
+        }
+        if let Some(status) = ctr.try_wait().unwrap() {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    ctr.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("sandbox flood1: the agent did not announce itself"),
+        "{stderr}"
+    );
+    assert!(largest <= 64 * 1024, "console.log reached {largest} bytes");
+    assert!(
+        compacted,
+        "the flood never filled the cap ({largest} bytes seen)"
     );
     c.assert_nothing_left();
 }

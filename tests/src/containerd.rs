@@ -101,7 +101,8 @@ impl Containerd {
                 "{hypervisor}[guest]\nkernel = {:?}\ninitramfs = {:?}\nmemory_mib = 256\n\
                  [timeouts]\nagent_ready_secs = 60\n\
                  [runtime]\nstate_dir = {:?}\nlog_level = \"debug\"\n\
-                 allowed_annotations = [\"io.boxlite.guest.memory_mib\"]\n",
+                 allowed_annotations = [\"io.boxlite.guest.memory_mib\"]\n\
+                 sandbox_log_max_kib = 4096\n",
                 assets.kernel,
                 assets.initramfs,
                 d.join("run")

@@ -164,6 +164,20 @@ pub fn write_silent_initramfs(path: &Path) {
     let init = format!(
         "#!/bin/busybox sh\necho {SILENT_GUEST_MARK} > /dev/console\nexec /bin/busybox sleep 3600\n"
     );
+    write_busybox_initramfs(path, init);
+}
+
+/// An initramfs whose `/init` writes numbered lines to the console without
+/// end and never starts an agent: a guest flooding the host's log.
+pub fn write_flooding_initramfs(path: &Path) {
+    let init = "#!/bin/busybox sh\ni=0\nwhile :; do i=$((i+1)); \
+                echo \"console flood line $i ....................................\"; \
+                done > /dev/console\n";
+    write_busybox_initramfs(path, init.to_owned());
+}
+
+/// An initramfs of busybox and `init` (a busybox sh script) as `/init`.
+fn write_busybox_initramfs(path: &Path, init: String) {
     xtask::initramfs::Initramfs::new()
         .dir("/bin", 0o755)
         .dir("/dev", 0o755)
@@ -171,7 +185,7 @@ pub fn write_silent_initramfs(path: &Path) {
         .file("/bin/busybox", "/bin/busybox", 0o755)
         .file_bytes("/init", init, 0o755)
         .write_to(path)
-        .expect("write the silent initramfs");
+        .expect("write the test initramfs");
 }
 
 /// The runtime config the guest tests and benchmarks boot with: the guest
