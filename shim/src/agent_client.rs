@@ -27,10 +27,6 @@ use boxlite_runtime::AgentConnection;
 use crate::error::{Result, ShimError};
 use crate::stdio::describe;
 
-/// Budget of ordinary agent calls.
-pub const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// CreateContainer mounts and sets up a whole container.
-pub const AGENT_CREATE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How much later than the host the agent gives up on a call (see the
 /// module doc).
 pub const AGENT_DEADLINE_GRACE: Duration = Duration::from_secs(1);
@@ -41,6 +37,11 @@ pub const REMOVE_TIMEOUT_SECS: u32 = 10;
 #[derive(Clone, Debug)]
 pub struct GuestAgent {
     conn: AgentConnection,
+    /// The budget of an ordinary call (`timeouts.agent_call_secs`).
+    call: Duration,
+    /// CreateContainer's: it mounts and sets up a whole container, so
+    /// twice an ordinary call's.
+    create: Duration,
 }
 
 /// Runs one bounded call: `rpc` on `object` (both for the error) within
@@ -77,8 +78,13 @@ fn sandbox_object(sandbox_id: &str) -> String {
 }
 
 impl GuestAgent {
-    pub fn new(conn: AgentConnection) -> Self {
-        Self { conn }
+    /// `call_budget` bounds every call but the long-polls; see the fields.
+    pub fn new(conn: AgentConnection, call_budget: Duration) -> Self {
+        Self {
+            conn,
+            call: call_budget,
+            create: call_budget * 2,
+        }
     }
 
     fn client(&self) -> &AgentClient {
@@ -96,17 +102,10 @@ impl GuestAgent {
             shares,
             ..Default::default()
         };
-        let call = self
-            .client()
-            .create_sandbox(deadline(AGENT_CALL_TIMEOUT), &req);
-        bounded(
-            "CreateSandbox",
-            sandbox_object(sandbox_id),
-            AGENT_CALL_TIMEOUT,
-            call,
-        )
-        .await
-        .map(drop)
+        let call = self.client().create_sandbox(deadline(self.call), &req);
+        bounded("CreateSandbox", sandbox_object(sandbox_id), self.call, call)
+            .await
+            .map(drop)
     }
 
     /// UpdateInterface: configures the guest NIC with `interface`'s MAC;
@@ -120,10 +119,8 @@ impl GuestAgent {
             interface: Some(interface).into(),
             ..Default::default()
         };
-        let call = self
-            .client()
-            .update_interface(deadline(AGENT_CALL_TIMEOUT), &req);
-        bounded("UpdateInterface", object, AGENT_CALL_TIMEOUT, call).await
+        let call = self.client().update_interface(deadline(self.call), &req);
+        bounded("UpdateInterface", object, self.call, call).await
     }
 
     /// UpdateRoutes: the pod's routes in the guest.
@@ -136,17 +133,10 @@ impl GuestAgent {
             .into(),
             ..Default::default()
         };
-        let call = self
-            .client()
-            .update_routes(deadline(AGENT_CALL_TIMEOUT), &req);
-        bounded(
-            "UpdateRoutes",
-            sandbox_object(sandbox_id),
-            AGENT_CALL_TIMEOUT,
-            call,
-        )
-        .await
-        .map(drop)
+        let call = self.client().update_routes(deadline(self.call), &req);
+        bounded("UpdateRoutes", sandbox_object(sandbox_id), self.call, call)
+            .await
+            .map(drop)
     }
 
     /// CreateContainer (the longer budget: mounts and a whole set-up).
@@ -162,13 +152,11 @@ impl GuestAgent {
             stdio: Some(stdio).into(),
             ..Default::default()
         };
-        let call = self
-            .client()
-            .create_container(deadline(AGENT_CREATE_TIMEOUT), &req);
+        let call = self.client().create_container(deadline(self.create), &req);
         bounded(
             "CreateContainer",
             describe(container_id, ""),
-            AGENT_CREATE_TIMEOUT,
+            self.create,
             call,
         )
         .await
@@ -181,13 +169,11 @@ impl GuestAgent {
             container_id: container_id.to_owned(),
             ..Default::default()
         };
-        let call = self
-            .client()
-            .start_container(deadline(AGENT_CALL_TIMEOUT), &req);
+        let call = self.client().start_container(deadline(self.call), &req);
         bounded(
             "StartContainer",
             describe(container_id, ""),
-            AGENT_CALL_TIMEOUT,
+            self.call,
             call,
         )
         .await
@@ -209,13 +195,11 @@ impl GuestAgent {
             stdio: Some(stdio).into(),
             ..Default::default()
         };
-        let call = self
-            .client()
-            .exec_process(deadline(AGENT_CALL_TIMEOUT), &req);
+        let call = self.client().exec_process(deadline(self.call), &req);
         bounded(
             "ExecProcess",
             describe(container_id, exec_id),
-            AGENT_CALL_TIMEOUT,
+            self.call,
             call,
         )
         .await
@@ -237,13 +221,11 @@ impl GuestAgent {
             all,
             ..Default::default()
         };
-        let call = self
-            .client()
-            .signal_process(deadline(AGENT_CALL_TIMEOUT), &req);
+        let call = self.client().signal_process(deadline(self.call), &req);
         bounded(
             "SignalProcess",
             describe(container_id, exec_id),
-            AGENT_CALL_TIMEOUT,
+            self.call,
             call,
         )
         .await
@@ -284,13 +266,11 @@ impl GuestAgent {
             timeout_secs: REMOVE_TIMEOUT_SECS,
             ..Default::default()
         };
-        let call = self
-            .client()
-            .remove_container(deadline(AGENT_CALL_TIMEOUT), &req);
+        let call = self.client().remove_container(deadline(self.call), &req);
         bounded(
             "RemoveContainer",
             describe(container_id, ""),
-            AGENT_CALL_TIMEOUT,
+            self.call,
             call,
         )
         .await
@@ -305,13 +285,11 @@ impl GuestAgent {
             exec_id: exec_id.to_owned(),
             ..Default::default()
         };
-        let call = self
-            .client()
-            .remove_process(deadline(AGENT_CALL_TIMEOUT), &req);
+        let call = self.client().remove_process(deadline(self.call), &req);
         bounded(
             "RemoveProcess",
             describe(container_id, exec_id),
-            AGENT_CALL_TIMEOUT,
+            self.call,
             call,
         )
         .await
@@ -333,11 +311,11 @@ impl GuestAgent {
             columns,
             ..Default::default()
         };
-        let call = self.client().resize_pty(deadline(AGENT_CALL_TIMEOUT), &req);
+        let call = self.client().resize_pty(deadline(self.call), &req);
         bounded(
             "ResizePty",
             describe(container_id, exec_id),
-            AGENT_CALL_TIMEOUT,
+            self.call,
             call,
         )
         .await
@@ -349,13 +327,11 @@ impl GuestAgent {
             container_id: container_id.to_owned(),
             ..Default::default()
         };
-        let call = self
-            .client()
-            .pause_container(deadline(AGENT_CALL_TIMEOUT), &req);
+        let call = self.client().pause_container(deadline(self.call), &req);
         bounded(
             "PauseContainer",
             describe(container_id, ""),
-            AGENT_CALL_TIMEOUT,
+            self.call,
             call,
         )
         .await
@@ -367,13 +343,11 @@ impl GuestAgent {
             container_id: container_id.to_owned(),
             ..Default::default()
         };
-        let call = self
-            .client()
-            .resume_container(deadline(AGENT_CALL_TIMEOUT), &req);
+        let call = self.client().resume_container(deadline(self.call), &req);
         bounded(
             "ResumeContainer",
             describe(container_id, ""),
-            AGENT_CALL_TIMEOUT,
+            self.call,
             call,
         )
         .await
@@ -386,17 +360,10 @@ impl GuestAgent {
             container_id: container_id.to_owned(),
             ..Default::default()
         };
-        let call = self
-            .client()
-            .list_processes(deadline(AGENT_CALL_TIMEOUT), &req);
-        bounded(
-            "ListProcesses",
-            describe(container_id, ""),
-            AGENT_CALL_TIMEOUT,
-            call,
-        )
-        .await
-        .map(|listed| listed.processes)
+        let call = self.client().list_processes(deadline(self.call), &req);
+        bounded("ListProcesses", describe(container_id, ""), self.call, call)
+            .await
+            .map(|listed| listed.processes)
     }
 
     /// UpdateContainer with OCI LinuxResources as JSON.
@@ -410,13 +377,11 @@ impl GuestAgent {
             resources_json,
             ..Default::default()
         };
-        let call = self
-            .client()
-            .update_container(deadline(AGENT_CALL_TIMEOUT), &req);
+        let call = self.client().update_container(deadline(self.call), &req);
         bounded(
             "UpdateContainer",
             describe(container_id, ""),
-            AGENT_CALL_TIMEOUT,
+            self.call,
             call,
         )
         .await
@@ -428,13 +393,11 @@ impl GuestAgent {
             container_id: container_id.to_owned(),
             ..Default::default()
         };
-        let call = self
-            .client()
-            .stats_container(deadline(AGENT_CALL_TIMEOUT), &req);
+        let call = self.client().stats_container(deadline(self.call), &req);
         bounded(
             "StatsContainer",
             describe(container_id, ""),
-            AGENT_CALL_TIMEOUT,
+            self.call,
             call,
         )
         .await

@@ -19,10 +19,12 @@ use ttrpc::Code;
 use crate::events::RecordingSink;
 use crate::sandbox::Sandbox;
 use crate::task_service::TaskService;
-use crate::test_utils::{FakeAgent, FakeFactory, FakeGuest, VmLog};
+use crate::test_utils::{FakeAgent, FakeFactory, FakeGuest, StallProxy, VmLog};
 use boxlite_test_support::fake_bin::script;
 
 const SANDBOX: &str = "sb1";
+/// `timeouts.agent_call_secs`'s default.
+const DEFAULT_CALL_BUDGET: Duration = Duration::from_secs(30);
 
 struct Harness {
     tmp: tempfile::TempDir,
@@ -54,17 +56,41 @@ impl Harness {
     /// With `real`, the agent is a real one at (ttrpc socket, stdio socket).
     async fn build(tmp: tempfile::TempDir, real: Option<(PathBuf, PathBuf)>) -> Self {
         let guest = FakeGuest::start(tmp.path()).await;
-        let vms = Arc::new(VmLog::default());
         let (agent_sock, stdio_proxy) = match real {
             Some((agent, stdio)) => (agent, Some(stdio)),
             None => (guest.agent_sock.clone(), None),
         };
+        Self::serve(tmp, guest, agent_sock, stdio_proxy, DEFAULT_CALL_BUDGET).await
+    }
+
+    /// The fake agent behind a [`StallProxy`], each call bounded by
+    /// `call_budget`.
+    async fn stallable(call_budget: Duration) -> (Self, StallProxy) {
+        let tmp = tempfile::tempdir().unwrap();
+        let guest = FakeGuest::start(tmp.path()).await;
+        let proxy = StallProxy::start(tmp.path().join("proxy.sock"), guest.agent_sock.clone());
+        let agent_sock = proxy.socket.clone();
+        (
+            Self::serve(tmp, guest, agent_sock, None, call_budget).await,
+            proxy,
+        )
+    }
+
+    async fn serve(
+        tmp: tempfile::TempDir,
+        guest: FakeGuest,
+        agent_sock: PathBuf,
+        stdio_proxy: Option<PathBuf>,
+        agent_call_timeout: Duration,
+    ) -> Self {
+        let vms = Arc::new(VmLog::default());
         let factory = Arc::new(FakeFactory {
             root: tmp.path().join("run"),
             guest: guest.agent.clone(),
             agent_sock,
             stdio_proxy,
             log: vms.clone(),
+            agent_call_timeout,
         });
         let events = Arc::new(RecordingSink::default());
         let exit = Arc::new(containerd_shim::ExitSignal::default());
@@ -1210,4 +1236,41 @@ async fn killing_a_created_container_reports_its_exit() {
         h.events.topics(),
         ["/tasks/create", "/tasks/exit", "/tasks/delete"]
     );
+}
+
+/// An agent that accepts and then never reads: Kill and a second Create
+/// fail with DEADLINE_EXCEEDED, and Delete and Shutdown go on without it,
+/// each within the configured call bound (1 s here; CreateContainer gets
+/// twice it) plus scheduling slack — never waiting for the guest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: Create bind-mounts the rootfs"]
+async fn an_agent_that_never_reads_holds_nothing_up() {
+    let (h, proxy) = Harness::stallable(Duration::from_secs(1)).await;
+    h.create(SANDBOX).await;
+    proxy.stall();
+    let slack = Duration::from_secs(2);
+    let timed = |what: &str, started: std::time::Instant, bound: Duration| {
+        let took = started.elapsed();
+        assert!(took < bound + slack, "{what} took {took:?}");
+    };
+
+    let t = std::time::Instant::now();
+    let (code, msg) = code_of(h.kill(SANDBOX, "", libc::SIGKILL as u32, false).await);
+    assert_eq!(code, Code::DEADLINE_EXCEEDED, "{msg}");
+    assert!(msg.contains("SignalProcess"), "{msg}");
+    timed("kill", t, Duration::from_secs(1));
+
+    let t = std::time::Instant::now();
+    let (code, msg) = code_of(h.client.create(ctx(), &h.create_req("c2", "")).await);
+    assert_eq!(code, Code::DEADLINE_EXCEEDED, "{msg}");
+    timed("create", t, Duration::from_secs(2));
+
+    let t = std::time::Instant::now();
+    h.delete(SANDBOX, "").await.unwrap();
+    timed("delete", t, Duration::from_secs(1));
+
+    let t = std::time::Instant::now();
+    h.shutdown().await;
+    timed("shutdown", t, Duration::from_secs(1));
+    assert_eq!(h.mounts_left(), Vec::<PathBuf>::new());
 }

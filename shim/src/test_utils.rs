@@ -437,6 +437,66 @@ impl FakeGuest {
     }
 }
 
+/// A unix-socket proxy in front of the fake agent that can be made to stop:
+/// after [`StallProxy::stall`] it reads nothing more from the shim and
+/// forwards nothing either way — an agent that accepts and never reads.
+pub struct StallProxy {
+    pub socket: PathBuf,
+    stalled: Arc<AtomicBool>,
+}
+
+impl StallProxy {
+    /// Listens on `socket`, forwarding each connection to `upstream`.
+    pub fn start(socket: PathBuf, upstream: PathBuf) -> Self {
+        let stalled = Arc::new(AtomicBool::new(false));
+        let listener = UnixListener::bind(&socket).expect("bind the stall proxy");
+        let flag = stalled.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = UnixStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(forward_until_stalled(cr, sw, flag.clone()));
+                tokio::spawn(forward_until_stalled(sr, cw, flag.clone()));
+            }
+        });
+        StallProxy { socket, stalled }
+    }
+
+    /// From now on nothing more is read or forwarded.
+    pub fn stall(&self) {
+        self.stalled.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to` until end of file, or forever nothing once
+/// `stalled` is set (the bytes read at that moment are dropped, and the
+/// connection stays open).
+async fn forward_until_stalled(
+    mut from: tokio::net::unix::OwnedReadHalf,
+    mut to: tokio::net::unix::OwnedWriteHalf,
+    stalled: Arc<AtomicBool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if stalled.load(Ordering::SeqCst) {
+            // Hold both halves open, never reading again.
+            let _hold = (from, to);
+            std::future::pending::<()>().await;
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Serves stdio streams like the agent, on a hybrid vsock socket.
 pub fn spawn_vsock_front(socket: PathBuf, agent: Arc<FakeAgent>) {
     let listener = UnixListener::bind(&socket).expect("bind fake vsock front");
@@ -609,6 +669,8 @@ pub struct FakeFactory {
     /// Stdio streams go to this real agent socket instead of the fake front.
     pub stdio_proxy: Option<PathBuf>,
     pub log: Arc<VmLog>,
+    /// `timeouts.agent_call_secs` of this factory's sandboxes.
+    pub agent_call_timeout: Duration,
 }
 
 impl VmFactory for FakeFactory {
@@ -628,5 +690,8 @@ impl VmFactory for FakeFactory {
             stdio_proxy: self.stdio_proxy.clone(),
             log: self.log.clone(),
         }))
+    }
+    fn agent_call_timeout(&self) -> Duration {
+        self.agent_call_timeout
     }
 }

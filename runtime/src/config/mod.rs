@@ -34,8 +34,9 @@ pub use schema::{
     Accel, Backend, Config, GuestConfig, HypervisorConfig, RuntimeConfig, TimeoutsConfig,
 };
 pub use validate::{
-    MAX_AGENT_READY_SECS, MAX_KERNEL_CMDLINE_EXTRA_LEN, MAX_MEMORY_MIB, MAX_SHUTDOWN_SECS,
-    MAX_VCPUS, MIN_AGENT_READY_SECS, MIN_MEMORY_MIB, MIN_SHUTDOWN_SECS, MIN_VCPUS,
+    MAX_AGENT_CALL_SECS, MAX_AGENT_READY_SECS, MAX_KERNEL_CMDLINE_EXTRA_LEN, MAX_MEMORY_MIB,
+    MAX_SHUTDOWN_SECS, MAX_VCPUS, MIN_AGENT_CALL_SECS, MIN_AGENT_READY_SECS, MIN_MEMORY_MIB,
+    MIN_SHUTDOWN_SECS, MIN_VCPUS,
 };
 
 /// Where the shim reads its config from.
@@ -149,7 +150,7 @@ mod tests {
             .join("\n");
         let full = parse(&uncommented).unwrap();
         assert_eq!(full, Config::default());
-        assert_eq!(keys, 16, "{uncommented}");
+        assert_eq!(keys, 18, "{uncommented}");
     }
 
     #[test]

@@ -120,6 +120,9 @@ pub struct TimeoutsConfig {
     pub agent_ready_secs: u64,
     /// From DestroySandbox until the VM process must have exited.
     pub shutdown_secs: u64,
+    /// The host-side bound of each agent call (CreateContainer gets twice
+    /// it); the long-polls (WaitProcess, GetOOMEvent) have none.
+    pub agent_call_secs: u64,
 }
 
 impl Default for TimeoutsConfig {
@@ -127,6 +130,7 @@ impl Default for TimeoutsConfig {
         Self {
             agent_ready_secs: 30,
             shutdown_secs: 10,
+            agent_call_secs: 30,
         }
     }
 }
@@ -137,6 +141,9 @@ impl TimeoutsConfig {
     }
     pub fn shutdown(&self) -> Duration {
         Duration::from_secs(self.shutdown_secs)
+    }
+    pub fn agent_call(&self) -> Duration {
+        Duration::from_secs(self.agent_call_secs)
     }
 }
 

@@ -16,6 +16,8 @@ pub const MIN_AGENT_READY_SECS: u64 = 1;
 pub const MAX_AGENT_READY_SECS: u64 = 600;
 pub const MIN_SHUTDOWN_SECS: u64 = 1;
 pub const MAX_SHUTDOWN_SECS: u64 = 300;
+pub const MIN_AGENT_CALL_SECS: u64 = 1;
+pub const MAX_AGENT_CALL_SECS: u64 = 300;
 /// A sandbox log cap (KiB): room for a marker line and some output, up to 1 GiB.
 pub const MIN_SANDBOX_LOG_KIB: u64 = 16;
 pub const MAX_SANDBOX_LOG_KIB: u64 = 1024 * 1024;
@@ -75,6 +77,13 @@ impl Config {
             t.shutdown_secs,
             MIN_SHUTDOWN_SECS,
             MAX_SHUTDOWN_SECS,
+        )?;
+
+        in_range(
+            "timeouts.agent_call_secs",
+            t.agent_call_secs,
+            MIN_AGENT_CALL_SECS,
+            MAX_AGENT_CALL_SECS,
         )?;
 
         absolute("runtime.state_dir", &self.runtime.state_dir)?;
@@ -186,6 +195,13 @@ mod tests {
             boxlite_protocol::error_chain::chain(&parse("[guest]\nmemory_mib = 64\n").unwrap_err());
         assert!(
             err.ends_with("guest.memory_mib = 64 is out of range 128..=65536"),
+            "{err}"
+        );
+        let err = boxlite_protocol::error_chain::chain(
+            &parse("[timeouts]\nagent_call_secs = 0\n").unwrap_err(),
+        );
+        assert!(
+            err.ends_with("timeouts.agent_call_secs = 0 is out of range 1..=300"),
             "{err}"
         );
         let err = boxlite_protocol::error_chain::chain(

@@ -229,11 +229,21 @@ pub async fn request_agent_shutdown(
         timeout_secs: u32::try_from((shutdown_timeout.as_secs() / 2).max(1)).unwrap_or(u32::MAX),
         ..Default::default()
     };
-    let ctx = ttrpc::context::with_duration(remaining().max(Duration::from_millis(1)));
-    if let Err(e) = conn.agent().destroy_sandbox(ctx, &req).await {
+    // The ttrpc deadline only starts once the request is queued; the
+    // host's own timer bounds the whole call, so an agent that accepts
+    // and never reads cannot hold the stop past its deadline.
+    let budget = remaining().max(Duration::from_millis(1));
+    let ctx = ttrpc::context::with_duration(budget);
+    match tokio::time::timeout(budget, conn.agent().destroy_sandbox(ctx, &req)).await {
+        Ok(Ok(_)) => {}
         // The guest may reboot before the answer leaves: not an error
-        // as long as QEMU exits.
-        tracing::debug!(sandbox_id = %id, error = %chain(&e), "DestroySandbox did not answer");
+        // as long as the VMM exits.
+        Ok(Err(e)) => {
+            tracing::debug!(sandbox_id = %id, error = %chain(&e), "DestroySandbox did not answer")
+        }
+        Err(_) => {
+            tracing::warn!(sandbox_id = %id, "DestroySandbox got no answer by the shutdown deadline")
+        }
     }
 }
 

@@ -381,6 +381,50 @@ exec sleep 30"#,
     }
 
     #[tokio::test]
+    async fn stop_is_bounded_when_the_agent_accepts_and_never_reads() {
+        let rig = Rig::new();
+        // A VMM whose hybrid vsock socket accepts, acknowledges the
+        // CONNECT, and then reads nothing more; no control socket.
+        let vmm = rig.script(
+            "boxlite-vmm",
+            r#"exec python3 - "$2" <<'EOF'
+import json, socket, time
+cfg = json.load(open(__import__("sys").argv[1]))
+uds = [d["uds_path"] for d in cfg["devices"] if d["kind"] == "vsock"][0]
+s = socket.socket(socket.AF_UNIX); s.bind(uds); s.listen(8)
+held = []
+while True:
+    c, _ = s.accept()
+    c.recv(64)
+    c.sendall(b"OK 1\n")
+    held.append(c)
+EOF"#,
+        );
+        let hv = BuiltinHypervisor::new(rig.spec(), bins(vmm, rig.path("nope"))).unwrap();
+        hv.start().await.unwrap();
+        let pid = hv.pid().unwrap();
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while !rig.sandbox().join(VSOCK_SOCKET).exists() {
+            assert!(
+                std::time::Instant::now() < end,
+                "no vsock socket; boxlite-vmm.log: {}",
+                std::fs::read_to_string(rig.sandbox().join("boxlite-vmm.log")).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let started = std::time::Instant::now();
+        hv.stop().await.unwrap();
+        // The rig's shutdown_timeout is 1 s; then the kill.
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(!pid_alive(pid));
+        assert_eq!(rig.leftovers(), Vec::<String>::new());
+    }
+
+    #[tokio::test]
     async fn stop_falls_back_to_the_control_socket() {
         let rig = Rig::new();
         // A VMM that serves the control socket (python3) but whose guest

@@ -180,7 +180,8 @@ impl Sandbox {
                 "sandbox VM did not become ready"
             );
         }
-        let agent = GuestAgent::new(undo.check(ready.map_err(ShimError::from)).await?);
+        let conn = undo.check(ready.map_err(ShimError::from)).await?;
+        let agent = GuestAgent::new(conn, self.factory.agent_call_timeout());
         let share = MountShareRequest {
             tag: SHARED_TAG.into(),
             mount_point: Self::guest_shared_dir(),

@@ -3,9 +3,11 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use boxlite_protocol::error_chain::chain;
+use boxlite_runtime::config::TimeoutsConfig;
 use boxlite_runtime::{Config, Hypervisor, VmSpec};
 
 use crate::error::{Result, ShimError};
@@ -22,6 +24,8 @@ pub trait VmFactory: Send + Sync {
         id: &str,
         annotations: &HashMap<String, String>,
     ) -> Result<Box<dyn Hypervisor>>;
+    /// The host-side bound of an agent call (`timeouts.agent_call_secs`).
+    fn agent_call_timeout(&self) -> Duration;
 }
 
 /// Builds VMs from `boxlite.toml`. A config that failed to load is kept as
@@ -60,6 +64,15 @@ impl VmFactory for ConfigVmFactory {
             .map_err(|e| ShimError::InvalidArgument(format!("sandbox {id:?}: {}", chain(&e))))?;
         let spec = VmSpec::from_config(&config, id)?;
         Ok(boxlite_runtime::new_hypervisor(&config, spec)?)
+    }
+
+    /// With no usable config no VM starts, so no call is made; the default
+    /// keeps the signature simple.
+    fn agent_call_timeout(&self) -> Duration {
+        match &self.config {
+            Ok(config) => config.timeouts.agent_call(),
+            Err(_) => TimeoutsConfig::default().agent_call(),
+        }
     }
 }
 
