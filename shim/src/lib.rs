@@ -17,6 +17,7 @@ pub mod agent_client;
 pub mod convert;
 pub mod error;
 pub mod events;
+pub mod fuzzing;
 pub mod grouping;
 pub mod hooks;
 pub mod logging;

@@ -195,6 +195,34 @@ impl VirtioDevice for MockDevice {
     }
 }
 
+/// Where fuzz inputs put buffer memory.
+pub const FUZZ_BUFFERS: u64 = 0x10_0000;
+
+/// Lays out a guest queue from fuzz input, the way a hostile driver
+/// could: the first byte is the avail index the guest claims, then 16
+/// bytes per descriptor of the table, then 2 bytes per avail ring entry
+/// (as much of each as the input has). Returns the rest of the input.
+pub fn fuzz_lay_out_queue<'i>(gq: &GuestQueue<'_>, input: &'i [u8]) -> Option<&'i [u8]> {
+    let (&avail_idx, rest) = input.split_first()?;
+    let size = usize::from(gq.size);
+    let (table, rest) = rest.split_at(rest.len().min(16 * size));
+    let (ring, rest) = rest.split_at(rest.len().min(2 * size));
+    let (desc, avail, _) = gq.addrs();
+    gq.mem().write_slice(table, GuestAddress(desc)).ok()?;
+    gq.mem().write_slice(ring, GuestAddress(avail + 4)).ok()?;
+    gq.set_avail_idx(u16::from(avail_idx));
+    Some(rest)
+}
+
+/// Writes (up to 1 MiB of) fuzz input as buffer memory at [`FUZZ_BUFFERS`].
+pub fn fuzz_fill_buffers(mem: &GuestMemoryMmap, data: &[u8]) -> Option<()> {
+    mem.write_slice(
+        &data[..data.len().min(0x10_0000)],
+        GuestAddress(FUZZ_BUFFERS),
+    )
+    .ok()
+}
+
 /// Fuzzing entry point for virtqueue handling: the first byte is the avail
 /// index the "guest" claims, the next 16 × 16 bytes the descriptor table,
 /// then 16 × 2 bytes of avail ring entries, the rest buffer memory at
@@ -202,23 +230,14 @@ impl VirtioDevice for MockDevice {
 /// request. Must never panic and never touch memory outside the guest.
 pub fn fuzz_virtqueue(input: &[u8]) {
     const QSIZE: u16 = 16;
-    let Some((&avail_idx, rest)) = input.split_first() else {
-        return;
-    };
     let mem = guest_memory();
     let gq = GuestQueue::new(&mem, QSIZE, 0x1000);
-    let (table, rest) = rest.split_at(rest.len().min(16 * usize::from(QSIZE)));
-    let (ring, rest) = rest.split_at(rest.len().min(2 * usize::from(QSIZE)));
-    let (desc, avail, _) = gq.addrs();
-    if mem.write_slice(table, GuestAddress(desc)).is_err()
-        || mem.write_slice(ring, GuestAddress(avail + 4)).is_err()
-        || mem
-            .write_slice(&rest[..rest.len().min(0x10_0000)], GuestAddress(0x10_0000))
-            .is_err()
-    {
+    let Some(rest) = fuzz_lay_out_queue(&gq, input) else {
+        return;
+    };
+    if fuzz_fill_buffers(&mem, rest).is_none() {
         return;
     }
-    gq.set_avail_idx(u16::from(avail_idx));
     let mut q = gq.queue();
     // An avail index beyond the queue size yields nothing, not a panic.
     for _ in 0..QSIZE {
@@ -227,6 +246,36 @@ pub fn fuzz_virtqueue(input: &[u8]) {
         };
         let head = chain.head_index();
         let _ = super::block::request::parse(&mem, head, chain);
+    }
+}
+
+/// Fuzzing entry point for the virtio-mmio register state machine: the
+/// input is a sequence of 7-byte guest accesses — a kind byte (even: a
+/// read, odd: a write; bit 1 picks a 1-byte access instead of 4), a 16-bit
+/// register offset and a 32-bit value — played against a transport over a
+/// [`MockDevice`] (one queue), so feature negotiation, queue set-up,
+/// status changes (activation, reset, FAILED) and notifications happen in
+/// any order the guest likes. Must never panic.
+pub fn fuzz_mmio(input: &[u8]) {
+    use crate::device_manager::bus::BusDevice;
+    use std::sync::Mutex;
+
+    let device: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(MockDevice::new()));
+    let Ok(mut transport) =
+        super::mmio::MmioTransport::new(device, guest_memory(), test_interrupt())
+    else {
+        return;
+    };
+    for access in input.chunks_exact(7) {
+        let offset = u64::from(u16::from_le_bytes([access[1], access[2]]) % 0x200);
+        let value = [access[3], access[4], access[5], access[6]];
+        let width = if access[0] & 2 == 0 { 4 } else { 1 };
+        if access[0] & 1 == 0 {
+            let mut data = [0u8; 4];
+            transport.read(offset, &mut data[..width]);
+        } else {
+            transport.write(offset, &value[..width]);
+        }
     }
 }
 
@@ -256,6 +305,8 @@ mod fuzz_smoke {
                 }
             }
             super::fuzz_virtqueue(&input);
+            super::fuzz_mmio(&input);
+            super::super::net::fuzz::fuzz_net(&input);
             crate::devices::virtio::vsock::packet::fuzz_parse_chain(&input);
         }
     }

@@ -17,6 +17,8 @@
 pub mod backend;
 pub mod device;
 pub mod event_handler;
+#[cfg(any(test, fuzzing))]
+pub mod fuzz;
 pub mod metrics;
 pub mod tap;
 #[cfg(test)]
