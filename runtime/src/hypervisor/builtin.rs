@@ -229,7 +229,7 @@ impl Launcher for BuiltinLauncher {
 mod tests {
     use super::*;
     use crate::config::{ResolvedAccel, ResolvedBackend};
-    use crate::hypervisor::test_rig::{Bins, Rig};
+    use crate::hypervisor::test_rig::{assert_stops_in_time, Bins, Rig};
     use crate::hypervisor::Hypervisor;
     use boxlite_test_support::fake_bin::pid_alive;
     use boxlite_vmm_api::control::VmState;
@@ -403,23 +403,9 @@ EOF"#,
         let hv = BuiltinHypervisor::new(rig.spec(), bins(vmm, rig.path("nope"))).unwrap();
         hv.start().await.unwrap();
         let pid = hv.pid().unwrap();
-        let end = std::time::Instant::now() + Duration::from_secs(5);
-        while !rig.sandbox().join(VSOCK_SOCKET).exists() {
-            assert!(
-                std::time::Instant::now() < end,
-                "no vsock socket; boxlite-vmm.log: {}",
-                std::fs::read_to_string(rig.sandbox().join("boxlite-vmm.log")).unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let started = std::time::Instant::now();
-        hv.stop().await.unwrap();
-        // The rig's shutdown_timeout is 1 s; then the kill.
-        assert!(
-            started.elapsed() < Duration::from_secs(4),
-            "{:?}",
-            started.elapsed()
-        );
+        rig.wait_for_sandbox_file(VSOCK_SOCKET, "boxlite-vmm.log")
+            .await;
+        assert_stops_in_time(&hv).await;
         assert!(!pid_alive(pid));
         assert_eq!(rig.leftovers(), Vec::<String>::new());
     }
@@ -457,18 +443,9 @@ EOF"#,
         let hv = BuiltinHypervisor::new(rig.spec(), bins(vmm, rig.path("nope"))).unwrap();
         hv.start().await.unwrap();
         let pid = hv.pid().unwrap();
-        let end = std::time::Instant::now() + Duration::from_secs(5);
-        while !rig.sandbox().join(CONTROL_SOCKET).exists() {
-            assert!(std::time::Instant::now() < end, "control socket");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let started = std::time::Instant::now();
-        hv.stop().await.unwrap();
-        assert!(
-            started.elapsed() < Duration::from_secs(4),
-            "{:?}",
-            started.elapsed()
-        );
+        rig.wait_for_sandbox_file(CONTROL_SOCKET, "boxlite-vmm.log")
+            .await;
+        assert_stops_in_time(&hv).await;
         let line = std::fs::read_to_string(rig.path("control.request")).unwrap();
         assert_eq!(
             Request::from_line(line.trim_end().as_bytes()),

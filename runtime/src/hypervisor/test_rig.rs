@@ -4,6 +4,7 @@
 
 use std::ops::Deref;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use boxlite_test_support::fake_bin::{self, BinDir};
 
@@ -35,6 +36,20 @@ impl Rig {
 
     pub(crate) fn sandbox(&self) -> PathBuf {
         self.path("state/sb1")
+    }
+
+    /// Waits (5 s at most) until the fake VMM has made `name` in the
+    /// sandbox directory; the panic shows the VMM's log.
+    pub(crate) async fn wait_for_sandbox_file(&self, name: &str, vmm_log: &str) {
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while !self.sandbox().join(name).exists() {
+            assert!(
+                std::time::Instant::now() < end,
+                "no {name}; {vmm_log}: {}",
+                std::fs::read_to_string(self.sandbox().join(vmm_log)).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// The sockets and pid files left in the sandbox directory.
@@ -69,6 +84,18 @@ impl Bins {
             vmm_binary: self.vmm,
         }
     }
+}
+
+/// Stops `hv` and checks it took under 4 s: the rig's 1 s shutdown
+/// timeout, then the kill, with room to spare.
+pub(crate) async fn assert_stops_in_time(hv: &dyn super::Hypervisor) {
+    let started = std::time::Instant::now();
+    hv.stop().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 impl Deref for Rig {
