@@ -74,7 +74,7 @@ tally="$out/tally.txt"
 # tsc_early_khz and tsc=reliable: docs/testing-nested.md, "Why
 # tsc_early_khz" and "The test host's clock"; kvm_amd.npt=0: "Shadow paging
 # in the test host" (--append kvm_amd.npt=1 turns nested paging back on).
-cmdline="console=ttyS0 reboot=t panic=-1 tsc_early_khz=$tsc_khz tsc=reliable kvm_amd.npt=0 boxlite.scenarios=$scenarios${append:+ $append}"
+cmdline="console=ttyS0 reboot=t panic=-1 no_timer_check tsc_early_khz=$tsc_khz tsc=reliable kvm_amd.npt=0 boxlite.scenarios=$scenarios${append:+ $append}"
 signature_re='BUG:|WARNING:|Oops|Kernel panic|skew|Unhandled|KVM_EXIT_SHUTDOWN|BOXLITE-NESTED [a-z-]+ (FAIL|SKIP)'
 crash_re='BUG:|WARNING:|Oops|Kernel panic'
 

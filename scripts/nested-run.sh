@@ -145,7 +145,7 @@ timeout --kill-after=10 "$timeout" qemu-system-x86_64 \
     -device virtio-blk-device,drive=payload \
     -object rng-random,id=rng,filename=/dev/urandom -device virtio-rng-device,rng=rng \
     -kernel "$kernel" \
-    -append "console=ttyS0 root=/dev/vda rw init=/sbin/boxlite-node-boot reboot=t panic=-1 tsc_early_khz=$tsc_khz tsc=reliable kvm_amd.npt=0${BOXLITE_TESTHOST_APPEND:+ $BOXLITE_TESTHOST_APPEND}" \
+    -append "console=ttyS0 root=/dev/vda rw init=/sbin/boxlite-node-boot reboot=t panic=-1 no_timer_check tsc_early_khz=$tsc_khz tsc=reliable kvm_amd.npt=0${BOXLITE_TESTHOST_APPEND:+ $BOXLITE_TESTHOST_APPEND}" \
     </dev/null
 qemu_status=$?
 set -e

@@ -255,7 +255,7 @@ fn spawn_qemu(kernel: &Path, initramfs: &Path, console: &Path, scenarios: &str) 
     // the outer QEMU's nested paging fails now and then right after a
     // #VMEXIT (docs/testing-nested.md, "Shadow paging in the test host").
     let mut append =
-        format!("console=ttyS0 reboot=t panic=-1 kvm_amd.npt=0 boxlite.scenarios={scenarios}");
+        format!("console=ttyS0 reboot=t panic=-1 no_timer_check kvm_amd.npt=0 boxlite.scenarios={scenarios}");
     match host_tsc_khz() {
         // tsc=reliable: see host_tsc_khz.
         Some(khz) => append.push_str(&format!(" tsc_early_khz={khz} tsc=reliable")),

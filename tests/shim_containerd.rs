@@ -62,6 +62,31 @@ fn ctr_run_reaches_the_agent_through_the_shim() {
     c.assert_nothing_left();
 }
 
+/// The sandbox's VMM process runs under a seccomp filter from the start:
+/// QEMU's `-sandbox` (qemu backend) or boxlite-vmm's own per-thread
+/// filters (builtin). Read from `/proc/<pid>/status` (`Seccomp: 2`) of the
+/// VMM the shim started for a running container.
+#[test]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
+fn the_vmm_runs_under_seccomp() {
+    let c = Containerd::with_image();
+    c.run_detached(&[], "sec1");
+    let vmm: Vec<(u32, String)> = processes_mentioning(&c.state_dir().join("sec1"))
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("qemu-system") || cmd.contains("boxlite-vmm"))
+        .collect();
+    assert_eq!(vmm.len(), 1, "one VMM process: {vmm:?}");
+    let (pid, cmd) = &vmm[0];
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let mode = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .map(str::trim);
+    assert_eq!(mode, Some("2"), "{cmd}: no seccomp filter\n{status}");
+    c.kill_and_delete("sec1");
+    c.assert_nothing_left();
+}
+
 /// A bad runtime config gives a clear error in ctr's output, and nothing runs.
 #[test]
 #[ignore = "needs root, containerd and ctr"]

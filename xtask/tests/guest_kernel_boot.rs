@@ -121,7 +121,7 @@ fn guest_kernel_boots_busybox_and_reboots() {
         .arg(&kernel)
         .arg("-initrd")
         .arg(&initrd)
-        .args(["-append", "console=ttyS0 reboot=t panic=-1"])
+        .args(["-append", "console=ttyS0 reboot=t panic=-1 no_timer_check"])
         .args(["-device", "virtio-rng-device"])
         .args([
             "-netdev",

@@ -35,8 +35,11 @@ use crate::vstate::vm::{Vm, VmError};
 pub use crate::vstate::vcpu::ExitReason;
 
 /// The kernel command line the VMM always passes, before the config's extras.
-pub const DEFAULT_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.dumbkbd";
+/// `no_timer_check`: skip the kernel's check that the timer interrupt
+/// arrives within a few ticks, which a busy host (or nested virtualization)
+/// can fail, panicking the guest at boot.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux \
+     i8042.nomux i8042.dumbkbd no_timer_check";
 
 /// Top-level VMM error: one variant per module.
 #[derive(Debug, thiserror::Error)]

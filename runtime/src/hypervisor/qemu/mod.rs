@@ -43,8 +43,17 @@ pub const GUEST_CID: u32 = 3;
 /// The kernel command line the backend always uses; config extras follow.
 /// `reboot=t`: microvm has no i8042, a triple fault ends the VM, and
 /// `-no-reboot` turns that into a QEMU exit. `panic=-1`: reboot (so exit) at
-/// once on a panic.
-pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1";
+/// once on a panic. `no_timer_check`: the kernel's early check that the
+/// timer interrupt arrives within a few ticks fails on a loaded host (a
+/// panic, "IO-APIC + timer doesn't work!", seen under TCG with the CI's
+/// builds beside it), and a VM's timer needs no such check.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 no_timer_check";
+/// QEMU's seccomp filter, on from its start: no obsolete syscalls, no
+/// setuid/setgid or capability changes, no fork or exec, no scheduler,
+/// affinity or memory-policy changes. A guest that takes over QEMU gets a
+/// process that cannot run a program on the host.
+pub const QEMU_SANDBOX: &str =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 pub use super::process::HELPER_READY_TIMEOUT;
 
 pub use super::process::fs_socket_name;
@@ -76,7 +85,7 @@ impl ProcessVm<QemuLauncher> {
         self.launcher.qemu_args(&self.setup, shares, nets, console)
     }
 
-    /// `console=ttyS0 reboot=t panic=-1` plus the extras.
+    /// [`BASE_CMDLINE`] plus the extras.
     pub fn cmdline(&self) -> String {
         cmdline(&self.setup)
     }
@@ -109,6 +118,8 @@ impl QemuLauncher {
             &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
         ]);
         push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+        // QEMU's own seccomp filter (what Kata offers as `seccompsandbox`).
+        push(&["-sandbox", QEMU_SANDBOX]);
         // The console goes into the inherited pipe the shim copies into a
         // capped console.log. QEMU opens it by its /dev/fd path at start,
         // before anything could drop its privileges (QEMU 7.2's fd sets
@@ -156,7 +167,7 @@ impl QemuLauncher {
     }
 }
 
-/// `console=ttyS0 reboot=t panic=-1` plus the extras.
+/// [`BASE_CMDLINE`] plus the extras.
 fn cmdline(vm: &VmSetup) -> String {
     let mut cmdline = BASE_CMDLINE.to_owned();
     for extra in &vm.spec.cmdline_extra {

@@ -57,8 +57,9 @@ fn qemu_command_line() {
          -accel tcg -cpu max -smp 2 -m 256M \
          -object memory-backend-memfd,id=mem,size=256M,share=on \
          -nodefaults -no-user-config -nographic -no-reboot \
+         -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
          -chardev file,id=console,path=/dev/fd/7 -serial chardev:console \
-         -kernel {k} -initrd {i} -append 'console=ttyS0 reboot=t panic=-1 loglevel=5 quiet' \
+         -kernel {k} -initrd {i} -append 'console=ttyS0 reboot=t panic=-1 no_timer_check loglevel=5 quiet' \
          -device virtio-rng-device \
          -chardev socket,id=vsock,path={d}/vhost-vsock.sock -device vhost-user-vsock-device,chardev=vsock \
          -chardev socket,id=fs0,path={d}/fs-rootfs.sock -device vhost-user-fs-device,chardev=fs0,tag=rootfs \
