@@ -39,9 +39,6 @@ pub struct GuestAgent {
     conn: AgentConnection,
     /// The budget of an ordinary call (`timeouts.agent_call_secs`).
     call: Duration,
-    /// CreateContainer's: it mounts and sets up a whole container, so
-    /// twice an ordinary call's.
-    create: Duration,
 }
 
 /// Runs one bounded call: `rpc` on `object` (both for the error) within
@@ -78,13 +75,18 @@ fn sandbox_object(sandbox_id: &str) -> String {
 }
 
 impl GuestAgent {
-    /// `call_budget` bounds every call but the long-polls; see the fields.
+    /// `call_budget` bounds every call but the long-polls.
     pub fn new(conn: AgentConnection, call_budget: Duration) -> Self {
         Self {
             conn,
             call: call_budget,
-            create: call_budget * 2,
         }
+    }
+
+    /// CreateContainer's budget: it mounts and sets up a whole container,
+    /// so twice an ordinary call's.
+    fn create_budget(&self) -> Duration {
+        self.call * 2
     }
 
     fn client(&self) -> &AgentClient {
@@ -152,11 +154,13 @@ impl GuestAgent {
             stdio: Some(stdio).into(),
             ..Default::default()
         };
-        let call = self.client().create_container(deadline(self.create), &req);
+        let call = self
+            .client()
+            .create_container(deadline(self.create_budget()), &req);
         bounded(
             "CreateContainer",
             describe(container_id, ""),
-            self.create,
+            self.create_budget(),
             call,
         )
         .await

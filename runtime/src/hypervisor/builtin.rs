@@ -388,8 +388,8 @@ exec sleep 30"#,
         let vmm = rig.script(
             "boxlite-vmm",
             r#"exec python3 - "$2" <<'EOF'
-import json, socket, time
-cfg = json.load(open(__import__("sys").argv[1]))
+import json, socket, sys
+cfg = json.load(open(sys.argv[1]))
 uds = [d["uds_path"] for d in cfg["devices"] if d["kind"] == "vsock"][0]
 s = socket.socket(socket.AF_UNIX); s.bind(uds); s.listen(8)
 held = []
