@@ -29,7 +29,19 @@ pub struct HypervisorConfig {
     pub vhost_vsock_binary: String,
     /// The built-in VMM, for backend `builtin`.
     pub vmm_binary: String,
+    /// First uid (and gid) of the range the jailed `boxlite-vmm` of each
+    /// sandbox runs as (`docs/security.md`, "The VMM jail").
+    pub jail_id_base: u32,
+    /// How many uids the range holds; a sandbox gets one by the hash of
+    /// its id.
+    pub jail_id_count: u32,
 }
+
+/// 0x7000_0000: above the ranges distributions hand to users and to
+/// rootless containers' subordinate ids, below 2^31 (which some tools
+/// read as negative) and below systemd's dynamic users (0x7ffe_0000).
+pub const DEFAULT_JAIL_ID_BASE: u32 = 0x7000_0000;
+pub const DEFAULT_JAIL_ID_COUNT: u32 = 65536;
 
 impl Default for HypervisorConfig {
     fn default() -> Self {
@@ -40,6 +52,8 @@ impl Default for HypervisorConfig {
             virtiofsd_binary: "virtiofsd".into(),
             vhost_vsock_binary: "boxlite-vsock".into(),
             vmm_binary: "boxlite-vmm".into(),
+            jail_id_base: DEFAULT_JAIL_ID_BASE,
+            jail_id_count: DEFAULT_JAIL_ID_COUNT,
         }
     }
 }

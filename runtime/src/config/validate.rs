@@ -35,6 +35,19 @@ impl Config {
         non_empty("hypervisor.virtiofsd_binary", &h.virtiofsd_binary)?;
         non_empty("hypervisor.vhost_vsock_binary", &h.vhost_vsock_binary)?;
         non_empty("hypervisor.vmm_binary", &h.vmm_binary)?;
+        // Not root's group or user; the whole range a valid id (-1 is not).
+        in_range(
+            "hypervisor.jail_id_base",
+            h.jail_id_base.into(),
+            1,
+            (u32::MAX - 1).into(),
+        )?;
+        in_range(
+            "hypervisor.jail_id_count",
+            h.jail_id_count.into(),
+            1,
+            u64::from(u32::MAX - h.jail_id_base),
+        )?;
 
         let g = &self.guest;
         absolute("guest.kernel", &g.kernel)?;
@@ -211,6 +224,17 @@ mod tests {
             err.ends_with("runtime.sandbox_log_max_kib = 8 is out of range 16..=1048576"),
             "{err}"
         );
+        let err = boxlite_protocol::error_chain::chain(
+            &parse("[hypervisor]\njail_id_base = 0\n").unwrap_err(),
+        );
+        assert!(
+            err.ends_with("hypervisor.jail_id_base = 0 is out of range 1..=4294967294"),
+            "{err}"
+        );
+        let err = boxlite_protocol::error_chain::chain(
+            &parse("[hypervisor]\njail_id_base = 4294967000\njail_id_count = 1000\n").unwrap_err(),
+        );
+        assert!(err.contains("hypervisor.jail_id_count = 1000"), "{err}");
         let err = boxlite_protocol::error_chain::chain(
             &parse("[timeouts]\nagent_ready_secs = 0\n").unwrap_err(),
         );

@@ -43,6 +43,7 @@ use boxlite_vmm_api::control::{Reply, Request};
 use super::launcher::{Launch, Launcher, VmSetup};
 use super::process::{fs_socket_name, Role};
 use super::process_vm::ProcessVm;
+use super::ready::ready_socket_path;
 use super::{HypervisorError, NetDevice, Share, VmSpec, VSOCK_SOCKET};
 use crate::config::ResolvedHypervisor;
 use crate::network::TapDevice;
@@ -135,6 +136,7 @@ pub fn vm_config(
         console_fd: Some(console),
         control_socket: Some(vm.path(CONTROL_SOCKET)),
         sandbox_dir: Some(vm.spec.dir.clone()),
+        jail_user: Some(vm.spec.jail_user),
         devices,
         ..VmConfig::default()
     })
@@ -157,6 +159,39 @@ pub fn write_vm_config(
         error,
     })?;
     Ok(path)
+}
+
+/// What the jailed VMM (its own uid, no capabilities) needs of the sandbox
+/// directory once the guest runs: to pass through it (group `jail_user`,
+/// mode 0710: it can list nothing) and to connect to the sockets it reaches
+/// after the jail — the agent's readiness socket and each share's virtiofsd
+/// socket — which become its own. Everything else there stays root's.
+fn grant_jail_access(vm: &VmSetup, shares: &[Share]) -> Result<(), HypervisorError> {
+    use std::os::unix::fs::PermissionsExt;
+    let user = vm.spec.jail_user;
+    let io = |op, path: &Path, error| HypervisorError::Io {
+        id: vm.spec.id.clone(),
+        op,
+        path: path.to_owned(),
+        error,
+    };
+    let dir = &vm.spec.dir;
+    std::os::unix::fs::chown(dir, Some(0), Some(user.gid)).map_err(|e| {
+        io(
+            "cannot hand the sandbox directory to the VMM's group",
+            dir,
+            e,
+        )
+    })?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o710))
+        .map_err(|e| io("cannot set the mode of the sandbox directory", dir, e))?;
+    let sockets = std::iter::once(ready_socket_path(&vm.path(VSOCK_SOCKET)))
+        .chain(shares.iter().map(|s| vm.path(&fs_socket_name(&s.tag))));
+    for socket in sockets {
+        std::os::unix::fs::chown(&socket, Some(user.uid), Some(user.gid))
+            .map_err(|e| io("cannot hand a socket to the jailed VMM", &socket, e))?;
+    }
+    Ok(())
 }
 
 /// One request on a VMM control socket: writes it, reads the reply line
@@ -197,6 +232,7 @@ impl Launcher for BuiltinLauncher {
     async fn spawn(&self, vm: &VmSetup, launch: &mut Launch<'_>) -> Result<(), HypervisorError> {
         launch.spawn_virtiofsd(vm)?;
         launch.wait_for_helper_sockets(vm).await?;
+        grant_jail_access(vm, launch.shares)?;
 
         let fds = launch.tap_fds();
         let nets: Vec<(Option<RawFd>, &NetDevice)> =

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use super::capped_log::{LogDrain, LogPipe};
 use super::{ExitReport, HypervisorError, Share};
 use boxlite_protocol::log_tail::last_line;
+use boxlite_vmm_api::process::vm_pids;
 
 /// How long a helper daemon gets to create its socket.
 pub const HELPER_READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -66,8 +67,7 @@ pub fn kill_and_reap(id: &str, procs: &mut Vec<Proc>, files: &[PathBuf]) {
     for p in procs.iter_mut().rev() {
         if p.poll().is_none() {
             tracing::debug!(sandbox_id = %id, pid = p.pid, "killing {}", p.role.describe());
-            p.signal(Signal::SIGKILL);
-            p.reap_blocking(REAP_TIMEOUT);
+            p.kill_and_reap();
         }
     }
     for p in procs.drain(..) {
@@ -158,6 +158,28 @@ impl Proc {
         if let Err(e) = kill(pid, signal) {
             tracing::warn!(pid = self.pid, %signal, error = %e, "cannot signal {}", self.role.describe());
         }
+    }
+
+    /// SIGKILL and reap, its children first. A jailed `boxlite-vmm` runs the
+    /// VM in its only child ([`boxlite_vmm_api::process`]): killed first,
+    /// the child is reaped by its parent, which then ends by the same
+    /// signal, so the VM is gone (taps, memory, cgroup membership) when this
+    /// returns and no orphan is left for init to reap.
+    pub fn kill_and_reap(&mut self) -> Option<ExitStatus> {
+        let children = vm_pids(self.pid);
+        for child in &children {
+            if let Ok(pid) = i32::try_from(*child) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        if !children.is_empty() {
+            let until = std::time::Instant::now() + REAP_TIMEOUT;
+            while self.poll().is_none() && std::time::Instant::now() < until {
+                std::thread::sleep(POLL_INTERVAL);
+            }
+        }
+        self.signal(Signal::SIGKILL);
+        self.reap_blocking(REAP_TIMEOUT)
     }
 
     /// Blocks until the process is reaped or `limit` passes. Only used after
@@ -258,8 +280,7 @@ pub fn spawn_process(
         log_drain,
     };
     if let Err(e) = std::fs::write(&pid_file, format!("{pid}\n")) {
-        p.signal(Signal::SIGKILL);
-        p.reap_blocking(REAP_TIMEOUT);
+        p.kill_and_reap();
         return Err(io_err("cannot write pid file", &pid_file, e));
     }
     Ok(p)

@@ -49,7 +49,8 @@ pub struct VmConfig {
     #[serde(default)]
     pub devices: Vec<DeviceConfig>,
     /// Unix socket for the control API ([`crate::control`]); created (a
-    /// stale socket replaced) at start, removed at exit.
+    /// stale socket replaced) at start, removed at exit unless jailed (the
+    /// jail sees its directory read-only; whoever started it removes it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_socket: Option<PathBuf>,
     /// Apply the jail (cgroup, rlimits, no_new_privs, landlock, seccomp)
@@ -63,9 +64,46 @@ pub struct VmConfig {
     /// cgroup v2 directory (created by the shim) the VMM moves itself into.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
+    /// The unprivileged user and group the jailed VMM runs as once the VM
+    /// is built. None: 65534:65534 (`nobody`), logged. The runtime gives
+    /// each sandbox its own pair from a dedicated range.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail_user: Option<JailUser>,
     /// Hooks for the jail's own tests; never set in production.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_hooks: Option<TestHooks>,
+}
+
+/// A uid and gid (numbers; they need no entry in `/etc/passwd`).
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct JailUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl JailUser {
+    /// `nobody`: what the VMM runs as when the config names no user.
+    pub const NOBODY: JailUser = JailUser {
+        uid: 65534,
+        gid: 65534,
+    };
+}
+
+/// An escape a test hook attempts from inside the jail.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(tag = "try", rename_all = "snake_case", deny_unknown_fields)]
+pub enum EscapeProbe {
+    /// `connect` to a unix socket at this host path.
+    ConnectUnix { path: PathBuf },
+    /// `open` this host file for reading.
+    OpenFile { path: PathBuf },
+    /// Create (and write) a file at this host path.
+    CreateFile { path: PathBuf },
+    /// Send SIGTERM to this host pid (with `kill` and with `tgkill`).
+    Signal { pid: i32 },
+    /// Create an AF_INET socket.
+    InetSocket,
 }
 
 /// Test-only hooks that prove the jail works from the outside.
@@ -86,6 +124,14 @@ pub struct TestHooks {
     /// the outcome (`test hook: open …`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub open_after_landlock: Option<PathBuf>,
+    /// After the whole jail is on, a thread of kind `escape_thread`
+    /// (`"vmm"` or `"vcpu"`) attempts this escape and logs the outcome
+    /// (`test hook: escape … denied: …`); if it succeeds the VMM exits
+    /// with an error. A seccomp kill (SIGSYS) also counts as denied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escape: Option<EscapeProbe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escape_thread: Option<String>,
 }
 
 /// Raw guest code loaded at a fixed guest-physical address.
@@ -249,6 +295,7 @@ impl Default for VmConfig {
             jail: true,
             sandbox_dir: None,
             cgroup: None,
+            jail_user: None,
             test_hooks: None,
         }
     }

@@ -3,9 +3,10 @@
 //! One definition of what crosses the process boundary, used by both sides
 //! (and by the tests that drive the VMM directly):
 //! - [`config`]: the VM config file (`vm.json`) the VMM is started with;
-//! - [`control`]: the requests and replies of the VMM's control socket.
+//! - [`control`]: the requests and replies of the VMM's control socket;
+//! - [`process`]: which process runs the VM once the jail has forked.
 //!
-//! This crate holds the schema only (field names, types, defaults, the
+//! Besides that one helper, this crate holds the schema only (field names, types, defaults, the
 //! JSON shape). What a value may be — ranges, files that must exist, paths
 //! that must fit `sun_path` — is checked by the VMM (`boxlite_vmm::config`),
 //! which knows its devices' limits; the runtime's contract test feeds its
@@ -16,3 +17,4 @@
 
 pub mod config;
 pub mod control;
+pub mod process;

@@ -16,7 +16,9 @@ use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
 use crate::arch::x86_64::mptable::{self, MptableError};
 use crate::arch::x86_64::regs::BootEntry;
-use crate::config::{mac_bytes, ConfigError, CpuMode, DeviceConfig, Validate, VmConfig};
+use crate::config::{
+    mac_bytes, ConfigError, CpuMode, DeviceConfig, EscapeProbe, Validate, VmConfig,
+};
 use crate::control::{ControlError, ControlServer, VmControl};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::devices::virtio::block::{Block, BlockError};
@@ -143,6 +145,11 @@ fn run_forbidden_syscall_hook(cfg: &VmConfig) -> Result<(), VmmError> {
             libc::syscall(libc::SYS_getppid);
         })?;
     }
+    if let (Some(probe), Some(kind)) = (&hooks.escape, hooks.escape_thread.as_deref()) {
+        if kind != UNFILTERED {
+            escape_hook(kind, probe)?;
+        }
+    }
     if let Some(kind) = hooks.forbidden_ioctl.as_deref() {
         forbidden_call(kind, "ioctl(TCGETS)", || {
             // SAFETY: termios is plain old data; all zeroes is valid.
@@ -152,6 +159,38 @@ fn run_forbidden_syscall_hook(cfg: &VmConfig) -> Result<(), VmmError> {
         })?;
     }
     Ok(())
+}
+
+/// `escape_thread` value that runs the escape probe on the main thread
+/// after the jail but before any seccomp filter is loaded.
+const UNFILTERED: &str = "unfiltered";
+
+/// The `escape` hook ([`crate::jail::escape_probe`]) on a thread of `kind`
+/// (`"vmm"`: the event loop, `"vcpu"`: a vCPU-kind thread, [`UNFILTERED`]:
+/// the main thread before seccomp). Denied: logged, and the VM runs on.
+fn escape_hook(kind: &str, probe: &EscapeProbe) -> Result<(), VmmError> {
+    tracing::warn!(kind, ?probe, "test hook: trying an escape");
+    let p = probe.clone();
+    let outcome = if kind == "vcpu" {
+        let h = spawn_thread(ThreadKind::Vcpu, "escape", move || {
+            crate::jail::escape_probe::attempt(&p)
+        })
+        .map_err(JailError::Thread)?;
+        h.join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("probe thread panicked")))
+    } else {
+        crate::jail::escape_probe::attempt(&p)
+    };
+    match outcome {
+        Err(e) => {
+            tracing::warn!(kind, ?probe, "test hook: escape denied: {e}");
+            Ok(())
+        }
+        Ok(()) => {
+            tracing::error!(kind, ?probe, "test hook: the escape was allowed");
+            Err(VmmError::ForbiddenSyscallAllowed(kind.to_string()))
+        }
+    }
 }
 
 /// Runs `call` on a thread of `kind` (the event loop itself for `"vmm"`);
@@ -186,8 +225,13 @@ fn inherited_console(fd: RawFd) -> Result<File, VmmError> {
     Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
-/// Builds the VM described by `cfg` and runs it until it ends.
-pub fn run_vm(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
+/// Builds the VM described by `cfg` and runs it until it ends. With the
+/// jail on, `parent` is what [`crate::jail::isolate_process`] returned (the
+/// jail needs its own pid namespace); None is an error then.
+pub fn run_vm(
+    cfg: &VmConfig,
+    parent: Option<&crate::jail::pidns::ParentLink>,
+) -> Result<ExitReason, VmmError> {
     cfg.validate()?;
     let start = std::time::Instant::now();
     let ram = create_guest_memory(cfg.memory_bytes())?;
@@ -341,7 +385,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
 
     // The jail: everything is open now and no other thread exists yet.
     if cfg.jail {
-        crate::jail::apply(&JailPolicy::from_config(cfg))?;
+        crate::jail::apply(&JailPolicy::from_config(cfg), parent)?;
         if let Some(path) = cfg
             .test_hooks
             .as_ref()
@@ -349,6 +393,12 @@ pub fn run_vm(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
         {
             let r = File::open(path).map(|_| ());
             tracing::warn!(path = %path.display(), result = ?r, "test hook: open after landlock");
+        }
+        if let Some(hooks) = &cfg.test_hooks {
+            if let (Some(probe), Some(UNFILTERED)) = (&hooks.escape, hooks.escape_thread.as_deref())
+            {
+                escape_hook(UNFILTERED, probe)?;
+            }
         }
     } else {
         tracing::warn!("!!! JAIL DISABLED: no cgroup, rlimits, no_new_privs, landlock or seccomp; debugging only, never in production !!!");

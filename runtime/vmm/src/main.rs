@@ -11,8 +11,9 @@ use boxlite_vmm::exit_code;
 const USAGE: &str = "usage: boxlite-vmm --config <vm.json> [--no-jail] [--raw-image <file> --load-addr <addr> [--mode real|long]]
 
   --config      JSON VM description (see docs/vmm.md)
-  --no-jail     debugging only: no cgroup, rlimits, no_new_privs, landlock or
-                seccomp (same as \"jail\": false; logged loudly)
+  --no-jail     debugging only: no cgroup, namespaces, pivot_root, rlimits,
+                uid change, no_new_privs, landlock or seccomp (same as
+                \"jail\": false; logged loudly)
   --raw-image   run raw guest code instead of a kernel (tests and benchmarks only);
                 overrides \"kernel\"/\"raw_image\" in the config
   --load-addr   guest-physical load and entry address of the raw image (decimal or 0x hex)
@@ -102,7 +103,17 @@ fn main() -> ExitCode {
         tracing::warn!("--no-jail given: the VMM will run without its jail");
         cfg.jail = false;
     }
-    match boxlite_vmm::run_vm(&cfg) {
+    // Before anything is opened: the cgroup, then a pid namespace of its
+    // own (this process stays behind, waiting; it never returns).
+    let parent = match cfg.jail.then(|| boxlite_vmm::jail::isolate_process(&cfg)) {
+        None => None,
+        Some(Ok(link)) => Some(link),
+        Some(Err(e)) => {
+            tracing::error!("{}", boxlite_vmm::cli::error_chain(&e));
+            return ExitCode::from(exit_code::JAIL_ERROR as u8);
+        }
+    };
+    match boxlite_vmm::run_vm(&cfg, parent.as_ref()) {
         Ok(reason) => ExitCode::from(reason.exit_code() as u8),
         Err(e) => {
             let msg = boxlite_vmm::cli::error_chain(&e);

@@ -27,6 +27,7 @@ fn raw(kind: ThreadKind) -> &'static [(u16, u8, u8, u32)] {
     match kind {
         ThreadKind::Vmm => generated::FILTER_VMM,
         ThreadKind::Vcpu => generated::FILTER_VCPU,
+        ThreadKind::Reaper => generated::FILTER_REAPER,
     }
 }
 
@@ -35,6 +36,7 @@ pub fn allowed_syscalls(kind: ThreadKind) -> &'static [&'static str] {
     match kind {
         ThreadKind::Vmm => generated::SYSCALLS_VMM,
         ThreadKind::Vcpu => generated::SYSCALLS_VCPU,
+        ThreadKind::Reaper => generated::SYSCALLS_REAPER,
     }
 }
 
@@ -76,11 +78,27 @@ mod tests {
             for must in ["read", "write", "futex", "ioctl", "rt_sigreturn"] {
                 assert!(names.contains(&must), "{kind:?} lacks {must}");
             }
-            for never in [
-                "execve", "fork", "clone", "clone3", "ptrace", "openat", "mount",
-            ] {
+            for never in NEVER {
                 assert!(!names.contains(&never), "{kind:?} allows {never}");
             }
+        }
+    }
+
+    const NEVER: [&str; 7] = [
+        "execve", "fork", "clone", "clone3", "ptrace", "openat", "mount",
+    ];
+
+    #[test]
+    fn the_waiting_parent_may_only_wait_signal_and_exit() {
+        let names = allowed_syscalls(ThreadKind::Reaper);
+        for must in ["wait4", "kill", "exit_group", "rt_sigreturn"] {
+            assert!(names.contains(&must), "reaper lacks {must}");
+        }
+        for never in NEVER
+            .iter()
+            .chain(&["read", "write", "socket", "connect", "ioctl"])
+        {
+            assert!(!names.contains(never), "reaper allows {never}");
         }
     }
 

@@ -21,6 +21,9 @@ pub enum ThreadKind {
     /// One virtual CPU (also runs device activation and reset, which
     /// happen on MMIO writes: vhost-user connect for virtio-fs, tap offloads).
     Vcpu,
+    /// The parent left in the host's pid namespace, which only waits for
+    /// the VMM (`jail::pidns`); not a thread of the VMM itself.
+    Reaper,
 }
 
 impl ThreadKind {
@@ -29,6 +32,7 @@ impl ThreadKind {
         match self {
             ThreadKind::Vmm => "vmm",
             ThreadKind::Vcpu => "vcpu",
+            ThreadKind::Reaper => "reaper",
         }
     }
 }

@@ -188,9 +188,11 @@ fn control_socket_drives_the_jailed_vmm() {
         log.contains("seccomp filters loaded on every thread"),
         "{log}"
     );
-    assert!(!ctl.exists(), "control socket removed at exit");
+    // The jailed VMM sees its directory read-only: whoever started it
+    // removes the sockets (the runtime does, in its teardown).
     assert!(
-        !dir.path().join("vsock.sock").exists(),
-        "vsock socket removed at exit"
+        ctl.exists(),
+        "the jailed VMM cannot remove its control socket"
     );
+    assert!(dir.path().join("vsock.sock").exists());
 }

@@ -1,15 +1,18 @@
 //! The jail of the `boxlite-vmm` binary, seen from outside (root + /dev/kvm):
 //! a forbidden syscall in a jailed thread kills the process with SIGSYS,
-//! landlock denies files outside the allowed set, the VMM enters the cgroup
-//! it is given, and `--no-jail` says loudly that it is off.
+//! host files and sockets are out of reach, every escape the `escape` hook
+//! tries is denied, the VM process has no privileges and namespaces of its
+//! own, the VMM enters the cgroup it is given, and `--no-jail` says loudly
+//! that it is off.
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 
 use boxlite_vmm::config::{
-    CpuMode, DeviceConfig, RawImageConfig, TestHooks, VmConfig, VsockConfig,
+    CpuMode, DeviceConfig, EscapeProbe, JailUser, RawImageConfig, TestHooks, VmConfig, VsockConfig,
 };
+use boxlite_vmm_api::process::vm_pids;
 
 const I8042_RESET: [u8; 4] = [0xb0, 0xfe, 0xe6, 0x64];
 
@@ -120,14 +123,16 @@ fn no_jail_switch_turns_it_off_loudly() {
 
 #[test]
 #[ignore = "needs root + /dev/kvm"]
-fn landlock_denies_files_outside_the_allowed_set() {
+fn host_files_are_out_of_reach_and_the_sandbox_dir_is_read_only() {
     let outside = tempfile::tempdir().expect("tempdir");
     let secret = outside.path().join("secret");
     std::fs::write(&secret, "x").expect("write");
     let dir = tempfile::tempdir().expect("tempdir");
     let inside = dir.path().join("state.json");
     std::fs::write(&inside, "{}").expect("write");
-    for (path, want) in [(&secret, "PermissionDenied"), (&inside, "Ok(())")] {
+    // Before seccomp: the pivot hides the host's tree; the sandbox
+    // directory is there (read-only) with its files.
+    for (path, want) in [(&secret, "NotFound"), (&inside, "Ok(())")] {
         let cfg = config(dir.path(), |c| {
             c.test_hooks = Some(TestHooks {
                 open_after_landlock: Some(path.clone()),
@@ -141,6 +146,218 @@ fn landlock_denies_files_outside_the_allowed_set() {
             .find(|l| l.contains("test hook: open after landlock"))
             .unwrap_or_else(|| panic!("no hook line: {log}"));
         assert!(line.contains(want), "{path:?}: {line}");
+    }
+}
+
+/// Runs the VMM with the `escape` hook on `thread`; returns how it ended
+/// and its log.
+fn try_escape(dir: &Path, probe: EscapeProbe, thread: &str) -> (ExitStatus, String) {
+    let cfg = config(dir, |c| {
+        c.test_hooks = Some(TestHooks {
+            escape: Some(probe),
+            escape_thread: Some(thread.into()),
+            ..TestHooks::default()
+        })
+    });
+    run(&cfg, &[])
+}
+
+#[test]
+#[ignore = "needs root + /dev/kvm"]
+fn every_escape_from_the_jail_is_denied() {
+    let host = tempfile::tempdir().expect("tempdir");
+    let host_socket = host.path().join("host.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&host_socket).expect("bind");
+    let secret = host.path().join("secret");
+    std::fs::write(&secret, "x").expect("write");
+    let mut bystander = Command::new("sleep").arg("600").spawn().expect("sleep");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let probes = |dir: &Path| {
+        vec![
+            EscapeProbe::ConnectUnix {
+                path: host_socket.clone(),
+            },
+            EscapeProbe::OpenFile {
+                path: secret.clone(),
+            },
+            EscapeProbe::CreateFile {
+                path: host.path().join("written"),
+            },
+            // The jail's own root and the (read-only) sandbox directory.
+            EscapeProbe::CreateFile {
+                path: "/escaped".into(),
+            },
+            EscapeProbe::CreateFile {
+                path: dir.join("written"),
+            },
+            // A host process (pid 1 in the jail's namespace is the VMM
+            // itself; the host's init has no pid the VMM can name).
+            EscapeProbe::Signal {
+                pid: bystander.id() as i32,
+            },
+            EscapeProbe::InetSocket,
+        ]
+    };
+    for thread in ["unfiltered", "vmm", "vcpu"] {
+        for probe in probes(dir.path()) {
+            // Without seccomp nothing stops an AF_INET socket from being
+            // made, but in its empty network namespace it reaches nothing.
+            if thread == "unfiltered" && probe == EscapeProbe::InetSocket {
+                continue;
+            }
+            let (st, log) = try_escape(dir.path(), probe.clone(), thread);
+            let what = format!("{probe:?} on {thread}: {st:?}\n{log}");
+            assert!(!log.contains("escape was allowed"), "{what}");
+            if thread == "unfiltered" {
+                // The namespaces, the uid and landlock alone deny it.
+                assert_eq!(st.code(), Some(0), "{what}");
+                assert!(log.contains("escape denied"), "{what}");
+            } else {
+                // Denied with an error, or the process killed by seccomp.
+                let denied = st.code() == Some(0) && log.contains("escape denied");
+                assert!(denied || st.signal() == Some(libc::SIGSYS), "{what}");
+            }
+        }
+    }
+    assert!(
+        listener.set_nonblocking(true).is_ok() && listener.accept().is_err(),
+        "nothing connected to the host socket"
+    );
+    assert!(!host.path().join("written").exists());
+    assert!(!dir.path().join("written").exists());
+    assert_eq!(bystander.try_wait().expect("wait"), None, "bystander alive");
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+}
+
+fn nix_kill(pid: u32) {
+    // SAFETY: integers only.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+}
+
+/// `Name:\tvalue` from `/proc/<pid>/status`.
+fn status_field(pid: u32, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+fn same_namespace(pid: u32, ns: &str) -> bool {
+    let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).expect("our ns");
+    std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).expect("its ns") == ours
+}
+
+#[test]
+#[ignore = "needs root + /dev/kvm"]
+fn the_vm_process_runs_unprivileged_in_namespaces_of_its_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("spin.bin");
+    std::fs::write(&img, [0xeb, 0xfe]).expect("write");
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
+    let user = JailUser {
+        uid: 4_000_123,
+        gid: 4_000_124,
+    };
+    let cfg = config(dir.path(), |c| {
+        c.raw_image = raw_image(img);
+        c.control_socket = Some(dir.path().join("control.sock"));
+        c.jail_user = Some(user);
+        c.console_log = None;
+        c.devices
+            .push(DeviceConfig::Block(boxlite_vmm::config::BlockConfig {
+                path: disk.clone(),
+                read_only: false,
+                id: String::new(),
+            }));
+    });
+    let mut parent = Command::new(env!("CARGO_BIN_EXE_boxlite-vmm"))
+        .arg("--config")
+        .arg(&cfg)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    // The VM process: the parent's only child, once the jail is on.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let vm = loop {
+        if let [vm] = vm_pids(parent.id())[..] {
+            if status_field(vm, "Seccomp") == "2" {
+                break vm;
+            }
+        }
+        assert!(std::time::Instant::now() < end, "no jailed VM process");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let uid = user.uid.to_string();
+    let gid = user.gid.to_string();
+    assert_eq!(
+        status_field(vm, "Uid")
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        [&*uid; 4]
+    );
+    assert_eq!(
+        status_field(vm, "Gid")
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        [&*gid; 4]
+    );
+    assert_eq!(status_field(vm, "Groups"), "");
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status_field(vm, caps), "0000000000000000", "{caps}");
+    }
+    assert_eq!(status_field(vm, "NoNewPrivs"), "1");
+    // pid 1 of a pid namespace of its own.
+    assert_eq!(
+        status_field(vm, "NSpid").split_whitespace().last(),
+        Some("1")
+    );
+    for ns in ["mnt", "net", "pid", "ipc", "uts"] {
+        assert!(
+            !same_namespace(vm, ns),
+            "{ns} namespace shared with the host"
+        );
+    }
+    // Its root is the jail's: no /etc, the sandbox directory at its path.
+    let root = PathBuf::from(format!("/proc/{vm}/root"));
+    assert!(!root.join("etc").exists());
+    assert!(root
+        .join(dir.path().strip_prefix("/").unwrap())
+        .join("control.sock")
+        .exists());
+    let limits = std::fs::read_to_string(format!("/proc/{vm}/limits")).expect("limits");
+    let fsize = limits
+        .lines()
+        .find(|l| l.starts_with("Max file size"))
+        .expect("fsize line");
+    assert!(fsize.contains(&(1u64 << 20).to_string()), "{fsize}");
+    // The waiting parent: filtered, CAP_KILL only (bit 5: its death must
+    // reach the VM process, which runs as another uid).
+    assert_eq!(status_field(parent.id(), "Seccomp"), "2");
+    for caps in ["CapPrm", "CapEff", "CapBnd"] {
+        assert_eq!(
+            status_field(parent.id(), caps),
+            "0000000000000020",
+            "{caps}"
+        );
+    }
+
+    // Killing the parent takes the VM process with it.
+    let _ = parent.kill();
+    let _ = parent.wait();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while Path::new(&format!("/proc/{vm}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{vm}/stat")).is_ok_and(|s| s.contains(") Z "))
+    {
+        assert!(
+            std::time::Instant::now() < end,
+            "VM process {vm} outlived its parent"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
 
@@ -182,8 +399,20 @@ fn vmm_enters_the_cgroup_it_is_given() {
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    // Both processes are in it: the waiting parent and the VM process.
+    let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
+    let vm = vm_pids(child.id());
+    assert_eq!(vm.len(), 1, "one VM process: {vm:?}");
+    assert!(procs.lines().any(|l| l == vm[0].to_string()), "{procs}");
+    // The way the runtime kills it: the VM process first, which its
+    // parent reaps before ending by the same signal.
+    nix_kill(vm[0]);
+    let st = child.wait().expect("wait");
+    assert_eq!(st.signal(), Some(libc::SIGKILL), "{st:?}");
+    assert_eq!(
+        std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default(),
+        ""
+    );
     std::fs::remove_dir(&cg).expect("remove cgroup");
 
     // A cgroup that cannot be entered is a jail error (exit code 5).

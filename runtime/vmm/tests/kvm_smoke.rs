@@ -76,6 +76,7 @@ impl Guest {
                 },
                 mode,
             }),
+            sandbox_dir: Some(self.dir.path().to_path_buf()),
             ..VmConfig::default()
         }
     }
@@ -132,7 +133,7 @@ fn serial_output_reaches_console_log() {
     // test harness itself); every other test runs the jailed binary.
     let mut cfg = g.config(&code, CpuMode::Real, false);
     cfg.jail = false;
-    let reason = run_vm(&cfg).expect("run");
+    let reason = run_vm(&cfg, None).expect("run");
     assert_eq!(reason, ExitReason::GuestReset);
     assert_eq!(g.console(), b"hello from the guest\n");
 }
@@ -220,6 +221,7 @@ fn raw_image_flag_overrides_the_config() {
         memory_mib: 16,
         irqchip: false,
         console_log: Some(console),
+        sandbox_dir: Some(g.path("")),
         ..VmConfig::default()
     };
     std::fs::write(&cfg_path, cfg.to_json_pretty()).expect("cfg");

@@ -91,7 +91,7 @@ mod tests {
         let img = dir.path().join("guest.bin");
         std::fs::write(&img, [0xf4u8]).expect("image");
         let json = format!(
-            r#"{{"irqchip": false,
+            r#"{{"irqchip": false, "sandbox_dir": "{d}",
                 "raw_image": {{"path": "{img}", "load_addr": 4096}},
                 "devices": [
                   {{"kind": "fs", "tag": "share0", "socket_path": "{d}/a.sock"}},

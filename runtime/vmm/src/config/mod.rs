@@ -9,8 +9,8 @@
 use std::path::{Path, PathBuf};
 
 pub use boxlite_vmm_api::config::{
-    BlockConfig, CpuMode, DeviceConfig, FsConfig, NetConfig, RawImageConfig, RngConfig, TestHooks,
-    VmConfig, VsockConfig,
+    BlockConfig, CpuMode, DeviceConfig, EscapeProbe, FsConfig, JailUser, NetConfig, RawImageConfig,
+    RngConfig, TestHooks, VmConfig, VsockConfig,
 };
 
 pub mod block;
@@ -48,6 +48,10 @@ pub enum ConfigError {
         "Exactly one of kernel and raw_image must be set (kernel: {kernel}, raw_image: {raw})"
     )]
     BootSource { kernel: bool, raw: bool },
+    #[error("The jail needs sandbox_dir: its root is a tmpfs mounted over it")]
+    JailWithoutSandboxDir,
+    #[error("jail_user {uid}:{gid} is root; the jail needs an unprivileged uid and gid")]
+    JailUserIsRoot { uid: u32, gid: u32 },
     #[error("{field} = {path} does not exist or is not a regular file")]
     MissingFile { field: &'static str, path: PathBuf },
     #[error("initramfs needs a kernel; raw_image guests have none")]
@@ -250,6 +254,15 @@ impl Validate for VmConfig {
             (None, Some(fd)) if fd < 3 => return Err(ConfigError::ConsoleFd(fd)),
             _ => {}
         }
+        if self.jail && self.sandbox_dir.is_none() {
+            return Err(ConfigError::JailWithoutSandboxDir);
+        }
+        if let Some(u) = self.jail_user.filter(|u| u.uid == 0 || u.gid == 0) {
+            return Err(ConfigError::JailUserIsRoot {
+                uid: u.uid,
+                gid: u.gid,
+            });
+        }
         Ok(())
     }
 }
@@ -332,7 +345,28 @@ mod tests {
                 mode: CpuMode::Real,
             }),
             irqchip: false,
+            sandbox_dir: Some(dir.to_path_buf()),
             ..VmConfig::default()
+        }
+    }
+
+    #[test]
+    fn the_jail_needs_a_sandbox_dir_and_a_user_other_than_root() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        raw_cfg(dir.path()).validate().expect("valid");
+        let mut cfg = raw_cfg(dir.path());
+        cfg.sandbox_dir = None;
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::JailWithoutSandboxDir)
+        ));
+        cfg.jail = false;
+        cfg.validate().expect("no jail, no root needed");
+        for (uid, gid) in [(0, 5), (5, 0)] {
+            let mut cfg = raw_cfg(dir.path());
+            cfg.jail_user = Some(JailUser { uid, gid });
+            let err = cfg.validate().expect_err("root");
+            assert!(err.to_string().contains("is root"), "{err}");
         }
     }
 

@@ -16,8 +16,8 @@ pub fn enter(dir: &Path) -> Result<(), JailError> {
         .write(true)
         .open(&procs)
         .map_err(|e| JailError::Cgroup(dir.to_path_buf(), e))?;
-    // One write(2) with the pid, as the cgroup interface wants.
-    f.write_all(format!("{}\n", std::process::id()).as_bytes())
+    // One write(2), as the cgroup interface wants; "0" is the writer.
+    f.write_all(b"0\n")
         .map_err(|e| JailError::Cgroup(dir.to_path_buf(), e))?;
     tracing::info!(cgroup = %dir.display(), "entered cgroup");
     Ok(())

@@ -9,8 +9,8 @@
 use std::path::Path;
 
 use landlock::{
-    path_beneath_rules, Access, AccessFs, AccessNet, Ruleset, RulesetAttr, RulesetCreatedAttr,
-    RulesetStatus, Scope, ABI,
+    path_beneath_rules, Access, AccessFs, AccessNet, Ruleset, RulesetAttr, RulesetCreated,
+    RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 
 use super::{JailError, JailPolicy};
@@ -25,13 +25,20 @@ fn check(p: &Path) -> Result<(), JailError> {
 }
 
 /// Restricts the calling thread (and the threads it spawns later) to
-/// `policy`. Also sets `no_new_privs`.
+/// `policy`: [`prepare`] then [`enforce`].
 pub fn restrict_self(policy: &JailPolicy) -> Result<RulesetStatus, JailError> {
+    enforce(prepare(policy)?)
+}
+
+/// Builds the ruleset, opening every path of `policy` now: the jail
+/// prepares it before `pivot_root`, after which those paths no longer
+/// resolve, and enforces it after (a landlocked thread may not pivot).
+pub fn prepare(policy: &JailPolicy) -> Result<RulesetCreated, JailError> {
     let abi = LANDLOCK_ABI;
     for p in policy.read_only.iter().chain(&policy.read_write) {
         check(p)?;
     }
-    let status = Ruleset::default()
+    Ruleset::default()
         .handle_access(AccessFs::from_all(abi))
         .and_then(|r| r.handle_access(AccessNet::from_all(abi)))
         .and_then(|r| r.scope(Scope::from_all(abi)))
@@ -48,8 +55,13 @@ pub fn restrict_self(policy: &JailPolicy) -> Result<RulesetStatus, JailError> {
                 AccessFs::from_all(abi),
             ))
         })
-        .and_then(|r| r.restrict_self())
-        .map_err(JailError::Landlock)?;
+        .map_err(JailError::Landlock)
+}
+
+/// Applies a prepared ruleset to the calling thread (and the threads it
+/// spawns later). Also sets `no_new_privs`.
+pub fn enforce(ruleset: RulesetCreated) -> Result<RulesetStatus, JailError> {
+    let status = ruleset.restrict_self().map_err(JailError::Landlock)?;
     match status.ruleset {
         RulesetStatus::NotEnforced => Err(JailError::LandlockNotEnforced),
         s => {
@@ -77,7 +89,7 @@ mod tests {
         let policy = JailPolicy {
             read_only: vec![kernel.clone()],
             read_write: vec![sandbox.path().to_path_buf()],
-            cgroup: None,
+            ..Default::default()
         };
         let sb = sandbox.path().to_path_buf();
         // Landlock applies to the calling thread only: use a throwaway one.

@@ -1,33 +1,53 @@
-//! The jail: what `boxlite-vmm` gives up before any guest code runs.
+//! The jail: what `boxlite-vmm` gives up before any guest code runs,
+//! point by point what Firecracker's jailer does (see `docs/security.md`).
 //!
-//! Order (see `docs/security.md`), on the main thread, after the VM is built
-//! (every file, device and socket is open) and before any other thread
-//! exists:
-//! 1. enter the cgroup the shim names (`cgroup`: our pid → `cgroup.procs`);
-//! 2. rlimits: `RLIMIT_NOFILE` capped at [`NOFILE_LIMIT`], `RLIMIT_CORE` 0
-//!    (a core dump would hold guest memory);
-//! 3. `no_new_privs`;
-//! 4. a landlock ruleset ([`landlock`]): read-only kernel, initramfs, raw
-//!    image and read-only disks; read-write sandbox directory, socket
-//!    directories, console log and writable disks; nothing else. No TCP
-//!    bind/connect, no abstract unix sockets, no signals out of the domain.
-//!    Threads inherit it;
-//! 5. then each thread loads its kind's seccomp filter: vCPU threads in
+//! In `main`, before anything is opened ([`isolate_process`]):
+//! 1. enter the cgroup the runtime names (`cgroup`), so the VMM and its
+//!    waiting parent are both accounted there;
+//! 2. fork into a new pid namespace ([`pidns`]): the VMM is pid 1 there and
+//!    sees no other process; the parent only waits.
+//!
+//! Then on the main thread, after the VM is built (every file, device and
+//! socket is open) and before any other thread exists ([`apply`]):
+//! 3. the landlock ruleset is prepared (it opens its paths now);
+//! 4. new mount, ipc, uts and network namespaces and `pivot_root` into an
+//!    empty read-only tmpfs holding only the socket directories the VMM
+//!    still connects into ([`root`]);
+//! 5. rlimits: `RLIMIT_NOFILE` capped at [`NOFILE_LIMIT`], `RLIMIT_CORE` 0
+//!    (a core dump would hold guest memory), `RLIMIT_FSIZE` at the largest
+//!    file the VMM may write (its writable disks);
+//! 6. an unprivileged uid/gid, no supplementary groups, no capabilities in
+//!    any set ([`privileges`]);
+//! 7. `no_new_privs` and the landlock ruleset ([`landlock`]): read-only boot
+//!    files and disks, read-write writable disks; no TCP, no abstract unix
+//!    sockets, no signals out of the domain (kernel permitting). Threads
+//!    inherit it;
+//! 8. then each thread loads its kind's seccomp filter: vCPU threads in
 //!    `threads::spawn_thread`, the event loop in `builder::run_vm`.
 //!
 //! `"jail": false` in the config or `--no-jail` skips all of it and logs a
 //! loud warning.
 
 pub mod cgroup;
+pub mod escape_probe;
 pub mod landlock;
+pub mod pidns;
+pub mod privileges;
+pub mod root;
 
 use std::path::{Path, PathBuf};
+
+use crate::config::JailUser;
 
 use crate::config::{DeviceConfig, VmConfig};
 
 /// `RLIMIT_NOFILE` in the jail: the vsock muxer's 1024 connections plus
 /// devices, sockets and eventfds.
 pub const NOFILE_LIMIT: u64 = 4096;
+
+/// `RLIMIT_FSIZE` share of a `console_log` file (tests and debugging; the
+/// runtime passes a pipe): past it console writes fail (SIGXFSZ is ignored).
+pub const CONSOLE_FILE_LIMIT: u64 = 64 << 20;
 
 /// Errors of setting up the jail. Every one is fatal.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +68,18 @@ pub enum JailError {
     Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("Failed to spawn a jailed thread")]
     Thread(#[source] std::io::Error),
+    #[error("Failed to enter a pid namespace of its own: {0}")]
+    PidNamespace(&'static str, #[source] std::io::Error),
+    #[error("The jailed VMM must be pid 1 of its own pid namespace (boxlite-vmm's main forks into one); it is pid {0}")]
+    NotNamespaceInit(u32),
+    #[error("The jail's root is mounted over sandbox_dir, which the config does not set")]
+    NoSandboxDir,
+    #[error("Failed to set up the jail's root: {0}")]
+    Root(String, #[source] std::io::Error),
+    #[error("Failed to drop privileges: {0}")]
+    Privileges(&'static str, #[source] std::io::Error),
+    #[error("jail_user {0}:{1} is root; the jail needs an unprivileged uid and gid")]
+    RootUser(u32, u32),
 }
 
 /// What the jail allows; built from the VM config.
@@ -59,6 +91,15 @@ pub struct JailPolicy {
     pub read_write: Vec<PathBuf>,
     /// cgroup v2 directory to enter.
     pub cgroup: Option<PathBuf>,
+    /// Where the jail's root tmpfs is mounted (the sandbox directory).
+    pub mount_point: Option<PathBuf>,
+    /// Directories bind-mounted read-only into the jail's root: those of the
+    /// sockets the VMM connects to after the jail.
+    pub expose: Vec<PathBuf>,
+    /// `RLIMIT_FSIZE`: the largest regular file the VMM may write.
+    pub max_file_size: u64,
+    /// The uid/gid to become (None: [`privileges::DEFAULT_USER`]).
+    pub user: Option<JailUser>,
 }
 
 fn parent(p: &Path) -> Option<PathBuf> {
@@ -82,8 +123,13 @@ impl JailPolicy {
     pub fn from_config(cfg: &VmConfig) -> Self {
         let mut p = JailPolicy {
             cgroup: cfg.cgroup.clone(),
+            mount_point: cfg.sandbox_dir.clone(),
+            user: cfg.jail_user,
             ..Default::default()
         };
+        if cfg.console_log.is_some() {
+            p.max_file_size = CONSOLE_FILE_LIMIT;
+        }
         for f in [&cfg.kernel, &cfg.initramfs].into_iter().flatten() {
             push_unique(&mut p.read_only, f.clone());
         }
@@ -103,43 +149,83 @@ impl JailPolicy {
             match d {
                 DeviceConfig::Vsock(v) => {
                     if let Some(dir) = parent(&v.uds_path) {
-                        push_unique(&mut p.read_write, dir);
+                        push_unique(&mut p.read_write, dir.clone());
+                        push_unique(&mut p.expose, dir);
+                    }
+                }
+                DeviceConfig::Fs(f) => {
+                    if let Some(dir) = parent(&f.socket_path) {
+                        push_unique(&mut p.expose, dir);
                     }
                 }
                 DeviceConfig::Block(b) if b.read_only => {
                     push_unique(&mut p.read_only, b.path.clone())
                 }
-                DeviceConfig::Block(b) => push_unique(&mut p.read_write, b.path.clone()),
-                // Opened before the jail, or reached by connect() (not a
-                // landlock-controlled file access).
-                DeviceConfig::Rng(_) | DeviceConfig::Fs(_) | DeviceConfig::Net(_) => {}
+                DeviceConfig::Block(b) => {
+                    push_unique(&mut p.read_write, b.path.clone());
+                    let len = std::fs::metadata(&b.path).map(|m| m.len()).unwrap_or(0);
+                    p.max_file_size = p.max_file_size.max(len);
+                }
+                // Opened before the jail.
+                DeviceConfig::Rng(_) | DeviceConfig::Net(_) => {}
             }
         }
         p
     }
 }
 
-/// Applies the process-wide layers (cgroup, rlimits, no_new_privs) and the
-/// landlock ruleset on the calling thread (inherited by threads it spawns),
-/// and turns seccomp on for every thread spawned from now on.
-pub fn apply(policy: &JailPolicy) -> Result<(), JailError> {
-    if let Some(cg) = &policy.cgroup {
+/// Steps 1–2 (see the module docs), in `main` before anything is opened:
+/// the cgroup, then the pid namespace. Returns in the VMM, with its tie to
+/// the parent for [`apply`]; the process that called it stays behind
+/// waiting and never returns.
+pub fn isolate_process(cfg: &VmConfig) -> Result<pidns::ParentLink, JailError> {
+    if let Some(cg) = &cfg.cgroup {
         cgroup::enter(cg)?;
     }
-    set_rlimits()?;
+    pidns::enter()
+}
+
+/// Steps 3–7 on the calling thread (inherited by the threads it spawns),
+/// and seccomp on for every thread spawned from now on. `parent` is
+/// re-armed after the uid change (which clears the parent-death signal).
+pub fn apply(policy: &JailPolicy, parent: Option<&pidns::ParentLink>) -> Result<(), JailError> {
+    let pid = std::process::id();
+    // The seccomp profiles allow tgkill only to tgid 1.
+    let (Some(parent), 1) = (parent, pid) else {
+        return Err(JailError::NotNamespaceInit(pid));
+    };
+    let mount_point = policy
+        .mount_point
+        .as_deref()
+        .ok_or(JailError::NoSandboxDir)?;
+    let ruleset = landlock::prepare(policy)?;
+    root::pivot(mount_point, &policy.expose)?;
+    set_rlimits(policy.max_file_size)?;
+    let user = policy.user.unwrap_or_else(|| {
+        tracing::info!(
+            uid = privileges::DEFAULT_USER.uid,
+            gid = privileges::DEFAULT_USER.gid,
+            "no jail_user in the config; running as nobody"
+        );
+        privileges::DEFAULT_USER
+    });
+    privileges::become_user(user)?;
+    parent.rearm()?;
     set_no_new_privs()?;
-    landlock::restrict_self(policy)?;
+    landlock::enforce(ruleset)?;
     crate::threads::enable_seccomp();
     tracing::info!(
-        read_only = policy.read_only.len(),
-        read_write = policy.read_write.len(),
-        cgroup = ?policy.cgroup,
-        "jail applied: cgroup, rlimits, no_new_privs, landlock; seccomp per thread next"
+        uid = user.uid,
+        gid = user.gid,
+        root = %mount_point.display(),
+        exposed = policy.expose.len(),
+        max_file_size = policy.max_file_size,
+        "jail applied: pid/mount/ipc/uts/net namespaces, pivot_root, rlimits, no capabilities, no_new_privs, landlock; seccomp per thread next"
     );
     Ok(())
 }
 
-fn setrlimit(
+pub(crate) fn setrlimit(
     name: &'static str,
     res: libc::__rlimit_resource_t,
     soft: u64,
@@ -167,8 +253,9 @@ fn getrlimit(res: libc::__rlimit_resource_t) -> libc::rlimit {
 }
 
 /// `RLIMIT_NOFILE` = min(hard, [`NOFILE_LIMIT`]) for both soft and hard;
-/// `RLIMIT_CORE` = 0.
-pub fn set_rlimits() -> Result<(), JailError> {
+/// `RLIMIT_CORE` = 0; `RLIMIT_FSIZE` = `max_file_size`, with SIGXFSZ
+/// ignored so a write past it fails instead of killing the VM.
+pub fn set_rlimits(max_file_size: u64) -> Result<(), JailError> {
     let hard = getrlimit(libc::RLIMIT_NOFILE).rlim_max;
     let n = hard.min(NOFILE_LIMIT);
     if n < NOFILE_LIMIT {
@@ -180,6 +267,14 @@ pub fn set_rlimits() -> Result<(), JailError> {
     }
     setrlimit("RLIMIT_NOFILE", libc::RLIMIT_NOFILE, n, n)?;
     setrlimit("RLIMIT_CORE", libc::RLIMIT_CORE, 0, 0)?;
+    // SAFETY: setting a signal's disposition to ignore.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    setrlimit(
+        "RLIMIT_FSIZE",
+        libc::RLIMIT_FSIZE,
+        max_file_size,
+        max_file_size,
+    )?;
     Ok(())
 }
 
@@ -195,7 +290,7 @@ pub fn set_no_new_privs() -> Result<(), JailError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BlockConfig, RawImageConfig, VsockConfig};
+    use crate::config::{BlockConfig, FsConfig, RawImageConfig, VsockConfig};
 
     #[test]
     fn policy_from_config() {
@@ -221,6 +316,10 @@ mod tests {
                     read_only: false,
                     id: String::new(),
                 }),
+                DeviceConfig::Fs(FsConfig {
+                    tag: "share".into(),
+                    socket_path: "/run/s/fs/share.sock".into(),
+                }),
             ],
             ..VmConfig::default()
         };
@@ -238,6 +337,11 @@ mod tests {
             p.cgroup.as_deref(),
             Some(Path::new("/sys/fs/cgroup/boxlite/s"))
         );
+        // The sockets the VMM connects to after the jail.
+        assert_eq!(p.expose, v(&["/run/s", "/run/s/fs"]));
+        assert_eq!(p.mount_point.as_deref(), Some(Path::new("/run/s")));
+        // A console file, and a writable disk that does not exist (size 0).
+        assert_eq!(p.max_file_size, CONSOLE_FILE_LIMIT);
 
         let raw = VmConfig {
             raw_image: Some(RawImageConfig {
@@ -250,5 +354,6 @@ mod tests {
         let p = JailPolicy::from_config(&raw);
         assert_eq!(p.read_only, v(&["guest.bin"]));
         assert!(p.read_write.is_empty());
+        assert_eq!(p.max_file_size, 0, "nothing to write");
     }
 }

@@ -19,6 +19,7 @@ pub fn raw_config(dir: &Path, code: &[u8], devices: Vec<DeviceConfig>) -> VmConf
             load_addr: 0x1000,
             mode: CpuMode::Real,
         }),
+        sandbox_dir: Some(dir.to_path_buf()),
         ..VmConfig::default()
     }
 }
