@@ -68,21 +68,43 @@ fn ctr_run_reaches_the_agent_through_the_shim() {
 /// VMM the shim started for a running container.
 #[test]
 #[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
-fn the_vmm_runs_under_seccomp() {
+fn the_vmm_runs_under_seccomp_and_its_jail() {
     let c = Containerd::with_image();
     c.run_detached(&[], "sec1");
     let vmm: Vec<(u32, String)> = processes_mentioning(&c.state_dir().join("sec1"))
         .into_iter()
         .filter(|(_, cmd)| cmd.contains("qemu-system") || cmd.contains("boxlite-vmm"))
         .collect();
-    assert_eq!(vmm.len(), 1, "one VMM process: {vmm:?}");
-    let (pid, cmd) = &vmm[0];
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let mode = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Seccomp:"))
-        .map(str::trim);
-    assert_eq!(mode, Some("2"), "{cmd}: no seccomp filter\n{status}");
+    let field = |pid: u32, name: &str| -> String {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status:\n{status}"))
+    };
+    // QEMU: one process. boxlite-vmm: the process the shim spawned, which
+    // only waits, and the VM process, its child in a pid namespace of its
+    // own. Every one of them filtered.
+    for (pid, cmd) in &vmm {
+        assert_eq!(field(*pid, "Seccomp"), "2", "{cmd}: no seccomp filter");
+    }
+    if vmm.iter().any(|(_, cmd)| cmd.contains("boxlite-vmm")) {
+        assert_eq!(vmm.len(), 2, "the waiting parent and the VM: {vmm:?}");
+        let spawned: Vec<u32> = vmm.iter().map(|(pid, _)| *pid).collect();
+        let vm = spawned
+            .iter()
+            .copied()
+            .find(|pid| spawned.contains(&field(*pid, "PPid").parse().unwrap()))
+            .unwrap_or_else(|| panic!("no VM process among {vmm:?}"));
+        let uid = field(vm, "Uid");
+        assert!(!uid.starts_with("0\t"), "the VM runs as root: {uid}");
+        assert_eq!(field(vm, "CapEff"), "0000000000000000");
+        assert_eq!(field(vm, "CapBnd"), "0000000000000000");
+        assert_eq!(field(vm, "NSpid").split_whitespace().last(), Some("1"));
+    } else {
+        assert_eq!(vmm.len(), 1, "one VMM process: {vmm:?}");
+    }
     c.kill_and_delete("sec1");
     c.assert_nothing_left();
 }
