@@ -1,15 +1,26 @@
 //! Rootfs and volumes: what containerd mounted for a container on the host
 //! reaches the guest through the sandbox's virtio-fs share.
 //!
+//! The share has two views ([`prepare_share`]): `mounts/`, where the shim
+//! creates directories and mounts, which the guest never sees; and
+//! `shared/`, what virtiofsd serves, a read-only recursive bind of
+//! `mounts/` that receives every mount made there (a slave of it). The
+//! guest can write inside a container's rootfs and rw volumes (mounts of
+//! their own), but cannot create, rename or replace any directory the shim
+//! creates or mounts on, so it cannot swap a path component under the
+//! shim's feet (the class of Kata's CVE-2020-2026).
+//!
 //! For container `<cid>` of sandbox `<sid>`:
 //! * the CreateTask rootfs mounts (an overlay snapshot, usually) are mounted
-//!   on `/run/boxlite/<sid>/shared/<cid>/rootfs`, and the spec's `root.path`
-//!   becomes the guest path of that directory;
+//!   on `/run/boxlite/<sid>/mounts/<cid>/rootfs`, nosuid and nodev (the host
+//!   never runs a setuid file or opens a device node the guest made; the
+//!   guest still sees the bits), and the spec's `root.path` becomes the
+//!   guest path of that directory in the share;
 //! * each bind mount of the spec whose source is a host path is bind-mounted
-//!   on `shared/<cid>/volumes/<n>` (read-only when the spec says `ro`), and
-//!   its `source` becomes the guest path.
+//!   on `mounts/<cid>/volumes/<n>` (nosuid, nodev; read-only when the spec
+//!   says `ro`), and its `source` becomes the guest path.
 //!
-//! [`teardown`] unmounts everything under `shared/<cid>` (also after a
+//! [`teardown`] unmounts everything under `mounts/<cid>` (also after a
 //! crash, from `/proc/self/mountinfo`) before it removes the directory, so a
 //! volume's content is never deleted through a leftover mount.
 
@@ -34,27 +45,79 @@ pub struct MountSpec {
 /// never shared into a VM.
 const HOST_ONLY_PREFIXES: &[&str] = &["/proc", "/sys", "/dev"];
 
+/// Sets up the share's two views: `private` (the shim's, a shared mount of
+/// itself) and `shared` (the guest's: a recursive bind of it, a slave so
+/// that mounts made under `private` appear in it and nothing flows back,
+/// then read-only, nosuid, nodev at its top). Mounts under `private` keep
+/// their own flags in `shared`. Done once per sandbox, before virtiofsd
+/// starts; a share already set up is left as it is.
+pub fn prepare_share(private: &Path, shared: &Path) -> Result<()> {
+    for dir in [private, shared] {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ShimError::io("cannot create the share directory", dir, e))?;
+    }
+    if mounts_under(shared)?.iter().any(|m| m == shared) {
+        return Ok(());
+    }
+    bind(private, private, false)?;
+    set_propagation(private, MsFlags::MS_SHARED)?;
+    bind(private, shared, true)?;
+    set_propagation(shared, MsFlags::MS_SLAVE)?;
+    let flags = MsFlags::MS_BIND
+        | MsFlags::MS_REMOUNT
+        | MsFlags::MS_RDONLY
+        | MsFlags::MS_NOSUID
+        | MsFlags::MS_NODEV;
+    mount(None::<&str>, shared, None::<&str>, flags, None::<&str>).map_err(|e| ShimError::Mount {
+        op: "cannot make the guest's view of the share read-only",
+        source_desc: private.display().to_string(),
+        target: shared.to_owned(),
+        error: e.into(),
+    })
+}
+
+fn set_propagation(target: &Path, kind: MsFlags) -> Result<()> {
+    mount(None::<&str>, target, None::<&str>, kind, None::<&str>).map_err(|e| ShimError::Mount {
+        op: "cannot set the mount propagation of",
+        source_desc: format!("{kind:?}"),
+        target: target.to_owned(),
+        error: e.into(),
+    })
+}
+
 /// What [`prepare`] mounted for one container.
 #[derive(Debug, Default)]
 pub struct ContainerMounts {
-    /// `shared/<cid>`.
+    /// `mounts/<cid>`.
     pub dir: PathBuf,
     /// Mount points in the order they were mounted.
     pub mounted: Vec<PathBuf>,
 }
 
-/// Mounts the rootfs and volumes of container `cid` under `shared_dir` and
-/// rewrites `spec` to the guest paths under `guest_shared`. On error,
-/// whatever was mounted is unmounted and the directory removed.
+/// The share of one sandbox, as the shim sees it: see [`prepare_share`].
+#[derive(Debug, Clone, Copy)]
+pub struct ShareViews<'a> {
+    /// `mounts/`: where the shim creates and mounts.
+    pub private: &'a Path,
+    /// `shared/`: what virtiofsd serves to the guest.
+    pub guest: &'a Path,
+}
+
+/// Mounts the rootfs and volumes of container `cid` in the share's private
+/// view (see [`prepare_share`]), sets the flags of the copies the guest's
+/// view receives too (a remount does not propagate), and rewrites `spec`
+/// to the guest paths under `guest_shared`. On error, whatever was mounted
+/// is unmounted and the directory removed.
 pub fn prepare(
-    shared_dir: &Path,
+    share: ShareViews<'_>,
     guest_shared: &str,
     cid: &str,
     bundle: &Path,
     rootfs: &[MountSpec],
     spec: &mut Spec,
 ) -> Result<ContainerMounts> {
-    let dir = shared_dir.join(cid);
+    let dir = share.private.join(cid);
+    let view = share.guest.join(cid);
     if dir.exists() {
         // A leftover of a crashed shim with the same container id.
         teardown(&dir)?;
@@ -63,7 +126,7 @@ pub fn prepare(
         dir: dir.clone(),
         mounted: Vec::new(),
     };
-    match prepare_inner(&mut done, guest_shared, cid, bundle, rootfs, spec) {
+    match prepare_inner(&mut done, &view, guest_shared, cid, bundle, rootfs, spec) {
         Ok(()) => Ok(done),
         Err(e) => {
             if let Err(cleanup) = teardown(&dir) {
@@ -76,6 +139,7 @@ pub fn prepare(
 
 fn prepare_inner(
     done: &mut ContainerMounts,
+    view: &Path,
     guest_shared: &str,
     cid: &str,
     bundle: &Path,
@@ -111,10 +175,11 @@ fn prepare_inner(
         done.mounted.push(target.clone());
     } else {
         for m in rootfs {
+            let options = with_host_guard(&m.options);
             containerd_shim::mount::mount_rootfs(
                 Some(m.kind.as_str()).filter(|k| !k.is_empty()),
                 Some(m.source.as_str()).filter(|s| !s.is_empty()),
-                &m.options,
+                &options,
                 &target,
             )
             .map_err(|e| ShimError::Mount {
@@ -126,6 +191,8 @@ fn prepare_inner(
             done.mounted.push(target.clone());
         }
     }
+    restrict(&target, false)?;
+    restrict(&view.join("rootfs"), false)?;
     let guest_dir = format!("{guest_shared}/{cid}");
     let mut root = spec.root().clone().unwrap_or_default();
     root.set_path(PathBuf::from(format!("{guest_dir}/rootfs")));
@@ -170,15 +237,16 @@ fn prepare_inner(
         let recursive = options.iter().any(|o| o == "rbind");
         bind(&source, &host_target, recursive)?;
         done.mounted.push(host_target.clone());
-        if options.iter().any(|o| o == "ro") {
-            remount_ro(&host_target)?;
-        }
         // A bind mount keeps its source mount's nosuid/nodev/noexec, which
         // a container under runc sees; the guest's bind of the share would
-        // not, so the flags travel as mount options.
+        // not, so the flags travel as mount options. Read before
+        // `restrict` adds the host's own guard.
         let host_flags = statvfs(&host_target)
             .map_err(|e| ShimError::io("cannot read the mount flags of", &host_target, e.into()))?
             .flags();
+        let read_only = options.iter().any(|o| o == "ro");
+        restrict(&host_target, read_only)?;
+        restrict(&view.join("volumes").join(n.to_string()), read_only)?;
         m.set_options(Some(with_source_flags(options, host_flags)));
         m.set_source(Some(PathBuf::from(format!("{guest_dir}/volumes/{n}"))));
     }
@@ -214,14 +282,46 @@ fn bind(source: &Path, target: &Path, recursive: bool) -> Result<()> {
     })
 }
 
-fn remount_ro(target: &Path) -> Result<()> {
-    let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+/// Remounts the bind mount at `target` nosuid and nodev (and read-only if
+/// asked), keeping the flags it already has (a bind remount replaces them
+/// all).
+fn restrict(target: &Path, read_only: bool) -> Result<()> {
+    let have = statvfs(target)
+        .map_err(|e| ShimError::io("cannot read the mount flags of", target, e.into()))?
+        .flags();
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    for (have_flag, flag) in [
+        (FsFlags::ST_RDONLY, MsFlags::MS_RDONLY),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if have.contains(have_flag) {
+            flags |= flag;
+        }
+    }
+    if read_only {
+        flags |= MsFlags::MS_RDONLY;
+    }
     mount(None::<&str>, target, None::<&str>, flags, None::<&str>).map_err(|e| ShimError::Mount {
-        op: "cannot make read-only",
+        op: "cannot remount nosuid,nodev",
         source_desc: "bind mount".into(),
         target: target.to_owned(),
         error: e.into(),
     })
+}
+
+/// A rootfs mount's options plus `nosuid` and `nodev`: the host never
+/// honours a setuid bit or a device node in what the guest writes.
+fn with_host_guard(options: &[String]) -> Vec<String> {
+    let mut options = options.to_vec();
+    for guard in ["nosuid", "nodev"] {
+        if !options.iter().any(|o| o == guard) {
+            options.push(guard.to_owned());
+        }
+    }
+    options
 }
 
 /// Mount points at or under `dir`, deepest first. A mountinfo that cannot be
@@ -346,12 +446,19 @@ mod tests {
         std::fs::write(volume.join("data.txt"), "precious").unwrap();
         let file = tmp.path().join("hostname");
         std::fs::write(&file, "pod\n").unwrap();
+        let private = tmp.path().join("mounts");
         let shared = tmp.path().join("shared");
-        std::fs::create_dir_all(&shared).unwrap();
+        prepare_share(&private, &shared).unwrap();
+        prepare_share(&private, &shared).expect("a second call leaves it as it is");
 
         let mut spec = spec_with(Path::new("rootfs"), &volume, &file);
-        let mounts = prepare(&shared, "/g/shared", "c1", &bundle, &[], &mut spec).unwrap();
+        let views = ShareViews {
+            private: &private,
+            guest: &shared,
+        };
+        let mounts = prepare(views, "/g/shared", "c1", &bundle, &[], &mut spec).unwrap();
         assert_eq!(mounts.mounted.len(), 3);
+        // What the shim mounted in its view shows in the guest's.
         assert_eq!(
             std::fs::read_to_string(shared.join("c1/rootfs/bin/hello")).unwrap(),
             "hi"
@@ -367,6 +474,35 @@ mod tests {
         // ro honoured on the host side already.
         let err = std::fs::write(shared.join("c1/volumes/1/new"), "x").unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+        // The guest cannot touch what the shim creates or mounts on …
+        let erofs = |r: std::io::Result<()>| r.unwrap_err().raw_os_error();
+        assert_eq!(
+            erofs(std::fs::create_dir(shared.join("c2"))),
+            Some(libc::EROFS)
+        );
+        assert_eq!(
+            erofs(std::fs::rename(shared.join("c1"), shared.join("c1.old"))),
+            Some(libc::EROFS)
+        );
+        assert_eq!(
+            erofs(std::os::unix::fs::symlink("/", shared.join("c1/volumes/9"))),
+            Some(libc::EROFS)
+        );
+        // … but writes inside a container's rootfs, which the host mounts
+        // nosuid and nodev.
+        std::fs::write(shared.join("c1/rootfs/bin/new"), "ok").unwrap();
+        let flags = statvfs(&shared.join("c1/rootfs")).unwrap().flags();
+        assert!(
+            flags.contains(FsFlags::ST_NOSUID | FsFlags::ST_NODEV),
+            "{flags:?}"
+        );
+        for view in [&private, &shared] {
+            let flags = statvfs(&view.join("c1/volumes/1")).unwrap().flags();
+            assert!(flags.contains(FsFlags::ST_NOSUID | FsFlags::ST_NODEV | FsFlags::ST_RDONLY));
+            let flags = statvfs(&view.join("c1/volumes/2")).unwrap().flags();
+            assert!(flags.contains(FsFlags::ST_NOSUID | FsFlags::ST_NODEV));
+            assert!(!flags.contains(FsFlags::ST_RDONLY));
+        }
         // The spec now names guest paths; /proc and /dev/shm are untouched.
         assert_eq!(
             spec.root().as_ref().unwrap().path(),
@@ -386,12 +522,50 @@ mod tests {
 
         teardown(&mounts.dir).unwrap();
         assert!(!mounts.dir.exists());
-        assert!(mounts_under(&shared).unwrap().is_empty());
+        assert!(!shared.join("c1").exists());
+        // Only the share's own two views are left, and then nothing.
+        let mut left = mounts_under(tmp.path()).unwrap();
+        left.sort();
+        assert_eq!(left, [private.clone(), shared.clone()]);
+        teardown(&private).unwrap();
+        teardown(&shared).unwrap();
+        assert!(mounts_under(tmp.path()).unwrap().is_empty());
         // The volume's content survived the removal of the mount point.
         assert_eq!(
             std::fs::read_to_string(volume.join("data.txt")).unwrap(),
             "precious"
         );
+    }
+
+    /// A share's two views under `tmp`, torn down on drop.
+    struct TestShare {
+        private: PathBuf,
+        guest: PathBuf,
+    }
+
+    impl TestShare {
+        fn new(tmp: &Path) -> Self {
+            let share = TestShare {
+                private: tmp.join("mounts"),
+                guest: tmp.join("shared"),
+            };
+            prepare_share(&share.private, &share.guest).unwrap();
+            share
+        }
+
+        fn views(&self) -> ShareViews<'_> {
+            ShareViews {
+                private: &self.private,
+                guest: &self.guest,
+            }
+        }
+    }
+
+    impl Drop for TestShare {
+        fn drop(&mut self) {
+            let _ = teardown(&self.guest);
+            let _ = teardown(&self.private);
+        }
     }
 
     #[test]
@@ -400,34 +574,34 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let bundle = tmp.path().join("bundle");
         std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
-        let shared = tmp.path().join("shared");
-        std::fs::create_dir_all(&shared).unwrap();
+        let share = TestShare::new(tmp.path());
+        let shared = share.guest.clone();
         let mut spec = spec_with(
             Path::new("rootfs"),
             &tmp.path().join("nope"),
             &tmp.path().join("nope2"),
         );
-        let err = prepare(&shared, "/g", "c1", &bundle, &[], &mut spec).unwrap_err();
+        let err = prepare(share.views(), "/g", "c1", &bundle, &[], &mut spec).unwrap_err();
         assert!(
             err.to_string().contains("bind mount source") && err.to_string().contains("/data"),
             "{err}"
         );
         assert!(!shared.join("c1").exists());
-        assert!(mounts_under(&shared).unwrap().is_empty());
+        assert_eq!(mounts_under(&shared).unwrap(), std::slice::from_ref(&shared));
     }
 
     #[test]
     #[ignore = "needs root for mount(2)"]
     fn missing_rootfs_is_invalid_argument() {
         let tmp = tempfile::tempdir().unwrap();
-        let shared = tmp.path().join("shared");
-        std::fs::create_dir_all(&shared).unwrap();
+        let share = TestShare::new(tmp.path());
+        let shared = share.guest.clone();
         let mut spec = SpecBuilder::default()
             .root(RootBuilder::default().path("rootfs").build().unwrap())
             .mounts(vec![])
             .build()
             .unwrap();
-        let err = prepare(&shared, "/g", "c1", tmp.path(), &[], &mut spec).unwrap_err();
+        let err = prepare(share.views(), "/g", "c1", tmp.path(), &[], &mut spec).unwrap_err();
         assert!(matches!(err, ShimError::InvalidArgument(_)), "{err}");
         assert!(!shared.join("c1").exists());
     }
@@ -440,8 +614,8 @@ mod tests {
             std::fs::create_dir_all(tmp.path().join(d)).unwrap();
         }
         std::fs::write(tmp.path().join("lower/base"), "layer").unwrap();
-        let shared = tmp.path().join("shared");
-        std::fs::create_dir_all(&shared).unwrap();
+        let share = TestShare::new(tmp.path());
+        let shared = share.guest.clone();
         let rootfs = [MountSpec {
             kind: "overlay".into(),
             source: "overlay".into(),
@@ -452,11 +626,20 @@ mod tests {
             ],
         }];
         let mut spec = SpecBuilder::default().build().unwrap();
-        let mounts = prepare(&shared, "/g", "c2", tmp.path(), &rootfs, &mut spec).unwrap();
+        let mounts = prepare(share.views(), "/g", "c2", tmp.path(), &rootfs, &mut spec).unwrap();
         assert_eq!(
             std::fs::read_to_string(shared.join("c2/rootfs/base")).unwrap(),
             "layer"
         );
+        // Both views of the overlay: nosuid, nodev, writable.
+        for view in [&share.private, &shared] {
+            let flags = statvfs(&view.join("c2/rootfs")).unwrap().flags();
+            assert!(
+                flags.contains(FsFlags::ST_NOSUID | FsFlags::ST_NODEV),
+                "{flags:?}"
+            );
+            assert!(!flags.contains(FsFlags::ST_RDONLY));
+        }
         teardown(&mounts.dir).unwrap();
         assert!(!shared.join("c2").exists());
     }

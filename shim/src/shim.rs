@@ -17,7 +17,7 @@ use containerd_shim_protos::protobuf::MessageField;
 
 use crate::events::{ChannelSink, Publisher, TaskEvent, PUBLISH_TIMEOUT};
 use crate::grouping::sandbox_id_of;
-use crate::sandbox::{cleanup_sandbox_dir, ConfigVmFactory, Sandbox, SandboxState, SHARED_DIR};
+use crate::sandbox::{cleanup_sandbox_dir, ConfigVmFactory, Sandbox, SandboxState, MOUNTS_DIR};
 use crate::task_service::TaskService;
 use crate::{convert, logging, rootfs};
 
@@ -206,7 +206,7 @@ pub async fn delete_after_crash(container_id: &str, bundle: &Path) -> Result<(),
         }
         cleanup_sandbox_dir(&dir).await;
     } else {
-        let part = dir.join(SHARED_DIR).join(container_id);
+        let part = dir.join(MOUNTS_DIR).join(container_id);
         rootfs::teardown(&part).map_err(|e| boxlite_protocol::error_chain::chain(&e))?;
     }
     Ok(())

@@ -293,8 +293,19 @@ impl Harness {
             .unwrap();
     }
 
+    /// Mounts under the temp dir but the share's own two views (`mounts/`
+    /// and `shared/`, there while the sandbox lives): what a container
+    /// left behind.
     fn mounts_left(&self) -> Vec<PathBuf> {
-        crate::rootfs::mounts_under(self.tmp.path()).unwrap()
+        let share = [
+            self.sandbox_dir().join(crate::sandbox::MOUNTS_DIR),
+            self.sandbox_dir().join(crate::sandbox::SHARED_DIR),
+        ];
+        crate::rootfs::mounts_under(self.tmp.path())
+            .unwrap()
+            .into_iter()
+            .filter(|m| !share.contains(m))
+            .collect()
     }
 }
 

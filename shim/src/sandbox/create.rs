@@ -126,11 +126,15 @@ impl Sandbox {
         req: &CreateRequest,
         mut spec: Spec,
     ) -> Result<(ContainerMounts, Spec)> {
-        let shared = self.shared_dir()?;
+        let (private, guest) = (self.mounts_dir()?, self.shared_dir()?);
         let (id, bundle, rootfs) = (req.id.clone(), req.bundle.clone(), req.rootfs.clone());
         tokio::task::spawn_blocking(move || {
+            let share = rootfs::ShareViews {
+                private: &private,
+                guest: &guest,
+            };
             rootfs::prepare(
-                &shared,
+                share,
                 &Self::guest_shared_dir(),
                 &id,
                 &bundle,

@@ -14,11 +14,12 @@ use boxlite_runtime::network::PodNetwork;
 use super::netns_holder::{self, NetnsHolder};
 use super::network::{self, NetworkRecord, PodNetns};
 use super::rollback::Rollback;
-use super::{cleanup, Sandbox, Vm, SHARED_DIR, SHARED_TAG};
+use super::{cleanup, Sandbox, Vm, MOUNTS_DIR, SHARED_DIR, SHARED_TAG};
 use crate::agent_client::GuestAgent;
 use crate::error::{Result, ShimError};
 use crate::events::{EventSink, TaskEvent};
 use crate::hooks::{ContainerHooks, HookKind, HookState};
+use crate::rootfs;
 
 /// What the container that boots the VM decides about it.
 pub(super) struct BootSpec<'a> {
@@ -104,9 +105,11 @@ impl Sandbox {
     #[tracing::instrument(skip_all, fields(sandbox_id = %self.id))]
     async fn boot(self: &Arc<Self>, boot: BootSpec<'_>) -> Result<Vm> {
         let dir = self.dir()?;
-        let shared = dir.join(SHARED_DIR);
-        std::fs::create_dir_all(&shared)
-            .map_err(|e| ShimError::io("cannot create the shared directory", &shared, e))?;
+        let (mounts, shared) = (dir.join(MOUNTS_DIR), dir.join(SHARED_DIR));
+        let view = shared.clone();
+        tokio::task::spawn_blocking(move || rootfs::prepare_share(&mounts, &view))
+            .await
+            .map_err(|e| ShimError::failed("share set-up task failed", e))??;
         let mut net = match &boot.netns {
             PodNetns::Host => return Err(network::host_network_refused(&self.id)),
             PodNetns::NewEmpty => None,

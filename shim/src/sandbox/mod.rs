@@ -53,7 +53,7 @@ pub use cleanup::{cleanup_sandbox_dir, CONSOLE_ARCHIVE_ENV};
 pub use container::{Container, Process, ProcessStatus};
 pub use network::{NetworkRecord, PodNetns};
 pub use state::{ExitInfo, TaskState};
-pub use state_file::{SandboxState, SHARED_DIR, SHARED_TAG};
+pub use state_file::{SandboxState, MOUNTS_DIR, SHARED_DIR, SHARED_TAG};
 pub use vm_factory::{ConfigVmFactory, VmFactory};
 
 /// Connecting one stdio stream through the hybrid socket.
@@ -147,6 +147,13 @@ impl Sandbox {
         self.factory.sandbox_dir(&self.id)
     }
 
+    /// Where the shim mounts containers' rootfs and volumes (not the
+    /// guest's view: see [`MOUNTS_DIR`]).
+    fn mounts_dir(&self) -> Result<PathBuf> {
+        Ok(self.dir()?.join(MOUNTS_DIR))
+    }
+
+    /// The guest's view of the share: what virtiofsd serves.
     fn shared_dir(&self) -> Result<PathBuf> {
         Ok(self.dir()?.join(SHARED_DIR))
     }

@@ -20,9 +20,14 @@ use crate::error::{Result, ShimError};
 
 /// The directory of the shim records, beside the sandbox directories.
 pub const STATE_DIR: &str = ".shim";
-/// The virtio-fs share of a sandbox, in its directory and as its tag.
+/// The virtio-fs share of a sandbox, in its directory and as its tag: the
+/// guest's view, read-only at its top (`crate::rootfs::prepare_share`).
 pub const SHARED_DIR: &str = "shared";
 pub const SHARED_TAG: &str = "shared";
+/// Where the shim creates and mounts each container's rootfs and volumes
+/// (`mounts/<cid>/…`): not shared with the guest, and propagated into
+/// [`SHARED_DIR`].
+pub const MOUNTS_DIR: &str = "mounts";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,7 +37,7 @@ pub struct SandboxState {
     pub shim_pid: u32,
     /// Pid of the VM process once started.
     pub vm_pid: Option<u32>,
-    /// Containers with mounts under `shared/`.
+    /// Containers with mounts under `mounts/` (seen in `shared/`).
     pub containers: Vec<String>,
     /// The pod network wired to the VM (netns and taps), if any.
     #[serde(default)]
