@@ -587,7 +587,10 @@ mod tests {
             "{err}"
         );
         assert!(!shared.join("c1").exists());
-        assert_eq!(mounts_under(&shared).unwrap(), std::slice::from_ref(&shared));
+        assert_eq!(
+            mounts_under(&shared).unwrap(),
+            std::slice::from_ref(&shared)
+        );
     }
 
     #[test]

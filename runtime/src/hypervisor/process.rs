@@ -43,12 +43,13 @@ pub fn virtiofsd_args(socket: &Path, share: &Share) -> Vec<OsString> {
         socket.to_path_buf().into_os_string(),
         "--shared-dir".into(),
         share.host_dir.clone().into_os_string(),
-        // Not virtiofsd's namespace sandbox: its private mount namespace
-        // is a copy taken at start, and the shim mounts each container's
-        // rootfs into the share later, so the guest would see empty
-        // directories (every shim e2e test fails with it). Its seccomp
-        // filter (the default, `--seccomp=kill`) stays on.
-        "--sandbox=none".into(),
+        // virtiofsd's namespace sandbox: its own mount, pid and network
+        // namespaces, `pivot_root` into the share. The share is a slave of
+        // the shim's `mounts/` view (the shim's `rootfs::prepare_share`),
+        // and so is virtiofsd's copy of it: the rootfs and volumes the shim
+        // mounts later still reach the guest. Its seccomp filter (the
+        // default, `--seccomp=kill`) stays on.
+        "--sandbox=namespace".into(),
         "--cache=auto".into(),
         "--announce-submounts".into(),
         // Container images carry file capabilities and SELinux labels.
