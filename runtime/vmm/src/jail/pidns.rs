@@ -14,7 +14,8 @@
 //! that), and the parent forwards SIGTERM,
 //! SIGINT, SIGHUP and SIGQUIT to the child, and re-raises the signal that
 //! killed the child (SIGSYS of a seccomp kill stays visible to the runtime).
-//! The parent keeps only CAP_KILL (the parent-death signal is permission-
+//! The parent closes every fd it inherited for the VM (console pipe,
+//! taps) and keeps only CAP_KILL (the parent-death signal is permission-
 //! checked like a kill, and the VM process runs as another uid) and runs
 //! under its own seccomp profile (`reaper`): wait, signal, exit.
 
@@ -101,8 +102,14 @@ pub fn enter() -> Result<ParentLink, JailError> {
             Ok(link)
         }
         child => {
-            // SAFETY: our read end; the write end stays open until we exit.
-            unsafe { libc::close(alive_r) };
+            // The parent holds nothing of the VM's (console pipe, taps):
+            // every fd but stdio and the liveness pipe's write end closes.
+            // SAFETY: close_range on fd numbers only; nothing else in this
+            // process uses them from now on.
+            unsafe {
+                libc::syscall(libc::SYS_close_range, 3, alive_w - 1, 0);
+                libc::syscall(libc::SYS_close_range, alive_w + 1, u32::MAX, 0);
+            }
             reap(child)
         }
     }

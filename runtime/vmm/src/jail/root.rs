@@ -38,6 +38,15 @@ const LOCKED: MsFlags = MsFlags::MS_NOSUID
 /// Enters the new namespaces and pivots into a tmpfs mounted over
 /// `mount_point` (in the new mount namespace only) that holds `expose`.
 pub fn pivot(mount_point: &Path, expose: &[PathBuf]) -> Result<(), JailError> {
+    // Re-created at the same path inside the jail, where the VMM's working
+    // directory is "/": only an absolute path names the same socket on
+    // both sides.
+    if let Some(dir) = expose.iter().find(|d| !d.is_absolute()) {
+        return Err(JailError::Root(
+            format!("socket directory {} is not absolute", dir.display()),
+            std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        ));
+    }
     let flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWIPC
         | CloneFlags::CLONE_NEWUTS
@@ -73,7 +82,7 @@ pub fn pivot(mount_point: &Path, expose: &[PathBuf]) -> Result<(), JailError> {
     )
     .map_err(|e| err("mounting the jail's tmpfs on", mount_point, e))?;
     for (dir, fd) in &held {
-        let inside = mount_point.join(dir.strip_prefix("/").unwrap_or(dir));
+        let inside = mount_point.join(dir.strip_prefix("/").expect("checked absolute"));
         std::fs::create_dir_all(&inside)
             .map_err(|e| JailError::Root(format!("creating {}", inside.display()), e))?;
         let source = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
