@@ -47,6 +47,20 @@ pub fn agent_stats_reply(data: &[u8]) {
     }
 }
 
+/// containerd's stdout/stderr URI (`file://`, `binary://…?k=v`, `fifo://`,
+/// a path), percent-decoded byte-wise.
+pub fn stdio_uri(data: &[u8]) {
+    let _ = crate::stdio::OutputTarget::parse(&String::from_utf8_lossy(data));
+}
+
+/// The VMM control socket's two sides: the reply line the runtime reads
+/// from `boxlite-vmm` (hostile once the VMM is compromised) and the request
+/// line the VMM reads.
+pub fn vmm_control(data: &[u8]) {
+    let _ = boxlite_vmm_api::control::Reply::from_line(&String::from_utf8_lossy(data));
+    let _ = boxlite_vmm_api::control::Request::from_line(data);
+}
+
 /// A fuzz entry point: its name (the cargo-fuzz target's) and function.
 pub type EntryPoint = (&'static str, fn(&[u8]));
 
@@ -57,6 +71,8 @@ pub const ENTRY_POINTS: &[EntryPoint] = &[
     ("hybrid_vsock_reply", hybrid_vsock_reply),
     ("mountinfo", mountinfo),
     ("agent_stats_reply", agent_stats_reply),
+    ("stdio_uri", stdio_uri),
+    ("vmm_control", vmm_control),
 ];
 
 #[cfg(test)]
@@ -92,6 +108,9 @@ mod tests {
                 .to_vec(),
             b"36 35 98:0 / /run/boxlite/sb1/a\\040b\\134\\777 rw - tmpfs x rw\n".to_vec(),
             stats.write_to_bytes().unwrap(),
+            b"binary:///usr/bin/logger?id=%E2%82%AC&x=%zz%".to_vec(),
+            b"{\"ok\":true,\"state\":\"running\",\"uptime_ms\":5,\"vcpus\":1}\n".to_vec(),
+            b"{\"op\":\"status\"}\n".to_vec(),
         ]
     }
 
@@ -115,6 +134,12 @@ mod tests {
         );
         assert_eq!(boxlite_protocol::mountinfo::parse(&seeds[5]).len(), 1);
         assert!(StatsContainerResponse::parse_from_bytes(&seeds[7]).is_ok());
+        assert!(crate::stdio::OutputTarget::parse(std::str::from_utf8(&seeds[8]).unwrap()).is_ok());
+        assert!(boxlite_vmm_api::control::Reply::from_line(
+            std::str::from_utf8(&seeds[9]).unwrap()
+        )
+        .is_ok());
+        assert!(boxlite_vmm_api::control::Request::from_line(&seeds[10]).is_ok());
         for round in 0..3000 {
             let input: Vec<u8> = if round % 2 == 0 {
                 let len = (next() % 512) as usize;
