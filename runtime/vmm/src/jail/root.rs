@@ -23,7 +23,7 @@ use nix::fcntl::{open, OFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::stat::Mode;
-use nix::unistd::pivot_root;
+use nix::unistd::{chroot, pivot_root};
 
 use super::JailError;
 
@@ -116,9 +116,26 @@ pub fn pivot(mount_point: &Path, expose: &[PathBuf]) -> Result<(), JailError> {
         .map_err(|e| JailError::Root(format!("chdir {}", mount_point.display()), e))?;
     // pivot_root(".", "."): the tmpfs becomes / and the old root sits on top
     // of it, where the detaching unmount removes it.
-    pivot_root(".", ".").map_err(|e| err("pivot_root into", mount_point, e))?;
-    umount2(".", MntFlags::MNT_DETACH)
-        .map_err(|e| err("unmounting the host root from", mount_point, e))?;
+    match pivot_root(".", ".") {
+        Ok(()) => umount2(".", MntFlags::MNT_DETACH)
+            .map_err(|e| err("unmounting the host root from", mount_point, e))?,
+        // The host's root is the initramfs (rootfs), which pivot_root
+        // refuses: a host that runs from its initramfs, like the nested
+        // test host. Move the jail's root over / and chroot into it, as
+        // switch_root does; the host's tree stays mounted beneath, out of
+        // reach of a process with no CAP_SYS_CHROOT and no chroot, mount
+        // or open in its seccomp profiles.
+        Err(nix::errno::Errno::EINVAL) => {
+            tracing::warn!(
+                root = %mount_point.display(),
+                "pivot_root refused (the host runs from its initramfs); moving the jail's root over / and chrooting"
+            );
+            mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+                .map_err(|e| err("moving over / the jail's root", mount_point, e))?;
+            chroot(".").map_err(|e| err("chroot into", mount_point, e))?;
+        }
+        Err(e) => return Err(err("pivot_root into", mount_point, e)),
+    }
     std::env::set_current_dir("/").map_err(|e| JailError::Root("chdir /".into(), e))?;
     Ok(())
 }
