@@ -13,8 +13,11 @@
 //! | `boxlite-vmm.log`, `virtiofsd-<tag>.log` | each process's stdout and stderr |
 //! | `boxlite-vmm.pid`, `virtiofsd-<tag>.pid` | pids, for [`super::cleanup_stale_processes`] |
 //!
-//! The VMM jails itself (landlock to the sandbox directory and the guest
-//! assets, seccomp, no_new_privs) before the guest runs. Start order and
+//! The VMM jails itself before the guest runs (its own pid, mount, net,
+//! ipc and uts namespaces, a root holding only its socket directories, the
+//! sandbox's uid from `hypervisor.jail_id_*` with no capabilities,
+//! landlock, seccomp; docs/security.md): [`grant_jail_access`] hands it the
+//! sockets it connects to once jailed. Start order and
 //! cleanup guarantees are `hypervisor/process_vm.rs`'s, shared with the qemu
 //! backend: everything is checked first, virtiofsd daemons are spawned and
 //! their sockets awaited, then the VMM (which inherits the tap fds, and
