@@ -16,7 +16,7 @@
 //! The VMM jails itself before the guest runs (its own pid, mount, net,
 //! ipc and uts namespaces, a root holding only its socket directories, the
 //! sandbox's uid from `hypervisor.jail_id_*` with no capabilities,
-//! landlock, seccomp; docs/security.md): [`grant_jail_access`] hands it the
+//! landlock, seccomp; docs/security.md): `grant_jail_access` hands it the
 //! sockets it connects to once jailed. Start order and
 //! cleanup guarantees are `hypervisor/process_vm.rs`'s, shared with the qemu
 //! backend: everything is checked first, virtiofsd daemons are spawned and
