@@ -167,13 +167,7 @@ impl Proc {
     /// signal, so the VM is gone (taps, memory, cgroup membership) when this
     /// returns and no orphan is left for init to reap.
     pub fn kill_and_reap(&mut self) -> Option<ExitStatus> {
-        let children = vm_pids(self.pid);
-        for child in &children {
-            if let Ok(pid) = i32::try_from(*child) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-        }
-        if !children.is_empty() {
+        if kill_children(self.pid) > 0 {
             let until = std::time::Instant::now() + REAP_TIMEOUT;
             while self.poll().is_none() && std::time::Instant::now() < until {
                 std::thread::sleep(POLL_INTERVAL);
@@ -202,6 +196,19 @@ impl Proc {
             std::thread::sleep(POLL_INTERVAL);
         }
     }
+}
+
+/// SIGKILLs the direct children of `parent` (a jailed `boxlite-vmm`'s VM
+/// process, [`boxlite_vmm_api::process::vm_pids`]); returns how many there
+/// were.
+pub(crate) fn kill_children(parent: u32) -> usize {
+    let children = vm_pids(parent);
+    for child in &children {
+        if let Ok(pid) = i32::try_from(*child) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+    children.len()
 }
 
 /// Where a process's output goes: `<dir>/<stem>.log`, at most `cap` bytes.

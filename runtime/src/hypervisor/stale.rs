@@ -27,14 +27,7 @@ pub fn cleanup_stale_processes(dir: &Path) -> Vec<u32> {
                     let cmdline = String::from_utf8_lossy(&cmdline);
                     if cmdline.contains(needle.as_str()) {
                         // A jailed boxlite-vmm's VM runs in its child.
-                        for child in boxlite_vmm_api::process::vm_pids(pid.unsigned_abs()) {
-                            if let Ok(child) = i32::try_from(child) {
-                                let _ = nix::sys::signal::kill(
-                                    nix::unistd::Pid::from_raw(child),
-                                    nix::sys::signal::Signal::SIGKILL,
-                                );
-                            }
-                        }
+                        super::process::kill_children(pid.unsigned_abs());
                         let target = nix::unistd::Pid::from_raw(pid);
                         match nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL) {
                             Ok(()) => killed.push(pid.unsigned_abs()),
