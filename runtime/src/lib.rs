@@ -2,6 +2,7 @@
 //! sandbox VM.
 //!
 //! * [`config`]: `/etc/boxlite/boxlite.toml`, validated at load.
+//! * [`cgroup`]: the pod's cgroup, which every host process of its VM joins.
 //! * [`hybrid_vsock`]: the host side of Firecracker-style hybrid vsock
 //!   (`CONNECT <port>\n` → `OK …\n` on a unix socket), and ttrpc clients over it.
 //! * [`hypervisor`]: the [`hypervisor::Hypervisor`] trait every backend
@@ -20,6 +21,7 @@
 //! with `to_string()` today).
 
 pub mod annotations;
+pub mod cgroup;
 pub mod config;
 pub mod hybrid_vsock;
 pub mod hypervisor;
