@@ -109,6 +109,59 @@ fn the_vmm_runs_under_seccomp_and_its_jail() {
     c.assert_nothing_left();
 }
 
+/// Every host process of the VM (the VMM and its VM process, virtiofsd,
+/// the vsock backend) runs in the cgroup the container's spec names, in
+/// every hierarchy, from `ctr run --cgroup` and from ctr's default
+/// (`/<namespace>/<id>`); the sandbox's own cgroup is gone after delete,
+/// the shared parent above it stays (as runc leaves it).
+#[test]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
+fn the_vms_processes_run_in_the_containers_cgroup() {
+    let c = Containerd::with_image();
+    let parent = format!("boxlite-e2e-{}", std::process::id());
+    let named = format!("/{parent}/cg1");
+    c.run_detached(&["--cgroup", &named], "cg1");
+    c.run_detached(&[], "cg2");
+    let hierarchies = boxlite_runtime::cgroup::host_hierarchies().unwrap();
+    for (id, path) in [("cg1", named.clone()), ("cg2", "/default/cg2".to_owned())] {
+        let procs = processes_mentioning(&c.state_dir().join(id));
+        // The VMM (and, jailed, its VM process) and virtiofsd at least.
+        assert!(procs.len() >= 2, "{id}: VM processes: {procs:?}");
+        for h in &hierarchies {
+            let leaf = h.mount.join(path.trim_start_matches('/'));
+            let mut members: Vec<u32> = std::fs::read_to_string(leaf.join("cgroup.procs"))
+                .unwrap()
+                .lines()
+                .map(|l| l.parse().unwrap())
+                .collect();
+            members.sort_unstable();
+            let mut want: Vec<u32> = procs.iter().map(|(pid, _)| *pid).collect();
+            want.sort_unstable();
+            assert_eq!(
+                members,
+                want,
+                "{}: the VM's processes {procs:?}, nothing else",
+                leaf.display()
+            );
+        }
+    }
+    c.kill_and_delete("cg1");
+    c.kill_and_delete("cg2");
+    c.assert_nothing_left();
+    for h in &hierarchies {
+        for leaf in [format!("{parent}/cg1"), "default/cg2".to_owned()] {
+            assert!(
+                !h.mount.join(&leaf).exists(),
+                "{leaf} left in {}",
+                h.mount.display()
+            );
+        }
+        let shared = h.mount.join(&parent);
+        assert!(shared.is_dir(), "{} was removed", shared.display());
+        std::fs::remove_dir(&shared).unwrap();
+    }
+}
+
 /// A bad runtime config gives a clear error in ctr's output, and nothing runs.
 #[test]
 #[ignore = "needs root, containerd and ctr"]

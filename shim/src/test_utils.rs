@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, watch};
 use ttrpc::r#async::TtrpcContext;
 
 use crate::error::Result;
-use crate::sandbox::VmFactory;
+use crate::sandbox::{VmFactory, VmRequest};
 
 type Key = (String, String);
 
@@ -677,11 +677,7 @@ impl VmFactory for FakeFactory {
     fn sandbox_dir(&self, id: &str) -> Result<PathBuf> {
         Ok(self.root.join(id))
     }
-    fn new_vm(
-        &self,
-        id: &str,
-        _annotations: &HashMap<String, String>,
-    ) -> Result<Box<dyn Hypervisor>> {
+    fn new_vm(&self, id: &str, _req: VmRequest<'_>) -> Result<Box<dyn Hypervisor>> {
         Ok(Box::new(FakeVm {
             id: id.to_owned(),
             dir: self.root.join(id),

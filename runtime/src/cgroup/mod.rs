@@ -7,8 +7,9 @@
 //! - [`path::resolve`] turns the `cgroupsPath` (cgroupfs or systemd form)
 //!   into a path below each hierarchy's root;
 //! - [`PodCgroup::create`] makes it in every mounted hierarchy (v1, v2 or
-//!   both), remembering which directories it made — the kubelet's pod
-//!   cgroup is left alone, only what we made is removed with the sandbox;
+//!   both), remembering where it made the sandbox's own directory — the
+//!   kubelet's pod cgroup and shared parents such as `/boxlite` are left
+//!   alone, only the sandbox's directory we made is removed with it;
 //! - [`PodCgroup::joiner`] gives what a child writes between fork and exec
 //!   to join it, so that no process of the VM (nor a child it forks before
 //!   anyone could move it) ever runs outside it;
@@ -34,8 +35,8 @@ use std::time::{Duration, Instant};
 pub use mounts::{parse_mountinfo, Hierarchy};
 pub use path::{resolve, InvalidCgroupsPath};
 
-/// In the sandbox directory: the cgroup directories the sandbox made, one
-/// absolute path a line, parents first.
+/// In the sandbox directory: the cgroup directories the sandbox made (its
+/// own, in each hierarchy), one absolute path a line.
 pub const RECORD_FILE: &str = "cgroup.created";
 
 /// How long removal waits for the cgroup to empty: a killed process leaves
@@ -85,7 +86,7 @@ pub fn host_hierarchies() -> Result<Vec<Hierarchy>, CgroupError> {
 pub struct PodCgroup {
     /// The sandbox's directory in each hierarchy.
     leaves: Vec<PathBuf>,
-    /// The directories this sandbox made, parents before children.
+    /// The sandbox's directory in each hierarchy where this sandbox made it.
     created: Vec<PathBuf>,
     /// Where [`RECORD_FILE`] is, once written.
     record: Option<PathBuf>,
@@ -120,12 +121,19 @@ impl PodCgroup {
     ) -> Result<(), CgroupError> {
         for h in hierarchies {
             let mut dir = h.mount.clone();
-            for name in relative.iter() {
+            let levels = relative.iter().count();
+            for (level, name) in relative.iter().enumerate() {
                 let parent = dir.clone();
                 dir.push(name);
                 match std::fs::create_dir(&dir) {
                     Ok(()) => {
-                        self.created.push(dir.clone());
+                        // Only the sandbox's own directory is ours to
+                        // remove: a parent made on the way (`/boxlite`,
+                        // ctr's `/default`) is shared by every sandbox
+                        // under it and stays, as runc leaves it.
+                        if level + 1 == levels {
+                            self.created.push(dir.clone());
+                        }
                         if h.v1_cpuset {
                             inherit_cpuset(&parent, &dir)?;
                         }

@@ -36,20 +36,19 @@ fn only_what_the_sandbox_made_is_recorded_and_removed() {
     let record = std::fs::read_to_string(record_dir.join(RECORD_FILE)).unwrap();
     let u = tmp.path().join("unified/kubepods/pod1");
     let m = tmp.path().join("memory/kubepods/pod1");
+    // The leaf only: `sb1`, made on the way, is a parent others may share.
     assert_eq!(
         record,
         format!(
-            "{}\n{}\n{}\n{}\n",
-            u.join("sb1").display(),
+            "{}\n{}\n",
             u.join("sb1/vm").display(),
-            m.join("sb1").display(),
             m.join("sb1/vm").display()
         )
     );
     cg.remove().unwrap();
-    assert!(!u.join("sb1").exists() && !m.join("sb1").exists());
-    // The pod's own cgroup (the kubelet's) stays.
-    assert!(u.is_dir() && m.is_dir());
+    assert!(!u.join("sb1/vm").exists() && !m.join("sb1/vm").exists());
+    // The pod's own cgroup (the kubelet's) and the shared parent stay.
+    assert!(u.join("sb1").is_dir() && m.join("sb1").is_dir());
     assert!(!record_dir.join(RECORD_FILE).exists());
     cg.remove().unwrap();
 }
@@ -69,7 +68,7 @@ fn a_failed_create_removes_what_it_made() {
         )),
         "{err}"
     );
-    assert!(!h[0].mount.join("kubepods/pod1/sb1").exists());
+    assert!(!h[0].mount.join("kubepods/pod1/sb1/vm").exists());
 }
 
 #[test]
@@ -116,7 +115,7 @@ fn the_joiner_writes_the_child_into_every_procs_file() {
 fn a_joiner_that_cannot_join_fails_the_spawn() {
     let tmp = tempfile::tempdir().unwrap();
     let h = fake_hierarchies(tmp.path());
-    // No cgroup.procs: not a cgroup.
+    // A plain directory, no cgroup.procs: not a cgroup.
     let cg = PodCgroup::create(&h, Path::new("kubepods/pod1/x"), tmp.path()).unwrap();
     let joiner = cg.joiner();
     let mut cmd = std::process::Command::new("true");
@@ -155,10 +154,9 @@ fn a_process_spawned_with_the_joiner_is_in_the_cgroup_of_every_hierarchy() {
     child.wait().unwrap();
     cg.remove().unwrap();
     for h in &hierarchies {
-        assert!(
-            !h.mount.join(relative.parent().unwrap()).exists(),
-            "{}",
-            h.mount.display()
-        );
+        let parent = h.mount.join(relative.parent().unwrap());
+        assert!(!h.mount.join(&relative).exists(), "{}", h.mount.display());
+        // The parent made on the way is shared, so it stays: ours to clean.
+        std::fs::remove_dir(&parent).unwrap();
     }
 }

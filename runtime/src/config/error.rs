@@ -32,6 +32,8 @@ pub enum ConfigError {
     Empty { key: &'static str },
     #[error("runtime.allowed_annotations lists {value:?}, which is not an overridable setting (known: {known})")]
     UnknownAnnotation { value: String, known: String },
+    #[error("runtime.cgroup_parent = {value:?} must be an absolute cgroup path without '..' (e.g. \"/boxlite\")")]
+    CgroupParent { value: String },
     #[error("{key} = {value:?} must be an absolute path")]
     NotAbsolute { key: &'static str, value: PathBuf },
     #[error("{key} is {len} bytes long, more than the limit of {max}")]

@@ -176,6 +176,9 @@ pub struct RuntimeConfig {
     /// each helper's output) may hold on the host, in KiB; past it the
     /// older half is dropped. At least 16.
     pub sandbox_log_max_kib: u64,
+    /// The cgroup a sandbox's VM processes go under when its spec names
+    /// none: `<cgroup_parent>/<sandbox id>` (cgroupfs form, absolute).
+    pub cgroup_parent: String,
 }
 
 impl Default for RuntimeConfig {
@@ -185,6 +188,7 @@ impl Default for RuntimeConfig {
             log_level: "info".into(),
             allowed_annotations: Vec::new(),
             sandbox_log_max_kib: 4096,
+            cgroup_parent: "/boxlite".into(),
         }
     }
 }

@@ -107,6 +107,12 @@ impl Config {
             MAX_SANDBOX_LOG_KIB,
         )?;
         validate_log_level(&self.runtime.log_level)?;
+        crate::cgroup::resolve(None, &self.runtime.cgroup_parent, "x")
+            .ok()
+            .filter(|_| self.runtime.cgroup_parent.starts_with('/'))
+            .ok_or_else(|| ConfigError::CgroupParent {
+                value: self.runtime.cgroup_parent.clone(),
+            })?;
         if let Some(key) = self
             .runtime
             .allowed_annotations
@@ -224,6 +230,17 @@ mod tests {
             err.ends_with("runtime.sandbox_log_max_kib = 8 is out of range 16..=1048576"),
             "{err}"
         );
+        for bad in ["boxlite", "/a/../b"] {
+            let err = boxlite_protocol::error_chain::chain(
+                &parse(&format!("[runtime]\ncgroup_parent = {bad:?}\n")).unwrap_err(),
+            );
+            assert!(
+                err.ends_with(&format!(
+                    "runtime.cgroup_parent = {bad:?} must be an absolute cgroup path without '..' (e.g. \"/boxlite\")"
+                )),
+                "{err}"
+            );
+        }
         let err = boxlite_protocol::error_chain::chain(
             &parse("[hypervisor]\njail_id_base = 0\n").unwrap_err(),
         );

@@ -86,6 +86,13 @@ pub enum HypervisorError {
         #[source]
         error: std::io::Error,
     },
+    /// The pod's cgroup could not be made, joined or removed.
+    #[error("sandbox {id}: the VM's cgroup")]
+    Cgroup {
+        id: String,
+        #[source]
+        error: crate::cgroup::CgroupError,
+    },
     #[error("sandbox {id}: cannot start {what} ({})", binary.display())]
     Spawn {
         id: String,

@@ -13,9 +13,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::process::{
-    fs_socket_name, spawn_process, virtiofsd_args, wait_for_sockets, LogPlace, Proc, Role,
+    fs_socket_name, spawn_process, virtiofsd_args, wait_for_sockets, Proc, ProcessPlace, Role,
 };
 use super::{HypervisorError, NetDevice, Share, VmSpec};
+use crate::cgroup::CgroupJoiner;
 use crate::network::TapDevice;
 
 /// What is fixed for a VM once it is created: the [`VmSpec`] it was made
@@ -55,6 +56,8 @@ pub struct Launch<'a> {
     /// ([`super::capped_log`]): the VMM inherits it and writes the guest's
     /// serial console there.
     pub console: RawFd,
+    /// Every process joins the pod's cgroup (empty: stays in ours).
+    pub cgroup: CgroupJoiner,
     pub procs: &'a mut Vec<Proc>,
 }
 
@@ -69,9 +72,10 @@ impl Launch<'_> {
         socket: Option<PathBuf>,
         inherit_fds: Vec<RawFd>,
     ) -> Result<(), HypervisorError> {
-        let place = LogPlace {
+        let place = ProcessPlace {
             dir: &vm.spec.dir,
             cap: vm.spec.log_max_bytes,
+            cgroup: &self.cgroup,
         };
         let p = spawn_process(&vm.spec.id, place, role, binary, args, socket, inherit_fds)?;
         self.procs.push(p);

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use super::capped_log::{LogDrain, LogPipe};
 use super::{ExitReport, HypervisorError, Share};
+use crate::cgroup::CgroupJoiner;
 use boxlite_protocol::log_tail::last_line;
 use boxlite_vmm_api::process::vm_pids;
 
@@ -211,19 +212,22 @@ pub(crate) fn kill_children(parent: u32) -> usize {
     children.len()
 }
 
-/// Where a process's output goes: `<dir>/<stem>.log`, at most `cap` bytes.
+/// Where a process goes: its output into `<dir>/<stem>.log` (at most `cap`
+/// bytes), itself into the cgroup `cgroup` joins (the pod's).
 #[derive(Debug, Clone, Copy)]
-pub struct LogPlace<'a> {
+pub struct ProcessPlace<'a> {
     pub dir: &'a Path,
     pub cap: u64,
+    pub cgroup: &'a CgroupJoiner,
 }
 
-/// Spawns one process with its output in a capped `<dir>/<stem>.log` and
-/// writes its pid file `<dir>/<stem>.pid`. `inherit_fds` (tap fds, the
-/// console pipe) are handed to this child only.
+/// Spawns one process with its output in a capped `<dir>/<stem>.log`, in
+/// the place's cgroup from its first instruction, and writes its pid file
+/// `<dir>/<stem>.pid`. `inherit_fds` (tap fds, the console pipe) are
+/// handed to this child only.
 pub fn spawn_process(
     id: &str,
-    place: LogPlace<'_>,
+    place: ProcessPlace<'_>,
     role: Role,
     binary: &Path,
     args: Vec<OsString>,
@@ -246,12 +250,16 @@ pub fn spawn_process(
     let err = File::from(pipe.writer().try_clone().map_err(dup)?);
     let mut cmd = Command::new(binary);
     cmd.args(&args).stdin(Stdio::null()).stdout(out).stderr(err);
-    if !inherit_fds.is_empty() {
+    let cgroup = place.cgroup.clone();
+    if !inherit_fds.is_empty() || !cgroup.is_empty() {
         // SAFETY: runs in the child between fork and exec; it only calls
-        // fcntl, which is async-signal-safe, on fds the parent owns and
-        // keeps open until spawn returns. Clearing FD_CLOEXEC here hands
+        // fcntl, open, write and close, which are async-signal-safe, on
+        // fds the parent owns and keeps open until spawn returns, and on
+        // paths prepared before the fork. Clearing FD_CLOEXEC here hands
         // the tap fds to this child only: in the parent they stay
-        // close-on-exec, so no other child inherits them.
+        // close-on-exec, so no other child inherits them. Joining the
+        // cgroup before exec means no instruction of the process, nor a
+        // child it forks at once (the jailed VMM does), runs outside it.
         unsafe {
             cmd.pre_exec(move || {
                 for fd in &inherit_fds {
@@ -259,7 +267,7 @@ pub fn spawn_process(
                         return Err(std::io::Error::last_os_error());
                     }
                 }
-                Ok(())
+                cgroup.join()
             });
         }
     }

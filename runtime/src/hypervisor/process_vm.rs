@@ -35,6 +35,7 @@ use super::{
     validate_share_tag, AgentConnection, ExitReport, Hypervisor, HypervisorError, NetDevice, Share,
     VmSpec, CONSOLE_LOG, MAX_SOCKET_PATH_LEN, VSOCK_SOCKET,
 };
+use crate::cgroup::{self, PodCgroup};
 use crate::network::{MacAddr, TapDevice};
 
 /// After the VMM exits, how long helpers get to exit on their own (virtiofsd
@@ -79,6 +80,8 @@ pub(super) struct State {
     ready: Option<ReadyListener>,
     /// The pump of the console pipe, from start until teardown.
     console: Option<LogDrain>,
+    /// The pod's cgroup, from start until teardown removes what it made.
+    cgroup: Option<PodCgroup>,
 }
 
 impl State {
@@ -91,6 +94,7 @@ impl State {
             started_at: None,
             ready: None,
             console: None,
+            cgroup: None,
         }
     }
 }
@@ -135,6 +139,22 @@ impl<L: Launcher> ProcessVm<L> {
             pid: AtomicU32::new(0),
             state: tokio::sync::Mutex::new(st),
         })
+    }
+
+    /// Makes the pod's cgroup the spec names (None: the VM stays in ours).
+    fn create_cgroup(&self) -> Result<Option<PodCgroup>, HypervisorError> {
+        let spec = &self.setup.spec;
+        let Some(relative) = &spec.cgroup else {
+            return Ok(None);
+        };
+        let err = |error| HypervisorError::Cgroup {
+            id: spec.id.clone(),
+            error,
+        };
+        let hierarchies = cgroup::host_hierarchies().map_err(err)?;
+        let cg = PodCgroup::create(&hierarchies, relative, &spec.dir).map_err(err)?;
+        tracing::debug!(sandbox_id = %spec.id, leaves = ?cg.leaves(), "VM cgroup ready");
+        Ok(Some(cg))
     }
 
     fn id(&self) -> &str {
@@ -182,6 +202,7 @@ impl<L: Launcher> ProcessVm<L> {
             shares: &st.shares,
             nets: &st.nets,
             console: TEST_CONSOLE_FD,
+            cgroup: crate::cgroup::CgroupJoiner::default(),
             procs: &mut procs,
         };
         Ok(f(&self.setup, &launch))
@@ -324,6 +345,13 @@ impl<L: Launcher> ProcessVm<L> {
     /// and `Drop` needs it too.
     fn teardown(&self, st: &mut State) {
         kill_and_reap(self.id(), &mut st.procs, &self.transient_files(&st.shares));
+        if let Some(mut cgroup) = st.cgroup.take() {
+            // On failure the record stays in the sandbox directory, for the
+            // crashed-shim cleanup of a later delete.
+            if let Err(e) = cgroup.remove() {
+                tracing::error!(sandbox_id = %self.id(), error = %chain(&e), "cannot remove the VM's cgroup");
+            }
+        }
         // The console's last lines reach console.log before anyone reads
         // or archives it.
         if let Some(console) = st.console.take() {
@@ -419,10 +447,13 @@ impl<L: Launcher> Hypervisor for ProcessVm<L> {
             }
         })?;
         // Before the VM exists, so the guest always finds it.
-        st.ready = Some(ReadyListener::bind_for_sandbox(
-            &vm.spec.id,
-            &self.vsock_socket_path(),
-        )?);
+        let ready = ReadyListener::bind_for_sandbox(&vm.spec.id, &self.vsock_socket_path())?;
+        // Last before the spawn: nothing after it can fail without a
+        // teardown, which removes it again.
+        let cgroup = self.create_cgroup()?;
+        let joiner = cgroup.as_ref().map(PodCgroup::joiner).unwrap_or_default();
+        st.cgroup = cgroup;
+        st.ready = Some(ready);
         let started_at = Instant::now();
         // Disjoint borrows of the guarded state: the launcher reads the
         // shares and taps while it fills the process list.
@@ -431,6 +462,7 @@ impl<L: Launcher> Hypervisor for ProcessVm<L> {
             shares: &st.shares,
             nets: &st.nets,
             console: console.writer().as_raw_fd(),
+            cgroup: joiner,
             procs: &mut st.procs,
         };
         let spawned = self.launcher.spawn(vm, &mut launch).await;

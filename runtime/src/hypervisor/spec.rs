@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{HypervisorError, CONSOLE_LOG, MAX_SHARE_TAG_LEN, VSOCK_SOCKET};
+use crate::cgroup;
 use crate::config::Config;
 use crate::network::{MacAddr, TapDevice};
 
@@ -61,6 +62,9 @@ pub struct VmSpec {
     pub log_max_bytes: u64,
     /// The uid and gid the jailed `boxlite-vmm` runs as ([`jail_user`]).
     pub jail_user: JailUser,
+    /// The cgroup every process of the VM runs in, below each hierarchy's
+    /// root ([`crate::cgroup::resolve`]); None: the caller's own (tests).
+    pub cgroup: Option<PathBuf>,
 }
 
 /// The sandbox's uid (= gid) in the configured range: by the FNV-1a hash
@@ -102,7 +106,31 @@ impl VmSpec {
                 config.hypervisor.jail_id_count,
                 id,
             ),
+            cgroup: Some(
+                cgroup::resolve(None, &config.runtime.cgroup_parent, id).map_err(|e| {
+                    HypervisorError::Cgroup {
+                        id: id.to_owned(),
+                        error: e.into(),
+                    }
+                })?,
+            ),
         })
+    }
+
+    /// Places the VM in the cgroup `cgroups_path` names (the OCI spec's,
+    /// of the container that boots the VM); with none, under the
+    /// configured parent (what [`VmSpec::from_config`] set).
+    pub fn in_cgroup(mut self, cgroups_path: Option<&str>) -> Result<Self, HypervisorError> {
+        if let Some(path) = cgroups_path.filter(|p| !p.is_empty()) {
+            let place = cgroup::resolve(Some(path), "/", &self.id).map_err(|e| {
+                HypervisorError::Cgroup {
+                    id: self.id.clone(),
+                    error: e.into(),
+                }
+            })?;
+            self.cgroup = Some(place);
+        }
+        Ok(self)
     }
 
     pub fn console_log_path(&self) -> PathBuf {

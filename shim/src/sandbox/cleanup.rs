@@ -28,12 +28,17 @@ pub(super) fn archive_console(id: &str, dir: &Path) {
     }
 }
 
-/// After a crash or at shutdown: kills what the pid files name, unmounts
-/// everything under `dir`, and removes it, then the shim's record of it.
+/// After a crash or at shutdown: kills what the pid files name, removes the
+/// VM's cgroup, unmounts everything under `dir`, and removes it, then the
+/// shim's record of it.
 pub async fn cleanup_sandbox_dir(dir: &Path) {
     let killed = boxlite_runtime::hypervisor::cleanup_stale_processes(dir);
     if !killed.is_empty() {
         tracing::info!(?killed, "killed leftover VM processes");
+    }
+    // The VM's cgroup, once those processes have left it.
+    if let Err(e) = boxlite_runtime::cgroup::remove_recorded(dir) {
+        tracing::error!(error = %chain(&e), "cannot remove the leftover VM cgroup");
     }
     // A crashed shim's pod network (taps, tc filters in the pod's netns).
     if let Ok(SandboxState {

@@ -36,6 +36,7 @@ impl Sandbox {
             cause: e.into(),
         })?;
         let hooks = ContainerHooks::take_from(&mut spec);
+        let cgroups_path = guest_cgroups_path(&req.id, &mut spec)?;
         let mut netns = network::pod_netns(&spec);
         let booting = self.vm.lock().await.is_none();
         let plan = hooks.plan_create(booting && netns != PodNetns::Host);
@@ -52,6 +53,7 @@ impl Sandbox {
         let no_annotations = HashMap::new();
         let boot = BootSpec {
             annotations: spec.annotations().as_ref().unwrap_or(&no_annotations),
+            cgroups_path: cgroups_path.as_deref(),
             netns: netns.clone(),
             owned_netns: boot_netns.as_ref().is_some_and(|held| held.owned),
         };
@@ -148,6 +150,30 @@ impl Sandbox {
     }
 }
 
+/// The container's `cgroupsPath` as the kubelet or ctr gave it (for the
+/// VM's own cgroup on the host), and in `spec` its cgroupfs form for the
+/// guest: the guest has no systemd, so a systemd path
+/// (`kubepods-pod1.slice:cri-containerd:<id>`) becomes the directory runc's
+/// systemd driver would make (`/kubepods.slice/kubepods-pod1.slice/cri-containerd-<id>.scope`).
+fn guest_cgroups_path(id: &str, spec: &mut Spec) -> Result<Option<String>> {
+    let Some(linux) = spec.linux_mut() else {
+        return Ok(None);
+    };
+    let Some(given) = linux.cgroups_path().as_ref() else {
+        return Ok(None);
+    };
+    let given = given.to_str().map(str::to_owned).ok_or_else(|| {
+        ShimError::InvalidArgument(format!("container {id:?}: linux.cgroupsPath is not UTF-8"))
+    })?;
+    if given.is_empty() {
+        return Ok(None);
+    }
+    let relative = boxlite_runtime::cgroup::resolve(Some(&given), "/", id)
+        .map_err(|e| ShimError::InvalidArgument(format!("container {id:?}: {e}")))?;
+    linux.set_cgroups_path(Some(std::path::Path::new("/").join(relative)));
+    Ok(Some(given))
+}
+
 /// Undo of a created container: RemoveContainer, logged if it fails.
 async fn remove_in_guest(agent: &GuestAgent, id: &str) {
     if let Err(e) = agent.remove_container(id).await {
@@ -164,5 +190,60 @@ pub(super) fn stdio_config(stdio: &StdioPaths) -> StdioConfig {
         stderr,
         terminal: stdio.terminal,
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec_with(cgroups_path: Option<&str>) -> Spec {
+        let mut spec = Spec::default();
+        let mut linux = spec.linux().clone().unwrap_or_default();
+        linux.set_cgroups_path(cgroups_path.map(Into::into));
+        spec.set_linux(Some(linux));
+        spec
+    }
+
+    fn guest_path(spec: &Spec) -> Option<String> {
+        let linux = spec.linux().as_ref().unwrap();
+        linux
+            .cgroups_path()
+            .as_ref()
+            .map(|p| p.display().to_string())
+    }
+
+    #[test]
+    fn the_guest_gets_a_systemd_cgroups_path_in_cgroupfs_form() {
+        let mut spec = spec_with(Some("kubepods-besteffort-pod1.slice:cri-containerd:c1"));
+        let given = guest_cgroups_path("c1", &mut spec).unwrap();
+        assert_eq!(
+            given.as_deref(),
+            Some("kubepods-besteffort-pod1.slice:cri-containerd:c1")
+        );
+        assert_eq!(
+            guest_path(&spec).as_deref(),
+            Some("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice/cri-containerd-c1.scope")
+        );
+        let mut spec = spec_with(Some("/kubepods/besteffort/pod1/c1"));
+        guest_cgroups_path("c1", &mut spec).unwrap();
+        assert_eq!(
+            guest_path(&spec).as_deref(),
+            Some("/kubepods/besteffort/pod1/c1")
+        );
+        let mut spec = spec_with(None);
+        assert_eq!(guest_cgroups_path("c1", &mut spec).unwrap(), None);
+        assert_eq!(guest_path(&spec), None);
+    }
+
+    #[test]
+    fn a_cgroups_path_that_leaves_the_tree_is_refused() {
+        let mut spec = spec_with(Some("/kubepods/../../x"));
+        let err = guest_cgroups_path("c1", &mut spec).unwrap_err();
+        assert!(matches!(err, ShimError::InvalidArgument(_)), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "container \"c1\": cgroupsPath \"/kubepods/../../x\" is invalid: it has a '..' component"
+        );
     }
 }

@@ -14,6 +14,7 @@ use boxlite_runtime::network::PodNetwork;
 use super::netns_holder::{self, NetnsHolder};
 use super::network::{self, NetworkRecord, PodNetns};
 use super::rollback::Rollback;
+use super::vm_factory::VmRequest;
 use super::{cleanup, Sandbox, Vm, MOUNTS_DIR, SHARED_DIR, SHARED_TAG};
 use crate::agent_client::GuestAgent;
 use crate::error::{Result, ShimError};
@@ -24,6 +25,8 @@ use crate::rootfs;
 /// What the container that boots the VM decides about it.
 pub(super) struct BootSpec<'a> {
     pub annotations: &'a HashMap<String, String>,
+    /// Its `linux.cgroupsPath`: where the VM's processes go.
+    pub cgroups_path: Option<&'a str>,
     pub netns: PodNetns,
     /// `netns` is a namespace the shim made for the hooks before the boot.
     pub owned_netns: bool,
@@ -139,7 +142,11 @@ impl Sandbox {
                 record.teardown(&self.id).await;
             }
         });
-        let vm = self.boot_vm(&shared, boot.annotations, net.as_mut()).await;
+        let req = VmRequest {
+            annotations: boot.annotations,
+            cgroups_path: boot.cgroups_path,
+        };
+        let vm = self.boot_vm(&shared, req, net.as_mut()).await;
         let vm = undo.check(vm).await?;
         undo.commit();
         Ok(vm)
@@ -151,10 +158,10 @@ impl Sandbox {
     async fn boot_vm(
         self: &Arc<Self>,
         shared: &Path,
-        annotations: &HashMap<String, String>,
+        req: VmRequest<'_>,
         mut net: Option<&mut PodNetwork>,
     ) -> Result<Vm> {
-        let hv = self.factory.new_vm(&self.id, annotations)?;
+        let hv = self.factory.new_vm(&self.id, req)?;
         hv.add_share(SHARED_TAG, shared, false).await?;
         if let Some(net) = net.as_deref_mut() {
             for iface in &mut net.interfaces {

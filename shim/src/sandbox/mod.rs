@@ -54,7 +54,7 @@ pub use container::{Container, Process, ProcessStatus};
 pub use network::{NetworkRecord, PodNetns};
 pub use state::{ExitInfo, TaskState};
 pub use state_file::{SandboxState, MOUNTS_DIR, SHARED_DIR, SHARED_TAG};
-pub use vm_factory::{ConfigVmFactory, VmFactory};
+pub use vm_factory::{ConfigVmFactory, VmFactory, VmRequest};
 
 /// Connecting one stdio stream through the hybrid socket.
 pub const STDIO_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -12,18 +12,23 @@ use boxlite_runtime::{Config, Hypervisor, VmSpec};
 
 use crate::error::{Result, ShimError};
 
+/// What the container that boots a sandbox's VM says about it.
+#[derive(Debug, Clone, Copy)]
+pub struct VmRequest<'a> {
+    /// Its annotations: the `io.boxlite.*` overrides among them apply.
+    pub annotations: &'a HashMap<String, String>,
+    /// Its `linux.cgroupsPath`: the cgroup the VM's processes run in.
+    pub cgroups_path: Option<&'a str>,
+}
+
 /// Makes the VM of a sandbox. Production: [`ConfigVmFactory`]; tests: a fake.
 #[async_trait]
 pub trait VmFactory: Send + Sync {
     /// `<state_dir>/<id>`.
     fn sandbox_dir(&self, id: &str) -> Result<PathBuf>;
-    /// A VM for sandbox `id`, not started, with the `io.boxlite.*`
-    /// overrides among `annotations` (of the container that boots it).
-    fn new_vm(
-        &self,
-        id: &str,
-        annotations: &HashMap<String, String>,
-    ) -> Result<Box<dyn Hypervisor>>;
+    /// A VM for sandbox `id`, not started, as `req` (from the container
+    /// that boots it) asks.
+    fn new_vm(&self, id: &str, req: VmRequest<'_>) -> Result<Box<dyn Hypervisor>>;
     /// The host-side bound of an agent call (`timeouts.agent_call_secs`).
     fn agent_call_timeout(&self) -> Duration;
 }
@@ -51,18 +56,19 @@ impl VmFactory for ConfigVmFactory {
         Ok(self.config()?.sandbox_dir(id))
     }
 
-    fn new_vm(
-        &self,
-        id: &str,
-        annotations: &HashMap<String, String>,
-    ) -> Result<Box<dyn Hypervisor>> {
+    fn new_vm(&self, id: &str, req: VmRequest<'_>) -> Result<Box<dyn Hypervisor>> {
         // The runtime's annotation error is rendered into the message: a
         // request the node refuses, INVALID_ARGUMENT like the other refusals.
+        let refused = |e: &(dyn std::error::Error + 'static)| {
+            ShimError::InvalidArgument(format!("sandbox {id:?}: {}", chain(e)))
+        };
         let config = self
             .config()?
-            .with_annotations(annotations)
-            .map_err(|e| ShimError::InvalidArgument(format!("sandbox {id:?}: {}", chain(&e))))?;
-        let spec = VmSpec::from_config(&config, id)?;
+            .with_annotations(req.annotations)
+            .map_err(|e| refused(&e))?;
+        let spec = VmSpec::from_config(&config, id)?
+            .in_cgroup(req.cgroups_path)
+            .map_err(|e| refused(&e))?;
         Ok(boxlite_runtime::new_hypervisor(&config, spec)?)
     }
 
@@ -87,7 +93,11 @@ mod tests {
         let factory = ConfigVmFactory::new(Ok(config));
         let annotations: HashMap<String, String> =
             [("io.boxlite.guest.vcpus".to_string(), "2".to_string())].into();
-        let err = match factory.new_vm("pod1", &annotations) {
+        let req = VmRequest {
+            annotations: &annotations,
+            cgroups_path: None,
+        };
+        let err = match factory.new_vm("pod1", req) {
             Ok(_) => panic!("a VM was made"),
             Err(e) => e,
         };
