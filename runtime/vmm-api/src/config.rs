@@ -48,6 +48,9 @@ pub struct VmConfig {
     /// Virtio devices, in the order they appear on the MMIO bus.
     #[serde(default)]
     pub devices: Vec<DeviceConfig>,
+    /// virtio-balloon, in the MMIO slot after `devices`. None: no balloon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonConfig>,
     /// Unix socket for the control API ([`crate::control`]); created (a
     /// stale socket replaced) at start, removed at exit unless jailed (the
     /// jail sees its directory read-only; whoever started it removes it).
@@ -174,6 +177,23 @@ pub enum DeviceConfig {
     Net(NetConfig),
 }
 
+/// virtio-balloon: `"balloon": {"deflate_on_oom": true, "free_page_reporting": true}`.
+/// The host's balloon target starts at 0 pages: the guest gives nothing up
+/// unless asked; with `free_page_reporting` it reports the pages it frees,
+/// and the VMM returns them to the host.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonConfig {
+    /// Offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM: the guest takes pages back
+    /// out of the balloon when it would otherwise run out of memory.
+    #[serde(default)]
+    pub deflate_on_oom: bool,
+    /// Offer VIRTIO_BALLOON_F_FREE_PAGE_REPORTING: the guest reports
+    /// free memory blocks, which the VMM discards.
+    #[serde(default)]
+    pub free_page_reporting: bool,
+}
+
 /// virtio-rng options: `{"kind": "rng"}`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -291,6 +311,7 @@ impl Default for VmConfig {
             raw_image: None,
             irqchip: true,
             devices: Vec::new(),
+            balloon: None,
             control_socket: None,
             jail: true,
             sandbox_dir: None,
@@ -395,6 +416,41 @@ mod tests {
     }
 
     #[test]
+    fn balloon_section() {
+        let cfg = VmConfig::from_json(
+            r#"{"balloon": {"deflate_on_oom": true, "free_page_reporting": true}}"#,
+        )
+        .expect("parse");
+        assert_eq!(
+            cfg.balloon,
+            Some(BalloonConfig {
+                deflate_on_oom: true,
+                free_page_reporting: true
+            })
+        );
+        let v: serde_json::Value = serde_json::from_str(&cfg.to_json_pretty()).expect("json");
+        assert_eq!(
+            v["balloon"],
+            serde_json::json!({"deflate_on_oom": true, "free_page_reporting": true})
+        );
+        assert_eq!(
+            VmConfig::from_json(&cfg.to_json_pretty()).expect("reparse"),
+            cfg
+        );
+        // Both features are opt-in.
+        let cfg = VmConfig::from_json(r#"{"balloon": {}}"#).expect("empty balloon");
+        assert_eq!(cfg.balloon, Some(BalloonConfig::default()));
+        // Absent or null: no device.
+        assert_eq!(VmConfig::from_json("{}").expect("absent").balloon, None);
+        assert_eq!(
+            VmConfig::from_json(r#"{"balloon": null}"#)
+                .expect("null")
+                .balloon,
+            None
+        );
+    }
+
+    #[test]
     fn unset_options_are_not_written_and_nulls_are_read() {
         let v: serde_json::Value =
             serde_json::from_str(&VmConfig::default().to_json_pretty()).expect("json");
@@ -482,6 +538,18 @@ mod tests {
                 "missing field `socket_path`",
             ),
             (r#"{"devices": [{"tag": "a"}]}"#, "missing field `kind`"),
+            (
+                r#"{"balloon": {"deflate_on_oom": true, "stats": true}}"#,
+                "unknown field `stats`",
+            ),
+            (
+                r#"{"balloon": {"free_page_reporting": "yes"}}"#,
+                "invalid type: string",
+            ),
+            (
+                r#"{"devices": [{"kind": "balloon"}]}"#,
+                "unknown variant `balloon`",
+            ),
         ] {
             let err = VmConfig::from_json(json).expect_err(json);
             assert!(err.to_string().contains(want), "{json}: {err}");

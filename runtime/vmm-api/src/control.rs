@@ -381,6 +381,7 @@ pub enum DeviceCounters {
     Fs(FsCounters),
     Block(BlockCounters),
     Net(NetCounters),
+    Balloon(BalloonCounters),
 }
 
 /// virtio-rng counters.
@@ -445,6 +446,28 @@ pub struct NetCounters {
     pub tx_drops: u64,
     pub bad_chains: u64,
     pub backend_errors: u64,
+}
+
+/// virtio-balloon counters. Pages are the balloon's 4 KiB units.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonCounters {
+    /// Pages the guest put in the balloon whose host memory was discarded.
+    pub inflated_pages: u64,
+    /// Pages the guest took back out of the balloon.
+    pub deflated_pages: u64,
+    /// Free-page reports served (one descriptor chain each).
+    pub reports: u64,
+    /// Bytes of reported free memory whose host memory was discarded.
+    pub reported_bytes: u64,
+    /// Chains refused whole (wrong direction, bad length, unreadable, too
+    /// long) and returned without discarding anything.
+    pub bad_chains: u64,
+    /// PFNs or reported ranges skipped: outside guest RAM, across a region
+    /// end, unaligned, empty or overflowing.
+    pub bad_ranges: u64,
+    /// Discards the host kernel refused (madvise / fallocate errors).
+    pub discard_errors: u64,
 }
 
 #[cfg(test)]
@@ -522,6 +545,13 @@ mod tests {
                     "net4".to_string(),
                     DeviceCounters::Net(NetCounters::default()),
                 ),
+                (
+                    "balloon5".to_string(),
+                    DeviceCounters::Balloon(BalloonCounters {
+                        reported_bytes: 2 << 20,
+                        ..BalloonCounters::default()
+                    }),
+                ),
             ]),
         }
     }
@@ -568,6 +598,12 @@ mod tests {
         assert_eq!(v["metrics"]["devices"]["vsock0"]["kind"], "vsock");
         assert_eq!(v["metrics"]["devices"]["vsock0"]["tx_bytes"], 42);
         assert_eq!(v["metrics"]["devices"]["block1"]["kind"], "block");
+        assert_eq!(v["metrics"]["devices"]["balloon5"]["kind"], "balloon");
+        assert_eq!(
+            v["metrics"]["devices"]["balloon5"]["reported_bytes"],
+            2 << 20
+        );
+        assert_eq!(v["metrics"]["devices"]["balloon5"]["bad_ranges"], 0);
         assert_eq!(Reply::from_line(&m.to_line()).expect("metrics"), m);
     }
 

@@ -21,6 +21,7 @@ use crate::config::{
 };
 use crate::control::{ControlError, ControlServer, VmControl};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
+use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::fs::{Fs, FsError, FsEventHandler};
 use crate::devices::virtio::net::{Net, NetError, NetEventHandler, Tap};
@@ -304,6 +305,23 @@ pub fn run_vm(
             }
         };
         devices.attach_virtio(&vm, &mem, &format!("{name}{i}"), dev, Some(&mut cmdline))?;
+    }
+    if let Some(b) = &cfg.balloon {
+        // The slot after the devices; its queues run on the event loop
+        // through the generic handler (the balloon has no host fd).
+        let balloon = Balloon::new(b.deflate_on_oom, b.free_page_reporting);
+        let name = format!("balloon{}", cfg.devices.len());
+        metrics.devices.push((
+            name.clone(),
+            DeviceMetrics::Balloon(balloon.metrics.clone()),
+        ));
+        devices.attach_virtio(
+            &vm,
+            &mem,
+            &name,
+            Arc::new(Mutex::new(balloon)),
+            Some(&mut cmdline),
+        )?;
     }
     if !cfg.cmdline.is_empty() {
         cmdline

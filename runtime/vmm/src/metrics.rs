@@ -11,10 +11,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use boxlite_vmm_api::control::{
-    BlockCounters, DeviceCounters, FsCounters, Metrics, NetCounters, RngCounters, VcpuCounters,
-    VsockCounters,
+    BalloonCounters, BlockCounters, DeviceCounters, FsCounters, Metrics, NetCounters, RngCounters,
+    VcpuCounters, VsockCounters,
 };
 
+use crate::devices::virtio::balloon::BalloonMetrics;
 use crate::devices::virtio::block::BlockMetrics;
 use crate::devices::virtio::fs::FsMetrics;
 use crate::devices::virtio::net::NetMetrics;
@@ -30,6 +31,7 @@ pub enum DeviceMetrics {
     Block(Arc<BlockMetrics>),
     Net(Arc<NetMetrics>),
     Fs(Arc<FsMetrics>),
+    Balloon(Arc<BalloonMetrics>),
 }
 
 fn get(c: &AtomicU64) -> u64 {
@@ -84,6 +86,15 @@ impl DeviceMetrics {
                 activation_failures: get(&m.activation_failures),
                 backend_lost: get(&m.backend_lost),
             }),
+            DeviceMetrics::Balloon(m) => DeviceCounters::Balloon(BalloonCounters {
+                inflated_pages: get(&m.inflated_pages),
+                deflated_pages: get(&m.deflated_pages),
+                reports: get(&m.reports),
+                reported_bytes: get(&m.reported_bytes),
+                bad_chains: get(&m.bad_chains),
+                bad_ranges: get(&m.bad_ranges),
+                discard_errors: get(&m.discard_errors),
+            }),
         }
     }
 }
@@ -133,10 +144,14 @@ mod tests {
         vs.tx_bytes.store(42, Ordering::Relaxed);
         let cpu = Arc::new(VcpuMetrics::default());
         cpu.exits.store(7, Ordering::Relaxed);
+        let balloon = Arc::new(BalloonMetrics::default());
+        balloon.reported_bytes.store(4 << 20, Ordering::Relaxed);
+        balloon.bad_ranges.store(2, Ordering::Relaxed);
         let m = VmMetrics {
             devices: vec![
                 ("vsock0".into(), DeviceMetrics::Vsock(vs)),
                 ("block1".into(), DeviceMetrics::Block(blk)),
+                ("balloon2".into(), DeviceMetrics::Balloon(balloon)),
             ],
             vcpus: vec![cpu],
         };
@@ -147,5 +162,9 @@ mod tests {
         assert_eq!(j["devices"]["block1"]["kind"], "block");
         assert_eq!(j["devices"]["vsock0"]["tx_bytes"], 42);
         assert_eq!(j["devices"]["vsock0"]["conns_opened"], 0);
+        assert_eq!(j["devices"]["balloon2"]["kind"], "balloon");
+        assert_eq!(j["devices"]["balloon2"]["reported_bytes"], 4 << 20);
+        assert_eq!(j["devices"]["balloon2"]["bad_ranges"], 2);
+        assert_eq!(j["devices"]["balloon2"]["inflated_pages"], 0);
     }
 }

@@ -103,6 +103,32 @@ mod tests {
     }
 
     #[test]
+    fn only_the_event_loop_may_punch_holes_in_guest_memory() {
+        // virtio-balloon runs on the event loop (`vmm`); vCPU threads only
+        // touch its config space.
+        assert!(allowed_syscalls(ThreadKind::Vmm).contains(&"fallocate"));
+        assert!(!allowed_syscalls(ThreadKind::Vcpu).contains(&"fallocate"));
+        assert!(!allowed_syscalls(ThreadKind::Reaper).contains(&"fallocate"));
+        // Under the vmm filter the balloon's discard goes through (a
+        // refused one would kill the test process with SIGSYS).
+        let ram = crate::vstate::memory::create_guest_memory(1 << 20).expect("memfd");
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&ram.memfd);
+        let h = std::thread::spawn(move || {
+            apply(ThreadKind::Vmm).expect("load");
+            // SAFETY: punches one page of our own memfd.
+            unsafe {
+                libc::fallocate(
+                    fd,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    0,
+                    4096,
+                )
+            }
+        });
+        assert_eq!(h.join().expect("join"), 0);
+    }
+
+    #[test]
     fn a_filtered_thread_still_runs_allowed_syscalls() {
         // Only this thread is filtered; it ends right after.
         let h = std::thread::spawn(|| {

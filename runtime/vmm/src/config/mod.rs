@@ -9,8 +9,8 @@
 use std::path::{Path, PathBuf};
 
 pub use boxlite_vmm_api::config::{
-    BlockConfig, CpuMode, DeviceConfig, EscapeProbe, FsConfig, JailUser, NetConfig, RawImageConfig,
-    RngConfig, TestHooks, VmConfig, VsockConfig,
+    BalloonConfig, BlockConfig, CpuMode, DeviceConfig, EscapeProbe, FsConfig, JailUser, NetConfig,
+    RawImageConfig, RngConfig, TestHooks, VmConfig, VsockConfig,
 };
 
 pub mod block;
@@ -60,7 +60,7 @@ pub enum ConfigError {
     CmdlineTooLong { got: usize, max: usize },
     #[error("raw_image.load_addr = {addr:#x} with {len} bytes does not fit in the range allowed for its mode (end at most {limit:#x}; see docs/vmm.md)")]
     RawImageAddr { addr: u64, len: u64, limit: u64 },
-    #[error("{got} virtio devices configured, the limit is {max}")]
+    #[error("{got} virtio devices configured (devices and the balloon), the limit is {max}")]
     TooManyDevices { got: usize, max: usize },
     /// A file or socket the VMM creates, in a directory that is missing.
     #[error("{field} = {path} has no parent directory that exists")]
@@ -190,9 +190,11 @@ impl Validate for VmConfig {
                 max: MAX_CMDLINE_LEN,
             });
         }
-        if self.devices.len() > MAX_VIRTIO_DEVICES {
+        // The balloon takes the MMIO slot after the devices.
+        let slots = self.devices.len() + usize::from(self.balloon.is_some());
+        if slots > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices {
-                got: self.devices.len(),
+                got: slots,
                 max: MAX_VIRTIO_DEVICES,
             });
         }
@@ -455,6 +457,17 @@ mod tests {
             cfg.validate(),
             Err(ConfigError::TooManyDevices { got: 17, max: 16 })
         ));
+        // The balloon needs a slot of its own.
+        let mut cfg = raw_cfg(dir.path());
+        cfg.devices = vec![DeviceConfig::Rng(RngConfig::default()); 16];
+        cfg.validate().expect("16 devices fit");
+        cfg.balloon = Some(BalloonConfig::default());
+        assert_eq!(
+            cfg.validate().expect_err("no slot left").to_string(),
+            "17 virtio devices configured (devices and the balloon), the limit is 16"
+        );
+        cfg.devices.pop();
+        cfg.validate().expect("15 devices and the balloon fit");
 
         let mut cfg = raw_cfg(dir.path());
         cfg.console_log = Some("/nonexistent-dir/console.log".into());
@@ -476,6 +489,46 @@ mod tests {
             cfg.validate().unwrap_err().to_string(),
             "console_log and console_fd are both set; the console goes to one of them"
         );
+    }
+
+    #[test]
+    fn balloon_section_loads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = dir.path().join("guest.bin");
+        std::fs::write(&img, [0xf4u8]).expect("write image");
+        let p = dir.path().join("vm.json");
+        std::fs::write(
+            &p,
+            format!(
+                r#"{{"irqchip": false, "jail": false,
+                    "raw_image": {{"path": "{}", "load_addr": 4096}},
+                    "balloon": {{"deflate_on_oom": true, "free_page_reporting": true}}}}"#,
+                img.display()
+            ),
+        )
+        .expect("write");
+        let cfg = load(&p).expect("valid");
+        assert_eq!(
+            cfg.balloon,
+            Some(BalloonConfig {
+                deflate_on_oom: true,
+                free_page_reporting: true
+            })
+        );
+        std::fs::write(
+            &p,
+            format!(
+                r#"{{"irqchip": false, "jail": false,
+                    "raw_image": {{"path": "{}", "load_addr": 4096}},
+                    "balloon": {{"deflate_on_oom": true, "stats_polling": 1}}}}"#,
+                img.display()
+            ),
+        )
+        .expect("write");
+        let e = load(&p).expect_err("unknown balloon field");
+        assert!(matches!(e, ConfigError::Parse(..)), "{e}");
+        let source = std::error::Error::source(&e).expect("cause").to_string();
+        assert!(source.contains("unknown field `stats_polling`"), "{source}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! folder (`rng/` today; `vsock/`, `blk/`, `net/`, `fs/` next) with
 //! `mod.rs` (constants + error enum) and `device.rs` (pure queue logic).
 
+pub mod balloon;
 pub mod block;
 pub mod event_handler;
 pub mod fs;
@@ -27,6 +28,7 @@ pub mod device_type {
     pub const NET: u32 = 1;
     pub const BLOCK: u32 = 2;
     pub const RNG: u32 = 4;
+    pub const BALLOON: u32 = 5;
     pub const VSOCK: u32 = 19;
     pub const FS: u32 = 26;
 }
@@ -113,6 +115,12 @@ impl Interrupt {
             self.signal_used_queue()?;
         }
         Ok(())
+    }
+
+    /// Tells the driver that the device's config space changed (a new
+    /// balloon target).
+    pub fn signal_config_change(&self) -> Result<(), VirtioError> {
+        self.raise(INT_CONFIG)
     }
 
     /// Marks the device broken (DEVICE_NEEDS_RESET) and tells the driver.
