@@ -113,6 +113,9 @@ fn the_guest_fragment_parses_and_asks_for_the_essentials() {
         "CONFIG_HW_RANDOM_VIRTIO",
         "CONFIG_SECCOMP_FILTER",
         "CONFIG_MEMCG",
+        // Memory goes back to the host: the balloon and free page reporting.
+        "CONFIG_VIRTIO_BALLOON",
+        "CONFIG_PAGE_REPORTING",
     ] {
         assert_eq!(map.get(sym), Some(&ConfigValue::Set("y".into())), "{sym}");
     }
@@ -120,6 +123,10 @@ fn the_guest_fragment_parses_and_asks_for_the_essentials() {
         "CONFIG_MODULES",
         "CONFIG_RANDOMIZE_BASE",
         "CONFIG_PAGE_TABLE_ISOLATION",
+        // Either would make the balloon driver turn free page reporting off
+        // (the VMMs offer no PAGE_POISON).
+        "CONFIG_PAGE_POISONING",
+        "CONFIG_INIT_ON_FREE_DEFAULT_ON",
     ] {
         assert_eq!(map.get(sym), Some(&ConfigValue::NotSet), "{sym}");
     }
