@@ -39,7 +39,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use boxlite_protocol::error_chain::chain;
 use boxlite_vmm_api::config::{
-    DeviceConfig, FsConfig, NetConfig, RngConfig, VmConfig, VsockConfig,
+    BalloonConfig, DeviceConfig, FsConfig, NetConfig, RngConfig, VmConfig, VsockConfig,
 };
 use boxlite_vmm_api::control::{Reply, Request};
 
@@ -57,6 +57,14 @@ pub const VM_CONFIG: &str = "vm.json";
 pub const CONTROL_SOCKET: &str = "control.sock";
 /// Guest CID (each VM has its own VMM, so they never clash).
 pub const GUEST_CID: u32 = 3;
+/// Every sandbox gets a balloon: the guest reports the memory it frees and
+/// the VMM hands it back to the host, so a pod that once touched a lot of
+/// memory does not keep it; the guest takes ballooned pages back before it
+/// would OOM.
+pub const BALLOON: BalloonConfig = BalloonConfig {
+    deflate_on_oom: true,
+    free_page_reporting: true,
+};
 /// After the agent's shutdown deadline, how long the VMM gets to exit after
 /// a control-socket `shutdown` before it is killed.
 const CONTROL_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
@@ -141,6 +149,7 @@ pub fn vm_config(
         sandbox_dir: Some(vm.spec.dir.clone()),
         jail_user: Some(vm.spec.jail_user),
         devices,
+        balloon: Some(BALLOON),
         ..VmConfig::default()
     })
 }
@@ -367,6 +376,14 @@ exec sleep 30"#,
                     Some("02:00:00:00:00:01".into())
                 )),
             ]
+        );
+        assert_eq!(
+            cfg.balloon,
+            Some(BalloonConfig {
+                deflate_on_oom: true,
+                free_page_reporting: true
+            }),
+            "every sandbox gets the balloon"
         );
         let fds = std::fs::read_to_string(rig.path("vmm.fds")).unwrap();
         for (what, fd) in [("tap", tap_fd), ("console", console_fd)] {

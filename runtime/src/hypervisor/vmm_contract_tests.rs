@@ -193,14 +193,13 @@ fn vmm_accepts(case: &Case, generated: &VmConfig, path: &Path) {
     let file: Value = serde_json::from_str(&text).expect("vm.json is JSON");
     let ndevices = file["devices"].as_array().expect("devices").len();
     assert_eq!(ndevices, generated.devices.len(), "{name}");
-    let mut targets = vec![None];
-    targets.extend((0..ndevices).map(Some));
+    // Every sandbox has the balloon section; it is probed like a device.
+    assert!(file["balloon"].is_object(), "{name}: no balloon section");
+    let mut targets = vec![String::new(), "/balloon".to_string()];
+    targets.extend((0..ndevices).map(|i| format!("/devices/{i}")));
     for target in targets {
         let mut bad = file.clone();
-        let obj = match target {
-            None => &mut bad,
-            Some(i) => &mut bad["devices"][i],
-        };
+        let obj = bad.pointer_mut(&target).expect("probed object");
         obj.as_object_mut()
             .expect("object")
             .insert("not_in_the_contract".into(), Value::from(1));

@@ -64,7 +64,8 @@ fn qemu_command_line() {
          -chardev socket,id=vsock,path={d}/vhost-vsock.sock -device vhost-user-vsock-device,chardev=vsock \
          -chardev socket,id=fs0,path={d}/fs-rootfs.sock -device vhost-user-fs-device,chardev=fs0,tag=rootfs \
          -netdev tap,id=net0,fd=42 -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01 \
-         -netdev tap,id=net1,ifname=tap0,script=no,downscript=no -device virtio-net-device,netdev=net1,mac=02:00:00:00:00:02",
+         -netdev tap,id=net1,ifname=tap0,script=no,downscript=no -device virtio-net-device,netdev=net1,mac=02:00:00:00:00:02 \
+         -device virtio-balloon-device,deflate-on-oom=on,free-page-reporting=on",
         k = rig.path("vmlinux").display(),
         i = rig.path("initramfs").display(),
     );
