@@ -1173,6 +1173,41 @@ fn bind_mounts_ro_and_rw() {
     );
 }
 
+/// A container that is its own sandbox sizes its VM from its limits:
+/// `--cpu-quota 200000 --cpu-period 100000` is 2 online CPUs in the guest,
+/// `--memory-limit 1 GiB` leaves the container room to touch ~1 GiB (the
+/// guest's own needs come on top), and a 960 MiB buffer is filled.
+#[test]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
+fn the_vm_is_sized_from_the_containers_limits() {
+    let c = Containerd::with_image();
+    let out = c.run_rm(
+        &[
+            "--cpu-quota",
+            "200000",
+            "--cpu-period",
+            "100000",
+            "--memory-limit",
+            "1073741824",
+        ],
+        "size1",
+        &[
+            "sh",
+            "-c",
+            // dd fills its whole block buffer from /dev/zero: 960 MiB touched.
+            "grep -c ^processor /proc/cpuinfo; \
+             dd if=/dev/zero of=/dev/null bs=960M count=1 2>/dev/null && echo filled",
+        ],
+    );
+    assert_output(&out, 0, "2\nfilled\n", "CPUs and a 960 MiB buffer");
+    let log = c.log();
+    assert!(
+        log.contains("VM sized from the pod") && log.contains("vcpus=2"),
+        "no sizing in the shim log:\n{log}"
+    );
+    c.assert_nothing_left();
+}
+
 /// --memory-limit shows as memory.max of the container's cgroup in the guest.
 #[test]
 #[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock and the guest assets"]

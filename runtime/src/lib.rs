@@ -11,6 +11,7 @@
 //!   [`hypervisor::builtin`]).
 //! * [`network`]: the host side of pod networking: taps in the pod's netns
 //!   wired to its interfaces with tc redirects (Kata's "tcfilter" model).
+//! * [`sizing`]: the VM's vCPUs and memory from the pod's limits.
 //! * [`log_tail`]: the end of a log file, for error reports.
 //!
 //! Error messages in this crate name the object; an underlying error is
@@ -26,6 +27,7 @@ pub mod config;
 pub mod hybrid_vsock;
 pub mod hypervisor;
 pub mod network;
+pub mod sizing;
 
 pub use config::Config;
 pub use hybrid_vsock::HybridVsock;

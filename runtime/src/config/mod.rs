@@ -185,7 +185,8 @@ mod tests {
         assert_eq!(
             err,
             "/etc/boxlite/boxlite.toml: line 2, column 1: unknown field `vcpu`, expected one of \
-             `kernel`, `initramfs`, `vcpus`, `memory_mib`, `kernel_cmdline_extra`"
+             `kernel`, `initramfs`, `vcpus`, `memory_mib`, `max_vcpus`, `max_memory_mib`, \
+             `reserved_memory_mib`, `kernel_cmdline_extra`"
         );
         let err =
             boxlite_protocol::error_chain::chain(&parse("[guest]\nvcpus = \"two\"\n").unwrap_err());

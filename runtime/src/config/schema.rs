@@ -107,8 +107,15 @@ impl fmt::Display for Accel {
 pub struct GuestConfig {
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
+    /// The VM's size when the pod sets no limit ([`crate::sizing`]).
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// The most a pod's limits may make a VM; a pod asking more is refused.
+    pub max_vcpus: u32,
+    pub max_memory_mib: u32,
+    /// Added to a pod's memory limit: what the guest kernel, the agent and
+    /// the initramfs root take, so the containers get the limit itself.
+    pub reserved_memory_mib: u32,
     /// Appended to the backend's own command line (`console=ttyS0 reboot=t
     /// panic=-1`).
     pub kernel_cmdline_extra: String,
@@ -121,6 +128,9 @@ impl Default for GuestConfig {
             initramfs: "/usr/share/boxlite/initramfs".into(),
             vcpus: 1,
             memory_mib: 512,
+            max_vcpus: 16,
+            max_memory_mib: 65536,
+            reserved_memory_mib: 128,
             kernel_cmdline_extra: String::new(),
         }
     }

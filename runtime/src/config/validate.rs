@@ -12,6 +12,7 @@ pub const MIN_VCPUS: u32 = 1;
 pub const MAX_VCPUS: u32 = 16;
 pub const MIN_MEMORY_MIB: u32 = 128;
 pub const MAX_MEMORY_MIB: u32 = 65536;
+pub const MAX_RESERVED_MEMORY_MIB: u32 = 4096;
 pub const MIN_AGENT_READY_SECS: u64 = 1;
 pub const MAX_AGENT_READY_SECS: u64 = 600;
 pub const MIN_SHUTDOWN_SECS: u64 = 1;
@@ -63,6 +64,26 @@ impl Config {
             g.memory_mib.into(),
             MIN_MEMORY_MIB.into(),
             MAX_MEMORY_MIB.into(),
+        )?;
+        // The ceilings a pod's limits may size a VM to: not below the
+        // default size, so a pod without limits always fits.
+        in_range(
+            "guest.max_vcpus",
+            g.max_vcpus.into(),
+            g.vcpus.into(),
+            MAX_VCPUS.into(),
+        )?;
+        in_range(
+            "guest.max_memory_mib",
+            g.max_memory_mib.into(),
+            g.memory_mib.into(),
+            MAX_MEMORY_MIB.into(),
+        )?;
+        in_range(
+            "guest.reserved_memory_mib",
+            g.reserved_memory_mib.into(),
+            0,
+            MAX_RESERVED_MEMORY_MIB.into(),
         )?;
         if g.kernel_cmdline_extra.len() > MAX_KERNEL_CMDLINE_EXTRA_LEN {
             return Err(ConfigError::TooLong {

@@ -31,7 +31,12 @@ impl Rig {
         config.guest.kernel_cmdline_extra = "quiet".into();
         config.timeouts.agent_ready_secs = 2;
         config.timeouts.shutdown_secs = 1;
-        VmSpec::from_config(&config, "sb1").unwrap()
+        let mut spec = VmSpec::from_config(&config, "sb1").unwrap();
+        // Every rig's sandbox is "sb1", and the tests run in parallel: in
+        // a shared cgroup one test's teardown would remove another's. The
+        // cgroup has its own tests (crate::cgroup, and the e2e suites).
+        spec.cgroup = None;
+        spec
     }
 
     pub(crate) fn sandbox(&self) -> PathBuf {

@@ -14,6 +14,7 @@ use super::container::{Container, Process};
 use super::lifecycle::BootSpec;
 use super::network::{self, PodNetns};
 use super::rollback::Rollback;
+use super::vm_factory::pod_resources;
 use super::{check_id, CreateRequest, Sandbox, STDIO_CONNECT_TIMEOUT};
 use crate::agent_client::GuestAgent;
 use crate::error::{Result, ShimError};
@@ -54,6 +55,7 @@ impl Sandbox {
         let boot = BootSpec {
             annotations: spec.annotations().as_ref().unwrap_or(&no_annotations),
             cgroups_path: cgroups_path.as_deref(),
+            resources: pod_resources(&spec),
             netns: netns.clone(),
             owned_netns: boot_netns.as_ref().is_some_and(|held| held.owned),
         };

@@ -10,6 +10,7 @@ use std::time::Duration;
 use boxlite_protocol::agent::MountShareRequest;
 use boxlite_protocol::error_chain::chain;
 use boxlite_runtime::network::PodNetwork;
+use boxlite_runtime::sizing::PodResources;
 
 use super::netns_holder::{self, NetnsHolder};
 use super::network::{self, NetworkRecord, PodNetns};
@@ -27,6 +28,8 @@ pub(super) struct BootSpec<'a> {
     pub annotations: &'a HashMap<String, String>,
     /// Its `linux.cgroupsPath`: where the VM's processes go.
     pub cgroups_path: Option<&'a str>,
+    /// What its pod asks for: the VM's size.
+    pub resources: PodResources,
     pub netns: PodNetns,
     /// `netns` is a namespace the shim made for the hooks before the boot.
     pub owned_netns: bool,
@@ -145,6 +148,7 @@ impl Sandbox {
         let req = VmRequest {
             annotations: boot.annotations,
             cgroups_path: boot.cgroups_path,
+            resources: boot.resources,
         };
         let vm = self.boot_vm(&shared, req, net.as_mut()).await;
         let vm = undo.check(vm).await?;

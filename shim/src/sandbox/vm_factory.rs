@@ -8,7 +8,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use boxlite_protocol::error_chain::chain;
 use boxlite_runtime::config::TimeoutsConfig;
+use boxlite_runtime::sizing::{size_vm, Fixed, HostCapacity, PodResources};
 use boxlite_runtime::{Config, Hypervisor, VmSpec};
+use oci_spec::runtime::Spec;
+
+/// The `io.boxlite.*` annotations that set the VM's size outright (where
+/// the config allows them): they win over the pod's limits.
+const VCPUS_ANNOTATION: &str = "io.boxlite.guest.vcpus";
+const MEMORY_ANNOTATION: &str = "io.boxlite.guest.memory_mib";
 
 use crate::error::{Result, ShimError};
 
@@ -19,6 +26,32 @@ pub struct VmRequest<'a> {
     pub annotations: &'a HashMap<String, String>,
     /// Its `linux.cgroupsPath`: the cgroup the VM's processes run in.
     pub cgroups_path: Option<&'a str>,
+    /// What the pod asks for ([`pod_resources`]): the VM's size.
+    pub resources: PodResources,
+}
+
+/// What the pod of the container that boots the VM asks for: the CRI
+/// plugin's sandbox annotations (the kubelet's pod-level limits) when it
+/// set them, else the container's own resources (`ctr run --cpu-quota …
+/// --memory-limit …`, a container that is its own sandbox).
+pub fn pod_resources(spec: &Spec) -> PodResources {
+    if let Some(r) = spec
+        .annotations()
+        .as_ref()
+        .and_then(PodResources::from_cri_annotations)
+    {
+        return r;
+    }
+    let res = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+    let cpu = res.and_then(|r| r.cpu().as_ref());
+    PodResources {
+        cpu_quota: cpu.and_then(|c| c.quota()),
+        cpu_period: cpu.and_then(|c| c.period()),
+        memory_limit: res
+            .and_then(|r| r.memory().as_ref())
+            .and_then(|m| m.limit()),
+        source: "the container's resources",
+    }
 }
 
 /// Makes the VM of a sandbox. Production: [`ConfigVmFactory`]; tests: a fake.
@@ -66,9 +99,24 @@ impl VmFactory for ConfigVmFactory {
             .config()?
             .with_annotations(req.annotations)
             .map_err(|e| refused(&e))?;
-        let spec = VmSpec::from_config(&config, id)?
+        let mut spec = VmSpec::from_config(&config, id)?
             .in_cgroup(req.cgroups_path)
             .map_err(|e| refused(&e))?;
+        let fixed = Fixed {
+            vcpus: req.annotations.contains_key(VCPUS_ANNOTATION),
+            memory: req.annotations.contains_key(MEMORY_ANNOTATION),
+        };
+        let size = size_vm(
+            &config.guest,
+            HostCapacity::of_this_host(),
+            &req.resources,
+            fixed,
+        )
+        .map_err(|e| refused(&e))?;
+        if (size.vcpus, size.memory_mib) != (spec.vcpus, spec.memory_mib) {
+            tracing::info!(sandbox_id = %id, vcpus = size.vcpus, memory_mib = size.memory_mib, from = req.resources.source, "VM sized from the pod");
+        }
+        (spec.vcpus, spec.memory_mib) = (size.vcpus, size.memory_mib);
         Ok(boxlite_runtime::new_hypervisor(&config, spec)?)
     }
 
@@ -96,6 +144,7 @@ mod tests {
         let req = VmRequest {
             annotations: &annotations,
             cgroups_path: None,
+            resources: PodResources::default(),
         };
         let err = match factory.new_vm("pod1", req) {
             Ok(_) => panic!("a VM was made"),

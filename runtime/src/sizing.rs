@@ -1,0 +1,324 @@
+//! How big a sandbox's VM is: from what the pod asks, within what the
+//! config and the host allow.
+//!
+//! The pod's figures come, in this order, from
+//! 1. the CRI plugin's sandbox annotations (`io.kubernetes.cri.sandbox-cpu-quota`,
+//!    `…-cpu-period`, `…-memory`): the kubelet's pod-level limits, the sum
+//!    of its containers' plus nothing else;
+//! 2. the resources of the container that boots the VM, when it is its own
+//!    sandbox (`ctr run --cpu-quota 200000 --cpu-period 100000 --memory-limit 1073741824`);
+//!
+//! and where neither gives a figure, the config's `guest.vcpus` /
+//! `guest.memory_mib` stand. vCPUs are the quota over the period, rounded
+//! up; memory is the limit plus `guest.reserved_memory_mib`, what the guest
+//! kernel, the agent and its initramfs root need, so that a container
+//! limited to 1 GiB can use 1 GiB. A VM is at least 1 vCPU and
+//! [`MIN_MEMORY_MIB`]; a pod that needs more than `guest.max_vcpus` /
+//! `guest.max_memory_mib`, or more than the host has, is refused with the
+//! figures, not silently capped.
+//!
+//! The VM is sized once, at boot: containers that join later and
+//! `UpdateContainerResources` act within it (the guest's cgroups), they do
+//! not resize it (docs/kubernetes.md).
+
+use std::collections::HashMap;
+
+use crate::config::{GuestConfig, MIN_MEMORY_MIB};
+
+/// CRI annotations on the sandbox container: the pod's CPU quota and period
+/// (µs) and memory limit (bytes), from the kubelet's pod-level resources.
+pub const CRI_SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+pub const CRI_SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+pub const CRI_SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+
+const MIB: u64 = 1 << 20;
+
+/// What the pod asks for; None where it sets no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PodResources {
+    /// CPU quota and period in µs (both needed to make a CPU count).
+    pub cpu_quota: Option<i64>,
+    pub cpu_period: Option<u64>,
+    /// Memory limit in bytes.
+    pub memory_limit: Option<i64>,
+    /// Where the figures came from, for messages.
+    pub source: &'static str,
+}
+
+impl PodResources {
+    /// The CRI plugin's sandbox annotations, if it set any limit.
+    pub fn from_cri_annotations(annotations: &HashMap<String, String>) -> Option<Self> {
+        let get = |k: &str| {
+            annotations
+                .get(k)
+                .and_then(|v| v.trim().parse::<i64>().ok())
+        };
+        let r = PodResources {
+            cpu_quota: get(CRI_SANDBOX_CPU_QUOTA),
+            cpu_period: get(CRI_SANDBOX_CPU_PERIOD).and_then(|p| u64::try_from(p).ok()),
+            memory_limit: get(CRI_SANDBOX_MEMORY),
+            source: "the pod's limits (CRI sandbox annotations)",
+        };
+        (r.vcpus().is_some() || r.memory_mib().is_some()).then_some(r)
+    }
+
+    /// CPUs the quota allows, rounded up; None when unlimited.
+    pub fn vcpus(&self) -> Option<u64> {
+        match (self.cpu_quota, self.cpu_period) {
+            (Some(q), Some(p)) if q > 0 && p > 0 => Some((q as u64).div_ceil(p)),
+            _ => None,
+        }
+    }
+
+    /// The memory limit in MiB, rounded up; None when unlimited.
+    pub fn memory_mib(&self) -> Option<u64> {
+        // runc and the kubelet write "unlimited" as -1 or 0, and some as
+        // the largest page-aligned i64: nothing a VM could be.
+        self.memory_limit
+            .filter(|l| *l > 0 && *l < i64::MAX / 2)
+            .map(|l| (l as u64).div_ceil(MIB))
+    }
+}
+
+/// What this host can give one VM.
+#[derive(Debug, Clone, Copy)]
+pub struct HostCapacity {
+    pub cpus: u64,
+    pub memory_mib: u64,
+}
+
+impl HostCapacity {
+    /// Online CPUs and `MemTotal`.
+    pub fn of_this_host() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+        let memory_mib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map_or(u64::MAX, |kib| kib / 1024);
+        HostCapacity { cpus, memory_mib }
+    }
+}
+
+/// A VM's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmSize {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+}
+
+/// A pod this node cannot hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{origin} ask for {asked} {what}, more than {limit_name} allows ({limit})")]
+pub struct TooBig {
+    pub origin: &'static str,
+    pub asked: u64,
+    pub what: &'static str,
+    pub limit_name: String,
+    pub limit: u64,
+}
+
+/// The VM's size for `pod` (see the module doc). `fixed` names the figures
+/// an `io.boxlite.*` annotation set explicitly: those stand as they are.
+pub fn size_vm(
+    guest: &GuestConfig,
+    host: HostCapacity,
+    pod: &PodResources,
+    fixed: Fixed,
+) -> Result<VmSize, TooBig> {
+    let mut size = VmSize {
+        vcpus: guest.vcpus,
+        memory_mib: guest.memory_mib,
+    };
+    if let (Some(cpus), false) = (pod.vcpus(), fixed.vcpus) {
+        check(
+            pod,
+            cpus,
+            "vCPUs",
+            "guest.max_vcpus",
+            guest.max_vcpus.into(),
+        )?;
+        check(pod, cpus, "vCPUs", "this host's online CPUs", host.cpus)?;
+        size.vcpus = u32::try_from(cpus.max(1)).expect("checked against max_vcpus");
+    }
+    if let (Some(limit), false) = (pod.memory_mib(), fixed.memory) {
+        let vm = (limit + u64::from(guest.reserved_memory_mib)).max(MIN_MEMORY_MIB.into());
+        let what = "MiB of VM memory (the limit plus guest.reserved_memory_mib)";
+        check(
+            pod,
+            vm,
+            what,
+            "guest.max_memory_mib",
+            guest.max_memory_mib.into(),
+        )?;
+        check(pod, vm, what, "this host's memory", host.memory_mib)?;
+        size.memory_mib = u32::try_from(vm).expect("checked against max_memory_mib");
+    }
+    Ok(size)
+}
+
+/// Which figures an explicit `io.boxlite.guest.*` annotation fixed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fixed {
+    pub vcpus: bool,
+    pub memory: bool,
+}
+
+fn check(
+    pod: &PodResources,
+    asked: u64,
+    what: &'static str,
+    limit_name: &str,
+    limit: u64,
+) -> Result<(), TooBig> {
+    if asked > limit {
+        return Err(TooBig {
+            origin: pod.source,
+            asked,
+            what,
+            limit_name: limit_name.to_owned(),
+            limit,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOST: HostCapacity = HostCapacity {
+        cpus: 8,
+        memory_mib: 32768,
+    };
+
+    fn pod(quota: Option<i64>, period: Option<u64>, memory: Option<i64>) -> PodResources {
+        PodResources {
+            cpu_quota: quota,
+            cpu_period: period,
+            memory_limit: memory,
+            source: "the test pod's limits",
+        }
+    }
+
+    fn guest() -> GuestConfig {
+        GuestConfig::default()
+    }
+
+    #[test]
+    fn no_limits_keep_the_config_defaults() {
+        let size = size_vm(&guest(), HOST, &PodResources::default(), Fixed::default()).unwrap();
+        assert_eq!(
+            size,
+            VmSize {
+                vcpus: 1,
+                memory_mib: 512
+            }
+        );
+        // -1 and 0 are "unlimited" in OCI and CRI.
+        let unlimited = pod(Some(-1), Some(100_000), Some(0));
+        assert_eq!(
+            size_vm(&guest(), HOST, &unlimited, Fixed::default()).unwrap(),
+            size
+        );
+    }
+
+    #[test]
+    fn limits_size_the_vm_with_the_guest_reserve_on_top() {
+        let g = guest();
+        let p = pod(Some(200_000), Some(100_000), Some(1 << 30));
+        let size = size_vm(&g, HOST, &p, Fixed::default()).unwrap();
+        assert_eq!(
+            size,
+            VmSize {
+                vcpus: 2,
+                memory_mib: 1024 + g.reserved_memory_mib
+            }
+        );
+        // Half a CPU is one vCPU; a tiny limit still gets a bootable VM.
+        let small = pod(Some(50_000), Some(100_000), Some(1 << 20));
+        let size = size_vm(&g, HOST, &small, Fixed::default()).unwrap();
+        assert_eq!(size.vcpus, 1);
+        assert_eq!(
+            size.memory_mib,
+            (1 + g.reserved_memory_mib).max(MIN_MEMORY_MIB)
+        );
+    }
+
+    #[test]
+    fn an_explicit_annotation_wins_over_the_pods_limits() {
+        let mut g = guest();
+        g.vcpus = 3;
+        let p = pod(Some(200_000), Some(100_000), Some(1 << 30));
+        let fixed = Fixed {
+            vcpus: true,
+            memory: false,
+        };
+        assert_eq!(size_vm(&g, HOST, &p, fixed).unwrap().vcpus, 3);
+    }
+
+    #[test]
+    fn a_pod_bigger_than_the_config_or_the_host_is_refused_with_figures() {
+        let g = guest();
+        let err = size_vm(
+            &g,
+            HOST,
+            &pod(Some(1_700_000), Some(100_000), None),
+            Fixed::default(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the test pod's limits ask for 17 vCPUs, more than guest.max_vcpus allows (16)"
+        );
+        let err = size_vm(
+            &g,
+            HOST,
+            &pod(Some(900_000), Some(100_000), None),
+            Fixed::default(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the test pod's limits ask for 9 vCPUs, more than this host's online CPUs allows (8)"
+        );
+        let err =
+            size_vm(&g, HOST, &pod(None, None, Some(80 << 30)), Fixed::default()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "the test pod's limits ask for {} MiB of VM memory (the limit plus guest.reserved_memory_mib), \
+                 more than guest.max_memory_mib allows ({})",
+                80 * 1024 + g.reserved_memory_mib,
+                g.max_memory_mib
+            )
+        );
+        let err =
+            size_vm(&g, HOST, &pod(None, None, Some(40 << 30)), Fixed::default()).unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with("more than this host's memory allows (32768)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cri_annotations_are_read_when_they_set_a_limit() {
+        let a: HashMap<String, String> = [
+            (CRI_SANDBOX_CPU_QUOTA, "150000"),
+            (CRI_SANDBOX_CPU_PERIOD, "100000"),
+            (CRI_SANDBOX_MEMORY, "268435456"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let r = PodResources::from_cri_annotations(&a).unwrap();
+        assert_eq!((r.vcpus(), r.memory_mib()), (Some(2), Some(256)));
+        let none: HashMap<String, String> =
+            [(CRI_SANDBOX_MEMORY.to_owned(), "0".to_owned())].into();
+        assert_eq!(PodResources::from_cri_annotations(&none), None);
+    }
+}
