@@ -16,6 +16,7 @@ use boxlite_tests::containerd::IMAGE;
 use boxlite_tests::cri::{
     cri_netns, http_get, pod_config, Cri, DNS_SERVER, GREETING, HANDLER, PAUSE_IMAGE, SUBNET,
 };
+use boxlite_tests::processes_mentioning;
 use k8s_cri::v1::{
     ContainerStatsRequest, ImageSpec, ImageStatusRequest, LinuxContainerResources, NamespaceMode,
     UpdateContainerResourcesRequest, VersionRequest,
@@ -254,4 +255,93 @@ async fn bad_pods_are_clear_cri_errors() {
         "CNI failure: {err}"
     );
     cri.c.assert_nothing_left();
+}
+
+/// A pod with limits (2 CPUs, 1 GiB) under a pod cgroup the kubelet made:
+/// its VM has 2 online CPUs and room for the container to touch ~1 GiB;
+/// every host process of the VM is in the sandbox's cgroup below the pod's;
+/// after RemovePodSandbox the sandbox's cgroup is gone and the kubelet's
+/// pod cgroup is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, containerd, containernetworking-plugins, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
+async fn a_pod_is_sized_from_its_limits_and_lives_in_its_cgroup() {
+    let mut cri = Cri::start("bridge").await;
+    let logs = cri.c.dir.path().join("pod-logs");
+    let hierarchies = boxlite_runtime::cgroup::host_hierarchies().unwrap();
+    // What the kubelet makes before RunPodSandbox (cgroupfs driver).
+    let pod_cgroup = format!("kubepods/burstable/pod-bx-{}", std::process::id());
+    for h in &hierarchies {
+        std::fs::create_dir_all(h.mount.join(&pod_cgroup)).unwrap();
+        if !h.v2 && h.v1_cpuset {
+            // cgroup v1 cpuset children start empty, as the kubelet knows.
+            for file in ["cpuset.cpus", "cpuset.mems"] {
+                let mut dir = h.mount.clone();
+                for part in pod_cgroup.split('/') {
+                    let value = std::fs::read_to_string(dir.join(file)).unwrap();
+                    dir.push(part);
+                    std::fs::write(dir.join(file), value.trim()).unwrap();
+                }
+            }
+        }
+    }
+    let mut config = pod_config("bxsized", NamespaceMode::Pod, &[], &logs);
+    let linux = config.linux.as_mut().unwrap();
+    linux.cgroup_parent = format!("/{pod_cgroup}");
+    linux.resources = Some(LinuxContainerResources {
+        cpu_period: 100_000,
+        cpu_quota: 200_000,
+        memory_limit_in_bytes: 1 << 30,
+        ..Default::default()
+    });
+    let pod = cri.run_pod(&config, HANDLER).await.expect("RunPodSandbox");
+    let ctr = cri
+        .start_container(&pod, &config, "sized", &["sleep", "600"])
+        .await;
+    let (code, out, err) = cri
+        .exec(
+            &ctr,
+            &[
+                "sh",
+                "-c",
+                "grep -c ^processor /proc/cpuinfo; \
+                 dd if=/dev/zero of=/dev/null bs=960M count=1 2>/dev/null && echo filled",
+            ],
+        )
+        .await;
+    assert_eq!((code, out.as_str()), (0, "2\nfilled\n"), "{err}");
+
+    let sandbox_cgroup = format!("{pod_cgroup}/{pod}");
+    let procs = processes_mentioning(&cri.c.state_dir().join(&pod));
+    assert!(procs.len() >= 2, "VM processes: {procs:?}");
+    let mut want: Vec<u32> = procs.iter().map(|(pid, _)| *pid).collect();
+    want.sort_unstable();
+    for h in &hierarchies {
+        let leaf = h.mount.join(&sandbox_cgroup);
+        let mut members: Vec<u32> = std::fs::read_to_string(leaf.join("cgroup.procs"))
+            .unwrap_or_else(|e| panic!("{}: {e}", leaf.display()))
+            .lines()
+            .map(|l| l.parse().unwrap())
+            .collect();
+        members.sort_unstable();
+        assert_eq!(
+            members,
+            want,
+            "{}: the VM's processes {procs:?}",
+            leaf.display()
+        );
+    }
+
+    cri.remove_pod(&pod, &[ctr]).await;
+    cri.c.assert_nothing_left();
+    for h in &hierarchies {
+        let leaf = h.mount.join(&sandbox_cgroup);
+        assert!(!leaf.exists(), "{} left behind", leaf.display());
+        let kubelets = h.mount.join(&pod_cgroup);
+        assert!(kubelets.is_dir(), "{} was removed", kubelets.display());
+        std::fs::remove_dir(&kubelets).unwrap();
+        // kubepods/burstable and kubepods, where this test made them (no
+        // kubelet here); a node's own stay, as they are not empty.
+        let _ = std::fs::remove_dir(h.mount.join("kubepods/burstable"));
+        let _ = std::fs::remove_dir(h.mount.join("kubepods"));
+    }
 }
