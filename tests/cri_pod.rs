@@ -18,8 +18,8 @@ use boxlite_tests::cri::{
 };
 use boxlite_tests::processes_mentioning;
 use k8s_cri::v1::{
-    ContainerStatsRequest, ImageSpec, ImageStatusRequest, LinuxContainerResources, NamespaceMode,
-    UpdateContainerResourcesRequest, VersionRequest,
+    ContainerState, ContainerStatsRequest, ContainerStatusRequest, ImageSpec, ImageStatusRequest,
+    LinuxContainerResources, NamespaceMode, UpdateContainerResourcesRequest, VersionRequest,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -344,4 +344,65 @@ async fn a_pod_is_sized_from_its_limits_and_lives_in_its_cgroup() {
         let _ = std::fs::remove_dir(h.mount.join("kubepods/burstable"));
         let _ = std::fs::remove_dir(h.mount.join("kubepods"));
     }
+}
+
+/// A pod that goes over its pod-level memory limit (256 MiB, no limit of
+/// the container's own) is OOM-killed inside its VM, sized from that
+/// limit, as runc's would be in its pod cgroup: the container ends with 137, the CRI reports OOMKilled
+/// (the TaskOOM event reached containerd), and the VM — its other
+/// container — lives on; the host's OOM killer has nothing to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, containerd, containernetworking-plugins, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
+async fn a_pod_over_its_memory_limit_is_oom_killed_in_its_vm() {
+    let mut cri = Cri::start("bridge").await;
+    let logs = cri.c.dir.path().join("pod-logs");
+    let mut config = pod_config("bxoom", NamespaceMode::Pod, &[], &logs);
+    config.linux.as_mut().unwrap().resources = Some(LinuxContainerResources {
+        memory_limit_in_bytes: 256 << 20,
+        ..Default::default()
+    });
+    let pod = cri.run_pod(&config, HANDLER).await.expect("RunPodSandbox");
+    let sleeper = cri
+        .start_container(&pod, &config, "sleeper", &["sleep", "600"])
+        .await;
+    // dd fills a 360 MiB buffer: over the pod's 256 MiB, and more than its
+    // VM (256 MiB plus the reserve, less what the guest itself uses) can
+    // give. (In a VM of the default 512 MiB, blind to the pod's limit, it
+    // was not OOM-killed: it ended with exit code 1.)
+    let hog = cri
+        .start_container(
+            &pod,
+            &config,
+            "hog",
+            &["dd", "if=/dev/zero", "of=/dev/null", "bs=360M", "count=1"],
+        )
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        let status = cri
+            .rt
+            .container_status(ContainerStatusRequest {
+                container_id: hog.clone(),
+                verbose: false,
+            })
+            .await
+            .expect("ContainerStatus")
+            .into_inner()
+            .status
+            .expect("a status");
+        if status.state == ContainerState::ContainerExited as i32 {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "hog still {:?}", status.state);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        (status.exit_code, status.reason.as_str()),
+        (137, "OOMKilled"),
+        "{status:?}"
+    );
+    let (code, out, err) = cri.exec(&sleeper, &["echo", "alive"]).await;
+    assert_eq!((code, out.as_str()), (0, "alive\n"), "{err}");
+    cri.remove_pod(&pod, &[hog, sleeper]).await;
+    cri.c.assert_nothing_left();
 }
