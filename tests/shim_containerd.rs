@@ -162,6 +162,94 @@ fn the_vms_processes_run_in_the_containers_cgroup() {
     }
 }
 
+/// Density and concurrency: 20 containers started at once with `ctr run
+/// -d` (each its own VM), and 2 more that fail (no such binary) started
+/// with them: the 20 run and answer an exec, the 2 fail naming the binary;
+/// all are deleted at once, and afterwards no process, mount, socket,
+/// sandbox directory or cgroup of theirs is left.
+#[test]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
+fn twenty_containers_at_once_and_nothing_left() {
+    let c = Containerd::with_image();
+    // 20 guests booting at once share the host's CPUs: under TCG on two
+    // cores that is minutes, not the default minute.
+    c.set_config("agent_ready_secs", "300");
+    let good: Vec<String> = (0..20).map(|i| format!("many{i:02}")).collect();
+    let bad: Vec<String> = (0..2).map(|i| format!("fail{i}")).collect();
+    let c = &c;
+    std::thread::scope(|s| {
+        let runs: Vec<_> = good
+            .iter()
+            .map(|id| {
+                (
+                    id,
+                    s.spawn(move || {
+                        c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, id, "sleep", "600"])
+                    }),
+                )
+            })
+            .chain(bad.iter().map(|id| {
+                (
+                    id,
+                    s.spawn(move || {
+                        c.ctr(&[
+                            "run",
+                            "-d",
+                            "--runtime",
+                            RUNTIME,
+                            IMAGE,
+                            id,
+                            "/no/such/binary",
+                        ])
+                    }),
+                )
+            }))
+            .collect();
+        for (id, run) in runs {
+            let out = run.join().unwrap();
+            if id.starts_with("many") {
+                assert!(
+                    out.status.success(),
+                    "ctr run -d {id}: {}",
+                    text(&out.stderr)
+                );
+            } else {
+                assert!(!out.status.success(), "{id} ran");
+                assert!(
+                    text(&out.stderr).contains("/no/such/binary"),
+                    "{id}: {}",
+                    text(&out.stderr)
+                );
+            }
+        }
+    });
+    std::thread::scope(|s| {
+        for id in &good {
+            s.spawn(move || {
+                let out = c.ctr(&["task", "exec", "--exec-id", "e1", id, "echo", id]);
+                assert_output(&out, 0, &format!("{id}\n"), "exec");
+            });
+        }
+    });
+    std::thread::scope(|s| {
+        for id in &good {
+            s.spawn(move || c.kill_and_delete(id));
+        }
+    });
+    for id in &bad {
+        // The failed ones' container records (ctr run made them first).
+        let _ = c.ctr(&["container", "delete", id]);
+    }
+    c.assert_nothing_left();
+    let hierarchies = boxlite_runtime::cgroup::host_hierarchies().unwrap();
+    for h in &hierarchies {
+        for id in good.iter().chain(&bad) {
+            let cg = h.mount.join("default").join(id);
+            assert!(!cg.exists(), "{} left behind", cg.display());
+        }
+    }
+}
+
 /// A bad runtime config gives a clear error in ctr's output, and nothing runs.
 #[test]
 #[ignore = "needs root, containerd and ctr"]

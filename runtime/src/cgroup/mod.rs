@@ -126,20 +126,19 @@ impl PodCgroup {
                 let parent = dir.clone();
                 dir.push(name);
                 match std::fs::create_dir(&dir) {
-                    Ok(()) => {
-                        // Only the sandbox's own directory is ours to
-                        // remove: a parent made on the way (`/boxlite`,
-                        // ctr's `/default`) is shared by every sandbox
-                        // under it and stays, as runc leaves it.
-                        if level + 1 == levels {
-                            self.created.push(dir.clone());
-                        }
-                        if h.v1_cpuset {
-                            inherit_cpuset(&parent, &dir)?;
-                        }
-                    }
+                    // Only the sandbox's own directory is ours to remove: a
+                    // parent made on the way (`/boxlite`, ctr's `/default`)
+                    // is shared by every sandbox under it and stays, as
+                    // runc leaves it.
+                    Ok(()) if level + 1 == levels => self.created.push(dir.clone()),
+                    Ok(()) => {}
                     Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
                     Err(e) => return Err(io("create", &dir)(e)),
+                }
+                // Also where the directory existed: a sandbox starting at
+                // the same moment may have made it and not filled it yet.
+                if h.v1_cpuset {
+                    inherit_cpuset(&parent, &dir)?;
                 }
             }
             self.leaves.push(dir);
@@ -304,12 +303,17 @@ fn read_pids(leaf: &Path) -> Vec<u32> {
 }
 
 /// cgroup v1's cpuset starts a child with no CPUs and no memory nodes, and
-/// refuses processes until they are set: copy the parent's.
+/// refuses processes until they are set: where the child's are empty, copy
+/// the parent's (what is set, by us or the kubelet, stays).
 fn inherit_cpuset(parent: &Path, child: &Path) -> Result<(), CgroupError> {
     for file in ["cpuset.cpus", "cpuset.mems"] {
+        let to = child.join(file);
+        let current = std::fs::read_to_string(&to).map_err(io("read", &to))?;
+        if !current.trim().is_empty() {
+            continue;
+        }
         let from = parent.join(file);
         let value = std::fs::read_to_string(&from).map_err(io("read", &from))?;
-        let to = child.join(file);
         std::fs::write(&to, value.trim()).map_err(io("write", &to))?;
     }
     Ok(())
