@@ -266,6 +266,26 @@ fn missing_kernel_is_a_clear_error() {
     c.assert_nothing_left();
 }
 
+/// A host without the memory to boot one more VM refuses the sandbox with
+/// the figures (here: a floor no host has), instead of booting it into the
+/// host's OOM killer; nothing runs, nothing is left.
+#[test]
+#[ignore = "needs root, containerd and ctr"]
+fn a_host_short_of_memory_refuses_the_sandbox_clearly() {
+    let c = Containerd::with_image();
+    c.set_config("host_memory_floor_mib", "1048576");
+    let out = c.run_rm(&[], "lowmem", &["true"]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("not booted")
+            && stderr.contains("MiB of memory available")
+            && stderr.contains("runtime.host_memory_floor_mib = 1048576 MiB must stay free"),
+        "{stderr}"
+    );
+    c.assert_nothing_left();
+}
+
 /// An `io.boxlite.*` annotation the config allows sizes the VM; one it does
 /// not allow fails the create with a message naming it, leaving nothing.
 #[test]

@@ -84,23 +84,66 @@ impl PodResources {
 #[derive(Debug, Clone, Copy)]
 pub struct HostCapacity {
     pub cpus: u64,
+    /// `MemTotal`: no VM may be larger.
     pub memory_mib: u64,
+    /// `MemAvailable`: what a new VM may still touch without pushing the
+    /// host towards its OOM killer.
+    pub available_mib: u64,
 }
 
 impl HostCapacity {
-    /// Online CPUs and `MemTotal`.
+    /// Online CPUs, `MemTotal` and `MemAvailable`.
     pub fn of_this_host() -> Self {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
-        let memory_mib = std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|m| {
-                m.lines()
-                    .find_map(|l| l.strip_prefix("MemTotal:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            })
-            .map_or(u64::MAX, |kib| kib / 1024);
-        HostCapacity { cpus, memory_mib }
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let field = |name: &str| {
+            meminfo
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .map_or(u64::MAX, |kib| kib / 1024)
+        };
+        HostCapacity {
+            cpus,
+            memory_mib: field("MemTotal:"),
+            available_mib: field("MemAvailable:"),
+        }
     }
+}
+
+/// The host has too little memory left to boot one more VM.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "this host has {available_mib} MiB of memory available; booting a VM takes \
+     {boot_mib} MiB (guest.reserved_memory_mib) and runtime.host_memory_floor_mib = \
+     {floor_mib} MiB must stay free"
+)]
+pub struct HostMemoryLow {
+    pub available_mib: u64,
+    pub boot_mib: u64,
+    pub floor_mib: u64,
+}
+
+/// Refuses a boot that would leave the host less than `floor_mib` of
+/// available memory: the guest touches about `guest.reserved_memory_mib`
+/// as it boots (the rest of its memory only as its containers use it, and
+/// the pod's cgroup bounds that), so this is the figure known up front. A
+/// clear error here instead of the host's OOM killer later, when many
+/// sandboxes start at once on a full node.
+pub fn check_host_memory(
+    guest: &GuestConfig,
+    host: HostCapacity,
+    floor_mib: u64,
+) -> Result<(), HostMemoryLow> {
+    let boot_mib = u64::from(guest.reserved_memory_mib);
+    if host.available_mib < boot_mib.saturating_add(floor_mib) {
+        return Err(HostMemoryLow {
+            available_mib: host.available_mib,
+            boot_mib,
+            floor_mib,
+        });
+    }
+    Ok(())
 }
 
 /// A VM's size.
@@ -193,6 +236,7 @@ mod tests {
     const HOST: HostCapacity = HostCapacity {
         cpus: 8,
         memory_mib: 32768,
+        available_mib: 1024,
     };
 
     fn pod(quota: Option<i64>, period: Option<u64>, memory: Option<i64>) -> PodResources {
@@ -302,6 +346,21 @@ mod tests {
             err.to_string()
                 .ends_with("more than this host's memory allows (32768)"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_boot_that_would_leave_the_host_below_its_floor_is_refused() {
+        let g = guest();
+        check_host_memory(&g, HOST, 1024 - u64::from(g.reserved_memory_mib)).unwrap();
+        let err = check_host_memory(&g, HOST, 1024).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "this host has 1024 MiB of memory available; booting a VM takes {} MiB \
+                 (guest.reserved_memory_mib) and runtime.host_memory_floor_mib = 1024 MiB must stay free",
+                g.reserved_memory_mib
+            )
         );
     }
 

@@ -102,7 +102,7 @@ impl Containerd {
                  [timeouts]\nagent_ready_secs = 60\n\
                  [runtime]\nstate_dir = {:?}\nlog_level = \"debug\"\n\
                  allowed_annotations = [\"io.boxlite.guest.memory_mib\"]\n\
-                 sandbox_log_max_kib = 4096\n",
+                 sandbox_log_max_kib = 4096\nhost_memory_floor_mib = 256\n",
                 assets.kernel,
                 assets.initramfs,
                 d.join("run")

@@ -150,7 +150,7 @@ mod tests {
             .join("\n");
         let full = parse(&uncommented).unwrap();
         assert_eq!(full, Config::default());
-        assert_eq!(keys, 21, "{uncommented}");
+        assert_eq!(keys, 25, "{uncommented}");
     }
 
     #[test]

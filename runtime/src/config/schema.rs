@@ -189,6 +189,9 @@ pub struct RuntimeConfig {
     /// The cgroup a sandbox's VM processes go under when its spec names
     /// none: `<cgroup_parent>/<sandbox id>` (cgroupfs form, absolute).
     pub cgroup_parent: String,
+    /// Host memory (MiB of `MemAvailable`) a sandbox boot must leave free,
+    /// or it is refused ([`crate::sizing::check_host_memory`]).
+    pub host_memory_floor_mib: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -199,6 +202,7 @@ impl Default for RuntimeConfig {
             allowed_annotations: Vec::new(),
             sandbox_log_max_kib: 4096,
             cgroup_parent: "/boxlite".into(),
+            host_memory_floor_mib: 256,
         }
     }
 }

@@ -13,6 +13,8 @@ pub const MAX_VCPUS: u32 = 16;
 pub const MIN_MEMORY_MIB: u32 = 128;
 pub const MAX_MEMORY_MIB: u32 = 65536;
 pub const MAX_RESERVED_MEMORY_MIB: u32 = 4096;
+/// 1 TiB: a floor above any host's memory is a typo.
+pub const MAX_HOST_MEMORY_FLOOR_MIB: u64 = 1 << 20;
 pub const MIN_AGENT_READY_SECS: u64 = 1;
 pub const MAX_AGENT_READY_SECS: u64 = 600;
 pub const MIN_SHUTDOWN_SECS: u64 = 1;
@@ -128,6 +130,12 @@ impl Config {
             MAX_SANDBOX_LOG_KIB,
         )?;
         validate_log_level(&self.runtime.log_level)?;
+        in_range(
+            "runtime.host_memory_floor_mib",
+            self.runtime.host_memory_floor_mib,
+            0,
+            MAX_HOST_MEMORY_FLOOR_MIB,
+        )?;
         crate::cgroup::resolve(None, &self.runtime.cgroup_parent, "x")
             .ok()
             .filter(|_| self.runtime.cgroup_parent.starts_with('/'))

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use boxlite_protocol::error_chain::chain;
 use boxlite_runtime::config::TimeoutsConfig;
-use boxlite_runtime::sizing::{size_vm, Fixed, HostCapacity, PodResources};
+use boxlite_runtime::sizing::{check_host_memory, size_vm, Fixed, HostCapacity, PodResources};
 use boxlite_runtime::{Config, Hypervisor, VmSpec};
 use oci_spec::runtime::Spec;
 
@@ -106,15 +106,22 @@ impl VmFactory for ConfigVmFactory {
             vcpus: req.annotations.contains_key(VCPUS_ANNOTATION),
             memory: req.annotations.contains_key(MEMORY_ANNOTATION),
         };
-        let size = size_vm(
-            &config.guest,
-            HostCapacity::of_this_host(),
-            &req.resources,
-            fixed,
-        )
-        .map_err(|e| refused(&e))?;
+        let host = HostCapacity::of_this_host();
+        let size = size_vm(&config.guest, host, &req.resources, fixed).map_err(|e| refused(&e))?;
+        check_host_memory(&config.guest, host, config.runtime.host_memory_floor_mib).map_err(
+            |e| ShimError::Unready {
+                what: format!("sandbox {id:?}: not booted"),
+                cause: Box::new(e),
+            },
+        )?;
         if (size.vcpus, size.memory_mib) != (spec.vcpus, spec.memory_mib) {
-            tracing::info!(sandbox_id = %id, vcpus = size.vcpus, memory_mib = size.memory_mib, from = req.resources.source, "VM sized from the pod");
+            tracing::info!(
+                sandbox_id = %id,
+                vcpus = size.vcpus,
+                memory_mib = size.memory_mib,
+                from = req.resources.source,
+                "VM sized from the pod"
+            );
         }
         (spec.vcpus, spec.memory_mib) = (size.vcpus, size.memory_mib);
         Ok(boxlite_runtime::new_hypervisor(&config, spec)?)
