@@ -19,7 +19,8 @@ use boxlite_tests::cri::{
 use boxlite_tests::processes_mentioning;
 use k8s_cri::v1::{
     ContainerState, ContainerStatsRequest, ContainerStatusRequest, ImageSpec, ImageStatusRequest,
-    LinuxContainerResources, NamespaceMode, UpdateContainerResourcesRequest, VersionRequest,
+    LinuxContainerResources, NamespaceMode, PodSandboxStatsRequest,
+    UpdateContainerResourcesRequest, VersionRequest,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -330,6 +331,46 @@ async fn a_pod_is_sized_from_its_limits_and_lives_in_its_cgroup() {
             leaf.display()
         );
     }
+
+    // What the kubelet reads for the pod (containerd reads the pod cgroup)
+    // counts the VM: at least the anonymous and shared memory of its host
+    // processes (the guest's RAM is one or the other, by backend).
+    let anon_kib: u64 = procs
+        .iter()
+        .map(|(pid, _)| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let kib = |field: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(field))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            kib("RssAnon:") + kib("RssShmem:")
+        })
+        .sum();
+    let stats = cri
+        .rt
+        .pod_sandbox_stats(PodSandboxStatsRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .expect("PodSandboxStats")
+        .into_inner()
+        .stats
+        .expect("pod stats");
+    let working_set = stats
+        .linux
+        .and_then(|l| l.memory)
+        .and_then(|m| m.working_set_bytes)
+        .map_or(0, |v| v.value);
+    eprintln!(
+        "pod working set {working_set} B; VM processes' anonymous and shared memory {anon_kib} KiB"
+    );
+    assert!(
+        anon_kib > 0 && working_set >= anon_kib * 1024,
+        "pod working set {working_set} B < the VM processes' anonymous and shared memory {anon_kib} KiB"
+    );
 
     cri.remove_pod(&pod, &[ctr]).await;
     cri.c.assert_nothing_left();
