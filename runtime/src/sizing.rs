@@ -19,7 +19,7 @@
 //!
 //! The VM is sized once, at boot: containers that join later and
 //! `UpdateContainerResources` act within it (the guest's cgroups), they do
-//! not resize it (docs/kubernetes.md).
+//! not resize it (docs/resources.md).
 
 use std::collections::HashMap;
 

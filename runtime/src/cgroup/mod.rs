@@ -20,7 +20,7 @@
 //! Limits are not written here: a pod's live in the kubelet's pod cgroup
 //! (the parent), a container's inside the guest. The directories are made
 //! directly, for both forms of `cgroupsPath`; with systemd no transient
-//! unit is registered for the scope (docs/kubernetes.md says what that
+//! unit is registered for the scope (docs/resources.md says what that
 //! means).
 
 mod mounts;
