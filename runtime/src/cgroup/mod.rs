@@ -144,12 +144,12 @@ impl PodCgroup {
             self.leaves.push(dir);
         }
         let record = record_dir.join(RECORD_FILE);
-        let mut text = String::new();
+        let mut text = Vec::new();
         for dir in &self.created {
-            text.push_str(&dir.display().to_string());
-            text.push('\n');
+            text.extend_from_slice(dir.as_os_str().as_bytes());
+            text.push(b'\n');
         }
-        std::fs::write(&record, text).map_err(io("record the sandbox's", &record))?;
+        std::fs::write(&record, text).map_err(io("write the record of the sandbox's", &record))?;
         self.record = Some(record);
         Ok(())
     }
