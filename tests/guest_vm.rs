@@ -121,8 +121,22 @@ async fn guest_boots_serves_the_agent_and_stops_clean() {
         .await
         .unwrap();
     let ids: Vec<u32> = info.virtio_devices.iter().map(|d| d.device_id).collect();
-    for (id, what) in [(19, "vsock"), (26, "fs"), (4, "rng")] {
+    for (id, what) in [(19, "vsock"), (26, "fs"), (4, "rng"), (5, "balloon")] {
         assert!(ids.contains(&id), "virtio {what} ({id}) missing: {ids:?}");
+    }
+    // The balloon's driver bound and negotiated what the runtime asks for:
+    // sysfs shows the driver's features as a string of bits (all 0 when no
+    // driver took the device).
+    let balloon = &info.virtio_devices[ids.iter().position(|id| *id == 5).unwrap()];
+    let path = format!("/sys/bus/virtio/devices/{}/features", balloon.name);
+    let features = agent.read_file(ctx(), &read_req(&path)).await.unwrap();
+    let features = String::from_utf8_lossy(&features.data).into_owned();
+    for (bit, what) in [(2, "DEFLATE_ON_OOM"), (5, "FREE_PAGE_REPORTING")] {
+        assert_eq!(
+            features.as_bytes().get(bit),
+            Some(&b'1'),
+            "balloon feature {what} not negotiated: {path} = {features:?}"
+        );
     }
     assert!(info.mem_total_kib > 100 * 1024 && info.mem_total_kib <= 256 * 1024);
     assert_eq!(info.online_cpus, 1);
