@@ -174,17 +174,25 @@ async fn pod_lifecycle_network_and_exec() {
 
     // UpdateContainerResources reaches the container's cgroup in the guest
     // (the kubelet's in-place resize): memory.max, read in the container's
-    // cgroup namespace, where its own cgroup is the root of the view.
+    // cgroup namespace, where its own cgroup is the root of the view. Its
+    // CPU quota of 2 CPUs grows the VM, which booted with 1 online: the
+    // second vCPU comes online.
+    let cpus_online = "grep -c ^processor /proc/cpuinfo";
+    let (code, before, _) = cri.exec(&web, &["sh", "-c", cpus_online]).await;
+    assert_eq!((code, before.trim()), (0, "1"));
     const NEW_LIMIT: i64 = 96 << 20;
+    let update = |linux: LinuxContainerResources| UpdateContainerResourcesRequest {
+        container_id: web.clone(),
+        linux: Some(linux),
+        ..Default::default()
+    };
     cri.rt
-        .update_container_resources(UpdateContainerResourcesRequest {
-            container_id: web.clone(),
-            linux: Some(LinuxContainerResources {
-                memory_limit_in_bytes: NEW_LIMIT,
-                ..Default::default()
-            }),
+        .update_container_resources(update(LinuxContainerResources {
+            memory_limit_in_bytes: NEW_LIMIT,
+            cpu_period: 100_000,
+            cpu_quota: 200_000,
             ..Default::default()
-        })
+        }))
         .await
         .expect("UpdateContainerResources");
     let (code, max, err) = cri
@@ -201,6 +209,42 @@ async fn pod_lifecycle_network_and_exec() {
     assert_eq!(
         (code, max.trim()),
         (0, NEW_LIMIT.to_string().as_str()),
+        "{err}"
+    );
+    let (code, after, _) = cri.exec(&web, &["sh", "-c", cpus_online]).await;
+    assert_eq!((code, after.trim()), (0, "2"));
+    // More CPUs than the VM was built with (the host's, at most 16), or
+    // more memory than the whole VM: refused, saying why.
+    let host_cpus = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(16);
+    let err = cri
+        .rt
+        .update_container_resources(update(LinuxContainerResources {
+            cpu_period: 100_000,
+            cpu_quota: 100_000 * (host_cpus as i64 + 1),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains(&format!(
+            "asks for {} CPUs, more than the {host_cpus} vCPUs",
+            host_cpus + 1
+        )),
+        "{err}"
+    );
+    let err = cri
+        .rt
+        .update_container_resources(update(LinuxContainerResources {
+            memory_limit_in_bytes: 64 << 30,
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message()
+            .contains("a VM's memory is fixed when it boots"),
         "{err}"
     );
 

@@ -17,9 +17,10 @@
 //! `guest.max_memory_mib`, or more than the host has, is refused with the
 //! figures, not silently capped.
 //!
-//! The VM is sized once, at boot: containers that join later and
-//! `UpdateContainerResources` act within it (the guest's cgroups), they do
-//! not resize it (docs/resources.md).
+//! The VM's memory is fixed at boot. Its vCPUs can grow: it is built with
+//! as many as `guest.max_vcpus` and the host allow and boots with only the
+//! pod's online (`maxcpus=`); the shim brings more online when an update
+//! asks for more CPU (docs/resources.md).
 
 use std::collections::HashMap;
 
@@ -149,8 +150,30 @@ pub fn check_host_memory(
 /// A VM's size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VmSize {
+    /// vCPUs online at boot (`maxcpus=` on the guest command line).
     pub vcpus: u32,
+    /// vCPUs the VM is built with: room to grow into
+    /// ([`VmSize::present_vcpus`]).
+    pub present_vcpus: u32,
     pub memory_mib: u32,
+}
+
+impl VmSize {
+    /// The vCPUs a VM of `vcpus` online is built with: as many as the
+    /// config and the host allow, so that a pod whose CPU grows
+    /// (`UpdateContainerResources`) can be given them by bringing them
+    /// online in the guest — no vCPU hot-plug is needed. An offline vCPU
+    /// costs the host a sleeping thread.
+    pub fn with_headroom(vcpus: u32, guest: &GuestConfig, host: HostCapacity) -> VmSize {
+        let room = u64::from(guest.max_vcpus)
+            .min(host.cpus)
+            .max(u64::from(vcpus));
+        VmSize {
+            vcpus,
+            present_vcpus: u32::try_from(room).unwrap_or(vcpus),
+            memory_mib: 0,
+        }
+    }
 }
 
 /// A pod this node cannot hold.
@@ -174,6 +197,7 @@ pub fn size_vm(
 ) -> Result<VmSize, TooBig> {
     let mut size = VmSize {
         vcpus: guest.vcpus,
+        present_vcpus: guest.vcpus,
         memory_mib: guest.memory_mib,
     };
     if let (Some(cpus), false) = (pod.vcpus(), fixed.vcpus) {
@@ -200,6 +224,7 @@ pub fn size_vm(
         check(pod, vm, what, "this host's memory", host.memory_mib)?;
         size.memory_mib = u32::try_from(vm).expect("checked against max_memory_mib");
     }
+    size.present_vcpus = VmSize::with_headroom(size.vcpus, guest, host).present_vcpus;
     Ok(size)
 }
 
@@ -255,10 +280,12 @@ mod tests {
     #[test]
     fn no_limits_keep_the_config_defaults() {
         let size = size_vm(&guest(), HOST, &PodResources::default(), Fixed::default()).unwrap();
+        // Built with every vCPU the host has (8 < max_vcpus 16), 1 online.
         assert_eq!(
             size,
             VmSize {
                 vcpus: 1,
+                present_vcpus: 8,
                 memory_mib: 512
             }
         );
@@ -279,8 +306,17 @@ mod tests {
             size,
             VmSize {
                 vcpus: 2,
+                present_vcpus: 8,
                 memory_mib: 1024 + g.reserved_memory_mib
             }
+        );
+        let mut small_max = g.clone();
+        small_max.max_vcpus = 4;
+        assert_eq!(
+            size_vm(&small_max, HOST, &p, Fixed::default())
+                .unwrap()
+                .present_vcpus,
+            4
         );
         // Half a CPU is one vCPU; a tiny limit still gets a bootable VM.
         let small = pod(Some(50_000), Some(100_000), Some(1 << 20));

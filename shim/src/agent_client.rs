@@ -15,11 +15,11 @@ use std::time::Duration;
 
 use boxlite_protocol::agent::{
     CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest, GetOOMEventRequest,
-    Interface, ListProcessesRequest, MountShareRequest, PauseContainerRequest, ProcessInfo,
-    RemoveContainerRequest, RemoveProcessRequest, ResizePtyRequest, ResumeContainerRequest, Route,
-    Routes, SignalProcessRequest, StartContainerRequest, StatsContainerRequest,
-    StatsContainerResponse, StdioConfig, UpdateContainerRequest, UpdateInterfaceRequest,
-    UpdateRoutesRequest, WaitProcessRequest, WaitProcessResponse,
+    Interface, ListProcessesRequest, MountShareRequest, OnlineCpusRequest, PauseContainerRequest,
+    ProcessInfo, RemoveContainerRequest, RemoveProcessRequest, ResizePtyRequest,
+    ResumeContainerRequest, Route, Routes, SignalProcessRequest, StartContainerRequest,
+    StatsContainerRequest, StatsContainerResponse, StdioConfig, UpdateContainerRequest,
+    UpdateInterfaceRequest, UpdateRoutesRequest, WaitProcessRequest, WaitProcessResponse,
 };
 use boxlite_protocol::agent_ttrpc::AgentClient;
 use boxlite_runtime::AgentConnection;
@@ -390,6 +390,19 @@ impl GuestAgent {
         )
         .await
         .map(drop)
+    }
+
+    /// OnlineCpus: brings the guest's vCPUs online up to `count`; the
+    /// number online after it.
+    pub async fn online_cpus(&self, count: u32) -> Result<u32> {
+        let req = OnlineCpusRequest {
+            count,
+            ..Default::default()
+        };
+        let call = self.client().online_cpus(deadline(self.call), &req);
+        bounded("OnlineCpus", "the sandbox".to_owned(), self.call, call)
+            .await
+            .map(|r| r.online)
     }
 
     pub async fn stats_container(&self, container_id: &str) -> Result<StatsContainerResponse> {

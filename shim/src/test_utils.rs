@@ -677,15 +677,25 @@ impl VmFactory for FakeFactory {
     fn sandbox_dir(&self, id: &str) -> Result<PathBuf> {
         Ok(self.root.join(id))
     }
-    fn new_vm(&self, id: &str, _req: VmRequest<'_>) -> Result<Box<dyn Hypervisor>> {
-        Ok(Box::new(FakeVm {
+    fn new_vm(
+        &self,
+        id: &str,
+        _req: VmRequest<'_>,
+    ) -> Result<(Box<dyn Hypervisor>, boxlite_runtime::sizing::VmSize)> {
+        let size = boxlite_runtime::sizing::VmSize {
+            vcpus: 1,
+            present_vcpus: 2,
+            memory_mib: 512,
+        };
+        let vm: Box<dyn Hypervisor> = Box::new(FakeVm {
             id: id.to_owned(),
             dir: self.root.join(id),
             agent_sock: self.agent_sock.clone(),
             agent: self.guest.clone(),
             stdio_proxy: self.stdio_proxy.clone(),
             log: self.log.clone(),
-        }))
+        });
+        Ok((vm, size))
     }
     fn agent_call_timeout(&self) -> Duration {
         self.agent_call_timeout

@@ -252,6 +252,15 @@ impl Agent {
         Ok(self.containers.update(id, resources_json)?)
     }
 
+    /// Blocking (sysfs writes): (online, present) vCPUs after bringing
+    /// them online up to `count`.
+    pub fn do_online_cpus(&self, count: u32) -> Result<(u32, u32), AgentError> {
+        let sys = self
+            .config
+            .resolve(std::path::Path::new(crate::cpus::SYS_CPU));
+        Ok(crate::cpus::online_cpus(&sys, count)?)
+    }
+
     /// Blocking (cgroup files): run it off the async thread.
     pub fn do_stats_container(
         &self,

@@ -25,6 +25,8 @@ pub enum AgentError {
     Container(#[from] ContainerError),
     #[error(transparent)]
     Network(#[from] NetworkError),
+    #[error(transparent)]
+    Cpus(#[from] crate::cpus::CpuError),
     /// The RPC exists in the protocol but not in this agent yet.
     #[error("{0}")]
     Unimplemented(String),

@@ -19,6 +19,7 @@ pub mod announce;
 pub mod cmdline;
 pub mod config;
 pub mod container;
+pub mod cpus;
 pub mod error;
 pub mod etc;
 pub mod files;

@@ -2,11 +2,14 @@
 //! pids, update, stats, State and Connect. Each checks the task state,
 //! then asks the agent once.
 
+use std::sync::atomic::Ordering;
+
 use boxlite_protocol::agent::StatsContainerResponse;
+use boxlite_runtime::sizing::PodResources;
 
 use super::container::ProcessStatus;
 use super::state::TaskState;
-use super::{GuestProcess, Sandbox};
+use super::{GuestProcess, Sandbox, Vm};
 use crate::error::{Result, ShimError};
 use crate::events::TaskEvent;
 
@@ -87,12 +90,12 @@ impl Sandbox {
                 "cannot update {what}: it is {other}"
             ))),
         })?;
-        serde_json::from_slice::<oci_spec::runtime::LinuxResources>(&resources_json)
-            .map_err(|e| ShimError::invalid("resources are not OCI LinuxResources", e))?;
-        self.agent()
-            .await?
-            .update_container(id, resources_json)
-            .await
+        let resources =
+            serde_json::from_slice::<oci_spec::runtime::LinuxResources>(&resources_json)
+                .map_err(|e| ShimError::invalid("resources are not OCI LinuxResources", e))?;
+        let vm = self.running_vm().await?;
+        grow_for(&vm, id, &resources).await?;
+        vm.agent.update_container(id, resources_json).await
     }
 
     pub async fn stats(&self, id: &str) -> Result<StatsContainerResponse> {
@@ -110,4 +113,48 @@ impl Sandbox {
         let pid = self.container(id).map(|c| c.init.pid()).unwrap_or(0);
         Ok((std::process::id(), pid))
     }
+}
+
+/// Makes room in the VM for what an update asks: more vCPUs online when
+/// its CPU quota needs more than are (up to what the VM was built with).
+/// A VM's memory is fixed at boot: an update asking for more memory than
+/// the whole VM has is refused, not applied as a limit nothing can reach.
+async fn grow_for(vm: &Vm, id: &str, resources: &oci_spec::runtime::LinuxResources) -> Result<()> {
+    let cpu = resources.cpu().as_ref();
+    let asked = PodResources {
+        cpu_quota: cpu.and_then(|c| c.quota()),
+        cpu_period: cpu.and_then(|c| c.period()),
+        memory_limit: resources.memory().as_ref().and_then(|m| m.limit()),
+        source: "the update",
+    };
+    if let Some(mib) = asked.memory_mib() {
+        if mib > u64::from(vm.size.memory_mib) {
+            return Err(ShimError::FailedPrecondition(format!(
+                "container {id:?}: the update asks for a {mib} MiB memory limit, more than its \
+                 sandbox VM's {} MiB; a VM's memory is fixed when it boots (growing it is not \
+                 implemented)",
+                vm.size.memory_mib
+            )));
+        }
+    }
+    let Some(cpus) = asked.vcpus() else {
+        return Ok(());
+    };
+    if cpus <= u64::from(vm.online_vcpus.load(Ordering::SeqCst)) {
+        return Ok(());
+    }
+    let present = vm.size.present_vcpus;
+    let cpus = match u32::try_from(cpus) {
+        Ok(n) if n <= present => n,
+        _ => {
+            return Err(ShimError::FailedPrecondition(format!(
+                "container {id:?}: the update asks for {cpus} CPUs, more than the {present} vCPUs \
+                 its sandbox VM was built with (guest.max_vcpus and the host's CPUs bound them)"
+            )))
+        }
+    };
+    let online = vm.agent.online_cpus(cpus).await?;
+    vm.online_vcpus.fetch_max(online, Ordering::SeqCst);
+    tracing::info!(container_id = %id, online, present, "vCPUs brought online for the update");
+    Ok(())
 }

@@ -165,7 +165,7 @@ impl Sandbox {
         req: VmRequest<'_>,
         mut net: Option<&mut PodNetwork>,
     ) -> Result<Vm> {
-        let hv = self.factory.new_vm(&self.id, req)?;
+        let (hv, size) = self.factory.new_vm(&self.id, req)?;
         hv.add_share(SHARED_TAG, shared, false).await?;
         if let Some(net) = net.as_deref_mut() {
             for iface in &mut net.interfaces {
@@ -219,6 +219,8 @@ impl Sandbox {
             hv,
             agent,
             oom_watcher,
+            size,
+            online_vcpus: size.vcpus.into(),
         })
     }
 

@@ -102,6 +102,11 @@ struct Vm {
     hv: Box<dyn Hypervisor>,
     agent: GuestAgent,
     oom_watcher: JoinHandle<()>,
+    /// Its size at boot ([`boxlite_runtime::sizing`]).
+    size: boxlite_runtime::sizing::VmSize,
+    /// vCPUs online now: from `size.vcpus` up to `size.present_vcpus`,
+    /// grown by updates that ask for more CPU.
+    online_vcpus: std::sync::atomic::AtomicU32,
 }
 
 pub struct Sandbox {

@@ -8,7 +8,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use boxlite_protocol::error_chain::chain;
 use boxlite_runtime::config::TimeoutsConfig;
-use boxlite_runtime::sizing::{check_host_memory, size_vm, Fixed, HostCapacity, PodResources};
+use boxlite_runtime::sizing::{
+    check_host_memory, size_vm, Fixed, HostCapacity, PodResources, VmSize,
+};
 use boxlite_runtime::{Config, Hypervisor, VmSpec};
 use oci_spec::runtime::Spec;
 
@@ -60,8 +62,8 @@ pub trait VmFactory: Send + Sync {
     /// `<state_dir>/<id>`.
     fn sandbox_dir(&self, id: &str) -> Result<PathBuf>;
     /// A VM for sandbox `id`, not started, as `req` (from the container
-    /// that boots it) asks.
-    fn new_vm(&self, id: &str, req: VmRequest<'_>) -> Result<Box<dyn Hypervisor>>;
+    /// that boots it) asks, and the size it was given.
+    fn new_vm(&self, id: &str, req: VmRequest<'_>) -> Result<(Box<dyn Hypervisor>, VmSize)>;
     /// The host-side bound of an agent call (`timeouts.agent_call_secs`).
     fn agent_call_timeout(&self) -> Duration;
 }
@@ -89,7 +91,7 @@ impl VmFactory for ConfigVmFactory {
         Ok(self.config()?.sandbox_dir(id))
     }
 
-    fn new_vm(&self, id: &str, req: VmRequest<'_>) -> Result<Box<dyn Hypervisor>> {
+    fn new_vm(&self, id: &str, req: VmRequest<'_>) -> Result<(Box<dyn Hypervisor>, VmSize)> {
         // The runtime's annotation error is rendered into the message: a
         // request the node refuses, INVALID_ARGUMENT like the other refusals.
         let refused = |e: &(dyn std::error::Error + 'static)| {
@@ -118,13 +120,18 @@ impl VmFactory for ConfigVmFactory {
             tracing::info!(
                 sandbox_id = %id,
                 vcpus = size.vcpus,
+                present_vcpus = size.present_vcpus,
                 memory_mib = size.memory_mib,
                 from = req.resources.source,
                 "VM sized from the pod"
             );
         }
-        (spec.vcpus, spec.memory_mib) = (size.vcpus, size.memory_mib);
-        Ok(boxlite_runtime::new_hypervisor(&config, spec)?)
+        // Built with every vCPU it may grow into, booted with the pod's.
+        (spec.vcpus, spec.memory_mib) = (size.present_vcpus, size.memory_mib);
+        if size.present_vcpus > size.vcpus {
+            spec.cmdline_extra.push(format!("maxcpus={}", size.vcpus));
+        }
+        Ok((boxlite_runtime::new_hypervisor(&config, spec)?, size))
     }
 
     /// With no usable config no VM starts, so no call is made; the default

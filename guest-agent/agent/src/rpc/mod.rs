@@ -542,6 +542,25 @@ impl agent_ttrpc::Agent for AgentService {
         .await
     }
 
+    async fn online_cpus(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::OnlineCpusRequest,
+    ) -> ttrpc::Result<agent::OnlineCpusResponse> {
+        self.serve("OnlineCpus", async {
+            let count = req.count;
+            let (online, present) = self
+                .blocking("OnlineCpus", move |a| a.do_online_cpus(count))
+                .await?;
+            Ok(agent::OnlineCpusResponse {
+                online,
+                present,
+                ..Default::default()
+            })
+        })
+        .await
+    }
+
     async fn get_oom_event(
         &self,
         _ctx: &TtrpcContext,

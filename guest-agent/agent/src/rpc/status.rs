@@ -37,6 +37,10 @@ pub fn status_code(err: &AgentError) -> Code {
         AgentError::GuestInfo(_) => Code::INTERNAL,
         AgentError::Container(e) => container_code(e),
         AgentError::Network(e) => network_code(e),
+        AgentError::Cpus(e) => match e {
+            crate::cpus::CpuError::TooMany { .. } => Code::INVALID_ARGUMENT,
+            _ => Code::INTERNAL,
+        },
         AgentError::Unimplemented(_) => Code::UNIMPLEMENTED,
         AgentError::Panicked(_) | AgentError::Worker(_) => Code::INTERNAL,
     }
