@@ -4,7 +4,7 @@
 //! The test host is a Linux kernel with KVM_AMD running under QEMU TCG with
 //! an emulated SVM CPU, so `/dev/kvm` works here the way it does on a real
 //! host. This program mounts the pseudo filesystems, reads the scenarios to
-//! run from the kernel command line (`boxlite.scenarios=boot,health,smp,reboot,guest-connect,fs,blk,net`),
+//! run from the kernel command line (`boxlite.scenarios=boot,health,smp,reboot,guest-connect,fs,blk,net,balloon`),
 //! runs `boxlite-vmm` on the guest kernel and initramfs for each of them,
 //! prints one verdict line per scenario on the console
 //!

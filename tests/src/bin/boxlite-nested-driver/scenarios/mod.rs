@@ -1,6 +1,7 @@
 //! The scenarios, one file each, and [`run`], which picks one by name.
 //! Each returns a [`ScenarioResult`]; `main` prints it.
 
+mod balloon;
 mod blk;
 mod boot;
 mod boot_qemu;
@@ -28,6 +29,7 @@ pub async fn run(name: &str, s: &Settings) -> ScenarioResult {
         "fs" => fs::run(s).await,
         "blk" => blk::run(s).await,
         "net" => net::run(s).await,
+        "balloon" => balloon::run(s).await,
         "boot-qemu" => boot_qemu::run(s).await,
         other => Ok(Verdict::Fail(format!(
             "unknown scenario {other:?} (known: {ALL_SCENARIOS})"

@@ -3,13 +3,15 @@
 
 use std::fs;
 use std::os::fd::RawFd;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use boxlite_runtime::hypervisor::ready::ReadyListener;
 use boxlite_runtime::HybridVsock;
 use boxlite_vmm_api::config::{
-    BlockConfig, DeviceConfig, FsConfig, JailUser, NetConfig, RngConfig, VmConfig, VsockConfig,
+    BalloonConfig, BlockConfig, DeviceConfig, FsConfig, JailUser, NetConfig, RngConfig, VmConfig,
+    VsockConfig,
 };
 
 use super::{Vm, VmFiles, GUEST_MEMORY_MIB};
@@ -80,8 +82,31 @@ pub fn vsock_support(s: &Settings) -> Result<Result<(), String>, Failure> {
     Ok(ANSWER.get_or_init(|| answer).clone())
 }
 
+/// What a scenario may change about a VM beyond its devices.
+#[derive(Clone, Default)]
+pub struct VmOptions {
+    /// Guest RAM; None: [`GUEST_MEMORY_MIB`].
+    pub memory_mib: Option<u32>,
+    /// The guest initramfs; None: [`Settings::guest_initramfs`].
+    pub initramfs: Option<PathBuf>,
+    /// The `balloon` section of vm.json.
+    pub balloon: Option<BalloonConfig>,
+    /// Serve the control socket (`control.sock` in the VM's directory).
+    pub control_socket: bool,
+}
+
 impl Vm {
     pub fn start(s: &Settings, name: &str, vcpus: u8, devices: &[Device]) -> Result<Vm, Failure> {
+        Vm::start_with(s, name, vcpus, devices, &VmOptions::default())
+    }
+
+    pub fn start_with(
+        s: &Settings,
+        name: &str,
+        vcpus: u8,
+        devices: &[Device],
+        opts: &VmOptions,
+    ) -> Result<Vm, Failure> {
         let dir = s.work.join(name);
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
@@ -111,12 +136,18 @@ impl Vm {
             .collect();
         let cfg = VmConfig {
             vcpus,
-            memory_mib: GUEST_MEMORY_MIB,
+            memory_mib: opts.memory_mib.unwrap_or(GUEST_MEMORY_MIB),
             kernel: Some(s.guest_kernel()),
-            initramfs: Some(s.guest_initramfs()),
+            initramfs: Some(
+                opts.initramfs
+                    .clone()
+                    .unwrap_or_else(|| s.guest_initramfs()),
+            ),
             console_log: Some(files.console.clone()),
             cmdline: s.guest_cmdline.clone(),
             devices: devs,
+            balloon: opts.balloon,
+            control_socket: opts.control_socket.then(|| files.control_socket()),
             sandbox_dir: Some(dir.clone()),
             ..VmConfig::default()
         };
@@ -168,6 +199,7 @@ impl Vm {
             started,
             vsock,
             ready,
+            jailed: s.jail,
         })
     }
 }

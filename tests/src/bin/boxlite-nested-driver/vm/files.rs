@@ -26,6 +26,11 @@ impl VmFiles {
         }
     }
 
+    /// The VMM's control socket, when the VM serves one.
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+
     pub fn console_text(&self) -> String {
         fs::read(&self.console)
             .map(|b| String::from_utf8_lossy(&b).into_owned())

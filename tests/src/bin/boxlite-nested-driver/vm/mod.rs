@@ -7,7 +7,7 @@ mod boxlite_vmm;
 mod files;
 mod qemu;
 
-pub use boxlite_vmm::{vsock_support, Device};
+pub use boxlite_vmm::{vsock_support, Device, VmOptions};
 pub use files::VmFiles;
 
 use std::fmt::Write as _;
@@ -42,6 +42,9 @@ pub struct Vm {
     vsock: Option<HybridVsock>,
     /// `<uds>_1027`, bound before the VMM starts (as the runtime does).
     ready: Option<ReadyListener>,
+    /// Started with its jail: the VM then runs in the spawned process's
+    /// child (docs/vmm.md, "Running it").
+    jailed: bool,
 }
 
 impl Vm {
@@ -88,6 +91,74 @@ impl Vm {
             .open(&self.files.vmm_log)
         {
             let _ = f.write_all(out.as_bytes());
+        }
+    }
+
+    /// The pid of the process that runs the VM: the spawned one, or with
+    /// the jail its child (`boxlite_vmm_api::process::vm_pids`).
+    pub fn vm_pid(&self) -> Result<u32, Failure> {
+        let spawned = self.child.id();
+        if !self.jailed {
+            return Ok(spawned);
+        }
+        boxlite_vmm_api::process::vm_pids(spawned)
+            .first()
+            .copied()
+            .ok_or_else(|| {
+                self.fail(format!(
+                    "the jailed boxlite-vmm {spawned} has no VM process"
+                ))
+            })
+    }
+
+    /// The VM process's resident memory in KiB (`VmRSS`): its own pages and
+    /// the guest RAM it has mapped (the memfd's pages count as `RssShmem`).
+    pub fn rss_kib(&self) -> Result<u64, Failure> {
+        let pid = self.vm_pid()?;
+        let path = format!("/proc/{pid}/status");
+        let status =
+            fs::read_to_string(&path).map_err(|e| self.fail(format!("cannot read {path}: {e}")))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| self.fail(format!("{path} has no VmRSS line")))
+    }
+
+    /// Guest RAM the host holds for the VM, in KiB: the blocks allocated
+    /// to boxlite-vmm's guest RAM memfd (found among the VM process's fds
+    /// by its name). Unlike `VmRSS`, which only counts what the VMM has
+    /// mapped, this is what the host really keeps: a memfd page the VMM
+    /// merely unmapped (`MADV_DONTNEED` on shared memory) still counts.
+    pub fn guest_ram_kib(&self) -> Result<u64, Failure> {
+        use std::os::unix::fs::MetadataExt;
+        let pid = self.vm_pid()?;
+        let dir = format!("/proc/{pid}/fd");
+        let fds = fs::read_dir(&dir).map_err(|e| self.fail(format!("cannot list {dir}: {e}")))?;
+        for fd in fds.flatten() {
+            let is_ram = fs::read_link(fd.path())
+                .is_ok_and(|t| t.to_string_lossy().starts_with("/memfd:boxlite-guest-ram"));
+            if is_ram {
+                // stat through the /proc link reaches the memfd's inode.
+                let m = fs::metadata(fd.path())
+                    .map_err(|e| self.fail(format!("cannot stat {}: {e}", fd.path().display())))?;
+                return Ok(m.blocks() / 2);
+            }
+        }
+        Err(self.fail(format!("no guest RAM memfd among {dir}")))
+    }
+
+    /// The VMM's counters through its control socket (the VM must have
+    /// been started with [`VmOptions::control_socket`]).
+    pub fn metrics(&self) -> Result<boxlite_vmm_api::control::Metrics, Failure> {
+        use boxlite_vmm_api::control::{Reply, Request};
+        let socket = self.files.control_socket();
+        match boxlite_runtime::hypervisor::builtin::control_request(&socket, Request::Metrics) {
+            Ok(Reply::Metrics { metrics }) => Ok(metrics),
+            Ok(other) => {
+                Err(self.fail(format!("{}: metrics answered {other:?}", socket.display())))
+            }
+            Err(e) => Err(self.fail(format!("{}: metrics failed: {e}", socket.display()))),
         }
     }
 

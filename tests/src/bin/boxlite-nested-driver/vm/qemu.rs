@@ -54,6 +54,7 @@ impl Vm {
             started,
             vsock: None,
             ready: None,
+            jailed: false,
         })
     }
 }
