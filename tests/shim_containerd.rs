@@ -250,6 +250,75 @@ fn twenty_containers_at_once_and_nothing_left() {
     }
 }
 
+/// Memory goes back: a container that fills and frees a 400 MiB buffer,
+/// then idles — the guest reports the freed pages (virtio-balloon free page
+/// reporting) and the VM's host processes drop back to within 64 MiB of
+/// their idle baseline within 10 s.
+#[test]
+#[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
+fn freed_guest_memory_goes_back_to_the_host() {
+    let c = Containerd::with_image();
+    c.set_config("memory_mib", "768");
+    c.run_detached(&[], "bal1");
+    let vm_mib = || -> u64 {
+        processes_mentioning(&c.state_dir().join("bal1"))
+            .iter()
+            .map(|(pid, _)| {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                let kib = |field: &str| {
+                    status
+                        .lines()
+                        .find_map(|l| l.strip_prefix(field))
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                kib("RssAnon:") + kib("RssShmem:")
+            })
+            .sum::<u64>()
+            / 1024
+    };
+    // Idle baseline: after the boot's own freed pages were reported.
+    std::thread::sleep(Duration::from_secs(5));
+    let baseline = vm_mib();
+    let out = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "fill",
+        "bal1",
+        "dd",
+        "if=/dev/zero",
+        "of=/dev/null",
+        "bs=400M",
+        "count=1",
+    ]);
+    assert!(out.status.success(), "dd: {}", text(&out.stderr));
+    let peak = vm_mib();
+    let freed_at = Instant::now();
+    let mut now = peak;
+    while now > baseline + 64 && freed_at.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(200));
+        now = vm_mib();
+    }
+    eprintln!(
+        "VM host memory: baseline {baseline} MiB, after the fill {peak} MiB, \
+         {now} MiB {:?} later",
+        freed_at.elapsed()
+    );
+    // The fill really reached the host, or the test proves nothing.
+    assert!(
+        peak >= baseline + 300,
+        "baseline {baseline} MiB, peak {peak} MiB"
+    );
+    assert!(
+        now <= baseline + 64,
+        "still {now} MiB 10 s after the free (baseline {baseline} MiB)"
+    );
+    c.kill_and_delete("bal1");
+    c.assert_nothing_left();
+}
+
 /// A bad runtime config gives a clear error in ctr's output, and nothing runs.
 #[test]
 #[ignore = "needs root, containerd and ctr"]
