@@ -1,6 +1,7 @@
 //! The small calls on a container: pty resize, CloseIO, pause, resume,
 //! pids, update, stats, State and Connect. Each checks the task state,
-//! then asks the agent once.
+//! then asks the agent once — update may first have it bring vCPUs online
+//! ([`grow_for`]).
 
 use std::sync::atomic::Ordering;
 
