@@ -16,7 +16,7 @@ use boxlite_tests::containerd::IMAGE;
 use boxlite_tests::cri::{
     cri_netns, http_get, pod_config, Cri, DNS_SERVER, GREETING, HANDLER, PAUSE_IMAGE, SUBNET,
 };
-use boxlite_tests::processes_mentioning;
+use boxlite_tests::{processes_mentioning, vm_memory_kib};
 use k8s_cri::v1::{
     ContainerState, ContainerStatsRequest, ContainerStatusRequest, ImageSpec, ImageStatusRequest,
     LinuxContainerResources, NamespaceMode, PodSandboxStatsRequest,
@@ -379,20 +379,7 @@ async fn a_pod_is_sized_from_its_limits_and_lives_in_its_cgroup() {
     // What the kubelet reads for the pod (containerd reads the pod cgroup)
     // counts the VM: at least the anonymous and shared memory of its host
     // processes (the guest's RAM is one or the other, by backend).
-    let anon_kib: u64 = procs
-        .iter()
-        .map(|(pid, _)| {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            let kib = |field: &str| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix(field))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            kib("RssAnon:") + kib("RssShmem:")
-        })
-        .sum();
+    let anon_kib = vm_memory_kib(procs.iter().map(|(pid, _)| *pid));
     let stats = cri
         .rt
         .pod_sandbox_stats(PodSandboxStatsRequest {

@@ -23,7 +23,7 @@ use boxlite_tests::containerd::{
     left_in_state_dir, mounts_under, shim_binary, text, Containerd, IMAGE, RUNTIME, SHIM_RECORDS,
 };
 use boxlite_tests::oci_image::{busybox_image, run, sha256};
-use boxlite_tests::processes_mentioning;
+use boxlite_tests::{processes_mentioning, vm_memory_kib};
 
 /// `ctr run --runtime io.containerd.boxlite.v2` reaches the shim, which boots
 /// a VM and asks the agent to create the container; the container's output
@@ -260,23 +260,9 @@ fn freed_guest_memory_goes_back_to_the_host() {
     let c = Containerd::with_image();
     c.set_config("memory_mib", "768");
     c.run_detached(&[], "bal1");
-    let vm_mib = || -> u64 {
-        processes_mentioning(&c.state_dir().join("bal1"))
-            .iter()
-            .map(|(pid, _)| {
-                let status =
-                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-                let kib = |field: &str| {
-                    status
-                        .lines()
-                        .find_map(|l| l.strip_prefix(field))
-                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                        .unwrap_or(0)
-                };
-                kib("RssAnon:") + kib("RssShmem:")
-            })
-            .sum::<u64>()
-            / 1024
+    let vm_mib = || {
+        let procs = processes_mentioning(&c.state_dir().join("bal1"));
+        vm_memory_kib(procs.iter().map(|(pid, _)| *pid)) / 1024
     };
     // Idle baseline: after the boot's own freed pages were reported.
     std::thread::sleep(Duration::from_secs(5));

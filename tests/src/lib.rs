@@ -58,6 +58,26 @@ pub fn guest_assets() -> GuestAssets {
     }
 }
 
+/// The guest RAM a VM's host processes hold: the sum of their anonymous
+/// and shared resident memory in KiB (`RssAnon` + `RssShmem` of
+/// `/proc/<pid>/status`; the guest's RAM is one or the other, by backend).
+/// Processes gone by the time they are read count 0.
+pub fn vm_memory_kib(pids: impl IntoIterator<Item = u32>) -> u64 {
+    pids.into_iter()
+        .map(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let kib = |field: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(field))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            kib("RssAnon:") + kib("RssShmem:")
+        })
+        .sum()
+}
+
 /// Processes whose command line mentions `needle` (e.g. a sandbox directory,
 /// which every QEMU and helper daemon of that sandbox has in its arguments).
 pub fn processes_mentioning(needle: &Path) -> Vec<(u32, String)> {
