@@ -16,7 +16,7 @@ use boxlite_tests::containerd::IMAGE;
 use boxlite_tests::cri::{
     cri_netns, http_get, pod_config, Cri, DNS_SERVER, GREETING, HANDLER, PAUSE_IMAGE, SUBNET,
 };
-use boxlite_tests::{processes_mentioning, vm_memory_kib};
+use boxlite_tests::{check_vm_cgroup, processes_mentioning, vm_memory_kib};
 use k8s_cri::v1::{
     ContainerState, ContainerStatsRequest, ContainerStatusRequest, ImageSpec, ImageStatusRequest,
     LinuxContainerResources, NamespaceMode, PodSandboxStatsRequest,
@@ -358,22 +358,11 @@ async fn a_pod_is_sized_from_its_limits_and_lives_in_its_cgroup() {
     let sandbox_cgroup = format!("{pod_cgroup}/{pod}");
     let procs = processes_mentioning(&cri.c.state_dir().join(&pod));
     assert!(procs.len() >= 2, "VM processes: {procs:?}");
-    let mut want: Vec<u32> = procs.iter().map(|(pid, _)| *pid).collect();
-    want.sort_unstable();
+    let pids: Vec<u32> = procs.iter().map(|(pid, _)| *pid).collect();
     for h in &hierarchies {
-        let leaf = h.mount.join(&sandbox_cgroup);
-        let mut members: Vec<u32> = std::fs::read_to_string(leaf.join("cgroup.procs"))
-            .unwrap_or_else(|e| panic!("{}: {e}", leaf.display()))
-            .lines()
-            .map(|l| l.parse().unwrap())
-            .collect();
-        members.sort_unstable();
-        assert_eq!(
-            members,
-            want,
-            "{}: the VM's processes {procs:?}",
-            leaf.display()
-        );
+        if let Err(e) = check_vm_cgroup(&h.mount.join(&sandbox_cgroup), &pids) {
+            panic!("{e}; the VM's processes: {procs:?}");
+        }
     }
 
     // What the kubelet reads for the pod (containerd reads the pod cgroup)

@@ -23,7 +23,7 @@ use boxlite_tests::containerd::{
     left_in_state_dir, mounts_under, shim_binary, text, Containerd, IMAGE, RUNTIME, SHIM_RECORDS,
 };
 use boxlite_tests::oci_image::{busybox_image, run, sha256};
-use boxlite_tests::{processes_mentioning, vm_memory_kib};
+use boxlite_tests::{check_vm_cgroup, processes_mentioning, vm_memory_kib};
 
 /// `ctr run --runtime io.containerd.boxlite.v2` reaches the shim, which boots
 /// a VM and asks the agent to create the container; the container's output
@@ -127,22 +127,12 @@ fn the_vms_processes_run_in_the_containers_cgroup() {
         let procs = processes_mentioning(&c.state_dir().join(id));
         // The VMM (and, jailed, its VM process) and virtiofsd at least.
         assert!(procs.len() >= 2, "{id}: VM processes: {procs:?}");
+        let pids: Vec<u32> = procs.iter().map(|(pid, _)| *pid).collect();
         for h in &hierarchies {
             let leaf = h.mount.join(path.trim_start_matches('/'));
-            let mut members: Vec<u32> = std::fs::read_to_string(leaf.join("cgroup.procs"))
-                .unwrap()
-                .lines()
-                .map(|l| l.parse().unwrap())
-                .collect();
-            members.sort_unstable();
-            let mut want: Vec<u32> = procs.iter().map(|(pid, _)| *pid).collect();
-            want.sort_unstable();
-            assert_eq!(
-                members,
-                want,
-                "{}: the VM's processes {procs:?}, nothing else",
-                leaf.display()
-            );
+            if let Err(e) = check_vm_cgroup(&leaf, &pids) {
+                panic!("{id}: {e}; the VM's processes: {procs:?}");
+            }
         }
     }
     c.kill_and_delete("cg1");

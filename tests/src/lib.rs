@@ -58,6 +58,44 @@ pub fn guest_assets() -> GuestAssets {
     }
 }
 
+/// Checks that the cgroup directory `leaf` holds exactly the VM's host
+/// processes `pids` and, besides them, only KVM's own kernel threads for
+/// the VM (the NX huge page recovery worker, `kvm-nx-lpage-re…`, which KVM
+/// puts in the cgroup of the process that made the VM: they are the VM's
+/// too). Err says what is missing or what else is there.
+pub fn check_vm_cgroup(leaf: &Path, pids: &[u32]) -> Result<(), String> {
+    let procs = std::fs::read_to_string(leaf.join("cgroup.procs"))
+        .map_err(|e| format!("{}: {e}", leaf.display()))?;
+    let members: Vec<u32> = procs
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    let comm = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let kvm_thread = |pid: u32| {
+        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.is_empty())
+            && comm(pid).starts_with("kvm")
+    };
+    let missing: Vec<u32> = pids
+        .iter()
+        .copied()
+        .filter(|p| !members.contains(p))
+        .collect();
+    let others: Vec<String> = members
+        .iter()
+        .copied()
+        .filter(|p| !pids.contains(p) && !kvm_thread(*p))
+        .map(|p| format!("{p} {}", comm(p).trim()))
+        .collect();
+    if missing.is_empty() && others.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: VM processes missing {missing:?}, others there {others:?}",
+            leaf.display()
+        ))
+    }
+}
+
 /// The guest RAM a VM's host processes hold: the sum of their anonymous
 /// and shared resident memory in KiB (`RssAnon` + `RssShmem` of
 /// `/proc/<pid>/status`; the guest's RAM is one or the other, by backend).
