@@ -7,13 +7,16 @@
 //! - [`path::resolve`] turns the `cgroupsPath` (cgroupfs or systemd form)
 //!   into a path below each hierarchy's root;
 //! - [`PodCgroup::create`] makes it in every mounted hierarchy (v1, v2 or
-//!   both), remembering where it made the sandbox's own directory — the
-//!   kubelet's pod cgroup and shared parents such as `/boxlite` are left
-//!   alone, only the sandbox's directory we made is removed with it;
+//!   both) where missing. The sandbox's own directory (the last component)
+//!   is the sandbox's, as a container's is runc's: it is removed with the
+//!   sandbox even if it was there before (a crashed run's leftover). Its
+//!   parents — the kubelet's pod cgroup, shared ones such as `/boxlite` or
+//!   ctr's `/default` — are left alone;
 //! - [`PodCgroup::joiner`] gives what a child writes between fork and exec
 //!   to join it, so that no process of the VM (nor a child it forks before
 //!   anyone could move it) ever runs outside it;
-//! - [`PodCgroup::remove`] removes what we made, once the processes are gone;
+//! - [`PodCgroup::remove`] removes the sandbox's directory, once the
+//!   processes are gone;
 //!   [`remove_recorded`] does it after a crashed shim, from the record
 //!   [`PodCgroup::create`] leaves in the sandbox directory.
 //!
@@ -35,8 +38,8 @@ use std::time::{Duration, Instant};
 pub use mounts::{parse_mountinfo, Hierarchy};
 pub use path::{resolve, InvalidCgroupsPath};
 
-/// In the sandbox directory: the cgroup directories the sandbox made (its
-/// own, in each hierarchy), one absolute path a line.
+/// In the sandbox directory: the sandbox's own cgroup directory in each
+/// hierarchy, one absolute path a line.
 pub const RECORD_FILE: &str = "cgroup.created";
 
 /// How long removal waits for the cgroup to empty: a killed process leaves
@@ -86,7 +89,8 @@ pub fn host_hierarchies() -> Result<Vec<Hierarchy>, CgroupError> {
 pub struct PodCgroup {
     /// The sandbox's directory in each hierarchy.
     leaves: Vec<PathBuf>,
-    /// The sandbox's directory in each hierarchy where this sandbox made it.
+    /// The sandbox's directories to remove with it: its own in each
+    /// hierarchy (never a parent).
     created: Vec<PathBuf>,
     /// Where [`RECORD_FILE`] is, once written.
     record: Option<PathBuf>,
@@ -126,14 +130,16 @@ impl PodCgroup {
                 let parent = dir.clone();
                 dir.push(name);
                 match std::fs::create_dir(&dir) {
-                    // Only the sandbox's own directory is ours to remove: a
-                    // parent made on the way (`/boxlite`, ctr's `/default`)
-                    // is shared by every sandbox under it and stays, as
-                    // runc leaves it.
-                    Ok(()) if level + 1 == levels => self.created.push(dir.clone()),
                     Ok(()) => {}
                     Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
                     Err(e) => return Err(io("create", &dir)(e)),
+                }
+                // Only the sandbox's own directory is ours to remove: a
+                // parent (`/boxlite`, ctr's `/default`, the kubelet's pod
+                // cgroup) is shared by every sandbox under it and stays,
+                // as runc leaves it.
+                if level + 1 == levels {
+                    self.created.push(dir.clone());
                 }
                 // Also where the directory existed: a sandbox starting at
                 // the same moment may have made it and not filled it yet.

@@ -54,6 +54,22 @@ fn only_what_the_sandbox_made_is_recorded_and_removed() {
 }
 
 #[test]
+fn a_leftover_sandbox_directory_is_the_sandboxs_and_goes_with_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = fake_hierarchies(tmp.path());
+    // A crashed run's leftover of the same sandbox.
+    for hierarchy in &h {
+        std::fs::create_dir(hierarchy.mount.join("kubepods/pod1/sb1")).unwrap();
+    }
+    let mut cg = PodCgroup::create(&h, Path::new("kubepods/pod1/sb1"), tmp.path()).unwrap();
+    cg.remove().unwrap();
+    for hierarchy in &h {
+        assert!(!hierarchy.mount.join("kubepods/pod1/sb1").exists());
+        assert!(hierarchy.mount.join("kubepods/pod1").is_dir());
+    }
+}
+
+#[test]
 fn a_failed_create_removes_what_it_made() {
     let tmp = tempfile::tempdir().unwrap();
     let mut h = fake_hierarchies(tmp.path());
