@@ -167,6 +167,23 @@ stop_private_containerd() {
     PRIV_CONTAINERD=""
 }
 
+# On cgroup v2, the memory controller for ctr's /default/<id> (+memory in
+# the subtree_control of / and /default), as the kubelet's pod cgroups have
+# it: without it the pod cgroup has no memory.current to read. Only in the
+# node (a throwaway machine), not with --private-containerd.
+ensure_memory_accounting() {
+    local root=/sys/fs/cgroup
+    [ "$PRIVATE" = 0 ] && [ -f "$root/cgroup.controllers" ] || return 0
+    if grep -qw memory "$root/cgroup.subtree_control" && [ -d "$root/default" ] \
+        && grep -qw memory "$root/default/cgroup.subtree_control"; then
+        return 0
+    fi
+    echo "cgroup v2: enabling the memory controller below / and /default for the pods' cgroups"
+    echo +memory >"$root/cgroup.subtree_control"
+    mkdir -p "$root/default"
+    echo +memory >"$root/default/cgroup.subtree_control"
+}
+
 # Sets the backend every shim started from now on uses.
 use_backend() {
     sed -i "s/^backend = .*/backend = \"$1\"/" "$CONFIG"
@@ -286,16 +303,20 @@ for pod in ids:
         memfd_names |= n
         print("proc", pod, kind, p, t, m)
     if cg:
-        if os.path.exists(f"{cg}/memory.current"):
-            usage, keys = int(read(f"{cg}/memory.current")), V2_KEYS
+        current, v1 = read(f"{cg}/memory.current"), read(f"{cg}/memory.usage_in_bytes")
+        if current is not None:
+            usage, keys = int(current) // 1024, V2_KEYS
+        elif v1 is not None:
+            usage, keys = int(v1) // 1024, V1_KEYS
         else:
-            usage, keys = int(read(f"{cg}/memory.usage_in_bytes")), V1_KEYS
+            # No memory controller on this cgroup.
+            usage, keys = "na", []
         stat = dict(l.split() for l in (read(f"{cg}/memory.stat") or "").splitlines())
         extra = [f"{k}={int(stat[k]) // 1024}" for k in keys if k in stat]
         kmem = read(f"{cg}/memory.kmem.usage_in_bytes")
         if kmem is not None:
             extra.append(f"kmem={int(kmem) // 1024}")
-        print("cgroup", pod, cg, usage // 1024, *extra)
+        print("cgroup", pod, cg, usage, *extra)
     else:
         print("warn", pod, "no VM process found")
 print("memfd", *sorted(memfd_names))
@@ -345,7 +366,8 @@ bench_batch() {
     total_kb="$(awk '$1 == "proc" {s += $5} END {print s + 0}' <<<"$lines")"
     memfd_kb="$(awk '$1 == "proc" {s += $6} END {print s + 0}' <<<"$lines")"
     shim_kb="$(awk '$1 == "proc" && $3 == "shim" {s += $5} END {print s + 0}' <<<"$lines")"
-    cg_kb="$(awk '$1 == "cgroup" {s += $4} END {print s + 0}' <<<"$lines")"
+    # "None" (no memory controller on a pod's cgroup) prints as n/a.
+    cg_kb="$(awk '$1 == "cgroup" {if ($4 == "na") na = 1; s += $4} END {print na ? "None" : s + 0}' <<<"$lines")"
     # The per-kind PSS, summed over the pods.
     KINDS[$b]+="$(awk -v n="$n" '$1 == "proc" {s[$3] += $5} END {for (k in s) printf "%s %s %s\n", n, k, s[k]}' <<<"$lines")"$'\n'
     # The cgroup's memory.stat lines, summed over the pods.
@@ -368,7 +390,8 @@ bench_batch() {
 n, tot, memfd, used, cg, drop, mc, shim = $n, $total_kb, $memfd_kb, $used_kb, $cg_kb, $avail0 - $avail1, $mc, $shim_kb
 m = lambda kb: f'{kb / 1024:.1f}'
 over = tot / n - used
-print(f'| {n} | {m(tot)} MiB | **{m(tot / n)} MiB** | {m(memfd / n)} MiB | {m(used)} MiB | **{m(over)} MiB** | {m(cg / n)} MiB | {m(drop / n)} MiB | {mc} m | {mc / n:.0f} m |')
+cgm = 'n/a' if cg is None else m(cg / n) + ' MiB'
+print(f'| {n} | {m(tot)} MiB | **{m(tot / n)} MiB** | {m(memfd / n)} MiB | {m(used)} MiB | **{m(over)} MiB** | {cgm} | {m(drop / n)} MiB | {mc} m | {mc / n:.0f} m |')
 print(f'VERDICT N = {n}: host overhead per pod {m(over)} MiB (shim {m(shim / n)}, VM processes {m(tot / n - shim / n)}, of which guest RAM {m(memfd / n)}), target <= $TARGET_MIB MiB:', 'meets it' if over <= $TARGET_MIB * 1024 else 'misses it')
 ")"$'\n'
     # Let the removed VMs' memory go back before the next batch reads
@@ -426,6 +449,7 @@ main() {
     preflight
     ensure_image
     trap cleanup EXIT
+    ensure_memory_accounting
     conditions
     echo "start: $(date -u '+%F %T UTC')"
     for b in "${BACKENDS[@]}"; do
