@@ -317,6 +317,26 @@ async fn a_pod_is_sized_from_its_limits_and_lives_in_its_cgroup() {
     let pod_cgroup = format!("kubepods/burstable/pod-bx-{}", std::process::id());
     for h in &hierarchies {
         std::fs::create_dir_all(h.mount.join(&pod_cgroup)).unwrap();
+        if h.v2 {
+            // On v2 the kubelet enables the controllers it limits and
+            // measures down to the pod cgroup (from the root; memory here), or the pod
+            // has no memory figures at all (a fresh node may have none on).
+            let mut dir = h.mount.clone();
+            for part in pod_cgroup.split('/') {
+                let available =
+                    std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+                let enable: Vec<String> = ["memory"]
+                    .iter()
+                    .filter(|c| available.split_whitespace().any(|a| a == **c))
+                    .map(|c| format!("+{c}"))
+                    .collect();
+                if !enable.is_empty() {
+                    std::fs::write(dir.join("cgroup.subtree_control"), enable.join(" "))
+                        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+                }
+                dir.push(part);
+            }
+        }
         if !h.v2 && h.v1_cpuset {
             // cgroup v1 cpuset children start empty, as the kubelet knows.
             for file in ["cpuset.cpus", "cpuset.mems"] {
