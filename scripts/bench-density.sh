@@ -290,8 +290,13 @@ for pod in ids:
     gone = in_cg - set(procs)
     if cg and in_cg - gone != mention:
         print("warn", pod, "cgroup", cg, "has", sorted(in_cg - gone), "; mentioning the sandbox dir:", sorted(mention))
-    if gone:
-        print("warn", pod, "cgroup", cg, "lists processes without a command line (exited, zombies):", sorted(gone))
+    for p in sorted(gone):
+        st = dict(l.split(":", 1) for l in (read(f"/proc/{p}/status") or "").splitlines() if ":" in l)
+        st = {k: v.strip() for k, v in st.items()}
+        ppid = int(st.get("PPid", 0))
+        print("warn", pod, f"pid {p} in the cgroup has no command line: Name {st.get('Name')},",
+              f"State {st.get('State')}, Threads {st.get('Threads')}, PPid {ppid}",
+              f"({procs.get(ppid, (0, '?'))[1]})")
     vm = sorted((mention | in_cg) - gone)
     for p in shim:
         t, m, n = pss(p)
@@ -350,7 +355,6 @@ bench_batch() {
     avail1="$(mem_available_kb)"
 
     lines="$(pod_processes "$STATE_DIR" "${ids[@]}")"
-    grep '^warn' <<<"$lines" || true
     mapfile -t pids < <(awk '$1 == "proc" {print $4}' <<<"$lines")
     # 1. CPU while idle.
     c0="$(cpu_ms "${pids[@]}")"; s0="$(now_ms)"
