@@ -208,15 +208,17 @@ mem_available_kb() { awk '/^MemAvailable:/ {print $2}' /proc/meminfo; }
 
 # The processes of the pods $2.. (state dir $1), one line each:
 #   proc ID KIND PID PSS_KB MEMFD_PSS_KB
-# KIND is "shim", the executable's name, or NAME/child for a child of a
+# KIND is "shim", the executable's name, NAME/child for a child of a
 # process of the same name (the jailed boxlite-vmm's VM process under its
-# waiting parent; virtiofsd's sandbox child). Per pod:
+# waiting parent; virtiofsd's sandbox child), or kthread:NAME for a kernel
+# thread in the pod's cgroup (KVM's kvm-nx-lpage-recovery-PID, no memory
+# of its own: PSS 0, its CPU counted). Per pod:
 #   cgroup ID DIR USAGE_KB key=KB…      (memory.stat lines, v2 or v1)
 # and `warn …` when the pod's cgroup and the processes mentioning its
 # sandbox dir differ, `memfd NAME…` with the memfd mappings counted.
 pod_processes() {
     python3 - "$@" <<'EOF'
-import os, sys
+import os, re, sys
 
 state_dir, ids = sys.argv[1], sys.argv[2:]
 
@@ -290,10 +292,17 @@ for pod in ids:
     gone = in_cg - set(procs)
     if cg and in_cg - gone != mention:
         print("warn", pod, "cgroup", cg, "has", sorted(in_cg - gone), "; mentioning the sandbox dir:", sorted(mention))
+    kthreads = []
     for p in sorted(gone):
         st = dict(l.split(":", 1) for l in (read(f"/proc/{p}/status") or "").splitlines() if ":" in l)
         st = {k: v.strip() for k, v in st.items()}
         ppid = int(st.get("PPid", 0))
+        if ppid == 2:
+            # A kernel thread KVM starts for the VM and puts in its
+            # creator's cgroup (kvm-nx-lpage-recovery-PID): no memory of its
+            # own; its CPU counts.
+            kthreads.append((p, "kthread:" + re.sub(r"-[0-9]+$", "", st.get("Name", "?"))))
+            continue
         print("warn", pod, f"pid {p} in the cgroup has no command line: Name {st.get('Name')},",
               f"State {st.get('State')}, Threads {st.get('Threads')}, PPid {ppid}",
               f"({procs.get(ppid, (0, '?'))[1]})")
@@ -307,6 +316,8 @@ for pod in ids:
         t, m, n = pss(p)
         memfd_names |= n
         print("proc", pod, kind, p, t, m)
+    for p, kind in kthreads:
+        print("proc", pod, kind, p, 0, 0)
     if cg:
         current, v1 = read(f"{cg}/memory.current"), read(f"{cg}/memory.usage_in_bytes")
         if current is not None:
