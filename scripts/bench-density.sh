@@ -46,9 +46,11 @@
 #    proc mount but no view of its own of /proc/meminfo); guest used =
 #    MemTotal - MemAvailable.
 # Then the pods are removed. Per backend a table: N, total PSS, PSS per
-# pod, guest RAM touched, guest used, host overhead per pod (PSS per pod
-# - guest used), cgroup memory, MemAvailable drop, idle CPU; and the PSS
-# per process kind.
+# pod, guest RAM touched, the host processes' own (PSS - guest RAM), guest
+# used, host overhead per pod (PSS per pod - guest used), cgroup memory,
+# MemAvailable drop, idle CPU; and the PSS per process kind. The issue's
+# target, <= 40 MiB of host overhead per idle pod, is compared with; the
+# exit status does not depend on it.
 set -euo pipefail
 # A failure inside $(…) ends the script too.
 shopt -s inherit_errexit
@@ -384,7 +386,7 @@ bench_batch() {
     # "None" (no memory controller on a pod's cgroup) prints as n/a.
     cg_kb="$(awk '$1 == "cgroup" {if ($4 == "na") na = 1; s += $4} END {print na ? "None" : s + 0}' <<<"$lines")"
     # The per-kind PSS, summed over the pods.
-    KINDS[$b]+="$(awk -v n="$n" '$1 == "proc" {s[$3] += $5} END {for (k in s) printf "%s %s %s\n", n, k, s[k]}' <<<"$lines")"$'\n'
+    KINDS[$b]+="$(awk -v n="$n" '$1 == "proc" {s[$3] += $5; g[$3] += $6} END {for (k in s) printf "%s %s %s %s\n", n, k, s[k], g[k]}' <<<"$lines")"$'\n'
     # The cgroup's memory.stat lines, summed over the pods.
     echo "cgroup memory.stat per pod (MiB): $(awk -v n="$n" '$1 == "cgroup" {for (i = 5; i <= NF; i++) {split($i, kv, "="); s[kv[1]] += kv[2]; if (!(kv[1] in o)) {o[kv[1]] = ++m; k[m] = kv[1]}}} END {for (i = 1; i <= m; i++) printf "%s %.1f ", k[i], s[k[i]] / n / 1024}' <<<"$lines")"
     # 3. The guest's own view.
@@ -399,14 +401,15 @@ bench_batch() {
     echo "idle CPU of all ${n} pods: $mc millicores over $((s1 - s0)) ms"
     save_pod_logs "$b" "$n" "${ids[0]}"
     remove_containers "${ids[@]}"
-    # | N | total PSS | PSS/pod | guest RAM touched/pod | guest used/pod |
-    # overhead/pod | cgroup/pod | MemAvailable drop/pod | CPU total | CPU/pod |
+    # | N | total PSS | PSS/pod | guest RAM touched/pod | host processes'
+    # own/pod | guest used/pod | overhead/pod | cgroup/pod | MemAvailable
+    # drop/pod | CPU total | CPU/pod |
     SUMMARY[$b]+="$(python3 -c "
 n, tot, memfd, used, cg, drop, mc, shim = $n, $total_kb, $memfd_kb, $used_kb, $cg_kb, $avail0 - $avail1, $mc, $shim_kb
 m = lambda kb: f'{kb / 1024:.1f}'
 over = tot / n - used
 cgm = 'n/a' if cg is None else m(cg / n) + ' MiB'
-print(f'| {n} | {m(tot)} MiB | **{m(tot / n)} MiB** | {m(memfd / n)} MiB | {m(used)} MiB | **{m(over)} MiB** | {cgm} | {m(drop / n)} MiB | {mc} m | {mc / n:.0f} m |')
+print(f'| {n} | {m(tot)} MiB | **{m(tot / n)} MiB** | {m(memfd / n)} MiB | {m((tot - memfd) / n)} MiB | {m(used)} MiB | **{m(over)} MiB** | {cgm} | {m(drop / n)} MiB | {mc} m | {mc / n:.0f} m |')
 print(f'VERDICT N = {n}: host overhead per pod {m(over)} MiB (shim {m(shim / n)}, VM processes {m(tot / n - shim / n)}, of which guest RAM {m(memfd / n)}), target <= $TARGET_MIB MiB:', 'meets it' if over <= $TARGET_MIB * 1024 else 'misses it')
 ")"$'\n'
     # Let the removed VMs' memory go back before the next batch reads
@@ -423,22 +426,22 @@ save_pod_logs() {
 }
 
 report() {
-    local b="$1" n kind kb
+    local b="$1" n kind kb gkb
     echo
-    echo "== $b: N idle pods (sleep 3600); read after ${SETTLE_SECS} s idle (CPU) and ${CPU_SECS} s later (memory)"
+    echo "== $b: N idle pods (sleep 3600); CPU over ${CPU_SECS} s after ${SETTLE_SECS} s idle, memory read after that"
     echo
-    printf '| N | total PSS | PSS per pod | guest RAM touched per pod | guest used per pod | host overhead per pod (PSS − guest used) | pod cgroup memory per pod | MemAvailable drop per pod | idle CPU, all pods | idle CPU per pod |\n'
-    printf '|---|---|---|---|---|---|---|---|---|---|\n'
+    printf '| N | total PSS | PSS per pod | guest RAM touched per pod | host processes%s own per pod (PSS − guest RAM) | guest used per pod | host overhead per pod (PSS − guest used) | pod cgroup memory per pod | MemAvailable drop per pod | idle CPU, all pods | idle CPU per pod |\n' "'"
+    printf '|---|---|---|---|---|---|---|---|---|---|---|\n'
     grep '^|' <<<"${SUMMARY[$b]}"
     echo
     grep '^VERDICT' <<<"${SUMMARY[$b]}" | sed 's/^VERDICT //'
     echo
     echo "PSS per pod by process (MiB):"
     echo
-    printf '| N | process | PSS per pod |\n|---|---|---|\n'
-    while read -r n kind kb; do
+    printf '| N | process | PSS per pod | of which guest RAM (memfd) |\n|---|---|---|---|\n'
+    while read -r n kind kb gkb; do
         [ -n "$n" ] || continue
-        printf '| %s | %s | %s MiB |\n' "$n" "$kind" "$(mib $((kb / n)))"
+        printf '| %s | %s | %s MiB | %s MiB |\n' "$n" "$kind" "$(mib $((kb / n)))" "$(mib $((gkb / n)))"
     done < <(sort -k1,1n -k2,2 <<<"${KINDS[$b]}")
 }
 
