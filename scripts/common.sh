@@ -28,7 +28,15 @@ CARGO_TOOLS=(
     "virtiofsd 1.14.0 virtiofsd"
 )
 
-log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+# Each step's line says how far into the run it starts (minutes:seconds since
+# the first script of this run sourced this file), so a CI log shows where
+# the time goes.
+BOXLITE_RUN_STARTED="${BOXLITE_RUN_STARTED:-$(date +%s)}"
+export BOXLITE_RUN_STARTED
+log() {
+    local t=$(($(date +%s) - BOXLITE_RUN_STARTED))
+    printf '\033[1m==> [%d:%02d] %s\033[0m\n' $((t / 60)) $((t % 60)) "$*"
+}
 
 require_root() {
     if [ "$(id -u)" -ne 0 ]; then

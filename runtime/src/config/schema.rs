@@ -116,6 +116,10 @@ pub struct GuestConfig {
     /// Added to a pod's memory limit: what the guest kernel, the agent and
     /// the initramfs root take, so the containers get the limit itself.
     pub reserved_memory_mib: u32,
+    /// The guest reports the pages it frees through the balloon and the VMM
+    /// returns them to the host (both backends); off, a guest keeps on the
+    /// host every page it ever touched.
+    pub free_page_reporting: bool,
     /// Appended to the backend's own command line (`console=ttyS0 reboot=t
     /// panic=-1`).
     pub kernel_cmdline_extra: String,
@@ -131,6 +135,7 @@ impl Default for GuestConfig {
             max_vcpus: 16,
             max_memory_mib: 65536,
             reserved_memory_mib: 128,
+            free_page_reporting: true,
             kernel_cmdline_extra: String::new(),
         }
     }

@@ -58,13 +58,15 @@ pub const CONTROL_SOCKET: &str = "control.sock";
 /// Guest CID (each VM has its own VMM, so they never clash).
 pub const GUEST_CID: u32 = 3;
 /// Every sandbox gets a balloon: the guest reports the memory it frees and
-/// the VMM hands it back to the host, so a pod that once touched a lot of
-/// memory does not keep it; the guest takes ballooned pages back before it
-/// would OOM.
-pub const BALLOON: BalloonConfig = BalloonConfig {
-    deflate_on_oom: true,
-    free_page_reporting: true,
-};
+/// the VMM hands it back to the host (unless `guest.free_page_reporting` is
+/// off), so a pod that once touched a lot of memory does not keep it; the
+/// guest takes ballooned pages back before it would OOM.
+pub fn balloon(spec: &VmSpec) -> BalloonConfig {
+    BalloonConfig {
+        deflate_on_oom: true,
+        free_page_reporting: spec.free_page_reporting,
+    }
+}
 /// After the agent's shutdown deadline, how long the VMM gets to exit after
 /// a control-socket `shutdown` before it is killed.
 const CONTROL_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
@@ -149,7 +151,7 @@ pub fn vm_config(
         sandbox_dir: Some(vm.spec.dir.clone()),
         jail_user: Some(vm.spec.jail_user),
         devices,
-        balloon: Some(BALLOON),
+        balloon: Some(balloon(&vm.spec)),
         ..VmConfig::default()
     })
 }
@@ -276,6 +278,21 @@ impl Launcher for BuiltinLauncher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_page_reporting_follows_the_config() {
+        let mut spec = Rig::new().spec();
+        assert!(spec.free_page_reporting, "on by default");
+        assert!(balloon(&spec).free_page_reporting && balloon(&spec).deflate_on_oom);
+        spec.free_page_reporting = false;
+        assert_eq!(
+            balloon(&spec),
+            BalloonConfig {
+                deflate_on_oom: true,
+                free_page_reporting: false
+            }
+        );
+    }
     use crate::config::{ResolvedAccel, ResolvedBackend};
     use crate::hypervisor::test_rig::{assert_stops_in_time, Bins, Rig};
     use crate::hypervisor::Hypervisor;

@@ -46,6 +46,9 @@ pub struct VmSpec {
     pub initramfs: PathBuf,
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// `guest.free_page_reporting`: the balloon hands the pages the guest
+    /// frees back to the host.
+    pub free_page_reporting: bool,
     /// Appended to the backend's own kernel command line, in order:
     /// [`GUEST_CONSOLE_LOGLEVEL`], then the config's `kernel_cmdline_extra`.
     pub cmdline_extra: Vec<String>,
@@ -92,6 +95,7 @@ impl VmSpec {
             initramfs: config.guest.initramfs.clone(),
             vcpus: config.guest.vcpus,
             memory_mib: config.guest.memory_mib,
+            free_page_reporting: config.guest.free_page_reporting,
             cmdline_extra: std::iter::once(GUEST_CONSOLE_LOGLEVEL)
                 .chain(config.guest.kernel_cmdline_extra.split_whitespace())
                 .map(str::to_owned)

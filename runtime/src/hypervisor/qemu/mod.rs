@@ -55,8 +55,11 @@ pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 no_timer_check";
 pub const QEMU_SANDBOX: &str =
     "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 /// QEMU's virtio-balloon on the microvm machine (virtio-mmio), with what
-/// the builtin backend's balloon offers.
-pub const QEMU_BALLOON: &str = "virtio-balloon-device,deflate-on-oom=on,free-page-reporting=on";
+/// the builtin backend's balloon offers (`builtin::balloon`).
+fn qemu_balloon(free_page_reporting: bool) -> String {
+    let reporting = if free_page_reporting { "on" } else { "off" };
+    format!("virtio-balloon-device,deflate-on-oom=on,free-page-reporting={reporting}")
+}
 pub use super::process::HELPER_READY_TIMEOUT;
 
 pub use super::process::fs_socket_name;
@@ -167,11 +170,11 @@ impl QemuLauncher {
             args.push(format!("virtio-net-device,netdev=net{i},mac={}", net.mac).into());
         }
         // The balloon the builtin backend gives every sandbox too
-        // (builtin::BALLOON): freed guest memory goes back to the host,
+        // (builtin::balloon): freed guest memory goes back to the host,
         // the balloon deflates before the guest would OOM. Last, so the
         // other devices keep their slots.
         args.push("-device".into());
-        args.push(QEMU_BALLOON.into());
+        args.push(qemu_balloon(vm.spec.free_page_reporting).into());
         args
     }
 }

@@ -384,3 +384,23 @@ async fn shares_and_nets_only_before_start() {
         "{err}"
     );
 }
+
+#[test]
+fn free_page_reporting_follows_the_config() {
+    let rig = Rig::new();
+    for (reporting, want) in [
+        (true, "free-page-reporting=on"),
+        (false, "free-page-reporting=off"),
+    ] {
+        let mut spec = rig.spec();
+        spec.free_page_reporting = reporting;
+        let vm = QemuHypervisor::new(spec, bins("/q".into(), "/v".into(), "/f".into())).unwrap();
+        let line = render_cmdline(Path::new("q"), &vm.qemu_args(&[], &[], 7));
+        let balloon = line.rsplit(' ').next().unwrap();
+        assert_eq!(
+            balloon,
+            format!("virtio-balloon-device,deflate-on-oom=on,{want}"),
+            "{line}"
+        );
+    }
+}
