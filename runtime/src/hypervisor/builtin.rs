@@ -61,10 +61,10 @@ pub const GUEST_CID: u32 = 3;
 /// the VMM hands it back to the host (unless `guest.free_page_reporting` is
 /// off), so a pod that once touched a lot of memory does not keep it; the
 /// guest takes ballooned pages back before it would OOM.
-pub fn balloon(spec: &VmSpec) -> BalloonConfig {
+pub const fn balloon(free_page_reporting: bool) -> BalloonConfig {
     BalloonConfig {
         deflate_on_oom: true,
-        free_page_reporting: spec.free_page_reporting,
+        free_page_reporting,
     }
 }
 /// After the agent's shutdown deadline, how long the VMM gets to exit after
@@ -151,7 +151,7 @@ pub fn vm_config(
         sandbox_dir: Some(vm.spec.dir.clone()),
         jail_user: Some(vm.spec.jail_user),
         devices,
-        balloon: Some(balloon(&vm.spec)),
+        balloon: Some(balloon(vm.spec.free_page_reporting)),
         ..VmConfig::default()
     })
 }
@@ -281,17 +281,16 @@ mod tests {
 
     #[test]
     fn free_page_reporting_follows_the_config() {
-        let mut spec = Rig::new().spec();
-        assert!(spec.free_page_reporting, "on by default");
-        assert!(balloon(&spec).free_page_reporting && balloon(&spec).deflate_on_oom);
-        spec.free_page_reporting = false;
-        assert_eq!(
-            balloon(&spec),
-            BalloonConfig {
-                deflate_on_oom: true,
-                free_page_reporting: false
-            }
-        );
+        assert!(Rig::new().spec().free_page_reporting, "on by default");
+        for reporting in [true, false] {
+            assert_eq!(
+                balloon(reporting),
+                BalloonConfig {
+                    deflate_on_oom: true,
+                    free_page_reporting: reporting
+                }
+            );
+        }
     }
     use crate::config::{ResolvedAccel, ResolvedBackend};
     use crate::hypervisor::test_rig::{assert_stops_in_time, Bins, Rig};
