@@ -184,6 +184,22 @@ pub fn assert_nothing_left(sandbox_dir: &Path) {
     );
 }
 
+/// How many of `full` repetitions a scaled test runs here: `$<var>` when
+/// the runner set fewer (the nested node, tests/nested/builtin-e2e.sh),
+/// else `full`. Fewer is reported as a skip of the full run (`what`, e.g.
+/// "twenty_cycles_leak_nothing (20 cycles)") with `$<var>_WHY`, so the
+/// summary never counts the smaller run as the full one.
+pub fn scaled_count(var: &str, full: usize, what: &str) -> usize {
+    match std::env::var(var).ok().and_then(|v| v.parse().ok()) {
+        Some(n) if n < full => {
+            let why = std::env::var(format!("{var}_WHY")).unwrap_or_default();
+            report_skip(what, &format!("ran {n} here: {why}"));
+            n
+        }
+        _ => full,
+    }
+}
+
 /// Records that `test` could not run here and why. Cargo's harness has no
 /// run-time skip, so the test returns (and cargo counts it as passed); the
 /// line written to `$BOXLITE_SKIP_LOG` lets scripts/test.sh subtract it and
