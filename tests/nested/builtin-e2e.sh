@@ -34,6 +34,7 @@ export BOXLITE_E2E_CYCLES_WHY="the nested node's time budget in CI; the host's q
 # seccomp, the cgroup, sizing, the balloon, cleanup after crashes, density.
 declare -A HOST_ONLY=(
     [a_container_limited_to_1_gib_fills_960_mib]="the guest's memory reserve (the VM's size is checked here by the_vm_is_sized_from_the_containers_limits)"
+    [annotation_overrides_allowed_and_refused]="the shim's annotation policy (a VM's size on this backend is checked by the_vm_is_sized_from_the_containers_limits)"
     [bad_command_is_a_clear_error]="the agent's error for a missing binary"
     [env_cwd_read_only_and_immediate_exit]="the agent's process setup"
     [host_network_is_refused]="a check in the shim before any VM exists"
