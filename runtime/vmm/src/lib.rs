@@ -12,7 +12,9 @@
 //!   the per-thread-kind seccomp filters, applied before the guest runs;
 //! - [`cli`]: logging and error reports shared by the binaries;
 //! - [`control`]: the control socket (shutdown, pause, resume, status,
-//!   metrics) on the event loop; [`metrics`]: the counters it reports.
+//!   metrics) on the event loop; [`metrics`]: the counters it reports;
+//! - [`snapshot`]: the state and memory file formats of a snapshot (the
+//!   save and restore sequences are not built yet: docs/snapshot-design.md).
 
 pub mod arch;
 pub mod builder;
@@ -24,6 +26,7 @@ pub mod devices;
 pub mod jail;
 pub mod metrics;
 pub mod seccomp;
+pub mod snapshot;
 pub mod threads;
 pub mod vstate;
 
