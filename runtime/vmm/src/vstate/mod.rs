@@ -1,7 +1,8 @@
-//! KVM state: guest memory, the VM, and vCPUs with their threads; a
-//! vCPU's whole state for snapshot and restore.
+//! KVM state: guest memory, the VM, and vCPUs with their threads; the
+//! vCPU and VM state that snapshot and restore carry.
 
 pub mod memory;
 pub mod vcpu;
 pub mod vcpu_state;
 pub mod vm;
+pub mod vm_state;

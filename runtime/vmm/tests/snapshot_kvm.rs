@@ -1,10 +1,16 @@
-//! A vCPU's state saved from one VM and restored into another continues
-//! the guest exactly where it stopped (vstate::vcpu_state). Needs root (or
-//! /dev/kvm access): `cargo test -p boxlite-vmm --test snapshot_vcpu --
-//! --ignored`. Port I/O only, so it runs on the development machines' KVM.
+//! KVM state saved from one VM and restored into another: a vCPU's
+//! continues the guest exactly where it stopped (vstate::vcpu_state), and
+//! the irqchip, PIT and clock come back as they were (vstate::vm_state).
+//! Needs root (or /dev/kvm access): `cargo test -p boxlite-vmm --test
+//! snapshot_kvm -- --ignored`. Port I/O only, so it runs on the
+//! development machines' KVM.
 
 use boxlite_vmm::vstate::vcpu_state::{complete_pending_io, saveable_msrs, VcpuState};
-use kvm_bindings::{kvm_regs, kvm_userspace_memory_region};
+use boxlite_vmm::vstate::vm_state::VmState;
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_regs, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -151,5 +157,73 @@ fn an_msr_kvm_refuses_is_named() {
     assert_eq!(
         err,
         "vCPU 0: KVM_GET_MSRS handled 1 of 2 MSRs (first refused: 0xdeadbeef)"
+    );
+}
+
+/// A VM with the in-kernel irqchip and PIT, as boxlite-vmm makes them.
+fn vm_with_irqchip(kvm: &Kvm) -> VmFd {
+    let vm = kvm.create_vm().expect("create VM");
+    vm.set_tss_address(0xfffb_d000).expect("TSS address");
+    vm.create_irq_chip().expect("in-kernel irqchip");
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .expect("in-kernel PIT");
+    vm
+}
+
+/// The state as the snapshot body holds it, to compare.
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap()
+}
+
+#[test]
+#[ignore = "needs /dev/kvm (root)"]
+fn the_irqchip_pit_and_clock_come_back_in_a_second_vm() {
+    let kvm = Kvm::new().expect("/dev/kvm");
+    let a = vm_with_irqchip(&kvm);
+    // Something of our own in each: an IOAPIC route (masked, vector 0x35),
+    // a PIT reload count, a clock far from the default.
+    let mut ioapic = kvm_irqchip {
+        chip_id: KVM_IRQCHIP_IOAPIC,
+        ..Default::default()
+    };
+    a.get_irqchip(&mut ioapic).unwrap();
+    // SAFETY: chip_id says the union holds the IOAPIC's state.
+    unsafe { ioapic.chip.ioapic.redirtbl[5].bits = (1 << 16) | 0x35 };
+    a.set_irqchip(&ioapic).unwrap();
+    let mut pit = a.get_pit2().unwrap();
+    pit.channels[0].count = 0x1234;
+    a.set_pit2(&pit).unwrap();
+    let clock_ns = 123_456_789_000;
+    a.set_clock(&kvm_clock_data {
+        clock: clock_ns,
+        ..Default::default()
+    })
+    .unwrap();
+
+    let saved = VmState::save(&a).unwrap();
+    let loaded: VmState = serde_json::from_str(&json(&saved)).unwrap();
+    let b = vm_with_irqchip(&kvm);
+    loaded.restore(&b).unwrap();
+    let again = VmState::save(&b).unwrap();
+
+    // SAFETY: both unions were read with chip_id IOAPIC.
+    let route = unsafe { again.ioapic.chip.ioapic.redirtbl[5].bits };
+    assert_eq!(route, (1 << 16) | 0x35, "IOAPIC route 5");
+    assert_eq!(json(&again.ioapic), json(&saved.ioapic), "IOAPIC");
+    assert_eq!(
+        json(&again.pic_master),
+        json(&saved.pic_master),
+        "PIC master"
+    );
+    assert_eq!(json(&again.pic_slave), json(&saved.pic_slave), "PIC slave");
+    assert_eq!(again.pit.channels[0].count, 0x1234, "PIT channel 0");
+    let (was, now) = (saved.clock.clock, again.clock.clock);
+    assert!(
+        (clock_ns..clock_ns + 1_000_000_000).contains(&was)
+            && (was..was + 1_000_000_000).contains(&now),
+        "kvmclock: set {clock_ns}, saved {was}, restored {now}"
     );
 }
