@@ -6,7 +6,7 @@
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -20,6 +20,28 @@ pub const GUEST_MEM_SIZE: u64 = 4 << 20;
 pub const F_NEXT: u16 = 1;
 /// VIRTQ_DESC_F_WRITE.
 pub const F_WRITE: u16 = 2;
+
+/// A virtio-mmio transport over a fresh [`MockDevice`].
+pub fn mock_transport() -> (super::mmio::MmioTransport, Arc<Mutex<MockDevice>>) {
+    let dev = Arc::new(Mutex::new(MockDevice::new()));
+    let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).expect("evt")));
+    let t = super::mmio::MmioTransport::new(dev.clone(), guest_memory(), irq).expect("transport");
+    (t, dev)
+}
+
+/// A 32-bit read of a transport register, as a vCPU makes it.
+pub fn mmio_read(t: &mut super::mmio::MmioTransport, offset: u64) -> u32 {
+    use crate::device_manager::bus::BusDevice;
+    let mut b = [0u8; 4];
+    t.read(offset, &mut b);
+    u32::from_le_bytes(b)
+}
+
+/// A 32-bit write of a transport register, as a vCPU makes it.
+pub fn mmio_write(t: &mut super::mmio::MmioTransport, offset: u64, value: u32) {
+    use crate::device_manager::bus::BusDevice;
+    t.write(offset, &value.to_le_bytes());
+}
 
 /// Guest memory for device tests.
 pub fn guest_memory() -> GuestMemoryMmap {

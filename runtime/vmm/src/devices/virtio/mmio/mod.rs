@@ -3,7 +3,8 @@
 //! Runs on vCPU threads: every guest access to the device's 4 KiB slot ends
 //! here. Queue notifications go to per-queue eventfds (registered as KVM
 //! ioeventfds when the host allows it, so most never reach this code);
-//! interrupts go through [`Interrupt`].
+//! interrupts go through [`Interrupt`]. [`state`]: the transport's state
+//! for snapshots.
 
 use std::sync::{Arc, Mutex};
 
@@ -13,6 +14,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{status, ActivateContext, Interrupt, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
 use crate::device_manager::bus::BusDevice;
+
+pub mod state;
 
 /// "virt" in little endian.
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -414,24 +417,9 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::test_utils::{guest_memory, MockDevice};
-
-    fn transport() -> (MmioTransport, Arc<Mutex<MockDevice>>) {
-        let dev = Arc::new(Mutex::new(MockDevice::new()));
-        let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).expect("evt")));
-        let t = MmioTransport::new(dev.clone(), guest_memory(), irq).expect("transport");
-        (t, dev)
-    }
-
-    fn r(t: &mut MmioTransport, off: u64) -> u32 {
-        let mut b = [0u8; 4];
-        t.read(off, &mut b);
-        u32::from_le_bytes(b)
-    }
-
-    fn w(t: &mut MmioTransport, off: u64, v: u32) {
-        t.write(off, &v.to_le_bytes());
-    }
+    use crate::devices::virtio::test_utils::{
+        mmio_read as r, mmio_write as w, mock_transport as transport,
+    };
 
     fn negotiate(t: &mut MmioTransport) {
         w(t, reg::STATUS, status::ACKNOWLEDGE);
