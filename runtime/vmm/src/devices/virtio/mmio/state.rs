@@ -208,8 +208,8 @@ mod tests {
         w(&mut t, reg::QUEUE_USED_LOW, 0x3000);
         w(&mut t, reg::QUEUE_READY, 1);
         w(&mut t, reg::STATUS, 0xf);
-        assert!(dev.lock().unwrap().activated);
-        t.interrupt.signal_used_queue().unwrap();
+        assert!(dev.lock().expect("device lock").activated);
+        t.interrupt.signal_used_queue().expect("interrupt");
         t
     }
 
@@ -237,10 +237,10 @@ mod tests {
     fn a_restored_transport_reads_as_the_saved_one() {
         let mut a = driven();
         let snap = a.save_state();
-        let json = serde_json::to_string(&snap).unwrap();
-        let snap: TransportSnap = serde_json::from_str(&json).unwrap();
+        let json = serde_json::to_string(&snap).expect("to JSON");
+        let snap: TransportSnap = serde_json::from_str(&json).expect("from JSON");
         let (mut b, dev_b) = transport();
-        b.restore_state(&snap).unwrap();
+        b.restore_state(&snap).expect("restore");
         assert_eq!(b.save_state(), snap);
         assert_eq!(registers(&mut b), registers(&mut a));
         assert_eq!(r(&mut b, reg::STATUS), 0xf);
@@ -248,7 +248,7 @@ mod tests {
         assert_eq!(b.queues[0].size(), 16);
         assert_eq!(b.queues[0].desc_table(), 0x1000);
         assert!(
-            !dev_b.lock().unwrap().activated,
+            !dev_b.lock().expect("device lock").activated,
             "restoring the transport leaves the device to its own restore"
         );
         // Queue registers stay frozen after DRIVER_OK, as in the original.
@@ -256,10 +256,13 @@ mod tests {
         assert_eq!(b.queues[0].size(), 16);
     }
 
+    /// One way a saved transport differs from the device it is restored to.
+    type EditSnap = fn(&mut TransportSnap);
+
     #[test]
     fn a_saved_transport_for_another_device_is_refused_untouched() {
         let saved = driven().save_state();
-        let cases: [(fn(&mut TransportSnap), &str); 5] = [
+        let cases: [(EditSnap, &str); 5] = [
             (
                 |s| s.device_type = 1,
                 "the snapshot's device is virtio type 1, this one type 4",
@@ -286,7 +289,7 @@ mod tests {
             edit(&mut snap);
             let (mut t, _) = transport();
             let before = t.save_state();
-            let err = t.restore_state(&snap).unwrap_err().to_string();
+            let err = t.restore_state(&snap).expect_err(want).to_string();
             assert!(err.starts_with(want), "{err}");
             assert_eq!(t.save_state(), before, "{want}: the transport changed");
         }
