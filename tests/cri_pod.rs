@@ -367,24 +367,10 @@ async fn a_pod_is_sized_from_its_limits_and_lives_in_its_cgroup() {
     // job (the_vm_is_sized_from_the_containers_limits): through ExecSync's
     // one-minute bound it is too slow in the nested node.
     let (code, out, err) = cri
-        .exec(
-            &ctr,
-            &[
-                "sh",
-                "-c",
-                "grep -c ^processor /proc/cpuinfo; grep ^MemTotal: /proc/meminfo",
-            ],
-        )
+        .exec(&ctr, &["sh", "-c", boxlite_tests::CPUS_AND_MEMTOTAL])
         .await;
     assert_eq!(code, 0, "{err}");
-    let mut lines = out.lines();
-    assert_eq!(lines.next(), Some("2"), "{out}");
-    let mem_kib: u64 = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no MemTotal in {out:?}"));
-    assert!(mem_kib >= 1 << 20, "guest MemTotal {mem_kib} kB < 1 GiB");
+    boxlite_tests::assert_cpus_and_memory(&out, 2, 1 << 20);
 
     let sandbox_cgroup = format!("{pod_cgroup}/{pod}");
     let procs = processes_mentioning(&cri.c.state_dir().join(&pod));

@@ -1358,22 +1358,10 @@ fn the_vm_is_sized_from_the_containers_limits() {
     let out = c.run_rm(
         &TWO_CPUS_ONE_GIB,
         "size1",
-        &[
-            "sh",
-            "-c",
-            "grep -c ^processor /proc/cpuinfo; grep ^MemTotal: /proc/meminfo",
-        ],
+        &["sh", "-c", boxlite_tests::CPUS_AND_MEMTOTAL],
     );
-    let stdout = text(&out.stdout);
     assert!(out.status.success(), "{out:?}");
-    let mut lines = stdout.lines();
-    assert_eq!(lines.next(), Some("2"), "online CPUs: {stdout}");
-    let mem_kib: u64 = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no MemTotal in {stdout:?}"));
-    assert!(mem_kib > 1 << 20, "guest MemTotal {mem_kib} kB ≤ 1 GiB");
+    boxlite_tests::assert_cpus_and_memory(&text(&out.stdout), 2, 1 << 20);
     let log = c.log();
     assert!(
         log.contains("VM sized from the pod") && log.contains("vcpus=2"),

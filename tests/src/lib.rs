@@ -184,6 +184,31 @@ pub fn assert_nothing_left(sandbox_dir: &Path) {
     );
 }
 
+/// A shell command printing the guest's online CPUs (a count) and its
+/// `MemTotal:` line; [`assert_cpus_and_memory`] checks what it printed.
+pub const CPUS_AND_MEMTOTAL: &str =
+    "grep -c ^processor /proc/cpuinfo; grep ^MemTotal: /proc/meminfo";
+
+/// What [`CPUS_AND_MEMTOTAL`] printed shows `cpus` online CPUs and a
+/// MemTotal above `min_kib`.
+pub fn assert_cpus_and_memory(out: &str, cpus: u32, min_kib: u64) {
+    let mut lines = out.lines();
+    assert_eq!(
+        lines.next(),
+        Some(cpus.to_string().as_str()),
+        "online CPUs: {out}"
+    );
+    let mem_kib: u64 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal in {out:?}"));
+    assert!(
+        mem_kib > min_kib,
+        "guest MemTotal {mem_kib} kB ≤ {min_kib} kB"
+    );
+}
+
 /// How many of `full` repetitions a scaled test runs here: `$<var>` when
 /// the runner set fewer (the nested node, tests/nested/builtin-e2e.sh),
 /// else `full`. Fewer is reported as a skip of the full run (`what`, e.g.

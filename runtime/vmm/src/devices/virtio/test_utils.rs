@@ -43,6 +43,17 @@ pub fn mmio_write(t: &mut super::mmio::MmioTransport, offset: u64, value: u32) {
     t.write(offset, &value.to_le_bytes());
 }
 
+/// The driver's feature handshake up to FEATURES_OK, acking VERSION_1.
+pub fn mmio_negotiate(t: &mut super::mmio::MmioTransport) {
+    use super::mmio::reg;
+    use super::status::{ACKNOWLEDGE, DRIVER, FEATURES_OK};
+    mmio_write(t, reg::STATUS, ACKNOWLEDGE);
+    mmio_write(t, reg::STATUS, ACKNOWLEDGE | DRIVER);
+    mmio_write(t, reg::DRIVER_FEATURES_SEL, 1);
+    mmio_write(t, reg::DRIVER_FEATURES, 1); // VERSION_1
+    mmio_write(t, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+}
+
 /// Guest memory for device tests.
 pub fn guest_memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), GUEST_MEM_SIZE as usize)])

@@ -418,20 +418,8 @@ impl BusDevice for MmioTransport {
 mod tests {
     use super::*;
     use crate::devices::virtio::test_utils::{
-        mmio_read as r, mmio_write as w, mock_transport as transport,
+        mmio_negotiate as negotiate, mmio_read as r, mmio_write as w, mock_transport as transport,
     };
-
-    fn negotiate(t: &mut MmioTransport) {
-        w(t, reg::STATUS, status::ACKNOWLEDGE);
-        w(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-        w(t, reg::DRIVER_FEATURES_SEL, 1);
-        w(t, reg::DRIVER_FEATURES, 1); // VERSION_1
-        w(
-            t,
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-        );
-    }
 
     #[test]
     fn identity_registers() {

@@ -188,20 +188,15 @@ impl MmioTransport {
 mod tests {
     use super::*;
     use crate::devices::virtio::mmio::reg;
-    use crate::devices::virtio::status;
     use crate::devices::virtio::test_utils::{
-        mmio_read as r, mmio_write as w, mock_transport as transport,
+        mmio_negotiate as negotiate, mmio_read as r, mmio_write as w, mock_transport as transport,
     };
 
     /// A transport the driver set up: features, queue 0 at our addresses,
     /// DRIVER_OK, an interrupt pending.
     fn driven() -> MmioTransport {
         let (mut t, dev) = transport();
-        w(&mut t, reg::STATUS, status::ACKNOWLEDGE);
-        w(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-        w(&mut t, reg::DRIVER_FEATURES_SEL, 1);
-        w(&mut t, reg::DRIVER_FEATURES, 1);
-        w(&mut t, reg::STATUS, 0xb);
+        negotiate(&mut t);
         w(&mut t, reg::QUEUE_NUM, 16);
         w(&mut t, reg::QUEUE_DESC_LOW, 0x1000);
         w(&mut t, reg::QUEUE_AVAIL_LOW, 0x2000);
