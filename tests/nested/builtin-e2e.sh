@@ -29,9 +29,10 @@ export BOXLITE_E2E_CYCLES_WHY="the nested node's time budget in CI; the host's q
 # the agent, the guest kernel and its cgroups — run on the qemu backend on
 # the host only: here each test takes 3-5 times as long, and the CI run has
 # an hour. Each is reported skipped with its reason (scripts/test.sh counts
-# it as skipped; cargo never ran it). Everything a backend does differently runs here: boot and its
-# failures, vsock stdio, virtio-fs, networking, the console, the jail and
-# seccomp, the cgroup, sizing, the balloon, cleanup after crashes, density.
+# it as skipped; cargo never ran it). Everything a backend does differently
+# runs here: boot and its failures, vsock stdio, virtio-fs, networking, the
+# console, the jail and seccomp, the cgroup, sizing, the balloon, cleanup
+# after crashes, density.
 declare -A HOST_ONLY=(
     [a_container_limited_to_1_gib_fills_960_mib]="the guest's memory reserve (the VM's size is checked here by the_vm_is_sized_from_the_containers_limits)"
     [annotation_overrides_allowed_and_refused]="the shim's annotation policy (a VM's size on this backend is checked by the_vm_is_sized_from_the_containers_limits)"

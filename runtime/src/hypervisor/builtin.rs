@@ -278,6 +278,12 @@ impl Launcher for BuiltinLauncher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{ResolvedAccel, ResolvedBackend};
+    use crate::hypervisor::test_rig::{assert_stops_in_time, Bins, Rig};
+    use crate::hypervisor::Hypervisor;
+    use boxlite_test_support::fake_bin::pid_alive;
+    use boxlite_vmm_api::control::VmState;
+    use std::fs::File;
 
     #[test]
     fn free_page_reporting_follows_the_config() {
@@ -292,12 +298,6 @@ mod tests {
             );
         }
     }
-    use crate::config::{ResolvedAccel, ResolvedBackend};
-    use crate::hypervisor::test_rig::{assert_stops_in_time, Bins, Rig};
-    use crate::hypervisor::Hypervisor;
-    use boxlite_test_support::fake_bin::pid_alive;
-    use boxlite_vmm_api::control::VmState;
-    use std::fs::File;
 
     fn bins(vmm: PathBuf, virtiofsd: PathBuf) -> ResolvedHypervisor {
         let (qemu, vhost_vsock) = ("qemu-system-x86_64".into(), "boxlite-vsock".into());

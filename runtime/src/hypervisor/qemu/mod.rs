@@ -54,11 +54,17 @@ pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 no_timer_check";
 /// process that cannot run a program on the host.
 pub const QEMU_SANDBOX: &str =
     "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
-/// QEMU's virtio-balloon on the microvm machine (virtio-mmio), with what
-/// the builtin backend's balloon offers (`builtin::balloon`).
+/// QEMU's virtio-balloon on the microvm machine (virtio-mmio), offering
+/// what the builtin backend's balloon offers: both come from
+/// [`super::builtin::balloon`].
 fn qemu_balloon(free_page_reporting: bool) -> String {
-    let reporting = if free_page_reporting { "on" } else { "off" };
-    format!("virtio-balloon-device,deflate-on-oom=on,free-page-reporting={reporting}")
+    let b = super::builtin::balloon(free_page_reporting);
+    let on = |yes: bool| if yes { "on" } else { "off" };
+    format!(
+        "virtio-balloon-device,deflate-on-oom={},free-page-reporting={}",
+        on(b.deflate_on_oom),
+        on(b.free_page_reporting)
+    )
 }
 pub use super::process::HELPER_READY_TIMEOUT;
 
