@@ -134,6 +134,15 @@ pub fn saveable_msrs(
     Ok(readable)
 }
 
+/// KVM's MSR list holding `entries`.
+fn msr_list(id: u8, entries: &[kvm_msr_entry]) -> Result<Msrs, VcpuStateError> {
+    Msrs::from_entries(entries).map_err(|e| VcpuStateError::Invalid {
+        id,
+        what: format!("{} MSRs do not fit KVM's list: {e:?}", entries.len()),
+    })
+}
+
+/// KVM's MSR list for reading the MSRs `indices`.
 fn msrs_for(id: u8, indices: impl Iterator<Item = u32>) -> Result<Msrs, VcpuStateError> {
     let entries: Vec<kvm_msr_entry> = indices
         .map(|index| kvm_msr_entry {
@@ -141,10 +150,7 @@ fn msrs_for(id: u8, indices: impl Iterator<Item = u32>) -> Result<Msrs, VcpuStat
             ..Default::default()
         })
         .collect();
-    Msrs::from_entries(&entries).map_err(|e| VcpuStateError::Invalid {
-        id,
-        what: format!("{} MSRs do not fit KVM's list: {e:?}", entries.len()),
-    })
+    msr_list(id, &entries)
 }
 
 impl VcpuState {
@@ -241,10 +247,7 @@ impl VcpuState {
             if batch.is_empty() {
                 continue;
             }
-            let msrs = Msrs::from_entries(&batch).map_err(|e| VcpuStateError::Invalid {
-                id,
-                what: format!("{} MSRs do not fit KVM's list: {e:?}", batch.len()),
-            })?;
+            let msrs = msr_list(id, &batch)?;
             let written = fd.set_msrs(&msrs).map_err(kvm(id, "KVM_SET_MSRS"))?;
             if written != batch.len() {
                 return Err(VcpuStateError::Msrs {
