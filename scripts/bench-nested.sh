@@ -38,9 +38,9 @@ for boot in $(seq 1 "$BOOTS"); do
     scenarios="$pair"
     for _ in $(seq 2 "$PAIRS"); do scenarios="$scenarios,$pair"; done
     console="$OUT/console-$boot.log"
-    timeout 900 qemu-system-x86_64 -M microvm,acpi=off -accel tcg -cpu EPYC,+svm,+npt -smp 2 -m 2048 \
+    timeout 900 qemu-system-x86_64 -M microvm -accel tcg -cpu EPYC,+svm,+npt -smp 2 -m 2048 \
         -nodefaults -no-user-config -nographic -no-reboot -serial "file:$console" \
-        -kernel "$OUT/th/vmlinux" -initrd "$OUT/th/initramfs.cpio.gz" \
+        -kernel "$OUT/th/vmlinuz" -initrd "$OUT/th/initramfs.cpio.gz" \
         -append "console=ttyS0 reboot=t panic=-1 no_timer_check boxlite.scenarios=$scenarios tsc_early_khz=$tsc_khz tsc=reliable kvm_amd.npt=0" \
         2>/dev/null || die "test host boot $boot failed; console: $console"
     grep -a "^BOXLITE-NESTED boot" "$console" | tee -a "$results"

@@ -24,7 +24,7 @@
 # --accel tcg,thread=single). --timeout bounds one run (default 420 s).
 #
 # Environment: BOXLITE_TESTHOST_KERNEL and BOXLITE_TESTHOST_INITRAMFS
-# (default build/testhost/vmlinux and build/testhost/initramfs.cpio.gz, what
+# (default build/testhost/vmlinuz and build/testhost/initramfs.cpio.gz, what
 # `cargo xtask testhost` writes), BOXLITE_TESTHOST_TSC_KHZ (the host's TSC
 # frequency; default from /proc/cpuinfo).
 set -euo pipefail
@@ -56,7 +56,7 @@ n="$1"
 scenarios="${2:-$(sed -n 's/^pub const NESTED_SCENARIOS: &str = "\(.*\)";/\1/p' "$repo/tests/src/lib.rs")}"
 [ -n "$scenarios" ] || { echo "nested-boot-loop: cannot read the default scenarios from tests/src/lib.rs" >&2; exit 2; }
 
-kernel="${BOXLITE_TESTHOST_KERNEL:-$repo/build/testhost/vmlinux}"
+kernel="${BOXLITE_TESTHOST_KERNEL:-$repo/build/testhost/vmlinuz}"
 initramfs="${BOXLITE_TESTHOST_INITRAMFS:-$repo/build/testhost/initramfs.cpio.gz}"
 for f in "$kernel" "$initramfs"; do
     [ -f "$f" ] || { echo "nested-boot-loop: no $f: run cargo xtask testhost (or set BOXLITE_TESTHOST_KERNEL/_INITRAMFS)" >&2; exit 2; }
@@ -88,7 +88,7 @@ for i in $(seq 1 "$n"); do
     started=$SECONDS
     set +e
     timeout --kill-after=10 "$timeout" qemu-system-x86_64 \
-        -M microvm,acpi=off -accel "$accel" -cpu "$cpu" -smp "$smp" -m 2048 \
+        -M microvm -accel "$accel" -cpu "$cpu" -smp "$smp" -m 2048 \
         -nodefaults -no-user-config -nographic -no-reboot \
         -serial "file:$console" \
         -kernel "$kernel" -initrd "$initramfs" -append "$cmdline" \

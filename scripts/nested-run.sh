@@ -76,6 +76,7 @@ cd "$REPO_ROOT"
     fi
 } >&2
 kernel="$(sed -n 's/^testhost-kernel: //p' <<<"$testhost_out")"
+node_initramfs="$(sed -n 's/^testhost-node-initramfs: //p' <<<"$testhost_out")"
 vmm="$(sed -n 's/^testhost-vmm: //p' <<<"$testhost_out")"
 virtiofsd="$(sed -n 's/^testhost-virtiofsd: //p' <<<"$testhost_out")"
 bin_dir="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/$profile"
@@ -133,9 +134,13 @@ started=$SECONDS
 # The virtio-rng device seeds the node's entropy at once: without it the
 # kernel's random pool took ~10 s to initialise under TCG, and containerd
 # waited for it.
+# The kernel is Debian's cloud kernel (cargo xtask testhost): its
+# virtio-mmio driver is a module that finds the devices in microvm's ACPI
+# tables (so no acpi=off), and the node's stage 1 (node-initramfs) loads it
+# and virtio-blk, mounts root= and switches to init=.
 set +e
 timeout --kill-after=10 "$timeout" qemu-system-x86_64 \
-    -M microvm,acpi=off -accel tcg -cpu EPYC,+svm,+npt -smp "$cpus" -m "$memory" \
+    -M microvm -accel tcg -cpu EPYC,+svm,+npt -smp "$cpus" -m "$memory" \
     -nodefaults -no-user-config -display none -no-reboot \
     -chardev "file,id=console,path=$work/console.log" -serial chardev:console \
     -chardev stdio,id=out,signal=off -device isa-serial,chardev=out \
@@ -144,7 +149,7 @@ timeout --kill-after=10 "$timeout" qemu-system-x86_64 \
     -drive "id=payload,file=$work/payload.ext4,format=raw,if=none,cache=unsafe" \
     -device virtio-blk-device,drive=payload \
     -object rng-random,id=rng,filename=/dev/urandom -device virtio-rng-device,rng=rng \
-    -kernel "$kernel" \
+    -kernel "$kernel" -initrd "$node_initramfs" \
     -append "console=ttyS0 root=/dev/vda rw init=/sbin/boxlite-node-boot reboot=t panic=-1 no_timer_check tsc_early_khz=$tsc_khz tsc=reliable kvm_amd.npt=0${BOXLITE_TESTHOST_APPEND:+ $BOXLITE_TESTHOST_APPEND}" \
     </dev/null
 qemu_status=$?

@@ -72,8 +72,20 @@ install_node() (
     ensure_containerd start
 )
 
+# The node runs Debian's cloud kernel, which builds what BoxLite, containerd
+# and CNI use as modules. /dev/kvm and /dev/net/tun appear only once their
+# module is loaded, which udev and systemd's kmod-static-nodes do on a real
+# node; this init does it with modprobe (the options on the kernel command
+# line, e.g. kvm_amd.npt=0, apply), and loads the rest up front too rather
+# than leaving it to the kernel's on-demand loading.
+load_modules() {
+    modprobe -a kvm_amd tun virtio_rng overlay veth bridge \
+        sch_ingress cls_u32 act_mirred nf_tables
+}
+
 say "init: up $(cut -d' ' -f1 /proc/uptime)s after boot"
 mount_all
+load_modules >/dev/console 2>&1 || finish "setup-failed: cannot load the kernel modules the node needs (see the console above)"
 [ -c /dev/kvm ] || finish "setup-failed: no /dev/kvm in the node (is KVM_AMD in the test-host kernel, and svm in the outer CPU?)"
 if ! install_node >/dev/console 2>&1; then
     finish "setup-failed: installing BoxLite or starting containerd failed (see the console above)"

@@ -267,7 +267,7 @@ fn spawn_qemu(kernel: &Path, initramfs: &Path, console: &Path, scenarios: &str) 
         ),
     }
     let mut cmd = Command::new(QEMU);
-    cmd.args(["-M", "microvm,acpi=off", "-accel", "tcg"])
+    cmd.args(["-M", "microvm", "-accel", "tcg"])
         .args(["-cpu", "EPYC,+svm,+npt", "-smp", "2", "-m", "2048"])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
         .arg("-serial")

@@ -4,6 +4,7 @@
 //! needs those libraries — the initramfs has neither. (A static-pie has a
 //! dynamic section for self-relocation, but no interpreter and no
 //! `DT_NEEDED`; a binary with `DT_NEEDED` but no interpreter starts nowhere.)
+//! Also a section by name ([`section`]), for the kernel modules' `.modinfo`.
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +13,7 @@ const ELFCLASS64: u8 = 2;
 const ELFDATA2LSB: u8 = 1;
 const ELF64_EHDR_LEN: usize = 64;
 const ELF64_PHDR_LEN: usize = 56;
+const ELF64_SHDR_LEN: usize = 64;
 const PT_LOAD: u32 = 1;
 const PT_DYNAMIC: u32 = 2;
 const PT_INTERP: u32 = 3;
@@ -67,12 +69,8 @@ pub fn linkage(path: &Path) -> Result<Linkage, ElfError> {
     linkage_of(&bytes, path)
 }
 
-/// Like [`linkage`], for ELF bytes already in memory; `path` names them in errors.
-pub fn linkage_of(bytes: &[u8], path: &Path) -> Result<Linkage, ElfError> {
-    let malformed = |what| ElfError::Malformed {
-        path: path.to_owned(),
-        what,
-    };
+/// Checks that `bytes` start with a 64-bit little-endian ELF header.
+fn check_header(bytes: &[u8], path: &Path) -> Result<(), ElfError> {
     if bytes.get(..4) != Some(ELF_MAGIC.as_slice()) {
         return Err(ElfError::NotElf {
             path: path.to_owned(),
@@ -87,8 +85,69 @@ pub fn linkage_of(bytes: &[u8], path: &Path) -> Result<Linkage, ElfError> {
         });
     }
     if bytes.len() < ELF64_EHDR_LEN {
-        return Err(malformed("ELF header"));
+        return Err(ElfError::Malformed {
+            path: path.to_owned(),
+            what: "ELF header",
+        });
     }
+    Ok(())
+}
+
+/// The contents of the section called `name` (e.g. a kernel module's
+/// `.modinfo`), or None if the file has no such section.
+pub fn section<'a>(bytes: &'a [u8], name: &str, path: &Path) -> Result<Option<&'a [u8]>, ElfError> {
+    check_header(bytes, path)?;
+    let malformed = |what| ElfError::Malformed {
+        path: path.to_owned(),
+        what,
+    };
+    let shoff = read_u64(bytes, 0x28).ok_or_else(|| malformed("e_shoff"))?;
+    let shentsize = usize::from(read_u16(bytes, 0x3a).ok_or_else(|| malformed("e_shentsize"))?);
+    let shnum = usize::from(read_u16(bytes, 0x3c).ok_or_else(|| malformed("e_shnum"))?);
+    let shstrndx = usize::from(read_u16(bytes, 0x3e).ok_or_else(|| malformed("e_shstrndx"))?);
+    if shnum == 0 {
+        return Ok(None);
+    }
+    if shentsize < ELF64_SHDR_LEN || shstrndx >= shnum {
+        return Err(malformed("section header table"));
+    }
+    let shoff = usize::try_from(shoff).map_err(|_| malformed("e_shoff"))?;
+    // (offset, size) of section `i`, and the offset of its name in the
+    // section-name string table.
+    let header = |i: usize| -> Option<(u32, u64, u64)> {
+        let at = shoff.checked_add(shentsize.checked_mul(i)?)?;
+        Some((
+            read_u32(bytes, at)?,
+            read_u64(bytes, at.checked_add(24)?)?,
+            read_u64(bytes, at.checked_add(32)?)?,
+        ))
+    };
+    let (_, names_off, names_len) =
+        header(shstrndx).ok_or_else(|| malformed("section header table"))?;
+    let names =
+        file_range(bytes, names_off, names_len).ok_or_else(|| malformed("section names"))?;
+    for i in 0..shnum {
+        let (name_off, off, len) = header(i).ok_or_else(|| malformed("section header table"))?;
+        let this = usize::try_from(name_off)
+            .ok()
+            .and_then(|start| names.get(start..))
+            .and_then(|rest| rest.split(|&b| b == 0).next());
+        if this == Some(name.as_bytes()) {
+            return file_range(bytes, off, len)
+                .map(Some)
+                .ok_or_else(|| malformed("section contents"));
+        }
+    }
+    Ok(None)
+}
+
+/// Like [`linkage`], for ELF bytes already in memory; `path` names them in errors.
+pub fn linkage_of(bytes: &[u8], path: &Path) -> Result<Linkage, ElfError> {
+    let malformed = |what| ElfError::Malformed {
+        path: path.to_owned(),
+        what,
+    };
+    check_header(bytes, path)?;
     let e_phoff = read_u64(bytes, 0x20).ok_or_else(|| malformed("e_phoff"))?;
     let e_phentsize = read_u16(bytes, 0x36).ok_or_else(|| malformed("e_phentsize"))?;
     let e_phnum = read_u16(bytes, 0x38).ok_or_else(|| malformed("e_phnum"))?;

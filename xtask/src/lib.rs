@@ -6,10 +6,12 @@
 pub mod agent;
 pub mod artefact;
 pub mod debian;
+pub mod debian_kernel;
 pub mod elf;
 pub mod guest;
 pub mod initramfs;
 pub mod kernel;
 pub mod node_image;
+pub mod stage1;
 pub mod testhost;
 pub mod testhost_qemu;

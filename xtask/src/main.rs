@@ -24,18 +24,21 @@ commands:
   guest      [--out-dir DIR] [--cache-dir DIR]
              kernel + agent + initramfs, copied to DIR (default: build/guest)
   testhost   [--out-dir DIR] [--cache-dir DIR] [--guest-initramfs PATH] [--with-qemu]
-             the nested test host (docs/testing-nested.md): its kernel (guest
-             + configs/test-host-kernel.fragment, cached) and its initramfs
-             (nested driver as /init, static boxlite-vmm, guest kernel and
-             initramfs) in DIR (default: build/testhost); --guest-initramfs
-             uses that guest initramfs instead of building the agent;
-             --with-qemu adds this machine's QEMU with its libraries and
-             microvm firmware (for the benchmark, docs/benchmarks.md)
-  node-image [--cache-dir DIR]
+             the nested test host (docs/testing-nested.md): its kernel
+             (Debian's linux-image-cloud-amd64, fetched with apt and cached
+             in DIR/debian-kernel/), its initramfs (stage 1 loading KVM, then
+             the nested driver, static boxlite-vmm, guest kernel and
+             initramfs) and the nested node's stage 1, in DIR (default:
+             build/testhost); --guest-initramfs uses that guest initramfs
+             instead of building the agent; --with-qemu adds this machine's
+             QEMU with its libraries and microvm firmware (for the
+             benchmark, docs/benchmarks.md)
+  node-image [--cache-dir DIR] [--kernel-cache-dir DIR]
              the nested test node's root disk: Debian 12 with containerd,
-             runc, QEMU, … by mmdebstrap into an ext4 image (cached by the
-             hash of its recipe in /var/cache/boxlite/images/node-<hash>/;
-             scripts/nested-run.sh boots it)
+             runc, QEMU, the test host kernel's modules, … by mmdebstrap into
+             an ext4 image (cached by the hash of its recipe in
+             /var/cache/boxlite/images/node-<hash>/; scripts/nested-run.sh
+             boots it)
 ";
 
 fn main() -> ExitCode {
@@ -142,20 +145,26 @@ fn run() -> Result<()> {
             let th = testhost::build(&out_dir, &cache_dir, guest_initramfs.as_deref(), with_qemu)?;
             println!("testhost-kernel: {}", th.kernel.display());
             println!("testhost-initramfs: {}", th.initramfs.display());
+            println!("testhost-node-initramfs: {}", th.node_initramfs.display());
             println!("testhost-vmm: {}", th.vmm.display());
             println!("testhost-virtiofsd: {}", th.virtiofsd.display());
         }
         "node-image" => {
             let mut cache_dir = None;
+            let mut kernel_cache_dir = None;
             while let Some(flag) = args.next() {
                 match flag.as_str() {
                     "--cache-dir" => cache_dir = Some(args.path(&flag)?),
+                    "--kernel-cache-dir" => kernel_cache_dir = Some(args.path(&flag)?),
                     _ => return unknown(&command, &flag),
                 }
             }
             let cache_dir =
                 cache_dir.unwrap_or_else(|| PathBuf::from(xtask::node_image::DEFAULT_CACHE_ROOT));
-            let image = xtask::node_image::build(&cache_dir)?;
+            let kernel_cache_dir =
+                kernel_cache_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_ROOT));
+            let kernel = xtask::debian_kernel::fetch(&kernel_cache_dir)?;
+            let image = xtask::node_image::build(&cache_dir, &kernel)?;
             println!("node-image: {}", image.path.display());
         }
         "help" | "-h" | "--help" => print!("{USAGE}"),

@@ -3,7 +3,9 @@
 //! into an ext4 image with `mke2fs -d` (no loop mount, no root-owned
 //! mount point), which QEMU gives the test-host kernel as its root disk.
 //!
-//! The image holds only what comes from Debian, plus a small bootstrap PID 1
+//! The image holds only what comes from Debian — its packages and the
+//! modules of the Debian kernel the node boots ([`crate::debian_kernel`]),
+//! with `kmod` to load them — plus a small bootstrap PID 1
 //! (`/sbin/boxlite-node-boot`) that mounts the run's payload disk and hands
 //! over to the init on it. Our own binaries and the node's init script ride
 //! on that payload disk, written anew by `scripts/nested-run.sh` for every
@@ -11,7 +13,7 @@
 //!
 //! The image is cached under `<cache root>/node-<hash>/node.ext4`, where the
 //! hash covers the whole recipe ([`recipe`]): packages, mmdebstrap arguments,
-//! hooks, the bootstrap and the image size. A build goes to a temporary
+//! hooks, the bootstrap, the kernel package and the image size. A build goes to a temporary
 //! directory beside the entry and is renamed into place when complete, under
 //! an exclusive lock, so a killed build never looks finished.
 
@@ -21,6 +23,8 @@ use std::process::Command;
 use std::time::Instant;
 
 use sha2::{Digest, Sha256};
+
+use crate::debian_kernel::DebianKernel;
 
 /// Where the image cache lives unless `--cache-dir` says otherwise (beside
 /// the tests' Debian container image).
@@ -36,8 +40,8 @@ pub const BOOTSTRAP_PATH: &str = "/sbin/boxlite-node-boot";
 /// The node's packages on top of `--variant=minbase`: what the issue's node
 /// runs (containerd, runc, busybox-static, iproute2, python3), the CRI
 /// test's CNI plugins and iptables (the bridge plugin's masquerade), procps
-/// and util-linux for the scripts, and QEMU for the qemu-backend rows of the
-/// side-by-side benchmark. Recommends are not installed (mmdebstrap's
+/// and util-linux for the scripts, kmod to load the kernel's modules, and
+/// QEMU for the qemu-backend rows of the side-by-side benchmark. Recommends are not installed (mmdebstrap's
 /// default), which keeps QEMU's dependencies to what it links.
 pub const PACKAGES: &[&str] = &[
     "containerd",
@@ -49,6 +53,7 @@ pub const PACKAGES: &[&str] = &[
     "iptables",
     "procps",
     "util-linux",
+    "kmod",
     "qemu-system-x86",
     "libseccomp2",
     "libcap-ng0",
@@ -122,18 +127,19 @@ fn mmdebstrap_args() -> Vec<String> {
     )
 }
 
-/// The text the cache key is the hash of: every input of the build.
-pub fn recipe() -> String {
+/// The text the cache key is the hash of: every input of the build;
+/// `kernel` is the [`DebianKernel::identity`] whose modules it carries.
+pub fn recipe(kernel: &str) -> String {
     format!(
         "version {RECIPE_VERSION}\nsuite bookworm\npackages {}\nmmdebstrap {}\nsize {IMAGE_SIZE}\n\
-         root label {ROOT_LABEL}\nbootstrap {BOOTSTRAP_PATH}\n{BOOTSTRAP}",
+         kernel {kernel}\nroot label {ROOT_LABEL}\nbootstrap {BOOTSTRAP_PATH}\n{BOOTSTRAP}",
         PACKAGES.join(","),
         mmdebstrap_args().join(" "),
     )
 }
 
-pub fn cache_key() -> String {
-    format!("{:x}", Sha256::digest(recipe().as_bytes()))
+pub fn cache_key(kernel: &str) -> String {
+    format!("{:x}", Sha256::digest(recipe(kernel).as_bytes()))
 }
 
 fn run(cmd: &mut Command, step: &str) -> Result<(), NodeImageError> {
@@ -153,13 +159,13 @@ fn run(cmd: &mut Command, step: &str) -> Result<(), NodeImageError> {
 
 /// The node image, built on first use (a few minutes: the packages come
 /// from the Debian mirror) and then taken from `cache_root`. Needs root,
-/// `mmdebstrap` and `mke2fs`.
-pub fn build(cache_root: &Path) -> Result<NodeImage, NodeImageError> {
+/// `mmdebstrap` and `mke2fs`. `kernel`'s modules go to `/lib/modules`.
+pub fn build(cache_root: &Path, kernel: &DebianKernel) -> Result<NodeImage, NodeImageError> {
     let cache_err = |path: &Path| {
         let path = path.to_owned();
         move |source| NodeImageError::Cache { path, source }
     };
-    let key = cache_key();
+    let key = cache_key(&kernel.identity());
     let entry = cache_root.join(format!("node-{key}"));
     let image = entry.join(IMAGE_NAME);
     if image.is_file() {
@@ -206,6 +212,26 @@ pub fn build(cache_root: &Path) -> Result<NodeImage, NodeImageError> {
         path: boot.clone(),
         source: io::Error::other(e),
     })?;
+    let modules = rootfs.join("lib/modules").join(&kernel.release);
+    eprintln!(
+        "node-image {key}: modules of {} into {}",
+        kernel.identity(),
+        modules.display()
+    );
+    std::fs::create_dir_all(rootfs.join("lib/modules")).map_err(cache_err(&rootfs))?;
+    run(
+        Command::new("cp")
+            .arg("-a")
+            .arg(kernel.modules_dir())
+            .arg(&modules),
+        "copying the kernel modules",
+    )?;
+    run(
+        Command::new("chroot")
+            .arg(&rootfs)
+            .args(["/sbin/depmod", &kernel.release]),
+        "depmod in the node image",
+    )?;
     let built = tmp.join(IMAGE_NAME);
     eprintln!("node-image {key}: mke2fs -d into {}", built.display());
     run(
@@ -217,7 +243,7 @@ pub fn build(cache_root: &Path) -> Result<NodeImage, NodeImageError> {
         "mke2fs",
     )?;
     std::fs::remove_dir_all(&rootfs).map_err(cache_err(&rootfs))?;
-    std::fs::write(tmp.join("recipe.txt"), recipe()).map_err(cache_err(&tmp))?;
+    std::fs::write(tmp.join("recipe.txt"), recipe(&kernel.identity())).map_err(cache_err(&tmp))?;
     std::fs::rename(&tmp, &entry).map_err(cache_err(&entry))?;
     eprintln!(
         "node-image {key}: built in {:.0?}: {}",
@@ -236,7 +262,8 @@ mod tests {
 
     #[test]
     fn the_recipe_names_every_package_and_the_bootstrap() {
-        let r = recipe();
+        let r = recipe("linux-image-6.1.0-57-cloud-amd64=6.1.192-3");
+        assert!(r.contains("kernel linux-image-6.1.0-57-cloud-amd64=6.1.192-3\n"));
         for p in PACKAGES {
             assert!(r.contains(p), "{p} missing from the recipe");
         }
@@ -252,6 +279,14 @@ mod tests {
 
     #[test]
     fn the_key_is_the_hash_of_the_recipe() {
-        assert_eq!(cache_key(), format!("{:x}", Sha256::digest(recipe())));
+        assert_eq!(
+            cache_key("k=1"),
+            format!("{:x}", Sha256::digest(recipe("k=1")))
+        );
+        assert_ne!(
+            cache_key("k=1"),
+            cache_key("k=2"),
+            "a new kernel makes a new image"
+        );
     }
 }

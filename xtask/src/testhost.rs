@@ -1,16 +1,21 @@
 //! The nested test host (docs/testing-nested.md; layer 2 of the test layers
-//! in docs/architecture.md): a
-//! kernel with KVM_AMD that QEMU TCG boots with an emulated SVM CPU, and an
-//! initramfs whose `/init` is the nested test driver, which runs the static
-//! `boxlite-vmm` on the guest kernel and initramfs and prints verdicts.
+//! in docs/architecture.md): Debian's cloud kernel, which QEMU TCG boots
+//! with an emulated SVM CPU so that its `kvm_amd` gives a real `/dev/kvm`,
+//! and an initramfs whose stage 1 loads KVM and hands over to the nested
+//! test driver, which runs the static `boxlite-vmm` on the guest kernel and
+//! initramfs and prints verdicts.
 //!
 //! [`build`] puts together, in `build/testhost/`:
-//! - `vmlinux`: the guest fragment + `configs/test-host-kernel.fragment`,
-//!   built and cached like the guest kernel ([`crate::kernel`]);
-//! - `initramfs.cpio.gz`: `/init` = `boxlite-nested-driver`,
+//! - `vmlinuz`: Debian's `linux-image-cloud-amd64` kernel, fetched and
+//!   cached by [`crate::debian_kernel`] (a Debian server's own kernel, and
+//!   no kernel build in CI);
+//! - `initramfs.cpio.gz`: [`crate::stage1`] loading `kvm_amd` and `tun`
+//!   (with their dependencies), then `/sbin/boxlite-nested-driver`;
 //!   `/usr/bin/boxlite-vmm`, `/usr/bin/virtiofsd`, `/guest/vmlinux`,
-//!   `/guest/initramfs.cpio.gz`, `/dev/console` and the mount points the
-//!   driver uses.
+//!   `/guest/initramfs.cpio.gz` and the mount points the driver uses;
+//! - `node-initramfs.cpio.gz`: the nested node's stage 1, which loads
+//!   virtio-mmio and virtio-blk and switches to the node's root disk
+//!   ([`crate::node_image`] carries the rest of the kernel's modules).
 //!
 //! The two binaries are built like the agent ([`crate::agent`]): release,
 //! `--target x86_64-unknown-linux-gnu`, `+crt-static`, checked static. So is
@@ -23,16 +28,27 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::agent::{self, AgentError, AGENT_TARGET, STATIC_RUSTFLAGS};
+use crate::debian_kernel::{self, DebianKernel, DebianKernelError};
 use crate::guest;
 use crate::initramfs::{Initramfs, InitramfsError};
-use crate::kernel::{KernelArtefact, KernelBuild, KernelError};
+use crate::kernel::{KernelBuild, KernelError};
+use crate::stage1::{self, Handover};
 
-/// The test host's config fragment, applied after the guest fragment.
-pub const TESTHOST_FRAGMENT: &str = "configs/test-host-kernel.fragment";
 /// Output directory, relative to the workspace root (git-ignored `build/`).
 pub const OUT_DIR: &str = "build/testhost";
-pub const VMLINUX_NAME: &str = "vmlinux";
+pub const KERNEL_NAME: &str = "vmlinuz";
 pub const INITRAMFS_NAME: &str = "initramfs.cpio.gz";
+pub const NODE_INITRAMFS_NAME: &str = "node-initramfs.cpio.gz";
+/// The modules the test host loads before the driver starts: KVM for the
+/// VMM, tun for the `net` scenario's tap.
+pub const TESTHOST_MODULES: &[&str] = &["kvm_amd", "tun"];
+/// The modules the node needs to reach its root disk: QEMU's microvm
+/// describes its virtio-mmio devices in ACPI, which `virtio_mmio` reads.
+pub const NODE_STAGE1_MODULES: &[&str] = &["virtio_mmio", "virtio_blk"];
+/// The host's static busybox (Debian's busybox-static), stage 1's shell.
+pub const HOST_BUSYBOX: &str = "/bin/busybox";
+/// Where the driver sits in the test host; stage 1 execs it as PID 1.
+pub const DRIVER_PATH: &str = "/sbin/boxlite-nested-driver";
 /// Where the VMM, the guest kernel and the guest initramfs sit in the test host.
 pub const VMM_PATH: &str = "/usr/bin/boxlite-vmm";
 pub const GUEST_KERNEL_PATH: &str = "/guest/vmlinux";
@@ -50,12 +66,10 @@ pub const DRIVER_BINARY: (&str, &str) = ("boxlite-tests", "boxlite-nested-driver
 
 #[derive(Debug, thiserror::Error)]
 pub enum TesthostError {
-    #[error("cannot build the {what} kernel")]
-    Kernel {
-        what: &'static str,
-        #[source]
-        source: KernelError,
-    },
+    #[error("cannot build the guest kernel")]
+    Kernel(#[source] KernelError),
+    #[error("cannot fetch the test host's kernel")]
+    DebianKernel(#[from] DebianKernelError),
     #[error("cannot build the guest agent")]
     Agent(#[source] AgentError),
     #[error("cannot run {cargo}")]
@@ -87,9 +101,14 @@ pub enum TesthostError {
 /// What [`build`] produced.
 #[derive(Debug, Clone)]
 pub struct Testhost {
+    /// The test host's and the node's kernel (a bzImage).
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
-    pub kernel_cached: bool,
+    /// The nested node's stage 1 ([`NODE_INITRAMFS_NAME`]).
+    pub node_initramfs: PathBuf,
+    /// The Debian package the kernel comes from, whose modules the node
+    /// image carries.
+    pub debian_kernel: DebianKernel,
     /// The static release boxlite-vmm and virtiofsd it carries (the nested
     /// node installs the same binaries).
     pub vmm: PathBuf,
@@ -98,14 +117,6 @@ pub struct Testhost {
 
 pub fn default_out_dir() -> PathBuf {
     guest::workspace_root().join(OUT_DIR)
-}
-
-pub fn default_fragments() -> Vec<PathBuf> {
-    let root = guest::workspace_root();
-    vec![
-        root.join(guest::GUEST_FRAGMENT),
-        root.join(TESTHOST_FRAGMENT),
-    ]
 }
 
 /// The target directory for the static builds: `$CARGO_TARGET_DIR` if set,
@@ -226,8 +237,9 @@ pub fn static_virtiofsd(workspace: &Path, cache_root: &Path) -> Result<PathBuf, 
     Ok(bin)
 }
 
-/// The test host's initramfs: the driver as `/init`, the VMM, virtiofsd, the
-/// guest kernel and initramfs, and the directories the driver mounts on.
+/// The test host's initramfs without its stage 1: the driver, the VMM,
+/// virtiofsd, the guest kernel and initramfs, and the directories the
+/// driver mounts on.
 pub fn initramfs(
     driver: &Path,
     vmm: &Path,
@@ -236,17 +248,20 @@ pub fn initramfs(
     guest_initramfs: &Path,
 ) -> Initramfs {
     Initramfs::new()
-        .file("/init", driver, 0o755)
+        .file(DRIVER_PATH, driver, 0o755)
         .file(VMM_PATH, vmm, 0o755)
         .file(VIRTIOFSD_PATH, virtiofsd, 0o755)
         .file(GUEST_KERNEL_PATH, guest_kernel, 0o644)
         .file(GUEST_INITRAMFS_PATH, guest_initramfs, 0o644)
-        .dir("/dev", 0o755)
-        .char_device("/dev/console", 0o600, 5, 1)
-        .dir("/proc", 0o555)
-        .dir("/sys", 0o555)
         .dir("/tmp", 0o1777)
         .dir("/run", 0o755)
+}
+
+/// The static busybox stage 1 runs on, checked static.
+fn busybox() -> Result<PathBuf, TesthostError> {
+    let path = PathBuf::from(HOST_BUSYBOX);
+    agent::check_static(&path).map_err(|e| TesthostError::NotStatic(HOST_BUSYBOX.into(), e))?;
+    Ok(path)
 }
 
 /// Builds everything (kernels cached) into `out_dir`; see the module docs.
@@ -261,20 +276,11 @@ pub fn build(
     with_qemu: bool,
 ) -> Result<Testhost, TesthostError> {
     let workspace = guest::workspace_root();
-    let host_kernel: KernelArtefact = KernelBuild::new(default_fragments())
-        .cache_root(cache_root)
-        .build()
-        .map_err(|source| TesthostError::Kernel {
-            what: "test-host",
-            source,
-        })?;
+    let host_kernel = debian_kernel::fetch(cache_root)?;
     let guest_kernel = KernelBuild::new(vec![guest::default_fragment()])
         .cache_root(cache_root)
         .build()
-        .map_err(|source| TesthostError::Kernel {
-            what: "guest",
-            source,
-        })?;
+        .map_err(TesthostError::Kernel)?;
     let guest_initramfs = match guest_initramfs {
         Some(p) => p.to_owned(),
         None => {
@@ -290,16 +296,24 @@ pub fn build(
     let driver = build_static(&workspace, DRIVER_BINARY.0, DRIVER_BINARY.1)?;
     let virtiofsd = static_virtiofsd(&workspace, cache_root)?;
 
-    let kernel = out_dir.join(VMLINUX_NAME);
-    crate::artefact::copy_atomic(&host_kernel.vmlinux, &kernel, 0o644)
+    let busybox = busybox()?;
+
+    let kernel = out_dir.join(KERNEL_NAME);
+    crate::artefact::copy_atomic(&host_kernel.vmlinuz(), &kernel, 0o644)
         .map_err(TesthostError::Copy)?;
+    let modules_dir = host_kernel.modules_dir();
     let initramfs = out_dir.join(INITRAMFS_NAME);
-    let mut contents = self::initramfs(
-        &driver,
-        &vmm,
-        &virtiofsd,
-        &guest_kernel.vmlinux,
-        &guest_initramfs,
+    let mut contents = stage1::add(
+        self::initramfs(
+            &driver,
+            &vmm,
+            &virtiofsd,
+            &guest_kernel.vmlinux,
+            &guest_initramfs,
+        ),
+        &busybox,
+        &debian_kernel::module_load_order(&modules_dir, TESTHOST_MODULES)?,
+        Handover::Exec(DRIVER_PATH),
     );
     if with_qemu {
         let qemu = crate::testhost_qemu::find_qemu()?;
@@ -309,10 +323,20 @@ pub fn build(
     contents
         .write_to(&initramfs)
         .map_err(|e| TesthostError::Initramfs(initramfs.clone(), e))?;
+    let node_initramfs = out_dir.join(NODE_INITRAMFS_NAME);
+    stage1::add(
+        Initramfs::new(),
+        &busybox,
+        &debian_kernel::module_load_order(&modules_dir, NODE_STAGE1_MODULES)?,
+        Handover::SwitchRoot,
+    )
+    .write_to(&node_initramfs)
+    .map_err(|e| TesthostError::Initramfs(node_initramfs.clone(), e))?;
     Ok(Testhost {
         kernel,
         initramfs,
-        kernel_cached: host_kernel.cached,
+        node_initramfs,
+        debian_kernel: host_kernel,
         vmm,
         virtiofsd,
     })
@@ -321,22 +345,6 @@ pub fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::{parse_config, ConfigValue};
-
-    #[test]
-    fn the_testhost_fragment_asks_for_kvm_amd() {
-        let path = guest::workspace_root().join(TESTHOST_FRAGMENT);
-        let text = std::fs::read_to_string(&path).expect("read fragment");
-        let map = parse_config(&text, &path).expect("parse fragment");
-        for sym in [
-            "CONFIG_VIRTUALIZATION",
-            "CONFIG_KVM",
-            "CONFIG_KVM_AMD",
-            "CONFIG_CPU_SUP_AMD",
-        ] {
-            assert_eq!(map.get(sym), Some(&ConfigValue::Set("y".into())), "{sym}");
-        }
-    }
 
     #[test]
     fn initramfs_has_driver_vmm_virtiofsd_and_guest() {
@@ -360,12 +368,11 @@ mod tests {
         io::Read::read_to_end(&mut gz, &mut cpio).expect("gunzip");
         let text = String::from_utf8_lossy(&cpio);
         for name in [
-            "init",
+            "sbin/boxlite-nested-driver",
             "usr/bin/boxlite-vmm",
             "usr/bin/virtiofsd",
             "guest/vmlinux",
             "guest/initramfs.cpio.gz",
-            "dev/console",
         ] {
             assert!(text.contains(name), "{name} missing");
         }
