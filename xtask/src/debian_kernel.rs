@@ -285,15 +285,9 @@ pub fn depends_of(modinfo: &[u8]) -> Vec<String> {
     modinfo
         .split(|&b| b == 0)
         .filter_map(|field| field.strip_prefix(b"depends="))
-        .flat_map(|list| {
-            String::from_utf8_lossy(list)
-                .into_owned()
-                .split(',')
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|list| list.split(|&b| b == b','))
         .filter(|name| !name.is_empty())
-        .map(|name| name.replace('-', "_"))
+        .map(|name| String::from_utf8_lossy(name).replace('-', "_"))
         .collect()
 }
 
@@ -389,6 +383,88 @@ mod tests {
         let modinfo = b"license=GPL\0depends=kvm,irq-bypass\0retpoline=Y\0";
         assert_eq!(depends_of(modinfo), ["kvm", "irq_bypass"]);
         assert!(depends_of(b"depends=\0name=irqbypass\0").is_empty());
+    }
+
+    /// A minimal ELF64 file whose only sections are the section-name
+    /// table and a `.modinfo` with `depends=<depends>`.
+    fn fake_module(depends: &str) -> Vec<u8> {
+        let names = b"\0.shstrtab\0.modinfo\0";
+        let modinfo = format!("license=GPL\0depends={depends}\0").into_bytes();
+        let names_off = 64u64;
+        let modinfo_off = names_off + names.len() as u64;
+        let shoff = modinfo_off + modinfo.len() as u64;
+        let mut elf = vec![0u8; 64];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        elf[4] = 2; // 64-bit
+        elf[5] = 1; // little-endian
+        elf[6] = 1;
+        elf[0x28..0x30].copy_from_slice(&shoff.to_le_bytes());
+        elf[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
+        elf[0x3c..0x3e].copy_from_slice(&3u16.to_le_bytes());
+        elf[0x3e..0x40].copy_from_slice(&1u16.to_le_bytes());
+        elf.extend_from_slice(names);
+        elf.extend_from_slice(&modinfo);
+        let header = |name: u32, off: u64, len: u64| {
+            let mut h = vec![0u8; 64];
+            h[..4].copy_from_slice(&name.to_le_bytes());
+            h[24..32].copy_from_slice(&off.to_le_bytes());
+            h[32..40].copy_from_slice(&len.to_le_bytes());
+            h
+        };
+        elf.extend(header(0, 0, 0));
+        elf.extend(header(1, names_off, names.len() as u64));
+        elf.extend(header(11, modinfo_off, modinfo.len() as u64));
+        elf
+    }
+
+    fn tree(modules: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (path, depends) in modules {
+            let path = dir.path().join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, fake_module(depends)).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn modules_load_after_their_dependencies_each_once() {
+        let dir = tree(&[
+            ("kernel/virt/lib/irqbypass.ko", ""),
+            ("kernel/arch/x86/kvm/kvm.ko", "irqbypass"),
+            ("kernel/arch/x86/kvm/kvm-amd.ko", "kvm"),
+            ("kernel/drivers/net/tun.ko", ""),
+        ]);
+        let order = module_load_order(dir.path(), &["kvm-amd", "tun", "kvm"]).unwrap();
+        let names: Vec<_> = order.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["irqbypass", "kvm", "kvm_amd", "tun"]);
+        assert!(order[2].path.ends_with("kernel/arch/x86/kvm/kvm-amd.ko"));
+    }
+
+    #[test]
+    fn a_missing_dependency_names_who_needs_it() {
+        let dir = tree(&[("kernel/kvm.ko", "irqbypass")]);
+        let err = module_load_order(dir.path(), &["kvm"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no kernel module irqbypass") && err.contains("needed by kvm"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cycles_and_compressed_modules_are_refused() {
+        let dir = tree(&[("kernel/a.ko", "b"), ("kernel/b.ko", "a")]);
+        assert!(matches!(
+            module_load_order(dir.path(), &["a"]),
+            Err(DebianKernelError::Cycle(_))
+        ));
+        let dir = tree(&[("kernel/a.ko.xz", "")]);
+        assert!(matches!(
+            module_load_order(dir.path(), &["a"]),
+            Err(DebianKernelError::Compressed { .. })
+        ));
     }
 
     #[test]
