@@ -49,6 +49,9 @@ const MAX_LEASE_LEN: u64 = 128;
 /// Errors of the jail uid leases; each names the sandbox.
 #[derive(Debug, thiserror::Error)]
 pub enum JailIdError {
+    /// The id breaks containerd's rule, which the source names.
+    #[error("cannot lease a jail uid")]
+    InvalidSandboxId(#[source] boxlite_protocol::ids::InvalidId),
     #[error("sandbox {id}: {}: {op}", path.display())]
     Io {
         id: String,
@@ -114,6 +117,13 @@ impl JailIdRange {
         self.base + (hash % u64::from(self.count())) as u32
     }
 
+    /// How many steps from `id`'s home probing reaches `uid` (in the range).
+    fn probe_distance(self, id: &str, uid: u32) -> u32 {
+        let count = u64::from(self.count());
+        let (home, at) = (self.home(id) - self.base, uid - self.base);
+        ((u64::from(at) + count - u64::from(home)) % count) as u32
+    }
+
     /// Every uid of the range, from `id`'s home on, wrapping at the end.
     fn probe_order(self, id: &str) -> impl Iterator<Item = u32> {
         let start = self.home(id) - self.base;
@@ -150,6 +160,8 @@ impl JailIds {
     /// `id`, whose directory must exist already (else the lease would look
     /// stale to the next shim). Removes the stale leases it finds.
     pub fn lease(&self, id: &str) -> Result<JailLease, JailIdError> {
+        // It becomes a path and the lease's content.
+        boxlite_protocol::ids::validate("sandbox", id).map_err(JailIdError::InvalidSandboxId)?;
         let own_dir = self.state_dir.join(id);
         if let Err(error) = std::fs::symlink_metadata(&own_dir) {
             return Err(JailIdError::Io {
@@ -186,10 +198,14 @@ impl JailIds {
             }
         }
         let range = self.range;
-        for uid in range.probe_order(id) {
-            if own.contains(&uid) {
-                return Ok(leases.lease_of(id, uid));
-            }
+        // Held already: that one (the nearest its home, should there be
+        // two), not a second.
+        let held = own
+            .into_iter()
+            .filter(|uid| range.contains(*uid))
+            .min_by_key(|uid| range.probe_distance(id, *uid));
+        if let Some(uid) = held {
+            return Ok(leases.lease_of(id, uid));
         }
         // Returns at the first free uid: a range of any size is probed
         // only about as far as there are leases.
@@ -434,13 +450,16 @@ impl<'a> LeaseDir<'a> {
             // is not a tmpfs.
             f.sync_all()
         };
-        let linked = write().and_then(|()| std::fs::hard_link(&tmp, &path));
+        let linked = match write() {
+            Err(e) => Err(self.io("cannot write a jail uid lease", &tmp, e)),
+            Ok(()) => match std::fs::hard_link(&tmp, &path) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(self.io("cannot link the jail uid lease into place", &path, e)),
+            },
+        };
         let _ = std::fs::remove_file(&tmp);
-        match linked {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(self.io("cannot write the jail uid lease", &path, e)),
-        }
+        linked
     }
 
     fn remove(&self, uid: u32) -> Result<(), JailIdError> {
@@ -592,6 +611,9 @@ mod tests {
         };
         assert_eq!(top.last(), u32::MAX - 1);
         assert!(top.probe_order("x").all(|u| top.contains(u)));
+        for (k, uid) in top.probe_order("x").enumerate() {
+            assert_eq!(top.probe_distance("x", uid) as usize, k);
+        }
     }
 
     #[test]
@@ -732,6 +754,11 @@ mod tests {
     #[test]
     fn the_sandbox_directory_comes_first() {
         let pool = Pool::new(3);
+        let err = chain(&pool.ids.lease("../x").unwrap_err());
+        assert!(
+            err.starts_with("cannot lease a jail uid: sandbox id \"../x\" is invalid"),
+            "{err}"
+        );
         let err = chain(&pool.ids.lease("nodir").unwrap_err());
         assert!(
             err.starts_with(&format!(
@@ -743,16 +770,17 @@ mod tests {
         assert_eq!(pool.files(), []);
     }
 
-    #[test]
-    fn concurrent_leases_in_a_tiny_range_never_share_a_uid() {
-        const RANGE: u32 = 3;
+    /// `SANDBOXES` threads, each its own sandbox, lease at once from a
+    /// range of `RANGE` and hold what they got until all have tried: the
+    /// winners' uids are distinct, the others get the exhaustion error,
+    /// and the lease files name exactly the winners.
+    fn race(pool: &Arc<Pool>) -> Vec<Result<u32, String>> {
         const SANDBOXES: usize = 12;
-        let pool = Arc::new(Pool::new(RANGE));
         for i in 0..SANDBOXES {
             std::fs::create_dir_all(pool.ids.state_dir.join(format!("s{i}"))).unwrap();
         }
         let start = Arc::new(Barrier::new(SANDBOXES));
-        let done = Arc::new(Barrier::new(SANDBOXES));
+        let done = Arc::new(Barrier::new(SANDBOXES + 1));
         let threads: Vec<_> = (0..SANDBOXES)
             .map(|i| {
                 let (pool, start, done) = (pool.clone(), start.clone(), done.clone());
@@ -761,19 +789,49 @@ mod tests {
                     let got = pool.ids.lease(&format!("s{i}"));
                     // Every lease is held until every thread has tried.
                     done.wait();
+                    done.wait();
                     got.map(|l| l.uid).map_err(|e| chain(&e))
                 })
             })
             .collect();
+        done.wait();
+        let files = pool.files();
+        done.wait();
         let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-        let winners: Vec<u32> = results.iter().filter_map(|r| r.clone().ok()).collect();
-        let distinct: HashSet<u32> = winners.iter().copied().collect();
-        assert_eq!(winners.len(), RANGE as usize, "{results:?}");
+        let winners: Vec<(String, String)> = results
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| Some((r.clone().ok()?.to_string(), format!("s{i}\n"))))
+            .collect();
+        let distinct: HashSet<&String> = winners.iter().map(|(uid, _)| uid).collect();
+        assert_eq!(winners.len(), pool.ids.range.count as usize, "{results:?}");
         assert_eq!(distinct.len(), winners.len(), "{results:?}");
+        let mut expected = winners;
+        expected.sort();
+        assert_eq!(files, expected, "{results:?}");
         for err in results.iter().filter_map(|r| r.clone().err()) {
             assert!(err.contains("no jail uid is free"), "{err}");
         }
         assert_eq!(pool.files(), [], "every winner released its uid");
+        results
+    }
+
+    #[test]
+    fn concurrent_leases_in_a_tiny_range_never_share_a_uid() {
+        race(&Arc::new(Pool::new(3)));
+    }
+
+    /// The race again with every uid held by a sandbox that is gone: each
+    /// stale lease is reclaimed by one thread only (the lock; without it
+    /// two could each remove it and take its uid).
+    #[test]
+    fn concurrent_leases_reclaim_each_stale_lease_once() {
+        let pool = Arc::new(Pool::new(3));
+        for gone in ["gone-a", "gone-b", "gone-c"] {
+            std::mem::forget(pool.lease(gone).unwrap());
+            std::fs::remove_dir(pool.ids.state_dir.join(gone)).unwrap();
+        }
+        race(&pool);
     }
 
     #[test]
