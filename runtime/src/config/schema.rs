@@ -32,8 +32,8 @@ pub struct HypervisorConfig {
     /// First uid (and gid) of the range the jailed `boxlite-vmm` of each
     /// sandbox runs as (`docs/security.md`, "The VMM jail").
     pub jail_id_base: u32,
-    /// How many uids the range holds; a sandbox gets one by the hash of
-    /// its id.
+    /// How many uids the range holds: each live sandbox leases one of its
+    /// own, probing from the hash of its id (`hypervisor::jail_ids`).
     pub jail_id_count: u32,
 }
 

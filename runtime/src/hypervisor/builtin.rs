@@ -14,10 +14,12 @@
 //! | `boxlite-vmm.pid`, `virtiofsd-<tag>.pid` | pids, for [`super::cleanup_stale_processes`] |
 //!
 //! The VMM jails itself before the guest runs (its own pid, mount, net,
-//! ipc and uts namespaces, a root holding only its socket directories, the
-//! sandbox's uid from `hypervisor.jail_id_*` with no capabilities,
-//! landlock, seccomp; docs/security.md): `grant_jail_access` hands it the
-//! sockets it connects to once jailed. Start order and
+//! ipc and uts namespaces, a root holding only its socket directories, a
+//! uid of the sandbox's own leased from `hypervisor.jail_id_*`
+//! ([`super::jail_ids`]) with no capabilities, landlock, seccomp;
+//! docs/security.md): `grant_jail_access` hands it the sockets it connects
+//! to once jailed. The lease is taken first in `spawn` and released at
+//! teardown, once the VMM is reaped. Start order and
 //! cleanup guarantees are `hypervisor/process_vm.rs`'s, shared with the qemu
 //! backend: everything is checked first, virtiofsd daemons are spawned and
 //! their sockets awaited, then the VMM (which inherits the tap fds, and
@@ -39,7 +41,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use boxlite_protocol::error_chain::chain;
 use boxlite_vmm_api::config::{
-    BalloonConfig, DeviceConfig, FsConfig, NetConfig, RngConfig, VmConfig, VsockConfig,
+    BalloonConfig, DeviceConfig, FsConfig, JailUser, NetConfig, RngConfig, VmConfig, VsockConfig,
 };
 use boxlite_vmm_api::control::{Reply, Request};
 
@@ -87,16 +89,6 @@ impl ProcessVm<BuiltinLauncher> {
         ProcessVm::with_launcher(spec, &virtiofsd, BuiltinLauncher { bins })
     }
 
-    /// The VMM's config; see [`vm_config`].
-    pub fn vm_config(
-        &self,
-        shares: &[Share],
-        nets: &[(Option<RawFd>, &NetDevice)],
-        console: RawFd,
-    ) -> Result<VmConfig, HypervisorError> {
-        vm_config(&self.setup, shares, nets, console)
-    }
-
     /// Sends one control request and returns the reply (blocking, with a
     /// short timeout: the VMM answers from its event loop).
     pub fn control_request(&self, request: Request) -> std::io::Result<Reply> {
@@ -104,11 +96,13 @@ impl ProcessVm<BuiltinLauncher> {
     }
 }
 
-/// The VMM's config (see `docs/vmm.md`). `nets` pairs each device with
-/// the raw fd the VMM inherits for it (None for named taps); `console` is
-/// the inherited fd of the console pipe.
+/// The VMM's config (see `docs/vmm.md`). `user` is the sandbox's jail
+/// uid ([`Launch::lease_jail_user`]); `nets` pairs each device with the
+/// raw fd the VMM inherits for it (None for named taps); `console` is the
+/// inherited fd of the console pipe.
 pub fn vm_config(
     vm: &VmSetup,
+    user: JailUser,
     shares: &[Share],
     nets: &[(Option<RawFd>, &NetDevice)],
     console: RawFd,
@@ -149,7 +143,7 @@ pub fn vm_config(
         console_fd: Some(console),
         control_socket: Some(vm.path(CONTROL_SOCKET)),
         sandbox_dir: Some(vm.spec.dir.clone()),
-        jail_user: Some(vm.spec.jail_user),
+        jail_user: Some(user),
         devices,
         balloon: Some(balloon(vm.spec.free_page_reporting)),
         ..VmConfig::default()
@@ -160,11 +154,12 @@ pub fn vm_config(
 /// path (what `boxlite-vmm --config` is given).
 pub fn write_vm_config(
     vm: &VmSetup,
+    user: JailUser,
     shares: &[Share],
     nets: &[(Option<RawFd>, &NetDevice)],
     console: RawFd,
 ) -> Result<PathBuf, HypervisorError> {
-    let cfg = vm_config(vm, shares, nets, console)?;
+    let cfg = vm_config(vm, user, shares, nets, console)?;
     let path = vm.path(VM_CONFIG);
     std::fs::write(&path, cfg.to_json_pretty()).map_err(|error| HypervisorError::Io {
         id: vm.spec.id.clone(),
@@ -175,14 +170,17 @@ pub fn write_vm_config(
     Ok(path)
 }
 
-/// What the jailed VMM (its own uid, no capabilities) needs of the sandbox
-/// directory once the guest runs: to pass through it (group `jail_user`,
+/// What the jailed VMM (`user`, no capabilities) needs of the sandbox
+/// directory once the guest runs: to pass through it (group `user.gid`,
 /// mode 0710: it can list nothing) and to connect to the sockets it reaches
 /// after the jail — the agent's readiness socket and each share's virtiofsd
 /// socket — which become its own. Everything else there stays root's.
-fn grant_jail_access(vm: &VmSetup, shares: &[Share]) -> Result<(), HypervisorError> {
+fn grant_jail_access(
+    vm: &VmSetup,
+    user: JailUser,
+    shares: &[Share],
+) -> Result<(), HypervisorError> {
     use std::os::unix::fs::PermissionsExt;
-    let user = vm.spec.jail_user;
     let io = |op, path: &Path, error| HypervisorError::Io {
         id: vm.spec.id.clone(),
         op,
@@ -242,18 +240,21 @@ impl Launcher for BuiltinLauncher {
         vec![vm.path(CONTROL_SOCKET)]
     }
 
-    /// virtiofsd daemons (sockets awaited), then the VMM with the taps.
+    /// The jail uid lease (first: a full range fails before anything is
+    /// spawned), virtiofsd daemons (sockets awaited), then the VMM with the
+    /// taps.
     async fn spawn(&self, vm: &VmSetup, launch: &mut Launch<'_>) -> Result<(), HypervisorError> {
+        let user = launch.lease_jail_user(vm)?;
         launch.spawn_virtiofsd(vm)?;
         launch.wait_for_helper_sockets(vm).await?;
-        grant_jail_access(vm, launch.shares)?;
+        grant_jail_access(vm, user, launch.shares)?;
 
         let fds = launch.tap_fds();
         let nets: Vec<(Option<RawFd>, &NetDevice)> =
             fds.iter().copied().zip(launch.nets.iter()).collect();
-        let cfg_path = write_vm_config(vm, launch.shares, &nets, launch.console)?;
+        let cfg_path = write_vm_config(vm, user, launch.shares, &nets, launch.console)?;
         let args: Vec<OsString> = vec!["--config".into(), cfg_path.into_os_string()];
-        tracing::info!(sandbox_id = %vm.spec.id, binary = %self.bins.vmm_binary.display(), "starting boxlite-vmm");
+        tracing::info!(sandbox_id = %vm.spec.id, uid = user.uid, binary = %self.bins.vmm_binary.display(), "starting boxlite-vmm");
         let inherit = launch.vmm_fds();
         launch.spawn(vm, Role::Vmm, &self.bins.vmm_binary, args, None, inherit)
     }
@@ -375,6 +376,11 @@ exec sleep 30"#,
             .console_fd
             .expect("the console goes to an inherited pipe");
         assert!(cfg.jail, "the jail is on");
+        // The uid leased for the sandbox, at its hash position in an
+        // otherwise empty range.
+        let uid = rig.spec().jail_ids.range.home("sb1");
+        assert_eq!(cfg.jail_user, Some(JailUser { uid, gid: uid }));
+        assert_eq!(rig.jail_leases(), [uid]);
         assert_eq!(
             cfg.devices,
             vec![
@@ -416,6 +422,7 @@ exec sleep 30"#,
         hv.kill().await.unwrap();
         assert!(!pid_alive(pid));
         assert_eq!(rig.leftovers(), Vec::<String>::new());
+        assert_eq!(rig.jail_leases(), Vec::<u32>::new(), "released");
         assert!(hv.pid().is_none());
         // What it wrote reached the capped logs by the time kill returned.
         let read = |name| std::fs::read_to_string(sb.join(name)).unwrap();
@@ -448,8 +455,47 @@ exec sleep 30"#,
         assert!(err.contains("boxlite-vmm"), "{err}");
         assert!(err.contains("exit status: 5"), "{err}");
         assert!(err.contains("Jail setup failed"), "{err}");
+        assert_eq!(rig.jail_leases().len(), 1, "held until the VM is torn down");
         hv.stop().await.unwrap();
         assert_eq!(rig.leftovers(), Vec::<String>::new());
+        assert_eq!(rig.jail_leases(), Vec::<u32>::new());
+    }
+
+    /// A start that fails after the lease (a virtiofsd that dies at once)
+    /// leaves none behind.
+    #[tokio::test]
+    async fn a_failed_start_releases_the_jail_uid() {
+        let rig = Rig::new();
+        let virtiofsd = rig.script("virtiofsd", "exit 3");
+        let hv = BuiltinHypervisor::new(rig.spec(), bins(fake_vmm(&rig), virtiofsd)).unwrap();
+        let share = rig.path("share");
+        std::fs::create_dir(&share).unwrap();
+        hv.add_share("s0", &share, false).await.unwrap();
+        let err = chain(&hv.start().await.unwrap_err());
+        assert!(err.contains("virtiofsd"), "{err}");
+        assert_eq!(rig.jail_leases(), Vec::<u32>::new());
+        assert_eq!(rig.leftovers(), Vec::<String>::new());
+    }
+
+    /// With every uid of the range held by a live sandbox, the start fails
+    /// naming the range, before anything is spawned.
+    #[tokio::test]
+    async fn a_full_jail_uid_range_fails_the_start_before_spawning() {
+        let rig = Rig::new();
+        let mut spec = rig.spec();
+        spec.jail_ids.range.count = 1;
+        let other = spec.jail_ids.state_dir.join("other");
+        std::fs::create_dir_all(&other).unwrap();
+        let held = spec.jail_ids.lease("other").unwrap();
+        let hv = BuiltinHypervisor::new(spec, bins(fake_vmm(&rig), fake_virtiofsd(&rig))).unwrap();
+        let err = chain(&hv.start().await.unwrap_err());
+        assert!(
+            err.starts_with("sandbox sb1: no jail uid is free: all 1 of 1879048192..=1879048192"),
+            "{err}"
+        );
+        assert!(!rig.path("vmm.args").exists(), "the VMM was not spawned");
+        assert_eq!(rig.leftovers(), Vec::<String>::new());
+        assert_eq!(rig.jail_leases(), [held.user().uid]);
     }
 
     #[tokio::test]
@@ -545,5 +591,6 @@ EOF"#,
         drop(hv);
         assert!(!pid_alive(pid));
         assert_eq!(rig.leftovers(), Vec::<String>::new());
+        assert_eq!(rig.jail_leases(), Vec::<u32>::new());
     }
 }

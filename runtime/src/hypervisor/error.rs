@@ -22,6 +22,9 @@ use crate::hybrid_vsock::{ConsoleLogHint, HybridVsockError};
 pub enum HypervisorError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The sandbox's jail uid could not be leased (or released).
+    #[error(transparent)]
+    JailId(#[from] super::jail_ids::JailIdError),
     /// The id breaks containerd's rule (`boxlite_protocol::ids`), which the
     /// source names.
     #[error("cannot set up a VM for this sandbox")]

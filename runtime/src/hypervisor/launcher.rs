@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use boxlite_vmm_api::config::JailUser;
 
+use super::jail_ids::JailLease;
 use super::process::{
     fs_socket_name, spawn_process, virtiofsd_args, wait_for_sockets, Proc, ProcessPlace, Role,
 };
@@ -48,7 +50,7 @@ pub(crate) const TEST_CONSOLE_FD: RawFd = 9;
 /// What a launcher's [`Launcher::spawn`] works with: the shares and taps
 /// to give the VM, the console pipe, and the list of processes, which it
 /// fills (helpers first, the VMM last) so that a failure half-way kills
-/// what was spawned.
+/// what was spawned; likewise the jail uid lease, which teardown releases.
 pub struct Launch<'a> {
     pub shares: &'a [Share],
     pub nets: &'a [NetDevice],
@@ -59,6 +61,8 @@ pub struct Launch<'a> {
     /// Every process joins the pod's cgroup (empty: stays in ours).
     pub cgroup: CgroupJoiner,
     pub procs: &'a mut Vec<Proc>,
+    /// The VM's jail uid lease, once [`Launch::lease_jail_user`] took one.
+    pub jail: &'a mut Option<JailLease>,
 }
 
 impl Launch<'_> {
@@ -80,6 +84,22 @@ impl Launch<'_> {
         let p = spawn_process(&vm.spec.id, place, role, binary, args, socket, inherit_fds)?;
         self.procs.push(p);
         Ok(())
+    }
+
+    /// Leases the uid (= gid) a jailed VMM runs as, one no other live
+    /// sandbox holds ([`super::jail_ids`]). The lease stays in the VM's
+    /// state until teardown, which releases it after the VMM is reaped;
+    /// so does a failed start.
+    pub fn lease_jail_user(&mut self, vm: &VmSetup) -> Result<JailUser, HypervisorError> {
+        // Asked twice, the first stays: a second lease names the same
+        // file, and replacing the first would drop it, removing that file.
+        if let Some(lease) = self.jail.as_ref() {
+            return Ok(lease.user());
+        }
+        let lease = vm.spec.jail_ids.lease(&vm.spec.id)?;
+        let user = lease.user();
+        *self.jail = Some(lease);
+        Ok(user)
     }
 
     /// Spawns one virtiofsd per share (sockets not awaited yet).

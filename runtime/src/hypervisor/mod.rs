@@ -22,6 +22,7 @@ pub mod agent;
 pub mod builtin;
 pub mod capped_log;
 mod error;
+pub mod jail_ids;
 pub mod launcher;
 pub mod process;
 pub mod process_vm;
@@ -46,6 +47,7 @@ use crate::network;
 // behind it are an implementation detail).
 pub use agent::{wait_for_agent, wait_for_announcement, AgentConnection};
 pub use error::{ExitReport, HypervisorError};
+pub use jail_ids::{JailIdRange, JailIds, JailLease};
 pub use spec::{validate_share_tag, NetDevice, Share, VmSpec};
 pub use stale::cleanup_stale_processes;
 

@@ -5,11 +5,12 @@
 //! [`Launcher`].
 //!
 //! Guarantees: `start` checks everything it can before spawning anything,
-//! and a failure on the way kills and reaps what was spawned and removes
-//! the sockets; `stop` asks the agent (DestroySandbox: the guest reboots and
-//! the VMM exits), then the launcher's last resort, then kills; teardown
-//! kills the VMM first, so helpers never see a live frontend lose its
-//! backend.
+//! and a failure on the way kills and reaps what was spawned, removes the
+//! sockets and releases the jail uid lease; `stop` asks the agent
+//! (DestroySandbox: the guest reboots and the VMM exits), then the
+//! launcher's last resort, then kills; teardown kills the VMM first, so
+//! helpers never see a live frontend lose its backend, and releases the
+//! jail uid once it is reaped.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::DirBuilderExt;
@@ -23,6 +24,7 @@ use tokio::time::Instant;
 
 use super::agent::{request_agent_shutdown, wait_for_agent};
 use super::capped_log::{LogDrain, LogPipe};
+use super::jail_ids::JailLease;
 #[cfg(test)]
 use super::launcher::TEST_CONSOLE_FD;
 use super::launcher::{Launch, Launcher, VmSetup};
@@ -82,6 +84,9 @@ pub(super) struct State {
     console: Option<LogDrain>,
     /// The pod's cgroup, from start until teardown removes what it made.
     cgroup: Option<PodCgroup>,
+    /// The jail uid the launcher leased for the VMM, from start until
+    /// teardown has reaped it.
+    jail: Option<JailLease>,
 }
 
 impl State {
@@ -95,6 +100,7 @@ impl State {
             ready: None,
             console: None,
             cgroup: None,
+            jail: None,
         }
     }
 }
@@ -198,12 +204,14 @@ impl<L: Launcher> ProcessVm<L> {
         let st = self.state.lock().await;
         self.preflight(&st)?;
         let mut procs = Vec::new();
+        let mut jail = None;
         let launch = Launch {
             shares: &st.shares,
             nets: &st.nets,
             console: TEST_CONSOLE_FD,
             cgroup: crate::cgroup::CgroupJoiner::default(),
             procs: &mut procs,
+            jail: &mut jail,
         };
         Ok(f(&self.setup, &launch))
     }
@@ -341,10 +349,12 @@ impl<L: Launcher> ProcessVm<L> {
     }
 
     /// Kills and reaps every process (the VMM first), removes sockets and
-    /// pid files. Synchronous: SIGKILLed processes exit in milliseconds,
-    /// and `Drop` needs it too.
+    /// pid files, releases the jail uid. Synchronous: SIGKILLed processes
+    /// exit in milliseconds, and `Drop` needs it too.
     fn teardown(&self, st: &mut State) {
         kill_and_reap(self.id(), &mut st.procs, &self.transient_files(&st.shares));
+        // The VMM that ran as it is reaped: another sandbox may have it.
+        st.jail = None;
         if let Some(mut cgroup) = st.cgroup.take() {
             // On failure the record stays in the sandbox directory, for the
             // crashed-shim cleanup of a later delete.
@@ -464,6 +474,7 @@ impl<L: Launcher> Hypervisor for ProcessVm<L> {
             console: console.writer().as_raw_fd(),
             cgroup: joiner,
             procs: &mut st.procs,
+            jail: &mut st.jail,
         };
         let spawned = self.launcher.spawn(vm, &mut launch).await;
         // The VMM has its copy of the console pipe (or there is no VMM):

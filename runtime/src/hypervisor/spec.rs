@@ -2,10 +2,10 @@
 //! describes, its virtio-fs [`Share`]s and [`NetDevice`]s, and the checks
 //! each gets before a backend accepts it.
 
-use boxlite_vmm_api::config::JailUser;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::jail_ids::JailIds;
 use super::{HypervisorError, CONSOLE_LOG, MAX_SHARE_TAG_LEN, VSOCK_SOCKET};
 use crate::cgroup;
 use crate::config::Config;
@@ -63,25 +63,12 @@ pub struct VmSpec {
     /// The cap of each log in the sandbox directory (console and process
     /// output), in bytes: `runtime.sandbox_log_max_kib`.
     pub log_max_bytes: u64,
-    /// The uid and gid the jailed `boxlite-vmm` runs as ([`jail_user`]).
-    pub jail_user: JailUser,
+    /// Where the uid (= gid) the jailed `boxlite-vmm` runs as comes from:
+    /// the builtin backend leases one at start ([`super::jail_ids`]).
+    pub jail_ids: JailIds,
     /// The cgroup every process of the VM runs in, below each hierarchy's
     /// root ([`crate::cgroup::resolve`]); None: the caller's own (tests).
     pub cgroup: Option<PathBuf>,
-}
-
-/// The sandbox's uid (= gid) in the configured range: by the FNV-1a hash
-/// of its id, so the same sandbox always gets the same one. Two live
-/// sandboxes may share one (with the default 65536 ids, about one pair in
-/// 1300 among 10 sandboxes); they still cannot reach each other: each VMM
-/// is alone in its pid namespace, under a root of its own, with no
-/// capabilities and seccomp denying ptrace.
-pub fn jail_user(base: u32, count: u32, id: &str) -> JailUser {
-    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
-    let n = base + (hash % u64::from(count.max(1))) as u32;
-    JailUser { uid: n, gid: n }
 }
 
 impl VmSpec {
@@ -105,11 +92,7 @@ impl VmSpec {
             agent_ready_timeout: config.timeouts.agent_ready(),
             shutdown_timeout: config.timeouts.shutdown(),
             log_max_bytes: config.runtime.sandbox_log_max_kib * 1024,
-            jail_user: jail_user(
-                config.hypervisor.jail_id_base,
-                config.hypervisor.jail_id_count,
-                id,
-            ),
+            jail_ids: JailIds::from_config(config),
             cgroup: Some(
                 cgroup::resolve(None, &config.runtime.cgroup_parent, id).map_err(|e| {
                     HypervisorError::Cgroup {
@@ -216,20 +199,6 @@ pub(super) fn check_net(net: &NetDevice) -> Result<(), HypervisorError> {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn jail_user_is_stable_and_in_range() {
-        let a = super::jail_user(1000, 16, "pod-a");
-        assert_eq!(a, super::jail_user(1000, 16, "pod-a"));
-        assert_eq!(a.uid, a.gid);
-        let ids: std::collections::HashSet<u32> = (0..200)
-            .map(|i| super::jail_user(1000, 16, &format!("pod-{i}")).uid)
-            .collect();
-        assert!(ids.iter().all(|u| (1000..1016).contains(u)), "{ids:?}");
-        assert_eq!(ids.len(), 16, "the hash spreads over the whole range");
-        let one = super::jail_user(0x7000_0000, 1, "x");
-        assert_eq!(one.uid, 0x7000_0000);
-    }
-
     use super::*;
     use boxlite_protocol::error_chain::chain;
     use std::path::Path;
@@ -304,6 +273,20 @@ mod tests {
         );
         assert_eq!(spec.cmdline_extra, ["loglevel=5", "quiet", "loglevel=3"]);
         assert_eq!(spec.agent_ready_timeout, Duration::from_secs(30));
+        assert_eq!(
+            spec.jail_ids,
+            JailIds {
+                range: crate::hypervisor::JailIdRange {
+                    base: 0x7000_0000,
+                    count: 65536
+                },
+                state_dir: "/run/boxlite".into(),
+            }
+        );
+        assert_eq!(
+            spec.jail_ids.lease_dir(),
+            Path::new("/run/boxlite/.jail-ids")
+        );
         assert!(VmSpec::from_config(&config, "../etc").is_err());
     }
 }

@@ -61,6 +61,20 @@ impl Rig {
     pub(crate) fn leftovers(&self) -> Vec<String> {
         fake_bin::leftovers(&self.sandbox())
     }
+
+    /// The uids leased under the rig's state directory (`.jail-ids/`),
+    /// sorted.
+    pub(crate) fn jail_leases(&self) -> Vec<u32> {
+        let dir = self.path("state").join(super::jail_ids::LEASE_DIR);
+        let mut uids: Vec<u32> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.unwrap().file_name().into_string().unwrap().parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        uids.sort();
+        uids
+    }
 }
 
 /// The binaries a backend runs: the real names where the backend does not

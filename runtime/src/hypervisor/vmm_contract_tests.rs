@@ -15,7 +15,7 @@ use std::os::fd::{OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use boxlite_protocol::error_chain::chain;
-use boxlite_vmm_api::config::{DeviceConfig, VmConfig};
+use boxlite_vmm_api::config::{DeviceConfig, JailUser, VmConfig};
 use serde_json::Value;
 
 use super::builtin::{vm_config, write_vm_config, BuiltinHypervisor};
@@ -162,8 +162,14 @@ async fn runtime_writes(
                 .into_iter()
                 .zip(launch.nets.iter())
                 .collect();
-            let generated = vm_config(vm, launch.shares, &nets, launch.console)?;
-            let path = write_vm_config(vm, launch.shares, &nets, launch.console)?;
+            // A start leases one; the first of the range stands in.
+            let base = vm.spec.jail_ids.range.base;
+            let user = JailUser {
+                uid: base,
+                gid: base,
+            };
+            let generated = vm_config(vm, user, launch.shares, &nets, launch.console)?;
+            let path = write_vm_config(vm, user, launch.shares, &nets, launch.console)?;
             Ok::<_, HypervisorError>((generated, path))
         })
         .await;

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use boxlite_protocol::error_chain::chain;
+use boxlite_runtime::hypervisor::jail_ids;
 
 use super::state_file::SandboxState;
 use crate::rootfs;
@@ -29,8 +30,8 @@ pub(super) fn archive_console(id: &str, dir: &Path) {
 }
 
 /// After a crash or at shutdown: kills what the pid files name, removes the
-/// VM's cgroup, unmounts everything under `dir`, and removes it, then the
-/// shim's record of it.
+/// VM's cgroup, unmounts everything under `dir`, and removes it, then
+/// releases the sandbox's jail uid and removes the shim's record of it.
 pub async fn cleanup_sandbox_dir(dir: &Path) {
     let killed = boxlite_runtime::hypervisor::cleanup_stale_processes(dir);
     if !killed.is_empty() {
@@ -50,9 +51,56 @@ pub async fn cleanup_sandbox_dir(dir: &Path) {
         record.teardown(&sandbox_id).await;
     }
     match rootfs::teardown(dir) {
-        // The record goes last: while anything is left, a later `delete`
-        // needs it.
-        Ok(()) => SandboxState::remove(dir),
+        Ok(()) => {
+            // A crashed shim's VM never released its uid (the VM's
+            // teardown does). With the directory gone the lease is stale
+            // anyway; this frees it now rather than at the next lease.
+            release_jail_uid(dir);
+            // The record goes last: while anything is left, a later
+            // `delete` needs it.
+            SandboxState::remove(dir);
+        }
         Err(e) => tracing::error!(error = %chain(&e), "sandbox directory cleanup failed"),
+    }
+}
+
+fn release_jail_uid(dir: &Path) {
+    match jail_ids::release_sandbox(dir) {
+        Ok(uids) if uids.is_empty() => {}
+        Ok(uids) => tracing::info!(?uids, "released the leftover jail uid lease"),
+        Err(e) => tracing::error!(error = %chain(&e), "cannot release the jail uid lease"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use boxlite_runtime::hypervisor::{JailIdRange, JailIds};
+
+    /// A crashed shim's lease goes with its sandbox directory; another
+    /// sandbox's stays.
+    #[tokio::test]
+    async fn cleanup_releases_the_sandboxs_jail_uid() {
+        let root = tempfile::tempdir().unwrap();
+        let ids = JailIds {
+            range: JailIdRange {
+                base: 1000,
+                count: 4,
+            },
+            state_dir: root.path().to_owned(),
+        };
+        let lease = |id: &str| {
+            std::fs::create_dir(root.path().join(id)).unwrap();
+            ids.lease(id).unwrap()
+        };
+        let crashed = lease("crashed");
+        let crashed_path = crashed.path();
+        std::mem::forget(crashed);
+        let live = lease("live");
+
+        cleanup_sandbox_dir(&root.path().join("crashed")).await;
+        assert!(!root.path().join("crashed").exists());
+        assert!(!crashed_path.exists(), "released");
+        assert!(live.path().exists(), "another sandbox's lease stays");
     }
 }
