@@ -506,6 +506,7 @@ mod fuzz_smoke {
             super::fuzz_mmio(&input);
             super::super::net::fuzz::fuzz_net(&input);
             crate::devices::virtio::vsock::packet::fuzz_parse_chain(&input);
+            super::super::block::fuzz::fuzz_block(&input);
         }
     }
 }
