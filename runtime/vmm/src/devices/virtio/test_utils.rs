@@ -507,6 +507,7 @@ mod fuzz_smoke {
             super::super::net::fuzz::fuzz_net(&input);
             crate::devices::virtio::vsock::packet::fuzz_parse_chain(&input);
             super::super::block::fuzz::fuzz_block(&input);
+            super::super::vsock::fuzz::fuzz_muxer(&input);
         }
     }
 }
