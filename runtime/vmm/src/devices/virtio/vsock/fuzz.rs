@@ -219,6 +219,7 @@ thread_local! {
 /// followed by its arguments (see the `op_*` methods). Must never panic;
 /// see the module docs for what is checked.
 pub fn fuzz_muxer(input: &[u8]) {
+    ignore_sigpipe();
     FUZZ_MEMORY.with(|cell| {
         let guard = cell.get_or_init(GuardedMemory::new);
         guard.reset();
@@ -227,6 +228,20 @@ pub fn fuzz_muxer(input: &[u8]) {
             guard.canaries_intact(),
             "vsock touched host memory outside guest RAM"
         );
+    });
+}
+
+/// A write to a stream whose other end is closed must fail with EPIPE, as
+/// it does in the VMM: Rust's runtime ignores SIGPIPE before `main`, but a
+/// libFuzzer binary has no Rust `main`, so the signal would kill the
+/// fuzzer the first time the device (or a host process) writes to a
+/// closed stream.
+fn ignore_sigpipe() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: SIG_IGN installs no handler code; it only changes what
+        // the process does on SIGPIPE, to what the VMM already does.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     });
 }
 
