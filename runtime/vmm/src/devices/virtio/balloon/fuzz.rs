@@ -1,131 +1,20 @@
-//! Guarded guest memory for the balloon's tests, and its fuzzing entry
-//! point (cargo-fuzz target `balloon`, and the stable smoke test in
-//! `tests.rs`).
+//! The balloon's fuzzing entry point (cargo-fuzz target `balloon`, and the
+//! stable smoke test in `tests.rs`).
 //!
 //! A balloon that discards the wrong host memory does not crash: it
 //! silently zeroes whatever the host mapped next to guest RAM. So the
-//! tests and the fuzz target run it on [`GuardedMemory`]: guest regions
-//! carved out of one host mapping with canary pages before, between and
-//! after them, where a discard that strays past a region's end would land.
+//! tests and the fuzz target run it on [`GuardedMemory`] (canary pages
+//! before, between and after the guest regions, where a discard that
+//! strays past a region's end would land).
 
 use std::cell::OnceCell;
-
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use super::{features, Balloon};
 use crate::devices::virtio::test_utils::{
     activate_ctx, fuzz_fill_buffers, fuzz_lay_out_queue, test_interrupt, GuestQueue,
 };
+pub use crate::devices::virtio::test_utils::{GuardedMemory, CANARY_BYTE, CANARY_LEN, REGIONS};
 use crate::devices::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
-
-/// Bytes of each canary.
-pub const CANARY_LEN: usize = 16 << 10;
-/// What canaries hold.
-pub const CANARY_BYTE: u8 = 0xa5;
-/// Guest regions (guest-physical start, length): A and B are adjacent in
-/// guest-physical space (their host mappings are not), C follows a gap.
-pub const REGIONS: [(u64, usize); 3] = [(0, 2 << 20), (2 << 20, 2 << 20), (8 << 20, 1 << 20)];
-
-/// Guest memory made of [`REGIONS`], anonymous and private, inside one host
-/// mapping laid out `canary A canary B canary C canary`.
-///
-/// The host mapping is never unmapped (a test's memory lives until the
-/// process ends; the fuzz target reuses one), so no clone of [`Self::mem`]
-/// can outlive it.
-pub struct GuardedMemory {
-    mem: GuestMemoryMmap,
-    base: *mut u8,
-    total: usize,
-    /// Host offsets of the canaries.
-    canaries: Vec<usize>,
-}
-
-impl GuardedMemory {
-    /// Maps and fills the whole layout.
-    pub fn new() -> Self {
-        let total = REGIONS.iter().map(|r| r.1).sum::<usize>() + (REGIONS.len() + 1) * CANARY_LEN;
-        // SAFETY: a fresh anonymous mapping; no existing memory is affected.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                total,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(base, libc::MAP_FAILED, "mmap of the guarded test memory");
-        let base = base.cast::<u8>();
-        let mut canaries = vec![0];
-        let mut regions = Vec::new();
-        let mut at = CANARY_LEN;
-        for (gpa, len) in REGIONS {
-            // SAFETY: [at, at + len) lies inside the mapping made above,
-            // which is never unmapped; the flags and protection are the
-            // mapping's own.
-            let region = unsafe {
-                MmapRegion::build_raw(
-                    base.add(at),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                )
-            }
-            .expect("guest region over the guarded mapping");
-            regions.push(GuestRegionMmap::new(region, GuestAddress(gpa)).expect("region fits"));
-            at += len;
-            canaries.push(at);
-            at += CANARY_LEN;
-        }
-        let g = GuardedMemory {
-            mem: GuestMemoryMmap::from_regions(regions).expect("guarded guest memory"),
-            base,
-            total,
-            canaries,
-        };
-        g.fill_canaries();
-        g
-    }
-
-    /// The guest memory.
-    pub fn mem(&self) -> &GuestMemoryMmap {
-        &self.mem
-    }
-
-    fn fill_canaries(&self) {
-        for &c in &self.canaries {
-            // SAFETY: each canary lies inside the mapping (see new) and no
-            // guest region overlaps it.
-            unsafe { std::ptr::write_bytes(self.base.add(c), CANARY_BYTE, CANARY_LEN) };
-        }
-    }
-
-    /// Whether every canary still holds [`CANARY_BYTE`].
-    pub fn canaries_intact(&self) -> bool {
-        self.canaries.iter().all(|&c| {
-            // SAFETY: as in fill_canaries; read only.
-            let s = unsafe { std::slice::from_raw_parts(self.base.add(c), CANARY_LEN) };
-            s.iter().all(|b| *b == CANARY_BYTE)
-        })
-    }
-
-    /// Zeroes guest memory and refills the canaries (the fuzz target's
-    /// fresh start for each input).
-    fn reset(&self) {
-        // SAFETY: the whole mapping is ours; its contents become zeros,
-        // which nothing holds a reference into.
-        let r = unsafe { libc::madvise(self.base.cast(), self.total, libc::MADV_DONTNEED) };
-        assert_eq!(r, 0, "reset of the guarded test memory");
-        self.fill_canaries();
-    }
-}
-
-impl Default for GuardedMemory {
-    fn default() -> Self {
-        Self::new()
-    }
-}
 
 thread_local! {
     /// The fuzz target's memory, made once per thread and reset per input.

@@ -7,6 +7,8 @@
 //! The status byte is written last. Metrics live in [`metrics`].
 
 pub mod device;
+#[cfg(any(test, fuzzing))]
+pub mod fuzz;
 pub mod metrics;
 pub mod request;
 #[cfg(test)]

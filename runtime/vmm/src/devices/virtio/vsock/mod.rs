@@ -15,6 +15,8 @@
 pub mod csm;
 pub mod device;
 pub mod event_handler;
+#[cfg(any(test, fuzzing))]
+pub mod fuzz;
 pub mod metrics;
 pub mod muxer;
 pub mod packet;
