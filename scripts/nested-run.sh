@@ -6,8 +6,7 @@
 #
 #   scripts/nested-run.sh [--memory MIB] [--cpus N] [--copy PATH]... \
 #       [--env NAME=VALUE]... [--out DIR] [--timeout SECS] [--keep] \
-#       [--prepared FILE] -- SCRIPT [ARGS...]
-#   scripts/nested-run.sh --prepare FILE
+#       -- SCRIPT [ARGS...]
 #
 # Builds (or takes from the caches) the test-host kernel, the guest kernel
 # and initramfs, the node's root image and our binaries; writes them with
@@ -19,12 +18,6 @@
 # or the script does not finish, it says why, shows the tail of the node's
 # console and exits 125.
 #
-# --prepare FILE does only the building and writes where everything is to
-# FILE; a later run with --prepared FILE boots with those and runs no cargo
-# at all. scripts/test.sh uses the pair to run the node beside the host's
-# own tests: a cargo command waits while another holds the target
-# directory, as `cargo test` does while its tests run.
-#
 # Environment: BOXLITE_NODE_PROFILE=release|debug (our binaries' cargo
 # profile; default release), BOXLITE_TESTHOST_TSC_KHZ (the host's TSC
 # frequency; default from /proc/cpuinfo), BOXLITE_TESTHOST_APPEND (more
@@ -32,11 +25,11 @@
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
-    sed -n '7,10p' "${BASH_SOURCE[0]}" | sed 's/^# *//' >&2
+    sed -n '7,9p' "${BASH_SOURCE[0]}" | sed 's/^# *//' >&2
     exit 2
 }
 
-memory=4096 cpus=2 timeout=3600 out="" keep=0 prepare="" prepared=""
+memory=4096 cpus=2 timeout=3600 out="" keep=0
 copies=() envs=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -47,19 +40,14 @@ while [ $# -gt 0 ]; do
         --out) out="$2"; shift 2 ;;
         --timeout) timeout="$2"; shift 2 ;;
         --keep) keep=1; shift ;;
-        --prepare) prepare="$2"; shift 2 ;;
-        --prepared) prepared="$2"; shift 2 ;;
         --) shift; break ;;
         *) echo "nested-run: unknown option $1" >&2; usage ;;
     esac
 done
-if [ -z "$prepare" ]; then
-    [ $# -ge 1 ] || usage
-    script="$1"
-    shift
-    [ -f "$script" ] || { echo "nested-run: no script $script" >&2; exit 2; }
-fi
-[ -z "$prepared" ] || [ -f "$prepared" ] || { echo "nested-run: --prepared $prepared: no such file" >&2; exit 2; }
+[ $# -ge 1 ] || usage
+script="$1"
+shift
+[ -f "$script" ] || { echo "nested-run: no script $script" >&2; exit 2; }
 for c in "${copies[@]}"; do
     [ -e "$c" ] || { echo "nested-run: --copy $c: no such file or directory" >&2; exit 2; }
 done
@@ -70,11 +58,8 @@ done
 require_root
 cd "$REPO_ROOT"
 
-# Builds (or takes from the caches) everything the node boots with and sets
-# the variables naming it (PREPARED_VARS). Everything goes to stderr:
-# stdout is the script's.
-PREPARED_VARS=(kernel node_initramfs vmm virtiofsd node_image bin_dir BOXLITE_KERNEL BOXLITE_INITRAMFS)
-prepare_assets() {
+# Everything below goes to stderr: stdout is the script's.
+{
     ensure_apt_packages
     ensure_cargo_tools
     build_guest_assets
@@ -89,26 +74,12 @@ prepare_assets() {
     else
         cargo build --quiet -p boxlite-runtime -p boxlite-vmm -p containerd-shim-boxlite-v2 --bins
     fi
-    kernel="$(sed -n 's/^testhost-kernel: //p' <<<"$testhost_out")"
-    node_initramfs="$(sed -n 's/^testhost-node-initramfs: //p' <<<"$testhost_out")"
-    vmm="$(sed -n 's/^testhost-vmm: //p' <<<"$testhost_out")"
-    virtiofsd="$(sed -n 's/^testhost-virtiofsd: //p' <<<"$testhost_out")"
-    bin_dir="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/$profile"
-}
-
-if [ -n "$prepared" ]; then
-    # shellcheck disable=SC1090 # written by --prepare
-    source "$prepared"
-    for v in "${PREPARED_VARS[@]}"; do
-        [ -n "${!v:-}" ] || { echo "nested-run: --prepared $prepared does not set $v" >&2; exit 2; }
-    done
-else
-    prepare_assets >&2
-fi
-if [ -n "$prepare" ]; then
-    declare -p "${PREPARED_VARS[@]}" >"$prepare"
-    exit 0
-fi
+} >&2
+kernel="$(sed -n 's/^testhost-kernel: //p' <<<"$testhost_out")"
+node_initramfs="$(sed -n 's/^testhost-node-initramfs: //p' <<<"$testhost_out")"
+vmm="$(sed -n 's/^testhost-vmm: //p' <<<"$testhost_out")"
+virtiofsd="$(sed -n 's/^testhost-virtiofsd: //p' <<<"$testhost_out")"
+bin_dir="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/$profile"
 
 work="$(mktemp -d /tmp/boxlite-nested-run.XXXXXX)"
 cleanup() {

@@ -4,16 +4,13 @@
 # 1. installs what the tests need (idempotent; see scripts/common.sh),
 # 2. checks formatting and clippy (-D warnings),
 # 3. builds the guest kernel (cached by its config hash), the static agent and
-#    the initramfs, and the nested test host (Debian's cloud kernel, fetched
-#    and cached by version; the static boxlite-vmm and test driver),
-# 4. starts the shim and CRI end-to-end tests on the builtin backend in the
-#    nested node, in the background (everything it boots with built first),
-# 5. meanwhile runs the unit and host-side tests (no root, KVM or QEMU
-#    needed), then the #[ignore]d tests, one at a time: those that need root
+#    the initramfs, and the nested test host (its kernel, cached the same way,
+#    the static boxlite-vmm and test driver),
+# 4. runs the unit and host-side tests (no root, KVM or QEMU needed),
+# 5. runs the #[ignore]d tests, one at a time: those that need root
 #    (network namespaces, mounts) and the VM tests, real guests under QEMU
 #    (TCG here), which need root, QEMU, virtiofsd, boxlite-vsock (built here)
-#    and the guest assets,
-# 6. waits for the node and prints its output and the summary.
+#    and the guest assets.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 require_root
 cd "$REPO_ROOT"
@@ -29,9 +26,8 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 build_guest_assets
 
 # Linux under boxlite-vmm runs inside a nested test host (QEMU TCG with an
-# emulated SVM CPU; docs/testing-nested.md): its kernel (Debian's, fetched
-# and cached by package version), the static VMM and test driver, and its
-# initramfs.
+# emulated SVM CPU; docs/testing-nested.md): its kernel (cached like the
+# guest's), the static VMM and test driver, and its initramfs.
 log "nested test host: cargo xtask testhost"
 testhost_out="$(cargo xtask testhost --guest-initramfs "$BOXLITE_INITRAMFS" | tee_stderr)"
 BOXLITE_TESTHOST_KERNEL="$(sed -n 's/^testhost-kernel: //p' <<<"$testhost_out" | tail -n1)"
@@ -53,21 +49,22 @@ BOXLITE_SKIP_LOG="$(mktemp /tmp/boxlite-skips.XXXXXX)"
 export BOXLITE_SKIP_LOG
 TEST_LOG="$(mktemp /tmp/boxlite-tests.XXXXXX)"
 NOT_RUN_LOG="$(mktemp /tmp/boxlite-not-run.XXXXXX)"
-e2e_dir="$(mktemp -d /tmp/boxlite-node-e2e.XXXXXX)"
-node_pid=""
-# shellcheck disable=SC2064 # the paths are fixed now
-trap '[ -z "$node_pid" ] || kill "$node_pid" 2>/dev/null; rm -f "$BOXLITE_SKIP_LOG" "$TEST_LOG" "$NOT_RUN_LOG"; rm -rf "$e2e_dir"' EXIT
-status=0
+trap 'rm -f "$BOXLITE_SKIP_LOG" "$TEST_LOG" "$NOT_RUN_LOG"' EXIT
 
-# The same shim and CRI end-to-end tests as on the host, on the builtin
-# backend: boxlite-vmm under containerd in the nested test node (a Debian 12
-# node under QEMU TCG with an emulated SVM CPU, docs/testing-nested.md),
-# through scripts/nested-run.sh, with the test binaries cargo builds here.
-# The node runs in the background while the host's tests run: it is a
-# QEMU of its own, and the two together fill the 2 CPUs better than either
-# alone. Everything it boots with is built first (--prepare), because a
-# cargo command waits while `cargo test` holds the target directory.
-log "nested node: test binaries, node image and binaries (scripts/nested-run.sh --prepare)"
+status=0
+log "tests: unit and host-side"
+cargo test --workspace --no-fail-fast 2>&1 | tee -a "$TEST_LOG" || status=1
+
+log "tests: #[ignore]d (root; VM tests under QEMU, kernel $BOXLITE_KERNEL, initramfs $BOXLITE_INITRAMFS)"
+cargo test --workspace --no-fail-fast -- --ignored --test-threads=1 2>&1 | tee -a "$TEST_LOG" || status=1
+
+# The same shim and CRI end-to-end tests on the builtin backend: boxlite-vmm
+# under containerd in the nested test node (a Debian 12 node under QEMU TCG
+# with an emulated SVM CPU, docs/testing-nested.md), through
+# scripts/nested-run.sh. The test binaries are the ones cargo just ran here.
+log "tests: shim and CRI end to end on the builtin backend, in the nested node"
+e2e_dir="$(mktemp -d /tmp/boxlite-node-e2e.XXXXXX)"
+trap 'rm -f "$BOXLITE_SKIP_LOG" "$TEST_LOG" "$NOT_RUN_LOG"; rm -rf "$e2e_dir"' EXIT
 e2e_names=()
 while read -r exe; do
     name="$(basename "$exe")"
@@ -82,26 +79,8 @@ if [ "${#e2e_names[@]}" -ne 2 ]; then
 else
     copies=()
     for name in "${e2e_names[@]}"; do copies+=(--copy "$e2e_dir/$name"); done
-    BOXLITE_NODE_PROFILE=debug bash scripts/nested-run.sh --prepare "$e2e_dir/prepared"
-    log "tests: shim and CRI end to end on the builtin backend, in the nested node (in the background; its output follows the host's tests)"
-    BOXLITE_NODE_PROFILE=debug bash scripts/nested-run.sh --prepared "$e2e_dir/prepared" \
-        "${copies[@]}" --out "$e2e_dir/out" -- tests/nested/builtin-e2e.sh "${e2e_names[@]}" \
-        >"$e2e_dir/node.log" 2>&1 &
-    node_pid=$!
-fi
-
-log "tests: unit and host-side"
-cargo test --workspace --no-fail-fast 2>&1 | tee -a "$TEST_LOG" || status=1
-
-log "tests: #[ignore]d (root; VM tests under QEMU, kernel $BOXLITE_KERNEL, initramfs $BOXLITE_INITRAMFS)"
-cargo test --workspace --no-fail-fast -- --ignored --test-threads=1 2>&1 | tee -a "$TEST_LOG" || status=1
-
-if [ -n "$node_pid" ]; then
-    log "tests: waiting for the nested node's end-to-end tests"
-    wait "$node_pid" || status=1
-    node_pid=""
-    log "tests: the nested node's output (builtin backend)"
-    tee -a "$TEST_LOG" <"$e2e_dir/node.log"
+    BOXLITE_NODE_PROFILE=debug bash scripts/nested-run.sh "${copies[@]}" --out "$e2e_dir/out" \
+        -- tests/nested/builtin-e2e.sh "${e2e_names[@]}" 2>&1 | tee -a "$TEST_LOG" || status=1
     if [ -s "$e2e_dir/out/skips" ]; then
         sed 's/^/nested node: /' "$e2e_dir/out/skips" >>"$BOXLITE_SKIP_LOG"
     fi
