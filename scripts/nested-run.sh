@@ -72,7 +72,10 @@ cd "$REPO_ROOT"
     if [ "$profile" = release ]; then
         cargo build --release --quiet -p boxlite-runtime -p boxlite-vmm -p containerd-shim-boxlite-v2 --bins
     else
-        cargo build --quiet -p boxlite-runtime -p boxlite-vmm -p containerd-shim-boxlite-v2 --bins
+        # The whole workspace, as scripts/test.sh builds it: a subset of
+        # packages unifies features differently and rebuilds crates that
+        # build just made (two minutes of a CI run).
+        cargo build --quiet --workspace --bins
     fi
 } >&2
 kernel="$(sed -n 's/^testhost-kernel: //p' <<<"$testhost_out")"

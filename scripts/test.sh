@@ -4,8 +4,8 @@
 # 1. installs what the tests need (idempotent; see scripts/common.sh),
 # 2. checks formatting and clippy (-D warnings),
 # 3. builds the guest kernel (cached by its config hash), the static agent and
-#    the initramfs, and the nested test host (its kernel, cached the same way,
-#    the static boxlite-vmm and test driver),
+#    the initramfs, and the nested test host (Debian's cloud kernel, fetched
+#    and cached by version; the static boxlite-vmm and test driver),
 # 4. runs the unit and host-side tests (no root, KVM or QEMU needed),
 # 5. runs the #[ignore]d tests, one at a time: those that need root
 #    (network namespaces, mounts) and the VM tests, real guests under QEMU
@@ -26,8 +26,9 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 build_guest_assets
 
 # Linux under boxlite-vmm runs inside a nested test host (QEMU TCG with an
-# emulated SVM CPU; docs/testing-nested.md): its kernel (cached like the
-# guest's), the static VMM and test driver, and its initramfs.
+# emulated SVM CPU; docs/testing-nested.md): its kernel (Debian's, fetched
+# and cached by package version), the static VMM and test driver, and its
+# initramfs.
 log "nested test host: cargo xtask testhost"
 testhost_out="$(cargo xtask testhost --guest-initramfs "$BOXLITE_INITRAMFS" | tee_stderr)"
 BOXLITE_TESTHOST_KERNEL="$(sed -n 's/^testhost-kernel: //p' <<<"$testhost_out" | tail -n1)"

@@ -332,17 +332,27 @@ pub const SHIM_RECORDS: &str = ".shim";
 /// The sandbox directories under the runtime's state dir, and the shim
 /// records in its `.shim` directory (which itself stays).
 pub fn left_in_state_dir(state: &Path) -> Vec<PathBuf> {
+    use boxlite_runtime::hypervisor::jail_ids;
     let entries = |dir: &Path| -> Vec<PathBuf> {
         std::fs::read_dir(dir)
             .map(|d| d.flatten().map(|e| e.path()).collect())
             .unwrap_or_default()
     };
+    // Two directories of the runtime itself stay: the shim's records and
+    // the jail uid leases (with their lock file). What is in them is not
+    // meant to: a record or a lease left names a sandbox not cleaned up.
     let records = state.join(SHIM_RECORDS);
+    let leases = state.join(jail_ids::LEASE_DIR);
     let mut left: Vec<PathBuf> = entries(state)
         .into_iter()
-        .filter(|p| *p != records)
+        .filter(|p| *p != records && *p != leases)
         .collect();
     left.extend(entries(&records));
+    left.extend(
+        entries(&leases)
+            .into_iter()
+            .filter(|p| *p != leases.join(jail_ids::LOCK_FILE)),
+    );
     left
 }
 

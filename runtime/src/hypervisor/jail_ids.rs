@@ -40,8 +40,10 @@ use crate::config::Config;
 
 /// The lease directory, beside the sandbox directories in `runtime.state_dir`.
 pub const LEASE_DIR: &str = ".jail-ids";
-/// Locked (`flock`, exclusive) for every change to the lease directory.
-const LOCK_FILE: &str = ".lock";
+/// Locked (`flock`, exclusive) for every change to the lease directory. It
+/// and the directory stay when the last lease goes: removing them would
+/// race with a shim waiting on the lock.
+pub const LOCK_FILE: &str = ".lock";
 /// A lease holds a sandbox id (at most 76 bytes) and a newline; a longer
 /// file is not a lease.
 const MAX_LEASE_LEN: u64 = 128;
