@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 /// Thread kinds with a profile; each file holds one filter named after it.
-const KINDS: &[&str] = &["vmm", "vcpu", "reaper"];
+const KINDS: &[&str] = &["vmm", "vcpu", "reaper", "vsock"];
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(fuzzing)");

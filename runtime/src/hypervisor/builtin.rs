@@ -45,7 +45,7 @@ use boxlite_vmm_api::config::{
 };
 use boxlite_vmm_api::control::{Reply, Request};
 
-use super::launcher::{Launch, Launcher, VmSetup};
+use super::launcher::{grant_jail_access, Launch, Launcher, VmSetup};
 use super::process::{fs_socket_name, Role};
 use super::process_vm::ProcessVm;
 use super::ready::ready_socket_path;
@@ -170,40 +170,13 @@ pub fn write_vm_config(
     Ok(path)
 }
 
-/// What the jailed VMM (`user`, no capabilities) needs of the sandbox
-/// directory once the guest runs: to pass through it (group `user.gid`,
-/// mode 0710: it can list nothing) and to connect to the sockets it reaches
-/// after the jail — the agent's readiness socket and each share's virtiofsd
-/// socket — which become its own. Everything else there stays root's.
-fn grant_jail_access(
-    vm: &VmSetup,
-    user: JailUser,
-    shares: &[Share],
-) -> Result<(), HypervisorError> {
-    use std::os::unix::fs::PermissionsExt;
-    let io = |op, path: &Path, error| HypervisorError::Io {
-        id: vm.spec.id.clone(),
-        op,
-        path: path.to_owned(),
-        error,
-    };
-    let dir = &vm.spec.dir;
-    std::os::unix::fs::chown(dir, Some(0), Some(user.gid)).map_err(|e| {
-        io(
-            "cannot hand the sandbox directory to the VMM's group",
-            dir,
-            e,
-        )
-    })?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o710))
-        .map_err(|e| io("cannot set the mode of the sandbox directory", dir, e))?;
-    let sockets = std::iter::once(ready_socket_path(&vm.path(VSOCK_SOCKET)))
-        .chain(shares.iter().map(|s| vm.path(&fs_socket_name(&s.tag))));
-    for socket in sockets {
-        std::os::unix::fs::chown(&socket, Some(user.uid), Some(user.gid))
-            .map_err(|e| io("cannot hand a socket to the jailed VMM", &socket, e))?;
-    }
-    Ok(())
+/// The sockets the jailed VMM connects to once the guest runs: the
+/// agent's readiness socket and each share's virtiofsd socket
+/// ([`grant_jail_access`]).
+fn jail_sockets(vm: &VmSetup, shares: &[Share]) -> Vec<PathBuf> {
+    std::iter::once(ready_socket_path(&vm.path(VSOCK_SOCKET)))
+        .chain(shares.iter().map(|s| vm.path(&fs_socket_name(&s.tag))))
+        .collect()
 }
 
 /// One request on a VMM control socket: writes it, reads the reply line
@@ -247,7 +220,7 @@ impl Launcher for BuiltinLauncher {
         let user = launch.lease_jail_user(vm)?;
         launch.spawn_virtiofsd(vm)?;
         launch.wait_for_helper_sockets(vm).await?;
-        grant_jail_access(vm, user, launch.shares)?;
+        grant_jail_access(vm, user, jail_sockets(vm, launch.shares))?;
 
         let fds = launch.tap_fds();
         let nets: Vec<(Option<RawFd>, &NetDevice)> =

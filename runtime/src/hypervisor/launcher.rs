@@ -16,6 +16,7 @@ use boxlite_vmm_api::config::JailUser;
 use super::jail_ids::JailLease;
 use super::process::{
     fs_socket_name, spawn_process, virtiofsd_args, wait_for_sockets, Proc, ProcessPlace, Role,
+    RunAs,
 };
 use super::{HypervisorError, NetDevice, Share, VmSpec};
 use crate::cgroup::CgroupJoiner;
@@ -76,10 +77,27 @@ impl Launch<'_> {
         socket: Option<PathBuf>,
         inherit_fds: Vec<RawFd>,
     ) -> Result<(), HypervisorError> {
+        self.spawn_as(vm, None, role, binary, args, socket, inherit_fds)
+    }
+
+    /// [`Launch::spawn`], the process starting with `user`'s credentials
+    /// (None: ours).
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn_as(
+        &mut self,
+        vm: &VmSetup,
+        user: Option<&RunAs>,
+        role: Role,
+        binary: &Path,
+        args: Vec<OsString>,
+        socket: Option<PathBuf>,
+        inherit_fds: Vec<RawFd>,
+    ) -> Result<(), HypervisorError> {
         let place = ProcessPlace {
             dir: &vm.spec.dir,
             cap: vm.spec.log_max_bytes,
             cgroup: &self.cgroup,
+            user,
         };
         let p = spawn_process(&vm.spec.id, place, role, binary, args, socket, inherit_fds)?;
         self.procs.push(p);
@@ -142,6 +160,40 @@ impl Launch<'_> {
             })
             .collect()
     }
+}
+
+/// What the processes running as the sandbox's jail `user` (no
+/// capabilities) need of the sandbox directory once the guest runs: to pass
+/// through it (group `user.gid`, mode 0710: it can list nothing) and to
+/// connect to `sockets`, which become theirs. Everything else there stays
+/// root's.
+pub fn grant_jail_access(
+    vm: &VmSetup,
+    user: JailUser,
+    sockets: impl IntoIterator<Item = PathBuf>,
+) -> Result<(), HypervisorError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |op, path: &Path, error| HypervisorError::Io {
+        id: vm.spec.id.clone(),
+        op,
+        path: path.to_owned(),
+        error,
+    };
+    let dir = &vm.spec.dir;
+    std::os::unix::fs::chown(dir, Some(0), Some(user.gid)).map_err(|e| {
+        io(
+            "cannot hand the sandbox directory to the jail's group",
+            dir,
+            e,
+        )
+    })?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o710))
+        .map_err(|e| io("cannot set the mode of the sandbox directory", dir, e))?;
+    for socket in sockets {
+        std::os::unix::fs::chown(&socket, Some(user.uid), Some(user.gid))
+            .map_err(|e| io("cannot hand a socket to the jail's uid", &socket, e))?;
+    }
+    Ok(())
 }
 
 /// One process-based backend's own part.

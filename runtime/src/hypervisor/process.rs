@@ -213,12 +213,61 @@ pub(crate) fn kill_children(parent: u32) -> usize {
 }
 
 /// Where a process goes: its output into `<dir>/<stem>.log` (at most `cap`
-/// bytes), itself into the cgroup `cgroup` joins (the pod's).
+/// bytes), itself into the cgroup `cgroup` joins (the pod's), and whose
+/// credentials it runs with (`user`; None: ours).
 #[derive(Debug, Clone, Copy)]
 pub struct ProcessPlace<'a> {
     pub dir: &'a Path,
     pub cap: u64,
     pub cgroup: &'a CgroupJoiner,
+    pub user: Option<&'a RunAs>,
+}
+
+/// Credentials a process starts with instead of ours: a uid and gid, only
+/// the supplementary `groups` (say the group of `/dev/kvm`), and no
+/// capabilities (a non-root uid after exec keeps none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+impl RunAs {
+    /// Sets the calling process's groups, gid and uid (in that order:
+    /// after the uid change it could set neither). For the child between
+    /// fork and exec: raw syscalls only, which are async-signal-safe and
+    /// change just this (single-threaded) process.
+    fn become_self(&self) -> std::io::Result<()> {
+        let check = |rc: libc::c_long| {
+            if rc < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        };
+        // SAFETY: integer arguments, and a pointer to `groups.len()` gid_t
+        // values that outlive the call.
+        unsafe {
+            check(libc::syscall(
+                libc::SYS_setgroups,
+                self.groups.len(),
+                self.groups.as_ptr(),
+            ))?;
+            check(libc::syscall(
+                libc::SYS_setresgid,
+                self.gid,
+                self.gid,
+                self.gid,
+            ))?;
+            check(libc::syscall(
+                libc::SYS_setresuid,
+                self.uid,
+                self.uid,
+                self.uid,
+            ))
+        }
+    }
 }
 
 /// Spawns one process with its output in a capped `<dir>/<stem>.log`, in
@@ -251,7 +300,8 @@ pub fn spawn_process(
     let mut cmd = Command::new(binary);
     cmd.args(&args).stdin(Stdio::null()).stdout(out).stderr(err);
     let cgroup = place.cgroup.clone();
-    if !inherit_fds.is_empty() || !cgroup.is_empty() {
+    let user = place.user.cloned();
+    if !inherit_fds.is_empty() || !cgroup.is_empty() || user.is_some() {
         // SAFETY: runs in the child between fork and exec; it only calls
         // fcntl, open, write and close, which are async-signal-safe, on
         // fds the parent owns and keeps open until spawn returns, and on
@@ -260,6 +310,7 @@ pub fn spawn_process(
         // close-on-exec, so no other child inherits them. Joining the
         // cgroup before exec means no instruction of the process, nor a
         // child it forks at once (the jailed VMM does), runs outside it.
+        // The credentials change last: joining the cgroup needs root's.
         unsafe {
             cmd.pre_exec(move || {
                 for fd in &inherit_fds {
@@ -267,7 +318,11 @@ pub fn spawn_process(
                         return Err(std::io::Error::last_os_error());
                     }
                 }
-                cgroup.join()
+                cgroup.join()?;
+                match &user {
+                    Some(user) => user.become_self(),
+                    None => Ok(()),
+                }
             });
         }
     }

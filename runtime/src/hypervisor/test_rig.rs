@@ -19,7 +19,13 @@ pub(crate) struct Rig {
 
 impl Rig {
     pub(crate) fn new() -> Self {
-        Self { dir: BinDir::new() }
+        use std::os::unix::fs::PermissionsExt;
+        let dir = BinDir::new();
+        // The qemu backend starts QEMU as the sandbox's jail uid: a fake
+        // QEMU must be able to run its script and write its markers here.
+        std::fs::set_permissions(dir.root(), std::fs::Permissions::from_mode(0o1777))
+            .expect("chmod the rig's directory");
+        Self { dir }
     }
 
     /// The VM spec: 2 s agent-ready and 1 s shutdown timeouts.

@@ -28,6 +28,7 @@ fn raw(kind: ThreadKind) -> &'static [(u16, u8, u8, u32)] {
         ThreadKind::Vmm => generated::FILTER_VMM,
         ThreadKind::Vcpu => generated::FILTER_VCPU,
         ThreadKind::Reaper => generated::FILTER_REAPER,
+        ThreadKind::VsockBackend => generated::FILTER_VSOCK,
     }
 }
 
@@ -37,6 +38,7 @@ pub fn allowed_syscalls(kind: ThreadKind) -> &'static [&'static str] {
         ThreadKind::Vmm => generated::SYSCALLS_VMM,
         ThreadKind::Vcpu => generated::SYSCALLS_VCPU,
         ThreadKind::Reaper => generated::SYSCALLS_REAPER,
+        ThreadKind::VsockBackend => generated::SYSCALLS_VSOCK,
     }
 }
 
@@ -87,6 +89,25 @@ mod tests {
     const NEVER: [&str; 7] = [
         "execve", "fork", "clone", "clone3", "ptrace", "openat", "mount",
     ];
+
+    #[test]
+    fn the_vsock_backend_may_make_threads_but_not_programs_or_files() {
+        let names = allowed_syscalls(ThreadKind::VsockBackend);
+        for must in ["clone3", "recvmsg", "mmap", "connect", "accept4"] {
+            assert!(names.contains(&must), "vsock lacks {must}");
+        }
+        // No KVM, no disks, no files opened: guest memory and every other
+        // fd arrive over the vhost-user socket.
+        for never in NEVER.iter().filter(|n| **n != "clone3").chain(&[
+            "kill",
+            "fallocate",
+            "pwrite64",
+            "open",
+            "creat",
+        ]) {
+            assert!(!names.contains(never), "vsock allows {never}");
+        }
+    }
 
     #[test]
     fn the_waiting_parent_may_only_wait_signal_and_exit() {

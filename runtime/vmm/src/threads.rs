@@ -24,6 +24,10 @@ pub enum ThreadKind {
     /// The parent left in the host's pid namespace, which only waits for
     /// the VMM (`jail::pidns`); not a thread of the VMM itself.
     Reaper,
+    /// Every thread of the `boxlite-vsock` vhost-user backend: one filter,
+    /// loaded on its main thread before the vhost-user threads exist, which
+    /// inherit it.
+    VsockBackend,
 }
 
 impl ThreadKind {
@@ -33,6 +37,7 @@ impl ThreadKind {
             ThreadKind::Vmm => "vmm",
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Reaper => "reaper",
+            ThreadKind::VsockBackend => "vsock",
         }
     }
 }

@@ -14,6 +14,9 @@ use boxlite_vmm::config::{
 };
 use boxlite_vmm_api::process::vm_pids;
 
+mod common;
+use common::{same_namespace, status_field};
+
 const I8042_RESET: [u8; 4] = [0xb0, 0xfe, 0xe6, 0x64];
 
 fn raw_image(path: PathBuf) -> Option<RawImageConfig> {
@@ -233,22 +236,6 @@ fn every_escape_from_the_jail_is_denied() {
 fn nix_kill(pid: u32) {
     // SAFETY: integers only.
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
-}
-
-/// `Name:\tvalue` from `/proc/<pid>/status`.
-fn status_field(pid: u32, name: &str) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}:")))
-        .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
-        .trim()
-        .to_string()
-}
-
-fn same_namespace(pid: u32, ns: &str) -> bool {
-    let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).expect("our ns");
-    std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).expect("its ns") == ours
 }
 
 #[test]

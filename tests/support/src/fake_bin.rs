@@ -46,8 +46,8 @@ impl BinDir {
         path
     }
 
-    /// A helper that takes its socket path after `flag`, creates the socket
-    /// file (and `<socket>.pid` when `pid_file`, as virtiofsd does) and
+    /// A helper that takes its socket path after `flag`, listens on it
+    /// (and writes `<socket>.pid` when `pid_file`, as virtiofsd does) and
     /// sleeps.
     pub fn socket_helper(&self, name: &str, flag: &str, pid_file: bool) -> PathBuf {
         let pid = if pid_file { r#": > "$s.pid""# } else { "" };
@@ -55,12 +55,25 @@ impl BinDir {
             name,
             &format!(
                 r#"while [ $# -gt 0 ]; do case "$1" in {flag}) shift; s="$1";; esac; shift; done
-: > "$s"
 {pid}
-exec sleep 30"#
+{}"#,
+                listen_and_sleep("$s")
             ),
         )
     }
+}
+
+/// A shell line that becomes a process listening on the unix socket
+/// `path` (a shell word, such as `"$s"`) for 30 s: a helper's socket that a
+/// runtime can connect to, as it does to hand the connection to QEMU.
+pub fn listen_and_sleep(path: &str) -> String {
+    format!(
+        r#"exec /usr/bin/python3 -c 'import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1])
+s.listen(8)
+time.sleep(30)' "{path}""#
+    )
 }
 
 impl Default for BinDir {

@@ -23,14 +23,14 @@
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
-use super::launcher::{Launch, Launcher, VmSetup};
+use super::launcher::{grant_jail_access, Launch, Launcher, VmSetup};
 use super::process::Role;
 use super::process_vm::ProcessVm;
+use super::ready::ready_socket_path;
 use super::{HypervisorError, NetDevice, Share, VmSpec, VSOCK_SOCKET};
 use crate::config::{ResolvedAccel, ResolvedHypervisor};
 use crate::network::TapDevice;
@@ -92,9 +92,9 @@ impl ProcessVm<QemuLauncher> {
         &self,
         shares: &[Share],
         nets: &[(Option<RawFd>, &NetDevice)],
-        console: RawFd,
+        fds: &QemuFds,
     ) -> Vec<OsString> {
-        self.launcher.qemu_args(&self.setup, shares, nets, console)
+        self.launcher.qemu_args(&self.setup, shares, nets, fds)
     }
 
     /// [`BASE_CMDLINE`] plus the extras.
@@ -103,17 +103,36 @@ impl ProcessVm<QemuLauncher> {
     }
 }
 
+/// The files QEMU inherits as fds: it starts as the sandbox's unprivileged
+/// jail uid, which could not reach them by their own paths (a kernel under
+/// `/root`, sockets under a `0700` state directory), see [`unprivileged`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuFds {
+    /// The write end of the console pipe (handed to the jail uid; QEMU
+    /// opens it again by its `/dev/fd/<n>` path).
+    pub console: RawFd,
+    /// The guest kernel and initramfs, opened read-only by the runtime
+    /// (QEMU opens them again by their `/dev/fd/<n>` paths).
+    pub kernel: RawFd,
+    pub initramfs: RawFd,
+    /// The vsock backend's vhost-user socket, connected by the runtime.
+    pub vhost_vsock: RawFd,
+    /// Each share's virtiofsd socket, connected by the runtime, in order.
+    pub fs: Vec<RawFd>,
+}
+
 impl QemuLauncher {
     /// The QEMU command line (without the binary). `nets` pairs each device
-    /// with the raw fd QEMU inherits for it (ignored for named taps);
-    /// `console` is the inherited fd of the console pipe.
+    /// with the raw fd QEMU inherits for it (None: a tap QEMU opens by
+    /// name); `fds` are the other files it inherits.
     pub fn qemu_args(
         &self,
         vm: &VmSetup,
         shares: &[Share],
         nets: &[(Option<RawFd>, &NetDevice)],
-        console: RawFd,
+        fds: &QemuFds,
     ) -> Vec<OsString> {
+        let console = fds.console;
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |a: &[&str]| args.extend(a.iter().map(OsString::from));
         let (accel, cpu) = match self.bins.accel {
@@ -133,54 +152,50 @@ impl QemuLauncher {
         // QEMU's own seccomp filter (what Kata offers as `seccompsandbox`).
         push(&["-sandbox", QEMU_SANDBOX]);
         // The console goes into the inherited pipe the shim copies into a
-        // capped console.log. QEMU opens it by its /dev/fd path at start,
-        // before anything could drop its privileges (QEMU 7.2's fd sets
-        // refuse the O_CREAT its file chardev opens with).
+        // capped console.log; QEMU opens it by its /dev/fd path (QEMU
+        // 7.2's fd sets refuse the O_CREAT its file chardev opens with),
+        // which its uid may since the pipe was handed to it.
         push(&[
             "-chardev",
             &format!("file,id=console,path=/dev/fd/{console}"),
         ]);
-        args.push("-serial".into());
-        args.push("chardev:console".into());
-        args.push("-kernel".into());
-        args.push(vm.spec.kernel.clone().into_os_string());
-        args.push("-initrd".into());
-        args.push(vm.spec.initramfs.clone().into_os_string());
-        args.push("-append".into());
-        args.push(cmdline(vm).into());
-        args.push("-device".into());
-        args.push("virtio-rng-device".into());
-        push_chardev(&mut args, "socket,id=vsock", &vm.path(VHOST_VSOCK_SOCKET));
-        args.push("-device".into());
-        args.push("vhost-user-vsock-device,chardev=vsock".into());
-        for (i, share) in shares.iter().enumerate() {
-            push_chardev(
-                &mut args,
-                &format!("socket,id=fs{i}"),
-                &vm.path(&fs_socket_name(&share.tag)),
-            );
-            args.push("-device".into());
-            args.push(format!("vhost-user-fs-device,chardev=fs{i},tag={}", share.tag).into());
+        push(&["-serial", "chardev:console"]);
+        push(&["-kernel", &format!("/dev/fd/{}", fds.kernel)]);
+        push(&["-initrd", &format!("/dev/fd/{}", fds.initramfs)]);
+        push(&["-append", &cmdline(vm)]);
+        push(&["-device", "virtio-rng-device"]);
+        // vhost-user sockets as connected fds: QEMU needs no path to them.
+        push(&[
+            "-chardev",
+            &format!("socket,id=vsock,fd={}", fds.vhost_vsock),
+        ]);
+        push(&["-device", "vhost-user-vsock-device,chardev=vsock"]);
+        for (i, (share, fd)) in shares.iter().zip(&fds.fs).enumerate() {
+            push(&["-chardev", &format!("socket,id=fs{i},fd={fd}")]);
+            push(&[
+                "-device",
+                &format!("vhost-user-fs-device,chardev=fs{i},tag={}", share.tag),
+            ]);
         }
         for (i, (fd, net)) in nets.iter().enumerate() {
             let netdev = match (&net.tap, fd) {
-                (TapDevice::Fd(_), Some(fd)) => format!("tap,id=net{i},fd={fd}"),
-                (TapDevice::Name(name), _) => {
+                (_, Some(fd)) => format!("tap,id=net{i},fd={fd}"),
+                (TapDevice::Name(name), None) => {
                     format!("tap,id=net{i},ifname={name},script=no,downscript=no")
                 }
                 (TapDevice::Fd(f), None) => format!("tap,id=net{i},fd={}", f.as_raw_fd()),
             };
-            args.push("-netdev".into());
-            args.push(netdev.into());
-            args.push("-device".into());
-            args.push(format!("virtio-net-device,netdev=net{i},mac={}", net.mac).into());
+            push(&["-netdev", &netdev]);
+            push(&[
+                "-device",
+                &format!("virtio-net-device,netdev=net{i},mac={}", net.mac),
+            ]);
         }
         // The balloon the builtin backend gives every sandbox too
         // (builtin::balloon): freed guest memory goes back to the host,
         // the balloon deflates before the guest would OOM. Last, so the
         // other devices keep their slots.
-        args.push("-device".into());
-        args.push(qemu_balloon(vm.spec.free_page_reporting).into());
+        push(&["-device", &qemu_balloon(vm.spec.free_page_reporting)]);
         args
     }
 }
@@ -216,10 +231,15 @@ impl Launcher for QemuLauncher {
         vec![vm.path(VHOST_VSOCK_SOCKET)]
     }
 
-    /// Spawns the helpers, waits for their sockets, then spawns QEMU.
+    /// The jail uid lease (first: a full range fails before anything is
+    /// spawned); the vsock backend, jailed as that uid, and virtiofsd
+    /// (sockets awaited); then QEMU, started as that uid with only the
+    /// group of `/dev/kvm` besides, and every file it needs open already.
     async fn spawn(&self, vm: &VmSetup, launch: &mut Launch<'_>) -> Result<(), HypervisorError> {
+        let user = launch.lease_jail_user(vm)?;
         let vhost = vm.path(VHOST_VSOCK_SOCKET);
-        let args = vec![
+        let bin = &self.bins.vhost_vsock_binary;
+        let mut args = vec![
             "--guest-cid".into(),
             GUEST_CID.to_string().into(),
             "--socket".into(),
@@ -227,45 +247,60 @@ impl Launcher for QemuLauncher {
             "--uds-path".into(),
             vm.path(VSOCK_SOCKET).into_os_string(),
         ];
-        let bin = &self.bins.vhost_vsock_binary;
+        if jails_itself(bin) {
+            args.push("--jail-user".into());
+            args.push(format!("{}:{}", user.uid, user.gid).into());
+        } else {
+            tracing::warn!(
+                sandbox_id = %vm.spec.id,
+                binary = %bin.display(),
+                "hypervisor.vhost_vsock_binary is not boxlite-vsock: the vsock backend runs as root with no jail"
+            );
+        }
         launch.spawn(vm, Role::Vsock, bin, args, Some(vhost), Vec::new())?;
 
         launch.spawn_virtiofsd(vm)?;
         launch.wait_for_helper_sockets(vm).await?;
+        // The jailed vsock backend connects to the agent's readiness
+        // socket (QEMU gets its sockets connected).
+        grant_jail_access(vm, user, [ready_socket_path(&vm.path(VSOCK_SOCKET))])?;
+        let owned = unprivileged::QemuFiles::open(vm, user, launch)?;
 
-        let fds = launch.tap_fds();
+        let fds: Vec<Option<RawFd>> = launch
+            .tap_fds()
+            .into_iter()
+            .zip(owned.named_taps())
+            .map(|(given, opened)| given.or(opened))
+            .collect();
         let nets: Vec<(Option<RawFd>, &NetDevice)> =
             fds.iter().copied().zip(launch.nets.iter()).collect();
-        let args = self.qemu_args(vm, launch.shares, &nets, launch.console);
+        let args = self.qemu_args(vm, launch.shares, &nets, &owned.fds(launch.console));
+        let run_as = unprivileged::run_as(user, self.bins.accel);
         tracing::info!(
             sandbox_id = %vm.spec.id,
+            uid = run_as.uid,
+            groups = ?run_as.groups,
             cmdline = %render_cmdline(&self.bins.qemu_binary, &args),
             "starting qemu"
         );
-        let inherit = launch.vmm_fds();
-        launch.spawn(vm, Role::Qemu, &self.bins.qemu_binary, args, None, inherit)
+        let mut inherit = launch.vmm_fds();
+        inherit.extend(owned.inherited());
+        launch.spawn_as(
+            vm,
+            Some(&run_as),
+            Role::Qemu,
+            &self.bins.qemu_binary,
+            args,
+            None,
+            inherit,
+        )
     }
 }
 
-/// Adds `-chardev <backend_and_id>,path=<path>`, the path escaped by
-/// [`opt_with_path`]: the console log and every vhost-user socket reach
-/// QEMU this way.
-fn push_chardev(args: &mut Vec<OsString>, backend_and_id: &str, path: &Path) {
-    args.push("-chardev".into());
-    args.push(opt_with_path(&format!("{backend_and_id},path="), path, ""));
-}
-
-/// `prefix` + `path` with QEMU's option escaping (`,` → `,,`) + `suffix`.
-fn opt_with_path(prefix: &str, path: &Path, suffix: &str) -> OsString {
-    let mut bytes = prefix.as_bytes().to_vec();
-    for &b in path.as_os_str().as_bytes() {
-        bytes.push(b);
-        if b == b',' {
-            bytes.push(b',');
-        }
-    }
-    bytes.extend_from_slice(suffix.as_bytes());
-    OsString::from_vec(bytes)
+/// Whether `binary` is our `boxlite-vsock`, which takes `--jail-user`
+/// (`vhost-device-vsock`, the other backend that fits, does not).
+fn jails_itself(binary: &Path) -> bool {
+    binary.file_name() == Some(OsStr::new("boxlite-vsock"))
 }
 
 /// The command line as a shell would need it, for logs and reports.
@@ -287,6 +322,8 @@ pub fn render_cmdline(binary: &Path, args: &[OsString]) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+mod unprivileged;
 
 #[cfg(test)]
 mod tests;

@@ -5,9 +5,20 @@ use super::*;
 use crate::config::ResolvedBackend;
 use crate::hypervisor::test_rig::{assert_stops_in_time, Bins, Rig};
 use crate::hypervisor::Hypervisor;
-use boxlite_test_support::fake_bin::pid_alive;
+use boxlite_test_support::fake_bin::{listen_and_sleep, pid_alive};
 use std::fs::File;
 use std::time::Duration;
+
+/// The fds a command line is rendered with (nothing is opened).
+fn fds(shares: usize) -> QemuFds {
+    QemuFds {
+        console: 7,
+        kernel: 5,
+        initramfs: 6,
+        vhost_vsock: 10,
+        fs: (0..shares).map(|i| 11 + i as RawFd).collect(),
+    }
+}
 
 fn bins(qemu: PathBuf, vhost_vsock: PathBuf, virtiofsd: PathBuf) -> ResolvedHypervisor {
     let vmm = "boxlite-vmm".into();
@@ -48,27 +59,21 @@ fn qemu_command_line() {
         tap: TapDevice::Name("tap0".into()),
         mac: "02:00:00:00:00:02".parse().unwrap(),
     };
-    let args = vm.qemu_args(&shares, &[(Some(42), &net_fd), (None, &net_name)], 7);
+    let args = vm.qemu_args(&shares, &[(Some(42), &net_fd), (None, &net_name)], &fds(1));
     let line = render_cmdline(Path::new("qemu-system-x86_64"), &args);
-    let dir = rig.sandbox();
-    let d = dir.display();
-    let expected = format!(
-        "qemu-system-x86_64 -name boxlite-sb1 -M microvm,acpi=off,memory-backend=mem \
+    let expected =         "qemu-system-x86_64 -name boxlite-sb1 -M microvm,acpi=off,memory-backend=mem \
          -accel tcg -cpu max -smp 2 -m 256M \
          -object memory-backend-memfd,id=mem,size=256M,share=on \
          -nodefaults -no-user-config -nographic -no-reboot \
          -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
          -chardev file,id=console,path=/dev/fd/7 -serial chardev:console \
-         -kernel {k} -initrd {i} -append 'console=ttyS0 reboot=t panic=-1 no_timer_check loglevel=5 quiet' \
+         -kernel /dev/fd/5 -initrd /dev/fd/6 -append 'console=ttyS0 reboot=t panic=-1 no_timer_check loglevel=5 quiet' \
          -device virtio-rng-device \
-         -chardev socket,id=vsock,path={d}/vhost-vsock.sock -device vhost-user-vsock-device,chardev=vsock \
-         -chardev socket,id=fs0,path={d}/fs-rootfs.sock -device vhost-user-fs-device,chardev=fs0,tag=rootfs \
+         -chardev socket,id=vsock,fd=10 -device vhost-user-vsock-device,chardev=vsock \
+         -chardev socket,id=fs0,fd=11 -device vhost-user-fs-device,chardev=fs0,tag=rootfs \
          -netdev tap,id=net0,fd=42 -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01 \
          -netdev tap,id=net1,ifname=tap0,script=no,downscript=no -device virtio-net-device,netdev=net1,mac=02:00:00:00:00:02 \
-         -device virtio-balloon-device,deflate-on-oom=on,free-page-reporting=on",
-        k = rig.path("vmlinux").display(),
-        i = rig.path("initramfs").display(),
-    );
+         -device virtio-balloon-device,deflate-on-oom=on,free-page-reporting=on";
     assert_eq!(line, expected);
 }
 
@@ -78,14 +83,8 @@ fn kvm_uses_the_host_cpu() {
     let mut bins = bins("/q".into(), "/v".into(), "/f".into());
     bins.accel = ResolvedAccel::Kvm;
     let vm = QemuHypervisor::new(rig.spec(), bins).unwrap();
-    let line = render_cmdline(Path::new("q"), &vm.qemu_args(&[], &[], 7));
+    let line = render_cmdline(Path::new("q"), &vm.qemu_args(&[], &[], &fds(0)));
     assert!(line.contains("-accel kvm -cpu host"), "{line}");
-}
-
-#[test]
-fn commas_in_paths_are_escaped() {
-    let opt = opt_with_path("socket,id=x,path=", Path::new("/a,b/c.sock"), "");
-    assert_eq!(opt, OsString::from("socket,id=x,path=/a,,b/c.sock"));
 }
 
 #[tokio::test]
@@ -292,6 +291,73 @@ async fn kill_and_drop_leave_nothing_behind() {
 }
 
 #[tokio::test]
+async fn qemu_starts_unprivileged_with_its_files_inherited_and_the_vsock_backend_jails_itself() {
+    let rig = Rig::new();
+    // The fake QEMU records its credentials and what its fds point at;
+    // written to a temp file and renamed, so the test never reads half.
+    let seen = rig.path("qemu-seen");
+    let qemu = rig.script(
+        "qemu",
+        &format!(
+            r#"{{ id -u; id -g; id -G; for f in /proc/$$/fd/*; do readlink "$f"; done; }} > {s}.tmp
+mv {s}.tmp {s}; exec sleep 30"#,
+            s = seen.display()
+        ),
+    );
+    // Named as ours, the vsock backend is told to jail itself.
+    let vsock_args = rig.path("vsock-args");
+    let vsock = rig.script(
+        "boxlite-vsock",
+        &format!(
+            r#"echo "$@" > {}
+while [ $# -gt 0 ]; do case "$1" in --socket) shift; s="$1";; esac; shift; done
+{}"#,
+            vsock_args.display(),
+            listen_and_sleep("$s")
+        ),
+    );
+    let virtiofsd = fake_helper(&rig, "virtiofsd", "--socket-path");
+    let vm = QemuHypervisor::new(rig.spec(), bins(qemu, vsock, virtiofsd)).unwrap();
+    vm.add_share("rootfs", rig.root(), false).await.unwrap();
+    vm.start().await.unwrap();
+    let uid = rig.spec().jail_ids.range.home("sb1");
+    assert_eq!(rig.jail_leases(), [uid]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !seen.exists() {
+        assert!(std::time::Instant::now() < deadline, "QEMU never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let seen = std::fs::read_to_string(&seen).unwrap();
+    let lines: Vec<&str> = seen.lines().collect();
+    // uid, gid, and no other group under TCG.
+    assert_eq!(
+        lines[..3],
+        [uid.to_string(), uid.to_string(), uid.to_string()]
+    );
+    // The boot files it reopens by /dev/fd, and a connection to each
+    // helper's socket (not their paths).
+    assert!(
+        lines.contains(&&*rig.path("vmlinux").display().to_string()),
+        "{seen}"
+    );
+    assert!(
+        lines.contains(&&*rig.path("initramfs").display().to_string()),
+        "{seen}"
+    );
+    let sockets = lines.iter().filter(|l| l.starts_with("socket:")).count();
+    assert_eq!(sockets, 2, "vsock and one share: {seen}");
+    let args = std::fs::read_to_string(&vsock_args).unwrap();
+    assert!(args.contains(&format!("--jail-user {uid}:{uid}")), "{args}");
+    // The jailed vsock backend connects to the readiness socket; the
+    // sandbox directory lets its group pass and list nothing.
+    let dir = std::fs::metadata(rig.sandbox()).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((dir.uid(), dir.gid(), dir.mode() & 0o777), (0, uid, 0o710));
+    vm.kill().await.unwrap();
+    assert_eq!(rig.jail_leases(), Vec::<u32>::new(), "released");
+}
+
+#[tokio::test]
 async fn tap_fd_reaches_qemu_only() {
     let rig = Rig::new();
     // Each fake records what its fds point at. Compared by target, not by
@@ -313,8 +379,9 @@ async fn tap_fd_reaches_qemu_only() {
         &format!(
             r#"{}
 while [ $# -gt 0 ]; do case "$1" in --socket) shift; s="$1";; esac; shift; done
-: > "$s"; exec sleep 30"#,
-            record(&helper_fds)
+{}"#,
+            record(&helper_fds),
+            listen_and_sleep("$s")
         ),
     );
     let vm = QemuHypervisor::new(rig.spec(), bins(qemu, vsock.clone(), vsock)).unwrap();
@@ -395,7 +462,7 @@ fn free_page_reporting_follows_the_config() {
         let mut spec = rig.spec();
         spec.free_page_reporting = reporting;
         let vm = QemuHypervisor::new(spec, bins("/q".into(), "/v".into(), "/f".into())).unwrap();
-        let line = render_cmdline(Path::new("q"), &vm.qemu_args(&[], &[], 7));
+        let line = render_cmdline(Path::new("q"), &vm.qemu_args(&[], &[], &fds(0)));
         let balloon = line.rsplit(' ').next().unwrap();
         assert_eq!(
             balloon,

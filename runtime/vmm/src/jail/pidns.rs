@@ -12,8 +12,10 @@
 //! whose write end only the parent holds; the kernel clears the setting when
 //! the child changes its uid, so [`ParentLink::rearm`] sets it again after
 //! that), and the parent forwards SIGTERM,
-//! SIGINT, SIGHUP and SIGQUIT to the child, and re-raises the signal that
-//! killed the child (SIGSYS of a seccomp kill stays visible to the runtime).
+//! SIGINT, SIGHUP and SIGQUIT to the child, which exits with 128 + the
+//! signal (as its namespace's init it has to handle them to see them at
+//! all), and re-raises the signal that killed the child (SIGSYS of a
+//! seccomp kill stays visible to the runtime).
 //! The parent closes every fd it inherited for the VM (console pipe,
 //! taps) and keeps only CAP_KILL (the parent-death signal is permission-
 //! checked like a kill, and the VM process runs as another uid) and runs
@@ -31,6 +33,15 @@ static CHILD: AtomicI32 = AtomicI32::new(0);
 
 /// Signals the parent passes on to the child.
 const FORWARDED: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
+
+/// In the child: ends the process on a forwarded signal. As pid 1 of its
+/// namespace it would otherwise ignore every signal it has no handler for
+/// (the kernel's rule for a namespace's init), SIGTERM included.
+extern "C" fn end_on_signal(sig: libc::c_int) {
+    // SAFETY: _exit is async-signal-safe; nothing is left to clean up
+    // that the kernel does not (fds, memory, taps).
+    unsafe { libc::_exit(128 + sig) };
+}
 
 extern "C" fn forward(sig: libc::c_int) {
     let child = CHILD.load(Ordering::Relaxed);
@@ -99,6 +110,10 @@ pub fn enter() -> Result<ParentLink, JailError> {
             let alive = unsafe { OwnedFd::from_raw_fd(alive_r) };
             let link = ParentLink { alive };
             link.rearm()?;
+            for sig in FORWARDED {
+                // SAFETY: `end_on_signal` is async-signal-safe (one _exit).
+                unsafe { libc::signal(sig, end_on_signal as *const () as libc::sighandler_t) };
+            }
             Ok(link)
         }
         child => {

@@ -20,10 +20,11 @@
 
 use std::io;
 use std::os::fd::RawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_NOTIFY_ON_EMPTY;
 use virtio_queue::QueueT;
@@ -296,32 +297,79 @@ impl VhostUserVsock {
     }
 }
 
-/// Runs the backend until the frontend disconnects: serves vhost-user on
-/// `socket` (bound now; a stale socket file is replaced) with the hybrid
-/// socket at `uds_path`.
+/// Serves one frontend on `socket` for guest `cid`, with the hybrid socket
+/// at `uds_path`: [`bind`] then [`BoundBackend::serve`].
 pub fn serve(cid: u64, socket: &Path, uds_path: &Path) -> Result<(), ServeError> {
-    let backend = VhostUserVsock::new(cid, uds_path).map_err(ServeError::Device)?;
-    serve_backend(Arc::new(Mutex::new(backend)), socket)
+    bind(cid, socket, uds_path)?.serve()
 }
 
 /// [`serve`] with a backend the caller made (and may look into).
 pub fn serve_backend(backend: Arc<Mutex<VhostUserVsock>>, socket: &Path) -> Result<(), ServeError> {
-    let backend_fd = backend
-        .lock()
-        .map_err(|_| ServeError::Poisoned)?
-        .backend_fd();
-    let mut daemon = vhost_user_backend::VhostUserDaemon::new(
-        "boxlite-vsock".to_string(),
-        backend,
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-    )
-    .map_err(ServeError::Daemon)?;
-    let handlers = daemon.get_epoll_handlers();
-    let worker = handlers.first().ok_or(ServeError::NoWorker)?;
-    worker
-        .register_listener(backend_fd, EventSet::IN, u64::from(BACKEND_EVENT))
-        .map_err(ServeError::Register)?;
-    daemon.serve(socket).map_err(ServeError::Daemon)
+    let listener = listen(socket)?;
+    BoundBackend { backend, listener }.serve()
+}
+
+/// A backend with both its sockets bound and no thread started yet: the
+/// state in which `boxlite-vsock` jails itself (namespaces and a uid
+/// change need a single-threaded process, and the threads the daemon
+/// starts then inherit the seccomp filter).
+pub struct BoundBackend {
+    backend: Arc<Mutex<VhostUserVsock>>,
+    listener: Listener,
+}
+
+/// Binds the hybrid socket `uds_path` (host clients may connect from now
+/// on) and the vhost-user socket `socket` the frontend connects to.
+pub fn bind(cid: u64, socket: &Path, uds_path: &Path) -> Result<BoundBackend, ServeError> {
+    let backend = VhostUserVsock::new(cid, uds_path).map_err(ServeError::Device)?;
+    let listener = listen(socket)?;
+    Ok(BoundBackend {
+        backend: Arc::new(Mutex::new(backend)),
+        listener,
+    })
+}
+
+fn listen(socket: &Path) -> Result<Listener, ServeError> {
+    Listener::new(socket, true).map_err(|e| ServeError::Listen(socket.to_owned(), e))
+}
+
+impl BoundBackend {
+    /// Starts the daemon's threads, accepts one frontend and serves it until
+    /// it disconnects (`Ok`: QEMU ended) or the protocol fails.
+    pub fn serve(mut self) -> Result<(), ServeError> {
+        let backend_fd = self
+            .backend
+            .lock()
+            .map_err(|_| ServeError::Poisoned)?
+            .backend_fd();
+        let mut daemon = vhost_user_backend::VhostUserDaemon::new(
+            "boxlite-vsock".to_string(),
+            self.backend,
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(ServeError::Daemon)?;
+        let handlers = daemon.get_epoll_handlers();
+        let worker = handlers.first().ok_or(ServeError::NoWorker)?;
+        worker
+            .register_listener(backend_fd, EventSet::IN, u64::from(BACKEND_EVENT))
+            .map_err(ServeError::Register)?;
+        daemon
+            .start(&mut self.listener)
+            .map_err(ServeError::Daemon)?;
+        let result = daemon.wait();
+        // The vring worker ends on its exit event, whatever the outcome.
+        for handler in daemon.get_epoll_handlers() {
+            handler.send_exit_event();
+        }
+        match result {
+            // A frontend that quits mid-message is a frontend that quit.
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => Ok(()),
+            Err(e) => Err(ServeError::Daemon(e)),
+        }
+    }
 }
 
 /// Why [`serve`] failed.
@@ -329,6 +377,8 @@ pub fn serve_backend(backend: Arc<Mutex<VhostUserVsock>>, socket: &Path) -> Resu
 pub enum ServeError {
     #[error("Cannot set up the vsock device")]
     Device(#[source] VsockError),
+    #[error("Cannot listen on the vhost-user socket {}", .0.display())]
+    Listen(PathBuf, #[source] VhostUserError),
     /// vhost_user_backend::Error implements Display but not Error.
     #[error("vhost-user daemon failed: {0}")]
     Daemon(vhost_user_backend::Error),

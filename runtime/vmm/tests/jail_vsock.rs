@@ -1,0 +1,202 @@
+//! The jail of the `boxlite-vsock` binary (the qemu backend's vhost-user
+//! vsock backend), seen from outside (root): every escape the
+//! `--test-escape` hook tries, on the main thread and on a thread made
+//! after the jail (as the vhost-user threads are), is denied; the serving
+//! process runs as the jail uid with no capabilities, `no_new_privs`,
+//! seccomp and namespaces of its own, still answers host clients on its
+//! hybrid socket, and ends on the SIGTERM the process the runtime tracks
+//! passes on. The data
+//! path under the jail is the qemu backend's end-to-end suite (every VM
+//! there runs this binary jailed).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use boxlite_vmm::config::EscapeProbe;
+use boxlite_vmm_api::process::vm_pids;
+
+mod common;
+use common::{same_namespace, status_field};
+
+const UID: u32 = 4_000_223;
+const GID: u32 = 4_000_224;
+
+fn command(dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_boxlite-vsock"));
+    cmd.arg("--guest-cid")
+        .arg("3")
+        .arg("--socket")
+        .arg(dir.join("vhost-vsock.sock"))
+        .arg("--uds-path")
+        .arg(dir.join("vsock.sock"))
+        .arg("--jail-user")
+        .arg(format!("{UID}:{GID}"));
+    cmd
+}
+
+fn try_escape(dir: &Path, probe: &EscapeProbe) -> (ExitStatus, String) {
+    let out = command(dir)
+        .arg("--test-escape")
+        .arg(serde_json::to_string(probe).expect("probe json"))
+        .output()
+        .expect("run boxlite-vsock");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+#[ignore = "needs root"]
+fn every_escape_from_the_vsock_jail_is_denied() {
+    let host = tempfile::tempdir().expect("tempdir");
+    let host_socket = host.path().join("host.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&host_socket).expect("bind");
+    let secret = host.path().join("secret");
+    std::fs::write(&secret, "x").expect("write");
+    let mut bystander = Command::new("sleep").arg("600").spawn().expect("sleep");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let probes = [
+        EscapeProbe::ConnectUnix {
+            path: host_socket.clone(),
+        },
+        EscapeProbe::OpenFile {
+            path: secret.clone(),
+        },
+        EscapeProbe::CreateFile {
+            path: host.path().join("written"),
+        },
+        // The jail's own root and the (read-only) sandbox directory.
+        EscapeProbe::CreateFile {
+            path: "/escaped".into(),
+        },
+        EscapeProbe::CreateFile {
+            path: dir.path().join("written"),
+        },
+        EscapeProbe::Signal {
+            pid: bystander.id() as i32,
+        },
+        EscapeProbe::InetSocket,
+    ];
+    for probe in &probes {
+        let (st, log) = try_escape(dir.path(), probe);
+        let what = format!("{probe:?}: {st:?}\n{log}");
+        assert!(!log.contains("escape was allowed"), "{what}");
+        // Denied with an error on both threads, or the process killed by
+        // seccomp (the waiting parent re-raises the signal).
+        let denied = st.code() == Some(0) && log.matches("escape denied").count() == 2;
+        assert!(denied || st.signal() == Some(libc::SIGSYS), "{what}");
+        assert!(log.contains("jail applied"), "{what}");
+    }
+    assert!(
+        listener.set_nonblocking(true).is_ok() && listener.accept().is_err(),
+        "nothing connected to the host socket"
+    );
+    assert!(!host.path().join("written").exists());
+    assert!(!dir.path().join("written").exists());
+    assert_eq!(bystander.try_wait().expect("wait"), None, "bystander alive");
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+}
+
+/// The process serving the frontend: the tracked process's only child,
+/// once its seccomp filter is on.
+fn jailed_child(parent: u32) -> u32 {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let [child] = vm_pids(parent)[..] {
+            if status_field(child, "Seccomp") == "2" {
+                return child;
+            }
+        }
+        assert!(Instant::now() < end, "no jailed vsock backend process");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+#[ignore = "needs root"]
+fn the_vsock_backend_serves_unprivileged_in_namespaces_of_its_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut parent = command(dir.path())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let child = jailed_child(parent.id());
+    for (field, want) in [("Uid", UID), ("Gid", GID)] {
+        let want = want.to_string();
+        let ids = status_field(child, field);
+        assert_eq!(
+            ids.split_whitespace().collect::<Vec<_>>(),
+            [&*want; 4],
+            "{field}"
+        );
+    }
+    assert_eq!(status_field(child, "Groups"), "");
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status_field(child, caps), "0000000000000000", "{caps}");
+    }
+    assert_eq!(status_field(child, "NoNewPrivs"), "1");
+    assert_eq!(
+        status_field(child, "NSpid").split_whitespace().last(),
+        Some("1")
+    );
+    for ns in ["mnt", "net", "pid", "ipc", "uts"] {
+        assert!(
+            !same_namespace(child, ns),
+            "{ns} namespace shared with the host"
+        );
+    }
+    // Its root holds the sandbox directory and nothing of the host's.
+    let root = PathBuf::from(format!("/proc/{child}/root"));
+    assert!(!root.join("etc").exists());
+    assert!(root
+        .join(dir.path().strip_prefix("/").unwrap())
+        .join("vsock.sock")
+        .exists());
+
+    // Jailed, it still serves host clients on its hybrid socket: a line
+    // that is not `CONNECT <port>` is answered by closing the connection
+    // (end of file, not a timeout).
+    let mut client = UnixStream::connect(dir.path().join("vsock.sock")).expect("connect");
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    client.write_all(b"HELLO\n").expect("write");
+    let mut line = String::new();
+    let read = BufReader::new(&client).read_line(&mut line);
+    assert_eq!(read.ok(), Some(0), "{line:?}");
+    assert_eq!(
+        parent.try_wait().expect("wait"),
+        None,
+        "a host client does not end it"
+    );
+
+    // SIGTERM to the tracked process ends both: the parent forwards it
+    // and the jailed one, init of its pid namespace, handles it.
+    // SAFETY: integers only.
+    assert_eq!(unsafe { libc::kill(parent.id() as i32, libc::SIGTERM) }, 0);
+    let end = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(status) = parent.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < end, "SIGTERM did not end the backend");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
+    let end = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{child}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{child}/stat")).is_ok_and(|s| s.contains(") Z "))
+    {
+        assert!(
+            Instant::now() < end,
+            "jailed process {child} outlived its parent"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
