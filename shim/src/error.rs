@@ -225,6 +225,7 @@ impl ShimError {
             ShimError::AgentRefused { status, .. } => status.code,
             ShimError::AgentTimeout { .. } => Code::DEADLINE_EXCEEDED,
             ShimError::Agent { .. } => Code::UNAVAILABLE,
+            ShimError::Hypervisor(e) if e.is_exhausted() => Code::RESOURCE_EXHAUSTED,
             ShimError::Hypervisor(_)
             | ShimError::Io { .. }
             | ShimError::Mount { .. }
@@ -303,6 +304,25 @@ mod tests {
                 Code::UNIMPLEMENTED,
                 "agent CreateContainer for container \"c1\": container service not implemented yet: CreateContainer".into()
             )
+        );
+    }
+
+    #[test]
+    fn no_free_jail_uid_is_resource_exhausted() {
+        use boxlite_runtime::hypervisor::jail_ids::JailIdError;
+        let e = ShimError::from(HypervisorError::JailId(JailIdError::Exhausted {
+            id: "sb1".into(),
+            first: 100,
+            last: 100,
+            count: 1,
+            malformed: 0,
+            lease_dir: "/run/boxlite/.jail-ids".into(),
+        }));
+        let (code, msg) = status(e);
+        assert_eq!(code, Code::RESOURCE_EXHAUSTED);
+        assert!(
+            msg.starts_with("sandbox VM: sandbox sb1: no jail uid is free: all 1 of 100..=100"),
+            "{msg}"
         );
     }
 

@@ -189,6 +189,17 @@ impl HypervisorError {
         ) || matches!(self, HypervisorError::Vsock { error, .. }
             if matches!(**error, HybridVsockError::Timeout { .. }))
     }
+
+    /// True when a node-wide resource this sandbox needs is used up (every
+    /// jail uid leased): for callers that map it to RESOURCE_EXHAUSTED,
+    /// which tells the kubelet to retry later rather than that the pod is
+    /// broken.
+    pub fn is_exhausted(&self) -> bool {
+        matches!(
+            self,
+            HypervisorError::JailId(super::jail_ids::JailIdError::Exhausted { .. })
+        )
+    }
 }
 
 /// A process that exited when it should not have.
