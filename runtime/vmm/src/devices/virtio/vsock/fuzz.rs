@@ -29,8 +29,13 @@
 //! - every TX chain comes back at once with length 0 (the harness only
 //!   publishes while the device is not throttled);
 //! - the connection table holds no more than there are host streams and
-//!   never exceeds `MAX_CONNECTIONS`; each of its established connections
-//!   is one the harness can name;
+//!   never exceeds the device's connection limit (`MAX_CONNECTIONS`, or as
+//!   few as 1 when the input's flags lower it so that the limit is reached
+//!   and host and guest connections beyond it are refused); each of its
+//!   established connections is one the harness can name;
+//! - the guest may reset the device at any step and set it up again:
+//!   every connection ends (the host streams see end of file), nothing
+//!   posted before survives, and everything above still holds after;
 //! - at the end, once the host has read everything, the guest resets or
 //!   shuts down every connection it knows of, the host closes its streams
 //!   and the queues are drained, no connection is left;
@@ -209,6 +214,8 @@ struct Harness<'m> {
     /// trustworthy (see `collect`).
     blind: bool,
     rbuf: Vec<u8>,
+    /// The device's connection limit for this input.
+    limit: usize,
     _dir: TempDir,
 }
 
@@ -255,14 +262,24 @@ fn ignore_sigpipe() {
 fn run_input(mem: &GuestMemoryMmap, input: &[u8]) -> usize {
     let mut inp = FuzzInput::new(input);
     let flags = inp.u8();
-    let Some(mut h) = Harness::new(mem) else {
+    // The second byte: bits 0..=2 the connection limit (0: the real one),
+    // bit 3 lets the guest reset the device. Both off, an input means what
+    // it meant before they existed.
+    let extra = inp.u8();
+    let limit = match usize::from(extra & 7) {
+        0 => MAX_CONNECTIONS,
+        n => n,
+    };
+    let kinds = if extra & 8 != 0 { 11 } else { 10 };
+    let Some(mut h) = Harness::new(mem, limit) else {
         return 0;
     };
-    h.post_normal([0, 2, 4, 8][usize::from((flags >> 1) & 3)]);
+    let normal = [0, 2, 4, 8][usize::from((flags >> 1) & 3)];
+    h.post_normal(normal);
     let mut ops = 0;
     while !inp.is_empty() && ops < MAX_OPS {
         ops += 1;
-        match inp.u8() % 10 {
+        match inp.u8() % kinds {
             0..=2 => h.op_guest_tx(&mut inp),
             3 => h.op_post_rx(&mut inp),
             4 => h.device_call(|d| d.process_backend()),
@@ -277,7 +294,7 @@ fn run_input(mem: &GuestMemoryMmap, input: &[u8]) -> usize {
                 }
             }
             8 => h.op_host_close(&mut inp),
-            _ => {
+            9 => {
                 let later = if inp.u8() & 1 == 0 { 3 } else { 6 };
                 let t = Instant::now() + Duration::from_secs(later);
                 h.device_call(|d| {
@@ -285,6 +302,7 @@ fn run_input(mem: &GuestMemoryMmap, input: &[u8]) -> usize {
                     let _ = d.process_queue(RXQ);
                 });
             }
+            _ => h.op_reset(normal),
         }
         h.check_table();
     }
@@ -295,23 +313,35 @@ fn run_input(mem: &GuestMemoryMmap, input: &[u8]) -> usize {
         .sum::<usize>()
 }
 
+/// Fresh RX, TX and event queues for `dev` (as a guest driver sets them up
+/// at start and after a reset), and the device activated on them; returns
+/// the RX and TX queues.
+fn activate<'m>(
+    mem: &'m GuestMemoryMmap,
+    dev: &mut Vsock,
+) -> Option<(GuestQueue<'m>, GuestQueue<'m>)> {
+    let rxq = GuestQueue::new(mem, RX_QSIZE, 0x1000);
+    let txq = GuestQueue::new(mem, TX_QSIZE, 0x3000);
+    let evq = GuestQueue::new(mem, 4, 0x5000);
+    let irq = test_interrupt();
+    dev.activate(activate_ctx(
+        mem,
+        vec![rxq.queue(), txq.queue(), evq.queue()],
+        &irq,
+        VIRTIO_F_VERSION_1,
+    ))
+    .ok()?;
+    Some((rxq, txq))
+}
+
 impl<'m> Harness<'m> {
-    fn new(mem: &'m GuestMemoryMmap) -> Option<Self> {
+    fn new(mem: &'m GuestMemoryMmap, limit: usize) -> Option<Self> {
         let dir = TempDir::new();
         let uds = dir.path().join("v.sock");
         let mut dev = Vsock::new(GUEST_CID, &uds).ok()?;
-        let rxq = GuestQueue::new(mem, RX_QSIZE, 0x1000);
-        let txq = GuestQueue::new(mem, TX_QSIZE, 0x3000);
-        let evq = GuestQueue::new(mem, 4, 0x5000);
+        dev.muxer_mut().set_max_connections(limit);
+        let (rxq, txq) = activate(mem, &mut dev)?;
         let (rx_shadow, tx_shadow) = (rxq.queue(), txq.queue());
-        let irq = test_interrupt();
-        dev.activate(activate_ctx(
-            mem,
-            vec![rxq.queue(), txq.queue(), evq.queue()],
-            &irq,
-            VIRTIO_F_VERSION_1,
-        ))
-        .ok()?;
         let mut listeners = Vec::new();
         for port in LISTEN_PORTS {
             let l = UnixListener::bind(format!("{}_{port}", uds.display())).ok()?;
@@ -337,8 +367,33 @@ impl<'m> Harness<'m> {
             known_set: BTreeSet::new(),
             blind: false,
             rbuf: Vec::new(),
+            limit,
             _dir: dir,
         })
+    }
+
+    /// The guest resets the device and sets it up again, with `normal` RX
+    /// chains posted as at the start. What the host streams hold is read
+    /// first (it is the guest's, sent before the reset); after it no
+    /// connection exists, so none is current and the streams only see end
+    /// of file.
+    fn op_reset(&mut self, normal: usize) {
+        self.read_all_hosts();
+        self.dev.reset();
+        self.current.clear();
+        let (rxq, txq) = activate(self.mem, &mut self.dev).expect("activate after a reset");
+        self.rx_shadow = rxq.queue();
+        self.tx_shadow = txq.queue();
+        self.rxq = rxq;
+        self.txq = txq;
+        self.rx_seen = 0;
+        self.slots = [Slot::default(); SLOTS];
+        assert_eq!(
+            self.dev.muxer().connection_count(),
+            0,
+            "a reset ends every connection"
+        );
+        self.post_normal(normal);
     }
 
     fn learn(&mut self, key: ConnKey) {
@@ -1090,7 +1145,7 @@ impl<'m> Harness<'m> {
     fn check_table(&self) {
         let m = self.dev.muxer();
         let n = m.connection_count();
-        assert!(n <= MAX_CONNECTIONS);
+        assert!(n <= self.limit, "{n} connections, limit {}", self.limit);
         assert!(
             n <= self.streams.len(),
             "{n} connections but only {} host streams were ever made",
@@ -1190,7 +1245,7 @@ mod tests {
     #[test]
     fn crafted_conversation_is_checked() {
         for end in [0u8, 1] {
-            let mut input = vec![end | (2 << 1)];
+            let mut input = vec![end | (2 << 1), 0];
             // Guest REQUEST to 5000 from guest port 1000 (key byte 0xa0:
             // listening port 0, guest port 1000), honest.
             input.extend_from_slice(&[0, 2, 0xa0, 0]);
@@ -1217,6 +1272,50 @@ mod tests {
             assert!(mem.canaries_intact());
         }
     }
+    /// With the limit lowered to 2: three host processes connect to a
+    /// guest port and the guest then connects to a host listener. The
+    /// table never holds more than 2 (the harness checks after every step),
+    /// so the third host stream and the guest's REQUEST are refused.
+    #[test]
+    fn the_connection_limit_holds_for_host_and_guest_connections() {
+        let mut input = vec![2 << 1, 2];
+        for _ in 0..3 {
+            // A host process: CONNECT 2000; the event loop runs.
+            input.extend_from_slice(&[5, 0, 0, 4]);
+        }
+        // Guest REQUEST to listening port 5000 from guest port 1000.
+        input.extend_from_slice(&[0, 2, 0xa0, 0]);
+        input.extend_from_slice(&[7, 0x80, 4]);
+        let mem = GuardedMemory::new();
+        run_input(mem.mem(), &input);
+        assert!(mem.canaries_intact());
+    }
+
+    /// The guest resets the device in the middle of a conversation and then
+    /// connects again on the same ports: the reset ends every connection
+    /// (checked in `op_reset`), and the new connection carries its own
+    /// bytes from its own start.
+    #[test]
+    fn a_reset_mid_conversation_ends_it_and_the_next_one_works() {
+        let mut input = vec![2 << 1, 8];
+        // Guest REQUEST to 5000 from guest port 1000, RW of 300 bytes,
+        // host reads.
+        input.extend_from_slice(&[0, 2, 0xa0, 0]);
+        input.extend_from_slice(&[0, 0, 0, 0]);
+        input.extend_from_slice(&300u16.to_le_bytes());
+        input.extend_from_slice(&[7, 0x80]);
+        // Reset, then the same again with 200 bytes.
+        input.push(10);
+        input.extend_from_slice(&[0, 2, 0xa0, 0]);
+        input.extend_from_slice(&[0, 0, 0, 0]);
+        input.extend_from_slice(&200u16.to_le_bytes());
+        input.extend_from_slice(&[7, 0x80]);
+        let mem = GuardedMemory::new();
+        let traffic = run_input(mem.mem(), &input);
+        assert!(traffic >= 300 + 200, "traffic {traffic}");
+        assert!(mem.canaries_intact());
+    }
+
     /// An input the fuzzer found where a wild RX chain (data running over
     /// the next slots) overwrote the header of a chain used before it in
     /// the same batch: the guest reads garbage there, which is its own
@@ -1224,21 +1323,21 @@ mod tests {
     #[test]
     fn a_wild_rx_chain_overwriting_another_is_not_a_device_bug() {
         const INPUT: &[u8] = &[
-            0xed, 0x0a, 0x4a, 0x00, 0x00, 0x00, 0x00, 0x00, 0x4a, 0x00, 0x06, 0x6a, 0xfd, 0x98,
-            0x98, 0x98, 0x98, 0x98, 0x9d, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98,
+            0xed, 0x00, 0x0a, 0x4a, 0x00, 0x00, 0x00, 0x00, 0x00, 0x4a, 0x00, 0x06, 0x6a, 0xfd,
+            0x98, 0x98, 0x98, 0x98, 0x98, 0x9d, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98,
             0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98,
-            0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00,
-            0x00, 0x00, 0x03, 0x00, 0x00, 0x00, 0x7a, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-            0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x6a, 0x6a, 0x6a,
+            0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x02, 0x00, 0x00, 0x00, 0x00,
+            0x00, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00, 0x7a, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+            0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x6a, 0x6a,
             0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a,
             0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a,
             0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a, 0x6a,
-            0x6a, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x49, 0x3f, 0x3f,
-            0x3f, 0x3f, 0x1f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f,
+            0x6a, 0x6a, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x49, 0x3f,
+            0x3f, 0x3f, 0x3f, 0x1f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f,
             0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f,
-            0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x98, 0x98,
+            0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x98,
             0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98,
-            0x98, 0x98, 0x98, 0x98, 0xad, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0xd1,
+            0x98, 0x98, 0x98, 0x98, 0x98, 0xad, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0x98, 0xd1,
         ];
         let mem = GuardedMemory::new();
         run_input(mem.mem(), INPUT);

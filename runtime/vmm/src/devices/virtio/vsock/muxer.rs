@@ -74,6 +74,10 @@ pub struct Muxer {
     rxq: VecDeque<RxItem>,
     raw_queued: usize,
     next_local_port: u32,
+    /// Most connections at once (host and guest initiated, handshakes
+    /// not counted): [`MAX_CONNECTIONS`], lower only in the fuzz harness so
+    /// it reaches the limit with few streams.
+    max_connections: usize,
     metrics: Arc<VsockMetrics>,
 }
 
@@ -137,6 +141,7 @@ impl Muxer {
             rxq: VecDeque::new(),
             raw_queued: 0,
             next_local_port: LOCAL_PORT_BASE,
+            max_connections: MAX_CONNECTIONS,
             metrics,
         };
         let lfd = m.listener.as_raw_fd();
@@ -232,12 +237,12 @@ impl Muxer {
         for _ in 0..ACCEPT_BATCH {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if self.connection_count() >= MAX_CONNECTIONS {
+                    if self.connection_count() >= self.max_connections {
                         let n = VsockMetrics::add(&self.metrics.conns_refused, 1);
                         if rate_limited(n) {
                             tracing::warn!(
                                 device = "vsock",
-                                limit = MAX_CONNECTIONS,
+                                limit = self.max_connections,
                                 "vsock connection limit reached; host connection closed"
                             );
                         }
@@ -465,7 +470,7 @@ impl Muxer {
 
     /// A guest REQUEST to host port `dst_port`: connect to `<uds_path>_<port>`.
     fn guest_connect(&mut self, hdr: &Header) {
-        if self.connection_count() >= MAX_CONNECTIONS {
+        if self.connection_count() >= self.max_connections {
             VsockMetrics::add(&self.metrics.conns_refused, 1);
             self.queue_rst(hdr);
             return;
@@ -593,6 +598,13 @@ impl Muxer {
 
     /// Device reset: every connection and handshake is dropped (host streams
     /// closed); the listener stays.
+    /// Lowers the connection limit (fuzzing only: production keeps
+    /// [`MAX_CONNECTIONS`]).
+    #[cfg(any(test, fuzzing))]
+    pub fn set_max_connections(&mut self, limit: usize) {
+        self.max_connections = limit.min(MAX_CONNECTIONS);
+    }
+
     pub fn reset(&mut self) {
         for key in self.connection_keys() {
             self.remove(key);
