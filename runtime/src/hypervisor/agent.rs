@@ -108,6 +108,10 @@ pub async fn wait_for_announcement<H: Hypervisor + ?Sized>(
         vm.check_alive().await?;
         let now = Instant::now();
         if now >= deadline {
+            if ready.awaiting_line().await {
+                last = "a connection (the VM's, made at its start), but no announcement line on it"
+                    .into();
+            }
             return Err(HypervisorError::NotAnnounced {
                 id: id.to_owned(),
                 port: READY_VSOCK_PORT,

@@ -40,6 +40,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use boxlite_protocol::error_chain::chain;
+use boxlite_protocol::READY_VSOCK_PORT;
 use boxlite_vmm_api::config::{
     BalloonConfig, DeviceConfig, FsConfig, JailUser, NetConfig, RngConfig, VmConfig, VsockConfig,
 };
@@ -112,6 +113,9 @@ pub fn vm_config(
         DeviceConfig::Vsock(VsockConfig {
             guest_cid: GUEST_CID.into(),
             uds_path: vm.path(VSOCK_SOCKET),
+            // The agent's readiness announcement: the one host port the
+            // guest connects to, connected by the VMM before its jail.
+            host_ports: vec![READY_VSOCK_PORT],
         }),
     ];
     for share in shares {
@@ -360,7 +364,8 @@ exec sleep 30"#,
                 DeviceConfig::Rng(RngConfig::default()),
                 DeviceConfig::Vsock(VsockConfig {
                     guest_cid: 3,
-                    uds_path: sb.join("vsock.sock")
+                    uds_path: sb.join("vsock.sock"),
+                    host_ports: vec![1027],
                 }),
                 DeviceConfig::Fs(FsConfig {
                     tag: "rootfs".into(),

@@ -10,20 +10,23 @@
 //! driver enabled the RX queue stops the device for good). The listener is
 //! closed after the first announcement, so a container in the guest cannot
 //! reach it later.
+//!
+//! The connection itself may come long before its line: a jailed VMM (or
+//! vsock backend) may make no connection once the guest runs, so it
+//! connects to this listener when it starts, and the guest's connection to
+//! port 1027 gets that connection. The listener keeps an accepted
+//! connection and what it has read of its line across calls.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use boxlite_protocol::ready::{Announcement, AnnouncementError, MAX_LINE_LEN};
 use boxlite_protocol::READY_VSOCK_PORT;
 use tokio::io::AsyncReadExt;
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::HypervisorError;
-
-/// How long the announcing connection may take to deliver its line.
-const LINE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `<hybrid socket>_1027`: where guest connections to host port 1027 land.
 pub fn ready_socket_path(hybrid_socket: &Path) -> PathBuf {
@@ -35,14 +38,13 @@ pub fn ready_socket_path(hybrid_socket: &Path) -> PathBuf {
 /// Why waiting for one announcement failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadyError {
-    #[error("no connection yet")]
+    /// No connection yet, or one whose line is still to come.
+    #[error("no announcement yet")]
     NotYet,
     #[error("accepting the connection failed")]
     Accept(#[source] std::io::Error),
     #[error("reading the announcement failed")]
     Read(#[source] std::io::Error),
-    #[error("the announcing connection sent nothing within {LINE_TIMEOUT:?}")]
-    Silent,
     #[error(transparent)]
     Bad(#[from] AnnouncementError),
 }
@@ -52,6 +54,9 @@ pub enum ReadyError {
 pub struct ReadyListener {
     listener: UnixListener,
     path: PathBuf,
+    /// The accepted connection and the bytes of its line read so far,
+    /// until the line is complete.
+    pending: Mutex<Option<(UnixStream, Vec<u8>)>>,
 }
 
 impl ReadyListener {
@@ -61,7 +66,11 @@ impl ReadyListener {
         let path = ready_socket_path(hybrid_socket);
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path)?;
-        Ok(Self { listener, path })
+        Ok(Self {
+            listener,
+            path,
+            pending: Mutex::new(None),
+        })
     }
 
     /// [`Self::bind`] for a backend's `start`, with the error it reports.
@@ -78,28 +87,53 @@ impl ReadyListener {
         &self.path
     }
 
-    /// Waits until `until` for one connection and reads its line.
+    /// Waits until `until` for one connection and its line. A connection
+    /// whose line has not come by then is kept for the next call
+    /// ([`ReadyError::NotYet`]).
     pub async fn accept_until(&self, until: Instant) -> Result<Announcement, ReadyError> {
-        let (mut conn, _) = tokio::time::timeout_at(until, self.listener.accept())
-            .await
-            .map_err(|_| ReadyError::NotYet)?
-            .map_err(ReadyError::Accept)?;
-        let mut line = Vec::with_capacity(64);
-        let read = async {
-            let mut buf = [0u8; MAX_LINE_LEN];
-            loop {
-                let n = conn.read(&mut buf).await.map_err(ReadyError::Read)?;
-                line.extend_from_slice(&buf[..n]);
-                if n == 0 || line.contains(&b'\n') || line.len() >= MAX_LINE_LEN {
-                    return Ok::<_, ReadyError>(());
-                }
-            }
+        let mut pending = self.pending.lock().await;
+        if pending.is_none() {
+            let (conn, _) = tokio::time::timeout_at(until, self.listener.accept())
+                .await
+                .map_err(|_| ReadyError::NotYet)?
+                .map_err(ReadyError::Accept)?;
+            *pending = Some((conn, Vec::with_capacity(64)));
+        }
+        let read = {
+            let (conn, line) = pending.as_mut().expect("accepted above");
+            tokio::time::timeout_at(until, read_line(conn, line)).await
         };
-        tokio::time::timeout(LINE_TIMEOUT, read)
-            .await
-            .map_err(|_| ReadyError::Silent)??;
+        // The line is complete, or the connection failed: either way this
+        // connection is done with.
+        let result = read.map_err(|_| ReadyError::NotYet)?;
+        let (_, line) = pending.take().expect("accepted above");
+        result?;
         Ok(Announcement::parse(&line)?)
     }
+
+    /// Whether a connection was accepted whose line has not come yet (for
+    /// the message of a wait that ends without an announcement).
+    pub async fn awaiting_line(&self) -> bool {
+        self.pending.lock().await.is_some()
+    }
+}
+
+/// Reads into `line` until a newline, end of file or [`MAX_LINE_LEN`]
+/// bytes. Cancel-safe: what was read stays in `line`.
+async fn read_line(conn: &mut UnixStream, line: &mut Vec<u8>) -> Result<(), ReadyError> {
+    let mut buf = [0u8; MAX_LINE_LEN];
+    while !line.contains(&b'\n') && line.len() < MAX_LINE_LEN {
+        let room = MAX_LINE_LEN - line.len();
+        let n = conn
+            .read(&mut buf[..room])
+            .await
+            .map_err(ReadyError::Read)?;
+        if n == 0 {
+            break;
+        }
+        line.extend_from_slice(&buf[..n]);
+    }
+    Ok(())
 }
 
 impl Drop for ReadyListener {
@@ -111,8 +145,8 @@ impl Drop for ReadyListener {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use tokio::io::AsyncWriteExt;
-    use tokio::net::UnixStream;
 
     fn soon() -> Instant {
         Instant::now() + Duration::from_secs(5)
@@ -154,6 +188,33 @@ mod tests {
         });
         assert_eq!(l.accept_until(soon()).await.unwrap().protocol_version, 1);
         drop(writer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_connection_made_long_before_its_line_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = ReadyListener::bind(&dir.path().join("v.sock")).unwrap();
+        // As a jailed VMM connects at its start, long before the guest
+        // announces.
+        let mut c = UnixStream::connect(l.path()).await.unwrap();
+        for _ in 0..3 {
+            let until = Instant::now() + Duration::from_millis(50);
+            assert!(matches!(
+                l.accept_until(until).await,
+                Err(ReadyError::NotYet)
+            ));
+            assert!(l.awaiting_line().await);
+        }
+        c.write_all(b"BOXLITE-READY 1 ").await.unwrap();
+        let until = Instant::now() + Duration::from_millis(50);
+        assert!(matches!(
+            l.accept_until(until).await,
+            Err(ReadyError::NotYet)
+        ));
+        c.write_all(b"2.0.0\n").await.unwrap();
+        let a = l.accept_until(soon()).await.unwrap();
+        assert_eq!(a.agent_version, "2.0.0");
+        assert!(!l.awaiting_line().await);
     }
 
     #[tokio::test]

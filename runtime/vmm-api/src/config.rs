@@ -213,6 +213,14 @@ pub struct VsockConfig {
     /// Host processes connect here (`CONNECT <port>\n`); guest connections
     /// to host port P go to `<uds_path>_P`.
     pub uds_path: PathBuf,
+    /// The host ports the guest may connect to. With the jail on, the VMM
+    /// connects to each one's listener `<uds_path>_P` at start, before the
+    /// jail (which leaves it no `socket` or `connect`), and the guest's
+    /// first connection to P gets that connection; any other guest
+    /// connection is refused. With the jail off and none listed, guest
+    /// connections are connected as they come.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_ports: Vec<u32>,
 }
 
 /// virtio-fs served by an external virtiofsd over vhost-user:
@@ -391,7 +399,8 @@ mod tests {
                 }),
                 DeviceConfig::Vsock(VsockConfig {
                     guest_cid: 3,
-                    uds_path: "/run/b/vsock.sock".into()
+                    uds_path: "/run/b/vsock.sock".into(),
+                    host_ports: Vec::new(),
                 }),
                 DeviceConfig::Fs(FsConfig {
                     tag: "share0".into(),

@@ -263,7 +263,11 @@ pub fn run_vm(
                 ("rng", Arc::new(Mutex::new(rng)))
             }
             DeviceConfig::Vsock(v) => {
-                let vsock = Vsock::new(v.guest_cid, &v.uds_path)?;
+                let mut vsock = Vsock::new(v.guest_cid, &v.uds_path)?;
+                // Jailed, the VMM connects nowhere once the guest runs.
+                if cfg.jail || !v.host_ports.is_empty() {
+                    vsock.preconnect(&v.host_ports)?;
+                }
                 metrics.devices.push((
                     format!("vsock{i}"),
                     DeviceMetrics::Vsock(vsock.metrics.clone()),
@@ -273,7 +277,10 @@ pub fn run_vm(
                 ("vsock", vsock)
             }
             DeviceConfig::Fs(f) => {
-                let fs = Fs::new(&f.tag, &f.socket_path)?;
+                let mut fs = Fs::new(&f.tag, &f.socket_path)?;
+                if cfg.jail {
+                    fs.connect_now()?;
+                }
                 metrics
                     .devices
                     .push((format!("fs{i}"), DeviceMetrics::Fs(fs.metrics.clone())));

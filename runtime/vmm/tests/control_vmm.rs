@@ -36,6 +36,7 @@ fn start(dir: &Path) -> (Child, std::path::PathBuf) {
             DeviceConfig::Vsock(VsockConfig {
                 guest_cid: 3,
                 uds_path: dir.join("vsock.sock"),
+                host_ports: Vec::new(),
             }),
             DeviceConfig::Rng(RngConfig::default()),
         ],

@@ -41,6 +41,7 @@ fn config(dir: &Path, edit: impl FnOnce(&mut VmConfig)) -> PathBuf {
         devices: vec![DeviceConfig::Vsock(VsockConfig {
             guest_cid: 3,
             uds_path: dir.join("vsock.sock"),
+            host_ports: Vec::new(),
         })],
         ..VmConfig::default()
     };

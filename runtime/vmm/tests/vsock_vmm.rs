@@ -16,6 +16,7 @@ fn vsock(guest_cid: u64, uds_path: &std::path::Path) -> DeviceConfig {
     DeviceConfig::Vsock(VsockConfig {
         guest_cid,
         uds_path: uds_path.to_path_buf(),
+        host_ports: Vec::new(),
     })
 }
 

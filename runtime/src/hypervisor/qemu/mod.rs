@@ -34,6 +34,7 @@ use super::ready::ready_socket_path;
 use super::{HypervisorError, NetDevice, Share, VmSpec, VSOCK_SOCKET};
 use crate::config::{ResolvedAccel, ResolvedHypervisor};
 use crate::network::TapDevice;
+use boxlite_protocol::READY_VSOCK_PORT;
 
 /// vhost-user socket between QEMU and the vsock backend.
 pub const VHOST_VSOCK_SOCKET: &str = "vhost-vsock.sock";
@@ -248,6 +249,10 @@ impl Launcher for QemuLauncher {
             vm.path(VSOCK_SOCKET).into_os_string(),
         ];
         if jails_itself(bin) {
+            // The one host port the guest connects to (the readiness
+            // announcement), connected before the backend's jail.
+            args.push("--host-port".into());
+            args.push(READY_VSOCK_PORT.to_string().into());
             args.push("--jail-user".into());
             args.push(format!("{}:{}", user.uid, user.gid).into());
         } else {

@@ -347,7 +347,10 @@ while [ $# -gt 0 ]; do case "$1" in --socket) shift; s="$1";; esac; shift; done
     let sockets = lines.iter().filter(|l| l.starts_with("socket:")).count();
     assert_eq!(sockets, 2, "vsock and one share: {seen}");
     let args = std::fs::read_to_string(&vsock_args).unwrap();
-    assert!(args.contains(&format!("--jail-user {uid}:{uid}")), "{args}");
+    assert!(
+        args.contains(&format!("--host-port 1027 --jail-user {uid}:{uid}")),
+        "{args}"
+    );
     // The jailed vsock backend connects to the readiness socket; the
     // sandbox directory lets its group pass and list nothing.
     let dir = std::fs::metadata(rig.sandbox()).unwrap();

@@ -14,7 +14,9 @@
 //! directory (where the guest's connections to host ports go), rlimits,
 //! that uid and gid with no capabilities, `no_new_privs`, landlock (no file
 //! access at all) and the `vsock` seccomp profile, which every vhost-user
-//! thread inherits. The guest's vrings are parsed only after that.
+//! thread inherits and which has no `socket` or `connect`: the listeners of
+//! the `--host-port`s the guest may connect to are connected before. The
+//! guest's vrings are parsed only after that.
 //!
 //! Exit codes: 0 the frontend disconnected; 1 bad arguments; 2 the jail,
 //! the device or the vhost-user daemon failed (the reason is logged).
@@ -35,6 +37,10 @@ const USAGE: &str =
   --uds-path    hybrid vsock socket: host clients connect here and send
                 `CONNECT <port>`; guest connections to host port P go to
                 `<uds-path>_P`
+  --host-port   a host port the guest may connect to (repeatable): its
+                listener `<uds-path>_P` is connected at start; with
+                --jail-user or any --host-port, guest connections to other
+                ports are refused
   --jail-user   <uid>:<gid> to jail the backend as (run as root; both
                 socket paths absolute, in one directory); without it the
                 backend runs unjailed, as started
@@ -44,6 +50,9 @@ struct Args {
     cid: u64,
     socket: PathBuf,
     uds_path: PathBuf,
+    /// `--host-port`s: connected before the jail, which allows no
+    /// connection of its own.
+    host_ports: Vec<u32>,
     jail_user: Option<JailUser>,
     /// `--test-escape <json EscapeProbe>`: the jail's tests try this escape
     /// once jailed, on the main thread and on a new thread, and exit.
@@ -64,6 +73,7 @@ fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     let (mut cid, mut socket, mut uds_path) = (None, None, None);
     let (mut jail_user, mut test_escape) = (None, None);
+    let mut host_ports = Vec::new();
     while let Some(a) = it.next() {
         // `--key=value` and `--key value` both work, as with clap.
         let (key, inline) = match a.split_once('=') {
@@ -87,6 +97,13 @@ fn parse_args() -> Result<Args, String> {
             "--socket" => socket = Some(PathBuf::from(val()?)),
             "--uds-path" => uds_path = Some(PathBuf::from(val()?)),
             "--jail-user" => jail_user = Some(parse_user(&val()?)?),
+            "--host-port" => {
+                let v = val()?;
+                host_ports.push(
+                    v.parse::<u32>()
+                        .map_err(|_| format!("--host-port {v} is not a port number"))?,
+                );
+            }
             "--test-escape" => {
                 let v = val()?;
                 test_escape =
@@ -100,6 +117,7 @@ fn parse_args() -> Result<Args, String> {
         cid: cid.ok_or("--guest-cid is required")?,
         socket: socket.ok_or("--socket is required")?,
         uds_path: uds_path.ok_or("--uds-path is required")?,
+        host_ports,
         jail_user,
         test_escape,
     })
@@ -204,7 +222,10 @@ fn main() -> ExitCode {
             None
         }
     };
-    let bound = match vhost_user::bind(args.cid, &args.socket, &args.uds_path) {
+    // Jailed, the backend connects nowhere once the guest runs.
+    let preconnect = (args.jail_user.is_some() || !args.host_ports.is_empty())
+        .then_some(args.host_ports.as_slice());
+    let bound = match vhost_user::bind(args.cid, &args.socket, &args.uds_path, preconnect) {
         Ok(bound) => bound,
         Err(e) => return fail(boxlite_vmm::cli::error_chain(&e)),
     };

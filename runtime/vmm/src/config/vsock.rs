@@ -50,6 +50,7 @@ mod tests {
             let c = VsockConfig {
                 guest_cid: cid,
                 uds_path: v.uds_path.clone(),
+                host_ports: Vec::new(),
             };
             let e = c.validate().expect_err("cid").to_string();
             assert_eq!(
@@ -60,17 +61,20 @@ mod tests {
         let long = VsockConfig {
             guest_cid: 3,
             uds_path: PathBuf::from(format!("/{}", "a".repeat(MAX_UDS_PATH_LEN))),
+            host_ports: Vec::new(),
         };
         let e = long.validate().expect_err("long").to_string();
         assert!(e.contains("it must be 1..=96 bytes"), "{e}");
         let fits = VsockConfig {
             guest_cid: 3,
             uds_path: PathBuf::from(format!("/run/boxlite/{}/vsock.sock", "f".repeat(64))),
+            host_ports: Vec::new(),
         };
         assert!(fits.uds_path.as_os_str().len() <= MAX_UDS_PATH_LEN);
         let nodir = VsockConfig {
             guest_cid: 3,
             uds_path: "/nonexistent-dir/vsock.sock".into(),
+            host_ports: Vec::new(),
         };
         assert_eq!(
             nodir.validate().unwrap_err().to_string(),

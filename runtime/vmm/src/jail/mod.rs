@@ -305,6 +305,7 @@ mod tests {
                 DeviceConfig::Vsock(VsockConfig {
                     guest_cid: 3,
                     uds_path: "/run/s/vsock.sock".into(),
+                    host_ports: Vec::new(),
                 }),
                 DeviceConfig::Block(BlockConfig {
                     path: "/img/ro.img".into(),

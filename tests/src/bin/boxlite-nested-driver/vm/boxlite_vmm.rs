@@ -55,6 +55,7 @@ pub fn vsock_support(s: &Settings) -> Result<Result<(), String>, Failure> {
         devices: vec![DeviceConfig::Vsock(VsockConfig {
             guest_cid: 3,
             uds_path: dir.join("v.sock"),
+            host_ports: Vec::new(),
         })],
         ..VmConfig::default()
     };
@@ -119,6 +120,7 @@ impl Vm {
                 Device::Vsock => DeviceConfig::Vsock(VsockConfig {
                     guest_cid: 3,
                     uds_path: uds.clone(),
+                    host_ports: vec![boxlite_protocol::READY_VSOCK_PORT],
                 }),
                 Device::Fs { tag } => DeviceConfig::Fs(FsConfig {
                     tag: tag.to_owned(),

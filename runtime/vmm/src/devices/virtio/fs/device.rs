@@ -41,6 +41,9 @@ pub struct Fs {
     connect_timeout: Duration,
     queue_evts: Vec<EventFd>,
     conn: Option<Connection>,
+    /// Whether activation may connect when there is no connection: false
+    /// once [`Fs::connect_now`] connected before the jail.
+    may_connect: bool,
     active: Option<Active>,
     /// Watches the connection for a hang-up; on the VMM event loop through
     /// [`FsEventHandler`](super::FsEventHandler).
@@ -65,7 +68,8 @@ pub fn validate_tag(tag: &str) -> Result<(), FsError> {
 
 impl Fs {
     /// A device announcing `tag`, served by virtiofsd listening on `socket_path`.
-    /// Nothing is connected until the driver activates the device.
+    /// Nothing is connected until the driver activates the device, or
+    /// [`Fs::connect_now`] (the jailed VMM, before its jail).
     pub fn new(tag: &str, socket_path: &Path) -> Result<Self, FsError> {
         validate_tag(tag)?;
         let mut config = [0u8; CONFIG_SPACE_SIZE];
@@ -78,6 +82,7 @@ impl Fs {
             connect_timeout: CONNECT_TIMEOUT,
             queue_evts: Vec::new(),
             conn: None,
+            may_connect: true,
             active: None,
             epoll: Epoll::new().map_err(FsError::Epoll)?,
             metrics: Arc::new(FsMetrics::default()),
@@ -88,6 +93,18 @@ impl Fs {
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
+    }
+
+    /// Connects to virtiofsd now (retrying as activation would), before
+    /// the jail: a jailed VMM has no `socket` or `connect`. The connection
+    /// lives as long as the device (driver resets keep it); once it is
+    /// lost, activation fails with [`FsError::ConnectionLost`] instead of
+    /// connecting again.
+    pub fn connect_now(&mut self) -> Result<(), FsError> {
+        let conn = self.open_connection()?;
+        self.conn = Some(conn);
+        self.may_connect = false;
+        Ok(())
     }
 
     /// The tag the guest mounts.
@@ -193,7 +210,8 @@ impl Fs {
         super::backend::memory_table(&ctx.mem)?;
         let mut conn = match self.conn.take() {
             Some(c) => c,
-            None => self.open_connection()?,
+            None if self.may_connect => self.open_connection()?,
+            None => return Err(FsError::ConnectionLost(self.socket_path.clone())),
         };
         let r = conn.start(
             &ctx.mem,

@@ -63,6 +63,8 @@ pub enum FsError {
     TagNul(String),
     #[error("Failed to create the virtio-fs backend epoll set")]
     Epoll(#[source] std::io::Error),
+    #[error("The connection to virtiofsd at {} was lost and is not made again (it was made before the jail, which allows no new one); the share is gone until the VM ends", .0.display())]
+    ConnectionLost(PathBuf),
     #[error("Failed to connect to virtiofsd at {path} within {timeout:?}")]
     Connect {
         path: PathBuf,

@@ -483,6 +483,51 @@ fn backend_hang_up_marks_the_device_for_reset() {
     assert!(msg.contains("Failed to connect"), "{msg}");
 }
 
+/// The jailed VMM's way: connected and owner before the guest runs
+/// (`connect_now`, before the jail), activation then uses that session; once
+/// virtiofsd is gone, a new activation fails saying the share is lost
+/// instead of connecting (which the jail's seccomp would kill).
+#[test]
+fn connected_before_the_jail_it_never_connects_again() {
+    let mut r = rig();
+    let mut inner = virtiofsd_like(BACKEND_FEATURES, PROTO_VIRTIOFSD, 2);
+    let mut fake = fake_backend(&r.sock, move |req, body| {
+        if req == SET_VRING_ENABLE && body.first() == Some(&1) {
+            Action::AckThenClose
+        } else {
+            inner(req, body)
+        }
+    });
+    r.fs.connect_now().unwrap();
+    assert!(r.fs.is_connected() && !r.fs.is_activated());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !fake.requests().contains(&SET_OWNER) {
+        assert!(Instant::now() < deadline, "no handshake before activation");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    r.fs.activate(ctx(&r.mem, &r.irq, F_VERSION_1)).unwrap();
+    assert_eq!(
+        fake.requests().iter().filter(|r| **r == SET_OWNER).count(),
+        1,
+        "activation used the session made before"
+    );
+    fake.join();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !r.irq.needs_reset() {
+        assert!(Instant::now() < deadline, "hang-up not noticed");
+        r.fs.process_backend();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    r.fs.reset();
+    // A listener is there again: still no new connection.
+    let _ = std::fs::remove_file(&r.sock);
+    let listener = std::os::unix::net::UnixListener::bind(&r.sock).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let msg = activate_err(&mut r.fs, ctx(&r.mem, &r.irq, F_VERSION_1));
+    assert!(msg.contains("was lost and is not made again"), "{msg}");
+    assert!(listener.accept().is_err(), "the device connected again");
+}
+
 #[test]
 fn idle_backend_fd_is_quiet() {
     let mut r = rig();

@@ -97,6 +97,13 @@ impl Vsock {
         &mut self.muxer
     }
 
+    /// Connects now to the listeners of the host ports the guest may
+    /// connect to ([`Muxer::preconnect`]): before the jail, which leaves the
+    /// VMM no `socket` or `connect`.
+    pub fn preconnect(&mut self, ports: &[u32]) -> Result<(), VsockError> {
+        self.muxer.preconnect(ports)
+    }
+
     /// RX, then TX, until neither moves.
     pub fn kick(&mut self) -> Result<(), VirtioError> {
         let Some(a) = self.active.as_mut() else {

@@ -101,6 +101,13 @@ pub enum VsockError {
     Listen(PathBuf, #[source] std::io::Error),
     #[error("Guest CID {0} is out of range {MIN_GUEST_CID}..={MAX_GUEST_CID}")]
     BadCid(u64),
+    #[error("Cannot connect to the listener of host port {port} at {} (guest connections to it are connected before the jail)", path.display())]
+    Preconnect {
+        port: u32,
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
     #[error("Failed to read from the host stream")]
     StreamRead(#[source] std::io::Error),
     #[error("Failed to write to the host stream")]

@@ -78,6 +78,11 @@ pub struct Muxer {
     /// not counted): [`MAX_CONNECTIONS`], lower only in the fuzz harness so
     /// it reaches the limit with few streams.
     max_connections: usize,
+    /// Set by [`Muxer::preconnect`]: one connection to the listener of each
+    /// host port the guest may connect to, made before the jail; the
+    /// guest's first connection to that port gets it, any other is refused.
+    /// None: guest connections are connected as they come (unjailed).
+    preconnected: Option<HashMap<u32, UnixStream>>,
     metrics: Arc<VsockMetrics>,
 }
 
@@ -142,6 +147,7 @@ impl Muxer {
             raw_queued: 0,
             next_local_port: LOCAL_PORT_BASE,
             max_connections: MAX_CONNECTIONS,
+            preconnected: None,
             metrics,
         };
         let lfd = m.listener.as_raw_fd();
@@ -153,6 +159,34 @@ impl Muxer {
             .map_err(VsockError::Epoll)?;
         m.targets.insert(tfd, Target::Timer);
         Ok(m)
+    }
+
+    /// Connects now to the listener `<uds_path>_<port>` of each of `ports`
+    /// and from then on gives a guest connection to host port P the
+    /// connection made here for P, once; a guest connection to any other
+    /// port, or a second one to P, is refused (RST). Called before the
+    /// jail, after which the VMM can make no connection of its own (its
+    /// seccomp profiles have no `socket` or `connect`).
+    pub fn preconnect(&mut self, ports: &[u32]) -> Result<(), VsockError> {
+        let mut streams = HashMap::with_capacity(ports.len());
+        for &port in ports {
+            let path = self.host_port_path(port);
+            let stream = connect_nonblocking(&path).map_err(|source| VsockError::Preconnect {
+                port,
+                path,
+                source,
+            })?;
+            streams.insert(port, stream);
+        }
+        self.preconnected = Some(streams);
+        Ok(())
+    }
+
+    /// `<uds_path>_<port>`: where a guest connection to host `port` goes.
+    fn host_port_path(&self, port: u32) -> PathBuf {
+        let mut path = self.uds_path.clone().into_os_string();
+        path.push(format!("_{port}"));
+        PathBuf::from(path)
     }
 
     /// The epoll fd the VMM event loop watches.
@@ -468,17 +502,25 @@ impl Muxer {
         self.arm_timer();
     }
 
-    /// A guest REQUEST to host port `dst_port`: connect to `<uds_path>_<port>`.
+    /// A guest REQUEST to host port `dst_port`: the connection made for it
+    /// before the jail ([`Muxer::preconnect`]), or unjailed, a connection
+    /// to `<uds_path>_<port>` made now.
     fn guest_connect(&mut self, hdr: &Header) {
         if self.connection_count() >= self.max_connections {
             VsockMetrics::add(&self.metrics.conns_refused, 1);
             self.queue_rst(hdr);
             return;
         }
-        let mut path = self.uds_path.clone().into_os_string();
-        path.push(format!("_{}", hdr.dst_port));
-        let path = PathBuf::from(path);
-        let stream = match connect_nonblocking(&path) {
+        let stream = match &mut self.preconnected {
+            Some(streams) => streams.remove(&hdr.dst_port).ok_or_else(|| {
+                "no connection to this host port was made before the jail (or it was used)"
+                    .to_string()
+            }),
+            None => {
+                connect_nonblocking(&self.host_port_path(hdr.dst_port)).map_err(|e| e.to_string())
+            }
+        };
+        let stream = match stream {
             Ok(s) => s,
             Err(e) => {
                 VsockMetrics::add(&self.metrics.conns_refused, 1);

@@ -275,6 +275,48 @@ fn guest_connects_to_host_listener() {
     assert_eq!(p.data, b"hello guest");
 }
 
+/// Jailed, the VMM connects to the listeners of the allowed host ports at
+/// start: the guest's first connection to such a port gets that
+/// connection (made before the guest asked), a second one or one to any
+/// other port gets RST, even with a listener there.
+#[test]
+fn preconnected_host_ports_serve_one_guest_connection_each() {
+    let mem = guest_memory();
+    let mut r = Rig::new(&mem, 8);
+    let allowed = UnixListener::bind(r.port_path(5000)).unwrap();
+    let other = UnixListener::bind(r.port_path(5001)).unwrap();
+    other.set_nonblocking(true).unwrap();
+    r.dev.preconnect(&[5000]).unwrap();
+    // Connected already, before any guest packet.
+    let (mut s, _) = allowed.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let req = r.hdr(op::REQUEST, 40_001, 5000);
+    r.send(req, &[]);
+    assert_eq!(r.expect(1)[0].hdr.op, op::RESPONSE);
+    let rw = r.hdr(op::RW, 40_001, 5000);
+    r.send(rw, b"ready");
+    assert_eq!(read_exact_timeout(&mut s, 5), b"ready");
+    for (guest_port, host_port) in [(40_002, 5000), (40_003, 5001)] {
+        let req = r.hdr(op::REQUEST, guest_port, host_port);
+        r.send(req, &[]);
+        assert_eq!(r.expect(1)[0].hdr.op, op::RST, "port {host_port}");
+    }
+    assert!(other.accept().is_err(), "nothing connected to port 5001");
+    assert_eq!(r.dev.muxer().connection_count(), 1);
+}
+
+#[test]
+fn a_missing_preconnect_listener_fails_the_device_naming_it() {
+    let mem = guest_memory();
+    let mut r = Rig::new(&mem, 8);
+    let err = r.dev.preconnect(&[1027]).unwrap_err().to_string();
+    assert!(
+        err.starts_with("Cannot connect to the listener of host port 1027 at")
+            && err.contains("vsock.sock_1027"),
+        "{err}"
+    );
+}
+
 #[test]
 fn guest_connect_without_listener_gets_rst() {
     let mem = guest_memory();

@@ -80,6 +80,13 @@ impl VhostUserVsock {
         })
     }
 
+    /// Connects now to the listeners of the host ports the guest may
+    /// connect to ([`super::muxer::Muxer::preconnect`]): done before the
+    /// jail, whose seccomp profile has no `socket` or `connect`.
+    pub fn preconnect(&mut self, ports: &[u32]) -> Result<(), VsockError> {
+        self.muxer.preconnect(ports)
+    }
+
     /// The fd to register as [`BACKEND_EVENT`] on the worker's epoll set.
     pub fn backend_fd(&self) -> RawFd {
         self.muxer.epoll_fd()
@@ -300,7 +307,7 @@ impl VhostUserVsock {
 /// Serves one frontend on `socket` for guest `cid`, with the hybrid socket
 /// at `uds_path`: [`bind`] then [`BoundBackend::serve`].
 pub fn serve(cid: u64, socket: &Path, uds_path: &Path) -> Result<(), ServeError> {
-    bind(cid, socket, uds_path)?.serve()
+    bind(cid, socket, uds_path, None)?.serve()
 }
 
 /// [`serve`] with a backend the caller made (and may look into).
@@ -319,9 +326,18 @@ pub struct BoundBackend {
 }
 
 /// Binds the hybrid socket `uds_path` (host clients may connect from now
-/// on) and the vhost-user socket `socket` the frontend connects to.
-pub fn bind(cid: u64, socket: &Path, uds_path: &Path) -> Result<BoundBackend, ServeError> {
-    let backend = VhostUserVsock::new(cid, uds_path).map_err(ServeError::Device)?;
+/// on) and the vhost-user socket `socket` the frontend connects to; with
+/// `host_ports`, connects to their listeners too ([`VhostUserVsock::preconnect`]).
+pub fn bind(
+    cid: u64,
+    socket: &Path,
+    uds_path: &Path,
+    host_ports: Option<&[u32]>,
+) -> Result<BoundBackend, ServeError> {
+    let mut backend = VhostUserVsock::new(cid, uds_path).map_err(ServeError::Device)?;
+    if let Some(ports) = host_ports {
+        backend.preconnect(ports).map_err(ServeError::Device)?;
+    }
     let listener = listen(socket)?;
     Ok(BoundBackend {
         backend: Arc::new(Mutex::new(backend)),
