@@ -17,8 +17,8 @@
 //! ipc and uts namespaces, a root holding only its socket directories, a
 //! uid of the sandbox's own leased from `hypervisor.jail_id_*`
 //! ([`super::jail_ids`]) with no capabilities, landlock, seccomp;
-//! docs/security.md): `grant_jail_access` hands it the sockets it connects
-//! to once jailed. The lease is taken first in `spawn` and released at
+//! docs/security.md); it connects to the agent's readiness listener and to
+//! each virtiofsd before its jail, as root, and to nothing after. The lease is taken first in `spawn` and released at
 //! teardown, once the VMM is reaped. Start order and
 //! cleanup guarantees are `hypervisor/process_vm.rs`'s, shared with the qemu
 //! backend: everything is checked first, virtiofsd daemons are spawned and
@@ -46,10 +46,9 @@ use boxlite_vmm_api::config::{
 };
 use boxlite_vmm_api::control::{Reply, Request};
 
-use super::launcher::{grant_jail_access, Launch, Launcher, VmSetup};
+use super::launcher::{Launch, Launcher, VmSetup};
 use super::process::{fs_socket_name, Role};
 use super::process_vm::ProcessVm;
-use super::ready::ready_socket_path;
 use super::{HypervisorError, NetDevice, Share, VmSpec, VSOCK_SOCKET};
 use crate::config::ResolvedHypervisor;
 use crate::network::TapDevice;
@@ -174,15 +173,6 @@ pub fn write_vm_config(
     Ok(path)
 }
 
-/// The sockets the jailed VMM connects to once the guest runs: the
-/// agent's readiness socket and each share's virtiofsd socket
-/// ([`grant_jail_access`]).
-fn jail_sockets(vm: &VmSetup, shares: &[Share]) -> Vec<PathBuf> {
-    std::iter::once(ready_socket_path(&vm.path(VSOCK_SOCKET)))
-        .chain(shares.iter().map(|s| vm.path(&fs_socket_name(&s.tag))))
-        .collect()
-}
-
 /// One request on a VMM control socket: writes it, reads the reply line
 /// (2 s timeout each way). A reply that is not a [`Reply`] is an error
 /// naming the socket.
@@ -224,7 +214,6 @@ impl Launcher for BuiltinLauncher {
         let user = launch.lease_jail_user(vm)?;
         launch.spawn_virtiofsd(vm)?;
         launch.wait_for_helper_sockets(vm).await?;
-        grant_jail_access(vm, user, jail_sockets(vm, launch.shares))?;
 
         let fds = launch.tap_fds();
         let nets: Vec<(Option<RawFd>, &NetDevice)> =

@@ -162,40 +162,6 @@ impl Launch<'_> {
     }
 }
 
-/// What the processes running as the sandbox's jail `user` (no
-/// capabilities) need of the sandbox directory once the guest runs: to pass
-/// through it (group `user.gid`, mode 0710: it can list nothing) and to
-/// connect to `sockets`, which become theirs. Everything else there stays
-/// root's.
-pub fn grant_jail_access(
-    vm: &VmSetup,
-    user: JailUser,
-    sockets: impl IntoIterator<Item = PathBuf>,
-) -> Result<(), HypervisorError> {
-    use std::os::unix::fs::PermissionsExt;
-    let io = |op, path: &Path, error| HypervisorError::Io {
-        id: vm.spec.id.clone(),
-        op,
-        path: path.to_owned(),
-        error,
-    };
-    let dir = &vm.spec.dir;
-    std::os::unix::fs::chown(dir, Some(0), Some(user.gid)).map_err(|e| {
-        io(
-            "cannot hand the sandbox directory to the jail's group",
-            dir,
-            e,
-        )
-    })?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o710))
-        .map_err(|e| io("cannot set the mode of the sandbox directory", dir, e))?;
-    for socket in sockets {
-        std::os::unix::fs::chown(&socket, Some(user.uid), Some(user.gid))
-            .map_err(|e| io("cannot hand a socket to the jail's uid", &socket, e))?;
-    }
-    Ok(())
-}
-
 /// One process-based backend's own part.
 #[async_trait]
 pub trait Launcher: fmt::Debug + Send + Sync + 'static {

@@ -27,10 +27,9 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
-use super::launcher::{grant_jail_access, Launch, Launcher, VmSetup};
+use super::launcher::{Launch, Launcher, VmSetup};
 use super::process::Role;
 use super::process_vm::ProcessVm;
-use super::ready::ready_socket_path;
 use super::{HypervisorError, NetDevice, Share, VmSpec, VSOCK_SOCKET};
 use crate::config::{ResolvedAccel, ResolvedHypervisor};
 use crate::network::TapDevice;
@@ -266,9 +265,6 @@ impl Launcher for QemuLauncher {
 
         launch.spawn_virtiofsd(vm)?;
         launch.wait_for_helper_sockets(vm).await?;
-        // The jailed vsock backend connects to the agent's readiness
-        // socket (QEMU gets its sockets connected).
-        grant_jail_access(vm, user, [ready_socket_path(&vm.path(VSOCK_SOCKET))])?;
         let owned = unprivileged::QemuFiles::open(vm, user, launch)?;
 
         let fds: Vec<Option<RawFd>> = launch

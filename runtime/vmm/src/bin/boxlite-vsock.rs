@@ -10,8 +10,7 @@
 //! `boxlite-vmm` does (docs/security.md, "The vsock backend's jail"): a pid
 //! namespace of its own, then — with both sockets bound and before any
 //! thread exists — new mount, ipc, uts and network namespaces with
-//! `pivot_root` into a read-only tmpfs that shows only the sandbox
-//! directory (where the guest's connections to host ports go), rlimits,
+//! `pivot_root` into an empty read-only tmpfs, rlimits,
 //! that uid and gid with no capabilities, `no_new_privs`, landlock (no file
 //! access at all) and the `vsock` seccomp profile, which every vhost-user
 //! thread inherits and which has no `socket` or `connect`: the listeners of
@@ -123,9 +122,8 @@ fn parse_args() -> Result<Args, String> {
     })
 }
 
-/// The directory both sockets live in: the jail's root is mounted over it
-/// and it is the one directory the jail shows (guest connections to host
-/// port P are `connect`s to `<uds-path>_P` there).
+/// The directory both sockets live in: the jail's empty root is mounted
+/// over it.
 fn sandbox_dir(args: &Args) -> Result<PathBuf, String> {
     let dir = |p: &Path| {
         p.parent()
@@ -142,13 +140,13 @@ fn sandbox_dir(args: &Args) -> Result<PathBuf, String> {
     }
 }
 
-/// Jails the process (single-threaded, both sockets bound): everything of
-/// `boxlite-vmm`'s jail, then the `vsock` seccomp profile on this thread,
-/// which the threads the vhost-user daemon starts inherit.
+/// Jails the process (single-threaded, both sockets bound, the host ports
+/// connected): everything of `boxlite-vmm`'s jail, then the `vsock` seccomp
+/// profile on this thread, which the threads the vhost-user daemon starts
+/// inherit.
 fn jail_self(dir: PathBuf, user: JailUser, parent: &ParentLink) -> Result<(), JailError> {
     let policy = JailPolicy {
-        mount_point: Some(dir.clone()),
-        expose: vec![dir],
+        mount_point: Some(dir),
         user: Some(user),
         ..JailPolicy::default()
     };

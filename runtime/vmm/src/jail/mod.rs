@@ -11,8 +11,8 @@
 //! socket is open) and before any other thread exists ([`apply`]):
 //! 3. the landlock ruleset is prepared (it opens its paths now);
 //! 4. new mount, ipc, uts and network namespaces and `pivot_root` into an
-//!    empty read-only tmpfs holding only the socket directories the VMM
-//!    still connects into ([`root`]);
+//!    empty read-only tmpfs ([`root`]): everything the VMM uses is open,
+//!    bound or connected by now;
 //! 5. rlimits: `RLIMIT_NOFILE` capped at [`NOFILE_LIMIT`], `RLIMIT_CORE` 0
 //!    (a core dump would hold guest memory), `RLIMIT_FSIZE` at the largest
 //!    file the VMM may write (its writable disks);
@@ -93,9 +93,6 @@ pub struct JailPolicy {
     pub cgroup: Option<PathBuf>,
     /// Where the jail's root tmpfs is mounted (the sandbox directory).
     pub mount_point: Option<PathBuf>,
-    /// Directories bind-mounted read-only into the jail's root: those of the
-    /// sockets the VMM connects to after the jail.
-    pub expose: Vec<PathBuf>,
     /// `RLIMIT_FSIZE`: the largest regular file the VMM may write.
     pub max_file_size: u64,
     /// The uid/gid to become (None: [`privileges::DEFAULT_USER`]).
@@ -149,13 +146,7 @@ impl JailPolicy {
             match d {
                 DeviceConfig::Vsock(v) => {
                     if let Some(dir) = parent(&v.uds_path) {
-                        push_unique(&mut p.read_write, dir.clone());
-                        push_unique(&mut p.expose, dir);
-                    }
-                }
-                DeviceConfig::Fs(f) => {
-                    if let Some(dir) = parent(&f.socket_path) {
-                        push_unique(&mut p.expose, dir);
+                        push_unique(&mut p.read_write, dir);
                     }
                 }
                 DeviceConfig::Block(b) if b.read_only => {
@@ -166,8 +157,8 @@ impl JailPolicy {
                     let len = std::fs::metadata(&b.path).map(|m| m.len()).unwrap_or(0);
                     p.max_file_size = p.max_file_size.max(len);
                 }
-                // Opened before the jail.
-                DeviceConfig::Rng(_) | DeviceConfig::Net(_) => {}
+                // Opened or connected before the jail.
+                DeviceConfig::Rng(_) | DeviceConfig::Net(_) | DeviceConfig::Fs(_) => {}
             }
         }
         p
@@ -199,7 +190,7 @@ pub fn apply(policy: &JailPolicy, parent: Option<&pidns::ParentLink>) -> Result<
         .as_deref()
         .ok_or(JailError::NoSandboxDir)?;
     let ruleset = landlock::prepare(policy)?;
-    root::pivot(mount_point, &policy.expose)?;
+    root::pivot(mount_point)?;
     set_rlimits(policy.max_file_size)?;
     let user = policy.user.unwrap_or_else(|| {
         tracing::info!(
@@ -218,7 +209,6 @@ pub fn apply(policy: &JailPolicy, parent: Option<&pidns::ParentLink>) -> Result<
         uid = user.uid,
         gid = user.gid,
         root = %mount_point.display(),
-        exposed = policy.expose.len(),
         max_file_size = policy.max_file_size,
         "jail applied: pid/mount/ipc/uts/net namespaces, pivot_root, rlimits, no capabilities, no_new_privs, landlock; seccomp per thread next"
     );
@@ -338,8 +328,6 @@ mod tests {
             p.cgroup.as_deref(),
             Some(Path::new("/sys/fs/cgroup/boxlite/s"))
         );
-        // The sockets the VMM connects to after the jail.
-        assert_eq!(p.expose, v(&["/run/s", "/run/s/fs"]));
         assert_eq!(p.mount_point.as_deref(), Some(Path::new("/run/s")));
         // A console file, and a writable disk that does not exist (size 0).
         assert_eq!(p.max_file_size, CONSOLE_FILE_LIMIT);

@@ -1,28 +1,19 @@
 //! A root of the VMM's own: new mount, ipc, uts and network namespaces, and
-//! `pivot_root` into an empty read-only tmpfs that holds only the socket
-//! directories the VMM still connects into once the guest runs.
+//! `pivot_root` into an empty read-only tmpfs.
 //!
-//! Those are the directories of the vhost-user sockets of virtiofsd (the
-//! frontend connects when the guest driver activates the device, and again
-//! after a backend restart) and of the hybrid vsock socket (a guest-initiated
-//! connection to host port P is a `connect` to `<uds_path>_P`). Each is
-//! bind-mounted at its own path, read-only, nosuid, nodev, noexec, without
-//! the mounts beneath it (a share's container rootfs mounts stay out).
-//! Connecting to a socket needs write permission on the socket, not on its
-//! mount, so the runtime hands those sockets to the jail's uid.
-//!
-//! With the host's tree unmounted, no host path resolves any more (a
-//! `connect` to `/run/containerd/containerd.sock` finds nothing), and in its
-//! own network namespace the VMM can reach no abstract unix socket of the
-//! host. Taps and every other file were opened before this step.
+//! Nothing is needed there: every file, device, tap and socket the VMM
+//! uses was opened, bound or connected before this step (the virtiofsd
+//! sessions and the listeners of the host ports the guest may connect to
+//! included), and its seccomp profiles allow no `open`, `socket` or
+//! `connect` after it. With the host's tree unmounted, no host path
+//! resolves any more (`/run/containerd/containerd.sock` is not there to
+//! find), and in its own network namespace the VMM can reach no abstract
+//! unix socket of the host.
 
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use nix::fcntl::{open, OFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
-use nix::sys::stat::Mode;
 use nix::unistd::{chroot, pivot_root};
 
 use super::JailError;
@@ -35,18 +26,9 @@ const LOCKED: MsFlags = MsFlags::MS_NOSUID
     .union(MsFlags::MS_NODEV)
     .union(MsFlags::MS_NOEXEC);
 
-/// Enters the new namespaces and pivots into a tmpfs mounted over
-/// `mount_point` (in the new mount namespace only) that holds `expose`.
-pub fn pivot(mount_point: &Path, expose: &[PathBuf]) -> Result<(), JailError> {
-    // Re-created at the same path inside the jail, where the VMM's working
-    // directory is "/": only an absolute path names the same socket on
-    // both sides.
-    if let Some(dir) = expose.iter().find(|d| !d.is_absolute()) {
-        return Err(JailError::Root(
-            format!("socket directory {} is not absolute", dir.display()),
-            std::io::Error::from(std::io::ErrorKind::InvalidInput),
-        ));
-    }
+/// Enters the new namespaces and pivots into an empty tmpfs mounted over
+/// `mount_point` (in the new mount namespace only).
+pub fn pivot(mount_point: &Path) -> Result<(), JailError> {
     let flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWIPC
         | CloneFlags::CLONE_NEWUTS
@@ -62,17 +44,6 @@ pub fn pivot(mount_point: &Path, expose: &[PathBuf]) -> Result<(), JailError> {
         None::<&str>,
     )
     .map_err(|e| err("making / private before", mount_point, e))?;
-    // Held open across the tmpfs mount, which may hide them.
-    let mut held: Vec<(PathBuf, OwnedFd)> = Vec::with_capacity(expose.len());
-    for dir in expose {
-        let fd = open(
-            dir,
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| err("opening", dir, e))?;
-        held.push((dir.clone(), fd));
-    }
     mount(
         Some("tmpfs"),
         mount_point,
@@ -81,29 +52,6 @@ pub fn pivot(mount_point: &Path, expose: &[PathBuf]) -> Result<(), JailError> {
         Some("mode=0755,size=64k"),
     )
     .map_err(|e| err("mounting the jail's tmpfs on", mount_point, e))?;
-    for (dir, fd) in &held {
-        let inside = mount_point.join(dir.strip_prefix("/").expect("checked absolute"));
-        std::fs::create_dir_all(&inside)
-            .map_err(|e| JailError::Root(format!("creating {}", inside.display()), e))?;
-        let source = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
-        mount(
-            Some(&source),
-            &inside,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(|e| err("bind-mounting", dir, e))?;
-        mount(
-            None::<&str>,
-            &inside,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | LOCKED,
-            None::<&str>,
-        )
-        .map_err(|e| err("making read-only", dir, e))?;
-    }
-    drop(held);
     mount(
         None::<&str>,
         mount_point,

@@ -10,8 +10,7 @@ use std::time::Instant;
 use boxlite_runtime::hypervisor::ready::ReadyListener;
 use boxlite_runtime::HybridVsock;
 use boxlite_vmm_api::config::{
-    BalloonConfig, BlockConfig, DeviceConfig, FsConfig, JailUser, NetConfig, RngConfig, VmConfig,
-    VsockConfig,
+    BalloonConfig, BlockConfig, DeviceConfig, FsConfig, NetConfig, RngConfig, VmConfig, VsockConfig,
 };
 
 use super::{Vm, VmFiles, GUEST_MEMORY_MIB};
@@ -162,20 +161,6 @@ impl Vm {
         } else {
             None
         };
-        if s.jail {
-            // The jailed VMM runs as nobody: the sockets it connects to
-            // once the guest runs must be its own.
-            let fs_socket = devices
-                .iter()
-                .any(|d| matches!(d, Device::Fs { .. }))
-                .then(|| s.fs_socket());
-            let ready_socket = ready.as_ref().map(|r| r.path().to_path_buf());
-            for socket in ready_socket.iter().chain(fs_socket.iter()) {
-                let nobody = JailUser::NOBODY;
-                std::os::unix::fs::chown(socket, Some(nobody.uid), Some(nobody.gid))
-                    .map_err(|e| format!("cannot hand {} to the jail: {e}", socket.display()))?;
-            }
-        }
         let cfg_path = dir.join("vm.json");
         fs::write(&cfg_path, cfg.to_json_pretty())?;
         let log = fs::File::create(&files.vmm_log)?;
