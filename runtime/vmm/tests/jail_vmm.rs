@@ -15,7 +15,7 @@ use boxlite_vmm::config::{
 use boxlite_vmm_api::process::vm_pids;
 
 mod common;
-use common::{same_namespace, status_field};
+use common::{assert_jailed, jailed_child, status_field};
 
 const I8042_RESET: [u8; 4] = [0xb0, 0xfe, 0xe6, 0x64];
 
@@ -269,56 +269,8 @@ fn the_vm_process_runs_unprivileged_in_namespaces_of_its_own() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn");
-    // The VM process: the parent's only child, once the jail is on.
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let vm = loop {
-        if let [vm] = vm_pids(parent.id())[..] {
-            if status_field(vm, "Seccomp") == "2" {
-                break vm;
-            }
-        }
-        assert!(std::time::Instant::now() < end, "no jailed VM process");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
-    let uid = user.uid.to_string();
-    let gid = user.gid.to_string();
-    assert_eq!(
-        status_field(vm, "Uid")
-            .split_whitespace()
-            .collect::<Vec<_>>(),
-        [&*uid; 4]
-    );
-    assert_eq!(
-        status_field(vm, "Gid")
-            .split_whitespace()
-            .collect::<Vec<_>>(),
-        [&*gid; 4]
-    );
-    assert_eq!(status_field(vm, "Groups"), "");
-    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
-        assert_eq!(status_field(vm, caps), "0000000000000000", "{caps}");
-    }
-    assert_eq!(status_field(vm, "NoNewPrivs"), "1");
-    // pid 1 of a pid namespace of its own.
-    assert_eq!(
-        status_field(vm, "NSpid").split_whitespace().last(),
-        Some("1")
-    );
-    for ns in ["mnt", "net", "pid", "ipc", "uts"] {
-        assert!(
-            !same_namespace(vm, ns),
-            "{ns} namespace shared with the host"
-        );
-    }
-    // Its root is the jail's empty tmpfs: nothing of the host's, not even
-    // the sandbox directory (it connects nowhere once jailed).
-    let root = PathBuf::from(format!("/proc/{vm}/root"));
-    assert_eq!(
-        std::fs::read_dir(&root).expect("its root").count(),
-        0,
-        "{:?}",
-        std::fs::read_dir(&root).unwrap().collect::<Vec<_>>()
-    );
+    let vm = jailed_child(parent.id());
+    assert_jailed(vm, user);
     let limits = std::fs::read_to_string(format!("/proc/{vm}/limits")).expect("limits");
     let fsize = limits
         .lines()

@@ -12,15 +12,14 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use boxlite_vmm::config::EscapeProbe;
-use boxlite_vmm_api::process::vm_pids;
+use boxlite_vmm::config::{EscapeProbe, JailUser};
 
 mod common;
-use common::{same_namespace, status_field};
+use common::{assert_jailed, jailed_child};
 
 const UID: u32 = 4_000_223;
 const GID: u32 = 4_000_224;
@@ -103,21 +102,6 @@ fn every_escape_from_the_vsock_jail_is_denied() {
     let _ = bystander.wait();
 }
 
-/// The process serving the frontend: the tracked process's only child,
-/// once its seccomp filter is on.
-fn jailed_child(parent: u32) -> u32 {
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let [child] = vm_pids(parent)[..] {
-            if status_field(child, "Seccomp") == "2" {
-                return child;
-            }
-        }
-        assert!(Instant::now() < end, "no jailed vsock backend process");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 #[ignore = "needs root"]
 fn the_vsock_backend_serves_unprivileged_in_namespaces_of_its_own() {
@@ -127,39 +111,7 @@ fn the_vsock_backend_serves_unprivileged_in_namespaces_of_its_own() {
         .spawn()
         .expect("spawn");
     let child = jailed_child(parent.id());
-    for (field, want) in [("Uid", UID), ("Gid", GID)] {
-        let want = want.to_string();
-        let ids = status_field(child, field);
-        assert_eq!(
-            ids.split_whitespace().collect::<Vec<_>>(),
-            [&*want; 4],
-            "{field}"
-        );
-    }
-    assert_eq!(status_field(child, "Groups"), "");
-    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
-        assert_eq!(status_field(child, caps), "0000000000000000", "{caps}");
-    }
-    assert_eq!(status_field(child, "NoNewPrivs"), "1");
-    assert_eq!(
-        status_field(child, "NSpid").split_whitespace().last(),
-        Some("1")
-    );
-    for ns in ["mnt", "net", "pid", "ipc", "uts"] {
-        assert!(
-            !same_namespace(child, ns),
-            "{ns} namespace shared with the host"
-        );
-    }
-    // Its root is empty: nothing of the host's, not even the sandbox
-    // directory (it connects nowhere once jailed).
-    let root = PathBuf::from(format!("/proc/{child}/root"));
-    assert_eq!(
-        std::fs::read_dir(&root).expect("its root").count(),
-        0,
-        "{:?}",
-        std::fs::read_dir(&root).unwrap().collect::<Vec<_>>()
-    );
+    assert_jailed(child, JailUser { uid: UID, gid: GID });
 
     // Jailed, it still serves host clients on its hybrid socket: a line
     // that is not `CONNECT <port>` is answered by closing the connection

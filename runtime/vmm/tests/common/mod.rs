@@ -51,3 +51,61 @@ pub fn same_namespace(pid: u32, ns: &str) -> bool {
     let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).expect("our ns");
     std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).expect("its ns") == ours
 }
+
+/// The jailed process behind the one the test spawned: its only child
+/// (pid 1 of its own pid namespace), once its seccomp filter is on.
+#[allow(dead_code)]
+pub fn jailed_child(parent: u32) -> u32 {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let [child] = boxlite_vmm_api::process::vm_pids(parent)[..] {
+            if status_field(child, "Seccomp") == "2" {
+                return child;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "no jailed child of {parent}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Checks what every jailed process of ours is: `user`'s uid and gid in
+/// every slot, no supplementary group, every capability set empty,
+/// `no_new_privs`, pid 1 of its own pid namespace, mount, net, pid, ipc
+/// and uts namespaces not the host's, and an empty root (it uses no path
+/// once jailed).
+#[allow(dead_code)]
+pub fn assert_jailed(pid: u32, user: boxlite_vmm::config::JailUser) {
+    for (field, want) in [("Uid", user.uid), ("Gid", user.gid)] {
+        let want = want.to_string();
+        let ids = status_field(pid, field);
+        assert_eq!(
+            ids.split_whitespace().collect::<Vec<_>>(),
+            [&*want; 4],
+            "{field}"
+        );
+    }
+    assert_eq!(status_field(pid, "Groups"), "");
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status_field(pid, caps), "0000000000000000", "{caps}");
+    }
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    assert_eq!(
+        status_field(pid, "NSpid").split_whitespace().last(),
+        Some("1")
+    );
+    for ns in ["mnt", "net", "pid", "ipc", "uts"] {
+        assert!(
+            !same_namespace(pid, ns),
+            "{ns} namespace shared with the host"
+        );
+    }
+    let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+    let entries: Vec<_> = std::fs::read_dir(&root)
+        .expect("its root")
+        .map(|e| e.map(|e| e.file_name()))
+        .collect();
+    assert!(entries.is_empty(), "its root holds {entries:?}");
+}

@@ -450,26 +450,36 @@ fn too_few_backend_queues_are_refused() {
     assert!(msg.contains("serves 1 queues"), "{msg}");
 }
 
-#[test]
-fn backend_hang_up_marks_the_device_for_reset() {
-    let mut r = rig();
+/// A virtiofsd that answers like the real one and "dies" (closes) right
+/// after the last setup message, queue 1 enabled.
+fn dies_after_setup() -> impl FnMut(u32, &[u8]) -> Action + Send + 'static {
     let mut inner = virtiofsd_like(BACKEND_FEATURES, PROTO_VIRTIOFSD, 2);
-    let mut fake = fake_backend(&r.sock, move |req, body| {
-        // The last setup message: queue 1 enabled. Then the backend "dies".
+    move |req, body| {
         if req == SET_VRING_ENABLE && body.first() == Some(&1) {
             Action::AckThenClose
         } else {
             inner(req, body)
         }
-    });
-    r.fs.activate(ctx(&r.mem, &r.irq, F_VERSION_1)).unwrap();
-    fake.join();
+    }
+}
+
+/// Runs the event loop's part until the device has seen the hang-up.
+fn wait_for_hang_up(r: &mut Rig) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while !r.irq.needs_reset() {
         assert!(Instant::now() < deadline, "hang-up not noticed");
         r.fs.process_backend();
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+#[test]
+fn backend_hang_up_marks_the_device_for_reset() {
+    let mut r = rig();
+    let mut fake = fake_backend(&r.sock, dies_after_setup());
+    r.fs.activate(ctx(&r.mem, &r.irq, F_VERSION_1)).unwrap();
+    fake.join();
+    wait_for_hang_up(&mut r);
     assert!(!r.fs.is_activated() && !r.fs.is_connected());
     assert_eq!(
         r.fs.metrics
@@ -490,14 +500,7 @@ fn backend_hang_up_marks_the_device_for_reset() {
 #[test]
 fn connected_before_the_jail_it_never_connects_again() {
     let mut r = rig();
-    let mut inner = virtiofsd_like(BACKEND_FEATURES, PROTO_VIRTIOFSD, 2);
-    let mut fake = fake_backend(&r.sock, move |req, body| {
-        if req == SET_VRING_ENABLE && body.first() == Some(&1) {
-            Action::AckThenClose
-        } else {
-            inner(req, body)
-        }
-    });
+    let mut fake = fake_backend(&r.sock, dies_after_setup());
     r.fs.connect_now().unwrap();
     assert!(r.fs.is_connected() && !r.fs.is_activated());
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -512,12 +515,7 @@ fn connected_before_the_jail_it_never_connects_again() {
         "activation used the session made before"
     );
     fake.join();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !r.irq.needs_reset() {
-        assert!(Instant::now() < deadline, "hang-up not noticed");
-        r.fs.process_backend();
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_hang_up(&mut r);
     r.fs.reset();
     // A listener is there again: still no new connection.
     let _ = std::fs::remove_file(&r.sock);

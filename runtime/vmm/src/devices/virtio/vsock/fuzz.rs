@@ -56,12 +56,12 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::csm::ConnState;
 use super::muxer::{parse_connect_line, ConnKey};
 use super::packet::{op, parse_tx, shutdown, Header, RxPacket, HEADER_SIZE, TYPE_STREAM};
-use super::test_utils::TempDir;
+use super::test_utils::{activate_on, guest_queues_sized, TempDir};
 use super::{Vsock, HOST_CID, LOCAL_PORT_BASE, MAX_CONNECTIONS, MAX_CONNECT_LINE, RXQ, TXQ};
 use crate::devices::virtio::test_utils::{
-    activate_ctx, test_interrupt, FuzzInput, GuardedMemory, GuestQueue, F_NEXT, F_WRITE, REGIONS,
+    test_interrupt, FuzzInput, GuardedMemory, GuestQueue, F_NEXT, F_WRITE, REGIONS,
 };
-use crate::devices::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::VirtioDevice;
 
 const GUEST_CID: u64 = 3;
 /// The receive buffer an honest guest advertises on each connection.
@@ -320,17 +320,9 @@ fn activate<'m>(
     mem: &'m GuestMemoryMmap,
     dev: &mut Vsock,
 ) -> Option<(GuestQueue<'m>, GuestQueue<'m>)> {
-    let rxq = GuestQueue::new(mem, RX_QSIZE, 0x1000);
-    let txq = GuestQueue::new(mem, TX_QSIZE, 0x3000);
-    let evq = GuestQueue::new(mem, 4, 0x5000);
-    let irq = test_interrupt();
-    dev.activate(activate_ctx(
-        mem,
-        vec![rxq.queue(), txq.queue(), evq.queue()],
-        &irq,
-        VIRTIO_F_VERSION_1,
-    ))
-    .ok()?;
+    let queues = guest_queues_sized(mem, RX_QSIZE, TX_QSIZE);
+    activate_on(dev, mem, &queues, &test_interrupt()).ok()?;
+    let [rxq, txq, _evq] = queues;
     Some((rxq, txq))
 }
 

@@ -17,7 +17,7 @@ use super::{Vsock, HOST_CID, RXQ, TXQ};
 use crate::devices::virtio::test_utils::{
     activate_ctx, test_interrupt, GuestQueue, F_NEXT, F_WRITE,
 };
-use crate::devices::virtio::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{Interrupt, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
 
 pub const GUEST_CID: u64 = 3;
 /// The guest's receive buffer per connection in these tests (Linux: 256 KiB).
@@ -113,11 +113,32 @@ pub struct Rig<'a, D: DeviceUnderTest = Vsock> {
 /// The driver's RX and TX queues (and an event queue nobody uses) in
 /// guest memory.
 pub fn guest_queues(mem: &GuestMemoryMmap) -> [GuestQueue<'_>; 3] {
+    guest_queues_sized(mem, RX_QSIZE, TX_QSIZE)
+}
+
+/// [`guest_queues`] with RX and TX queues of the given sizes.
+pub fn guest_queues_sized(mem: &GuestMemoryMmap, rx: u16, tx: u16) -> [GuestQueue<'_>; 3] {
     [
-        GuestQueue::new(mem, RX_QSIZE, 0x1000),
-        GuestQueue::new(mem, TX_QSIZE, 0x3000),
+        GuestQueue::new(mem, rx, 0x1000),
+        GuestQueue::new(mem, tx, 0x3000),
         GuestQueue::new(mem, 4, 0x5000),
     ]
+}
+
+/// Activates `dev` on `queues` (RX, TX, event) with `VERSION_1`, as a
+/// guest driver does at start and after a reset.
+pub fn activate_on(
+    dev: &mut Vsock,
+    mem: &GuestMemoryMmap,
+    queues: &[GuestQueue<'_>; 3],
+    irq: &Arc<Interrupt>,
+) -> Result<(), VirtioError> {
+    dev.activate(activate_ctx(
+        mem,
+        queues.iter().map(GuestQueue::queue).collect(),
+        irq,
+        VIRTIO_F_VERSION_1,
+    ))
 }
 
 impl<'a> Rig<'a, Vsock> {
@@ -126,15 +147,10 @@ impl<'a> Rig<'a, Vsock> {
         let dir = TempDir::new();
         let uds = dir.path().join("vsock.sock");
         let mut dev = Vsock::new(GUEST_CID, &uds).unwrap();
-        let [rxq, txq, evq] = guest_queues(mem);
+        let queues = guest_queues(mem);
         let irq = test_interrupt();
-        dev.activate(activate_ctx(
-            mem,
-            vec![rxq.queue(), txq.queue(), evq.queue()],
-            &irq,
-            VIRTIO_F_VERSION_1,
-        ))
-        .unwrap();
+        activate_on(&mut dev, mem, &queues, &irq).unwrap();
+        let [rxq, txq, _evq] = queues;
         Rig::with_device(dev, mem, [rxq, txq], irq, dir, uds, initial_rx)
     }
 }
