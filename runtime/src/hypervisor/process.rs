@@ -225,19 +225,24 @@ pub struct ProcessPlace<'a> {
 
 /// Credentials a process starts with instead of ours: a uid and gid, only
 /// the supplementary `groups` (say the group of `/dev/kvm`), and no
-/// capabilities (a non-root uid after exec keeps none).
+/// capabilities (a non-root uid after exec keeps none); and, with
+/// `own_namespaces`, network, ipc and uts namespaces of its own, empty
+/// (for a process that needs none of the host's: every fd it uses is
+/// inherited).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunAs {
     pub uid: u32,
     pub gid: u32,
     pub groups: Vec<u32>,
+    pub own_namespaces: bool,
 }
 
 impl RunAs {
-    /// Sets the calling process's groups, gid and uid (in that order:
-    /// after the uid change it could set neither). For the child between
-    /// fork and exec: raw syscalls only, which are async-signal-safe and
-    /// change just this (single-threaded) process.
+    /// Enters the new namespaces (if asked), then sets the calling
+    /// process's groups, gid and uid (in that order: after the uid change
+    /// it could do none of it). For the child between fork and exec: raw
+    /// syscalls only, which are async-signal-safe and change just this
+    /// (single-threaded) process.
     fn become_self(&self) -> std::io::Result<()> {
         let check = |rc: libc::c_long| {
             if rc < 0 {
@@ -246,6 +251,11 @@ impl RunAs {
                 Ok(())
             }
         };
+        if self.own_namespaces {
+            let flags = libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+            // SAFETY: unshare with flags only.
+            check(unsafe { libc::syscall(libc::SYS_unshare, flags) })?;
+        }
         // SAFETY: integer arguments, and a pointer to `groups.len()` gid_t
         // values that outlive the call.
         unsafe {

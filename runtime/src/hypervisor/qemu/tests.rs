@@ -299,7 +299,7 @@ async fn qemu_starts_unprivileged_with_its_files_inherited_and_the_vsock_backend
     let qemu = rig.script(
         "qemu",
         &format!(
-            r#"{{ id -u; id -g; id -G; for f in /proc/$$/fd/*; do readlink "$f"; done; }} > {s}.tmp
+            r#"{{ id -u; id -g; id -G; readlink /proc/$$/ns/net /proc/$$/ns/ipc /proc/$$/ns/uts; for f in /proc/$$/fd/*; do readlink "$f"; done; }} > {s}.tmp
 mv {s}.tmp {s}; exec sleep 30"#,
             s = seen.display()
         ),

@@ -1,8 +1,8 @@
 //! QEMU without root: it starts as the sandbox's jail uid (the one
 //! `boxlite-vmm` jails itself as, [`super::super::jail_ids`]) with no
-//! capabilities and only the group of `/dev/kvm` besides its own, and its
-//! seccomp sandbox (`elevateprivileges=deny`) holds from its first
-//! instruction. QEMU's own `-runas` would drop privileges only after QEMU
+//! capabilities and only the group of `/dev/kvm` besides its own, in empty
+//! network, ipc and uts namespaces of its own, and its seccomp sandbox
+//! (`elevateprivileges=deny`) holds from its first instruction. QEMU's own `-runas` would drop privileges only after QEMU
 //! had run as root for a while, and its seccomp filter forbids that very
 //! setuid.
 //!
@@ -160,7 +160,9 @@ fn open_boot_file(id: &str, path: &Path) -> Result<File, HypervisorError> {
 }
 
 /// QEMU's credentials: the jail uid and gid, plus the group of `/dev/kvm`
-/// under KVM (none under TCG, which needs no device).
+/// under KVM (none under TCG, which needs no device); and empty network,
+/// ipc and uts namespaces of its own: its taps and sockets are inherited
+/// fds, so it needs no interface, address or abstract socket of the host's.
 pub fn run_as(user: JailUser, accel: ResolvedAccel) -> RunAs {
     let groups = match accel {
         ResolvedAccel::Kvm => std::fs::metadata(KVM_DEVICE)
@@ -172,5 +174,6 @@ pub fn run_as(user: JailUser, accel: ResolvedAccel) -> RunAs {
         uid: user.uid,
         gid: user.gid,
         groups,
+        own_namespaces: true,
     }
 }
