@@ -34,7 +34,7 @@
 # 1. CPU: utime + stime of every shim and VM process over BENCH_CPU_SECS;
 # 2. memory: for every pod its shim (pid by `-id ID` in its command line)
 #    and its VM's processes: those in the pod's cgroup (ctr's /default/ID;
-#    docs/resources.md) and those whose command line mentions the sandbox
+#    docs/resources.md) and those whose command line or environment mentions the sandbox
 #    dir (the two sets must agree; a difference is printed). Per process
 #    the PSS (/proc/PID/smaps_rollup) and the PSS of its memfd mappings
 #    (/proc/PID/smaps; the guest's RAM, which the VMM and its vhost-user
@@ -242,10 +242,13 @@ for p in os.listdir("/proc"):
         exe = os.readlink(f"/proc/{p}/exe").removesuffix(" (deleted)")
     except OSError:
         exe = (read(f"/proc/{p}/comm") or "?").strip()
+    # The environment too: every process the runtime spawns for a sandbox
+    # has BOXLITE_SANDBOX_DIR=<dir> (QEMU's arguments name only fds).
+    env = read(f"/proc/{p}/environ", "rb") or b""
     procs[int(p)] = (
         int(stat.rsplit(")", 1)[1].split()[1]),
         os.path.basename(exe),
-        cmd.replace(b"\0", b" ").decode(errors="replace"),
+        (cmd + b" " + env).replace(b"\0", b" ").decode(errors="replace"),
     )
 
 mounts = [l.split() for l in (read("/proc/mounts") or "").splitlines()]

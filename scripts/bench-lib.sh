@@ -41,12 +41,15 @@ pss_mib() {
     python3 -c "print(f'{$(pss_kb "$@")/1024:.1f}')"
 }
 
-# Pids whose command line contains $1 (the shim's -id, the sandbox dir).
+# Pids whose command line or environment contains $1 (the shim's -id, the
+# sandbox dir: every process the runtime spawns for a sandbox has
+# BOXLITE_SANDBOX_DIR=<dir>; QEMU's arguments name only fds).
 pids_mentioning() {
     local needle="$1" pid
     for pid in $(ls /proc | grep -E '^[0-9]+$'); do
         [ "$pid" = $$ ] && continue
-        if { tr '\0' ' ' < "/proc/$pid/cmdline"; } 2>/dev/null | grep -qF -- "$needle"; then
+        if { tr '\0' ' ' < "/proc/$pid/cmdline"; tr '\0' ' ' < "/proc/$pid/environ"; } 2>/dev/null \
+            | grep -qF -- "$needle"; then
             echo "$pid"
         fi
     done

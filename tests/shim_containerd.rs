@@ -65,8 +65,10 @@ fn ctr_run_reaches_the_agent_through_the_shim() {
 
 /// The sandbox's VMM process runs under a seccomp filter from the start:
 /// QEMU's `-sandbox` (qemu backend) or boxlite-vmm's own per-thread
-/// filters (builtin). Read from `/proc/<pid>/status` (`Seccomp: 2`) of the
-/// VMM the shim started for a running container.
+/// filters (builtin), and without root: the jailed VM process of
+/// boxlite-vmm, or QEMU and the jailed vsock backend, as the sandbox's
+/// jail uid. Read from `/proc/<pid>/status` of the processes the shim
+/// started for a running container.
 #[test]
 #[ignore = "needs root, containerd, ctr, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
 fn the_vmm_runs_under_seccomp_and_its_jail() {
@@ -104,7 +106,29 @@ fn the_vmm_runs_under_seccomp_and_its_jail() {
         assert_eq!(field(vm, "CapBnd"), "0000000000000000");
         assert_eq!(field(vm, "NSpid").split_whitespace().last(), Some("1"));
     } else {
+        // QEMU: one process, as the sandbox's jail uid, no capabilities;
+        // and the vsock backend jailed like boxlite-vmm (the process the
+        // shim spawned waits; its child, pid 1 of its own namespace, runs).
         assert_eq!(vmm.len(), 1, "one VMM process: {vmm:?}");
+        let qemu = vmm[0].0;
+        let uid = field(qemu, "Uid");
+        assert!(!uid.starts_with("0\t"), "QEMU runs as root: {uid}");
+        assert_eq!(field(qemu, "CapEff"), "0000000000000000");
+        let vsock: Vec<u32> = processes_mentioning(&c.state_dir().join("sec1"))
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains("boxlite-vsock"))
+            .map(|(pid, _)| pid)
+            .collect();
+        let jailed: Vec<u32> = vsock
+            .iter()
+            .copied()
+            .filter(|pid| field(*pid, "NSpid").split_whitespace().last() == Some("1"))
+            .collect();
+        assert_eq!((vsock.len(), jailed.len()), (2, 1), "{vsock:?}");
+        let backend = jailed[0];
+        assert_eq!(field(backend, "Seccomp"), "2");
+        assert_eq!(field(backend, "CapEff"), "0000000000000000");
+        assert_eq!(field(backend, "Uid"), uid, "the same jail uid as QEMU");
     }
     c.kill_and_delete("sec1");
     c.assert_nothing_left();

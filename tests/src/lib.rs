@@ -116,8 +116,10 @@ pub fn vm_memory_kib(pids: impl IntoIterator<Item = u32>) -> u64 {
         .sum()
 }
 
-/// Processes whose command line mentions `needle` (e.g. a sandbox directory,
-/// which every QEMU and helper daemon of that sandbox has in its arguments).
+/// Processes whose command line or environment mentions `needle` (e.g. a
+/// sandbox directory: every process the runtime spawns for a sandbox has
+/// it in `BOXLITE_SANDBOX_DIR`, and most in their arguments too; QEMU's
+/// arguments name only fds).
 pub fn processes_mentioning(needle: &Path) -> Vec<(u32, String)> {
     let needle = needle.to_string_lossy().into_owned();
     let me = std::process::id();
@@ -140,7 +142,8 @@ pub fn processes_mentioning(needle: &Path) -> Vec<(u32, String)> {
             continue;
         };
         let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
-        if cmdline.contains(&needle) {
+        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+        if cmdline.contains(&needle) || String::from_utf8_lossy(&environ).contains(&needle) {
             found.push((pid, cmdline.trim_end().to_string()));
         }
     }

@@ -32,6 +32,11 @@ pub const REAP_TIMEOUT: Duration = Duration::from_secs(5);
 pub const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
+/// Set to the sandbox directory in the environment of every process the
+/// runtime spawns for a sandbox, so that `/proc/<pid>/environ` tells whose
+/// it is (for operators and the end-to-end tests' leak checks).
+pub const SANDBOX_DIR_ENV: &str = "BOXLITE_SANDBOX_DIR";
+
 /// The vhost-user socket of a share's virtiofsd, in the sandbox directory.
 pub fn fs_socket_name(tag: &str) -> String {
     format!("fs-{tag}.sock")
@@ -309,6 +314,9 @@ pub fn spawn_process(
     let err = File::from(pipe.writer().try_clone().map_err(dup)?);
     let mut cmd = Command::new(binary);
     cmd.args(&args).stdin(Stdio::null()).stdout(out).stderr(err);
+    // Every process of a sandbox can be told by its environment, whatever
+    // its arguments name (QEMU's name only fds).
+    cmd.env(SANDBOX_DIR_ENV, dir);
     let cgroup = place.cgroup.clone();
     let user = place.user.cloned();
     if !inherit_fds.is_empty() || !cgroup.is_empty() || user.is_some() {

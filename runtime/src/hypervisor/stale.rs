@@ -4,9 +4,11 @@
 use std::path::Path;
 
 /// After a crashed shim: kills every process recorded in a `*.pid` file of
-/// `dir` whose command line still mentions `dir` (so a recycled pid is left
-/// alone), then removes the pid files and every `*.sock` file. Returns the
-/// pids it killed. Logs and skips what it cannot read.
+/// `dir` that is still one of this sandbox's — its environment holds
+/// `BOXLITE_SANDBOX_DIR=<dir>` as the runtime spawned it, or its command
+/// line mentions `dir` — so a recycled pid is left alone; then removes the
+/// pid files and every `*.sock` file. Returns the pids it killed. Logs and
+/// skips what it cannot read.
 pub fn cleanup_stale_processes(dir: &Path) -> Vec<u32> {
     let mut killed = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -23,9 +25,7 @@ pub fn cleanup_stale_processes(dir: &Path) -> Vec<u32> {
                     .and_then(|s| s.trim().parse::<i32>().ok())
                     .filter(|p| *p > 1);
                 if let Some(pid) = pid {
-                    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                    let cmdline = String::from_utf8_lossy(&cmdline);
-                    if cmdline.contains(needle.as_str()) {
+                    if is_of_sandbox(pid, &needle) {
                         // A jailed boxlite-vmm's VM runs in its child.
                         super::process::kill_children(pid.unsigned_abs());
                         let target = nix::unistd::Pid::from_raw(pid);
@@ -46,6 +46,19 @@ pub fn cleanup_stale_processes(dir: &Path) -> Vec<u32> {
     killed
 }
 
+/// Whether process `pid` is one the runtime spawned for the sandbox in
+/// directory `dir`: its environment has the exact entry
+/// `BOXLITE_SANDBOX_DIR=<dir>`, or its command line mentions `dir`.
+fn is_of_sandbox(pid: i32, dir: &str) -> bool {
+    let entry = format!("{}={dir}", super::process::SANDBOX_DIR_ENV);
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    if environ.split(|b| *b == 0).any(|e| e == entry.as_bytes()) {
+        return true;
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    String::from_utf8_lossy(&cmdline).contains(dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,8 +75,24 @@ mod tests {
             .arg("30")
             .spawn()
             .unwrap();
+        // Ours by its environment alone, as QEMU is (its arguments name
+        // only fds).
+        let mut by_env = std::process::Command::new("sleep")
+            .arg("30")
+            .env(crate::hypervisor::process::SANDBOX_DIR_ENV, dir.path())
+            .spawn()
+            .unwrap();
         let mut theirs = std::process::Command::new("sleep")
             .arg("30")
+            .spawn()
+            .unwrap();
+        // Another sandbox's, whose directory starts like ours.
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .env(
+                crate::hypervisor::process::SANDBOX_DIR_ENV,
+                format!("{}-other", dir.path().display()),
+            )
             .spawn()
             .unwrap();
         // spawn() returns once the child is in exec, but the kernel lets the
@@ -72,16 +101,24 @@ mod tests {
         wait_for_cmdline(ours.id(), &dir.path().to_string_lossy());
         std::fs::write(dir.path().join("ours.pid"), ours.id().to_string()).unwrap();
         std::fs::write(dir.path().join("theirs.pid"), theirs.id().to_string()).unwrap();
+        std::fs::write(dir.path().join("env.pid"), by_env.id().to_string()).unwrap();
+        std::fs::write(dir.path().join("other.pid"), other.id().to_string()).unwrap();
         std::fs::write(dir.path().join("garbage.pid"), "not a pid").unwrap();
         std::fs::write(dir.path().join("vsock.sock"), "").unwrap();
         std::fs::write(dir.path().join("console.log"), "kept").unwrap();
 
-        let killed = cleanup_stale_processes(dir.path());
-        assert_eq!(killed, [ours.id()]);
+        let mut killed = cleanup_stale_processes(dir.path());
+        killed.sort();
+        let mut want = [ours.id(), by_env.id()];
+        want.sort();
+        assert_eq!(killed, want);
         assert!(ours.wait().unwrap().code().is_none());
-        assert!(theirs.try_wait().unwrap().is_none());
-        theirs.kill().unwrap();
-        theirs.wait().unwrap();
+        assert!(by_env.wait().unwrap().code().is_none());
+        for p in [&mut theirs, &mut other] {
+            assert!(p.try_wait().unwrap().is_none());
+            p.kill().unwrap();
+            p.wait().unwrap();
+        }
         let left: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
