@@ -265,7 +265,9 @@ impl Launcher for QemuLauncher {
 
         launch.spawn_virtiofsd(vm)?;
         launch.wait_for_helper_sockets(vm).await?;
-        let owned = unprivileged::QemuFiles::open(vm, user, launch)?;
+        let owned =
+            unprivileged::QemuFiles::open(vm, user, launch.console, launch.shares, launch.nets)
+                .await?;
 
         let fds: Vec<Option<RawFd>> = launch
             .tap_fds()

@@ -25,9 +25,9 @@ use boxlite_vmm_api::config::JailUser;
 
 use super::{QemuFds, VHOST_VSOCK_SOCKET};
 use crate::config::ResolvedAccel;
-use crate::hypervisor::launcher::{Launch, VmSetup};
-use crate::hypervisor::process::{fs_socket_name, RunAs};
-use crate::hypervisor::HypervisorError;
+use crate::hypervisor::launcher::VmSetup;
+use crate::hypervisor::process::{fs_socket_name, RunAs, HELPER_READY_TIMEOUT, POLL_INTERVAL};
+use crate::hypervisor::{HypervisorError, NetDevice, Share};
 use crate::network::{create_tap, TapDevice};
 
 /// Where KVM lives; its group is the one extra group QEMU gets.
@@ -46,14 +46,16 @@ pub struct QemuFiles {
 }
 
 impl QemuFiles {
-    /// Connects to the helpers' sockets (they are listening), opens the
-    /// boot files and the named taps, and hands the console pipe to `user`.
-    pub fn open(
+    /// Connects to the helpers' sockets (the vsock backend's, and each of
+    /// `shares`' virtiofsd), opens the boot files and the taps `nets` name,
+    /// and hands the console pipe (`console`, its write end) to `user`.
+    pub async fn open(
         vm: &VmSetup,
         user: JailUser,
-        launch: &Launch<'_>,
+        console: RawFd,
+        shares: &[Share],
+        nets: &[NetDevice],
     ) -> Result<Self, HypervisorError> {
-        let console = launch.console;
         let id = &vm.spec.id;
         let io = |op, path: &Path, error| HypervisorError::Io {
             id: id.clone(),
@@ -70,20 +72,23 @@ impl QemuFiles {
                 e,
             ));
         }
-        let connect = |path: &Path| {
-            UnixStream::connect(path)
-                .map_err(|e| io("cannot connect to this vhost-user socket for QEMU", path, e))
-        };
-        let vhost_vsock = connect(&vm.path(VHOST_VSOCK_SOCKET))?;
-        let fs = launch
-            .shares
-            .iter()
-            .map(|s| connect(&vm.path(&fs_socket_name(&s.tag))))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut sockets = Vec::with_capacity(1 + shares.len());
+        sockets.push(vm.path(VHOST_VSOCK_SOCKET));
+        sockets.extend(shares.iter().map(|s| vm.path(&fs_socket_name(&s.tag))));
+        let mut connected = Vec::with_capacity(sockets.len());
+        for path in &sockets {
+            connected.push(
+                connect_listening(path).await.map_err(|e| {
+                    io("cannot connect to this vhost-user socket for QEMU", path, e)
+                })?,
+            );
+        }
+        let vhost_vsock = connected.remove(0);
+        let fs = connected;
         let kernel = open_boot_file(id, &vm.spec.kernel)?;
         let initramfs = open_boot_file(id, &vm.spec.initramfs)?;
-        let mut named_taps = Vec::with_capacity(launch.nets.len());
-        for net in launch.nets {
+        let mut named_taps = Vec::with_capacity(nets.len());
+        for net in nets {
             named_taps.push(match &net.tap {
                 TapDevice::Name(name) => Some(create_tap(name).map_err(|e| {
                     io(
@@ -136,6 +141,25 @@ impl QemuFiles {
     }
 }
 
+/// Connects to a helper's socket. Its file appears when the helper binds
+/// it, a moment before the helper listens (seen with 20 sandboxes starting
+/// at once): a refused connection is tried again, for at most
+/// [`HELPER_READY_TIMEOUT`].
+async fn connect_listening(path: &Path) -> std::io::Result<UnixStream> {
+    let deadline = tokio::time::Instant::now() + HELPER_READY_TIMEOUT;
+    loop {
+        match UnixStream::connect(path) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(POLL_INTERVAL).await
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Opens a boot file for QEMU; it must be readable by everyone, since QEMU
 /// reopens it as the jail uid (which owns nothing on the host).
 fn open_boot_file(id: &str, path: &Path) -> Result<File, HypervisorError> {
@@ -175,5 +199,50 @@ pub fn run_as(user: JailUser, accel: ResolvedAccel) -> RunAs {
         gid: user.gid,
         groups,
         own_namespaces: true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{
+        bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+    };
+    use std::os::fd::AsRawFd;
+
+    /// A helper's socket file exists from its `bind`; until its `listen`,
+    /// a connection is refused. The connect waits that moment out.
+    #[tokio::test]
+    async fn a_socket_bound_but_not_yet_listening_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("helper.sock");
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        bind(fd.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+        assert_eq!(
+            UnixStream::connect(&path).unwrap_err().kind(),
+            std::io::ErrorKind::ConnectionRefused
+        );
+        let listening = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            listen(&fd, Backlog::new(1).unwrap()).unwrap();
+            fd
+        });
+        connect_listening(&path)
+            .await
+            .expect("connected once it listens");
+        drop(listening.join());
+        // Nothing there at all: an error at once, not a wait.
+        let started = std::time::Instant::now();
+        let err = connect_listening(&dir.path().join("none.sock"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+        assert!(started.elapsed() < HELPER_READY_TIMEOUT);
     }
 }
