@@ -2,9 +2,9 @@
 //! `boxlite-vmm` jails itself as, [`super::super::jail_ids`]) with no
 //! capabilities and only the group of `/dev/kvm` besides its own, in empty
 //! network, ipc and uts namespaces of its own, and its seccomp sandbox
-//! (`elevateprivileges=deny`) holds from its first instruction. QEMU's own `-runas` would drop privileges only after QEMU
-//! had run as root for a while, and its seccomp filter forbids that very
-//! setuid.
+//! (`elevateprivileges=deny`) holds from its first instruction. QEMU's own
+//! `-runas` would drop privileges only after QEMU had run as root for a
+//! while, and its seccomp filter forbids that very setuid.
 //!
 //! Everything QEMU could not open as that uid is opened here, as root, and
 //! inherited, so QEMU needs no host path at all: the vhost-user sockets of
