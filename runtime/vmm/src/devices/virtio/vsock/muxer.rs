@@ -638,8 +638,6 @@ impl Muxer {
         }
     }
 
-    /// Device reset: every connection and handshake is dropped (host streams
-    /// closed); the listener stays.
     /// Lowers the connection limit (fuzzing only: production keeps
     /// [`MAX_CONNECTIONS`]).
     #[cfg(any(test, fuzzing))]
@@ -647,6 +645,9 @@ impl Muxer {
         self.max_connections = limit.min(MAX_CONNECTIONS);
     }
 
+    /// Device reset: every connection and handshake is dropped (host streams
+    /// closed); the listener stays, and so do the connections made for host
+    /// ports the guest has not used yet ([`Muxer::preconnect`]).
     pub fn reset(&mut self) {
         for key in self.connection_keys() {
             self.remove(key);
