@@ -15,7 +15,7 @@ use boxlite_vmm::config::{
 use boxlite_vmm_api::process::vm_pids;
 
 mod common;
-use common::{assert_jailed, jailed_child, status_field};
+use common::{assert_jailed, jailed_child, status_field, EscapeTargets};
 
 const I8042_RESET: [u8; 4] = [0xb0, 0xfe, 0xe6, 0x64];
 
@@ -169,41 +169,10 @@ fn try_escape(dir: &Path, probe: EscapeProbe, thread: &str) -> (ExitStatus, Stri
 #[test]
 #[ignore = "needs root + /dev/kvm"]
 fn every_escape_from_the_jail_is_denied() {
-    let host = tempfile::tempdir().expect("tempdir");
-    let host_socket = host.path().join("host.sock");
-    let listener = std::os::unix::net::UnixListener::bind(&host_socket).expect("bind");
-    let secret = host.path().join("secret");
-    std::fs::write(&secret, "x").expect("write");
-    let mut bystander = Command::new("sleep").arg("600").spawn().expect("sleep");
+    let targets = EscapeTargets::new();
     let dir = tempfile::tempdir().expect("tempdir");
-    let probes = |dir: &Path| {
-        vec![
-            EscapeProbe::ConnectUnix {
-                path: host_socket.clone(),
-            },
-            EscapeProbe::OpenFile {
-                path: secret.clone(),
-            },
-            EscapeProbe::CreateFile {
-                path: host.path().join("written"),
-            },
-            // The jail's own root and the (read-only) sandbox directory.
-            EscapeProbe::CreateFile {
-                path: "/escaped".into(),
-            },
-            EscapeProbe::CreateFile {
-                path: dir.join("written"),
-            },
-            // A host process (pid 1 in the jail's namespace is the VMM
-            // itself; the host's init has no pid the VMM can name).
-            EscapeProbe::Signal {
-                pid: bystander.id() as i32,
-            },
-            EscapeProbe::InetSocket,
-        ]
-    };
     for thread in ["unfiltered", "vmm", "vcpu"] {
-        for probe in probes(dir.path()) {
+        for probe in targets.probes(dir.path()) {
             // Without seccomp nothing stops an AF_INET socket from being
             // made, but in its empty network namespace it reaches nothing.
             if thread == "unfiltered" && probe == EscapeProbe::InetSocket {
@@ -223,15 +192,7 @@ fn every_escape_from_the_jail_is_denied() {
             }
         }
     }
-    assert!(
-        listener.set_nonblocking(true).is_ok() && listener.accept().is_err(),
-        "nothing connected to the host socket"
-    );
-    assert!(!host.path().join("written").exists());
-    assert!(!dir.path().join("written").exists());
-    assert_eq!(bystander.try_wait().expect("wait"), None, "bystander alive");
-    let _ = bystander.kill();
-    let _ = bystander.wait();
+    targets.assert_untouched(dir.path());
 }
 
 fn nix_kill(pid: u32) {

@@ -109,3 +109,81 @@ pub fn assert_jailed(pid: u32, user: boxlite_vmm::config::JailUser) {
         .collect();
     assert!(entries.is_empty(), "its root holds {entries:?}");
 }
+
+/// What the escape tests try to reach from inside a jail: a listening host
+/// socket, a host file, a host directory, a host process; and, once the
+/// tries are over, the proof none of it was reached.
+#[allow(dead_code)]
+pub struct EscapeTargets {
+    host: tempfile::TempDir,
+    listener: std::os::unix::net::UnixListener,
+    bystander: std::process::Child,
+}
+
+#[allow(dead_code)]
+impl EscapeTargets {
+    pub fn new() -> Self {
+        let host = tempfile::tempdir().expect("tempdir");
+        let listener =
+            std::os::unix::net::UnixListener::bind(host.path().join("host.sock")).expect("bind");
+        std::fs::write(host.path().join("secret"), "x").expect("write");
+        let bystander = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .expect("sleep");
+        EscapeTargets {
+            host,
+            listener,
+            bystander,
+        }
+    }
+
+    /// Every escape to try from a jail whose sandbox directory is
+    /// `sandbox`: connect to the host socket, open the host file, create a
+    /// file on the host, in the jail's own root and in the sandbox
+    /// directory, signal the host process (pid 1 in the jail's namespace
+    /// is the jailed process itself; the host's init has no pid it can
+    /// name), make an AF_INET socket.
+    pub fn probes(&self, sandbox: &Path) -> Vec<boxlite_vmm::config::EscapeProbe> {
+        use boxlite_vmm::config::EscapeProbe;
+        vec![
+            EscapeProbe::ConnectUnix {
+                path: self.host.path().join("host.sock"),
+            },
+            EscapeProbe::OpenFile {
+                path: self.host.path().join("secret"),
+            },
+            EscapeProbe::CreateFile {
+                path: self.host.path().join("written"),
+            },
+            EscapeProbe::CreateFile {
+                path: "/escaped".into(),
+            },
+            EscapeProbe::CreateFile {
+                path: sandbox.join("written"),
+            },
+            EscapeProbe::Signal {
+                pid: self.bystander.id() as i32,
+            },
+            EscapeProbe::InetSocket,
+        ]
+    }
+
+    /// Nothing connected to the host socket, no file appeared on the host
+    /// or in `sandbox`, the host process lives (then it is ended).
+    pub fn assert_untouched(mut self, sandbox: &Path) {
+        assert!(
+            self.listener.set_nonblocking(true).is_ok() && self.listener.accept().is_err(),
+            "nothing connected to the host socket"
+        );
+        assert!(!self.host.path().join("written").exists());
+        assert!(!sandbox.join("written").exists());
+        assert_eq!(
+            self.bystander.try_wait().expect("wait"),
+            None,
+            "bystander alive"
+        );
+        let _ = self.bystander.kill();
+        let _ = self.bystander.wait();
+    }
+}
