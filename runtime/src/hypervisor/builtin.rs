@@ -14,11 +14,11 @@
 //! | `boxlite-vmm.pid`, `virtiofsd-<tag>.pid` | pids, for [`super::cleanup_stale_processes`] |
 //!
 //! The VMM jails itself before the guest runs (its own pid, mount, net,
-//! ipc and uts namespaces, a root holding only its socket directories, a
-//! uid of the sandbox's own leased from `hypervisor.jail_id_*`
-//! ([`super::jail_ids`]) with no capabilities, landlock, seccomp;
-//! docs/security.md); it connects to the agent's readiness listener and to
-//! each virtiofsd before its jail, as root, and to nothing after. The lease is taken first in `spawn` and released at
+//! ipc and uts namespaces, an empty root, a uid of the sandbox's own leased
+//! from `hypervisor.jail_id_*` ([`super::jail_ids`]) with no capabilities,
+//! landlock, seccomp; docs/security.md); it connects to the agent's
+//! readiness listener and to each virtiofsd before its jail, as root, and
+//! to nothing after. The lease is taken first in `spawn` and released at
 //! teardown, once the VMM is reaped. Start order and
 //! cleanup guarantees are `hypervisor/process_vm.rs`'s, shared with the qemu
 //! backend: everything is checked first, virtiofsd daemons are spawned and

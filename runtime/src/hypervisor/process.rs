@@ -323,7 +323,9 @@ pub fn spawn_process(
         // SAFETY: runs in the child between fork and exec; it only calls
         // fcntl, open, write and close, which are async-signal-safe, on
         // fds the parent owns and keeps open until spawn returns, and on
-        // paths prepared before the fork. Clearing FD_CLOEXEC here hands
+        // paths prepared before the fork; and, for `user`, the raw
+        // unshare, setgroups, setresgid and setresuid syscalls on data
+        // moved into the closure before the fork ([`RunAs::become_self`]). Clearing FD_CLOEXEC here hands
         // the tap fds to this child only: in the parent they stay
         // close-on-exec, so no other child inherits them. Joining the
         // cgroup before exec means no instruction of the process, nor a
