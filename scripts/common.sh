@@ -21,6 +21,8 @@ APT_PACKAGES=(
     containernetworking-plugins
     # CRI client code generation (k8s-cri) and general tools
     protobuf-compiler iproute2 procps file
+    # the nested node's monitor, read when the node freezes (qemu-state.sh)
+    socat
 )
 
 # crates.io tools: name, version, binary.

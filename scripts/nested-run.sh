@@ -14,14 +14,17 @@
 # disk; boots the node; streams the script's stdout and stderr here; and
 # exits with the script's exit status. The script runs in the directory
 # holding the --copy files, with $BOXLITE_NODE_OUT a directory whose
-# contents land in --out DIR after the run. If the node does not come up
-# or the script does not finish, it says why, shows the tail of the node's
-# console and exits 125.
+# contents land in --out DIR after the run. If the node does not come up,
+# freezes (its console silent for BOXLITE_NODE_SILENCE seconds) or the
+# script does not finish within --timeout, it says why, prints what the
+# node's vCPUs were doing (scripts/qemu-state.sh), shows the tail of the
+# node's console and exits 125.
 #
 # Environment: BOXLITE_NODE_PROFILE=release|debug (our binaries' cargo
 # profile; default release), BOXLITE_TESTHOST_TSC_KHZ (the host's TSC
 # frequency; default from /proc/cpuinfo), BOXLITE_TESTHOST_APPEND (more
-# kernel arguments for the node), CARGO_TARGET_DIR.
+# kernel arguments for the node), BOXLITE_NODE_SILENCE (default 240),
+# CARGO_TARGET_DIR.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
@@ -85,7 +88,10 @@ virtiofsd="$(sed -n 's/^testhost-virtiofsd: //p' <<<"$testhost_out")"
 bin_dir="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/$profile"
 
 work="$(mktemp -d /tmp/boxlite-nested-run.XXXXXX)"
+qemu_pid=""
 cleanup() {
+    # An early exit (a signal, an error) must not leave the node running.
+    [ -z "$qemu_pid" ] || kill -KILL "$qemu_pid" 2>/dev/null || true
     if [ "$keep" = 1 ]; then
         echo "nested-run: kept $work (console.log, payload.ext4)" >&2
     else
@@ -122,6 +128,31 @@ rm -rf "$p"
 
 tsc_khz="${BOXLITE_TESTHOST_TSC_KHZ:-$(awk -F: '/^cpu MHz/ { printf "%d", $2 * 1000; exit }' /proc/cpuinfo)}"
 [ "${tsc_khz:-0}" -gt 0 ] || { echo "nested-run: cannot read the host's TSC frequency from /proc/cpuinfo; set BOXLITE_TESTHOST_TSC_KHZ" >&2; exit 125; }
+# Waits while QEMU runs. Prints why it gave up instead: the run took longer
+# than --timeout, or the node's console has been silent for
+# $BOXLITE_NODE_SILENCE seconds (default 240). The node's init prints a
+# heartbeat there every 30 s, so a silent console is a node whose
+# userspace no longer runs: frozen (docs/testing-nested.md, "A frozen
+# node"), which no waiting undoes.
+watch_node() {
+    local pid="$1" silence="${BOXLITE_NODE_SILENCE:-240}" size last_size=-1 last_change=$SECONDS
+    while kill -0 "$pid" 2>/dev/null; do
+        size="$(stat -c %s "$work/console.log" 2>/dev/null || echo 0)"
+        if [ "$size" != "$last_size" ]; then
+            last_size="$size" last_change=$SECONDS
+        fi
+        if [ $((SECONDS - last_change)) -ge "$silence" ]; then
+            echo "the node froze: its console (and its 30 s heartbeat) has been silent for ${silence}s"
+            return
+        fi
+        if [ $((SECONDS - started)) -ge "$timeout" ]; then
+            echo "the node did not finish within ${timeout}s (--timeout)"
+            return
+        fi
+        sleep 2
+    done
+}
+
 echo "nested-run: booting the node (${memory} MiB, $cpus vCPUs; console: $work/console.log)" >&2
 started=$SECONDS
 # The root image opens with snapshot=on: the run's writes go to a temporary
@@ -141,10 +172,11 @@ started=$SECONDS
 # virtio-mmio driver is a module that finds the devices in microvm's ACPI
 # tables (so no acpi=off), and the node's stage 1 (node-initramfs) loads it
 # and virtio-blk, mounts root= and switches to init=.
-set +e
-timeout --kill-after=10 "$timeout" qemu-system-x86_64 \
+qemu-system-x86_64 \
     -M microvm -accel tcg -cpu EPYC,+svm,+npt -smp "$cpus" -m "$memory" \
+    -name boxlite-node,debug-threads=on \
     -nodefaults -no-user-config -display none -no-reboot \
+    -monitor "unix:$work/monitor.sock,server=on,wait=off" \
     -chardev "file,id=console,path=$work/console.log" -serial chardev:console \
     -chardev stdio,id=out,signal=off -device isa-serial,chardev=out \
     -drive "id=root,file=$node_image,format=raw,if=none,snapshot=on,cache=unsafe" \
@@ -154,18 +186,49 @@ timeout --kill-after=10 "$timeout" qemu-system-x86_64 \
     -object rng-random,id=rng,filename=/dev/urandom -device virtio-rng-device,rng=rng \
     -kernel "$kernel" -initrd "$node_initramfs" \
     -append "console=ttyS0 root=/dev/vda rw init=/sbin/boxlite-node-boot reboot=t panic=-1 no_timer_check tsc_early_khz=$tsc_khz tsc=reliable kvm_amd.npt=0${BOXLITE_TESTHOST_APPEND:+ $BOXLITE_TESTHOST_APPEND}" \
-    </dev/null
+    </dev/null &
+qemu_pid=$!
+stuck="$(watch_node "$qemu_pid")"
+if [ -n "$stuck" ]; then
+    # What the node was doing, before QEMU goes; then its symbols, from the
+    # payload disk, which QEMU must have let go of first.
+    bash scripts/qemu-state.sh "$qemu_pid" "$work/monitor.sock" >"$work/qemu-state.txt" 2>&1 || true
+    # Then an NMI to every vCPU of the node: its init made an NMI a panic
+    # (microvm has no NMI sources, so the kernel reads it as a system
+    # error) that prints every CPU's backtrace, so a node whose kernel
+    # still takes interrupts panics with every CPU's backtrace on its
+    # console and resets (QEMU ends); a node that does not is killed.
+    printf 'nmi\n' | timeout 10 socat -t 2 - "UNIX-CONNECT:$work/monitor.sock" >/dev/null 2>&1 || true
+    for _ in $(seq 20); do
+        kill -0 "$qemu_pid" 2>/dev/null || break
+        sleep 1
+    done
+    kill -KILL "$qemu_pid" 2>/dev/null || true
+fi
+set +e
+wait "$qemu_pid"
 qemu_status=$?
 set -e
+qemu_pid=""
 elapsed=$((SECONDS - started))
 
+console_lines=60
 fail() {
-    echo "nested-run: $* (after ${elapsed}s); last 60 lines of the node's console ($work/console.log):" >&2
-    tail -n 60 "$work/console.log" | sed 's/^/  | /' >&2
+    echo "nested-run: $* (after ${elapsed}s); the node's console ($work/console.log), its last $console_lines lines but the heartbeats before the last:" >&2
+    { grep -v 'boxlite-node: alive ' "$work/console.log" || true; } | tail -n "$console_lines" | sed 's/^/  | /' >&2
+    { grep 'boxlite-node: alive ' "$work/console.log" || true; } | tail -n 1 | sed 's/^/  | (last heartbeat) /' >&2
     keep=1
     exit 125
 }
-[ "$qemu_status" = 124 ] && fail "the node did not finish within ${timeout}s (--timeout)"
+if [ -n "$stuck" ]; then
+    debugfs -R "dump /kallsyms $work/kallsyms" "$work/payload.ext4" >/dev/null 2>&1 || true
+    bash scripts/qemu-state.sh --symbolize "$work/qemu-state.txt" \
+        "node=$work/kallsyms" "guest=$BOXLITE_KERNEL" >>"$work/qemu-state.txt" 2>&1
+    sed 's/^/nested-run: /' "$work/qemu-state.txt" >&2
+    # Room for the panic's backtraces of both CPUs.
+    console_lines=150
+    fail "$stuck"
+fi
 status="$(debugfs -R 'cat /status' "$work/payload.ext4" 2>/dev/null || true)"
 if [ -n "$out" ]; then
     mkdir -p "$out" "$work/dump"

@@ -92,6 +92,26 @@ if ! install_node >/dev/console 2>&1; then
 fi
 say "containerd up $(cut -d' ' -f1 /proc/uptime)s after boot; running the script"
 
+# For a node that freezes (docs/testing-nested.md, "A frozen node"): its
+# symbols, modules included and written through to the disk now, so that
+# nested-run.sh can name where its vCPUs stopped; and a heartbeat on the
+# console, whose silence nested-run.sh takes as the freeze.
+cp /proc/kallsyms "$P/kallsyms" && sync "$P/kallsyms"
+# nested-run.sh sends a frozen node an NMI: it panics with the backtrace of
+# every CPU (panic_print bit 6) instead of going on. On microvm, which has
+# no NMI sources, the kernel reads an NMI as a PCI system error (port 0x61
+# reads 0xff), which panic_on_unrecovered_nmi makes a panic;
+# unknown_nmi_panic covers a machine that reports it as unknown.
+for knob in unknown_nmi_panic=1 panic_on_unrecovered_nmi=1 panic_print=64; do
+    echo "${knob#*=}" >"/proc/sys/kernel/${knob%=*}" || say "cannot set kernel.$knob"
+done
+( while sleep 30; do
+    say "alive $(cut -d' ' -f1 /proc/uptime)s after boot, load $(cut -d' ' -f1-3 /proc/loadavg)"
+done ) &
+# (A script that stops it makes the node look frozen: how the watchdog of
+# nested-run.sh is tried out.)
+echo $! >/run/boxlite-node-heartbeat.pid
+
 # Raw: the script's bytes reach the caller unchanged (no \n → \r\n).
 stty -F "$OUT_TTY" raw -echo
 while IFS= read -r kv; do

@@ -50,7 +50,9 @@ BOXLITE_SKIP_LOG="$(mktemp /tmp/boxlite-skips.XXXXXX)"
 export BOXLITE_SKIP_LOG
 TEST_LOG="$(mktemp /tmp/boxlite-tests.XXXXXX)"
 NOT_RUN_LOG="$(mktemp /tmp/boxlite-not-run.XXXXXX)"
-trap 'rm -f "$BOXLITE_SKIP_LOG" "$TEST_LOG" "$NOT_RUN_LOG"' EXIT
+# Failures that are not a test's: a nested node that did not finish.
+HARNESS_FAILURES="$(mktemp /tmp/boxlite-harness-failures.XXXXXX)"
+trap 'rm -f "$BOXLITE_SKIP_LOG" "$TEST_LOG" "$NOT_RUN_LOG" "$HARNESS_FAILURES"' EXIT
 
 status=0
 log "tests: unit and host-side"
@@ -65,7 +67,7 @@ cargo test --workspace --no-fail-fast -- --ignored --test-threads=1 2>&1 | tee -
 # scripts/nested-run.sh. The test binaries are the ones cargo just ran here.
 log "tests: shim and CRI end to end on the builtin backend, in the nested node"
 e2e_dir="$(mktemp -d /tmp/boxlite-node-e2e.XXXXXX)"
-trap 'rm -f "$BOXLITE_SKIP_LOG" "$TEST_LOG" "$NOT_RUN_LOG"; rm -rf "$e2e_dir"' EXIT
+trap 'rm -f "$BOXLITE_SKIP_LOG" "$TEST_LOG" "$NOT_RUN_LOG" "$HARNESS_FAILURES"; rm -rf "$e2e_dir"' EXIT
 e2e_names=()
 while read -r exe; do
     name="$(basename "$exe")"
@@ -80,8 +82,24 @@ if [ "${#e2e_names[@]}" -ne 2 ]; then
 else
     copies=()
     for name in "${e2e_names[@]}"; do copies+=(--copy "$e2e_dir/$name"); done
+    # --timeout 2400: the node's part takes about 14 minutes; 40 bound a
+    # run that hangs, so that it still ends, with its report, inside the
+    # CI's 90 minutes.
+    set +o pipefail
     BOXLITE_NODE_PROFILE=debug bash scripts/nested-run.sh "${copies[@]}" --out "$e2e_dir/out" \
-        -- tests/nested/builtin-e2e.sh "${e2e_names[@]}" 2>&1 | tee -a "$TEST_LOG" || status=1
+        --timeout 2400 -- tests/nested/builtin-e2e.sh "${e2e_names[@]}" 2>&1 | tee -a "$TEST_LOG"
+    node_status=${PIPESTATUS[0]}
+    set -o pipefail
+    if [ "$node_status" != 0 ]; then
+        status=1
+    fi
+    if [ "$node_status" = 125 ]; then
+        # The node did not finish (nested-run.sh says why): the tests it had
+        # not run yet are neither passed nor skipped, so the run fails here
+        # as one more failure, whatever the counts above say.
+        grep -a '^nested-run: .*(after [0-9]*s)' "$TEST_LOG" | tail -n 1 \
+            | sed 's/^nested-run: /the nested node: /; s/; the node.s console.*//' >>"$HARNESS_FAILURES"
+    fi
     if [ -s "$e2e_dir/out/skips" ]; then
         sed 's/^/nested node: /' "$e2e_dir/out/skips" >>"$BOXLITE_SKIP_LOG"
     fi
@@ -123,5 +141,9 @@ if [ "$not_run" -gt 0 ]; then
     echo "not run in the nested node (backend-independent; run on the host's qemu backend):"
     sed 's/^/  /' "$NOT_RUN_LOG"
 fi
-echo "$((passed - skipped)) passed, $failed failed, $((skipped + not_run)) skipped"
+harness_failed=$(grep -c . "$HARNESS_FAILURES" || true)
+if [ "$harness_failed" -gt 0 ]; then
+    sed 's/^/failed: /' "$HARNESS_FAILURES"
+fi
+echo "$((passed - skipped)) passed, $((failed + harness_failed)) failed, $((skipped + not_run)) skipped"
 exit "$status"
