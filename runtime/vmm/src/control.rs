@@ -27,7 +27,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub use boxlite_vmm_api::control::{Reply, Request, VmState};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -93,8 +93,19 @@ impl VmControl {
             return Err(format!("cannot {op}: the VM is stopping"));
         }
         let vcpus = self.vcpus.lock().expect("vcpus lock");
+        if pause {
+            // Every vCPU is asked before any is waited for: the guest stops
+            // as a whole, not one vCPU per kick round trip.
+            for h in vcpus.iter() {
+                h.request_pause();
+            }
+        }
         for h in vcpus.iter() {
-            let acked = if pause { h.pause() } else { h.resume() };
+            let acked = if pause {
+                h.wait_paused(Duration::from_secs(1))
+            } else {
+                h.resume()
+            };
             if !acked {
                 return Err(format!(
                     "vCPU {} did not acknowledge {op} within 1 s",

@@ -1,10 +1,19 @@
 //! KVM state saved from one VM and restored into another: a vCPU's
-//! continues the guest exactly where it stopped (vstate::vcpu_state), and
-//! the irqchip, PIT and clock come back as they were (vstate::vm_state).
+//! continues the guest exactly where it stopped (vstate::vcpu_state), also
+//! when it was paused and read on its own thread right after an `in`
+//! (vstate::vcpu), and the irqchip, PIT and clock come back as they were
+//! (vstate::vm_state).
 //! Needs root (or /dev/kvm access): `cargo test -p boxlite-vmm --test
 //! snapshot_kvm -- --ignored`. Port I/O only, so it runs on the
 //! development machines' KVM.
 
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use boxlite_vmm::device_manager::bus::{Bus, BusDevice};
+use boxlite_vmm::vstate::vcpu::{ExitSignal, SaveRequest, Vcpu, VcpuHandle};
 use boxlite_vmm::vstate::vcpu_state::{complete_pending_io, saveable_msrs, VcpuState};
 use boxlite_vmm::vstate::vm_state::VmState;
 use kvm_bindings::{
@@ -225,5 +234,124 @@ fn the_irqchip_pit_and_clock_come_back_in_a_second_vm() {
         (clock_ns..clock_ns + 1_000_000_000).contains(&was)
             && (was..was + 1_000_000_000).contains(&now),
         "kvmclock: set {clock_ns}, saved {was}, restored {now}"
+    );
+}
+
+/// Real mode: forever `in ax, 0x82; out 0x80, ax`. The vCPU's AX after the
+/// `in` is what the port device answered only once the `in` completed.
+const ECHO: [u8; 6] = [0xe5, SOURCE_PORT as u8, 0xe7, PORT as u8, 0xeb, 0xfa];
+const SOURCE_PORT: u64 = 0x82;
+/// The answer at which the source stops and lets the test pause the vCPU.
+const PAUSE_AT: u16 = 50;
+
+/// Port 0x82: answers 1, 2, 3, …; on answering [`PAUSE_AT`] it tells the
+/// test and waits until the test has asked the vCPU to pause, so the pause
+/// lands right after that `in` exit, with the `in` not yet completed.
+struct Source {
+    next: u16,
+    reached: Sender<()>,
+    go: Receiver<()>,
+}
+
+impl BusDevice for Source {
+    fn read(&mut self, _: u64, data: &mut [u8]) {
+        self.next += 1;
+        data.copy_from_slice(&self.next.to_le_bytes()[..data.len()]);
+        if self.next == PAUSE_AT {
+            self.reached.send(()).unwrap();
+            self.go.recv_timeout(Duration::from_secs(10)).unwrap();
+        }
+    }
+    fn write(&mut self, _: u64, _: &[u8]) {}
+}
+
+/// Port 0x80: keeps the last value written.
+struct Sink(Arc<AtomicU16>);
+
+impl BusDevice for Sink {
+    fn read(&mut self, _: u64, _: &mut [u8]) {}
+    fn write(&mut self, _: u64, data: &[u8]) {
+        self.0
+            .store(u16::from_le_bytes([data[0], data[1]]), Ordering::SeqCst);
+    }
+}
+
+#[test]
+#[ignore = "needs /dev/kvm (root)"]
+fn a_vcpu_paused_after_an_in_is_read_on_its_thread_with_the_in_complete() {
+    let mut image = vec![0u8; MEM_SIZE];
+    image[CODE_AT as usize..CODE_AT as usize + ECHO.len()].copy_from_slice(&ECHO);
+    let Machine {
+        _kvm,
+        _vm,
+        mem,
+        vcpu,
+    } = machine(Kvm::new().expect("/dev/kvm"), &image);
+    start(&vcpu);
+    let msrs: Arc<[u32]> = saveable_msrs(&Kvm::new().unwrap(), 0, &vcpu, false)
+        .unwrap()
+        .into();
+
+    let (reached_tx, reached) = channel();
+    let (go, go_rx) = channel();
+    let last_out = Arc::new(AtomicU16::new(0));
+    let mut pio = Bus::new();
+    let source = Source {
+        next: 0,
+        reached: reached_tx,
+        go: go_rx,
+    };
+    pio.insert(Arc::new(Mutex::new(source)), SOURCE_PORT, 2)
+        .unwrap();
+    pio.insert(
+        Arc::new(Mutex::new(Sink(last_out.clone()))),
+        u64::from(PORT),
+        2,
+    )
+    .unwrap();
+    let exit = Arc::new(ExitSignal::new().unwrap());
+    let vcpu = Vcpu::new(0, vcpu, Arc::new(pio), Arc::new(Bus::new()), exit.clone());
+    let handle = VcpuHandle::spawn(vcpu).unwrap();
+    assert!(handle.resume(), "the vCPU thread did not start");
+
+    reached
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the guest never read the source port");
+    handle.request_pause();
+    go.send(()).unwrap();
+    assert!(handle.wait_paused(Duration::from_secs(5)), "no pause");
+    assert_eq!(exit.get(), None, "the VM ended: {:?}", exit.get());
+    assert_eq!(last_out.load(Ordering::SeqCst), PAUSE_AT - 1);
+
+    let req = SaveRequest {
+        msr_indices: msrs.clone(),
+        irqchip: false,
+    };
+    let saved = handle.save_state(req.clone()).unwrap();
+    assert_eq!(
+        saved.regs.rax & 0xffff,
+        u64::from(PAUSE_AT),
+        "AX holds the answer of the paused `in`"
+    );
+
+    // A running vCPU's state is not read.
+    assert!(handle.resume());
+    let err = handle.save_state(req).err().expect("read while running");
+    assert_eq!(
+        err.to_string(),
+        "vCPU 0: cannot read its state: it is running (pause the VM first)"
+    );
+    assert!(handle.pause());
+    handle.finish();
+
+    // The saved vCPU goes on in a second VM from the `out` after that `in`.
+    let mut copy = vec![0u8; MEM_SIZE];
+    mem.read_slice(&mut copy, GuestAddress(0)).unwrap();
+    let mut b = machine(Kvm::new().unwrap(), &copy);
+    saved.restore(&b.vcpu).unwrap();
+    assert_eq!(
+        next_count(&mut b.vcpu),
+        PAUSE_AT,
+        "restored vCPU's first out"
     );
 }

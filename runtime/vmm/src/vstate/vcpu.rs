@@ -1,6 +1,11 @@
 //! vCPUs: boot configuration, the KVM_RUN loop with exit dispatch to the
 //! buses, and one named thread per vCPU running a Running/Paused/Finished
 //! state machine driven over channels.
+//!
+//! A paused vCPU is one a snapshot can be taken of: the thread completes
+//! an I/O instruction the last exit left half done before it acknowledges
+//! the pause, and reads the vCPU's whole KVM state on request, on the
+//! thread that owns the `VcpuFd` (docs/snapshot-design.md §2).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
@@ -14,6 +19,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use super::vcpu_state::{complete_pending_io, VcpuState as SavedVcpu, VcpuStateError};
 use crate::arch::x86_64::regs::BootEntry;
 use crate::arch::x86_64::{apic, cpuid, msr, regs};
 use crate::device_manager::bus::Bus;
@@ -117,14 +123,27 @@ pub enum VcpuError {
 }
 
 /// Commands to a vCPU thread.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VcpuEvent {
     /// Start or continue running guest code.
     Resume,
-    /// Stop running guest code until `Resume`.
+    /// Stop running guest code until `Resume`, at an instruction boundary.
     Pause,
+    /// Read the vCPU's KVM state (only while paused); the answer comes on
+    /// the handle's second channel.
+    SaveState(SaveRequest),
     /// Leave the thread.
     Finish,
+}
+
+/// What reading a vCPU's state needs besides the vCPU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SaveRequest {
+    /// The MSRs to read (`vcpu_state::saveable_msrs`, the same for every
+    /// vCPU of a VM).
+    pub msr_indices: Arc<[u32]>,
+    /// Whether the VM has an in-kernel irqchip (then the LAPIC is read).
+    pub irqchip: bool,
 }
 
 /// Acknowledgements from a vCPU thread.
@@ -136,11 +155,14 @@ pub enum VcpuResponse {
 
 /// State of a vCPU thread.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VcpuState {
+pub enum RunState {
     Running,
     Paused,
     Finished,
 }
+
+/// What a vCPU thread answers a [`VcpuEvent::SaveState`] with.
+type SaveResult = Result<Box<SavedVcpu>, VcpuStateError>;
 
 fn count(counters: &[&AtomicU64]) {
     for c in counters {
@@ -353,43 +375,89 @@ impl Vcpu {
         }
     }
 
-    fn thread_main(mut self, rx: Receiver<VcpuEvent>, tx: Sender<VcpuResponse>) {
-        let mut state = VcpuState::Paused;
+    fn thread_main(
+        mut self,
+        rx: Receiver<VcpuEvent>,
+        tx: Sender<VcpuResponse>,
+        saved: Sender<SaveResult>,
+    ) {
+        let mut state = RunState::Paused;
         loop {
             match state {
-                VcpuState::Paused => match rx.recv() {
+                RunState::Paused => match rx.recv() {
                     Ok(VcpuEvent::Resume) => {
-                        state = VcpuState::Running;
+                        state = RunState::Running;
                         let _ = tx.send(VcpuResponse::Resumed);
                     }
                     Ok(VcpuEvent::Pause) => {
                         let _ = tx.send(VcpuResponse::Paused);
                     }
+                    Ok(VcpuEvent::SaveState(req)) => {
+                        let result =
+                            SavedVcpu::save(self.id, &self.fd, &req.msr_indices, req.irqchip);
+                        let _ = saved.send(result.map(Box::new));
+                    }
                     Ok(VcpuEvent::Finish) | Err(_) => return,
                 },
-                VcpuState::Running => {
+                RunState::Running => {
                     match rx.try_recv() {
                         Ok(VcpuEvent::Pause) => {
-                            state = VcpuState::Paused;
-                            let _ = tx.send(VcpuResponse::Paused);
+                            state = self.pause_here();
+                            if state == RunState::Paused {
+                                let _ = tx.send(VcpuResponse::Paused);
+                            }
                             continue;
                         }
                         Ok(VcpuEvent::Resume) => {
                             let _ = tx.send(VcpuResponse::Resumed);
+                        }
+                        Ok(VcpuEvent::SaveState(_)) => {
+                            let _ = saved.send(Err(self.not_paused("it is running")));
                         }
                         Ok(VcpuEvent::Finish) | Err(TryRecvError::Disconnected) => return,
                         Err(TryRecvError::Empty) => {}
                     }
                     if let Some(reason) = self.run_once() {
                         self.exit.set(reason);
-                        state = VcpuState::Finished;
+                        state = RunState::Finished;
                     }
                 }
-                VcpuState::Finished => match rx.recv() {
+                RunState::Finished => match rx.recv() {
                     Ok(VcpuEvent::Finish) | Err(_) => return,
+                    Ok(VcpuEvent::SaveState(_)) => {
+                        let _ = saved.send(Err(self.not_paused("it has stopped")));
+                    }
                     Ok(_) => {}
                 },
             }
+        }
+    }
+
+    /// Leaves the guest at an instruction boundary: an `in`, `out` or MMIO
+    /// access the last exit handed to the buses completes only on the next
+    /// `KVM_RUN`, so one run with `immediate_exit` finishes it without
+    /// starting another instruction. Without it, state read while paused
+    /// would have the instruction half done (an `in` without its data). A
+    /// vCPU that cannot be brought there ends the VM.
+    fn pause_here(&mut self) -> RunState {
+        match complete_pending_io(self.id, &mut self.fd) {
+            Ok(()) => RunState::Paused,
+            Err(e) => {
+                tracing::error!(vcpu = self.id, error = %e, "cannot pause the vCPU");
+                self.exit.set(ExitReason::VcpuError {
+                    vcpu: self.id,
+                    reason: format!("pausing: {e}"),
+                    regs: String::new(),
+                });
+                RunState::Finished
+            }
+        }
+    }
+
+    fn not_paused(&self, why: &str) -> VcpuStateError {
+        VcpuStateError::Invalid {
+            id: self.id,
+            what: format!("cannot read its state: {why} (pause the VM first)"),
         }
     }
 }
@@ -405,11 +473,15 @@ fn install_kick_handler() -> Result<(), VcpuError> {
     result
 }
 
+/// How long a paused vCPU thread may take to read its state.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The host's handle on a vCPU thread.
 pub struct VcpuHandle {
     id: u8,
     tx: Sender<VcpuEvent>,
     rx: Receiver<VcpuResponse>,
+    saved: Receiver<SaveResult>,
     join: JoinHandle<()>,
 }
 
@@ -420,11 +492,18 @@ impl VcpuHandle {
         let id = vcpu.id;
         let (tx, thread_rx) = channel();
         let (thread_tx, rx) = channel();
+        let (saved_tx, saved) = channel();
         let join = spawn_thread(ThreadKind::Vcpu, &format!("vcpu{id}"), move || {
-            vcpu.thread_main(thread_rx, thread_tx)
+            vcpu.thread_main(thread_rx, thread_tx, saved_tx)
         })
         .map_err(VcpuError::Spawn)?;
-        Ok(VcpuHandle { id, tx, rx, join })
+        Ok(VcpuHandle {
+            id,
+            tx,
+            rx,
+            saved,
+            join,
+        })
     }
 
     /// The vCPU index.
@@ -440,10 +519,15 @@ impl VcpuHandle {
         let _ = self.join.kill(SIGRTMIN());
     }
 
-    /// Sends `ev` and waits up to `timeout` for `want`, re-kicking the thread
-    /// (a kick that lands outside KVM_RUN is lost).
+    /// Sends `ev` and waits up to `timeout` for `want`.
     fn request(&self, ev: VcpuEvent, want: VcpuResponse, timeout: Duration) -> bool {
         self.send(ev);
+        self.wait_for(want, timeout)
+    }
+
+    /// Waits up to `timeout` for `want`, re-kicking the thread (a kick that
+    /// lands outside KVM_RUN is lost).
+    fn wait_for(&self, want: VcpuResponse, timeout: Duration) -> bool {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             match self.rx.recv_timeout(Duration::from_millis(10)) {
@@ -471,11 +555,39 @@ impl VcpuHandle {
 
     /// Stops running guest code; true once acknowledged.
     pub fn pause(&self) -> bool {
-        self.request(
-            VcpuEvent::Pause,
-            VcpuResponse::Paused,
-            Duration::from_secs(1),
-        )
+        self.request_pause();
+        self.wait_paused(Duration::from_secs(1))
+    }
+
+    /// Asks the thread to pause without waiting, so that every vCPU of a VM
+    /// can be asked before any is waited for.
+    pub fn request_pause(&self) {
+        self.send(VcpuEvent::Pause);
+    }
+
+    /// Waits up to `timeout` for the acknowledgement of a pause; true once
+    /// the vCPU is paused at an instruction boundary.
+    pub fn wait_paused(&self, timeout: Duration) -> bool {
+        self.wait_for(VcpuResponse::Paused, timeout)
+    }
+
+    /// Reads the paused vCPU's whole KVM state on its own thread. Refused
+    /// unless the vCPU is paused.
+    pub fn save_state(&self, req: SaveRequest) -> Result<SavedVcpu, VcpuStateError> {
+        let stale = || VcpuStateError::Invalid {
+            id: self.id,
+            what: format!(
+                "its thread did not answer a state read within {}s",
+                SAVE_TIMEOUT.as_secs()
+            ),
+        };
+        // An answer to an earlier read that timed out is not this one's.
+        while self.saved.try_recv().is_ok() {}
+        self.send(VcpuEvent::SaveState(req));
+        match self.saved.recv_timeout(SAVE_TIMEOUT) {
+            Ok(result) => result.map(|b| *b),
+            Err(_) => Err(stale()),
+        }
     }
 
     /// Ends the thread and joins it (kicking it until it leaves KVM_RUN).
