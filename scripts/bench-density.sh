@@ -24,9 +24,10 @@
 #   to the config's auto.
 #
 # Env: BENCH_BACKENDS (default "builtin qemu"; "qemu" with
-# --private-containerd), BENCH_SETTLE_SECS (idle time after the last pod
-# started, before anything is read; default 10), BENCH_CPU_SECS (the idle
-# CPU window; default 10).
+# --private-containerd), BENCH_GUEST_CONFIG (--private-containerd: more
+# [guest] lines of its boxlite.toml, e.g. "memory_headroom_mib = 512"),
+# BENCH_SETTLE_SECS (idle time after the last pod started, before anything
+# is read; default 10), BENCH_CPU_SECS (the idle CPU window; default 10).
 #
 # For each backend and N: the backend is set in the BoxLite config
 # (`backend = …`, read by every new shim), N pods are started one after the
@@ -128,6 +129,7 @@ start_private_containerd() {
         [ ! -x "$bindir/boxlite-vsock" ] || printf 'vhost_vsock_binary = "%s"\n' "$bindir/boxlite-vsock"
         [ ! -x "$bindir/boxlite-vmm" ] || printf 'vmm_binary = "%s"\n' "$bindir/boxlite-vmm"
         printf '[guest]\nkernel = "%s"\ninitramfs = "%s"\n' "$(readlink -f "$kernel")" "$(readlink -f "$initramfs")"
+        [ -z "${BENCH_GUEST_CONFIG:-}" ] || printf '%s\n' "$BENCH_GUEST_CONFIG"
         printf '[runtime]\nstate_dir = "%s"\n' "$STATE_DIR"
     } >"$CONFIG"
     cat >"$PRIV_DIR/config.toml" <<EOT
@@ -193,7 +195,7 @@ use_backend() {
 
 conditions() {
     echo "machine: $(uname -r), nproc $(nproc), $(awk '/MemTotal/ {printf "%d MiB", $2 / 1024}' /proc/meminfo), load average $(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "BoxLite config ($CONFIG): $(grep -v '^#' "$CONFIG" | grep -E '^(backend|accel|vcpus|memory_mib|reserved_memory_mib) ' | tr '\n' ' ')"
+    echo "BoxLite config ($CONFIG): $(grep -v '^#' "$CONFIG" | grep -E '^(backend|accel|vcpus|memory_mib|reserved_memory_mib|memory_headroom_mib) ' | tr '\n' ' ')"
     echo "QEMU: $(qemu-system-x86_64 --version 2>/dev/null | head -n1 || echo none)"
     echo "N: ${COUNTS[*]}; backends: ${BACKENDS[*]}; settle ${SETTLE_SECS} s, CPU window ${CPU_SECS} s"
     echo "processes running (comm, count):"

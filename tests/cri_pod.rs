@@ -243,8 +243,8 @@ async fn pod_lifecycle_network_and_exec() {
         .await
         .unwrap_err();
     assert!(
-        err.message()
-            .contains("a VM's memory is fixed when it boots"),
+        err.message().contains("a 65536 MiB memory limit")
+            && err.message().contains("its sandbox VM was built with"),
         "{err}"
     );
 
@@ -485,5 +485,106 @@ async fn a_pod_over_its_memory_limit_is_oom_killed_in_its_vm() {
     let (code, out, err) = cri.exec(&sleeper, &["echo", "alive"]).await;
     assert_eq!((code, out.as_str()), (0, "alive\n"), "{err}");
     cri.remove_pod(&pod, &[hog, sleeper]).await;
+    cri.c.assert_nothing_left();
+}
+
+/// The guest's MemTotal in kB.
+async fn guest_memtotal_kib(cri: &mut Cri, ctr: &str) -> u64 {
+    let (code, out, err) = cri
+        .exec(ctr, &["sh", "-c", "grep ^MemTotal: /proc/meminfo"])
+        .await;
+    assert_eq!(code, 0, "{err}");
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal in {out:?}"))
+}
+
+/// With guest.memory_headroom_mib a pod's VM is built bigger than the pod,
+/// and the balloon holds the rest from boot: the guest has the pod's
+/// 64 MiB plus the reserve. UpdateContainerResources to a higher memory
+/// limit (the kubelet's in-place resize) gives the guest what that limit
+/// needs, and the container can use it; a limit beyond what the VM was
+/// built with is refused with the figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, containerd with CRI, CNI plugins, QEMU, virtiofsd, boxlite-vsock and the guest assets"]
+async fn a_pods_memory_grows_into_its_headroom_on_update() {
+    let mut cri = Cri::start("bridge").await;
+    cri.c.set_config("memory_headroom_mib", "512");
+    let logs = cri.c.dir.path().join("pod-logs");
+    let mut config = pod_config("bxgrow", NamespaceMode::Pod, &[], &logs);
+    config.linux.as_mut().unwrap().resources = Some(LinuxContainerResources {
+        memory_limit_in_bytes: 64 << 20,
+        ..Default::default()
+    });
+    let pod = cri.run_pod(&config, HANDLER).await.expect("RunPodSandbox");
+    let ctr = cri
+        .start_container(&pod, &config, "grower", &["sleep", "600"])
+        .await;
+    // A VM of 704 MiB whose balloon holds 504 from boot: the guest fills it
+    // as its driver comes up, so wait until its total shows it (the
+    // inflation is asynchronous; nothing is retried).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let before = loop {
+        let kib = guest_memtotal_kib(&mut cri, &ctr).await;
+        if kib <= 200 * 1024 {
+            break kib;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest still has {kib} kB after 60 s; the balloon should hold 504 of 704 MiB"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(before > 64 * 1024, "guest MemTotal {before} kB");
+
+    let update = |mib: i64| UpdateContainerResourcesRequest {
+        container_id: ctr.clone(),
+        linux: Some(LinuxContainerResources {
+            memory_limit_in_bytes: mib << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // A 320 MiB limit needs 448 MiB of guest memory: 248 more than the
+    // 200 it booted with (64 + 128 of reserve + 8 for the page records of
+    // the 504 the balloon held).
+    cri.rt
+        .update_container_resources(update(320))
+        .await
+        .expect("an update within the headroom");
+    let after = guest_memtotal_kib(&mut cri, &ctr).await;
+    assert!(
+        after >= before + 244 * 1024,
+        "guest MemTotal {before} kB before, {after} kB after growing by 248 MiB"
+    );
+    // More than the whole guest had before the update.
+    let (code, out, err) = cri
+        .exec(
+            &ctr,
+            &[
+                "sh",
+                "-c",
+                "dd if=/dev/zero of=/dev/null bs=200M count=1 2>/dev/null && echo filled",
+            ],
+        )
+        .await;
+    assert_eq!((code, out.as_str()), (0, "filled\n"), "{err}");
+
+    // 1 GiB needs 1152 MiB, more than the VM's 704.
+    let err = cri
+        .rt
+        .update_container_resources(update(1024))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message()
+            .contains("which needs 1152 MiB of guest memory")
+            && err
+                .message()
+                .contains("more than the 704 MiB its sandbox VM was built with"),
+        "{err}"
+    );
+    cri.remove_pod(&pod, &[ctr]).await;
     cri.c.assert_nothing_left();
 }

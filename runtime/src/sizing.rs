@@ -17,10 +17,13 @@
 //! `guest.max_memory_mib`, or more than the host has, is refused with the
 //! figures, not silently capped.
 //!
-//! The VM's memory is fixed at boot. Its vCPUs can grow: it is built with
-//! as many as `guest.max_vcpus` and the host allow and boots with only the
+//! Both can grow within what the VM is built with. It is built with as many
+//! vCPUs as `guest.max_vcpus` and the host allow and boots with only the
 //! pod's online (`maxcpus=`); the shim brings more online when an update
-//! asks for more CPU (docs/resources.md).
+//! asks for more CPU. It is built with `guest.memory_headroom_mib` more
+//! memory than the pod's, held by the balloon from boot; the shim lowers
+//! the balloon's target when an update asks for more memory
+//! (docs/resources.md).
 
 use std::collections::HashMap;
 
@@ -147,6 +150,10 @@ pub fn check_host_memory(
     Ok(())
 }
 
+/// MiB of memory whose pages the guest kernel's page records (64 bytes
+/// per 4 KiB page) fill one MiB with.
+const PAGE_RECORDS_PER_MIB: u32 = 4096 / 64;
+
 /// A VM's size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VmSize {
@@ -155,7 +162,17 @@ pub struct VmSize {
     /// vCPUs the VM is built with: room to grow into
     /// ([`VmSize::present_vcpus`]).
     pub present_vcpus: u32,
+    /// The guest's memory at boot: the pod's limit plus `reserved_mib`.
     pub memory_mib: u32,
+    /// The memory the VM is built with: `memory_mib` plus the headroom the
+    /// balloon holds from boot (`guest.memory_headroom_mib`, within
+    /// `guest.max_memory_mib` and the host's memory), which an update
+    /// asking for more memory hands to the guest.
+    pub present_memory_mib: u32,
+    /// Of the guest's memory, what the guest itself takes
+    /// (`guest.reserved_memory_mib`): a container limit of L needs L plus
+    /// this.
+    pub reserved_mib: u32,
 }
 
 impl VmSize {
@@ -172,7 +189,23 @@ impl VmSize {
             vcpus,
             present_vcpus: u32::try_from(room).unwrap_or(vcpus),
             memory_mib: 0,
+            present_memory_mib: 0,
+            reserved_mib: guest.reserved_memory_mib,
         }
+    }
+
+    /// The memory a VM whose guest boots with `memory_mib` is built with:
+    /// that plus `guest.memory_headroom_mib`, as far as
+    /// `guest.max_memory_mib` and the host's memory allow. The headroom
+    /// costs the host only the guest kernel's record of each page (about
+    /// 1.6%) until an update gives it to the guest.
+    pub fn present_memory(memory_mib: u32, guest: &GuestConfig, host: HostCapacity) -> u32 {
+        let room = u64::from(memory_mib)
+            .saturating_add(guest.memory_headroom_mib.into())
+            .min(guest.max_memory_mib.into())
+            .min(host.memory_mib)
+            .max(memory_mib.into());
+        u32::try_from(room).unwrap_or(memory_mib)
     }
 }
 
@@ -199,6 +232,8 @@ pub fn size_vm(
         vcpus: guest.vcpus,
         present_vcpus: guest.vcpus,
         memory_mib: guest.memory_mib,
+        present_memory_mib: guest.memory_mib,
+        reserved_mib: guest.reserved_memory_mib,
     };
     if let (Some(cpus), false) = (pod.vcpus(), fixed.vcpus) {
         check(
@@ -225,6 +260,13 @@ pub fn size_vm(
         size.memory_mib = u32::try_from(vm).expect("checked against max_memory_mib");
     }
     size.present_vcpus = VmSize::with_headroom(size.vcpus, guest, host).present_vcpus;
+    size.present_memory_mib = VmSize::present_memory(size.memory_mib, guest, host);
+    // The guest kernel keeps a 64-byte record of every 4 KiB page it is
+    // given, the balloon's included (1/64 of it), and keeps it in the
+    // memory it boots with: that much of the headroom is the guest's from
+    // boot, so the pod still gets its limit plus the reserve.
+    let headroom = size.present_memory_mib - size.memory_mib;
+    size.memory_mib += headroom.div_ceil(PAGE_RECORDS_PER_MIB);
     Ok(size)
 }
 
@@ -286,7 +328,9 @@ mod tests {
             VmSize {
                 vcpus: 1,
                 present_vcpus: 8,
-                memory_mib: 512
+                memory_mib: 512,
+                present_memory_mib: 512,
+                reserved_mib: 128,
             }
         );
         // -1 and 0 are "unlimited" in OCI and CRI.
@@ -295,6 +339,34 @@ mod tests {
             size_vm(&guest(), HOST, &unlimited, Fixed::default()).unwrap(),
             size
         );
+    }
+
+    #[test]
+    fn headroom_is_added_within_max_memory_and_the_host() {
+        let mut g = guest();
+        g.memory_headroom_mib = 512;
+        let p = pod(None, None, Some(256 << 20));
+        let size = size_vm(&g, HOST, &p, Fixed::default()).unwrap();
+        // 256 + 128 of the reserve, + 8 for the page records of the 512
+        // the balloon holds (they live in the guest's own memory).
+        assert_eq!((size.memory_mib, size.present_memory_mib), (392, 896));
+        // No limit: the config's size, with the headroom too.
+        let size = size_vm(&g, HOST, &PodResources::default(), Fixed::default()).unwrap();
+        assert_eq!((size.memory_mib, size.present_memory_mib), (520, 1024));
+        // Clamped by max_memory_mib, then by the host; never below the
+        // guest's own memory.
+        g.max_memory_mib = 600;
+        let size = size_vm(&g, HOST, &p, Fixed::default()).unwrap();
+        assert_eq!((size.memory_mib, size.present_memory_mib), (388, 600));
+        g.max_memory_mib = 65536;
+        let small_host = HostCapacity {
+            memory_mib: 700,
+            ..HOST
+        };
+        assert_eq!(VmSize::present_memory(384, &g, small_host), 700);
+        assert_eq!(VmSize::present_memory(800, &g, small_host), 800);
+        g.memory_headroom_mib = 0;
+        assert_eq!(VmSize::present_memory(384, &g, HOST), 384);
     }
 
     #[test]
@@ -307,7 +379,9 @@ mod tests {
             VmSize {
                 vcpus: 2,
                 present_vcpus: 8,
-                memory_mib: 1024 + g.reserved_memory_mib
+                memory_mib: 1024 + g.reserved_memory_mib,
+                present_memory_mib: 1024 + g.reserved_memory_mib,
+                reserved_mib: g.reserved_memory_mib,
             }
         );
         let mut small_max = g.clone();

@@ -699,6 +699,40 @@ async fn kill_all_stats_update_connect_checkpoint() {
         h.agent.updates.lock().unwrap()[0]["memory"]["limit"],
         67108864
     );
+    // The fake VM boots with 512 MiB (128 of them the guest's reserve) and
+    // is built with 1024: a 700 MiB limit grows the guest to 828 MiB
+    // before the agent applies it; a lower one after it grows nothing; one
+    // needing more than the VM has is refused and reaches no agent.
+    let update = |mib: i64| {
+        let resources = serde_json::json!({"memory": {"limit": mib << 20}});
+        let req = UpdateTaskRequest {
+            id: SANDBOX.into(),
+            resources: MessageField::some(Any {
+                value: serde_json::to_vec(&resources).unwrap(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let client = h.client.clone();
+        async move { client.update(ctx(), &req).await }
+    };
+    assert!(h.vms.guest_memory.lock().unwrap().is_empty(), "64 MiB fit");
+    update(700).await.unwrap();
+    assert_eq!(*h.vms.guest_memory.lock().unwrap(), [828]);
+    update(300).await.unwrap();
+    assert_eq!(*h.vms.guest_memory.lock().unwrap(), [828]);
+    let (code, msg) = code_of(update(1000).await);
+    assert_eq!(code, Code::FAILED_PRECONDITION);
+    assert!(
+        msg.contains("a 1000 MiB memory limit, which needs 1128 MiB of guest memory")
+            && msg.contains("more than the 1024 MiB its sandbox VM was built with"),
+        "{msg}"
+    );
+    assert_eq!(
+        h.agent.updates.lock().unwrap().len(),
+        3,
+        "700 and 300 applied"
+    );
     let bad = h
         .client
         .update(

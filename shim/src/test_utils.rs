@@ -585,6 +585,8 @@ pub struct VmLog {
     pub stopped: AtomicU32,
     pub shares: Mutex<Vec<(String, PathBuf, bool)>>,
     pub fail_start: AtomicBool,
+    /// Every `set_guest_memory` asked, in MiB.
+    pub guest_memory: Mutex<Vec<u32>>,
 }
 
 pub struct FakeVm {
@@ -651,6 +653,10 @@ impl Hypervisor for FakeVm {
     async fn check_alive(&self) -> Result<(), HypervisorError> {
         Ok(())
     }
+    async fn set_guest_memory(&self, mib: u32) -> Result<(), HypervisorError> {
+        self.log.guest_memory.lock().unwrap().push(mib);
+        Ok(())
+    }
     fn pid(&self) -> Option<u32> {
         Some(4242)
     }
@@ -686,6 +692,8 @@ impl VmFactory for FakeFactory {
             vcpus: 1,
             present_vcpus: 2,
             memory_mib: 512,
+            present_memory_mib: 1024,
+            reserved_mib: 128,
         };
         let vm: Box<dyn Hypervisor> = Box::new(FakeVm {
             id: id.to_owned(),

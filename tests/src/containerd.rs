@@ -99,6 +99,7 @@ impl Containerd {
             d.join("boxlite.toml"),
             format!(
                 "{hypervisor}[guest]\nkernel = {:?}\ninitramfs = {:?}\nmemory_mib = 256\n\
+                 memory_headroom_mib = 0\n\
                  [timeouts]\nagent_ready_secs = 60\n\
                  [runtime]\nstate_dir = {:?}\nlog_level = \"debug\"\n\
                  allowed_annotations = [\"io.boxlite.guest.memory_mib\"]\n\

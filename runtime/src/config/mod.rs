@@ -150,7 +150,7 @@ mod tests {
             .join("\n");
         let full = parse(&uncommented).unwrap();
         assert_eq!(full, Config::default());
-        assert_eq!(keys, 26, "{uncommented}");
+        assert_eq!(keys, 27, "{uncommented}");
     }
 
     #[test]
@@ -186,7 +186,8 @@ mod tests {
             err,
             "/etc/boxlite/boxlite.toml: line 2, column 1: unknown field `vcpu`, expected one of \
              `kernel`, `initramfs`, `vcpus`, `memory_mib`, `max_vcpus`, `max_memory_mib`, \
-             `reserved_memory_mib`, `free_page_reporting`, `kernel_cmdline_extra`"
+             `reserved_memory_mib`, `memory_headroom_mib`, `free_page_reporting`, \
+             `kernel_cmdline_extra`"
         );
         let err =
             boxlite_protocol::error_chain::chain(&parse("[guest]\nvcpus = \"two\"\n").unwrap_err());

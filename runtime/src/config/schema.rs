@@ -116,6 +116,10 @@ pub struct GuestConfig {
     /// Added to a pod's memory limit: what the guest kernel, the agent and
     /// the initramfs root take, so the containers get the limit itself.
     pub reserved_memory_mib: u32,
+    /// Memory a VM is built with beyond its pod's, held by the balloon from
+    /// boot: what an update asking for more memory can give the guest
+    /// ([`crate::sizing::VmSize::present_memory_mib`]). 0: memory is fixed.
+    pub memory_headroom_mib: u32,
     /// The guest reports the pages it frees through the balloon and the VMM
     /// returns them to the host (both backends); off, a guest keeps on the
     /// host every page it ever touched.
@@ -135,6 +139,7 @@ impl Default for GuestConfig {
             max_vcpus: 16,
             max_memory_mib: 65536,
             reserved_memory_mib: 128,
+            memory_headroom_mib: 0,
             free_page_reporting: true,
             kernel_cmdline_extra: String::new(),
         }

@@ -87,6 +87,14 @@ impl Config {
             0,
             MAX_RESERVED_MEMORY_MIB.into(),
         )?;
+        // A VM's size with its headroom is clamped to max_memory_mib anyway;
+        // more headroom than that could never be used.
+        in_range(
+            "guest.memory_headroom_mib",
+            g.memory_headroom_mib.into(),
+            0,
+            MAX_MEMORY_MIB.into(),
+        )?;
         if g.kernel_cmdline_extra.len() > MAX_KERNEL_CMDLINE_EXTRA_LEN {
             return Err(ConfigError::TooLong {
                 key: "guest.kernel_cmdline_extra",

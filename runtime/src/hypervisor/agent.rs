@@ -294,6 +294,9 @@ mod tests {
         async fn kill(&self) -> Result<(), HypervisorError> {
             Ok(())
         }
+        async fn set_guest_memory(&self, _: u32) -> Result<(), HypervisorError> {
+            unreachable!("the agent's connection never resizes the VM")
+        }
         async fn check_alive(&self) -> Result<(), HypervisorError> {
             if self.dead.load(Ordering::SeqCst) {
                 return Err(HypervisorError::InvalidState {

@@ -44,7 +44,7 @@ use boxlite_protocol::READY_VSOCK_PORT;
 use boxlite_vmm_api::config::{
     BalloonConfig, DeviceConfig, FsConfig, JailUser, NetConfig, RngConfig, VmConfig, VsockConfig,
 };
-use boxlite_vmm_api::control::{Reply, Request};
+use boxlite_vmm_api::control::{BalloonState, Reply, Request};
 
 use super::launcher::{Launch, Launcher, VmSetup};
 use super::process::{fs_socket_name, Role};
@@ -61,12 +61,19 @@ pub const CONTROL_SOCKET: &str = "control.sock";
 pub const GUEST_CID: u32 = 3;
 /// Every sandbox gets a balloon: the guest reports the memory it frees and
 /// the VMM hands it back to the host (unless `guest.free_page_reporting` is
-/// off), so a pod that once touched a lot of memory does not keep it; the
-/// guest takes ballooned pages back before it would OOM.
-pub const fn balloon(free_page_reporting: bool) -> BalloonConfig {
+/// off), so a pod that once touched a lot of memory does not keep it.
+///
+/// `held_mib` is the VM's room to grow (`guest.memory_headroom_mib`): the
+/// balloon holds it from boot, and an update that needs it lowers the
+/// target ([`super::Hypervisor::set_guest_memory`]). That memory is the
+/// pod's to be given, not the guest's to take, so a balloon holding some
+/// does not deflate on OOM (and the guest's total shrinks by what it
+/// holds); an empty one does, which only matters if it is ever inflated.
+pub const fn balloon(free_page_reporting: bool, held_mib: u32) -> BalloonConfig {
     BalloonConfig {
-        deflate_on_oom: true,
+        deflate_on_oom: held_mib == 0,
         free_page_reporting,
+        target_mib: held_mib,
     }
 }
 /// After the agent's shutdown deadline, how long the VMM gets to exit after
@@ -148,7 +155,7 @@ pub fn vm_config(
         sandbox_dir: Some(vm.spec.dir.clone()),
         jail_user: Some(user),
         devices,
-        balloon: Some(balloon(vm.spec.free_page_reporting)),
+        balloon: Some(balloon(vm.spec.free_page_reporting, vm.spec.balloon_mib)),
         ..VmConfig::default()
     })
 }
@@ -226,6 +233,32 @@ impl Launcher for BuiltinLauncher {
     }
 
     /// The VMM's control socket: it stops its vCPUs and exits (code 0).
+    /// Over the VMM's control socket (`{"op":"balloon"}`).
+    async fn balloon(
+        &self,
+        vm: &VmSetup,
+        target_mib: Option<u32>,
+    ) -> Result<BalloonState, HypervisorError> {
+        let socket = vm.path(CONTROL_SOCKET);
+        let failed = |reason: String| HypervisorError::Balloon {
+            id: vm.spec.id.clone(),
+            reason,
+        };
+        let reply = tokio::task::spawn_blocking(move || {
+            control_request(&socket, Request::Balloon { target_mib })
+        })
+        .await
+        .map_err(|e| failed(format!("the control request did not finish: {e}")))?
+        .map_err(|e| failed(e.to_string()))?;
+        match reply {
+            Reply::Balloon { balloon } => Ok(balloon),
+            Reply::Error { error } => Err(failed(format!("boxlite-vmm refused: {error}"))),
+            other => Err(failed(format!(
+                "boxlite-vmm answered a balloon request with {other:?}"
+            ))),
+        }
+    }
+
     async fn last_resort_shutdown(&self, vm: &VmSetup) -> Option<Duration> {
         let id = &vm.spec.id;
         tracing::warn!(sandbox_id = %id, "VM did not exit after the agent shutdown; asking the VMM over its control socket");
@@ -257,13 +290,23 @@ mod tests {
         assert!(Rig::new().spec().free_page_reporting, "on by default");
         for reporting in [true, false] {
             assert_eq!(
-                balloon(reporting),
+                balloon(reporting, 0),
                 BalloonConfig {
                     deflate_on_oom: true,
-                    free_page_reporting: reporting
+                    free_page_reporting: reporting,
+                    target_mib: 0,
                 }
             );
         }
+        // Room to grow is held from boot and never given to an OOM.
+        assert_eq!(
+            balloon(true, 512),
+            BalloonConfig {
+                deflate_on_oom: false,
+                free_page_reporting: true,
+                target_mib: 512,
+            }
+        );
     }
 
     fn bins(vmm: PathBuf, virtiofsd: PathBuf) -> ResolvedHypervisor {
@@ -370,7 +413,8 @@ exec sleep 30"#,
             cfg.balloon,
             Some(BalloonConfig {
                 deflate_on_oom: true,
-                free_page_reporting: true
+                free_page_reporting: true,
+                target_mib: 0,
             }),
             "every sandbox gets the balloon"
         );

@@ -166,6 +166,10 @@ pub enum HypervisorError {
         #[source]
         error: Box<HybridVsockError>,
     },
+    /// The balloon could not be read or set, or the guest did not follow
+    /// its target in time.
+    #[error("sandbox {id}: the VM's balloon: {reason}")]
+    Balloon { id: String, reason: String },
     #[error("sandbox {id}: cannot signal {what} (pid {pid})")]
     Signal {
         id: String,

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use boxlite_vmm_api::config::JailUser;
+use boxlite_vmm_api::control::BalloonState;
 
 use super::jail_ids::JailLease;
 use super::process::{
@@ -181,6 +182,18 @@ pub trait Launcher: fmt::Debug + Send + Sync + 'static {
     /// waits for their sockets, then spawns the VMM last, handing it the
     /// fds of [`Launch::tap_fds`] (and only it).
     async fn spawn(&self, vm: &VmSetup, launch: &mut Launch<'_>) -> Result<(), HypervisorError>;
+
+    /// The VM's balloon, in MiB of guest memory: sets its target when
+    /// `target_mib` is given, and reports the target and what the guest
+    /// holds now ([`Hypervisor::set_guest_memory`]). Only while the VMM
+    /// runs.
+    ///
+    /// [`Hypervisor::set_guest_memory`]: super::Hypervisor::set_guest_memory
+    async fn balloon(
+        &self,
+        vm: &VmSetup,
+        target_mib: Option<u32>,
+    ) -> Result<BalloonState, HypervisorError>;
 
     /// The VMM has not exited by the agent shutdown's deadline: the
     /// backend's own way to end it, if it has one. Returns how long to

@@ -57,6 +57,11 @@ pub const CONSOLE_LOG: &str = "console.log";
 pub const VSOCK_SOCKET: &str = "vsock.sock";
 /// virtio-fs tags are at most 36 bytes (virtio spec, `struct virtio_fs_config`).
 pub const MAX_SHARE_TAG_LEN: usize = 36;
+/// How long [`Hypervisor::set_guest_memory`] waits for the guest to fill
+/// or empty its balloon to the new target: the guest moves a MiB per
+/// request (256 pages), so even gigabytes take well under a second on an
+/// idle VM; a busy or nested one gets ten times that and more.
+pub const BALLOON_SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 /// `sockaddr_un.sun_path` is 108 bytes including the NUL.
 pub const MAX_SOCKET_PATH_LEN: usize = 107;
 
@@ -102,6 +107,13 @@ pub trait Hypervisor: Send + Sync {
 
     /// Fails when the VM or one of its helpers has exited on its own.
     async fn check_alive(&self) -> Result<(), HypervisorError>;
+    /// Gives the running guest `mib` of the VM's memory: the balloon holds
+    /// the rest (`VmSpec::balloon_mib` of it from boot), so a lower target
+    /// hands memory to the guest and a higher one takes it back. Returns
+    /// once the guest's balloon holds the new target, and fails, saying
+    /// what it holds, if the guest has not got there within
+    /// [`BALLOON_SETTLE_TIMEOUT`].
+    async fn set_guest_memory(&self, mib: u32) -> Result<(), HypervisorError>;
 
     /// Pid of the VM process while it runs.
     fn pid(&self) -> Option<u32>;

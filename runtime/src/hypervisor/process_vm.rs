@@ -35,7 +35,7 @@ use super::ready::{ready_socket_path, ReadyListener};
 use super::spec::{check_net, check_sandbox_id};
 use super::{
     validate_share_tag, AgentConnection, ExitReport, Hypervisor, HypervisorError, NetDevice, Share,
-    VmSpec, CONSOLE_LOG, MAX_SOCKET_PATH_LEN, VSOCK_SOCKET,
+    VmSpec, BALLOON_SETTLE_TIMEOUT, CONSOLE_LOG, MAX_SOCKET_PATH_LEN, VSOCK_SOCKET,
 };
 use crate::cgroup::{self, PodCgroup};
 use crate::network::{MacAddr, TapDevice};
@@ -47,6 +47,9 @@ const HELPER_EXIT_GRACE: Duration = Duration::from_millis(500);
 /// How long a helper's clean exit waits for the VMM's before the helper is
 /// reported as the process that ended the VM.
 const VMM_EXIT_GRACE: Duration = Duration::from_secs(2);
+/// How often [`Hypervisor::set_guest_memory`] reads the balloon while the
+/// guest moves pages in or out.
+const BALLOON_POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Where a VM is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -621,6 +624,48 @@ impl<L: Launcher> Hypervisor for ProcessVm<L> {
             socket: None,
             console_log: Some(self.console_log_path()),
         })))
+    }
+
+    async fn set_guest_memory(&self, mib: u32) -> Result<(), HypervisorError> {
+        let id = self.id().to_owned();
+        let total = self.setup.spec.memory_mib;
+        let failed = |reason: String| HypervisorError::Balloon {
+            id: id.clone(),
+            reason,
+        };
+        if mib == 0 || mib > total {
+            return Err(failed(format!(
+                "cannot give the guest {mib} MiB: the VM has {total} MiB"
+            )));
+        }
+        {
+            let st = self.state.lock().await;
+            if !matches!(st.phase, Phase::Running) {
+                return Err(HypervisorError::InvalidState {
+                    id,
+                    op: "resize the guest's memory",
+                    state: st.phase.name(),
+                });
+            }
+        }
+        let target = total - mib;
+        let mut now = self.launcher.balloon(&self.setup, Some(target)).await?;
+        let deadline = Instant::now() + BALLOON_SETTLE_TIMEOUT;
+        while now.actual_mib != target {
+            if Instant::now() >= deadline {
+                return Err(failed(format!(
+                    "the guest still holds {} MiB in its balloon {}s after the target became \
+                     {target} MiB (to give it {mib} of the VM's {total} MiB)",
+                    now.actual_mib,
+                    BALLOON_SETTLE_TIMEOUT.as_secs()
+                )));
+            }
+            tokio::time::sleep(BALLOON_POLL_INTERVAL).await;
+            self.check_alive().await?;
+            now = self.launcher.balloon(&self.setup, None).await?;
+        }
+        tracing::info!(sandbox_id = %self.id(), guest_mib = mib, balloon_mib = target, "guest memory resized");
+        Ok(())
     }
 
     fn pid(&self) -> Option<u32> {

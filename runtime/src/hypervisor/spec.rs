@@ -45,7 +45,11 @@ pub struct VmSpec {
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
     pub vcpus: u32,
+    /// The memory the VM is built with, `balloon_mib` included.
     pub memory_mib: u32,
+    /// Of `memory_mib`, what the balloon holds from boot: the VM's room to
+    /// grow into when an update asks for more memory (0: none).
+    pub balloon_mib: u32,
     /// `guest.free_page_reporting`: the balloon hands the pages the guest
     /// frees back to the host.
     pub free_page_reporting: bool,
@@ -82,6 +86,7 @@ impl VmSpec {
             initramfs: config.guest.initramfs.clone(),
             vcpus: config.guest.vcpus,
             memory_mib: config.guest.memory_mib,
+            balloon_mib: 0,
             free_page_reporting: config.guest.free_page_reporting,
             cmdline_extra: std::iter::once(GUEST_CONSOLE_LOGLEVEL)
                 .chain(config.guest.kernel_cmdline_extra.split_whitespace())

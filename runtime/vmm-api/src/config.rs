@@ -178,9 +178,9 @@ pub enum DeviceConfig {
 }
 
 /// virtio-balloon: `"balloon": {"deflate_on_oom": true, "free_page_reporting": true}`.
-/// The host's balloon target starts at 0 pages: the guest gives nothing up
-/// unless asked; with `free_page_reporting` it reports the pages it frees,
-/// and the VMM returns them to the host.
+/// The host's balloon target starts at `target_mib` (default 0: the guest
+/// gives nothing up unless asked); with `free_page_reporting` it reports
+/// the pages it frees, and the VMM returns them to the host.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct BalloonConfig {
@@ -192,6 +192,11 @@ pub struct BalloonConfig {
     /// free memory blocks, which the VMM discards.
     #[serde(default)]
     pub free_page_reporting: bool,
+    /// The balloon's target from boot, in MiB of guest memory: memory the
+    /// VM is built with but the guest does not get until the target is
+    /// lowered (the `balloon` control op). Below `memory_mib`.
+    #[serde(default)]
+    pub target_mib: u32,
 }
 
 /// virtio-rng options: `{"kind": "rng"}`.
@@ -434,7 +439,8 @@ mod tests {
             cfg.balloon,
             Some(BalloonConfig {
                 deflate_on_oom: true,
-                free_page_reporting: true
+                free_page_reporting: true,
+                target_mib: 0,
             })
         );
         let v: serde_json::Value = serde_json::from_str(&cfg.to_json_pretty()).expect("json");

@@ -10,6 +10,7 @@
 //! | `Resume` | `{"op":"resume"}` | [`Reply::State`]: `"state": "running"` |
 //! | `Metrics` | `{"op":"metrics"}` | [`Reply::Metrics`]: `"metrics": {"vcpus": […], "devices": {…}}` |
 //! | `Shutdown` | `{"op":"shutdown"}` | [`Reply::Shutdown`]: `"state": "stopping"`, `"exit_code": 0` |
+//! | `Balloon` | `{"op":"balloon"}`, `{"op":"balloon","target_mib":N}` | [`Reply::Balloon`]: `"balloon": {"target_mib", "actual_mib"}` |
 //!
 //! Every reply carries `"ok"`: `true` with the fields above, or `false`
 //! with `"error"` ([`Reply::Error`]). The server's limits (line length,
@@ -36,18 +37,21 @@ pub enum Request {
     Status,
     /// Every counter of the VM.
     Metrics,
+    /// The balloon: with `target_mib`, sets how much of the guest's memory
+    /// the host wants it to hold (the guest inflates or deflates to it);
+    /// either way, replies with the target and what the guest holds now.
+    Balloon {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target_mib: Option<u32>,
+    },
 }
 
-impl Request {
-    /// Every request, in the order error messages list them.
-    pub const ALL: [Request; 5] = [
-        Request::Shutdown,
-        Request::Pause,
-        Request::Resume,
-        Request::Status,
-        Request::Metrics,
-    ];
+/// Every op name, in the order error messages list them.
+pub const OPS: [&str; 6] = [
+    "shutdown", "pause", "resume", "status", "metrics", "balloon",
+];
 
+impl Request {
     /// The `op` name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -56,12 +60,21 @@ impl Request {
             Request::Resume => "resume",
             Request::Status => "status",
             Request::Metrics => "metrics",
+            Request::Balloon { .. } => "balloon",
+        }
+    }
+
+    /// The fields an op takes besides `op`.
+    fn fields(op: &str) -> &'static [&'static str] {
+        match op {
+            "balloon" => &["target_mib"],
+            _ => &[],
         }
     }
 
     /// The request line, newline included.
     pub fn to_line(self) -> String {
-        let mut s = serde_json::to_string(&self).expect("a unit variant with a tag serializes");
+        let mut s = serde_json::to_string(&self).expect("requests have string keys only");
         s.push('\n');
         s
     }
@@ -83,7 +96,7 @@ impl fmt::Display for Request {
 
 /// The op names, comma-separated, for error messages.
 fn op_list() -> String {
-    Request::ALL.map(Request::as_str).join(", ")
+    OPS.join(", ")
 }
 
 /// Why a request line was refused.
@@ -93,8 +106,11 @@ pub enum RequestError {
     NotJson(String),
     /// JSON, but not an object (the value).
     NotAnObject(String),
-    /// A field other than `op`.
-    UnknownField(String),
+    /// A field the op does not take: (op, field).
+    UnknownField(String, String),
+    /// A field of the right name with a value it cannot have: (field,
+    /// what it must be, the value).
+    BadField(&'static str, &'static str, String),
     /// `op` is missing.
     MissingOp,
     /// `op` is not a string (the value).
@@ -111,9 +127,18 @@ impl fmt::Display for RequestError {
                 f,
                 "request must be a JSON object like {{\"op\":\"status\"}}, got {v}"
             ),
-            RequestError::UnknownField(k) => {
-                write!(f, "unknown field {k:?}: requests have only \"op\"")
-            }
+            RequestError::UnknownField(op, k) => match Request::fields(op) {
+                [] => write!(f, "unknown field {k:?}: {op:?} takes only \"op\""),
+                more => write!(
+                    f,
+                    "unknown field {k:?}: {op:?} takes \"op\" and {}",
+                    more.iter()
+                        .map(|m| format!("{m:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            },
+            RequestError::BadField(k, must, v) => write!(f, "{k:?} must be {must}, got {v}"),
             RequestError::MissingOp => write!(f, "missing \"op\": expected one of {}", op_list()),
             RequestError::OpNotAString(v) => write!(f, "\"op\" must be a string, got {v}"),
             RequestError::UnknownOp(op) => {
@@ -133,17 +158,41 @@ impl TryFrom<Value> for Request {
         let Value::Object(obj) = v else {
             return Err(RequestError::NotAnObject(v.to_string()));
         };
-        if let Some(k) = obj.keys().find(|k| k.as_str() != "op") {
-            return Err(RequestError::UnknownField(k.clone()));
+        let op = match obj.get("op") {
+            Some(Value::String(s)) if OPS.contains(&s.as_str()) => s.as_str(),
+            Some(Value::String(s)) => return Err(RequestError::UnknownOp(s.clone())),
+            Some(other) => return Err(RequestError::OpNotAString(other.to_string())),
+            None => return Err(RequestError::MissingOp),
+        };
+        let takes = Request::fields(op);
+        if let Some(k) = obj
+            .keys()
+            .find(|k| k.as_str() != "op" && !takes.contains(&k.as_str()))
+        {
+            return Err(RequestError::UnknownField(op.to_owned(), k.clone()));
         }
-        match obj.get("op") {
-            Some(Value::String(s)) => Request::ALL
-                .into_iter()
-                .find(|r| r.as_str() == s)
-                .ok_or_else(|| RequestError::UnknownOp(s.clone())),
-            Some(other) => Err(RequestError::OpNotAString(other.to_string())),
-            None => Err(RequestError::MissingOp),
-        }
+        Ok(match op {
+            "shutdown" => Request::Shutdown,
+            "pause" => Request::Pause,
+            "resume" => Request::Resume,
+            "status" => Request::Status,
+            "metrics" => Request::Metrics,
+            "balloon" => Request::Balloon {
+                target_mib: match obj.get("target_mib") {
+                    None | Some(Value::Null) => None,
+                    Some(v) => Some(v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(
+                        || {
+                            RequestError::BadField(
+                                "target_mib",
+                                "a whole number of MiB below 2^32",
+                                v.to_string(),
+                            )
+                        },
+                    )?),
+                },
+            },
+            _ => unreachable!("every name in OPS is matched"),
+        })
     }
 }
 
@@ -191,6 +240,8 @@ pub enum Reply {
     Shutdown { state: VmState, exit_code: i32 },
     /// `metrics`: `{"ok": true, "metrics": {…}}`.
     Metrics { metrics: Metrics },
+    /// `balloon`: `{"ok": true, "balloon": {"target_mib", "actual_mib"}}`.
+    Balloon { balloon: BalloonState },
     /// Any refused request: `{"ok": false, "error": "<what was wrong>"}`.
     Error { error: String },
 }
@@ -207,6 +258,18 @@ impl Reply {
     pub fn from_line(line: &str) -> serde_json::Result<Reply> {
         serde_json::from_str(line)
     }
+}
+
+/// The balloon as the host set it and as the guest filled it, in MiB of
+/// the guest's memory (the device counts 4 KiB pages; a partial MiB is
+/// rounded down).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonState {
+    /// How much the host wants the balloon to hold.
+    pub target_mib: u32,
+    /// How much the guest says it holds (its `actual`: guest input).
+    pub actual_mib: u32,
 }
 
 /// The flat wire form of a [`Reply`].
@@ -226,6 +289,8 @@ struct WireReply {
     exit_code: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     metrics: Option<Metrics>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    balloon: Option<BalloonState>,
 }
 
 impl WireReply {
@@ -238,6 +303,7 @@ impl WireReply {
             vcpus: None,
             exit_code: None,
             metrics: None,
+            balloon: None,
         }
     }
 
@@ -250,6 +316,7 @@ impl WireReply {
             ("vcpus", self.vcpus.is_some()),
             ("exit_code", self.exit_code.is_some()),
             ("metrics", self.metrics.is_some()),
+            ("balloon", self.balloon.is_some()),
         ]
         .iter()
         .filter(|(_, present)| *present)
@@ -285,6 +352,10 @@ impl From<Reply> for WireReply {
                 metrics: Some(metrics),
                 ..WireReply::ok()
             },
+            Reply::Balloon { balloon } => WireReply {
+                balloon: Some(balloon),
+                ..WireReply::ok()
+            },
             Reply::Error { error } => WireReply {
                 ok: false,
                 error: Some(error),
@@ -308,6 +379,7 @@ impl TryFrom<WireReply> for Reply {
                 vcpus: None,
                 exit_code: None,
                 metrics: None,
+                balloon: None,
             } => Reply::Error { error },
             WireReply {
                 ok: true,
@@ -317,6 +389,7 @@ impl TryFrom<WireReply> for Reply {
                 vcpus,
                 exit_code,
                 metrics: None,
+                balloon: None,
             } => match (uptime_ms, vcpus, exit_code) {
                 (Some(uptime_ms), Some(vcpus), None) => Reply::Status {
                     state,
@@ -339,7 +412,18 @@ impl TryFrom<WireReply> for Reply {
                 vcpus: None,
                 exit_code: None,
                 metrics: Some(metrics),
+                balloon: None,
             } => Reply::Metrics { metrics },
+            WireReply {
+                ok: true,
+                error: None,
+                state: None,
+                uptime_ms: None,
+                vcpus: None,
+                exit_code: None,
+                metrics: None,
+                balloon: Some(balloon),
+            } => Reply::Balloon { balloon },
             WireReply { ok, .. } => {
                 return Err(format!(
                     "control reply with ok = {ok} has no known shape (fields: {fields})"
@@ -476,12 +560,30 @@ mod tests {
 
     #[test]
     fn requests_round_trip_as_op_lines() {
-        for r in Request::ALL {
+        for (r, wire) in [
+            (Request::Shutdown, r#"{"op":"shutdown"}"#),
+            (Request::Pause, r#"{"op":"pause"}"#),
+            (Request::Resume, r#"{"op":"resume"}"#),
+            (Request::Status, r#"{"op":"status"}"#),
+            (Request::Metrics, r#"{"op":"metrics"}"#),
+            (Request::Balloon { target_mib: None }, r#"{"op":"balloon"}"#),
+            (
+                Request::Balloon {
+                    target_mib: Some(768),
+                },
+                r#"{"op":"balloon","target_mib":768}"#,
+            ),
+        ] {
             let line = r.to_line();
-            assert_eq!(line, format!("{{\"op\":\"{}\"}}\n", r.as_str()));
+            assert_eq!(line, format!("{wire}\n"));
+            assert!(OPS.contains(&r.as_str()));
             assert_eq!(Request::from_line(line.trim_end().as_bytes()), Ok(r));
             assert_eq!(serde_json::from_str::<Request>(&line).expect("serde"), r);
         }
+        assert_eq!(
+            Request::from_line(br#"{"op":"balloon","target_mib":null}"#),
+            Ok(Request::Balloon { target_mib: None })
+        );
     }
 
     #[test]
@@ -494,16 +596,37 @@ mod tests {
             ),
             (
                 b"{}",
-                "missing \"op\": expected one of shutdown, pause, resume, status, metrics",
+                "missing \"op\": expected one of shutdown, pause, resume, status, metrics, balloon",
             ),
             (br#"{"op":1}"#, "\"op\" must be a string, got 1"),
             (
                 br#"{"op":"reboot"}"#,
-                "unknown op \"reboot\": expected one of shutdown, pause, resume, status, metrics",
+                "unknown op \"reboot\": expected one of shutdown, pause, resume, status, metrics, \
+                 balloon",
             ),
             (
                 br#"{"op":"status","x":1}"#,
-                "unknown field \"x\": requests have only \"op\"",
+                "unknown field \"x\": \"status\" takes only \"op\"",
+            ),
+            (
+                br#"{"op":"status","target_mib":1}"#,
+                "unknown field \"target_mib\": \"status\" takes only \"op\"",
+            ),
+            (
+                br#"{"op":"balloon","target":1}"#,
+                "unknown field \"target\": \"balloon\" takes \"op\" and \"target_mib\"",
+            ),
+            (
+                br#"{"op":"balloon","target_mib":-1}"#,
+                "\"target_mib\" must be a whole number of MiB below 2^32, got -1",
+            ),
+            (
+                br#"{"op":"balloon","target_mib":4294967296}"#,
+                "\"target_mib\" must be a whole number of MiB below 2^32, got 4294967296",
+            ),
+            (
+                br#"{"op":"balloon","target_mib":"1"}"#,
+                "\"target_mib\" must be a whole number of MiB below 2^32, got \"1\"",
             ),
         ] {
             let e = Request::from_line(line).expect_err("refused").to_string();
@@ -586,6 +709,15 @@ mod tests {
                 },
                 r#"{"ok":false,"error":"unknown op"}"#,
             ),
+            (
+                Reply::Balloon {
+                    balloon: BalloonState {
+                        target_mib: 512,
+                        actual_mib: 300,
+                    },
+                },
+                r#"{"ok":true,"balloon":{"target_mib":512,"actual_mib":300}}"#,
+            ),
         ];
         for (reply, wire) in cases {
             assert_eq!(reply.to_line(), format!("{wire}\n"));
@@ -627,6 +759,14 @@ mod tests {
             (
                 r#"{"ok":true,"state":"running","extra":1}"#,
                 "unknown field `extra`",
+            ),
+            (
+                r#"{"ok":true,"state":"running","balloon":{"target_mib":1,"actual_mib":0}}"#,
+                "(fields: state, balloon)",
+            ),
+            (
+                r#"{"ok":true,"balloon":{"target_mib":1}}"#,
+                "missing field `actual_mib`",
             ),
             (
                 r#"{"ok":true,"metrics":{"vcpus":[],"devices":{"x0":{"kind":"gpu"}}}}"#,

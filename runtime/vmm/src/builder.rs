@@ -21,7 +21,7 @@ use crate::config::{
 };
 use crate::control::{ControlError, ControlServer, VmControl};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
-use crate::devices::virtio::balloon::Balloon;
+use crate::devices::virtio::balloon::{Balloon, PAGES_PER_MIB};
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::fs::{Fs, FsError, FsEventHandler};
 use crate::devices::virtio::net::{Net, NetError, NetEventHandler, Tap};
@@ -313,22 +313,24 @@ pub fn run_vm(
         };
         devices.attach_virtio(&vm, &mem, &format!("{name}{i}"), dev, Some(&mut cmdline))?;
     }
+    let mut balloon_handle = None;
     if let Some(b) = &cfg.balloon {
         // The slot after the devices; its queues run on the event loop
         // through the generic handler (the balloon has no host fd).
-        let balloon = Balloon::new(b.deflate_on_oom, b.free_page_reporting);
+        let mut balloon = Balloon::new(b.deflate_on_oom, b.free_page_reporting);
+        // Not active yet, so no interrupt: the driver reads the target
+        // when it probes the device.
+        balloon
+            .set_target_pages(b.target_mib * PAGES_PER_MIB)
+            .expect("an inactive balloon raises no interrupt");
         let name = format!("balloon{}", cfg.devices.len());
         metrics.devices.push((
             name.clone(),
             DeviceMetrics::Balloon(balloon.metrics.clone()),
         ));
-        devices.attach_virtio(
-            &vm,
-            &mem,
-            &name,
-            Arc::new(Mutex::new(balloon)),
-            Some(&mut cmdline),
-        )?;
+        let balloon = Arc::new(Mutex::new(balloon));
+        balloon_handle = Some(balloon.clone());
+        devices.attach_virtio(&vm, &mem, &name, balloon, Some(&mut cmdline))?;
     }
     if !cfg.cmdline.is_empty() {
         cmdline
@@ -452,7 +454,9 @@ pub fn run_vm(
             return Err(VmmError::VcpuStart(id));
         }
     }
-    let vm_control = Arc::new(VmControl::new(handles, exit.clone(), metrics));
+    let vm_control = Arc::new(
+        VmControl::new(handles, exit.clone(), metrics).with_balloon(balloon_handle, cfg.memory_mib),
+    );
     if let Some(c) = &control {
         c.lock().expect("control lock").attach(vm_control.clone());
     }

@@ -13,6 +13,7 @@
 //! | `{"op":"resume"}` | `"state": "running"` |
 //! | `{"op":"metrics"}` | `"metrics": {"vcpus": […], "devices": {…}}` (see [`crate::metrics`]) |
 //! | `{"op":"shutdown"}` | `"state": "stopping"`, `"exit_code": 0`; then the vCPUs are stopped and the process exits with 0 |
+//! | `{"op":"balloon"}`, `{"op":"balloon","target_mib":N}` | `"balloon": {"target_mib", "actual_mib"}`; with `target_mib`, the target is set first and the guest told (configuration-change interrupt) |
 //!
 //! A bad request gets `{"ok": false, "error": "<what was wrong>"}` and the
 //! connection stays open; a line longer than [`MAX_REQUEST_LEN`] gets an
@@ -29,9 +30,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use boxlite_vmm_api::control::{Reply, Request, VmState};
+pub use boxlite_vmm_api::control::{BalloonState, Reply, Request, VmState};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
+use crate::devices::virtio::balloon::{Balloon, PAGES_PER_MIB};
 use crate::metrics::VmMetrics;
 use crate::vstate::vcpu::{ExitReason, ExitSignal, VcpuHandle};
 
@@ -58,6 +60,9 @@ pub struct VmControl {
     started: Instant,
     exit: Arc<ExitSignal>,
     metrics: VmMetrics,
+    /// The balloon, if the VM has one, and the guest memory it is part of.
+    balloon: Option<Arc<Mutex<Balloon>>>,
+    memory_mib: u32,
 }
 
 impl VmControl {
@@ -70,7 +75,45 @@ impl VmControl {
             started: Instant::now(),
             exit,
             metrics,
+            balloon: None,
+            memory_mib: 0,
         }
+    }
+
+    /// Gives the `balloon` op the VM's balloon, in a guest of `memory_mib`.
+    pub fn with_balloon(mut self, balloon: Option<Arc<Mutex<Balloon>>>, memory_mib: u32) -> Self {
+        self.balloon = balloon;
+        self.memory_mib = memory_mib;
+        self
+    }
+
+    /// Sets the balloon's target if asked, then reports it with what the
+    /// guest holds. The target must leave the guest some memory; `actual`
+    /// is the guest's word, reported as it is (at most the guest's memory).
+    fn balloon(&self, target_mib: Option<u32>) -> Result<BalloonState, String> {
+        let Some(balloon) = &self.balloon else {
+            return Err("this VM has no balloon (no \"balloon\" in its config)".into());
+        };
+        let mut b = balloon.lock().expect("balloon lock");
+        if let Some(target) = target_mib {
+            if target >= self.memory_mib {
+                return Err(format!(
+                    "balloon target {target} MiB would leave the guest nothing of its \
+                     {} MiB",
+                    self.memory_mib
+                ));
+            }
+            b.set_target_pages(target * PAGES_PER_MIB)
+                .map_err(|e| format!("cannot tell the guest the new balloon target: {e}"))?;
+            tracing::info!(
+                target_mib = target,
+                "balloon target set over the control socket"
+            );
+        }
+        Ok(BalloonState {
+            target_mib: b.target_pages() / PAGES_PER_MIB,
+            actual_mib: (b.actual_pages() / PAGES_PER_MIB).min(self.memory_mib),
+        })
     }
 
     /// Takes the vCPU handles out (to finish them); later pause/resume fail.
@@ -145,6 +188,10 @@ impl VmControl {
             },
             Request::Metrics => Reply::Metrics {
                 metrics: self.metrics.snapshot(),
+            },
+            Request::Balloon { target_mib } => match self.balloon(target_mib) {
+                Ok(balloon) => Reply::Balloon { balloon },
+                Err(error) => Reply::Error { error },
             },
             Request::Pause => state(self.set_paused(true)),
             Request::Resume => state(self.set_paused(false)),
@@ -366,6 +413,65 @@ mod tests {
     fn vm() -> Arc<VmControl> {
         let exit = Arc::new(ExitSignal::new().expect("exit"));
         Arc::new(VmControl::new(Vec::new(), exit, VmMetrics::default()))
+    }
+
+    fn balloon_state(r: Reply) -> BalloonState {
+        match r {
+            Reply::Balloon { balloon } => balloon,
+            other => panic!("not a balloon reply: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_balloon_op_sets_the_target_and_reports_the_guests_actual() {
+        use crate::devices::virtio::VirtioDevice;
+        let balloon = Arc::new(Mutex::new(Balloon::new(false, true)));
+        let exit = Arc::new(ExitSignal::new().expect("exit"));
+        let vm = VmControl::new(Vec::new(), exit, VmMetrics::default())
+            .with_balloon(Some(balloon.clone()), 1024);
+        let query = Request::Balloon { target_mib: None };
+        assert_eq!(
+            balloon_state(ask(&vm, query)),
+            BalloonState {
+                target_mib: 0,
+                actual_mib: 0
+            }
+        );
+        let set = |mib| Request::Balloon {
+            target_mib: Some(mib),
+        };
+        assert_eq!(balloon_state(ask(&vm, set(512))).target_mib, 512);
+        assert_eq!(balloon.lock().unwrap().target_pages(), 512 * 256);
+        // The driver writes `actual` (bytes 4..8 of the config space).
+        let pages: u32 = 300 * 256 + 17;
+        balloon
+            .lock()
+            .unwrap()
+            .write_config(4, &pages.to_le_bytes())
+            .unwrap();
+        assert_eq!(
+            balloon_state(ask(&vm, query)),
+            BalloonState {
+                target_mib: 512,
+                actual_mib: 300
+            }
+        );
+        // A guest claiming more than it has is reported as holding it all.
+        balloon
+            .lock()
+            .unwrap()
+            .write_config(4, &u32::MAX.to_le_bytes())
+            .unwrap();
+        assert_eq!(balloon_state(ask(&vm, query)).actual_mib, 1024);
+        assert_eq!(
+            error(ask(&vm, set(1024))),
+            "balloon target 1024 MiB would leave the guest nothing of its 1024 MiB"
+        );
+        assert_eq!(balloon.lock().unwrap().target_pages(), 512 * 256);
+        assert_eq!(
+            error(ask(&self::vm(), query)),
+            "this VM has no balloon (no \"balloon\" in its config)"
+        );
     }
 
     fn ask(vm: &VmControl, r: Request) -> Reply {

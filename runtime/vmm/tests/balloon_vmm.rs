@@ -21,6 +21,7 @@ use boxlite_vmm_api::control::{DeviceCounters, Reply, Request};
 const BALLOON: BalloonConfig = BalloonConfig {
     deflate_on_oom: true,
     free_page_reporting: true,
+    target_mib: 0,
 };
 
 #[test]

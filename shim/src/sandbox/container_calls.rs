@@ -117,9 +117,11 @@ impl Sandbox {
 }
 
 /// Makes room in the VM for what an update asks: more vCPUs online when
-/// its CPU quota needs more than are (up to what the VM was built with).
-/// A VM's memory is fixed at boot: an update asking for more memory than
-/// the whole VM has is refused, not applied as a limit nothing can reach.
+/// its CPU quota needs more than are, and more guest memory when its
+/// memory limit (plus the guest's own reserve) needs more than the guest
+/// has — both up to what the VM was built with. An update asking for more
+/// than that is refused, not applied as a limit nothing can reach. Neither
+/// shrinks: a lower limit is applied in the guest only.
 async fn grow_for(vm: &Vm, id: &str, resources: &oci_spec::runtime::LinuxResources) -> Result<()> {
     let cpu = resources.cpu().as_ref();
     let asked = PodResources {
@@ -129,14 +131,7 @@ async fn grow_for(vm: &Vm, id: &str, resources: &oci_spec::runtime::LinuxResourc
         source: "the update",
     };
     if let Some(mib) = asked.memory_mib() {
-        if mib > u64::from(vm.size.memory_mib) {
-            return Err(ShimError::FailedPrecondition(format!(
-                "container {id:?}: the update asks for a {mib} MiB memory limit, more than its \
-                 sandbox VM's {} MiB; a VM's memory is fixed when it boots (growing it is not \
-                 implemented)",
-                vm.size.memory_mib
-            )));
-        }
+        grow_memory_for(vm, id, mib).await?;
     }
     let Some(cpus) = asked.vcpus() else {
         return Ok(());
@@ -157,5 +152,32 @@ async fn grow_for(vm: &Vm, id: &str, resources: &oci_spec::runtime::LinuxResourc
     let online = vm.agent.online_cpus(cpus).await?;
     vm.online_vcpus.fetch_max(online, Ordering::SeqCst);
     tracing::info!(container_id = %id, online, present, "vCPUs brought online for the update");
+    Ok(())
+}
+
+/// Gives the guest memory enough for a container limit of `limit_mib`
+/// (the limit plus the guest's reserve) out of the VM's headroom.
+async fn grow_memory_for(vm: &Vm, id: &str, limit_mib: u64) -> Result<()> {
+    let needed = limit_mib.saturating_add(vm.size.reserved_mib.into());
+    let mut guest = vm.guest_memory_mib.lock().await;
+    if needed <= u64::from(*guest) {
+        return Ok(());
+    }
+    let present = vm.size.present_memory_mib;
+    let needed = match u32::try_from(needed) {
+        Ok(n) if n <= present => n,
+        _ => {
+            return Err(ShimError::FailedPrecondition(format!(
+                "container {id:?}: the update asks for a {limit_mib} MiB memory limit, which \
+                 needs {needed} MiB of guest memory (with guest.reserved_memory_mib = {}), more \
+                 than the {present} MiB its sandbox VM was built with (its boot size plus \
+                 guest.memory_headroom_mib, within guest.max_memory_mib)",
+                vm.size.reserved_mib
+            )))
+        }
+    };
+    vm.hv.set_guest_memory(needed).await?;
+    tracing::info!(container_id = %id, from_mib = *guest, to_mib = needed, present_mib = present, "guest memory grown for the update");
+    *guest = needed;
     Ok(())
 }

@@ -221,6 +221,7 @@ impl Sandbox {
             oom_watcher,
             size,
             online_vcpus: size.vcpus.into(),
+            guest_memory_mib: tokio::sync::Mutex::new(size.memory_mib),
         })
     }
 

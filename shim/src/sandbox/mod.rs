@@ -107,6 +107,10 @@ struct Vm {
     /// vCPUs online now: from `size.vcpus` up to `size.present_vcpus`,
     /// grown by updates that ask for more CPU.
     online_vcpus: std::sync::atomic::AtomicU32,
+    /// The guest's memory now, in MiB: from `size.memory_mib` up to
+    /// `size.present_memory_mib`, grown by updates that ask for more. The
+    /// lock makes one update at a time resize it.
+    guest_memory_mib: tokio::sync::Mutex<u32>,
 }
 
 pub struct Sandbox {

@@ -116,18 +116,23 @@ impl VmFactory for ConfigVmFactory {
                 cause: Box::new(e),
             },
         )?;
-        if (size.vcpus, size.memory_mib) != (spec.vcpus, spec.memory_mib) {
+        if (size.vcpus, size.memory_mib, size.present_memory_mib)
+            != (spec.vcpus, spec.memory_mib, spec.memory_mib)
+        {
             tracing::info!(
                 sandbox_id = %id,
                 vcpus = size.vcpus,
                 present_vcpus = size.present_vcpus,
                 memory_mib = size.memory_mib,
+                present_memory_mib = size.present_memory_mib,
                 from = req.resources.source,
                 "VM sized from the pod"
             );
         }
-        // Built with every vCPU it may grow into, booted with the pod's.
-        (spec.vcpus, spec.memory_mib) = (size.present_vcpus, size.memory_mib);
+        // Built with every vCPU and MiB it may grow into, booted with the
+        // pod's: the other vCPUs offline, the other memory in the balloon.
+        (spec.vcpus, spec.memory_mib) = (size.present_vcpus, size.present_memory_mib);
+        spec.balloon_mib = size.present_memory_mib - size.memory_mib;
         if size.present_vcpus > size.vcpus {
             spec.cmdline_extra.push(format!("maxcpus={}", size.vcpus));
         }

@@ -24,8 +24,11 @@
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use boxlite_vmm_api::control::BalloonState;
 
 use super::launcher::{Launch, Launcher, VmSetup};
 use super::process::Role;
@@ -34,6 +37,7 @@ use super::{HypervisorError, NetDevice, Share, VmSpec, VSOCK_SOCKET};
 use crate::config::{ResolvedAccel, ResolvedHypervisor};
 use crate::network::TapDevice;
 use boxlite_protocol::READY_VSOCK_PORT;
+use qmp::{QemuBalloon, Qmp};
 
 /// vhost-user socket between QEMU and the vsock backend.
 pub const VHOST_VSOCK_SOCKET: &str = "vhost-vsock.sock";
@@ -57,8 +61,8 @@ pub const QEMU_SANDBOX: &str =
 /// QEMU's virtio-balloon on the microvm machine (virtio-mmio), offering
 /// what the builtin backend's balloon offers: both come from
 /// [`super::builtin::balloon`].
-fn qemu_balloon(free_page_reporting: bool) -> String {
-    let b = super::builtin::balloon(free_page_reporting);
+fn qemu_balloon(free_page_reporting: bool, held_mib: u32) -> String {
+    let b = super::builtin::balloon(free_page_reporting, held_mib);
     let on = |yes: bool| if yes { "on" } else { "off" };
     format!(
         "virtio-balloon-device,deflate-on-oom={},free-page-reporting={}",
@@ -79,12 +83,21 @@ pub type QemuHypervisor = ProcessVm<QemuLauncher>;
 #[derive(Debug)]
 pub struct QemuLauncher {
     bins: ResolvedHypervisor,
+    /// The runtime's end of QEMU's QMP socket, once QEMU is spawned.
+    qmp: Arc<Mutex<Option<Qmp>>>,
+    /// The balloon target last set (QMP does not report it).
+    balloon_target_mib: Arc<AtomicU32>,
 }
 
 impl ProcessVm<QemuLauncher> {
     pub fn new(spec: VmSpec, bins: ResolvedHypervisor) -> Result<Self, HypervisorError> {
         let virtiofsd = bins.virtiofsd_binary.clone();
-        ProcessVm::with_launcher(spec, &virtiofsd, QemuLauncher { bins })
+        let launcher = QemuLauncher {
+            bins,
+            qmp: Arc::default(),
+            balloon_target_mib: Arc::default(),
+        };
+        ProcessVm::with_launcher(spec, &virtiofsd, launcher)
     }
 
     /// The QEMU command line (without the binary); see [`QemuLauncher::qemu_args`].
@@ -119,6 +132,8 @@ pub struct QemuFds {
     pub vhost_vsock: RawFd,
     /// Each share's virtiofsd socket, connected by the runtime, in order.
     pub fs: Vec<RawFd>,
+    /// QEMU's end of the QMP socket pair (the runtime keeps the other).
+    pub qmp: RawFd,
 }
 
 impl QemuLauncher {
@@ -192,10 +207,16 @@ impl QemuLauncher {
             ]);
         }
         // The balloon the builtin backend gives every sandbox too
-        // (builtin::balloon): freed guest memory goes back to the host,
-        // the balloon deflates before the guest would OOM. Last, so the
-        // other devices keep their slots.
-        push(&["-device", &qemu_balloon(vm.spec.free_page_reporting)]);
+        // (builtin::balloon): freed guest memory goes back to the host.
+        // Its target from boot (the VM's room to grow) is set over QMP
+        // once QEMU runs. Last, so the other devices keep their slots.
+        push(&[
+            "-device",
+            &qemu_balloon(vm.spec.free_page_reporting, vm.spec.balloon_mib),
+        ]);
+        // QMP on the inherited socket pair: the balloon's target.
+        push(&["-chardev", &format!("socket,id=qmp,fd={}", fds.qmp)]);
+        push(&["-mon", "chardev=qmp,mode=control"]);
         args
     }
 }
@@ -296,7 +317,49 @@ impl Launcher for QemuLauncher {
             args,
             None,
             inherit,
-        )
+        )?;
+        *self.qmp.lock().expect("qmp lock") = Some(Qmp::new(owned.into_qmp()));
+        if vm.spec.balloon_mib > 0 {
+            // The VM's room to grow, held from boot: the driver reads the
+            // target when it probes the balloon, or is told if it already
+            // has.
+            self.balloon(vm, Some(vm.spec.balloon_mib)).await?;
+        }
+        Ok(())
+    }
+
+    /// Over QMP: `balloon` sets the guest's memory to the VM's less the
+    /// target, `query-balloon` says what the guest has.
+    async fn balloon(
+        &self,
+        vm: &VmSetup,
+        target_mib: Option<u32>,
+    ) -> Result<BalloonState, HypervisorError> {
+        let failed = |reason: String| HypervisorError::Balloon {
+            id: vm.spec.id.clone(),
+            reason,
+        };
+        let (qmp, target) = (self.qmp.clone(), self.balloon_target_mib.clone());
+        let memory_mib = vm.spec.memory_mib;
+        tokio::task::spawn_blocking(move || {
+            let mut guard = qmp.lock().expect("qmp lock");
+            let Some(qmp) = guard.as_mut() else {
+                return Err("QEMU is not running".to_owned());
+            };
+            let mut balloon = QemuBalloon { qmp, memory_mib };
+            if let Some(t) = target_mib {
+                balloon.set_target(t).map_err(|e| e.to_string())?;
+                target.store(t, Ordering::SeqCst);
+            }
+            let actual_mib = balloon.held_mib().map_err(|e| e.to_string())?;
+            Ok(BalloonState {
+                target_mib: target.load(Ordering::SeqCst),
+                actual_mib,
+            })
+        })
+        .await
+        .map_err(|e| failed(format!("the QMP request did not finish: {e}")))?
+        .map_err(failed)
     }
 }
 
@@ -326,6 +389,7 @@ pub fn render_cmdline(binary: &Path, args: &[OsString]) -> String {
         .join(" ")
 }
 
+mod qmp;
 mod unprivileged;
 
 #[cfg(test)]

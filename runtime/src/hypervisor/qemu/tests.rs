@@ -17,6 +17,7 @@ fn fds(shares: usize) -> QemuFds {
         initramfs: 6,
         vhost_vsock: 10,
         fs: (0..shares).map(|i| 11 + i as RawFd).collect(),
+        qmp: 20,
     }
 }
 
@@ -73,7 +74,8 @@ fn qemu_command_line() {
          -chardev socket,id=fs0,fd=11 -device vhost-user-fs-device,chardev=fs0,tag=rootfs \
          -netdev tap,id=net0,fd=42 -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01 \
          -netdev tap,id=net1,ifname=tap0,script=no,downscript=no -device virtio-net-device,netdev=net1,mac=02:00:00:00:00:02 \
-         -device virtio-balloon-device,deflate-on-oom=on,free-page-reporting=on";
+         -device virtio-balloon-device,deflate-on-oom=on,free-page-reporting=on \
+         -chardev socket,id=qmp,fd=20 -mon chardev=qmp,mode=control";
     assert_eq!(line, expected);
 }
 
@@ -345,7 +347,7 @@ while [ $# -gt 0 ]; do case "$1" in --socket) shift; s="$1";; esac; shift; done
         "{seen}"
     );
     let sockets = lines.iter().filter(|l| l.starts_with("socket:")).count();
-    assert_eq!(sockets, 2, "vsock and one share: {seen}");
+    assert_eq!(sockets, 3, "vsock, one share and QMP: {seen}");
     let args = std::fs::read_to_string(&vsock_args).unwrap();
     assert!(
         args.contains(&format!("--host-port 1027 --jail-user {uid}:{uid}")),
@@ -457,19 +459,21 @@ async fn shares_and_nets_only_before_start() {
 #[test]
 fn free_page_reporting_follows_the_config() {
     let rig = Rig::new();
-    for (reporting, want) in [
-        (true, "free-page-reporting=on"),
-        (false, "free-page-reporting=off"),
+    for (reporting, held, want) in [
+        (true, 0, "deflate-on-oom=on,free-page-reporting=on"),
+        (false, 0, "deflate-on-oom=on,free-page-reporting=off"),
+        // Room to grow held from boot is not the guest's to take on OOM.
+        (true, 512, "deflate-on-oom=off,free-page-reporting=on"),
     ] {
         let mut spec = rig.spec();
         spec.free_page_reporting = reporting;
+        spec.balloon_mib = held;
         let vm = QemuHypervisor::new(spec, bins("/q".into(), "/v".into(), "/f".into())).unwrap();
         let line = render_cmdline(Path::new("q"), &vm.qemu_args(&[], &[], &fds(0)));
-        let balloon = line.rsplit(' ').next().unwrap();
-        assert_eq!(
-            balloon,
-            format!("virtio-balloon-device,deflate-on-oom=on,{want}"),
-            "{line}"
-        );
+        let balloon = line
+            .split(' ')
+            .find(|a| a.starts_with("virtio-balloon-device"))
+            .unwrap();
+        assert_eq!(balloon, format!("virtio-balloon-device,{want}"), "{line}");
     }
 }

@@ -43,6 +43,9 @@ pub struct QemuFiles {
     fs: Vec<UnixStream>,
     /// One per net device, in order: the tap opened here for a named one.
     named_taps: Vec<Option<OwnedFd>>,
+    /// The QMP socket pair: QEMU inherits the first, the runtime keeps
+    /// the second ([`QemuFiles::into_qmp`]).
+    qmp: (UnixStream, UnixStream),
 }
 
 impl QemuFiles {
@@ -100,13 +103,27 @@ impl QemuFiles {
                 TapDevice::Fd(_) => None,
             });
         }
+        let qmp = UnixStream::pair().map_err(|e| {
+            io(
+                "cannot make the QMP socket pair",
+                Path::new("socketpair"),
+                e,
+            )
+        })?;
         Ok(QemuFiles {
             kernel,
             initramfs,
             vhost_vsock,
             fs,
             named_taps,
+            qmp,
         })
+    }
+
+    /// The runtime's end of the QMP socket pair; QEMU's end closes here,
+    /// once QEMU has inherited it.
+    pub fn into_qmp(self) -> UnixStream {
+        self.qmp.1
     }
 
     /// The raw fd of the tap opened here for each net device, in order.
@@ -125,6 +142,7 @@ impl QemuFiles {
             initramfs: self.initramfs.as_raw_fd(),
             vhost_vsock: self.vhost_vsock.as_raw_fd(),
             fs: self.fs.iter().map(AsRawFd::as_raw_fd).collect(),
+            qmp: self.qmp.0.as_raw_fd(),
         }
     }
 
@@ -134,6 +152,7 @@ impl QemuFiles {
             self.kernel.as_raw_fd(),
             self.initramfs.as_raw_fd(),
             self.vhost_vsock.as_raw_fd(),
+            self.qmp.0.as_raw_fd(),
         ];
         fds.extend(self.fs.iter().map(AsRawFd::as_raw_fd));
         fds.extend(self.named_taps().into_iter().flatten());

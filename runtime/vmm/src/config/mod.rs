@@ -50,6 +50,8 @@ pub enum ConfigError {
     BootSource { kernel: bool, raw: bool },
     #[error("The jail needs sandbox_dir: its root is a tmpfs mounted over it")]
     JailWithoutSandboxDir,
+    #[error("balloon.target_mib = {target} leaves the guest nothing of memory_mib = {memory}")]
+    BalloonTarget { target: u32, memory: u32 },
     #[error("jail_user {uid}:{gid} is root; the jail needs an unprivileged uid and gid")]
     JailUserIsRoot { uid: u32, gid: u32 },
     #[error("{field} = {path} does not exist or is not a regular file")]
@@ -258,6 +260,12 @@ impl Validate for VmConfig {
         }
         if self.jail && self.sandbox_dir.is_none() {
             return Err(ConfigError::JailWithoutSandboxDir);
+        }
+        if let Some(b) = self.balloon.filter(|b| b.target_mib >= self.memory_mib) {
+            return Err(ConfigError::BalloonTarget {
+                target: b.target_mib,
+                memory: self.memory_mib,
+            });
         }
         if let Some(u) = self.jail_user.filter(|u| u.uid == 0 || u.gid == 0) {
             return Err(ConfigError::JailUserIsRoot {
@@ -468,6 +476,21 @@ mod tests {
         );
         cfg.devices.pop();
         cfg.validate().expect("15 devices and the balloon fit");
+        // A balloon that would start holding all of the guest's memory.
+        cfg.memory_mib = 256;
+        cfg.balloon = Some(BalloonConfig {
+            target_mib: 256,
+            ..BalloonConfig::default()
+        });
+        assert_eq!(
+            cfg.validate().expect_err("target = memory").to_string(),
+            "balloon.target_mib = 256 leaves the guest nothing of memory_mib = 256"
+        );
+        cfg.balloon = Some(BalloonConfig {
+            target_mib: 255,
+            ..BalloonConfig::default()
+        });
+        cfg.validate().expect("a target below memory_mib");
 
         let mut cfg = raw_cfg(dir.path());
         cfg.console_log = Some("/nonexistent-dir/console.log".into());
@@ -512,7 +535,8 @@ mod tests {
             cfg.balloon,
             Some(BalloonConfig {
                 deflate_on_oom: true,
-                free_page_reporting: true
+                free_page_reporting: true,
+                target_mib: 0,
             })
         );
         std::fs::write(

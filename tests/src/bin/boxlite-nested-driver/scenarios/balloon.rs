@@ -36,7 +36,7 @@ const BALLAST_MIB: u64 = 200;
 /// ballast and more.
 const GUEST_MIB: u32 = 512;
 /// The runtime's balloon with free page reporting on (the default).
-const BALLOON: BalloonConfig = boxlite_runtime::hypervisor::builtin::balloon(true);
+const BALLOON: BalloonConfig = boxlite_runtime::hypervisor::builtin::balloon(true, 0);
 /// How long the freed memory may take to go back: Linux reports free
 /// blocks 2 s after enough were freed, in batches; the nested host is slow.
 const GIVE_BACK_TIMEOUT: Duration = Duration::from_secs(90);

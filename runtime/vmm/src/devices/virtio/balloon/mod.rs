@@ -42,6 +42,9 @@ pub const REPORTING_QUEUE_SIZE: u16 = 32;
 pub const PFN_SHIFT: u32 = 12;
 /// The balloon's page size in bytes.
 pub const BALLOON_PAGE_SIZE: u64 = 1 << PFN_SHIFT;
+/// Balloon pages in a MiB: how the MiB of the config and the control
+/// socket become the device's page counts.
+pub const PAGES_PER_MIB: u32 = (1 << 20) / BALLOON_PAGE_SIZE as u32;
 /// Bytes of one PFN in an inflate/deflate buffer (le32).
 pub const PFN_BYTES: u32 = 4;
 /// Most PFNs one inflate/deflate chain may carry. Linux sends at most 256
