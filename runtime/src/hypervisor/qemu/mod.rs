@@ -83,8 +83,11 @@ pub type QemuHypervisor = ProcessVm<QemuLauncher>;
 #[derive(Debug)]
 pub struct QemuLauncher {
     bins: ResolvedHypervisor,
-    /// The runtime's end of QEMU's QMP socket, once QEMU is spawned.
-    qmp: Arc<Mutex<Option<Qmp>>>,
+    /// The runtime's end of QEMU's QMP socket once QEMU is spawned, or why
+    /// there is no session: not spawned yet, or an exchange failed (a
+    /// reply that came too late would answer the next command, so a
+    /// session that failed once is not used again).
+    qmp: Arc<Mutex<Result<Qmp, String>>>,
     /// The balloon target last set (QMP does not report it).
     balloon_target_mib: Arc<AtomicU32>,
 }
@@ -94,7 +97,7 @@ impl ProcessVm<QemuLauncher> {
         let virtiofsd = bins.virtiofsd_binary.clone();
         let launcher = QemuLauncher {
             bins,
-            qmp: Arc::default(),
+            qmp: Arc::new(Mutex::new(Err("QEMU has not started".to_owned()))),
             balloon_target_mib: Arc::default(),
         };
         ProcessVm::with_launcher(spec, &virtiofsd, launcher)
@@ -318,7 +321,7 @@ impl Launcher for QemuLauncher {
             None,
             inherit,
         )?;
-        *self.qmp.lock().expect("qmp lock") = Some(Qmp::new(owned.into_qmp()));
+        *self.qmp.lock().expect("qmp lock") = Ok(Qmp::new(owned.into_qmp()));
         if vm.spec.balloon_mib > 0 {
             // The VM's room to grow, held from boot: the driver reads the
             // target when it probes the balloon, or is told if it already
@@ -343,19 +346,28 @@ impl Launcher for QemuLauncher {
         let memory_mib = vm.spec.memory_mib;
         tokio::task::spawn_blocking(move || {
             let mut guard = qmp.lock().expect("qmp lock");
-            let Some(qmp) = guard.as_mut() else {
-                return Err("QEMU is not running".to_owned());
+            let session = guard.as_mut().map_err(|why| why.clone())?;
+            let mut balloon = QemuBalloon {
+                qmp: session,
+                memory_mib,
             };
-            let mut balloon = QemuBalloon { qmp, memory_mib };
-            if let Some(t) = target_mib {
-                balloon.set_target(t).map_err(|e| e.to_string())?;
-                target.store(t, Ordering::SeqCst);
+            let result = (|| {
+                if let Some(t) = target_mib {
+                    balloon.set_target(t)?;
+                    target.store(t, Ordering::SeqCst);
+                }
+                balloon.held_mib()
+            })();
+            match result {
+                Ok(actual_mib) => Ok(BalloonState {
+                    target_mib: target.load(Ordering::SeqCst),
+                    actual_mib,
+                }),
+                Err(e) => {
+                    *guard = Err(format!("an earlier QMP exchange failed ({e})"));
+                    Err(e.to_string())
+                }
             }
-            let actual_mib = balloon.held_mib().map_err(|e| e.to_string())?;
-            Ok(BalloonState {
-                target_mib: target.load(Ordering::SeqCst),
-                actual_mib,
-            })
         })
         .await
         .map_err(|e| failed(format!("the QMP request did not finish: {e}")))?

@@ -477,3 +477,39 @@ fn free_page_reporting_follows_the_config() {
         assert_eq!(balloon, format!("virtio-balloon-device,{want}"), "{line}");
     }
 }
+
+#[tokio::test]
+async fn a_qmp_session_that_failed_once_is_not_used_again() {
+    let rig = Rig::new();
+    let vm = VmSetup {
+        spec: rig.spec(),
+        virtiofsd_binary: "/f".into(),
+    };
+    let launcher = QemuLauncher {
+        bins: bins("/q".into(), "/v".into(), "/f".into()),
+        qmp: Arc::new(Mutex::new(Err("QEMU has not started".to_owned()))),
+        balloon_target_mib: Arc::default(),
+    };
+    let err = launcher.balloon(&vm, None).await.unwrap_err().to_string();
+    assert_eq!(err, "sandbox sb1: the VM's balloon: QEMU has not started");
+    // A QEMU that has closed its end: the first exchange fails with why,
+    // every later one says the session is gone and why.
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    drop(theirs);
+    *launcher.qmp.lock().unwrap() = Ok(Qmp::new(ours));
+    let err = launcher
+        .balloon(&vm, Some(64))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "sandbox sb1: the VM's balloon: QMP: QEMU closed the monitor"
+    );
+    let err = launcher.balloon(&vm, None).await.unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "sandbox sb1: the VM's balloon: an earlier QMP exchange failed \
+         (QMP: QEMU closed the monitor)"
+    );
+}
