@@ -295,10 +295,20 @@ impl ControlServer {
     }
 
     /// Reads what `fd` has; answers every complete line. False: close it.
+    /// The connection stays in the table either way: its stream (and so
+    /// its fd) must outlive its removal from the event loop, or the
+    /// removal fails on a closed fd and the loop keeps the fd number
+    /// registered, refusing the next connection that gets it.
     fn serve(&mut self, fd: RawFd) -> bool {
         let Some(mut conn) = self.conns.remove(&fd) else {
             return false;
         };
+        let keep = self.serve_conn(&mut conn);
+        self.conns.insert(fd, conn);
+        keep
+    }
+
+    fn serve_conn(&self, conn: &mut Conn) -> bool {
         let mut chunk = [0u8; 1024];
         let keep = loop {
             match conn.stream.read(&mut chunk) {
@@ -343,9 +353,6 @@ impl ControlServer {
             };
             let _ = write_reply(&mut conn.stream, msg.to_line().as_bytes());
             ok = false;
-        }
-        if ok {
-            self.conns.insert(fd, conn);
         }
         ok
     }
@@ -392,8 +399,11 @@ impl MutEventSubscriber for ControlServer {
         if (readable && self.serve(fd)) || (!readable && !closed) {
             return;
         }
-        // Closed (or served and told to close): forget it.
-        let _ = ops.remove(Events::new_raw(fd, EventSet::IN));
+        // Closed (or served and told to close): out of the event loop
+        // while its fd is still open, then closed.
+        if let Err(e) = ops.remove(Events::new_raw(fd, EventSet::IN)) {
+            tracing::warn!(error = ?e, "cannot stop watching a control connection");
+        }
         self.conns.remove(&fd);
     }
 }
@@ -621,6 +631,19 @@ mod tests {
         let e = error(c.send(&mut em, &big));
         assert!(e.contains("limit is 4096"), "{e}");
         assert_eq!(c.read(&mut em), None);
+        // One connection per request, one after the other, as the runtime
+        // asks: each closed connection leaves the event loop before its fd
+        // is closed, so the next one, which gets the same fd number, is
+        // watched and answered (it was refused: FdAlreadyRegistered).
+        for _ in 0..5 {
+            let mut c = Client::new(&path);
+            assert!(matches!(
+                c.ask(&mut em, Request::Status),
+                Reply::Status { .. }
+            ));
+            drop(c);
+            em.run_with_timeout(20).expect("loop");
+        }
         // A new client can still shut the VM down.
         let mut c = Client::new(&path);
         assert!(matches!(

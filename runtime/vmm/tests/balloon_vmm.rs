@@ -1,6 +1,7 @@
 //! virtio-balloon wired into the VMM: the config section, and (root +
 //! /dev/kvm) the jailed `boxlite-vmm` binary serving a tiny guest that
-//! plays the balloon driver and reports one page free. Device behaviour is
+//! plays the balloon driver, reads the target set from boot and reports one
+//! page free, while the control socket's `balloon` op moves the target. Device behaviour is
 //! tested in `src/devices/virtio/balloon/tests.rs`; Linux's balloon driver
 //! needs the nested test host (docs/testing-nested.md).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -16,7 +17,7 @@ use boxlite_vmm::config::{
     BalloonConfig, ConfigError, CpuMode, DeviceConfig, RawImageConfig, RngConfig, Validate,
     VmConfig,
 };
-use boxlite_vmm_api::control::{DeviceCounters, Reply, Request};
+use boxlite_vmm_api::control::{BalloonState, DeviceCounters, Reply, Request};
 
 const BALLOON: BalloonConfig = BalloonConfig {
     deflate_on_oom: true,
@@ -102,15 +103,17 @@ fn print_dword(addr: u32) -> Vec<u8> {
     c
 }
 
-/// The guest: prints the page it is about to report (so a zero read
-/// afterwards means something), negotiates VERSION_1 + FREE_PAGE_REPORTING,
+/// The guest: prints the balloon's `num_pages` (config space), then the
+/// page it is about to report (so a zero read afterwards means something),
+/// negotiates VERSION_1 + FREE_PAGE_REPORTING,
 /// sets up the three queues (reporting is queue 2: no stats queue), hands
 /// the page to the reporting queue (its descriptor and avail entry are in
 /// the image), notifies, polls the used ring, then prints used.idx,
 /// used[0].len, the reported page and its neighbour, and spins in a `pause`
 /// loop so the test can read the VMM's metrics.
 fn guest_image() -> Vec<u8> {
-    let mut code = print_dword(FREED);
+    let mut code = print_dword(MMIO + 0x100);
+    code.extend(print_dword(FREED));
     let mut regs = vec![
         (0x70, 1),
         (0x70, 3),
@@ -195,7 +198,10 @@ fn a_reported_page_goes_back_under_the_jail() {
         console_log: Some(console.clone()),
         control_socket: Some(ctl.clone()),
         sandbox_dir: Some(dir.path().to_path_buf()),
-        balloon: Some(BALLOON),
+        balloon: Some(BalloonConfig {
+            target_mib: 4,
+            ..BALLOON
+        }),
         ..VmConfig::default()
     };
     assert!(cfg.jail, "the jail (and its seccomp filters) is on");
@@ -209,11 +215,11 @@ fn a_reported_page_goes_back_under_the_jail() {
         .stderr(std::fs::File::create(&log).expect("log"))
         .spawn()
         .expect("spawn boxlite-vmm");
-    // 4 dwords before and after: 20 bytes.
+    // 2 dwords before and 4 after: 24 bytes.
     let end = Instant::now() + Duration::from_secs(20);
     let out = loop {
         let out = std::fs::read(&console).unwrap_or_default();
-        if out.len() >= 20 {
+        if out.len() >= 24 {
             break out;
         }
         if let Some(status) = child.try_wait().expect("wait") {
@@ -230,19 +236,56 @@ fn a_reported_page_goes_back_under_the_jail() {
         std::thread::sleep(Duration::from_millis(20));
     };
     let m = metrics(&ctl);
+    // The balloon op, through the jailed VMM's control socket: a new
+    // target is taken (the guest here writes no `actual`), one that would
+    // leave the guest nothing is refused.
+    let set = |target_mib| -> Result<Reply, std::io::Error> {
+        let mut s = UnixStream::connect(&ctl)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let req = Request::Balloon {
+            target_mib: Some(target_mib),
+        };
+        s.write_all(req.to_line().as_bytes())?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line)?;
+        Ok(Reply::from_line(&line).expect("reply line"))
+    };
+    let moved = set(3);
+    let refused = set(16);
+    let alive = child.try_wait().expect("wait").is_none();
     let _ = child.kill();
-    let _ = child.wait();
+    let status = child.wait();
     let vmm_log = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         vmm_log.contains("seccomp filters loaded on every thread"),
         "jail not applied: {vmm_log}"
     );
     let dword = |i: usize| u32::from_le_bytes(out[4 * i..4 * i + 4].try_into().unwrap());
-    assert_eq!(dword(0), FREED_PATTERN, "the page held data before");
-    assert_eq!(dword(1) >> 16, 1, "used.idx: the chain came back");
-    assert_eq!(dword(2), 0, "used length 0");
-    assert_eq!(dword(3), 0, "the reported page reads zeros: discarded");
-    assert_eq!(dword(4), KEPT_PATTERN, "its neighbour is untouched");
+    assert_eq!(dword(0), 4 * 256, "num_pages: balloon.target_mib from boot");
+    assert_eq!(dword(1), FREED_PATTERN, "the page held data before");
+    assert_eq!(dword(2) >> 16, 1, "used.idx: the chain came back");
+    assert_eq!(dword(3), 0, "used length 0");
+    assert_eq!(dword(4), 0, "the reported page reads zeros: discarded");
+    assert_eq!(dword(5), KEPT_PATTERN, "its neighbour is untouched");
+    assert!(
+        alive,
+        "boxlite-vmm ended ({status:?}) after the balloon op; log:\n{vmm_log}"
+    );
+    assert_eq!(
+        moved.unwrap_or_else(|e| panic!("no reply to the first balloon op ({e}); log:\n{vmm_log}")),
+        Reply::Balloon {
+            balloon: BalloonState {
+                target_mib: 3,
+                actual_mib: 0
+            }
+        }
+    );
+    assert_eq!(
+        refused.expect("a reply to the second balloon op"),
+        Reply::Error {
+            error: "balloon target 16 MiB would leave the guest nothing of its 16 MiB".into()
+        }
+    );
     let Some(DeviceCounters::Balloon(b)) = m.devices.get("balloon0") else {
         panic!("no balloon0 in {m:?}");
     };
