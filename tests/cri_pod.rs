@@ -546,17 +546,17 @@ async fn a_pods_memory_grows_into_its_headroom_on_update() {
         }),
         ..Default::default()
     };
-    // A 320 MiB limit needs 448 MiB of guest memory: 248 more than the
-    // 200 it booted with (64 + 128 of reserve + 8 for the page records of
-    // the 504 the balloon held).
+    // A 320 MiB limit needs 456 MiB of guest memory (with the 128 of the
+    // reserve and 8 for the guest's page records of the headroom): 256 more
+    // than the 200 it booted with.
     cri.rt
         .update_container_resources(update(320))
         .await
         .expect("an update within the headroom");
     let after = guest_memtotal_kib(&mut cri, &ctr).await;
     assert!(
-        after >= before + 244 * 1024,
-        "guest MemTotal {before} kB before, {after} kB after growing by 248 MiB"
+        after >= before + 252 * 1024,
+        "guest MemTotal {before} kB before, {after} kB after growing by 256 MiB"
     );
     // More than the whole guest had before the update.
     let (code, out, err) = cri
@@ -571,7 +571,7 @@ async fn a_pods_memory_grows_into_its_headroom_on_update() {
         .await;
     assert_eq!((code, out.as_str()), (0, "filled\n"), "{err}");
 
-    // 1 GiB needs 1152 MiB, more than the VM's 704.
+    // 1 GiB needs 1160 MiB, more than the VM's 704.
     let err = cri
         .rt
         .update_container_resources(update(1024))
@@ -579,7 +579,7 @@ async fn a_pods_memory_grows_into_its_headroom_on_update() {
         .unwrap_err();
     assert!(
         err.message()
-            .contains("which needs 1152 MiB of guest memory")
+            .contains("which needs 1160 MiB of guest memory")
             && err
                 .message()
                 .contains("more than the 704 MiB its sandbox VM was built with"),

@@ -150,8 +150,8 @@ pub fn check_host_memory(
     Ok(())
 }
 
-/// MiB of memory whose pages the guest kernel's page records (64 bytes
-/// per 4 KiB page) fill one MiB with.
+/// How many MiB of guest memory take one MiB of the guest kernel's page
+/// records (64 bytes per 4 KiB page).
 const PAGE_RECORDS_PER_MIB: u32 = 4096 / 64;
 
 /// A VM's size.
@@ -169,9 +169,10 @@ pub struct VmSize {
     /// `guest.max_memory_mib` and the host's memory), which an update
     /// asking for more memory hands to the guest.
     pub present_memory_mib: u32,
-    /// Of the guest's memory, what the guest itself takes
-    /// (`guest.reserved_memory_mib`): a container limit of L needs L plus
-    /// this.
+    /// Of the guest's memory, what the guest itself takes: the config's
+    /// `guest.reserved_memory_mib`, plus its page records of the headroom
+    /// (1/64 of it). A container limit of L needs L plus this, before and
+    /// after the headroom is given.
     pub reserved_mib: u32,
 }
 
@@ -265,8 +266,9 @@ pub fn size_vm(
     // given, the balloon's included (1/64 of it), and keeps it in the
     // memory it boots with: that much of the headroom is the guest's from
     // boot, so the pod still gets its limit plus the reserve.
-    let headroom = size.present_memory_mib - size.memory_mib;
-    size.memory_mib += headroom.div_ceil(PAGE_RECORDS_PER_MIB);
+    let records = (size.present_memory_mib - size.memory_mib).div_ceil(PAGE_RECORDS_PER_MIB);
+    size.memory_mib += records;
+    size.reserved_mib += records;
     Ok(size)
 }
 
@@ -350,6 +352,7 @@ mod tests {
         // 256 + 128 of the reserve, + 8 for the page records of the 512
         // the balloon holds (they live in the guest's own memory).
         assert_eq!((size.memory_mib, size.present_memory_mib), (392, 896));
+        assert_eq!(size.reserved_mib, 136, "the records stay the guest's");
         // No limit: the config's size, with the headroom too.
         let size = size_vm(&g, HOST, &PodResources::default(), Fixed::default()).unwrap();
         assert_eq!((size.memory_mib, size.present_memory_mib), (520, 1024));

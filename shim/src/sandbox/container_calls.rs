@@ -156,7 +156,8 @@ async fn grow_for(vm: &Vm, id: &str, resources: &oci_spec::runtime::LinuxResourc
 }
 
 /// Gives the guest memory enough for a container limit of `limit_mib`
-/// (the limit plus the guest's reserve) out of the VM's headroom.
+/// (the limit plus what the guest itself takes: the reserve and its page
+/// records) out of the VM's headroom.
 async fn grow_memory_for(vm: &Vm, id: &str, limit_mib: u64) -> Result<()> {
     let needed = limit_mib.saturating_add(vm.size.reserved_mib.into());
     let mut guest = vm.guest_memory_mib.lock().await;
@@ -169,8 +170,8 @@ async fn grow_memory_for(vm: &Vm, id: &str, limit_mib: u64) -> Result<()> {
         _ => {
             return Err(ShimError::FailedPrecondition(format!(
                 "container {id:?}: the update asks for a {limit_mib} MiB memory limit, which \
-                 needs {needed} MiB of guest memory (with guest.reserved_memory_mib = {}), more \
-                 than the {present} MiB its sandbox VM was built with (its boot size plus \
+                 needs {needed} MiB of guest memory (with the {} MiB the guest itself takes), \
+                 more than the {present} MiB its sandbox VM was built with (its boot size plus \
                  guest.memory_headroom_mib, within guest.max_memory_mib)",
                 vm.size.reserved_mib
             )))
