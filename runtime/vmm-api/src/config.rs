@@ -446,8 +446,10 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&cfg.to_json_pretty()).expect("json");
         assert_eq!(
             v["balloon"],
-            serde_json::json!({"deflate_on_oom": true, "free_page_reporting": true})
+            serde_json::json!({"deflate_on_oom": true, "free_page_reporting": true, "target_mib": 0})
         );
+        let cfg = VmConfig::from_json(r#"{"balloon": {"target_mib": 512}}"#).expect("a target");
+        assert_eq!(cfg.balloon.map(|b| b.target_mib), Some(512));
         assert_eq!(
             VmConfig::from_json(&cfg.to_json_pretty()).expect("reparse"),
             cfg
