@@ -1,9 +1,10 @@
 //! Snapshot files: the on-disk containers a paused VM's state and guest
 //! memory are saved to, and restored from (docs/snapshot-design.md §3, §4).
 //!
-//! This module holds the two file formats and nothing else: framing,
-//! integrity and pairing checks. What goes into the state body (vCPU, VM and
-//! device state) and the save/restore sequences build on it.
+//! This module holds the two file formats (framing, integrity and pairing
+//! checks) and the moving of guest RAM in and out of the memory file. What
+//! goes into the state body (vCPU, VM and device state) and the
+//! save/restore sequences build on it.
 //!
 //! - [`state_file`]: a 128-byte header (magic, format version, snapshot id,
 //!   CPUID digest, guest memory size, header CRC), a body, a trailing CRC
@@ -14,12 +15,16 @@
 //!   that pairs it with its state file, the guest memory size and region
 //!   table), then guest RAM at the header page plus each region's memfd
 //!   offset, so the file can be mapped region by region.
+//! - [`ram`]: a paused VM's RAM written there sparsely, and read back either
+//!   mapped copy-on-write (VMs restored from one file share its page cache)
+//!   or copied into fresh memfd-backed RAM.
 //!
 //! Both are immutable once written: a template is replaced by renaming a
 //! new one over it, never by rewriting (a file mapped `MAP_PRIVATE` by a
 //! running VM must not change under it).
 
 pub mod memory_file;
+pub mod ram;
 pub mod state_file;
 
 #[cfg(test)]
