@@ -12,6 +12,7 @@ pub mod event_handler;
 pub mod fs;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 pub mod rng;
 #[cfg(any(test, fuzzing))]
 pub mod test_utils;
@@ -68,6 +69,8 @@ pub enum VirtioError {
     Activate(String),
     #[error("Failed to signal the guest")]
     Interrupt(#[source] std::io::Error),
+    #[error("Device state: {0}")]
+    State(#[from] persist::DeviceStateError),
 }
 
 /// The interrupt line of one virtio-mmio device: the interrupt status the
@@ -222,8 +225,9 @@ impl SingleQueue {
 /// (virtio-blk, virtio-rng), written once so the devices cannot drift
 /// apart: `activate` keeps queue 0 as a [`SingleQueue`] in `self.active`
 /// (an `Option<SingleQueue>`), `reset` drops it, and a notification of
-/// queue 0 runs `self.process_requests()`. Expands to the four methods
-/// inside the device's `impl VirtioDevice`.
+/// queue 0 runs `self.process_requests()`, and a snapshot saves and
+/// restores queue 0 with its positions. Expands to the six methods inside
+/// the device's `impl VirtioDevice`.
 macro_rules! single_queue_lifecycle {
     () => {
         fn activate(
@@ -248,6 +252,29 @@ macro_rules! single_queue_lifecycle {
         ) -> Result<(), $crate::devices::virtio::VirtioError> {
             $crate::devices::virtio::only_queue_0(index)?;
             self.process_requests().map(|_| ())
+        }
+
+        fn save_state(
+            &self,
+        ) -> Result<
+            $crate::devices::virtio::persist::DeviceSnap,
+            $crate::devices::virtio::VirtioError,
+        > {
+            Ok($crate::devices::virtio::persist::DeviceSnap::of_queues(
+                self.active.as_ref().map(|a| std::slice::from_ref(&a.queue)),
+            ))
+        }
+
+        fn restore_state(
+            &mut self,
+            snap: &$crate::devices::virtio::persist::DeviceSnap,
+            ctx: Option<$crate::devices::virtio::ActivateContext>,
+        ) -> Result<(), $crate::devices::virtio::VirtioError> {
+            self.active = match $crate::devices::virtio::persist::restored_context(snap, ctx)? {
+                Some(ctx) => Some($crate::devices::virtio::SingleQueue::activate(ctx)?),
+                None => None,
+            };
+            Ok(())
         }
     };
 }
@@ -316,4 +343,21 @@ pub trait VirtioDevice: Send {
     /// Receives the transport's queue eventfds (KVM ioeventfds), one per
     /// queue; called only if [`VirtioDevice::has_external_backend`].
     fn set_queue_evts(&mut self, _evts: Vec<EventFd>) {}
+    /// The device's own state for a snapshot (the VM is paused, so no
+    /// queue moves meanwhile). Default: this device cannot be snapshotted
+    /// yet, which fails the snapshot with that reason.
+    fn save_state(&self) -> Result<persist::DeviceSnap, VirtioError> {
+        Err(persist::DeviceStateError::Unsupported.into())
+    }
+    /// Puts a saved state into a fresh device whose transport has just
+    /// been restored: `ctx` is what the transport would pass at
+    /// DRIVER_OK, `None` if its driver had not got there
+    /// ([`persist::restored_context`] checks the two agree).
+    fn restore_state(
+        &mut self,
+        _snap: &persist::DeviceSnap,
+        _ctx: Option<ActivateContext>,
+    ) -> Result<(), VirtioError> {
+        Err(persist::DeviceStateError::Unsupported.into())
+    }
 }

@@ -213,26 +213,30 @@ impl MmioTransport {
         }
     }
 
-    fn activate(&mut self) {
-        // The device gets its own copies; ours stay for QueueReady reads and reset.
+    /// What the device gets at DRIVER_OK (and on restore): its own copies
+    /// of the queues; ours stay for QueueReady reads and reset.
+    fn activate_context(&self) -> Result<ActivateContext, virtio_queue::Error> {
         let queues = self
             .queues
             .iter()
             .map(|q| Queue::try_from(q.state()))
-            .collect::<Result<Vec<_>, _>>();
-        let queues = match queues {
-            Ok(q) => q,
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ActivateContext {
+            mem: self.mem.clone(),
+            queues,
+            interrupt: self.interrupt.clone(),
+            acked_features: self.acked_features,
+        })
+    }
+
+    fn activate(&mut self) {
+        let ctx = match self.activate_context() {
+            Ok(ctx) => ctx,
             Err(e) => {
                 tracing::warn!(error = %e, "virtio: queue state is invalid");
                 let _ = self.interrupt.signal_needs_reset();
                 return;
             }
-        };
-        let ctx = ActivateContext {
-            mem: self.mem.clone(),
-            queues,
-            interrupt: self.interrupt.clone(),
-            acked_features: self.acked_features,
         };
         let invalid = self
             .queues

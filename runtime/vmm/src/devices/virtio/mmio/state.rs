@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 
 use super::MmioTransport;
+use crate::devices::virtio::persist::DeviceSnap;
+use crate::devices::virtio::{status, VirtioError};
 
 /// A queue as the transport holds it (a serde mirror of virtio-queue's
 /// `QueueState`).
@@ -181,6 +183,31 @@ impl MmioTransport {
             .vring_always
             .store(snap.interrupt.vring_always, SeqCst);
         Ok(())
+    }
+}
+
+impl MmioTransport {
+    /// The device's own state (`persist`); the VM is paused.
+    pub fn save_device_state(&self) -> Result<DeviceSnap, VirtioError> {
+        self.device
+            .lock()
+            .expect("virtio device lock poisoned")
+            .save_state()
+    }
+
+    /// Gives the device its saved state, after [`MmioTransport::restore_state`]:
+    /// with the context DRIVER_OK would have built if the restored status
+    /// has it, else none.
+    pub fn restore_device_state(&mut self, snap: &DeviceSnap) -> Result<(), VirtioError> {
+        let ctx = if self.has(status::DRIVER_OK) {
+            Some(self.activate_context().map_err(VirtioError::Queue)?)
+        } else {
+            None
+        };
+        self.device
+            .lock()
+            .expect("virtio device lock poisoned")
+            .restore_state(snap, ctx)
     }
 }
 
