@@ -35,7 +35,8 @@ const CRC_AT: usize = HEADER_PAGE as usize - 4;
 
 /// One guest RAM region and where its bytes are, relative to the end of
 /// the header page.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Region {
     pub guest_addr: u64,
     pub size: u64,

@@ -15,14 +15,19 @@
 //!   that pairs it with its state file, the guest memory size and region
 //!   table), then guest RAM at the header page plus each region's memfd
 //!   offset, so the file can be mapped region by region.
+//! - [`body`]: what the state file's body holds (the VM's shape, the KVM
+//!   state of its vCPUs and of the VM, the UART, each virtio device's
+//!   transport and device halves), checked on reading against this build's
+//!   KVM struct sizes and against itself.
 //! - [`ram`]: a paused VM's RAM written there sparsely, and read back either
 //!   mapped copy-on-write (VMs restored from one file share its page cache)
 //!   or copied into fresh memfd-backed RAM.
 //!
-//! Both are immutable once written: a template is replaced by renaming a
+//! The two files are immutable once written: a template is replaced by renaming a
 //! new one over it, never by rewriting (a file mapped `MAP_PRIVATE` by a
 //! running VM must not change under it).
 
+pub mod body;
 pub mod memory_file;
 pub mod ram;
 pub mod state_file;
