@@ -247,7 +247,7 @@ pub fn run_vm(
         (None, None) => Box::new(std::io::sink()),
     };
     let mut devices = DeviceManager::new();
-    devices.attach_legacy(&vm, console, exit.clone())?;
+    devices.attach_legacy(&vm, console, exit.clone(), None)?;
 
     let mut cmdline = build_cmdline()?;
     // Backend subscribers of devices with host fds of their own (vsock).

@@ -1,8 +1,9 @@
 //! KVM state saved from one VM and restored into another: a vCPU's
 //! continues the guest exactly where it stopped (vstate::vcpu_state), also
 //! when it was paused and read on its own thread right after an `in`
-//! (vstate::vcpu), and the irqchip, PIT and clock come back as they were
-//! (vstate::vm_state).
+//! (vstate::vcpu), the irqchip, PIT and clock come back as they were
+//! (vstate::vm_state), and so do COM1 and a virtio device with its ring
+//! positions (device_manager's save_states/restore_virtio_states).
 //! Needs root (or /dev/kvm access): `cargo test -p boxlite-vmm --test
 //! snapshot_kvm -- --ignored`. Port I/O only, so it runs on the
 //! development machines' KVM.
@@ -353,5 +354,164 @@ fn a_vcpu_paused_after_an_in_is_read_on_its_thread_with_the_in_complete() {
         next_count(&mut b.vcpu),
         PAUSE_AT,
         "restored vCPU's first out"
+    );
+}
+
+/// A VM with an irqchip, 16 MiB of RAM, COM1 and one rng device in slot 0
+/// named `name` (its kind is the name without the digits).
+struct DeviceVm {
+    _vm: boxlite_vmm::vstate::vm::Vm,
+    ram: boxlite_vmm::vstate::memory::GuestRam,
+    devices: boxlite_vmm::device_manager::DeviceManager,
+    rng: Arc<Mutex<boxlite_vmm::devices::virtio::rng::Rng>>,
+}
+
+fn device_vm(
+    name: &str,
+    serial: Option<&boxlite_vmm::devices::legacy::serial::SerialSnap>,
+) -> Result<DeviceVm, boxlite_vmm::device_manager::DeviceManagerError> {
+    use boxlite_vmm::devices::virtio::rng::Rng;
+    let vm = boxlite_vmm::vstate::vm::Vm::new(true).expect("VM with irqchip");
+    let ram = boxlite_vmm::vstate::memory::create_guest_memory(16 << 20).expect("RAM");
+    vm.register_memory(&ram.mem).expect("memory slots");
+    let mut devices = boxlite_vmm::device_manager::DeviceManager::new();
+    let exit = Arc::new(ExitSignal::new().expect("exit eventfd"));
+    devices.attach_legacy(&vm, Box::new(std::io::sink()), exit, serial)?;
+    let rng = Arc::new(Mutex::new(Rng::new(None).expect("urandom")));
+    devices.attach_virtio(&vm, &ram.mem, name, rng.clone(), None)?;
+    Ok(DeviceVm {
+        _vm: vm,
+        ram,
+        devices,
+        rng,
+    })
+}
+
+const RNG_AT: u64 = boxlite_vmm::arch::x86_64::layout::VIRTIO_MMIO_BASE;
+const COM1: u64 = boxlite_vmm::arch::x86_64::layout::SERIAL_PORT_BASE as u64;
+const DESC: u64 = 0x10000;
+const AVAIL: u64 = 0x11000;
+const USED: u64 = 0x12000;
+
+fn mmio_w(dm: &boxlite_vmm::device_manager::DeviceManager, reg: u64, v: u32) {
+    assert!(
+        dm.mmio.write(RNG_AT + reg, &v.to_le_bytes()),
+        "MMIO {reg:#x}"
+    );
+}
+
+/// The driver's side of the rng, as Linux's virtio-mmio driver does it:
+/// features, a 16-entry queue at DESC/AVAIL/USED, DRIVER_OK.
+fn drive_rng(dm: &boxlite_vmm::device_manager::DeviceManager) {
+    use boxlite_vmm::devices::virtio::mmio::reg;
+    for status in [1, 3] {
+        mmio_w(dm, reg::STATUS, status);
+    }
+    mmio_w(dm, reg::DRIVER_FEATURES_SEL, 1);
+    mmio_w(dm, reg::DRIVER_FEATURES, 1); // VERSION_1
+    mmio_w(dm, reg::STATUS, 0xb);
+    mmio_w(dm, reg::QUEUE_SEL, 0);
+    mmio_w(dm, reg::QUEUE_NUM, 16);
+    mmio_w(dm, reg::QUEUE_DESC_LOW, DESC as u32);
+    mmio_w(dm, reg::QUEUE_AVAIL_LOW, AVAIL as u32);
+    mmio_w(dm, reg::QUEUE_USED_LOW, USED as u32);
+    mmio_w(dm, reg::QUEUE_READY, 1);
+    mmio_w(dm, reg::STATUS, 0xf);
+}
+
+/// Makes request `n` (a 32-byte buffer in descriptor `n`) available and
+/// has the rng serve it; returns the used ring's index after.
+fn rng_request(v: &DeviceVm, n: u16) -> u16 {
+    use boxlite_vmm::devices::virtio::VirtioDevice as _;
+    let mem = &v.ram.mem;
+    let d = GuestAddress(DESC + 16 * u64::from(n));
+    mem.write_obj(0x2_0000u64 + 0x100 * u64::from(n), d)
+        .unwrap();
+    mem.write_obj(32u32, GuestAddress(d.0 + 8)).unwrap();
+    mem.write_obj(2u16, GuestAddress(d.0 + 12)).unwrap(); // WRITE
+    mem.write_obj(n, GuestAddress(AVAIL + 4 + 2 * u64::from(n % 16)))
+        .unwrap();
+    mem.write_obj(n + 1, GuestAddress(AVAIL + 2)).unwrap();
+    v.rng.lock().unwrap().process_queue(0).expect("rng request");
+    mem.read_obj(GuestAddress(USED + 2)).unwrap()
+}
+
+#[test]
+#[ignore = "needs /dev/kvm (root)"]
+fn the_serial_and_a_virtio_device_come_back_in_a_second_vm() {
+    let a = device_vm("rng0", None).expect("first VM");
+    drive_rng(&a.devices);
+    assert_eq!(rng_request(&a, 0), 1);
+    assert_eq!(rng_request(&a, 1), 2);
+    // COM1: 8N1 and a scratch byte of our own.
+    assert!(a.devices.pio.write(COM1 + 3, &[0x03]));
+    assert!(a.devices.pio.write(COM1 + 7, &[0x5a]));
+
+    let (serial, entries) = a.devices.save_states().expect("save");
+    let json_before = json(&(&serial, &entries));
+    let (serial, entries): (
+        Option<boxlite_vmm::devices::legacy::serial::SerialSnap>,
+        Vec<boxlite_vmm::snapshot::body::DeviceEntry>,
+    ) = serde_json::from_str(&json_before).unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].kind, "rng");
+    assert_eq!(entries[0].device.queues[0].next_used, 2);
+
+    // The second VM gets a copy of the guest's memory, as a restore does.
+    let b = device_vm("rng0", serial.as_ref()).expect("second VM");
+    let mut image = vec![0u8; 16 << 20];
+    a.ram.mem.read_slice(&mut image, GuestAddress(0)).unwrap();
+    b.ram.mem.write_slice(&image, GuestAddress(0)).unwrap();
+    b.devices.restore_virtio_states(&entries).expect("restore");
+    let (serial_b, entries_b) = b.devices.save_states().expect("save again");
+    assert_eq!(
+        json(&(&serial_b, &entries_b)),
+        json_before,
+        "saved again unchanged"
+    );
+
+    let mut scratch = [0u8];
+    assert!(b.devices.pio.read(COM1 + 7, &mut scratch));
+    assert_eq!(scratch[0], 0x5a, "COM1's scratch register");
+    let mut status = [0u8; 4];
+    assert!(b.devices.mmio.read(RNG_AT + 0x70, &mut status));
+    assert_eq!(u32::from_le_bytes(status), 0xf, "rng transport status");
+    // The restored rng serves the next request into used slot 2.
+    assert_eq!(rng_request(&b, 2), 3, "restored rng");
+}
+
+#[test]
+#[ignore = "needs /dev/kvm (root)"]
+fn device_states_for_other_devices_are_refused_by_slot() {
+    let a = device_vm("rng0", None).expect("first VM");
+    drive_rng(&a.devices);
+    let (_, entries) = a.devices.save_states().expect("save");
+    let other = device_vm("block0", None).expect("second VM");
+    let err = other
+        .devices
+        .restore_virtio_states(&entries)
+        .expect_err("an rng's state into a block slot");
+    assert_eq!(
+        err.to_string(),
+        "virtio device slot 0: the snapshot's is a rng device, this VM's a block"
+    );
+    let err = other
+        .devices
+        .restore_virtio_states(&[])
+        .expect_err("no devices saved");
+    assert_eq!(
+        err.to_string(),
+        "the snapshot has 0 virtio devices, this VM 1"
+    );
+    // A saved UART with more unread input than its FIFO holds.
+    let mut serial = a.devices.save_states().expect("save").0.expect("COM1");
+    serial.in_buffer = vec![b'x'; 65];
+    let err = device_vm("rng0", Some(&serial))
+        .err()
+        .expect("oversized FIFO");
+    assert!(
+        err.to_string()
+            .starts_with("serial: the saved state cannot be restored (65 bytes"),
+        "{err}"
     );
 }

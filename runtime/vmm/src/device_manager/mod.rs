@@ -14,11 +14,12 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::layout::*;
 use crate::devices::legacy::i8042::I8042;
-use crate::devices::legacy::serial::SerialDevice;
+use crate::devices::legacy::serial::{SerialDevice, SerialSnap};
 use crate::devices::legacy::EventFdTrigger;
 use crate::devices::virtio::event_handler::VirtioEventHandler;
 use crate::devices::virtio::mmio::{reg, MmioTransport, MMIO_WINDOW_SIZE};
 use crate::devices::virtio::{Interrupt, VirtioDevice, VirtioError};
+use crate::snapshot::body::DeviceEntry;
 use crate::vstate::vcpu::ExitSignal;
 use crate::vstate::vm::Vm;
 use bus::{Bus, BusError};
@@ -38,6 +39,30 @@ pub enum DeviceManagerError {
     NoSlot(usize),
     #[error("Failed to add the device to the kernel command line")]
     Cmdline(#[source] linux_loader::cmdline::Error),
+    /// COM1's saved state does not fit a UART (the message names it).
+    #[error("{0}")]
+    SerialState(String),
+    #[error("virtio device slot {slot} ({kind}): {source}")]
+    DeviceState {
+        slot: usize,
+        kind: String,
+        #[source]
+        source: VirtioError,
+    },
+    #[error("virtio device slot {slot} ({kind}): {what}")]
+    TransportState {
+        slot: usize,
+        kind: String,
+        what: String,
+    },
+    #[error("the snapshot has {saved} virtio devices, this VM {here}")]
+    DeviceCount { saved: usize, here: usize },
+    #[error("virtio device slot {slot}: the snapshot's is a {saved} device, this VM's a {here}")]
+    DeviceKind {
+        slot: usize,
+        saved: String,
+        here: String,
+    },
 }
 
 /// Where one virtio device ended up.
@@ -62,6 +87,11 @@ pub struct DeviceManager {
     pub slots: Vec<VirtioSlot>,
     /// Event-loop subscribers, handed to the event manager.
     pub handlers: Vec<VirtioEventHandler>,
+    /// COM1, for snapshots.
+    serial: Option<Arc<Mutex<SerialDevice>>>,
+    /// Each slot's kind (`rng`, `block`, ...) and transport, in slot
+    /// order, for snapshots.
+    transports: Vec<(String, Arc<Mutex<MmioTransport>>)>,
 }
 
 impl DeviceManager {
@@ -80,17 +110,25 @@ impl DeviceManager {
         Ok(evt)
     }
 
-    /// COM1 (writing to `console`) and the i8042 (ending the VM through `exit`).
+    /// COM1 (writing to `console`; in the `saved` state when restoring a
+    /// snapshot) and the i8042 (ending the VM through `exit`).
     pub fn attach_legacy(
         &mut self,
         vm: &Vm,
         console: Box<dyn Write + Send>,
         exit: Arc<ExitSignal>,
+        saved: Option<&SerialSnap>,
     ) -> Result<(), DeviceManagerError> {
-        let serial_irq = Self::irq_evt(vm, SERIAL_IRQ)?;
-        let serial = SerialDevice::new(EventFdTrigger(serial_irq), console);
+        let serial_irq = EventFdTrigger(Self::irq_evt(vm, SERIAL_IRQ)?);
+        let serial = match saved {
+            Some(snap) => SerialDevice::from_state(snap, serial_irq, console)
+                .map_err(DeviceManagerError::SerialState)?,
+            None => SerialDevice::new(serial_irq, console),
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        self.serial = Some(serial.clone());
         self.pio.insert(
-            Arc::new(Mutex::new(serial)),
+            serial,
             u64::from(SERIAL_PORT_BASE),
             u64::from(SERIAL_PORT_SIZE),
         )?;
@@ -149,8 +187,9 @@ impl DeviceManager {
                 evts,
             ));
         }
-        self.mmio
-            .insert(Arc::new(Mutex::new(transport)), addr, MMIO_WINDOW_SIZE)?;
+        let transport = Arc::new(Mutex::new(transport));
+        self.transports.push((kind_of(name), transport.clone()));
+        self.mmio.insert(transport, addr, MMIO_WINDOW_SIZE)?;
         if let Some(c) = cmdline {
             c.add_virtio_mmio_device(MMIO_WINDOW_SIZE, GuestAddress(addr), irq, None)
                 .map_err(DeviceManagerError::Cmdline)?;
@@ -170,4 +209,77 @@ impl DeviceManager {
         self.slots.push(slot);
         Ok(slot)
     }
+
+    /// COM1's state and every virtio device's, in slot order, for a
+    /// snapshot of the paused VM. Per slot the device goes first, then
+    /// its transport, so that whatever saving the device does to the
+    /// interrupt status is in the transport's state.
+    pub fn save_states(
+        &self,
+    ) -> Result<(Option<SerialSnap>, Vec<DeviceEntry>), DeviceManagerError> {
+        let serial = self
+            .serial
+            .as_ref()
+            .map(|s| s.lock().expect("serial lock poisoned").save_state());
+        let mut entries = Vec::with_capacity(self.transports.len());
+        for (slot, (kind, transport)) in self.transports.iter().enumerate() {
+            let t = transport.lock().expect("virtio transport lock poisoned");
+            let device =
+                t.save_device_state()
+                    .map_err(|source| DeviceManagerError::DeviceState {
+                        slot,
+                        kind: kind.clone(),
+                        source,
+                    })?;
+            entries.push(DeviceEntry {
+                slot: slot as u32,
+                kind: kind.clone(),
+                transport: t.save_state(),
+                device,
+            });
+        }
+        Ok((serial, entries))
+    }
+
+    /// Puts a snapshot's virtio device states into this VM's devices,
+    /// attached as at boot (same kinds, same order) but not yet running:
+    /// each transport, then its device.
+    pub fn restore_virtio_states(&self, saved: &[DeviceEntry]) -> Result<(), DeviceManagerError> {
+        if saved.len() != self.transports.len() {
+            return Err(DeviceManagerError::DeviceCount {
+                saved: saved.len(),
+                here: self.transports.len(),
+            });
+        }
+        for (slot, (entry, (kind, transport))) in saved.iter().zip(&self.transports).enumerate() {
+            if &entry.kind != kind {
+                return Err(DeviceManagerError::DeviceKind {
+                    slot,
+                    saved: entry.kind.clone(),
+                    here: kind.clone(),
+                });
+            }
+            let mut t = transport.lock().expect("virtio transport lock poisoned");
+            t.restore_state(&entry.transport)
+                .map_err(|e| DeviceManagerError::TransportState {
+                    slot,
+                    kind: kind.clone(),
+                    what: e.to_string(),
+                })?;
+            t.restore_device_state(&entry.device).map_err(|source| {
+                DeviceManagerError::DeviceState {
+                    slot,
+                    kind: kind.clone(),
+                    source,
+                }
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// A slot's kind from its name (`rng0` → `rng`, `balloon3` → `balloon`).
+fn kind_of(name: &str) -> String {
+    name.trim_end_matches(|c: char| c.is_ascii_digit())
+        .to_owned()
 }
