@@ -4,9 +4,9 @@
 # KVM), booted under QEMU TCG with an emulated SVM CPU
 # (docs/testing-nested.md). Run as root on Debian 12.
 #
-#   scripts/nested-run.sh [--memory MIB] [--cpus N] [--copy PATH]... \
-#       [--env NAME=VALUE]... [--out DIR] [--timeout SECS] [--keep] \
-#       -- SCRIPT [ARGS...]
+#   scripts/nested-run.sh [--memory MIB] [--cpus N] [--accel ACCEL] \
+#       [--copy PATH]... [--env NAME=VALUE]... [--out DIR] [--timeout SECS] \
+#       [--keep] -- SCRIPT [ARGS...]
 #
 # Builds (or takes from the caches) the test-host kernel, the guest kernel
 # and initramfs, the node's root image and our binaries; writes them with
@@ -20,6 +20,10 @@
 # node's vCPUs were doing (scripts/qemu-state.sh), shows the tail of the
 # node's console and exits 125.
 #
+# --accel is the outer QEMU's accelerator (default tcg: one thread per
+# vCPU), for experiments such as tcg,thread=single (docs/testing-nested.md,
+# "The int3 loop").
+#
 # Environment: BOXLITE_NODE_PROFILE=release|debug (our binaries' cargo
 # profile; default release), BOXLITE_TESTHOST_TSC_KHZ (the host's TSC
 # frequency; default from /proc/cpuinfo), BOXLITE_TESTHOST_APPEND (more
@@ -32,12 +36,13 @@ usage() {
     exit 2
 }
 
-memory=4096 cpus=2 timeout=3600 out="" keep=0
+memory=4096 cpus=2 accel=tcg timeout=3600 out="" keep=0
 copies=() envs=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --memory) memory="$2"; shift 2 ;;
         --cpus) cpus="$2"; shift 2 ;;
+        --accel) accel="$2"; shift 2 ;;
         --copy) copies+=("$2"); shift 2 ;;
         --env) envs+=("$2"); shift 2 ;;
         --out) out="$2"; shift 2 ;;
@@ -153,7 +158,7 @@ watch_node() {
     done
 }
 
-echo "nested-run: booting the node (${memory} MiB, $cpus vCPUs; console: $work/console.log)" >&2
+echo "nested-run: booting the node (${memory} MiB, $cpus vCPUs, -accel $accel; console: $work/console.log)" >&2
 started=$SECONDS
 # The root image opens with snapshot=on: the run's writes go to a temporary
 # overlay and the cached image never changes. The kernel console goes to a
@@ -173,7 +178,7 @@ started=$SECONDS
 # tables (so no acpi=off), and the node's stage 1 (node-initramfs) loads it
 # and virtio-blk, mounts root= and switches to init=.
 qemu-system-x86_64 \
-    -M microvm -accel tcg -cpu EPYC,+svm,+npt -smp "$cpus" -m "$memory" \
+    -M microvm -accel "$accel" -cpu EPYC,+svm,+npt -smp "$cpus" -m "$memory" \
     -name boxlite-node,debug-threads=on \
     -nodefaults -no-user-config -display none -no-reboot \
     -monitor "unix:$work/monitor.sock,server=on,wait=off" \

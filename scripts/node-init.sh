@@ -97,6 +97,28 @@ say "containerd up $(cut -d' ' -f1 /proc/uptime)s after boot; running the script
 # nested-run.sh can name where its vCPUs stopped; and a heartbeat on the
 # console, whose silence nested-run.sh takes as the freeze.
 cp /proc/kallsyms "$P/kallsyms" && sync "$P/kallsyms"
+# Kernel text the node would otherwise patch while tests run, patched once
+# here instead (docs/testing-nested.md, "The int3 loop"): the outer QEMU can
+# miss such a patch and loop on its int3 forever, freezing the node.
+# - An idle KVM VM with an in-kernel irqchip and one vCPU that never runs,
+#   held for the node's life: the count of VMs never drops to 0 (each
+#   0 <-> 1 change flips KVM's preempt-notifier key, which patches
+#   __schedule), and its LAPIC stays software-disabled (every other VM's
+#   vCPU would flip KVM's apic_sw_disabled key on at creation and off a
+#   second after its guest enables the APIC).
+# - A dummy link with an ingress qdisc: each pod's tap gets one, and the
+#   first and last of them flip the ingress key of the network receive path.
+python3 -c '
+import fcntl, os, signal
+kvm = os.open("/dev/kvm", os.O_RDWR)
+vm = fcntl.ioctl(kvm, 0xAE01, 0)  # KVM_CREATE_VM
+fcntl.ioctl(vm, 0xAE60, 0)  # KVM_CREATE_IRQCHIP
+fcntl.ioctl(vm, 0xAE41, 0)  # KVM_CREATE_VCPU, id 0
+signal.pause()
+' &
+echo $! >/run/boxlite-node-kvm-holder.pid
+ip link add keyhold0 type dummy && tc qdisc add dev keyhold0 ingress \
+    || say "cannot hold the ingress key (dummy link keyhold0)"
 # nested-run.sh sends a frozen node an NMI: it panics with the backtrace of
 # every CPU (panic_print bit 6) instead of going on. On microvm, which has
 # no NMI sources, the kernel reads an NMI as a PCI system error (port 0x61

@@ -88,6 +88,9 @@ fn run() {
         "BOXLITE-NESTED-START test-host-uptime={host_up:.2}s scenarios={scenarios} kvm={} cpu-mhz={cpu_mhz:.3}",
         Path::new("/dev/kvm").exists()
     );
+    let _idle_vm = test_host::hold_idle_vm()
+        .map_err(|e| println!("BOXLITE-NESTED-WARNING cannot hold an idle KVM VM: {e}"))
+        .ok();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -33,6 +33,46 @@ pub fn kvm_unusable(cpu_mhz: f64) -> Option<Failure> {
     }
 }
 
+/// An idle KVM VM for the driver's whole run: an in-kernel irqchip and one
+/// vCPU that never runs, no memory. Kernel text the test host would
+/// otherwise patch at every scenario stays as it is, because the outer
+/// QEMU can miss such a patch and loop on its int3 forever
+/// (docs/testing-nested.md, "The int3 loop"): the count of VMs never falls
+/// back to 0 (each 0 <-> 1 change flips KVM's preempt-notifier key, which
+/// patches `__schedule`), and this vCPU's LAPIC stays software-disabled
+/// (each scenario's vCPUs would flip KVM's `apic_sw_disabled` key on when
+/// created and off a second after their guest enables its APIC).
+/// Returns the VM's and the vCPU's file descriptors, to keep.
+pub fn hold_idle_vm() -> std::io::Result<[std::os::fd::OwnedFd; 2]> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    const KVM_CREATE_VM: libc::c_ulong = 0xAE01; // _IO(KVMIO, 0x01)
+    const KVM_CREATE_IRQCHIP: libc::c_ulong = 0xAE60; // _IO(KVMIO, 0x60)
+    const KVM_CREATE_VCPU: libc::c_ulong = 0xAE41; // _IO(KVMIO, 0x41)
+    /// One KVM ioctl that takes its argument by value and returns a
+    /// number (a new file descriptor or 0).
+    fn kvm_ioctl(fd: &impl std::os::fd::AsRawFd, req: libc::c_ulong) -> std::io::Result<i32> {
+        // SAFETY: these three ioctls take an integer argument (0) by value
+        // and write no memory of ours.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), req, 0 as libc::c_ulong) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    }
+    let kvm = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")?;
+    // SAFETY: a file descriptor KVM has just returned, owned by nothing
+    // else.
+    let vm = unsafe { OwnedFd::from_raw_fd(kvm_ioctl(&kvm, KVM_CREATE_VM)?) };
+    kvm_ioctl(&vm, KVM_CREATE_IRQCHIP)?;
+    // SAFETY: as above.
+    let vcpu = unsafe { OwnedFd::from_raw_fd(kvm_ioctl(&vm, KVM_CREATE_VCPU)?) };
+    Ok([vm, vcpu])
+}
+
 /// The test host's CPU frequency from /proc/cpuinfo (its `cpu_khz`, which
 /// is 0 when TSC calibration failed), or 0.
 pub fn cpu_mhz() -> f64 {
