@@ -3,7 +3,9 @@
 //! when it was paused and read on its own thread right after an `in`
 //! (vstate::vcpu), the irqchip, PIT and clock come back as they were
 //! (vstate::vm_state), and so do COM1 and a virtio device with its ring
-//! positions (device_manager's save_states/restore_virtio_states).
+//! positions (device_manager's save_states/restore_virtio_states); and a
+//! whole paused VM saved into its two files (snapshot::save) goes on
+//! counting in a second VM built from those files alone.
 //! Needs root (or /dev/kvm access): `cargo test -p boxlite-vmm --test
 //! snapshot_kvm -- --ignored`. Port I/O only, so it runs on the
 //! development machines' KVM.
@@ -514,4 +516,160 @@ fn device_states_for_other_devices_are_refused_by_slot() {
             .starts_with("serial: the saved state cannot be restored (65 bytes"),
         "{err}"
     );
+}
+
+#[test]
+#[ignore = "needs /dev/kvm (root)"]
+fn a_saved_vm_goes_on_from_its_two_files_in_a_second_vm() {
+    use std::os::fd::AsFd as _;
+
+    use boxlite_vmm::device_manager::DeviceManager;
+    use boxlite_vmm::devices::virtio::rng::Rng;
+    use boxlite_vmm::snapshot::save::{save_vm, SaveParts, SaveTarget};
+    use boxlite_vmm::snapshot::{body, memory_file, ram, state_file};
+    use boxlite_vmm::vstate::memory::create_guest_memory;
+    use boxlite_vmm::vstate::vm::Vm;
+
+    // VM A: 16 MiB of memfd RAM with the counter at CODE_AT, COM1, an rng,
+    // one vCPU on its thread.
+    let vm = Vm::new(true).expect("VM with irqchip");
+    let ram = create_guest_memory(16 << 20).expect("RAM");
+    ram.mem
+        .write_slice(&COUNTER, GuestAddress(CODE_AT))
+        .unwrap();
+    vm.register_memory(&ram.mem).expect("memory slots");
+    let exit = Arc::new(ExitSignal::new().unwrap());
+    let mut devices = DeviceManager::new();
+    devices
+        .attach_legacy(&vm, Box::new(std::io::sink()), exit.clone(), None)
+        .unwrap();
+    let rng = Arc::new(Mutex::new(Rng::new(None).unwrap()));
+    devices
+        .attach_virtio(&vm, &ram.mem, "rng0", rng, None)
+        .unwrap();
+    let count = Arc::new(AtomicU16::new(0));
+    devices
+        .pio
+        .insert(
+            Arc::new(Mutex::new(Sink(count.clone()))),
+            u64::from(PORT),
+            2,
+        )
+        .unwrap();
+    let fd = vm.create_vcpu(0).expect("vCPU");
+    start(&fd);
+    let msrs: Arc<[u32]> = saveable_msrs(&Kvm::new().unwrap(), 0, &fd, true)
+        .unwrap()
+        .into();
+    let pio = Arc::new(std::mem::take(&mut devices.pio));
+    let mmio = Arc::new(std::mem::take(&mut devices.mmio));
+    let handle = VcpuHandle::spawn(Vcpu::new(0, fd, pio, mmio, exit.clone())).unwrap();
+    assert!(handle.resume(), "the vCPU thread did not start");
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while count.load(Ordering::SeqCst) < 1000 {
+        assert!(std::time::Instant::now() < end, "the guest did not count");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(handle.pause(), "no pause");
+    let paused_at = count.load(Ordering::SeqCst);
+
+    let dir = tempfile::tempdir().unwrap();
+    let dir_fd = std::fs::File::open(dir.path()).unwrap();
+    let parts = SaveParts {
+        vm: vm.fd(),
+        irqchip: true,
+        vcpus: std::slice::from_ref(&handle),
+        msr_indices: msrs,
+        devices: &devices,
+        ram: &ram,
+        memory_mib: 16,
+    };
+    let target = SaveTarget {
+        dir: dir_fd.as_fd(),
+        dir_path: dir.path(),
+        state_file: "vm.state",
+        memory_file: "vm.mem",
+    };
+    let saved = save_vm(&parts, &target).expect("snapshot");
+    assert_eq!(saved.memory_bytes, 4096 + (16 << 20));
+    assert!(saved.memory_data_bytes < 1 << 20, "{saved:?}");
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        paused_at,
+        "the VM stays paused"
+    );
+
+    // Taking it again under the same names is refused, and leaves the
+    // first snapshot as it was.
+    let before = std::fs::read(dir.path().join("vm.state")).unwrap();
+    let err = save_vm(&parts, &target).expect_err("the files exist");
+    assert!(err.to_string().contains("cannot create"), "{err}");
+    assert_eq!(std::fs::read(dir.path().join("vm.state")).unwrap(), before);
+    assert!(dir.path().join("vm.mem").exists());
+
+    // VM B, from the two files alone.
+    let state_path = dir.path().join("vm.state");
+    let (header, body_bytes) = state_file::decode(&state_path, &before).expect("state file");
+    assert_eq!(header.id, saved.id);
+    let body = body::decode(&state_path, body_bytes).expect("body");
+    let mem = ram::map_private(&dir.path().join("vm.mem"), header.id).expect("memory file");
+    assert_eq!(
+        body.vm.ram_regions,
+        vec![memory_file::Region {
+            guest_addr: 0,
+            size: 16 << 20,
+            file_offset: 0
+        }]
+    );
+    // What VM B will run must be there before it runs (else KVM_RUN would
+    // spin in zeros and the test hang rather than fail).
+    let mut code = [0u8; COUNTER.len()];
+    mem.read_slice(&mut code, GuestAddress(CODE_AT)).unwrap();
+    assert_eq!(code, COUNTER, "the guest's code in the memory file");
+    let rip = body.vcpus[0].regs.rip;
+    assert!(
+        (CODE_AT..CODE_AT + COUNTER.len() as u64).contains(&rip),
+        "saved RIP {rip:#x} is outside the counter loop"
+    );
+    let vm_b = Vm::new(true).expect("second VM");
+    vm_b.register_memory(&mem).expect("memory slots");
+    let mut devices_b = DeviceManager::new();
+    devices_b
+        .attach_legacy(
+            &vm_b,
+            Box::new(std::io::sink()),
+            Arc::new(ExitSignal::new().unwrap()),
+            body.serial.as_ref(),
+        )
+        .unwrap();
+    let rng_b = Arc::new(Mutex::new(Rng::new(None).unwrap()));
+    devices_b
+        .attach_virtio(&vm_b, &mem, "rng0", rng_b, None)
+        .unwrap();
+    devices_b
+        .restore_virtio_states(&body.devices)
+        .expect("devices");
+    let mut fd_b = vm_b.create_vcpu(0).expect("vCPU");
+    body.vcpus[0].restore(&fd_b).expect("vCPU state");
+    body.vm.state.restore(vm_b.fd()).expect("VM state");
+    assert_eq!(
+        next_count(&mut fd_b),
+        paused_at.wrapping_add(1),
+        "restored VM"
+    );
+    assert_eq!(
+        next_count(&mut fd_b),
+        paused_at.wrapping_add(2),
+        "restored VM"
+    );
+
+    // And A resumes where it stopped too.
+    assert!(handle.resume());
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while count.load(Ordering::SeqCst) == paused_at {
+        assert!(std::time::Instant::now() < end, "A did not resume");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(handle.pause());
+    handle.finish();
 }

@@ -30,6 +30,7 @@
 pub mod body;
 pub mod memory_file;
 pub mod ram;
+pub mod save;
 pub mod state_file;
 
 #[cfg(test)]

@@ -122,6 +122,25 @@ pub struct Saved {
 /// memory file at `path` for snapshot `id`, and syncs it to disk. Refuses
 /// an existing file. On any error the partial file is removed.
 pub fn save(path: &Path, id: SnapshotId, ram: &GuestRam) -> Result<Saved, RamFileError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_error(path, "cannot create the memory file"))?;
+    save_to(&file, path, id, ram).inspect_err(|_| {
+        let _ = std::fs::remove_file(path);
+    })
+}
+
+/// Writes `ram` for snapshot `id` into `file`, new and empty, opened for
+/// writing by the caller (`path` names it in errors), and syncs it.
+pub fn save_to(
+    file: &File,
+    path: &Path,
+    id: SnapshotId,
+    ram: &GuestRam,
+) -> Result<Saved, RamFileError> {
     let regions = regions_of(ram, path)?;
     let header = MemoryHeader {
         id,
@@ -129,20 +148,8 @@ pub fn save(path: &Path, id: SnapshotId, ram: &GuestRam) -> Result<Saved, RamFil
         regions,
     };
     let page = encode_header(&header)?;
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_error(path, "cannot create the memory file"))?;
-    let written = write_all(path, &file, &page, &header, &ram.memfd);
-    match written {
-        Ok(data_bytes) => Ok(Saved { header, data_bytes }),
-        Err(e) => {
-            let _ = std::fs::remove_file(path);
-            Err(e)
-        }
-    }
+    let data_bytes = write_all(path, file, &page, &header, &ram.memfd)?;
+    Ok(Saved { header, data_bytes })
 }
 
 fn write_all(
