@@ -72,6 +72,12 @@ pub struct VmConfig {
     /// each sandbox its own pair from a dedicated range.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jail_user: Option<JailUser>,
+    /// The directory the `snapshot` control op writes its state and memory
+    /// files in. Opened at start, before the jail, which allows creating
+    /// files there and nowhere else; it must be writable by `jail_user`.
+    /// None: `snapshot` is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_dir: Option<PathBuf>,
     /// Hooks for the jail's own tests; never set in production.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_hooks: Option<TestHooks>,
@@ -330,6 +336,7 @@ impl Default for VmConfig {
             sandbox_dir: None,
             cgroup: None,
             jail_user: None,
+            snapshot_dir: None,
             test_hooks: None,
         }
     }
@@ -380,6 +387,7 @@ mod tests {
             "cmdline": "quiet", "console_log": "/tmp/c.log", "irqchip": true,
             "control_socket": "/run/b/control.sock", "jail": false,
             "sandbox_dir": "/run/b", "cgroup": "/sys/fs/cgroup/b",
+            "snapshot_dir": "/var/lib/boxlite/templates/t.partial",
             "test_hooks": {"forbidden_syscall": "vmm", "forbidden_ioctl": "vcpu",
                            "open_after_landlock": "/etc/passwd"},
             "devices": [
@@ -395,6 +403,10 @@ mod tests {
         let cfg = VmConfig::from_json(json).expect("parse");
         assert_eq!(cfg.vcpus, 2);
         assert!(!cfg.jail);
+        assert_eq!(
+            cfg.snapshot_dir.as_deref(),
+            Some(std::path::Path::new("/var/lib/boxlite/templates/t.partial"))
+        );
         assert_eq!(
             cfg.devices,
             vec![

@@ -11,6 +11,7 @@
 //! | `Metrics` | `{"op":"metrics"}` | [`Reply::Metrics`]: `"metrics": {"vcpus": […], "devices": {…}}` |
 //! | `Shutdown` | `{"op":"shutdown"}` | [`Reply::Shutdown`]: `"state": "stopping"`, `"exit_code": 0` |
 //! | `Balloon` | `{"op":"balloon"}`, `{"op":"balloon","target_mib":N}` | [`Reply::Balloon`]: `"balloon": {"target_mib", "actual_mib"}` |
+//! | `Snapshot` | `{"op":"snapshot","state_file":"vm.state","memory_file":"vm.mem"}` | [`Reply::Snapshot`]: `"state": "paused"`, `"snapshot": {"id", "state_bytes", "memory_bytes", "memory_data_bytes", "took_ms"}` |
 //!
 //! Every reply carries `"ok"`: `true` with the fields above, or `false`
 //! with `"error"` ([`Reply::Error`]). The server's limits (line length,
@@ -23,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// One control request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", try_from = "serde_json::Value")]
 pub enum Request {
     /// Stop the vCPUs and exit with code 0 (no ACPI: the guest is not asked;
@@ -44,16 +45,22 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         target_mib: Option<u32>,
     },
+    /// Save the paused VM into two new files in the VMM's `snapshot_dir`
+    /// (plain file names); the VM stays paused.
+    Snapshot {
+        state_file: String,
+        memory_file: String,
+    },
 }
 
 /// Every op name, in the order error messages list them.
-pub const OPS: [&str; 6] = [
-    "shutdown", "pause", "resume", "status", "metrics", "balloon",
+pub const OPS: [&str; 7] = [
+    "shutdown", "pause", "resume", "status", "metrics", "balloon", "snapshot",
 ];
 
 impl Request {
     /// The `op` name.
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &'static str {
         match self {
             Request::Shutdown => "shutdown",
             Request::Pause => "pause",
@@ -61,6 +68,7 @@ impl Request {
             Request::Status => "status",
             Request::Metrics => "metrics",
             Request::Balloon { .. } => "balloon",
+            Request::Snapshot { .. } => "snapshot",
         }
     }
 
@@ -68,13 +76,14 @@ impl Request {
     fn fields(op: &str) -> &'static [&'static str] {
         match op {
             "balloon" => &["target_mib"],
+            "snapshot" => &["state_file", "memory_file"],
             _ => &[],
         }
     }
 
     /// The request line, newline included.
-    pub fn to_line(self) -> String {
-        let mut s = serde_json::to_string(&self).expect("requests have string keys only");
+    pub fn to_line(&self) -> String {
+        let mut s = serde_json::to_string(self).expect("requests have string keys only");
         s.push('\n');
         s
     }
@@ -111,6 +120,8 @@ pub enum RequestError {
     /// A field of the right name with a value it cannot have: (field,
     /// what it must be, the value).
     BadField(&'static str, &'static str, String),
+    /// A field the op needs is missing: (op, field).
+    MissingField(&'static str, &'static str),
     /// `op` is missing.
     MissingOp,
     /// `op` is not a string (the value).
@@ -139,6 +150,7 @@ impl fmt::Display for RequestError {
                 ),
             },
             RequestError::BadField(k, must, v) => write!(f, "{k:?} must be {must}, got {v}"),
+            RequestError::MissingField(op, k) => write!(f, "{op:?} needs {k:?}"),
             RequestError::MissingOp => write!(f, "missing \"op\": expected one of {}", op_list()),
             RequestError::OpNotAString(v) => write!(f, "\"op\" must be a string, got {v}"),
             RequestError::UnknownOp(op) => {
@@ -191,6 +203,21 @@ impl TryFrom<Value> for Request {
                     )?),
                 },
             },
+            "snapshot" => {
+                let name = |field: &'static str| match obj.get(field) {
+                    Some(Value::String(s)) => Ok(s.clone()),
+                    Some(v) => Err(RequestError::BadField(
+                        field,
+                        "a file name (a string)",
+                        v.to_string(),
+                    )),
+                    None => Err(RequestError::MissingField("snapshot", field)),
+                };
+                Request::Snapshot {
+                    state_file: name("state_file")?,
+                    memory_file: name("memory_file")?,
+                }
+            }
             _ => unreachable!("every name in OPS is matched"),
         })
     }
@@ -207,7 +234,7 @@ pub enum VmState {
 
 impl VmState {
     /// The name on the wire.
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &'static str {
         match self {
             VmState::Running => "running",
             VmState::Paused => "paused",
@@ -242,6 +269,11 @@ pub enum Reply {
     Metrics { metrics: Metrics },
     /// `balloon`: `{"ok": true, "balloon": {"target_mib", "actual_mib"}}`.
     Balloon { balloon: BalloonState },
+    /// `snapshot`: `{"ok": true, "state": "paused", "snapshot": {…}}`.
+    Snapshot {
+        state: VmState,
+        snapshot: SnapshotInfo,
+    },
     /// Any refused request: `{"ok": false, "error": "<what was wrong>"}`.
     Error { error: String },
 }
@@ -272,6 +304,22 @@ pub struct BalloonState {
     pub actual_mib: u32,
 }
 
+/// What a `snapshot` wrote.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotInfo {
+    /// The snapshot's id (32 hex digits), in both files' headers.
+    pub id: String,
+    /// The state file's length.
+    pub state_bytes: u64,
+    /// The memory file's length (a 4 KiB header page plus guest RAM)...
+    pub memory_bytes: u64,
+    /// ...of which this much is data; the rest are holes.
+    pub memory_data_bytes: u64,
+    /// How long the save took, the VM paused all along.
+    pub took_ms: u64,
+}
+
 /// The flat wire form of a [`Reply`].
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -291,6 +339,8 @@ struct WireReply {
     metrics: Option<Metrics>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     balloon: Option<BalloonState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    snapshot: Option<SnapshotInfo>,
 }
 
 impl WireReply {
@@ -304,6 +354,7 @@ impl WireReply {
             exit_code: None,
             metrics: None,
             balloon: None,
+            snapshot: None,
         }
     }
 
@@ -317,6 +368,7 @@ impl WireReply {
             ("exit_code", self.exit_code.is_some()),
             ("metrics", self.metrics.is_some()),
             ("balloon", self.balloon.is_some()),
+            ("snapshot", self.snapshot.is_some()),
         ]
         .iter()
         .filter(|(_, present)| *present)
@@ -356,6 +408,11 @@ impl From<Reply> for WireReply {
                 balloon: Some(balloon),
                 ..WireReply::ok()
             },
+            Reply::Snapshot { state, snapshot } => WireReply {
+                state: Some(state),
+                snapshot: Some(snapshot),
+                ..WireReply::ok()
+            },
             Reply::Error { error } => WireReply {
                 ok: false,
                 error: Some(error),
@@ -380,6 +437,7 @@ impl TryFrom<WireReply> for Reply {
                 exit_code: None,
                 metrics: None,
                 balloon: None,
+                snapshot: None,
             } => Reply::Error { error },
             WireReply {
                 ok: true,
@@ -390,6 +448,7 @@ impl TryFrom<WireReply> for Reply {
                 exit_code,
                 metrics: None,
                 balloon: None,
+                snapshot: None,
             } => match (uptime_ms, vcpus, exit_code) {
                 (Some(uptime_ms), Some(vcpus), None) => Reply::Status {
                     state,
@@ -413,6 +472,7 @@ impl TryFrom<WireReply> for Reply {
                 exit_code: None,
                 metrics: Some(metrics),
                 balloon: None,
+                snapshot: None,
             } => Reply::Metrics { metrics },
             WireReply {
                 ok: true,
@@ -423,7 +483,19 @@ impl TryFrom<WireReply> for Reply {
                 exit_code: None,
                 metrics: None,
                 balloon: Some(balloon),
+                snapshot: None,
             } => Reply::Balloon { balloon },
+            WireReply {
+                ok: true,
+                error: None,
+                state: Some(state),
+                uptime_ms: None,
+                vcpus: None,
+                exit_code: None,
+                metrics: None,
+                balloon: None,
+                snapshot: Some(snapshot),
+            } => Reply::Snapshot { state, snapshot },
             WireReply { ok, .. } => {
                 return Err(format!(
                     "control reply with ok = {ok} has no known shape (fields: {fields})"
@@ -573,11 +645,21 @@ mod tests {
                 },
                 r#"{"op":"balloon","target_mib":768}"#,
             ),
+            (
+                Request::Snapshot {
+                    state_file: "vm.state".into(),
+                    memory_file: "vm.mem".into(),
+                },
+                r#"{"op":"snapshot","state_file":"vm.state","memory_file":"vm.mem"}"#,
+            ),
         ] {
             let line = r.to_line();
             assert_eq!(line, format!("{wire}\n"));
             assert!(OPS.contains(&r.as_str()));
-            assert_eq!(Request::from_line(line.trim_end().as_bytes()), Ok(r));
+            assert_eq!(
+                Request::from_line(line.trim_end().as_bytes()),
+                Ok(r.clone())
+            );
             assert_eq!(serde_json::from_str::<Request>(&line).expect("serde"), r);
         }
         assert_eq!(
@@ -596,13 +678,14 @@ mod tests {
             ),
             (
                 b"{}",
-                "missing \"op\": expected one of shutdown, pause, resume, status, metrics, balloon",
+                "missing \"op\": expected one of shutdown, pause, resume, status, metrics, balloon, \
+                 snapshot",
             ),
             (br#"{"op":1}"#, "\"op\" must be a string, got 1"),
             (
                 br#"{"op":"reboot"}"#,
                 "unknown op \"reboot\": expected one of shutdown, pause, resume, status, metrics, \
-                 balloon",
+                 balloon, snapshot",
             ),
             (
                 br#"{"op":"status","x":1}"#,
@@ -627,6 +710,18 @@ mod tests {
             (
                 br#"{"op":"balloon","target_mib":"1"}"#,
                 "\"target_mib\" must be a whole number of MiB below 2^32, got \"1\"",
+            ),
+            (
+                br#"{"op":"snapshot","state_file":"s"}"#,
+                "\"snapshot\" needs \"memory_file\"",
+            ),
+            (
+                br#"{"op":"snapshot","state_file":1,"memory_file":"m"}"#,
+                "\"state_file\" must be a file name (a string), got 1",
+            ),
+            (
+                br#"{"op":"snapshot","state_file":"s","memory_file":"m","dir":"/"}"#,
+                "unknown field \"dir\": \"snapshot\" takes \"op\" and \"state_file\", \"memory_file\"",
             ),
         ] {
             let e = Request::from_line(line).expect_err("refused").to_string();
@@ -717,6 +812,19 @@ mod tests {
                     },
                 },
                 r#"{"ok":true,"balloon":{"target_mib":512,"actual_mib":300}}"#,
+            ),
+            (
+                Reply::Snapshot {
+                    state: VmState::Paused,
+                    snapshot: SnapshotInfo {
+                        id: "5f0c".into(),
+                        state_bytes: 91234,
+                        memory_bytes: 268439552,
+                        memory_data_bytes: 61865984,
+                        took_ms: 143,
+                    },
+                },
+                r#"{"ok":true,"state":"paused","snapshot":{"id":"5f0c","state_bytes":91234,"memory_bytes":268439552,"memory_data_bytes":61865984,"took_ms":143}}"#,
             ),
         ];
         for (reply, wire) in cases {

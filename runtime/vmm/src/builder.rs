@@ -19,7 +19,7 @@ use crate::arch::x86_64::regs::BootEntry;
 use crate::config::{
     mac_bytes, ConfigError, CpuMode, DeviceConfig, EscapeProbe, Validate, VmConfig,
 };
-use crate::control::{ControlError, ControlServer, VmControl};
+use crate::control::{ControlError, ControlServer, SnapshotCtx, VmControl};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::devices::virtio::balloon::{Balloon, PAGES_PER_MIB};
 use crate::devices::virtio::block::{Block, BlockError};
@@ -33,6 +33,7 @@ use crate::metrics::{DeviceMetrics, VmMetrics};
 use crate::threads::{spawn_thread, ThreadKind};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{ExitSignal, Vcpu, VcpuError, VcpuHandle};
+use crate::vstate::vcpu_state::saveable_msrs;
 use crate::vstate::vm::{Vm, VmError};
 
 pub use crate::vstate::vcpu::ExitReason;
@@ -79,6 +80,10 @@ pub enum VmmError {
     ConsoleFd(RawFd),
     #[error("Failed to read the raw image {0}")]
     RawImage(std::path::PathBuf, #[source] std::io::Error),
+    #[error("Failed to open snapshot_dir {0}")]
+    SnapshotDir(std::path::PathBuf, #[source] std::io::Error),
+    #[error("Failed to list the MSRs a snapshot saves")]
+    SnapshotMsrs(#[from] crate::vstate::vcpu_state::VcpuStateError),
     #[error("Event loop failed")]
     EventLoop(#[source] event_manager::Error),
     #[error("Failed to create the exit eventfd")]
@@ -213,6 +218,35 @@ fn forbidden_call(
         "test hook: the forbidden syscall was allowed ({what})"
     );
     Err(VmmError::ForbiddenSyscallAllowed(kind.to_string()))
+}
+
+/// Opens the `snapshot_dir` as a directory handle (`O_PATH`): the
+/// `snapshot` op creates its files relative to it once the jail has
+/// hidden every path.
+fn open_snapshot_dir(dir: &std::path::Path) -> Result<OwnedFd, VmmError> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| {
+        VmmError::SnapshotDir(
+            dir.to_path_buf(),
+            std::io::Error::from_raw_os_error(libc::EINVAL),
+        )
+    })?;
+    // SAFETY: open with a NUL-terminated path that lives across the call;
+    // the result is checked.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(VmmError::SnapshotDir(
+            dir.to_path_buf(),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: a descriptor just opened, owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Takes ownership of the inherited console fd (`console_fd`).
@@ -379,6 +413,13 @@ pub fn run_vm(
         invariant_tsc = cpuid::advertises_invariant_tsc(&base_cpuid),
         "CPUID normalised: no PMU; invariant TSC only if KVM has it and the host keeps time by its TSC"
     );
+    // The snapshot directory, opened now: the jail hides every path.
+    let snapshot_dir = cfg
+        .snapshot_dir
+        .as_deref()
+        .map(open_snapshot_dir)
+        .transpose()?;
+    let mut msr_indices: Arc<[u32]> = Arc::from(Vec::new());
     let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
     for id in 0..cfg.vcpus {
         let fd = vm.create_vcpu(id)?;
@@ -389,6 +430,11 @@ pub fn run_vm(
         // the entry point (there is no LAPIC to start them).
         let e = (id == 0 || raw).then_some(entry);
         vcpu.configure(&mem, &base_cpuid, cfg.vcpus, cfg.irqchip, e)?;
+        if id == 0 && snapshot_dir.is_some() {
+            // The MSRs a snapshot saves, probed once on a configured vCPU
+            // (which ones KVM reads depends on the CPUID it runs with).
+            msr_indices = saveable_msrs(vm.kvm(), 0, vcpu.fd(), cfg.irqchip)?.into();
+        }
         vcpus.push(vcpu);
     }
 
@@ -437,7 +483,7 @@ pub fn run_vm(
     }
     if cfg.jail {
         // Invariant: the event loop's filter is on before any guest code runs.
-        crate::seccomp::apply(ThreadKind::Vmm).map_err(JailError::from)?;
+        crate::seccomp::apply_event_loop(cfg.snapshot_dir.is_some()).map_err(JailError::from)?;
         tracing::info!(
             vmm_syscalls = crate::seccomp::allowed_syscalls(ThreadKind::Vmm).len(),
             vcpu_syscalls = crate::seccomp::allowed_syscalls(ThreadKind::Vcpu).len(),
@@ -454,8 +500,20 @@ pub fn run_vm(
             return Err(VmmError::VcpuStart(id));
         }
     }
+    let vm = Arc::new(vm);
+    let ram = Arc::new(ram);
+    let snapshots = snapshot_dir.map(|dir| SnapshotCtx {
+        vm: vm.clone(),
+        ram: ram.clone(),
+        devices: Arc::new(devices),
+        dir,
+        dir_path: cfg.snapshot_dir.clone().unwrap_or_default(),
+        msr_indices,
+    });
     let vm_control = Arc::new(
-        VmControl::new(handles, exit.clone(), metrics).with_balloon(balloon_handle, cfg.memory_mib),
+        VmControl::new(handles, exit.clone(), metrics)
+            .with_balloon(balloon_handle, cfg.memory_mib)
+            .with_snapshots(snapshots),
     );
     if let Some(c) = &control {
         c.lock().expect("control lock").attach(vm_control.clone());
@@ -479,7 +537,9 @@ pub fn run_vm(
     for h in vm_control.take_vcpus() {
         h.finish();
     }
-    // Keep the VM and memory alive until every vCPU is gone.
+    // Keep the VM and memory alive until every vCPU is gone (the control
+    // socket's snapshot context holds them too, until it goes).
+    drop(vm_control);
     drop(vm);
     drop(ram);
     tracing::info!(?reason, code = reason.exit_code(), "VM ended");

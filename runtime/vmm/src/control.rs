@@ -14,6 +14,7 @@
 //! | `{"op":"metrics"}` | `"metrics": {"vcpus": […], "devices": {…}}` (see [`crate::metrics`]) |
 //! | `{"op":"shutdown"}` | `"state": "stopping"`, `"exit_code": 0`; then the vCPUs are stopped and the process exits with 0 |
 //! | `{"op":"balloon"}`, `{"op":"balloon","target_mib":N}` | `"balloon": {"target_mib", "actual_mib"}`; with `target_mib`, the target is set first and the guest told (configuration-change interrupt) |
+//! | `{"op":"snapshot","state_file":F,"memory_file":M}` | `"state": "paused"`, `"snapshot": {"id", "state_bytes", "memory_bytes", "memory_data_bytes", "took_ms"}`: the paused VM saved into two new files in `snapshot_dir` ([`crate::snapshot::save`]) |
 //!
 //! A bad request gets `{"ok": false, "error": "<what was wrong>"}` and the
 //! connection stays open; a line longer than [`MAX_REQUEST_LEN`] gets an
@@ -30,12 +31,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use boxlite_vmm_api::control::{BalloonState, Reply, Request, VmState};
+pub use boxlite_vmm_api::control::{BalloonState, Reply, Request, SnapshotInfo, VmState};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
+use crate::device_manager::DeviceManager;
 use crate::devices::virtio::balloon::{Balloon, PAGES_PER_MIB};
 use crate::metrics::VmMetrics;
+use crate::snapshot::save::{save_vm, SaveParts, SaveTarget};
+use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{ExitReason, ExitSignal, VcpuHandle};
+use crate::vstate::vm::Vm;
 
 /// Longest request line, newline included.
 pub const MAX_REQUEST_LEN: usize = 4096;
@@ -63,6 +68,22 @@ pub struct VmControl {
     /// The balloon, if the VM has one, and the guest memory it is part of.
     balloon: Option<Arc<Mutex<Balloon>>>,
     memory_mib: u32,
+    /// What the `snapshot` op reads, if the config has a `snapshot_dir`.
+    snapshots: Option<SnapshotCtx>,
+}
+
+/// What the `snapshot` op needs of the VM besides its vCPUs: the KVM VM,
+/// its RAM and devices, and the directory the files go to, opened before
+/// the jail.
+pub struct SnapshotCtx {
+    pub vm: Arc<Vm>,
+    pub ram: Arc<GuestRam>,
+    pub devices: Arc<DeviceManager>,
+    pub dir: std::os::fd::OwnedFd,
+    /// `dir`'s path, for messages (in the jail it no longer resolves).
+    pub dir_path: PathBuf,
+    /// The MSRs each vCPU's state includes (`vcpu_state::saveable_msrs`).
+    pub msr_indices: Arc<[u32]>,
 }
 
 impl VmControl {
@@ -77,7 +98,63 @@ impl VmControl {
             metrics,
             balloon: None,
             memory_mib: 0,
+            snapshots: None,
         }
+    }
+
+    /// Lets the `snapshot` op save this VM as `ctx` describes.
+    pub fn with_snapshots(mut self, ctx: Option<SnapshotCtx>) -> Self {
+        self.snapshots = ctx;
+        self
+    }
+
+    /// Saves the paused VM into `state_file` and `memory_file` in the
+    /// snapshot directory; it stays paused.
+    fn snapshot(&self, state_file: &str, memory_file: &str) -> Result<SnapshotInfo, String> {
+        let Some(ctx) = &self.snapshots else {
+            return Err("this VM takes no snapshots (no \"snapshot_dir\" in its config)".into());
+        };
+        match self.state() {
+            VmState::Paused => {}
+            state => {
+                return Err(format!(
+                    "snapshot needs a paused VM (send {{\"op\":\"pause\"}} first); it is {state}"
+                ))
+            }
+        }
+        let vcpus = self.vcpus.lock().expect("vcpus lock");
+        let parts = SaveParts {
+            vm: ctx.vm.fd(),
+            irqchip: ctx.vm.has_irqchip(),
+            vcpus: &vcpus,
+            msr_indices: ctx.msr_indices.clone(),
+            devices: &ctx.devices,
+            ram: &ctx.ram,
+            memory_mib: u64::from(self.memory_mib),
+        };
+        let target = SaveTarget {
+            dir: std::os::fd::AsFd::as_fd(&ctx.dir),
+            dir_path: &ctx.dir_path,
+            state_file,
+            memory_file,
+        };
+        let saved = save_vm(&parts, &target).map_err(|e| {
+            let mut msg = format!("snapshot failed: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            tracing::warn!(error = %msg, "snapshot refused or failed");
+            msg
+        })?;
+        Ok(SnapshotInfo {
+            id: saved.id.to_string(),
+            state_bytes: saved.state_bytes,
+            memory_bytes: saved.memory_bytes,
+            memory_data_bytes: saved.memory_data_bytes,
+            took_ms: saved.took_ms,
+        })
     }
 
     /// Gives the `balloon` op the VM's balloon, in a guest of `memory_mib`.
@@ -191,6 +268,16 @@ impl VmControl {
             },
             Request::Balloon { target_mib } => match self.balloon(target_mib) {
                 Ok(balloon) => Reply::Balloon { balloon },
+                Err(error) => Reply::Error { error },
+            },
+            Request::Snapshot {
+                state_file,
+                memory_file,
+            } => match self.snapshot(&state_file, &memory_file) {
+                Ok(snapshot) => Reply::Snapshot {
+                    state: VmState::Paused,
+                    snapshot,
+                },
                 Err(error) => Reply::Error { error },
             },
             Request::Pause => state(self.set_paused(true)),
@@ -439,9 +526,9 @@ mod tests {
         let exit = Arc::new(ExitSignal::new().expect("exit"));
         let vm = VmControl::new(Vec::new(), exit, VmMetrics::default())
             .with_balloon(Some(balloon.clone()), 1024);
-        let query = Request::Balloon { target_mib: None };
+        let query = || Request::Balloon { target_mib: None };
         assert_eq!(
-            balloon_state(ask(&vm, query)),
+            balloon_state(ask(&vm, query())),
             BalloonState {
                 target_mib: 0,
                 actual_mib: 0
@@ -460,7 +547,7 @@ mod tests {
             .write_config(4, &pages.to_le_bytes())
             .unwrap();
         assert_eq!(
-            balloon_state(ask(&vm, query)),
+            balloon_state(ask(&vm, query())),
             BalloonState {
                 target_mib: 512,
                 actual_mib: 300
@@ -472,14 +559,14 @@ mod tests {
             .unwrap()
             .write_config(4, &u32::MAX.to_le_bytes())
             .unwrap();
-        assert_eq!(balloon_state(ask(&vm, query)).actual_mib, 1024);
+        assert_eq!(balloon_state(ask(&vm, query())).actual_mib, 1024);
         assert_eq!(
             error(ask(&vm, set(1024))),
             "balloon target 1024 MiB would leave the guest nothing of its 1024 MiB"
         );
         assert_eq!(balloon.lock().unwrap().target_pages(), 512 * 256);
         assert_eq!(
-            error(ask(&self::vm(), query)),
+            error(ask(&self::vm(), query())),
             "this VM has no balloon (no \"balloon\" in its config)"
         );
     }

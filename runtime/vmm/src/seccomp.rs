@@ -44,9 +44,15 @@ pub fn allowed_syscalls(kind: ThreadKind) -> &'static [&'static str] {
 
 /// The compiled BPF program of `kind`.
 pub fn filter(kind: ThreadKind) -> Result<seccompiler::BpfProgram, SeccompError> {
-    let raw = raw(kind);
+    program(kind.as_str(), raw(kind))
+}
+
+fn program(
+    name: &'static str,
+    raw: &[(u16, u8, u8, u32)],
+) -> Result<seccompiler::BpfProgram, SeccompError> {
     if raw.is_empty() {
-        return Err(SeccompError::NoProfile(kind.as_str()));
+        return Err(SeccompError::NoProfile(name));
     }
     Ok(raw
         .iter()
@@ -54,17 +60,40 @@ pub fn filter(kind: ThreadKind) -> Result<seccompiler::BpfProgram, SeccompError>
         .collect())
 }
 
+fn load(
+    name: &'static str,
+    prog: &seccompiler::BpfProgram,
+    syscalls: usize,
+) -> Result<(), SeccompError> {
+    seccompiler::apply_filter(prog).map_err(|e| SeccompError::Load(name, e))?;
+    tracing::debug!(kind = name, syscalls, "seccomp filter loaded");
+    Ok(())
+}
+
 /// Loads the filter of `kind` on the calling thread (and sets
 /// `no_new_privs`, which seccomp requires). Irreversible.
 pub fn apply(kind: ThreadKind) -> Result<(), SeccompError> {
-    let prog = filter(kind)?;
-    seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Load(kind.as_str(), e))?;
-    tracing::debug!(
-        kind = kind.as_str(),
-        syscalls = allowed_syscalls(kind).len(),
-        "seccomp filter loaded"
-    );
-    Ok(())
+    load(kind.as_str(), &filter(kind)?, allowed_syscalls(kind).len())
+}
+
+/// The syscalls of the event loop of a VMM started with `snapshot_dir`:
+/// the `vmm` profile's, plus `openat` (with exactly the flags that create
+/// a new file, never through a symlink) and `ftruncate`, which the
+/// `snapshot` op needs to write its two files (`seccomp-profiles/x86_64/
+/// vmm-snapshots.json`).
+pub fn snapshot_event_loop_syscalls() -> &'static [&'static str] {
+    generated::SYSCALLS_VMM_SNAPSHOTS
+}
+
+/// Loads the event loop's filter on the calling thread: the `vmm` profile,
+/// or its snapshot extension for a VMM started with `snapshot_dir`, so
+/// that no other VMM may create a file at all.
+pub fn apply_event_loop(snapshots: bool) -> Result<(), SeccompError> {
+    if !snapshots {
+        return apply(ThreadKind::Vmm);
+    }
+    let prog = program("vmm_snapshots", generated::FILTER_VMM_SNAPSHOTS)?;
+    load("vmm_snapshots", &prog, snapshot_event_loop_syscalls().len())
 }
 
 #[cfg(test)]
@@ -91,6 +120,77 @@ mod tests {
     const NEVER: [&str; 9] = [
         "execve", "fork", "clone", "clone3", "ptrace", "openat", "mount", "socket", "connect",
     ];
+
+    #[test]
+    fn only_a_vmm_that_takes_snapshots_may_create_files() {
+        let base = allowed_syscalls(ThreadKind::Vmm);
+        let snapshots = snapshot_event_loop_syscalls();
+        for s in base {
+            assert!(snapshots.contains(s), "the extension lacks {s}");
+        }
+        let added: Vec<_> = snapshots.iter().filter(|s| !base.contains(s)).collect();
+        assert_eq!(added, [&"ftruncate", &"openat"]);
+        for never in NEVER.iter().filter(|n| **n != "openat") {
+            assert!(!snapshots.contains(never), "the extension allows {never}");
+        }
+        // Under it, a new file is created; anything else openat could do
+        // (here: open an existing file) is refused. Each in a child
+        // process: a refused call kills the process that makes it.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path =
+            std::ffi::CString::new(dir.path().join("new").into_os_string().into_encoded_bytes())
+                .expect("path");
+        let existing = std::ffi::CString::new("/etc/hostname").expect("path");
+        // Built here: the forked child of this multi-threaded process must
+        // not allocate.
+        let prog = program("vmm_snapshots", generated::FILTER_VMM_SNAPSHOTS).expect("profile");
+        let under_filter = |path: &std::ffi::CStr, flags: libc::c_int| {
+            // SAFETY: fork in a test; the child only loads the filter (no
+            // allocation), makes one syscall and exits, never returning
+            // into the test harness.
+            match unsafe { libc::fork() } {
+                0 => {
+                    let code = match seccompiler::apply_filter(&prog) {
+                        // SAFETY: a raw openat with a NUL-terminated path.
+                        Ok(()) => match unsafe {
+                            libc::syscall(
+                                libc::SYS_openat,
+                                libc::AT_FDCWD,
+                                path.as_ptr(),
+                                flags,
+                                0o600,
+                            )
+                        } {
+                            fd if fd >= 0 => 0,
+                            _ => 1,
+                        },
+                        Err(_) => 2,
+                    };
+                    // SAFETY: ends the child without running the parent's destructors.
+                    unsafe { libc::_exit(code) }
+                }
+                pid => {
+                    let mut status = 0;
+                    // SAFETY: waits for our own child.
+                    unsafe { libc::waitpid(pid, &mut status, 0) };
+                    status
+                }
+            }
+        };
+        let create =
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOFOLLOW;
+        let status = under_filter(&path, create);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "create: {status:#x}"
+        );
+        assert!(dir.path().join("new").exists());
+        let status = under_filter(&existing, libc::O_RDONLY | libc::O_CLOEXEC);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+            "open for reading: {status:#x}"
+        );
+    }
 
     #[test]
     fn the_vsock_backend_may_make_threads_but_not_programs_or_files() {

@@ -87,7 +87,7 @@ impl Client {
     }
 
     fn state(&mut self, r: Request) -> VmState {
-        match self.ask(r) {
+        match self.ask(r.clone()) {
             Reply::State { state } | Reply::Status { state, .. } => state,
             other => panic!("{r}: {other:?}"),
         }

@@ -96,6 +96,10 @@ pub enum ConfigError {
     ConsoleTwice,
     #[error("console_fd = {0} is out of range 3..={max}", max = i32::MAX)]
     ConsoleFd(i32),
+    #[error("snapshot_dir = {0} must be an absolute path")]
+    SnapshotDirRelative(PathBuf),
+    #[error("snapshot_dir needs {0}: snapshots are taken over the control socket, of a VM with the in-kernel irqchip")]
+    SnapshotDirNeeds(&'static str),
     #[error("Invalid block device")]
     Block(#[from] BlockConfigError),
     #[error("Invalid net device")]
@@ -229,7 +233,22 @@ impl Validate for VmConfig {
         if let Some(sock) = &self.control_socket {
             check_socket_path("control_socket", sock, MAX_SOCKET_PATH)?;
         }
-        for (field, dir) in [("sandbox_dir", &self.sandbox_dir), ("cgroup", &self.cgroup)] {
+        if let Some(d) = &self.snapshot_dir {
+            if !d.is_absolute() {
+                return Err(ConfigError::SnapshotDirRelative(d.clone()));
+            }
+            if !self.irqchip {
+                return Err(ConfigError::SnapshotDirNeeds("irqchip = true"));
+            }
+            if self.control_socket.is_none() {
+                return Err(ConfigError::SnapshotDirNeeds("control_socket"));
+            }
+        }
+        for (field, dir) in [
+            ("sandbox_dir", &self.sandbox_dir),
+            ("cgroup", &self.cgroup),
+            ("snapshot_dir", &self.snapshot_dir),
+        ] {
             if let Some(d) = dir {
                 if !d.is_dir() {
                     return Err(ConfigError::NotADirectory {
@@ -377,6 +396,42 @@ mod tests {
             cfg.jail_user = Some(JailUser { uid, gid });
             let err = cfg.validate().expect_err("root");
             assert!(err.to_string().contains("is root"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_snapshot_dir_is_absolute_with_an_irqchip_and_a_control_socket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let snaps = dir.path().join("snaps");
+        std::fs::create_dir(&snaps).unwrap();
+        type Edit = fn(&mut VmConfig);
+        let with = |f: Edit| {
+            let mut cfg = raw_cfg(dir.path());
+            cfg.irqchip = true;
+            cfg.control_socket = Some(dir.path().join("control.sock"));
+            cfg.snapshot_dir = Some(snaps.clone());
+            f(&mut cfg);
+            cfg.validate().map_err(|e| e.to_string())
+        };
+        with(|_| {}).expect("valid");
+        let cases: [(Edit, &str); 4] = [
+            (
+                |c| c.snapshot_dir = Some("snaps".into()),
+                "snapshot_dir = snaps must be an absolute path",
+            ),
+            (|c| c.irqchip = false, "snapshot_dir needs irqchip = true"),
+            (
+                |c| c.control_socket = None,
+                "snapshot_dir needs control_socket",
+            ),
+            (
+                |c| c.snapshot_dir = Some("/nonexistent/snaps".into()),
+                "snapshot_dir = /nonexistent/snaps is not a directory",
+            ),
+        ];
+        for (edit, want) in cases {
+            let err = with(edit).expect_err(want);
+            assert!(err.starts_with(want), "{err}");
         }
     }
 

@@ -142,6 +142,14 @@ impl JailPolicy {
         if let Some(dir) = cfg.control_socket.as_deref().and_then(parent) {
             push_unique(&mut p.read_write, dir);
         }
+        if let Some(dir) = &cfg.snapshot_dir {
+            // The `snapshot` op writes a memory file of 4 KiB plus guest
+            // memory, and a state file of at most the body's limit.
+            push_unique(&mut p.read_write, dir.clone());
+            let memory_file = crate::snapshot::memory_file::HEADER_PAGE + cfg.memory_bytes();
+            let state_file = crate::snapshot::state_file::MAX_BODY_LEN + 4096;
+            p.max_file_size = p.max_file_size.max(memory_file).max(state_file);
+        }
         for d in &cfg.devices {
             match d {
                 DeviceConfig::Vsock(v) => {
@@ -344,5 +352,16 @@ mod tests {
         assert_eq!(p.read_only, v(&["guest.bin"]));
         assert!(p.read_write.is_empty());
         assert_eq!(p.max_file_size, 0, "nothing to write");
+
+        // Snapshots: their directory is writable, and a memory file of
+        // 4 KiB plus guest RAM fits under RLIMIT_FSIZE.
+        let snaps = VmConfig {
+            memory_mib: 512,
+            snapshot_dir: Some("/var/lib/boxlite/templates/t.partial".into()),
+            ..raw
+        };
+        let p = JailPolicy::from_config(&snaps);
+        assert_eq!(p.read_write, v(&["/var/lib/boxlite/templates/t.partial"]));
+        assert_eq!(p.max_file_size, 4096 + (512 << 20));
     }
 }

@@ -123,6 +123,12 @@ fn check_name(name: &str) -> Result<CString, SaveError> {
     CString::new(name).map_err(|_| bad("contains a NUL byte"))
 }
 
+/// How the snapshot's files are created: new only (`O_EXCL`), never
+/// through a symlink (`O_NOFOLLOW`), write-only. The jailed VMM's seccomp
+/// filter (`vmm-snapshots.json`) allows `openat` with exactly these.
+pub const CREATE_FLAGS: libc::c_int =
+    libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOFOLLOW;
+
 /// A file created new in `dir`, removed again when dropped unless kept.
 struct NewFile<'a> {
     dir: BorrowedFd<'a>,
@@ -136,16 +142,20 @@ impl<'a> NewFile<'a> {
     fn create(dir: BorrowedFd<'a>, dir_path: &Path, name: &str) -> Result<Self, SaveError> {
         let cname = check_name(name)?;
         let path = dir_path.join(name);
+        // The raw syscall, so the flags are exactly these: the jailed
+        // VMM's seccomp filter allows openat with these flags only (a libc
+        // may add O_LARGEFILE).
         // SAFETY: openat on a directory fd we borrow, with a NUL-terminated
         // name that lives across the call; the result is checked.
         let fd = unsafe {
-            libc::openat(
+            libc::syscall(
+                libc::SYS_openat,
                 dir.as_raw_fd(),
                 cname.as_ptr(),
-                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+                CREATE_FLAGS,
                 0o600,
             )
-        };
+        } as libc::c_int;
         if fd < 0 {
             return Err(SaveError::Create {
                 path,

@@ -157,6 +157,11 @@ impl Vm {
         self.irqchip
     }
 
+    /// The `/dev/kvm` handle the VM was created from.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
     /// The VM file descriptor.
     pub fn fd(&self) -> &VmFd {
         &self.fd
