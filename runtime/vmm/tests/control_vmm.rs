@@ -2,10 +2,12 @@
 //! status, pause/resume through the vCPU state machine, metrics, bad
 //! requests, and shutdown ending the process with exit code 0.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use boxlite_vmm::config::{
@@ -42,20 +44,7 @@ fn start(dir: &Path) -> (Child, std::path::PathBuf) {
         ],
         ..VmConfig::default()
     };
-    let cfg_path = dir.join("vm.json");
-    std::fs::write(&cfg_path, cfg.to_json_pretty()).expect("write cfg");
-    let child = Command::new(env!("CARGO_BIN_EXE_boxlite-vmm"))
-        .arg("--config")
-        .arg(&cfg_path)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("vmm.log")).expect("log"))
-        .spawn()
-        .expect("spawn boxlite-vmm");
-    let end = Instant::now() + Duration::from_secs(10);
-    while !ctl.exists() {
-        assert!(Instant::now() < end, "control socket never appeared");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let child = common::spawn_with_control(dir, &cfg);
     (child, ctl)
 }
 

@@ -12,8 +12,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt as _;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Child;
+use std::time::Duration;
 
 use boxlite_vmm::config::{DeviceConfig, JailUser, RngConfig, VmConfig, VsockConfig};
 use boxlite_vmm::snapshot::{body, state_file};
@@ -41,22 +41,7 @@ impl Vmm {
             snapshot_dir: snapshot_dir.map(Path::to_path_buf),
             ..common::raw_config(dir, &PIO_LOOP, devices)
         };
-        let child = Command::new(env!("CARGO_BIN_EXE_boxlite-vmm"))
-            .arg("--config")
-            .arg(common::write_config(dir, &cfg))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("vmm.log")).expect("log"))
-            .spawn()
-            .expect("spawn boxlite-vmm");
-        let end = Instant::now() + Duration::from_secs(10);
-        while !ctl.exists() {
-            assert!(
-                Instant::now() < end,
-                "control socket never appeared; {}",
-                log(dir)
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let child = common::spawn_with_control(dir, &cfg);
         let w = UnixStream::connect(&ctl).expect("connect");
         w.set_read_timeout(Some(Duration::from_secs(30)))
             .expect("timeout");

@@ -34,6 +34,32 @@ pub fn write_config(dir: &Path, cfg: &VmConfig) -> std::path::PathBuf {
     path
 }
 
+/// Starts the `boxlite-vmm` binary on `cfg` (written to `<dir>/vm.json`,
+/// its stderr to `<dir>/vmm.log`) and waits up to 10 s for the control
+/// socket the config names.
+#[allow(dead_code)] // not every test binary uses the control socket
+pub fn spawn_with_control(dir: &Path, cfg: &VmConfig) -> std::process::Child {
+    use std::time::{Duration, Instant};
+    let ctl = cfg.control_socket.clone().expect("a control_socket");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_boxlite-vmm"))
+        .arg("--config")
+        .arg(write_config(dir, cfg))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("vmm.log")).expect("log"))
+        .spawn()
+        .expect("spawn boxlite-vmm");
+    let end = Instant::now() + Duration::from_secs(10);
+    while !ctl.exists() {
+        assert!(
+            Instant::now() < end,
+            "control socket never appeared; VMM log:\n{}",
+            std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
 /// `Name:\tvalue` from `/proc/<pid>/status`.
 #[allow(dead_code)] // not every test binary looks at processes
 pub fn status_field(pid: u32, name: &str) -> String {
