@@ -24,4 +24,5 @@ pub fn report_usage_error(program: &str, msg: &str, usage: &str) {
     eprintln!("{usage}");
 }
 
-pub use crate::devices::virtio::fs::error_chain;
+/// An error with its causes, `: `-separated (the project's one way to print them).
+pub use boxlite_protocol::error_chain::chain as error_chain;

@@ -139,12 +139,10 @@ impl VmControl {
             memory_file,
         };
         let saved = save_vm(&parts, &target).map_err(|e| {
-            let mut msg = format!("snapshot failed: {e}");
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                msg.push_str(&format!(": {s}"));
-                source = s.source();
-            }
+            let msg = format!(
+                "snapshot failed: {}",
+                boxlite_protocol::error_chain::chain(&e)
+            );
             tracing::warn!(error = %msg, "snapshot refused or failed");
             msg
         })?;

@@ -88,7 +88,7 @@ where
             if seccomp {
                 // Invariant: nothing of `f` runs before the filter is on.
                 if let Err(e) = crate::seccomp::apply(kind) {
-                    let msg = error_chain(&e);
+                    let msg = boxlite_protocol::error_chain::chain(&e);
                     let _ = ready_tx.send(Err(msg.clone()));
                     panic!("{msg}");
                 }
@@ -120,17 +120,6 @@ where
             ))
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use boxlite_protocol::error_chain::chain;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -325,10 +326,10 @@ impl VirtioDevice for Fs {
                     device = "fs",
                     tag = %self.tag,
                     socket = %self.socket_path.display(),
-                    error = %error_chain(&e),
+                    error = %chain(&e),
                     "virtio-fs activation failed"
                 );
-                Err(VirtioError::Activate(error_chain(&e)))
+                Err(VirtioError::Activate(chain(&e)))
             }
         }
     }
@@ -347,7 +348,7 @@ impl VirtioDevice for Fs {
                 tracing::warn!(
                     device = "fs",
                     socket = %self.socket_path.display(),
-                    error = %error_chain(&e),
+                    error = %chain(&e),
                     "stopping the virtiofsd vrings failed; dropping the connection"
                 );
                 self.drop_connection();
@@ -367,16 +368,4 @@ impl VirtioDevice for Fs {
     fn set_queue_evts(&mut self, evts: Vec<EventFd>) {
         self.queue_evts = evts;
     }
-}
-
-/// `e` with its sources, `: `-separated (activation errors travel as text).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

@@ -24,7 +24,7 @@ mod tests;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use device::{error_chain, Fs};
+pub use device::Fs;
 pub use event_handler::FsEventHandler;
 pub use metrics::FsMetrics;
 
