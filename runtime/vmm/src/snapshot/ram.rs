@@ -18,7 +18,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read as _};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -165,21 +164,17 @@ fn write_all(
     let mut buf = vec![0u8; CHUNK];
     let mut end = HEADER_PAGE;
     for r in &header.regions {
-        for (start, len) in data_extents(memfd, r.file_offset, r.size).map_err(io_error(
+        let read = ChunkSource {
             path,
-            "cannot find the guest memory's data extents",
-        ))? {
-            let mut at = start;
-            while at < start + len {
-                let n = (start + len - at).min(CHUNK as u64) as usize;
-                memfd
-                    .read_exact_at(&mut buf[..n], at)
-                    .map_err(io_error(path, "cannot read guest memory"))?;
-                data_bytes += write_nonzero_pages(file, &buf[..n], HEADER_PAGE + at)
-                    .map_err(io_error(path, "cannot write guest memory"))?;
-                at += n as u64;
-            }
-        }
+            file: memfd,
+            extents_error: "cannot find the guest memory's data extents",
+            read_error: "cannot read guest memory",
+        };
+        read.for_each_chunk(r.file_offset, r.size, &mut buf, |chunk, at| {
+            data_bytes += write_nonzero_pages(file, chunk, HEADER_PAGE + at)
+                .map_err(io_error(path, "cannot write guest memory"))?;
+            Ok(())
+        })?;
         end = end.max(r.data_offset() + r.size);
     }
     // The full length, so the trailing holes are part of the file.
@@ -188,6 +183,42 @@ fn write_all(
     file.sync_all()
         .map_err(io_error(path, "cannot sync the memory file"))?;
     Ok(data_bytes)
+}
+
+/// A file whose data (not its holes) is read a chunk at a time, with the
+/// errors naming `path` and what was being read.
+struct ChunkSource<'a> {
+    path: &'a Path,
+    file: &'a File,
+    extents_error: &'static str,
+    read_error: &'static str,
+}
+
+impl ChunkSource<'_> {
+    /// Reads the data extents of `[start, start + len)` into `buf` a chunk
+    /// at a time and hands each chunk to `sink` with its offset in the file.
+    fn for_each_chunk(
+        &self,
+        start: u64,
+        len: u64,
+        buf: &mut [u8],
+        mut sink: impl FnMut(&[u8], u64) -> Result<(), RamFileError>,
+    ) -> Result<(), RamFileError> {
+        let extents =
+            data_extents(self.file, start, len).map_err(io_error(self.path, self.extents_error))?;
+        for (start, len) in extents {
+            let mut at = start;
+            while at < start + len {
+                let n = (start + len - at).min(buf.len() as u64) as usize;
+                self.file
+                    .read_exact_at(&mut buf[..n], at)
+                    .map_err(io_error(self.path, self.read_error))?;
+                sink(&buf[..n], at)?;
+                at += n as u64;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Writes the pages of `buf` that are not all zeros to `file` at `at` +
@@ -208,35 +239,27 @@ fn write_nonzero_pages(file: &File, buf: &[u8], at: u64) -> io::Result<u64> {
 /// length) pairs: where it is not a hole. A file system without
 /// `SEEK_DATA` reports the whole range as data, which only costs time.
 fn data_extents(file: &File, start: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    use nix::unistd::{lseek, Whence};
+    let offset =
+        |at: u64| i64::try_from(at).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL));
     let end = start + len;
     let mut extents = Vec::new();
     let mut at = start;
     while at < end {
-        let data = match lseek(file, at, libc::SEEK_DATA) {
-            Ok(d) => d,
+        let data = match lseek(file, offset(at)?, Whence::SeekData) {
+            Ok(d) => d as u64,
             // ENXIO: no data at or after `at`.
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
-            Err(e) => return Err(e),
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(e.into()),
         };
         if data >= end {
             break;
         }
-        let hole = lseek(file, data, libc::SEEK_HOLE)?.min(end);
+        let hole = (lseek(file, offset(data)?, Whence::SeekHole)? as u64).min(end);
         extents.push((data, hole - data));
         at = hole;
     }
     Ok(extents)
-}
-
-fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
-    let offset = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: lseek on a file descriptor we own; no memory is passed.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as u64)
-    }
 }
 
 /// Opens the memory file at `path` and checks its header page against
@@ -320,22 +343,20 @@ pub fn copy_into(path: &Path, id: SnapshotId, ram: &GuestRam) -> Result<u64, Ram
     }
     let mut copied = 0;
     let mut buf = vec![0u8; CHUNK];
+    let read = ChunkSource {
+        path,
+        file: &file,
+        extents_error: "cannot find the memory file's data extents",
+        read_error: "cannot read the memory file",
+    };
     for r in &header.regions {
-        for (start, len) in data_extents(&file, r.data_offset(), r.size)
-            .map_err(io_error(path, "cannot find the memory file's data extents"))?
-        {
-            let mut at = start;
-            while at < start + len {
-                let n = (start + len - at).min(CHUNK as u64) as usize;
-                file.read_exact_at(&mut buf[..n], at)
-                    .map_err(io_error(path, "cannot read the memory file"))?;
-                ram.memfd
-                    .write_all_at(&buf[..n], at - HEADER_PAGE)
-                    .map_err(io_error(path, "cannot write guest memory"))?;
-                copied += n as u64;
-                at += n as u64;
-            }
-        }
+        read.for_each_chunk(r.data_offset(), r.size, &mut buf, |chunk, at| {
+            ram.memfd
+                .write_all_at(chunk, at - HEADER_PAGE)
+                .map_err(io_error(path, "cannot write guest memory"))?;
+            copied += chunk.len() as u64;
+            Ok(())
+        })?;
     }
     Ok(copied)
 }
