@@ -224,29 +224,13 @@ fn forbidden_call(
 /// `snapshot` op creates its files relative to it once the jail has
 /// hidden every path.
 fn open_snapshot_dir(dir: &std::path::Path) -> Result<OwnedFd, VmmError> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| {
-        VmmError::SnapshotDir(
-            dir.to_path_buf(),
-            std::io::Error::from_raw_os_error(libc::EINVAL),
-        )
-    })?;
-    // SAFETY: open with a NUL-terminated path that lives across the call;
-    // the result is checked.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(VmmError::SnapshotDir(
-            dir.to_path_buf(),
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: a descriptor just opened, owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    use nix::fcntl::OFlag;
+    nix::fcntl::open(
+        dir,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| VmmError::SnapshotDir(dir.to_path_buf(), e.into()))
 }
 
 /// Takes ownership of the inherited console fd (`console_fd`).
