@@ -329,7 +329,7 @@ pub fn run_vm(
                 ("net", net)
             }
         };
-        devices.attach_virtio(&vm, &mem, &format!("{name}{i}"), dev, Some(&mut cmdline))?;
+        devices.attach_virtio(&vm, &mem, name, dev, Some(&mut cmdline))?;
     }
     let mut balloon_handle = None;
     if let Some(b) = &cfg.balloon {
@@ -348,7 +348,7 @@ pub fn run_vm(
         ));
         let balloon = Arc::new(Mutex::new(balloon));
         balloon_handle = Some(balloon.clone());
-        devices.attach_virtio(&vm, &mem, &name, balloon, Some(&mut cmdline))?;
+        devices.attach_virtio(&vm, &mem, "balloon", balloon, Some(&mut cmdline))?;
     }
     if !cfg.cmdline.is_empty() {
         cmdline

@@ -359,8 +359,8 @@ fn a_vcpu_paused_after_an_in_is_read_on_its_thread_with_the_in_complete() {
     );
 }
 
-/// A VM with an irqchip, 16 MiB of RAM, COM1 and one rng device in slot 0
-/// named `name` (its kind is the name without the digits).
+/// A VM with an irqchip, 16 MiB of RAM, COM1 and one rng device in slot 0,
+/// attached as a device of `kind`.
 struct DeviceVm {
     _vm: boxlite_vmm::vstate::vm::Vm,
     ram: boxlite_vmm::vstate::memory::GuestRam,
@@ -369,7 +369,7 @@ struct DeviceVm {
 }
 
 fn device_vm(
-    name: &str,
+    kind: &str,
     serial: Option<&boxlite_vmm::devices::legacy::serial::SerialSnap>,
 ) -> Result<DeviceVm, boxlite_vmm::device_manager::DeviceManagerError> {
     use boxlite_vmm::devices::virtio::rng::Rng;
@@ -380,7 +380,7 @@ fn device_vm(
     let exit = Arc::new(ExitSignal::new().expect("exit eventfd"));
     devices.attach_legacy(&vm, Box::new(std::io::sink()), exit, serial)?;
     let rng = Arc::new(Mutex::new(Rng::new(None).expect("urandom")));
-    devices.attach_virtio(&vm, &ram.mem, name, rng.clone(), None)?;
+    devices.attach_virtio(&vm, &ram.mem, kind, rng.clone(), None)?;
     Ok(DeviceVm {
         _vm: vm,
         ram,
@@ -441,7 +441,7 @@ fn rng_request(v: &DeviceVm, n: u16) -> u16 {
 #[test]
 #[ignore = "needs /dev/kvm (root)"]
 fn the_serial_and_a_virtio_device_come_back_in_a_second_vm() {
-    let a = device_vm("rng0", None).expect("first VM");
+    let a = device_vm("rng", None).expect("first VM");
     drive_rng(&a.devices);
     assert_eq!(rng_request(&a, 0), 1);
     assert_eq!(rng_request(&a, 1), 2);
@@ -460,7 +460,7 @@ fn the_serial_and_a_virtio_device_come_back_in_a_second_vm() {
     assert_eq!(entries[0].device.queues[0].next_used, 2);
 
     // The second VM gets a copy of the guest's memory, as a restore does.
-    let b = device_vm("rng0", serial.as_ref()).expect("second VM");
+    let b = device_vm("rng", serial.as_ref()).expect("second VM");
     let mut image = vec![0u8; 16 << 20];
     a.ram.mem.read_slice(&mut image, GuestAddress(0)).unwrap();
     b.ram.mem.write_slice(&image, GuestAddress(0)).unwrap();
@@ -485,10 +485,10 @@ fn the_serial_and_a_virtio_device_come_back_in_a_second_vm() {
 #[test]
 #[ignore = "needs /dev/kvm (root)"]
 fn device_states_for_other_devices_are_refused_by_slot() {
-    let a = device_vm("rng0", None).expect("first VM");
+    let a = device_vm("rng", None).expect("first VM");
     drive_rng(&a.devices);
     let (_, entries) = a.devices.save_states().expect("save");
-    let other = device_vm("block0", None).expect("second VM");
+    let other = device_vm("block", None).expect("second VM");
     let err = other
         .devices
         .restore_virtio_states(&entries)
@@ -508,7 +508,7 @@ fn device_states_for_other_devices_are_refused_by_slot() {
     // A saved UART with more unread input than its FIFO holds.
     let mut serial = a.devices.save_states().expect("save").0.expect("COM1");
     serial.in_buffer = vec![b'x'; 65];
-    let err = device_vm("rng0", Some(&serial))
+    let err = device_vm("rng", Some(&serial))
         .err()
         .expect("oversized FIFO");
     assert!(
@@ -545,7 +545,7 @@ fn a_saved_vm_goes_on_from_its_two_files_in_a_second_vm() {
         .unwrap();
     let rng = Arc::new(Mutex::new(Rng::new(None).unwrap()));
     devices
-        .attach_virtio(&vm, &ram.mem, "rng0", rng, None)
+        .attach_virtio(&vm, &ram.mem, "rng", rng, None)
         .unwrap();
     let count = Arc::new(AtomicU16::new(0));
     devices
@@ -644,7 +644,7 @@ fn a_saved_vm_goes_on_from_its_two_files_in_a_second_vm() {
         .unwrap();
     let rng_b = Arc::new(Mutex::new(Rng::new(None).unwrap()));
     devices_b
-        .attach_virtio(&vm_b, &mem, "rng0", rng_b, None)
+        .attach_virtio(&vm_b, &mem, "rng", rng_b, None)
         .unwrap();
     devices_b
         .restore_virtio_states(&body.devices)

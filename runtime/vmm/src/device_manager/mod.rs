@@ -140,12 +140,14 @@ impl DeviceManager {
         Ok(())
     }
 
-    /// Puts `device` in the next virtio-mmio slot and announces it on `cmdline`.
+    /// Puts `device`, of `kind` (`rng`, `block`, ...: the config's name),
+    /// in the next virtio-mmio slot and announces it on `cmdline`. Logs
+    /// name it `<kind><slot>` (`rng0`), as the metrics do.
     pub fn attach_virtio(
         &mut self,
         vm: &Vm,
         mem: &GuestMemoryMmap,
-        name: &str,
+        kind: &str,
         device: Arc<Mutex<dyn VirtioDevice>>,
         cmdline: Option<&mut Cmdline>,
     ) -> Result<VirtioSlot, DeviceManagerError> {
@@ -155,6 +157,8 @@ impl DeviceManager {
                 crate::config::MAX_VIRTIO_DEVICES,
             ));
         }
+        let name = format!("{kind}{index}");
+        let name = name.as_str();
         let addr = VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SLOT_SIZE;
         let irq = VIRTIO_IRQ_BASE + index as u32;
         let interrupt = Arc::new(Interrupt::new(Self::irq_evt(vm, irq)?));
@@ -188,7 +192,7 @@ impl DeviceManager {
             ));
         }
         let transport = Arc::new(Mutex::new(transport));
-        self.transports.push((kind_of(name), transport.clone()));
+        self.transports.push((kind.to_owned(), transport.clone()));
         self.mmio.insert(transport, addr, MMIO_WINDOW_SIZE)?;
         if let Some(c) = cmdline {
             c.add_virtio_mmio_device(MMIO_WINDOW_SIZE, GuestAddress(addr), irq, None)
@@ -276,10 +280,4 @@ impl DeviceManager {
         }
         Ok(())
     }
-}
-
-/// A slot's kind from its name (`rng0` → `rng`, `balloon3` → `balloon`).
-fn kind_of(name: &str) -> String {
-    name.trim_end_matches(|c: char| c.is_ascii_digit())
-        .to_owned()
 }
