@@ -362,7 +362,7 @@ fn a_vcpu_paused_after_an_in_is_read_on_its_thread_with_the_in_complete() {
 /// A VM with an irqchip, 16 MiB of RAM, COM1 and one rng device in slot 0,
 /// attached as a device of `kind`.
 struct DeviceVm {
-    _vm: boxlite_vmm::vstate::vm::Vm,
+    vm: boxlite_vmm::vstate::vm::Vm,
     ram: boxlite_vmm::vstate::memory::GuestRam,
     devices: boxlite_vmm::device_manager::DeviceManager,
     rng: Arc<Mutex<boxlite_vmm::devices::virtio::rng::Rng>>,
@@ -382,7 +382,7 @@ fn device_vm(
     let rng = Arc::new(Mutex::new(Rng::new(None).expect("urandom")));
     devices.attach_virtio(&vm, &ram.mem, kind, rng.clone(), None)?;
     Ok(DeviceVm {
-        _vm: vm,
+        vm,
         ram,
         devices,
         rng,
@@ -527,25 +527,18 @@ fn a_saved_vm_goes_on_from_its_two_files_in_a_second_vm() {
     use boxlite_vmm::devices::virtio::rng::Rng;
     use boxlite_vmm::snapshot::save::{save_vm, SaveParts, SaveTarget};
     use boxlite_vmm::snapshot::{body, memory_file, ram, state_file};
-    use boxlite_vmm::vstate::memory::create_guest_memory;
     use boxlite_vmm::vstate::vm::Vm;
 
     // VM A: 16 MiB of memfd RAM with the counter at CODE_AT, COM1, an rng,
     // one vCPU on its thread.
-    let vm = Vm::new(true).expect("VM with irqchip");
-    let ram = create_guest_memory(16 << 20).expect("RAM");
+    let DeviceVm {
+        vm,
+        ram,
+        mut devices,
+        ..
+    } = device_vm("rng", None).expect("first VM");
     ram.mem
         .write_slice(&COUNTER, GuestAddress(CODE_AT))
-        .unwrap();
-    vm.register_memory(&ram.mem).expect("memory slots");
-    let exit = Arc::new(ExitSignal::new().unwrap());
-    let mut devices = DeviceManager::new();
-    devices
-        .attach_legacy(&vm, Box::new(std::io::sink()), exit.clone(), None)
-        .unwrap();
-    let rng = Arc::new(Mutex::new(Rng::new(None).unwrap()));
-    devices
-        .attach_virtio(&vm, &ram.mem, "rng", rng, None)
         .unwrap();
     let count = Arc::new(AtomicU16::new(0));
     devices
@@ -563,6 +556,7 @@ fn a_saved_vm_goes_on_from_its_two_files_in_a_second_vm() {
         .into();
     let pio = Arc::new(std::mem::take(&mut devices.pio));
     let mmio = Arc::new(std::mem::take(&mut devices.mmio));
+    let exit = Arc::new(ExitSignal::new().unwrap());
     let handle = VcpuHandle::spawn(Vcpu::new(0, fd, pio, mmio, exit.clone())).unwrap();
     assert!(handle.resume(), "the vCPU thread did not start");
     let end = std::time::Instant::now() + Duration::from_secs(10);
