@@ -57,6 +57,18 @@ pub struct MemoryHeader {
     pub regions: Vec<Region>,
 }
 
+impl MemoryHeader {
+    /// The memory file's full length: the header page, then every region
+    /// at its offset (the file may be sparse, never shorter).
+    pub fn file_len(&self) -> u64 {
+        self.regions
+            .iter()
+            .map(|r| r.data_offset() + r.size)
+            .max()
+            .unwrap_or(HEADER_PAGE)
+    }
+}
+
 /// Why a memory file was refused. Each names the file.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MemoryFileError {
@@ -186,12 +198,13 @@ pub fn decode_header(
         .collect();
     let guest_memory_bytes = le_u64(page, 32);
     check_regions(&regions, guest_memory_bytes).map_err(malformed)?;
+    let header = MemoryHeader {
+        id,
+        guest_memory_bytes,
+        regions,
+    };
     // check_regions bounds every end, so this cannot overflow.
-    let needed = regions
-        .iter()
-        .map(|r| r.data_offset() + r.size)
-        .max()
-        .unwrap_or(HEADER_PAGE);
+    let needed = header.file_len();
     if file_len < needed {
         return Err(MemoryFileError::Truncated {
             path: path_buf(),
@@ -199,11 +212,7 @@ pub fn decode_header(
             needed,
         });
     }
-    Ok(MemoryHeader {
-        id,
-        guest_memory_bytes,
-        regions,
-    })
+    Ok(header)
 }
 
 /// Regions must be page aligned and non-empty, add up to the guest's

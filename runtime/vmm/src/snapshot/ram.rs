@@ -162,7 +162,6 @@ fn write_all(
         .map_err(io_error(path, "cannot write the header page"))?;
     let mut data_bytes = 0;
     let mut buf = vec![0u8; CHUNK];
-    let mut end = HEADER_PAGE;
     for r in &header.regions {
         let read = ChunkSource {
             path,
@@ -175,10 +174,9 @@ fn write_all(
                 .map_err(io_error(path, "cannot write guest memory"))?;
             Ok(())
         })?;
-        end = end.max(r.data_offset() + r.size);
     }
     // The full length, so the trailing holes are part of the file.
-    file.set_len(end)
+    file.set_len(header.file_len())
         .map_err(io_error(path, "cannot size the memory file"))?;
     file.sync_all()
         .map_err(io_error(path, "cannot sync the memory file"))?;

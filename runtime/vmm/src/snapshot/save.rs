@@ -259,13 +259,12 @@ pub fn save_vm(parts: &SaveParts<'_>, target: &SaveTarget<'_>) -> Result<Saved, 
         path: state.path.clone(),
         source,
     })?;
-    let memory_bytes = memory.file.metadata().map(|m| m.len()).unwrap_or_default();
     memory.keep = true;
     state.keep = true;
     let saved = Saved {
         id,
         state_bytes: bytes.len() as u64,
-        memory_bytes,
+        memory_bytes: saved_ram.header.file_len(),
         memory_data_bytes: saved_ram.data_bytes,
         took_ms: started.elapsed().as_millis() as u64,
     };
