@@ -78,6 +78,12 @@ pub struct VmConfig {
     /// None: `snapshot` is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_dir: Option<PathBuf>,
+    /// Start from a snapshot instead of booting: the VM is rebuilt from the
+    /// two files a `snapshot` op wrote and comes up `restored` (paused);
+    /// the `restore` control op runs it. Excludes `kernel` and
+    /// `raw_image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreConfig>,
     /// Hooks for the jail's own tests; never set in production.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_hooks: Option<TestHooks>,
@@ -154,6 +160,45 @@ pub struct RawImageConfig {
     /// CPU mode at the first instruction.
     #[serde(default)]
     pub mode: CpuMode,
+}
+
+/// The snapshot a VM starts from (`restore` in [`VmConfig`]).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreConfig {
+    /// The state file (vCPUs, VM, devices).
+    pub state: PathBuf,
+    /// The memory file written with it.
+    pub memory: PathBuf,
+    /// How guest RAM comes back from the memory file.
+    #[serde(default)]
+    pub memory_mode: MemoryMode,
+}
+
+/// How a restored VM's RAM is made from the memory file.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryMode {
+    /// `copy` if the VM has a vhost-user device (virtio-fs), else `private`.
+    #[default]
+    Auto,
+    /// The file mapped copy-on-write: VMs restored from one file share its
+    /// pages until they write them. Not with vhost-user devices, which map
+    /// guest memory through a shared file descriptor.
+    Private,
+    /// The file's data copied into fresh shared guest memory, as at boot.
+    Copy,
+}
+
+impl MemoryMode {
+    /// The name in configs and replies.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            MemoryMode::Auto => "auto",
+            MemoryMode::Private => "private",
+            MemoryMode::Copy => "copy",
+        }
+    }
 }
 
 /// The CPU mode a raw image starts in.
@@ -337,6 +382,7 @@ impl Default for VmConfig {
             cgroup: None,
             jail_user: None,
             snapshot_dir: None,
+            restore: None,
             test_hooks: None,
         }
     }
@@ -388,6 +434,7 @@ mod tests {
             "control_socket": "/run/b/control.sock", "jail": false,
             "sandbox_dir": "/run/b", "cgroup": "/sys/fs/cgroup/b",
             "snapshot_dir": "/var/lib/boxlite/templates/t.partial",
+            "restore": {"state": "/t/vm.state", "memory": "/t/vm.mem", "memory_mode": "copy"},
             "test_hooks": {"forbidden_syscall": "vmm", "forbidden_ioctl": "vcpu",
                            "open_after_landlock": "/etc/passwd"},
             "devices": [
@@ -406,6 +453,14 @@ mod tests {
         assert_eq!(
             cfg.snapshot_dir.as_deref(),
             Some(std::path::Path::new("/var/lib/boxlite/templates/t.partial"))
+        );
+        assert_eq!(
+            cfg.restore,
+            Some(RestoreConfig {
+                state: "/t/vm.state".into(),
+                memory: "/t/vm.mem".into(),
+                memory_mode: MemoryMode::Copy,
+            })
         );
         assert_eq!(
             cfg.devices,
@@ -538,6 +593,14 @@ mod tests {
                 "unknown field `entry`",
             ),
             (r#"{"devices": [{"kind": "gpu"}]}"#, "unknown variant `gpu`"),
+            (
+                r#"{"restore": {"state": "/s", "memory": "/m", "mode": "copy"}}"#,
+                "unknown field `mode`",
+            ),
+            (
+                r#"{"restore": {"state": "/s", "memory": "/m", "memory_mode": "lazy"}}"#,
+                "unknown variant `lazy`",
+            ),
             (
                 r#"{"devices": [{"kind": "rng", "x": 1}]}"#,
                 "unknown field `x`",

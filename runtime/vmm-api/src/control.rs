@@ -12,6 +12,7 @@
 //! | `Shutdown` | `{"op":"shutdown"}` | [`Reply::Shutdown`]: `"state": "stopping"`, `"exit_code": 0` |
 //! | `Balloon` | `{"op":"balloon"}`, `{"op":"balloon","target_mib":N}` | [`Reply::Balloon`]: `"balloon": {"target_mib", "actual_mib"}` |
 //! | `Snapshot` | `{"op":"snapshot","state_file":"vm.state","memory_file":"vm.mem"}` | [`Reply::Snapshot`]: `"state": "paused"`, `"snapshot": {"id", "state_bytes", "memory_bytes", "memory_data_bytes", "took_ms"}` |
+//! | `Restore` | `{"op":"restore"}`, `{"op":"restore","snapshot_id":"5f0c…"}` | [`Reply::Restored`]: `"state": "running"`, `"restore": {"id", "memory_mode", "setup_us", "took_us"}` |
 //!
 //! Every reply carries `"ok"`: `true` with the fields above, or `false`
 //! with `"error"` ([`Reply::Error`]). The server's limits (line length,
@@ -51,11 +52,18 @@ pub enum Request {
         state_file: String,
         memory_file: String,
     },
+    /// Run a VM started from a snapshot (state `restored`) for the first
+    /// time. With `snapshot_id`, only if that is the snapshot it was
+    /// restored from.
+    Restore {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        snapshot_id: Option<String>,
+    },
 }
 
 /// Every op name, in the order error messages list them.
-pub const OPS: [&str; 7] = [
-    "shutdown", "pause", "resume", "status", "metrics", "balloon", "snapshot",
+pub const OPS: [&str; 8] = [
+    "shutdown", "pause", "resume", "status", "metrics", "balloon", "snapshot", "restore",
 ];
 
 impl Request {
@@ -69,6 +77,7 @@ impl Request {
             Request::Metrics => "metrics",
             Request::Balloon { .. } => "balloon",
             Request::Snapshot { .. } => "snapshot",
+            Request::Restore { .. } => "restore",
         }
     }
 
@@ -77,6 +86,7 @@ impl Request {
         match op {
             "balloon" => &["target_mib"],
             "snapshot" => &["state_file", "memory_file"],
+            "restore" => &["snapshot_id"],
             _ => &[],
         }
     }
@@ -218,6 +228,19 @@ impl TryFrom<Value> for Request {
                     memory_file: name("memory_file")?,
                 }
             }
+            "restore" => Request::Restore {
+                snapshot_id: match obj.get("snapshot_id") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(s)) => Some(s.clone()),
+                    Some(v) => {
+                        return Err(RequestError::BadField(
+                            "snapshot_id",
+                            "a snapshot id (a string of hex digits)",
+                            v.to_string(),
+                        ))
+                    }
+                },
+            },
             _ => unreachable!("every name in OPS is matched"),
         })
     }
@@ -230,6 +253,8 @@ pub enum VmState {
     Running,
     Paused,
     Stopping,
+    /// Rebuilt from a snapshot, not yet run: waits for `restore`.
+    Restored,
 }
 
 impl VmState {
@@ -239,6 +264,7 @@ impl VmState {
             VmState::Running => "running",
             VmState::Paused => "paused",
             VmState::Stopping => "stopping",
+            VmState::Restored => "restored",
         }
     }
 }
@@ -273,6 +299,11 @@ pub enum Reply {
     Snapshot {
         state: VmState,
         snapshot: SnapshotInfo,
+    },
+    /// `restore`: `{"ok": true, "state": "running", "restore": {…}}`.
+    Restored {
+        state: VmState,
+        restore: RestoreInfo,
     },
     /// Any refused request: `{"ok": false, "error": "<what was wrong>"}`.
     Error { error: String },
@@ -320,6 +351,21 @@ pub struct SnapshotInfo {
     pub took_ms: u64,
 }
 
+/// How a VM came back from its snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreInfo {
+    /// The snapshot's id (32 hex digits).
+    pub id: String,
+    /// How its RAM was made from the memory file: `private` or `copy`.
+    pub memory_mode: String,
+    /// From the VMM's start to the VM ready to run (files read, memory
+    /// mapped or copied, KVM state set, devices restored).
+    pub setup_us: u64,
+    /// The `restore` op itself: devices woken, vCPUs resumed.
+    pub took_us: u64,
+}
+
 /// The flat wire form of a [`Reply`].
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -341,6 +387,8 @@ struct WireReply {
     balloon: Option<BalloonState>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     snapshot: Option<SnapshotInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    restore: Option<RestoreInfo>,
 }
 
 impl WireReply {
@@ -355,6 +403,7 @@ impl WireReply {
             metrics: None,
             balloon: None,
             snapshot: None,
+            restore: None,
         }
     }
 
@@ -369,6 +418,7 @@ impl WireReply {
             ("metrics", self.metrics.is_some()),
             ("balloon", self.balloon.is_some()),
             ("snapshot", self.snapshot.is_some()),
+            ("restore", self.restore.is_some()),
         ]
         .iter()
         .filter(|(_, present)| *present)
@@ -413,6 +463,11 @@ impl From<Reply> for WireReply {
                 snapshot: Some(snapshot),
                 ..WireReply::ok()
             },
+            Reply::Restored { state, restore } => WireReply {
+                state: Some(state),
+                restore: Some(restore),
+                ..WireReply::ok()
+            },
             Reply::Error { error } => WireReply {
                 ok: false,
                 error: Some(error),
@@ -438,6 +493,7 @@ impl TryFrom<WireReply> for Reply {
                 metrics: None,
                 balloon: None,
                 snapshot: None,
+                restore: None,
             } => Reply::Error { error },
             WireReply {
                 ok: true,
@@ -449,6 +505,7 @@ impl TryFrom<WireReply> for Reply {
                 metrics: None,
                 balloon: None,
                 snapshot: None,
+                restore: None,
             } => match (uptime_ms, vcpus, exit_code) {
                 (Some(uptime_ms), Some(vcpus), None) => Reply::Status {
                     state,
@@ -473,6 +530,7 @@ impl TryFrom<WireReply> for Reply {
                 metrics: Some(metrics),
                 balloon: None,
                 snapshot: None,
+                restore: None,
             } => Reply::Metrics { metrics },
             WireReply {
                 ok: true,
@@ -484,6 +542,7 @@ impl TryFrom<WireReply> for Reply {
                 metrics: None,
                 balloon: Some(balloon),
                 snapshot: None,
+                restore: None,
             } => Reply::Balloon { balloon },
             WireReply {
                 ok: true,
@@ -495,7 +554,20 @@ impl TryFrom<WireReply> for Reply {
                 metrics: None,
                 balloon: None,
                 snapshot: Some(snapshot),
+                restore: None,
             } => Reply::Snapshot { state, snapshot },
+            WireReply {
+                ok: true,
+                error: None,
+                state: Some(state),
+                uptime_ms: None,
+                vcpus: None,
+                exit_code: None,
+                metrics: None,
+                balloon: None,
+                snapshot: None,
+                restore: Some(restore),
+            } => Reply::Restored { state, restore },
             WireReply { ok, .. } => {
                 return Err(format!(
                     "control reply with ok = {ok} has no known shape (fields: {fields})"
@@ -652,6 +724,16 @@ mod tests {
                 },
                 r#"{"op":"snapshot","state_file":"vm.state","memory_file":"vm.mem"}"#,
             ),
+            (
+                Request::Restore { snapshot_id: None },
+                r#"{"op":"restore"}"#,
+            ),
+            (
+                Request::Restore {
+                    snapshot_id: Some("5f0c".into()),
+                },
+                r#"{"op":"restore","snapshot_id":"5f0c"}"#,
+            ),
         ] {
             let line = r.to_line();
             assert_eq!(line, format!("{wire}\n"));
@@ -679,13 +761,13 @@ mod tests {
             (
                 b"{}",
                 "missing \"op\": expected one of shutdown, pause, resume, status, metrics, balloon, \
-                 snapshot",
+                 snapshot, restore",
             ),
             (br#"{"op":1}"#, "\"op\" must be a string, got 1"),
             (
                 br#"{"op":"reboot"}"#,
                 "unknown op \"reboot\": expected one of shutdown, pause, resume, status, metrics, \
-                 balloon, snapshot",
+                 balloon, snapshot, restore",
             ),
             (
                 br#"{"op":"status","x":1}"#,
@@ -722,6 +804,14 @@ mod tests {
             (
                 br#"{"op":"snapshot","state_file":"s","memory_file":"m","dir":"/"}"#,
                 "unknown field \"dir\": \"snapshot\" takes \"op\" and \"state_file\", \"memory_file\"",
+            ),
+            (
+                br#"{"op":"restore","snapshot_id":7}"#,
+                "\"snapshot_id\" must be a snapshot id (a string of hex digits), got 7",
+            ),
+            (
+                br#"{"op":"restore","id":"5f0c"}"#,
+                "unknown field \"id\": \"restore\" takes \"op\" and \"snapshot_id\"",
             ),
         ] {
             let e = Request::from_line(line).expect_err("refused").to_string();
@@ -825,6 +915,26 @@ mod tests {
                     },
                 },
                 r#"{"ok":true,"state":"paused","snapshot":{"id":"5f0c","state_bytes":91234,"memory_bytes":268439552,"memory_data_bytes":61865984,"took_ms":143}}"#,
+            ),
+            (
+                Reply::Status {
+                    state: VmState::Restored,
+                    uptime_ms: 3,
+                    vcpus: 1,
+                },
+                r#"{"ok":true,"state":"restored","uptime_ms":3,"vcpus":1}"#,
+            ),
+            (
+                Reply::Restored {
+                    state: VmState::Running,
+                    restore: RestoreInfo {
+                        id: "5f0c".into(),
+                        memory_mode: "private".into(),
+                        setup_us: 9100,
+                        took_us: 40,
+                    },
+                },
+                r#"{"ok":true,"state":"running","restore":{"id":"5f0c","memory_mode":"private","setup_us":9100,"took_us":40}}"#,
             ),
         ];
         for (reply, wire) in cases {

@@ -19,7 +19,7 @@ use crate::arch::x86_64::regs::BootEntry;
 use crate::config::{
     mac_bytes, ConfigError, CpuMode, DeviceConfig, EscapeProbe, Validate, VmConfig,
 };
-use crate::control::{ControlError, ControlServer, SnapshotCtx, VmControl};
+use crate::control::{ControlError, ControlServer, RestoreCtx, SnapshotCtx, VmControl};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::devices::virtio::balloon::{Balloon, PAGES_PER_MIB};
 use crate::devices::virtio::block::{Block, BlockError};
@@ -30,6 +30,7 @@ use crate::devices::virtio::vsock::{Vsock, VsockError, VsockEventHandler};
 use crate::devices::virtio::VirtioDevice;
 use crate::jail::{JailError, JailPolicy};
 use crate::metrics::{DeviceMetrics, VmMetrics};
+use crate::snapshot::restore::{self, Loaded, RestoreError};
 use crate::threads::{spawn_thread, ThreadKind};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{ExitSignal, Vcpu, VcpuError, VcpuHandle};
@@ -83,7 +84,13 @@ pub enum VmmError {
     #[error("Failed to open snapshot_dir {0}")]
     SnapshotDir(std::path::PathBuf, #[source] std::io::Error),
     #[error("Failed to list the MSRs a snapshot saves")]
-    SnapshotMsrs(#[from] crate::vstate::vcpu_state::VcpuStateError),
+    SnapshotMsrs(#[source] crate::vstate::vcpu_state::VcpuStateError),
+    #[error("Restoring the snapshot failed")]
+    Restore(#[from] RestoreError),
+    #[error("restore: KVM refused the snapshot's state")]
+    RestoreState(#[source] crate::vstate::vcpu_state::VcpuStateError),
+    #[error("restore: KVM refused the snapshot's VM state")]
+    RestoreVmState(#[source] crate::vstate::vm_state::VmStateError),
     #[error("Event loop failed")]
     EventLoop(#[source] event_manager::Error),
     #[error("Failed to create the exit eventfd")]
@@ -103,6 +110,7 @@ impl VmmError {
     pub fn exit_code(&self) -> i32 {
         match self {
             VmmError::Config(_) => crate::exit_code::CONFIG_ERROR,
+            VmmError::Restore(e) if e.is_input_error() => crate::exit_code::CONFIG_ERROR,
             VmmError::Jail(_) => crate::exit_code::JAIL_ERROR,
             VmmError::Vcpu(VcpuError::Spawn(_)) if crate::threads::seccomp_enabled() => {
                 crate::exit_code::JAIL_ERROR
@@ -244,6 +252,43 @@ fn inherited_console(fd: RawFd) -> Result<File, VmmError> {
     Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
+/// Puts a snapshot's state into `vcpu`, just created: after checking that
+/// this host gives it the CPU it was saved with ([`restore::check_cpuid`])
+/// and running its TSC at the saved rate.
+fn restore_vcpu(
+    vm: &Vm,
+    vcpu: &Vcpu,
+    base_cpuid: &kvm_bindings::CpuId,
+    nvcpus: u8,
+    body: &crate::snapshot::body::SnapshotBody,
+) -> Result<(), VmmError> {
+    let id = vcpu.id();
+    let saved = &body.vcpus[usize::from(id)];
+    // The saved CPUID is what KVM reported for the booted vCPU, which is
+    // not always what was set (a nested KVM may mix in its own view), so
+    // compare it with what KVM reports here for the same boot CPUID; and
+    // give the vCPU that boot CPUID again.
+    let boot = vcpu.boot_cpuid(base_cpuid, nvcpus)?;
+    let fd = vcpu.fd();
+    fd.set_cpuid2(&boot)
+        .map_err(|e| VcpuError::SetCpuid(id, e))?;
+    let here = fd
+        .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| VcpuError::GetCpuid(id, e))?;
+    restore::check_cpuid(id, &saved.cpuid, here.as_slice())?;
+    restore::match_tsc_rate(vm.kvm(), id, fd, saved.tsc_khz)?;
+    saved
+        .restore_with_cpuid(fd, &boot)
+        .map_err(VmmError::RestoreState)?;
+    // Tell a kvmclock guest it was stopped, so its soft-lockup watchdog
+    // does not take the time in the snapshot for a hang. KVM refuses
+    // (EINVAL) where the guest has no kvmclock: nothing to tell then.
+    if let Err(e) = vcpu.fd().kvmclock_ctrl() {
+        tracing::debug!(vcpu = id, error = %e, "KVM_KVMCLOCK_CTRL not applied");
+    }
+    Ok(())
+}
+
 /// Builds the VM described by `cfg` and runs it until it ends. With the
 /// jail on, `parent` is what [`crate::jail::isolate_process`] returned (the
 /// jail needs its own pid namespace); None is an error then.
@@ -253,7 +298,21 @@ pub fn run_vm(
 ) -> Result<ExitReason, VmmError> {
     cfg.validate()?;
     let start = std::time::Instant::now();
-    let ram = create_guest_memory(cfg.memory_bytes())?;
+    // A restore reads and checks its files first: a bad snapshot is
+    // refused before anything else is built.
+    let (ram, snapshot) = match &cfg.restore {
+        Some(r) => {
+            let Loaded {
+                header,
+                body,
+                ram,
+                memory_mode,
+            } = restore::load(cfg, r)?;
+            (ram, Some((header, body, memory_mode)))
+        }
+        None => (create_guest_memory(cfg.memory_bytes())?, None),
+    };
+    let body = snapshot.as_ref().map(|(_, body, _)| body);
     let mem = ram.mem.clone();
     let vm = Vm::new(cfg.irqchip)?;
     vm.register_memory(&mem)?;
@@ -265,7 +324,12 @@ pub fn run_vm(
         (None, None) => Box::new(std::io::sink()),
     };
     let mut devices = DeviceManager::new();
-    devices.attach_legacy(&vm, console, exit.clone(), None)?;
+    devices.attach_legacy(
+        &vm,
+        console,
+        exit.clone(),
+        body.and_then(|b| b.serial.as_ref()),
+    )?;
 
     let mut cmdline = build_cmdline()?;
     // Backend subscribers of devices with host fds of their own (vsock).
@@ -329,7 +393,9 @@ pub fn run_vm(
                 ("net", net)
             }
         };
-        devices.attach_virtio(&vm, &mem, name, dev, Some(&mut cmdline))?;
+        // A restored guest found its devices when it booted.
+        let announce = body.is_none().then_some(&mut cmdline);
+        devices.attach_virtio(&vm, &mem, name, dev, announce)?;
     }
     let mut balloon_handle = None;
     if let Some(b) = &cfg.balloon {
@@ -348,7 +414,12 @@ pub fn run_vm(
         ));
         let balloon = Arc::new(Mutex::new(balloon));
         balloon_handle = Some(balloon.clone());
-        devices.attach_virtio(&vm, &mem, "balloon", balloon, Some(&mut cmdline))?;
+        let announce = body.is_none().then_some(&mut cmdline);
+        devices.attach_virtio(&vm, &mem, "balloon", balloon, announce)?;
+    }
+    if let Some(body) = body {
+        // Before any vCPU exists: nothing can touch a device meanwhile.
+        devices.restore_virtio_states(&body.devices)?;
     }
     if !cfg.cmdline.is_empty() {
         cmdline
@@ -357,7 +428,7 @@ pub fn run_vm(
     }
 
     let entry = match (&cfg.kernel, &cfg.raw_image) {
-        (Some(kernel), _) => {
+        (Some(kernel), _) => Some({
             let e = boot::load_linux(
                 &mem,
                 cfg.memory_bytes(),
@@ -367,8 +438,8 @@ pub fn run_vm(
             )?;
             mptable::setup_mptable(&mem, cfg.vcpus)?;
             e
-        }
-        (None, Some(raw)) => {
+        }),
+        (None, Some(raw)) => Some({
             let code =
                 std::fs::read(&raw.path).map_err(|e| VmmError::RawImage(raw.path.clone(), e))?;
             boot::load_raw_image(&mem, &code, raw.load_addr)?;
@@ -380,8 +451,9 @@ pub fn run_vm(
                     entry: raw.load_addr,
                 },
             }
-        }
-        (None, None) => unreachable!("validate() requires a boot source"),
+        }),
+        // Restored: the vCPUs' registers come from the snapshot.
+        (None, None) => None,
     };
     let raw = cfg.raw_image.is_some();
 
@@ -409,17 +481,34 @@ pub fn run_vm(
         let fd = vm.create_vcpu(id)?;
         let vcpu = Vcpu::new(id, fd, pio.clone(), mmio.clone(), exit.clone());
         metrics.vcpus.push(vcpu.metrics());
-        // Linux: only the boot vCPU gets registers; the others wait for
-        // INIT/SIPI in the in-kernel LAPIC. Raw images: every vCPU starts at
-        // the entry point (there is no LAPIC to start them).
-        let e = (id == 0 || raw).then_some(entry);
-        vcpu.configure(&mem, &base_cpuid, cfg.vcpus, cfg.irqchip, e)?;
+        match body {
+            Some(body) => restore_vcpu(&vm, &vcpu, &base_cpuid, cfg.vcpus, body)?,
+            None => {
+                // Linux: only the boot vCPU gets registers; the others wait
+                // for INIT/SIPI in the in-kernel LAPIC. Raw images: every
+                // vCPU starts at the entry point (there is no LAPIC to
+                // start them).
+                let e = entry.filter(|_| id == 0 || raw);
+                vcpu.configure(&mem, &base_cpuid, cfg.vcpus, cfg.irqchip, e)?;
+            }
+        }
         if id == 0 && snapshot_dir.is_some() {
             // The MSRs a snapshot saves, probed once on a configured vCPU
             // (which ones KVM reads depends on the CPUID it runs with).
-            msr_indices = saveable_msrs(vm.kvm(), 0, vcpu.fd(), cfg.irqchip)?.into();
+            msr_indices = saveable_msrs(vm.kvm(), 0, vcpu.fd(), cfg.irqchip)
+                .map_err(VmmError::SnapshotMsrs)?
+                .into();
         }
         vcpus.push(vcpu);
+    }
+    if let Some(body) = body {
+        // After the vCPUs (the clock is set against their restored TSCs),
+        // and before anything can raise an interrupt: restoring the
+        // interrupt controllers overwrites what is pending in them.
+        body.vm
+            .state
+            .restore(vm.fd())
+            .map_err(VmmError::RestoreVmState)?;
     }
 
     let mut em: EventManager<Subscriber> = EventManager::new().map_err(VmmError::EventLoop)?;
@@ -475,29 +564,40 @@ pub fn run_vm(
         );
         run_forbidden_syscall_hook(cfg)?;
     }
-    for h in &handles {
-        if !h.resume() {
-            let id = h.id();
-            for h in handles {
-                h.finish();
+    // A restored VM stays paused until the `restore` op.
+    if snapshot.is_none() {
+        for h in &handles {
+            if !h.resume() {
+                let id = h.id();
+                for h in handles {
+                    h.finish();
+                }
+                return Err(VmmError::VcpuStart(id));
             }
-            return Err(VmmError::VcpuStart(id));
         }
     }
     let vm = Arc::new(vm);
     let ram = Arc::new(ram);
+    let devices = Arc::new(devices);
     let snapshots = snapshot_dir.map(|dir| SnapshotCtx {
         vm: vm.clone(),
         ram: ram.clone(),
-        devices: Arc::new(devices),
+        devices: devices.clone(),
         dir,
         dir_path: cfg.snapshot_dir.clone().unwrap_or_default(),
         msr_indices,
     });
+    let restored = snapshot.map(|(header, _, memory_mode)| RestoreCtx {
+        id: header.id,
+        memory_mode,
+        devices: devices.clone(),
+        setup_us: u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
+    });
     let vm_control = Arc::new(
         VmControl::new(handles, exit.clone(), metrics)
             .with_balloon(balloon_handle, cfg.memory_mib)
-            .with_snapshots(snapshots),
+            .with_snapshots(snapshots)
+            .restored_from(restored),
     );
     if let Some(c) = &control {
         c.lock().expect("control lock").attach(vm_control.clone());
@@ -506,7 +606,8 @@ pub fn run_vm(
         vcpus = cfg.vcpus,
         memory_mib = cfg.memory_mib,
         setup_us = start.elapsed().as_micros() as u64,
-        "guest running"
+        state = vm_control.state().as_str(),
+        "VM built"
     );
 
     let reason = loop {

@@ -8,13 +8,14 @@
 //!
 //! | request | reply (besides `"ok": true`) |
 //! |---|---|
-//! | `{"op":"status"}` | `"state": "running"\|"paused"\|"stopping"`, `"uptime_ms"`, `"vcpus"` |
+//! | `{"op":"status"}` | `"state": "running"\|"paused"\|"restored"\|"stopping"`, `"uptime_ms"`, `"vcpus"` |
 //! | `{"op":"pause"}` | `"state": "paused"` once every vCPU acknowledged (≤ 1 s each) |
 //! | `{"op":"resume"}` | `"state": "running"` |
 //! | `{"op":"metrics"}` | `"metrics": {"vcpus": […], "devices": {…}}` (see [`crate::metrics`]) |
 //! | `{"op":"shutdown"}` | `"state": "stopping"`, `"exit_code": 0`; then the vCPUs are stopped and the process exits with 0 |
 //! | `{"op":"balloon"}`, `{"op":"balloon","target_mib":N}` | `"balloon": {"target_mib", "actual_mib"}`; with `target_mib`, the target is set first and the guest told (configuration-change interrupt) |
 //! | `{"op":"snapshot","state_file":F,"memory_file":M}` | `"state": "paused"`, `"snapshot": {"id", "state_bytes", "memory_bytes", "memory_data_bytes", "took_ms"}`: the paused VM saved into two new files in `snapshot_dir` ([`crate::snapshot::save`]) |
+//! | `{"op":"restore"}`, `{"op":"restore","snapshot_id":ID}` | `"state": "running"`, `"restore": {"id", "memory_mode", "setup_us", "took_us"}`: a VM started from a snapshot (`restore` in its config; state `restored` until then) runs for the first time |
 //!
 //! A bad request gets `{"ok": false, "error": "<what was wrong>"}` and the
 //! connection stays open; a line longer than [`MAX_REQUEST_LEN`] gets an
@@ -31,13 +32,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use boxlite_vmm_api::control::{BalloonState, Reply, Request, SnapshotInfo, VmState};
+pub use boxlite_vmm_api::control::{
+    BalloonState, Reply, Request, RestoreInfo, SnapshotInfo, VmState,
+};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
+use crate::config::MemoryMode;
 use crate::device_manager::DeviceManager;
 use crate::devices::virtio::balloon::{Balloon, PAGES_PER_MIB};
 use crate::metrics::VmMetrics;
 use crate::snapshot::save::{save_vm, SaveParts, SaveTarget};
+use crate::snapshot::SnapshotId;
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{ExitReason, ExitSignal, VcpuHandle};
 use crate::vstate::vm::Vm;
@@ -70,6 +75,20 @@ pub struct VmControl {
     memory_mib: u32,
     /// What the `snapshot` op reads, if the config has a `snapshot_dir`.
     snapshots: Option<SnapshotCtx>,
+    /// For a VM started from a snapshot: what the `restore` op needs.
+    restored: Option<RestoreCtx>,
+}
+
+/// A VM rebuilt from a snapshot, waiting for the `restore` op.
+pub struct RestoreCtx {
+    /// The snapshot it was rebuilt from.
+    pub id: SnapshotId,
+    /// How its RAM was made (`Private` or `Copy`).
+    pub memory_mode: MemoryMode,
+    /// Its devices, to wake before the first run.
+    pub devices: Arc<DeviceManager>,
+    /// From the VMM's start to the VM ready to run.
+    pub setup_us: u64,
 }
 
 /// What the `snapshot` op needs of the VM besides its vCPUs: the KVM VM,
@@ -99,7 +118,63 @@ impl VmControl {
             balloon: None,
             memory_mib: 0,
             snapshots: None,
+            restored: None,
         }
+    }
+
+    /// Marks the VM as rebuilt from a snapshot (`ctx`): it starts in state
+    /// `restored`, its vCPUs paused, and runs on the `restore` op.
+    pub fn restored_from(mut self, ctx: Option<RestoreCtx>) -> Self {
+        if ctx.is_some() {
+            *self.state.get_mut().expect("control state lock") = VmState::Restored;
+        }
+        self.restored = ctx;
+        self
+    }
+
+    /// Runs the restored VM for the first time: wakes its devices, then
+    /// resumes every vCPU. Only once, and only in state `restored`; with
+    /// `expected`, only if that is the snapshot it came from.
+    fn restore(&self, expected: Option<&str>) -> Result<RestoreInfo, String> {
+        let begun = Instant::now();
+        let Some(ctx) = &self.restored else {
+            return Err(format!(
+                "restore: this VM was not started from a snapshot (it is {})",
+                self.state()
+            ));
+        };
+        match self.state() {
+            VmState::Restored => {}
+            VmState::Stopping => return Err("restore: the VM is stopping".into()),
+            _ => return Err("restore: already done; the VM has run since".into()),
+        }
+        let id = ctx.id.to_string();
+        if let Some(want) = expected.filter(|want| !want.eq_ignore_ascii_case(&id)) {
+            return Err(format!(
+                "restore: expected snapshot {want}, this VM was restored from {id}"
+            ));
+        }
+        ctx.devices.wake_after_restore().map_err(|e| {
+            format!(
+                "restore: cannot wake the devices: {}",
+                boxlite_protocol::error_chain::chain(&e)
+            )
+        })?;
+        self.switch_vcpus(false)?;
+        let info = RestoreInfo {
+            id,
+            memory_mode: ctx.memory_mode.as_str().to_owned(),
+            setup_us: ctx.setup_us,
+            took_us: u64::try_from(begun.elapsed().as_micros()).unwrap_or(u64::MAX),
+        };
+        tracing::info!(
+            snapshot = %info.id,
+            memory_mode = %info.memory_mode,
+            setup_us = info.setup_us,
+            took_us = info.took_us,
+            "restored VM running"
+        );
+        Ok(info)
     }
 
     /// Lets the `snapshot` op save this VM as `ctx` describes.
@@ -207,9 +282,23 @@ impl VmControl {
 
     fn set_paused(&self, pause: bool) -> Result<VmState, String> {
         let op = if pause { "pause" } else { "resume" };
-        if self.state() == VmState::Stopping {
-            return Err(format!("cannot {op}: the VM is stopping"));
+        match self.state() {
+            VmState::Stopping => return Err(format!("cannot {op}: the VM is stopping")),
+            // Only `restore` runs it first: it wakes the devices too.
+            VmState::Restored => {
+                return Err(format!(
+                    "cannot {op}: the VM was restored from a snapshot and has not run yet; send \
+                     {{\"op\":\"restore\"}}"
+                ))
+            }
+            _ => {}
         }
+        self.switch_vcpus(pause)
+    }
+
+    /// Pauses or resumes every vCPU and records the new state.
+    fn switch_vcpus(&self, pause: bool) -> Result<VmState, String> {
+        let op = if pause { "pause" } else { "resume" };
         let vcpus = self.vcpus.lock().expect("vcpus lock");
         if pause {
             // Every vCPU is asked before any is waited for: the guest stops
@@ -275,6 +364,13 @@ impl VmControl {
                 Ok(snapshot) => Reply::Snapshot {
                     state: VmState::Paused,
                     snapshot,
+                },
+                Err(error) => Reply::Error { error },
+            },
+            Request::Restore { snapshot_id } => match self.restore(snapshot_id.as_deref()) {
+                Ok(restore) => Reply::Restored {
+                    state: VmState::Running,
+                    restore,
                 },
                 Err(error) => Reply::Error { error },
             },

@@ -232,7 +232,7 @@ mod tests {
         // Under the vmm filter the balloon's discard goes through (a
         // refused one would kill the test process with SIGSYS).
         let ram = crate::vstate::memory::create_guest_memory(1 << 20).expect("memfd");
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&ram.memfd);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(ram.memfd.as_ref().expect("memfd"));
         let h = std::thread::spawn(move || {
             apply(ThreadKind::Vmm).expect("load");
             // SAFETY: punches one page of our own memfd.

@@ -9,8 +9,8 @@
 use std::path::{Path, PathBuf};
 
 pub use boxlite_vmm_api::config::{
-    BalloonConfig, BlockConfig, CpuMode, DeviceConfig, EscapeProbe, FsConfig, JailUser, NetConfig,
-    RawImageConfig, RngConfig, TestHooks, VmConfig, VsockConfig,
+    BalloonConfig, BlockConfig, CpuMode, DeviceConfig, EscapeProbe, FsConfig, JailUser, MemoryMode,
+    NetConfig, RawImageConfig, RestoreConfig, RngConfig, TestHooks, VmConfig, VsockConfig,
 };
 
 pub mod block;
@@ -45,9 +45,21 @@ pub enum ConfigError {
     #[error("memory_mib = {got} is out of range {min}..={max}")]
     MemorySize { got: u32, min: u32, max: u32 },
     #[error(
-        "Exactly one of kernel and raw_image must be set (kernel: {kernel}, raw_image: {raw})"
+        "Exactly one of kernel, raw_image and restore must be set (kernel: {kernel}, raw_image: {raw}, restore: {restore})"
     )]
-    BootSource { kernel: bool, raw: bool },
+    BootSource {
+        kernel: bool,
+        raw: bool,
+        restore: bool,
+    },
+    /// A boot-only field set on a VM restored from a snapshot, where the
+    /// snapshot already holds what it would set.
+    #[error("{0} has no effect on a VM restored from a snapshot (its guest is already booted); leave it unset")]
+    BootFieldOnRestore(&'static str),
+    #[error("restore needs {0}: a restored VM runs on the control socket's restore op, and snapshots are of VMs with the in-kernel irqchip")]
+    RestoreNeeds(&'static str),
+    #[error("restore.memory_mode = \"private\" cannot serve the vhost-user device fs {tag:?}: its backend maps guest memory through a shared file descriptor and would not see the guest's copy-on-write pages; use \"copy\" or \"auto\"")]
+    PrivateMemoryWithVhostUser { tag: String },
     #[error("The jail needs sandbox_dir: its root is a tmpfs mounted over it")]
     JailWithoutSandboxDir,
     #[error("balloon.target_mib = {target} leaves the guest nothing of memory_mib = {memory}")]
@@ -147,14 +159,14 @@ impl Validate for VmConfig {
                 max: MAX_MEMORY_MIB,
             });
         }
-        match (&self.kernel, &self.raw_image) {
-            (Some(k), None) => {
+        match (&self.kernel, &self.raw_image, &self.restore) {
+            (Some(k), None, None) => {
                 check_file("kernel", k)?;
                 if !self.irqchip {
                     return Err(ConfigError::KernelWithoutIrqchip);
                 }
             }
-            (None, Some(raw)) => {
+            (None, Some(raw), None) => {
                 check_file("raw_image.path", &raw.path)?;
                 if self.initramfs.is_some() {
                     return Err(ConfigError::InitramfsWithoutKernel);
@@ -180,10 +192,12 @@ impl Validate for VmConfig {
                     });
                 }
             }
-            (k, r) => {
+            (None, None, Some(restore)) => validate_restore(self, restore)?,
+            (k, r, restore) => {
                 return Err(ConfigError::BootSource {
                     kernel: k.is_some(),
                     raw: r.is_some(),
+                    restore: restore.is_some(),
                 })
             }
         }
@@ -296,6 +310,37 @@ impl Validate for VmConfig {
     }
 }
 
+/// What a VM started from a snapshot needs besides the common fields:
+/// both files, the irqchip, no boot-only field, and shared memory if a
+/// vhost-user backend must see it. The files' contents are checked when
+/// they are read (`snapshot::restore`).
+fn validate_restore(cfg: &VmConfig, restore: &RestoreConfig) -> Result<(), ConfigError> {
+    check_file("restore.state", &restore.state)?;
+    check_file("restore.memory", &restore.memory)?;
+    if !cfg.irqchip {
+        return Err(ConfigError::RestoreNeeds("irqchip = true"));
+    }
+    if cfg.control_socket.is_none() {
+        return Err(ConfigError::RestoreNeeds("control_socket"));
+    }
+    if cfg.initramfs.is_some() {
+        return Err(ConfigError::BootFieldOnRestore("initramfs"));
+    }
+    if !cfg.cmdline.is_empty() {
+        return Err(ConfigError::BootFieldOnRestore("cmdline"));
+    }
+    if restore.memory_mode == MemoryMode::Private {
+        if let Some(DeviceConfig::Fs(f)) = cfg
+            .devices
+            .iter()
+            .find(|d| matches!(d, DeviceConfig::Fs(_)))
+        {
+            return Err(ConfigError::PrivateMemoryWithVhostUser { tag: f.tag.clone() });
+        }
+    }
+    Ok(())
+}
+
 /// A unix socket the VMM binds or connects to, named by the config key
 /// `field`: 1..=`max` bytes long (`max` leaves room for what the VMM
 /// appends and the NUL of `sun_path`), in a directory that exists.
@@ -400,6 +445,91 @@ mod tests {
     }
 
     #[test]
+    fn a_restore_names_two_files_and_sets_nothing_a_boot_would() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (state, memory) = (dir.path().join("vm.state"), dir.path().join("vm.mem"));
+        std::fs::write(&state, b"s").unwrap();
+        std::fs::write(&memory, b"m").unwrap();
+        let restore = RestoreConfig {
+            state,
+            memory,
+            memory_mode: MemoryMode::Auto,
+        };
+        let fs = DeviceConfig::Fs(FsConfig {
+            tag: "share0".into(),
+            socket_path: dir.path().join("fs.sock"),
+        });
+        type Edit = fn(&mut VmConfig);
+        let with = |f: Edit| {
+            let mut cfg = raw_cfg(dir.path());
+            cfg.raw_image = None;
+            cfg.irqchip = true;
+            cfg.control_socket = Some(dir.path().join("control.sock"));
+            cfg.restore = Some(restore.clone());
+            f(&mut cfg);
+            cfg.validate().map_err(|e| e.to_string())
+        };
+        with(|_| {}).expect("valid");
+        let mut copy_with_fs = raw_cfg(dir.path());
+        copy_with_fs.raw_image = None;
+        copy_with_fs.irqchip = true;
+        copy_with_fs.control_socket = Some(dir.path().join("control.sock"));
+        copy_with_fs.devices = vec![fs.clone()];
+        for mode in [MemoryMode::Auto, MemoryMode::Copy] {
+            copy_with_fs.restore = Some(RestoreConfig {
+                memory_mode: mode,
+                ..restore.clone()
+            });
+            copy_with_fs
+                .validate()
+                .expect("shared memory serves virtio-fs");
+        }
+        copy_with_fs.restore = Some(RestoreConfig {
+            memory_mode: MemoryMode::Private,
+            ..restore.clone()
+        });
+        let err = copy_with_fs
+            .validate()
+            .expect_err("private + fs")
+            .to_string();
+        assert!(
+            err.starts_with("restore.memory_mode = \"private\" cannot serve the vhost-user device fs \"share0\""),
+            "{err}"
+        );
+        let cases: [(Edit, &str); 7] = [
+            (
+                |c| c.kernel = Some("/vmlinux".into()),
+                "Exactly one of kernel, raw_image and restore must be set (kernel: true, raw_image: false, restore: true)",
+            ),
+            (|c| c.irqchip = false, "restore needs irqchip = true"),
+            (|c| c.control_socket = None, "restore needs control_socket"),
+            (
+                |c| c.cmdline = "quiet".into(),
+                "cmdline has no effect on a VM restored from a snapshot",
+            ),
+            (
+                |c| c.initramfs = Some("/initrd".into()),
+                "initramfs has no effect on a VM restored from a snapshot",
+            ),
+            (
+                |c| c.restore.as_mut().unwrap().state = "/nonexistent/vm.state".into(),
+                "restore.state = /nonexistent/vm.state does not exist",
+            ),
+            (
+                |c| c.restore.as_mut().unwrap().memory = "/nonexistent/vm.mem".into(),
+                "restore.memory = /nonexistent/vm.mem does not exist",
+            ),
+        ];
+        for (edit, want) in cases {
+            let err = with(edit).expect_err(want);
+            assert!(
+                err.starts_with(want),
+                "{err:?} does not start with {want:?}"
+            );
+        }
+    }
+
+    #[test]
     fn a_snapshot_dir_is_absolute_with_an_irqchip_and_a_control_socket() {
         let dir = tempfile::tempdir().expect("tempdir");
         let snaps = dir.path().join("snaps");
@@ -488,7 +618,8 @@ mod tests {
             cfg.validate(),
             Err(ConfigError::BootSource {
                 kernel: true,
-                raw: true
+                raw: true,
+                restore: false,
             })
         ));
         cfg.raw_image = None;

@@ -245,6 +245,24 @@ impl DeviceManager {
         Ok((serial, entries))
     }
 
+    /// Readies every restored device for its first run
+    /// ([`MmioTransport::wake_after_restore`]); call once, after the
+    /// interrupt controller's state is restored and before any vCPU runs.
+    pub fn wake_after_restore(&self) -> Result<(), DeviceManagerError> {
+        for (slot, (kind, transport)) in self.transports.iter().enumerate() {
+            transport
+                .lock()
+                .expect("virtio transport lock poisoned")
+                .wake_after_restore()
+                .map_err(|source| DeviceManagerError::DeviceState {
+                    slot,
+                    kind: kind.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
     /// Puts a snapshot's virtio device states into this VM's devices,
     /// attached as at boot (same kinds, same order) but not yet running:
     /// each transport, then its device.

@@ -22,6 +22,9 @@
 //! - [`ram`]: a paused VM's RAM written there sparsely, and read back either
 //!   mapped copy-on-write (VMs restored from one file share its page cache)
 //!   or copied into fresh memfd-backed RAM.
+//! - [`save`]: a paused VM saved into the two files (the `snapshot` op).
+//! - [`restore`]: the checks a snapshot passes before a VM is rebuilt from
+//!   it at start-up (config, CPU, TSC rate), and its RAM made.
 //!
 //! The two files are immutable once written: a template is replaced by renaming a
 //! new one over it, never by rewriting (a file mapped `MAP_PRIVATE` by a
@@ -30,6 +33,7 @@
 pub mod body;
 pub mod memory_file;
 pub mod ram;
+pub mod restore;
 pub mod save;
 pub mod state_file;
 

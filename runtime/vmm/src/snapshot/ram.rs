@@ -53,6 +53,12 @@ pub enum RamFileError {
     Format(#[from] MemoryFileError),
     #[error("{path}: guest memory region {index} is not backed by the guest's memfd")]
     NotMemfdBacked { path: PathBuf, index: usize },
+    #[error(
+        "{path}: this VM's RAM is a copy-on-write mapping of the snapshot it was restored from \
+         (memory_mode \"private\"), not a memfd; restore it with memory_mode \"copy\" to save \
+         or copy into its RAM"
+    )]
+    PrivateMapping { path: PathBuf },
     #[error("{path}: region {index} ({size} bytes at {guest_addr:#x}) does not fit this host's address space")]
     TooLarge {
         path: PathBuf,
@@ -77,6 +83,15 @@ pub enum RamFileError {
         file: Vec<Region>,
         vm: Vec<Region>,
     },
+}
+
+/// The memfd behind `ram`, which a private mapping of a snapshot lacks.
+fn memfd_of<'a>(ram: &'a GuestRam, path: &Path) -> Result<&'a File, RamFileError> {
+    ram.memfd
+        .as_ref()
+        .ok_or_else(|| RamFileError::PrivateMapping {
+            path: path.to_path_buf(),
+        })
 }
 
 fn io_error<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> RamFileError + 'a {
@@ -140,6 +155,7 @@ pub fn save_to(
     id: SnapshotId,
     ram: &GuestRam,
 ) -> Result<Saved, RamFileError> {
+    let memfd = memfd_of(ram, path)?;
     let regions = regions_of(ram, path)?;
     let header = MemoryHeader {
         id,
@@ -147,7 +163,7 @@ pub fn save_to(
         regions,
     };
     let page = encode_header(&header)?;
-    let data_bytes = write_all(path, file, &page, &header, &ram.memfd)?;
+    let data_bytes = write_all(path, file, &page, &header, memfd)?;
     Ok(Saved { header, data_bytes })
 }
 
@@ -330,6 +346,7 @@ pub fn map_private(path: &Path, id: SnapshotId) -> Result<GuestMemoryMmap, RamFi
 /// memfd-backed RAM of the same layout: only the file's data extents are
 /// read, since `ram` is zeros (holes) to begin with.
 pub fn copy_into(path: &Path, id: SnapshotId, ram: &GuestRam) -> Result<u64, RamFileError> {
+    let memfd = memfd_of(ram, path)?;
     let (file, header) = open_checked(path, id)?;
     let vm = regions_of(ram, path)?;
     if vm != header.regions {
@@ -349,7 +366,7 @@ pub fn copy_into(path: &Path, id: SnapshotId, ram: &GuestRam) -> Result<u64, Ram
     };
     for r in &header.regions {
         read.for_each_chunk(r.data_offset(), r.size, &mut buf, |chunk, at| {
-            ram.memfd
+            memfd
                 .write_all_at(chunk, at - HEADER_PAGE)
                 .map_err(io_error(path, "cannot write guest memory"))?;
             copied += chunk.len() as u64;

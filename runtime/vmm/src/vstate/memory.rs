@@ -30,8 +30,10 @@ pub enum MemoryError {
 pub struct GuestRam {
     /// The mapped regions.
     pub mem: GuestMemoryMmap,
-    /// The backing memfd (offset 0 = guest address 0).
-    pub memfd: File,
+    /// The backing memfd (offset 0 = guest address 0). None when the RAM
+    /// is a copy-on-write mapping of a snapshot's memory file
+    /// (`snapshot::ram::map_private`): then no other process can share it.
+    pub memfd: Option<File>,
 }
 
 fn create_memfd(name: &CStr) -> Result<File, MemoryError> {
@@ -60,7 +62,10 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestRam, MemoryError> {
         offset += len;
     }
     let mem = GuestMemoryMmap::from_ranges_with_files(regions).map_err(MemoryError::Map)?;
-    Ok(GuestRam { mem, memfd })
+    Ok(GuestRam {
+        mem,
+        memfd: Some(memfd),
+    })
 }
 
 #[cfg(test)]
@@ -80,7 +85,11 @@ mod tests {
         // The write is visible through the memfd: the mapping is MAP_SHARED.
         let mut buf = [0u8; 4];
         use std::os::unix::fs::FileExt;
-        ram.memfd.read_exact_at(&mut buf, 0x1000).expect("read");
+        ram.memfd
+            .as_ref()
+            .expect("memfd")
+            .read_exact_at(&mut buf, 0x1000)
+            .expect("read");
         assert_eq!(u32::from_le_bytes(buf), 0xdead_beef);
     }
 }

@@ -108,6 +108,8 @@ impl ExitSignal {
 pub enum VcpuError {
     #[error("Failed to set CPUID on vCPU {0}")]
     SetCpuid(u8, #[source] kvm_ioctls::Error),
+    #[error("Failed to read back the CPUID of vCPU {0}")]
+    GetCpuid(u8, #[source] kvm_ioctls::Error),
     #[error("Failed to normalise CPUID")]
     Cpuid(#[from] cpuid::CpuidError),
     #[error("Failed to set MSRs")]
@@ -234,8 +236,7 @@ impl Vcpu {
         irqchip: bool,
         entry: Option<BootEntry>,
     ) -> Result<(), VcpuError> {
-        let mut c = base_cpuid.clone();
-        cpuid::normalize(&mut c, self.id, nvcpus)?;
+        let c = self.boot_cpuid(base_cpuid, nvcpus)?;
         self.fd
             .set_cpuid2(&c)
             .map_err(|e| VcpuError::SetCpuid(self.id, e))?;
@@ -249,6 +250,19 @@ impl Vcpu {
             regs::setup_regs(&self.fd, entry)?;
         }
         Ok(())
+    }
+
+    /// The vCPU index.
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    /// The CPUID a boot gives this vCPU, one of `nvcpus`: the VM's
+    /// `base_cpuid` with this vCPU's topology and APIC id.
+    pub fn boot_cpuid(&self, base_cpuid: &CpuId, nvcpus: u8) -> Result<CpuId, VcpuError> {
+        let mut c = base_cpuid.clone();
+        cpuid::normalize(&mut c, self.id, nvcpus)?;
+        Ok(c)
     }
 
     /// Configures registers only (for hosts/guests that skip CPUID and MSRs).

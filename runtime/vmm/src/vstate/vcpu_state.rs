@@ -212,17 +212,25 @@ impl VcpuState {
     }
 
     /// Writes this state into `fd`, a vCPU just created in a VM set up like
-    /// the one it was saved from (irqchip or not, the same memory).
+    /// the one it was saved from (irqchip or not, the same memory), with
+    /// the CPUID it was saved with.
     pub fn restore(&self, fd: &VcpuFd) -> Result<(), VcpuStateError> {
-        let id = self.id;
         let cpuid = CpuId::from_entries(&self.cpuid).map_err(|e| VcpuStateError::Invalid {
-            id,
+            id: self.id,
             what: format!(
                 "{} CPUID entries do not fit KVM's list: {e:?}",
                 self.cpuid.len()
             ),
         })?;
-        fd.set_cpuid2(&cpuid).map_err(kvm(id, "KVM_SET_CPUID2"))?;
+        self.restore_with_cpuid(fd, &cpuid)
+    }
+
+    /// [`VcpuState::restore`] with `cpuid` set instead of the saved one:
+    /// the CPUID the VMM set when the saved vCPU booted, which the restore
+    /// has checked is what KVM reports for both.
+    pub fn restore_with_cpuid(&self, fd: &VcpuFd, cpuid: &CpuId) -> Result<(), VcpuStateError> {
+        let id = self.id;
+        fd.set_cpuid2(cpuid).map_err(kvm(id, "KVM_SET_CPUID2"))?;
         fd.set_mp_state(self.mp_state)
             .map_err(kvm(id, "KVM_SET_MP_STATE"))?;
         fd.set_regs(&self.regs).map_err(kvm(id, "KVM_SET_REGS"))?;

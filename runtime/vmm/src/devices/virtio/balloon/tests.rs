@@ -146,7 +146,7 @@ fn hole_at(ram: &GuestRam, offset: u64) -> bool {
     // SAFETY: lseek on our own fd; the file position is not used elsewhere.
     let r = unsafe {
         libc::lseek(
-            ram.memfd.as_raw_fd(),
+            ram.memfd.as_ref().expect("memfd").as_raw_fd(),
             offset as libc::off_t,
             libc::SEEK_HOLE,
         )
@@ -158,6 +158,8 @@ fn hole_at(ram: &GuestRam, offset: u64) -> bool {
 /// Bytes the memfd holds in memory.
 fn memfd_bytes(ram: &GuestRam) -> u64 {
     ram.memfd
+        .as_ref()
+        .expect("memfd")
         .metadata()
         .map(|m| {
             use std::os::unix::fs::MetadataExt;

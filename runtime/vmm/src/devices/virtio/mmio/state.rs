@@ -209,6 +209,32 @@ impl MmioTransport {
             .expect("virtio device lock poisoned")
             .restore_state(snap, ctx)
     }
+
+    /// Readies a restored, running device for the guest's first
+    /// instruction: re-raises its interrupt if one was pending when it was
+    /// saved (KVM injects irqfd interrupts asynchronously, so one raised
+    /// just before the save may be missing from the saved interrupt
+    /// controller; a spurious virtio-mmio interrupt only makes the driver
+    /// look at its rings), and kicks each ready queue once (a notification
+    /// still in its eventfd at the save is not saved; a kick finding an
+    /// empty queue does nothing).
+    pub fn wake_after_restore(&self) -> Result<(), VirtioError> {
+        if !self.has(status::DRIVER_OK) {
+            return Ok(());
+        }
+        if self.interrupt.status() != 0 {
+            self.interrupt
+                .evt
+                .write(1)
+                .map_err(VirtioError::Interrupt)?;
+        }
+        for (queue, evt) in self.queues.iter().zip(&self.queue_evts) {
+            if queue.ready() {
+                evt.write(1).map_err(VirtioError::Backend)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
