@@ -24,7 +24,7 @@ use std::process::Child;
 use std::time::Duration;
 
 use boxlite_vmm::config::{
-    DeviceConfig, JailUser, MemoryMode, RestoreConfig, RngConfig, VmConfig, VsockConfig,
+    BalloonConfig, DeviceConfig, JailUser, MemoryMode, RestoreConfig, RngConfig, VmConfig,
 };
 use boxlite_vmm::snapshot::{body, state_file};
 use boxlite_vmm_api::control::{Reply, Request, RestoreInfo, SnapshotInfo, VmState};
@@ -295,16 +295,20 @@ fn snapshots_are_refused_without_a_snapshot_dir_or_for_a_device_not_yet_saved() 
 
     let dir = tempfile::tempdir().expect("tempdir");
     let snaps = snapshot_dir();
-    let vsock = DeviceConfig::Vsock(VsockConfig {
-        guest_cid: 3,
-        uds_path: dir.path().join("vsock.sock"),
-        host_ports: Vec::new(),
-    });
-    let mut vmm = Vmm::start(dir.path(), vec![vsock], Some(snaps.path()));
+    let cfg = VmConfig {
+        snapshot_dir: Some(snaps.path().to_path_buf()),
+        balloon: Some(BalloonConfig {
+            target_mib: 0,
+            deflate_on_oom: false,
+            free_page_reporting: false,
+        }),
+        ..config(dir.path(), &PIO_LOOP, Vec::new())
+    };
+    let mut vmm = Vmm::start_with(dir.path(), &cfg);
     vmm.set(Request::Pause, VmState::Paused);
-    let err = vmm.snapshot("vm.state", "vm.mem").expect_err("vsock");
+    let err = vmm.snapshot("vm.state", "vm.mem").expect_err("balloon");
     assert!(
-        err.contains("virtio device slot 0 (vsock)")
+        err.contains("virtio device slot 0 (balloon)")
             && err.contains("snapshots of this device are not supported yet"),
         "{err}"
     );

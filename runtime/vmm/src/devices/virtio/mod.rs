@@ -360,4 +360,11 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), VirtioError> {
         Err(persist::DeviceStateError::Unsupported.into())
     }
+    /// Runs once, on a started device of a VM restored from a snapshot,
+    /// just before the guest runs again: what the device must tell a
+    /// guest that was frozen and moved (vsock: its connections are gone).
+    /// Default: nothing.
+    fn wake_after_restore(&mut self) -> Result<(), VirtioError> {
+        Ok(())
+    }
 }

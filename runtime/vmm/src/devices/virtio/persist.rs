@@ -15,8 +15,10 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use super::mmio::state::QueueSnap;
 use super::ActivateContext;
 
-/// What a device saves of itself. Devices whose state is more than their
-/// queues (vsock, net, balloon) are not snapshotted yet: their
+/// What a device saves of itself: its queues. That is all of rng, block
+/// and vsock (whose host connections cannot be saved: a restored one
+/// starts without them and tells the guest so). Devices with more state
+/// (net, balloon) and the vhost-user fs are not snapshotted yet: their
 /// `save_state` refuses ([`DeviceStateError::Unsupported`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -211,7 +211,9 @@ impl MmioTransport {
     }
 
     /// Readies a restored, running device for the guest's first
-    /// instruction: re-raises its interrupt if one was pending when it was
+    /// instruction: lets the device tell the guest what it must
+    /// ([`crate::devices::virtio::VirtioDevice::wake_after_restore`]),
+    /// re-raises its interrupt if one was pending when it was
     /// saved (KVM injects irqfd interrupts asynchronously, so one raised
     /// just before the save may be missing from the saved interrupt
     /// controller; a spurious virtio-mmio interrupt only makes the driver
@@ -222,6 +224,10 @@ impl MmioTransport {
         if !self.has(status::DRIVER_OK) {
             return Ok(());
         }
+        self.device
+            .lock()
+            .expect("virtio device lock poisoned")
+            .wake_after_restore()?;
         if self.interrupt.status() != 0 {
             self.interrupt
                 .evt

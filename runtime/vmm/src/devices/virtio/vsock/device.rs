@@ -5,31 +5,92 @@
 //!   returned with length 0. A malformed chain fails alone.
 //! - RX: while the muxer owes the guest packets, RX chains are filled;
 //!   when it has nothing, the chain is left in the queue.
-//! - Event queue: never used (no live migration), buffers stay there.
+//! - Event queue: used once, by a VM restored from a snapshot: its first
+//!   buffer carries a TRANSPORT_RESET event when the VM first runs, so the
+//!   driver drops the connections the snapshot froze (their host ends did
+//!   not come along) and re-reads the CID. Otherwise buffers stay there.
+//!
+//! A snapshot saves the three queues with their ring positions; the
+//! muxer's host connections cannot be saved, so a restored device starts
+//! with an empty muxer and the reset above.
 
 use std::os::fd::RawFd;
 use std::path::Path;
 use std::sync::Arc;
 
-use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::metrics::VsockMetrics;
 use super::muxer::Muxer;
 use super::queues::{drain_tx, fill_rx, kick, VsockQueues};
 use super::{VsockError, EVQ, MAX_GUEST_CID, MIN_GUEST_CID, QUEUE_SIZE, RXQ, TXQ};
+use crate::devices::virtio::persist::{restored_context, DeviceSnap};
 use crate::devices::virtio::{
-    device_type, read_config_bytes, ready_queues, ActivateContext, Interrupt, VirtioDevice,
-    VirtioError, VIRTIO_F_VERSION_1,
+    device_type, read_config_bytes, ActivateContext, Interrupt, VirtioDevice, VirtioError,
+    VIRTIO_F_VERSION_1,
 };
+
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`: the event's `le32 id`.
+const EVENT_TRANSPORT_RESET: u32 = 0;
 
 struct Active {
     mem: GuestMemoryMmap,
     rxq: Queue,
     txq: Queue,
-    /// Kept so the driver's buffers stay owned by the device.
-    _evq: Option<Queue>,
+    /// The event queue, ready or not (the driver may leave it unset).
+    evq: Queue,
     interrupt: Arc<Interrupt>,
+}
+
+impl Active {
+    /// The driver's three queues from `ctx`; RX and TX must be ready.
+    fn new(ctx: ActivateContext) -> Result<Self, VirtioError> {
+        let [rxq, txq, evq]: [Queue; 3] = ctx.queues.try_into().map_err(|q: Vec<Queue>| {
+            VirtioError::Activate(format!("{} queues; vsock has 3", q.len()))
+        })?;
+        for (index, q) in [(RXQ, &rxq), (TXQ, &txq)] {
+            if !q.ready() {
+                return Err(VirtioError::Activate(format!("queue {index} is not ready")));
+            }
+        }
+        Ok(Active {
+            mem: ctx.mem,
+            rxq,
+            txq,
+            evq,
+            interrupt: ctx.interrupt,
+        })
+    }
+
+    /// Puts a TRANSPORT_RESET event in the event queue's next buffer and
+    /// tells the driver. False when there was no buffer to put it in.
+    fn send_transport_reset(&mut self) -> Result<bool, VirtioError> {
+        if !self.evq.ready() {
+            return Ok(false);
+        }
+        let Some(chain) = self.evq.iter(&self.mem).map_err(VirtioError::Queue)?.next() else {
+            return Ok(false);
+        };
+        let head = chain.head_index();
+        // The buffer is the driver's: any write-only descriptor that holds
+        // the event will do; a chain without one is returned empty.
+        let mut written = 0;
+        if let Some(d) = chain
+            .into_iter()
+            .find(|d| d.is_write_only() && d.len() >= 4)
+        {
+            self.mem
+                .write_obj(EVENT_TRANSPORT_RESET.to_le(), d.addr())
+                .map_err(VirtioError::GuestMemory)?;
+            written = 4;
+        }
+        self.evq
+            .add_used(&self.mem, head, written)
+            .map_err(VirtioError::Queue)?;
+        self.interrupt.notify_used(&mut self.evq, &self.mem)?;
+        Ok(written == 4)
+    }
 }
 
 impl VsockQueues for Active {
@@ -149,17 +210,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), VirtioError> {
-        let mut ready = ready_queues(ctx.queues);
-        let rxq = ready(RXQ)?;
-        let txq = ready(TXQ)?;
-        let evq = ready(EVQ).ok();
-        self.active = Some(Active {
-            mem: ctx.mem,
-            rxq,
-            txq,
-            _evq: evq,
-            interrupt: ctx.interrupt,
-        });
+        self.active = Some(Active::new(ctx)?);
         // Anything queued before the driver came up (host CONNECTs) goes now.
         self.kick()
     }
@@ -179,5 +230,42 @@ impl VirtioDevice for Vsock {
             EVQ => Ok(()),
             _ => Err(VirtioError::BadQueueIndex(index)),
         }
+    }
+
+    fn save_state(&self) -> Result<DeviceSnap, VirtioError> {
+        Ok(DeviceSnap::of_queues(
+            self.active.as_ref().map(|a| [&a.rxq, &a.txq, &a.evq]),
+        ))
+    }
+
+    fn restore_state(
+        &mut self,
+        snap: &DeviceSnap,
+        ctx: Option<ActivateContext>,
+    ) -> Result<(), VirtioError> {
+        // No kick: the muxer is new and empty, and the guest must not see
+        // anything before its first run (`wake_after_restore`).
+        self.active = restored_context(snap, ctx)?.map(Active::new).transpose()?;
+        Ok(())
+    }
+
+    fn wake_after_restore(&mut self) -> Result<(), VirtioError> {
+        let Some(a) = self.active.as_mut() else {
+            return Ok(());
+        };
+        if a.send_transport_reset()? {
+            tracing::info!(
+                device = "vsock",
+                "transport reset sent to the restored guest"
+            );
+        } else {
+            // Its stale sockets then get a reset from the muxer on their
+            // next packet instead, which is slower but as final.
+            tracing::warn!(
+                device = "vsock",
+                "the restored guest's event queue has no buffer: no transport reset sent"
+            );
+        }
+        Ok(())
     }
 }

@@ -930,3 +930,68 @@ fn event_loop_drives_the_backend() {
     assert_eq!(n, 0, "no events while idle");
     drop(s);
 }
+
+#[test]
+fn a_restored_vsock_keeps_its_ring_positions_and_resets_the_guests_connections() {
+    use super::test_utils::{activate_on, guest_queues, TempDir};
+    use crate::devices::virtio::test_utils::F_WRITE;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const EVENT_BUF: u64 = 0x9000;
+    let mem = guest_memory();
+    let queues = guest_queues(&mem);
+    let irq = test_interrupt();
+    let dir = TempDir::new();
+    let uds = dir.path().join("vsock.sock");
+    let mut dev = Vsock::new(GUEST_CID, &uds).unwrap();
+    activate_on(&mut dev, &mem, &queues, &irq).unwrap();
+    let [rxq, txq, mut evq] = queues;
+    let mut rig = Rig::with_device(dev, &mem, [rxq, txq], irq, dir, uds, 4);
+    // A connection moves both rings on; it is what the snapshot freezes.
+    let (_host, _) = rig.host_connect(GUEST_PORT);
+    let snap = rig.dev.save_state().unwrap();
+    assert!(snap.activated);
+    assert_eq!(snap.queues.len(), 3, "RX, TX and event queues");
+    assert!(snap.queues[RXQ as usize].next_used > 0, "{snap:?}");
+    assert!(snap.queues[TXQ as usize].next_avail > 0, "{snap:?}");
+
+    // The driver's event buffer, with bytes the event must overwrite.
+    mem.write_obj(0xdead_beef_u32, GuestAddress(EVENT_BUF))
+        .unwrap();
+    evq.write_desc(0, EVENT_BUF, 8, F_WRITE, 0);
+    evq.publish(0);
+
+    // Another device, on another CID and socket, restored from the state.
+    let dir_b = TempDir::new();
+    let mut b = Vsock::new(GUEST_CID + 1, &dir_b.path().join("vsock.sock")).unwrap();
+    let irq_b = test_interrupt();
+    let ctx = activate_ctx(
+        &mem,
+        vec![rig.rxq.queue(), rig.txq.queue(), evq.queue()],
+        &irq_b,
+        VIRTIO_F_VERSION_1,
+    );
+    b.restore_state(&snap, Some(ctx)).unwrap();
+    assert!(b.is_activated());
+    assert_eq!(b.save_state().unwrap(), snap, "positions kept");
+    assert_eq!(
+        evq.used_idx(),
+        0,
+        "nothing reaches the guest before it runs"
+    );
+    assert_eq!(irq_b.status(), 0);
+
+    b.wake_after_restore().unwrap();
+    assert_eq!(evq.used_idx(), 1);
+    assert_eq!(evq.used_elem(0), (0, 4), "the event is one le32");
+    assert_eq!(
+        mem.read_obj::<u32>(GuestAddress(EVENT_BUF)).unwrap(),
+        0,
+        "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET"
+    );
+    assert_ne!(irq_b.status() & INT_VRING, 0, "the driver is told");
+    // The config space carries the new CID, which the driver re-reads.
+    let mut cid = [0u8; 8];
+    b.read_config(0, &mut cid);
+    assert_eq!(u64::from_le_bytes(cid), GUEST_CID + 1);
+}
