@@ -365,6 +365,12 @@ fn nested_balloon_gives_freed_memory_back() {
     expect_pass("balloon");
 }
 
+#[test]
+#[ignore = "needs qemu-system-x86_64 and the test-host assets (cargo xtask testhost); run by scripts/test.sh"]
+fn nested_snapshot_two_clones_answer() {
+    expect_pass("snapshot");
+}
+
 /// Why this host cannot run the scenarios directly, if it cannot: the
 /// driver outside PID 1 needs root and a KVM that boots Linux (VMX/SVM,
 /// `/dev/kvm`, not `kvm_pvm`), as `hypervisor = "auto"` decides.

@@ -16,6 +16,7 @@
 //! allocated, the body is parsed strictly, and what goes to KVM or a
 //! device is checked by them (`VcpuState::restore`, the transports).
 
+use std::collections::BTreeMap;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
@@ -271,12 +272,13 @@ const RUNTIME_CPUID_BITS: [(u32, u32, Reg, u32); 5] = [
     (0xd, 1, Reg::Ebx, u32::MAX),
 ];
 
+/// A CPUID output register; its value is its place in `Reg::ALL`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Reg {
-    Eax,
-    Ebx,
-    Ecx,
-    Edx,
+    Eax = 0,
+    Ebx = 1,
+    Ecx = 2,
+    Edx = 3,
 }
 
 impl Reg {
@@ -310,47 +312,69 @@ fn runtime_bits(function: u32, index: u32, reg: Reg) -> u32 {
         .fold(0, |acc, (_, _, _, mask)| acc | mask)
 }
 
-/// Compares vCPU `vcpu`'s saved CPUID with the one this host gives it at
-/// boot (`here`), leaf by leaf, ignoring only the bits KVM updates at run
-/// time. The first difference is named: leaf, index, register, values.
+/// A CPUID list by leaf: (function, index) → the registers of each entry
+/// with that key, in list order, less the bits KVM changes at run time.
+fn by_leaf(entries: &[kvm_cpuid_entry2]) -> BTreeMap<(u32, u32), Vec<[u32; 4]>> {
+    let mut leaves: BTreeMap<(u32, u32), Vec<[u32; 4]>> = BTreeMap::new();
+    for e in entries {
+        let regs = Reg::ALL.map(|r| r.of(e) & !runtime_bits(e.function, e.index, r));
+        leaves.entry((e.function, e.index)).or_default().push(regs);
+    }
+    leaves
+}
+
+/// Compares vCPU `vcpu`'s saved CPUID with the one KVM reports here for
+/// the CPUID a boot sets (`here`), leaf by leaf, ignoring only the bits
+/// KVM updates at run time. The first difference is named: leaf, index,
+/// register, values.
 pub fn check_cpuid(
     vcpu: u8,
     saved: &[kvm_cpuid_entry2],
     here: &[kvm_cpuid_entry2],
 ) -> Result<(), RestoreError> {
-    let key = |e: &kvm_cpuid_entry2| (e.function, e.index);
-    let cpu = |what: String| Err(RestoreError::Cpu { vcpu, what });
-    let mut saved: Vec<&kvm_cpuid_entry2> = saved.iter().collect();
-    let mut here: Vec<&kvm_cpuid_entry2> = here.iter().collect();
-    saved.sort_by_key(|e| key(e));
-    here.sort_by_key(|e| key(e));
-    for s in &saved {
-        let Some(h) = here.iter().find(|h| key(h) == key(s)) else {
+    let cpu = |what: String| {
+        Err(RestoreError::Cpu {
+            vcpu,
+            what: format!(
+                "{what} ({} CPUID entries in the snapshot, {} here)",
+                saved.len(),
+                here.len()
+            ),
+        })
+    };
+    let (saved_leaves, here_leaves) = (by_leaf(saved), by_leaf(here));
+    for ((function, index), s) in &saved_leaves {
+        let Some(h) = here_leaves.get(&(*function, *index)) else {
             return cpu(format!(
-                "CPUID leaf {:#x} index {} is in the snapshot, not on this host",
-                s.function, s.index
+                "CPUID leaf {function:#x} index {index} is in the snapshot, not on this host"
             ));
         };
-        for reg in Reg::ALL {
-            let ignore = runtime_bits(s.function, s.index, reg);
-            let (a, b) = (reg.of(s) & !ignore, reg.of(h) & !ignore);
-            if a != b {
+        for (s, h) in s.iter().zip(h) {
+            if let Some(reg) = Reg::ALL
+                .into_iter()
+                .find(|r| s[*r as usize] != h[*r as usize])
+            {
                 return cpu(format!(
-                    "CPUID leaf {:#x} index {} {} is {a:#x} in the snapshot, {b:#x} on this host",
-                    s.function,
-                    s.index,
-                    reg.name()
+                    "CPUID leaf {function:#x} index {index} {} is {:#x} in the snapshot, {:#x} on \
+                     this host",
+                    reg.name(),
+                    s[reg as usize],
+                    h[reg as usize]
                 ));
             }
         }
+        if s.len() != h.len() {
+            return cpu(format!(
+                "CPUID leaf {function:#x} index {index} is listed {} times in the snapshot, {} on \
+                 this host",
+                s.len(),
+                h.len()
+            ));
+        }
     }
-    if let Some(h) = here
-        .iter()
-        .find(|h| !saved.iter().any(|s| key(s) == key(h)))
-    {
+    if let Some((function, index)) = here_leaves.keys().find(|k| !saved_leaves.contains_key(k)) {
         return cpu(format!(
-            "CPUID leaf {:#x} index {} is on this host, not in the snapshot",
-            h.function, h.index
+            "CPUID leaf {function:#x} index {index} is on this host, not in the snapshot"
         ));
     }
     Ok(())
@@ -453,18 +477,29 @@ mod tests {
         assert_eq!(
             err,
             "restore: CPU mismatch on vCPU 1: CPUID leaf 0x7 index 0 ebx is 0x219c97a9 in the \
-             snapshot, 0x219c9789 on this host"
+             snapshot, 0x219c9789 on this host (5 CPUID entries in the snapshot, 5 here)"
         );
         let mut fewer = cpu();
         fewer.remove(4);
         let err = check_cpuid(0, &cpu(), &fewer).unwrap_err().to_string();
         assert!(
-            err.ends_with("CPUID leaf 0xd index 1 is in the snapshot, not on this host"),
+            err.contains("CPUID leaf 0xd index 1 is in the snapshot, not on this host"),
             "{err}"
         );
         let err = check_cpuid(0, &fewer, &cpu()).unwrap_err().to_string();
         assert!(
-            err.ends_with("CPUID leaf 0xd index 1 is on this host, not in the snapshot"),
+            err.contains("CPUID leaf 0xd index 1 is on this host, not in the snapshot"),
+            "{err}"
+        );
+        // A leaf listed twice is compared entry by entry.
+        let mut twice = cpu();
+        twice.push(cpu()[0]);
+        check_cpuid(0, &twice, &twice).expect("same lists");
+        let err = check_cpuid(0, &twice, &cpu()).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "CPUID leaf 0x0 index 0 is listed 2 times in the snapshot, 1 on this host"
+            ),
             "{err}"
         );
         // The vendor string is compared like any other leaf.

@@ -130,6 +130,7 @@ fn start(
         initramfs,
         balloon,
         control_socket: true,
+        ..VmOptions::default()
     };
     Vm::start_with(s, name, 1, &[Device::Rng, Device::Vsock], &opts)
 }

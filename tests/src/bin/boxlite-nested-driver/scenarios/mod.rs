@@ -11,6 +11,7 @@ mod health;
 mod net;
 mod reboot;
 mod smp;
+mod snapshot;
 
 use crate::settings::{Settings, ALL_SCENARIOS};
 use crate::verdict::{ScenarioResult, Verdict};
@@ -30,6 +31,7 @@ pub async fn run(name: &str, s: &Settings) -> ScenarioResult {
         "blk" => blk::run(s).await,
         "net" => net::run(s).await,
         "balloon" => balloon::run(s).await,
+        "snapshot" => snapshot::run(s).await,
         "boot-qemu" => boot_qemu::run(s).await,
         other => Ok(Verdict::Fail(format!(
             "unknown scenario {other:?} (known: {ALL_SCENARIOS})"

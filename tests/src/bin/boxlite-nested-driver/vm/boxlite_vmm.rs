@@ -10,7 +10,8 @@ use std::time::Instant;
 use boxlite_runtime::hypervisor::ready::ReadyListener;
 use boxlite_runtime::HybridVsock;
 use boxlite_vmm_api::config::{
-    BalloonConfig, BlockConfig, DeviceConfig, FsConfig, NetConfig, RngConfig, VmConfig, VsockConfig,
+    BalloonConfig, BlockConfig, DeviceConfig, FsConfig, NetConfig, RestoreConfig, RngConfig,
+    VmConfig, VsockConfig,
 };
 
 use super::{Vm, VmFiles, GUEST_MEMORY_MIB};
@@ -93,6 +94,12 @@ pub struct VmOptions {
     pub balloon: Option<BalloonConfig>,
     /// Serve the control socket (`control.sock` in the VM's directory).
     pub control_socket: bool,
+    /// The directory the `snapshot` op writes to (needs the control
+    /// socket; writable by the jail's user).
+    pub snapshot_dir: Option<PathBuf>,
+    /// Start from this snapshot instead of booting the guest kernel
+    /// (needs the control socket: the VM runs on the `restore` op).
+    pub restore: Option<RestoreConfig>,
 }
 
 impl Vm {
@@ -135,22 +142,33 @@ impl Vm {
                 }
             })
             .collect();
-        let cfg = VmConfig {
-            vcpus,
-            memory_mib: opts.memory_mib.unwrap_or(GUEST_MEMORY_MIB),
+        let boot = VmConfig {
             kernel: Some(s.guest_kernel()),
             initramfs: Some(
                 opts.initramfs
                     .clone()
                     .unwrap_or_else(|| s.guest_initramfs()),
             ),
-            console_log: Some(files.console.clone()),
             cmdline: s.guest_cmdline.clone(),
+            ..VmConfig::default()
+        };
+        let cfg = VmConfig {
+            vcpus,
+            memory_mib: opts.memory_mib.unwrap_or(GUEST_MEMORY_MIB),
+            console_log: Some(files.console.clone()),
             devices: devs,
             balloon: opts.balloon,
             control_socket: opts.control_socket.then(|| files.control_socket()),
             sandbox_dir: Some(dir.clone()),
-            ..VmConfig::default()
+            snapshot_dir: opts.snapshot_dir.clone(),
+            restore: opts.restore.clone(),
+            // A restored guest was booted already: no kernel, initramfs
+            // or command line.
+            ..if opts.restore.is_some() {
+                VmConfig::default()
+            } else {
+                boot
+            }
         };
         let has_vsock = devices.iter().any(|d| matches!(d, Device::Vsock));
         let ready = if has_vsock {

@@ -148,6 +148,73 @@ impl Vm {
         Err(self.fail(format!("no guest RAM memfd among {dir}")))
     }
 
+    /// Proportional set size of the VM process in KiB (`Pss` of
+    /// `smaps_rollup`): its resident memory with each page shared with
+    /// other processes counted as a share of it.
+    pub fn pss_kib(&self) -> Result<u64, Failure> {
+        let pid = self.vm_pid()?;
+        let path = format!("/proc/{pid}/smaps_rollup");
+        let text =
+            fs::read_to_string(&path).map_err(|e| self.fail(format!("cannot read {path}: {e}")))?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("Pss:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| self.fail(format!("{path} has no Pss line")))
+    }
+
+    /// Sends `request` on the control socket (the VM must have been
+    /// started with [`VmOptions::control_socket`]), waiting for the
+    /// socket to appear and the reply up to `timeout`; an error reply is
+    /// a failure.
+    pub async fn control(
+        &mut self,
+        request: boxlite_vmm_api::control::Request,
+        timeout: Duration,
+    ) -> Result<boxlite_vmm_api::control::Reply, Failure> {
+        use boxlite_vmm_api::control::Reply;
+        use std::io::{BufRead as _, BufReader};
+        let socket = self.files.control_socket();
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(&socket) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(self.fail(format!(
+                        "cannot connect to {} within {}s: {e}",
+                        socket.display(),
+                        timeout.as_secs()
+                    )))
+                }
+                Err(_) => {}
+            }
+            if let Some(why) = self.exited() {
+                return Err(self.fail(format!("{why} before its control socket answered")));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let failed = |e: std::io::Error| format!("{request} on {}: {e}", socket.display());
+        let asked = (|| {
+            stream.set_read_timeout(Some(timeout))?;
+            (&stream).write_all(request.to_line().as_bytes())?;
+            let mut line = String::new();
+            BufReader::new(&stream).read_line(&mut line)?;
+            Ok(line)
+        })();
+        let line = asked.map_err(|e| self.fail(failed(e)))?;
+        match Reply::from_line(&line) {
+            Ok(Reply::Error { error }) => Err(self.fail(format!(
+                "{request} refused by {}: {error}",
+                socket.display()
+            ))),
+            Ok(reply) => Ok(reply),
+            Err(e) => Err(self.fail(format!(
+                "{request}: {} answered {:?}: {e}",
+                socket.display(),
+                line.trim_end()
+            ))),
+        }
+    }
+
     /// The VMM's counters through its control socket (the VM must have
     /// been started with [`VmOptions::control_socket`]).
     pub fn metrics(&self) -> Result<boxlite_vmm_api::control::Metrics, Failure> {

@@ -1,0 +1,207 @@
+//! `snapshot`: a booted guest saved once, two VMs restored from it at
+//! once, both with a working agent.
+//!
+//! The source VM (rng, vsock, control socket) boots until its agent
+//! announces itself, the point a pod template is taken at: it is paused
+//! and saved, then ended. Two VMMs start from the two files together,
+//! copy-on-write on the one memory file; each comes up `restored`, runs
+//! on the `restore` op and must answer Health over a fresh vsock
+//! connection (the transport reset dropped the frozen ones) and
+//! GuestInfo. Reported: cold boot to agent ready against restore to agent
+//! answering, the save, and each clone's PSS against its RSS (pages of
+//! the memory file both map count half in each PSS).
+//!
+//! Not checked here (docs/snapshot-design.md §8, M2): each clone's own
+//! entropy, clock and hostname, which need the agent's side of the
+//! restore. The kernel's random UUID of both clones is reported, so the
+//! hazard stays visible until then.
+
+use std::time::{Duration, Instant};
+
+use boxlite_vmm_api::config::{JailUser, MemoryMode, RestoreConfig};
+use boxlite_vmm_api::control::{Reply, Request, VmState};
+
+use crate::settings::Settings;
+use crate::verdict::{Failure, ScenarioResult, Verdict};
+use crate::vm::{vsock_support, Device, Vm, VmOptions};
+
+const DEVICES: [Device; 2] = [Device::Rng, Device::Vsock];
+/// How long a control op may take: saving 256 MiB of guest RAM in the
+/// nested host takes seconds.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub async fn run(s: &Settings) -> ScenarioResult {
+    if let Err(reason) = vsock_support(s)? {
+        return Ok(Verdict::Skip(format!(
+            "{reason} (the agent answers over vsock)"
+        )));
+    }
+    let snaps = s.work.join("snapshot-files");
+    let _ = std::fs::remove_dir_all(&snaps);
+    std::fs::create_dir_all(&snaps)?;
+    let JailUser { uid, gid } = JailUser::NOBODY;
+    std::os::unix::fs::chown(&snaps, Some(uid), Some(gid))?;
+
+    // The template: booted to agent ready, paused, saved, ended.
+    let mut src = Vm::start_with(
+        s,
+        "snapshot-src",
+        1,
+        &DEVICES,
+        &VmOptions {
+            control_socket: true,
+            snapshot_dir: Some(snaps.clone()),
+            ..VmOptions::default()
+        },
+    )?;
+    src.announcement(s.timeout).await?;
+    let cold = src.started.elapsed();
+    expect_state(&mut src, Request::Pause, VmState::Paused).await?;
+    let saved = match src
+        .control(
+            Request::Snapshot {
+                state_file: "vm.state".into(),
+                memory_file: "vm.mem".into(),
+            },
+            CONTROL_TIMEOUT,
+        )
+        .await?
+    {
+        Reply::Snapshot { snapshot, .. } => snapshot,
+        other => return Err(src.fail(format!("snapshot answered {other:?}"))),
+    };
+    src.kill();
+
+    // Two clones at once.
+    let restore = RestoreConfig {
+        state: snaps.join("vm.state"),
+        memory: snaps.join("vm.mem"),
+        memory_mode: MemoryMode::Auto,
+    };
+    let opts = VmOptions {
+        control_socket: true,
+        restore: Some(restore),
+        ..VmOptions::default()
+    };
+    let mut clones = Vec::new();
+    for name in ["snapshot-a", "snapshot-b"] {
+        clones.push(Vm::start_with(s, name, 1, &DEVICES, &opts)?);
+    }
+    let mut report = Vec::new();
+    for vm in &mut clones {
+        match vm.control(Request::Status, CONTROL_TIMEOUT).await? {
+            Reply::Status {
+                state: VmState::Restored,
+                ..
+            } => {}
+            other => return Err(vm.fail(format!("status before restore: {other:?}"))),
+        }
+    }
+    for vm in &mut clones {
+        let t = Instant::now();
+        let info = match vm
+            .control(
+                Request::Restore {
+                    snapshot_id: Some(saved.id.clone()),
+                },
+                CONTROL_TIMEOUT,
+            )
+            .await?
+        {
+            Reply::Restored { restore, .. } => restore,
+            other => return Err(vm.fail(format!("restore answered {other:?}"))),
+        };
+        if info.memory_mode != "private" {
+            return Err(vm.fail(format!(
+                "memory_mode {} for a VM without virtio-fs, want private",
+                info.memory_mode
+            )));
+        }
+        let conn = vm.connect(s.timeout).await?;
+        let (answering, restore_to_health) = (vm.started.elapsed(), t.elapsed());
+        let guest = vm.guest_info(&conn).await?;
+        if guest.online_cpus != 1 {
+            return Err(vm.fail(format!(
+                "GuestInfo online_cpus = {}, want 1",
+                guest.online_cpus
+            )));
+        }
+        let uuid = vm
+            .read_guest_file(&conn, "/proc/sys/kernel/random/uuid")
+            .await?;
+        report.push(Clone {
+            setup_us: info.setup_us,
+            restore_us: info.took_us,
+            restore_to_health,
+            answering,
+            uuid: uuid.trim().to_owned(),
+            rss_kib: 0,
+            pss_kib: 0,
+        });
+    }
+    // Memory once both run: the pages both have read from the file are
+    // shared from then on.
+    for (vm, c) in clones.iter().zip(&mut report) {
+        c.rss_kib = vm.rss_kib()?;
+        c.pss_kib = vm.pss_kib()?;
+    }
+    for vm in &mut clones {
+        vm.kill();
+    }
+    let [a, b] = [&report[0], &report[1]];
+    let mut detail = format!(
+        "cold boot to agent ready {:.2}s; snapshot {} ms ({} MiB of {} MiB written); ",
+        cold.as_secs_f64(),
+        saved.took_ms,
+        saved.memory_data_bytes >> 20,
+        saved.memory_bytes >> 20
+    );
+    for (name, c) in [("a", a), ("b", b)] {
+        detail.push_str(&format!(
+            "clone {name}: built in {} ms, restore op {} us, agent answering {:.2}s after start \
+             ({:.2}s after restore), RSS {} MiB, PSS {} MiB; ",
+            c.setup_us / 1000,
+            c.restore_us,
+            c.answering.as_secs_f64(),
+            c.restore_to_health.as_secs_f64(),
+            c.rss_kib >> 10,
+            c.pss_kib >> 10
+        ));
+    }
+    detail.push_str(if a.uuid == b.uuid {
+        "their first random UUIDs are equal (one entropy pool: reseeding at restore is M2)"
+    } else {
+        "their first random UUIDs differ"
+    });
+    // Both clones map the one memory file: the pages they share count
+    // half in each PSS. A clone whose PSS is its whole RSS shares nothing,
+    // which means its RAM is not the file's page cache.
+    for (name, c) in [("a", a), ("b", b)] {
+        if c.pss_kib >= c.rss_kib {
+            return Err(Failure::from(format!(
+                "clone {name} shares no memory with the other (PSS {} KiB, RSS {} KiB); {detail}",
+                c.pss_kib, c.rss_kib
+            )));
+        }
+    }
+    Ok(Verdict::Pass(detail))
+}
+
+/// One clone's figures.
+struct Clone {
+    setup_us: u64,
+    restore_us: u64,
+    restore_to_health: Duration,
+    answering: Duration,
+    uuid: String,
+    rss_kib: u64,
+    pss_kib: u64,
+}
+
+/// Sends `request` (pause or resume) and expects the VM in `want`.
+async fn expect_state(vm: &mut Vm, request: Request, want: VmState) -> Result<(), Failure> {
+    match vm.control(request.clone(), CONTROL_TIMEOUT).await? {
+        Reply::State { state } if state == want => Ok(()),
+        other => Err(vm.fail(format!("{request} answered {other:?}, want {want}"))),
+    }
+}
