@@ -294,6 +294,7 @@ mod tests {
                 device: DeviceSnap {
                     activated: true,
                     queues: vec![queue()],
+                    balloon: None,
                 },
             }],
             memory: MemorySection {
@@ -411,7 +412,7 @@ mod tests {
     /// one version, then update the list.
     #[test]
     fn the_body_schema_is_pinned_to_the_format_version() {
-        assert_eq!(super::super::FORMAT_VERSION, 1);
+        assert_eq!(super::super::FORMAT_VERSION, 2);
         let mut paths = Vec::new();
         field_paths(&json(&body()), "", &mut paths);
         paths.retain(|p| !p.starts_with("abi.kvm_struct_sizes."));
@@ -422,6 +423,7 @@ mod tests {
             "devices",
             "devices[].device",
             "devices[].device.activated",
+            "devices[].device.balloon",
             "devices[].device.queues",
             "devices[].device.queues[].avail_ring",
             "devices[].device.queues[].desc_table",

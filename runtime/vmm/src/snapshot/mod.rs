@@ -45,7 +45,8 @@ use std::fmt;
 /// The format version this build reads and writes. Any change to a saved
 /// field, its meaning, or device behaviour that depends on saved state
 /// bumps it; restore accepts exactly this version.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 added the balloon's sizes to the device state.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// A snapshot's identity: random, shared by its state and memory files.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]

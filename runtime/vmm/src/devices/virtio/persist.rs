@@ -15,10 +15,11 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use super::mmio::state::QueueSnap;
 use super::ActivateContext;
 
-/// What a device saves of itself: its queues. That is all of rng, block
-/// and vsock (whose host connections cannot be saved: a restored one
-/// starts without them and tells the guest so). Devices with more state
-/// (net, balloon) and the vhost-user fs are not snapshotted yet: their
+/// What a device saves of itself: its queues, which is all of rng, block,
+/// net (its offloads follow from the acked features, its MAC and tap
+/// from the config) and vsock (whose host connections cannot be saved: a
+/// restored one starts without them and tells the guest so); the balloon
+/// adds its sizes. The vhost-user fs is not snapshotted yet: its
 /// `save_state` refuses ([`DeviceStateError::Unsupported`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,6 +28,18 @@ pub struct DeviceSnap {
     pub activated: bool,
     /// The device's queues, in device order; empty when not activated.
     pub queues: Vec<QueueSnap>,
+    /// The balloon's sizes; None for every other device.
+    pub balloon: Option<BalloonSnap>,
+}
+
+/// A balloon's config space, in 4 KiB pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonSnap {
+    /// The host's target the driver last saw (`num_pages`).
+    pub num_pages: u32,
+    /// What the driver said the balloon holds (`actual`).
+    pub actual: u32,
 }
 
 impl DeviceSnap {
@@ -36,10 +49,12 @@ impl DeviceSnap {
             Some(qs) => DeviceSnap {
                 activated: true,
                 queues: qs.into_iter().map(|q| q.state().into()).collect(),
+                balloon: None,
             },
             None => DeviceSnap {
                 activated: false,
                 queues: Vec::new(),
+                balloon: None,
             },
         }
     }
@@ -57,6 +72,8 @@ pub enum DeviceStateError {
     QueueCount { saved: usize, here: usize },
     #[error("queue {index}: {what}")]
     Queue { index: usize, what: String },
+    #[error("the snapshot's device state has no {0} section")]
+    Missing(&'static str),
 }
 
 fn started(activated: bool) -> &'static str {
@@ -215,7 +232,8 @@ mod tests {
             device,
             DeviceSnap {
                 activated: false,
-                queues: vec![]
+                queues: vec![],
+                balloon: None,
             }
         );
         let (mut b, rng_b) = rng_transport(&mem);

@@ -1,7 +1,8 @@
 //! `snapshot`: a booted guest saved once, two VMs restored from it at
 //! once, both with a working agent.
 //!
-//! The source VM (rng, vsock, control socket) boots until its agent
+//! The source VM (rng, vsock, the runtime's balloon, control socket)
+//! boots until its agent
 //! announces itself, the point a pod template is taken at: it is paused
 //! and saved, then ended. Two VMMs start from the two files together,
 //! copy-on-write on the one memory file; each comes up `restored`, runs
@@ -18,7 +19,7 @@
 
 use std::time::{Duration, Instant};
 
-use boxlite_vmm_api::config::{JailUser, MemoryMode, RestoreConfig};
+use boxlite_vmm_api::config::{BalloonConfig, JailUser, MemoryMode, RestoreConfig};
 use boxlite_vmm_api::control::{Reply, Request, VmState};
 
 use crate::settings::Settings;
@@ -26,6 +27,8 @@ use crate::verdict::{Failure, ScenarioResult, Verdict};
 use crate::vm::{vsock_support, Device, Vm, VmOptions};
 
 const DEVICES: [Device; 2] = [Device::Rng, Device::Vsock];
+/// The runtime's balloon, free page reporting on.
+const BALLOON: BalloonConfig = boxlite_runtime::hypervisor::builtin::balloon(true, 0);
 /// How long a control op may take: saving 256 MiB of guest RAM in the
 /// nested host takes seconds.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -51,6 +54,7 @@ pub async fn run(s: &Settings) -> ScenarioResult {
         &VmOptions {
             control_socket: true,
             snapshot_dir: Some(snaps.clone()),
+            balloon: Some(BALLOON),
             ..VmOptions::default()
         },
     )?;
@@ -81,6 +85,7 @@ pub async fn run(s: &Settings) -> ScenarioResult {
     let opts = VmOptions {
         control_socket: true,
         restore: Some(restore),
+        balloon: Some(BALLOON),
         ..VmOptions::default()
     };
     let mut clones = Vec::new();

@@ -13,9 +13,12 @@ use super::{
     features, queue, rate_limited, BalloonError, BALLOON_PAGE_SIZE, CONFIG_ACTUAL_OFFSET,
     CONFIG_SPACE_SIZE, MAX_PFNS_PER_CHAIN, PFN_BYTES, PFN_SHIFT, QUEUE_SIZE, REPORTING_QUEUE_SIZE,
 };
+use crate::devices::virtio::persist::{
+    restored_context, BalloonSnap, DeviceSnap, DeviceStateError,
+};
 use crate::devices::virtio::{
-    device_type, read_config_bytes, ready_queues, ActivateContext, Interrupt, VirtioDevice,
-    VirtioError, VIRTIO_F_VERSION_1,
+    device_type, read_config_bytes, ActivateContext, Interrupt, VirtioDevice, VirtioError,
+    VIRTIO_F_VERSION_1,
 };
 
 /// What an activated balloon holds.
@@ -25,7 +28,49 @@ struct Active {
     deflate: Queue,
     /// Present when the driver acked free page reporting.
     reporting: Option<Queue>,
+    /// Queue 2 when the device offers reporting but the driver did not
+    /// ack it: unused, kept for a snapshot (which saves every queue the
+    /// transport has).
+    unused: Option<Queue>,
     interrupt: Arc<Interrupt>,
+}
+
+impl Active {
+    /// The driver's queues from `ctx`: inflate and deflate, which must be
+    /// ready, and the reporting queue if the driver acked the feature.
+    fn new(ctx: ActivateContext) -> Result<Self, VirtioError> {
+        let mut queues = ctx.queues.into_iter();
+        let mut ready = |index: u16| {
+            queues
+                .next()
+                .filter(|q| q.ready())
+                .ok_or_else(|| VirtioError::Activate(format!("queue {index} is not ready")))
+        };
+        let inflate = ready(queue::INFLATE)?;
+        let deflate = ready(queue::DEFLATE)?;
+        // Linux sets up the reporting queue only when it acked the feature
+        // (queues are numbered densely); without it queue 2 stays unused.
+        let (reporting, unused) = if ctx.acked_features & features::FREE_PAGE_REPORTING != 0 {
+            (Some(ready(queue::REPORTING)?), None)
+        } else {
+            (None, queues.next())
+        };
+        Ok(Active {
+            mem: ctx.mem,
+            inflate,
+            deflate,
+            reporting,
+            unused,
+            interrupt: ctx.interrupt,
+        })
+    }
+
+    /// Every queue the transport has, in order, for a snapshot.
+    fn all_queues(&self) -> impl Iterator<Item = &Queue> {
+        [&self.inflate, &self.deflate]
+            .into_iter()
+            .chain(self.reporting.as_ref().or(self.unused.as_ref()))
+    }
 }
 
 /// The virtio-balloon device.
@@ -37,6 +82,9 @@ pub struct Balloon {
     /// `actual`: what the driver says the balloon holds.
     actual: u32,
     active: Option<Active>,
+    /// Restored with a target other than the one the guest last saw: it
+    /// is told when it first runs.
+    target_changed_at_restore: bool,
     /// Per-device counters.
     pub metrics: Arc<BalloonMetrics>,
 }
@@ -61,6 +109,7 @@ impl Balloon {
             num_pages: 0,
             actual: 0,
             active: None,
+            target_changed_at_restore: false,
             metrics: Arc::new(BalloonMetrics::default()),
         }
     }
@@ -385,23 +434,44 @@ impl VirtioDevice for Balloon {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), VirtioError> {
-        let mut next = ready_queues(ctx.queues);
-        let inflate = next(queue::INFLATE)?;
-        let deflate = next(queue::DEFLATE)?;
-        // Linux sets up the reporting queue only when it acked the feature
-        // (queues are numbered densely); without it queue 2 stays unused.
-        let reporting = if ctx.acked_features & features::FREE_PAGE_REPORTING != 0 {
-            Some(next(queue::REPORTING)?)
-        } else {
-            None
-        };
-        self.active = Some(Active {
-            mem: ctx.mem,
-            inflate,
-            deflate,
-            reporting,
-            interrupt: ctx.interrupt,
-        });
+        self.active = Some(Active::new(ctx)?);
+        Ok(())
+    }
+
+    fn save_state(&self) -> Result<DeviceSnap, VirtioError> {
+        Ok(DeviceSnap {
+            balloon: Some(BalloonSnap {
+                num_pages: self.num_pages,
+                actual: self.actual,
+            }),
+            ..DeviceSnap::of_queues(self.active.as_ref().map(Active::all_queues))
+        })
+    }
+
+    /// The queues and `actual` come back as saved; the target stays the
+    /// one this VMM was configured with, and a guest that last saw
+    /// another is told at its first run ([`Self::wake_after_restore`]).
+    fn restore_state(
+        &mut self,
+        snap: &DeviceSnap,
+        ctx: Option<ActivateContext>,
+    ) -> Result<(), VirtioError> {
+        let saved = snap.balloon.ok_or(DeviceStateError::Missing("balloon"))?;
+        self.active = restored_context(snap, ctx)?.map(Active::new).transpose()?;
+        self.actual = saved.actual;
+        self.target_changed_at_restore = saved.num_pages != self.num_pages;
+        Ok(())
+    }
+
+    fn wake_after_restore(&mut self) -> Result<(), VirtioError> {
+        if let Some(a) = self
+            .active
+            .as_ref()
+            .filter(|_| self.target_changed_at_restore)
+        {
+            a.interrupt.signal_config_change()?;
+        }
+        self.target_changed_at_restore = false;
         Ok(())
     }
 

@@ -16,6 +16,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 use super::discard::{check_range, Method, RangeError};
 use super::fuzz::{fuzz_balloon, GuardedMemory, REGIONS};
 use super::*;
+use crate::devices::virtio::persist::BalloonSnap;
 use crate::devices::virtio::test_utils::{
     activate_ctx, test_interrupt, GuestQueue, F_NEXT, F_WRITE,
 };
@@ -691,4 +692,77 @@ fn fuzz_entry_points_balloon_survives_random_input() {
         }
         fuzz_balloon(&input);
     }
+}
+
+#[test]
+fn a_restored_balloon_keeps_its_queues_and_actual_and_tells_a_new_target() {
+    let guard = GuardedMemory::new();
+    let mut r = rig(guard.mem());
+    r.dev.set_target_pages(300).unwrap();
+    r.dev.write_config(4, &200u32.to_le_bytes()).unwrap();
+    r.send_pfns(queue::INFLATE, 0, &[0x70]);
+    let snap = r.dev.save_state().unwrap();
+    assert_eq!(
+        snap.balloon,
+        Some(BalloonSnap {
+            num_pages: 300,
+            actual: 200
+        })
+    );
+    assert_eq!(snap.queues.len(), 3, "inflate, deflate, reporting");
+    assert_eq!(snap.queues[0].next_avail, 1);
+
+    let restore = |target: u32| {
+        let irq = test_interrupt();
+        let mut dev = Balloon::new(true, true);
+        dev.set_target_pages(target).unwrap();
+        let ctx = activate_ctx(
+            r.mem,
+            vec![r.inflate.queue(), r.deflate.queue(), r.reporting.queue()],
+            &irq,
+            ALL_FEATURES,
+        );
+        dev.restore_state(&snap, Some(ctx)).unwrap();
+        assert!(dev.is_activated());
+        assert_eq!(dev.actual_pages(), 200, "the guest's word comes back");
+        assert_eq!(dev.target_pages(), target, "the target is this VMM's");
+        assert_eq!(irq.status(), 0, "nothing before the guest runs");
+        dev.wake_after_restore().unwrap();
+        (dev, irq)
+    };
+    // The same target: nothing to tell.
+    let (dev, irq) = restore(300);
+    assert_eq!(irq.status() & INT_CONFIG, 0);
+    assert_eq!(dev.save_state().unwrap(), snap, "queues as they were");
+    // Another target: the driver hears of it when it first runs.
+    let (_, irq) = restore(100);
+    assert_ne!(irq.status() & INT_CONFIG, 0);
+
+    // A state without the balloon's section is refused.
+    let mut other = snap.clone();
+    other.balloon = None;
+    let mut dev = Balloon::new(true, true);
+    let err = dev.restore_state(&other, None).unwrap_err().to_string();
+    assert!(err.contains("has no balloon section"), "{err}");
+}
+
+#[test]
+fn a_balloon_without_reporting_acked_saves_its_unused_queue_too() {
+    let guard = GuardedMemory::new();
+    let mem = guard.mem();
+    let qs = [
+        GuestQueue::new(mem, 16, 0x1000),
+        GuestQueue::new(mem, 16, 0x4000),
+        GuestQueue::new(mem, 16, 0x8000),
+    ];
+    let mut dev = Balloon::new(true, true);
+    dev.activate(activate_ctx(
+        mem,
+        qs.iter().map(GuestQueue::queue).collect(),
+        &test_interrupt(),
+        VIRTIO_F_VERSION_1,
+    ))
+    .unwrap();
+    let snap = dev.save_state().unwrap();
+    assert_eq!(snap.queues.len(), 3, "the transport's three queues");
 }

@@ -29,6 +29,7 @@ use super::{
     MAX_CHAIN_DESCRIPTORS, QUEUE_SIZE, RXQ, RX_BUDGET, STATUS_LINK_UP, TXQ, TX_BUDGET,
     VNET_HDR_LEN,
 };
+use crate::devices::virtio::persist::{restored_context, DeviceSnap};
 use crate::devices::virtio::{
     device_type, read_config_bytes, ready_queues, ActivateContext, Interrupt, VirtioDevice,
     VirtioError, VIRTIO_F_VERSION_1,
@@ -109,6 +110,27 @@ impl Net {
             tx_buf: Vec::with_capacity(MAX_BUFFER_LEN),
             metrics: Arc::new(NetMetrics::default()),
         })
+    }
+
+    /// Takes the driver's RX and TX queues from `ctx` (both must be
+    /// ready) and gives the tap the offloads the driver acked.
+    fn start(&mut self, ctx: ActivateContext) -> Result<(), VirtioError> {
+        let mut ready = ready_queues(ctx.queues);
+        let rxq = ready(RXQ)?;
+        let txq = ready(TXQ)?;
+        let flags = tap_offload_flags(ctx.acked_features);
+        self.backend
+            .set_offload(flags)
+            .map_err(VirtioError::Backend)?;
+        self.offload = flags;
+        self.active = Some(Active {
+            mem: ctx.mem,
+            rxq,
+            txq,
+            interrupt: ctx.interrupt,
+        });
+        self.rx_need_wake = false;
+        Ok(())
     }
 
     /// The backend fd the event loop polls.
@@ -432,23 +454,36 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), VirtioError> {
-        let mut ready = ready_queues(ctx.queues);
-        let rxq = ready(RXQ)?;
-        let txq = ready(TXQ)?;
-        let flags = tap_offload_flags(ctx.acked_features);
-        self.backend
-            .set_offload(flags)
-            .map_err(VirtioError::Backend)?;
-        self.offload = flags;
-        self.active = Some(Active {
-            mem: ctx.mem,
-            rxq,
-            txq,
-            interrupt: ctx.interrupt,
-        });
+        self.start(ctx)?;
         // Re-arm backend polling (it stopped while the device was down).
-        self.rx_need_wake = false;
         self.signal_wake();
+        Ok(())
+    }
+
+    fn save_state(&self) -> Result<DeviceSnap, VirtioError> {
+        Ok(DeviceSnap::of_queues(
+            self.active.as_ref().map(|a| [&a.rxq, &a.txq]),
+        ))
+    }
+
+    /// The queues come back as saved, on this VMM's tap with the offloads
+    /// the driver acked; polling the tap starts when the guest first runs
+    /// ([`Self::wake_after_restore`]), so no frame reaches it before.
+    fn restore_state(
+        &mut self,
+        snap: &DeviceSnap,
+        ctx: Option<ActivateContext>,
+    ) -> Result<(), VirtioError> {
+        match restored_context(snap, ctx)? {
+            Some(ctx) => self.start(ctx),
+            None => Ok(()),
+        }
+    }
+
+    fn wake_after_restore(&mut self) -> Result<(), VirtioError> {
+        if self.active.is_some() {
+            self.signal_wake();
+        }
         Ok(())
     }
 

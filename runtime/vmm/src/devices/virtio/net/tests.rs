@@ -541,3 +541,51 @@ fn event_loop_stops_polling_without_rx_buffers_and_resumes() {
     assert_eq!(rxq.used_idx(), 2);
     assert_eq!(rxq.used_elem(1).1 as usize, VNET_HDR_LEN + 70);
 }
+
+#[test]
+fn a_restored_net_device_goes_on_from_its_ring_positions_on_a_new_backend() {
+    let mem = guest_memory();
+    let acked = BASE_FEATURES | features::MAC;
+    let mut r = rig_with(&mem, acked);
+    let f = frame(60, 1);
+    r.send(0, &f);
+    r.peer_recv();
+    let snap = r.dev.save_state().unwrap();
+    assert_eq!(snap.queues.len(), 2);
+    assert_eq!(snap.queues[TXQ as usize].next_avail, 1);
+
+    // Another device on another backend (the restored VMM's tap).
+    let (backend, peer) = UnixDgramBackend::pair().unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut b = Net::new(Box::new(backend), Some(MAC)).unwrap();
+    let irq = test_interrupt();
+    let ctx = activate_ctx(&mem, vec![r.rxq.queue(), r.txq.queue()], &irq, acked);
+    b.restore_state(&snap, Some(ctx)).unwrap();
+    assert!(b.is_activated());
+    assert_eq!(
+        b.offload(),
+        tun_flags::CSUM | tun_flags::TSO4 | tun_flags::TSO6 | tun_flags::TSO_ECN
+    );
+    assert!(
+        b.wake_evt().read().is_err(),
+        "the tap is not polled before the guest runs"
+    );
+    b.wake_after_restore().unwrap();
+    assert_eq!(
+        b.wake_evt().read().unwrap(),
+        1,
+        "polling starts at the first run"
+    );
+    assert_eq!(b.save_state().unwrap(), snap);
+
+    // The guest's next frame goes out on the new backend, from TX slot 1.
+    let g = frame(80, 9);
+    r.mem.write_slice(&g, GuestAddress(TX_BUF)).unwrap();
+    write_chain(&mut r.txq, 2, &[(TX_BUF, g.len() as u32, 0)]);
+    b.process_queue(TXQ).unwrap();
+    assert_eq!(r.txq.used_idx(), 2);
+    assert_eq!(r.txq.used_elem(1), (2, 0));
+    let mut got = vec![0u8; 256];
+    let n = peer.recv(&mut got).unwrap();
+    assert_eq!(&got[..n], &g[..]);
+}
