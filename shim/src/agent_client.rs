@@ -102,6 +102,11 @@ impl GuestAgent {
         let req = CreateSandboxRequest {
             sandbox_id: sandbox_id.to_owned(),
             shares,
+            // A VM restored from a template shares the template's random
+            // pool and resumes its clock: the agent mixes this in and
+            // steps the clock first (docs/agent.md, CreateSandbox).
+            entropy_seed: sandbox_entropy_seed(sandbox_id)?,
+            wall_clock_unix_ns: unix_now_ns(),
             ..Default::default()
         };
         let call = self.client().create_sandbox(deadline(self.call), &req);
@@ -419,6 +424,42 @@ impl GuestAgent {
         )
         .await
     }
+}
+
+/// How much host entropy CreateSandbox brings the guest.
+const ENTROPY_SEED_BYTES: usize = 64;
+
+/// Fresh bytes from the host's CSPRNG for sandbox `sandbox_id`'s random
+/// pool.
+fn sandbox_entropy_seed(sandbox_id: &str) -> Result<Vec<u8>> {
+    let mut seed = vec![0u8; ENTROPY_SEED_BYTES];
+    let mut filled = 0;
+    while filled < seed.len() {
+        // SAFETY: writes at most the remaining bytes of `seed`, a live
+        // local buffer.
+        let n =
+            unsafe { libc::getrandom(seed[filled..].as_mut_ptr().cast(), seed.len() - filled, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(ShimError::Internal(format!(
+                "sandbox {sandbox_id}: no entropy for its guest: getrandom failed: {e}"
+            )));
+        }
+        filled += n as usize;
+    }
+    Ok(seed)
+}
+
+/// The host's wall clock in ns since 1970 (0 if it is before 1970, which
+/// the agent takes as "leave the guest's clock alone").
+fn unix_now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

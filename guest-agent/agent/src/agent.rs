@@ -71,6 +71,17 @@ impl Agent {
         if let Some(existing) = self.sandbox.created() {
             return Err(SandboxError::AlreadyCreated(existing).into());
         }
+        // First, so that everything after draws fresh randomness and
+        // stamps the right time, in a VM restored from a template too.
+        let applied =
+            crate::identity::apply(&self.config, &req.identity).map_err(SandboxError::from)?;
+        if applied.reseeded || applied.clock_step_ms.is_some() {
+            tracing::info!(
+                reseeded = applied.reseeded,
+                clock_step_ms = applied.clock_step_ms,
+                "host entropy and wall clock applied"
+            );
+        }
         if let Some(hostname) = &req.hostname {
             crate::etc::set_hostname(&self.config, hostname).map_err(SandboxError::from)?;
         }

@@ -8,8 +8,8 @@
 //!
 //! Layout: `rpc.rs` has one fn per RPC (span, validate, `do_*`, error
 //! mapping); each RPC's work lives in the module named after its object
-//! (`sandbox`, `etc`, `share`, `files`, `guest_info`, `container`,
-//! `network`); `guest_init`, `reaper`, `power` and `logging` are the PID 1
+//! (`sandbox`, `identity`, `etc`, `share`, `files`, `guest_info`,
+//! `container`, `network`); `guest_init`, `reaper`, `power` and `logging` are the PID 1
 //! machinery (`network` also brings `lo` up at start-up).
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
@@ -25,6 +25,7 @@ pub mod etc;
 pub mod files;
 pub mod guest_info;
 pub mod guest_init;
+pub mod identity;
 pub mod listener;
 pub mod logging;
 pub mod network;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use boxlite_protocol::ids::{self, InvalidId};
 
 use crate::etc::EtcError;
+use crate::identity::{Identity, IdentityError};
 use crate::power::{DEFAULT_STOP_TIMEOUT, MAX_STOP_TIMEOUT};
 use crate::share::{ShareError, ShareRequest};
 
@@ -31,6 +32,8 @@ pub enum SandboxError {
     Hostname(#[from] EtcError),
     #[error(transparent)]
     Share(#[from] ShareError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
 }
 
 /// A validated CreateSandbox request.
@@ -40,6 +43,8 @@ pub struct CreateSandbox {
     /// None keeps the hostname from boot.
     pub hostname: Option<String>,
     pub shares: Vec<ShareRequest>,
+    /// Entropy and wall clock from the host, applied first.
+    pub identity: Identity,
 }
 
 impl CreateSandbox {
@@ -47,6 +52,7 @@ impl CreateSandbox {
         id: &str,
         hostname: &str,
         shares: impl ExactSizeIterator<Item = Result<ShareRequest, ShareError>>,
+        identity: Identity,
     ) -> Result<Self, SandboxError> {
         ids::validate("sandbox", id).map_err(SandboxError::InvalidId)?;
         let hostname = if hostname.is_empty() {
@@ -64,6 +70,7 @@ impl CreateSandbox {
             id: id.to_string(),
             hostname,
             shares: shares.collect::<Result<_, _>>()?,
+            identity,
         })
     }
 }
@@ -132,6 +139,7 @@ mod tests {
             "sb-1",
             "",
             [ShareRequest::validate("share0", "", false)].into_iter(),
+            Identity::default(),
         )
         .unwrap();
         assert_eq!(ok.hostname, None);
@@ -144,10 +152,12 @@ mod tests {
             ".x",
             &"x".repeat(ids::MAX_ID_LEN + 1),
         ] {
-            let e = CreateSandbox::validate(bad_id, "", std::iter::empty()).unwrap_err();
+            let e = CreateSandbox::validate(bad_id, "", std::iter::empty(), Identity::default())
+                .unwrap_err();
             assert!(matches!(e, SandboxError::InvalidId(_)), "{bad_id:?}");
         }
-        let e = CreateSandbox::validate("sb", "bad_host", std::iter::empty()).unwrap_err();
+        let e = CreateSandbox::validate("sb", "bad_host", std::iter::empty(), Identity::default())
+            .unwrap_err();
         assert!(
             e.to_string()
                 .starts_with("hostname \"bad_host\" is invalid"),
@@ -157,6 +167,7 @@ mod tests {
             "sb",
             "",
             [ShareRequest::validate("", "", false)].into_iter(),
+            Identity::default(),
         )
         .unwrap_err();
         assert!(matches!(

@@ -25,8 +25,9 @@ use crate::container::{spec, ContainerError};
 use crate::error::AgentError;
 use crate::etc::{Dns, Hosts};
 use crate::files::ReadFileRequest;
+use crate::identity::Identity;
 use crate::network::{validate_routes, InterfaceConfig};
-use crate::sandbox::{stop_timeout, CreateSandbox};
+use crate::sandbox::{stop_timeout, CreateSandbox, SandboxError};
 use crate::share::ShareRequest;
 
 /// Serves Health and Agent for one [`Agent`].
@@ -160,7 +161,9 @@ impl agent_ttrpc::Agent for AgentService {
                 .shares
                 .iter()
                 .map(|s| ShareRequest::validate(&s.tag, &s.mount_point, s.read_only));
-            let req = CreateSandbox::validate(&req.sandbox_id, &req.hostname, shares)?;
+            let identity = Identity::validate(&req.entropy_seed, req.wall_clock_unix_ns)
+                .map_err(SandboxError::from)?;
+            let req = CreateSandbox::validate(&req.sandbox_id, &req.hostname, shares, identity)?;
             self.blocking("CreateSandbox", move |a| a.do_create_sandbox(&req))
                 .await?;
             Ok(empty())

@@ -8,6 +8,7 @@ use crate::container::ContainerError;
 use crate::error::AgentError;
 use crate::etc::EtcError;
 use crate::files::FileError;
+use crate::identity::IdentityError;
 use crate::network::NetworkError;
 use crate::sandbox::SandboxError;
 use crate::share::ShareError;
@@ -23,6 +24,12 @@ pub fn status_code(err: &AgentError) -> Code {
             SandboxError::Destroying => Code::FAILED_PRECONDITION,
             SandboxError::Hostname(e) => etc_code(e),
             SandboxError::Share(e) => share_code(e),
+            SandboxError::Identity(e) => match e {
+                IdentityError::SeedLength { .. } | IdentityError::Clock(_) => {
+                    Code::INVALID_ARGUMENT
+                }
+                IdentityError::Entropy { .. } | IdentityError::SetClock(_) => Code::INTERNAL,
+            },
         },
         AgentError::Etc(e) => etc_code(e),
         AgentError::Share(e) => share_code(e),

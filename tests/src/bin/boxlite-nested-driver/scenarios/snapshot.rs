@@ -12,19 +12,22 @@
 //! answering, the save, and each clone's PSS against its RSS (pages of
 //! the memory file both map count half in each PSS).
 //!
-//! Not checked here (docs/snapshot-design.md §8, M2): each clone's own
-//! entropy, clock and hostname, which need the agent's side of the
-//! restore. The kernel's random UUID of both clones is reported, so the
-//! hazard stays visible until then.
+//! Then each clone gets its CreateSandbox with its own host entropy and
+//! the host's wall clock: a clone's clock resumes from when the template
+//! was saved (the scenario waits [`HOLD`] before restoring, so it is
+//! behind by that), and must be within 2 s of the host's after it; the
+//! clones' random UUIDs after it must differ.
 
 use std::time::{Duration, Instant};
 
+use boxlite_protocol::agent::CreateSandboxRequest;
+use boxlite_runtime::AgentConnection;
 use boxlite_vmm_api::config::{BalloonConfig, JailUser, MemoryMode, RestoreConfig};
 use boxlite_vmm_api::control::{Reply, Request, VmState};
 
 use crate::settings::Settings;
 use crate::verdict::{Failure, ScenarioResult, Verdict};
-use crate::vm::{vsock_support, Device, Vm, VmOptions};
+use crate::vm::{vsock_support, Device, Vm, VmOptions, RPC_TIMEOUT};
 
 const DEVICES: [Device; 2] = [Device::Rng, Device::Vsock];
 /// The runtime's balloon, free page reporting on.
@@ -32,6 +35,9 @@ const BALLOON: BalloonConfig = boxlite_runtime::hypervisor::builtin::balloon(tru
 /// How long a control op may take: saving 256 MiB of guest RAM in the
 /// nested host takes seconds.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Between the save and the restores: how far behind a clone's clock is
+/// before CreateSandbox.
+const HOLD: Duration = Duration::from_secs(5);
 
 pub async fn run(s: &Settings) -> ScenarioResult {
     if let Err(reason) = vsock_support(s)? {
@@ -75,6 +81,7 @@ pub async fn run(s: &Settings) -> ScenarioResult {
         other => return Err(src.fail(format!("snapshot answered {other:?}"))),
     };
     src.kill();
+    tokio::time::sleep(HOLD).await;
 
     // Two clones at once.
     let restore = RestoreConfig {
@@ -131,6 +138,24 @@ pub async fn run(s: &Settings) -> ScenarioResult {
                 guest.online_cpus
             )));
         }
+        let behind = host_minus_guest_clock(vm, &conn).await?;
+        let req = CreateSandboxRequest {
+            sandbox_id: format!("clone-{}", report.len()),
+            entropy_seed: random_seed(),
+            wall_clock_unix_ns: unix_now_ns(),
+            ..Default::default()
+        };
+        conn.agent()
+            .create_sandbox(ttrpc::context::with_duration(RPC_TIMEOUT), &req)
+            .await
+            .map_err(|e| vm.fail(format!("CreateSandbox failed: {e}")))?;
+        let behind_after = host_minus_guest_clock(vm, &conn).await?;
+        if behind_after.abs() > 2 {
+            return Err(vm.fail(format!(
+                "the guest's wall clock is {behind_after} s off the host's after CreateSandbox \
+                 ({behind} s before)"
+            )));
+        }
         let uuid = vm
             .read_guest_file(&conn, "/proc/sys/kernel/random/uuid")
             .await?;
@@ -140,6 +165,7 @@ pub async fn run(s: &Settings) -> ScenarioResult {
             restore_to_health,
             answering,
             uuid: uuid.trim().to_owned(),
+            clock_behind_s: behind,
             rss_kib: 0,
             pss_kib: 0,
         });
@@ -164,20 +190,25 @@ pub async fn run(s: &Settings) -> ScenarioResult {
     for (name, c) in [("a", a), ("b", b)] {
         detail.push_str(&format!(
             "clone {name}: built in {} ms, restore op {} us, agent answering {:.2}s after start \
-             ({:.2}s after restore), RSS {} MiB, PSS {} MiB; ",
+             ({:.2}s after restore), clock {} s behind until CreateSandbox, RSS {} MiB, PSS {} \
+             MiB; ",
             c.setup_us / 1000,
             c.restore_us,
             c.answering.as_secs_f64(),
             c.restore_to_health.as_secs_f64(),
+            c.clock_behind_s,
             c.rss_kib >> 10,
             c.pss_kib >> 10
         ));
     }
-    detail.push_str(if a.uuid == b.uuid {
-        "their first random UUIDs are equal (one entropy pool: reseeding at restore is M2)"
-    } else {
-        "their first random UUIDs differ"
-    });
+    if a.uuid == b.uuid {
+        return Err(Failure::from(format!(
+            "both clones drew the random UUID {} after CreateSandbox brought each its own \
+             entropy; {detail}",
+            a.uuid
+        )));
+    }
+    detail.push_str("random UUIDs after CreateSandbox differ");
     // Both clones map the one memory file: the pages they share count
     // half in each PSS. A clone whose PSS is its whole RSS shares nothing,
     // which means its RAM is not the file's page cache.
@@ -199,8 +230,48 @@ struct Clone {
     restore_to_health: Duration,
     answering: Duration,
     uuid: String,
+    /// Host clock minus guest clock before CreateSandbox, in s.
+    clock_behind_s: i64,
     rss_kib: u64,
     pss_kib: u64,
+}
+
+/// 64 bytes from the test host's CSPRNG.
+fn random_seed() -> Vec<u8> {
+    let mut seed = vec![0u8; 64];
+    use std::io::Read as _;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .expect("/dev/urandom");
+    seed
+}
+
+fn unix_now_ns() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the test host's clock is after 1970");
+    i64::try_from(now.as_nanos()).expect("before 2262")
+}
+
+/// The host's wall clock minus the guest's, in whole seconds: the guest's
+/// is its boot time (`btime` of /proc/stat, which moves when the clock is
+/// stepped) plus its uptime.
+async fn host_minus_guest_clock(vm: &Vm, conn: &AgentConnection) -> Result<i64, Failure> {
+    let stat = vm.read_guest_file(conn, "/proc/stat").await?;
+    let uptime = vm.read_guest_file(conn, "/proc/uptime").await?;
+    let btime: i64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| vm.fail("/proc/stat has no btime line".into()))?;
+    let up: f64 = uptime
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| vm.fail(format!("/proc/uptime is {uptime:?}")))?;
+    let guest = btime as f64 + up;
+    let host = unix_now_ns() as f64 / 1e9;
+    Ok((host - guest).round() as i64)
 }
 
 /// Sends `request` (pause or resume) and expects the VM in `want`.
