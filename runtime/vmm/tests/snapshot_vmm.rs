@@ -3,8 +3,9 @@
 //! into two new files in `snapshot_dir`, created under the jail's landlock
 //! rule and its event loop's snapshot seccomp profile, owned by the jail's
 //! user; the state file reads back; and each refusal (running VM, no
-//! snapshot_dir, an existing file, a path for a name, a device that cannot
-//! be saved yet) is a clear error that leaves nothing behind.
+//! snapshot_dir, an existing file, a path for a name, a VM whose RAM is a
+//! copy-on-write mapping of the snapshot it was restored from) is a clear
+//! error that leaves nothing behind.
 //!
 //! Restore: a guest counting on COM1 (its counter in RAM) is saved, then
 //! two VMMs restored from the files at once, copy-on-write, and a third
@@ -23,9 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::Duration;
 
-use boxlite_vmm::config::{
-    DeviceConfig, FsConfig, JailUser, MemoryMode, RestoreConfig, RngConfig, VmConfig,
-};
+use boxlite_vmm::config::{DeviceConfig, JailUser, MemoryMode, RestoreConfig, RngConfig, VmConfig};
 use boxlite_vmm::snapshot::{body, state_file};
 use boxlite_vmm_api::control::{Reply, Request, RestoreInfo, SnapshotInfo, VmState};
 
@@ -283,7 +282,7 @@ fn a_paused_vm_is_saved_into_two_files_from_inside_the_jail() {
 
 #[test]
 #[ignore = "needs root + /dev/kvm"]
-fn snapshots_are_refused_without_a_snapshot_dir_or_for_a_device_not_yet_saved() {
+fn snapshots_are_refused_without_a_snapshot_dir_or_of_copy_on_write_ram() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut vmm = Vmm::start(dir.path(), Vec::new(), None);
     vmm.set(Request::Pause, VmState::Paused);
@@ -293,34 +292,77 @@ fn snapshots_are_refused_without_a_snapshot_dir_or_for_a_device_not_yet_saved() 
     );
     vmm.stop();
 
-    let dir = tempfile::tempdir().expect("tempdir");
+    // A first snapshot, of a counting guest.
+    let dir_a = tempfile::tempdir().expect("tempdir");
     let snaps = snapshot_dir();
-    // virtio-fs: its vrings live in virtiofsd. Without the jail the VMM
-    // connects to virtiofsd only when the driver starts the device, which
-    // this guest never does, so no virtiofsd is needed to be refused.
-    let fs = DeviceConfig::Fs(FsConfig {
-        tag: "share0".into(),
-        socket_path: dir.path().join("fs.sock"),
-    });
-    let cfg = VmConfig {
+    let cfg_a = VmConfig {
         snapshot_dir: Some(snaps.path().to_path_buf()),
-        jail: false,
-        ..config(dir.path(), &PIO_LOOP, vec![fs])
+        ..config(
+            dir_a.path(),
+            &COM1_COUNTER,
+            vec![DeviceConfig::Rng(RngConfig::default())],
+        )
     };
-    let mut vmm = Vmm::start_with(dir.path(), &cfg);
-    vmm.set(Request::Pause, VmState::Paused);
-    let err = vmm.snapshot("vm.state", "vm.mem").expect_err("fs");
+    let mut a = Vmm::start_with(dir_a.path(), &cfg_a);
+    a.console(100);
+    a.set(Request::Pause, VmState::Paused);
+    a.snapshot("vm.state", "vm.mem").expect("snapshot");
+    a.stop();
+
+    // Restored copy-on-write, its RAM is the memory file's pages: it
+    // cannot be saved again, and the refusal leaves nothing behind.
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let snaps_b = snapshot_dir();
+    let mut b = Vmm::start_with(
+        dir_b.path(),
+        &VmConfig {
+            snapshot_dir: Some(snaps_b.path().to_path_buf()),
+            ..restore_config(dir_b.path(), snaps.path(), MemoryMode::Private)
+        },
+    );
+    b.restore(None).expect("restore");
+    b.set(Request::Pause, VmState::Paused);
+    let err = b.snapshot("vm.state", "vm.mem").expect_err("private RAM");
     assert!(
-        err.contains("virtio device slot 0 (fs)")
-            && err.contains("snapshots of this device are not supported yet"),
+        err.contains("copy-on-write mapping of the snapshot it was restored from")
+            && err.contains("memory_mode \"copy\""),
         "{err}"
     );
     assert!(
-        files(snaps.path()).is_empty(),
+        files(snaps_b.path()).is_empty(),
         "nothing left behind: {:?}",
-        files(snaps.path())
+        files(snaps_b.path())
     );
-    vmm.stop();
+    b.stop();
+
+    // Restored into copied RAM, it can: and a VM restored from that second
+    // snapshot goes on from where the restored one was saved.
+    let dir_c = tempfile::tempdir().expect("tempdir");
+    let snaps_c = snapshot_dir();
+    let mut c = Vmm::start_with(
+        dir_c.path(),
+        &VmConfig {
+            snapshot_dir: Some(snaps_c.path().to_path_buf()),
+            ..restore_config(dir_c.path(), snaps.path(), MemoryMode::Copy)
+        },
+    );
+    c.restore(None).expect("restore");
+    c.console(100);
+    c.set(Request::Pause, VmState::Paused);
+    let last = *c.console(1).last().expect("a byte");
+    c.snapshot("vm.state", "vm.mem")
+        .expect("a restored VM's snapshot");
+    c.stop();
+    let dir_d = tempfile::tempdir().expect("tempdir");
+    let mut d = Vmm::start_with(
+        dir_d.path(),
+        &restore_config(dir_d.path(), snaps_c.path(), MemoryMode::Private),
+    );
+    d.restore(None).expect("restore");
+    let out = d.console(100);
+    assert_eq!(out[0], last.wrapping_add(1));
+    assert!(consecutive(&out));
+    d.stop();
 }
 
 /// Whether each byte is the one before it plus one (mod 256).

@@ -255,7 +255,7 @@ macro_rules! single_queue_lifecycle {
         }
 
         fn save_state(
-            &self,
+            &mut self,
         ) -> Result<
             $crate::devices::virtio::persist::DeviceSnap,
             $crate::devices::virtio::VirtioError,
@@ -344,9 +344,11 @@ pub trait VirtioDevice: Send {
     /// queue; called only if [`VirtioDevice::has_external_backend`].
     fn set_queue_evts(&mut self, _evts: Vec<EventFd>) {}
     /// The device's own state for a snapshot (the VM is paused, so no
-    /// queue moves meanwhile). Default: this device cannot be snapshotted
-    /// yet, which fails the snapshot with that reason.
-    fn save_state(&self) -> Result<persist::DeviceSnap, VirtioError> {
+    /// queue the VMM serves moves meanwhile; a device whose backend serves
+    /// its queues stops them first, hence `&mut`). Default: this device
+    /// cannot be snapshotted yet, which fails the snapshot with that
+    /// reason.
+    fn save_state(&mut self) -> Result<persist::DeviceSnap, VirtioError> {
         Err(persist::DeviceStateError::Unsupported.into())
     }
     /// Puts a saved state into a fresh device whose transport has just

@@ -74,6 +74,10 @@ pub enum DeviceStateError {
     Queue { index: usize, what: String },
     #[error("the snapshot's device state has no {0} section")]
     Missing(&'static str),
+    /// The device's backend (virtiofsd) could not be stopped, started or
+    /// saved from; the message says which and why.
+    #[error("{0}")]
+    Backend(String),
 }
 
 fn started(activated: bool) -> &'static str {

@@ -14,7 +14,7 @@ use crate::vm::{vsock_support, Device, Vm, RPC_TIMEOUT};
 
 /// The share's tag, and a file the guest reads back.
 pub const FS_TAG: &str = "nested";
-const FS_FILE: &str = "hello.txt";
+pub const FS_FILE: &str = "hello.txt";
 const FS_CONTENT: &str = "hello from the nested test host through virtio-fs\n";
 
 /// A virtio-fs share: virtiofsd (static, in the test host) serves a
@@ -72,7 +72,8 @@ pub async fn run(s: &Settings) -> ScenarioResult {
     )))
 }
 
-/// virtiofsd serving the `fs` scenario's share on [`Settings::fs_socket`].
+/// virtiofsd serving a share: the `fs` scenario's on
+/// [`Settings::fs_socket`], or another one ([`Virtiofsd::serving`]).
 pub struct Virtiofsd {
     child: Child,
 }
@@ -82,12 +83,22 @@ impl Virtiofsd {
     /// `--sandbox none --seccomp none`: virtiofsd's own confinement is not
     /// what this tests (boxlite-vmm's jail is).
     pub fn start(s: &Settings) -> Result<Self, Failure> {
-        let dir = s.work.join("virtiofsd");
-        let _ = fs::remove_dir_all(&dir);
+        Self::serving(s, &s.work.join("virtiofsd"), &s.fs_socket(), FS_CONTENT)
+    }
+
+    /// virtiofsd on `socket` serving `dir`/share, which holds
+    /// [`FS_FILE`] with `content`.
+    pub fn serving(
+        s: &Settings,
+        dir: &std::path::Path,
+        socket: &std::path::Path,
+        content: &str,
+    ) -> Result<Self, Failure> {
+        let _ = fs::remove_dir_all(dir);
         let share = dir.join("share");
         fs::create_dir_all(&share)?;
-        fs::write(share.join(FS_FILE), FS_CONTENT)?;
-        let socket = s.fs_socket();
+        fs::write(share.join(FS_FILE), content)?;
+        let socket = socket.to_path_buf();
         let log_path = dir.join("virtiofsd.log");
         let log = fs::File::create(&log_path)?;
         let mut child = Command::new(s.virtiofsd())

@@ -12,6 +12,7 @@ mod net;
 mod reboot;
 mod smp;
 mod snapshot;
+mod snapshot_fs;
 
 use crate::settings::{Settings, ALL_SCENARIOS};
 use crate::verdict::{ScenarioResult, Verdict};
@@ -32,6 +33,7 @@ pub async fn run(name: &str, s: &Settings) -> ScenarioResult {
         "net" => net::run(s).await,
         "balloon" => balloon::run(s).await,
         "snapshot" => snapshot::run(s).await,
+        "snapshot-fs" => snapshot_fs::run(s).await,
         "boot-qemu" => boot_qemu::run(s).await,
         other => Ok(Verdict::Fail(format!(
             "unknown scenario {other:?} (known: {ALL_SCENARIOS})"

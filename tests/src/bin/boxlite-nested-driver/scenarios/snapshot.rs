@@ -45,56 +45,12 @@ pub async fn run(s: &Settings) -> ScenarioResult {
             "{reason} (the agent answers over vsock)"
         )));
     }
-    let snaps = s.work.join("snapshot-files");
-    let _ = std::fs::remove_dir_all(&snaps);
-    std::fs::create_dir_all(&snaps)?;
-    let JailUser { uid, gid } = JailUser::NOBODY;
-    std::os::unix::fs::chown(&snaps, Some(uid), Some(gid))?;
-
-    // The template: booted to agent ready, paused, saved, ended.
-    let mut src = Vm::start_with(
-        s,
-        "snapshot-src",
-        1,
-        &DEVICES,
-        &VmOptions {
-            control_socket: true,
-            snapshot_dir: Some(snaps.clone()),
-            balloon: Some(BALLOON),
-            ..VmOptions::default()
-        },
-    )?;
-    src.announcement(s.timeout).await?;
-    let cold = src.started.elapsed();
-    expect_state(&mut src, Request::Pause, VmState::Paused).await?;
-    let saved = match src
-        .control(
-            Request::Snapshot {
-                state_file: "vm.state".into(),
-                memory_file: "vm.mem".into(),
-            },
-            CONTROL_TIMEOUT,
-        )
-        .await?
-    {
-        Reply::Snapshot { snapshot, .. } => snapshot,
-        other => return Err(src.fail(format!("snapshot answered {other:?}"))),
-    };
-    src.kill();
+    let (template, cold) = Template::take(s, "snapshot", &DEVICES, &VmOptions::default()).await?;
+    let saved = template.saved.clone();
     tokio::time::sleep(HOLD).await;
 
     // Two clones at once.
-    let restore = RestoreConfig {
-        state: snaps.join("vm.state"),
-        memory: snaps.join("vm.mem"),
-        memory_mode: MemoryMode::Auto,
-    };
-    let opts = VmOptions {
-        control_socket: true,
-        restore: Some(restore),
-        balloon: Some(BALLOON),
-        ..VmOptions::default()
-    };
+    let opts = template.restore_options(MemoryMode::Auto, &VmOptions::default());
     let mut clones = Vec::new();
     for name in ["snapshot-a", "snapshot-b"] {
         clones.push(Vm::start_with(s, name, 1, &DEVICES, &opts)?);
@@ -111,18 +67,7 @@ pub async fn run(s: &Settings) -> ScenarioResult {
     }
     for vm in &mut clones {
         let t = Instant::now();
-        let info = match vm
-            .control(
-                Request::Restore {
-                    snapshot_id: Some(saved.id.clone()),
-                },
-                CONTROL_TIMEOUT,
-            )
-            .await?
-        {
-            Reply::Restored { restore, .. } => restore,
-            other => return Err(vm.fail(format!("restore answered {other:?}"))),
-        };
+        let info = restore(vm, &saved).await?;
         if info.memory_mode != "private" {
             return Err(vm.fail(format!(
                 "memory_mode {} for a VM without virtio-fs, want private",
@@ -272,6 +217,96 @@ async fn host_minus_guest_clock(vm: &Vm, conn: &AgentConnection) -> Result<i64, 
     let guest = btime as f64 + up;
     let host = unix_now_ns() as f64 / 1e9;
     Ok((host - guest).round() as i64)
+}
+
+/// A template: a VM booted to its agent's announcement, paused, saved
+/// into `dir` and ended.
+pub struct Template {
+    pub dir: std::path::PathBuf,
+    pub saved: boxlite_vmm_api::control::SnapshotInfo,
+}
+
+impl Template {
+    /// Boots VM `<name>-src` with `devices`, the runtime's balloon and
+    /// `opts`, and saves it into `<work>/<name>-files`. Returns the
+    /// template and how long the cold boot took to the announcement.
+    pub async fn take(
+        s: &Settings,
+        name: &str,
+        devices: &[Device],
+        opts: &VmOptions,
+    ) -> Result<(Template, Duration), Failure> {
+        let dir = s.work.join(format!("{name}-files"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let JailUser { uid, gid } = JailUser::NOBODY;
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
+        let mut src = Vm::start_with(
+            s,
+            &format!("{name}-src"),
+            1,
+            devices,
+            &VmOptions {
+                control_socket: true,
+                snapshot_dir: Some(dir.clone()),
+                balloon: Some(BALLOON),
+                ..opts.clone()
+            },
+        )?;
+        src.announcement(s.timeout).await?;
+        let cold = src.started.elapsed();
+        expect_state(&mut src, Request::Pause, VmState::Paused).await?;
+        let saved = match src
+            .control(
+                Request::Snapshot {
+                    state_file: "vm.state".into(),
+                    memory_file: "vm.mem".into(),
+                },
+                CONTROL_TIMEOUT,
+            )
+            .await?
+        {
+            Reply::Snapshot { snapshot, .. } => snapshot,
+            other => return Err(src.fail(format!("snapshot answered {other:?}"))),
+        };
+        src.kill();
+        Ok((Template { dir, saved }, cold))
+    }
+
+    /// Options for a VM restored from this template (`mode` memory, the
+    /// runtime's balloon) on top of `opts`.
+    pub fn restore_options(&self, mode: MemoryMode, opts: &VmOptions) -> VmOptions {
+        VmOptions {
+            control_socket: true,
+            restore: Some(RestoreConfig {
+                state: self.dir.join("vm.state"),
+                memory: self.dir.join("vm.mem"),
+                memory_mode: mode,
+            }),
+            balloon: Some(BALLOON),
+            ..opts.clone()
+        }
+    }
+}
+
+/// Sends `restore` (for the template's snapshot) and returns what the VMM
+/// reported.
+pub async fn restore(
+    vm: &mut Vm,
+    saved: &boxlite_vmm_api::control::SnapshotInfo,
+) -> Result<boxlite_vmm_api::control::RestoreInfo, Failure> {
+    match vm
+        .control(
+            Request::Restore {
+                snapshot_id: Some(saved.id.clone()),
+            },
+            CONTROL_TIMEOUT,
+        )
+        .await?
+    {
+        Reply::Restored { restore, .. } => Ok(restore),
+        other => Err(vm.fail(format!("restore answered {other:?}"))),
+    }
 }
 
 /// Sends `request` (pause or resume) and expects the VM in `want`.

@@ -100,6 +100,9 @@ pub struct VmOptions {
     /// Start from this snapshot instead of booting the guest kernel
     /// (needs the control socket: the VM runs on the `restore` op).
     pub restore: Option<RestoreConfig>,
+    /// The virtiofsd socket of [`Device::Fs`]; None:
+    /// [`Settings::fs_socket`].
+    pub fs_socket: Option<PathBuf>,
 }
 
 impl Vm {
@@ -130,7 +133,7 @@ impl Vm {
                 }),
                 Device::Fs { tag } => DeviceConfig::Fs(FsConfig {
                     tag: tag.to_owned(),
-                    socket_path: s.fs_socket(),
+                    socket_path: opts.fs_socket.clone().unwrap_or_else(|| s.fs_socket()),
                 }),
                 Device::Block { id } => DeviceConfig::Block(BlockConfig {
                     path: s.disk_image(),

@@ -438,7 +438,7 @@ impl VirtioDevice for Balloon {
         Ok(())
     }
 
-    fn save_state(&self) -> Result<DeviceSnap, VirtioError> {
+    fn save_state(&mut self) -> Result<DeviceSnap, VirtioError> {
         Ok(DeviceSnap {
             balloon: Some(BalloonSnap {
                 num_pages: self.num_pages,

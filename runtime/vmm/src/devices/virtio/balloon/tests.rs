@@ -731,7 +731,7 @@ fn a_restored_balloon_keeps_its_queues_and_actual_and_tells_a_new_target() {
         (dev, irq)
     };
     // The same target: nothing to tell.
-    let (dev, irq) = restore(300);
+    let (mut dev, irq) = restore(300);
     assert_eq!(irq.status() & INT_CONFIG, 0);
     assert_eq!(dev.save_state().unwrap(), snap, "queues as they were");
     // Another target: the driver hears of it when it first runs.

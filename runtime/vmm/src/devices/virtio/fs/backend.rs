@@ -13,7 +13,12 @@
 //!   SET_VRING_CALL(irqfd), SET_VRING_KICK(ioeventfd)
 //! → SET_VRING_ENABLE(1) per vring                             [Connection::start]
 //! SET_VRING_ENABLE(0) → GET_VRING_BASE (stops the vring) per vring
+//!                                                      [Connection::stop_vrings]
 //! → RESET_DEVICE (if negotiated)                              [Connection::stop]
+//!
+//! A snapshot stops the vrings without the reset (their bases are what it
+//! saves) and starts them again from those bases; a VM restored from it
+//! starts them on its new virtiofsd from the saved bases.
 //! ```
 //!
 //! With REPLY_ACK every request asks for an acknowledgement, so a refusal is
@@ -258,19 +263,31 @@ impl Connection {
         Ok(())
     }
 
-    /// Stops the vrings (GET_VRING_BASE stops a vring in vhost-user) and
-    /// resets the backend's device state so the next driver starts afresh.
-    pub fn stop(&mut self, queues: usize) -> Result<(), FsError> {
+    /// Stops the first `queues` vrings (GET_VRING_BASE stops a vring in
+    /// vhost-user) and returns where each stopped: the next available
+    /// index the backend would have read.
+    pub fn stop_vrings(&mut self, queues: usize) -> Result<Vec<u16>, FsError> {
+        let mut bases = Vec::with_capacity(queues);
         for i in 0..queues {
             if self.has_protocol_features() {
                 self.frontend
                     .set_vring_enable(i, false)
                     .map_err(self.err("SET_VRING_ENABLE"))?;
             }
-            self.frontend
+            let base = self
+                .frontend
                 .get_vring_base(i)
                 .map_err(self.err("GET_VRING_BASE"))?;
+            // A split ring's index is 16 bits; the backend answers in a u32.
+            bases.push(base as u16);
         }
+        Ok(bases)
+    }
+
+    /// Stops the vrings and resets the backend's device state so the next
+    /// driver starts afresh.
+    pub fn stop(&mut self, queues: usize) -> Result<(), FsError> {
+        self.stop_vrings(queues)?;
         if self
             .protocol_features
             .contains(VhostUserProtocolFeatures::RESET_DEVICE)
@@ -290,7 +307,10 @@ impl AsRawFd for Connection {
 }
 
 /// The SET_MEM_TABLE regions: every guest RAM region with the fd and
-/// offset it is mapped from. Anonymous memory cannot be shared: refused.
+/// offset it is mapped from. Anonymous memory cannot be shared, and
+/// neither can a private (copy-on-write) mapping of a file, such as a
+/// snapshot's memory file: the backend would map the file and never see
+/// the guest's writes. Both are refused.
 pub fn memory_table(mem: &GuestMemoryMmap) -> Result<Vec<VhostUserMemoryRegionInfo>, FsError> {
     let n = mem.num_regions();
     if n > vhost::vhost_user::message::MAX_ATTACHED_FD_ENTRIES {
@@ -298,9 +318,13 @@ pub fn memory_table(mem: &GuestMemoryMmap) -> Result<Vec<VhostUserMemoryRegionIn
     }
     mem.iter()
         .map(|r| {
-            VhostUserMemoryRegionInfo::from_guest_region(r).map_err(|_| FsError::MemoryNotShared {
+            let not_shared = FsError::MemoryNotShared {
                 addr: r.start_addr().0,
-            })
+            };
+            if r.flags() & libc::MAP_SHARED == 0 {
+                return Err(not_shared);
+            }
+            VhostUserMemoryRegionInfo::from_guest_region(r).map_err(|_| not_shared)
         })
         .collect()
 }

@@ -1,5 +1,13 @@
 //! The virtio-fs `VirtioDevice`: config space, queue validation, and the
 //! activation/reset lifecycle of the vhost-user backend.
+//!
+//! Snapshots: virtiofsd holds the rings' positions, so saving stops the
+//! vrings (their bases are the next available indexes), refuses when a
+//! request is still in flight (virtiofsd's FUSE state cannot be saved),
+//! and starts them again from the same bases. A restored device holds
+//! the saved queues and starts them on its own virtiofsd when the VM
+//! first runs. Only a VM whose memory is shared restores an fs device
+//! (`memory_mode` copy): virtiofsd maps guest memory by fd.
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -10,7 +18,7 @@ use std::time::Duration;
 use boxlite_protocol::error_chain::chain;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address as _, Bytes as _, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -19,6 +27,7 @@ use super::{
     FsError, FsMetrics, CONFIG_SPACE_SIZE, CONNECT_TIMEOUT, NUM_QUEUES, NUM_REQUEST_QUEUES,
     QUEUE_SIZE, TAG_LEN,
 };
+use crate::devices::virtio::persist::{restored_context, DeviceSnap, DeviceStateError};
 use crate::devices::virtio::{
     device_type, read_config_bytes, ActivateContext, Interrupt, VirtioDevice, VirtioError,
     VIRTIO_F_VERSION_1,
@@ -30,8 +39,15 @@ use crate::devices::virtio::{
 pub const AVAIL_FEATURES: u64 =
     VIRTIO_F_VERSION_1 | (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX);
 
+/// A started device: what its vrings were started with, kept so a
+/// snapshot can save and restart them.
 struct Active {
     interrupt: Arc<Interrupt>,
+    mem: GuestMemoryMmap,
+    /// The driver's queues; their `next_avail` is where virtiofsd started
+    /// (updated when a snapshot stops and restarts it).
+    queues: Vec<Queue>,
+    acked_features: u64,
 }
 
 /// A virtio-fs device backed by virtiofsd over vhost-user.
@@ -46,6 +62,9 @@ pub struct Fs {
     /// once [`Fs::connect_now`] connected before the jail.
     may_connect: bool,
     active: Option<Active>,
+    /// Restored from a snapshot, not started yet: started on its new
+    /// virtiofsd when the VM first runs ([`VirtioDevice::wake_after_restore`]).
+    restored: Option<Active>,
     /// Watches the connection for a hang-up; on the VMM event loop through
     /// [`FsEventHandler`](super::FsEventHandler).
     epoll: Epoll,
@@ -85,6 +104,7 @@ impl Fs {
             conn: None,
             may_connect: true,
             active: None,
+            restored: None,
             epoll: Epoll::new().map_err(FsError::Epoll)?,
             metrics: Arc::new(FsMetrics::default()),
         })
@@ -191,6 +211,92 @@ impl Fs {
         Ok(conn)
     }
 
+    /// Starts virtiofsd's vrings on `queues` (each from its `next_avail`).
+    fn start_vrings(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queues: &[Queue],
+        acked_features: u64,
+        interrupt: &Interrupt,
+    ) -> Result<(), FsError> {
+        // Guest input first: nothing reaches virtiofsd unless every queue
+        // lies inside guest memory.
+        let mut vrings = Vec::with_capacity(NUM_QUEUES);
+        for index in 0..NUM_QUEUES as u16 {
+            let q = queues
+                .get(usize::from(index))
+                .ok_or(FsError::QueueNotReady(index))?;
+            vrings.push(vring_setup(mem, q, index)?);
+        }
+        super::backend::memory_table(mem)?;
+        let mut conn = match self.conn.take() {
+            Some(c) => c,
+            None if self.may_connect => self.open_connection()?,
+            None => return Err(FsError::ConnectionLost(self.socket_path.clone())),
+        };
+        let r = conn.start(
+            mem,
+            acked_features,
+            &vrings,
+            interrupt.eventfd(),
+            &self.queue_evts,
+        );
+        self.conn = Some(conn);
+        r
+    }
+
+    /// Stops the vrings for a snapshot, records in the active queues the
+    /// positions virtiofsd reached, and starts them again from there;
+    /// refuses (after the restart) when a request is in flight.
+    fn stop_for_snapshot(&mut self) -> Result<(), FsError> {
+        let Some(mut a) = self.active.take() else {
+            return Ok(());
+        };
+        let r = self.stop_and_restart(&mut a);
+        self.active = Some(a);
+        r
+    }
+
+    fn stop_and_restart(&mut self, a: &mut Active) -> Result<(), FsError> {
+        let conn = self
+            .conn
+            .as_mut()
+            .ok_or_else(|| FsError::ConnectionLost(self.socket_path.clone()))?;
+        let bases = conn.stop_vrings(NUM_QUEUES)?;
+        let mut in_flight = None;
+        for (index, (q, base)) in a.queues.iter_mut().zip(&bases).enumerate() {
+            // Every request virtiofsd took is answered when the used index
+            // has caught up with where it stopped reading.
+            let used: u16 = a
+                .mem
+                .read_obj(GuestAddress(q.used_ring()).unchecked_add(2))
+                .map_err(|_| FsError::QueueAddress {
+                    index: index as u16,
+                    ring: "used ring",
+                    addr: q.used_ring(),
+                    len: 4,
+                })?;
+            let used = u16::from_le(used);
+            if used != *base && in_flight.is_none() {
+                in_flight = Some((index as u16, *base, used));
+            }
+            q.set_next_avail(*base);
+            q.set_next_used(used);
+        }
+        // The snapshot is taken from the stopped rings; the VM goes on
+        // from the same place when it resumes.
+        self.start_vrings(&a.mem, &a.queues, a.acked_features, &a.interrupt)?;
+        match in_flight {
+            Some((index, available, used)) => Err(FsError::InFlight {
+                tag: self.tag.clone(),
+                index,
+                available,
+                used,
+            }),
+            None => Ok(()),
+        }
+    }
+
     fn try_activate(&mut self, ctx: &ActivateContext) -> Result<(), FsError> {
         if self.queue_evts.len() != NUM_QUEUES {
             return Err(FsError::QueueEvents {
@@ -198,31 +304,7 @@ impl Fs {
                 need: NUM_QUEUES,
             });
         }
-        // Guest input first: nothing reaches virtiofsd unless every queue
-        // lies inside guest memory.
-        let mut vrings = Vec::with_capacity(NUM_QUEUES);
-        for index in 0..NUM_QUEUES as u16 {
-            let q = ctx
-                .queues
-                .get(usize::from(index))
-                .ok_or(FsError::QueueNotReady(index))?;
-            vrings.push(vring_setup(&ctx.mem, q, index)?);
-        }
-        super::backend::memory_table(&ctx.mem)?;
-        let mut conn = match self.conn.take() {
-            Some(c) => c,
-            None if self.may_connect => self.open_connection()?,
-            None => return Err(FsError::ConnectionLost(self.socket_path.clone())),
-        };
-        let r = conn.start(
-            &ctx.mem,
-            ctx.acked_features,
-            &vrings,
-            ctx.interrupt.eventfd(),
-            &self.queue_evts,
-        );
-        self.conn = Some(conn);
-        r
+        self.start_vrings(&ctx.mem, &ctx.queues, ctx.acked_features, &ctx.interrupt)
     }
 }
 
@@ -306,6 +388,9 @@ impl VirtioDevice for Fs {
                 ctx.interrupt.set_vring_always(true);
                 self.active = Some(Active {
                     interrupt: ctx.interrupt,
+                    mem: ctx.mem,
+                    queues: ctx.queues,
+                    acked_features: ctx.acked_features,
                 });
                 self.metrics.activations.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(device = "fs", tag = %self.tag, "vrings handed to virtiofsd");
@@ -367,5 +452,48 @@ impl VirtioDevice for Fs {
 
     fn set_queue_evts(&mut self, evts: Vec<EventFd>) {
         self.queue_evts = evts;
+    }
+
+    fn save_state(&mut self) -> Result<DeviceSnap, VirtioError> {
+        match self.stop_for_snapshot() {
+            Ok(()) => Ok(DeviceSnap::of_queues(
+                self.active.as_ref().map(|a| &a.queues),
+            )),
+            Err(e) => {
+                tracing::warn!(device = "fs", tag = %self.tag, error = %chain(&e), "virtio-fs not saved");
+                Err(DeviceStateError::Backend(chain(&e)).into())
+            }
+        }
+    }
+
+    /// Holds the saved queues; virtiofsd gets them when the VM first
+    /// runs, so nothing it does reaches the guest before then.
+    fn restore_state(
+        &mut self,
+        snap: &DeviceSnap,
+        ctx: Option<ActivateContext>,
+    ) -> Result<(), VirtioError> {
+        self.restored = restored_context(snap, ctx)?.map(|ctx| Active {
+            interrupt: ctx.interrupt,
+            mem: ctx.mem,
+            queues: ctx.queues,
+            acked_features: ctx.acked_features,
+        });
+        Ok(())
+    }
+
+    fn wake_after_restore(&mut self) -> Result<(), VirtioError> {
+        let Some(r) = self.restored.take() else {
+            return Ok(());
+        };
+        self.start_vrings(&r.mem, &r.queues, r.acked_features, &r.interrupt)
+            .map_err(|e| {
+                tracing::error!(device = "fs", tag = %self.tag, error = %chain(&e), "restored virtio-fs not started");
+                VirtioError::from(DeviceStateError::Backend(chain(&e)))
+            })?;
+        r.interrupt.set_vring_always(true);
+        tracing::info!(device = "fs", tag = %self.tag, "restored vrings handed to virtiofsd");
+        self.active = Some(r);
+        Ok(())
     }
 }

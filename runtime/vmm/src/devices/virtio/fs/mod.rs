@@ -95,7 +95,7 @@ pub enum FsError {
         got: u64,
         need: usize,
     },
-    #[error("Guest memory region at {addr:#x} is not file-backed; vhost-user needs memfd-backed guest memory")]
+    #[error("Guest memory region at {addr:#x} is not a shared file mapping; vhost-user needs memfd-backed guest memory")]
     MemoryNotShared { addr: u64 },
     #[error("Guest memory has {0} regions, vhost-user takes at most {max}", max = vhost::vhost_user::message::MAX_ATTACHED_FD_ENTRIES)]
     TooManyRegions(usize),
@@ -112,6 +112,16 @@ pub enum FsError {
     },
     #[error("The transport's {got} queue eventfds were not handed to the device (needs {need})")]
     QueueEvents { got: usize, need: usize },
+    #[error(
+        "virtio-fs {tag}: queue {index} has requests in flight (virtiofsd took up to {available}, \
+         answered up to {used}); retry when the share is idle"
+    )]
+    InFlight {
+        tag: String,
+        index: u16,
+        available: u16,
+        used: u16,
+    },
     #[error("Failed to watch the virtiofsd connection")]
     Watch(#[source] std::io::Error),
 }

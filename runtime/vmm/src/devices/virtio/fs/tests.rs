@@ -294,7 +294,7 @@ fn anonymous_guest_memory_is_refused() {
     let mut r = rig();
     let anon = guest_memory();
     let msg = activate_err(&mut r.fs, ctx(&anon, &r.irq, F_VERSION_1));
-    assert!(msg.contains("not file-backed"), "{msg}");
+    assert!(msg.contains("not a shared file mapping"), "{msg}");
 }
 
 #[test]
@@ -537,6 +537,118 @@ fn idle_backend_fd_is_quiet() {
     // Nothing to report while virtiofsd is alive.
     r.fs.process_backend();
     assert!(r.fs.is_activated() && !r.irq.needs_reset());
+    drop(r.fs);
+    fake.join();
+}
+
+/// virtiofsd that has read `base` requests from queue 1 (GET_VRING_BASE).
+fn virtiofsd_at(base: u32) -> impl FnMut(u32, &[u8]) -> Action {
+    let mut like = virtiofsd_like(BACKEND_FEATURES, PROTO_VIRTIOFSD, 2);
+    move |req, body| match req {
+        GET_VRING_BASE => {
+            let index = u32::from_le_bytes(body[0..4].try_into().unwrap());
+            let num = if index == 1 { base } else { 0 };
+            Action::Reply([index.to_le_bytes(), num.to_le_bytes()].concat())
+        }
+        _ => like(req, body),
+    }
+}
+
+/// The `num` of the `nth` SET_VRING_BASE for queue `index`.
+fn vring_base_set(fake: &Fake, index: u32, nth: usize) -> u32 {
+    let bodies: Vec<Vec<u8>> = (0..)
+        .map_while(|i| {
+            fake.log
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(r, _)| *r == SET_VRING_BASE)
+                .nth(i)
+                .map(|(_, b)| b.clone())
+        })
+        .filter(|b| u32::from_le_bytes(b[0..4].try_into().unwrap()) == index)
+        .collect();
+    u32::from_le_bytes(bodies[nth][4..8].try_into().unwrap())
+}
+
+#[test]
+fn a_snapshot_saves_where_virtiofsd_stopped_and_a_restore_starts_there() {
+    use vm_memory::Bytes;
+    let mut r = rig();
+    let mut fake = fake_backend(&r.sock, virtiofsd_at(3));
+    let acked = F_VERSION_1 | F_EVENT_IDX;
+    let c = ctx(&r.mem, &r.irq, acked);
+    let used1 = GuestAddress(c.queues[1].used_ring() + 2);
+    r.fs.activate(c).unwrap();
+    let started = fake.requests().len();
+
+    // virtiofsd took three requests from queue 1 and answered them all.
+    r.mem.write_obj(3u16.to_le(), used1).unwrap();
+    let snap = r.fs.save_state().unwrap();
+    assert!(snap.activated);
+    assert_eq!(
+        (snap.queues[1].next_avail, snap.queues[1].next_used),
+        (3, 3)
+    );
+    assert_eq!(
+        (snap.queues[0].next_avail, snap.queues[0].next_used),
+        (0, 0)
+    );
+    // Stopped without a device reset, and started again from there.
+    let after = fake.requests()[started..].to_vec();
+    assert_eq!(
+        after[..4],
+        [
+            SET_VRING_ENABLE,
+            GET_VRING_BASE,
+            SET_VRING_ENABLE,
+            GET_VRING_BASE
+        ]
+    );
+    assert!(!after.contains(&RESET_DEVICE), "{after:?}");
+    assert_eq!(after[4], SET_FEATURES);
+    assert_eq!(vring_base_set(&fake, 1, 1), 3, "restarted where it stopped");
+    assert!(r.fs.is_activated());
+
+    // Only two answered: one request is in flight, which cannot be saved.
+    r.mem.write_obj(2u16.to_le(), used1).unwrap();
+    let err = r.fs.save_state().unwrap_err().to_string();
+    assert!(
+        err.contains(
+            "virtio-fs share0: queue 1 has requests in flight (virtiofsd took up to 3, \
+             answered up to 2); retry when the share is idle"
+        ),
+        "{err}"
+    );
+    assert!(r.fs.is_activated(), "still running after the refusal");
+
+    // A device restored from the snapshot, on its own virtiofsd.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("fs2.sock");
+    let mut fake2 = fake_backend(&sock, virtiofsd_at(3));
+    let mut b = Fs::new("share0", &sock)
+        .unwrap()
+        .with_connect_timeout(Duration::from_millis(300));
+    b.set_queue_evts(vec![
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+    ]);
+    let irq = test_interrupt();
+    b.restore_state(&snap, Some(ctx(&r.mem, &irq, acked)))
+        .unwrap();
+    assert!(!b.is_activated(), "not before the guest runs");
+    assert!(fake2.requests().is_empty(), "virtiofsd not contacted yet");
+    b.wake_after_restore().unwrap();
+    assert!(b.is_activated() && b.is_connected());
+    assert!(fake2.requests().contains(&SET_VRING_ENABLE));
+    assert_eq!(
+        vring_base_set(&fake2, 1, 0),
+        3,
+        "started where it was saved"
+    );
+    assert_eq!(irq.status() & INT_VRING, INT_VRING);
+    drop(b);
+    fake2.join();
     drop(r.fs);
     fake.join();
 }

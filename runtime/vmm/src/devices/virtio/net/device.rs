@@ -460,7 +460,7 @@ impl VirtioDevice for Net {
         Ok(())
     }
 
-    fn save_state(&self) -> Result<DeviceSnap, VirtioError> {
+    fn save_state(&mut self) -> Result<DeviceSnap, VirtioError> {
         Ok(DeviceSnap::of_queues(
             self.active.as_ref().map(|a| [&a.rxq, &a.txq]),
         ))
