@@ -65,9 +65,10 @@ fn load(
     prog: &seccompiler::BpfProgram,
     syscalls: usize,
 ) -> Result<(), SeccompError> {
-    seccompiler::apply_filter(prog).map_err(|e| SeccompError::Load(name, e))?;
-    tracing::debug!(kind = name, syscalls, "seccomp filter loaded");
-    Ok(())
+    // Logged before, not after: once loaded, the filter may forbid the
+    // `write` the log line needs (the reaper's does).
+    tracing::debug!(kind = name, syscalls, "loading the seccomp filter");
+    seccompiler::apply_filter(prog).map_err(|e| SeccompError::Load(name, e))
 }
 
 /// Loads the filter of `kind` on the calling thread (and sets

@@ -93,7 +93,7 @@ pub async fn run(s: &Settings) -> ScenarioResult {
         "cold boot to agent ready {:.2}s; clone built in {} ms (memory copied: {} MiB of {} \
          MiB), restore op {} us, agent answering {:.2}s after restore; share {TAG:?} mounted on \
          the clone's virtiofsd and its own {FS_FILE} read back",
-        cold.as_secs_f64(),
+        cold.announced.as_secs_f64(),
         info.setup_us / 1000,
         template.saved.memory_data_bytes >> 20,
         template.saved.memory_bytes >> 20,

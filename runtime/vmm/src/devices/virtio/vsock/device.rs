@@ -8,7 +8,9 @@
 //! - Event queue: used once, by a VM restored from a snapshot: its first
 //!   buffer carries a TRANSPORT_RESET event when the VM first runs, so the
 //!   driver drops the connections the snapshot froze (their host ends did
-//!   not come along) and re-reads the CID. Otherwise buffers stay there.
+//!   not come along) and re-reads the CID. RX is held until the driver
+//!   has handled it (it re-posts the buffer), so no new host connection
+//!   is reset along with the old ones. Otherwise buffers stay there.
 //!
 //! A snapshot saves the three queues with their ring positions; the
 //! muxer's host connections cannot be saved, so a restored device starts
@@ -41,6 +43,15 @@ struct Active {
     /// The event queue, ready or not (the driver may leave it unset).
     evq: Queue,
     interrupt: Arc<Interrupt>,
+    /// A transport reset was sent and the driver has not handled it yet:
+    /// nothing goes to the guest meanwhile. A connection the host opens
+    /// then would otherwise reach the guest first and be reset with the
+    /// stale ones (the driver handles RX and events in any order). The
+    /// driver re-posts the event buffer once it has handled the event:
+    /// RX goes when the event queue's available index has moved past
+    /// this one, the index when the reset was sent (a notification alone
+    /// proves nothing: the restore kicks every queue once).
+    rx_held_until_avail_moves: Option<u16>,
 }
 
 impl Active {
@@ -60,7 +71,22 @@ impl Active {
             txq,
             evq,
             interrupt: ctx.interrupt,
+            rx_held_until_avail_moves: None,
         })
+    }
+
+    /// Whether a transport reset is held for and the driver has handled it
+    /// (re-posted an event buffer).
+    fn reset_handled(&self) -> Result<bool, VirtioError> {
+        let Some(at_reset) = self.rx_held_until_avail_moves else {
+            return Ok(false);
+        };
+        let now = self
+            .evq
+            .avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
+            .map_err(VirtioError::Queue)?
+            .0;
+        Ok(now != at_reset)
     }
 
     /// Puts a TRANSPORT_RESET event in the event queue's next buffer and
@@ -73,6 +99,11 @@ impl Active {
             return Ok(false);
         };
         let head = chain.head_index();
+        let avail = self
+            .evq
+            .avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
+            .map_err(VirtioError::Queue)?
+            .0;
         // The buffer is the driver's: any write-only descriptor that holds
         // the event will do; a chain without one is returned empty.
         let mut written = 0;
@@ -88,6 +119,7 @@ impl Active {
         self.evq
             .add_used(&self.mem, head, written)
             .map_err(VirtioError::Queue)?;
+        self.rx_held_until_avail_moves = (written == 4).then_some(avail);
         self.interrupt.notify_used(&mut self.evq, &self.mem)?;
         Ok(written == 4)
     }
@@ -95,6 +127,9 @@ impl Active {
 
 impl VsockQueues for Active {
     fn rx(&mut self, muxer: &mut Muxer, metrics: &VsockMetrics) -> Result<bool, VirtioError> {
+        if self.rx_held_until_avail_moves.is_some() {
+            return Ok(false);
+        }
         let used = fill_rx(muxer, metrics, &mut self.rxq, &self.mem).map_err(VirtioError::Queue)?;
         if used {
             self.interrupt.notify_used(&mut self.rxq, &self.mem)?;
@@ -227,7 +262,15 @@ impl VirtioDevice for Vsock {
     fn process_queue(&mut self, index: u16) -> Result<(), VirtioError> {
         match index {
             RXQ | TXQ => self.kick(),
-            EVQ => Ok(()),
+            // The driver re-posted an event buffer: a reset it was sent
+            // is handled, and what the host has for it may go.
+            EVQ => match self.active.as_mut() {
+                Some(a) if a.reset_handled()? => {
+                    a.rx_held_until_avail_moves = None;
+                    self.kick()
+                }
+                _ => Ok(()),
+            },
             _ => Err(VirtioError::BadQueueIndex(index)),
         }
     }

@@ -145,7 +145,7 @@ impl Muxer {
             conns: HashMap::new(),
             rxq: VecDeque::new(),
             raw_queued: 0,
-            next_local_port: LOCAL_PORT_BASE,
+            next_local_port: first_local_port(),
             max_connections: MAX_CONNECTIONS,
             preconnected: None,
             metrics,
@@ -667,6 +667,26 @@ impl Drop for Muxer {
         // Leave nothing behind in the sandbox directory.
         let _ = std::fs::remove_file(&self.uds_path);
     }
+}
+
+/// Where a muxer starts numbering its host-side ports: a random one of
+/// the 2^29 ports from [`LOCAL_PORT_BASE`], as kernels pick ephemeral
+/// ports. A VM restored from a snapshot can still hold the sockets of the
+/// template's host connections (the transport reset closes them, but they
+/// live until their owner closes them); a new connection from the same
+/// host port would reach such a socket and be reset.
+fn first_local_port() -> u32 {
+    let mut b = [0u8; 4];
+    // SAFETY: writes at most 4 bytes into `b`, a live local buffer.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), libc::GRND_NONBLOCK) };
+    // Without randomness (never, after boot) the plain base still works
+    // for VMs that were not restored.
+    let offset = if n == 4 {
+        u32::from_ne_bytes(b) >> 3
+    } else {
+        0
+    };
+    LOCAL_PORT_BASE + offset
 }
 
 #[cfg(test)]

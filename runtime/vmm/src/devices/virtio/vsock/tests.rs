@@ -990,6 +990,34 @@ fn a_restored_vsock_keeps_its_ring_positions_and_resets_the_guests_connections()
         "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET"
     );
     assert_ne!(irq_b.status() & INT_VRING, 0, "the driver is told");
+    // Until the driver has handled the reset, nothing goes to the guest:
+    // a host connection made now waits (it would be reset with the
+    // frozen ones otherwise).
+    let mut host =
+        std::os::unix::net::UnixStream::connect(dir_b.path().join("vsock.sock")).unwrap();
+    host.write_all(b"CONNECT 1024\n").unwrap();
+    let used_rx = rig.rxq.used_idx();
+    for _ in 0..50 {
+        b.process_backend();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    b.process_queue(RXQ).unwrap();
+    // A notification of the event queue without a new buffer (the restore
+    // kicks every queue once) does not count as the reset being handled.
+    b.process_queue(EVQ).unwrap();
+    assert_eq!(
+        rig.rxq.used_idx(),
+        used_rx,
+        "RX held while the reset is pending"
+    );
+    // The driver re-posts its event buffer: the REQUEST goes.
+    evq.publish(0);
+    b.process_queue(EVQ).unwrap();
+    assert_eq!(
+        rig.rxq.used_idx(),
+        used_rx.wrapping_add(1),
+        "the held REQUEST is delivered once the reset is handled"
+    );
     // The config space carries the new CID, which the driver re-reads.
     let mut cid = [0u8; 8];
     b.read_config(0, &mut cid);
