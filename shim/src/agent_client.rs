@@ -433,23 +433,11 @@ const ENTROPY_SEED_BYTES: usize = 64;
 /// pool.
 fn sandbox_entropy_seed(sandbox_id: &str) -> Result<Vec<u8>> {
     let mut seed = vec![0u8; ENTROPY_SEED_BYTES];
-    let mut filled = 0;
-    while filled < seed.len() {
-        // SAFETY: writes at most the remaining bytes of `seed`, a live
-        // local buffer.
-        let n =
-            unsafe { libc::getrandom(seed[filled..].as_mut_ptr().cast(), seed.len() - filled, 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(ShimError::Internal(format!(
-                "sandbox {sandbox_id}: no entropy for its guest: getrandom failed: {e}"
-            )));
-        }
-        filled += n as usize;
-    }
+    boxlite_protocol::random::fill(&mut seed).map_err(|e| {
+        ShimError::Internal(format!(
+            "sandbox {sandbox_id}: no entropy for its guest: getrandom failed: {e}"
+        ))
+    })?;
     Ok(seed)
 }
 

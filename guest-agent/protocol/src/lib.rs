@@ -21,6 +21,7 @@ pub mod ids;
 pub mod log_tail;
 pub mod mac;
 pub mod mountinfo;
+pub mod random;
 pub mod ready;
 pub mod stdio;
 

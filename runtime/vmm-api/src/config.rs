@@ -388,6 +388,19 @@ impl Default for VmConfig {
     }
 }
 
+impl DeviceConfig {
+    /// The device's kind, as `"kind"` names it in the config.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DeviceConfig::Rng(_) => "rng",
+            DeviceConfig::Vsock(_) => "vsock",
+            DeviceConfig::Fs(_) => "fs",
+            DeviceConfig::Block(_) => "block",
+            DeviceConfig::Net(_) => "net",
+        }
+    }
+}
+
 impl VmConfig {
     /// Guest memory size in bytes.
     pub fn memory_bytes(&self) -> u64 {

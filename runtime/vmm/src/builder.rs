@@ -336,13 +336,13 @@ pub fn run_vm(
     let mut backends: Vec<Subscriber> = Vec::new();
     let mut metrics = VmMetrics::default();
     for (i, d) in cfg.devices.iter().enumerate() {
-        let (name, dev): (&str, Arc<Mutex<dyn VirtioDevice>>) = match d {
+        let dev: Arc<Mutex<dyn VirtioDevice>> = match d {
             DeviceConfig::Rng(r) => {
                 let rng = Rng::new(r.source.as_deref())?;
                 metrics
                     .devices
                     .push((format!("rng{i}"), DeviceMetrics::Rng(rng.metrics.clone())));
-                ("rng", Arc::new(Mutex::new(rng)))
+                Arc::new(Mutex::new(rng))
             }
             DeviceConfig::Vsock(v) => {
                 let mut vsock = Vsock::new(v.guest_cid, &v.uds_path)?;
@@ -356,7 +356,7 @@ pub fn run_vm(
                 ));
                 let vsock = Arc::new(Mutex::new(vsock));
                 backends.push(Arc::new(Mutex::new(VsockEventHandler::new(vsock.clone()))));
-                ("vsock", vsock)
+                vsock
             }
             DeviceConfig::Fs(f) => {
                 let mut fs = Fs::new(&f.tag, &f.socket_path)?;
@@ -368,7 +368,7 @@ pub fn run_vm(
                     .push((format!("fs{i}"), DeviceMetrics::Fs(fs.metrics.clone())));
                 let fs = Arc::new(Mutex::new(fs));
                 backends.push(Arc::new(Mutex::new(FsEventHandler::new(fs.clone()))));
-                ("fs", fs)
+                fs
             }
             DeviceConfig::Block(b) => {
                 let blk = Block::new(&b.path, b.read_only, &b.id)?;
@@ -376,7 +376,7 @@ pub fn run_vm(
                     format!("block{i}"),
                     DeviceMetrics::Block(blk.metrics.clone()),
                 ));
-                ("block", Arc::new(Mutex::new(blk)))
+                Arc::new(Mutex::new(blk))
             }
             DeviceConfig::Net(n) => {
                 let tap = match (n.tap_fd, &n.tap_name) {
@@ -390,12 +390,12 @@ pub fn run_vm(
                     .push((format!("net{i}"), DeviceMetrics::Net(net.metrics.clone())));
                 let net = Arc::new(Mutex::new(net));
                 backends.push(Arc::new(Mutex::new(NetEventHandler::new(net.clone()))));
-                ("net", net)
+                net
             }
         };
         // A restored guest found its devices when it booted.
         let announce = body.is_none().then_some(&mut cmdline);
-        devices.attach_virtio(&vm, &mem, name, dev, announce)?;
+        devices.attach_virtio(&vm, &mem, d.kind(), dev, announce)?;
     }
     let mut balloon_handle = None;
     if let Some(b) = &cfg.balloon {

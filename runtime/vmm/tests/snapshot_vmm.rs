@@ -295,15 +295,7 @@ fn snapshots_are_refused_without_a_snapshot_dir_or_of_copy_on_write_ram() {
     // A first snapshot, of a counting guest.
     let dir_a = tempfile::tempdir().expect("tempdir");
     let snaps = snapshot_dir();
-    let cfg_a = VmConfig {
-        snapshot_dir: Some(snaps.path().to_path_buf()),
-        ..config(
-            dir_a.path(),
-            &COM1_COUNTER,
-            vec![DeviceConfig::Rng(RngConfig::default())],
-        )
-    };
-    let mut a = Vmm::start_with(dir_a.path(), &cfg_a);
+    let mut a = counting_vm(dir_a.path(), snaps.path());
     a.console(100);
     a.set(Request::Pause, VmState::Paused);
     a.snapshot("vm.state", "vm.mem").expect("snapshot");
@@ -313,14 +305,12 @@ fn snapshots_are_refused_without_a_snapshot_dir_or_of_copy_on_write_ram() {
     // cannot be saved again, and the refusal leaves nothing behind.
     let dir_b = tempfile::tempdir().expect("tempdir");
     let snaps_b = snapshot_dir();
-    let mut b = Vmm::start_with(
+    let mut b = restored_saving_into(
         dir_b.path(),
-        &VmConfig {
-            snapshot_dir: Some(snaps_b.path().to_path_buf()),
-            ..restore_config(dir_b.path(), snaps.path(), MemoryMode::Private)
-        },
+        snaps.path(),
+        MemoryMode::Private,
+        snaps_b.path(),
     );
-    b.restore(None).expect("restore");
     b.set(Request::Pause, VmState::Paused);
     let err = b.snapshot("vm.state", "vm.mem").expect_err("private RAM");
     assert!(
@@ -339,14 +329,7 @@ fn snapshots_are_refused_without_a_snapshot_dir_or_of_copy_on_write_ram() {
     // snapshot goes on from where the restored one was saved.
     let dir_c = tempfile::tempdir().expect("tempdir");
     let snaps_c = snapshot_dir();
-    let mut c = Vmm::start_with(
-        dir_c.path(),
-        &VmConfig {
-            snapshot_dir: Some(snaps_c.path().to_path_buf()),
-            ..restore_config(dir_c.path(), snaps.path(), MemoryMode::Copy)
-        },
-    );
-    c.restore(None).expect("restore");
+    let mut c = restored_saving_into(dir_c.path(), snaps.path(), MemoryMode::Copy, snaps_c.path());
     c.console(100);
     c.set(Request::Pause, VmState::Paused);
     let last = *c.console(1).last().expect("a byte");
@@ -363,6 +346,32 @@ fn snapshots_are_refused_without_a_snapshot_dir_or_of_copy_on_write_ram() {
     assert_eq!(out[0], last.wrapping_add(1));
     assert!(consecutive(&out));
     d.stop();
+}
+
+/// A jailed VMM in `dir` running [`COM1_COUNTER`] with an rng, saving its
+/// snapshots in `snaps`.
+fn counting_vm(dir: &Path, snaps: &Path) -> Vmm {
+    let cfg = VmConfig {
+        snapshot_dir: Some(snaps.to_path_buf()),
+        ..config(
+            dir,
+            &COM1_COUNTER,
+            vec![DeviceConfig::Rng(RngConfig::default())],
+        )
+    };
+    Vmm::start_with(dir, &cfg)
+}
+
+/// A jailed VMM in `dir` restored (`mode` memory) from the snapshot in
+/// `from`, running, with `into` as its own `snapshot_dir`.
+fn restored_saving_into(dir: &Path, from: &Path, mode: MemoryMode, into: &Path) -> Vmm {
+    let cfg = VmConfig {
+        snapshot_dir: Some(into.to_path_buf()),
+        ..restore_config(dir, from, mode)
+    };
+    let mut vmm = Vmm::start_with(dir, &cfg);
+    vmm.restore(None).expect("restore");
+    vmm
 }
 
 /// Whether each byte is the one before it plus one (mod 256).
@@ -399,15 +408,7 @@ fn refused(dir: &Path, cfg: &VmConfig) -> (Option<i32>, String) {
 fn two_vms_restored_from_one_snapshot_continue_the_saved_one() {
     let dir_a = tempfile::tempdir().expect("tempdir");
     let snaps = snapshot_dir();
-    let cfg_a = VmConfig {
-        snapshot_dir: Some(snaps.path().to_path_buf()),
-        ..config(
-            dir_a.path(),
-            &COM1_COUNTER,
-            vec![DeviceConfig::Rng(RngConfig::default())],
-        )
-    };
-    let mut a = Vmm::start_with(dir_a.path(), &cfg_a);
+    let mut a = counting_vm(dir_a.path(), snaps.path());
     a.console(300);
     a.set(Request::Pause, VmState::Paused);
     let printed = a.console(1);
@@ -509,15 +510,7 @@ fn two_vms_restored_from_one_snapshot_continue_the_saved_one() {
 fn a_corrupt_snapshot_or_another_vms_config_is_refused_at_start() {
     let dir_a = tempfile::tempdir().expect("tempdir");
     let snaps = snapshot_dir();
-    let cfg_a = VmConfig {
-        snapshot_dir: Some(snaps.path().to_path_buf()),
-        ..config(
-            dir_a.path(),
-            &COM1_COUNTER,
-            vec![DeviceConfig::Rng(RngConfig::default())],
-        )
-    };
-    let mut a = Vmm::start_with(dir_a.path(), &cfg_a);
+    let mut a = counting_vm(dir_a.path(), snaps.path());
     a.set(Request::Pause, VmState::Paused);
     a.snapshot("vm.state", "vm.mem").expect("snapshot");
     a.stop();

@@ -56,21 +56,7 @@ impl SnapshotId {
     /// A fresh random id (from the kernel's CSPRNG).
     pub fn random() -> std::io::Result<Self> {
         let mut id = [0u8; 16];
-        let mut filled = 0;
-        while filled < id.len() {
-            // SAFETY: writes at most the remaining bytes of `id`, a live
-            // local buffer.
-            let n =
-                unsafe { libc::getrandom(id[filled..].as_mut_ptr().cast(), id.len() - filled, 0) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            filled += n as usize;
-        }
+        boxlite_protocol::random::fill(&mut id)?;
         Ok(Self(id))
     }
 }

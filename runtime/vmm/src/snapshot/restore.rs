@@ -185,17 +185,7 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, RestoreError> {
 /// The config's virtio device kinds in slot order, as the body names them
 /// (the balloon takes the slot after the devices).
 fn config_device_kinds(cfg: &VmConfig) -> Vec<&'static str> {
-    let mut kinds: Vec<&'static str> = cfg
-        .devices
-        .iter()
-        .map(|d| match d {
-            DeviceConfig::Rng(_) => "rng",
-            DeviceConfig::Vsock(_) => "vsock",
-            DeviceConfig::Fs(_) => "fs",
-            DeviceConfig::Block(_) => "block",
-            DeviceConfig::Net(_) => "net",
-        })
-        .collect();
+    let mut kinds: Vec<&'static str> = cfg.devices.iter().map(DeviceConfig::kind).collect();
     if cfg.balloon.is_some() {
         kinds.push("balloon");
     }

@@ -186,10 +186,7 @@ struct Clone {
 /// 64 bytes from the test host's CSPRNG.
 fn random_seed() -> Vec<u8> {
     let mut seed = vec![0u8; 64];
-    use std::io::Read as _;
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut seed))
-        .expect("/dev/urandom");
+    boxlite_protocol::random::fill(&mut seed).expect("getrandom");
     seed
 }
 

@@ -677,14 +677,11 @@ impl Drop for Muxer {
 /// host port would reach such a socket and be reset.
 fn first_local_port() -> u32 {
     let mut b = [0u8; 4];
-    // SAFETY: writes at most 4 bytes into `b`, a live local buffer.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), libc::GRND_NONBLOCK) };
-    // Without randomness (never, after boot) the plain base still works
-    // for VMs that were not restored.
-    let offset = if n == 4 {
-        u32::from_ne_bytes(b) >> 3
-    } else {
-        0
+    // Without randomness (a getrandom error: never, in practice) the plain
+    // base still serves VMs that were not restored.
+    let offset = match boxlite_protocol::random::fill(&mut b) {
+        Ok(()) => u32::from_ne_bytes(b) >> 3,
+        Err(_) => 0,
     };
     LOCAL_PORT_BASE + offset
 }
