@@ -377,6 +377,12 @@ fn nested_snapshot_fs_clone_serves_its_own_share() {
     expect_pass("snapshot-fs");
 }
 
+#[test]
+#[ignore = "needs qemu-system-x86_64 and the test-host assets (cargo xtask testhost); run by scripts/test.sh"]
+fn nested_snapshot_net_clone_takes_the_pods_mac() {
+    expect_pass("snapshot-net");
+}
+
 /// Why this host cannot run the scenarios directly, if it cannot: the
 /// driver outside PID 1 needs root and a KVM that boots Linux (VMX/SVM,
 /// `/dev/kvm`, not `kvm_pvm`), as `hypervisor = "auto"` decides.

@@ -255,7 +255,7 @@ pub fn report_skip(test: &str, reason: &str) {
 /// Every scenario of the nested test host's driver, in the order it runs
 /// them by default (tests/src/bin/boxlite-nested-driver/, tests/nested_vmm.rs).
 pub const NESTED_SCENARIOS: &str =
-    "boot,health,smp,reboot,guest-connect,fs,blk,net,balloon,snapshot,snapshot-fs";
+    "boot,health,smp,reboot,guest-connect,fs,blk,net,balloon,snapshot,snapshot-fs,snapshot-net";
 
 /// What a guest without an agent prints on its console before it sleeps.
 pub const SILENT_GUEST_MARK: &str = "silent-guest-up";

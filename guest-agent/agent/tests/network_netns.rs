@@ -216,6 +216,41 @@ async fn configure(client: &AgentClient) -> Interface {
 
 #[tokio::test]
 #[ignore = "needs root (network namespaces and links)"]
+async fn a_link_found_by_its_current_mac_gets_the_new_one_first() {
+    // A VM restored from a template: its link has the template's MAC, the
+    // pod's is another.
+    const POD_MAC: &str = "02:00:00:00:00:0a";
+    let agent = Agent::start();
+    let (_, client) = agent.connect().await;
+    let mut req = iface("", POD_MAC, vec![addr("10.88.0.6", 16)], 0);
+    req.current_hw_addr = MAC.into();
+    let reply = client
+        .update_interface(ctx(), &req)
+        .await
+        .expect("UpdateInterface by the current MAC");
+    assert_eq!(
+        (reply.name.as_str(), reply.hw_addr.as_str()),
+        (LINK, POD_MAC)
+    );
+    let link = agent.ns.link();
+    assert_eq!(link["address"], POD_MAC, "{link}");
+    assert_eq!(link["operstate"], "UP", "{link}");
+    assert_eq!(agent.ns.addresses(), ["10.88.0.6/16"]);
+
+    // Again, as a retry would: the link already has the pod's MAC and is
+    // no longer found by the template's.
+    let (code, msg) = status(client.update_interface(ctx(), &req).await);
+    assert_eq!(code, Code::NOT_FOUND, "{msg}");
+    // By the pod's MAC it is.
+    let reply = client
+        .update_interface(ctx(), &iface("", POD_MAC, vec![addr("10.88.0.6", 16)], 0))
+        .await
+        .expect("by the new MAC");
+    assert_eq!(reply.hw_addr, POD_MAC);
+}
+
+#[tokio::test]
+#[ignore = "needs root (network namespaces and links)"]
 async fn update_interface_by_mac_sets_addresses_mtu_and_up_then_replaces_them() {
     let agent = Agent::start();
     let (_, client) = agent.connect().await;

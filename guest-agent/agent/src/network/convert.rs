@@ -83,6 +83,9 @@ impl fmt::Display for LinkSelector {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InterfaceConfig {
     pub link: LinkSelector,
+    /// The MAC the link is given before anything else (the request's
+    /// hw_addr when it found the link by `current_hw_addr`).
+    pub new_mac: Option<MacAddr>,
     pub addresses: Vec<Cidr>,
     /// None leaves the MTU as it is (the request's 0).
     pub mtu: Option<u32>,
@@ -93,7 +96,21 @@ impl InterfaceConfig {
         let Some(iface) = req.interface.as_ref() else {
             return Err(invalid(UPDATE_INTERFACE, "request", "interface is missing"));
         };
-        let link = link_selector(iface)?;
+        let mut link = link_selector(iface)?;
+        let new_mac = match req.current_hw_addr.as_str() {
+            "" => None,
+            current => {
+                let Some(new) = link.mac else {
+                    return Err(invalid(
+                        UPDATE_INTERFACE,
+                        format!("current_hw_addr {current:?}"),
+                        "it needs interface.hw_addr, the MAC to give the link",
+                    ));
+                };
+                link.mac = Some(parse_mac("current_hw_addr", current)?);
+                Some(new)
+            }
+        };
         let addresses = iface
             .addresses
             .iter()
@@ -107,6 +124,7 @@ impl InterfaceConfig {
         let mtu = mtu(iface.mtu, &addresses)?;
         Ok(InterfaceConfig {
             link,
+            new_mac,
             addresses,
             mtu,
         })
@@ -120,13 +138,7 @@ fn link_selector(iface: &agent::Interface) -> Result<LinkSelector, NetworkError>
     };
     let mac = match iface.hw_addr.as_str() {
         "" => None,
-        m => Some(m.parse::<MacAddr>().map_err(|_| {
-            invalid(
-                UPDATE_INTERFACE,
-                format!("hw_addr {:?}", m),
-                "not a MAC address like aa:bb:cc:dd:ee:ff",
-            )
-        })?),
+        m => Some(parse_mac("hw_addr", m)?),
     };
     if name.is_none() && mac.is_none() {
         return Err(invalid(
@@ -136,6 +148,16 @@ fn link_selector(iface: &agent::Interface) -> Result<LinkSelector, NetworkError>
         ));
     }
     Ok(LinkSelector { name, mac })
+}
+
+fn parse_mac(field: &str, mac: &str) -> Result<MacAddr, NetworkError> {
+    mac.parse::<MacAddr>().map_err(|_| {
+        invalid(
+            UPDATE_INTERFACE,
+            format!("{field} {mac:?}"),
+            "not a MAC address like aa:bb:cc:dd:ee:ff",
+        )
+    })
 }
 
 fn mtu(mtu: u32, addresses: &[Cidr]) -> Result<Option<u32>, NetworkError> {

@@ -89,6 +89,29 @@ fn interface_by_mac_with_both_families() {
 }
 
 #[test]
+fn a_current_mac_finds_the_link_and_hw_addr_becomes_its_new_one() {
+    let mut req = iface_req("", "02:00:00:00:00:0a", vec![], 0);
+    assert_eq!(InterfaceConfig::validate(&req).unwrap().new_mac, None);
+    req.current_hw_addr = "02:00:00:00:00:09".into();
+    let c = InterfaceConfig::validate(&req).unwrap();
+    assert_eq!(c.link.mac, "02:00:00:00:00:09".parse().ok(), "found by it");
+    assert_eq!(c.new_mac, "02:00:00:00:00:0a".parse().ok());
+
+    req.current_hw_addr = "nope".into();
+    assert_eq!(
+        invalid_text(InterfaceConfig::validate(&req).unwrap_err()),
+        "UpdateInterface: current_hw_addr \"nope\": not a MAC address like aa:bb:cc:dd:ee:ff"
+    );
+    let mut by_name = iface_req("eth0", "", vec![], 0);
+    by_name.current_hw_addr = "02:00:00:00:00:09".into();
+    assert_eq!(
+        invalid_text(InterfaceConfig::validate(&by_name).unwrap_err()),
+        "UpdateInterface: current_hw_addr \"02:00:00:00:00:09\": it needs interface.hw_addr, the \
+         MAC to give the link"
+    );
+}
+
+#[test]
 fn interface_refusals_name_the_object() {
     let cases = [
         (

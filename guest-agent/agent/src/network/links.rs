@@ -87,12 +87,38 @@ pub async fn update_interface(
             links: names(&all),
         });
     };
+    if let Some(mac) = cfg.new_mac.filter(|m| link.mac != Some(*m)) {
+        set_mac(nl, link, mac).await?;
+    }
     if let Some(mtu) = cfg.mtu {
         set_mtu(nl, link, mtu).await?;
     }
     replace_addresses(nl, link, &cfg.addresses).await?;
     set_up(nl, link).await?;
     read_back(nl, link.index, &cfg.addresses).await
+}
+
+/// Gives the link another MAC: down first (not every driver changes it
+/// live; `update_interface` brings the link up again after).
+async fn set_mac(nl: &Netlink, link: &Link, mac: MacAddr) -> Result<(), NetworkError> {
+    let down = LinkUnspec::new_with_index(link.index).down().build();
+    nl.handle
+        .link()
+        .change(down)
+        .execute()
+        .await
+        .map_err(|e| nl.failed(format!("set {} down", link.name), e))?;
+    let msg = LinkUnspec::new_with_index(link.index)
+        .address(mac.0.to_vec())
+        .build();
+    nl.handle
+        .link()
+        .change(msg)
+        .execute()
+        .await
+        .map_err(|e| nl.failed(format!("set MAC {mac} on {}", link.name), e))?;
+    tracing::info!(link = %link.name, old = ?link.mac, new = %mac, "link MAC changed");
+    Ok(())
 }
 
 async fn set_mtu(nl: &Netlink, link: &Link, mtu: u32) -> Result<(), NetworkError> {

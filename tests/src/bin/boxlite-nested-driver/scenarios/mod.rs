@@ -13,6 +13,7 @@ mod reboot;
 mod smp;
 mod snapshot;
 mod snapshot_fs;
+mod snapshot_net;
 
 use crate::settings::{Settings, ALL_SCENARIOS};
 use crate::verdict::{ScenarioResult, Verdict};
@@ -34,6 +35,7 @@ pub async fn run(name: &str, s: &Settings) -> ScenarioResult {
         "balloon" => balloon::run(s).await,
         "snapshot" => snapshot::run(s).await,
         "snapshot-fs" => snapshot_fs::run(s).await,
+        "snapshot-net" => snapshot_net::run(s).await,
         "boot-qemu" => boot_qemu::run(s).await,
         other => Ok(Verdict::Fail(format!(
             "unknown scenario {other:?} (known: {ALL_SCENARIOS})"
