@@ -1,11 +1,13 @@
 //! `net`: virtio-net over a tap in the test host; frames cross both ways.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use boxlite_protocol::agent::{Interface, IpAddress, UpdateInterfaceRequest};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+
+use tokio::net::TcpStream;
 
 use crate::host_net;
 use crate::settings::Settings;
@@ -21,6 +23,24 @@ pub const GUEST_MAC: &str = "02:42:0a:d5:00:02";
 /// A TCP port nothing in the guest listens on: the guest kernel answers
 /// the SYN with a RST.
 const CLOSED_PORT: u16 = 9;
+
+/// Connects from the test host to `target`, a closed port in `vm`'s
+/// guest, and expects the guest kernel's refusal (ARP and SYN went in,
+/// its answers and RST came out) within 20 s; returns how long it took.
+pub async fn expect_refused(vm: &Vm, target: SocketAddr) -> Result<Duration, Failure> {
+    let t = Instant::now();
+    let attempt = tokio::time::timeout(Duration::from_secs(20), TcpStream::connect(target)).await;
+    match attempt {
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(t.elapsed()),
+        Ok(Err(e)) => Err(vm.fail(format!("TCP connect to {target}: {e}, want refused"))),
+        Ok(Ok(_)) => Err(vm.fail(format!(
+            "TCP connect to {target} succeeded: something listens there, want refused"
+        ))),
+        Err(_) => Err(vm.fail(format!(
+            "TCP connect to {target} got no answer within 20s (no frames through the tap?)"
+        ))),
+    }
+}
 
 /// virtio-net over a tap: the agent gives the guest NIC (found by MAC) an
 /// address, and a TCP connection from the test host to a closed port in
@@ -72,27 +92,7 @@ pub async fn run(s: &Settings) -> ScenarioResult {
             ))
         })?;
     let target = std::net::SocketAddr::from((GUEST_IP, CLOSED_PORT));
-    let t = Instant::now();
-    let attempt = tokio::time::timeout(
-        Duration::from_secs(20),
-        tokio::net::TcpStream::connect(target),
-    )
-    .await;
-    match attempt {
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
-        Ok(Err(e)) => return Err(vm.fail(format!("TCP connect to {target}: {e}, want refused"))),
-        Ok(Ok(_)) => {
-            return Err(vm.fail(format!(
-                "TCP connect to {target} succeeded: something listens there, want refused"
-            )))
-        }
-        Err(_) => {
-            return Err(vm.fail(format!(
-                "TCP connect to {target} got no answer within 20s (no frames through the tap?)"
-            )))
-        }
-    }
-    let refused_after = t.elapsed();
+    let refused_after = expect_refused(&vm, target).await?;
     vm.expect_virtio_device(&conn, VIRTIO_ID_NET, "virtio-net")
         .await?;
     vm.destroy(&conn).await?;

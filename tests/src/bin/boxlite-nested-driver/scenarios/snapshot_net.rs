@@ -11,11 +11,11 @@
 //! the pod's MAC.
 
 use std::net::Ipv4Addr;
-use std::time::Duration;
 
 use boxlite_protocol::agent::{Interface, IpAddress, UpdateInterfaceRequest};
 use boxlite_vmm_api::config::MemoryMode;
 
+use super::net::expect_refused;
 use super::snapshot::{restore, Template};
 use crate::host_net::HostTap;
 use crate::settings::Settings;
@@ -94,26 +94,7 @@ pub async fn run(s: &Settings) -> ScenarioResult {
         )));
     }
     let target = std::net::SocketAddr::from((GUEST_IP, CLOSED_PORT));
-    let attempt = tokio::time::timeout(
-        Duration::from_secs(20),
-        tokio::net::TcpStream::connect(target),
-    )
-    .await;
-    match attempt {
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
-        Ok(Err(e)) => return Err(vm.fail(format!("TCP connect to {target}: {e}, want refused"))),
-        Ok(Ok(_)) => {
-            return Err(vm.fail(format!(
-                "TCP connect to {target} succeeded: something listens there, want refused"
-            )))
-        }
-        Err(_) => {
-            return Err(vm.fail(format!(
-                "TCP connect to {target} got no answer within 20s (no frames through the \
-                 restored NIC?)"
-            )))
-        }
-    }
+    expect_refused(&vm, target).await?;
     vm.kill();
     Ok(Verdict::Pass(format!(
         "the clone's NIC {} took the pod's MAC {POD_MAC} (the template's was {TEMPLATE_MAC}) \
