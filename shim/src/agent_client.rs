@@ -121,9 +121,11 @@ impl GuestAgent {
         &self,
         object: String,
         interface: Interface,
+        current_hw_addr: Option<String>,
     ) -> Result<Interface> {
         let req = UpdateInterfaceRequest {
             interface: Some(interface).into(),
+            current_hw_addr: current_hw_addr.unwrap_or_default(),
             ..Default::default()
         };
         let call = self.client().update_interface(deadline(self.call), &req);

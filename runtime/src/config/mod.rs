@@ -31,7 +31,8 @@ pub use host::{
     HostAccelProbe, ResolvedAccel, ResolvedBackend, ResolvedHypervisor,
 };
 pub use schema::{
-    Accel, Backend, Config, GuestConfig, HypervisorConfig, RuntimeConfig, TimeoutsConfig,
+    Accel, Backend, Config, GuestConfig, HypervisorConfig, RuntimeConfig, TemplatesConfig,
+    TimeoutsConfig,
 };
 pub use validate::{
     MAX_AGENT_CALL_SECS, MAX_AGENT_READY_SECS, MAX_KERNEL_CMDLINE_EXTRA_LEN, MAX_MEMORY_MIB,

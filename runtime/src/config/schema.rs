@@ -15,6 +15,7 @@ pub struct Config {
     pub guest: GuestConfig,
     pub timeouts: TimeoutsConfig,
     pub runtime: RuntimeConfig,
+    pub templates: TemplatesConfig,
 }
 
 /// `[hypervisor]`
@@ -178,6 +179,28 @@ impl TimeoutsConfig {
     }
     pub fn agent_call(&self) -> Duration {
         Duration::from_secs(self.agent_call_secs)
+    }
+}
+
+/// `[templates]`: pod VMs restored from a snapshot of an agent-ready VM
+/// instead of booted (builtin backend only; docs/templates.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TemplatesConfig {
+    /// Restore sandboxes of the builtin backend from templates, building
+    /// each on first use. Off: every sandbox cold-boots.
+    pub enabled: bool,
+    /// Where templates live: `<dir>/<key>/` per VM shape, with its
+    /// `<key>.lock` beside it. Absolute.
+    pub dir: PathBuf,
+}
+
+impl Default for TemplatesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            dir: "/var/lib/boxlite/templates".into(),
+        }
     }
 }
 

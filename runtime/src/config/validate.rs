@@ -52,6 +52,8 @@ impl Config {
             u64::from(u32::MAX - h.jail_id_base),
         )?;
 
+        absolute("templates.dir", &self.templates.dir)?;
+
         let g = &self.guest;
         absolute("guest.kernel", &g.kernel)?;
         absolute("guest.initramfs", &g.initramfs)?;

@@ -36,22 +36,28 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use boxlite_protocol::error_chain::chain;
 use boxlite_protocol::READY_VSOCK_PORT;
 use boxlite_vmm_api::config::{
-    BalloonConfig, DeviceConfig, FsConfig, JailUser, NetConfig, RngConfig, VmConfig, VsockConfig,
+    BalloonConfig, DeviceConfig, FsConfig, JailUser, MemoryMode, NetConfig, RestoreConfig,
+    RngConfig, VmConfig, VsockConfig,
 };
-use boxlite_vmm_api::control::{BalloonState, Reply, Request};
+use boxlite_vmm_api::control::{BalloonState, Reply, Request, VmState};
 
 use super::launcher::{Launch, Launcher, VmSetup};
 use super::process::{fs_socket_name, Role};
 use super::process_vm::ProcessVm;
+use super::template::{
+    build_template, template_nic_mac, FileId, Template, TemplateBuild, TemplateError,
+    TemplateInputs, TemplateStore, TEMPLATE_FORMAT,
+};
 use super::{HypervisorError, NetDevice, Share, VmSpec, VSOCK_SOCKET};
 use crate::config::ResolvedHypervisor;
-use crate::network::TapDevice;
+use crate::network::{MacAddr, TapDevice};
 
 /// The VM config file in the sandbox directory.
 pub const VM_CONFIG: &str = "vm.json";
@@ -88,12 +94,65 @@ pub type BuiltinHypervisor = ProcessVm<BuiltinLauncher>;
 #[derive(Debug)]
 pub struct BuiltinLauncher {
     bins: ResolvedHypervisor,
+    purpose: Purpose,
+    /// The template the VM running now was restored from (None: booted).
+    restored: Mutex<Option<Template>>,
+}
+
+/// What a VM of this backend is for.
+#[derive(Debug)]
+enum Purpose {
+    /// A sandbox's VM: restored from a template of the store when there
+    /// is one (or one can be built), else booted. `templates` becomes
+    /// None once a restore failed: the VM boots from then on.
+    Sandbox {
+        templates: Mutex<Option<TemplateStore>>,
+    },
+    /// A template's VM: booted, and saved into `snapshot_dir` by the
+    /// template build ([`super::template`]).
+    Template { snapshot_dir: PathBuf },
 }
 
 impl ProcessVm<BuiltinLauncher> {
+    /// A sandbox VM that always boots.
     pub fn new(spec: VmSpec, bins: ResolvedHypervisor) -> Result<Self, HypervisorError> {
+        Self::with_templates(spec, bins, None)
+    }
+
+    /// A sandbox VM restored from a template of `templates` when it can
+    /// be, booted otherwise.
+    pub fn with_templates(
+        spec: VmSpec,
+        bins: ResolvedHypervisor,
+        templates: Option<TemplateStore>,
+    ) -> Result<Self, HypervisorError> {
+        let purpose = Purpose::Sandbox {
+            templates: Mutex::new(templates),
+        };
+        Self::with_purpose(spec, bins, purpose)
+    }
+
+    /// A template's VM: it may be saved into `snapshot_dir`.
+    pub(super) fn for_template(
+        spec: VmSpec,
+        bins: ResolvedHypervisor,
+        snapshot_dir: PathBuf,
+    ) -> Result<Self, HypervisorError> {
+        Self::with_purpose(spec, bins, Purpose::Template { snapshot_dir })
+    }
+
+    fn with_purpose(
+        spec: VmSpec,
+        bins: ResolvedHypervisor,
+        purpose: Purpose,
+    ) -> Result<Self, HypervisorError> {
         let virtiofsd = bins.virtiofsd_binary.clone();
-        ProcessVm::with_launcher(spec, &virtiofsd, BuiltinLauncher { bins })
+        let launcher = BuiltinLauncher {
+            bins,
+            purpose,
+            restored: Mutex::new(None),
+        };
+        ProcessVm::with_launcher(spec, &virtiofsd, launcher)
     }
 
     /// Sends one control request and returns the reply (blocking, with a
@@ -101,14 +160,46 @@ impl ProcessVm<BuiltinLauncher> {
     pub fn control_request(&self, request: Request) -> std::io::Result<Reply> {
         control_request(&self.setup.path(CONTROL_SOCKET), request)
     }
+
+    /// One control request, waiting at most `timeout` for the reply (off
+    /// the async runtime's threads).
+    pub async fn control_within(
+        &self,
+        request: Request,
+        timeout: Duration,
+    ) -> std::io::Result<Reply> {
+        let socket = self.setup.path(CONTROL_SOCKET);
+        tokio::task::spawn_blocking(move || control_request_within(&socket, request, timeout))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+}
+
+/// How boxlite-vmm starts the VM.
+#[derive(Debug, Clone, Copy)]
+pub enum VmmStart<'a> {
+    /// Boots the kernel.
+    Boot,
+    /// Boots the kernel; the `snapshot` op may save the VM into this
+    /// directory (a template's VM).
+    BootToSave { snapshot_dir: &'a Path },
+    /// Rebuilds the VM from a template's snapshot, paused until the
+    /// `restore` op.
+    Restore(&'a Template),
 }
 
 /// The VMM's config (see `docs/vmm.md`). `user` is the sandbox's jail
 /// uid ([`Launch::lease_jail_user`]); `nets` pairs each device with the
 /// raw fd the VMM inherits for it (None for named taps); `console` is the
 /// inherited fd of the console pipe.
+///
+/// A restored VM's devices are the same kinds in the same order as its
+/// template's (the template's key holds the share tags and NIC count); its
+/// NICs keep the template's MACs, the ones its guest driver read at probe,
+/// until the shim gives each the pod's.
 pub fn vm_config(
     vm: &VmSetup,
+    start: VmmStart<'_>,
     user: JailUser,
     shares: &[Share],
     nets: &[(Option<RawFd>, &NetDevice)],
@@ -130,22 +221,20 @@ pub fn vm_config(
             socket_path: vm.path(&fs_socket_name(&share.tag)),
         }));
     }
-    for (fd, net) in nets {
-        let mac = Some(net.mac.to_string());
+    for (i, (fd, net)) in nets.iter().enumerate() {
+        let mac = match start {
+            VmmStart::Restore(_) => template_nic_mac(i),
+            _ => net.mac,
+        };
+        let mac = Some(mac.to_string());
         devices.push(DeviceConfig::Net(match (&net.tap, fd) {
             (TapDevice::Name(name), _) => NetConfig::with_tap_name(name.clone(), mac),
             (TapDevice::Fd(_), Some(fd)) => NetConfig::with_tap_fd(*fd, mac),
             (TapDevice::Fd(f), None) => NetConfig::with_tap_fd(f.as_raw_fd(), mac),
         }));
     }
-    let vcpus = u8::try_from(vm.spec.vcpus).map_err(|_| HypervisorError::VmmConfigRange {
-        id: vm.spec.id.clone(),
-        key: "guest.vcpus",
-        value: vm.spec.vcpus.into(),
-        max: u8::MAX.into(),
-    })?;
-    Ok(VmConfig {
-        vcpus,
+    let mut cfg = VmConfig {
+        vcpus: vm_vcpus(vm)?,
         memory_mib: vm.spec.memory_mib,
         kernel: Some(vm.spec.kernel.clone()),
         initramfs: Some(vm.spec.initramfs.clone()),
@@ -157,6 +246,34 @@ pub fn vm_config(
         devices,
         balloon: Some(balloon(vm.spec.free_page_reporting, vm.spec.balloon_mib)),
         ..VmConfig::default()
+    };
+    match start {
+        VmmStart::Boot => {}
+        VmmStart::BootToSave { snapshot_dir } => cfg.snapshot_dir = Some(snapshot_dir.to_owned()),
+        VmmStart::Restore(template) => {
+            // The kernel ran already: what it was booted with is in the
+            // snapshot (and in the template's key).
+            (cfg.kernel, cfg.initramfs, cfg.cmdline) = (None, None, String::new());
+            cfg.restore = Some(RestoreConfig {
+                state: template.state_file(),
+                memory: template.memory_file(),
+                // The VM has virtio-fs: virtiofsd maps guest memory by fd,
+                // so RAM must be the VM's own memfd, not a private mapping
+                // of the template's file (docs/templates.md).
+                memory_mode: MemoryMode::Copy,
+            });
+        }
+    }
+    Ok(cfg)
+}
+
+/// The VM's vCPU count as the VMM's config holds it.
+fn vm_vcpus(vm: &VmSetup) -> Result<u8, HypervisorError> {
+    u8::try_from(vm.spec.vcpus).map_err(|_| HypervisorError::VmmConfigRange {
+        id: vm.spec.id.clone(),
+        key: "guest.vcpus",
+        value: vm.spec.vcpus.into(),
+        max: u8::MAX.into(),
     })
 }
 
@@ -164,12 +281,13 @@ pub fn vm_config(
 /// path (what `boxlite-vmm --config` is given).
 pub fn write_vm_config(
     vm: &VmSetup,
+    start: VmmStart<'_>,
     user: JailUser,
     shares: &[Share],
     nets: &[(Option<RawFd>, &NetDevice)],
     console: RawFd,
 ) -> Result<PathBuf, HypervisorError> {
-    let cfg = vm_config(vm, user, shares, nets, console)?;
+    let cfg = vm_config(vm, start, user, shares, nets, console)?;
     let path = vm.path(VM_CONFIG);
     std::fs::write(&path, cfg.to_json_pretty()).map_err(|error| HypervisorError::Io {
         id: vm.spec.id.clone(),
@@ -184,8 +302,18 @@ pub fn write_vm_config(
 /// (2 s timeout each way). A reply that is not a [`Reply`] is an error
 /// naming the socket.
 pub fn control_request(socket: &Path, request: Request) -> std::io::Result<Reply> {
+    control_request_within(socket, request, Duration::from_secs(2))
+}
+
+/// [`control_request`] with a reply timeout of `timeout` (the `snapshot`
+/// op writes the VM's memory before it answers).
+pub fn control_request_within(
+    socket: &Path,
+    request: Request,
+    timeout: Duration,
+) -> std::io::Result<Reply> {
     let mut s = UnixStream::connect(socket)?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(Duration::from_secs(2)))?;
     s.write_all(request.to_line().as_bytes())?;
     let mut line = String::new();
@@ -219,17 +347,123 @@ impl Launcher for BuiltinLauncher {
     /// taps.
     async fn spawn(&self, vm: &VmSetup, launch: &mut Launch<'_>) -> Result<(), HypervisorError> {
         let user = launch.lease_jail_user(vm)?;
+        if let Purpose::Template { snapshot_dir } = &self.purpose {
+            // The jailed VMM writes the snapshot as its own uid.
+            std::os::unix::fs::chown(snapshot_dir, Some(user.uid), Some(user.gid)).map_err(
+                |error| HypervisorError::Io {
+                    id: vm.spec.id.clone(),
+                    op: "cannot give the jail uid the template directory",
+                    path: snapshot_dir.clone(),
+                    error,
+                },
+            )?;
+        }
+        let devices = TemplateDevices {
+            share_tags: launch.shares.iter().map(|s| s.tag.clone()).collect(),
+            nics: launch.nets.len(),
+        };
+        let template = self.template_for(vm, devices).await;
         launch.spawn_virtiofsd(vm)?;
         launch.wait_for_helper_sockets(vm).await?;
 
+        let start = match (&self.purpose, &template) {
+            (Purpose::Template { snapshot_dir }, _) => VmmStart::BootToSave { snapshot_dir },
+            (_, Some(t)) => VmmStart::Restore(t),
+            (_, None) => VmmStart::Boot,
+        };
         let fds = launch.tap_fds();
         let nets: Vec<(Option<RawFd>, &NetDevice)> =
             fds.iter().copied().zip(launch.nets.iter()).collect();
-        let cfg_path = write_vm_config(vm, user, launch.shares, &nets, launch.console)?;
+        let cfg_path = write_vm_config(vm, start, user, launch.shares, &nets, launch.console)?;
         let args: Vec<OsString> = vec!["--config".into(), cfg_path.into_os_string()];
-        tracing::info!(sandbox_id = %vm.spec.id, uid = user.uid, binary = %self.bins.vmm_binary.display(), "starting boxlite-vmm");
+        tracing::info!(
+            sandbox_id = %vm.spec.id,
+            uid = user.uid,
+            binary = %self.bins.vmm_binary.display(),
+            template = template.as_ref().map_or("none", |t| t.key.as_str()),
+            "starting boxlite-vmm"
+        );
         let inherit = launch.vmm_fds();
+        *self.restored.lock().expect("restored lock") = template;
         launch.spawn(vm, Role::Vmm, &self.bins.vmm_binary, args, None, inherit)
+    }
+
+    fn restored(&self) -> bool {
+        self.restored.lock().expect("restored lock").is_some()
+    }
+
+    /// `Ok(false)` until the VMM serves its control socket (it does once
+    /// the VM is rebuilt, its memory copied); then the `restore` op, which
+    /// names the template's snapshot id: the VMM refuses any other.
+    async fn run_restored(&self, vm: &VmSetup) -> Result<bool, HypervisorError> {
+        let Some(template) = self.restored.lock().expect("restored lock").clone() else {
+            return Err(HypervisorError::InvalidState {
+                id: vm.spec.id.clone(),
+                op: "run a restored VM",
+                state: "booted, not restored",
+            });
+        };
+        let failed = |reason: String| HypervisorError::Restore {
+            id: vm.spec.id.clone(),
+            template: template.key.clone(),
+            reason,
+        };
+        let socket = vm.path(CONTROL_SOCKET);
+        let request = Request::Restore {
+            snapshot_id: Some(template.record.snapshot_id.clone()),
+        };
+        let reply = tokio::task::spawn_blocking(move || control_request(&socket, request))
+            .await
+            .map_err(|e| failed(format!("was not run: the control task failed: {e}")))?;
+        match reply {
+            Ok(Reply::Restored {
+                state: VmState::Running,
+                restore,
+            }) => {
+                tracing::info!(sandbox_id = %vm.spec.id, template = %template.key, setup_us = restore.setup_us, took_us = restore.took_us, "VM restored from its template");
+                Ok(true)
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                Ok(false)
+            }
+            Ok(Reply::Error { error }) => {
+                Err(failed(format!("was refused by boxlite-vmm: {error}")))
+            }
+            Ok(other) => Err(failed(format!(
+                "was not run: the restore op answered {other:?}"
+            ))),
+            Err(e) => Err(failed(format!("was not run: control socket: {e}"))),
+        }
+    }
+
+    /// Forgets the template (and discards it: a template that restores a
+    /// VM that does not come up would fail the next sandbox too; the next
+    /// one rebuilds it) and restores no more: the next spawn boots.
+    fn restore_failed(&self, vm: &VmSetup, error: &HypervisorError) {
+        let template = self.restored.lock().expect("restored lock").take();
+        let store = match &self.purpose {
+            Purpose::Sandbox { templates } => templates.lock().expect("templates lock").take(),
+            Purpose::Template { .. } => None,
+        };
+        if let (Some(t), Some(store)) = (template, store) {
+            let why = format!(
+                "sandbox {}: {}",
+                vm.spec.id,
+                boxlite_protocol::error_chain::chain(error)
+            );
+            store.discard(&t.key, &why);
+        }
+    }
+
+    fn restored_nic_macs(&self) -> Option<Vec<MacAddr>> {
+        let restored = self.restored.lock().expect("restored lock");
+        let t = restored.as_ref()?;
+        Some((0..t.record.inputs.nics).map(template_nic_mac).collect())
     }
 
     /// The VMM's control socket: it stops its vCPUs and exits (code 0).
@@ -273,6 +507,81 @@ impl Launcher for BuiltinLauncher {
         }
         Some(CONTROL_SHUTDOWN_GRACE)
     }
+}
+
+impl BuiltinLauncher {
+    /// The template a sandbox VM is restored from: the store's for the
+    /// VM's inputs, built now if there is none. None (the VM boots) when
+    /// templates are off, after a failed restore, and when the template
+    /// cannot be had (logged: another shim building it, a failed build).
+    async fn template_for(&self, vm: &VmSetup, devices: TemplateDevices) -> Option<Template> {
+        let Purpose::Sandbox { templates } = &self.purpose else {
+            return None;
+        };
+        let store = templates.lock().expect("templates lock").clone()?;
+        let inputs = match self.template_inputs(vm, devices) {
+            Ok(inputs) => inputs,
+            Err(e) => {
+                tracing::warn!(sandbox_id = %vm.spec.id, error = %boxlite_protocol::error_chain::chain(&e), "no VM template: booting");
+                return None;
+            }
+        };
+        if let Some(t) = store.find(&inputs) {
+            return Some(t);
+        }
+        let build = TemplateBuild {
+            store: &store,
+            inputs: &inputs,
+            pod: &vm.spec,
+            bins: &self.bins,
+        };
+        match build_template(build).await {
+            Ok(t) => Some(t),
+            Err(e @ TemplateError::Busy { .. }) => {
+                tracing::info!(sandbox_id = %vm.spec.id, "{e}; booting meanwhile");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(sandbox_id = %vm.spec.id, error = %boxlite_protocol::error_chain::chain(&e), "cannot build the VM template; booting");
+                None
+            }
+        }
+    }
+
+    /// What a template for this VM depends on.
+    fn template_inputs(
+        &self,
+        vm: &VmSetup,
+        devices: TemplateDevices,
+    ) -> Result<TemplateInputs, HypervisorError> {
+        let file = |path: &Path| {
+            FileId::of(path).map_err(|error| HypervisorError::Io {
+                id: vm.spec.id.clone(),
+                op: "cannot read the metadata of",
+                path: path.to_owned(),
+                error,
+            })
+        };
+        Ok(TemplateInputs {
+            format: TEMPLATE_FORMAT,
+            vmm: file(&self.bins.vmm_binary)?,
+            kernel: file(&vm.spec.kernel)?,
+            initramfs: file(&vm.spec.initramfs)?,
+            cmdline: vm.spec.cmdline_extra.join(" "),
+            vcpus: vm_vcpus(vm)?,
+            memory_mib: vm.spec.memory_mib,
+            balloon: balloon(vm.spec.free_page_reporting, vm.spec.balloon_mib),
+            share_tags: devices.share_tags,
+            nics: devices.nics,
+        })
+    }
+}
+
+/// The devices of a VM that a template must have too (the rest of the
+/// device set is the same for every sandbox VM).
+struct TemplateDevices {
+    share_tags: Vec<String>,
+    nics: usize,
 }
 
 #[cfg(test)]

@@ -170,6 +170,14 @@ pub enum HypervisorError {
     /// its target in time.
     #[error("sandbox {id}: the VM's balloon: {reason}")]
     Balloon { id: String, reason: String },
+    /// A VM restored from a template did not come up; the backend boots
+    /// it instead, so this reaches the log, not the user.
+    #[error("sandbox {id}: the VM restored from template {template} {reason}")]
+    Restore {
+        id: String,
+        template: String,
+        reason: String,
+    },
     #[error("sandbox {id}: cannot signal {what} (pid {pid})")]
     Signal {
         id: String,

@@ -21,7 +21,7 @@ use super::process::{
 };
 use super::{HypervisorError, NetDevice, Share, VmSpec};
 use crate::cgroup::CgroupJoiner;
-use crate::network::TapDevice;
+use crate::network::{MacAddr, TapDevice};
 
 /// What is fixed for a VM once it is created: the [`VmSpec`] it was made
 /// from (where it lives, what it boots and how big it is) and the
@@ -199,6 +199,34 @@ pub trait Launcher: fmt::Debug + Send + Sync + 'static {
     /// backend's own way to end it, if it has one. Returns how long to
     /// wait for the VMM to exit after it (None: no such way, kill now).
     async fn last_resort_shutdown(&self, _vm: &VmSetup) -> Option<Duration> {
+        None
+    }
+
+    /// Whether the VM [`Launcher::spawn`] started last was restored from
+    /// a snapshot (it waits, paused, for [`Launcher::run_restored`])
+    /// rather than booted.
+    fn restored(&self) -> bool {
+        false
+    }
+
+    /// Runs the restored VM: `Ok(false)` while the VMM is not ready to be
+    /// asked yet, `Ok(true)` once the guest runs. Only when
+    /// [`Launcher::restored`].
+    async fn run_restored(&self, vm: &VmSetup) -> Result<bool, HypervisorError> {
+        Err(HypervisorError::InvalidState {
+            id: vm.spec.id.clone(),
+            op: "run a restored VM",
+            state: "booted, not restored",
+        })
+    }
+
+    /// The restored VM did not come up (`error`); from now on
+    /// [`Launcher::spawn`] boots.
+    fn restore_failed(&self, _vm: &VmSetup, _error: &HypervisorError) {}
+
+    /// For a restored VM, the MAC each of its NICs has in the guest (the
+    /// template's), in device order; None for a booted one.
+    fn restored_nic_macs(&self) -> Option<Vec<MacAddr>> {
         None
     }
 }

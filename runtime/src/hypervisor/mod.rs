@@ -30,6 +30,7 @@ pub mod qemu;
 pub mod ready;
 mod spec;
 mod stale;
+pub mod template;
 #[cfg(test)]
 mod test_rig;
 #[cfg(test)]
@@ -115,6 +116,14 @@ pub trait Hypervisor: Send + Sync {
     /// [`BALLOON_SETTLE_TIMEOUT`].
     async fn set_guest_memory(&self, mib: u32) -> Result<(), HypervisorError>;
 
+    /// For a VM restored from a template, the MAC each NIC has in the
+    /// guest now (the template's, in device order): the shim has the agent
+    /// give each the pod's (UpdateInterface's `current_hw_addr`). None for
+    /// a booted VM, whose NICs have the pod's MACs from the start.
+    fn restored_nic_macs(&self) -> Option<Vec<network::MacAddr>> {
+        None
+    }
+
     /// Pid of the VM process while it runs.
     fn pid(&self) -> Option<u32>;
 
@@ -149,7 +158,15 @@ pub fn new_hypervisor(
     );
     match resolved.backend {
         ResolvedBackend::Qemu => Ok(Box::new(qemu::QemuHypervisor::new(spec, resolved)?)),
-        ResolvedBackend::Builtin => Ok(Box::new(builtin::BuiltinHypervisor::new(spec, resolved)?)),
+        ResolvedBackend::Builtin => {
+            let templates = config
+                .templates
+                .enabled
+                .then(|| template::TemplateStore::new(config.templates.dir.clone()));
+            Ok(Box::new(builtin::BuiltinHypervisor::with_templates(
+                spec, resolved, templates,
+            )?))
+        }
     }
 }
 

@@ -47,6 +47,10 @@ const HELPER_EXIT_GRACE: Duration = Duration::from_millis(500);
 /// How long a helper's clean exit waits for the VMM's before the helper is
 /// reported as the process that ended the VM.
 const VMM_EXIT_GRACE: Duration = Duration::from_secs(2);
+/// The most a VM restored from a template gets to answer before it is
+/// booted instead: a restore takes well under a second even nested (the
+/// memory copy included); a boot takes seconds.
+const RESTORE_READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often [`Hypervisor::set_guest_memory`] reads the balloon while the
 /// guest moves pages in or out.
 const BALLOON_POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -377,6 +381,136 @@ impl<L: Launcher> ProcessVm<L> {
     }
 }
 
+impl<L: Launcher> ProcessVm<L> {
+    /// Creates the console pipe and the readiness listener, has the
+    /// launcher spawn the processes and records them; on failure tears
+    /// everything down. The sandbox directory and the cgroup exist.
+    async fn launch(&self, st: &mut State) -> Result<(), HypervisorError> {
+        let vm = &self.setup;
+        let console_path = self.console_log_path();
+        let console = match LogPipe::create(&console_path, vm.spec.log_max_bytes) {
+            Ok(c) => c,
+            Err(error) => {
+                self.teardown(st);
+                return Err(HypervisorError::Io {
+                    id: vm.spec.id.clone(),
+                    op: "cannot create the console log",
+                    path: console_path,
+                    error,
+                });
+            }
+        };
+        // Before the VM exists, so the guest always finds it.
+        match ReadyListener::bind_for_sandbox(&vm.spec.id, &self.vsock_socket_path()) {
+            Ok(ready) => st.ready = Some(ready),
+            Err(e) => {
+                self.teardown(st);
+                return Err(e);
+            }
+        }
+        let joiner = st
+            .cgroup
+            .as_ref()
+            .map(PodCgroup::joiner)
+            .unwrap_or_default();
+        // Disjoint borrows of the guarded state: the launcher reads the
+        // shares and taps while it fills the process list.
+        let mut launch = Launch {
+            shares: &st.shares,
+            nets: &st.nets,
+            console: console.writer().as_raw_fd(),
+            cgroup: joiner,
+            procs: &mut st.procs,
+            jail: &mut st.jail,
+        };
+        let spawned = self.launcher.spawn(vm, &mut launch).await;
+        // The VMM has its copy of the console pipe (or there is no VMM):
+        // ours closes here, so the pump ends when the VMM does.
+        st.console = Some(console.into_drain());
+        match spawned {
+            Ok(()) => {
+                let pid = st
+                    .procs
+                    .iter()
+                    .rfind(|p| p.role == L::VMM)
+                    .map_or(0, |p| p.pid);
+                self.pid.store(pid, Ordering::SeqCst);
+                // The VMM has its copies of the taps now. A restored VM
+                // may still have to be booted instead: ours stay until
+                // its guest runs.
+                if !self.launcher.restored() {
+                    st.nets.clear();
+                }
+                st.phase = Phase::Running;
+                // From here: a launcher may have built a template first.
+                st.started_at = Some(Instant::now());
+                tracing::info!(sandbox_id = %vm.spec.id, pid, restored = self.launcher.restored(), "VM started");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(sandbox_id = %vm.spec.id, error = %chain(&e), "VM start failed; cleaning up");
+                self.teardown(st);
+                Err(e)
+            }
+        }
+    }
+
+    /// A restored VM: runs it (once the VMM can be asked), then waits for
+    /// its agent, which needs no announcement (it made one before the
+    /// snapshot). Bounded by [`RESTORE_READY_TIMEOUT`] from `started_at`
+    /// (or the agent-ready timeout if shorter): a restore that takes
+    /// longer is not worth waiting for, the boot is.
+    async fn run_restored(&self, started_at: Instant) -> Result<AgentConnection, HypervisorError> {
+        let timeout = self
+            .setup
+            .spec
+            .agent_ready_timeout
+            .min(RESTORE_READY_TIMEOUT);
+        let deadline = started_at + timeout;
+        while !self.launcher.run_restored(&self.setup).await? {
+            self.check_alive().await?;
+            if Instant::now() >= deadline {
+                return Err(HypervisorError::Restore {
+                    id: self.id().to_owned(),
+                    template: "(its template)".into(),
+                    reason: format!(
+                        "did not serve its control socket within {}",
+                        crate::fmt_duration(timeout)
+                    ),
+                });
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+        let conn = wait_for_agent(self, None, deadline, timeout).await?;
+        tracing::info!(sandbox_id = %self.id(), elapsed_ms = started_at.elapsed().as_millis() as u64, "agent ready (restored VM)");
+        Ok(conn)
+    }
+
+    /// After a failed restore: kills what runs and launches again, now
+    /// booting (the launcher was told). The cgroup, the jail uid lease and
+    /// the taps stay. Returns the new start time and readiness listener.
+    async fn relaunch(&self) -> Result<(Instant, Option<ReadyListener>), HypervisorError> {
+        let mut st = self.state.lock().await;
+        if st.phase != Phase::Running {
+            // Killed or stopped meanwhile: nothing to boot.
+            return Err(HypervisorError::InvalidState {
+                id: self.id().to_owned(),
+                op: "boot the VM after a failed restore",
+                state: st.phase.name(),
+            });
+        }
+        let files = self.transient_files(&st.shares);
+        kill_and_reap(self.id(), &mut st.procs, &files);
+        self.pid.store(0, Ordering::SeqCst);
+        if let Some(console) = st.console.take() {
+            console.wait(LOG_DRAIN_TIMEOUT);
+        }
+        self.launch(&mut st).await?;
+        let started_at = st.started_at.expect("set by launch");
+        Ok((started_at, st.ready.take()))
+    }
+}
+
 /// A share's checks: a valid tag not used yet, an absolute directory.
 fn check_share(id: &str, existing: &[Share], share: &Share) -> Result<(), HypervisorError> {
     validate_share_tag(id, &share.tag)?;
@@ -450,64 +584,14 @@ impl<L: Launcher> Hypervisor for ProcessVm<L> {
         for file in self.transient_files(&st.shares) {
             let _ = std::fs::remove_file(file);
         }
-        let console_path = self.console_log_path();
-        let console = LogPipe::create(&console_path, vm.spec.log_max_bytes).map_err(|error| {
-            HypervisorError::Io {
-                id: vm.spec.id.clone(),
-                op: "cannot create the console log",
-                path: console_path.clone(),
-                error,
-            }
-        })?;
-        // Before the VM exists, so the guest always finds it.
-        let ready = ReadyListener::bind_for_sandbox(&vm.spec.id, &self.vsock_socket_path())?;
-        // Last before the spawn: nothing after it can fail without a
-        // teardown, which removes it again.
-        let cgroup = self.create_cgroup()?;
-        let joiner = cgroup.as_ref().map(PodCgroup::joiner).unwrap_or_default();
-        st.cgroup = cgroup;
-        st.ready = Some(ready);
-        let started_at = Instant::now();
-        // Disjoint borrows of the guarded state: the launcher reads the
-        // shares and taps while it fills the process list.
-        let st = &mut *st;
-        let mut launch = Launch {
-            shares: &st.shares,
-            nets: &st.nets,
-            console: console.writer().as_raw_fd(),
-            cgroup: joiner,
-            procs: &mut st.procs,
-            jail: &mut st.jail,
-        };
-        let spawned = self.launcher.spawn(vm, &mut launch).await;
-        // The VMM has its copy of the console pipe (or there is no VMM):
-        // ours closes here, so the pump ends when the VMM does.
-        st.console = Some(console.into_drain());
-        match spawned {
-            Ok(()) => {
-                let pid = st
-                    .procs
-                    .iter()
-                    .rfind(|p| p.role == L::VMM)
-                    .map_or(0, |p| p.pid);
-                self.pid.store(pid, Ordering::SeqCst);
-                // The VMM has its copies of the taps now.
-                st.nets.clear();
-                st.phase = Phase::Running;
-                st.started_at = Some(started_at);
-                tracing::info!(sandbox_id = %vm.spec.id, pid, "VM started");
-                Ok(())
-            }
-            Err(e) => {
-                tracing::warn!(sandbox_id = %vm.spec.id, error = %chain(&e), "VM start failed; cleaning up");
-                self.teardown(st);
-                Err(e)
-            }
-        }
+        // Nothing after it can fail without a teardown, which removes it
+        // again.
+        st.cgroup = self.create_cgroup()?;
+        self.launch(&mut st).await
     }
 
     async fn wait_ready(&self) -> Result<AgentConnection, HypervisorError> {
-        let (started_at, ready) = {
+        let (mut started_at, mut ready) = {
             let mut st = self.state.lock().await;
             match (st.phase, st.started_at) {
                 (Phase::Running, Some(at)) => (at, st.ready.take()),
@@ -520,6 +604,25 @@ impl<L: Launcher> Hypervisor for ProcessVm<L> {
                 }
             }
         };
+        if self.launcher.restored() {
+            match self.run_restored(started_at).await {
+                Ok(conn) => {
+                    self.state.lock().await.nets.clear();
+                    return Ok(conn);
+                }
+                Err(e) => {
+                    let tail = boxlite_protocol::log_tail::log_tail(&self.console_log_path(), 20);
+                    tracing::warn!(
+                        sandbox_id = %self.id(),
+                        error = %chain(&e),
+                        console_tail = tail.as_deref().unwrap_or("(empty)"),
+                        "the VM restored from its template did not come up; booting it instead"
+                    );
+                    self.launcher.restore_failed(&self.setup, &e);
+                    (started_at, ready) = self.relaunch().await?;
+                }
+            }
+        }
         let deadline = started_at + self.setup.spec.agent_ready_timeout;
         let result =
             wait_for_agent(self, ready, deadline, self.setup.spec.agent_ready_timeout).await;
@@ -666,6 +769,10 @@ impl<L: Launcher> Hypervisor for ProcessVm<L> {
         }
         tracing::info!(sandbox_id = %self.id(), guest_mib = mib, balloon_mib = target, "guest memory resized");
         Ok(())
+    }
+
+    fn restored_nic_macs(&self) -> Option<Vec<MacAddr>> {
+        self.launcher.restored_nic_macs()
     }
 
     fn pid(&self) -> Option<u32> {

@@ -15,11 +15,15 @@ use std::os::fd::{OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use boxlite_protocol::error_chain::chain;
-use boxlite_vmm_api::config::{DeviceConfig, JailUser, VmConfig};
+use boxlite_vmm_api::config::{BalloonConfig, DeviceConfig, JailUser, MemoryMode, VmConfig};
 use serde_json::Value;
 
-use super::builtin::{vm_config, write_vm_config, BuiltinHypervisor};
+use super::builtin::{vm_config, write_vm_config, BuiltinHypervisor, VmmStart};
 use super::spec::GUEST_CONSOLE_LOGLEVEL;
+use super::template::{
+    template_nic_mac, FileId, Template, TemplateInputs, TemplateRecord, MEMORY_FILE, STATE_FILE,
+    TEMPLATE_FORMAT,
+};
 use super::test_rig::{Bins, Rig};
 use super::{Hypervisor, HypervisorError, NetDevice};
 use crate::config::{
@@ -88,6 +92,16 @@ const SIZES: &[(u32, u32)] = &[
     (MAX_VCPUS, MAX_MEMORY_MIB),
 ];
 
+/// How the VMM is to start the VM (see [`VmmStart`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Start {
+    Boot,
+    /// A template's VM, which may be saved.
+    BootToSave,
+    /// A sandbox VM restored from a template.
+    Restore,
+}
+
 /// One VM the runtime is asked to start.
 struct Case {
     state_dir: PathBuf,
@@ -95,12 +109,14 @@ struct Case {
     memory_mib: u32,
     cmdline: String,
     mix: Mix,
+    start: Start,
 }
 
 impl Case {
     fn name(&self) -> String {
         format!(
-            "{} vcpus, {} MiB, {:?}, state_dir {} bytes",
+            "{:?}: {} vcpus, {} MiB, {:?}, state_dir {} bytes",
+            self.start,
             self.vcpus,
             self.memory_mib,
             self.mix,
@@ -152,6 +168,7 @@ async fn runtime_writes(
         let mac = format!("02:00:00:00:02:{i:02x}").parse().expect("mac");
         hv.add_net(TapDevice::Name((*name).to_owned()), mac).await?;
     }
+    let (snapshot_dir, template) = template_files(rig);
     // A start creates the sandbox directory after the preflight; the VMM
     // finds it there.
     let written = hv
@@ -168,8 +185,16 @@ async fn runtime_writes(
                 uid: base,
                 gid: base,
             };
-            let generated = vm_config(vm, user, launch.shares, &nets, launch.console)?;
-            let path = write_vm_config(vm, user, launch.shares, &nets, launch.console)?;
+            let start = match case.start {
+                Start::Boot => VmmStart::Boot,
+                Start::BootToSave => VmmStart::BootToSave {
+                    snapshot_dir: &snapshot_dir,
+                },
+                Start::Restore => VmmStart::Restore(&template),
+            };
+            let (shares, console) = (launch.shares, launch.console);
+            let generated = vm_config(vm, start, user, shares, &nets, console)?;
+            let path = write_vm_config(vm, start, user, shares, &nets, console)?;
             Ok::<_, HypervisorError>((generated, path))
         })
         .await;
@@ -178,6 +203,43 @@ async fn runtime_writes(
         Err(HypervisorError::SocketPathTooLong { .. }) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// A template's directory with its two (dummy) snapshot files, and an
+/// empty directory to save one into: the VMM's loader checks that they
+/// exist.
+fn template_files(rig: &Rig) -> (PathBuf, Template) {
+    let snapshot_dir = rig.path("template.partial");
+    std::fs::create_dir_all(&snapshot_dir).expect("snapshot dir");
+    let dir = rig.path("template");
+    std::fs::create_dir_all(&dir).expect("template dir");
+    for f in [STATE_FILE, MEMORY_FILE] {
+        std::fs::write(dir.join(f), "x").expect("snapshot file");
+    }
+    let file = FileId::of(&dir.join(STATE_FILE)).expect("file id");
+    let inputs = TemplateInputs {
+        format: TEMPLATE_FORMAT,
+        vmm: file.clone(),
+        kernel: file.clone(),
+        initramfs: file,
+        cmdline: String::new(),
+        vcpus: 1,
+        memory_mib: MIN_MEMORY_MIB,
+        balloon: BalloonConfig::default(),
+        share_tags: Vec::new(),
+        nics: 0,
+    };
+    let template = Template {
+        key: inputs.key(),
+        dir,
+        record: TemplateRecord {
+            inputs,
+            snapshot_id: "0123".into(),
+            boot_ms: 0,
+            snapshot_ms: 0,
+        },
+    };
+    (snapshot_dir, template)
 }
 
 /// The VMM's side: its loader accepts the file and reads back what the
@@ -234,6 +296,7 @@ async fn every_device_mix_and_size_the_runtime_starts_is_accepted_by_the_vmm() {
                 memory_mib,
                 cmdline: "quiet console=ttyS0".into(),
                 mix,
+                start: Start::Boot,
             };
             let (generated, path) = runtime_writes(&rig, &case)
                 .await
@@ -280,6 +343,7 @@ async fn the_longest_cmdline_the_runtime_allows_is_accepted_by_the_vmm() {
         memory_mib: MIN_MEMORY_MIB,
         cmdline,
         mix: MIXES[1],
+        start: Start::Boot,
     };
     let (generated, path) = runtime_writes(&rig, &case)
         .await
@@ -312,6 +376,7 @@ async fn every_state_dir_length_the_runtime_accepts_is_accepted_by_the_vmm() {
                 memory_mib: MIN_MEMORY_MIB,
                 cmdline: String::new(),
                 mix,
+                start: Start::Boot,
             };
             match runtime_writes(&rig, &case)
                 .await
@@ -331,5 +396,55 @@ async fn every_state_dir_length_the_runtime_accepts_is_accepted_by_the_vmm() {
         }
         assert!(accepted > 0, "{mix:?}: no length accepted");
         assert!(refused, "{mix:?}: the runtime never refused a long path");
+    }
+}
+
+/// A template's VM (booted, with a `snapshot_dir`) and a sandbox VM
+/// restored from a template (no kernel, initramfs or command line; the
+/// template's NIC MACs; memory copied): every device mix, accepted.
+#[tokio::test]
+async fn template_and_restored_vm_configs_are_accepted_by_the_vmm() {
+    let rig = Rig::new();
+    for start in [Start::BootToSave, Start::Restore] {
+        for &mix in MIXES {
+            let case = Case {
+                state_dir: rig.path("state"),
+                vcpus: 2,
+                memory_mib: 512,
+                cmdline: "quiet".into(),
+                mix,
+                start,
+            };
+            let (generated, path) = runtime_writes(&rig, &case)
+                .await
+                .unwrap_or_else(|e| panic!("{}: {}", case.name(), chain(&e)))
+                .unwrap_or_else(|| panic!("{}: runtime refused a short path", case.name()));
+            match start {
+                Start::BootToSave => {
+                    assert_eq!(generated.snapshot_dir, Some(rig.path("template.partial")));
+                    assert!(generated.restore.is_none() && generated.kernel.is_some());
+                }
+                _ => {
+                    let restore = generated.restore.as_ref().expect("restore");
+                    assert_eq!(restore.memory_mode, MemoryMode::Copy, "virtio-fs needs it");
+                    assert_eq!(restore.state, rig.path("template").join(STATE_FILE));
+                    assert_eq!(generated.kernel, None);
+                    assert_eq!(generated.cmdline, "");
+                    let macs: Vec<_> = generated
+                        .devices
+                        .iter()
+                        .filter_map(|d| match d {
+                            DeviceConfig::Net(n) => n.mac.clone(),
+                            _ => None,
+                        })
+                        .collect();
+                    let want: Vec<_> = (0..macs.len())
+                        .map(|i| template_nic_mac(i).to_string())
+                        .collect();
+                    assert_eq!(macs, want, "{}", case.name());
+                }
+            }
+            vmm_accepts(&case, &generated, &path);
+        }
     }
 }

@@ -205,7 +205,9 @@ impl Sandbox {
         let created = agent.create_sandbox(&self.id, vec![share]).await;
         undo.check(created).await?;
         if let Some(net) = net.as_deref() {
-            let configured = network::configure_guest(&self.id, &agent, net).await;
+            let guest_macs = hv.restored_nic_macs();
+            let configured =
+                network::configure_guest(&self.id, &agent, net, guest_macs.as_deref()).await;
             undo.check(configured).await?;
         }
         undo.commit();

@@ -12,7 +12,9 @@
 use std::path::{Path, PathBuf};
 
 use boxlite_protocol::agent::{ip_address::Family, Interface, IpAddress, Route};
-use boxlite_runtime::network::{IpFamily, PodNetwork, PodRoute, RouteScope, WiredInterface};
+use boxlite_runtime::network::{
+    IpFamily, MacAddr, PodNetwork, PodRoute, RouteScope, WiredInterface,
+};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
 use crate::agent_client::GuestAgent;
@@ -112,15 +114,37 @@ impl NetworkRecord {
 }
 
 /// Gives the guest the pod's interfaces (matched by MAC) and routes.
-pub async fn configure_guest(sandbox_id: &str, agent: &GuestAgent, net: &PodNetwork) -> Result<()> {
+/// `guest_macs`: the MACs the guest's NICs have now when they are not the
+/// pod's (a VM restored from a template has the template's, in device
+/// order, the pod's interfaces' order); the agent gives each the pod's.
+pub async fn configure_guest(
+    sandbox_id: &str,
+    agent: &GuestAgent,
+    net: &PodNetwork,
+    guest_macs: Option<&[MacAddr]>,
+) -> Result<()> {
     let mut guest_names = Vec::new();
-    for iface in &net.interfaces {
+    for (i, iface) in net.interfaces.iter().enumerate() {
         let object = format!(
             "interface {} ({}) of sandbox {sandbox_id:?}",
             iface.name, iface.mac
         );
+        let current = match guest_macs {
+            None => None,
+            Some(macs) => Some(macs.get(i).ok_or_else(|| {
+                ShimError::Internal(format!(
+                    "{object}: the restored VM has {} NICs, the pod {}",
+                    macs.len(),
+                    net.interfaces.len()
+                ))
+            })?),
+        };
         let configured = agent
-            .update_interface(object, interface_request(iface))
+            .update_interface(
+                object,
+                interface_request(iface),
+                current.map(|m| m.to_string()),
+            )
             .await?;
         guest_names.push((iface.name.clone(), configured.name));
     }
