@@ -964,6 +964,137 @@ fn exec_output_exit_code_and_tty() {
     c.assert_nothing_left();
 }
 
+/// What a sandbox's guest says about its identity: a fresh random UUID,
+/// 16 bytes of `/dev/urandom` (hex), and its clock (Unix seconds) with the
+/// host's just before and just after it was read.
+struct GuestIdentity {
+    uuid: String,
+    random: String,
+    clock: u64,
+    host_before: u64,
+    host_after: u64,
+}
+
+fn guest_identity(c: &Containerd, id: &str, exec_id: &str) -> GuestIdentity {
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let host_before = now();
+    let out = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        exec_id,
+        id,
+        "sh",
+        "-c",
+        "cat /proc/sys/kernel/random/uuid; \
+         head -c 16 /dev/urandom | busybox od -An -tx1 | busybox tr -d ' \\n'; echo; \
+         busybox date +%s",
+    ]);
+    let host_after = now();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{id}: {stdout} {}", text(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{id}: {stdout:?}");
+    GuestIdentity {
+        uuid: lines[0].to_owned(),
+        random: lines[1].to_owned(),
+        clock: lines[2]
+            .parse()
+            .unwrap_or_else(|_| panic!("{id}: {stdout:?}")),
+        host_before,
+        host_after,
+    }
+}
+
+/// Templates (builtin backend; docs/templates.md): the first sandbox
+/// boots and is saved as the template once its agent answers; the next
+/// two are restored from it. Each has its own random streams and the
+/// host's clock (within a second). A template whose state file is
+/// corrupted is refused: that sandbox boots instead, the template is
+/// discarded, and the next sandbox saves a new one. Nothing is left
+/// behind.
+#[test]
+#[ignore = "needs root, containerd, ctr, boxlite-vmm on KVM, virtiofsd and the guest assets"]
+fn sandboxes_restored_from_one_template_are_their_own() {
+    const TEST: &str = "sandboxes_restored_from_one_template_are_their_own";
+    if test_backend().as_deref() != Some("builtin") {
+        let why =
+            "templates are the builtin backend's (boxlite-vmm snapshots); this run is on another";
+        boxlite_tests::report_skip(TEST, why);
+        return;
+    }
+    const SAVED: &str = "VM template saved from this sandbox's boot";
+    const RESTORED: &str = "VM restored from its template";
+    let c = Containerd::with_image();
+    let templates = c.dir.path().join("own-templates");
+    c.set_config("enabled", "true");
+    c.set_config("dir", &format!("{:?}", templates.display().to_string()));
+    let count = |what: &str| c.log().matches(what).count();
+    c.run_detached(&[], "t1");
+    assert_eq!(count(SAVED), 1, "{}", c.log());
+    c.run_detached(&[], "t2");
+    c.run_detached(&[], "t3");
+    assert_eq!(count(RESTORED), 2, "{}", c.log());
+    let ids: Vec<GuestIdentity> = ["t1", "t2", "t3"]
+        .iter()
+        .map(|id| guest_identity(&c, id, "i1"))
+        .collect();
+    let (a, b) = (&ids[1], &ids[2]);
+    assert_ne!(a.uuid, b.uuid, "one random stream");
+    assert_ne!(a.random, b.random, "one random stream");
+    assert_ne!(ids[0].random, a.random, "the template's stream");
+    for g in &ids {
+        assert!(
+            g.clock + 1 >= g.host_before && g.clock <= g.host_after + 1,
+            "guest clock {} vs host {}..={}",
+            g.clock,
+            g.host_before,
+            g.host_after
+        );
+    }
+
+    // A flipped byte in the middle of the state file: its checksum fails.
+    let template_dirs: Vec<PathBuf> = std::fs::read_dir(&templates)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(template_dirs.len(), 1, "{template_dirs:?}");
+    let state = template_dirs[0].join("vm.state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&state, bytes).unwrap();
+    c.run_detached(&[], "t4");
+    assert_eq!(
+        count("did not come up; booting it instead"),
+        1,
+        "{}",
+        c.log()
+    );
+    assert!(!template_dirs[0].exists(), "the bad template was discarded");
+    let g = guest_identity(&c, "t4", "i1");
+    assert_ne!(g.uuid, a.uuid);
+    // The next sandbox saves a new one; the one after is restored from it.
+    for id in ["t5", "t6"] {
+        let out = c.run_rm(&[], id, &["echo", "from-a-new-template"]);
+        let stderr = text(&out.stderr);
+        assert_eq!(text(&out.stdout), "from-a-new-template\n", "{stderr}");
+    }
+    assert_eq!(count(SAVED), 2, "{}", c.log());
+    assert_eq!(count(RESTORED), 3, "{}", c.log());
+    for id in ["t1", "t2", "t3", "t4"] {
+        c.kill_and_delete(id);
+    }
+    c.assert_nothing_left();
+    c.assert_ran_on_the_test_backend();
+}
+
 /// `ctr run -t`: the container's init on a guest pty sized like ctr's
 /// terminal, its exit code back through ctr, nothing left.
 #[test]

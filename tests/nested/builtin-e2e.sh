@@ -10,6 +10,12 @@ export BOXLITE_TEST_BACKEND=builtin
 export BOXLITE_SHIM=/usr/local/bin/containerd-shim-boxlite-v2
 export BOXLITE_KERNEL=/usr/share/boxlite/vmlinux
 export BOXLITE_INITRAMFS=/usr/share/boxlite/initramfs
+# Pod VMs come from templates, as they do by default on this backend: the
+# first sandbox of each VM shape is saved once its agent answers, the rest
+# are restored from it (docs/templates.md). One directory for the whole
+# run, so the tests after the first exercise the restore.
+export BOXLITE_TEST_TEMPLATES=on
+export BOXLITE_TEST_TEMPLATES_DIR=/var/lib/boxlite/test-templates
 # Test images copied in beside the binaries (--copy of a
 # /var/cache/boxlite/images/<hash> directory) are found here: the node has
 # no Debian mirror to build them from.

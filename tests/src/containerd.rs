@@ -26,6 +26,20 @@ pub fn test_backend() -> Option<String> {
         .filter(|b| !b.is_empty())
 }
 
+/// `[templates]` of the tests' `boxlite.toml`: on when
+/// `$BOXLITE_TEST_TEMPLATES` is `on` (the nested node's builtin run), in
+/// `$BOXLITE_TEST_TEMPLATES_DIR` (shared by the run's tests, so the first
+/// builds the template the others restore from) or else a directory of the
+/// test's own. A test can switch them with [`Containerd::set_config`]
+/// (keys `enabled` and `dir`).
+fn test_templates(test_dir: &Path) -> (bool, PathBuf) {
+    let on = std::env::var("BOXLITE_TEST_TEMPLATES").is_ok_and(|v| v == "on");
+    let dir = std::env::var_os("BOXLITE_TEST_TEMPLATES_DIR")
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| test_dir.join("templates"), PathBuf::from);
+    (on, dir)
+}
+
 /// How the runtime logs the backend it picked (`hypervisor selected`),
 /// e.g. `backend=Builtin` for "builtin".
 fn backend_log_field(backend: &str) -> String {
@@ -95,6 +109,7 @@ impl Containerd {
         let hypervisor = test_backend()
             .map(|b| format!("[hypervisor]\nbackend = {b:?}\n"))
             .unwrap_or_default();
+        let (templates_on, templates_dir) = test_templates(d);
         std::fs::write(
             d.join("boxlite.toml"),
             format!(
@@ -103,7 +118,8 @@ impl Containerd {
                  [timeouts]\nagent_ready_secs = 60\n\
                  [runtime]\nstate_dir = {:?}\nlog_level = \"debug\"\n\
                  allowed_annotations = [\"io.boxlite.guest.memory_mib\"]\n\
-                 sandbox_log_max_kib = 4096\nhost_memory_floor_mib = 256\n",
+                 sandbox_log_max_kib = 4096\nhost_memory_floor_mib = 256\n\
+                 [templates]\nenabled = {templates_on}\ndir = {templates_dir:?}\n",
                 assets.kernel,
                 assets.initramfs,
                 d.join("run")

@@ -52,8 +52,8 @@ use super::launcher::{Launch, Launcher, VmSetup};
 use super::process::{fs_socket_name, Role};
 use super::process_vm::ProcessVm;
 use super::template::{
-    build_template, template_nic_mac, FileId, Template, TemplateBuild, TemplateError,
-    TemplateInputs, TemplateStore, TEMPLATE_FORMAT,
+    FileId, PendingTemplate, Template, TemplateError, TemplateInputs, TemplateStore,
+    TEMPLATE_FORMAT,
 };
 use super::{HypervisorError, NetDevice, Share, VmSpec, VSOCK_SOCKET};
 use crate::config::ResolvedHypervisor;
@@ -94,23 +94,14 @@ pub type BuiltinHypervisor = ProcessVm<BuiltinLauncher>;
 #[derive(Debug)]
 pub struct BuiltinLauncher {
     bins: ResolvedHypervisor,
-    purpose: Purpose,
+    /// Where the VM's template is found or captured (None: templates are
+    /// off, or a restore failed and the VM boots from then on).
+    templates: Mutex<Option<TemplateStore>>,
     /// The template the VM running now was restored from (None: booted).
     restored: Mutex<Option<Template>>,
-}
-
-/// What a VM of this backend is for.
-#[derive(Debug)]
-enum Purpose {
-    /// A sandbox's VM: restored from a template of the store when there
-    /// is one (or one can be built), else booted. `templates` becomes
-    /// None once a restore failed: the VM boots from then on.
-    Sandbox {
-        templates: Mutex<Option<TemplateStore>>,
-    },
-    /// A template's VM: booted, and saved into `snapshot_dir` by the
-    /// template build ([`super::template`]).
-    Template { snapshot_dir: PathBuf },
+    /// A template to capture from this boot once the agent answers, with
+    /// the VM's NIC MACs ([`super::template::PendingTemplate`]).
+    capturing: Mutex<Option<(PendingTemplate, Vec<MacAddr>)>>,
 }
 
 impl ProcessVm<BuiltinLauncher> {
@@ -119,38 +110,20 @@ impl ProcessVm<BuiltinLauncher> {
         Self::with_templates(spec, bins, None)
     }
 
-    /// A sandbox VM restored from a template of `templates` when it can
-    /// be, booted otherwise.
+    /// A sandbox VM restored from its template in `templates` when there
+    /// is one, booted otherwise — and then saved as the template, unless
+    /// another shim is saving it.
     pub fn with_templates(
         spec: VmSpec,
         bins: ResolvedHypervisor,
         templates: Option<TemplateStore>,
     ) -> Result<Self, HypervisorError> {
-        let purpose = Purpose::Sandbox {
-            templates: Mutex::new(templates),
-        };
-        Self::with_purpose(spec, bins, purpose)
-    }
-
-    /// A template's VM: it may be saved into `snapshot_dir`.
-    pub(super) fn for_template(
-        spec: VmSpec,
-        bins: ResolvedHypervisor,
-        snapshot_dir: PathBuf,
-    ) -> Result<Self, HypervisorError> {
-        Self::with_purpose(spec, bins, Purpose::Template { snapshot_dir })
-    }
-
-    fn with_purpose(
-        spec: VmSpec,
-        bins: ResolvedHypervisor,
-        purpose: Purpose,
-    ) -> Result<Self, HypervisorError> {
         let virtiofsd = bins.virtiofsd_binary.clone();
         let launcher = BuiltinLauncher {
             bins,
-            purpose,
+            templates: Mutex::new(templates),
             restored: Mutex::new(None),
+            capturing: Mutex::new(None),
         };
         ProcessVm::with_launcher(spec, &virtiofsd, launcher)
     }
@@ -160,19 +133,6 @@ impl ProcessVm<BuiltinLauncher> {
     pub fn control_request(&self, request: Request) -> std::io::Result<Reply> {
         control_request(&self.setup.path(CONTROL_SOCKET), request)
     }
-
-    /// One control request, waiting at most `timeout` for the reply (off
-    /// the async runtime's threads).
-    pub async fn control_within(
-        &self,
-        request: Request,
-        timeout: Duration,
-    ) -> std::io::Result<Reply> {
-        let socket = self.setup.path(CONTROL_SOCKET);
-        tokio::task::spawn_blocking(move || control_request_within(&socket, request, timeout))
-            .await
-            .map_err(std::io::Error::other)?
-    }
 }
 
 /// How boxlite-vmm starts the VM.
@@ -181,7 +141,7 @@ pub enum VmmStart<'a> {
     /// Boots the kernel.
     Boot,
     /// Boots the kernel; the `snapshot` op may save the VM into this
-    /// directory (a template's VM).
+    /// directory (the VM a template is captured from).
     BootToSave { snapshot_dir: &'a Path },
     /// Rebuilds the VM from a template's snapshot, paused until the
     /// `restore` op.
@@ -223,10 +183,9 @@ pub fn vm_config(
     }
     for (i, (fd, net)) in nets.iter().enumerate() {
         let mac = match start {
-            VmmStart::Restore(_) => template_nic_mac(i),
-            _ => net.mac,
+            VmmStart::Restore(t) => t.record.nic_macs.get(i).cloned(),
+            _ => Some(net.mac.to_string()),
         };
-        let mac = Some(mac.to_string());
         devices.push(DeviceConfig::Net(match (&net.tap, fd) {
             (TapDevice::Name(name), _) => NetConfig::with_tap_name(name.clone(), mac),
             (TapDevice::Fd(_), Some(fd)) => NetConfig::with_tap_fd(*fd, mac),
@@ -347,29 +306,20 @@ impl Launcher for BuiltinLauncher {
     /// taps.
     async fn spawn(&self, vm: &VmSetup, launch: &mut Launch<'_>) -> Result<(), HypervisorError> {
         let user = launch.lease_jail_user(vm)?;
-        if let Purpose::Template { snapshot_dir } = &self.purpose {
-            // The jailed VMM writes the snapshot as its own uid.
-            std::os::unix::fs::chown(snapshot_dir, Some(user.uid), Some(user.gid)).map_err(
-                |error| HypervisorError::Io {
-                    id: vm.spec.id.clone(),
-                    op: "cannot give the jail uid the template directory",
-                    path: snapshot_dir.clone(),
-                    error,
-                },
-            )?;
-        }
         let devices = TemplateDevices {
             share_tags: launch.shares.iter().map(|s| s.tag.clone()).collect(),
             nics: launch.nets.len(),
         };
-        let template = self.template_for(vm, devices).await;
+        let plan = self.template_plan(vm, devices, user);
         launch.spawn_virtiofsd(vm)?;
         launch.wait_for_helper_sockets(vm).await?;
 
-        let start = match (&self.purpose, &template) {
-            (Purpose::Template { snapshot_dir }, _) => VmmStart::BootToSave { snapshot_dir },
-            (_, Some(t)) => VmmStart::Restore(t),
-            (_, None) => VmmStart::Boot,
+        let start = match &plan {
+            TemplatePlan::Restore(t) => VmmStart::Restore(t),
+            TemplatePlan::Capture(p) => VmmStart::BootToSave {
+                snapshot_dir: p.snapshot_dir(),
+            },
+            TemplatePlan::None => VmmStart::Boot,
         };
         let fds = launch.tap_fds();
         let nets: Vec<(Option<RawFd>, &NetDevice)> =
@@ -380,12 +330,64 @@ impl Launcher for BuiltinLauncher {
             sandbox_id = %vm.spec.id,
             uid = user.uid,
             binary = %self.bins.vmm_binary.display(),
-            template = template.as_ref().map_or("none", |t| t.key.as_str()),
+            template = %plan,
             "starting boxlite-vmm"
         );
         let inherit = launch.vmm_fds();
-        *self.restored.lock().expect("restored lock") = template;
+        let macs: Vec<MacAddr> = launch.nets.iter().map(|n| n.mac).collect();
+        let (restored, capturing) = match plan {
+            TemplatePlan::Restore(t) => (Some(t), None),
+            TemplatePlan::Capture(p) => (None, Some((p, macs))),
+            TemplatePlan::None => (None, None),
+        };
+        *self.restored.lock().expect("restored lock") = restored;
+        *self.capturing.lock().expect("capturing lock") = capturing;
         launch.spawn(vm, Role::Vmm, &self.bins.vmm_binary, args, None, inherit)
+    }
+
+    /// A booted VM whose agent answered: if this boot is to become the
+    /// template, pause, save, resume, publish. A failed capture is logged
+    /// (the next sandbox tries again); only a VM left paused is an error.
+    async fn agent_ready(&self, vm: &VmSetup) -> Result<(), HypervisorError> {
+        let Some((pending, macs)) = self.capturing.lock().expect("capturing lock").take() else {
+            return Ok(());
+        };
+        let key = pending.key().to_owned();
+        let socket = vm.path(CONTROL_SOCKET);
+        let control = |request: Request, timeout: Duration| {
+            let socket = socket.clone();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    control_request_within(&socket, request, timeout)
+                })
+                .await
+                .map_err(std::io::Error::other)?
+            }
+        };
+        match pending.save(control, &macs).await {
+            Ok(t) => {
+                tracing::info!(sandbox_id = %vm.spec.id, template = %t.key, snapshot_ms = t.record.snapshot_ms, dir = %t.dir.display(), "VM template saved from this sandbox's boot");
+                Ok(())
+            }
+            Err(e) if e.vm_paused => Err(HypervisorError::Restore {
+                id: vm.spec.id.clone(),
+                template: key,
+                reason: format!(
+                    "could not be captured, and the VM did not resume after the save: {}",
+                    chain(&e.error)
+                ),
+            }),
+            Err(e) => {
+                tracing::warn!(sandbox_id = %vm.spec.id, error = %chain(&e.error), "cannot save this boot as the VM template; the next sandbox tries again");
+                Ok(())
+            }
+        }
+    }
+
+    /// A template this boot was to become is not: its `.partial` goes and
+    /// its lock is released.
+    fn torn_down(&self) {
+        self.capturing.lock().expect("capturing lock").take();
     }
 
     fn restored(&self) -> bool {
@@ -446,10 +448,7 @@ impl Launcher for BuiltinLauncher {
     /// one rebuilds it) and restores no more: the next spawn boots.
     fn restore_failed(&self, vm: &VmSetup, error: &HypervisorError) {
         let template = self.restored.lock().expect("restored lock").take();
-        let store = match &self.purpose {
-            Purpose::Sandbox { templates } => templates.lock().expect("templates lock").take(),
-            Purpose::Template { .. } => None,
-        };
+        let store = self.templates.lock().expect("templates lock").take();
         if let (Some(t), Some(store)) = (template, store) {
             let why = format!(
                 "sandbox {}: {}",
@@ -462,8 +461,8 @@ impl Launcher for BuiltinLauncher {
 
     fn restored_nic_macs(&self) -> Option<Vec<MacAddr>> {
         let restored = self.restored.lock().expect("restored lock");
-        let t = restored.as_ref()?;
-        Some((0..t.record.inputs.nics).map(template_nic_mac).collect())
+        // Parsed when the template was found: it is not used otherwise.
+        restored.as_ref()?.record.macs().ok()
     }
 
     /// The VMM's control socket: it stops its vCPUs and exits (code 0).
@@ -510,40 +509,37 @@ impl Launcher for BuiltinLauncher {
 }
 
 impl BuiltinLauncher {
-    /// The template a sandbox VM is restored from: the store's for the
-    /// VM's inputs, built now if there is none. None (the VM boots) when
-    /// templates are off, after a failed restore, and when the template
-    /// cannot be had (logged: another shim building it, a failed build).
-    async fn template_for(&self, vm: &VmSetup, devices: TemplateDevices) -> Option<Template> {
-        let Purpose::Sandbox { templates } = &self.purpose else {
-            return None;
+    /// Whether this VM is restored from its template, boots to become it,
+    /// or just boots: templates off, after a failed restore, when another
+    /// shim is capturing the template, or when it cannot be (logged).
+    fn template_plan(
+        &self,
+        vm: &VmSetup,
+        devices: TemplateDevices,
+        user: JailUser,
+    ) -> TemplatePlan {
+        let Some(store) = self.templates.lock().expect("templates lock").clone() else {
+            return TemplatePlan::None;
         };
-        let store = templates.lock().expect("templates lock").clone()?;
         let inputs = match self.template_inputs(vm, devices) {
             Ok(inputs) => inputs,
             Err(e) => {
-                tracing::warn!(sandbox_id = %vm.spec.id, error = %boxlite_protocol::error_chain::chain(&e), "no VM template: booting");
-                return None;
+                tracing::warn!(sandbox_id = %vm.spec.id, error = %chain(&e), "no VM template: booting");
+                return TemplatePlan::None;
             }
         };
         if let Some(t) = store.find(&inputs) {
-            return Some(t);
+            return TemplatePlan::Restore(t);
         }
-        let build = TemplateBuild {
-            store: &store,
-            inputs: &inputs,
-            pod: &vm.spec,
-            bins: &self.bins,
-        };
-        match build_template(build).await {
-            Ok(t) => Some(t),
+        match PendingTemplate::begin(&store, &inputs, user) {
+            Ok(p) => TemplatePlan::Capture(p),
             Err(e @ TemplateError::Busy { .. }) => {
-                tracing::info!(sandbox_id = %vm.spec.id, "{e}; booting meanwhile");
-                None
+                tracing::info!(sandbox_id = %vm.spec.id, "{e}; booting without it");
+                TemplatePlan::None
             }
             Err(e) => {
-                tracing::warn!(sandbox_id = %vm.spec.id, error = %boxlite_protocol::error_chain::chain(&e), "cannot build the VM template; booting");
-                None
+                tracing::warn!(sandbox_id = %vm.spec.id, error = %chain(&e), "cannot capture the VM template; booting without it");
+                TemplatePlan::None
             }
         }
     }
@@ -584,14 +580,31 @@ struct TemplateDevices {
     nics: usize,
 }
 
+/// What [`BuiltinLauncher::spawn`] does about templates.
+enum TemplatePlan {
+    Restore(Template),
+    Capture(PendingTemplate),
+    None,
+}
+
+impl std::fmt::Display for TemplatePlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TemplatePlan::Restore(t) => write!(f, "restore from {}", t.key),
+            TemplatePlan::Capture(p) => write!(f, "boot, then save as {}", p.key()),
+            TemplatePlan::None => f.write_str("none"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{ResolvedAccel, ResolvedBackend};
+    use crate::hypervisor::template::{TemplateRecord, MEMORY_FILE, STATE_FILE};
     use crate::hypervisor::test_rig::{assert_stops_in_time, Bins, Rig};
     use crate::hypervisor::Hypervisor;
     use boxlite_test_support::fake_bin::pid_alive;
-    use boxlite_vmm_api::control::VmState;
     use std::fs::File;
 
     #[test]
@@ -894,6 +907,298 @@ EOF"#,
         assert_eq!(rig.leftovers(), Vec::<String>::new());
         // Idempotent.
         hv.stop().await.unwrap();
+        hv.kill().await.unwrap();
+    }
+
+    /// A VMM stand-in for the template tests: records each start's config
+    /// and open fds (`markers/vmm.<n>.json`, `.fds`, n from 0), then runs
+    /// `restore` for a config that restores, `save` for a template VM's,
+    /// and otherwise acts booted (makes its sockets, sleeps).
+    fn fake_template_vmm(rig: &Rig, restore: &str, save: &str) -> PathBuf {
+        let markers = rig.path("markers");
+        std::fs::create_dir_all(&markers).unwrap();
+        rig.script(
+            "boxlite-vmm",
+            &format!(
+                r#"n=$(ls {m} | grep -c '^vmm\.[0-9]*\.json$')
+cp "$2" {m}/vmm.$n.json
+ls /proc/$$/fd > {m}/vmm.$n.fds
+d=$(dirname "$2")
+if grep -q '"restore"' "$2"; then
+{restore}
+fi
+if grep -q '"snapshot_dir"' "$2"; then
+{save}
+fi
+: > "$d/vsock.sock"; : > "$d/control.sock"
+exec sleep 30"#,
+                m = markers.display()
+            ),
+        )
+    }
+
+    /// The configs of the fake VMM's first `n` starts, once it made them
+    /// (a spawned process writes its markers a moment after the start).
+    async fn wait_for_starts(rig: &Rig, n: usize) -> Vec<VmConfig> {
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while !rig.path(&format!("markers/vmm.{}.fds", n - 1)).exists() {
+            assert!(std::time::Instant::now() < end, "no VMM start {n}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        vmm_starts(rig)
+    }
+
+    /// The configs the fake VMM was started with, in order.
+    fn vmm_starts(rig: &Rig) -> Vec<VmConfig> {
+        (0..)
+            .map(|n| rig.path(&format!("markers/vmm.{n}.json")))
+            .take_while(|p| p.exists())
+            .map(|p| VmConfig::from_json(&std::fs::read_to_string(p).unwrap()).unwrap())
+            .collect()
+    }
+
+    fn net_macs(cfg: &VmConfig) -> Vec<String> {
+        cfg.devices
+            .iter()
+            .filter_map(|d| match d {
+                DeviceConfig::Net(n) => n.mac.clone(),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A sandbox VM with templates in `<rig>/templates`, one share and one
+    /// tap (any fd stands in: the backend only passes it on); returns it
+    /// and the tap's fd number.
+    async fn templated_vm(rig: &Rig, vmm: PathBuf) -> (BuiltinHypervisor, RawFd) {
+        let store = TemplateStore::new(rig.path("templates"));
+        let hv = BuiltinHypervisor::with_templates(
+            rig.spec(),
+            bins(vmm, fake_virtiofsd(rig)),
+            Some(store),
+        )
+        .unwrap();
+        let share = rig.path("share");
+        std::fs::create_dir_all(&share).unwrap();
+        hv.add_share("shared", &share, false).await.unwrap();
+        let tap: std::os::fd::OwnedFd = File::open("/dev/null").unwrap().into();
+        let tap_fd = tap.as_raw_fd();
+        hv.add_net(TapDevice::Fd(tap), "02:00:00:00:00:01".parse().unwrap())
+            .await
+            .unwrap();
+        (hv, tap_fd)
+    }
+
+    /// Publishes a template (dummy snapshot files) for exactly the VM `hv`
+    /// would start, as a build would.
+    async fn publish_for(hv: &BuiltinHypervisor, store: &TemplateStore) -> Template {
+        let inputs = hv
+            .with_preflighted(|vm, launch| {
+                let devices = TemplateDevices {
+                    share_tags: launch.shares.iter().map(|s| s.tag.clone()).collect(),
+                    nics: launch.nets.len(),
+                };
+                hv.launcher.template_inputs(vm, devices).unwrap()
+            })
+            .await
+            .unwrap();
+        let key = inputs.key();
+        let lock = store.try_lock(&key).unwrap();
+        let partial = store.fresh_partial(&key, &lock).unwrap();
+        for f in [STATE_FILE, MEMORY_FILE] {
+            std::fs::write(partial.join(f), "x").unwrap();
+        }
+        let record = TemplateRecord {
+            inputs,
+            snapshot_id: "5f0c".into(),
+            nic_macs: vec![TEMPLATE_MAC.into()],
+            snapshot_ms: 0,
+        };
+        store.publish(&key, &record, &lock).unwrap()
+    }
+
+    /// The MAC of the NIC of the VM a test template was captured from.
+    const TEMPLATE_MAC: &str = "02:00:00:00:0e:01";
+
+    /// A template the VMM refuses (exit 1, as for a corrupt state file):
+    /// the VM boots instead with the same taps, the template is discarded,
+    /// nothing is left behind.
+    #[tokio::test]
+    async fn a_refused_template_is_discarded_and_the_vm_boots_instead() {
+        let rig = Rig::new();
+        let vmm = fake_template_vmm(
+            &rig,
+            "echo 'Error: vm.state: checksum mismatch in the vcpu section' >&2; exit 1",
+            "exit 9",
+        );
+        let (hv, tap_fd) = templated_vm(&rig, vmm).await;
+        let store = TemplateStore::new(rig.path("templates"));
+        let template = publish_for(&hv, &store).await;
+        hv.start().await.unwrap();
+        assert_eq!(
+            hv.restored_nic_macs(),
+            Some(vec![TEMPLATE_MAC.parse().unwrap()]),
+            "restored, until it fails"
+        );
+        // The agent never answers the booted stand-in either: what fails
+        // is the boot's wait for the announcement.
+        let err = chain(&hv.wait_ready().await.unwrap_err());
+        assert!(
+            err.contains("did not announce") || err.contains("1027"),
+            "{err}"
+        );
+        let starts = vmm_starts(&rig);
+        assert_eq!(starts.len(), 2, "one restore, one boot");
+        let restore = starts[0].restore.as_ref().expect("first start restores");
+        assert_eq!(restore.state, template.state_file());
+        assert_eq!(restore.memory_mode, MemoryMode::Copy);
+        assert_eq!(starts[0].kernel, None);
+        assert_eq!(
+            net_macs(&starts[0]),
+            [TEMPLATE_MAC],
+            "the guest's NIC has it"
+        );
+        assert_eq!(starts[1].restore, None, "then boots");
+        assert!(starts[1].kernel.is_some());
+        assert_eq!(net_macs(&starts[1]), ["02:00:00:00:00:01"]);
+        for n in 0..2 {
+            let fds = std::fs::read_to_string(rig.path(&format!("markers/vmm.{n}.fds"))).unwrap();
+            assert!(
+                fds.lines().any(|l| l == tap_fd.to_string()),
+                "start {n}: {fds}"
+            );
+        }
+        assert!(!template.dir.exists(), "discarded");
+        assert_eq!(store.find(&template.record.inputs), None);
+        assert_eq!(hv.restored_nic_macs(), None, "booted now");
+        hv.stop().await.unwrap();
+        assert_eq!(rig.leftovers(), Vec::<String>::new());
+        assert_eq!(rig.jail_leases(), Vec::<u32>::new());
+    }
+
+    /// The restore op names the template's snapshot; a restored guest whose
+    /// agent does not answer in time is booted instead.
+    #[tokio::test]
+    async fn a_restored_vm_is_run_by_the_restore_op_and_booted_if_its_agent_is_silent() {
+        let rig = Rig::new();
+        let reply = Reply::Restored {
+            state: VmState::Running,
+            restore: boxlite_vmm_api::control::RestoreInfo {
+                id: "5f0c".into(),
+                memory_mode: "copy".into(),
+                setup_us: 1,
+                took_us: 2,
+            },
+        };
+        let reply_hex: String = reply
+            .to_line()
+            .bytes()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let restore = format!(
+            r#"exec python3 - "$2" <<'EOF'
+import json, socket, sys, time
+cfg = json.load(open(sys.argv[1]))
+s = socket.socket(socket.AF_UNIX); s.bind(cfg["control_socket"]); s.listen(1)
+c, _ = s.accept()
+open("{marker}", "w").write(c.makefile().readline())
+c.sendall(bytes.fromhex("{reply_hex}"))
+time.sleep(30)
+EOF"#,
+            marker = rig.path("restore.request").display()
+        );
+        let vmm = fake_template_vmm(&rig, &restore, "exit 9");
+        let (hv, _) = templated_vm(&rig, vmm).await;
+        let store = TemplateStore::new(rig.path("templates"));
+        let template = publish_for(&hv, &store).await;
+        hv.start().await.unwrap();
+        let err = chain(&hv.wait_ready().await.unwrap_err());
+        assert!(err.contains("1027"), "the boot's error: {err}");
+        let line = std::fs::read_to_string(rig.path("restore.request")).unwrap();
+        assert_eq!(
+            Request::from_line(line.trim_end().as_bytes()),
+            Ok(Request::Restore {
+                snapshot_id: Some("5f0c".into())
+            }),
+            "{line:?}"
+        );
+        let starts = vmm_starts(&rig);
+        assert_eq!(starts.len(), 2);
+        assert!(starts[0].restore.is_some() && starts[1].restore.is_none());
+        assert!(!template.dir.exists(), "discarded");
+        hv.kill().await.unwrap();
+        assert_eq!(rig.leftovers(), Vec::<String>::new());
+        assert_eq!(rig.jail_leases(), Vec::<u32>::new());
+    }
+
+    /// No template yet: the VM boots to become it, the VMM able to save
+    /// into `<key>.partial`, which its jail uid owns. A boot that fails
+    /// leaves no template and no `.partial`, and releases the lock.
+    #[tokio::test]
+    async fn a_failed_boot_captures_no_template_and_leaves_nothing() {
+        let rig = Rig::new();
+        let vmm = fake_template_vmm(&rig, "exit 9", "echo 'KVM_RUN failed' >&2; exit 1");
+        let (hv, _) = templated_vm(&rig, vmm).await;
+        let store = TemplateStore::new(rig.path("templates"));
+        hv.start().await.unwrap();
+        let starts = wait_for_starts(&rig, 1).await;
+        let partial = starts[0]
+            .snapshot_dir
+            .clone()
+            .expect("saves into the template");
+        let key = partial
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .replace(".partial", "");
+        assert_eq!(partial, store.partial_dir(&key));
+        assert_eq!(starts[0].restore, None);
+        assert_eq!(net_macs(&starts[0]), ["02:00:00:00:00:01"], "the pod's own");
+        use std::os::unix::fs::MetadataExt;
+        let uid = rig.jail_leases()[0];
+        assert_eq!(
+            std::fs::metadata(&partial).unwrap().uid(),
+            uid,
+            "the jailed VMM writes it"
+        );
+        let err = chain(&hv.wait_ready().await.unwrap_err());
+        assert!(err.contains("KVM_RUN failed"), "{err}");
+        assert!(
+            store.try_lock(&key).is_err(),
+            "held until the VM is torn down"
+        );
+        hv.kill().await.unwrap();
+        let left: Vec<String> = std::fs::read_dir(store.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left, [format!("{key}.lock")], "no template, no .partial");
+        store.try_lock(&key).expect("released");
+        assert_eq!(rig.jail_leases(), Vec::<u32>::new());
+    }
+
+    /// Another shim capturing the template: this one just boots.
+    #[tokio::test]
+    async fn a_template_being_built_elsewhere_is_not_waited_for() {
+        let rig = Rig::new();
+        let vmm = fake_template_vmm(&rig, "exit 9", "exit 9");
+        let (hv, _) = templated_vm(&rig, vmm).await;
+        let store = TemplateStore::new(rig.path("templates"));
+        let key = hv
+            .with_preflighted(|vm, launch| {
+                let devices = TemplateDevices {
+                    share_tags: launch.shares.iter().map(|s| s.tag.clone()).collect(),
+                    nics: launch.nets.len(),
+                };
+                hv.launcher.template_inputs(vm, devices).unwrap().key()
+            })
+            .await
+            .unwrap();
+        let _held = store.try_lock(&key).unwrap();
+        hv.start().await.unwrap();
+        let starts = wait_for_starts(&rig, 1).await;
+        assert!(starts[0].restore.is_none() && starts[0].snapshot_dir.is_none());
         hv.kill().await.unwrap();
     }
 

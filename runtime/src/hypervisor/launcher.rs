@@ -202,6 +202,17 @@ pub trait Launcher: fmt::Debug + Send + Sync + 'static {
         None
     }
 
+    /// The booted VM's agent answered (before anything is asked of it):
+    /// the launcher's chance to act on the fresh guest. An error fails the
+    /// VM's start.
+    async fn agent_ready(&self, _vm: &VmSetup) -> Result<(), HypervisorError> {
+        Ok(())
+    }
+
+    /// Every process of the VM was killed and reaped (teardown): whatever
+    /// the launcher kept for the VM's start goes.
+    fn torn_down(&self) {}
+
     /// Whether the VM [`Launcher::spawn`] started last was restored from
     /// a snapshot (it waits, paused, for [`Launcher::run_restored`])
     /// rather than booted.

@@ -362,6 +362,7 @@ impl<L: Launcher> ProcessVm<L> {
         kill_and_reap(self.id(), &mut st.procs, &self.transient_files(&st.shares));
         // The VMM that ran as it is reaped: another sandbox may have it.
         st.jail = None;
+        self.launcher.torn_down();
         if let Some(mut cgroup) = st.cgroup.take() {
             // On failure the record stays in the sandbox directory, for the
             // crashed-shim cleanup of a later delete.
@@ -624,12 +625,11 @@ impl<L: Launcher> Hypervisor for ProcessVm<L> {
             }
         }
         let deadline = started_at + self.setup.spec.agent_ready_timeout;
-        let result =
-            wait_for_agent(self, ready, deadline, self.setup.spec.agent_ready_timeout).await;
-        if result.is_ok() {
-            tracing::info!(sandbox_id = %self.id(), elapsed_ms = started_at.elapsed().as_millis() as u64, "agent ready");
-        }
-        result
+        let conn =
+            wait_for_agent(self, ready, deadline, self.setup.spec.agent_ready_timeout).await?;
+        tracing::info!(sandbox_id = %self.id(), elapsed_ms = started_at.elapsed().as_millis() as u64, "agent ready");
+        self.launcher.agent_ready(&self.setup).await?;
+        Ok(conn)
     }
 
     async fn stop(&self) -> Result<(), HypervisorError> {

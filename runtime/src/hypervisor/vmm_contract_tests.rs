@@ -21,8 +21,7 @@ use serde_json::Value;
 use super::builtin::{vm_config, write_vm_config, BuiltinHypervisor, VmmStart};
 use super::spec::GUEST_CONSOLE_LOGLEVEL;
 use super::template::{
-    template_nic_mac, FileId, Template, TemplateInputs, TemplateRecord, MEMORY_FILE, STATE_FILE,
-    TEMPLATE_FORMAT,
+    FileId, Template, TemplateInputs, TemplateRecord, MEMORY_FILE, STATE_FILE, TEMPLATE_FORMAT,
 };
 use super::test_rig::{Bins, Rig};
 use super::{Hypervisor, HypervisorError, NetDevice};
@@ -235,7 +234,8 @@ fn template_files(rig: &Rig) -> (PathBuf, Template) {
         record: TemplateRecord {
             inputs,
             snapshot_id: "0123".into(),
-            boot_ms: 0,
+            // One per NIC of the largest mix.
+            nic_macs: (0..8).map(|i| format!("02:00:00:00:0e:{i:02x}")).collect(),
             snapshot_ms: 0,
         },
     };
@@ -439,9 +439,9 @@ async fn template_and_restored_vm_configs_are_accepted_by_the_vmm() {
                         })
                         .collect();
                     let want: Vec<_> = (0..macs.len())
-                        .map(|i| template_nic_mac(i).to_string())
+                        .map(|i| format!("02:00:00:00:0e:{i:02x}"))
                         .collect();
-                    assert_eq!(macs, want, "{}", case.name());
+                    assert_eq!(macs, want, "the template's: {}", case.name());
                 }
             }
             vmm_accepts(&case, &generated, &path);

@@ -20,7 +20,7 @@
 //! (0700) and the snapshot files root's (0600); boxlite-vmm opens them
 //! before it jails itself.
 
-mod build;
+mod capture;
 mod store;
 
 use std::path::{Path, PathBuf};
@@ -28,10 +28,10 @@ use std::path::{Path, PathBuf};
 use boxlite_vmm_api::config::BalloonConfig;
 use serde::{Deserialize, Serialize};
 
-pub use build::{build_template, TemplateBuild};
-pub use store::{Template, TemplateStore};
-
 use crate::network::MacAddr;
+
+pub use capture::{CaptureError, PendingTemplate};
+pub use store::{Template, TemplateStore};
 
 /// The snapshot's two files in a template directory.
 pub const STATE_FILE: &str = "vm.state";
@@ -41,15 +41,6 @@ pub const RECORD_FILE: &str = "template.json";
 /// Bumped when the layout of a template or what its VM looks like changes
 /// in a way [`TemplateInputs`] does not capture: every old key goes stale.
 pub const TEMPLATE_FORMAT: u32 = 1;
-
-/// The MAC the template VM's `index`th NIC has, and so every restored
-/// VM's until the shim gives it the pod's (UpdateInterface with
-/// `current_hw_addr`). Locally administered unicast (`0a:`); the next
-/// three bytes mark a template, the last two are the index.
-pub fn template_nic_mac(index: usize) -> MacAddr {
-    let i = u16::try_from(index).unwrap_or(u16::MAX).to_be_bytes();
-    MacAddr([0x0a, 0x7e, 0x3a, 0x7e, i[0], i[1]])
-}
 
 /// Identifies the exact file a template was built with: a replaced file
 /// (an upgrade, a rebuild) has another inode or mtime.
@@ -114,10 +105,26 @@ impl TemplateInputs {
 pub struct TemplateRecord {
     pub inputs: TemplateInputs,
     pub snapshot_id: String,
-    /// How long the template VM took from start to its agent's
-    /// announcement, and the snapshot, in ms: for `boxlite` operators.
-    pub boot_ms: u64,
+    /// The MAC of each NIC of the VM it was captured from, in device
+    /// order: a restored guest's NICs have them (the driver read them at
+    /// probe) until the shim gives each the pod's.
+    pub nic_macs: Vec<String>,
+    /// How long the save took, in ms.
     pub snapshot_ms: u64,
+}
+
+impl TemplateRecord {
+    /// [`TemplateRecord::nic_macs`] parsed; a record with one that does
+    /// not parse is not used ([`TemplateStore::find`]).
+    pub fn macs(&self) -> Result<Vec<MacAddr>, String> {
+        self.nic_macs
+            .iter()
+            .map(|m| {
+                m.parse()
+                    .map_err(|e| format!("NIC MAC {m:?} of the record: {e}"))
+            })
+            .collect()
+    }
 }
 
 /// Why a template could not be built or used. The sandbox still starts
@@ -134,12 +141,6 @@ pub enum TemplateError {
     },
     #[error("template {key}: another shim is building it (lock {} held)", lock.display())]
     Busy { key: String, lock: PathBuf },
-    #[error("template {key}: the template VM failed")]
-    Vm {
-        key: String,
-        #[source]
-        error: Box<super::HypervisorError>,
-    },
     #[error("template {key}: {reason}")]
     Failed { key: String, reason: String },
 }
@@ -208,14 +209,5 @@ mod tests {
         std::fs::write(&new, "v2").unwrap();
         std::fs::rename(&new, &p).unwrap();
         assert_ne!(FileId::of(&p).unwrap(), before);
-    }
-
-    #[test]
-    fn template_macs_are_locally_administered_unicast_and_distinct() {
-        let (a, b) = (template_nic_mac(0), template_nic_mac(1));
-        assert_ne!(a, b);
-        for m in [a, b] {
-            assert_eq!(m.0[0] & 0x03, 0x02, "{m}");
-        }
     }
 }

@@ -75,7 +75,11 @@ impl TemplateStore {
             return None;
         }
         match read_record(&dir) {
-            Ok(record) if record.inputs == *inputs => {
+            Ok(record) if record.inputs == *inputs && record.nic_macs.len() == inputs.nics => {
+                if let Err(why) = record.macs() {
+                    self.discard(&key, &why);
+                    return None;
+                }
                 let t = Template { key, dir, record };
                 for f in [t.state_file(), t.memory_file()] {
                     if !f.is_file() {
@@ -272,7 +276,7 @@ mod tests {
         TemplateRecord {
             inputs: inputs.clone(),
             snapshot_id: "abc".into(),
-            boot_ms: 1,
+            nic_macs: Vec::new(),
             snapshot_ms: 2,
         }
     }
