@@ -151,7 +151,7 @@ mod tests {
             .join("\n");
         let full = parse(&uncommented).unwrap();
         assert_eq!(full, Config::default());
-        assert_eq!(keys, 27, "{uncommented}");
+        assert_eq!(keys, 29, "{uncommented}");
     }
 
     #[test]

@@ -198,7 +198,7 @@ pub struct TemplatesConfig {
 impl Default for TemplatesConfig {
     fn default() -> Self {
         Self {
-            enabled: false,
+            enabled: true,
             dir: "/var/lib/boxlite/templates".into(),
         }
     }

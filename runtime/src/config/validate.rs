@@ -314,6 +314,13 @@ mod tests {
             "{err}"
         );
         let err = boxlite_protocol::error_chain::chain(
+            &parse("[templates]\ndir = \"templates\"\n").unwrap_err(),
+        );
+        assert!(
+            err.ends_with("templates.dir = \"templates\" must be an absolute path"),
+            "{err}"
+        );
+        let err = boxlite_protocol::error_chain::chain(
             &parse("[runtime]\nstate_dir = \"\"\n").unwrap_err(),
         );
         assert!(

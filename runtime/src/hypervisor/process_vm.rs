@@ -620,6 +620,9 @@ impl<L: Launcher> Hypervisor for ProcessVm<L> {
                         "the VM restored from its template did not come up; booting it instead"
                     );
                     self.launcher.restore_failed(&self.setup, &e);
+                    // Closed first: dropping it removes its socket path,
+                    // which the boot's listener takes over.
+                    drop(ready.take());
                     (started_at, ready) = self.relaunch().await?;
                 }
             }
