@@ -1072,7 +1072,7 @@ fn sandboxes_restored_from_one_template_are_their_own() {
     std::fs::write(&state, bytes).unwrap();
     c.run_detached(&[], "t4");
     assert_eq!(
-        count("did not come up; booting it instead"),
+        count("restoring the VM from its template failed; booting it instead"),
         1,
         "{}",
         c.log()

@@ -617,7 +617,7 @@ impl<L: Launcher> Hypervisor for ProcessVm<L> {
                         sandbox_id = %self.id(),
                         error = %chain(&e),
                         console_tail = tail.as_deref().unwrap_or("(empty)"),
-                        "the VM restored from its template did not come up; booting it instead"
+                        "restoring the VM from its template failed; booting it instead"
                     );
                     self.launcher.restore_failed(&self.setup, &e);
                     // Closed first: dropping it removes its socket path,
