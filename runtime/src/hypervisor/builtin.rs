@@ -390,8 +390,9 @@ impl Launcher for BuiltinLauncher {
         self.capturing.lock().expect("capturing lock").take();
     }
 
-    fn restored(&self) -> bool {
-        self.restored.lock().expect("restored lock").is_some()
+    fn restored(&self) -> Option<String> {
+        let restored = self.restored.lock().expect("restored lock");
+        restored.as_ref().map(|t| t.key.clone())
     }
 
     /// `Ok(false)` until the VMM serves its control socket (it does once

@@ -213,11 +213,11 @@ pub trait Launcher: fmt::Debug + Send + Sync + 'static {
     /// the launcher kept for the VM's start goes.
     fn torn_down(&self) {}
 
-    /// Whether the VM [`Launcher::spawn`] started last was restored from
-    /// a snapshot (it waits, paused, for [`Launcher::run_restored`])
-    /// rather than booted.
-    fn restored(&self) -> bool {
-        false
+    /// The name of the snapshot (template) the VM [`Launcher::spawn`]
+    /// started last was restored from — it waits, paused, for
+    /// [`Launcher::run_restored`] — or None: it was booted.
+    fn restored(&self) -> Option<String> {
+        None
     }
 
     /// Runs the restored VM: `Ok(false)` while the VMM is not ready to be

@@ -439,13 +439,14 @@ impl<L: Launcher> ProcessVm<L> {
                 // The VMM has its copies of the taps now. A restored VM
                 // may still have to be booted instead: ours stay until
                 // its guest runs.
-                if !self.launcher.restored() {
+                let template = self.launcher.restored();
+                if template.is_none() {
                     st.nets.clear();
                 }
                 st.phase = Phase::Running;
-                // From here: a launcher may have built a template first.
+                // The agent-ready timeout counts from the VMM's start.
                 st.started_at = Some(Instant::now());
-                tracing::info!(sandbox_id = %vm.spec.id, pid, restored = self.launcher.restored(), "VM started");
+                tracing::info!(sandbox_id = %vm.spec.id, pid, template = template.as_deref().unwrap_or("none"), "VM started");
                 Ok(())
             }
             Err(e) => {
@@ -473,7 +474,7 @@ impl<L: Launcher> ProcessVm<L> {
             if Instant::now() >= deadline {
                 return Err(HypervisorError::Restore {
                     id: self.id().to_owned(),
-                    template: "(its template)".into(),
+                    template: self.launcher.restored().unwrap_or_default(),
                     reason: format!(
                         "did not serve its control socket within {}",
                         crate::fmt_duration(timeout)
@@ -605,7 +606,7 @@ impl<L: Launcher> Hypervisor for ProcessVm<L> {
                 }
             }
         };
-        if self.launcher.restored() {
+        if self.launcher.restored().is_some() {
             match self.run_restored(started_at).await {
                 Ok(conn) => {
                     self.state.lock().await.nets.clear();
