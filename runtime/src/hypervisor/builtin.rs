@@ -993,19 +993,31 @@ exec sleep 30"#,
         (hv, tap_fd)
     }
 
+    /// The template inputs of exactly the VM `hv` would start.
+    async fn inputs_of(hv: &BuiltinHypervisor) -> TemplateInputs {
+        hv.with_preflighted(|vm, launch| {
+            let devices = TemplateDevices {
+                share_tags: launch.shares.iter().map(|s| s.tag.clone()).collect(),
+                nics: launch.nets.len(),
+            };
+            hv.launcher.template_inputs(vm, devices).unwrap()
+        })
+        .await
+        .unwrap()
+    }
+
+    /// The names in a directory.
+    fn entries(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect()
+    }
+
     /// Publishes a template (dummy snapshot files) for exactly the VM `hv`
-    /// would start, as a build would.
+    /// would start, as a capture would.
     async fn publish_for(hv: &BuiltinHypervisor, store: &TemplateStore) -> Template {
-        let inputs = hv
-            .with_preflighted(|vm, launch| {
-                let devices = TemplateDevices {
-                    share_tags: launch.shares.iter().map(|s| s.tag.clone()).collect(),
-                    nics: launch.nets.len(),
-                };
-                hv.launcher.template_inputs(vm, devices).unwrap()
-            })
-            .await
-            .unwrap();
+        let inputs = inputs_of(hv).await;
         let key = inputs.key();
         let lock = store.try_lock(&key).unwrap();
         let partial = store.fresh_partial(&key, &lock).unwrap();
@@ -1169,11 +1181,11 @@ EOF"#,
             "held until the VM is torn down"
         );
         hv.kill().await.unwrap();
-        let left: Vec<String> = std::fs::read_dir(store.dir())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        assert_eq!(left, [format!("{key}.lock")], "no template, no .partial");
+        assert_eq!(
+            entries(store.dir()),
+            [format!("{key}.lock")],
+            "no template, no .partial"
+        );
         store.try_lock(&key).expect("released");
         assert_eq!(rig.jail_leases(), Vec::<u32>::new());
     }
@@ -1185,16 +1197,7 @@ EOF"#,
         let vmm = fake_template_vmm(&rig, "exit 9", "exit 9");
         let (hv, _) = templated_vm(&rig, vmm).await;
         let store = TemplateStore::new(rig.path("templates"));
-        let key = hv
-            .with_preflighted(|vm, launch| {
-                let devices = TemplateDevices {
-                    share_tags: launch.shares.iter().map(|s| s.tag.clone()).collect(),
-                    nics: launch.nets.len(),
-                };
-                hv.launcher.template_inputs(vm, devices).unwrap().key()
-            })
-            .await
-            .unwrap();
+        let key = inputs_of(&hv).await.key();
         let _held = store.try_lock(&key).unwrap();
         hv.start().await.unwrap();
         let starts = wait_for_starts(&rig, 1).await;

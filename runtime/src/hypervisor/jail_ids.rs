@@ -373,14 +373,7 @@ impl<'a> LeaseDir<'a> {
             error,
         };
         let path = dir.join(LOCK_FILE);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
+        let file = super::lock_file::open_lock_file(&path)
             .map_err(|e| io("cannot open the jail uid lock", &path, e))?;
         let lock = Flock::lock(file, FlockArg::LockExclusive)
             .map_err(|(_, errno)| io("cannot lock the jail uid leases", &path, errno.into()))?;

@@ -24,6 +24,7 @@ pub mod capped_log;
 mod error;
 pub mod jail_ids;
 pub mod launcher;
+mod lock_file;
 pub mod process;
 pub mod process_vm;
 pub mod qemu;

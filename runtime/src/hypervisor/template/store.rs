@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -116,14 +116,7 @@ impl TemplateStore {
             .create(&self.dir)
             .map_err(|e| io("cannot create the template directory", &self.dir, e))?;
         let path = self.lock_path(key);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
+        let file = crate::hypervisor::lock_file::open_lock_file(&path)
             .map_err(|e| io("cannot open the build lock", &path, e))?;
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => Ok(BuildLock { _lock: lock }),
