@@ -369,13 +369,10 @@ impl Launcher for BuiltinLauncher {
                 tracing::info!(sandbox_id = %vm.spec.id, template = %t.key, snapshot_ms = t.record.snapshot_ms, dir = %t.dir.display(), "VM template saved from this sandbox's boot");
                 Ok(())
             }
-            Err(e) if e.vm_paused => Err(HypervisorError::Restore {
+            Err(e) if e.vm_paused => Err(HypervisorError::CaptureLeftPaused {
                 id: vm.spec.id.clone(),
                 template: key,
-                reason: format!(
-                    "could not be captured, and the VM did not resume after the save: {}",
-                    chain(&e.error)
-                ),
+                reason: chain(&e.error),
             }),
             Err(e) => {
                 tracing::warn!(sandbox_id = %vm.spec.id, error = %chain(&e.error), "cannot save this boot as the VM template; the next sandbox tries again");
@@ -1142,6 +1139,36 @@ EOF"#,
         hv.kill().await.unwrap();
         assert_eq!(rig.leftovers(), Vec::<String>::new());
         assert_eq!(rig.jail_leases(), Vec::<u32>::new());
+    }
+
+    /// A sandbox killed while its VM is being restored: the wait ends
+    /// with the kill's error, nothing is booted, and the template stays
+    /// (the kill was not its doing).
+    #[tokio::test]
+    async fn a_kill_during_a_restore_keeps_the_template() {
+        let rig = Rig::new();
+        // Restoring for ever: no control socket yet.
+        let vmm = fake_template_vmm(&rig, "exec sleep 30", "exit 9");
+        let (hv, _) = templated_vm(&rig, vmm).await;
+        let store = TemplateStore::new(rig.path("templates"));
+        let template = publish_for(&hv, &store).await;
+        hv.start().await.unwrap();
+        let hv = std::sync::Arc::new(hv);
+        let waiting = tokio::spawn({
+            let hv = hv.clone();
+            async move { hv.wait_ready().await.map(|_| ()) }
+        });
+        wait_for_starts(&rig, 1).await;
+        hv.kill().await.unwrap();
+        let err = waiting.await.unwrap().unwrap_err();
+        assert!(
+            matches!(err, HypervisorError::InvalidState { .. }),
+            "{}",
+            chain(&err)
+        );
+        assert_eq!(vmm_starts(&rig).len(), 1, "nothing booted");
+        assert_eq!(store.find(&template.record.inputs), Some(template));
+        assert_eq!(rig.leftovers(), Vec::<String>::new());
     }
 
     /// No template yet: the VM boots to become it, the VMM able to save

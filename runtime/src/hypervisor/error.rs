@@ -178,6 +178,14 @@ pub enum HypervisorError {
         template: String,
         reason: String,
     },
+    /// The VM was paused to be saved as a template and could not be
+    /// resumed: it cannot serve the sandbox.
+    #[error("sandbox {id}: the VM was paused to be saved as template {template} and did not resume: {reason}")]
+    CaptureLeftPaused {
+        id: String,
+        template: String,
+        reason: String,
+    },
     #[error("sandbox {id}: cannot signal {what} (pid {pid})")]
     Signal {
         id: String,

@@ -612,6 +612,9 @@ impl<L: Launcher> Hypervisor for ProcessVm<L> {
                     self.state.lock().await.nets.clear();
                     return Ok(conn);
                 }
+                // Killed or stopped meanwhile (not the template's doing):
+                // nothing to boot, nothing to discard.
+                Err(e @ HypervisorError::InvalidState { .. }) => return Err(e),
                 Err(e) => {
                     let tail = boxlite_protocol::log_tail::log_tail(&self.console_log_path(), 20);
                     tracing::warn!(
