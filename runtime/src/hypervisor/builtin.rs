@@ -911,8 +911,8 @@ EOF"#,
     /// A VMM stand-in for the template tests: records each start's config
     /// and open fds (`markers/vmm.<n>.json`, `.fds`, n from 0), then runs
     /// `restore` for a config that restores, `save` for a VM to be saved
-    /// as a template,
-    /// and otherwise acts booted (makes its sockets, sleeps).
+    /// as a template, and otherwise acts booted (makes its sockets,
+    /// sleeps).
     fn fake_template_vmm(rig: &Rig, restore: &str, save: &str) -> PathBuf {
         let markers = rig.path("markers");
         std::fs::create_dir_all(&markers).unwrap();
