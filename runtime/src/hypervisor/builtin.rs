@@ -969,15 +969,22 @@ exec sleep 30"#,
             .collect()
     }
 
-    /// A sandbox VM with templates in `<rig>/templates`, one share and one
-    /// tap (any fd stands in: the backend only passes it on); returns it
-    /// and the tap's fd number.
-    async fn templated_vm(rig: &Rig, vmm: PathBuf) -> (BuiltinHypervisor, RawFd) {
+    /// A sandbox VM of [`fake_template_vmm`]`(restore, save)` with its
+    /// templates in `store`, one share and one tap (any fd stands in: the
+    /// backend only passes it on, `tap_fd`).
+    struct TemplatedVm {
+        hv: BuiltinHypervisor,
+        store: TemplateStore,
+        tap_fd: RawFd,
+    }
+
+    async fn templated_vm(rig: &Rig, restore: &str, save: &str) -> TemplatedVm {
+        let vmm = fake_template_vmm(rig, restore, save);
         let store = TemplateStore::new(rig.path("templates"));
         let hv = BuiltinHypervisor::with_templates(
             rig.spec(),
             bins(vmm, fake_virtiofsd(rig)),
-            Some(store),
+            Some(store.clone()),
         )
         .unwrap();
         let share = rig.path("share");
@@ -988,7 +995,7 @@ exec sleep 30"#,
         hv.add_net(TapDevice::Fd(tap), "02:00:00:00:00:01".parse().unwrap())
             .await
             .unwrap();
-        (hv, tap_fd)
+        TemplatedVm { hv, store, tap_fd }
     }
 
     /// The template inputs of exactly the VM `hv` would start.
@@ -1040,13 +1047,8 @@ exec sleep 30"#,
     #[tokio::test]
     async fn a_refused_template_is_discarded_and_the_vm_boots_instead() {
         let rig = Rig::new();
-        let vmm = fake_template_vmm(
-            &rig,
-            "echo 'Error: vm.state: checksum mismatch in the vcpu section' >&2; exit 1",
-            "exit 9",
-        );
-        let (hv, tap_fd) = templated_vm(&rig, vmm).await;
-        let store = TemplateStore::new(rig.path("templates"));
+        let refused = "echo 'Error: vm.state: checksum mismatch in the vcpu section' >&2; exit 1";
+        let TemplatedVm { hv, store, tap_fd } = templated_vm(&rig, refused, "exit 9").await;
         let template = publish_for(&hv, &store).await;
         hv.start().await.unwrap();
         assert_eq!(
@@ -1118,9 +1120,7 @@ time.sleep(30)
 EOF"#,
             marker = rig.path("restore.request").display()
         );
-        let vmm = fake_template_vmm(&rig, &restore, "exit 9");
-        let (hv, _) = templated_vm(&rig, vmm).await;
-        let store = TemplateStore::new(rig.path("templates"));
+        let TemplatedVm { hv, store, .. } = templated_vm(&rig, &restore, "exit 9").await;
         let template = publish_for(&hv, &store).await;
         hv.start().await.unwrap();
         let err = chain(&hv.wait_ready().await.unwrap_err());
@@ -1149,9 +1149,7 @@ EOF"#,
     async fn a_kill_during_a_restore_keeps_the_template() {
         let rig = Rig::new();
         // Restoring for ever: no control socket yet.
-        let vmm = fake_template_vmm(&rig, "exec sleep 30", "exit 9");
-        let (hv, _) = templated_vm(&rig, vmm).await;
-        let store = TemplateStore::new(rig.path("templates"));
+        let TemplatedVm { hv, store, .. } = templated_vm(&rig, "exec sleep 30", "exit 9").await;
         let template = publish_for(&hv, &store).await;
         hv.start().await.unwrap();
         let hv = std::sync::Arc::new(hv);
@@ -1178,9 +1176,8 @@ EOF"#,
     #[tokio::test]
     async fn a_failed_boot_captures_no_template_and_leaves_nothing() {
         let rig = Rig::new();
-        let vmm = fake_template_vmm(&rig, "exit 9", "echo 'KVM_RUN failed' >&2; exit 1");
-        let (hv, _) = templated_vm(&rig, vmm).await;
-        let store = TemplateStore::new(rig.path("templates"));
+        let failing = "echo 'KVM_RUN failed' >&2; exit 1";
+        let TemplatedVm { hv, store, .. } = templated_vm(&rig, "exit 9", failing).await;
         hv.start().await.unwrap();
         let starts = wait_for_starts(&rig, 1).await;
         let partial = starts[0]
@@ -1222,9 +1219,7 @@ EOF"#,
     #[tokio::test]
     async fn a_template_being_built_elsewhere_is_not_waited_for() {
         let rig = Rig::new();
-        let vmm = fake_template_vmm(&rig, "exit 9", "exit 9");
-        let (hv, _) = templated_vm(&rig, vmm).await;
-        let store = TemplateStore::new(rig.path("templates"));
+        let TemplatedVm { hv, store, .. } = templated_vm(&rig, "exit 9", "exit 9").await;
         let key = inputs_of(&hv).await.key();
         let _held = store.try_lock(&key).unwrap();
         hv.start().await.unwrap();
