@@ -666,20 +666,27 @@ exec sleep 30"#,
         )
     }
 
-    #[tokio::test]
-    async fn start_writes_the_vm_config_and_hands_the_tap_and_console_fds_to_the_vmm_only() {
-        let rig = Rig::new();
-        let hv =
-            BuiltinHypervisor::new(rig.spec(), bins(fake_vmm(&rig), fake_virtiofsd(&rig))).unwrap();
+    /// Adds share `tag` (`<rig>/share`) and a tap with MAC
+    /// 02:00:00:00:00:01 — any fd stands in for a tap: the backend only
+    /// passes it on — and returns that fd's number.
+    async fn add_share_and_tap(rig: &Rig, hv: &BuiltinHypervisor, tag: &str, ro: bool) -> RawFd {
         let share = rig.path("share");
-        std::fs::create_dir(&share).unwrap();
-        hv.add_share("rootfs", &share, true).await.unwrap();
-        // Any fd stands in for a tap: the backend only passes it on.
+        std::fs::create_dir_all(&share).unwrap();
+        hv.add_share(tag, &share, ro).await.unwrap();
         let tap: std::os::fd::OwnedFd = File::open("/dev/null").unwrap().into();
         let tap_fd = tap.as_raw_fd();
         hv.add_net(TapDevice::Fd(tap), "02:00:00:00:00:01".parse().unwrap())
             .await
             .unwrap();
+        tap_fd
+    }
+
+    #[tokio::test]
+    async fn start_writes_the_vm_config_and_hands_the_tap_and_console_fds_to_the_vmm_only() {
+        let rig = Rig::new();
+        let hv =
+            BuiltinHypervisor::new(rig.spec(), bins(fake_vmm(&rig), fake_virtiofsd(&rig))).unwrap();
+        let tap_fd = add_share_and_tap(&rig, &hv, "rootfs", true).await;
         hv.start().await.unwrap();
         let pid = hv.pid().expect("running");
         let end = std::time::Instant::now() + Duration::from_secs(5);
@@ -788,8 +795,7 @@ exec sleep 30"#,
         assert!(err.contains("Jail setup failed"), "{err}");
         assert_eq!(rig.jail_leases().len(), 1, "held until the VM is torn down");
         hv.stop().await.unwrap();
-        assert_eq!(rig.leftovers(), Vec::<String>::new());
-        assert_eq!(rig.jail_leases(), Vec::<u32>::new());
+        rig.assert_clean();
     }
 
     /// A start that fails after the lease (a virtiofsd that dies at once)
@@ -859,6 +865,30 @@ EOF"#,
         assert_eq!(rig.leftovers(), Vec::<String>::new());
     }
 
+    /// A VMM stand-in's body (python3, given the config as `$2`): serves
+    /// the config's control socket for one request, records the request
+    /// line in `marker`, answers `reply` (made here from the contract's
+    /// types, sent as is), then runs `then` (python).
+    fn control_stand_in(marker: &Path, reply: &Reply, then: &str) -> String {
+        let reply_hex: String = reply
+            .to_line()
+            .bytes()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!(
+            r#"exec python3 - "$2" <<'EOF'
+import json, os, socket, sys, time
+cfg = json.load(open(sys.argv[1]))
+s = socket.socket(socket.AF_UNIX); s.bind(cfg["control_socket"]); s.listen(1)
+c, _ = s.accept()
+open("{marker}", "w").write(c.makefile().readline())
+c.sendall(bytes.fromhex("{reply_hex}"))
+{then}
+EOF"#,
+            marker = marker.display()
+        )
+    }
+
     #[tokio::test]
     async fn stop_falls_back_to_the_control_socket() {
         let rig = Rig::new();
@@ -869,25 +899,10 @@ EOF"#,
             state: VmState::Stopping,
             exit_code: 0,
         };
-        let reply_hex: String = reply
-            .to_line()
-            .bytes()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let marker = rig.path("control.request");
         let vmm = rig.script(
             "boxlite-vmm",
-            &format!(
-                r#"exec python3 - "$2" <<'EOF'
-import json, os, socket, sys
-cfg = json.load(open(sys.argv[1]))
-s = socket.socket(socket.AF_UNIX); s.bind(cfg["control_socket"]); s.listen(1)
-c, _ = s.accept()
-open("{marker}", "w").write(c.makefile().readline())
-c.sendall(bytes.fromhex("{reply_hex}"))
-os.unlink(cfg["control_socket"])
-EOF"#,
-                marker = rig.path("control.request").display()
-            ),
+            &control_stand_in(&marker, &reply, "os.unlink(cfg['control_socket'])"),
         );
         let hv = BuiltinHypervisor::new(rig.spec(), bins(vmm, rig.path("nope"))).unwrap();
         hv.start().await.unwrap();
@@ -895,7 +910,7 @@ EOF"#,
         rig.wait_for_sandbox_file(CONTROL_SOCKET, "boxlite-vmm.log")
             .await;
         assert_stops_in_time(&hv).await;
-        let line = std::fs::read_to_string(rig.path("control.request")).unwrap();
+        let line = std::fs::read_to_string(&marker).unwrap();
         assert_eq!(
             Request::from_line(line.trim_end().as_bytes()),
             Ok(Request::Shutdown),
@@ -987,14 +1002,7 @@ exec sleep 30"#,
             Some(store.clone()),
         )
         .unwrap();
-        let share = rig.path("share");
-        std::fs::create_dir_all(&share).unwrap();
-        hv.add_share("shared", &share, false).await.unwrap();
-        let tap: std::os::fd::OwnedFd = File::open("/dev/null").unwrap().into();
-        let tap_fd = tap.as_raw_fd();
-        hv.add_net(TapDevice::Fd(tap), "02:00:00:00:00:01".parse().unwrap())
-            .await
-            .unwrap();
+        let tap_fd = add_share_and_tap(rig, &hv, "shared", false).await;
         TemplatedVm { hv, store, tap_fd }
     }
 
@@ -1085,8 +1093,7 @@ exec sleep 30"#,
         assert_eq!(store.find(&template.record.inputs), None);
         assert_eq!(hv.restored_nic_macs(), None, "booted now");
         hv.stop().await.unwrap();
-        assert_eq!(rig.leftovers(), Vec::<String>::new());
-        assert_eq!(rig.jail_leases(), Vec::<u32>::new());
+        rig.assert_clean();
     }
 
     /// The restore op names the template's snapshot; a restored guest whose
@@ -1103,23 +1110,7 @@ exec sleep 30"#,
                 took_us: 2,
             },
         };
-        let reply_hex: String = reply
-            .to_line()
-            .bytes()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        let restore = format!(
-            r#"exec python3 - "$2" <<'EOF'
-import json, socket, sys, time
-cfg = json.load(open(sys.argv[1]))
-s = socket.socket(socket.AF_UNIX); s.bind(cfg["control_socket"]); s.listen(1)
-c, _ = s.accept()
-open("{marker}", "w").write(c.makefile().readline())
-c.sendall(bytes.fromhex("{reply_hex}"))
-time.sleep(30)
-EOF"#,
-            marker = rig.path("restore.request").display()
-        );
+        let restore = control_stand_in(&rig.path("restore.request"), &reply, "time.sleep(30)");
         let TemplatedVm { hv, store, .. } = templated_vm(&rig, &restore, "exit 9").await;
         let template = publish_for(&hv, &store).await;
         hv.start().await.unwrap();
@@ -1138,8 +1129,7 @@ EOF"#,
         assert!(starts[0].restore.is_some() && starts[1].restore.is_none());
         assert!(!template.dir.exists(), "discarded");
         hv.kill().await.unwrap();
-        assert_eq!(rig.leftovers(), Vec::<String>::new());
-        assert_eq!(rig.jail_leases(), Vec::<u32>::new());
+        rig.assert_clean();
     }
 
     /// A sandbox killed while its VM is being restored: the wait ends
@@ -1241,7 +1231,6 @@ EOF"#,
         assert!(hv.add_share("s1", &share, false).await.is_err());
         drop(hv);
         assert!(!pid_alive(pid));
-        assert_eq!(rig.leftovers(), Vec::<String>::new());
-        assert_eq!(rig.jail_leases(), Vec::<u32>::new());
+        rig.assert_clean();
     }
 }

@@ -68,6 +68,13 @@ impl Rig {
         fake_bin::leftovers(&self.sandbox())
     }
 
+    /// Nothing of the sandbox is left: no socket or pid file in its
+    /// directory, no jail uid leased.
+    pub(crate) fn assert_clean(&self) {
+        assert_eq!(self.leftovers(), Vec::<String>::new());
+        assert_eq!(self.jail_leases(), Vec::<u32>::new());
+    }
+
     /// The uids leased under the rig's state directory (`.jail-ids/`),
     /// sorted.
     pub(crate) fn jail_leases(&self) -> Vec<u32> {
