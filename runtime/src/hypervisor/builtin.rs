@@ -261,7 +261,7 @@ pub fn write_vm_config(
 /// (2 s timeout each way). A reply that is not a [`Reply`] is an error
 /// naming the socket.
 pub fn control_request(socket: &Path, request: Request) -> std::io::Result<Reply> {
-    control_request_within(socket, request, Duration::from_secs(2))
+    control_request_within(socket, request, CONTROL_TIMEOUT)
 }
 
 /// [`control_request`] with a reply timeout of `timeout` (the `snapshot`
@@ -285,6 +285,21 @@ pub fn control_request_within(
         ))
     })
 }
+
+/// [`control_request_within`] off the async runtime's threads (it blocks
+/// on the socket); a request whose task did not finish is an error too.
+pub async fn ask_vmm(
+    socket: PathBuf,
+    request: Request,
+    timeout: Duration,
+) -> std::io::Result<Reply> {
+    tokio::task::spawn_blocking(move || control_request_within(&socket, request, timeout))
+        .await
+        .map_err(|e| std::io::Error::other(format!("the control request did not finish: {e}")))?
+}
+
+/// The reply timeout of the control ops that answer at once.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[async_trait]
 impl Launcher for BuiltinLauncher {
@@ -354,16 +369,7 @@ impl Launcher for BuiltinLauncher {
         };
         let key = pending.key().to_owned();
         let socket = vm.path(CONTROL_SOCKET);
-        let control = |request: Request, timeout: Duration| {
-            let socket = socket.clone();
-            async move {
-                tokio::task::spawn_blocking(move || {
-                    control_request_within(&socket, request, timeout)
-                })
-                .await
-                .map_err(std::io::Error::other)?
-            }
-        };
+        let control = |request, timeout| ask_vmm(socket.clone(), request, timeout);
         match pending.save(control, &macs).await {
             Ok(t) => {
                 tracing::info!(sandbox_id = %vm.spec.id, template = %t.key, snapshot_ms = t.record.snapshot_ms, dir = %t.dir.display(), "VM template saved from this sandbox's boot");
@@ -408,14 +414,10 @@ impl Launcher for BuiltinLauncher {
             template: template.key.clone(),
             reason,
         };
-        let socket = vm.path(CONTROL_SOCKET);
         let request = Request::Restore {
             snapshot_id: Some(template.record.snapshot_id.clone()),
         };
-        let reply = tokio::task::spawn_blocking(move || control_request(&socket, request))
-            .await
-            .map_err(|e| failed(format!("was not run: the control task failed: {e}")))?;
-        match reply {
+        match ask_vmm(vm.path(CONTROL_SOCKET), request, CONTROL_TIMEOUT).await {
             Ok(Reply::Restored {
                 state: VmState::Running,
                 restore,
@@ -470,17 +472,14 @@ impl Launcher for BuiltinLauncher {
         vm: &VmSetup,
         target_mib: Option<u32>,
     ) -> Result<BalloonState, HypervisorError> {
-        let socket = vm.path(CONTROL_SOCKET);
         let failed = |reason: String| HypervisorError::Balloon {
             id: vm.spec.id.clone(),
             reason,
         };
-        let reply = tokio::task::spawn_blocking(move || {
-            control_request(&socket, Request::Balloon { target_mib })
-        })
-        .await
-        .map_err(|e| failed(format!("the control request did not finish: {e}")))?
-        .map_err(|e| failed(e.to_string()))?;
+        let request = Request::Balloon { target_mib };
+        let reply = ask_vmm(vm.path(CONTROL_SOCKET), request, CONTROL_TIMEOUT)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
         match reply {
             Reply::Balloon { balloon } => Ok(balloon),
             Reply::Error { error } => Err(failed(format!("boxlite-vmm refused: {error}"))),
@@ -493,14 +492,9 @@ impl Launcher for BuiltinLauncher {
     async fn last_resort_shutdown(&self, vm: &VmSetup) -> Option<Duration> {
         let id = &vm.spec.id;
         tracing::warn!(sandbox_id = %id, "VM did not exit after the agent shutdown; asking the VMM over its control socket");
-        let socket = vm.path(CONTROL_SOCKET);
-        match tokio::task::spawn_blocking(move || control_request(&socket, Request::Shutdown)).await
-        {
-            Ok(Ok(reply)) => tracing::debug!(sandbox_id = %id, ?reply, "control shutdown"),
-            Ok(Err(e)) => tracing::warn!(sandbox_id = %id, error = %e, "control shutdown failed"),
-            Err(e) => {
-                tracing::warn!(sandbox_id = %id, error = %chain(&e), "control shutdown task failed")
-            }
+        match ask_vmm(vm.path(CONTROL_SOCKET), Request::Shutdown, CONTROL_TIMEOUT).await {
+            Ok(reply) => tracing::debug!(sandbox_id = %id, ?reply, "control shutdown"),
+            Err(e) => tracing::warn!(sandbox_id = %id, error = %e, "control shutdown failed"),
         }
         Some(CONTROL_SHUTDOWN_GRACE)
     }
