@@ -136,18 +136,8 @@ impl PendingTemplate {
         ];
         let files: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
         // The host's again: only root reads a template.
-        self.give(Some(0), Some(0), &files)
-            .map_err(|error| CaptureError {
-                error,
-                vm_paused: false,
-            })?;
-        let template = self
-            .store
-            .publish(&self.key, &record, &self.lock)
-            .map_err(|error| CaptureError {
-                error,
-                vm_paused: false,
-            })?;
+        self.give(Some(0), Some(0), &files)?;
+        let template = self.store.publish(&self.key, &record, &self.lock)?;
         self.published = true;
         Ok(template)
     }
@@ -192,4 +182,14 @@ impl Drop for PendingTemplate {
 pub struct CaptureError {
     pub error: TemplateError,
     pub vm_paused: bool,
+}
+
+/// A failure once the VM runs again.
+impl From<TemplateError> for CaptureError {
+    fn from(error: TemplateError) -> Self {
+        CaptureError {
+            error,
+            vm_paused: false,
+        }
+    }
 }

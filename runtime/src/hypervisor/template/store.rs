@@ -90,7 +90,10 @@ impl TemplateStore {
                 Some(t)
             }
             Ok(_) => {
-                self.discard(&key, "its record names other inputs than its key");
+                self.discard(
+                    &key,
+                    "its record names other inputs than its key, or not one MAC per NIC",
+                );
                 None
             }
             Err(reason) => {
