@@ -102,21 +102,11 @@ pub async fn update_interface(
 /// live; `update_interface` brings the link up again after).
 async fn set_mac(nl: &Netlink, link: &Link, mac: MacAddr) -> Result<(), NetworkError> {
     let down = LinkUnspec::new_with_index(link.index).down().build();
-    nl.handle
-        .link()
-        .change(down)
-        .execute()
-        .await
-        .map_err(|e| nl.failed(format!("set {} down", link.name), e))?;
+    change_link(nl, down, || format!("set {} down", link.name)).await?;
     let msg = LinkUnspec::new_with_index(link.index)
         .address(mac.0.to_vec())
         .build();
-    nl.handle
-        .link()
-        .change(msg)
-        .execute()
-        .await
-        .map_err(|e| nl.failed(format!("set MAC {mac} on {}", link.name), e))?;
+    change_link(nl, msg, || format!("set MAC {mac} on {}", link.name)).await?;
     tracing::info!(link = %link.name, old = ?link.mac, new = %mac, "link MAC changed");
     Ok(())
 }
@@ -130,22 +120,26 @@ async fn set_mtu(nl: &Netlink, link: &Link, mtu: u32) -> Result<(), NetworkError
         });
     }
     let msg = LinkUnspec::new_with_index(link.index).mtu(mtu).build();
-    nl.handle
-        .link()
-        .change(msg)
-        .execute()
-        .await
-        .map_err(|e| nl.failed(format!("set mtu {mtu} on {}", link.name), e))
+    change_link(nl, msg, || format!("set mtu {mtu} on {}", link.name)).await
 }
 
 async fn set_up(nl: &Netlink, link: &Link) -> Result<(), NetworkError> {
     let msg = LinkUnspec::new_with_index(link.index).up().build();
+    change_link(nl, msg, || format!("bring {} up", link.name)).await
+}
+
+/// One RTM_SETLINK; a failure says `what` was being done.
+async fn change_link(
+    nl: &Netlink,
+    msg: LinkMessage,
+    what: impl FnOnce() -> String,
+) -> Result<(), NetworkError> {
     nl.handle
         .link()
         .change(msg)
         .execute()
         .await
-        .map_err(|e| nl.failed(format!("bring {} up", link.name), e))
+        .map_err(|e| nl.failed(what(), e))
 }
 
 /// The address messages of one link, both families.
