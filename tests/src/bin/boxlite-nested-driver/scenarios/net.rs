@@ -4,7 +4,6 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use boxlite_protocol::agent::{Interface, IpAddress, UpdateInterfaceRequest};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 
 use tokio::net::TcpStream;
@@ -12,7 +11,7 @@ use tokio::net::TcpStream;
 use crate::host_net;
 use crate::settings::Settings;
 use crate::verdict::{Failure, ScenarioResult, Verdict};
-use crate::vm::{vsock_support, Device, Vm, RPC_TIMEOUT};
+use crate::vm::{vsock_support, Device, Vm};
 
 /// The test host's tap and address, the guest's.
 pub const TAP_NAME: &str = "bxnested0";
@@ -22,7 +21,20 @@ pub const NET_PREFIX: u8 = 24;
 pub const GUEST_MAC: &str = "02:42:0a:d5:00:02";
 /// A TCP port nothing in the guest listens on: the guest kernel answers
 /// the SYN with a RST.
-const CLOSED_PORT: u16 = 9;
+pub const CLOSED_PORT: u16 = 9;
+
+/// The devices of a VM with one NIC: rng, vsock (the agent) and
+/// virtio-net on `tap` (its fd inherited by the VMM) with `mac`.
+pub fn nic_devices(tap: &host_net::HostTap, mac: &'static str) -> Result<[Device; 3], Failure> {
+    Ok([
+        Device::Rng,
+        Device::Vsock,
+        Device::Net {
+            tap_fd: tap.inheritable_fd()?,
+            mac,
+        },
+    ])
+}
 
 /// Connects from the test host to `target`, a closed port in `vm`'s
 /// guest, and expects the guest kernel's refusal (ARP and SYN went in,
@@ -53,44 +65,12 @@ pub async fn run(s: &Settings) -> ScenarioResult {
         )));
     }
     let tap = host_net::HostTap::create(TAP_NAME, HOST_IP, NET_PREFIX)?;
-    let tap_fd = tap.inheritable_fd()?;
-    let mut vm = Vm::start(
-        s,
-        "net",
-        1,
-        &[
-            Device::Rng,
-            Device::Vsock,
-            Device::Net {
-                tap_fd,
-                mac: GUEST_MAC,
-            },
-        ],
-    )?;
+    let mut vm = Vm::start(s, "net", 1, &nic_devices(&tap, GUEST_MAC)?)?;
     // The VMM holds the tap now; the tap goes when the VMM does.
     drop(tap);
     let conn = vm.connect(s.timeout).await?;
-    let req = UpdateInterfaceRequest {
-        interface: Some(Interface {
-            hw_addr: GUEST_MAC.into(),
-            addresses: vec![IpAddress {
-                address: GUEST_IP.to_string(),
-                prefix_len: NET_PREFIX.into(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        })
-        .into(),
-        ..Default::default()
-    };
-    conn.agent()
-        .update_interface(ttrpc::context::with_duration(RPC_TIMEOUT), &req)
-        .await
-        .map_err(|e| {
-            vm.fail(format!(
-                "UpdateInterface {GUEST_MAC} {GUEST_IP}/{NET_PREFIX} failed: {e}"
-            ))
-        })?;
+    vm.configure_nic(&conn, GUEST_MAC, None, GUEST_IP, NET_PREFIX)
+        .await?;
     let target = std::net::SocketAddr::from((GUEST_IP, CLOSED_PORT));
     let refused_after = expect_refused(&vm, target).await?;
     vm.expect_virtio_device(&conn, VIRTIO_ID_NET, "virtio-net")

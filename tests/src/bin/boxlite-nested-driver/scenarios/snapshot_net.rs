@@ -12,15 +12,14 @@
 
 use std::net::Ipv4Addr;
 
-use boxlite_protocol::agent::{Interface, IpAddress, UpdateInterfaceRequest};
 use boxlite_vmm_api::config::MemoryMode;
 
-use super::net::expect_refused;
+use super::net::{expect_refused, nic_devices, CLOSED_PORT};
 use super::snapshot::{restore, Template};
 use crate::host_net::HostTap;
 use crate::settings::Settings;
 use crate::verdict::{ScenarioResult, Verdict};
-use crate::vm::{vsock_support, Device, Vm, VmOptions, RPC_TIMEOUT};
+use crate::vm::{vsock_support, Vm, VmOptions};
 
 const TEMPLATE_TAP: &str = "bxsnap0";
 const TEMPLATE_MAC: &str = "02:42:0a:d6:00:02";
@@ -29,7 +28,6 @@ const POD_MAC: &str = "02:42:0a:d7:00:02";
 const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 215, 0, 1);
 const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 215, 0, 2);
 const PREFIX: u8 = 24;
-const CLOSED_PORT: u16 = 9;
 
 pub async fn run(s: &Settings) -> ScenarioResult {
     if let Err(reason) = vsock_support(s)? {
@@ -38,55 +36,21 @@ pub async fn run(s: &Settings) -> ScenarioResult {
         )));
     }
     let template_tap = HostTap::create(TEMPLATE_TAP, Ipv4Addr::new(10, 214, 0, 1), PREFIX)?;
-    let devices = [
-        Device::Rng,
-        Device::Vsock,
-        Device::Net {
-            tap_fd: template_tap.inheritable_fd()?,
-            mac: TEMPLATE_MAC,
-        },
-    ];
+    let devices = nic_devices(&template_tap, TEMPLATE_MAC)?;
     let (template, _) = Template::take(s, "snapshot-net", &devices, &VmOptions::default()).await?;
     drop(template_tap);
 
     let clone_tap = HostTap::create(CLONE_TAP, HOST_IP, PREFIX)?;
-    let devices = [
-        Device::Rng,
-        Device::Vsock,
-        Device::Net {
-            tap_fd: clone_tap.inheritable_fd()?,
-            mac: POD_MAC,
-        },
-    ];
+    let devices = nic_devices(&clone_tap, POD_MAC)?;
     let opts = template.restore_options(MemoryMode::Auto, &VmOptions::default());
     let mut vm = Vm::start_with(s, "snapshot-net-clone", 1, &devices, &opts)?;
     // The VMM holds tap B now.
     drop(clone_tap);
     restore(&mut vm, &template.saved).await?;
     let conn = vm.connect(s.timeout).await?;
-    let req = UpdateInterfaceRequest {
-        interface: Some(Interface {
-            hw_addr: POD_MAC.into(),
-            addresses: vec![IpAddress {
-                address: GUEST_IP.to_string(),
-                prefix_len: PREFIX.into(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        })
-        .into(),
-        current_hw_addr: TEMPLATE_MAC.into(),
-        ..Default::default()
-    };
-    let nic = conn
-        .agent()
-        .update_interface(ttrpc::context::with_duration(RPC_TIMEOUT), &req)
-        .await
-        .map_err(|e| {
-            vm.fail(format!(
-                "UpdateInterface {TEMPLATE_MAC} → {POD_MAC} failed: {e}"
-            ))
-        })?;
+    let nic = vm
+        .configure_nic(&conn, POD_MAC, Some(TEMPLATE_MAC), GUEST_IP, PREFIX)
+        .await?;
     if nic.hw_addr != POD_MAC {
         return Err(vm.fail(format!(
             "the clone's NIC {} has MAC {}, want {POD_MAC}",

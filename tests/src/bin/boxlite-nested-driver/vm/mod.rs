@@ -17,7 +17,8 @@ use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
 use boxlite_protocol::agent::{
-    DestroySandboxRequest, GuestInfoRequest, GuestInfoResponse, ReadFileRequest,
+    DestroySandboxRequest, GuestInfoRequest, GuestInfoResponse, Interface, IpAddress,
+    ReadFileRequest, UpdateInterfaceRequest,
 };
 use boxlite_protocol::health::health_check_response::ServingStatus;
 use boxlite_protocol::ready::Announcement;
@@ -343,6 +344,42 @@ impl Vm {
             )
             .await
             .map_err(|e| self.fail(format!("GuestInfo failed: {e}")))
+    }
+
+    /// UpdateInterface: the guest NIC with MAC `mac` — found by
+    /// `current_mac` when it has that one now (a clone of a template) —
+    /// gets `mac` and `ip/prefix`; returns the NIC as the agent left it.
+    pub async fn configure_nic(
+        &self,
+        conn: &AgentConnection,
+        mac: &str,
+        current_mac: Option<&str>,
+        ip: std::net::Ipv4Addr,
+        prefix: u8,
+    ) -> Result<Interface, Failure> {
+        let req = UpdateInterfaceRequest {
+            interface: Some(Interface {
+                hw_addr: mac.into(),
+                addresses: vec![IpAddress {
+                    address: ip.to_string(),
+                    prefix_len: prefix.into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .into(),
+            current_hw_addr: current_mac.unwrap_or_default().into(),
+            ..Default::default()
+        };
+        let from = current_mac.map(|m| format!("{m} → ")).unwrap_or_default();
+        conn.agent()
+            .update_interface(ttrpc::context::with_duration(RPC_TIMEOUT), &req)
+            .await
+            .map_err(|e| {
+                self.fail(format!(
+                    "UpdateInterface {from}{mac} {ip}/{prefix} failed: {e}"
+                ))
+            })
     }
 
     /// A guest file's text, read by the agent (ReadFile).
