@@ -16,6 +16,15 @@ v = [float(x) for x in sys.stdin.read().split()]
 print(" ".join(f"{x:.{d}f}" for x in (statistics.median(v), min(v), max(v))))' "${1:-0}"
 }
 
+# "| label | median | min | max |" of the numbers in $2 (unit $3,
+# decimals $4, default 0).
+stats_row() {
+    local label="$1" values="$2" unit="$3" s med min max
+    s="$(printf '%s\n' $values | stats "${4:-0}")"
+    read -r med min max <<<"$s"
+    printf '| %s | %s %s | %s %s | %s %s |\n' "$label" "$med" "$unit" "$min" "$unit" "$max" "$unit"
+}
+
 # Runs `ctr run --rm [runtime args] $IMAGE id true`; prints milliseconds.
 time_run() {
     local id="$1"; shift

@@ -73,15 +73,6 @@ conditions() {
 
 # --- table helpers --------------------------------------------------------
 
-# "| label | median | min | max |" of the numbers in $2 (unit $3,
-# decimals $4, default 0).
-stats_row() {
-    local label="$1" values="$2" unit="$3" s med min max
-    s="$(printf '%s\n' $values | stats "${4:-0}")"
-    read -r med min max <<<"$s"
-    printf '| %s | %s %s | %s %s | %s %s |\n' "$label" "$med" "$unit" "$min" "$unit" "$max" "$unit"
-}
-
 median_of() { printf '%s\n' $1 | stats | cut -d' ' -f1; }
 
 # builtin ÷ qemu of two medians, two decimals.

@@ -57,13 +57,6 @@ run_once() {
     esac
 }
 
-stats_row() {
-    local s med min max
-    s="$(printf '%s\n' $2 | stats)"
-    read -r med min max <<<"$s"
-    printf '| %s | %s ms | %s ms | %s ms |\n' "$1" "$med" "$min" "$max"
-}
-
 bench_run() {
     local order=(runc booted template) how i k
     declare -A ms=()
@@ -78,9 +71,9 @@ bench_run() {
     done
     echo
     printf '| `ctr run --rm … true` (%s runs) | median | min | max |\n|---|---|---|---|\n' "$RUNS"
-    stats_row runc "${ms[runc]}"
-    stats_row "BoxLite, booted" "${ms[booted]}"
-    stats_row "BoxLite, from its template" "${ms[template]}"
+    stats_row runc "${ms[runc]}" ms
+    stats_row "BoxLite, booted" "${ms[booted]}" ms
+    stats_row "BoxLite, from its template" "${ms[template]}" ms
     echo
     echo "all runs (ms): runc:${ms[runc]}; booted:${ms[booted]}; template:${ms[template]}"
 }
