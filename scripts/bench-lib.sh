@@ -25,6 +25,20 @@ stats_row() {
     printf '| %s | %s %s | %s %s | %s %s |\n' "$label" "$med" "$unit" "$min" "$unit" "$max" "$unit"
 }
 
+# Inside the nested node: root, the node's KVM, its containerd answering.
+require_node() {
+    [ "$(id -u)" = 0 ] || die "run as root"
+    [ -c /dev/kvm ] || die "no /dev/kvm"
+    ctr version >/dev/null 2>&1 || die "containerd does not answer"
+}
+
+# $IMAGE in the node's containerd, imported if missing (the node carries
+# scripts/common.sh on its payload disk).
+ensure_node_image() {
+    ctr image ls -q | grep -qx "$IMAGE" && return
+    (source /payload/scripts/common.sh && import_busybox_image "$IMAGE" >/dev/null)
+}
+
 # Runs `ctr run --rm [runtime args] $IMAGE id true`; prints milliseconds.
 time_run() {
     local id="$1"; shift

@@ -42,19 +42,11 @@ OUT="${BOXLITE_NODE_OUT:-/tmp/bench-node-out}"
 # --- set-up and conditions ------------------------------------------------
 
 preflight() {
-    [ "$(id -u)" = 0 ] || die "run as root"
-    [ -c /dev/kvm ] || die "no /dev/kvm"
-    ctr version >/dev/null 2>&1 || die "containerd does not answer"
+    require_node
     grep -q '^backend = ' "$CONFIG" || die "$CONFIG has no 'backend = …' line"
     grep -q '^accel = "kvm"$' "$CONFIG" || die "$CONFIG does not set accel = \"kvm\""
     command -v runc qemu-system-x86_64 >/dev/null || die "runc or qemu-system-x86_64 missing"
     mkdir -p "$OUT"
-}
-
-ensure_image() {
-    ctr image ls -q | grep -qx "$IMAGE" && return
-    # The node carries scripts/common.sh on its payload disk.
-    (source /payload/scripts/common.sh && import_busybox_image "$IMAGE" >/dev/null)
 }
 
 # Sets the backend every shim started from now on uses.
@@ -226,7 +218,7 @@ cleanup() {
 
 main() {
     preflight
-    ensure_image
+    ensure_node_image
     trap cleanup EXIT
     conditions
     echo "start: $(date -u '+%F %T UTC')"

@@ -34,13 +34,10 @@ CONFIG=/etc/boxlite/boxlite.toml
 STATE_DIR=/run/boxlite
 
 preflight() {
-    [ "$(id -u)" = 0 ] || die "run as root"
-    [ -c /dev/kvm ] || die "no /dev/kvm"
-    ctr version >/dev/null 2>&1 || die "containerd does not answer"
+    require_node
     grep -q '^backend = "builtin"$' "$CONFIG" || die "$CONFIG does not set backend = \"builtin\""
     grep -qE '^#? ?enabled = ' "$CONFIG" || die "$CONFIG has no '[templates] enabled' line"
-    ctr image ls -q | grep -qx "$IMAGE" \
-        || (source /payload/scripts/common.sh && import_busybox_image "$IMAGE" >/dev/null)
+    ensure_node_image
 }
 
 # Sets `[templates] enabled` for every shim started from now on.
