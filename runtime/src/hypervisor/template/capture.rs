@@ -106,6 +106,13 @@ impl PendingTemplate {
             memory_file: MEMORY_FILE.into(),
         };
         let saved = control(request, SNAPSHOT_TIMEOUT).await;
+        // Root's before the guest runs again: from the resume on, the
+        // VMM's jail uid (which a guest that broke out of it would have)
+        // must not be able to open the files other sandboxes restore.
+        let owned = match &saved {
+            Ok(Reply::Snapshot { .. }) => self.give_to_root(),
+            _ => Ok(()),
+        };
         let resumed = control(Request::Resume, PAUSE_TIMEOUT).await;
         let resumed = matches!(
             resumed,
@@ -129,17 +136,22 @@ impl PendingTemplate {
             nic_macs: nic_macs.iter().map(MacAddr::to_string).collect(),
             snapshot_ms: snapshot.took_ms,
         };
+        owned?;
+        let template = self.store.publish(&self.key, &record, &self.lock)?;
+        self.published = true;
+        Ok(template)
+    }
+
+    /// The directory and the snapshot files become root's again: only
+    /// root reads a template.
+    fn give_to_root(&self) -> Result<(), TemplateError> {
         let files = [
             self.partial.clone(),
             self.partial.join(STATE_FILE),
             self.partial.join(MEMORY_FILE),
         ];
         let files: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
-        // The host's again: only root reads a template.
-        self.give(Some(0), Some(0), &files)?;
-        let template = self.store.publish(&self.key, &record, &self.lock)?;
-        self.published = true;
-        Ok(template)
+        self.give(Some(0), Some(0), &files)
     }
 
     fn give(
